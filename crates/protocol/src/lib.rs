@@ -1,0 +1,558 @@
+//! Signaling protocol v1 (see `docs/protocol.md`).
+//!
+//! Parsing borrows from the input frame and keeps relayed payloads (`sdp`, `candidate`) as raw JSON, so relaying
+//! a message costs one parse and one copy, never a re-serialisation of the SDP.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+/// Room names: 1–64 characters of `[A-Za-z0-9_-]`.
+pub const MAX_ROOM_LEN: usize = 64;
+/// Display names: at most this many characters.
+pub const MAX_NAME_LEN: usize = 64;
+/// Resume tokens and other opaque strings are never longer than this.
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// Machine-readable error codes (the `code` field of an `error` message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadJson,
+    UnknownType,
+    MissingField,
+    BadField,
+    BadRoomName,
+    NotJoined,
+    AlreadyJoined,
+    RoomFull,
+    UnknownPeer,
+    TooLarge,
+    RateLimited,
+    ServerFull,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownType,
+        ErrorCode::MissingField,
+        ErrorCode::BadField,
+        ErrorCode::BadRoomName,
+        ErrorCode::NotJoined,
+        ErrorCode::AlreadyJoined,
+        ErrorCode::RoomFull,
+        ErrorCode::UnknownPeer,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::ServerFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad-json",
+            ErrorCode::UnknownType => "unknown-type",
+            ErrorCode::MissingField => "missing-field",
+            ErrorCode::BadField => "bad-field",
+            ErrorCode::BadRoomName => "bad-room-name",
+            ErrorCode::NotJoined => "not-joined",
+            ErrorCode::AlreadyJoined => "already-joined",
+            ErrorCode::RoomFull => "room-full",
+            ErrorCode::UnknownPeer => "unknown-peer",
+            ErrorCode::TooLarge => "too-large",
+            ErrorCode::RateLimited => "rate-limited",
+            ErrorCode::ServerFull => "server-full",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused client message: what to tell the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The `type` of the refused message, when it was readable.
+    pub refers_to: Option<String>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError { code, message: message.into(), refers_to: None }
+    }
+
+    pub fn refers_to(mut self, ty: &str) -> Self {
+        self.refers_to = Some(ty.to_owned());
+        self
+    }
+
+    /// The `error` frame for this refusal.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(rename = "type")]
+            ty: &'static str,
+            code: &'static str,
+            message: &'a str,
+            #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+            refers_to: Option<&'a str>,
+        }
+        serde_json::to_string(&Out {
+            ty: "error",
+            code: self.code.as_str(),
+            message: &self.message,
+            refers_to: self.refers_to.as_deref(),
+        })
+        .expect("error frames serialise")
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// The kinds of relayed (peer-to-peer) messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayKind {
+    Offer,
+    Answer,
+    Candidate,
+}
+
+impl RelayKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayKind::Offer => "offer",
+            RelayKind::Answer => "answer",
+            RelayKind::Candidate => "candidate",
+        }
+    }
+    fn payload_field(self) -> &'static str {
+        match self {
+            RelayKind::Offer | RelayKind::Answer => "sdp",
+            RelayKind::Candidate => "candidate",
+        }
+    }
+}
+
+/// A parsed client message, borrowing from the frame it came from.
+#[derive(Debug, Clone)]
+pub enum ClientMessage<'a> {
+    Join(Join<'a>),
+    Relay(Relay<'a>),
+    Bye,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join<'a> {
+    pub room: Cow<'a, str>,
+    pub name: Cow<'a, str>,
+    pub resume: Option<Cow<'a, str>>,
+    /// Signed join token (production issue); carried so adapters can check it.
+    pub token: Option<Cow<'a, str>>,
+    /// Room password (production issue).
+    pub password: Option<Cow<'a, str>>,
+}
+
+/// `offer` / `answer` / `candidate`, addressed to `to`.
+#[derive(Debug, Clone)]
+pub struct Relay<'a> {
+    pub kind: RelayKind,
+    pub to: Cow<'a, str>,
+    /// The payload as raw JSON: a JSON string for `sdp`, an object or `null` for `candidate`.
+    pub payload: &'a RawValue,
+}
+
+impl Relay<'_> {
+    /// The frame the addressee receives: the sender's message with `to` replaced by `from`.
+    pub fn encode_from(&self, from: &str) -> String {
+        encode_relay(self.kind, from, self.payload)
+    }
+}
+
+/// `{"type":"<kind>","from":"<from>","<sdp|candidate>":<payload>}` without re-serialising the payload.
+pub fn encode_relay(kind: RelayKind, from: &str, payload: &RawValue) -> String {
+    let p = payload.get();
+    let mut s = String::with_capacity(40 + from.len() + p.len());
+    s.push_str("{\"type\":\"");
+    s.push_str(kind.as_str());
+    s.push_str("\",\"from\":");
+    push_json_str(&mut s, from);
+    s.push_str(",\"");
+    s.push_str(kind.payload_field());
+    s.push_str("\":");
+    s.push_str(p);
+    s.push('}');
+    s
+}
+
+fn push_json_str(out: &mut String, v: &str) {
+    // Peer ids are plain ASCII, but never trust that in an encoder.
+    if v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        out.push('"');
+        out.push_str(v);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(v).expect("strings serialise"));
+    }
+}
+
+/// Every field any client message may carry; each kept raw so a wrong type gets `bad-field`, not `bad-json`.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
+    ty: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    room: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    resume: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    password: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    to: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    sdp: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    candidate: Option<&'a RawValue>,
+}
+
+/// A present field is `Some`, even when it is `null` (plain `Option` would fold `null` into absent).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn string_field<'a>(
+    raw: Option<&'a RawValue>,
+    field: &str,
+    ty: &str,
+) -> Result<Option<Cow<'a, str>>, ProtocolError> {
+    let Some(raw) = raw else { return Ok(None) };
+    match serde_json::from_str::<Cow<'a, str>>(raw.get()) {
+        Ok(s) => Ok(Some(s)),
+        Err(_) => Err(ProtocolError::new(ErrorCode::BadField, format!("field '{field}' must be a string"))
+            .refers_to(ty)),
+    }
+}
+
+fn required<'a>(v: Option<Cow<'a, str>>, field: &str, ty: &str) -> Result<Cow<'a, str>, ProtocolError> {
+    v.ok_or_else(|| {
+        ProtocolError::new(ErrorCode::MissingField, format!("'{ty}' needs the field '{field}'")).refers_to(ty)
+    })
+}
+
+/// `true` for 1–64 characters of `[A-Za-z0-9_-]`.
+pub fn valid_room_name(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= MAX_ROOM_LEN
+        && room.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn check_name(name: &str, ty: &str) -> Result<(), ProtocolError> {
+    if name.chars().count() > MAX_NAME_LEN {
+        return Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("field 'name' is longer than {MAX_NAME_LEN} characters"),
+        )
+        .refers_to(ty));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(
+            ProtocolError::new(ErrorCode::BadField, "field 'name' contains control characters").refers_to(ty)
+        );
+    }
+    Ok(())
+}
+
+fn check_opaque(v: &Option<Cow<'_, str>>, field: &str, ty: &str) -> Result<(), ProtocolError> {
+    match v {
+        Some(s) if s.len() > MAX_TOKEN_LEN => Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("field '{field}' is longer than {MAX_TOKEN_LEN} bytes"),
+        )
+        .refers_to(ty)),
+        _ => Ok(()),
+    }
+}
+
+/// Parses one client frame. Every refusal carries the error code the client should see.
+pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
+    // serde would also read a struct from a JSON array, by position.
+    if !text.trim_start().starts_with('{') {
+        return Err(ProtocolError::new(ErrorCode::BadJson, "a message must be one JSON object"));
+    }
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| {
+        ProtocolError::new(ErrorCode::BadJson, format!("a message must be one JSON object: {e}"))
+    })?;
+    let ty = match string_field(fields.ty, "type", "")? {
+        Some(t) => t,
+        None => return Err(ProtocolError::new(ErrorCode::MissingField, "every message needs a string field 'type'")),
+    };
+    let ty: &str = &ty;
+    match ty {
+        "join" => {
+            let room = required(string_field(fields.room, "room", ty)?, "room", ty)?;
+            if !valid_room_name(&room) {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadRoomName,
+                    format!("room names are 1-{MAX_ROOM_LEN} characters of A-Z a-z 0-9 _ -"),
+                )
+                .refers_to(ty));
+            }
+            let name = string_field(fields.name, "name", ty)?.unwrap_or(Cow::Borrowed(""));
+            check_name(&name, ty)?;
+            let resume = string_field(fields.resume, "resume", ty)?;
+            let token = string_field(fields.token, "token", ty)?;
+            let password = string_field(fields.password, "password", ty)?;
+            check_opaque(&resume, "resume", ty)?;
+            check_opaque(&token, "token", ty)?;
+            check_opaque(&password, "password", ty)?;
+            Ok(ClientMessage::Join(Join { room, name, resume, token, password }))
+        }
+        "offer" | "answer" | "candidate" => {
+            let kind = match ty {
+                "offer" => RelayKind::Offer,
+                "answer" => RelayKind::Answer,
+                _ => RelayKind::Candidate,
+            };
+            let to = required(string_field(fields.to, "to", ty)?, "to", ty)?;
+            let payload = match kind {
+                RelayKind::Offer | RelayKind::Answer => fields.sdp,
+                RelayKind::Candidate => fields.candidate,
+            };
+            let field = kind.payload_field();
+            let Some(payload) = payload else {
+                return Err(ProtocolError::new(ErrorCode::MissingField, format!("'{ty}' needs the field '{field}'"))
+                    .refers_to(ty));
+            };
+            let first = payload.get().as_bytes().first().copied();
+            let ok = match kind {
+                RelayKind::Offer | RelayKind::Answer => first == Some(b'"'),
+                RelayKind::Candidate => first == Some(b'{') || payload.get() == "null",
+            };
+            if !ok {
+                let want = if kind == RelayKind::Candidate { "an object or null" } else { "a string" };
+                return Err(
+                    ProtocolError::new(ErrorCode::BadField, format!("field '{field}' must be {want}")).refers_to(ty)
+                );
+            }
+            Ok(ClientMessage::Relay(Relay { kind, to, payload }))
+        }
+        "bye" => Ok(ClientMessage::Bye),
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            Err(ProtocolError::new(
+                ErrorCode::UnknownType,
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate or bye)"),
+            ))
+        }
+    }
+}
+
+/// One entry of `welcome.peers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub id: String,
+    pub name: String,
+}
+
+/// The browser's `RTCIceServer` shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credential: Option<String>,
+}
+
+#[derive(Serialize)]
+struct WelcomeOut<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    id: &'a str,
+    room: &'a str,
+    peers: &'a [PeerInfo],
+    #[serde(rename = "iceServers")]
+    ice_servers: &'a [IceServer],
+    resume: &'a str,
+    resumed: bool,
+}
+
+pub fn encode_welcome(
+    id: &str,
+    room: &str,
+    peers: &[PeerInfo],
+    ice_servers: &[IceServer],
+    resume: &str,
+    resumed: bool,
+) -> String {
+    serde_json::to_string(&WelcomeOut { ty: "welcome", id, room, peers, ice_servers, resume, resumed })
+        .expect("welcome serialises")
+}
+
+pub fn encode_hello(from: &str, name: &str) -> String {
+    let mut s = String::with_capacity(40 + from.len() + name.len());
+    s.push_str("{\"type\":\"hello\",\"from\":");
+    push_json_str(&mut s, from);
+    s.push_str(",\"name\":");
+    s.push_str(&serde_json::to_string(name).expect("strings serialise"));
+    s.push('}');
+    s
+}
+
+pub fn encode_bye(from: &str) -> String {
+    let mut s = String::with_capacity(32 + from.len());
+    s.push_str("{\"type\":\"bye\",\"from\":");
+    push_json_str(&mut s, from);
+    s.push('}');
+    s
+}
+
+/// Everything a server can send, for clients (native peer, tests, bench) to parse.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerMessage {
+    Welcome {
+        id: String,
+        room: String,
+        peers: Vec<PeerInfo>,
+        #[serde(rename = "iceServers")]
+        ice_servers: Vec<IceServer>,
+        resume: String,
+        #[serde(default)]
+        resumed: bool,
+    },
+    Hello {
+        from: String,
+        #[serde(default)]
+        name: String,
+    },
+    Offer {
+        from: String,
+        sdp: String,
+    },
+    Answer {
+        from: String,
+        sdp: String,
+    },
+    Candidate {
+        from: String,
+        candidate: Option<serde_json::Value>,
+    },
+    Bye {
+        from: String,
+    },
+    Error {
+        code: String,
+        message: String,
+        #[serde(rename = "ref", default)]
+        refers_to: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_client(text).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_join_with_defaults() {
+        let m = parse_client(r#"{"type":"join","room":"a-b_C9"}"#).unwrap();
+        let ClientMessage::Join(j) = m else { panic!() };
+        assert_eq!(j.room, "a-b_C9");
+        assert_eq!(j.name, "");
+        assert_eq!(j.resume, None);
+    }
+
+    #[test]
+    fn unescapes_strings() {
+        let m = parse_client(r#"{"type":"join","room":"r","name":"Zo\u00eb \"Z\""}"#).unwrap();
+        let ClientMessage::Join(j) = m else { panic!() };
+        assert_eq!(j.name, "Zoë \"Z\"");
+    }
+
+    #[test]
+    fn refusals_have_the_right_codes() {
+        assert_eq!(code("nope"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"type":"join","room":"a","room":"b"}"#), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"room":"a"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"join","room":""}"#), ErrorCode::BadRoomName);
+        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::BadRoomName);
+        assert_eq!(code(&format!(r#"{{"type":"join","room":"{}"}}"#, "a".repeat(65))), ErrorCode::BadRoomName);
+        assert!(parse_client(&format!(r#"{{"type":"join","room":"{}"}}"#, "a".repeat(64))).is_ok());
+        assert_eq!(code(r#"{"type":"join","room":5}"#), ErrorCode::BadField);
+        assert_eq!(code(&format!(r#"{{"type":"join","room":"r","name":"{}"}}"#, "é".repeat(65))), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"join","room":"r","name":"a\nb"}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"offer","sdp":"x"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"offer","to":"x"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"offer","to":"x","sdp":null}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"answer","to":"x","sdp":{}}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"candidate","to":"x"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"candidate","to":"x","candidate":"c"}"#), ErrorCode::BadField);
+    }
+
+    #[test]
+    fn relays_replace_to_with_from_and_keep_payload_verbatim() {
+        let text = r#"{"type":"candidate","to":"B","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5 typ host","sdpMid":"0","sdpMLineIndex":0},"extra":1}"#;
+        let ClientMessage::Relay(r) = parse_client(text).unwrap() else { panic!() };
+        let out = r.encode_from("A");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["type"], "candidate");
+        assert_eq!(v["from"], "A");
+        assert_eq!(v["candidate"]["sdpMLineIndex"], 0);
+        assert!(v.get("to").is_none() && v.get("extra").is_none());
+
+        let ClientMessage::Relay(r) = parse_client(r#"{"type":"candidate","to":"B","candidate":null}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.encode_from("A"), r#"{"type":"candidate","from":"A","candidate":null}"#);
+
+        let ClientMessage::Relay(r) = parse_client(r#"{"type":"offer","to":"B","sdp":"v=0\r\n\u0041"}"#).unwrap()
+        else {
+            panic!()
+        };
+        let parsed: ServerMessage = serde_json::from_str(&r.encode_from("A")).unwrap();
+        assert_eq!(parsed, ServerMessage::Offer { from: "A".into(), sdp: "v=0\r\nA".into() });
+    }
+
+    #[test]
+    fn server_messages_round_trip() {
+        let w = encode_welcome(
+            "id1",
+            "r",
+            &[PeerInfo { id: "p".into(), name: "N\"".into() }],
+            &[IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: None, credential: None }],
+            "tok",
+            false,
+        );
+        let ServerMessage::Welcome { peers, ice_servers, .. } = serde_json::from_str(&w).unwrap() else { panic!() };
+        assert_eq!(peers[0].name, "N\"");
+        assert_eq!(ice_servers[0].urls[0], "stun:127.0.0.1:3478");
+        assert!(!w.contains("username"), "absent credentials are omitted: {w}");
+        let h: ServerMessage = serde_json::from_str(&encode_hello("x", "a\"b")).unwrap();
+        assert_eq!(h, ServerMessage::Hello { from: "x".into(), name: "a\"b".into() });
+        let e = ProtocolError::new(ErrorCode::RoomFull, "full").refers_to("join").to_json();
+        assert_eq!(e, r#"{"type":"error","code":"room-full","message":"full","ref":"join"}"#);
+    }
+}

@@ -1,0 +1,558 @@
+//! Room logic without I/O, in the manner of str0m's `Rtc`.
+//!
+//! The adapter feeds [`Rooms`] inputs ([`Rooms::connect`], [`Rooms::message`], [`Rooms::disconnect`],
+//! [`Rooms::tick`]) with the current time, and acts on what comes out of [`Rooms::poll_output`]: a connection has
+//! frames to write ([`Output::Wake`], then [`Rooms::take`]) or must be closed ([`Output::Close`]).
+//! [`Rooms::poll_timeout`] says when to call `tick` next.
+//!
+//! Outbound frames stay in the core until the adapter takes them. That is what lets a resumed session get every
+//! frame that was not yet written to its old connection, in order, and lets a slow reader be cut off without
+//! losing what was queued for it.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use webcall_protocol::{
+    encode_bye, encode_hello, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer, Join, PeerInfo,
+    ProtocolError, Relay,
+};
+
+/// Adapter-chosen connection handle.
+pub type ConnId = u64;
+
+/// A frame ready to write; shared when the same frame goes to several peers.
+pub type Frame = Arc<str>;
+
+/// Tunables of the room logic. The server's flags map onto these.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Room capacity (`--max-peers`).
+    pub max_peers: usize,
+    /// Rooms on this server (`--max-rooms`).
+    pub max_rooms: usize,
+    /// How long a dropped session keeps its seat and id (`--resume-grace`).
+    pub resume_grace: Duration,
+    /// Frames queued for one connection before it counts as a slow reader (`--max-queued-messages`); a detached
+    /// session may hold twice this before it is given up.
+    pub max_queued: usize,
+    /// Largest accepted frame in bytes (`--max-message-size`).
+    pub max_message_size: usize,
+    /// Sustained messages per second per connection (`--rate-limit`); bursts of twice this pass.
+    pub rate_per_sec: f64,
+    /// Refusals a connection may collect in a burst before it is closed; refilled at one per second.
+    pub max_errors: f64,
+    /// Seed for peer ids and resume tokens (the server passes OS entropy; tests pass a constant).
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_peers: 4,
+            max_rooms: 10_000,
+            resume_grace: Duration::from_secs(20),
+            max_queued: 256,
+            max_message_size: 64 * 1024,
+            rate_per_sec: 50.0,
+            max_errors: 20.0,
+            seed: 0,
+        }
+    }
+}
+
+/// WebSocket close codes the core asks for.
+pub mod close {
+    /// Policy violation: too many errors, slow reader.
+    pub const POLICY: u16 = 1008;
+    /// Message too big.
+    pub const TOO_BIG: u16 = 1009;
+    /// Application code: the session was resumed on another connection.
+    pub const RESUMED_ELSEWHERE: u16 = 4000;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// The connection's outbound queue went from empty to non-empty: call [`Rooms::take`].
+    Wake(ConnId),
+    /// Write what [`Rooms::take`] still yields, then close with this code and reason. The core no longer reads
+    /// from this connection; call [`Rooms::disconnect`] once the socket is gone.
+    Close { conn: ConnId, code: u16, reason: &'static str },
+}
+
+/// Gives each welcome its `iceServers` (fresh TURN credentials per peer id).
+pub trait IceProvider: Send + Sync {
+    fn ice_servers(&self, peer_id: &str) -> Vec<IceServer>;
+}
+
+impl<F: Fn(&str) -> Vec<IceServer> + Send + Sync> IceProvider for F {
+    fn ice_servers(&self, peer_id: &str) -> Vec<IceServer> {
+        self(peer_id)
+    }
+}
+
+/// Counters for health and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub rooms: usize,
+    pub peers: usize,
+    pub detached_peers: usize,
+}
+
+/// A token bucket; time comes from the caller.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(cap: f64, now: Instant) -> Self {
+        Bucket { tokens: cap, last: now }
+    }
+    fn take(&mut self, now: Instant, per_sec: f64, cap: f64) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * per_sec).min(cap);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Conn {
+    peer: Option<Arc<str>>,
+    out: VecDeque<Frame>,
+    /// Queue length past which the connection is a slow reader; raised while a resume backlog drains.
+    limit: usize,
+    closing: bool,
+    rate: Bucket,
+    errors: Bucket,
+}
+
+struct Peer {
+    name: Arc<str>,
+    room: Arc<str>,
+    conn: Option<ConnId>,
+    token: String,
+    /// Frames for a detached session, in order.
+    pending: VecDeque<Frame>,
+    /// Bumped at each detach, so a stale deadline is ignored.
+    epoch: u64,
+}
+
+struct Room {
+    /// Peer ids in join order.
+    members: Vec<Arc<str>>,
+}
+
+pub struct Rooms {
+    cfg: Config,
+    ice: Box<dyn IceProvider>,
+    rng: StdRng,
+    conns: HashMap<ConnId, Conn>,
+    peers: HashMap<Arc<str>, Peer>,
+    rooms: HashMap<Arc<str>, Room>,
+    tokens: HashMap<String, Arc<str>>,
+    /// (deadline, peer, epoch) in deadline order: the grace period is the same for everyone.
+    deadlines: VecDeque<(Instant, Arc<str>, u64)>,
+    out: VecDeque<Output>,
+    /// Time of the latest input, for work that an input triggers indirectly.
+    now: Instant,
+}
+
+const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+impl Rooms {
+    pub fn new(cfg: Config, ice: Box<dyn IceProvider>) -> Self {
+        let rng = StdRng::seed_from_u64(cfg.seed);
+        Rooms {
+            cfg,
+            ice,
+            rng,
+            conns: HashMap::new(),
+            peers: HashMap::new(),
+            rooms: HashMap::new(),
+            tokens: HashMap::new(),
+            deadlines: VecDeque::new(),
+            out: VecDeque::new(),
+            now: Instant::now(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            connections: self.conns.len(),
+            rooms: self.rooms.len(),
+            peers: self.peers.len(),
+            detached_peers: self.peers.values().filter(|p| p.conn.is_none()).count(),
+        }
+    }
+
+    /// A new WebSocket. Admission limits (connections per server or IP) are the adapter's.
+    pub fn connect(&mut self, conn: ConnId, now: Instant) {
+        self.now = now;
+        let burst = self.cfg.rate_per_sec * 2.0;
+        self.conns.insert(
+            conn,
+            Conn {
+                peer: None,
+                out: VecDeque::new(),
+                limit: self.cfg.max_queued,
+                closing: false,
+                rate: Bucket::full(burst, now),
+                errors: Bucket::full(self.cfg.max_errors, now),
+            },
+        );
+    }
+
+    /// A binary frame: the protocol is text only.
+    pub fn binary(&mut self, conn: ConnId, len: usize, now: Instant) {
+        self.now = now;
+        if self.accepting(conn) {
+            if len > self.cfg.max_message_size {
+                return self.too_large(conn, len);
+            }
+            self.refuse(conn, ProtocolError::new(ErrorCode::BadJson, "binary frames are not part of the protocol; send JSON text"), now);
+        }
+    }
+
+    /// One text frame from a connection.
+    pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
+        self.now = now;
+        if !self.accepting(conn) {
+            return;
+        }
+        if text.len() > self.cfg.max_message_size {
+            return self.too_large(conn, text.len());
+        }
+        let c = self.conns.get_mut(&conn).expect("accepting() checked it");
+        if !c.rate.take(now, self.cfg.rate_per_sec, self.cfg.rate_per_sec * 2.0) {
+            let limit = self.cfg.rate_per_sec;
+            return self.refuse(
+                conn,
+                ProtocolError::new(ErrorCode::RateLimited, format!("more than {limit} messages per second; this one was dropped")),
+                now,
+            );
+        }
+        match parse_client(text) {
+            Err(e) => self.refuse(conn, e, now),
+            Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
+            Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
+            Ok(ClientMessage::Bye) => self.bye(conn, now),
+        }
+    }
+
+    /// The connection is gone (closed by either side or dead). A joined session enters its resume grace period,
+    /// keeping every frame not yet taken.
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        self.now = now;
+        let Some(mut c) = self.conns.remove(&conn) else { return };
+        if let Some(id) = c.peer.take() {
+            self.detach(&id, std::mem::take(&mut c.out), now);
+        }
+    }
+
+    /// Expires sessions whose grace period is over.
+    pub fn tick(&mut self, now: Instant) {
+        self.now = now;
+        while let Some((deadline, _, _)) = self.deadlines.front() {
+            if *deadline > now {
+                break;
+            }
+            let (_, id, epoch) = self.deadlines.pop_front().expect("front exists");
+            let expired = self.peers.get(&id).is_some_and(|p| p.conn.is_none() && p.epoch == epoch);
+            if expired {
+                self.leave(&id);
+            }
+        }
+    }
+
+    /// When `tick` has work next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.front().map(|(d, _, _)| *d)
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Moves the connection's queued frames into `buf` (appending). Empty for unknown connections.
+    pub fn take(&mut self, conn: ConnId, buf: &mut Vec<Frame>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            buf.extend(c.out.drain(..));
+            c.limit = self.cfg.max_queued;
+        }
+    }
+
+    /// The peer id a connection is joined as.
+    pub fn peer_of(&self, conn: ConnId) -> Option<&str> {
+        self.conns.get(&conn).and_then(|c| c.peer.as_deref())
+    }
+
+    fn accepting(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| !c.closing)
+    }
+
+    fn too_large(&mut self, conn: ConnId, len: usize) {
+        let max = self.cfg.max_message_size;
+        let e = ProtocolError::new(ErrorCode::TooLarge, format!("a frame of {len} bytes is over the limit of {max} bytes"));
+        self.push(conn, Arc::from(e.to_json()));
+        self.close(conn, close::TOO_BIG, "message too large");
+    }
+
+    fn refuse(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
+        self.push(conn, Arc::from(e.to_json()));
+        let max = self.cfg.max_errors;
+        let c = self.conns.get_mut(&conn).expect("refuse() is only called for live connections");
+        if !c.errors.take(now, 1.0, max) {
+            self.close(conn, close::POLICY, "too many errors");
+        }
+    }
+
+    /// Stop reading from `conn`; its session (if any) is detached now so nothing more queues on the dying socket.
+    fn close(&mut self, conn: ConnId, code: u16, reason: &'static str) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.closing {
+            return;
+        }
+        c.closing = true;
+        self.out.push_back(Output::Close { conn, code, reason });
+    }
+
+    /// Queues a frame for a connection; a connection that lets its queue overflow is a slow reader and is cut off
+    /// (its session keeps the frames for a resume).
+    fn push(&mut self, conn: ConnId, frame: Frame) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.out.push_back(frame);
+        if c.out.len() == 1 {
+            self.out.push_back(Output::Wake(conn));
+        }
+        if c.out.len() > c.limit && !c.closing {
+            c.closing = true;
+            self.out.push_back(Output::Close { conn, code: close::POLICY, reason: "slow reader" });
+            if let Some(id) = c.peer.take() {
+                let queued = std::mem::take(&mut c.out);
+                // The adapter will disconnect it; the grace period starts now.
+                let now = self.now;
+                self.detach(&id, queued, now);
+            }
+        }
+    }
+
+    /// Delivers a frame to a session, live or detached. `false`: the session is gone (or just ended because it
+    /// missed too much while detached to be resumed faithfully), and the frame was not accepted.
+    fn deliver(&mut self, id: &str, frame: Frame) -> bool {
+        let Some(p) = self.peers.get_mut(id) else { return false };
+        match p.conn {
+            Some(conn) => self.push(conn, frame),
+            None if p.pending.len() >= self.cfg.max_queued * 2 => {
+                let id: Arc<str> = Arc::from(id);
+                self.leave(&id);
+                return false;
+            }
+            None => p.pending.push_back(frame),
+        }
+        true
+    }
+
+    fn detach(&mut self, id: &Arc<str>, unsent: VecDeque<Frame>, now: Instant) {
+        let grace = self.cfg.resume_grace;
+        let Some(p) = self.peers.get_mut(id) else { return };
+        p.conn = None;
+        p.epoch += 1;
+        let mut pending = unsent;
+        pending.extend(p.pending.drain(..));
+        p.pending = pending;
+        if grace.is_zero() {
+            self.leave(id);
+        } else {
+            self.deadlines.push_back((now + grace, id.clone(), p.epoch));
+        }
+    }
+
+    fn new_id(&mut self, len: usize) -> String {
+        (0..len).map(|_| ID_ALPHABET[self.rng.random_range(0..ID_ALPHABET.len())] as char).collect()
+    }
+
+    fn new_token(&mut self, id: &Arc<str>) -> String {
+        let token = self.new_id(24);
+        self.tokens.insert(token.clone(), id.clone());
+        token
+    }
+
+    fn others(&self, room: &str, except: &str) -> Vec<PeerInfo> {
+        self.rooms
+            .get(room)
+            .map(|r| {
+                r.members
+                    .iter()
+                    .filter(|m| &***m != except)
+                    .map(|m| PeerInfo { id: m.to_string(), name: self.peers[m].name.to_string() })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn welcome(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool) {
+        let p = &self.peers[id];
+        let (room, token) = (p.room.clone(), p.token.clone());
+        let peers = self.others(&room, id);
+        let ice = self.ice.ice_servers(id);
+        let frame = encode_welcome(id, &room, &peers, &ice, &token, resumed);
+        self.push(conn, Arc::from(frame));
+    }
+
+    fn join(&mut self, conn: ConnId, j: Join<'_>, now: Instant) {
+        if let Some(id) = self.conns[&conn].peer.clone() {
+            let room = &self.peers[&id].room;
+            let e = ProtocolError::new(ErrorCode::AlreadyJoined, format!("already in room '{room}'; send bye first"));
+            return self.refuse(conn, e.refers_to("join"), now);
+        }
+        if let Some(token) = j.resume.as_deref() {
+            if let Some(id) = self.tokens.get(token).cloned() {
+                if *self.peers[&id].room == *j.room {
+                    return self.resume(conn, id, token.to_owned());
+                }
+            }
+        }
+        let room_len = self.rooms.get(&*j.room).map(|r| r.members.len());
+        match room_len {
+            Some(n) if n >= self.cfg.max_peers => {
+                let e = ProtocolError::new(
+                    ErrorCode::RoomFull,
+                    format!("room '{}' is full ({} of {} peers)", j.room, n, self.cfg.max_peers),
+                );
+                return self.refuse(conn, e.refers_to("join"), now);
+            }
+            None if self.rooms.len() >= self.cfg.max_rooms => {
+                let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
+                return self.refuse(conn, e.refers_to("join"), now);
+            }
+            _ => {}
+        }
+        let id: Arc<str> = loop {
+            let candidate = self.new_id(10);
+            if !self.peers.contains_key(candidate.as_str()) {
+                break Arc::from(candidate);
+            }
+        };
+        let room: Arc<str> = match self.rooms.get_key_value(&*j.room) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(&*j.room),
+        };
+        let token = self.new_token(&id);
+        let name: Arc<str> = Arc::from(&*j.name);
+        self.peers.insert(
+            id.clone(),
+            Peer { name: name.clone(), room: room.clone(), conn: Some(conn), token, pending: VecDeque::new(), epoch: 0 },
+        );
+        let members = &mut self.rooms.entry(room.clone()).or_insert_with(|| Room { members: Vec::new() }).members;
+        members.push(id.clone());
+        self.conns.get_mut(&conn).expect("live").peer = Some(id.clone());
+        self.welcome(conn, &id, false);
+        let hello: Frame = Arc::from(encode_hello(&id, &name));
+        self.broadcast(&room, &id, hello);
+    }
+
+    fn resume(&mut self, conn: ConnId, id: Arc<str>, old_token: String) {
+        self.tokens.remove(&old_token);
+        let new_token = self.new_token(&id);
+        let old_conn = {
+            let p = self.peers.get_mut(&id).expect("token points at a live session");
+            p.token = new_token;
+            p.conn.replace(conn)
+        };
+        // The old socket may still look alive (the server has not noticed it died): replace it, keeping what it
+        // had not written yet ahead of anything queued since.
+        let mut backlog = VecDeque::new();
+        if let Some(old) = old_conn.filter(|&c| c != conn) {
+            if let Some(c) = self.conns.get_mut(&old) {
+                c.peer = None;
+                backlog = std::mem::take(&mut c.out);
+            }
+            self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
+        }
+        let p = self.peers.get_mut(&id).expect("live");
+        p.epoch += 1; // cancels the pending expiry
+        backlog.extend(p.pending.drain(..));
+        let c = self.conns.get_mut(&conn).expect("live");
+        c.peer = Some(id.clone());
+        c.limit = self.cfg.max_queued + backlog.len() + 1;
+        self.welcome(conn, &id, true);
+        for frame in backlog {
+            self.push(conn, frame);
+        }
+    }
+
+    fn relay(&mut self, conn: ConnId, r: Relay<'_>, now: Instant) {
+        let ty = r.kind.as_str();
+        let Some(from) = self.conns[&conn].peer.clone() else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, format!("join a room before sending '{ty}'"));
+            return self.refuse(conn, e.refers_to(ty), now);
+        };
+        let room = self.peers[&from].room.clone();
+        let target = self.peers.get_key_value(&*r.to).filter(|(k, p)| p.room == room && **k != from);
+        let Some((to, _)) = target else {
+            let shown: String = r.to.chars().take(64).collect();
+            let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("no peer '{shown}' in room '{room}'"));
+            return self.refuse(conn, e.refers_to(ty), now);
+        };
+        let to = to.clone();
+        if !self.deliver(&to, Arc::from(r.encode_from(&from))) {
+            let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
+            self.refuse(conn, e.refers_to(ty), now);
+        }
+    }
+
+    fn bye(&mut self, conn: ConnId, now: Instant) {
+        let Some(id) = self.conns.get_mut(&conn).and_then(|c| c.peer.take()) else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, "not in a room");
+            return self.refuse(conn, e.refers_to("bye"), now);
+        };
+        self.leave(&id);
+    }
+
+    /// Ends a session: frees its seat and tells the room.
+    fn leave(&mut self, id: &Arc<str>) {
+        let Some(p) = self.peers.remove(id) else { return };
+        self.tokens.remove(&p.token);
+        if let Some(conn) = p.conn {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.peer = None;
+            }
+        }
+        let now_empty = match self.rooms.get_mut(&p.room) {
+            Some(r) => {
+                r.members.retain(|m| m != id);
+                r.members.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            self.rooms.remove(&p.room);
+        } else {
+            self.broadcast(&p.room, id, Arc::from(encode_bye(id)));
+        }
+    }
+
+    fn broadcast(&mut self, room: &str, except: &str, frame: Frame) {
+        let Some(r) = self.rooms.get(room) else { return };
+        let targets: Vec<Arc<str>> = r.members.iter().filter(|m| &***m != except).cloned().collect();
+        for t in targets {
+            self.deliver(&t, frame.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

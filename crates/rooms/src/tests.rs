@@ -1,0 +1,336 @@
+//! The room logic driven by hand: no sockets, simulated time.
+
+use super::*;
+use serde_json::Value;
+
+struct Harness {
+    rooms: Rooms,
+    now: Instant,
+    next_conn: ConnId,
+}
+
+impl Harness {
+    fn new(cfg: Config) -> Self {
+        let ice = |id: &str| vec![IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: Some(id.into()), credential: None }];
+        Harness { rooms: Rooms::new(cfg, Box::new(ice)), now: Instant::now(), next_conn: 1 }
+    }
+    fn connect(&mut self) -> ConnId {
+        let c = self.next_conn;
+        self.next_conn += 1;
+        self.rooms.connect(c, self.now);
+        c
+    }
+    fn send(&mut self, conn: ConnId, text: &str) {
+        self.rooms.message(conn, text, self.now);
+    }
+    fn send_json(&mut self, conn: ConnId, v: Value) {
+        self.send(conn, &v.to_string());
+    }
+    /// Everything queued for `conn`, parsed.
+    fn recv(&mut self, conn: ConnId) -> Vec<Value> {
+        let mut buf = Vec::new();
+        self.rooms.take(conn, &mut buf);
+        buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
+    }
+    fn outputs(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.rooms.poll_output()).collect()
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.rooms.tick(self.now);
+    }
+    /// Connects and joins; returns (conn, id, resume token).
+    fn join(&mut self, room: &str, name: &str) -> (ConnId, String, String) {
+        let c = self.connect();
+        self.send_json(c, serde_json::json!({"type":"join","room":room,"name":name}));
+        let w = self.recv(c).remove(0);
+        assert_eq!(w["type"], "welcome", "{w}");
+        (c, w["id"].as_str().unwrap().into(), w["resume"].as_str().unwrap().into())
+    }
+}
+
+fn small() -> Config {
+    Config { max_peers: 2, ..Config::default() }
+}
+
+#[test]
+fn hello_offer_answer_candidate_bye() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id, _) = h.join("r", "Alice");
+    let (b, b_id, _) = h.join("r", "Bob");
+    assert_eq!(h.recv(a), vec![serde_json::json!({"type":"hello","from":b_id,"name":"Bob"})]);
+
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"v=0 offer"}));
+    assert_eq!(h.recv(b), vec![serde_json::json!({"type":"offer","from":a_id,"sdp":"v=0 offer"})]);
+    h.send_json(b, serde_json::json!({"type":"answer","to":a_id,"sdp":"v=0 answer"}));
+    assert_eq!(h.recv(a), vec![serde_json::json!({"type":"answer","from":b_id,"sdp":"v=0 answer"})]);
+    let cand = serde_json::json!({"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0,"usernameFragment":"u"});
+    h.send_json(a, serde_json::json!({"type":"candidate","to":b_id,"candidate":cand}));
+    h.send_json(a, serde_json::json!({"type":"candidate","to":b_id,"candidate":null}));
+    assert_eq!(
+        h.recv(b),
+        vec![
+            serde_json::json!({"type":"candidate","from":a_id,"candidate":cand}),
+            serde_json::json!({"type":"candidate","from":a_id,"candidate":null})
+        ]
+    );
+    h.send(b, r#"{"type":"bye"}"#);
+    assert_eq!(h.recv(a), vec![serde_json::json!({"type":"bye","from":b_id})]);
+    assert_eq!(h.rooms.stats().peers, 1);
+    // The connection may join again after bye.
+    h.send(b, r#"{"type":"join","room":"r"}"#);
+    assert_eq!(h.recv(b)[0]["type"], "welcome");
+}
+
+#[test]
+fn welcome_lists_others_and_fresh_ice() {
+    let mut h = Harness::new(Config::default());
+    let (_, a_id, _) = h.join("r", "Alice");
+    let c = h.connect();
+    h.send(c, r#"{"type":"join","room":"r","name":"Bob"}"#);
+    let w = h.recv(c).remove(0);
+    assert_eq!(w["peers"], serde_json::json!([{"id":a_id,"name":"Alice"}]));
+    assert_eq!(w["room"], "r");
+    assert_eq!(w["resumed"], false);
+    assert_eq!(w["iceServers"][0]["username"], w["id"], "ice servers are minted per peer");
+}
+
+#[test]
+fn room_full_and_capacity_counts_detached_sessions() {
+    let mut h = Harness::new(small());
+    let (a, _, _) = h.join("r", "A");
+    h.join("r", "B");
+    let c = h.connect();
+    h.send(c, r#"{"type":"join","room":"r"}"#);
+    let e = h.recv(c).remove(0);
+    assert_eq!((e["type"].as_str(), e["code"].as_str(), e["ref"].as_str()), (Some("error"), Some("room-full"), Some("join")));
+    // A's connection drops: its seat is held during the grace period.
+    h.rooms.disconnect(a, h.now);
+    h.send(c, r#"{"type":"join","room":"r"}"#);
+    assert_eq!(h.recv(c)[0]["code"], "room-full");
+    h.advance(Duration::from_secs(21));
+    h.send(c, r#"{"type":"join","room":"r"}"#);
+    assert_eq!(h.recv(c)[0]["type"], "welcome");
+    // Other rooms are unaffected.
+    h.join("other", "X");
+}
+
+#[test]
+fn from_cannot_be_spoofed_nor_other_rooms_addressed() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id, _) = h.join("r1", "A");
+    let (b, b_id, _) = h.join("r1", "B");
+    let (x, x_id, _) = h.join("r2", "X");
+    h.recv(a);
+    h.send_json(b, serde_json::json!({"type":"offer","to":a_id,"from":x_id,"sdp":"s"}));
+    assert_eq!(h.recv(a)[0]["from"], b_id.as_str(), "the server sets from");
+    h.send_json(a, serde_json::json!({"type":"offer","to":x_id,"sdp":"s"}));
+    assert_eq!(h.recv(a)[0]["code"], "unknown-peer");
+    assert!(h.recv(x).is_empty());
+    h.send_json(a, serde_json::json!({"type":"offer","to":a_id,"sdp":"s"}));
+    assert_eq!(h.recv(a)[0]["code"], "unknown-peer", "no messages to yourself");
+}
+
+#[test]
+fn every_error_code_and_the_connection_stays_usable() {
+    let mut h = Harness::new(Config { max_peers: 1, max_rooms: 2, ..Config::default() });
+    let c = h.connect();
+    let cases = [
+        ("{", "bad-json"),
+        (r#"{"type":"dance"}"#, "unknown-type"),
+        (r#"{"type":"join"}"#, "missing-field"),
+        (r#"{"type":"join","room":7}"#, "bad-field"),
+        (r#"{"type":"join","room":"a/b"}"#, "bad-room-name"),
+        (r#"{"type":"offer","to":"x","sdp":"s"}"#, "not-joined"),
+        (r#"{"type":"bye"}"#, "not-joined"),
+    ];
+    for (text, code) in cases {
+        h.send(c, text);
+        let got = h.recv(c);
+        assert_eq!(got.len(), 1, "{text}");
+        assert_eq!(got[0]["code"], code, "{text}");
+        assert!(!got[0]["message"].as_str().unwrap().is_empty());
+    }
+    h.rooms.binary(c, 10, h.now);
+    assert_eq!(h.recv(c)[0]["code"], "bad-json");
+    h.send(c, r#"{"type":"join","room":"full"}"#);
+    h.recv(c);
+    h.send(c, r#"{"type":"join","room":"again"}"#);
+    assert_eq!(h.recv(c)[0]["code"], "already-joined");
+    let d = h.connect();
+    h.send(d, r#"{"type":"join","room":"full"}"#);
+    assert_eq!(h.recv(d)[0]["code"], "room-full");
+    h.send(d, r#"{"type":"join","room":"second"}"#);
+    h.recv(d);
+    let e = h.connect();
+    h.send(e, r#"{"type":"join","room":"third"}"#);
+    assert_eq!(h.recv(e)[0]["code"], "server-full");
+    h.send(c, r#"{"type":"offer","to":"nobody","sdp":"s"}"#);
+    assert_eq!(h.recv(c)[0]["code"], "unknown-peer");
+    assert!(h.outputs().iter().all(|o| matches!(o, Output::Wake(_))), "no error so far closes");
+}
+
+#[test]
+fn too_large_closes_with_1009() {
+    let mut h = Harness::new(Config { max_message_size: 100, ..Config::default() });
+    let c = h.connect();
+    h.send(c, &format!(r#"{{"type":"join","room":"{}"}}"#, "a".repeat(200)));
+    assert_eq!(h.recv(c)[0]["code"], "too-large");
+    assert!(h.outputs().contains(&Output::Close { conn: c, code: close::TOO_BIG, reason: "message too large" }));
+    h.send(c, r#"{"type":"join","room":"r"}"#);
+    assert!(h.recv(c).is_empty(), "nothing is read after a close");
+}
+
+#[test]
+fn rate_limit_then_abuse_close() {
+    let mut h = Harness::new(Config { rate_per_sec: 5.0, max_errors: 3.0, ..Config::default() });
+    let (c, _, _) = h.join("r", "A");
+    for _ in 0..9 {
+        h.send(c, r#"{"type":"bye","x":1}"#.replace("bye", "candidate").as_str());
+    }
+    let got = h.recv(c);
+    // 10 tokens of burst: the join took one, 9 bad candidates pass the rate limit but are refused.
+    assert!(got.iter().all(|m| m["code"] == "missing-field"));
+    assert!(h.outputs().iter().any(|o| matches!(o, Output::Close { code: close::POLICY, reason: "too many errors", .. })));
+
+    let mut h = Harness::new(Config { rate_per_sec: 5.0, ..Config::default() });
+    let (a, _, _) = h.join("r", "A");
+    let (b, b_id, _) = h.join("r", "B");
+    h.recv(a);
+    let msg = serde_json::json!({"type":"candidate","to":b_id,"candidate":null}).to_string();
+    for _ in 0..12 {
+        h.send(a, &msg);
+    }
+    let codes: Vec<Value> = h.recv(a).into_iter().map(|m| m["code"].clone()).collect();
+    assert_eq!(codes, vec![Value::from("rate-limited"); 3], "burst of 10 minus the join, then refused");
+    assert_eq!(h.recv(b).len(), 9);
+    h.advance(Duration::from_secs(1));
+    h.send(a, &msg);
+    assert_eq!(h.recv(b).len(), 1, "the bucket refills");
+}
+
+#[test]
+fn resume_keeps_id_and_delivers_queue_in_order() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id, _) = h.join("r", "A");
+    let (b, b_id, b_tok) = h.join("r", "B");
+    h.recv(a);
+    // B's connection drops with two undelivered frames still queued in the core.
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"1"}));
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"2"}));
+    h.rooms.disconnect(b, h.now);
+    for i in 3..=5 {
+        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+    }
+    assert!(h.recv(a).is_empty(), "A sees neither bye nor errors");
+    h.advance(Duration::from_secs(10));
+    let b2 = h.connect();
+    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    let got = h.recv(b2);
+    assert_eq!(got[0]["type"], "welcome");
+    assert_eq!(got[0]["id"], b_id.as_str());
+    assert_eq!(got[0]["resumed"], true);
+    assert_ne!(got[0]["resume"], b_tok.as_str(), "a fresh token");
+    assert_eq!(got[0]["peers"][0]["id"], a_id.as_str());
+    let sdps: Vec<&str> = got[1..].iter().map(|m| m["sdp"].as_str().unwrap()).collect();
+    assert_eq!(sdps, ["1", "2", "3", "4", "5"]);
+    h.advance(Duration::from_secs(30));
+    assert!(h.recv(a).is_empty(), "the old expiry was cancelled");
+    // The old token is spent: using it now is a fresh join (room has space).
+    let b3 = h.connect();
+    h.send_json(b3, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    let w = h.recv(b3).remove(0);
+    assert_eq!(w["resumed"], false);
+    assert_ne!(w["id"], b_id.as_str());
+}
+
+#[test]
+fn resume_replaces_a_connection_not_yet_known_dead() {
+    let mut h = Harness::new(Config::default());
+    let (a, _, _) = h.join("r", "A");
+    let (b, b_id, b_tok) = h.join("r", "B");
+    h.recv(a);
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"unread"}));
+    h.outputs();
+    let b2 = h.connect();
+    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    assert!(h.outputs().contains(&Output::Close { conn: b, code: close::RESUMED_ELSEWHERE, reason: "resumed elsewhere" }));
+    let got = h.recv(b2);
+    assert_eq!(got[0]["id"], b_id.as_str());
+    assert_eq!(got[1]["sdp"], "unread", "what the old socket had not written moves over");
+    h.rooms.disconnect(b, h.now);
+    h.advance(Duration::from_secs(60));
+    assert!(h.recv(a).is_empty(), "the old socket's end does not end the session");
+    assert_eq!(h.rooms.stats().peers, 2);
+}
+
+#[test]
+fn dropped_session_says_bye_after_grace() {
+    let mut h = Harness::new(Config { resume_grace: Duration::from_secs(5), ..Config::default() });
+    let (a, _, _) = h.join("r", "A");
+    let (b, b_id, b_tok) = h.join("r", "B");
+    h.recv(a);
+    h.rooms.disconnect(b, h.now);
+    assert_eq!(h.rooms.poll_timeout(), Some(h.now + Duration::from_secs(5)));
+    h.advance(Duration::from_millis(4999));
+    assert!(h.recv(a).is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.recv(a), vec![serde_json::json!({"type":"bye","from":b_id})]);
+    assert_eq!(h.rooms.poll_timeout(), None);
+    let b2 = h.connect();
+    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    let w = h.recv(b2).remove(0);
+    assert_eq!(w["resumed"], false, "too late: a fresh session");
+    assert_eq!(h.recv(a)[0]["type"], "hello");
+}
+
+#[test]
+fn slow_reader_is_cut_off_and_keeps_its_frames() {
+    let mut h = Harness::new(Config { max_queued: 4, rate_per_sec: 1000.0, ..Config::default() });
+    let (a, _, _) = h.join("r", "A");
+    let (b, b_id, b_tok) = h.join("r", "B");
+    h.recv(a);
+    h.outputs();
+    for i in 0..5 {
+        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+    }
+    assert!(h.outputs().contains(&Output::Close { conn: b, code: close::POLICY, reason: "slow reader" }));
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"5"}));
+    h.rooms.disconnect(b, h.now);
+    let b2 = h.connect();
+    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    let got = h.recv(b2);
+    let sdps: Vec<&str> = got[1..].iter().map(|m| m["sdp"].as_str().unwrap()).collect();
+    assert_eq!(sdps, ["0", "1", "2", "3", "4", "5"]);
+}
+
+#[test]
+fn detached_queue_overflow_ends_the_session() {
+    let mut h = Harness::new(Config { max_queued: 2, rate_per_sec: 1000.0, ..Config::default() });
+    let (a, _, _) = h.join("r", "A");
+    let (b, b_id, _) = h.join("r", "B");
+    h.recv(a);
+    h.rooms.disconnect(b, h.now);
+    for i in 0..5 {
+        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+    }
+    let got = h.recv(a);
+    assert_eq!(got[0], serde_json::json!({"type":"bye","from":b_id}));
+    assert_eq!(got[1]["code"], "unknown-peer", "later messages are refused, not silently lost");
+}
+
+#[test]
+fn empty_rooms_disappear_and_ids_are_unique() {
+    let mut h = Harness::new(Config { max_peers: 1000, max_queued: 1000, ..Config::default() });
+    let mut ids = std::collections::HashSet::new();
+    let mut conns = vec![];
+    for _ in 0..500 {
+        let (c, id, _) = h.join("big", "");
+        assert!(ids.insert(id));
+        conns.push(c);
+    }
+    for c in conns {
+        h.send(c, r#"{"type":"bye"}"#);
+    }
+    assert_eq!(h.rooms.stats(), Stats { connections: 500, rooms: 0, peers: 0, detached_peers: 0 });
+}
