@@ -1,0 +1,151 @@
+//! `webcall serve` settings: flags, their `WEBCALL_*` environment variables and an optional TOML file.
+//! Precedence: flag, then environment, then file, then the built-in default.
+
+use clap::Args;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 20s, 1m, 500ms)"))
+}
+
+/// Every field is optional so that a TOML file can fill what the command line leaves out. TOML keys are the flag
+/// names without dashes prefix (`listen = "0.0.0.0:8080"`, `max-peers = 6`, `resume-grace = "30s"`).
+#[derive(Args, Deserialize, Debug, Clone, Default)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys are the flag names, e.g. `max-peers = 6`).
+    #[arg(long, env = "WEBCALL_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address for HTTP and WebSocket [default: 127.0.0.1:8080].
+    #[arg(long, env = "WEBCALL_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Room capacity: peers in one call [default: 4].
+    #[arg(long, env = "WEBCALL_MAX_PEERS", value_name = "N")]
+    pub max_peers: Option<usize>,
+
+    /// Rooms on this server at once [default: 10000].
+    #[arg(long, env = "WEBCALL_MAX_ROOMS", value_name = "N")]
+    pub max_rooms: Option<usize>,
+
+    /// WebSocket connections at once; more are refused with 503 [default: 16000].
+    #[arg(long, env = "WEBCALL_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// How long a dropped session keeps its seat and id for a resume [default: 20s].
+    #[arg(long, env = "WEBCALL_RESUME_GRACE", value_name = "DURATION", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub resume_grace: Option<Duration>,
+
+    /// Largest accepted WebSocket message in bytes [default: 65536].
+    #[arg(long, env = "WEBCALL_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+
+    /// Frames queued for one connection before it is cut off as a slow reader [default: 256].
+    #[arg(long, env = "WEBCALL_MAX_QUEUED_MESSAGES", value_name = "N")]
+    pub max_queued_messages: Option<usize>,
+
+    /// Messages per second per connection; bursts of twice this pass [default: 50].
+    #[arg(long, env = "WEBCALL_RATE_LIMIT", value_name = "PER_SEC")]
+    pub rate_limit: Option<f64>,
+
+    /// Refused messages a connection may send in a burst before it is closed (refilled at 1/s) [default: 20].
+    #[arg(long, env = "WEBCALL_MAX_ERRORS", value_name = "N")]
+    pub max_errors: Option<f64>,
+
+    /// Interval of WebSocket pings [default: 10s].
+    #[arg(long, env = "WEBCALL_PING_INTERVAL", value_name = "DURATION", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Option<Duration>,
+
+    /// A connection silent (no frame, no pong) this long is dropped [default: 30s].
+    #[arg(long, env = "WEBCALL_IDLE_TIMEOUT", value_name = "DURATION", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Settings after merging flags, environment, file and defaults, and checking them.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub rooms: webcall_rooms::Config,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{setting} = {value} is out of range: {hint}")]
+    Range { setting: &'static str, value: String, hint: &'static str },
+}
+
+impl ServeArgs {
+    pub fn load_file(path: &Path) -> Result<ServeArgs, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Merges with the `--config` file (if any) and the defaults, and checks ranges.
+    pub fn resolve(&self) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(p) => ServeArgs::load_file(p)?,
+            None => ServeArgs::default(),
+        };
+        macro_rules! pick {
+            ($f:ident, $default:expr) => {
+                self.$f.clone().or(file.$f.clone()).unwrap_or($default)
+            };
+        }
+        let d = webcall_rooms::Config::default();
+        let rooms = webcall_rooms::Config {
+            max_peers: pick!(max_peers, d.max_peers),
+            max_rooms: pick!(max_rooms, d.max_rooms),
+            resume_grace: pick!(resume_grace, d.resume_grace),
+            max_queued: pick!(max_queued_messages, d.max_queued),
+            max_message_size: pick!(max_message_size, d.max_message_size),
+            rate_per_sec: pick!(rate_limit, d.rate_per_sec),
+            max_errors: pick!(max_errors, d.max_errors),
+            seed: rand::random(),
+        };
+        let cfg = ServeConfig {
+            listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8080))),
+            max_connections: pick!(max_connections, 16_000),
+            ping_interval: pick!(ping_interval, Duration::from_secs(10)),
+            idle_timeout: pick!(idle_timeout, Duration::from_secs(30)),
+            rooms,
+        };
+        let range = |setting, value: String, ok: bool, hint| {
+            if ok { Ok(()) } else { Err(ConfigError::Range { setting, value, hint }) }
+        };
+        let r = &cfg.rooms;
+        range("max-peers", r.max_peers.to_string(), (2..=64).contains(&r.max_peers), "a call has 2 to 64 peers")?;
+        range("max-rooms", r.max_rooms.to_string(), r.max_rooms >= 1, "at least 1")?;
+        range("max-connections", cfg.max_connections.to_string(), cfg.max_connections >= 1, "at least 1")?;
+        range(
+            "max-message-size",
+            r.max_message_size.to_string(),
+            (1024..=16 << 20).contains(&r.max_message_size),
+            "1 KiB to 16 MiB; an SDP offer needs about 10 KiB",
+        )?;
+        range("max-queued-messages", r.max_queued.to_string(), r.max_queued >= 16, "at least 16")?;
+        range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
+        range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
+        range(
+            "ping-interval",
+            format!("{:?}", cfg.ping_interval),
+            cfg.ping_interval >= Duration::from_millis(100) && cfg.ping_interval < cfg.idle_timeout,
+            "at least 100ms and shorter than idle-timeout",
+        )?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,131 @@
+//! The seam between the WebSocket layer and room state. [`LocalRouter`] keeps rooms in this process; a
+//! Redis-backed router shares them across nodes behind the same trait.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use webcall_rooms::{ConnId, Frame, IceProvider, Output, Rooms, Stats};
+
+/// What the WebSocket task of one connection shares with the router.
+#[derive(Default)]
+pub struct ConnSignal {
+    /// Frames are ready to take, or a close was asked for.
+    pub wake: Notify,
+    /// Fires on a close request, so a write stuck on a peer that stopped reading can be abandoned.
+    pub closing: Notify,
+    close: Mutex<Option<(u16, &'static str)>>,
+}
+
+impl ConnSignal {
+    pub fn request_close(&self, code: u16, reason: &'static str) {
+        self.close.lock().get_or_insert((code, reason));
+        self.wake.notify_one();
+        self.closing.notify_one();
+    }
+    pub fn close_requested(&self) -> Option<(u16, &'static str)> {
+        *self.close.lock()
+    }
+}
+
+pub trait Router: Send + Sync + 'static {
+    fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>);
+    fn message(&self, conn: ConnId, text: &str);
+    fn binary(&self, conn: ConnId, len: usize);
+    /// Appends the frames queued for `conn` to `buf`.
+    fn take(&self, conn: ConnId, buf: &mut Vec<Frame>);
+    fn disconnect(&self, conn: ConnId);
+    fn stats(&self) -> Stats;
+    /// `false` while the router cannot serve joins (e.g. its backing store is down).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+struct Inner {
+    rooms: Rooms,
+    signals: HashMap<ConnId, Arc<ConnSignal>>,
+}
+
+impl Inner {
+    fn dispatch(&mut self) {
+        while let Some(out) = self.rooms.poll_output() {
+            match out {
+                Output::Wake(conn) => {
+                    if let Some(s) = self.signals.get(&conn) {
+                        s.wake.notify_one();
+                    }
+                }
+                Output::Close { conn, code, reason } => {
+                    if let Some(s) = self.signals.get(&conn) {
+                        s.request_close(code, reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rooms in this process: one lock around the sans-IO core, held only to feed an input and hand out wake-ups.
+pub struct LocalRouter {
+    inner: Mutex<Inner>,
+}
+
+impl LocalRouter {
+    /// Creates the router and spawns its timer task (resume-grace expiry).
+    pub fn start(cfg: webcall_rooms::Config, ice: Box<dyn IceProvider>) -> Arc<LocalRouter> {
+        let router = Arc::new(LocalRouter {
+            inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice), signals: HashMap::new() }),
+        });
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            // Deadlines only ever get later, so a capped sleep never misses one by more than the cap.
+            const MAX_SLEEP: Duration = Duration::from_millis(250);
+            loop {
+                let next = {
+                    let Some(r) = weak.upgrade() else { return };
+                    let mut inner = r.inner.lock();
+                    let now = Instant::now();
+                    inner.rooms.tick(now);
+                    inner.dispatch();
+                    inner.rooms.poll_timeout().map_or(now + MAX_SLEEP, |t| t.min(now + MAX_SLEEP))
+                };
+                tokio::time::sleep_until(next.into()).await;
+            }
+        });
+        router
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Rooms, Instant)) {
+        let mut inner = self.inner.lock();
+        f(&mut inner.rooms, Instant::now());
+        inner.dispatch();
+    }
+}
+
+impl Router for LocalRouter {
+    fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>) {
+        let mut inner = self.inner.lock();
+        inner.signals.insert(conn, signal);
+        inner.rooms.connect(conn, Instant::now());
+    }
+    fn message(&self, conn: ConnId, text: &str) {
+        self.with(|r, now| r.message(conn, text, now));
+    }
+    fn binary(&self, conn: ConnId, len: usize) {
+        self.with(|r, now| r.binary(conn, len, now));
+    }
+    fn take(&self, conn: ConnId, buf: &mut Vec<Frame>) {
+        self.inner.lock().rooms.take(conn, buf);
+    }
+    fn disconnect(&self, conn: ConnId) {
+        let mut inner = self.inner.lock();
+        inner.signals.remove(&conn);
+        inner.rooms.disconnect(conn, Instant::now());
+        inner.dispatch();
+    }
+    fn stats(&self) -> Stats {
+        self.inner.lock().rooms.stats()
+    }
+}

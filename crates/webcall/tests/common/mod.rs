@@ -1,0 +1,169 @@
+//! Shared by the integration tests: a real `webcall serve` process and real WebSocket clients.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should happen (not a performance bound).
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct ServerProc {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProc {
+    /// `webcall serve --listen 127.0.0.1:0 ARGS…`, ready when it prints its address.
+    pub fn start(args: &[&str]) -> ServerProc {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    pub fn start_on(listen: &str, args: &[&str]) -> ServerProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .arg("serve")
+            .args(["--listen", listen])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("webcall binary runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .parse()
+            .unwrap();
+        ServerProc { child, addr }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    pub id: String,
+    pub resume: String,
+}
+
+/// How a connection ended, as seen by the client.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    Closed(u16, String),
+    Dropped,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        Client { ws, id: String::new(), resume: String::new() }
+    }
+
+    /// Connects and joins; keeps id and resume token.
+    pub async fn join(url: &str, room: &str, name: &str) -> (Client, Value) {
+        let mut c = Client::connect(url).await;
+        c.send(json!({"type":"join","room":room,"name":name})).await;
+        let w = c.expect("welcome").await;
+        c.id = w["id"].as_str().unwrap().to_owned();
+        c.resume = w["resume"].as_str().unwrap().to_owned();
+        (c, w)
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::text(t)).await.expect("send");
+    }
+
+    /// The next JSON message; panics after [`WAIT`].
+    pub async fn recv(&mut self) -> Value {
+        tokio::time::timeout(WAIT, self.next_json())
+            .await
+            .expect("a message within the wait")
+            .expect("connection open")
+    }
+
+    /// The next message, asserting its type.
+    pub async fn expect(&mut self, ty: &str) -> Value {
+        let m = self.recv().await;
+        assert_eq!(m["type"], ty, "expected {ty}, got {m}");
+        m
+    }
+
+    /// The next message must be an error with this code.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let m = self.expect("error").await;
+        assert_eq!(m["code"], code, "{m}");
+        assert!(!m["message"].as_str().unwrap_or("").is_empty(), "errors say what happened: {m}");
+        m
+    }
+
+    /// Nothing arrives for `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Ok(m) = tokio::time::timeout(d, self.next_json()).await {
+            panic!("expected nothing, got {m:?}");
+        }
+    }
+
+    async fn next_json(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).expect("server sends JSON")),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Reads until the connection ends; returns how (skipping any data frames).
+    pub async fn until_end(&mut self) -> Ended {
+        let end = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(Some(f)))) => return Ended::Closed(u16::from(f.code), f.reason.to_string()),
+                    Some(Ok(Message::Close(None))) => return Ended::Closed(u16::from(CloseCode::Status), String::new()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return Ended::Dropped,
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, end).await.expect("connection ends within the wait")
+    }
+}

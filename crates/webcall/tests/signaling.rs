@@ -1,0 +1,319 @@
+//! Protocol v1 against a real `webcall serve` process with real WebSocket clients.
+
+mod common;
+
+use common::{Client, Ended, ServerProc};
+use futures_util::SinkExt;
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn two_peers_exchange_hello_offer_answer_candidates_and_bye() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let (mut a, wa) = Client::join(&url, "daily", "Alice").await;
+    assert_eq!(wa["peers"], json!([]));
+    assert_eq!(wa["room"], "daily");
+    assert_eq!(wa["resumed"], false);
+    assert!(wa["iceServers"].is_array());
+    let (mut b, wb) = Client::join(&url, "daily", "Bob").await;
+    assert_eq!(wb["peers"], json!([{"id": a.id, "name": "Alice"}]));
+    assert_ne!(a.id, b.id);
+
+    assert_eq!(a.recv().await, json!({"type":"hello","from":b.id,"name":"Bob"}));
+    let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\n";
+    a.send(json!({"type":"offer","to":b.id,"sdp":sdp})).await;
+    assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":sdp}));
+    b.send(json!({"type":"answer","to":a.id,"sdp":"answer-sdp"})).await;
+    assert_eq!(a.recv().await, json!({"type":"answer","from":b.id,"sdp":"answer-sdp"}));
+    let cand = json!({"candidate":"candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host","sdpMid":"0","sdpMLineIndex":0,"usernameFragment":"abcd"});
+    for swap in [false, true] {
+        let (from, to) = if swap { (&mut b, &mut a) } else { (&mut a, &mut b) };
+        from.send(json!({"type":"candidate","to":to.id,"candidate":cand})).await;
+        from.send(json!({"type":"candidate","to":to.id,"candidate":null})).await;
+        assert_eq!(to.recv().await, json!({"type":"candidate","from":from.id,"candidate":cand}));
+        assert_eq!(to.recv().await, json!({"type":"candidate","from":from.id,"candidate":null}));
+    }
+    b.send(json!({"type":"bye"})).await;
+    assert_eq!(a.recv().await, json!({"type":"bye","from":b.id}));
+    // After bye the connection can join again, as a new peer.
+    b.send(json!({"type":"join","room":"daily","name":"Bob"})).await;
+    let w = b.expect("welcome").await;
+    assert_ne!(w["id"], b.id.as_str());
+    assert_eq!(a.expect("hello").await["from"], w["id"]);
+}
+
+#[tokio::test]
+async fn third_peer_in_a_room_of_two_is_refused() {
+    let server = ServerProc::start(&["--max-peers", "2"]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "pair", "A").await;
+    let (_b, _) = Client::join(&url, "pair", "B").await;
+    a.expect("hello").await;
+    let mut c = Client::connect(&url).await;
+    c.send(json!({"type":"join","room":"pair","name":"C"})).await;
+    let e = c.expect_error("room-full").await;
+    assert_eq!(e["ref"], "join");
+    a.expect_silence(Duration::from_millis(200)).await;
+    // Refused, not disconnected: another room works on the same connection.
+    c.send(json!({"type":"join","room":"other"})).await;
+    c.expect("welcome").await;
+}
+
+#[tokio::test]
+async fn every_error_code_and_the_connection_stays_usable() {
+    let server = ServerProc::start(&["--max-peers", "2", "--max-rooms", "2", "--rate-limit", "5", "--max-errors", "100"]);
+    let url = server.ws_url();
+    let mut c = Client::connect(&url).await;
+    let cases: &[(&str, &str)] = &[
+        ("this is not json", "bad-json"),
+        (r#"["join"]"#, "bad-json"),
+        (r#"{"type":"hug"}"#, "unknown-type"),
+        (r#"{"room":"r"}"#, "missing-field"),
+        (r#"{"type":"join"}"#, "missing-field"),
+        (r#"{"type":"join","room":["r"]}"#, "bad-field"),
+        (r#"{"type":"join","room":"no spaces"}"#, "bad-room-name"),
+    ];
+    for (text, code) in cases {
+        c.send_text(text).await;
+        c.expect_error(code).await;
+        tokio::time::sleep(Duration::from_millis(220)).await; // stay under the rate limit
+    }
+    c.ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    c.expect_error("bad-json").await;
+    c.send(json!({"type":"offer","to":"x","sdp":"s"})).await;
+    assert_eq!(c.expect_error("not-joined").await["ref"], "offer");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.send(json!({"type":"join","room":"one"})).await;
+    let me = c.expect("welcome").await["id"].as_str().unwrap().to_owned();
+    c.send(json!({"type":"join","room":"two"})).await;
+    c.expect_error("already-joined").await;
+    c.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
+    c.expect_error("unknown-peer").await;
+    c.send(json!({"type":"offer","to":me,"sdp":"s"})).await;
+    c.expect_error("unknown-peer").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let (d, _) = Client::join(&url, "one", "D").await;
+    assert_eq!(c.expect("hello").await["from"], d.id.as_str());
+    let mut e = Client::connect(&url).await;
+    e.send(json!({"type":"join","room":"one"})).await;
+    e.expect_error("room-full").await;
+    e.send(json!({"type":"join","room":"second"})).await;
+    e.expect("welcome").await;
+    let mut f = Client::connect(&url).await;
+    f.send(json!({"type":"join","room":"third"})).await;
+    f.expect_error("server-full").await;
+
+    // rate-limited: a burst past twice the rate.
+    let mut limited = 0;
+    for _ in 0..15 {
+        c.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
+    }
+    for _ in 0..15 {
+        let m = c.expect("error").await;
+        if m["code"] == "rate-limited" {
+            limited += 1;
+        } else {
+            assert_eq!(m["code"], "unknown-peer");
+        }
+    }
+    assert!(limited >= 5, "a burst of 15 at 5/s (burst 10) must be limited, got {limited}");
+
+    // too-large: refused with an error, then closed with 1009.
+    let big = format!(r#"{{"type":"offer","to":"x","sdp":"{}"}}"#, "a".repeat(70_000));
+    f.send_text(&big).await;
+    f.expect_error("too-large").await;
+    assert_eq!(f.until_end().await, Ended::Closed(1009, "message too large".into()));
+}
+
+#[tokio::test]
+async fn repeated_errors_close_the_connection_with_a_reason() {
+    let server = ServerProc::start(&["--max-errors", "5"]);
+    let mut c = Client::connect(&server.ws_url()).await;
+    for _ in 0..10 {
+        c.send_text("garbage").await;
+    }
+    for _ in 0..5 {
+        c.expect_error("bad-json").await;
+    }
+    assert_eq!(c.until_end().await, Ended::Closed(1008, "too many errors".into()));
+}
+
+#[tokio::test]
+async fn frames_far_over_the_limit_are_cut_off() {
+    let server = ServerProc::start(&["--max-message-size", "4096"]);
+    let (mut a, _) = Client::join(&server.ws_url(), "r", "A").await;
+    let huge = format!(r#"{{"type":"offer","to":"x","sdp":"{}"}}"#, "a".repeat(100_000));
+    let _ = a.ws.send(Message::text(huge)).await;
+    let end = a.until_end().await;
+    assert!(matches!(end, Ended::Closed(1009, _) | Ended::Dropped), "{end:?}");
+    // The server is unharmed.
+    Client::join(&server.ws_url(), "r2", "B").await;
+}
+
+#[tokio::test]
+async fn from_cannot_be_spoofed_and_other_rooms_are_unreachable() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "r1", "A").await;
+    let (mut b, _) = Client::join(&url, "r1", "B").await;
+    let (mut x, _) = Client::join(&url, "r2", "X").await;
+    a.expect("hello").await;
+    b.send(json!({"type":"offer","to":a.id,"from":x.id,"sdp":"s"})).await;
+    let got = a.recv().await;
+    assert_eq!(got["from"], b.id.as_str(), "the server sets from: {got}");
+    a.send(json!({"type":"offer","to":x.id,"sdp":"s"})).await;
+    let e = a.expect_error("unknown-peer").await;
+    assert!(e["message"].as_str().unwrap().contains("r1"), "{e}");
+    x.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn resume_keeps_the_id_and_delivers_queued_messages_in_order() {
+    let server = ServerProc::start(&["--resume-grace", "5s"]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "r", "A").await;
+    let (b, _) = Client::join(&url, "r", "B").await;
+    a.expect("hello").await;
+    let (b_id, b_token) = (b.id.clone(), b.resume.clone());
+    drop(b); // the TCP connection ends without a close handshake or bye
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20 {
+        a.send(json!({"type":"candidate","to":b_id,"candidate":{"candidate":format!("c{i}"),"sdpMid":"0"}})).await;
+    }
+    a.expect_silence(Duration::from_millis(300)).await; // accepted: no error, no bye
+
+    let mut b2 = Client::connect(&url).await;
+    b2.send(json!({"type":"join","room":"r","resume":b_token})).await;
+    let w = b2.expect("welcome").await;
+    assert_eq!(w["id"], b_id.as_str());
+    assert_eq!(w["resumed"], true);
+    assert_eq!(w["peers"], json!([{"id":a.id,"name":"A"}]));
+    assert_ne!(w["resume"], b_token.as_str());
+    for i in 0..20 {
+        let m = b2.expect("candidate").await;
+        assert_eq!(m["candidate"]["candidate"], format!("c{i}"));
+        assert_eq!(m["from"], a.id.as_str());
+    }
+    // Live again: traffic flows both ways, and A never saw a bye.
+    b2.send(json!({"type":"offer","to":a.id,"sdp":"after"})).await;
+    assert_eq!(a.recv().await, json!({"type":"offer","from":b_id,"sdp":"after"}));
+}
+
+#[tokio::test]
+async fn resume_replaces_a_connection_the_server_still_thinks_alive() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "r", "A").await;
+    let (mut b, _) = Client::join(&url, "r", "B").await;
+    a.expect("hello").await;
+    let mut b2 = Client::connect(&url).await;
+    b2.send(json!({"type":"join","room":"r","resume":b.resume})).await;
+    assert_eq!(b2.expect("welcome").await["id"], b.id.as_str());
+    assert_eq!(b.until_end().await, Ended::Closed(4000, "resumed elsewhere".into()));
+    a.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_dropped_peer_turns_into_bye_after_the_grace_period() {
+    let server = ServerProc::start(&["--resume-grace", "1s"]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "r", "A").await;
+    let (b, _) = Client::join(&url, "r", "B").await;
+    a.expect("hello").await;
+    let (b_id, token) = (b.id.clone(), b.resume.clone());
+    drop(b);
+    a.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(a.recv().await, json!({"type":"bye","from":b_id}));
+    // Too late to resume: a fresh session.
+    let mut b2 = Client::connect(&url).await;
+    b2.send(json!({"type":"join","room":"r","resume":token})).await;
+    let w = b2.expect("welcome").await;
+    assert_eq!(w["resumed"], false);
+    assert_ne!(w["id"], b_id.as_str());
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_dropped_by_the_idle_timeout() {
+    let server = ServerProc::start(&["--ping-interval", "200ms", "--idle-timeout", "1s", "--resume-grace", "500ms"]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "r", "A").await;
+    // B joins and then never reads again, so it answers no ping: from the server's side it went silent.
+    let (b, _) = Client::join(&url, "r", "B").await;
+    a.expect("hello").await;
+    let bye = a.recv().await;
+    assert_eq!(bye, json!({"type":"bye","from":b.id}));
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_cut_off_and_server_memory_stays_bounded() {
+    let server = ServerProc::start(&["--max-queued-messages", "16", "--rate-limit", "100000", "--resume-grace", "30s"]);
+    let url = server.ws_url();
+    let (mut fast, _) = Client::join(&url, "r", "Fast").await;
+    let (mut slow, _) = Client::join(&url, "r", "Slow").await;
+    fast.expect("hello").await;
+    let rss_before = server.rss_kib();
+    let sdp = "x".repeat(60_000);
+    let msg = json!({"type":"offer","to":slow.id,"sdp":sdp}).to_string();
+    // The slow side never reads; its kernel buffers fill, then the server's bounded queue, then the session ends.
+    let mut sent = 0;
+    let mut ended = false;
+    while sent < 2000 && !ended {
+        fast.send_text(&msg).await;
+        sent += 1;
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1), async { Some(fast.recv().await) }).await {
+            if m["type"] == "bye" {
+                assert_eq!(m["from"], slow.id.as_str());
+                ended = true;
+            }
+        }
+    }
+    assert!(ended, "the slow reader's session ended after {sent} messages of 60 KB");
+    eprintln!("slow reader: session ended after {sent} messages of 60 KB");
+    fast.expect_error("unknown-peer").await;
+    let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 64, "server grew by {grown_mib} MiB for {sent} messages to a reader that never read");
+    let end = slow.until_end().await;
+    assert!(matches!(end, Ended::Closed(1008, _) | Ended::Dropped), "{end:?}");
+}
+
+#[tokio::test]
+async fn two_hundred_rooms_at_once() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let room = format!("room-{i}");
+            let (mut a, _) = Client::join(&url, &room, "A").await;
+            let (mut b, w) = Client::join(&url, &room, "B").await;
+            assert_eq!(w["peers"].as_array().unwrap().len(), 1, "rooms do not mix");
+            a.expect("hello").await;
+            a.send(json!({"type":"offer","to":b.id,"sdp":room})).await;
+            assert_eq!(b.expect("offer").await["sdp"], room.as_str());
+            b.send(json!({"type":"answer","to":a.id,"sdp":room})).await;
+            assert_eq!(a.expect("answer").await["sdp"], room.as_str());
+            (a, b)
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    assert_eq!(clients.len(), 200);
+}
+
+#[tokio::test]
+async fn healthz_answers() {
+    let server = ServerProc::start(&[]);
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every webcall test. On a fresh Debian machine with the Rust toolchain it first installs what the tests need
+# (system packages, Node packages); a second run skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- what the tests need --------------------------------------------------------------------------------------
+need_pkgs=()
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v turnutils_uclient >/dev/null || need_pkgs+=(coturn)
+command -v redis-server >/dev/null || need_pkgs+=(redis-server)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v nft >/dev/null || need_pkgs+=(nftables)
+command -v unshare >/dev/null || need_pkgs+=(util-linux)
+command -v node >/dev/null || need_pkgs+=(nodejs npm)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  # Debian's coturn may start its own turnserver on 3478; the tests use their own ports, but do not leave it running.
+  pkill -x turnserver 2>/dev/null || true
+fi
+if [ -f package.json ] && [ ! -d node_modules ]; then
+  log "installing Node packages (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+# --- Rust: unit and integration tests (real servers on loopback) ------------------------------------------------
+log "cargo test"
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked -- --test-threads="${WEBCALL_TEST_THREADS:-4}"
+
+# --- browser and end-to-end tests (Node's test runner driving Debian's chromium) ---------------------------------
+if [ -d tests/e2e ]; then
+  log "end-to-end tests (headless chromium)"
+  cargo build --locked -p webcall
+  node --test --test-concurrency=1 tests/e2e/
+fi
+log "all tests passed"
