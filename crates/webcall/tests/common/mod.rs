@@ -27,7 +27,13 @@ impl ServerProc {
     }
 
     pub fn start_on(listen: &str, args: &[&str]) -> ServerProc {
+        Self::start_env(listen, args, &[])
+    }
+
+    /// Like [`ServerProc::start_on`], with extra environment variables for the server process only.
+    pub fn start_env(listen: &str, args: &[&str], env: &[(&str, &str)]) -> ServerProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .envs(env.iter().copied())
             .arg("serve")
             .args(["--listen", listen])
             .args(args)
