@@ -30,10 +30,12 @@ pub enum ErrorCode {
     TooLarge,
     RateLimited,
     ServerFull,
+    Unauthorized,
+    ServerShutdown,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -46,6 +48,8 @@ impl ErrorCode {
         ErrorCode::TooLarge,
         ErrorCode::RateLimited,
         ErrorCode::ServerFull,
+        ErrorCode::Unauthorized,
+        ErrorCode::ServerShutdown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,8 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too-large",
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::ServerFull => "server-full",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ServerShutdown => "server-shutdown",
         }
     }
 }
@@ -389,6 +395,9 @@ struct WelcomeOut<'a> {
     ice_servers: &'a [IceServer],
     resume: &'a str,
     resumed: bool,
+    /// Only sent as `false` (a subscribe-only token), so open rooms keep the plain v1 shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publish: Option<bool>,
 }
 
 pub fn encode_welcome(
@@ -398,8 +407,10 @@ pub fn encode_welcome(
     ice_servers: &[IceServer],
     resume: &str,
     resumed: bool,
+    publish: bool,
 ) -> String {
-    serde_json::to_string(&WelcomeOut { ty: "welcome", id, room, peers, ice_servers, resume, resumed })
+    let publish = (!publish).then_some(false);
+    serde_json::to_string(&WelcomeOut { ty: "welcome", id, room, peers, ice_servers, resume, resumed, publish })
         .expect("welcome serialises")
 }
 
@@ -421,6 +432,10 @@ pub fn encode_bye(from: &str) -> String {
     s
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Everything a server can send, for clients (native peer, tests, bench) to parse.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -434,6 +449,9 @@ pub enum ServerMessage {
         resume: String,
         #[serde(default)]
         resumed: bool,
+        /// `false` when this peer may only receive media (subscribe-only token).
+        #[serde(default = "yes")]
+        publish: bool,
     },
     Hello {
         from: String,
@@ -469,6 +487,13 @@ mod tests {
 
     fn code(text: &str) -> ErrorCode {
         parse_client(text).unwrap_err().code
+    }
+
+    #[test]
+    fn error_codes_index_like_all() {
+        for (i, c) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c}");
+        }
     }
 
     #[test]
@@ -545,6 +570,7 @@ mod tests {
             &[IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: None, credential: None }],
             "tok",
             false,
+            true,
         );
         let ServerMessage::Welcome { peers, ice_servers, .. } = serde_json::from_str(&w).unwrap() else { panic!() };
         assert_eq!(peers[0].name, "N\"");

@@ -10,6 +10,8 @@
 //! losing what was queued for it.
 
 use rand::rngs::StdRng;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -70,6 +72,55 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// Application code: the session was resumed on another connection.
     pub const RESUMED_ELSEWHERE: u16 = 4000;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+/// What a [`JoinPolicy`] grants a fresh join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Replaces the name the client asked for (a signed token fixes the name).
+    pub name: Option<String>,
+    /// `false`: the peer may only receive media; offers and answers that would send audio or video are refused.
+    pub publish: bool,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission { name: None, publish: true }
+    }
+}
+
+/// Decides whether a fresh join may proceed (signed tokens, per-address join rates). Resumes are not asked: the
+/// resume token is their credential.
+pub trait JoinPolicy: Send + Sync {
+    fn admit(&self, conn: ConnId, join: &Join<'_>) -> Result<Admission, ProtocolError>;
+}
+
+/// Admits everyone: open rooms.
+pub struct OpenPolicy;
+
+impl JoinPolicy for OpenPolicy {
+    fn admit(&self, _: ConnId, _: &Join<'_>) -> Result<Admission, ProtocolError> {
+        Ok(Admission::default())
+    }
+}
+
+/// Message kinds counted in [`Counters::messages`], in index order.
+pub const MESSAGE_KINDS: [&str; 6] = ["join", "offer", "answer", "candidate", "bye", "invalid"];
+
+/// Monotonic counters for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Received messages by kind ([`MESSAGE_KINDS`]).
+    pub messages: [u64; MESSAGE_KINDS.len()],
+    /// Refusals by code, indexed like [`ErrorCode::ALL`].
+    pub errors: [u64; ErrorCode::ALL.len()],
+    pub joins: u64,
+    pub resumes: u64,
+    /// Sessions that ended because their grace period ran out.
+    pub expired: u64,
+    pub slow_readers: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,11 +195,14 @@ struct Peer {
     pending: VecDeque<Frame>,
     /// Bumped at each detach, so a stale deadline is ignored.
     epoch: u64,
+    publish: bool,
 }
 
 struct Room {
     /// Peer ids in join order.
     members: Vec<Arc<str>>,
+    /// Salted SHA-256 of the password the first joiner set.
+    password: Option<([u8; 16], [u8; 32])>,
 }
 
 pub struct Rooms {
@@ -162,8 +216,37 @@ pub struct Rooms {
     /// (deadline, peer, epoch) in deadline order: the grace period is the same for everyone.
     deadlines: VecDeque<(Instant, Arc<str>, u64)>,
     out: VecDeque<Output>,
+    policy: Box<dyn JoinPolicy>,
+    counters: Counters,
+    shutting_down: bool,
     /// Time of the latest input, for work that an input triggers indirectly.
     now: Instant,
+}
+
+fn password_hash(salt: &[u8; 16], password: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
+/// Whether an SDP (as its raw JSON string) sends audio or video: an audio/video section without `recvonly` or
+/// `inactive` sends (`sendrecv` is the default direction).
+fn sdp_sends_media(raw: &serde_json::value::RawValue) -> bool {
+    let Ok(sdp) = serde_json::from_str::<String>(raw.get()) else { return true };
+    let mut sends = false;
+    let mut in_media = false;
+    let mut section_sends = false;
+    for line in sdp.lines().map(str::trim_end) {
+        if let Some(m) = line.strip_prefix("m=") {
+            sends |= in_media && section_sends;
+            in_media = m.starts_with("audio") || m.starts_with("video");
+            section_sends = true;
+        } else if line == "a=recvonly" || line == "a=inactive" {
+            section_sends = false;
+        }
+    }
+    sends || (in_media && section_sends)
 }
 
 const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -181,7 +264,34 @@ impl Rooms {
             tokens: HashMap::new(),
             deadlines: VecDeque::new(),
             out: VecDeque::new(),
+            policy: Box::new(OpenPolicy),
+            counters: Counters::default(),
+            shutting_down: false,
             now: Instant::now(),
+        }
+    }
+
+    /// Replaces the default [`OpenPolicy`].
+    pub fn with_policy(mut self, policy: Box<dyn JoinPolicy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Tells every connection the server is going away (`error` `server-shutdown`, then close 1001) and refuses
+    /// joins from now on.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.now = now;
+        self.shutting_down = true;
+        let e = ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
+        let frame: Frame = Arc::from(e.to_json());
+        let conns: Vec<ConnId> = self.conns.iter().filter(|(_, c)| !c.closing).map(|(k, _)| *k).collect();
+        for conn in conns {
+            self.push(conn, frame.clone());
+            self.close(conn, close::GOING_AWAY, "server shutting down");
         }
     }
 
@@ -244,7 +354,15 @@ impl Rooms {
                 now,
             );
         }
-        match parse_client(text) {
+        let parsed = parse_client(text);
+        let kind = match &parsed {
+            Ok(ClientMessage::Join(_)) => 0,
+            Ok(ClientMessage::Relay(r)) => 1 + r.kind as usize,
+            Ok(ClientMessage::Bye) => 4,
+            Err(_) => 5,
+        };
+        self.counters.messages[kind] += 1;
+        match parsed {
             Err(e) => self.refuse(conn, e, now),
             Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
             Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
@@ -272,6 +390,7 @@ impl Rooms {
             let (_, id, epoch) = self.deadlines.pop_front().expect("front exists");
             let expired = self.peers.get(&id).is_some_and(|p| p.conn.is_none() && p.epoch == epoch);
             if expired {
+                self.counters.expired += 1;
                 self.leave(&id);
             }
         }
@@ -304,6 +423,7 @@ impl Rooms {
     }
 
     fn too_large(&mut self, conn: ConnId, len: usize) {
+        self.counters.errors[ErrorCode::TooLarge as usize] += 1;
         let max = self.cfg.max_message_size;
         let e = ProtocolError::new(ErrorCode::TooLarge, format!("a frame of {len} bytes is over the limit of {max} bytes"));
         self.push(conn, Arc::from(e.to_json()));
@@ -311,6 +431,7 @@ impl Rooms {
     }
 
     fn refuse(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
+        self.counters.errors[e.code as usize] += 1;
         self.push(conn, Arc::from(e.to_json()));
         let max = self.cfg.max_errors;
         let c = self.conns.get_mut(&conn).expect("refuse() is only called for live connections");
@@ -339,6 +460,7 @@ impl Rooms {
         }
         if c.out.len() > c.limit && !c.closing {
             c.closing = true;
+            self.counters.slow_readers += 1;
             self.out.push_back(Output::Close { conn, code: close::POLICY, reason: "slow reader" });
             if let Some(id) = c.peer.take() {
                 let queued = std::mem::take(&mut c.out);
@@ -405,10 +527,10 @@ impl Rooms {
 
     fn welcome(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool) {
         let p = &self.peers[id];
-        let (room, token) = (p.room.clone(), p.token.clone());
+        let (room, token, publish) = (p.room.clone(), p.token.clone(), p.publish);
         let peers = self.others(&room, id);
         let ice = self.ice.ice_servers(id);
-        let frame = encode_welcome(id, &room, &peers, &ice, &token, resumed);
+        let frame = encode_welcome(id, &room, &peers, &ice, &token, resumed, publish);
         self.push(conn, Arc::from(frame));
     }
 
@@ -418,10 +540,29 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::AlreadyJoined, format!("already in room '{room}'; send bye first"));
             return self.refuse(conn, e.refers_to("join"), now);
         }
+        if self.shutting_down {
+            let e = ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
+            return self.refuse(conn, e.refers_to("join"), now);
+        }
         if let Some(token) = j.resume.as_deref() {
             if let Some(id) = self.tokens.get(token).cloned() {
                 if *self.peers[&id].room == *j.room {
+                    self.counters.resumes += 1;
                     return self.resume(conn, id, token.to_owned());
+                }
+            }
+        }
+        let admission = match self.policy.admit(conn, &j) {
+            Ok(a) => a,
+            Err(e) => return self.refuse(conn, e.refers_to("join"), now),
+        };
+        if let Some(r) = self.rooms.get(&*j.room) {
+            if let Some((salt, hash)) = &r.password {
+                let given = j.password.as_deref().unwrap_or("");
+                if !bool::from(password_hash(salt, given).ct_eq(hash)) {
+                    let what = if j.password.is_some() { "wrong password" } else { "this room needs a password" };
+                    let e = ProtocolError::new(ErrorCode::Unauthorized, format!("{what} for room '{}'", j.room));
+                    return self.refuse(conn, e.refers_to("join"), now);
                 }
             }
         }
@@ -451,13 +592,29 @@ impl Rooms {
             None => Arc::from(&*j.room),
         };
         let token = self.new_token(&id);
-        let name: Arc<str> = Arc::from(&*j.name);
+        let name: Arc<str> = Arc::from(admission.name.as_deref().unwrap_or(&j.name));
         self.peers.insert(
             id.clone(),
-            Peer { name: name.clone(), room: room.clone(), conn: Some(conn), token, pending: VecDeque::new(), epoch: 0 },
+            Peer {
+                name: name.clone(),
+                room: room.clone(),
+                conn: Some(conn),
+                token,
+                pending: VecDeque::new(),
+                epoch: 0,
+                publish: admission.publish,
+            },
         );
-        let members = &mut self.rooms.entry(room.clone()).or_insert_with(|| Room { members: Vec::new() }).members;
-        members.push(id.clone());
+        if !self.rooms.contains_key(&room) {
+            // The first joiner may lock the room with a password.
+            let password = j.password.as_deref().map(|p| {
+                let salt: [u8; 16] = self.rng.random();
+                (salt, password_hash(&salt, p))
+            });
+            self.rooms.insert(room.clone(), Room { members: Vec::new(), password });
+        }
+        self.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
+        self.counters.joins += 1;
         self.conns.get_mut(&conn).expect("live").peer = Some(id.clone());
         self.welcome(conn, &id, false);
         let hello: Frame = Arc::from(encode_hello(&id, &name));
@@ -508,6 +665,13 @@ impl Rooms {
             return self.refuse(conn, e.refers_to(ty), now);
         };
         let to = to.clone();
+        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish && sdp_sends_media(r.payload) {
+            let e = ProtocolError::new(
+                ErrorCode::Unauthorized,
+                "your token is subscribe-only: mark audio and video recvonly (or inactive) in your SDP",
+            );
+            return self.refuse(conn, e.refers_to(ty), now);
+        }
         if !self.deliver(&to, Arc::from(r.encode_from(&from))) {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
             self.refuse(conn, e.refers_to(ty), now);

@@ -334,3 +334,103 @@ fn empty_rooms_disappear_and_ids_are_unique() {
     }
     assert_eq!(h.rooms.stats(), Stats { connections: 500, rooms: 0, peers: 0, detached_peers: 0 });
 }
+
+#[test]
+fn room_password_set_by_first_joiner() {
+    let mut h = Harness::new(Config::default());
+    let a = h.connect();
+    h.send(a, r#"{"type":"join","room":"locked","password":"s3cret"}"#);
+    assert_eq!(h.recv(a)[0]["type"], "welcome");
+    let b = h.connect();
+    h.send(b, r#"{"type":"join","room":"locked"}"#);
+    let e = h.recv(b).remove(0);
+    assert_eq!(e["code"], "unauthorized");
+    assert!(e["message"].as_str().unwrap().contains("needs a password"));
+    h.send(b, r#"{"type":"join","room":"locked","password":"guess"}"#);
+    assert!(h.recv(b)[0]["message"].as_str().unwrap().contains("wrong password"));
+    h.send(b, r#"{"type":"join","room":"locked","password":"s3cret"}"#);
+    assert_eq!(h.recv(b)[0]["type"], "welcome");
+    // An open room stays open: a password given later does not lock it.
+    h.join("open", "X");
+    let (_, _, _) = h.join("open", "Y");
+    // Once empty, the room and its password are gone.
+    h.send(a, r#"{"type":"bye"}"#);
+    h.send(b, r#"{"type":"bye"}"#);
+    h.join("locked", "New owner");
+}
+
+struct TokenPolicy;
+impl JoinPolicy for TokenPolicy {
+    fn admit(&self, _: ConnId, j: &Join<'_>) -> Result<Admission, ProtocolError> {
+        match j.token.as_deref() {
+            Some("viewer") => Ok(Admission { name: Some("Viewer".into()), publish: false }),
+            Some("host") => Ok(Admission { name: None, publish: true }),
+            _ => Err(ProtocolError::new(ErrorCode::Unauthorized, "a valid token is required")),
+        }
+    }
+}
+
+#[test]
+fn join_policy_and_subscribe_only_peers() {
+    let mut h = Harness::new(Config::default());
+    h.rooms = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new())).with_policy(Box::new(TokenPolicy));
+    let x = h.connect();
+    h.send(x, r#"{"type":"join","room":"r"}"#);
+    assert_eq!(h.recv(x)[0]["code"], "unauthorized");
+    h.send(x, r#"{"type":"join","room":"r","token":"host","name":"Host"}"#);
+    let w = h.recv(x).remove(0);
+    assert!(w.get("publish").is_none(), "publishers get the plain v1 welcome: {w}");
+    let host_id = w["id"].as_str().unwrap().to_owned();
+    let v = h.connect();
+    h.send(v, r#"{"type":"join","room":"r","token":"viewer","name":"I am the host"}"#);
+    let w = h.recv(v).remove(0);
+    assert_eq!(w["publish"], false);
+    assert_eq!(h.recv(x)[0]["name"], "Viewer", "the token fixes the name");
+    let sends = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+    let default_dir = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n";
+    let receives = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+    for sdp in [sends, default_dir] {
+        h.send_json(v, serde_json::json!({"type":"answer","to":host_id,"sdp":sdp}));
+        assert_eq!(h.recv(v)[0]["code"], "unauthorized", "{sdp:?}");
+    }
+    h.send_json(v, serde_json::json!({"type":"answer","to":host_id,"sdp":receives}));
+    assert!(h.recv(v).is_empty());
+    assert_eq!(h.recv(x)[0]["sdp"], receives);
+    h.send_json(x, serde_json::json!({"type":"offer","to":w["id"],"sdp":sends}));
+    assert_eq!(h.recv(v)[0]["type"], "offer", "publishers are not restricted");
+}
+
+#[test]
+fn shutdown_tells_everyone_and_refuses_joins() {
+    let mut h = Harness::new(Config::default());
+    let (a, _, _) = h.join("r", "A");
+    let lobby = h.connect();
+    h.outputs();
+    h.rooms.shutdown(h.now);
+    for c in [a, lobby] {
+        let got = h.recv(c);
+        assert!(got.iter().any(|m| m["code"] == "server-shutdown"), "{got:?}");
+    }
+    let outs = h.outputs();
+    for c in [a, lobby] {
+        assert!(outs.contains(&Output::Close { conn: c, code: close::GOING_AWAY, reason: "server shutting down" }));
+    }
+    let late = h.connect();
+    h.send(late, r#"{"type":"join","room":"r"}"#);
+    assert_eq!(h.recv(late)[0]["code"], "server-shutdown");
+}
+
+#[test]
+fn counters_count() {
+    let mut h = Harness::new(Config::default());
+    let (a, _, _) = h.join("r", "A");
+    let (_, b_id, _) = h.join("r", "B");
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"x"}));
+    h.send(a, "junk");
+    h.send_json(a, serde_json::json!({"type":"candidate","to":"nobody","candidate":null}));
+    let c = h.rooms.counters().clone();
+    assert_eq!(c.messages, [2, 1, 0, 1, 0, 1]);
+    assert_eq!(c.errors[ErrorCode::BadJson as usize], 1);
+    assert_eq!(c.errors[ErrorCode::UnknownPeer as usize], 1);
+    assert_eq!(c.joins, 2);
+}
