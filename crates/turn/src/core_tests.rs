@@ -1,0 +1,767 @@
+//! Tests of the sans-IO core on simulated time: no sockets, no sleeping.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::stun::{self, Builder, Msg};
+
+const SECRET: &[u8] = b"s3cret";
+const RELAY: &str = "192.0.2.10:50000";
+
+struct H {
+    core: TurnCore,
+    now: Instant,
+    unix: u64,
+    relay_port: u16,
+    txn: u32,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn udp(client: &str) -> FiveTuple {
+    FiveTuple {
+        transport: Transport::Udp,
+        client: addr(client),
+        server: addr("192.0.2.10:3478"),
+    }
+}
+
+/// A decoded response.
+#[derive(Debug)]
+struct Resp {
+    class: u16,
+    method: u16,
+    code: Option<u16>,
+    bytes: Vec<u8>,
+}
+
+impl Resp {
+    fn msg(&self) -> Msg<'_> {
+        Msg::parse(&self.bytes).unwrap()
+    }
+    fn nonce(&self) -> String {
+        String::from_utf8(self.msg().get(stun::NONCE).expect("NONCE").to_vec()).unwrap()
+    }
+    fn lifetime(&self) -> u32 {
+        u32::from_be_bytes(self.msg().get(stun::LIFETIME).unwrap().try_into().unwrap())
+    }
+}
+
+struct Creds {
+    username: String,
+    password: String,
+}
+
+impl H {
+    fn new(cfg: CoreConfig) -> H {
+        let now = Instant::now();
+        let unix = 1_700_000_000;
+        let core = TurnCore::new(
+            CoreConfig {
+                secret: SECRET.to_vec(),
+                ..cfg
+            },
+            now,
+            UNIX_EPOCH + Duration::from_secs(unix),
+        );
+        H {
+            core,
+            now,
+            unix,
+            relay_port: 50000,
+            txn: 0,
+        }
+    }
+    fn default() -> H {
+        H::new(CoreConfig::default())
+    }
+    fn advance(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        self.core.handle_timeout(self.now);
+    }
+    fn creds(&self, user: &str, valid_for: i64) -> Creds {
+        let username = auth::rest_username((self.unix as i64 + valid_for) as u64, user);
+        let password = auth::rest_password(SECRET, &username);
+        Creds { username, password }
+    }
+    fn txid(&mut self) -> [u8; 12] {
+        self.txn += 1;
+        let mut t = [0u8; 12];
+        t[..4].copy_from_slice(&self.txn.to_be_bytes());
+        t
+    }
+    fn build(
+        &mut self,
+        method: u16,
+        auth: Option<(&Creds, &str)>,
+        f: impl FnOnce(&mut Builder),
+    ) -> Vec<u8> {
+        let txid = self.txid();
+        build_with(txid, method, auth, f)
+    }
+    fn outputs(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.core.poll_output()).collect()
+    }
+    /// Sends a request and returns the one response (answering OpenRelay with a bound socket).
+    fn request(&mut self, tuple: FiveTuple, data: &[u8]) -> Resp {
+        assert!(self.core.handle_client(self.now, tuple, data).is_none());
+        let mut resp = None;
+        let mut pending = self.outputs();
+        while let Some(o) = pending.pop() {
+            match o {
+                Output::Transmit { tuple: t, data } => {
+                    assert_eq!(t, tuple);
+                    assert!(resp.is_none(), "one response per request");
+                    let m = Msg::parse(&data).unwrap();
+                    let code = m
+                        .get(stun::ERROR_CODE)
+                        .map(|v| v[2] as u16 * 100 + v[3] as u16);
+                    resp = Some(Resp {
+                        class: m.class(),
+                        method: m.method(),
+                        code,
+                        bytes: data,
+                    });
+                }
+                Output::OpenRelay { alloc, family } => {
+                    assert_eq!(family, Family::V4);
+                    self.relay_port += 1;
+                    let bound = SocketAddr::new(addr(RELAY).ip(), self.relay_port);
+                    self.core.relay_opened(self.now, alloc, Some(bound));
+                    pending.extend(self.outputs());
+                }
+                Output::CloseRelay { .. } => {}
+            }
+        }
+        let r = resp.expect("a response");
+        assert_eq!(r.msg().txid(), Msg::parse(data).unwrap().txid());
+        r
+    }
+    /// Allocate with the 401 round trip first; returns the nonce and the relayed address.
+    fn allocate(&mut self, tuple: FiveTuple, c: &Creds) -> (String, SocketAddr) {
+        let first = self.build(stun::ALLOCATE, None, |b| {
+            b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+        });
+        let r = self.request(tuple, &first);
+        assert_eq!(r.code, Some(401));
+        assert_eq!(r.msg().get(stun::REALM), Some(&b"webcall"[..]));
+        assert_eq!(
+            r.msg().check_integrity(b"anything"),
+            None,
+            "401 carries no MESSAGE-INTEGRITY"
+        );
+        let nonce = r.nonce();
+        let req = self.build(stun::ALLOCATE, Some((c, &nonce)), |b| {
+            b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+        });
+        let r = self.request(tuple, &req);
+        assert_eq!((r.class, r.code), (stun::SUCCESS, None), "{r:?}");
+        let key = auth::long_term_key(&c.username, "webcall", &c.password);
+        assert_eq!(r.msg().check_integrity(&key), Some(true));
+        assert_eq!(
+            r.msg().get_xor_addr(stun::XOR_MAPPED_ADDRESS),
+            Some(tuple.client)
+        );
+        (
+            nonce,
+            r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap(),
+        )
+    }
+    fn simple(
+        &mut self,
+        tuple: FiveTuple,
+        method: u16,
+        c: &Creds,
+        nonce: &str,
+        f: impl FnOnce(&mut Builder),
+    ) -> Resp {
+        let req = self.build(method, Some((c, nonce)), f);
+        let r = self.request(tuple, &req);
+        assert_eq!(r.method, method);
+        r
+    }
+    fn perm(&mut self, tuple: FiveTuple, c: &Creds, nonce: &str, peer: &str) -> Resp {
+        self.simple(tuple, stun::CREATE_PERMISSION, c, nonce, |b| {
+            b.xor_addr(stun::XOR_PEER_ADDRESS, addr(peer));
+        })
+    }
+    fn bind(&mut self, tuple: FiveTuple, c: &Creds, nonce: &str, ch: u16, peer: &str) -> Resp {
+        self.simple(tuple, stun::CHANNEL_BIND, c, nonce, |b| {
+            b.attr(stun::CHANNEL_NUMBER, &[(ch >> 8) as u8, ch as u8, 0, 0])
+                .xor_addr(stun::XOR_PEER_ADDRESS, addr(peer));
+        })
+    }
+    fn refresh(&mut self, tuple: FiveTuple, c: &Creds, nonce: &str, lifetime: Option<u32>) -> Resp {
+        self.simple(tuple, stun::REFRESH, c, nonce, |b| {
+            if let Some(l) = lifetime {
+                b.u32(stun::LIFETIME, l);
+            }
+        })
+    }
+    /// Client sends a Send indication; returns the peer it goes to, if relayed.
+    fn send_ind(&mut self, tuple: FiveTuple, peer: &str, payload: &[u8]) -> Option<SocketAddr> {
+        let txid = self.txid();
+        let m = Builder::new(stun::msg_type(stun::SEND, stun::INDICATION), &txid)
+            .xor_addr(stun::XOR_PEER_ADDRESS, addr(peer))
+            .attr(stun::DATA_ATTR, payload)
+            .fingerprint()
+            .finish();
+        let r = self.core.handle_client(self.now, tuple, &m).map(|p| {
+            assert_eq!(p.data, payload);
+            p.peer
+        });
+        assert!(self.outputs().is_empty(), "indications get no answer");
+        r
+    }
+    fn channel_data(&mut self, tuple: FiveTuple, ch: u16, payload: &[u8]) -> Option<SocketAddr> {
+        let mut m = ch.to_be_bytes().to_vec();
+        m.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        m.extend_from_slice(payload);
+        self.core.handle_client(self.now, tuple, &m).map(|p| {
+            assert_eq!(p.data, payload);
+            p.peer
+        })
+    }
+    /// A peer sends `payload` to the relayed address of `tuple`'s allocation: the framed bytes for the
+    /// client, if relayed.
+    fn from_peer(&mut self, tuple: FiveTuple, peer: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        let alloc = self.core.allocation_of(&tuple)?;
+        let mut buf = vec![0xEEu8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
+        buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
+        let (t, range) = self.core.handle_peer(
+            self.now,
+            alloc,
+            addr(peer),
+            &mut buf,
+            PEER_HEADROOM,
+            payload.len(),
+        )?;
+        assert_eq!(t, tuple);
+        Some(buf[range].to_vec())
+    }
+}
+
+fn build_with(
+    txid: [u8; 12],
+    method: u16,
+    auth: Option<(&Creds, &str)>,
+    f: impl FnOnce(&mut Builder),
+) -> Vec<u8> {
+    let mut b = Builder::new(stun::msg_type(method, stun::REQUEST), &txid);
+    f(&mut b);
+    if let Some((c, nonce)) = auth {
+        b.attr(stun::USERNAME, c.username.as_bytes())
+            .attr(stun::REALM, b"webcall")
+            .attr(stun::NONCE, nonce.as_bytes());
+        b.integrity(&auth::long_term_key(&c.username, "webcall", &c.password));
+    }
+    b.fingerprint();
+    b.finish()
+}
+
+const PEER: &str = "203.0.113.5:7000";
+const PEER2: &str = "203.0.113.6:7000";
+
+#[test]
+fn binding_returns_mapped_address() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let req = h.build(stun::BINDING, None, |_| {});
+    let r = h.request(t, &req);
+    assert_eq!((r.class, r.method), (stun::SUCCESS, stun::BINDING));
+    assert_eq!(
+        r.msg().get_xor_addr(stun::XOR_MAPPED_ADDRESS),
+        Some(t.client)
+    );
+    assert!(r.msg().fingerprint_ok());
+}
+
+#[test]
+fn allocation_lifecycle_refresh_expiry_delete() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let (nonce, relayed) = h.allocate(t, &c);
+    assert_eq!(relayed, addr("192.0.2.10:50001"));
+    assert_eq!(h.core.stats().allocations, 1);
+    // Lifetime rules: absent -> default; above max -> max; below default -> default.
+    assert_eq!(h.refresh(t, &c, &nonce, None).lifetime(), 600);
+    assert_eq!(h.refresh(t, &c, &nonce, Some(100_000)).lifetime(), 3600);
+    assert_eq!(h.refresh(t, &c, &nonce, Some(30)).lifetime(), 600);
+    // Expires exactly at its lifetime; nothing but time passes.
+    h.advance(599);
+    assert_eq!(h.core.stats().allocations, 1);
+    assert!(h.outputs().is_empty());
+    h.advance(1);
+    assert_eq!(h.core.stats().allocations, 0);
+    assert!(matches!(h.outputs()[..], [Output::CloseRelay { .. }]));
+    let r = h.refresh(t, &c, &h.core.nonce(h.now, t.client.ip()), None);
+    assert_eq!(r.code, Some(437));
+    // A new allocation, deleted with lifetime 0.
+    let (nonce, _) = h.allocate(t, &c);
+    let alloc = h.core.allocation_of(&t).unwrap();
+    let r = h.refresh(t, &c, &nonce, Some(0));
+    assert_eq!((r.class, r.lifetime()), (stun::SUCCESS, 0));
+    assert_eq!(h.core.stats().allocations, 0);
+    assert!(h.core.relayed_addr(alloc).is_none());
+    assert_eq!(h.refresh(t, &c, &nonce, Some(0)).code, Some(437));
+}
+
+#[test]
+fn allocate_lifetime_and_mismatch_rules() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let first = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let nonce = h.request(t, &first).nonce();
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
+            .u32(stun::LIFETIME, 1800);
+    });
+    let r = h.request(t, &req);
+    assert_eq!(r.lifetime(), 1800);
+    // A retransmission gets the identical answer and no second allocation.
+    let again = h.request(t, &req);
+    assert_eq!(again.bytes, r.bytes);
+    assert_eq!(h.core.stats().allocations, 1);
+    // A new Allocate on the same 5-tuple is a mismatch.
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    assert_eq!(h.request(t, &req).code, Some(437));
+    // TCP relaying is not offered; a missing REQUESTED-TRANSPORT is malformed.
+    let t2 = udp("198.51.100.1:5001");
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 6 << 24);
+    });
+    assert_eq!(h.request(t2, &req).code, Some(442));
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |_| {});
+    assert_eq!(h.request(t2, &req).code, Some(400));
+    // Unknown comprehension-required attribute (EVEN-PORT) -> 420 naming it.
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
+            .attr(0x0018, &[0x80, 0, 0, 0]);
+    });
+    let r = h.request(t2, &req);
+    assert_eq!(r.code, Some(420));
+    assert_eq!(
+        r.msg().get(stun::UNKNOWN_ATTRIBUTES),
+        Some(&[0x00, 0x18][..])
+    );
+    assert_eq!(h.core.stats().allocations, 1);
+}
+
+#[test]
+fn bad_and_expired_credentials_are_refused() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let first = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let nonce = h.request(t, &first).nonce();
+    let alloc = |h: &mut H, c: &Creds| {
+        let req = h.build(stun::ALLOCATE, Some((c, &nonce)), |b| {
+            b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+        });
+        h.request(t, &req)
+    };
+    // Wrong password.
+    let mut c = h.creds("alice", 3600);
+    c.password = auth::rest_password(b"not the secret", &c.username);
+    let r = alloc(&mut h, &c);
+    assert_eq!(r.code, Some(401));
+    assert!(r.msg().get(stun::NONCE).is_some() && r.msg().get(stun::REALM).is_some());
+    // Expired (correctly signed) credentials.
+    let c = h.creds("alice", -1);
+    assert_eq!(alloc(&mut h, &c).code, Some(401));
+    // Not a TURN REST username.
+    let username = "alice".to_string();
+    let c = Creds {
+        password: auth::rest_password(SECRET, &username),
+        username,
+    };
+    assert_eq!(alloc(&mut h, &c).code, Some(401));
+    assert_eq!(h.core.stats().allocations, 0);
+    // Valid now, but the credentials expire while the allocation lives: refreshing then fails.
+    let c = h.creds("alice", 100);
+    let r = alloc(&mut h, &c);
+    assert_eq!(r.class, stun::SUCCESS);
+    h.advance(100);
+    let nonce = h.core.nonce(h.now, t.client.ip());
+    assert_eq!(h.refresh(t, &c, &nonce, None).code, Some(401));
+    // Someone else's valid credentials on this allocation: 441.
+    let bob = h.creds("bob", 3600);
+    let r = h.refresh(t, &bob, &nonce, None);
+    assert_eq!(r.code, Some(441));
+    let key = auth::long_term_key(&bob.username, "webcall", &bob.password);
+    assert_eq!(
+        r.msg().check_integrity(&key),
+        Some(true),
+        "authenticated errors carry MESSAGE-INTEGRITY"
+    );
+    // Missing MESSAGE-INTEGRITY but USERNAME present -> 401; MI without USERNAME -> 400.
+    let req = h.build(stun::REFRESH, None, |b| {
+        b.attr(stun::USERNAME, b"x");
+    });
+    assert_eq!(h.request(t, &req).code, Some(401));
+    let req = h.build(stun::REFRESH, None, |b| {
+        b.integrity(b"k");
+    });
+    assert_eq!(h.request(t, &req).code, Some(400));
+}
+
+#[test]
+fn stale_and_forged_nonces_get_438() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 7200);
+    let (nonce, _) = h.allocate(t, &c);
+    h.advance(599);
+    assert_eq!(h.refresh(t, &c, &nonce, None).class, stun::SUCCESS);
+    h.advance(1);
+    let r = h.refresh(t, &c, &nonce, None);
+    assert_eq!(r.code, Some(438));
+    let fresh = r.nonce();
+    assert_ne!(fresh, nonce);
+    assert_eq!(h.refresh(t, &c, &fresh, None).class, stun::SUCCESS);
+    // A forged nonce (changed timestamp) and a nonce issued to another client address are refused.
+    let forged = format!(
+        "{:016x}{}",
+        u64::from_str_radix(&fresh[..16], 16).unwrap() + 1,
+        &fresh[16..]
+    );
+    assert_eq!(h.refresh(t, &c, &forged, None).code, Some(438));
+    let other = h.core.nonce(h.now, addr("198.51.100.2:1").ip());
+    assert_eq!(h.refresh(t, &c, &other, None).code, Some(438));
+}
+
+#[test]
+fn permissions_gate_both_directions_and_expire_after_300s() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 7200);
+    let (nonce, _) = h.allocate(t, &c);
+    // No permission yet: nothing passes either way.
+    assert_eq!(h.send_ind(t, PEER, b"hi"), None);
+    assert_eq!(h.from_peer(t, PEER, b"hello"), None);
+    assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
+    assert_eq!(h.send_ind(t, PEER, b"hi"), Some(addr(PEER)));
+    // Permissions are per IP: another port of the same peer IP may send too.
+    let framed = h.from_peer(t, "203.0.113.5:9999", b"hello").unwrap();
+    let m = Msg::parse(&framed).unwrap();
+    assert_eq!((m.method(), m.class()), (stun::DATA, stun::INDICATION));
+    assert_eq!(
+        m.get_xor_addr(stun::XOR_PEER_ADDRESS),
+        Some(addr("203.0.113.5:9999"))
+    );
+    assert_eq!(m.get(stun::DATA_ATTR), Some(&b"hello"[..]));
+    assert_eq!(framed.len() % 4, 0, "padded");
+    // Another IP has none.
+    assert_eq!(h.from_peer(t, PEER2, b"x"), None);
+    // Refreshed at 200 s, it lasts until 500 s.
+    h.advance(200);
+    assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
+    h.advance(299);
+    assert!(h.send_ind(t, PEER, b"hi").is_some());
+    h.advance(1);
+    assert_eq!(h.send_ind(t, PEER, b"hi"), None);
+    assert_eq!(h.from_peer(t, PEER, b"late"), None);
+    // IPv6 data indications work too (IPv6 allocation).
+}
+
+#[test]
+fn channel_binding_rules() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 7200);
+    let (nonce, _) = h.allocate(t, &c);
+    assert_eq!(h.refresh(t, &c, &nonce, Some(3600)).lifetime(), 3600);
+    assert_eq!(h.bind(t, &c, &nonce, 0x3FFF, PEER).code, Some(400));
+    assert_eq!(h.bind(t, &c, &nonce, 0x5000, PEER).code, Some(400));
+    assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
+    assert_eq!(h.bind(t, &c, &nonce, 0x4FFF, PEER2).class, stun::SUCCESS);
+    // ChannelData goes to the bound peer; unbound channel numbers are dropped.
+    assert_eq!(h.channel_data(t, 0x4000, b"abc"), Some(addr(PEER)));
+    assert_eq!(h.channel_data(t, 0x4FFF, b"abc"), Some(addr(PEER2)));
+    assert_eq!(h.channel_data(t, 0x4001, b"abc"), None);
+    // Truncated ChannelData is dropped.
+    assert!(h
+        .core
+        .handle_client(h.now, t, &[0x40, 0x00, 0x00, 0x10, 1, 2])
+        .is_none());
+    // Peer data on a bound channel arrives as ChannelData (unpadded over UDP).
+    assert_eq!(
+        h.from_peer(t, PEER, b"hello").unwrap(),
+        [&[0x40, 0x00, 0x00, 0x05][..], b"hello"].concat()
+    );
+    // ...but from another port of that IP, as a Data indication (the binding is per transport address).
+    let framed = h.from_peer(t, "203.0.113.5:1", b"x").unwrap();
+    assert_eq!(Msg::parse(&framed).unwrap().method(), stun::DATA);
+    // Rebinding rules: same channel, other peer -> 400; same peer, other channel -> 400; same pair refreshes.
+    assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER2).code, Some(400));
+    assert_eq!(h.bind(t, &c, &nonce, 0x4001, PEER).code, Some(400));
+    h.advance(500);
+    assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
+    // PEER2's channel (bound at 0) expires at 600 s even though its permission is kept alive.
+    assert_eq!(h.perm(t, &c, &nonce, PEER2).class, stun::SUCCESS);
+    h.advance(100);
+    let nonce = h.core.nonce(h.now, t.client.ip());
+    assert_eq!(h.channel_data(t, 0x4FFF, b"abc"), None);
+    assert_eq!(
+        h.channel_data(t, 0x4000, b"abc"),
+        Some(addr(PEER)),
+        "refreshed at 500 s"
+    );
+    // Peer data from PEER2 now comes as a Data indication.
+    assert_eq!(
+        Msg::parse(&h.from_peer(t, PEER2, b"x").unwrap())
+            .unwrap()
+            .method(),
+        stun::DATA
+    );
+    // For 5 minutes after expiry neither the number nor the peer may be rebound differently...
+    assert_eq!(
+        h.bind(t, &c, &nonce, 0x4FFF, "203.0.113.7:1").code,
+        Some(400)
+    );
+    assert_eq!(h.bind(t, &c, &nonce, 0x4FFE, PEER2).code, Some(400));
+    // ...but the same binding may be renewed.
+    assert_eq!(h.bind(t, &c, &nonce, 0x4FFF, PEER2).class, stun::SUCCESS);
+    assert_eq!(h.channel_data(t, 0x4FFF, b"abc"), Some(addr(PEER2)));
+    // The channel 0x4000 (refreshed at 500 s) expires at 1100 s, then cools down until 1400 s.
+    h.advance(500);
+    let nonce = h.core.nonce(h.now, t.client.ip());
+    assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
+    assert_eq!(h.channel_data(t, 0x4000, b"abc"), None);
+    assert_eq!(
+        h.bind(t, &c, &nonce, 0x4000, "203.0.113.7:1").code,
+        Some(400)
+    );
+    h.advance(300);
+    let nonce = h.core.nonce(h.now, t.client.ip());
+    assert_eq!(
+        h.bind(t, &c, &nonce, 0x4000, "203.0.113.7:1").class,
+        stun::SUCCESS
+    );
+    assert_eq!(
+        h.channel_data(t, 0x4000, b"abc"),
+        Some(addr("203.0.113.7:1"))
+    );
+}
+
+#[test]
+fn channel_data_over_tcp_is_padded() {
+    let mut h = H::default();
+    let t = FiveTuple {
+        transport: Transport::Tcp,
+        ..udp("198.51.100.1:5000")
+    };
+    let c = h.creds("alice", 7200);
+    let (nonce, _) = h.allocate(t, &c);
+    assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
+    let framed = h.from_peer(t, PEER, b"hello").unwrap();
+    assert_eq!(
+        framed,
+        [&[0x40, 0x00, 0x00, 0x05][..], b"hello", &[0, 0, 0]].concat()
+    );
+    assert_eq!(stream_frame_len(&framed), Ok(Some(12)));
+    assert_eq!(stream_frame_len(&framed[..11]), Ok(None));
+    assert_eq!(stream_frame_len(&[0xFF, 0, 0, 0]), Err(()));
+    // Closing the connection removes the allocation.
+    h.core.client_closed(h.now, t);
+    assert_eq!(h.core.stats().allocations, 0);
+    assert!(matches!(h.outputs()[..], [Output::CloseRelay { .. }]));
+}
+
+#[test]
+fn quotas_per_user_and_total() {
+    let mut h = H::new(CoreConfig {
+        user_quota: 2,
+        total_quota: 3,
+        ..CoreConfig::default()
+    });
+    let alice = h.creds("alice", 3600);
+    let alice2 = h.creds("alice", 3000); // other expiry, same user
+    let bob = h.creds("bob", 3600);
+    let carol = h.creds("carol", 3600);
+    let (nonce, _) = h.allocate(udp("198.51.100.1:1"), &alice);
+    h.allocate(udp("198.51.100.1:2"), &alice2);
+    let try_alloc = |h: &mut H, port: u16, c: &Creds| {
+        let req = h.build(stun::ALLOCATE, Some((c, &nonce)), |b| {
+            b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+        });
+        h.request(udp(&format!("198.51.100.1:{port}")), &req)
+    };
+    assert_eq!(try_alloc(&mut h, 3, &alice).code, Some(486));
+    assert_eq!(try_alloc(&mut h, 4, &bob).class, stun::SUCCESS);
+    assert_eq!(
+        try_alloc(&mut h, 5, &carol).code,
+        Some(486),
+        "server total reached"
+    );
+    // Freeing one of alice's makes room for both quotas.
+    h.refresh(udp("198.51.100.1:1"), &alice, &nonce, Some(0));
+    assert_eq!(try_alloc(&mut h, 6, &alice).class, stun::SUCCESS);
+    assert_eq!(h.core.stats().allocations, 3);
+}
+
+#[test]
+fn special_peer_addresses_are_denied_unless_allowed() {
+    for (allow, expect_loopback) in [(vec![], 403), (vec!["127.0.0.0/8".parse().unwrap()], 200)] {
+        let mut h = H::new(CoreConfig {
+            allow_peers: allow,
+            ..CoreConfig::default()
+        });
+        let t = udp("198.51.100.1:5000");
+        let c = h.creds("alice", 3600);
+        let (nonce, _) = h.allocate(t, &c);
+        for denied in [
+            "10.1.2.3:1",
+            "172.16.0.1:1",
+            "192.168.1.1:1",
+            "169.254.1.1:1",
+            "224.0.0.1:1",
+            "0.0.0.0:1",
+            "100.64.0.1:1",
+        ] {
+            assert_eq!(h.perm(t, &c, &nonce, denied).code, Some(403), "{denied}");
+            assert_eq!(
+                h.bind(t, &c, &nonce, 0x4000, denied).code,
+                Some(403),
+                "{denied}"
+            );
+        }
+        let r = h.perm(t, &c, &nonce, "127.0.0.1:9");
+        assert_eq!(r.code.unwrap_or(200), expect_loopback);
+        // One denied address fails the whole request.
+        let r = h.simple(t, stun::CREATE_PERMISSION, &c, &nonce, |b| {
+            b.xor_addr(stun::XOR_PEER_ADDRESS, addr(PEER2))
+                .xor_addr(stun::XOR_PEER_ADDRESS, addr("10.0.0.1:1"));
+        });
+        assert_eq!(r.code, Some(403));
+        assert_eq!(h.send_ind(t, PEER2, b"x"), None);
+        // IPv6 peers on an IPv4 allocation.
+        assert_eq!(h.perm(t, &c, &nonce, "[2001:db8::1]:1").code, Some(443));
+    }
+    let none = [];
+    for ip in [
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "2002:7f00:1::1",
+        "64:ff9b::a00:1",
+        "255.255.255.255",
+    ] {
+        assert!(!peer_allowed(ip.parse().unwrap(), &none), "{ip}");
+    }
+    for ip in ["203.0.113.5", "8.8.8.8", "2001:db8::1"] {
+        assert!(peer_allowed(ip.parse().unwrap(), &none), "{ip}");
+    }
+    assert!(peer_allowed(
+        "::ffff:127.0.0.1".parse().unwrap(),
+        &["127.0.0.0/8".parse().unwrap()]
+    ));
+}
+
+#[test]
+fn relay_port_exhaustion_is_508() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let first = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let nonce = h.request(t, &first).nonce();
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    assert!(h.core.handle_client(h.now, t, &req).is_none());
+    let Some(Output::OpenRelay { alloc, .. }) = h.core.poll_output() else {
+        panic!("expected OpenRelay")
+    };
+    h.core.relay_opened(h.now, alloc, None);
+    let out = h.outputs();
+    let Output::Transmit { data, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        Msg::parse(data)
+            .unwrap()
+            .get(stun::ERROR_CODE)
+            .map(|v| v[2] as u16 * 100 + v[3] as u16),
+        Some(508)
+    );
+    assert_eq!(h.core.stats().allocations, 0);
+}
+
+#[test]
+fn external_ip_is_advertised_and_ipv6_data_indications() {
+    let mut h = H::new(CoreConfig {
+        external_ip: Some("198.18.0.1".parse().unwrap()),
+        ..CoreConfig::default()
+    });
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let (_, relayed) = h.allocate(t, &c);
+    assert_eq!(relayed, addr("198.18.0.1:50001"));
+
+    // IPv6 allocation: the Data indication carries a 20-byte XOR-PEER-ADDRESS and fits the headroom.
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let first = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let nonce = h.request(t, &first).nonce();
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
+            .attr(stun::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    assert!(h.core.handle_client(h.now, t, &req).is_none());
+    let Some(Output::OpenRelay {
+        alloc,
+        family: Family::V6,
+    }) = h.core.poll_output()
+    else {
+        panic!()
+    };
+    h.core
+        .relay_opened(h.now, alloc, Some(addr("[2001:db8::10]:50000")));
+    h.outputs();
+    let peer = "[2001:db8::5]:7000";
+    assert_eq!(h.perm(t, &c, &nonce, peer).class, stun::SUCCESS);
+    assert_eq!(h.perm(t, &c, &nonce, PEER).code, Some(443));
+    let framed = h.from_peer(t, peer, b"abcde").unwrap();
+    let m = Msg::parse(&framed).unwrap();
+    assert_eq!(m.get_xor_addr(stun::XOR_PEER_ADDRESS), Some(addr(peer)));
+    assert_eq!(m.get(stun::DATA_ATTR), Some(&b"abcde"[..]));
+    assert_eq!(h.send_ind(t, peer, b"v6"), Some(addr(peer)));
+}
+
+#[test]
+fn garbage_is_ignored() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    for g in [&[][..], &[0x00, 0x01], &[0xFF; 40], &[0x80; 20]] {
+        assert!(h.core.handle_client(h.now, t, g).is_none());
+    }
+    // A response or an unknown indication from a client is ignored too.
+    let mut m = build_with([9; 12], stun::BINDING, None, |_| {});
+    m[0..2].copy_from_slice(&stun::msg_type(stun::BINDING, stun::SUCCESS).to_be_bytes());
+    assert!(h.core.handle_client(h.now, t, &m).is_none());
+    assert!(h.outputs().is_empty());
+    // A bad FINGERPRINT makes the request vanish.
+    let mut m = build_with([9; 12], stun::BINDING, None, |_| {});
+    let n = m.len();
+    m[n - 1] ^= 1;
+    assert!(h.core.handle_client(h.now, t, &m).is_none());
+    assert!(h.outputs().is_empty());
+    let _ = SystemTime::now();
+}

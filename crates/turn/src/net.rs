@@ -1,0 +1,602 @@
+//! Thin tokio adapters (UDP, TCP, TLS) around [`TurnCore`].
+//!
+//! One mutex guards the core; the hot path holds it only for the core call (a few hash lookups), never
+//! across a send. Relay sockets each get a task; the listening UDP socket gets one task; each stream
+//! connection a reader and a writer task.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Notify;
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::auth::IceMinter;
+use crate::config::{PortRange, TurnConfig};
+use crate::core::{
+    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, Transport,
+    TurnCore, PEER_HEADROOM, PEER_TAILROOM,
+};
+use crate::TurnError;
+
+const MAX_UDP: usize = 65536;
+/// Bytes queued to a slow stream client before relayed data to it is dropped (as UDP would).
+const STREAM_OUT_LIMIT: usize = 1 << 20;
+const SOCKET_BUFFER: usize = 4 << 20;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Entry point: binds and spawns everything.
+pub struct TurnServer;
+
+impl TurnServer {
+    /// Binds the UDP and TCP listeners on `cfg.listen` (same port; port 0 picks one free for both) and
+    /// TLS if configured, spawns the tasks on the current tokio runtime and returns at once.
+    pub async fn start(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
+        cfg.check()?;
+        let (udp, tcp) = bind_pair(cfg.listen)?;
+        let udp_addr = udp
+            .local_addr()
+            .map_err(|e| TurnError::Io("reading the UDP address", e))?;
+        let tls = match &cfg.tls {
+            Some((addr, sc)) => {
+                let l = TcpListener::bind(addr).await.map_err(|e| TurnError::Bind {
+                    proto: "TLS",
+                    addr: *addr,
+                    source: e,
+                })?;
+                Some((l, tokio_rustls::TlsAcceptor::from(sc.clone())))
+            }
+            None => None,
+        };
+        let tls_addr = match &tls {
+            Some((l, _)) => Some(
+                l.local_addr()
+                    .map_err(|e| TurnError::Io("reading the TLS address", e))?,
+            ),
+            None => None,
+        };
+        let relay_ip = cfg.listen.ip();
+        let core_cfg = CoreConfig {
+            realm: cfg.realm.clone(),
+            secret: cfg.secret.clone().into_bytes(),
+            max_lifetime: cfg.max_lifetime,
+            user_quota: cfg.user_quota,
+            total_quota: cfg.total_quota,
+            allow_peers: cfg.allow_peers.clone(),
+            external_ip: cfg.external_ip,
+            // An IPv6 wildcard socket is dual-stack on Linux; a specific address serves its own family.
+            relay_v4: relay_ip.is_ipv4() || relay_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            relay_v6: relay_ip.is_ipv6(),
+            seed: rand::rng().random(),
+            ..CoreConfig::default()
+        };
+        let core = TurnCore::new(core_cfg, Instant::now(), SystemTime::now());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core,
+                relays: HashMap::new(),
+                used_ports: HashSet::new(),
+                streams: HashMap::new(),
+            }),
+            udp: Arc::new(udp),
+            udp_addr,
+            relay_ip,
+            ports: cfg.relay_ports,
+        });
+        let mut tasks = vec![
+            tokio::spawn(udp_loop(shared.clone())),
+            tokio::spawn(tcp_accept(shared.clone(), tcp)),
+            tokio::spawn(timer_loop(shared.clone())),
+        ];
+        if let Some((l, acc)) = tls {
+            tasks.push(tokio::spawn(tls_accept(shared.clone(), l, acc)));
+        }
+        let host_ip = cfg.external_ip.unwrap_or(udp_addr.ip());
+        let minter = IceMinter::for_addrs(
+            cfg.secret.clone().into_bytes(),
+            cfg.credential_ttl,
+            SocketAddr::new(host_ip, udp_addr.port()),
+            tls_addr.map(|a| SocketAddr::new(cfg.external_ip.unwrap_or(a.ip()), a.port())),
+        );
+        tracing::info!(udp = %udp_addr, tcp = %udp_addr, tls = ?tls_addr, relay_ports = %cfg.relay_ports, "STUN/TURN listening");
+        Ok(TurnHandle {
+            addr: udp_addr,
+            tls_addr,
+            minter,
+            shared,
+            tasks,
+        })
+    }
+}
+
+/// A running server. Dropping it stops the server too (without waiting).
+pub struct TurnHandle {
+    addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    minter: IceMinter,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl TurnHandle {
+    /// The bound UDP and TCP address (same port).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+    /// Mints `iceServers` pointing at this server (at `--turn-external-ip` when given). Implements
+    /// `webcall_rooms::IceProvider`.
+    pub fn ice_minter(&self) -> IceMinter {
+        self.minter.clone()
+    }
+    pub fn stats(&self) -> CoreStats {
+        self.shared.state.lock().core.stats()
+    }
+    /// Stops all tasks and closes all sockets; returns once the listeners are closed.
+    pub async fn shutdown(mut self) {
+        self.abort_all();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+    fn abort_all(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let mut st = self.shared.state.lock();
+        for (_, r) in st.relays.drain() {
+            r.task.abort();
+        }
+        for (_, s) in st.streams.drain() {
+            s.close();
+        }
+    }
+}
+
+impl Drop for TurnHandle {
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
+
+struct Relay {
+    sock: Arc<UdpSocket>,
+    task: AbortHandle,
+    port: u16,
+}
+
+/// Outbound bytes of one TCP/TLS client; relay tasks append, the writer task drains.
+struct StreamOut {
+    buf: Mutex<Vec<u8>>,
+    notify: Notify,
+    closed: AtomicBool,
+    reader: Mutex<Option<AbortHandle>>,
+}
+
+impl StreamOut {
+    fn push(&self, data: &[u8], droppable: bool) {
+        {
+            let mut b = self.buf.lock();
+            if droppable && b.len() + data.len() > STREAM_OUT_LIMIT {
+                return;
+            }
+            b.extend_from_slice(data);
+        }
+        self.notify.notify_one();
+    }
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(r) = self.reader.lock().take() {
+            r.abort();
+        }
+        self.notify.notify_one();
+    }
+}
+
+struct State {
+    core: TurnCore,
+    relays: HashMap<AllocId, Relay>,
+    used_ports: HashSet<u16>,
+    streams: HashMap<FiveTuple, Arc<StreamOut>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    udp: Arc<UdpSocket>,
+    udp_addr: SocketAddr,
+    relay_ip: IpAddr,
+    ports: PortRange,
+}
+
+impl Shared {
+    /// Executes the core's queued outputs. UDP datagrams are collected into `udp_out` to be sent once
+    /// the lock is released.
+    fn pump(self: &Arc<Self>, st: &mut State, udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) {
+        while let Some(o) = st.core.poll_output() {
+            match o {
+                Output::Transmit { tuple, data } => match tuple.transport {
+                    Transport::Udp => udp_out.push((data, tuple.client)),
+                    _ => {
+                        if let Some(s) = st.streams.get(&tuple) {
+                            s.push(&data, false);
+                        }
+                    }
+                },
+                Output::OpenRelay { alloc, family } => {
+                    let bound = self.open_relay(st, alloc, family);
+                    st.core.relay_opened(Instant::now(), alloc, bound);
+                }
+                Output::CloseRelay { alloc } => {
+                    if let Some(r) = st.relays.remove(&alloc) {
+                        r.task.abort();
+                        st.used_ports.remove(&r.port);
+                    }
+                }
+            }
+        }
+    }
+
+    fn open_relay(
+        self: &Arc<Self>,
+        st: &mut State,
+        alloc: AllocId,
+        family: Family,
+    ) -> Option<SocketAddr> {
+        let ip = match (family, self.relay_ip) {
+            (Family::V4, IpAddr::V4(ip)) => IpAddr::V4(ip),
+            (Family::V4, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (Family::V6, ip) => ip,
+        };
+        let n = self.ports.len();
+        let first = rand::rng().random_range(0..n);
+        for i in 0..n {
+            let port = self.ports.min + ((first + i) % n) as u16;
+            if st.used_ports.contains(&port) {
+                continue;
+            }
+            let Ok(std_sock) = std::net::UdpSocket::bind(SocketAddr::new(ip, port)) else {
+                continue;
+            };
+            let sock = match std_sock
+                .set_nonblocking(true)
+                .and_then(|_| UdpSocket::from_std(std_sock))
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay socket setup failed");
+                    return None;
+                }
+            };
+            let bound = sock.local_addr().ok()?;
+            let task = tokio::spawn(relay_loop(self.clone(), alloc, sock.clone())).abort_handle();
+            st.used_ports.insert(port);
+            st.relays.insert(alloc, Relay { sock, task, port });
+            return Some(bound);
+        }
+        tracing::warn!(range = %self.ports, "no free relay port: widen --turn-relay-ports");
+        None
+    }
+
+    async fn send_udp(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
+        for (data, to) in out {
+            let _ = self.udp.send_to(&data, to).await;
+        }
+    }
+}
+
+/// UDP and TCP on the same port. With port 0, retries until a port free for both is found.
+fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
+    let bind_err = |proto, e| TurnError::Bind {
+        proto,
+        addr,
+        source: e,
+    };
+    for _ in 0..if addr.port() == 0 { 20 } else { 1 } {
+        let udp = std::net::UdpSocket::bind(addr).map_err(|e| bind_err("UDP", e))?;
+        let port = udp.local_addr().map_err(|e| bind_err("UDP", e))?.port();
+        let tcp = match bind_tcp(SocketAddr::new(addr.ip(), port)) {
+            Ok(t) => t,
+            Err(_) if addr.port() == 0 => continue,
+            Err(e) => return Err(bind_err("TCP", e)),
+        };
+        set_buffers(&udp);
+        udp.set_nonblocking(true).map_err(|e| bind_err("UDP", e))?;
+        let udp = UdpSocket::from_std(udp).map_err(|e| bind_err("UDP", e))?;
+        return Ok((udp, tcp));
+    }
+    Err(bind_err(
+        "TCP",
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no port free for both UDP and TCP",
+        ),
+    ))
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+/// Larger kernel buffers absorb bursts (the kernel caps them at net.core.rmem_max/wmem_max).
+fn set_buffers(sock: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+}
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+async fn udp_loop(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; MAX_UDP];
+    let mut udp_out = Vec::new();
+    loop {
+        let (n, from) = match shared.udp.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) if transient(&e) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "TURN UDP socket failed");
+                return;
+            }
+        };
+        let tuple = FiveTuple {
+            transport: Transport::Udp,
+            client: from,
+            server: shared.udp_addr,
+        };
+        let send = {
+            let mut st = shared.state.lock();
+            let st = &mut *st;
+            match st.core.handle_client(Instant::now(), tuple, &buf[..n]) {
+                Some(p) => st
+                    .relays
+                    .get(&p.alloc)
+                    .map(|r| (r.sock.clone(), p.peer, p.data)),
+                None => {
+                    shared.pump(st, &mut udp_out);
+                    None
+                }
+            }
+        };
+        if let Some((sock, peer, data)) = send {
+            let _ = sock.send_to(data, peer).await;
+        }
+        if !udp_out.is_empty() {
+            shared.send_udp(std::mem::take(&mut udp_out)).await;
+        }
+    }
+}
+
+async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; PEER_HEADROOM + MAX_UDP + PEER_TAILROOM];
+    loop {
+        let (n, from) = match sock
+            .recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_UDP])
+            .await
+        {
+            Ok(x) => x,
+            Err(e) if transient(&e) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
+                return;
+            }
+        };
+        let to = {
+            let mut st = shared.state.lock();
+            let st = &mut *st;
+            match st
+                .core
+                .handle_peer(Instant::now(), alloc, from, &mut buf, PEER_HEADROOM, n)
+            {
+                Some((tuple, range)) if tuple.transport == Transport::Udp => {
+                    Some((tuple.client, range))
+                }
+                Some((tuple, range)) => {
+                    if let Some(s) = st.streams.get(&tuple) {
+                        s.push(&buf[range], true);
+                    }
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some((client, range)) = to {
+            let _ = shared.udp.send_to(&buf[range], client).await;
+        }
+    }
+}
+
+async fn timer_loop(shared: Arc<Shared>) {
+    let mut udp_out = Vec::new();
+    loop {
+        let next = shared.state.lock().core.poll_timeout();
+        let cap = Instant::now() + Duration::from_secs(1);
+        tokio::time::sleep_until(next.min(cap).into()).await;
+        {
+            let mut st = shared.state.lock();
+            st.core.handle_timeout(Instant::now());
+            shared.pump(&mut st, &mut udp_out);
+        }
+        if !udp_out.is_empty() {
+            shared.send_udp(std::mem::take(&mut udp_out)).await;
+        }
+    }
+}
+
+async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
+    loop {
+        match l.accept().await {
+            Ok((s, from)) => {
+                let _ = s.set_nodelay(true);
+                let server = s.local_addr().unwrap_or(shared.udp_addr);
+                let tuple = FiveTuple {
+                    transport: Transport::Tcp,
+                    client: from,
+                    server,
+                };
+                tokio::spawn(serve_stream(shared.clone(), s, tuple));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "TURN TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn tls_accept(shared: Arc<Shared>, l: TcpListener, acc: tokio_rustls::TlsAcceptor) {
+    loop {
+        match l.accept().await {
+            Ok((s, from)) => {
+                let _ = s.set_nodelay(true);
+                let server = s.local_addr().unwrap_or(shared.udp_addr);
+                let (shared, acc) = (shared.clone(), acc.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(s)).await {
+                        Ok(Ok(tls)) => {
+                            serve_stream(
+                                shared,
+                                tls,
+                                FiveTuple {
+                                    transport: Transport::Tls,
+                                    client: from,
+                                    server,
+                                },
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %from, "TURN TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%from, "TURN TLS handshake timed out"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TURN TLS accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_stream<S>(shared: Arc<Shared>, stream: S, tuple: FiveTuple)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let out = Arc::new(StreamOut {
+        buf: Mutex::new(Vec::new()),
+        notify: Notify::new(),
+        closed: AtomicBool::new(false),
+        reader: Mutex::new(None),
+    });
+    shared.state.lock().streams.insert(tuple, out.clone());
+    let writer = {
+        let out = out.clone();
+        tokio::spawn(async move {
+            let mut spare = Vec::new();
+            loop {
+                out.notify.notified().await;
+                loop {
+                    std::mem::swap(&mut *out.buf.lock(), &mut spare);
+                    if spare.is_empty() {
+                        break;
+                    }
+                    if wr.write_all(&spare).await.is_err() {
+                        return;
+                    }
+                    spare.clear();
+                }
+                if out.closed.load(Ordering::Acquire) {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+            }
+        })
+    };
+    let reader = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2 * MAX_UDP + 64];
+            let (mut start, mut end) = (0usize, 0usize);
+            let mut udp_out = Vec::new();
+            loop {
+                // Parse every complete frame in the buffer.
+                loop {
+                    let n = match stream_frame_len(&buf[start..end]) {
+                        Ok(Some(n)) => n,
+                        Ok(None) => break,
+                        Err(()) => return,
+                    };
+                    let frame = &buf[start..start + n];
+                    let send = {
+                        let mut st = shared.state.lock();
+                        let st = &mut *st;
+                        match st.core.handle_client(Instant::now(), tuple, frame) {
+                            Some(p) => st
+                                .relays
+                                .get(&p.alloc)
+                                .map(|r| (r.sock.clone(), p.peer, p.data)),
+                            None => {
+                                shared.pump(st, &mut udp_out);
+                                None
+                            }
+                        }
+                    };
+                    if let Some((sock, peer, data)) = send {
+                        let _ = sock.send_to(data, peer).await;
+                    }
+                    start += n;
+                }
+                if start == end {
+                    start = 0;
+                    end = 0;
+                } else if start > MAX_UDP {
+                    buf.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
+                match rd.read(&mut buf[end..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => end += n,
+                }
+            }
+        })
+    };
+    *out.reader.lock() = Some(reader.abort_handle());
+    let _ = reader.await;
+    let mut udp_out = Vec::new();
+    {
+        let mut st = shared.state.lock();
+        st.streams.remove(&tuple);
+        st.core.client_closed(Instant::now(), tuple);
+        shared.pump(&mut st, &mut udp_out);
+    }
+    out.close();
+    let _ = writer.await;
+}
