@@ -1,0 +1,723 @@
+// @ts-check
+/**
+ * A webcall call: local media, one RTCPeerConnection per remote peer (a mesh), perfect negotiation over the
+ * signaling client, chat and media state over a data channel per peer, stats. No DOM: the UI listens to events.
+ *
+ * Events (`CustomEvent`, data in `detail`):
+ * - `state`        `{state}` — `joining`, `in-call`, `reconnecting`, `ended`, `failed`
+ * - `peer-added`   `{peer}`; `peer-updated` `{peer}` (connection state, name, remote media, stream); `peer-removed` `{peer}`
+ * - `local-media`  `{}` — local tracks or their enabled state changed
+ * - `chat`         `{from, name, text, ts, local}`
+ * - `stats`        `{}` — every peer's `stats` was refreshed
+ * - `fatal`        `{code, message}` from signaling (room full, …)
+ * - `notice`       `{message}` — something the user should know (screen share ended, device failed, …)
+ */
+
+import { summarize } from './stats.js';
+
+/** Data channel label and id (negotiated on both sides, so no in-band DCEP is needed). */
+export const CHAT_CHANNEL = { label: 'chat', id: 0 };
+const MAX_CHAT_TEXT = 4000;
+/** How long a `disconnected` connection may stay so before an ICE restart. */
+const DISCONNECTED_GRACE_MS = 3000;
+/** Minimum time between two ICE restarts of one connection. */
+const RESTART_MIN_INTERVAL_MS = 5000;
+/** How long a newcomer waits for the offer of a peer already in the room before offering itself. */
+const FIRST_OFFER_TIMEOUT_MS = 8000;
+
+/**
+ * @typedef {object} MediaState what a peer sends, as told over the data channel
+ * @property {boolean} audio microphone on (not muted)
+ * @property {boolean} video camera or screen on
+ * @property {boolean} screen sharing the screen
+ */
+
+/**
+ * Local media, with graceful degradation: asks for what was wanted, then for less.
+ * @param {{audio: boolean, video: boolean, audioDevice?: string|null, videoDevice?: string|null}} want
+ * @returns {Promise<{audio: MediaStreamTrack|null, video: MediaStreamTrack|null, problems: {kind: 'audio'|'video', error: string}[]}>}
+ */
+export async function getLocalMedia(want) {
+  /** @type {{kind: 'audio'|'video', error: string}[]} */
+  const problems = [];
+  if (!navigator.mediaDevices?.getUserMedia) {
+    if (want.audio) problems.push({ kind: 'audio', error: 'unsupported' });
+    if (want.video) problems.push({ kind: 'video', error: 'unsupported' });
+    return { audio: null, video: null, problems };
+  }
+  const audioC = want.audioDevice ? { deviceId: { exact: want.audioDevice } } : true;
+  const videoC = {
+    width: { ideal: 1280 },
+    height: { ideal: 720 },
+    frameRate: { ideal: 30 },
+    ...(want.videoDevice ? { deviceId: { exact: want.videoDevice } } : {}),
+  };
+  /** @param {boolean} a @param {boolean} v */
+  const ask = (a, v) => navigator.mediaDevices.getUserMedia({ audio: a ? audioC : false, video: v ? videoC : false });
+  /** @type {MediaStreamTrack|null} */
+  let audio = null;
+  /** @type {MediaStreamTrack|null} */
+  let video = null;
+  if (want.audio && want.video) {
+    try {
+      const s = await ask(true, true);
+      return { audio: s.getAudioTracks()[0] ?? null, video: s.getVideoTracks()[0] ?? null, problems };
+    } catch {
+      // Fall through: ask for each alone, to learn which one is the problem.
+    }
+  }
+  if (want.audio) {
+    try {
+      audio = (await ask(true, false)).getAudioTracks()[0] ?? null;
+    } catch (e) {
+      problems.push({ kind: 'audio', error: mediaErrorName(e) });
+    }
+  }
+  if (want.video) {
+    try {
+      video = (await ask(false, true)).getVideoTracks()[0] ?? null;
+    } catch (e) {
+      problems.push({ kind: 'video', error: mediaErrorName(e) });
+    }
+  }
+  return { audio, video, problems };
+}
+
+/** @param {any} e @returns {string} `denied`, `missing`, `busy` or the error name */
+function mediaErrorName(e) {
+  switch (e?.name) {
+    case 'NotAllowedError':
+    case 'SecurityError':
+      return 'denied';
+    case 'NotFoundError':
+    case 'OverconstrainedError':
+      return 'missing';
+    case 'NotReadableError':
+    case 'AbortError':
+      return 'busy';
+    default:
+      return e?.name ?? 'error';
+  }
+}
+
+export class Peer {
+  /**
+   * @param {Call} call
+   * @param {string} id
+   * @param {string} name
+   * @param {boolean} initiator true when we make the first offer (we were in the room first)
+   */
+  constructor(call, id, name, initiator) {
+    this.call = call;
+    this.id = id;
+    this.name = name;
+    /** The peer with the lexicographically smaller id is polite (docs/protocol.md). */
+    this.polite = /** @type {string} */ (call.id) < id;
+    this.pc = new RTCPeerConnection({
+      iceServers: call.signaling.iceServers,
+      iceTransportPolicy: call.relayOnly ? 'relay' : 'all',
+      bundlePolicy: 'max-bundle',
+    });
+    /** @type {RTCRtpTransceiver|null} */
+    this.audioTx = null;
+    /** @type {RTCRtpTransceiver|null} */
+    this.videoTx = null;
+    this.remoteStream = new MediaStream();
+    /** @type {MediaState} */
+    this.remoteMedia = { audio: true, video: true, screen: false };
+    /** @type {RTCPeerConnectionState} */
+    this.state = this.pc.connectionState;
+    /** @type {import('./stats.js').StatsSummary|null} */
+    this.stats = null;
+    this.makingOffer = false;
+    this.ignoreOffer = false;
+    this.settingRemoteAnswer = false;
+    /** @type {(RTCIceCandidateInit|null)[]} candidates that came before a remote description */
+    this.pendingCandidates = [];
+    this.awaitingFirstOffer = !initiator;
+    this.lastRestart = 0;
+    this.iceRestarts = 0;
+    /** @type {ReturnType<typeof setTimeout>|null} */
+    this.disconnectTimer = null;
+    /** @type {ReturnType<typeof setTimeout>|null} */
+    this.firstOfferTimer = null;
+    this.closed = false;
+    /** @type {Promise<void>} signaling messages of this peer are handled one after the other */
+    this.queue = Promise.resolve();
+
+    const pc = this.pc;
+    this.dc = pc.createDataChannel(CHAT_CHANNEL.label, { negotiated: true, id: CHAT_CHANNEL.id, ordered: true });
+    this.dc.onopen = () => {
+      this.sendData(this.call.mediaState());
+      this.emit();
+    };
+    this.dc.onmessage = (ev) => this.onData(ev.data);
+
+    if (initiator) {
+      this.addOwnTransceivers();
+    } else {
+      this.firstOfferTimer = setTimeout(() => {
+        // The offer of the peer already in the room never came (lost with a dropped connection): offer ourselves.
+        if (this.awaitingFirstOffer && !this.closed && !this.pc.remoteDescription) {
+          this.awaitingFirstOffer = false;
+          this.addOwnTransceivers();
+          this.negotiate();
+        }
+      }, FIRST_OFFER_TIMEOUT_MS);
+    }
+
+    pc.onnegotiationneeded = () => {
+      if (this.awaitingFirstOffer) return;
+      this.negotiate();
+    };
+    pc.onicecandidate = ({ candidate }) => {
+      if (candidate && !candidate.candidate) return; // legacy empty candidate; the null event follows
+      this.call.signaling.send({ type: 'candidate', to: this.id, candidate: candidate ? candidate.toJSON() : null });
+    };
+    pc.ontrack = ({ track }) => {
+      if (!this.remoteStream.getTracks().includes(track)) {
+        // Keep one track per kind: a renegotiation may bring a new one.
+        for (const old of this.remoteStream.getTracks()) {
+          if (old.kind === track.kind) this.remoteStream.removeTrack(old);
+        }
+        this.remoteStream.addTrack(track);
+      }
+      track.onmute = track.onunmute = () => this.emit();
+      this.emit();
+    };
+    pc.onconnectionstatechange = () => this.onConnectionState();
+  }
+
+  /** @private */
+  addOwnTransceivers() {
+    const stream = this.call.localStream;
+    this.audioTx = this.pc.addTransceiver(this.call.outgoing('audio') ?? 'audio', {
+      direction: 'sendrecv',
+      streams: [stream],
+    });
+    this.videoTx = this.pc.addTransceiver(this.call.outgoing('video') ?? 'video', {
+      direction: 'sendrecv',
+      streams: [stream],
+    });
+  }
+
+  /** After the first remote offer: send our media on the transceivers it created. @private */
+  async adoptTransceivers() {
+    for (const t of this.pc.getTransceivers()) {
+      if (t.mid === null || t.stopped) continue;
+      const kind = t.receiver.track.kind;
+      if (kind === 'audio' && !this.audioTx && t !== this.videoTx) this.audioTx = t;
+      else if (kind === 'video' && !this.videoTx && t !== this.audioTx) this.videoTx = t;
+      else continue;
+      t.direction = 'sendrecv';
+      await t.sender.replaceTrack(this.call.outgoing(/** @type {'audio'|'video'} */ (kind)));
+      t.sender.setStreams?.(this.call.localStream);
+    }
+  }
+
+  /** @private */
+  async negotiate() {
+    if (this.closed) return;
+    try {
+      this.makingOffer = true;
+      await this.pc.setLocalDescription();
+      const desc = this.pc.localDescription;
+      if (desc && desc.type === 'offer') this.call.signaling.send({ type: 'offer', to: this.id, sdp: desc.sdp });
+    } catch (e) {
+      console.warn(`negotiation with ${this.id} failed`, e);
+    } finally {
+      this.makingOffer = false;
+    }
+  }
+
+  /** @param {{type: string, sdp?: string, candidate?: RTCIceCandidateInit|null}} msg */
+  handleSignal(msg) {
+    this.queue = this.queue.then(() => this.handleSignalNow(msg)).catch((e) => console.warn('signal', msg.type, e));
+    return this.queue;
+  }
+
+  /** @private @param {{type: string, sdp?: string, candidate?: RTCIceCandidateInit|null}} msg */
+  async handleSignalNow(msg) {
+    if (this.closed) return;
+    const pc = this.pc;
+    if (msg.type === 'offer' || msg.type === 'answer') {
+      const description = { type: /** @type {RTCSdpType} */ (msg.type), sdp: msg.sdp ?? '' };
+      const readyForOffer = !this.makingOffer && (pc.signalingState === 'stable' || this.settingRemoteAnswer);
+      const offerCollision = description.type === 'offer' && !readyForOffer;
+      this.ignoreOffer = !this.polite && offerCollision;
+      if (this.ignoreOffer) return;
+      if (description.type === 'answer' && pc.signalingState !== 'have-local-offer') return; // stale answer
+      this.settingRemoteAnswer = description.type === 'answer';
+      try {
+        await pc.setRemoteDescription(description); // rolls back our own offer when needed (polite side)
+      } finally {
+        this.settingRemoteAnswer = false;
+      }
+      if (description.type === 'offer') {
+        if (this.awaitingFirstOffer || !this.audioTx || !this.videoTx) {
+          this.awaitingFirstOffer = false;
+          if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
+          await this.adoptTransceivers();
+        }
+        await pc.setLocalDescription();
+        const answer = pc.localDescription;
+        if (answer) this.call.signaling.send({ type: 'answer', to: this.id, sdp: answer.sdp });
+      }
+      const pending = this.pendingCandidates;
+      this.pendingCandidates = [];
+      for (const c of pending) await this.addCandidate(c);
+    } else if (msg.type === 'candidate') {
+      const c = msg.candidate ?? null;
+      if (!pc.remoteDescription) {
+        this.pendingCandidates.push(c);
+        return;
+      }
+      await this.addCandidate(c);
+    }
+  }
+
+  /** @private @param {RTCIceCandidateInit|null} c */
+  async addCandidate(c) {
+    try {
+      if (c) await this.pc.addIceCandidate(c);
+      else await this.pc.addIceCandidate(); // end of candidates
+    } catch (e) {
+      if (!this.ignoreOffer && c) console.warn(`candidate from ${this.id} refused`, e);
+    }
+  }
+
+  /** @private */
+  onConnectionState() {
+    const s = this.pc.connectionState;
+    this.state = s;
+    if (s === 'connected') {
+      if (this.disconnectTimer) clearTimeout(this.disconnectTimer);
+      this.disconnectTimer = null;
+    } else if (s === 'failed') {
+      this.restartIce();
+    } else if (s === 'disconnected' && !this.disconnectTimer) {
+      this.disconnectTimer = setTimeout(() => {
+        this.disconnectTimer = null;
+        if (this.pc.connectionState === 'disconnected') this.restartIce();
+      }, DISCONNECTED_GRACE_MS);
+    }
+    this.emit();
+  }
+
+  /** ICE restart (rate-limited); perfect negotiation makes it safe from either side. */
+  restartIce() {
+    if (this.closed) return;
+    const now = Date.now();
+    if (now - this.lastRestart < RESTART_MIN_INTERVAL_MS) {
+      // Try again once the interval is over, if still needed.
+      setTimeout(() => {
+        const s = this.pc.connectionState;
+        if (s === 'failed' || s === 'disconnected') this.restartIce();
+      }, RESTART_MIN_INTERVAL_MS - (now - this.lastRestart) + 10);
+      return;
+    }
+    this.lastRestart = now;
+    this.iceRestarts++;
+    this.pc.restartIce();
+  }
+
+  /** @param {object} msg */
+  sendData(msg) {
+    if (this.dc.readyState !== 'open') return false;
+    this.dc.send(JSON.stringify(msg));
+    return true;
+  }
+
+  /** @private @param {any} data */
+  onData(data) {
+    let msg;
+    try {
+      msg = JSON.parse(typeof data === 'string' ? data : new TextDecoder().decode(data));
+    } catch {
+      return;
+    }
+    if (!msg || typeof msg !== 'object') return;
+    if (msg.type === 'chat' && typeof msg.text === 'string') {
+      const name = typeof msg.name === 'string' && msg.name ? msg.name : this.name;
+      const ts = typeof msg.ts === 'number' ? msg.ts : Date.now();
+      this.call.dispatchEvent(
+        new CustomEvent('chat', {
+          detail: { from: this.id, name, text: msg.text.slice(0, MAX_CHAT_TEXT), ts, local: false },
+        }),
+      );
+    } else if (msg.type === 'media') {
+      this.remoteMedia = { audio: msg.audio !== false, video: msg.video !== false, screen: msg.screen === true };
+      this.emit();
+    }
+  }
+
+  /** Sends our current outgoing tracks (after a mute, camera or device change). */
+  async updateSenders() {
+    if (this.audioTx && !this.audioTx.stopped) await this.audioTx.sender.replaceTrack(this.call.outgoing('audio'));
+    if (this.videoTx && !this.videoTx.stopped) await this.videoTx.sender.replaceTrack(this.call.outgoing('video'));
+  }
+
+  /** @private */
+  emit() {
+    if (this.closed) return;
+    this.call.dispatchEvent(new CustomEvent('peer-updated', { detail: { peer: this } }));
+  }
+
+  close() {
+    this.closed = true;
+    if (this.disconnectTimer) clearTimeout(this.disconnectTimer);
+    if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
+    this.pc.onconnectionstatechange = this.pc.onnegotiationneeded = this.pc.onicecandidate = this.pc.ontrack = null;
+    this.dc.onmessage = this.dc.onopen = null;
+    this.pc.close();
+  }
+}
+
+export class Call extends EventTarget {
+  /**
+   * @param {object} opts
+   * @param {import('./signaling.js').Signaling} opts.signaling
+   * @param {string} opts.name our display name
+   * @param {boolean} [opts.relayOnly] iceTransportPolicy `relay`
+   */
+  constructor({ signaling, name, relayOnly = false }) {
+    super();
+    this.signaling = signaling;
+    this.name = name;
+    this.relayOnly = relayOnly;
+    /** @type {string|null} */
+    this.id = null;
+    /** @type {Map<string, Peer>} */
+    this.peers = new Map();
+    /** @type {'idle'|'joining'|'in-call'|'reconnecting'|'ended'|'failed'} */
+    this.state = 'idle';
+    /** the stream our senders are tagged with and the preview shows */
+    this.localStream = new MediaStream();
+    /** @type {{mic: MediaStreamTrack|null, camera: MediaStreamTrack|null, screen: MediaStreamTrack|null}} */
+    this.tracks = { mic: null, camera: null, screen: null };
+    this.micEnabled = true;
+    this.cameraEnabled = true;
+    /** @type {{audio: string|null, video: string|null}} chosen device ids */
+    this.devices = { audio: null, video: null };
+    /** @type {{kind: 'audio'|'video', error: string}[]} */
+    this.mediaProblems = [];
+    /** @type {ReturnType<typeof setInterval>|null} */
+    this.statsTimer = null;
+    this.bindSignaling();
+  }
+
+  get screenSharing() {
+    return this.tracks.screen !== null;
+  }
+
+  /**
+   * Gets local media (degrading to audio-only or receive-only) and joins.
+   * @param {{audio: boolean, video: boolean}} want
+   */
+  async start(want) {
+    this.setState('joining');
+    const media = await getLocalMedia({ ...want, audioDevice: this.devices.audio, videoDevice: this.devices.video });
+    this.mediaProblems = media.problems;
+    this.tracks.mic = media.audio;
+    this.tracks.camera = media.video;
+    this.micEnabled = !!media.audio;
+    this.cameraEnabled = !!media.video;
+    this.devices.audio = media.audio?.getSettings().deviceId ?? this.devices.audio;
+    this.devices.video = media.video?.getSettings().deviceId ?? this.devices.video;
+    this.refreshLocalStream();
+    this.statsTimer = setInterval(() => this.refreshStats(), 1000);
+    this.signaling.start();
+  }
+
+  /** @private */
+  bindSignaling() {
+    const s = this.signaling;
+    s.addEventListener('state', (ev) => {
+      const st = /** @type {CustomEvent} */ (ev).detail.state;
+      if (st === 'reconnecting' && this.state === 'in-call') this.setState('reconnecting');
+    });
+    s.addEventListener('welcome', (ev) => this.onWelcome(/** @type {CustomEvent} */ (ev).detail));
+    s.addEventListener('hello', (ev) => {
+      const { from, name } = /** @type {CustomEvent} */ (ev).detail;
+      const existing = this.peers.get(from);
+      if (existing && !existing.pc.remoteDescription && existing.awaitingFirstOffer) {
+        // We knew of it from a resumed welcome; the hello tells us that we are the one to offer.
+        existing.awaitingFirstOffer = false;
+        if (existing.firstOfferTimer) clearTimeout(existing.firstOfferTimer);
+        existing.name = name ?? existing.name;
+        existing['addOwnTransceivers']();
+        return;
+      }
+      if (existing) this.removePeer(from);
+      this.addPeer(from, name ?? '', true);
+    });
+    for (const type of ['offer', 'answer', 'candidate']) {
+      s.addEventListener(type, (ev) => {
+        const msg = /** @type {CustomEvent} */ (ev).detail;
+        let peer = this.peers.get(msg.from);
+        if (!peer) {
+          if (type !== 'offer') return;
+          peer = this.addPeer(msg.from, '', false);
+        }
+        peer.handleSignal(msg);
+      });
+    }
+    s.addEventListener('bye', (ev) => this.removePeer(/** @type {CustomEvent} */ (ev).detail.from));
+    s.addEventListener('fatal', (ev) => {
+      const detail = /** @type {CustomEvent} */ (ev).detail;
+      this.closePeers();
+      this.stopStats();
+      this.setState('failed');
+      this.dispatchEvent(new CustomEvent('fatal', { detail }));
+    });
+  }
+
+  /** @private @param {any} welcome */
+  onWelcome(welcome) {
+    /** @type {{id: string, name: string}[]} */
+    const others = Array.isArray(welcome.peers) ? welcome.peers : [];
+    if (welcome.idChanged || !welcome.resumed) {
+      // A new session: every old peer connection belongs to ids that are gone.
+      this.closePeers();
+      this.id = welcome.id;
+      for (const p of others) this.addPeer(p.id, p.name ?? '', false);
+    } else {
+      this.id = welcome.id;
+      const present = new Set(others.map((p) => p.id));
+      for (const id of [...this.peers.keys()]) if (!present.has(id)) this.removePeer(id);
+      for (const peer of this.peers.values()) {
+        try {
+          peer.pc.setConfiguration({ ...peer.pc.getConfiguration(), iceServers: welcome.iceServers ?? [] });
+        } catch (e) {
+          console.warn('setConfiguration', e);
+        }
+        // Signaling messages may have been lost with the old connection: an ICE restart recovers.
+        if (peer.pc.connectionState !== 'connected' && peer.pc.remoteDescription) peer.restartIce();
+      }
+      for (const p of others) if (!this.peers.has(p.id)) this.addPeer(p.id, p.name ?? '', false);
+    }
+    this.setState('in-call');
+  }
+
+  /** @private @param {string} id @param {string} name @param {boolean} initiator */
+  addPeer(id, name, initiator) {
+    const peer = new Peer(this, id, name, initiator);
+    this.peers.set(id, peer);
+    this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer } }));
+    return peer;
+  }
+
+  /** @param {string} id */
+  removePeer(id) {
+    const peer = this.peers.get(id);
+    if (!peer) return;
+    this.peers.delete(id);
+    peer.close();
+    this.dispatchEvent(new CustomEvent('peer-removed', { detail: { peer } }));
+  }
+
+  /** @private */
+  closePeers() {
+    for (const id of [...this.peers.keys()]) this.removePeer(id);
+  }
+
+  /** @private @param {Call['state']} state */
+  setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.dispatchEvent(new CustomEvent('state', { detail: { state } }));
+  }
+
+  /**
+   * The track we send for a kind: the microphone (also when muted: it then sends silence), the screen while
+   * sharing, else the camera when on.
+   * @param {'audio'|'video'} kind
+   */
+  outgoing(kind) {
+    if (kind === 'audio') return this.tracks.mic;
+    return this.tracks.screen ?? (this.cameraEnabled ? this.tracks.camera : null);
+  }
+
+  /** @returns {MediaState} */
+  mediaState() {
+    return {
+      // @ts-ignore: `type` is part of the data channel message
+      type: 'media',
+      audio: !!this.tracks.mic && this.micEnabled,
+      video: !!this.outgoing('video'),
+      screen: this.screenSharing,
+    };
+  }
+
+  /** @private */
+  refreshLocalStream() {
+    const want = [this.tracks.mic, this.outgoing('video')].filter((t) => t !== null);
+    for (const t of this.localStream.getTracks()) if (!want.includes(t)) this.localStream.removeTrack(t);
+    for (const t of want) if (t && !this.localStream.getTracks().includes(t)) this.localStream.addTrack(t);
+    if (this.tracks.mic) this.tracks.mic.enabled = this.micEnabled;
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
+  }
+
+  /** @private */
+  async mediaChanged() {
+    this.refreshLocalStream();
+    await Promise.all([...this.peers.values()].map((p) => p.updateSenders().catch((e) => console.warn(e))));
+    const state = this.mediaState();
+    for (const p of this.peers.values()) p.sendData(state);
+  }
+
+  /** @param {boolean} on */
+  async setMicEnabled(on) {
+    if (on && !this.tracks.mic) {
+      const media = await getLocalMedia({ audio: true, video: false, audioDevice: this.devices.audio });
+      if (!media.audio) {
+        this.notice(`Microphone unavailable (${media.problems[0]?.error ?? 'error'})`);
+        return;
+      }
+      this.tracks.mic = media.audio;
+    }
+    this.micEnabled = on;
+    await this.mediaChanged();
+  }
+
+  /** Camera off stops the camera (its light goes off); on asks for it again. Neither renegotiates. @param {boolean} on */
+  async setCameraEnabled(on) {
+    if (on && !this.tracks.camera) {
+      const media = await getLocalMedia({ audio: false, video: true, videoDevice: this.devices.video });
+      if (!media.video) {
+        this.notice(`Camera unavailable (${media.problems[0]?.error ?? 'error'})`);
+        return;
+      }
+      this.tracks.camera = media.video;
+      this.devices.video = media.video.getSettings().deviceId ?? this.devices.video;
+    }
+    if (!on && this.tracks.camera) {
+      this.tracks.camera.stop();
+      this.tracks.camera = null;
+    }
+    this.cameraEnabled = on;
+    await this.mediaChanged();
+  }
+
+  /** Shares the screen in place of the camera (replaceTrack: no renegotiation). */
+  async startScreenShare() {
+    if (this.tracks.screen) return;
+    if (!navigator.mediaDevices?.getDisplayMedia) {
+      this.notice('Screen sharing is not supported by this browser');
+      return;
+    }
+    /** @type {MediaStream} */
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 15 } }, audio: false });
+    } catch (e) {
+      if (/** @type {any} */ (e)?.name !== 'NotAllowedError') this.notice('Could not share the screen');
+      return;
+    }
+    const track = stream.getVideoTracks()[0];
+    if (!track) return;
+    track.contentHint = 'detail';
+    track.addEventListener('ended', () => {
+      if (this.tracks.screen === track) this.stopScreenShare();
+    });
+    this.tracks.screen = track;
+    await this.mediaChanged();
+  }
+
+  async stopScreenShare() {
+    const t = this.tracks.screen;
+    if (!t) return;
+    this.tracks.screen = null;
+    t.stop();
+    await this.mediaChanged();
+  }
+
+  /** Switches microphone or camera (replaceTrack on every connection). @param {'audio'|'video'} kind @param {string} deviceId */
+  async switchDevice(kind, deviceId) {
+    this.devices[kind] = deviceId;
+    if (kind === 'audio') {
+      if (!this.tracks.mic) return;
+      const media = await getLocalMedia({ audio: true, video: false, audioDevice: deviceId });
+      if (!media.audio) return this.notice('Could not open that microphone');
+      this.tracks.mic.stop();
+      this.tracks.mic = media.audio;
+    } else {
+      if (!this.tracks.camera) return;
+      const media = await getLocalMedia({ audio: false, video: true, videoDevice: deviceId });
+      if (!media.video) return this.notice('Could not open that camera');
+      this.tracks.camera.stop();
+      this.tracks.camera = media.video;
+    }
+    await this.mediaChanged();
+  }
+
+  /** Sends a chat message to everyone (and shows it locally). @param {string} text */
+  sendChat(text) {
+    text = text.trim().slice(0, MAX_CHAT_TEXT);
+    if (!text) return;
+    const msg = { type: 'chat', text, name: this.name, ts: Date.now() };
+    for (const p of this.peers.values()) p.sendData(msg);
+    this.dispatchEvent(new CustomEvent('chat', { detail: { from: this.id, name: this.name, text, ts: msg.ts, local: true } }));
+  }
+
+  /** @private @param {string} message */
+  notice(message) {
+    this.dispatchEvent(new CustomEvent('notice', { detail: { message } }));
+  }
+
+  /** @private */
+  async refreshStats() {
+    await Promise.all(
+      [...this.peers.values()].map(async (p) => {
+        if (p.closed || p.pc.connectionState === 'closed') return;
+        try {
+          p.stats = await summarize(p.pc, p.stats);
+        } catch {
+          /* closed meanwhile */
+        }
+      }),
+    );
+    this.dispatchEvent(new CustomEvent('stats', { detail: {} }));
+  }
+
+  /** @private */
+  stopStats() {
+    if (this.statsTimer) clearInterval(this.statsTimer);
+    this.statsTimer = null;
+  }
+
+  /** Leaves the room, closes every connection and stops local media. */
+  hangUp() {
+    if (this.state === 'ended') return;
+    this.signaling.leave();
+    this.closePeers();
+    this.stopStats();
+    for (const t of Object.values(this.tracks)) t?.stop();
+    this.tracks = { mic: null, camera: null, screen: null };
+    this.refreshLocalStream();
+    this.setState('ended');
+  }
+
+  /** A plain-data picture of the call, for tests and debugging. */
+  snapshot() {
+    return {
+      id: this.id,
+      state: this.state,
+      signaling: this.signaling.state,
+      media: this.mediaState(),
+      mediaProblems: this.mediaProblems,
+      peers: [...this.peers.values()].map((p) => ({
+        id: p.id,
+        name: p.name,
+        polite: p.polite,
+        connectionState: p.pc.connectionState,
+        iceConnectionState: p.pc.iceConnectionState,
+        signalingState: p.pc.signalingState,
+        dataChannel: p.dc.readyState,
+        remoteMedia: p.remoteMedia,
+        iceRestarts: p.iceRestarts,
+        stats: p.stats,
+      })),
+    };
+  }
+}
