@@ -97,6 +97,12 @@ pub trait JoinPolicy: Send + Sync {
     fn admit(&self, conn: ConnId, join: &Join<'_>) -> Result<Admission, ProtocolError>;
 }
 
+impl<T: JoinPolicy + ?Sized> JoinPolicy for Arc<T> {
+    fn admit(&self, conn: ConnId, join: &Join<'_>) -> Result<Admission, ProtocolError> {
+        (**self).admit(conn, join)
+    }
+}
+
 /// Admits everyone: open rooms.
 pub struct OpenPolicy;
 
@@ -184,6 +190,8 @@ struct Conn {
     closing: bool,
     rate: Bucket,
     errors: Bucket,
+    /// Cluster mode: a join is out for cluster-wide admission.
+    joining: bool,
 }
 
 struct Peer {
@@ -196,6 +204,11 @@ struct Peer {
     /// Bumped at each detach, so a stale deadline is ignored.
     epoch: u64,
     publish: bool,
+    /// Cluster mode: the session lives on another node (no connection, no queue here).
+    remote: bool,
+    /// Cluster mode: resumed here from another node; this connection gets its welcome when the old node's
+    /// queue arrives.
+    awaiting: Option<ConnId>,
 }
 
 struct Room {
@@ -219,6 +232,9 @@ pub struct Rooms {
     policy: Box<dyn JoinPolicy>,
     counters: Counters,
     shutting_down: bool,
+    /// Cluster mode (see `cluster.rs`); off, the core behaves exactly as a single node.
+    clustered: bool,
+    cluster_out: VecDeque<cluster::ClusterOutput>,
     /// Time of the latest input, for work that an input triggers indirectly.
     now: Instant,
 }
@@ -267,6 +283,8 @@ impl Rooms {
             policy: Box::new(OpenPolicy),
             counters: Counters::default(),
             shutting_down: false,
+            clustered: false,
+            cluster_out: VecDeque::new(),
             now: Instant::now(),
         }
     }
@@ -321,6 +339,7 @@ impl Rooms {
                 closing: false,
                 rate: Bucket::full(burst, now),
                 errors: Bucket::full(self.cfg.max_errors, now),
+                joining: false,
             },
         );
     }
@@ -475,6 +494,11 @@ impl Rooms {
     /// missed too much while detached to be resumed faithfully), and the frame was not accepted.
     fn deliver(&mut self, id: &str, frame: Frame) -> bool {
         let Some(p) = self.peers.get_mut(id) else { return false };
+        if p.remote {
+            let to = self.peers.get_key_value(id).expect("just found").0.clone();
+            self.cluster_out.push_back(cluster::ClusterOutput::Relay { to, frame });
+            return true;
+        }
         match p.conn {
             Some(conn) => self.push(conn, frame),
             None if p.pending.len() >= self.cfg.max_queued * 2 => {
@@ -544,6 +568,9 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
             return self.refuse(conn, e.refers_to("join"), now);
         }
+        if self.clustered {
+            return self.cluster_join(conn, j, now);
+        }
         if let Some(token) = j.resume.as_deref() {
             if let Some(id) = self.tokens.get(token).cloned() {
                 if *self.peers[&id].room == *j.room {
@@ -603,6 +630,8 @@ impl Rooms {
                 pending: VecDeque::new(),
                 epoch: 0,
                 publish: admission.publish,
+                remote: false,
+                awaiting: None,
             },
         );
         if !self.rooms.contains_key(&room) {
@@ -624,6 +653,10 @@ impl Rooms {
     fn resume(&mut self, conn: ConnId, id: Arc<str>, old_token: String) {
         self.tokens.remove(&old_token);
         let new_token = self.new_token(&id);
+        self.resume_with(conn, id, new_token);
+    }
+
+    fn resume_with(&mut self, conn: ConnId, id: Arc<str>, new_token: String) {
         let old_conn = {
             let p = self.peers.get_mut(&id).expect("token points at a live session");
             p.token = new_token;
@@ -689,6 +722,9 @@ impl Rooms {
     /// Ends a session: frees its seat and tells the room.
     fn leave(&mut self, id: &Arc<str>) {
         let Some(p) = self.peers.remove(id) else { return };
+        if self.clustered && !p.remote {
+            self.cluster_out.push_back(cluster::ClusterOutput::Left { id: id.clone(), room: p.room.clone() });
+        }
         self.tokens.remove(&p.token);
         if let Some(conn) = p.conn {
             if let Some(c) = self.conns.get_mut(&conn) {
@@ -704,6 +740,9 @@ impl Rooms {
         };
         if now_empty {
             self.rooms.remove(&p.room);
+        } else if self.clustered && !self.has_local_members(&p.room) {
+            // Nobody here cares about this room any more; the cluster stops telling this node about it.
+            self.forget_room(&p.room);
         } else {
             self.broadcast(&p.room, id, Arc::from(encode_bye(id)));
         }
@@ -711,12 +750,17 @@ impl Rooms {
 
     fn broadcast(&mut self, room: &str, except: &str, frame: Frame) {
         let Some(r) = self.rooms.get(room) else { return };
-        let targets: Vec<Arc<str>> = r.members.iter().filter(|m| &***m != except).cloned().collect();
+        // Peers on other nodes hear of joins and leaves from the cluster, not from here.
+        let targets: Vec<Arc<str>> =
+            r.members.iter().filter(|m| &***m != except && !self.peers[*m].remote).cloned().collect();
         for t in targets {
             self.deliver(&t, frame.clone());
         }
     }
 }
+
+pub mod cluster;
+pub use cluster::{Admitted, AdmitKind, ClusterOutput};
 
 #[cfg(test)]
 mod tests;

@@ -67,6 +67,52 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_IDLE_TIMEOUT", value_name = "DURATION", value_parser = duration)]
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+
+    /// PEM certificate chain: serve HTTPS and WSS (needs --tls-key).
+    #[arg(long, env = "WEBCALL_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "WEBCALL_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve HTTPS/WSS with a generated self-signed certificate (for a LAN: phones need a secure context for the
+    /// camera); its SHA-256 fingerprint is printed at start.
+    #[arg(long, env = "WEBCALL_TLS_SELF_SIGNED", conflicts_with = "tls_cert", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub tls_self_signed: Option<bool>,
+
+    /// Require signed join tokens (HS256 JWT, minted by `webcall token`) made with this secret.
+    #[arg(long, env = "WEBCALL_AUTH_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+
+    /// Accept WebSockets only from pages of these origins (comma-separated, e.g. https://call.example.com).
+    #[arg(long, env = "WEBCALL_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Proxies whose X-Forwarded-For is trusted for the client address (comma-separated CIDRs)
+    /// [default: 127.0.0.0/8,::1, so a reverse proxy on this machine works out of the box].
+    #[arg(long, env = "WEBCALL_TRUSTED_PROXIES", value_name = "CIDRS", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
+
+    /// WebSocket connections from one address at once [default: 256].
+    #[arg(long, env = "WEBCALL_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Joins from one address per minute [default: 600].
+    #[arg(long, env = "WEBCALL_MAX_JOINS_PER_IP", value_name = "N")]
+    pub max_joins_per_ip: Option<u32>,
+
+    /// On SIGTERM/SIGINT, how long to wait for clients to leave before exiting [default: 10s].
+    #[arg(long, env = "WEBCALL_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned,
 }
 
 /// Settings after merging flags, environment, file and defaults, and checking them.
@@ -77,6 +123,13 @@ pub struct ServeConfig {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub rooms: webcall_rooms::Config,
+    pub tls: Option<TlsSource>,
+    pub auth_secret: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub max_connections_per_ip: usize,
+    pub max_joins_per_ip: u32,
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +176,24 @@ impl ServeArgs {
             ping_interval: pick!(ping_interval, Duration::from_secs(10)),
             idle_timeout: pick!(idle_timeout, Duration::from_secs(30)),
             rooms,
+            tls: match (self.tls_cert.clone().or(file.tls_cert.clone()), self.tls_key.clone().or(file.tls_key.clone())) {
+                (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(ConfigError::Range {
+                        setting: "tls-cert",
+                        value: "(only one of tls-cert, tls-key)".into(),
+                        hint: "give both --tls-cert and --tls-key",
+                    })
+                }
+                (None, None) if pick!(tls_self_signed, false) => Some(TlsSource::SelfSigned),
+                (None, None) => None,
+            },
+            auth_secret: self.auth_secret.clone().or(file.auth_secret.clone()),
+            allowed_origins: self.allowed_origins.clone().or(file.allowed_origins.clone()),
+            trusted_proxies: pick!(trusted_proxies, vec!["127.0.0.0/8".parse().expect("valid"), "::1/128".parse().expect("valid")]),
+            max_connections_per_ip: pick!(max_connections_per_ip, 256),
+            max_joins_per_ip: pick!(max_joins_per_ip, 600),
+            shutdown_timeout: pick!(shutdown_timeout, Duration::from_secs(10)),
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok { Ok(()) } else { Err(ConfigError::Range { setting, value, hint }) }
@@ -140,6 +211,11 @@ impl ServeArgs {
         range("max-queued-messages", r.max_queued.to_string(), r.max_queued >= 16, "at least 16")?;
         range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
         range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
+        range("max-connections-per-ip", cfg.max_connections_per_ip.to_string(), cfg.max_connections_per_ip >= 1, "at least 1")?;
+        range("max-joins-per-ip", cfg.max_joins_per_ip.to_string(), cfg.max_joins_per_ip >= 1, "at least 1 per minute")?;
+        if let Some(secret) = &cfg.auth_secret {
+            range("auth-secret", "(hidden)".into(), secret.len() >= 16, "use at least 16 characters (e.g. openssl rand -hex 32)")?;
+        }
         range(
             "ping-interval",
             format!("{:?}", cfg.ping_interval),

@@ -1,72 +1,154 @@
-//! `webcall serve`: HTTP (web client, health) and the signaling WebSocket, around a [`router::Router`].
+//! `webcall serve`: HTTP (web client, health, metrics) and the signaling WebSocket, around a [`router::Router`].
 
+pub mod access;
 pub mod config;
+pub mod metrics;
 pub mod router;
+pub mod tls;
 mod web;
 mod ws;
 
-pub use config::{ConfigError, ServeArgs, ServeConfig};
+pub use access::ServerPolicy;
+pub use config::{ConfigError, ServeArgs, ServeConfig, TlsSource};
 pub use router::{LocalRouter, Router};
 
-use axum::extract::{Path, State, WebSocketUpgrade};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use std::net::SocketAddr;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use webcall_protocol::{ErrorCode, ProtocolError};
 use webcall_rooms::IceProvider;
+
+/// Renders extra Prometheus lines (e.g. TURN figures) into `/metrics`.
+pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 pub(crate) struct AppState {
     pub cfg: ServeConfig,
     pub router: Arc<dyn Router>,
+    pub policy: Arc<ServerPolicy>,
     pub next_conn: AtomicU64,
     pub connections: AtomicUsize,
+    pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub counters: metrics::AdapterCounters,
+    pub metrics_hook: Mutex<Option<MetricsHook>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source} (is another server using it? pick another with --listen)")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A running server.
 pub struct Server {
     pub local_addr: SocketAddr,
+    /// `https` when serving TLS, else `http`.
+    pub scheme: &'static str,
+    /// The certificate's SHA-256 fingerprint when serving TLS.
+    pub fingerprint: Option<String>,
+    /// The TLS settings (to reload on SIGHUP, or to share with TURN over TLS).
+    pub tls: Option<tls::Tls>,
+    state: Arc<AppState>,
+    handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Server {
-    /// Runs until the listener fails.
-    pub async fn wait(self) -> std::io::Result<()> {
-        self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    /// Runs until the listener fails or [`Server::shutdown`] completes.
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        (&mut self.task).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
+
+    /// Adds lines to `/metrics`.
+    pub fn set_metrics_hook(&self, hook: MetricsHook) {
+        *self.state.metrics_hook.lock() = Some(hook);
+    }
+
+    pub fn router(&self) -> Arc<dyn Router> {
+        self.state.router.clone()
+    }
+
+    /// Graceful shutdown: stop accepting, tell every client (`server-shutdown`, close 1001), wait up to
+    /// `--shutdown-timeout` for them to go. Returns how many connections were still open at the deadline.
+    pub async fn shutdown(mut self) -> usize {
+        let timeout = self.state.cfg.shutdown_timeout;
+        self.handle.graceful_shutdown(Some(timeout));
+        self.state.router.shutdown();
+        let deadline = Instant::now() + timeout;
+        while self.state.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.state.connections.load(Ordering::Relaxed);
+        self.handle.shutdown();
+        let _ = self.wait().await;
+        left
+    }
+}
+
+/// The join policy for these settings (tokens, per-address join rate).
+pub fn policy(cfg: &ServeConfig) -> Arc<ServerPolicy> {
+    Arc::new(ServerPolicy::new(cfg.auth_secret.clone(), cfg.max_joins_per_ip))
 }
 
 /// Binds and starts serving with rooms kept in this process.
 pub async fn serve(cfg: ServeConfig, ice: Box<dyn IceProvider>) -> Result<Server, ServeError> {
-    let router = LocalRouter::start(cfg.rooms.clone(), ice);
-    serve_with(cfg, router).await
+    let policy = policy(&cfg);
+    let router = LocalRouter::start_with(cfg.rooms.clone(), ice, Box::new(policy.clone()));
+    serve_with(cfg, router, policy).await
 }
 
-/// Binds and starts serving with the given router.
-pub async fn serve_with(cfg: ServeConfig, router: Arc<dyn Router>) -> Result<Server, ServeError> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+/// Binds and starts serving with the given router; `policy` must be the one the router's core uses.
+pub async fn serve_with(
+    cfg: ServeConfig,
+    router: Arc<dyn Router>,
+    policy: Arc<ServerPolicy>,
+) -> Result<Server, ServeError> {
+    let tls = match &cfg.tls {
+        Some(source) => Some(tls::load(source).await?),
+        None => None,
+    };
+    let listener = std::net::TcpListener::bind(cfg.listen).map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
-    let state = Arc::new(AppState { cfg, router, next_conn: AtomicU64::new(1), connections: AtomicUsize::new(0) });
+    let state = Arc::new(AppState {
+        cfg,
+        router,
+        policy,
+        next_conn: AtomicU64::new(1),
+        connections: AtomicUsize::new(0),
+        per_ip: Mutex::new(HashMap::new()),
+        counters: Default::default(),
+        metrics_hook: Mutex::new(None),
+    });
     let app = axum::Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/", get(|| async { web::asset("index.html") }))
         .route("/r/{room}", get(call_page))
         .route("/{*path}", get(|Path(path): Path<String>| async move { web::asset(&path) }))
-        .with_state(state);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
-    });
-    Ok(Server { local_addr, task })
+        .with_state(state.clone())
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let handle = axum_server::Handle::new();
+    let bind_err = |source| ServeError::Bind { addr: local_addr, source };
+    let (scheme, fingerprint, task) = match &tls {
+        Some(t) => {
+            let server = axum_server::from_tcp_rustls(listener, t.config.clone()).map_err(bind_err)?.handle(handle.clone());
+            ("https", Some(t.fingerprint.clone()), tokio::spawn(server.serve(app)))
+        }
+        None => {
+            let server = axum_server::from_tcp(listener).map_err(bind_err)?.handle(handle.clone());
+            ("http", None, tokio::spawn(server.serve(app)))
+        }
+    };
+    Ok(Server { local_addr, scheme, fingerprint, tls, state, handle, task })
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -77,6 +159,15 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut extra = String::new();
+    if let Some(hook) = state.metrics_hook.lock().clone() {
+        hook(&mut extra);
+    }
+    let body = metrics::render(state.router.stats(), &state.router.counters(), &state.counters, &extra);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
 async fn call_page(Path(room): Path<String>) -> Response {
     if !webcall_protocol::valid_room_name(&room) {
         return (StatusCode::BAD_REQUEST, "room names are 1-64 characters of A-Z a-z 0-9 _ -\n").into_response();
@@ -84,25 +175,73 @@ async fn call_page(Path(room): Path<String>) -> Response {
     web::asset("call.html")
 }
 
-async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> Response {
+fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    let Some(origin) = origin else { return false };
+    let origin = origin.trim_end_matches('/');
+    allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+async fn ws_upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(allowed) = &state.cfg.allowed_origins {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origin_allowed(allowed, origin) {
+            state.counters.refused_origin.fetch_add(1, Ordering::Relaxed);
+            let shown = origin.unwrap_or("(none)");
+            return (StatusCode::FORBIDDEN, format!("origin {shown} is not allowed on this server (--allowed-origins)\n"))
+                .into_response();
+        }
+    }
+    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let ip = access::client_ip(peer.ip(), xff, &state.cfg.trusted_proxies);
     let n = state.connections.fetch_add(1, Ordering::Relaxed);
     if n >= state.cfg.max_connections {
         state.connections.fetch_sub(1, Ordering::Relaxed);
+        state.counters.refused_server_full.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::SERVICE_UNAVAILABLE, "server full: too many connections; try later\n").into_response();
     }
+    let over_ip_limit = {
+        let mut per_ip = state.per_ip.lock();
+        let count = per_ip.entry(ip).or_insert(0);
+        *count += 1;
+        *count > state.cfg.max_connections_per_ip
+    };
     // Frames between the configured limit and twice it reach the core, which answers `too-large`; larger ones
     // are cut off by the transport without being buffered.
     let cap = state.cfg.rooms.max_message_size * 2;
+    let failed_state = state.clone();
     ws.max_message_size(cap)
         .max_frame_size(cap)
         .read_buffer_size(4096)
         .write_buffer_size(0)
-        .on_failed_upgrade({
-            let state = state.clone();
-            move |e| {
-                state.connections.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!("WebSocket upgrade failed: {e}");
-            }
+        .on_failed_upgrade(move |e| {
+            release(&failed_state, ip);
+            tracing::debug!("WebSocket upgrade failed: {e}");
         })
-        .on_upgrade(move |socket| ws::run(socket, state))
+        .on_upgrade(move |socket| async move {
+            if over_ip_limit {
+                state.counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                let limit = state.cfg.max_connections_per_ip;
+                let e = ProtocolError::new(ErrorCode::RateLimited, format!("more than {limit} connections from your address"));
+                ws::refuse(socket, e).await;
+            } else {
+                ws::run(socket, state.clone(), ip).await;
+            }
+            release(&state, ip);
+        })
+}
+
+fn release(state: &AppState, ip: IpAddr) {
+    state.connections.fetch_sub(1, Ordering::Relaxed);
+    let mut per_ip = state.per_ip.lock();
+    if let Some(n) = per_ip.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&ip);
+        }
+    }
 }

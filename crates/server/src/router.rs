@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use webcall_rooms::{ConnId, Frame, IceProvider, Output, Rooms, Stats};
+use webcall_rooms::{ConnId, Counters, Frame, IceProvider, JoinPolicy, OpenPolicy, Output, Rooms, Stats};
 
 /// What the WebSocket task of one connection shares with the router.
 #[derive(Default)]
@@ -37,6 +37,9 @@ pub trait Router: Send + Sync + 'static {
     fn take(&self, conn: ConnId, buf: &mut Vec<Frame>);
     fn disconnect(&self, conn: ConnId);
     fn stats(&self) -> Stats;
+    fn counters(&self) -> Counters;
+    /// Tells every local client the server is going away and refuses joins from now on.
+    fn shutdown(&self);
     /// `false` while the router cannot serve joins (e.g. its backing store is down).
     fn healthy(&self) -> bool {
         true
@@ -75,8 +78,13 @@ pub struct LocalRouter {
 impl LocalRouter {
     /// Creates the router and spawns its timer task (resume-grace expiry).
     pub fn start(cfg: webcall_rooms::Config, ice: Box<dyn IceProvider>) -> Arc<LocalRouter> {
+        Self::start_with(cfg, ice, Box::new(OpenPolicy))
+    }
+
+    /// Like [`LocalRouter::start`], with a join policy.
+    pub fn start_with(cfg: webcall_rooms::Config, ice: Box<dyn IceProvider>, policy: Box<dyn JoinPolicy>) -> Arc<LocalRouter> {
         let router = Arc::new(LocalRouter {
-            inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice), signals: HashMap::new() }),
+            inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice).with_policy(policy), signals: HashMap::new() }),
         });
         let weak = Arc::downgrade(&router);
         tokio::spawn(async move {
@@ -127,5 +135,11 @@ impl Router for LocalRouter {
     }
     fn stats(&self) -> Stats {
         self.inner.lock().rooms.stats()
+    }
+    fn counters(&self) -> Counters {
+        self.inner.lock().rooms.counters().clone()
+    }
+    fn shutdown(&self) {
+        self.with(|r, now| r.shutdown(now));
     }
 }

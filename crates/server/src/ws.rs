@@ -4,8 +4,10 @@ use crate::router::ConnSignal;
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use webcall_protocol::ProtocolError;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -16,10 +18,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a close may wait for pending writes and the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
+/// Answers a connection that may not stay with one `error` and a policy close.
+pub(crate) async fn refuse(mut socket: WebSocket, e: ProtocolError) {
+    let frame = CloseFrame { code: close::POLICY, reason: Utf8Bytes::from(e.code.as_str()) };
+    let _ = timeout(CLOSE_GRACE, async {
+        socket.send(Message::Text(Utf8Bytes::from(e.to_json()))).await?;
+        socket.send(Message::Close(Some(frame))).await
+    })
+    .await;
+}
+
+pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let signal = Arc::new(ConnSignal::default());
     let router = state.router.clone();
+    state.policy.register(conn, ip);
     router.connect(conn, signal.clone());
     let (mut sink, mut stream) = socket.split();
     let reader_done = Arc::new(Notify::new());
@@ -105,9 +118,9 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>) {
         }
     }
     router.disconnect(conn);
+    state.policy.unregister(conn);
     reader_done.notify_one();
     let _ = timeout(Duration::from_secs(2), writer).await;
-    state.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 fn is_capacity_error(e: &axum::Error) -> bool {

@@ -1,7 +1,9 @@
 //! The `webcall` binary: one subcommand per role.
 
+mod serve;
+mod token;
+
 use clap::{Parser, Subcommand};
-use std::io::Write;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -24,6 +26,10 @@ enum LogFormat {
 enum Command {
     /// Run the server: web client, signaling WebSocket at /ws.
     Serve(webcall_server::ServeArgs),
+    /// Join a room as a native WebRTC peer: send a test pattern or an IVF file, record, chat, echo.
+    Peer(webcall_peer::PeerArgs),
+    /// Mint a signed join token for servers started with --auth-secret.
+    Token(token::TokenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,18 +41,9 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => rt.block_on(serve::run(args)),
+        // Exit at once with the peer's code: the stdin reader thread would keep a runtime shutdown waiting.
+        Command::Peer(args) => std::process::exit(rt.block_on(webcall_peer::run(args))),
+        Command::Token(args) => token::run(args),
     }
-}
-
-async fn serve(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
-    let cfg = args.resolve()?;
-    let ice: Box<dyn webcall_rooms::IceProvider> = Box::new(|_: &str| Vec::new());
-    let server = webcall_server::serve(cfg, ice).await?;
-    let addr = server.local_addr;
-    // Scripts and tests wait for this line (and read the port from it when listening on port 0).
-    println!("webcall listening on http://{addr} (signaling at ws://{addr}/ws)");
-    std::io::stdout().flush()?;
-    server.wait().await?;
-    Ok(())
 }

@@ -18,6 +18,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct ServerProc {
     child: Child,
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Lines printed before the `listening on` line (e.g. the TLS fingerprint).
+    pub banner: Vec<String>,
 }
 
 impl ServerProc {
@@ -41,20 +45,44 @@ impl ServerProc {
             .stdout(Stdio::piped())
             .spawn()
             .expect("webcall binary runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .parse()
-            .unwrap();
-        ServerProc { child, addr }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = Vec::new();
+        let url = loop {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("webcall serve exited ({status}) before listening; printed {banner:?}");
+            }
+            match line.split("listening on ").nth(1) {
+                Some(rest) => break rest.split_whitespace().next().unwrap().to_owned(),
+                None => banner.push(line.trim_end().to_owned()),
+            }
+        };
+        let (scheme, addr) = url.split_once("://").unwrap();
+        ServerProc { child, addr: addr.parse().unwrap(), scheme: scheme.to_owned(), banner }
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+        let ws = if self.scheme == "https" { "wss" } else { "ws" };
+        format!("{ws}://{}/ws", self.addr)
+    }
+
+    /// Sends a signal (e.g. `TERM`) to the server.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the server to exit; its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server did not exit within {WAIT:?}");
     }
 
     pub fn pid(&self) -> u32 {
@@ -96,8 +124,12 @@ pub enum Ended {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
-        Client { ws, id: String::new(), resume: String::new() }
+        Self::connect_raw(url).await.expect("WebSocket connects")
+    }
+
+    pub async fn connect_raw(url: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Client { ws, id: String::new(), resume: String::new() })
     }
 
     /// Connects and joins; keeps id and resume token.

@@ -1,0 +1,201 @@
+//! Who may connect and join: signed join tokens, per-address limits, allowed origins, trusted proxies.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use webcall_protocol::{ErrorCode, Join, ProtocolError};
+use webcall_rooms::{Admission, ConnId, JoinPolicy};
+
+/// Claims of a join token (HS256 JWT).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The room this token admits to; `*` admits to any room.
+    pub room: String,
+    /// The display name the holder appears with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// `join` (required) and `publish` (send media); without `publish` the holder is subscribe-only.
+    pub permissions: Vec<String>,
+}
+
+/// Mints a join token, as `webcall token` does.
+pub fn mint_token(secret: &str, room: &str, name: Option<&str>, ttl: Duration, publish: bool) -> String {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() + ttl.as_secs();
+    let mut permissions = vec!["join".to_owned()];
+    if publish {
+        permissions.push("publish".to_owned());
+    }
+    let claims = Claims { room: room.to_owned(), name: name.map(str::to_owned), exp, permissions };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .expect("HS256 signing cannot fail")
+}
+
+fn unauthorized(msg: impl Into<String>) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Unauthorized, msg)
+}
+
+/// Checks a join token; `Ok` is what it grants.
+pub fn verify_token(secret: &str, token: Option<&str>, room: &str) -> Result<Admission, ProtocolError> {
+    let token = token.ok_or_else(|| unauthorized("this server needs a join token: add \"token\" to join"))?;
+    let mut v = Validation::new(Algorithm::HS256);
+    v.leeway = 5;
+    v.set_required_spec_claims(&["exp"]);
+    let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &v).map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::ExpiredSignature => unauthorized("the join token has expired; ask for a new one"),
+            ErrorKind::InvalidSignature => unauthorized("the join token's signature is not valid for this server"),
+            _ => unauthorized(format!("the join token is not valid: {e}")),
+        }
+    })?;
+    let c = data.claims;
+    if c.room != "*" && c.room != room {
+        return Err(unauthorized(format!("the join token is for room '{}', not '{room}'", c.room)));
+    }
+    if !c.permissions.iter().any(|p| p == "join") {
+        return Err(unauthorized("the join token does not grant 'join'"));
+    }
+    Ok(Admission { name: c.name, publish: c.permissions.iter().any(|p| p == "publish") })
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The server's [`JoinPolicy`]: join tokens (when a secret is set) and a join rate per client address.
+pub struct ServerPolicy {
+    secret: Option<String>,
+    joins_per_min: f64,
+    addrs: Mutex<HashMap<ConnId, IpAddr>>,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl ServerPolicy {
+    pub fn new(secret: Option<String>, joins_per_min: u32) -> Self {
+        ServerPolicy {
+            secret,
+            joins_per_min: joins_per_min as f64,
+            addrs: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn register(&self, conn: ConnId, ip: IpAddr) {
+        self.addrs.lock().insert(conn, ip);
+    }
+
+    pub fn unregister(&self, conn: ConnId) {
+        self.addrs.lock().remove(&conn);
+    }
+
+    fn take_join(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let (cap, per_sec) = (self.joins_per_min, self.joins_per_min / 60.0);
+        let mut buckets = self.buckets.lock();
+        if buckets.len() > 100_000 {
+            // Forget addresses whose bucket has refilled: they are back to the default anyway.
+            buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < cap);
+        }
+        let b = buckets.entry(ip).or_insert(Bucket { tokens: cap, last: now });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec).min(cap);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl JoinPolicy for ServerPolicy {
+    fn admit(&self, conn: ConnId, join: &Join<'_>) -> Result<Admission, ProtocolError> {
+        let ip = self.addrs.lock().get(&conn).copied();
+        if let Some(ip) = ip {
+            if !self.take_join(ip) {
+                return Err(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!("more than {} joins per minute from your address; wait a little", self.joins_per_min),
+                ));
+            }
+        }
+        match &self.secret {
+            Some(secret) => verify_token(secret, join.token.as_deref(), &join.room),
+            None => Ok(Admission::default()),
+        }
+    }
+}
+
+/// The client's address: the socket peer, or, when that peer is a trusted proxy, the right-most address in
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let Some(xff) = forwarded_for else { return peer };
+    let mut chosen = peer;
+    for hop in xff.rsplit(',') {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                chosen = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123";
+
+    #[test]
+    fn tokens_round_trip_and_refuse_what_they_should() {
+        let t = mint_token(SECRET, "r", Some("Ann"), Duration::from_secs(60), true);
+        assert_eq!(verify_token(SECRET, Some(&t), "r").unwrap(), Admission { name: Some("Ann".into()), publish: true });
+        let e = verify_token(SECRET, Some(&t), "other").unwrap_err();
+        assert!(e.message.contains("for room 'r'"), "{e}");
+        let e = verify_token("another-secret-xxxxxxxx", Some(&t), "r").unwrap_err();
+        assert!(e.message.contains("signature"), "{e}");
+        assert_eq!(verify_token(SECRET, None, "r").unwrap_err().code, ErrorCode::Unauthorized);
+        assert!(verify_token(SECRET, Some("garbage"), "r").is_err());
+        let viewer = mint_token(SECRET, "*", None, Duration::from_secs(60), false);
+        assert_eq!(verify_token(SECRET, Some(&viewer), "any").unwrap(), Admission { name: None, publish: false });
+        // Expired an hour ago.
+        let claims = Claims { room: "r".into(), name: None, exp: 1_000_000, permissions: vec!["join".into()] };
+        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+        assert!(verify_token(SECRET, Some(&old), "r").unwrap_err().message.contains("expired"));
+        // alg=none is refused.
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"room":"r","exp":9999999999,"permissions":["join"]}"#));
+        assert!(verify_token(SECRET, Some(&none), "r").is_err());
+    }
+
+    fn b64(s: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(client_ip(stranger, Some("1.2.3.4"), &trusted), stranger, "untrusted peers cannot claim an address");
+        assert_eq!(client_ip(proxy, Some("1.2.3.4, 10.2.2.2"), &trusted), "1.2.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, Some("6.6.6.6, 1.2.3.4"), &trusted), "1.2.3.4".parse::<IpAddr>().unwrap(), "right-most untrusted hop");
+        assert_eq!(client_ip(proxy, None, &trusted), proxy);
+        assert_eq!(client_ip(proxy, Some("junk"), &trusted), proxy);
+    }
+}

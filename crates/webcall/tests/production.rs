@@ -1,0 +1,307 @@
+//! Production features against a real server: join tokens, room passwords, origins, per-address limits, TLS,
+//! graceful shutdown and metrics. Every refusal is provoked and its message checked.
+
+mod common;
+
+use common::{Client, Ended, ServerProc};
+use serde_json::json;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+const SECRET: &str = "test-secret-0123456789";
+
+fn token(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        .args(["token", "--auth-secret", SECRET])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn http_get(server: &ServerProc, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    resp
+}
+
+#[tokio::test]
+async fn join_tokens_are_required_and_checked() {
+    let server = ServerProc::start(&["--auth-secret", SECRET]);
+    let url = server.ws_url();
+    let mut c = Client::connect(&url).await;
+    c.send(json!({"type":"join","room":"board"})).await;
+    assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("token"));
+    let forged = token(&["--room", "board"]).replace('.', ".x");
+    c.send(json!({"type":"join","room":"board","token":forged})).await;
+    c.expect_error("unauthorized").await;
+    let other_secret = {
+        let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .args(["token", "--auth-secret", "some-other-secret-xyz", "--room", "board"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    c.send(json!({"type":"join","room":"board","token":other_secret})).await;
+    assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("signature"));
+    let expired = token(&["--room", "board", "--ttl", "0s"]);
+    tokio::time::sleep(Duration::from_secs(7)).await; // past the 5 s leeway
+    c.send(json!({"type":"join","room":"board","token":expired})).await;
+    assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("expired"));
+    let wrong_room = token(&["--room", "other"]);
+    c.send(json!({"type":"join","room":"board","token":wrong_room})).await;
+    c.expect_error("unauthorized").await;
+
+    let good = token(&["--room", "board", "--name", "Chair"]);
+    c.send(json!({"type":"join","room":"board","name":"Impostor","token":good})).await;
+    let w = c.expect("welcome").await;
+    assert!(w.get("publish").is_none());
+    let viewer = token(&["--room", "*", "--subscribe-only"]);
+    let mut v = Client::connect(&url).await;
+    v.send(json!({"type":"join","room":"board","token":viewer})).await;
+    let wv = v.expect("welcome").await;
+    assert_eq!(wv["publish"], false);
+    assert_eq!(wv["peers"], json!([{"id":w["id"],"name":"Chair"}]), "the token fixed the name");
+    let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\n";
+    v.send(json!({"type":"answer","to":w["id"],"sdp":sdp})).await;
+    v.expect_error("unauthorized").await;
+}
+
+#[tokio::test]
+async fn room_passwords() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let mut a = Client::connect(&url).await;
+    a.send(json!({"type":"join","room":"private","password":"hunter2"})).await;
+    a.expect("welcome").await;
+    let mut b = Client::connect(&url).await;
+    b.send(json!({"type":"join","room":"private"})).await;
+    b.expect_error("unauthorized").await;
+    b.send(json!({"type":"join","room":"private","password":"hunter3"})).await;
+    assert!(b.expect_error("unauthorized").await["message"].as_str().unwrap().contains("wrong password"));
+    b.send(json!({"type":"join","room":"private","password":"hunter2"})).await;
+    b.expect("welcome").await;
+}
+
+async fn connect_with_headers(url: &str, headers: &[(&'static str, &str)]) -> Result<Client, String> {
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, HeaderValue::from_str(v).unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(Client { ws, id: String::new(), resume: String::new() }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            Err(format!("{} {body}", resp.status().as_u16()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn allowed_origins() {
+    let server = ServerProc::start(&["--allowed-origins", "https://call.example.com,https://meet.example.org"]);
+    let url = server.ws_url();
+    let err = connect_with_headers(&url, &[("origin", "https://evil.example.net")]).await.err().unwrap();
+    assert!(err.starts_with("403") && err.contains("not allowed"), "{err}");
+    let err = connect_with_headers(&url, &[]).await.err().unwrap();
+    assert!(err.starts_with("403"), "no Origin, no entry: {err}");
+    let mut ok = connect_with_headers(&url, &[("origin", "https://meet.example.org")]).await.unwrap();
+    ok.send(json!({"type":"join","room":"r"})).await;
+    ok.expect("welcome").await;
+    let m = http_get(&server, "/metrics").await;
+    assert!(m.contains("webcall_connections_refused_total{reason=\"origin\"} 2"), "{m}");
+}
+
+#[tokio::test]
+async fn per_address_limits_and_trusted_proxies() {
+    let server = ServerProc::start(&["--max-connections-per-ip", "2", "--max-joins-per-ip", "3", "--trusted-proxies", "127.0.0.0/8"]);
+    let url = server.ws_url();
+    let h = |ip: &'static str| vec![("x-forwarded-for", ip)];
+    let mut a = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
+    let _b = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
+    let mut third = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
+    let e = third.expect_error("rate-limited").await;
+    assert!(e["message"].as_str().unwrap().contains("connections from your address"), "{e}");
+    assert_eq!(third.until_end().await, Ended::Closed(1008, "rate-limited".into()));
+    // Another (forwarded) address has its own allowance.
+    let mut other = connect_with_headers(&url, &h("203.0.113.2")).await.unwrap();
+    other.send(json!({"type":"join","room":"x"})).await;
+    other.expect("welcome").await;
+    // Joins per minute: 3 pass, the 4th is refused.
+    for i in 0..3 {
+        a.send(json!({"type":"join","room":format!("j{i}")})).await;
+        a.expect("welcome").await;
+        a.send(json!({"type":"bye"})).await;
+    }
+    a.send(json!({"type":"join","room":"j3"})).await;
+    assert!(a.expect_error("rate-limited").await["message"].as_str().unwrap().contains("joins per minute"));
+    let m = http_get(&server, "/metrics").await;
+    assert!(m.contains("webcall_connections_refused_total{reason=\"per-ip\"} 1"), "{m}");
+    assert!(m.contains("webcall_errors_total{code=\"rate-limited\"} 1"), "{m}");
+}
+
+/// Accepts exactly the certificate with this SHA-256 fingerprint.
+#[derive(Debug)]
+struct Pinned(String);
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let fp: Vec<String> = sha2::Sha256::digest(end_entity.as_ref()).iter().map(|b| format!("{b:02X}")).collect();
+        if fp.join(":") == self.0 {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!("fingerprint {} is not the pinned {}", fp.join(":"), self.0)))
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let p = rustls::crypto::aws_lc_rs::default_provider();
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &p.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let p = rustls::crypto::aws_lc_rs::default_provider();
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &p.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+async fn wss_connect(url: &str, pinned: &str) -> Result<Client, String> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cfg = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned(pinned.to_owned())))
+        .with_no_client_auth();
+    let connector = tokio_tungstenite::Connector::Rustls(Arc::new(cfg));
+    tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+        .await
+        .map(|(ws, _)| Client { ws, id: String::new(), resume: String::new() })
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn self_signed_tls_serves_wss_with_the_printed_fingerprint() {
+    let server = ServerProc::start(&["--tls-self-signed"]);
+    assert_eq!(server.scheme, "https");
+    let fp = server.banner.iter().find_map(|l| l.split("fingerprint ").nth(1)).expect("fingerprint printed").to_owned();
+    assert_eq!(fp.split(':').count(), 32, "{fp}");
+    let url = server.ws_url();
+    assert!(url.starts_with("wss://"));
+    let mut c = wss_connect(&url, &fp).await.unwrap();
+    c.send(json!({"type":"join","room":"secure"})).await;
+    c.expect("welcome").await;
+    let wrong = fp.replacen(&fp[..2], if &fp[..2] == "00" { "11" } else { "00" }, 1);
+    let err = wss_connect(&url, &wrong).await.err().expect("another fingerprint is refused");
+    assert!(err.contains("pinned"), "{err}");
+    // Plain HTTP on the TLS port is not served.
+    assert!(Client::connect_raw(&format!("ws://{}/ws", server.addr)).await.is_err());
+}
+
+#[tokio::test]
+async fn certificate_files_and_reload_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("webcall-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+    };
+    write("first.test");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let server = ServerProc::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let fp1 = server.banner.iter().find_map(|l| l.split("fingerprint ").nth(1)).unwrap().to_owned();
+    let mut live = wss_connect(&server.ws_url(), &fp1).await.unwrap();
+    live.send(json!({"type":"join","room":"r"})).await;
+    live.expect("welcome").await;
+    write("second.test");
+    server.signal("HUP");
+    // New connections get the new certificate; the call in progress is untouched.
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if wss_connect(&server.ws_url(), &fp1).await.is_err() {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the old certificate is still served after SIGHUP");
+    live.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
+    live.expect_error("unknown-peer").await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert", "/nonexistent.pem", "--tls-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("/nonexistent.pem"), "{err}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_tells_clients_and_exits_zero() {
+    let mut server = ServerProc::start(&["--shutdown-timeout", "5s"]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "r", "A").await;
+    let mut idle = Client::connect(&url).await;
+    server.signal("TERM");
+    for c in [&mut a, &mut idle] {
+        let e = c.expect_error("server-shutdown").await;
+        assert!(e["message"].as_str().unwrap().contains("reconnect"));
+        assert_eq!(c.until_end().await, Ended::Closed(1001, "server shutting down".into()));
+    }
+    assert_eq!(server.wait_exit(), Some(0));
+}
+
+#[tokio::test]
+async fn metrics_count_what_happens() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let (mut a, _) = Client::join(&url, "m", "A").await;
+    let (b, _) = Client::join(&url, "m", "B").await;
+    a.expect("hello").await;
+    a.send(json!({"type":"offer","to":b.id,"sdp":"x"})).await;
+    a.send_text("nonsense").await;
+    a.expect_error("bad-json").await;
+    let m = http_get(&server, "/metrics").await;
+    assert!(m.starts_with("HTTP/1.1 200"));
+    for line in [
+        "webcall_connections 2",
+        "webcall_rooms 1",
+        "webcall_peers 2",
+        "webcall_messages_total{type=\"join\"} 2",
+        "webcall_messages_total{type=\"offer\"} 1",
+        "webcall_errors_total{code=\"bad-json\"} 1",
+        "webcall_joins_total 2",
+        "# TYPE webcall_messages_total counter",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+    let rss: u64 = m.lines().find_map(|l| l.strip_prefix("webcall_process_resident_memory_bytes ")).unwrap().parse().unwrap();
+    assert!(rss > 1 << 20, "{rss}");
+}
