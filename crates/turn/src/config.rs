@@ -207,6 +207,7 @@ impl TurnArgs {
             user_quota: self.user_quota.unwrap_or(10),
             total_quota: self.total_quota.unwrap_or(1000),
             max_lifetime,
+            legacy_channel_numbers: false,
         };
         cfg.check()?;
         Ok(cfg)
@@ -228,6 +229,8 @@ pub struct TurnConfig {
     pub user_quota: usize,
     pub total_quota: usize,
     pub max_lifetime: Duration,
+    /// Accept RFC 5766 channel numbers up to 0x7FFF (coturn's clients use them); off by default.
+    pub legacy_channel_numbers: bool,
 }
 
 impl fmt::Debug for TurnConfig {

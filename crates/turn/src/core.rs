@@ -52,8 +52,13 @@ pub enum Family {
 pub enum Output {
     /// Send `data` to the client on `tuple`.
     Transmit { tuple: FiveTuple, data: Vec<u8> },
-    /// Bind a UDP relay socket of `family` from the relay port range, then call [`TurnCore::relay_opened`].
-    OpenRelay { alloc: AllocId, family: Family },
+    /// Bind a UDP relay socket of `family` from the relay port range (an even port if `even_port`),
+    /// then call [`TurnCore::relay_opened`].
+    OpenRelay {
+        alloc: AllocId,
+        family: Family,
+        even_port: bool,
+    },
     /// The allocation is gone: close its relay socket (unknown ids are to be ignored).
     CloseRelay { alloc: AllocId },
 }
@@ -95,6 +100,9 @@ pub struct CoreConfig {
     pub relay_v4: bool,
     pub relay_v6: bool,
     pub software: Option<String>,
+    /// Accept channel numbers 0x4000-0x7FFF as RFC 5766 did (coturn's own clients pick from that range);
+    /// RFC 8656 allows only 0x4000-0x4FFF.
+    pub legacy_channel_numbers: bool,
     /// Seeds the nonce key and transaction ids (tests pass a constant; servers a random value).
     pub seed: u64,
 }
@@ -117,6 +125,7 @@ impl Default for CoreConfig {
             relay_v4: true,
             relay_v6: true,
             software: Some(concat!("webcall ", env!("CARGO_PKG_VERSION")).into()),
+            legacy_channel_numbers: false,
             seed: 0,
         }
     }
@@ -575,6 +584,7 @@ impl TurnCore {
             .filter(|t| *t < 0x8000 && !is_known(*t))
             .collect();
         if !unknown.is_empty() {
+            tracing::debug!(?unknown, method, client = %tuple.client, "unknown comprehension-required attributes");
             let mut b = Builder::new(stun::msg_type(method, stun::ERROR), msg.txid());
             b.error(420, "Unknown Attribute");
             let v: Vec<u8> = unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
@@ -748,6 +758,9 @@ impl TurnCore {
         if self.allocs.len() >= self.cfg.total_quota {
             return Err((486, "Allocation Quota Reached: server full"));
         }
+        // EVEN-PORT is honoured; its R bit (reserve the next port too) is not: no RESERVATION-TOKEN
+        // is returned, which RFC 8656 §7.2 allows clients to cope with.
+        let even_port = msg.get(stun::EVEN_PORT).is_some();
         let lifetime = self.lifetime(msg.get(stun::LIFETIME).and_then(be_u32));
         let id = AllocId(self.next_id);
         self.next_id += 1;
@@ -773,7 +786,11 @@ impl TurnCore {
         self.by_tuple.insert(tuple, id);
         self.expiries.insert((expires, id));
         *self.per_user.entry(auth.user.clone()).or_insert(0) += 1;
-        self.out.push_back(Output::OpenRelay { alloc: id, family });
+        self.out.push_back(Output::OpenRelay {
+            alloc: id,
+            family,
+            even_port,
+        });
         Ok(None)
     }
 
@@ -885,7 +902,12 @@ impl TurnCore {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
             _ => return Err((400, "Bad Request: CHANNEL-NUMBER missing")),
         };
-        if !(0x4000..=0x4FFF).contains(&number) {
+        let max = if self.cfg.legacy_channel_numbers {
+            0x7FFF
+        } else {
+            0x4FFF
+        };
+        if !(0x4000..=max).contains(&number) {
             return Err((400, "Bad Request: channel number outside 0x4000-0x4FFF"));
         }
         let peer = msg
@@ -974,6 +996,7 @@ fn is_known(t: u16) -> bool {
             | stun::XOR_RELAYED_ADDRESS
             | stun::REQUESTED_ADDRESS_FAMILY
             | stun::REQUESTED_TRANSPORT
+            | stun::EVEN_PORT
             | stun::XOR_MAPPED_ADDRESS
     )
 }

@@ -126,7 +126,7 @@ impl H {
                         bytes: data,
                     });
                 }
-                Output::OpenRelay { alloc, family } => {
+                Output::OpenRelay { alloc, family, .. } => {
                     assert_eq!(family, Family::V4);
                     self.relay_port += 1;
                     let bound = SocketAddr::new(addr(RELAY).ip(), self.relay_port);
@@ -342,18 +342,31 @@ fn allocate_lifetime_and_mismatch_rules() {
     assert_eq!(h.request(t2, &req).code, Some(442));
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |_| {});
     assert_eq!(h.request(t2, &req).code, Some(400));
-    // Unknown comprehension-required attribute (EVEN-PORT) -> 420 naming it.
+    // Unknown comprehension-required attribute (RESERVATION-TOKEN) -> 420 naming it.
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
         b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
-            .attr(0x0018, &[0x80, 0, 0, 0]);
+            .attr(0x0022, &[1; 8]);
     });
     let r = h.request(t2, &req);
     assert_eq!(r.code, Some(420));
     assert_eq!(
         r.msg().get(stun::UNKNOWN_ATTRIBUTES),
-        Some(&[0x00, 0x18][..])
+        Some(&[0x00, 0x22][..])
     );
     assert_eq!(h.core.stats().allocations, 1);
+    // EVEN-PORT is passed on to the I/O layer.
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
+            .attr(stun::EVEN_PORT, &[0x80]);
+    });
+    assert!(h.core.handle_client(h.now, t2, &req).is_none());
+    assert!(matches!(
+        h.core.poll_output(),
+        Some(Output::OpenRelay {
+            even_port: true,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -483,6 +496,7 @@ fn channel_binding_rules() {
     assert_eq!(h.refresh(t, &c, &nonce, Some(3600)).lifetime(), 3600);
     assert_eq!(h.bind(t, &c, &nonce, 0x3FFF, PEER).code, Some(400));
     assert_eq!(h.bind(t, &c, &nonce, 0x5000, PEER).code, Some(400));
+    assert_eq!(h.bind(t, &c, &nonce, 0x7FFF, PEER).code, Some(400));
     assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
     assert_eq!(h.bind(t, &c, &nonce, 0x4FFF, PEER2).class, stun::SUCCESS);
     // ChannelData goes to the bound peer; unbound channel numbers are dropped.
@@ -552,6 +566,20 @@ fn channel_binding_rules() {
         h.channel_data(t, 0x4000, b"abc"),
         Some(addr("203.0.113.7:1"))
     );
+}
+
+#[test]
+fn legacy_channel_numbers_when_enabled() {
+    let mut h = H::new(CoreConfig {
+        legacy_channel_numbers: true,
+        ..CoreConfig::default()
+    });
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 7200);
+    let (nonce, _) = h.allocate(t, &c);
+    assert_eq!(h.bind(t, &c, &nonce, 0x7FFF, PEER).class, stun::SUCCESS);
+    assert_eq!(h.channel_data(t, 0x7FFF, b"abc"), Some(addr(PEER)));
+    assert_eq!(h.bind(t, &c, &nonce, 0x8000, PEER2).code, Some(400));
 }
 
 #[test]
@@ -728,6 +756,7 @@ fn external_ip_is_advertised_and_ipv6_data_indications() {
     let Some(Output::OpenRelay {
         alloc,
         family: Family::V6,
+        ..
     }) = h.core.poll_output()
     else {
         panic!()

@@ -75,6 +75,7 @@ impl TurnServer {
             relay_v4: relay_ip.is_ipv4() || relay_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             relay_v6: relay_ip.is_ipv6(),
             seed: rand::rng().random(),
+            legacy_channel_numbers: cfg.legacy_channel_numbers,
             ..CoreConfig::default()
         };
         let core = TurnCore::new(core_cfg, Instant::now(), SystemTime::now());
@@ -231,8 +232,12 @@ impl Shared {
                         }
                     }
                 },
-                Output::OpenRelay { alloc, family } => {
-                    let bound = self.open_relay(st, alloc, family);
+                Output::OpenRelay {
+                    alloc,
+                    family,
+                    even_port,
+                } => {
+                    let bound = self.open_relay(st, alloc, family, even_port);
                     st.core.relay_opened(Instant::now(), alloc, bound);
                 }
                 Output::CloseRelay { alloc } => {
@@ -250,6 +255,7 @@ impl Shared {
         st: &mut State,
         alloc: AllocId,
         family: Family,
+        even: bool,
     ) -> Option<SocketAddr> {
         let ip = match (family, self.relay_ip) {
             (Family::V4, IpAddr::V4(ip)) => IpAddr::V4(ip),
@@ -260,7 +266,7 @@ impl Shared {
         let first = rand::rng().random_range(0..n);
         for i in 0..n {
             let port = self.ports.min + ((first + i) % n) as u16;
-            if st.used_ports.contains(&port) {
+            if st.used_ports.contains(&port) || (even && port % 2 == 1) {
                 continue;
             }
             let Ok(std_sock) = std::net::UdpSocket::bind(SocketAddr::new(ip, port)) else {
