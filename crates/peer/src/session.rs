@@ -1,0 +1,558 @@
+//! One WebRTC session with one remote peer: a str0m `Rtc` driven by UDP sockets, signaling commands and the
+//! video source, on its own task.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
+use crate::out;
+
+/// What the controller tells a session.
+#[derive(Debug)]
+pub enum ToSession {
+    Offer(String),
+    Answer(String),
+    Candidate(Option<Value>),
+    /// A chat message, already encoded as the JSON the data channel carries.
+    Chat(Arc<str>),
+    Close,
+}
+
+/// What a session asks the controller to send to its remote peer.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Offer(String),
+    Answer(String),
+    Candidate(Option<Value>),
+}
+
+/// What the session has seen, for stats lines and the exit code.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub id: String,
+    pub name: String,
+    pub ice: String,
+    pub connected: bool,
+    pub pair: Option<String>,
+    pub frames_in: u64,
+    pub keyframes_in: u64,
+    pub bytes_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
+    pub chat_in: u64,
+    pub recording: Option<PathBuf>,
+    pub closed: bool,
+    /// For the bitrate shown in stats lines.
+    pub last_bytes_in: u64,
+    pub last_at: Option<Instant>,
+}
+
+pub struct SessionConfig {
+    pub my_name: String,
+    pub remote_id: String,
+    pub remote_name: String,
+    pub offerer: bool,
+    pub polite: bool,
+    pub local_ips: Vec<IpAddr>,
+    pub source: Option<SourceHandle>,
+    pub record_dir: Option<PathBuf>,
+    pub echo: bool,
+    pub chat: bool,
+    pub signal: mpsc::UnboundedSender<(String, Outgoing)>,
+}
+
+pub struct Session {
+    cfg: SessionConfig,
+    rtc: Rtc,
+    report: Arc<Mutex<Report>>,
+    sockets: HashMap<SocketAddr, Arc<UdpSocket>>,
+    pending: Option<SdpPendingOffer>,
+    have_remote_description: bool,
+    buffered_candidates: Vec<Candidate>,
+    kinds: HashMap<SocketAddr, CandidateKind>,
+    video_mids: Vec<Mid>,
+    chat_channel: Option<ChannelId>,
+    recorder: Option<IvfWriter>,
+    last_keyframe_request: Option<Instant>,
+    sent_keyframe: bool,
+    disconnected_since: Option<Instant>,
+}
+
+impl Session {
+    /// Binds one UDP socket per local address and prepares the `Rtc`; the offerer also sends its offer.
+    pub async fn start(
+        cfg: SessionConfig,
+        report: Arc<Mutex<Report>>,
+    ) -> Result<(Session, mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>, Vec<tokio::task::JoinHandle<()>>), crate::PeerError>
+    {
+        let rtc = Rtc::builder()
+            .clear_codecs()
+            .enable_vp8(true)
+            .enable_opus(true, false)
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .build(Instant::now());
+        let (udp_tx, udp_rx) = mpsc::channel(256);
+        let mut s = Session {
+            cfg,
+            rtc,
+            report,
+            sockets: HashMap::new(),
+            pending: None,
+            have_remote_description: false,
+            buffered_candidates: Vec::new(),
+            kinds: HashMap::new(),
+            video_mids: Vec::new(),
+            chat_channel: None,
+            recorder: None,
+            last_keyframe_request: None,
+            sent_keyframe: false,
+            disconnected_since: None,
+        };
+        let mut readers = Vec::new();
+        for ip in s.cfg.local_ips.clone() {
+            let sock = UdpSocket::bind(SocketAddr::new(ip, 0))
+                .await
+                .map_err(|e| crate::PeerError::Io { what: format!("binding a UDP socket on {ip}"), source: e })?;
+            let local = sock.local_addr().map_err(|e| crate::PeerError::Io { what: "local_addr".into(), source: e })?;
+            let sock = Arc::new(sock);
+            s.sockets.insert(local, sock.clone());
+            let tx = udp_tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    match sock.recv_from(&mut buf).await {
+                        Ok((n, src)) => {
+                            if tx.send((buf[..n].to_vec(), src, local)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // ICMP port-unreachable from a peer that went away shows up here on Linux: keep reading.
+                        Err(e) => tracing::debug!("udp recv on {local}: {e}"),
+                    }
+                }
+            }));
+            match Candidate::host(local, "udp") {
+                Ok(c) => {
+                    s.kinds.insert(local, CandidateKind::Host);
+                    s.rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!("no host candidate for {local}: {e}"),
+            }
+        }
+        if s.cfg.offerer {
+            s.offer(false);
+        }
+        Ok((s, udp_rx, readers))
+    }
+
+    fn send(&self, m: Outgoing) {
+        let _ = self.cfg.signal.send((self.cfg.remote_id.clone(), m));
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Report)) {
+        f(&mut self.report.lock().unwrap());
+    }
+
+    /// Makes an offer with whatever is missing (video, chat channel) or an ICE restart.
+    fn offer(&mut self, ice_restart: bool) {
+        if self.pending.is_some() {
+            return;
+        }
+        let mut change = self.rtc.sdp_api();
+        if self.video_mids.is_empty() {
+            let mid = change.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+            self.video_mids.push(mid);
+        }
+        if self.chat_channel.is_none() && !self.have_remote_description {
+            change.add_channel("chat".into());
+        }
+        if ice_restart {
+            change.ice_restart(true);
+        }
+        if let Some((offer, pending)) = change.apply() {
+            self.pending = Some(pending);
+            self.send(Outgoing::Offer(offer.to_sdp_string()));
+            // Host candidates are in the SDP; nothing else is gathered yet.
+            self.send(Outgoing::Candidate(None));
+        }
+    }
+
+    /// Remembers the kinds of the candidates inside a remote SDP (for the selected-pair line).
+    fn learn_sdp_candidates(&mut self, sdp: &str) {
+        for line in sdp.lines().filter_map(|l| l.strip_prefix("a=")) {
+            if let Ok(c) = Candidate::from_sdp_string(line.trim()) {
+                self.kinds.insert(c.addr(), c.kind());
+            }
+        }
+    }
+
+    fn on_offer(&mut self, sdp: &str) {
+        self.learn_sdp_candidates(sdp);
+        let offer = match SdpOffer::from_sdp_string(sdp) {
+            Ok(o) => o,
+            Err(e) => return tracing::warn!("peer {}: unreadable offer: {e}", self.cfg.remote_id),
+        };
+        // Perfect negotiation: on a collision the impolite side ignores the remote offer; the polite side
+        // lets it win (accept_offer rolls back our pending offer).
+        if self.pending.is_some() && !self.cfg.polite {
+            tracing::info!("peer {}: offer collision, ignoring theirs (we are impolite)", self.cfg.remote_id);
+            return;
+        }
+        let rolled_back = self.pending.take().is_some();
+        if rolled_back {
+            // Our un-negotiated m-lines are gone with the rollback.
+            self.video_mids.retain(|m| self.rtc.media(*m).is_some());
+        }
+        match self.rtc.sdp_api().accept_offer(offer) {
+            Ok(answer) => {
+                self.have_remote_description = true;
+                self.send(Outgoing::Answer(answer.to_sdp_string()));
+                self.send(Outgoing::Candidate(None));
+                self.flush_candidates();
+                if rolled_back && self.video_mids.is_empty() {
+                    self.offer(false);
+                }
+            }
+            Err(e) => tracing::warn!("peer {}: offer refused: {e}", self.cfg.remote_id),
+        }
+    }
+
+    fn on_answer(&mut self, sdp: &str) {
+        self.learn_sdp_candidates(sdp);
+        let Some(pending) = self.pending.take() else {
+            return tracing::debug!("peer {}: answer without an offer; ignored", self.cfg.remote_id);
+        };
+        let answer = match SdpAnswer::from_sdp_string(sdp) {
+            Ok(a) => a,
+            Err(e) => return tracing::warn!("peer {}: unreadable answer: {e}", self.cfg.remote_id),
+        };
+        match self.rtc.sdp_api().accept_answer(pending, answer) {
+            Ok(()) => {
+                self.have_remote_description = true;
+                self.flush_candidates();
+            }
+            Err(e) => tracing::warn!("peer {}: answer refused: {e}", self.cfg.remote_id),
+        }
+    }
+
+    fn on_candidate(&mut self, c: Option<Value>) {
+        let Some(c) = c else { return };
+        let line = c.get("candidate").and_then(Value::as_str).unwrap_or("");
+        if line.is_empty() {
+            return; // Some browsers signal end-of-candidates this way.
+        }
+        match Candidate::from_sdp_string(line) {
+            Ok(cand) => {
+                self.kinds.insert(cand.addr(), cand.kind());
+                if self.have_remote_description {
+                    self.rtc.add_remote_candidate(cand);
+                } else {
+                    self.buffered_candidates.push(cand);
+                }
+            }
+            // mDNS (.local) and TCP candidates from browsers are not usable here.
+            Err(e) => tracing::debug!("peer {}: skipping candidate {line:?}: {e}", self.cfg.remote_id),
+        }
+    }
+
+    fn flush_candidates(&mut self) {
+        for c in std::mem::take(&mut self.buffered_candidates) {
+            self.rtc.add_remote_candidate(c);
+        }
+    }
+
+    fn on_chat(&mut self, json: &str) {
+        if let Some(mut ch) = self.chat_channel.and_then(|id| self.rtc.channel(id)) {
+            if let Err(e) = ch.write(false, json.as_bytes()) {
+                tracing::warn!("peer {}: chat not sent: {e}", self.cfg.remote_id);
+            }
+        }
+    }
+
+    fn send_frame(&mut self, f: &EncodedFrame) {
+        if !self.rtc.is_connected() {
+            return;
+        }
+        // Start each receiver on a keyframe: anything before it is undecodable.
+        if !self.sent_keyframe && !f.key {
+            if let Some(src) = &self.cfg.source {
+                src.request_keyframe();
+            }
+            return;
+        }
+        let mids: Vec<Mid> = self.video_mids.clone();
+        for mid in mids {
+            let sending = self.rtc.media(mid).map(|m| m.direction().is_sending()).unwrap_or(false);
+            if !sending {
+                continue;
+            }
+            let Some(writer) = self.rtc.writer(mid) else { continue };
+            let Some(pt) = writer.payload_params().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt()) else {
+                continue;
+            };
+            match writer.write(pt, Instant::now(), MediaTime::from_90khz(f.rtp_90k), f.data.clone()) {
+                Ok(()) => {
+                    self.sent_keyframe = true;
+                    let len = f.data.len() as u64;
+                    self.update(|r| {
+                        r.frames_out += 1;
+                        r.bytes_out += len;
+                    });
+                }
+                Err(e) => tracing::debug!("peer {}: frame not sent: {e}", self.cfg.remote_id),
+            }
+            break;
+        }
+    }
+
+    fn request_keyframe(&mut self, mid: Mid) {
+        if self.last_keyframe_request.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+            return;
+        }
+        if let Some(mut w) = self.rtc.writer(mid) {
+            let _ = w.request_keyframe(None, KeyframeRequestKind::Pli);
+            self.last_keyframe_request = Some(Instant::now());
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        let id = self.cfg.remote_id.clone();
+        match e {
+            Event::IceConnectionStateChange(s) => {
+                let state = format!("{s:?}").to_lowercase();
+                out(format!("peer {id} ice {state}"));
+                self.update(|r| r.ice = state);
+                self.disconnected_since =
+                    if s == IceConnectionState::Disconnected { Some(Instant::now()) } else { None };
+            }
+            Event::Connected => {
+                out(format!("peer {id} connected"));
+                self.update(|r| r.connected = true);
+                if let Some(src) = &self.cfg.source {
+                    src.request_keyframe();
+                }
+            }
+            Event::MediaAdded(m) => {
+                if m.kind == MediaKind::Video && !self.video_mids.contains(&m.mid) {
+                    self.video_mids.push(m.mid);
+                }
+            }
+            Event::MediaData(d) => {
+                if d.params.spec().codec != Codec::Vp8 {
+                    return;
+                }
+                let len = d.data.len() as u64;
+                let key = vp8_is_keyframe(&d.data);
+                self.update(|r| {
+                    r.frames_in += 1;
+                    r.bytes_in += len;
+                    r.keyframes_in += key as u64;
+                });
+                if !d.contiguous {
+                    self.request_keyframe(d.mid);
+                }
+                if let Some(dir) = self.cfg.record_dir.clone() {
+                    if self.recorder.is_none() {
+                        match vp8_keyframe_size(&d.data) {
+                            Some((w, h)) => {
+                                let name = sanitize(&self.cfg.remote_name);
+                                let file = if name.is_empty() { format!("{id}.ivf") } else { format!("{name}-{id}.ivf") };
+                                match IvfWriter::create(dir.join(file), w, h) {
+                                    Ok(wr) => {
+                                        out(format!("peer {id} recording {w}x{h} to {}", wr.path.display()));
+                                        let p = wr.path.clone();
+                                        self.update(|r| r.recording = Some(p));
+                                        self.recorder = Some(wr);
+                                    }
+                                    Err(e) => tracing::error!("{e}"),
+                                }
+                            }
+                            None => self.request_keyframe(d.mid),
+                        }
+                    }
+                    if let Some(wr) = &mut self.recorder {
+                        if let Err(e) = wr.write(d.time.rebase(str0m::media::Frequency::NINETY_KHZ).numer(), &d.data) {
+                            tracing::error!("{e}");
+                            self.recorder = None;
+                        }
+                    }
+                }
+                if self.cfg.echo {
+                    let data = d.data.clone();
+                    let frame = EncodedFrame {
+                        data: data.into(),
+                        key,
+                        rtp_90k: d.time.rebase(str0m::media::Frequency::NINETY_KHZ).numer(),
+                    };
+                    self.send_frame(&frame);
+                }
+            }
+            Event::KeyframeRequest(_) => {
+                if let Some(src) = &self.cfg.source {
+                    src.request_keyframe();
+                }
+                if self.cfg.echo {
+                    // Pass the request on to where the echoed video comes from.
+                    let mids = self.video_mids.clone();
+                    for mid in mids {
+                        if self.rtc.media(mid).is_some_and(|m| m.direction().is_receiving()) {
+                            self.request_keyframe(mid);
+                        }
+                    }
+                }
+            }
+            Event::ChannelOpen(cid, label) => {
+                if label == "chat" {
+                    self.chat_channel = Some(cid);
+                    if self.cfg.chat {
+                        out(format!("peer {id} chat open"));
+                    }
+                }
+            }
+            Event::ChannelData(d) => {
+                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { return };
+                if v["type"] != "chat" {
+                    return;
+                }
+                let text = v["text"].as_str().unwrap_or("");
+                let name = v["name"].as_str().filter(|n| !n.is_empty()).unwrap_or(&self.cfg.remote_name);
+                self.update(|r| r.chat_in += 1);
+                if self.cfg.chat {
+                    // Control characters could rewrite the terminal: show them escaped.
+                    let clean: String = text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+                    out(format!("chat {}: {clean}", if name.is_empty() { id.as_str() } else { name }));
+                }
+            }
+            Event::ChannelClose(cid) => {
+                if self.chat_channel == Some(cid) {
+                    self.chat_channel = None;
+                }
+            }
+            Event::PeerStats(s) => {
+                if let Some(p) = s.selected_candidate_pair {
+                    let kind = |a: &SocketAddr| self.kinds.get(a).map(|k| k.to_string()).unwrap_or_else(|| "prflx".into());
+                    let desc = format!(
+                        "{} {} -> {} {} ({})",
+                        kind(&p.local.addr),
+                        p.local.addr,
+                        kind(&p.remote.addr),
+                        p.remote.addr,
+                        format!("{:?}", p.protocol).to_lowercase()
+                    );
+                    let changed = self.report.lock().unwrap().pair.as_deref() != Some(desc.as_str());
+                    if changed {
+                        out(format!("peer {id} selected pair {desc}"));
+                        self.update(|r| r.pair = Some(desc));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Polls str0m until it wants to wait; sends what it transmits. Returns when to wake it next.
+    fn drive(&mut self) -> Instant {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Transmit(t)) => {
+                    if let Some(sock) = self.sockets.get(&t.source) {
+                        // UDP is lossy anyway; a full buffer drops the packet like the network would.
+                        let _ = sock.try_send_to(&t.contents, t.destination);
+                    }
+                }
+                Ok(Output::Event(e)) => self.on_event(e),
+                Err(e) => {
+                    tracing::warn!("peer {}: session failed: {e}", self.cfg.remote_id);
+                    self.rtc.disconnect();
+                    return Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<ToSession>,
+        mut udp: mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>,
+        readers: Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        let mut frames: Option<broadcast::Receiver<Arc<EncodedFrame>>> =
+            if self.cfg.echo { None } else { self.cfg.source.as_ref().map(|s| s.frames.subscribe()) };
+        loop {
+            let wake = self.drive().min(Instant::now() + Duration::from_millis(500));
+            if !self.rtc.is_alive() {
+                out(format!("peer {} session ended", self.cfg.remote_id));
+                break;
+            }
+            // A connection that stays down is restarted by one side; perfect negotiation makes either safe.
+            if self.disconnected_since.is_some_and(|t| t.elapsed() > Duration::from_secs(4)) && !self.cfg.polite {
+                self.disconnected_since = None;
+                tracing::info!("peer {}: ICE disconnected, restarting ICE", self.cfg.remote_id);
+                self.offer(true);
+            }
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(ToSession::Offer(sdp)) => self.on_offer(&sdp),
+                    Some(ToSession::Answer(sdp)) => self.on_answer(&sdp),
+                    Some(ToSession::Candidate(c)) => self.on_candidate(c),
+                    Some(ToSession::Chat(json)) => self.on_chat(&json),
+                    Some(ToSession::Close) | None => break,
+                },
+                Some((buf, source, destination)) = udp.recv() => {
+                    if let Ok(contents) = buf.as_slice().try_into() {
+                        let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination, contents });
+                        if let Err(e) = self.rtc.handle_input(input) {
+                            tracing::debug!("peer {}: input refused: {e}", self.cfg.remote_id);
+                        }
+                    }
+                }
+                f = async { match frames.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                    match f {
+                        Ok(f) => self.send_frame(&f),
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => frames = None,
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                }
+            }
+        }
+        for r in readers {
+            r.abort();
+        }
+        if let Some(mut wr) = self.recorder.take() {
+            if let Err(e) = wr.finish() {
+                tracing::error!("{e}");
+            }
+            out(format!("peer {} recorded {} frames to {}", self.cfg.remote_id, wr.frames, wr.path.display()));
+        }
+        self.rtc.disconnect();
+        self.update(|r| r.closed = true);
+    }
+}
+
+/// File-name-safe version of a display name.
+fn sanitize(name: &str) -> String {
+    name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect()
+}
+
+/// The JSON a chat message travels as (the browser client's format).
+pub fn chat_json(text: &str, name: &str) -> String {
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    json!({"type": "chat", "text": text, "name": name, "ts": ts}).to_string()
+}

@@ -1,0 +1,307 @@
+//! `webcall peer` end to end: real `webcall serve` and real `webcall peer` processes on loopback (host
+//! candidates pinned to 127.0.0.1 with --ip), checked through their stdout, exit codes and recordings.
+
+mod common;
+
+use common::ServerProc;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use webcall_peer::media::Vp8Decoder;
+
+/// How long to wait for something that should happen (not a performance bound).
+const WAIT: Duration = Duration::from_secs(30);
+
+struct PeerProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Arc<Mutex<Vec<String>>>,
+    name: String,
+}
+
+impl PeerProc {
+    fn start(url: &str, room: &str, name: &str, extra: &[&str]) -> PeerProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1"])
+            .args(["--size", "320x240", "--stats-every", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("webcall binary runs");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let l = lines.clone();
+        let tag = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("[{tag}] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        PeerProc { stdin: child.stdin.take(), child, lines, name: name.to_owned() }
+    }
+
+    /// Waits until `n` output lines satisfy `pred`; returns the last of them.
+    fn wait_n(&self, n: usize, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let found: Vec<String> = self.lines.lock().unwrap().iter().filter(|l| pred(l)).cloned().collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            assert!(t0.elapsed() < WAIT, "{}: no {what} (wanted {n}) in:\n{}", self.name, self.lines.lock().unwrap().join("\n"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_n(1, what, pred)
+    }
+
+    fn say(&mut self, line: &str) {
+        let s = self.stdin.as_mut().unwrap();
+        writeln!(s, "{line}").unwrap();
+        s.flush().unwrap();
+    }
+
+    fn id(&self) -> String {
+        let l = self.wait_for("join", |l| l.starts_with("joined room "));
+        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+    }
+
+    fn terminate(&mut self) {
+        // SIGTERM: the peer leaves cleanly and reports its exit code.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return st.code().unwrap_or(-1);
+            }
+            assert!(t0.elapsed() < WAIT, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the stats lines show at least `n` frames received from peer `id`.
+    fn wait_frames_from(&self, id: &str, n: u64) {
+        let prefix = format!("stats peer={id} ");
+        self.wait_for(&format!("{n} frames from {id}"), |l| {
+            l.starts_with(&prefix)
+                && l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("frames_in="))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| v >= n)
+        });
+    }
+
+    /// The peer id in the `n`th 'peer ID recording' line.
+    fn nth_recording(&self, n: usize) -> String {
+        let l = self.wait_n(n, "recording", |l| l.starts_with("peer ") && l.contains(" recording "));
+        l.split_whitespace().nth(1).unwrap().to_owned()
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("webcall-peer-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Reads an IVF file and checks it the way a player would: header, frame headers, VP8 payload headers, and
+/// that libvpx decodes every frame to a picture of the expected size. Returns the number of frames.
+fn check_ivf(path: &Path, w: u16, h: u16) -> usize {
+    let b = std::fs::read(path).unwrap();
+    let ctx = path.display();
+    assert!(b.len() > 32, "{ctx}: too short");
+    assert_eq!(&b[0..4], b"DKIF", "{ctx}: signature");
+    assert_eq!(u16::from_le_bytes([b[4], b[5]]), 0, "{ctx}: version");
+    assert_eq!(u16::from_le_bytes([b[6], b[7]]), 32, "{ctx}: header size");
+    assert_eq!(&b[8..12], b"VP80", "{ctx}: fourcc");
+    assert_eq!((u16::from_le_bytes([b[12], b[13]]), u16::from_le_bytes([b[14], b[15]])), (w, h), "{ctx}: size");
+    let rate = u32::from_le_bytes(b[16..20].try_into().unwrap());
+    let scale = u32::from_le_bytes(b[20..24].try_into().unwrap());
+    assert!(rate > 0 && scale > 0, "{ctx}: timebase");
+    let count = u32::from_le_bytes(b[24..28].try_into().unwrap()) as usize;
+    let mut dec = Vp8Decoder::new().unwrap();
+    let (mut o, mut n, mut last_pts) = (32usize, 0usize, 0u64);
+    while o < b.len() {
+        assert!(o + 12 <= b.len(), "{ctx}: frame {n} header cut short");
+        let size = u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+        let pts = u64::from_le_bytes(b[o + 4..o + 12].try_into().unwrap());
+        assert!(size > 3 && o + 12 + size <= b.len(), "{ctx}: frame {n} size {size}");
+        assert!(n == 0 || pts >= last_pts, "{ctx}: frame {n} pts goes back");
+        let f = &b[o + 12..o + 12 + size];
+        // VP8 frame tag (RFC 6386 9.1): keyframe bit, version 0-3, show_frame, first partition inside the frame.
+        let tag = u32::from_le_bytes([f[0], f[1], f[2], 0]);
+        let key = tag & 1 == 0;
+        assert!((tag >> 1) & 7 <= 3, "{ctx}: frame {n} version");
+        assert!((tag >> 5) as usize <= size, "{ctx}: frame {n} first partition size");
+        if n == 0 {
+            assert!(key, "{ctx}: the recording starts with a keyframe");
+        }
+        if key {
+            assert_eq!(&f[3..6], &[0x9d, 0x01, 0x2a], "{ctx}: frame {n} keyframe start code");
+        }
+        let pic = dec.decode(f).unwrap_or_else(|e| panic!("{ctx}: frame {n}: {e}"));
+        assert_eq!(pic, Some((w as u32, h as u32)), "{ctx}: frame {n} decodes to a picture");
+        last_pts = pts;
+        o += 12 + size;
+        n += 1;
+    }
+    assert_eq!(count, n, "{ctx}: frame count in the header");
+    n
+}
+
+fn ivf_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "ivf")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_peers_send_record_and_chat() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let dir = temp_dir("two");
+    let (da, db) = (dir.join("alice"), dir.join("bob"));
+    let common = ["--send", "testsrc", "--chat", "--duration", "8s"];
+    let mut alice = PeerProc::start(&url, "two", "alice", &[&common[..], &["--record", da.to_str().unwrap()]].concat());
+    let alice_id = alice.id();
+    let mut bob = PeerProc::start(&url, "two", "bob", &[&common[..], &["--record", db.to_str().unwrap()]].concat());
+    let bob_id = bob.id();
+
+    alice.wait_for("connected", |l| l == format!("peer {bob_id} connected"));
+    bob.wait_for("connected", |l| l == format!("peer {alice_id} connected"));
+    alice.wait_for("selected pair", |l| l.starts_with(&format!("peer {bob_id} selected pair host 127.0.0.1:")));
+    alice.wait_for("chat channel", |l| l == format!("peer {bob_id} chat open"));
+    bob.wait_for("chat channel", |l| l == format!("peer {alice_id} chat open"));
+    alice.say("hello from alice");
+    bob.say("hi from bob, with ünïcode");
+    bob.wait_for("alice's chat", |l| l == "chat alice: hello from alice");
+    alice.wait_for("bob's chat", |l| l == "chat bob: hi from bob, with ünïcode");
+
+    assert_eq!(alice.wait_exit(), 0, "alice:\n{}", alice.output());
+    assert_eq!(bob.wait_exit(), 0, "bob:\n{}", bob.output());
+
+    for (me, dir, other, other_id) in [(&alice, &da, "bob", &bob_id), (&bob, &db, "alice", &alice_id)] {
+        let files = ivf_files(dir);
+        assert_eq!(files.len(), 1, "{}: one recording: {files:?}", me.name);
+        assert!(files[0].ends_with(format!("{other}-{other_id}.ivf")), "{files:?}");
+        let n = check_ivf(&files[0], 320, 240);
+        // Media flows for most of the 8 s at 30 fps; ask for 2 s worth so a loaded machine still passes.
+        assert!(n >= 60, "{}: only {n} frames from {other}", me.name);
+        let recorded = me.wait_for("recorded line", |l| l.starts_with(&format!("peer {other_id} recorded ")));
+        assert!(recorded.contains(&format!("recorded {n} frames")), "{recorded}");
+        let fin = me.wait_for("final stats", |l| l.starts_with(&format!("stats final peer={other_id} ")));
+        assert!(fin.contains("connected=true") && fin.contains("chat_in=1"), "{fin}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn peer_rejoins_and_survives_a_server_restart() {
+    let mut server = ServerProc::start(&[]);
+    let addr = server.addr;
+    let url = server.ws_url();
+    let dir = temp_dir("restart");
+    let (da, db) = (dir.join("a"), dir.join("b"));
+    let mut a = PeerProc::start(&url, "re", "anna", &["--send", "testsrc", "--record", da.to_str().unwrap()]);
+    a.id();
+
+    // First visit: B connects, sends video, leaves by itself.
+    let mut b1 = PeerProc::start(&url, "re", "ben", &["--send", "testsrc", "--duration", "3s"]);
+    let b1_id = b1.id();
+    a.wait_for("recording from b1", |l| l.starts_with(&format!("peer {b1_id} recording")));
+    assert_eq!(b1.wait_exit(), 0, "{}", b1.output());
+    a.wait_for("b1 left", |l| l == format!("peer {b1_id} left"));
+
+    // B comes back as a new peer: a new session and a new recording.
+    let mut b2 = PeerProc::start(&url, "re", "ben", &["--send", "testsrc", "--record", db.to_str().unwrap()]);
+    let b2_id = b2.id();
+    assert_ne!(b1_id, b2_id);
+    a.wait_frames_from(&b2_id, 30);
+    let a_id = b2.nth_recording(1);
+    b2.wait_frames_from(&a_id, 30);
+
+    // The server dies and comes back on the same port: both peers reconnect by themselves and media flows again.
+    server.kill();
+    a.wait_for("lost signaling", |l| l.starts_with("signaling: connection lost"));
+    b2.wait_for("lost signaling", |l| l.starts_with("signaling: connection lost"));
+    let _server2 = ServerProc::start_on(&addr.to_string(), &[]);
+    a.wait_n(2, "rejoin", |l| l.starts_with("joined room re as "));
+    b2.wait_n(2, "rejoin", |l| l.starts_with("joined room re as "));
+    // Fresh server, fresh ids: new sessions, new recordings, frames flowing on them.
+    let b3_id = a.nth_recording(3);
+    let a3_id = b2.nth_recording(2);
+    assert!(b3_id != b2_id && a3_id != a_id, "new ids after the restart");
+    a.wait_frames_from(&b3_id, 30);
+    b2.wait_frames_from(&a3_id, 30);
+    a.terminate();
+    b2.terminate();
+    assert_eq!(a.wait_exit(), 0, "{}", a.output());
+    assert_eq!(b2.wait_exit(), 0, "{}", b2.output());
+
+    let files = ivf_files(&da);
+    assert_eq!(files.len(), 3, "a recorded b1, b2, and b2 after the restart: {files:?}");
+    for f in &files {
+        assert!(check_ivf(f, 320, 240) >= 10, "{}", f.display());
+    }
+    let files = ivf_files(&db);
+    assert_eq!(files.len(), 2, "b2 recorded a before and after the restart: {files:?}");
+    for f in &files {
+        assert!(check_ivf(f, 320, 240) >= 10, "{}", f.display());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn exit_codes_say_what_went_wrong() {
+    // Nothing listens there (a server started and stopped): 3.
+    let addr = {
+        let mut s = ServerProc::start(&[]);
+        let a = s.addr;
+        s.kill();
+        a
+    };
+    let mut p = PeerProc::start(&format!("ws://{addr}/ws"), "x", "p", &["--duration", "1s"]);
+    assert_eq!(p.wait_exit(), 3, "{}", p.output());
+
+    // Joined, but nobody came: 4.
+    let server = ServerProc::start(&[]);
+    let mut p = PeerProc::start(&server.ws_url(), "lonely", "p", &["--duration", "1s"]);
+    assert_eq!(p.wait_exit(), 4, "{}", p.output());
+
+    // Refused join (bad room name): 3.
+    let mut p = PeerProc::start(&server.ws_url(), "bad room", "p", &["--duration", "5s"]);
+    assert_eq!(p.wait_exit(), 3, "{}", p.output());
+
+    // Bad command line: 2; unreadable --send file: 1.
+    let st = Command::new(env!("CARGO_BIN_EXE_webcall")).args(["peer", "--room", "r"]).output().unwrap();
+    assert_eq!(st.status.code(), Some(2));
+    let mut p = PeerProc::start(&server.ws_url(), "r", "p", &["--send", "/nonexistent.ivf", "--duration", "1s"]);
+    assert_eq!(p.wait_exit(), 1, "{}", p.output());
+}
