@@ -432,6 +432,38 @@ impl Rooms {
         }
     }
 
+    /// Panics if the internal maps disagree (for fuzzing and tests): every member is a session of that room, every
+    /// session is a member, connections and sessions point at each other, tokens match, rooms are within capacity
+    /// and never empty, live queues are bounded.
+    pub fn check_invariants(&self) {
+        for (name, room) in &self.rooms {
+            assert!(!room.members.is_empty(), "empty room {name} kept");
+            assert!(room.members.len() <= self.cfg.max_peers, "room {name} over capacity");
+            for m in &room.members {
+                assert_eq!(self.peers.get(m).map(|p| &p.room), Some(name), "member {m} of {name} is not its session");
+            }
+        }
+        let members: usize = self.rooms.values().map(|r| r.members.len()).sum();
+        assert_eq!(members, self.peers.len(), "sessions outside any room");
+        for (id, p) in &self.peers {
+            assert_eq!(self.tokens.get(&p.token), Some(id), "token of {id} does not lead back");
+            if let Some(conn) = p.conn {
+                let c = self.conns.get(&conn).expect("session points at a live connection");
+                assert_eq!(c.peer.as_ref(), Some(id), "connection {conn} does not point back at {id}");
+                assert!(p.pending.is_empty(), "a live session keeps no pending frames");
+            } else {
+                assert!(p.pending.len() <= self.cfg.max_queued * 2, "detached queue over its bound");
+            }
+        }
+        assert_eq!(self.tokens.len(), self.peers.len(), "stale resume tokens");
+        for (conn, c) in &self.conns {
+            if let Some(id) = &c.peer {
+                assert_eq!(self.peers.get(id).and_then(|p| p.conn), Some(*conn), "connection {conn} claims {id}");
+            }
+            assert!(c.closing || c.out.len() <= c.limit, "connection {conn} queue over its limit while open");
+        }
+    }
+
     /// The peer id a connection is joined as.
     pub fn peer_of(&self, conn: ConnId) -> Option<&str> {
         self.conns.get(&conn).and_then(|c| c.peer.as_deref())

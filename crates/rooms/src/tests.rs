@@ -28,6 +28,7 @@ impl Harness {
     }
     /// Everything queued for `conn`, parsed.
     fn recv(&mut self, conn: ConnId) -> Vec<Value> {
+        self.rooms.check_invariants();
         let mut buf = Vec::new();
         self.rooms.take(conn, &mut buf);
         buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
