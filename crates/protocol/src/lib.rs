@@ -32,10 +32,11 @@ pub enum ErrorCode {
     ServerFull,
     Unauthorized,
     ServerShutdown,
+    Unavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -50,6 +51,7 @@ impl ErrorCode {
         ErrorCode::ServerFull,
         ErrorCode::Unauthorized,
         ErrorCode::ServerShutdown,
+        ErrorCode::Unavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +70,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server-full",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ServerShutdown => "server-shutdown",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -1,0 +1,611 @@
+//! Cluster mode: the same core on every node, with cluster-wide facts decided elsewhere (see `docs/cluster.md`).
+//!
+//! Off by default. In cluster mode a `join` is not decided here: the core runs its local checks (policy, this
+//! node's room limit) and emits [`ClusterOutput::Join`]; the adapter takes a seat cluster-wide and answers with
+//! [`Rooms::admit`] or [`Rooms::refuse_join`]. Peers of a room that live on other nodes are *remote* members: they
+//! appear in `welcome` and can be addressed, but frames for them leave as [`ClusterOutput::Relay`]. Joins and
+//! leaves on other nodes come in as [`Rooms::remote_join`] / [`Rooms::remote_leave`], their frames as
+//! [`Rooms::remote_deliver`]. A session resumed on another node is handed over with [`Rooms::take_over`] (old
+//! node) and [`Rooms::handover`] (new node), so its queue keeps its order.
+
+use super::*;
+
+/// What the cluster adapter must do; only emitted in cluster mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterOutput {
+    /// Take a seat (or resume a session) cluster-wide, then call [`Rooms::admit`] or [`Rooms::refuse_join`].
+    Join {
+        conn: ConnId,
+        room: String,
+        name: String,
+        password: Option<String>,
+        resume: Option<String>,
+        publish: bool,
+        /// The join policy refused this join: only a resume may proceed; a fresh join is refused with this.
+        refused: Option<ProtocolError>,
+    },
+    /// Deliver `frame` to peer `to`, which lives on another node.
+    Relay { to: Arc<str>, frame: Frame },
+    /// A session of this node ended (bye, grace over, overflow): free its seat and tell the other nodes.
+    Left { id: Arc<str>, room: Arc<str> },
+}
+
+/// How a join was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitKind {
+    /// A new session.
+    Fresh,
+    /// The resume token named a session of this node.
+    Resumed,
+    /// The resume token named a session of another node; its queue comes with [`Rooms::handover`].
+    ResumedFromElsewhere,
+}
+
+/// The cluster's answer to a [`ClusterOutput::Join`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub conn: ConnId,
+    pub kind: AdmitKind,
+    pub id: String,
+    pub token: String,
+    pub room: String,
+    pub name: String,
+    pub publish: bool,
+    /// The room's other members when the seat was taken, in join order.
+    pub peers: Vec<PeerInfo>,
+}
+
+impl Rooms {
+    /// Switches to cluster mode (before any input).
+    pub fn clustered(mut self) -> Self {
+        self.clustered = true;
+        self
+    }
+
+    pub fn poll_cluster_output(&mut self) -> Option<ClusterOutput> {
+        self.cluster_out.pop_front()
+    }
+
+    /// Whether any session of this node is in the room.
+    pub(crate) fn has_local_members(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.members.iter().any(|m| !self.peers[m].remote))
+    }
+
+    /// Drops a room that has only remote members left.
+    pub(crate) fn forget_room(&mut self, room: &str) {
+        if let Some(r) = self.rooms.remove(room) {
+            for m in r.members {
+                self.peers.remove(&m);
+            }
+        }
+    }
+
+    pub(crate) fn cluster_join(&mut self, conn: ConnId, j: Join<'_>, now: Instant) {
+        if self.conns[&conn].joining {
+            let e = ProtocolError::new(ErrorCode::AlreadyJoined, "a join is already under way; wait for its welcome");
+            return self.refuse(conn, e.refers_to("join"), now);
+        }
+        // Resumes skip the policy as on one node, but whether a token is good is only known cluster-wide: the
+        // verdict travels with the join and counts only if it turns out fresh.
+        let (admission, refused) = match self.policy.admit(conn, &j) {
+            Ok(a) => (a, None),
+            Err(e) if j.resume.is_none() => return self.refuse(conn, e.refers_to("join"), now),
+            Err(e) => (Admission::default(), Some(e)),
+        };
+        if !self.rooms.contains_key(&*j.room) && self.rooms.len() >= self.cfg.max_rooms {
+            let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
+            return self.refuse(conn, e.refers_to("join"), now);
+        }
+        let name = admission.name.clone().unwrap_or_else(|| j.name.to_string());
+        self.conns.get_mut(&conn).expect("live").joining = true;
+        self.cluster_out.push_back(ClusterOutput::Join {
+            conn,
+            room: j.room.to_string(),
+            name,
+            password: j.password.as_deref().map(str::to_owned),
+            resume: j.resume.as_deref().map(str::to_owned),
+            publish: admission.publish,
+            refused,
+        });
+    }
+
+    /// The cluster refused a [`ClusterOutput::Join`] (room full, backend unavailable, …).
+    pub fn refuse_join(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
+        self.now = now;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if !std::mem::take(&mut c.joining) || c.closing {
+            return;
+        }
+        self.refuse(conn, e.refers_to("join"), now);
+    }
+
+    /// Makes the room's remote members match `peers` (the cluster's view when the seat was taken), telling local
+    /// members about differences as joins and leaves.
+    fn sync_room(&mut self, room: &str, peers: &[PeerInfo], except: &str) {
+        if let Some(r) = self.rooms.get(room) {
+            let gone: Vec<Arc<str>> = r
+                .members
+                .iter()
+                .filter(|m| self.peers[*m].remote && &***m != except && !peers.iter().any(|p| *p.id == ***m))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.leave(&id);
+            }
+        }
+        for p in peers {
+            if p.id != except && !self.peers.contains_key(p.id.as_str()) {
+                self.add_remote(room, &p.id, &p.name);
+            }
+        }
+    }
+
+    fn add_remote(&mut self, room: &str, id: &str, name: &str) {
+        let id: Arc<str> = Arc::from(id);
+        self.add_remote_silently(room, &id, name);
+        let p = &self.peers[&id];
+        let (room, hello) = (p.room.clone(), Arc::from(encode_hello(&id, &p.name)));
+        self.broadcast(&room, &id, hello);
+    }
+
+    /// The cluster admitted a join this node asked for.
+    pub fn admit(&mut self, a: Admitted, now: Instant) {
+        self.now = now;
+        let live = self.conns.get_mut(&a.conn).filter(|c| c.joining && !c.closing).map(|c| c.joining = false).is_some();
+        let conn = live.then_some(a.conn);
+        self.sync_room(&a.room, &a.peers, &a.id);
+        let id: Arc<str> = Arc::from(a.id.as_str());
+        let local = self.peers.get(&id).is_some_and(|p| !p.remote);
+        match a.kind {
+            AdmitKind::Resumed if local => {
+                self.counters.resumes += 1;
+                match conn {
+                    Some(conn) => self.resume_with(conn, id, a.token),
+                    None => self.peers.get_mut(&id).expect("local").token = a.token,
+                }
+            }
+            AdmitKind::Resumed | AdmitKind::ResumedFromElsewhere => {
+                // Wait for the old node's queue; meanwhile frames for the peer queue here, behind it.
+                self.ensure_local(&a, &id, now);
+                let p = self.peers.get_mut(&id).expect("ensured");
+                p.awaiting = conn;
+                if let Some(conn) = conn {
+                    self.conns.get_mut(&conn).expect("live").joining = true;
+                }
+            }
+            AdmitKind::Fresh => {
+                self.counters.joins += 1;
+                self.ensure_local(&a, &id, now);
+                if let Some(conn) = conn {
+                    self.attach(conn, &id, false, VecDeque::new());
+                }
+                let name = self.peers[&id].name.clone();
+                let room = self.peers[&id].room.clone();
+                self.broadcast(&room, &id, Arc::from(encode_hello(&id, &name)));
+            }
+        }
+    }
+
+    /// Makes `id` a detached local session of `a.room` (grace period running).
+    fn ensure_local(&mut self, a: &Admitted, id: &Arc<str>, now: Instant) {
+        if !self.peers.contains_key(id) {
+            self.add_remote_silently(&a.room, id, &a.name);
+        }
+        let p = self.peers.get_mut(id).expect("ensured");
+        p.remote = false;
+        p.conn = None;
+        p.token = a.token.clone();
+        p.publish = a.publish;
+        p.epoch += 1;
+        let epoch = p.epoch;
+        self.deadlines.push_back((now + self.cfg.resume_grace, id.clone(), epoch));
+    }
+
+    fn add_remote_silently(&mut self, room: &str, id: &Arc<str>, name: &str) {
+        let room: Arc<str> = match self.rooms.get_key_value(room) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(room);
+                self.rooms.insert(k.clone(), Room { members: Vec::new(), password: None });
+                k
+            }
+        };
+        self.peers.insert(
+            id.clone(),
+            Peer {
+                name: Arc::from(name),
+                room: room.clone(),
+                conn: None,
+                token: String::new(),
+                pending: VecDeque::new(),
+                epoch: 0,
+                publish: true,
+                remote: true,
+                awaiting: None,
+            },
+        );
+        self.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
+    }
+
+    /// Puts a detached local session on `conn`: welcome, then `backlog`, then what queued while detached.
+    fn attach(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool, mut backlog: VecDeque<Frame>) {
+        let p = self.peers.get_mut(id).expect("local");
+        p.conn = Some(conn);
+        p.epoch += 1; // cancels the expiry
+        backlog.extend(p.pending.drain(..));
+        let c = self.conns.get_mut(&conn).expect("live");
+        c.peer = Some(id.clone());
+        c.joining = false;
+        c.limit = self.cfg.max_queued + backlog.len() + 1;
+        self.welcome(conn, id, resumed);
+        for frame in backlog {
+            self.push(conn, frame);
+        }
+    }
+
+    /// Peer `id` joined `room` on another node. Ignored when no session of this node is in that room.
+    pub fn remote_join(&mut self, room: &str, id: &str, name: &str, now: Instant) {
+        self.now = now;
+        if self.peers.contains_key(id) || !self.has_local_members(room) {
+            return;
+        }
+        self.add_remote(room, id, name);
+    }
+
+    /// Remote peer `id` left its room: the local members get `bye`.
+    pub fn remote_leave(&mut self, id: &str, now: Instant) {
+        self.now = now;
+        let Some((id, p)) = self.peers.get_key_value(id) else { return };
+        if p.remote {
+            let id = id.clone();
+            self.leave(&id);
+        }
+    }
+
+    /// A frame from another node for local peer `to`. `false`: no such local session.
+    pub fn remote_deliver(&mut self, to: &str, frame: Frame, now: Instant) -> bool {
+        self.now = now;
+        if !self.peers.get(to).is_some_and(|p| !p.remote) {
+            return false;
+        }
+        self.deliver(to, frame)
+    }
+
+    /// Local session `id` was resumed on another node: it becomes a remote member here, its open connection (if
+    /// any) is closed as on a local resume, and everything it had not been sent is returned, in order, for the new
+    /// node.
+    pub fn take_over(&mut self, id: &str, now: Instant) -> Vec<Frame> {
+        self.now = now;
+        let Some((id, p)) = self.peers.get_key_value(id) else { return Vec::new() };
+        if p.remote {
+            return Vec::new();
+        }
+        let id = id.clone();
+        let (conn, awaiting) = {
+            let p = self.peers.get_mut(&id).expect("found");
+            (p.conn.take(), p.awaiting.take())
+        };
+        let mut frames = VecDeque::new();
+        if let Some(old) = conn {
+            if let Some(c) = self.conns.get_mut(&old) {
+                c.peer = None;
+                frames = std::mem::take(&mut c.out);
+            }
+            self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
+        }
+        if let Some(waiting) = awaiting {
+            self.refuse_join(waiting, ProtocolError::new(ErrorCode::AlreadyJoined, "this session was resumed elsewhere"), now);
+        }
+        let p = self.peers.get_mut(&id).expect("found");
+        frames.extend(p.pending.drain(..));
+        p.remote = true;
+        p.epoch += 1;
+        p.token.clear();
+        let room = p.room.clone();
+        if !self.has_local_members(&room) {
+            self.forget_room(&room);
+        }
+        frames.into()
+    }
+
+    /// The old node's queue for a session resumed here (empty if the old node could not send it in time): the
+    /// waiting connection gets its welcome, these frames, then what queued here since.
+    pub fn handover(&mut self, id: &str, frames: Vec<Frame>, now: Instant) {
+        self.now = now;
+        let Some((id, p)) = self.peers.get_key_value(id) else { return };
+        if p.remote {
+            return;
+        }
+        let id = id.clone();
+        let p = self.peers.get_mut(&id).expect("found");
+        let Some(conn) = p.awaiting.take() else { return };
+        self.counters.resumes += 1;
+        let backlog: VecDeque<Frame> = frames.into();
+        let live = self.conns.get(&conn).is_some_and(|c| c.joining && !c.closing);
+        if live {
+            self.attach(conn, &id, true, backlog);
+        } else {
+            let p = self.peers.get_mut(&id).expect("found");
+            let mut pending = backlog;
+            pending.extend(p.pending.drain(..));
+            p.pending = pending;
+        }
+    }
+
+    /// Sessions waiting for a handover, for the adapter's timeout.
+    pub fn awaiting_handover(&self) -> impl Iterator<Item = &str> {
+        self.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
+    }
+
+    /// The cluster lost this node's state (it was presumed dead, or the store was wiped): every session here ends
+    /// without `bye` (the others' sessions ended too), joined and joining connections are closed so clients join
+    /// again, and nothing else is emitted.
+    pub fn reset(&mut self, now: Instant) {
+        self.now = now;
+        let conns: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| (c.peer.is_some() || c.joining) && !c.closing).map(|(k, _)| *k).collect();
+        for conn in conns {
+            let c = self.conns.get_mut(&conn).expect("listed");
+            c.peer = None;
+            c.joining = false;
+            self.close(conn, close::CLUSTER_RESET, "cluster state lost; join again");
+        }
+        self.peers.clear();
+        self.rooms.clear();
+        self.tokens.clear();
+        self.deadlines.clear();
+        self.cluster_out.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// One node of a simulated cluster, driven by hand.
+    struct Node {
+        rooms: Rooms,
+        now: Instant,
+        next_conn: ConnId,
+    }
+
+    impl Node {
+        fn new() -> Node {
+            let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
+            Node { rooms: Rooms::new(cfg, Box::new(|_: &str| Vec::new())).clustered(), now: Instant::now(), next_conn: 1 }
+        }
+        fn connect(&mut self) -> ConnId {
+            let c = self.next_conn;
+            self.next_conn += 1;
+            self.rooms.connect(c, self.now);
+            c
+        }
+        fn send(&mut self, conn: ConnId, v: Value) {
+            self.rooms.message(conn, &v.to_string(), self.now);
+        }
+        fn recv(&mut self, conn: ConnId) -> Vec<Value> {
+            let mut buf = Vec::new();
+            self.rooms.take(conn, &mut buf);
+            buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
+        }
+        fn cluster(&mut self) -> Vec<ClusterOutput> {
+            std::iter::from_fn(|| self.rooms.poll_cluster_output()).collect()
+        }
+        /// Joins through the (simulated) cluster: returns the conn after its welcome.
+        fn join(&mut self, room: &str, id: &str, peers: &[(&str, &str)]) -> ConnId {
+            let c = self.connect();
+            self.send(c, json!({"type":"join","room":room,"name":id}));
+            let out = self.cluster();
+            assert!(matches!(&out[..], [ClusterOutput::Join { conn, .. }] if *conn == c), "{out:?}");
+            self.rooms.admit(admitted(c, AdmitKind::Fresh, id, room, peers), self.now);
+            let w = self.recv(c);
+            assert_eq!(w[0]["type"], "welcome");
+            assert_eq!(w[0]["id"], id);
+            c
+        }
+    }
+
+    fn admitted(conn: ConnId, kind: AdmitKind, id: &str, room: &str, peers: &[(&str, &str)]) -> Admitted {
+        Admitted {
+            conn,
+            kind,
+            id: id.into(),
+            token: format!("tok-{id}"),
+            room: room.into(),
+            name: id.into(),
+            publish: true,
+            peers: peers.iter().map(|(i, n)| PeerInfo { id: (*i).into(), name: (*n).into() }).collect(),
+        }
+    }
+
+    #[test]
+    fn join_waits_for_the_cluster_and_welcome_lists_remote_peers() {
+        let mut n = Node::new();
+        let c = n.connect();
+        n.send(c, json!({"type":"join","room":"r","name":"Bob"}));
+        assert!(n.recv(c).is_empty(), "no welcome before the seat is taken");
+        let out = n.cluster();
+        assert!(matches!(&out[..], [ClusterOutput::Join { room, name, resume: None, .. }] if room == "r" && name == "Bob"));
+        n.send(c, json!({"type":"join","room":"r"}));
+        assert_eq!(n.recv(c)[0]["code"], "already-joined");
+        n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "Alice")]), n.now);
+        let w = n.recv(c);
+        assert_eq!(w[0]["peers"], json!([{"id":"A","name":"Alice"}]));
+        assert_eq!(w[0]["resume"], "tok-B");
+        // A relay to the remote peer leaves as a cluster output.
+        n.send(c, json!({"type":"offer","to":"A","sdp":"x"}));
+        let out = n.cluster();
+        assert!(matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#)));
+    }
+
+    #[test]
+    fn refused_join_leaves_the_connection_usable() {
+        let mut n = Node::new();
+        let c = n.connect();
+        n.send(c, json!({"type":"join","room":"r"}));
+        n.cluster();
+        n.rooms.refuse_join(c, ProtocolError::new(ErrorCode::RoomFull, "full"), n.now);
+        let e = n.recv(c);
+        assert_eq!(e[0]["code"], "room-full");
+        assert_eq!(e[0]["ref"], "join");
+        n.send(c, json!({"type":"join","room":"s"}));
+        assert_eq!(n.cluster().len(), 1);
+    }
+
+    #[test]
+    fn remote_joins_and_leaves_reach_local_members_only_once() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[]);
+        n.rooms.remote_join("r", "B", "Bob", n.now);
+        n.rooms.remote_join("r", "B", "Bob", n.now);
+        assert_eq!(n.recv(a), vec![json!({"type":"hello","from":"B","name":"Bob"})]);
+        // Rooms with no local member are not tracked.
+        n.rooms.remote_join("other", "C", "C", n.now);
+        assert_eq!(n.rooms.stats().rooms, 1);
+        n.rooms.remote_deliver("A", Arc::from(r#"{"type":"offer","from":"B","sdp":"x"}"#), n.now);
+        assert_eq!(n.recv(a)[0]["type"], "offer");
+        n.rooms.remote_leave("B", n.now);
+        n.rooms.remote_leave("B", n.now);
+        assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
+        assert!(n.cluster().is_empty(), "remote events are not echoed to the cluster");
+    }
+
+    #[test]
+    fn local_leave_is_reported_and_forgets_remote_only_rooms() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[("X", "x")]);
+        let b = n.join("r", "B", &[("X", "x"), ("A", "A")]);
+        assert_eq!(n.recv(a), vec![json!({"type":"hello","from":"B","name":"B"})]);
+        n.send(b, json!({"type":"bye"}));
+        assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
+        let out = n.cluster();
+        assert!(matches!(&out[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
+        n.rooms.disconnect(a, n.now);
+        n.now += Duration::from_secs(6);
+        n.rooms.tick(n.now);
+        assert!(matches!(&n.cluster()[..], [ClusterOutput::Left { id, .. }] if &**id == "A"));
+        assert_eq!(n.rooms.stats(), Stats { connections: 1, rooms: 0, peers: 0, detached_peers: 0 });
+    }
+
+    #[test]
+    fn welcome_snapshot_corrects_a_stale_view() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[("X", "x")]);
+        // The cluster says X is gone and Y is there: A hears it as bye and hello.
+        n.join("r", "B", &[("A", "A"), ("Y", "y")]);
+        let got = n.recv(a);
+        assert!(got.contains(&json!({"type":"bye","from":"X"})), "{got:?}");
+        assert!(got.contains(&json!({"type":"hello","from":"Y","name":"y"})), "{got:?}");
+        assert_eq!(got.last().unwrap(), &json!({"type":"hello","from":"B","name":"B"}));
+    }
+
+    #[test]
+    fn resume_on_another_node_keeps_the_queue_in_order() {
+        let (mut old, mut new) = (Node::new(), Node::new());
+        let p = old.join("r", "P", &[("S", "s")]);
+        old.rooms.disconnect(p, old.now);
+        old.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), old.now);
+        // P resumes on `new`, which hears of it before the old node's queue arrives.
+        let c = new.connect();
+        new.send(c, json!({"type":"join","room":"r","resume":"tok-P"}));
+        assert!(matches!(&new.cluster()[..], [ClusterOutput::Join { resume: Some(t), .. }] if t == "tok-P"));
+        new.rooms.admit(admitted(c, AdmitKind::ResumedFromElsewhere, "P", "r", &[("S", "s")]), new.now);
+        assert!(new.recv(c).is_empty(), "welcome waits for the handover");
+        new.rooms.remote_deliver("P", Arc::from(r#"{"n":3}"#), new.now);
+        old.rooms.remote_deliver("P", Arc::from(r#"{"n":2}"#), old.now);
+        let frames = old.rooms.take_over("P", old.now);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(old.rooms.stats().peers, 0, "the old node forgets a room it has no session in");
+        assert!(old.cluster().is_empty(), "a hand-over is not a leave");
+        assert_eq!(new.rooms.awaiting_handover().collect::<Vec<_>>(), vec!["P"]);
+        new.rooms.handover("P", frames, new.now);
+        let got = new.recv(c);
+        assert_eq!(got[0]["type"], "welcome");
+        assert_eq!(got[0]["resumed"], true);
+        assert_eq!(got[0]["peers"], json!([{"id":"S","name":"s"}]));
+        assert_eq!(&got[1..], &[json!({"n":1}), json!({"n":2}), json!({"n":3})]);
+        // Its grace deadline no longer applies.
+        new.now += Duration::from_secs(6);
+        new.rooms.tick(new.now);
+        assert_eq!(new.rooms.stats().peers, 2);
+    }
+
+    #[test]
+    fn take_over_closes_a_still_open_old_connection() {
+        let mut n = Node::new();
+        let p = n.join("r", "P", &[]);
+        n.rooms.remote_join("r", "S", "s", n.now);
+        n.recv(p);
+        n.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), n.now);
+        let frames = n.rooms.take_over("P", n.now);
+        assert_eq!(frames.len(), 1);
+        let closes: Vec<Output> = std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| matches!(o, Output::Close { .. })).collect();
+        assert_eq!(closes, vec![Output::Close { conn: p, code: close::RESUMED_ELSEWHERE, reason: "resumed elsewhere" }]);
+    }
+
+    #[test]
+    fn resume_on_the_same_node() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[]);
+        let b = n.join("r", "B", &[("A", "A")]);
+        n.rooms.disconnect(b, n.now);
+        n.send(a, json!({"type":"offer","to":"B","sdp":"queued"}));
+        let c = n.connect();
+        n.send(c, json!({"type":"join","room":"r","resume":"tok-B"}));
+        n.cluster();
+        n.rooms.admit(admitted(c, AdmitKind::Resumed, "B", "r", &[("A", "A")]), n.now);
+        let got = n.recv(c);
+        assert_eq!(got[0]["resumed"], true);
+        assert_eq!(got[0]["resume"], "tok-B");
+        assert_eq!(got[1]["sdp"], "queued");
+    }
+
+    #[test]
+    fn admitted_after_the_connection_dropped_is_a_detached_session() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[]);
+        let c = n.connect();
+        n.send(c, json!({"type":"join","room":"r"}));
+        n.cluster();
+        n.rooms.disconnect(c, n.now);
+        n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "A")]), n.now);
+        assert_eq!(n.recv(a)[0]["type"], "hello");
+        n.now += Duration::from_secs(6);
+        n.rooms.tick(n.now);
+        assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
+        assert!(matches!(&n.cluster()[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
+    }
+
+    #[test]
+    fn reset_closes_joined_and_joining_connections_and_forgets_everything() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[("X", "x")]);
+        let j = n.connect();
+        n.send(j, json!({"type":"join","room":"r"}));
+        let idle = n.connect();
+        std::iter::from_fn(|| n.rooms.poll_output()).count();
+        n.rooms.reset(n.now);
+        let mut closed: Vec<ConnId> = std::iter::from_fn(|| n.rooms.poll_output())
+            .filter_map(|o| match o {
+                Output::Close { conn, code: close::CLUSTER_RESET, .. } => Some(conn),
+                _ => None,
+            })
+            .collect();
+        closed.sort();
+        assert_eq!(closed, vec![a, j]);
+        assert!(!closed.contains(&idle));
+        assert_eq!(n.rooms.stats().peers, 0);
+        assert!(n.cluster().is_empty());
+    }
+
+    #[test]
+    fn single_node_mode_emits_no_cluster_output() {
+        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()));
+        let now = Instant::now();
+        r.connect(1, now);
+        r.message(1, r#"{"type":"join","room":"r"}"#, now);
+        r.message(1, r#"{"type":"bye"}"#, now);
+        assert!(r.poll_cluster_output().is_none());
+    }
+}
