@@ -37,9 +37,13 @@ cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads="${WEBCALL_TEST_THREADS:-4}"
 
 # --- browser and end-to-end tests (Node's test runner driving Debian's chromium) ---------------------------------
+# Chromium's ICE offers every interface's address as a candidate, so the browsers run in a network namespace that
+# has only loopback: nothing in these tests can reach anything but 127.0.0.1 (the tests refuse to run otherwise).
 if [ -d tests/e2e ]; then
-  log "end-to-end tests (headless chromium)"
+  log "end-to-end tests (headless chromium, loopback-only network namespace)"
   cargo build --locked -p webcall
-  node --test --test-concurrency=1 tests/e2e/
+  mkdir -p test-artifacts
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO unshare --net sh -c 'ip link set lo up && exec node --test --test-concurrency=1 tests/e2e/'
 fi
 log "all tests passed"

@@ -130,23 +130,32 @@ describe('two-party call', () => {
   });
 
   it('screen share reaches the other side', async () => {
-    const before = await bob.evaluate((id) => window.webcall.call.peers.get(id).stats?.videoIn, aliceId);
+    // Chromium's fake screen has bright green squares in its corners; the fake camera's corners are dark green.
+    // Read the top-left pixel of the frames Bob receives from Alice.
+    const corner = (id) => {
+      const v = document.querySelector(`.tile[data-peer="${id}"] video`);
+      if (!(v instanceof HTMLVideoElement) || !v.videoWidth) return null;
+      const c = document.createElement('canvas');
+      c.width = v.videoWidth;
+      c.height = v.videoHeight;
+      const ctx = c.getContext('2d', { willReadFrequently: true });
+      ctx.drawImage(v, 0, 0);
+      const [r, g, b] = ctx.getImageData(4, 4, 1, 1).data;
+      return { r, g, b };
+    };
+    const camera = await bob.evaluate(corner, aliceId);
+    assert.ok(camera && camera.g < 200, `camera corner ${JSON.stringify(camera)}`);
+
     await alice.click('#btn-screen');
     await until(alice, () => window.webcall.call.screenSharing, undefined, 10000);
     await until(bob, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.screen === 'on', aliceId);
-    // The fake screen has another size than the fake camera: the decoded resolution changes.
-    await until(
-      bob,
-      ({ id, w, h }) => {
-        const v = document.querySelector(`.tile[data-peer="${id}"] video`);
-        return v.videoWidth > 0 && (v.videoWidth !== w || v.videoHeight !== h);
-      },
-      { id: aliceId, w: before?.width ?? 0, h: before?.height ?? 0 },
-    );
+    await until(bob, `(${corner})(${JSON.stringify(aliceId)})?.g > 220`);
     await decodesVideoFrom(bob, aliceId);
     await screenshot(bob, 'call-bob-sees-screen.png');
+
     await alice.click('#btn-screen');
     await until(bob, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.screen === 'off', aliceId);
+    await until(bob, `(${corner})(${JSON.stringify(aliceId)})?.g < 200`);
   });
 
   it('hang up makes the other page show the peer gone', async () => {

@@ -156,7 +156,6 @@ localTile.classList.add('local');
 localTile.dataset.state = 'connected';
 const localVideo = /** @type {HTMLVideoElement} */ (localTile.querySelector('video'));
 localVideo.muted = true;
-localVideo.srcObject = call.localStream;
 
 function renderLocal() {
   const st = call.mediaState();
@@ -164,9 +163,10 @@ function renderLocal() {
   localTile.dataset.video = st.video ? 'on' : 'off';
   localTile.dataset.screen = st.screen ? 'on' : 'off';
   /** @type {HTMLElement} */ (localTile.querySelector('.tag')).textContent = st.screen ? 'Presenting' : '';
-  // Re-attach so the element shows a track that was added to the stream.
-  if (localVideo.srcObject !== call.localStream) localVideo.srcObject = call.localStream;
-  localVideo.play().catch(() => {});
+  // Only attach a stream that has video: a <video> with an empty stream would delay the page's load event forever.
+  const src = call.localStream.getVideoTracks().length ? call.localStream : null;
+  if (localVideo.srcObject !== src) localVideo.srcObject = src;
+  if (src) localVideo.play().catch(() => {});
   setCtl('btn-mic', !!call.tracks.mic && call.micEnabled, call.micEnabled ? 'Mute microphone (m)' : 'Unmute microphone (m)');
   setCtl('btn-cam', call.cameraEnabled && !!call.tracks.camera, call.cameraEnabled ? 'Turn camera off (c)' : 'Turn camera on (c)');
   setCtl('btn-screen', st.screen, st.screen ? 'Stop sharing' : 'Share screen');
@@ -199,7 +199,8 @@ function renderPeer(peer) {
   tile.dataset.screen = peer.remoteMedia.screen ? 'on' : 'off';
   /** @type {HTMLElement} */ (tile.querySelector('.tag')).textContent = peer.remoteMedia.screen ? 'Presenting' : '';
   const video = /** @type {HTMLVideoElement} */ (tile.querySelector('video'));
-  if (video.srcObject !== peer.remoteStream) {
+  // Attach once there are tracks (an empty stream would hold the page's load event).
+  if (video.srcObject !== peer.remoteStream && peer.remoteStream.getTracks().length) {
     video.srcObject = peer.remoteStream;
   }
   if (video.paused && peer.remoteStream.getTracks().length) {

@@ -1,0 +1,157 @@
+// Room capacity, meshes, and joining without (some) local media.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  assertLoopbackOnly,
+  connectedPeers,
+  decodesVideoFrom,
+  launchBrowser,
+  openPage,
+  snapshot,
+  startServer,
+  uniqueRoom,
+  until,
+} from './helpers.mjs';
+
+/** @type {import('playwright-core').Browser} */
+let browser;
+before(async () => {
+  assertLoopbackOnly();
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+});
+
+/** Closes the contexts of the given pages (each page is alone in its context). */
+const closeAll = (pages) => Promise.all(pages.map((p) => p.context().close()));
+
+describe('capacity-2 room', () => {
+  let server;
+  before(async () => {
+    server = await startServer({ args: ['--max-peers', '2'] });
+  });
+  after(async () => server?.kill());
+
+  it('a third page sees the room-full message and the call of the two goes on', async () => {
+    const room = uniqueRoom('full');
+    const a = await openPage(browser, `${server.url}/r/${room}?name=A`);
+    await until(a, () => window.webcall?.call.state === 'in-call');
+    const b = await openPage(browser, `${server.url}/r/${room}?name=B`);
+    await connectedPeers(a, 1);
+    await connectedPeers(b, 1);
+    const c = await openPage(browser, `${server.url}/r/${room}?name=C`);
+    await until(c, () => {
+      const o = document.querySelector('#overlay');
+      return o && !o.hidden && o.dataset.kind === 'room-full';
+    });
+    assert.match(await c.textContent('#overlay-title'), /room is full/i);
+    const sc = await snapshot(c);
+    assert.equal(sc.state, 'failed');
+    assert.equal(sc.peers.length, 0);
+    // No retry loop against a full room, and the two others are untouched.
+    assert.equal(sc.signaling, 'failed');
+    await connectedPeers(a, 1);
+    await connectedPeers(b, 1);
+    await closeAll([a, b, c]);
+  });
+});
+
+describe('capacity-4 room', () => {
+  let server;
+  before(async () => {
+    server = await startServer({ args: ['--max-peers', '4'] });
+  });
+  after(async () => server?.kill());
+
+  it('three pages form a mesh: each has two connected peers and decodes both', async () => {
+    const room = uniqueRoom('mesh');
+    const pages = [];
+    for (const name of ['One', 'Two', 'Three']) {
+      const p = await openPage(browser, `${server.url}/r/${room}?name=${name}`);
+      await until(p, () => window.webcall?.call.state === 'in-call');
+      pages.push(p);
+    }
+    const ids = await Promise.all(pages.map((p) => p.evaluate(() => window.webcall.call.id)));
+    for (const [i, p] of pages.entries()) {
+      const peers = await connectedPeers(p, 2, 30000);
+      assert.deepEqual([...peers].sort(), ids.filter((_, j) => j !== i).sort());
+      for (const id of peers) await decodesVideoFrom(p, id, 5, 30000);
+      assert.equal(await p.textContent('#people'), '3');
+    }
+    await closeAll(pages);
+  });
+});
+
+describe('joining without local media', () => {
+  let server;
+  before(async () => {
+    server = await startServer();
+  });
+  after(async () => server?.kill());
+
+  it('camera denied: joins audio-only with a clear message; the other side gets its audio', async () => {
+    const room = uniqueRoom('nocam');
+    const a = await openPage(browser, `${server.url}/r/${room}?name=Cam`);
+    await until(a, () => window.webcall?.call.state === 'in-call');
+    const ctx = await browser.newContext({ permissions: ['camera', 'microphone'] });
+    await ctx.addInitScript(() => {
+      const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+      navigator.mediaDevices.getUserMedia = async (c) => {
+        if (c && c.video) throw new DOMException('Permission denied', 'NotAllowedError');
+        return real(c);
+      };
+    });
+    const b = await ctx.newPage();
+    await b.goto(`${server.url}/r/${room}?name=NoCam`);
+    const [aId] = await connectedPeers(b, 1);
+    const [bId] = await connectedPeers(a, 1);
+    const banner = await until(b, () => {
+      const el = document.querySelector('#banner');
+      return el && !el.hidden && el.dataset.kind === 'media' ? el.textContent : false;
+    });
+    assert.match(banner, /camera/i);
+    assert.match(banner, /denied/i);
+    assert.match(banner, /audio only/i);
+    // B still sees A, and A gets B's audio (and shows B's avatar: no video).
+    await decodesVideoFrom(b, aId);
+    await until(a, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.video === 'off', bId);
+    await until(
+      a,
+      async (id) => {
+        let n = 0;
+        (await window.webcall.call.peers.get(id).pc.getStats()).forEach((s) => {
+          if (s.type === 'inbound-rtp' && s.kind === 'audio') n = s.packetsReceived ?? 0;
+        });
+        return n > 20;
+      },
+      bId,
+    );
+    await closeAll([a, b]);
+  });
+
+  it('?audio=0&video=0 joins receive-only and still sees and hears the other side', async () => {
+    const room = uniqueRoom('recv');
+    const a = await openPage(browser, `${server.url}/r/${room}?name=Sender`);
+    await until(a, () => window.webcall?.call.state === 'in-call');
+    const b = await openPage(browser, `${server.url}/r/${room}?name=Watcher&audio=0&video=0`);
+    const [aId] = await connectedPeers(b, 1);
+    await connectedPeers(a, 1);
+    const sb = await snapshot(b);
+    assert.deepEqual(sb.media, { type: 'media', audio: false, video: false, screen: false });
+    await decodesVideoFrom(b, aId);
+    await closeAll([a, b]);
+  });
+
+  it('a browser without WebRTC gets the unsupported-browser message', async () => {
+    const ctx = await browser.newContext();
+    await ctx.addInitScript(() => {
+      delete window.RTCPeerConnection;
+    });
+    const p = await ctx.newPage();
+    await p.goto(`${server.url}/r/${uniqueRoom('old')}`);
+    await until(p, () => document.querySelector('#overlay')?.dataset.kind === 'unsupported');
+    assert.match(await p.textContent('#overlay-text'), /WebRTC/);
+    await ctx.close();
+  });
+});
