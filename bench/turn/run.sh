@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Relay benchmark: webcall's TURN server vs coturn's turnserver, same load from coturn's turnutils_uclient
+# against the same turnutils_peer echo peer, on loopback only. Measures relayed packets/s and bytes/s,
+# loss, and server CPU time (utime+stime from /proc/PID/stat, all threads) during each load run.
+#
+#   bench/turn/run.sh                      # defaults below
+#   N=5000 M=10 L=200 Z=0 bench/turn/run.sh
+#
+# Needs: cargo, coturn (apt-get install -y coturn). Every process it starts is killed on exit; each load
+# run is bounded by `timeout`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+N=${N:-2000}          # messages per client
+M=${M:-10}            # clients (allocations)
+L=${L:-200}           # payload bytes
+ZS=${ZS:-"1 0"}       # per-client send interval in ms; 0 = as fast as uclient can
+ROUNDS=${ROUNDS:-2}   # alternating rounds per server and interval
+MODE=${MODE:-""}      # extra uclient flags, e.g. "-t" (TCP) or "-s" (Send indications)
+SECRET=bench-secret
+WC_PORT=${WC_PORT:-34578}
+CT_PORT=${CT_PORT:-34478}
+PEER_PORT=${PEER_PORT:-34480}
+TICK=$(getconf CLK_TCK)
+
+for b in turnserver turnutils_uclient turnutils_peer; do
+  command -v "$b" >/dev/null || { echo "missing $b: apt-get install -y coturn" >&2; exit 1; }
+done
+
+cargo build --release -q -p webcall-turn --example turn_server
+WC_BIN=target/release/examples/turn_server
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >/dev/null 2>&1 & PIDS+=($!)
+
+"$WC_BIN" --turn-listen "127.0.0.1:$WC_PORT" --turn-secret "$SECRET" --turn-allow-peer 127.0.0.0/8 \
+  --turn-relay-ports 45000-45999 --turn-user-quota 100000 --turn-total-quota 100000 --legacy-channel-numbers \
+  >"$TMP/webcall.log" 2>&1 & WC_PID=$!; PIDS+=($WC_PID)
+
+turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port="$CT_PORT" \
+  --use-auth-secret --static-auth-secret="$SECRET" --realm=webcall --allow-loopback-peers \
+  --no-cli --no-tls --no-dtls --min-port=46000 --max-port=46999 --log-file="$TMP/coturn.log" \
+  >/dev/null 2>&1 & CT_PID=$!; PIDS+=($CT_PID)
+sleep 1
+kill -0 "$WC_PID" && kill -0 "$CT_PID" || { echo "a server did not start" >&2; cat "$TMP"/*.log >&2; exit 1; }
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+now() { date +%s.%N; }
+
+# run NAME PID PORT Z -> appends "name z sent recv bytes lost wall cpu" to $TMP/results
+run() {
+  local name=$1 pid=$2 port=$3 z=$4
+  local c0 c1 t0 t1 out
+  c0=$(cpu_ticks "$pid"); t0=$(now)
+  out=$(timeout 120 turnutils_uclient $MODE -c -X -W "$SECRET" -u bench -e 127.0.0.1 -r "$PEER_PORT" \
+        -n "$N" -m "$M" -l "$L" -z "$z" -p "$port" 127.0.0.1 2>&1) || true
+  t1=$(now); c1=$(cpu_ticks "$pid")
+  local sent recv rbytes lost
+  sent=$(grep -o 'start_mclient: tot_send_msgs=[0-9]*' <<<"$out" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  recv=$(grep -o 'tot_recv_msgs=[0-9]*$' <<<"$out" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  rbytes=$(grep -o 'tot_recv_bytes ~ [0-9]*$' <<<"$out" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  lost=$(grep -o 'Total lost packets [0-9]*' <<<"$out" | grep -o '[0-9]*$' || echo NA)
+  echo "$name $z ${sent:-0} ${recv:-0} ${rbytes:-0} $lost $(echo "$t1 - $t0" | bc -l) $(( c1 - c0 ))" >>"$TMP/results"
+}
+
+echo "load: $M clients x $N msgs x $L B, uclient flags: ${MODE:-(UDP, channels)} -c -X; intervals: $ZS ms; $ROUNDS rounds"
+for z in $ZS; do
+  for r in $(seq "$ROUNDS"); do
+    run webcall "$WC_PID" "$WC_PORT" "$z"
+    run coturn "$CT_PID" "$CT_PORT" "$z"
+  done
+done
+
+echo
+awk -v tick="$TICK" '
+  { k=$1" "$2; sent[k]+=$3; recv[k]+=$4; bytes[k]+=$5; lost[k]+=($6=="NA"?0:$6); bad[k]+=($6=="NA"); wall[k]+=$7; cpu[k]+=$8/tick; zs[$2]=1 }
+  END {
+    printf "%-8s %4s %9s %9s %7s %9s %11s %8s %12s\n", "server", "z", "sent", "recv", "lost", "relay_pps", "relay_MB/s", "cpu_s", "cpu_us/pkt"
+    for (z in zs) for (s = 0; s < 2; s++) {
+      n = (s == 0 ? "webcall" : "coturn"); k = n" "z
+      relayed = sent[k] + recv[k]
+      pps[k] = relayed / wall[k]; mbs = 2 * bytes[k] / wall[k] / 1e6
+      per[k] = relayed > 0 ? cpu[k] * 1e6 / relayed : 0
+      printf "%-8s %4s %9d %9d %7d %9.0f %11.2f %8.2f %12.2f%s\n", n, z, sent[k], recv[k], lost[k], pps[k], mbs, cpu[k], per[k], (bad[k] ? "  (uclient failed)" : "")
+    }
+    print ""
+    for (z in zs) {
+      w = "webcall "z; c = "coturn "z
+      printf "z=%s ms: throughput webcall/coturn = %.2f, CPU per packet webcall/coturn = %.2f, loss webcall %d vs coturn %d\n", z, pps[w] / pps[c], (per[c] > 0 ? per[w] / per[c] : 0), lost[w], lost[c]
+    }
+  }' "$TMP/results"
