@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::channel::ChannelId;
+use str0m::channel::{ChannelConfig, ChannelId};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
@@ -85,6 +85,7 @@ pub struct Session {
     kinds: HashMap<SocketAddr, CandidateKind>,
     video_mids: Vec<Mid>,
     chat_channel: Option<ChannelId>,
+    chat_open: bool,
     recorder: Option<IvfWriter>,
     last_keyframe_request: Option<Instant>,
     sent_keyframe: bool,
@@ -116,6 +117,7 @@ impl Session {
             kinds: HashMap::new(),
             video_mids: Vec::new(),
             chat_channel: None,
+            chat_open: false,
             recorder: None,
             last_keyframe_request: None,
             sent_keyframe: false,
@@ -177,7 +179,7 @@ impl Session {
             self.video_mids.push(mid);
         }
         if self.chat_channel.is_none() && !self.have_remote_description {
-            change.add_channel("chat".into());
+            self.chat_channel = Some(change.add_channel_with_config(chat_channel_config()));
         }
         if ice_restart {
             change.ice_restart(true);
@@ -213,8 +215,15 @@ impl Session {
         }
         let rolled_back = self.pending.take().is_some();
         if rolled_back {
-            // Our un-negotiated m-lines are gone with the rollback.
+            // Our un-negotiated m-lines and channel are gone with the rollback.
             self.video_mids.retain(|m| self.rtc.media(*m).is_some());
+            if !self.chat_open {
+                self.chat_channel = None;
+            }
+        }
+        if self.chat_channel.is_none() {
+            // The browser's chat channel is pre-negotiated (id 0): declare ours before answering.
+            self.chat_channel = Some(self.rtc.direct_api().create_data_channel(chat_channel_config()));
         }
         match self.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
@@ -275,6 +284,9 @@ impl Session {
     }
 
     fn on_chat(&mut self, json: &str) {
+        if !self.chat_open {
+            return tracing::info!("peer {}: chat channel not open; message dropped", self.cfg.remote_id);
+        }
         if let Some(mut ch) = self.chat_channel.and_then(|id| self.rtc.channel(id)) {
             if let Err(e) = ch.write(false, json.as_bytes()) {
                 tracing::warn!("peer {}: chat not sent: {e}", self.cfg.remote_id);
@@ -417,6 +429,7 @@ impl Session {
             Event::ChannelOpen(cid, label) => {
                 if label == "chat" {
                     self.chat_channel = Some(cid);
+                    self.chat_open = true;
                     if self.cfg.chat {
                         out(format!("peer {id} chat open"));
                     }
@@ -438,7 +451,7 @@ impl Session {
             }
             Event::ChannelClose(cid) => {
                 if self.chat_channel == Some(cid) {
-                    self.chat_channel = None;
+                    self.chat_open = false;
                 }
             }
             Event::PeerStats(s) => {
@@ -544,6 +557,11 @@ impl Session {
         self.rtc.disconnect();
         self.update(|r| r.closed = true);
     }
+}
+
+/// The chat channel as the browser client declares it: label `chat`, negotiated out of band as SCTP stream 0.
+fn chat_channel_config() -> ChannelConfig {
+    ChannelConfig { label: "chat".into(), ordered: true, negotiated: Some(0), ..Default::default() }
 }
 
 /// File-name-safe version of a display name.
