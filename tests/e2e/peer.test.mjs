@@ -1,0 +1,124 @@
+// `webcall peer` (native, str0m) and a Chromium page in one room: the page decodes the peer's VP8 test pattern, the
+// peer records the page's video to IVF, and chat goes both ways between stdin/stdout and the page.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { ROOT, assertLoopbackOnly, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+
+const BINARY = process.env.WEBCALL_BIN ?? path.join(ROOT, 'target/debug/webcall');
+
+/** Starts `webcall peer`; collects its stdout lines. */
+function startPeer(args) {
+  const proc = spawn(BINARY, ['peer', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'warn' } });
+  const lines = [];
+  let buf = '';
+  proc.stdout.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      lines.push(buf.slice(0, i));
+      if (process.env.WEBCALL_E2E_VERBOSE) console.error(`[peer] ${buf.slice(0, i)}`);
+      buf = buf.slice(i + 1);
+    }
+  });
+  let stderr = '';
+  proc.stderr.on('data', (d) => (stderr += d));
+  const exited = new Promise((r) => proc.once('exit', (code) => r(code)));
+  return {
+    proc,
+    lines,
+    exited,
+    stderr: () => stderr,
+    /** Waits (bounded) for a stdout line matching `re`; returns it. */
+    async waitLine(re, timeout = 20000) {
+      const t0 = Date.now();
+      for (;;) {
+        const l = lines.find((x) => re.test(x));
+        if (l) return l;
+        if (Date.now() - t0 > timeout) throw new Error(`no line ${re} from webcall peer; got:\n${lines.join('\n')}\n${stderr}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    },
+  };
+}
+
+/** Frames of a VP8 IVF file, after checking its header. */
+function ivfFrames(file) {
+  const b = readFileSync(file);
+  assert.equal(b.subarray(0, 4).toString(), 'DKIF');
+  assert.equal(b.subarray(8, 12).toString(), 'VP80');
+  let o = 32;
+  let n = 0;
+  while (o + 12 <= b.length) {
+    const size = b.readUInt32LE(o);
+    assert.ok(size > 0 && o + 12 + size <= b.length, `frame ${n} fits`);
+    if (n === 0) assert.equal(b[o + 12] & 1, 0, 'the recording starts with a keyframe');
+    o += 12 + size;
+    n += 1;
+  }
+  assert.equal(b.readUInt32LE(24), n, 'frame count in the header');
+  return n;
+}
+
+describe('native peer and browser', () => {
+  let server;
+  let browser;
+  let page;
+  let peer;
+  let dir;
+  let nativeId = '';
+
+  before(async () => {
+    assertLoopbackOnly();
+    server = await startServer();
+    browser = await launchBrowser();
+    dir = mkdtempSync(path.join(os.tmpdir(), 'webcall-native-'));
+    const room = uniqueRoom('native');
+    const ws = `ws://127.0.0.1:${server.port}/ws`;
+    peer = startPeer(['--server', ws, '--room', room, '--name', 'Native', '--send', 'testsrc', '--size', '320x240',
+      '--record', dir, '--chat', '--ip', '127.0.0.1', '--stats-every', '1s']);
+    await peer.waitLine(/^joined room /);
+    page = await openPage(browser, `${server.url}/r/${room}?name=Browser`);
+  });
+
+  after(async () => {
+    peer?.proc.kill('SIGKILL');
+    await browser?.close();
+    await server?.kill();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('the page connects to the native peer and decodes its VP8', async () => {
+    [nativeId] = await connectedPeers(page, 1, 30000);
+    await peer.waitLine(/^peer \S+ connected$/);
+    await decodesVideoFrom(page, nativeId, 30, 30000);
+  });
+
+  it('the native peer records the page’s video', async () => {
+    await peer.waitLine(/^peer \S+ recording \d+x\d+ to /);
+    await peer.waitLine(/^stats peer=\S+ .*frames_in=([3-9]\d|\d{3,})/, 30000);
+  });
+
+  it('chat goes both ways', async () => {
+    await peer.waitLine(/^peer \S+ chat open$/);
+    await page.click('#btn-chat');
+    await page.fill('#chat-input', 'hello native');
+    await page.press('#chat-input', 'Enter');
+    await peer.waitLine(/^chat Browser: hello native$/);
+    peer.proc.stdin.write('hello browser\n');
+    await until(page, () => [...document.querySelectorAll('#chat-log li.them')].some((li) => li.textContent.includes('hello browser')));
+    assert.match(await page.textContent('#chat-log li.them'), /Native/);
+  });
+
+  it('leaves with exit code 0 and a playable recording', async () => {
+    peer.proc.kill('SIGTERM');
+    assert.equal(await peer.exited, 0, `${peer.lines.join('\n')}\n${peer.stderr()}`);
+    const files = readdirSync(dir).filter((f) => f.endsWith('.ivf'));
+    assert.equal(files.length, 1, files.join(','));
+    assert.ok(ivfFrames(path.join(dir, files[0])) >= 30);
+    await until(page, () => window.webcall.snapshot().peers.length === 0);
+  });
+});
