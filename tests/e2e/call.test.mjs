@@ -130,32 +130,32 @@ describe('two-party call', () => {
   });
 
   it('screen share reaches the other side', async () => {
-    // Chromium's fake screen has bright green squares in its corners; the fake camera's corners are dark green.
-    // Read the top-left pixel of the frames Bob receives from Alice.
-    const corner = (id) => {
-      const v = document.querySelector(`.tile[data-peer="${id}"] video`);
-      if (!(v instanceof HTMLVideoElement) || !v.videoWidth) return null;
-      const c = document.createElement('canvas');
-      c.width = v.videoWidth;
-      c.height = v.videoHeight;
-      const ctx = c.getContext('2d', { willReadFrequently: true });
-      ctx.drawImage(v, 0, 0);
-      const [r, g, b] = ctx.getImageData(4, 4, 1, 1).data;
-      return { r, g, b };
+    // The screen track travels with the RTP video-content-type extension: Bob's inbound video stream reports
+    // contentType "screenshare" while Alice shares, and nothing while her camera is sent.
+    const contentType = async (id) => {
+      let ct = 'none';
+      let frames = 0;
+      (await window.webcall.call.peers.get(id).pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video' && (s.framesDecoded ?? 0) >= frames) {
+          frames = s.framesDecoded ?? 0;
+          ct = s.contentType ?? 'none';
+        }
+      });
+      return ct;
     };
-    const camera = await bob.evaluate(corner, aliceId);
-    assert.ok(camera && camera.g < 200, `camera corner ${JSON.stringify(camera)}`);
+    assert.equal(await bob.evaluate(contentType, aliceId), 'none');
 
     await alice.click('#btn-screen');
     await until(alice, () => window.webcall.call.screenSharing, undefined, 10000);
     await until(bob, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.screen === 'on', aliceId);
-    await until(bob, `(${corner})(${JSON.stringify(aliceId)})?.g > 220`);
+    await until(bob, `(${contentType})(${JSON.stringify(aliceId)}).then((ct) => ct === 'screenshare')`);
     await decodesVideoFrom(bob, aliceId);
     await screenshot(bob, 'call-bob-sees-screen.png');
 
     await alice.click('#btn-screen');
     await until(bob, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.screen === 'off', aliceId);
-    await until(bob, `(${corner})(${JSON.stringify(aliceId)})?.g < 200`);
+    await until(bob, `(${contentType})(${JSON.stringify(aliceId)}).then((ct) => ct === 'none')`);
+    await decodesVideoFrom(bob, aliceId);
   });
 
   it('hang up makes the other page show the peer gone', async () => {

@@ -122,16 +122,30 @@ export async function openPage(browser, url) {
 export const uniqueRoom = (prefix = 'e2e') => `${prefix}-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
 
 /**
- * Waits (bounded) until `fn` returns a truthy value in the page; returns that value.
+ * Waits (bounded) until `fn` returns (or resolves to) a truthy value in the page; returns that value. Polls from
+ * Node with `page.evaluate`, which awaits promises (`page.waitForFunction` would take a returned Promise as truthy).
  * @template T
  * @param {import('playwright-core').Page} page
- * @param {(arg: any) => T} fn
+ * @param {((arg: any) => T) | string} fn a function, or an expression
  * @param {any} [arg]
  * @param {number} [timeout]
  */
 export async function until(page, fn, arg, timeout = 20000) {
-  const handle = await page.waitForFunction(fn, arg, { timeout, polling: 200 });
-  return handle.jsonValue();
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      last = typeof fn === 'string' ? await page.evaluate(fn) : await page.evaluate(fn, arg);
+      if (last) return last;
+    } catch (e) {
+      // A navigation (reload) destroys the context in the middle of an evaluate: try again.
+      if (!/context was destroyed|navigat/i.test(String(e))) throw e;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeout} ms waiting for ${String(fn).slice(0, 300)} (last value ${JSON.stringify(last)})`);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
 }
 
 /** Snapshot of the call (window.webcall.snapshot()). @param {import('playwright-core').Page} page */

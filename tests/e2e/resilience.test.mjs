@@ -8,6 +8,7 @@ import {
   launchBrowser,
   openPage,
   ownId,
+  screenshot,
   startServer,
   uniqueRoom,
   until,
@@ -70,6 +71,7 @@ describe('resilience', () => {
         return el && !el.hidden && el.dataset.kind === 'reconnecting' && /reconnecting/i.test(el.textContent);
       });
     }
+    await screenshot(a, 'reconnecting.png');
     server = await startServer({ port });
 
     // The new server does not know the old sessions: fresh ids, new peer connections.

@@ -7,6 +7,7 @@ import {
   decodesVideoFrom,
   launchBrowser,
   openPage,
+  screenshot,
   snapshot,
   startServer,
   uniqueRoom,
@@ -46,6 +47,7 @@ describe('capacity-2 room', () => {
       return o && !o.hidden && o.dataset.kind === 'room-full';
     });
     assert.match(await c.textContent('#overlay-title'), /room is full/i);
+    await screenshot(c, 'room-full.png');
     const sc = await snapshot(c);
     assert.equal(sc.state, 'failed');
     assert.equal(sc.peers.length, 0);
@@ -79,7 +81,37 @@ describe('capacity-4 room', () => {
       for (const id of peers) await decodesVideoFrom(p, id, 5, 30000);
       assert.equal(await p.textContent('#people'), '3');
     }
+    await screenshot(pages[0], 'mesh-3.png');
     await closeAll(pages);
+  });
+});
+
+describe('start page', () => {
+  let server;
+  before(async () => {
+    server = await startServer();
+  });
+  after(async () => server?.kill());
+
+  it('suggests a random room, refuses a bad name, and joins the call with the typed name', async () => {
+    const p = await openPage(browser, `${server.url}/`);
+    const suggested = await p.inputValue('#room');
+    assert.match(suggested, /^[A-Za-z0-9_-]{1,64}$/);
+    await p.fill('#name', 'Dana');
+    await screenshot(p, 'home.png');
+    await p.fill('#room', 'no spaces!');
+    await p.click('button[type=submit]');
+    assert.ok(await p.isVisible('#room-error'));
+    assert.equal(new URL(p.url()).pathname, '/');
+    await p.click('#shuffle');
+    const room = await p.inputValue('#room');
+    assert.notEqual(room, 'no spaces!');
+    await Promise.all([p.waitForURL(`**/r/${room}?name=Dana`), p.click('button[type=submit]')]);
+    await until(p, () => window.webcall?.call.state === 'in-call');
+    assert.equal(await p.textContent('#room-name'), room);
+    assert.match(await p.textContent('.tile.local .name'), /Dana/);
+    await screenshot(p, 'alone-in-room.png');
+    await p.context().close();
   });
 });
 
@@ -113,6 +145,7 @@ describe('joining without local media', () => {
     assert.match(banner, /camera/i);
     assert.match(banner, /denied/i);
     assert.match(banner, /audio only/i);
+    await screenshot(b, 'camera-denied.png');
     // B still sees A, and A gets B's audio (and shows B's avatar: no video).
     await decodesVideoFrom(b, aId);
     await until(a, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.video === 'off', bId);
