@@ -81,6 +81,10 @@ describe('two-party call', () => {
     await screenshot(alice, 'call-alice-stats.png');
     await alice.keyboard.press('s');
     await screenshot(bob, 'call-bob.png');
+    // Phone-sized window: tiles stack, controls shrink.
+    await bob.setViewportSize({ width: 390, height: 844 });
+    await screenshot(bob, 'call-bob-phone.png');
+    await bob.setViewportSize({ width: 1280, height: 800 });
   });
 
   it('chat goes both ways and is shown locally with name and time', async () => {

@@ -145,9 +145,9 @@ describe('joining without local media', () => {
     assert.match(banner, /camera/i);
     assert.match(banner, /denied/i);
     assert.match(banner, /audio only/i);
-    await screenshot(b, 'camera-denied.png');
     // B still sees A, and A gets B's audio (and shows B's avatar: no video).
     await decodesVideoFrom(b, aId);
+    await screenshot(b, 'camera-denied.png');
     await until(a, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.video === 'off', bId);
     await until(
       a,

@@ -116,9 +116,10 @@ function makeTile(id, label) {
 
 /** @param {HTMLElement} tile @param {string} label */
 function setTileName(tile, label) {
+  const plain = label.replace(/\s*\(you\)$/, '');
   /** @type {HTMLElement} */ (tile.querySelector('.name')).textContent = label;
-  /** @type {HTMLElement} */ (tile.querySelector('.avatar span')).textContent = initials(label);
-  tile.style.setProperty('--hue', String(hue(label)));
+  /** @type {HTMLElement} */ (tile.querySelector('.avatar span')).textContent = initials(plain);
+  tile.style.setProperty('--hue', String(hue(plain)));
 }
 
 /** @param {string} s */
@@ -135,6 +136,16 @@ const hue = (s) => [...s].reduce((h, c) => (h * 31 + c.charCodeAt(0)) % 360, 17)
 function layout() {
   const n = grid.children.length;
   grid.dataset.count = String(n);
+  // Someone presenting (remote screen share): their tile takes the stage, the others line up beside it.
+  const presenter = /** @type {HTMLElement|null} */ (grid.querySelector('.tile:not(.local)[data-screen="on"]'));
+  for (const t of grid.querySelectorAll('.tile.presenting')) if (t !== presenter) t.classList.remove('presenting');
+  if (presenter && n > 1) {
+    presenter.classList.add('presenting');
+    grid.dataset.layout = 'spotlight';
+    grid.style.setProperty('--others', String(n - 1));
+  } else {
+    delete grid.dataset.layout;
+  }
   const cols = n <= 1 ? 1 : n <= 4 ? 2 : n <= 9 ? 3 : 4;
   grid.style.setProperty('--cols', String(cols));
   grid.style.setProperty('--rows', String(Math.ceil(n / cols)));
@@ -196,7 +207,9 @@ function renderPeer(peer) {
   const videoOn = peer.remoteMedia.video && !!videoTrack && !videoTrack.muted;
   tile.dataset.audio = peer.remoteMedia.audio ? 'on' : 'off';
   tile.dataset.video = videoOn ? 'on' : 'off';
+  const screenBefore = tile.dataset.screen;
   tile.dataset.screen = peer.remoteMedia.screen ? 'on' : 'off';
+  if (screenBefore !== tile.dataset.screen) layout();
   /** @type {HTMLElement} */ (tile.querySelector('.tag')).textContent = peer.remoteMedia.screen ? 'Presenting' : '';
   const video = /** @type {HTMLVideoElement} */ (tile.querySelector('video'));
   // Attach once there are tracks (an empty stream would hold the page's load event).
