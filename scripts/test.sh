@@ -46,4 +46,13 @@ if [ -d tests/e2e ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   $SUDO unshare --net sh -c 'ip link set lo up && exec node --test --test-concurrency=1 tests/e2e/'
 fi
+# --- fuzzing: a short, bounded run of every target (see fuzz/README.md for a long one) ---------------------------
+# cargo-fuzz without a sanitizer builds on the stable toolchain; safe Rust gains little from ASan.
+log "fuzzing (${WEBCALL_FUZZ_SECONDS:-10} s per target)"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+for target in $(cd fuzz && cargo fuzz list); do
+  (cd fuzz && cargo fuzz run -s none -O "$target" -- -max_total_time="${WEBCALL_FUZZ_SECONDS:-10}" -print_final_stats=1 2>&1 \
+    | grep -E "^(Done|stat::number_of_executed_units)|panicked|ERROR|SUMMARY" || true; exit "${PIPESTATUS[0]}")
+done
+
 log "all tests passed"
