@@ -515,6 +515,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
+    let per_record = tuple.transport == Transport::Tls;
     let out = Arc::new(StreamOut {
         buf: Mutex::new(Vec::new()),
         notify: Notify::new(),
@@ -533,7 +534,7 @@ where
                     if spare.is_empty() {
                         break;
                     }
-                    if wr.write_all(&spare).await.is_err() {
+                    if write_frames(&mut wr, &spare, per_record).await.is_err() {
                         return;
                     }
                     spare.clear();
@@ -605,4 +606,24 @@ where
     }
     out.close();
     let _ = writer.await;
+}
+
+/// Over TLS each TURN message goes in its own record: coturn's clients read one message per record and
+/// lose the rest of a record that holds several. Over TCP, coalesced writes are fine and cheaper.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    data: &[u8],
+    per_record: bool,
+) -> io::Result<()> {
+    if per_record {
+        let mut rest = data;
+        while let Ok(Some(n)) = stream_frame_len(rest) {
+            wr.write_all(&rest[..n]).await?;
+            rest = &rest[n..];
+        }
+    } else {
+        wr.write_all(data).await?;
+    }
+    // TLS buffers records until flushed.
+    wr.flush().await
 }

@@ -299,3 +299,75 @@ async fn loopback_peer_refused_by_default() {
     assert_eq!(srv.stats().to_peer_packets, 0);
     srv.shutdown().await;
 }
+
+/// TURN over TLS (`turns:`), with a self-signed certificate; uclient does not verify it without -E.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uclient_over_tls() {
+    if !have_coturn() {
+        return;
+    }
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let mut cfg = webcall_turn::TurnArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        turns_listen: Some("127.0.0.1:0".parse().unwrap()),
+        secret: Some(SECRET.into()),
+        allow_peer: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    }
+    .into_config(Some(std::sync::Arc::new(tls)))
+    .unwrap();
+    cfg.legacy_channel_numbers = true;
+    let srv = TurnServer::start(cfg).await.unwrap();
+    let tls_addr = srv.tls_addr().expect("TLS bound");
+    let peer = echo_peer().await;
+    let port = peer.port.to_string();
+    let args = [
+        "-S",
+        "-t",
+        "-W",
+        SECRET,
+        "-u",
+        "alice",
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &port,
+        "-n",
+        "100",
+        "-m",
+        "2",
+        "-z",
+        "5",
+        "-X",
+        "-c",
+    ];
+    let run = uclient(tls_addr, &args).await;
+    assert!(run.ok, "{}", run.out);
+    assert_eq!(
+        run.totals(),
+        (200, 200, 0),
+        "{}\n{:?}",
+        run.out,
+        srv.stats()
+    );
+    assert!(srv.stats().to_peer_packets >= 200);
+    // The minted iceServers name the turns: URL.
+    let ice = srv.ice_minter().ice_servers_at("p", SystemTime::now());
+    assert!(
+        ice[1].urls.contains(&format!(
+            "turns:127.0.0.1:{}?transport=tcp",
+            tls_addr.port()
+        )),
+        "{ice:?}"
+    );
+    srv.shutdown().await;
+}
