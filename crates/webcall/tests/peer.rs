@@ -305,3 +305,37 @@ fn exit_codes_say_what_went_wrong() {
     let mut p = PeerProc::start(&server.ws_url(), "r", "p", &["--send", "/nonexistent.ivf", "--duration", "1s"]);
     assert_eq!(p.wait_exit(), 1, "{}", p.output());
 }
+
+#[test]
+fn file_source_loops_and_echo_sends_it_back() {
+    use webcall_peer::media::{draw_testsrc, IvfWriter, Vp8Encoder};
+    let dir = temp_dir("echo");
+    // A one-second clip; the sender loops it.
+    let clip = dir.join("clip.ivf");
+    let mut enc = Vp8Encoder::new(320, 240, 30, 300).unwrap();
+    let mut wr = IvfWriter::create(clip.clone(), 320, 240).unwrap();
+    let mut buf = vec![0u8; 320 * 240 * 3 / 2];
+    for n in 0..30u64 {
+        draw_testsrc(&mut buf, 320, 240, n);
+        for (data, _) in enc.encode(&buf, n as i64, false).unwrap() {
+            wr.write(n * 3000, &data).unwrap();
+        }
+    }
+    wr.finish().unwrap();
+
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let rec = dir.join("rec");
+    let mut sender = PeerProc::start(&url, "echo", "filer", &["--send", clip.to_str().unwrap(), "--record", rec.to_str().unwrap(), "--duration", "6s"]);
+    sender.id();
+    let mut echo = PeerProc::start(&url, "echo", "echoer", &["--echo", "--duration", "5s"]);
+    let echo_id = echo.id();
+    // More frames come back than the clip holds: the file loops, and the echo returns it.
+    sender.wait_frames_from(&echo_id, 45);
+    assert_eq!(echo.wait_exit(), 0, "{}", echo.output());
+    assert_eq!(sender.wait_exit(), 0, "{}", sender.output());
+    let files = ivf_files(&rec);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(check_ivf(&files[0], 320, 240) >= 45);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
