@@ -1039,10 +1039,14 @@ pub fn peer_allowed(ip: IpAddr, allow: &[IpNet]) -> bool {
     }
 }
 
+/// A stream carried something other than STUN or ChannelData.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotTurn;
+
 /// Length of the next complete frame in a TCP/TLS byte stream: a STUN message (20 + length) or a
 /// ChannelData message padded to 4 bytes. `Ok(None)` means more bytes are needed; `Err` means the
 /// stream is not TURN and should be closed.
-pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, NotTurn> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -1050,7 +1054,7 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
     let n = match buf[0] >> 6 {
         0b00 => stun::HEADER_LEN + len,
         0b01 => 4 + stun::pad4(len),
-        _ => return Err(()),
+        _ => return Err(NotTurn),
     };
     Ok((buf.len() >= n).then_some(n))
 }

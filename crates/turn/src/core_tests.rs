@@ -227,7 +227,7 @@ impl H {
     }
     /// A peer sends `payload` to the relayed address of `tuple`'s allocation: the framed bytes for the
     /// client, if relayed.
-    fn from_peer(&mut self, tuple: FiveTuple, peer: &str, payload: &[u8]) -> Option<Vec<u8>> {
+    fn peer_sends(&mut self, tuple: FiveTuple, peer: &str, payload: &[u8]) -> Option<Vec<u8>> {
         let alloc = self.core.allocation_of(&tuple)?;
         let mut buf = vec![0xEEu8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
         buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
@@ -461,11 +461,11 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
     let (nonce, _) = h.allocate(t, &c);
     // No permission yet: nothing passes either way.
     assert_eq!(h.send_ind(t, PEER, b"hi"), None);
-    assert_eq!(h.from_peer(t, PEER, b"hello"), None);
+    assert_eq!(h.peer_sends(t, PEER, b"hello"), None);
     assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
     assert_eq!(h.send_ind(t, PEER, b"hi"), Some(addr(PEER)));
     // Permissions are per IP: another port of the same peer IP may send too.
-    let framed = h.from_peer(t, "203.0.113.5:9999", b"hello").unwrap();
+    let framed = h.peer_sends(t, "203.0.113.5:9999", b"hello").unwrap();
     let m = Msg::parse(&framed).unwrap();
     assert_eq!((m.method(), m.class()), (stun::DATA, stun::INDICATION));
     assert_eq!(
@@ -475,7 +475,7 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
     assert_eq!(m.get(stun::DATA_ATTR), Some(&b"hello"[..]));
     assert_eq!(framed.len() % 4, 0, "padded");
     // Another IP has none.
-    assert_eq!(h.from_peer(t, PEER2, b"x"), None);
+    assert_eq!(h.peer_sends(t, PEER2, b"x"), None);
     // Refreshed at 200 s, it lasts until 500 s.
     h.advance(200);
     assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
@@ -483,7 +483,7 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
     assert!(h.send_ind(t, PEER, b"hi").is_some());
     h.advance(1);
     assert_eq!(h.send_ind(t, PEER, b"hi"), None);
-    assert_eq!(h.from_peer(t, PEER, b"late"), None);
+    assert_eq!(h.peer_sends(t, PEER, b"late"), None);
     // IPv6 data indications work too (IPv6 allocation).
 }
 
@@ -510,11 +510,11 @@ fn channel_binding_rules() {
         .is_none());
     // Peer data on a bound channel arrives as ChannelData (unpadded over UDP).
     assert_eq!(
-        h.from_peer(t, PEER, b"hello").unwrap(),
+        h.peer_sends(t, PEER, b"hello").unwrap(),
         [&[0x40, 0x00, 0x00, 0x05][..], b"hello"].concat()
     );
     // ...but from another port of that IP, as a Data indication (the binding is per transport address).
-    let framed = h.from_peer(t, "203.0.113.5:1", b"x").unwrap();
+    let framed = h.peer_sends(t, "203.0.113.5:1", b"x").unwrap();
     assert_eq!(Msg::parse(&framed).unwrap().method(), stun::DATA);
     // Rebinding rules: same channel, other peer -> 400; same peer, other channel -> 400; same pair refreshes.
     assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER2).code, Some(400));
@@ -533,7 +533,7 @@ fn channel_binding_rules() {
     );
     // Peer data from PEER2 now comes as a Data indication.
     assert_eq!(
-        Msg::parse(&h.from_peer(t, PEER2, b"x").unwrap())
+        Msg::parse(&h.peer_sends(t, PEER2, b"x").unwrap())
             .unwrap()
             .method(),
         stun::DATA
@@ -592,14 +592,14 @@ fn channel_data_over_tcp_is_padded() {
     let c = h.creds("alice", 7200);
     let (nonce, _) = h.allocate(t, &c);
     assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
-    let framed = h.from_peer(t, PEER, b"hello").unwrap();
+    let framed = h.peer_sends(t, PEER, b"hello").unwrap();
     assert_eq!(
         framed,
         [&[0x40, 0x00, 0x00, 0x05][..], b"hello", &[0, 0, 0]].concat()
     );
     assert_eq!(stream_frame_len(&framed), Ok(Some(12)));
     assert_eq!(stream_frame_len(&framed[..11]), Ok(None));
-    assert_eq!(stream_frame_len(&[0xFF, 0, 0, 0]), Err(()));
+    assert_eq!(stream_frame_len(&[0xFF, 0, 0, 0]), Err(NotTurn));
     // Closing the connection removes the allocation.
     h.core.client_closed(h.now, t);
     assert_eq!(h.core.stats().allocations, 0);
@@ -767,7 +767,7 @@ fn external_ip_is_advertised_and_ipv6_data_indications() {
     let peer = "[2001:db8::5]:7000";
     assert_eq!(h.perm(t, &c, &nonce, peer).class, stun::SUCCESS);
     assert_eq!(h.perm(t, &c, &nonce, PEER).code, Some(443));
-    let framed = h.from_peer(t, peer, b"abcde").unwrap();
+    let framed = h.peer_sends(t, peer, b"abcde").unwrap();
     let m = Msg::parse(&framed).unwrap();
     assert_eq!(m.get_xor_addr(stun::XOR_PEER_ADDRESS), Some(addr(peer)));
     assert_eq!(m.get(stun::DATA_ATTR), Some(&b"abcde"[..]));

@@ -558,7 +558,7 @@ where
                     let n = match stream_frame_len(&buf[start..end]) {
                         Ok(Some(n)) => n,
                         Ok(None) => break,
-                        Err(()) => return,
+                        Err(_) => return,
                     };
                     let frame = &buf[start..start + n];
                     let send = {

@@ -91,7 +91,7 @@ impl<'a> Msg<'a> {
             return Err(ParseError::NotStun);
         }
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        if len % 4 != 0 || HEADER_LEN + len != buf.len() {
+        if len & 3 != 0 || HEADER_LEN + len != buf.len() {
             return Err(ParseError::BadLength);
         }
         let mut off = HEADER_LEN;
