@@ -106,6 +106,20 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = duration)]
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
+
+    /// Share rooms with other nodes through this Redis (e.g. redis://127.0.0.1:6379); without it rooms stay in
+    /// this process.
+    #[arg(long, env = "WEBCALL_REDIS", value_name = "URL", hide_env_values = true)]
+    pub redis: Option<String>,
+
+    /// This node's name in a --redis cluster; unique among live nodes [default: random].
+    #[arg(long, env = "WEBCALL_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// With --redis: a node silent this long is presumed dead and its peers get bye [default: 10s].
+    #[arg(long, env = "WEBCALL_NODE_TTL", value_name = "DURATION", value_parser = duration)]
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Option<Duration>,
 }
 
 /// Where the TLS certificate comes from.
@@ -130,6 +144,10 @@ pub struct ServeConfig {
     pub max_connections_per_ip: usize,
     pub max_joins_per_ip: u32,
     pub shutdown_timeout: Duration,
+    /// Redis URL of a cluster (`--redis`); `None`: rooms in this process.
+    pub redis: Option<String>,
+    pub node_id: Option<String>,
+    pub node_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +212,9 @@ impl ServeArgs {
             max_connections_per_ip: pick!(max_connections_per_ip, 256),
             max_joins_per_ip: pick!(max_joins_per_ip, 600),
             shutdown_timeout: pick!(shutdown_timeout, Duration::from_secs(10)),
+            redis: self.redis.clone().or(file.redis.clone()),
+            node_id: self.node_id.clone().or(file.node_id.clone()),
+            node_ttl: pick!(node_ttl, Duration::from_secs(10)),
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok { Ok(()) } else { Err(ConfigError::Range { setting, value, hint }) }

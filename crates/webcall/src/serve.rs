@@ -6,7 +6,21 @@ use tokio::signal::unix::{signal, SignalKind};
 pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     let ice: Box<dyn webcall_rooms::IceProvider> = Box::new(|_: &str| Vec::new());
-    let mut server = webcall_server::serve(cfg, ice).await?;
+    let mut server = match cfg.redis.clone() {
+        None => webcall_server::serve(cfg, ice).await?,
+        Some(redis_url) => {
+            let cluster = webcall_cluster::ClusterConfig {
+                redis_url,
+                node_id: cfg.node_id.clone().unwrap_or_else(webcall_cluster::random_node_id),
+                node_ttl: cfg.node_ttl,
+            };
+            let policy = webcall_server::policy(&cfg);
+            let router =
+                webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster).await?;
+            tracing::info!(node = router.node_id(), "sharing rooms through Redis");
+            webcall_server::serve_with(cfg, router, policy).await?
+        }
+    };
     let (addr, scheme) = (server.local_addr, server.scheme);
     let ws = if scheme == "https" { "wss" } else { "ws" };
     if let Some(fp) = &server.fingerprint {

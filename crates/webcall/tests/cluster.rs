@@ -1,0 +1,281 @@
+//! Several `webcall serve --redis` nodes sharing rooms through a real `redis-server` (started here, on its own
+//! loopback port), with real WebSocket clients.
+
+mod common;
+
+use common::{Client, Ended, ServerProc, WAIT};
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::fs::File::create(format!("/tmp/redis-{port}.log")).unwrap())
+            .spawn()
+            .expect("redis-server runs (scripts/test.sh installs it)");
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    /// On a port outside the ephemeral range, so that while it is down no other test's `bind(0)` takes it.
+    fn start_outside_ephemeral() -> Redis {
+        let base = 20_000 + (std::process::id() % 5_000) as u16;
+        let port = (base..base + 500)
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .expect("a free port in 20000-25500");
+        Self::start_on(port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn node(redis: &Redis, id: &str, extra: &[&str]) -> ServerProc {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str(), "--node-id", id, "--rate-limit", "2000"];
+    args.extend_from_slice(extra);
+    ServerProc::start(&args)
+}
+
+/// Status code of GET /healthz.
+async fn healthz(server: &ServerProc) -> u16 {
+    let Ok(mut s) = tokio::net::TcpStream::connect(server.addr).await else { return 0 };
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", server.addr);
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+async fn wait_health(server: &ServerProc, want: u16) {
+    let deadline = Instant::now() + WAIT * 2;
+    while healthz(server).await != want {
+        assert!(Instant::now() < deadline, "/healthz did not become {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn peers_on_two_nodes_signal_as_on_one_and_keep_order() {
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]));
+    let (mut a, wa) = Client::join(&n1.ws_url(), "daily", "Alice").await;
+    assert_eq!(wa["peers"], json!([]));
+    let (mut b, wb) = Client::join(&n2.ws_url(), "daily", "Bob").await;
+    assert_eq!(wb["peers"], json!([{"id": a.id, "name": "Alice"}]));
+    assert_eq!(a.recv().await, json!({"type":"hello","from":b.id,"name":"Bob"}));
+
+    a.send(json!({"type":"offer","to":b.id,"sdp":"v=0 offer"})).await;
+    assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":"v=0 offer"}));
+    b.send(json!({"type":"answer","to":a.id,"sdp":"v=0 answer"})).await;
+    assert_eq!(a.recv().await, json!({"type":"answer","from":b.id,"sdp":"v=0 answer"}));
+    b.send(json!({"type":"candidate","to":a.id,"candidate":null})).await;
+    assert_eq!(a.recv().await, json!({"type":"candidate","from":b.id,"candidate":null}));
+
+    // Many messages both ways at once: each direction arrives complete and in order.
+    const N: usize = 300;
+    let (a_id, b_id) = (a.id.clone(), b.id.clone());
+    let send_a = async {
+        for i in 0..N {
+            a.send(json!({"type":"offer","to":b_id,"sdp":format!("a{i}")})).await;
+        }
+        a
+    };
+    let recv_b = async {
+        for i in 0..N {
+            b.send(json!({"type":"answer","to":a_id,"sdp":format!("b{i}")})).await;
+        }
+        for i in 0..N {
+            assert_eq!(b.recv().await["sdp"], format!("a{i}"));
+        }
+        b
+    };
+    let (mut a, mut b) = tokio::join!(send_a, recv_b);
+    for i in 0..N {
+        assert_eq!(a.recv().await["sdp"], format!("b{i}"));
+    }
+    a.expect_silence(Duration::from_millis(200)).await;
+    b.expect_silence(Duration::from_millis(10)).await;
+
+    b.send(json!({"type":"bye"})).await;
+    assert_eq!(a.recv().await, json!({"type":"bye","from":b.id}));
+    a.send(json!({"type":"offer","to":b.id,"sdp":"late"})).await;
+    a.expect_error("unknown-peer").await;
+}
+
+#[tokio::test]
+async fn three_nodes_one_room() {
+    let redis = Redis::start();
+    let nodes = [node(&redis, "n1", &[]), node(&redis, "n2", &[]), node(&redis, "n3", &[])];
+    let (mut a, _) = Client::join(&nodes[0].ws_url(), "trio", "A").await;
+    let (mut b, _) = Client::join(&nodes[1].ws_url(), "trio", "B").await;
+    assert_eq!(a.expect("hello").await["from"], b.id.as_str());
+    let (mut c, wc) = Client::join(&nodes[2].ws_url(), "trio", "C").await;
+    assert_eq!(wc["peers"], json!([{"id":a.id,"name":"A"},{"id":b.id,"name":"B"}]));
+    assert_eq!(a.expect("hello").await["from"], c.id.as_str());
+    assert_eq!(b.expect("hello").await["from"], c.id.as_str());
+    for from in [&mut a, &mut b] {
+        from.send(json!({"type":"offer","to":c.id,"sdp":"x"})).await;
+        assert_eq!(c.recv().await, json!({"type":"offer","from":from.id,"sdp":"x"}));
+    }
+    c.send(json!({"type":"bye"})).await;
+    assert_eq!(a.expect("bye").await["from"], c.id.as_str());
+    assert_eq!(b.expect("bye").await["from"], c.id.as_str());
+}
+
+#[tokio::test]
+async fn two_nodes_racing_for_the_last_seat_exactly_one_wins() {
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1", &["--max-peers", "2"]), node(&redis, "n2", &["--max-peers", "2"]));
+    for round in 0..15 {
+        let room = format!("race{round}");
+        let (mut first, _) = Client::join(&n1.ws_url(), &room, "first").await;
+        let (mut x, mut y) = (Client::connect(&n1.ws_url()).await, Client::connect(&n2.ws_url()).await);
+        let join = json!({"type":"join","room":room});
+        tokio::join!(x.send(join.clone()), y.send(join.clone()));
+        let (rx, ry) = tokio::join!(x.recv(), y.recv());
+        let types = [rx["type"].as_str().unwrap(), ry["type"].as_str().unwrap()];
+        assert!(types.contains(&"welcome") && types.contains(&"error"), "round {round}: {rx} {ry}");
+        let err = if rx["type"] == "error" { &rx } else { &ry };
+        assert_eq!(err["code"], "room-full", "{err}");
+        assert_eq!(first.expect("hello").await["type"], "hello");
+        first.expect_silence(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn resume_on_another_node_gets_the_queue_in_order() {
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1", &[]), node(&redis, "n2", &[]));
+    let (mut a, _) = Client::join(&n1.ws_url(), "r", "A").await;
+    let (b, _) = Client::join(&n2.ws_url(), "r", "B").await;
+    a.expect("hello").await;
+    let (b_id, token) = (b.id.clone(), b.resume.clone());
+    drop(b); // the connection drops without bye
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        a.send(json!({"type":"offer","to":b_id,"sdp":format!("q{i}")})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Back through the other node.
+    let mut b = Client::connect(&n1.ws_url()).await;
+    b.send(json!({"type":"join","room":"r","resume":token})).await;
+    let w = b.expect("welcome").await;
+    assert_eq!(w["id"], b_id.as_str());
+    assert_eq!(w["resumed"], true);
+    assert_eq!(w["peers"], json!([{"id":a.id,"name":"A"}]));
+    for i in 0..5 {
+        assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":format!("q{i}")}));
+    }
+    a.expect_silence(Duration::from_millis(200)).await; // no bye, no hello: the same peer
+    a.send(json!({"type":"offer","to":b_id,"sdp":"after"})).await;
+    assert_eq!(b.recv().await["sdp"], "after");
+    b.send(json!({"type":"answer","to":a.id,"sdp":"back"})).await;
+    assert_eq!(a.recv().await["sdp"], "back");
+    // And back again to the first node, this time while the old connection is still open.
+    let token = w["resume"].as_str().unwrap().to_owned();
+    let mut b2 = Client::connect(&n2.ws_url()).await;
+    b2.send(json!({"type":"join","room":"r","resume":token})).await;
+    assert_eq!(b2.expect("welcome").await["resumed"], true);
+    assert_eq!(b.until_end().await, Ended::Closed(4000, "resumed elsewhere".into()));
+    a.send(json!({"type":"offer","to":b_id,"sdp":"again"})).await;
+    assert_eq!(b2.recv().await["sdp"], "again");
+}
+
+#[tokio::test]
+async fn a_killed_node_peers_get_bye_and_free_their_seats() {
+    let redis = Redis::start();
+    let args = ["--node-ttl", "1s", "--max-peers", "2"];
+    let (n1, mut n2) = (node(&redis, "n1", &args), node(&redis, "n2", &args));
+    let (mut a, _) = Client::join(&n1.ws_url(), "r", "A").await;
+    let (b, _) = Client::join(&n2.ws_url(), "r", "B").await;
+    a.expect("hello").await;
+    n2.kill(); // SIGKILL: no goodbye
+    let started = Instant::now();
+    assert_eq!(a.recv().await, json!({"type":"bye","from":b.id}));
+    eprintln!("bye after the kill in {:?}", started.elapsed());
+    let (_c, w) = Client::join(&n1.ws_url(), "r", "C").await;
+    assert_eq!(w["peers"], json!([{"id":a.id,"name":"A"}]));
+}
+
+#[tokio::test]
+async fn a_node_stopped_gracefully_ends_its_sessions_with_bye() {
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "n1", &["--shutdown-timeout", "1s"]), node(&redis, "n2", &["--shutdown-timeout", "1s"]));
+    let (mut a, _) = Client::join(&n1.ws_url(), "r", "A").await;
+    let (_b, _) = Client::join(&n2.ws_url(), "r", "B").await;
+    let b_id = a.expect("hello").await["from"].as_str().unwrap().to_owned();
+    n2.signal("TERM");
+    assert_eq!(a.recv().await, json!({"type":"bye","from":b_id}));
+}
+
+#[tokio::test]
+async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers() {
+    let mut redis = Redis::start_outside_ephemeral();
+    let port = redis.port;
+    let args = ["--node-ttl", "1s"];
+    let (n1, n2) = (node(&redis, "n1", &args), node(&redis, "n2", &args));
+    assert_eq!(healthz(&n1).await, 200);
+    let (mut a, _) = Client::join(&n1.ws_url(), "r", "A").await;
+
+    redis.stop();
+    wait_health(&n1, 503).await;
+    let mut c = Client::connect(&n1.ws_url()).await;
+    c.send(json!({"type":"join","room":"r"})).await;
+    let e = c.expect_error("unavailable").await;
+    assert_eq!(e["ref"], "join");
+
+    let _redis = Redis::start_on(port);
+    wait_health(&n1, 200).await;
+    wait_health(&n2, 200).await;
+    // Redis came back empty: the sessions it knew are gone, so their clients are told to join again.
+    assert_eq!(a.until_end().await, Ended::Closed(1012, "cluster state lost; join again".into()));
+    // The refused connection stayed usable. A node may start over more than once while Redis comes back, so a
+    // join may still be refused with `unavailable` for a moment, as the error tells clients.
+    let deadline = Instant::now() + WAIT;
+    let w = loop {
+        c.send(json!({"type":"join","room":"r","name":"C"})).await;
+        let m = c.recv().await;
+        if m["type"] == "welcome" {
+            break m;
+        }
+        assert_eq!(m["code"], "unavailable", "{m}");
+        assert!(Instant::now() < deadline, "joins still refused after Redis came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_health(&n2, 200).await;
+    let (_d, wd) = Client::join(&n2.ws_url(), "r", "D").await;
+    assert_eq!(wd["peers"], json!([{"id":w["id"],"name":"C"}]));
+    assert_eq!(c.expect("hello").await["name"], "D");
+}
