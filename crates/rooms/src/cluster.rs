@@ -265,7 +265,7 @@ impl Rooms {
     /// A frame from another node for local peer `to`. `false`: no such local session.
     pub fn remote_deliver(&mut self, to: &str, frame: Frame, now: Instant) -> bool {
         self.now = now;
-        if !self.peers.get(to).is_some_and(|p| !p.remote) {
+        if self.peers.get(to).is_none_or(|p| p.remote) {
             return false;
         }
         self.deliver(to, frame)
@@ -385,6 +385,7 @@ mod tests {
             self.rooms.message(conn, &v.to_string(), self.now);
         }
         fn recv(&mut self, conn: ConnId) -> Vec<Value> {
+            self.rooms.check_invariants();
             let mut buf = Vec::new();
             self.rooms.take(conn, &mut buf);
             buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
