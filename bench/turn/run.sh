@@ -4,18 +4,18 @@
 # loss, and server CPU time (utime+stime from /proc/PID/stat, all threads) during each load run.
 #
 #   bench/turn/run.sh                      # defaults below
-#   N=5000 M=10 L=200 Z=0 bench/turn/run.sh
+#   N=5000 M=10 L=200 ZS=0 ROUNDS=1 WC_THREADS=1 MODE=-t bench/turn/run.sh
 #
 # Needs: cargo, coturn (apt-get install -y coturn). Every process it starts is killed on exit; each load
 # run is bounded by `timeout`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-N=${N:-2000}          # messages per client
+N=${N:-3000}          # messages per client
 M=${M:-10}            # clients (allocations)
 L=${L:-200}           # payload bytes
 ZS=${ZS:-"1 0"}       # per-client send interval in ms; 0 = as fast as uclient can
-ROUNDS=${ROUNDS:-2}   # alternating rounds per server and interval
+ROUNDS=${ROUNDS:-3}   # alternating rounds per server and interval
 MODE=${MODE:-""}      # extra uclient flags, e.g. "-t" (TCP) or "-s" (Send indications)
 SECRET=bench-secret
 WC_PORT=${WC_PORT:-34578}
@@ -38,6 +38,7 @@ turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >/dev/null 2>&1 & PIDS+=($!)
 
 "$WC_BIN" --turn-listen "127.0.0.1:$WC_PORT" --turn-secret "$SECRET" --turn-allow-peer 127.0.0.0/8 \
   --turn-relay-ports 45000-45999 --turn-user-quota 100000 --turn-total-quota 100000 --legacy-channel-numbers \
+  ${WC_THREADS:+--threads $WC_THREADS} \
   >"$TMP/webcall.log" 2>&1 & WC_PID=$!; PIDS+=($WC_PID)
 
 turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port="$CT_PORT" \
