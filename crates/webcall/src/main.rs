@@ -30,6 +30,8 @@ enum Command {
     Peer(webcall_peer::PeerArgs),
     /// Mint a signed join token for servers started with --auth-secret.
     Token(token::TokenArgs),
+    /// Load-test a signaling server (webcall or PeerJS): relay rate, latency, CPU and memory per connection.
+    Bench(webcall_bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +47,7 @@ fn main() -> anyhow::Result<()> {
         // Exit at once with the peer's code: the stdin reader thread would keep a runtime shutdown waiting.
         Command::Peer(args) => std::process::exit(rt.block_on(webcall_peer::run(args))),
         Command::Token(args) => token::run(args),
+        // The generator runs on its own runtime (one thread by default, so it can be pinned to one core).
+        Command::Bench(args) => webcall_bench::run(args),
     }
 }

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Signaling benchmarks, webcall and the PeerJS server side by side in one run (see BENCHMARKS.md).
+#
+#   bench/signaling.sh            # 3 runs of everything, medians and ratios at the end
+#   RUNS=1 DURATION=2 COUNTS=1000 bench/signaling.sh   # a quick look
+#
+# Each server runs pinned to CPU 0 and the generator (`webcall bench`, one thread) to CPU 1. Servers listen on
+# 127.0.0.1 only; every load is bounded (DURATION seconds, at most COUNTS connections); every process started here
+# is stopped on exit. Raw results (one JSON object per line) go to $OUT (default bench/results/signaling-DATE.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-5}
+CLIENTS=${CLIENTS:-100}
+WINDOW=${WINDOW:-8}
+COUNTS=${COUNTS:-1000,5000,10000}
+SERVER_CPU=${SERVER_CPU:-0}
+GEN_CPU=${GEN_CPU:-1}
+PEERJS_VERSION=$(node -p 'require("./bench/peerjs/package.json").dependencies.peer')
+mkdir -p bench/results
+OUT=${OUT:-bench/results/signaling-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
+: > "$OUT"
+
+TMP=$(mktemp -d /tmp/webcall-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# The binary under test, copied so that a rebuild during the run does not change it.
+if [[ -z "${WEBCALL_BIN:-}" ]]; then
+    cargo build --release -p webcall >&2
+    WEBCALL_BIN=target/release/webcall
+fi
+cp "$WEBCALL_BIN" "$TMP/webcall"
+WEBCALL="$TMP/webcall"
+
+# PeerJS from npm at the version pinned in bench/peerjs/package-lock.json.
+if [[ ! -x bench/peerjs/node_modules/.bin/peerjs ]]; then
+    (cd bench/peerjs && npm ci --no-audit --no-fund >&2)
+fi
+
+# The fd limit bounds both the server and the generator (10k connections each, plus spare).
+ulimit -n "$(ulimit -Hn)"
+
+SERVER_PID=
+SERVER_URL=
+start_webcall() {
+    taskset -c "$SERVER_CPU" env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 \
+        --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
+        --max-joins-per-ip 100000000 --max-rooms 20000 >"$TMP/server.out" 2>"$TMP/server.err" &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    for _ in $(seq 100); do
+        if grep -q 'listening on' "$TMP/server.out"; then
+            local addr
+            addr=$(sed -n 's|.*listening on http://\([^ ]*\).*|\1|p' "$TMP/server.out")
+            SERVER_URL="ws://$addr/ws"
+            return
+        fi
+        sleep 0.1
+    done
+    echo "webcall serve did not start: $(cat "$TMP/server.err")" >&2
+    exit 1
+}
+start_peerjs() {
+    local port=$((20000 + RANDOM % 20000))
+    taskset -c "$SERVER_CPU" node bench/peerjs/node_modules/.bin/peerjs --host 127.0.0.1 --port "$port" \
+        --concurrent_limit 20000 >"$TMP/server.out" 2>"$TMP/server.err" &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    for _ in $(seq 100); do
+        if grep -q 'Started PeerServer' "$TMP/server.out"; then
+            SERVER_URL="ws://127.0.0.1:$port/peerjs"
+            return
+        fi
+        sleep 0.1
+    done
+    echo "peerjs did not start: $(cat "$TMP/server.err" "$TMP/server.out")" >&2
+    exit 1
+}
+stop_server() {
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+}
+
+# bench TARGET RUN ARGS…: one benchmark against a fresh server; appends its JSON (tagged with the run) to $OUT.
+bench() {
+    local target=$1 run=$2
+    shift 2
+    "start_$target"
+    local json
+    json=$(timeout 300 taskset -c "$GEN_CPU" "$WEBCALL" bench "$@" --target "$target" --url "$SERVER_URL" \
+        --server-pid "$SERVER_PID" --sources 8 --json)
+    stop_server
+    echo "$json" | jq -c --argjson run "$run" '. + {run: $run}' >>"$OUT"
+}
+
+echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB" >&2
+echo "webcall $("$WEBCALL" --version | cut -d' ' -f2) ($(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo '+dirty')), PeerJS server $PEERJS_VERSION, node $(node --version)" >&2
+for run in $(seq "$RUNS"); do
+    # Alternate which server goes first, so slow drift on a shared machine does not favour one.
+    order="webcall peerjs"
+    ((run % 2 == 0)) && order="peerjs webcall"
+    for target in $order; do
+        bench "$target" "$run" relay --clients "$CLIENTS" --window 1 --duration "$DURATION"
+        bench "$target" "$run" relay --clients "$CLIENTS" --window "$WINDOW" --duration "$DURATION"
+        bench "$target" "$run" connections --counts "$COUNTS" --concurrency 100
+    done
+    echo "run $run of $RUNS done" >&2
+done
+node bench/summarize.mjs "$OUT"

@@ -1,0 +1,182 @@
+//! Dialing, joining and the relayed message format, for both protocols.
+
+use crate::{Common, Target};
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// How long one connection may take to open and join before the run is abandoned.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where to connect, and how.
+pub struct Endpoint {
+    pub target: Target,
+    url: String,
+    addr: SocketAddr,
+    sources: u8,
+}
+
+impl Endpoint {
+    pub async fn new(c: &Common) -> anyhow::Result<Endpoint> {
+        let rest = c.url.strip_prefix("ws://").ok_or_else(|| anyhow!("--url must be a ws:// URL, got {}", c.url))?;
+        let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
+        let addr = tokio::net::lookup_host(hostport)
+            .await
+            .with_context(|| format!("resolving {hostport}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{hostport} resolves to nothing"))?;
+        if !addr.ip().is_loopback() {
+            bail!("webcall bench only dials loopback addresses, not {addr}");
+        }
+        let url = c.url.split('?').next().unwrap_or(&c.url).to_owned();
+        Ok(Endpoint { target: c.target, url, addr, sources: c.sources.max(1) })
+    }
+
+    /// Opens WebSocket number `n` (its source address rotates over `--sources`), with `query` appended.
+    pub async fn dial(&self, n: usize, query: Option<&str>) -> anyhow::Result<Ws> {
+        let sock = match self.addr.ip() {
+            IpAddr::V4(_) => {
+                let s = TcpSocket::new_v4()?;
+                if self.sources > 1 {
+                    let last = 1 + (n % self.sources as usize) as u8;
+                    s.bind(SocketAddr::new(Ipv4Addr::new(127, 0, 0, last).into(), 0))?;
+                }
+                s
+            }
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        let stream = sock.connect(self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let url = match query {
+            Some(q) => format!("{}?{q}", self.url),
+            None => self.url.clone(),
+        };
+        // Small buffers: the generator holds as many connections as the server.
+        let cfg = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(cfg)).await?;
+        Ok(ws)
+    }
+
+    /// webcall: connect and join `room`; the `welcome`.
+    pub async fn webcall_join(&self, n: usize, room: &str) -> anyhow::Result<(Ws, serde_json::Value)> {
+        let mut ws = self.dial(n, None).await?;
+        let join = serde_json::json!({"type": "join", "room": room, "name": format!("bench{n}")});
+        ws.send(Message::text(join.to_string())).await?;
+        let welcome = expect_type(&mut ws, "welcome").await?;
+        Ok((ws, welcome))
+    }
+
+    /// PeerJS: connect as `id` and wait for `OPEN`.
+    pub async fn peerjs_open(&self, n: usize, id: &str) -> anyhow::Result<Ws> {
+        let mut ws = self.dial(n, Some(&format!("key=peerjs&id={id}&token=t{n}"))).await?;
+        expect_type(&mut ws, "OPEN").await?;
+        Ok(ws)
+    }
+}
+
+/// The next text frame (pings are answered by tungstenite itself).
+pub async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+            Some(Ok(Message::Close(f))) => bail!("closed by the server: {f:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("connection ended"),
+        }
+    }
+}
+
+/// Reads until a JSON message of type `ty`; an `error` (webcall) or `ERROR`/`ID-TAKEN` (PeerJS) fails.
+pub async fn expect_type(ws: &mut Ws, ty: &str) -> anyhow::Result<serde_json::Value> {
+    loop {
+        let t = next_text(ws).await?;
+        let v: serde_json::Value = serde_json::from_str(&t).with_context(|| format!("not JSON: {t}"))?;
+        match v["type"].as_str() {
+            Some(x) if x == ty => return Ok(v),
+            Some("error" | "ERROR" | "ID-TAKEN") => bail!("refused while waiting for {ty}: {t}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Offer or answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Offer,
+    Answer,
+}
+
+/// A relayed message with room for a send timestamp inside its SDP, padded to `size` bytes of SDP.
+pub struct Template {
+    prefix: String,
+    suffix: String,
+}
+
+const TS_DIGITS: usize = 20;
+
+impl Template {
+    pub fn new(target: Target, kind: Kind, to: &str, size: usize) -> Template {
+        let pad = "x".repeat(size.saturating_sub(TS_DIGITS + 1));
+        let (lower, upper) = match kind {
+            Kind::Offer => ("offer", "OFFER"),
+            Kind::Answer => ("answer", "ANSWER"),
+        };
+        let prefix = match target {
+            Target::Webcall => format!(r#"{{"type":"{lower}","to":"{to}","sdp":""#),
+            // What PeerJS's client sends for a media connection, minus the fields that do not change the size.
+            Target::Peerjs => format!(
+                r#"{{"type":"{upper}","dst":"{to}","payload":{{"type":"media","connectionId":"mc_bench","sdp":{{"type":"{lower}","sdp":""#
+            ),
+        };
+        let suffix = match target {
+            Target::Webcall => format!(r#":{pad}"}}"#),
+            Target::Peerjs => format!(r#":{pad}"}}}}}}"#),
+        };
+        Template { prefix, suffix }
+    }
+
+    /// The message stamped with `ts` (nanoseconds on the generator's clock).
+    pub fn render(&self, ts: u64) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + TS_DIGITS + self.suffix.len());
+        s.push_str(&self.prefix);
+        s.push_str(&format!("{ts:0TS_DIGITS$}"));
+        s.push_str(&self.suffix);
+        s
+    }
+}
+
+/// The timestamp inside a relayed message (both protocols keep the SDP string as sent).
+pub fn stamp_of(text: &str) -> Option<u64> {
+    let at = text.find(r#""sdp":""#)? + 7;
+    text.get(at..at + TS_DIGITS)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_round_trip() {
+        for target in [Target::Webcall, Target::Peerjs] {
+            let t = Template::new(target, Kind::Offer, "abc", 1024);
+            let m = t.render(123_456_789);
+            let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+            let sdp = match target {
+                Target::Webcall => v["sdp"].as_str().unwrap().to_owned(),
+                Target::Peerjs => v["payload"]["sdp"]["sdp"].as_str().unwrap().to_owned(),
+            };
+            assert_eq!(sdp.len(), 1024);
+            assert_eq!(stamp_of(&m), Some(123_456_789));
+        }
+        // As relayed: webcall swaps `to` for `from`, PeerJS appends `src`.
+        assert_eq!(stamp_of(r#"{"type":"offer","from":"x","sdp":"00000000000000000042:xx"}"#), Some(42));
+    }
+}
