@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,7 +29,13 @@ use crate::TurnError;
 const MAX_UDP: usize = 65536;
 /// Bytes queued to a slow stream client before relayed data to it is dropped (as UDP would).
 const STREAM_OUT_LIMIT: usize = 1 << 20;
+/// A TCP/TLS connection without an allocation that sends nothing for this long is closed.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
+/// Open TCP/TLS connections per allocation the server may hold (connections beyond are refused).
+const STREAMS_PER_ALLOCATION: usize = 2;
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Per relay socket; memory is only used while a burst is queued.
+const RELAY_SOCKET_BUFFER: usize = 1 << 20;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Entry point: binds and spawns everything.
@@ -86,6 +92,11 @@ impl TurnServer {
                 used_ports: HashSet::new(),
                 streams: HashMap::new(),
             }),
+            streams_open: AtomicUsize::new(0),
+            max_streams: cfg
+                .total_quota
+                .saturating_mul(STREAMS_PER_ALLOCATION)
+                .max(64),
             udp: Arc::new(udp),
             udp_addr,
             relay_ip,
@@ -212,6 +223,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Open TCP/TLS connections (handshaking ones included), capped at `max_streams`.
+    streams_open: AtomicUsize,
+    max_streams: usize,
     udp: Arc<UdpSocket>,
     udp_addr: SocketAddr,
     relay_ip: IpAddr,
@@ -272,6 +286,7 @@ impl Shared {
             let Ok(std_sock) = std::net::UdpSocket::bind(SocketAddr::new(ip, port)) else {
                 continue;
             };
+            set_buffers(&std_sock, RELAY_SOCKET_BUFFER);
             let sock = match std_sock
                 .set_nonblocking(true)
                 .and_then(|_| UdpSocket::from_std(std_sock))
@@ -314,7 +329,7 @@ fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
             Err(_) if addr.port() == 0 => continue,
             Err(e) => return Err(bind_err("TCP", e)),
         };
-        set_buffers(&udp);
+        set_buffers(&udp, SOCKET_BUFFER);
         udp.set_nonblocking(true).map_err(|e| bind_err("UDP", e))?;
         let udp = UdpSocket::from_std(udp).map_err(|e| bind_err("UDP", e))?;
         return Ok((udp, tcp));
@@ -340,10 +355,10 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Larger kernel buffers absorb bursts (the kernel caps them at net.core.rmem_max/wmem_max).
-fn set_buffers(sock: &std::net::UdpSocket) {
+fn set_buffers(sock: &std::net::UdpSocket, size: usize) {
     let s = socket2::SockRef::from(sock);
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_recv_buffer_size(size);
+    let _ = s.set_send_buffer_size(size);
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -452,6 +467,30 @@ async fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Holds one of the `max_streams` connection slots.
+struct StreamSlot(Arc<Shared>);
+
+impl StreamSlot {
+    fn take(shared: &Arc<Shared>) -> Option<StreamSlot> {
+        let n = shared.streams_open.fetch_add(1, Ordering::AcqRel);
+        if n >= shared.max_streams {
+            shared.streams_open.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(
+                max = shared.max_streams,
+                "TURN stream connection refused: too many open"
+            );
+            return None;
+        }
+        Some(StreamSlot(shared.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
     loop {
         match l.accept().await {
@@ -463,7 +502,14 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
                     client: from,
                     server,
                 };
-                tokio::spawn(serve_stream(shared.clone(), s, tuple));
+                let Some(slot) = StreamSlot::take(&shared) else {
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    serve_stream(shared, s, tuple).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -480,8 +526,12 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener, acc: tokio_rustls::TlsA
             Ok((s, from)) => {
                 let _ = s.set_nodelay(true);
                 let server = s.local_addr().unwrap_or(shared.udp_addr);
+                let Some(slot) = StreamSlot::take(&shared) else {
+                    continue;
+                };
                 let (shared, acc) = (shared.clone(), acc.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(s)).await {
                         Ok(Ok(tls)) => {
                             serve_stream(
@@ -588,9 +638,16 @@ where
                     end -= start;
                     start = 0;
                 }
-                match rd.read(&mut buf[end..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => end += n,
+                match tokio::time::timeout(STREAM_IDLE, rd.read(&mut buf[end..])).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(n)) => end += n,
+                    // Quiet connections may stay while they hold an allocation (its lifetime bounds
+                    // them); others are closed so idle sockets cannot pile up.
+                    Err(_) => {
+                        if shared.state.lock().core.allocation_of(&tuple).is_none() {
+                            return;
+                        }
+                    }
                 }
             }
         })
