@@ -52,15 +52,28 @@ pub enum Family {
 pub enum Output {
     /// Send `data` to the client on `tuple`.
     Transmit { tuple: FiveTuple, data: Vec<u8> },
-    /// Bind a UDP relay socket of `family` from the relay port range (an even port if `even_port`),
-    /// then call [`TurnCore::relay_opened`].
+    /// Bind a UDP relay socket of `family` as `port` says, then call [`TurnCore::relay_opened`].
     OpenRelay {
         alloc: AllocId,
         family: Family,
-        even_port: bool,
+        port: RelayPort,
     },
     /// The allocation is gone: close its relay socket (unknown ids are to be ignored).
     CloseRelay { alloc: AllocId },
+    /// A port held by [`RelayPort::Even`] `reserve_next` was not claimed in time: close it.
+    ReleaseReserved { port: u16 },
+}
+
+/// Which relay port to bind (EVEN-PORT and RESERVATION-TOKEN, RFC 8656 §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayPort {
+    /// Any free port of the range.
+    Any,
+    /// An even port; with `reserve_next`, the port above it is bound too and held for a later
+    /// Allocate with the RESERVATION-TOKEN of this one (or released by [`Output::ReleaseReserved`]).
+    Even { reserve_next: bool },
+    /// The port held earlier for a reservation.
+    Reserved(u16),
 }
 
 /// A payload to send from the relay socket of `alloc` to `peer`.
@@ -168,7 +181,18 @@ struct Allocation {
     alloc_response: Vec<u8>,
     alloc_fingerprint: bool,
     lifetime: Duration,
+    reserve_next: bool,
 }
+
+/// A port held for a RESERVATION-TOKEN.
+struct Reservation {
+    port: u16,
+    family: Family,
+    expires: Instant,
+}
+
+/// How long a reserved port waits for its Allocate (RFC 8656 §7.2 suggests 30 s).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 
 impl Allocation {
     fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
@@ -194,6 +218,8 @@ pub struct TurnCore {
     by_tuple: HashMap<FiveTuple, AllocId>,
     expiries: BTreeSet<(Instant, AllocId)>,
     per_user: HashMap<Arc<str>, usize>,
+    reservations: HashMap<[u8; 8], Reservation>,
+    rng: rand::rngs::StdRng,
     out: VecDeque<Output>,
     next_sweep: Instant,
     stats: CoreStats,
@@ -222,6 +248,8 @@ impl TurnCore {
             by_tuple: HashMap::new(),
             expiries: BTreeSet::new(),
             per_user: HashMap::new(),
+            reservations: HashMap::new(),
+            rng,
             out: VecDeque::new(),
             next_sweep: now + SWEEP_EVERY,
             stats: CoreStats::default(),
@@ -422,7 +450,7 @@ impl TurnCore {
     }
 
     /// The relay socket for `alloc` is bound at `bound` (or could not be: `None`).
-    pub fn relay_opened(&mut self, _now: Instant, alloc: AllocId, bound: Option<SocketAddr>) {
+    pub fn relay_opened(&mut self, now: Instant, alloc: AllocId, bound: Option<SocketAddr>) {
         let Some(a) = self.allocs.get_mut(&alloc) else {
             self.out.push_back(Output::CloseRelay { alloc });
             return;
@@ -445,6 +473,17 @@ impl TurnCore {
         b.xor_addr(stun::XOR_RELAYED_ADDRESS, relayed)
             .u32(stun::LIFETIME, a.lifetime.as_secs() as u32)
             .xor_addr(stun::XOR_MAPPED_ADDRESS, tuple.client);
+        if a.reserve_next {
+            let mut token = [0u8; 8];
+            self.rng.fill_bytes(&mut token);
+            let r = Reservation {
+                port: bound.port() + 1,
+                family: a.family,
+                expires: now + RESERVATION_LIFETIME,
+            };
+            self.reservations.insert(token, r);
+            b.attr(stun::RESERVATION_TOKEN, &token);
+        }
         let data = finish(&mut b, &self.cfg, Some(&a.key), a.alloc_fingerprint);
         a.alloc_response = data.clone();
         self.out.push_back(Output::Transmit { tuple, data });
@@ -470,6 +509,14 @@ impl TurnCore {
                 a.perms.retain(|(_, exp)| *exp > now);
                 a.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
             }
+            let out = &mut self.out;
+            self.reservations.retain(|_, r| {
+                let keep = r.expires > now;
+                if !keep {
+                    out.push_back(Output::ReleaseReserved { port: r.port });
+                }
+                keep
+            });
             self.next_sweep = now + SWEEP_EVERY;
         }
     }
@@ -738,6 +785,16 @@ impl TurnCore {
             Some(v) if v[0] != 17 => return Err((442, "Unsupported Transport Protocol")),
             Some(_) => {}
         }
+        let token = msg.get(stun::RESERVATION_TOKEN);
+        if token.is_some()
+            && (msg.get(stun::EVEN_PORT).is_some()
+                || msg.get(stun::REQUESTED_ADDRESS_FAMILY).is_some())
+        {
+            return Err((
+                400,
+                "Bad Request: RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY",
+            ));
+        }
         let family = match msg.get(stun::REQUESTED_ADDRESS_FAMILY) {
             None => Family::V4,
             Some([1, ..]) => Family::V4,
@@ -758,9 +815,27 @@ impl TurnCore {
         if self.allocs.len() >= self.cfg.total_quota {
             return Err((486, "Allocation Quota Reached: server full"));
         }
-        // EVEN-PORT is honoured; its R bit (reserve the next port too) is not: no RESERVATION-TOKEN
-        // is returned, which RFC 8656 §7.2 allows clients to cope with.
-        let even_port = msg.get(stun::EVEN_PORT).is_some();
+        let (port, family) = match (token, msg.get(stun::EVEN_PORT)) {
+            (Some(t), _) => {
+                let r = <[u8; 8]>::try_from(t)
+                    .ok()
+                    .and_then(|t| self.reservations.remove(&t))
+                    .filter(|r| r.expires > now)
+                    .ok_or((
+                        508,
+                        "Insufficient Capacity: unknown or expired RESERVATION-TOKEN",
+                    ))?;
+                (RelayPort::Reserved(r.port), r.family)
+            }
+            (None, Some(v)) => (
+                RelayPort::Even {
+                    reserve_next: v.first().is_some_and(|b| b & 0x80 != 0),
+                },
+                family,
+            ),
+            (None, None) => (RelayPort::Any, family),
+        };
+        let reserve_next = port == RelayPort::Even { reserve_next: true };
         let lifetime = self.lifetime(msg.get(stun::LIFETIME).and_then(be_u32));
         let id = AllocId(self.next_id);
         self.next_id += 1;
@@ -781,6 +856,7 @@ impl TurnCore {
                 alloc_response: Vec::new(),
                 alloc_fingerprint: fp,
                 lifetime,
+                reserve_next,
             },
         );
         self.by_tuple.insert(tuple, id);
@@ -789,7 +865,7 @@ impl TurnCore {
         self.out.push_back(Output::OpenRelay {
             alloc: id,
             family,
-            even_port,
+            port,
         });
         Ok(None)
     }
@@ -997,6 +1073,7 @@ fn is_known(t: u16) -> bool {
             | stun::REQUESTED_ADDRESS_FAMILY
             | stun::REQUESTED_TRANSPORT
             | stun::EVEN_PORT
+            | stun::RESERVATION_TOKEN
             | stun::XOR_MAPPED_ADDRESS
     )
 }

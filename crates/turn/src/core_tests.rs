@@ -126,14 +126,30 @@ impl H {
                         bytes: data,
                     });
                 }
-                Output::OpenRelay { alloc, family, .. } => {
+                Output::OpenRelay {
+                    alloc,
+                    family,
+                    port,
+                } => {
                     assert_eq!(family, Family::V4);
-                    self.relay_port += 1;
-                    let bound = SocketAddr::new(addr(RELAY).ip(), self.relay_port);
+                    let port = match port {
+                        RelayPort::Reserved(p) => p,
+                        RelayPort::Even { reserve_next } => {
+                            self.relay_port += 2 - self.relay_port % 2;
+                            let p = self.relay_port;
+                            self.relay_port += reserve_next as u16;
+                            p
+                        }
+                        RelayPort::Any => {
+                            self.relay_port += 1;
+                            self.relay_port
+                        }
+                    };
+                    let bound = SocketAddr::new(addr(RELAY).ip(), port);
                     self.core.relay_opened(self.now, alloc, Some(bound));
                     pending.extend(self.outputs());
                 }
-                Output::CloseRelay { .. } => {}
+                Output::CloseRelay { .. } | Output::ReleaseReserved { .. } => {}
             }
         }
         let r = resp.expect("a response");
@@ -342,16 +358,15 @@ fn allocate_lifetime_and_mismatch_rules() {
     assert_eq!(h.request(t2, &req).code, Some(442));
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |_| {});
     assert_eq!(h.request(t2, &req).code, Some(400));
-    // Unknown comprehension-required attribute (RESERVATION-TOKEN) -> 420 naming it.
+    // Unknown comprehension-required attribute (DONT-FRAGMENT: not supported) -> 420 naming it.
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
-        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
-            .attr(0x0022, &[1; 8]);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(0x001A, &[]);
     });
     let r = h.request(t2, &req);
     assert_eq!(r.code, Some(420));
     assert_eq!(
         r.msg().get(stun::UNKNOWN_ATTRIBUTES),
-        Some(&[0x00, 0x22][..])
+        Some(&[0x00, 0x1A][..])
     );
     assert_eq!(h.core.stats().allocations, 1);
     // EVEN-PORT is passed on to the I/O layer.
@@ -363,10 +378,95 @@ fn allocate_lifetime_and_mismatch_rules() {
     assert!(matches!(
         h.core.poll_output(),
         Some(Output::OpenRelay {
-            even_port: true,
+            port: RelayPort::Even { reserve_next: true },
             ..
         })
     ));
+}
+
+#[test]
+fn even_port_reservation_token() {
+    let mut h = H::default();
+    let c = h.creds("alice", 3600);
+    let (nonce, _) = h.allocate(udp("198.51.100.1:1"), &c);
+    let alloc = |h: &mut H, port: u16, f: &dyn Fn(&mut Builder)| {
+        let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+            b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+            f(b)
+        });
+        h.request(udp(&format!("198.51.100.1:{port}")), &req)
+    };
+    // EVEN-PORT with R: an even relayed port and a token for the port above it.
+    let r = alloc(&mut h, 2, &|b| {
+        b.attr(stun::EVEN_PORT, &[0x80]);
+    });
+    let rtp = r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap();
+    assert_eq!(rtp.port() % 2, 0);
+    let token = r
+        .msg()
+        .get(stun::RESERVATION_TOKEN)
+        .expect("RESERVATION-TOKEN")
+        .to_vec();
+    // The token gets exactly that port, once.
+    let r = alloc(&mut h, 3, &|b| {
+        b.attr(stun::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(
+        r.msg()
+            .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .port(),
+        rtp.port() + 1
+    );
+    assert_eq!(
+        alloc(&mut h, 4, &|b| {
+            b.attr(stun::RESERVATION_TOKEN, &token);
+        })
+        .code,
+        Some(508)
+    );
+    // Without R: even port, no token. With a token and EVEN-PORT together: 400.
+    let r = alloc(&mut h, 5, &|b| {
+        b.attr(stun::EVEN_PORT, &[0]);
+    });
+    assert!(r.msg().get(stun::RESERVATION_TOKEN).is_none());
+    assert_eq!(
+        r.msg()
+            .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .port()
+            % 2,
+        0
+    );
+    assert_eq!(
+        alloc(&mut h, 6, &|b| {
+            b.attr(stun::EVEN_PORT, &[0])
+                .attr(stun::RESERVATION_TOKEN, &token);
+        })
+        .code,
+        Some(400)
+    );
+    // An unclaimed reservation is released after its lifetime; the token is then refused.
+    let r = alloc(&mut h, 7, &|b| {
+        b.attr(stun::EVEN_PORT, &[0x80]);
+    });
+    let token = r.msg().get(stun::RESERVATION_TOKEN).unwrap().to_vec();
+    let held = r
+        .msg()
+        .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .port()
+        + 1;
+    h.advance(60);
+    assert!(h
+        .outputs()
+        .contains(&Output::ReleaseReserved { port: held }));
+    let nonce = h.core.nonce(h.now, "198.51.100.1".parse().unwrap());
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
+            .attr(stun::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(h.request(udp("198.51.100.1:8"), &req).code, Some(508));
 }
 
 #[test]

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 pub use crate::auth::{long_term_key, rest_password, rest_username, IceMinter};
 pub use crate::config::{PortRange, TurnArgs, TurnConfig};
-pub use crate::core::{CoreConfig, CoreStats, FiveTuple, Output, PeerSend, Transport, TurnCore};
+pub use crate::core::{
+    CoreConfig, CoreStats, FiveTuple, Output, PeerSend, RelayPort, Transport, TurnCore,
+};
 pub use crate::net::{TurnHandle, TurnServer};
 
 #[derive(Debug, thiserror::Error)]

@@ -21,8 +21,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::auth::IceMinter;
 use crate::config::{PortRange, TurnConfig};
 use crate::core::{
-    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, Transport,
-    TurnCore, PEER_HEADROOM, PEER_TAILROOM,
+    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort,
+    Transport, TurnCore, PEER_HEADROOM, PEER_TAILROOM,
 };
 use crate::TurnError;
 
@@ -90,6 +90,7 @@ impl TurnServer {
                 core,
                 relays: HashMap::new(),
                 used_ports: HashSet::new(),
+                reserved: HashMap::new(),
                 streams: HashMap::new(),
             }),
             streams_open: AtomicUsize::new(0),
@@ -171,6 +172,7 @@ impl TurnHandle {
         for (_, s) in st.streams.drain() {
             s.close();
         }
+        st.reserved.clear();
     }
 }
 
@@ -218,6 +220,8 @@ struct State {
     core: TurnCore,
     relays: HashMap<AllocId, Relay>,
     used_ports: HashSet<u16>,
+    /// Ports held for RESERVATION-TOKENs.
+    reserved: HashMap<u16, std::net::UdpSocket>,
     streams: HashMap<FiveTuple, Arc<StreamOut>>,
 }
 
@@ -249,10 +253,15 @@ impl Shared {
                 Output::OpenRelay {
                     alloc,
                     family,
-                    even_port,
+                    port,
                 } => {
-                    let bound = self.open_relay(st, alloc, family, even_port);
+                    let bound = self.open_relay(st, alloc, family, port);
                     st.core.relay_opened(Instant::now(), alloc, bound);
+                }
+                Output::ReleaseReserved { port } => {
+                    if st.reserved.remove(&port).is_some() {
+                        st.used_ports.remove(&port);
+                    }
                 }
                 Output::CloseRelay { alloc } => {
                     if let Some(r) = st.relays.remove(&alloc) {
@@ -269,12 +278,26 @@ impl Shared {
         st: &mut State,
         alloc: AllocId,
         family: Family,
-        even: bool,
+        want: RelayPort,
     ) -> Option<SocketAddr> {
         let ip = match (family, self.relay_ip) {
             (Family::V4, IpAddr::V4(ip)) => IpAddr::V4(ip),
             (Family::V4, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             (Family::V6, ip) => ip,
+        };
+        if let RelayPort::Reserved(port) = want {
+            let bound = st
+                .reserved
+                .remove(&port)
+                .and_then(|sock| self.start_relay(st, alloc, sock, port));
+            if bound.is_none() {
+                st.used_ports.remove(&port);
+            }
+            return bound;
+        }
+        let (even, reserve) = match want {
+            RelayPort::Even { reserve_next } => (true, reserve_next),
+            _ => (false, false),
         };
         let n = self.ports.len();
         let first = rand::rng().random_range(0..n);
@@ -283,9 +306,33 @@ impl Shared {
             if st.used_ports.contains(&port) || (even && port % 2 == 1) {
                 continue;
             }
+            if reserve && (port == self.ports.max || st.used_ports.contains(&(port + 1))) {
+                continue;
+            }
             let Ok(std_sock) = std::net::UdpSocket::bind(SocketAddr::new(ip, port)) else {
                 continue;
             };
+            if reserve {
+                let Ok(next) = std::net::UdpSocket::bind(SocketAddr::new(ip, port + 1)) else {
+                    continue;
+                };
+                st.used_ports.insert(port + 1);
+                st.reserved.insert(port + 1, next);
+            }
+            return self.start_relay(st, alloc, std_sock, port);
+        }
+        tracing::warn!(range = %self.ports, "no free relay port: widen --turn-relay-ports");
+        None
+    }
+
+    fn start_relay(
+        self: &Arc<Self>,
+        st: &mut State,
+        alloc: AllocId,
+        std_sock: std::net::UdpSocket,
+        port: u16,
+    ) -> Option<SocketAddr> {
+        {
             set_buffers(&std_sock, RELAY_SOCKET_BUFFER);
             let sock = match std_sock
                 .set_nonblocking(true)
@@ -301,10 +348,8 @@ impl Shared {
             let task = tokio::spawn(relay_loop(self.clone(), alloc, sock.clone())).abort_handle();
             st.used_ports.insert(port);
             st.relays.insert(alloc, Relay { sock, task, port });
-            return Some(bound);
+            Some(bound)
         }
-        tracing::warn!(range = %self.ports, "no free relay port: widen --turn-relay-ports");
-        None
     }
 
     async fn send_udp(&self, out: Vec<(Vec<u8>, SocketAddr)>) {

@@ -46,6 +46,7 @@ pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
 pub const EVEN_PORT: u16 = 0x0018;
 pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
+pub const RESERVATION_TOKEN: u16 = 0x0022;
 pub const SOFTWARE: u16 = 0x8022;
 pub const FINGERPRINT: u16 = 0x8028;
 

@@ -132,6 +132,11 @@ async fn uclient(server: SocketAddr, args: &[&str]) -> Run {
 
 /// Relays `n` messages per client for `m` clients and checks every one came back.
 async fn relay_ok(extra: &[&str], legacy_channels: bool) {
+    relay_ok_with(extra, legacy_channels, true).await
+}
+
+/// `no_rtcp = false`: uclient opens RTP/RTCP allocation pairs (EVEN-PORT with R, then RESERVATION-TOKEN).
+async fn relay_ok_with(extra: &[&str], legacy_channels: bool, no_rtcp: bool) {
     if !have_coturn() {
         return;
     }
@@ -141,12 +146,19 @@ async fn relay_ok(extra: &[&str], legacy_channels: bool) {
     let port = peer.port.to_string();
     let (ns, ms) = (n.to_string(), m.to_string());
     let mut args = vec!["-W", SECRET, "-u", "alice", "-e", "127.0.0.1", "-r", &port];
-    args.extend(["-n", &ns, "-m", &ms, "-l", "120", "-z", "5", "-X", "-c"]);
+    args.extend(["-n", &ns, "-m", &ms, "-l", "120", "-z", "5", "-X"]);
+    if no_rtcp {
+        args.push("-c");
+    }
     args.extend(extra);
     let run = uclient(srv.addr(), &args).await;
     assert!(run.ok, "uclient {args:?} failed:\n{}", run.out);
     let (sent, recv, lost) = run.totals();
-    assert_eq!(sent, n * m, "{}", run.out);
+    if no_rtcp {
+        assert_eq!(sent, n * m, "{}", run.out);
+    } else {
+        assert!(sent >= n * m, "{}", run.out);
+    }
     assert_eq!(recv, sent, "{}", run.out);
     assert_eq!(lost, 0, "{}", run.out);
     // It really went through our relay, both ways.
@@ -183,6 +195,11 @@ async fn stunclient_gets_binding_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uclient_udp_channels() {
     relay_ok(&[], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uclient_udp_rtp_rtcp_pairs_with_reservation_tokens() {
+    relay_ok_with(&[], true, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
