@@ -5,6 +5,18 @@
 //! - [`TurnServer::start`]: binds sockets and spawns tokio tasks around it, returns a [`TurnHandle`].
 //! - [`IceMinter`]: mints `iceServers` for the signaling `welcome`; a `webcall_rooms::IceProvider`.
 //! - [`TurnArgs`]: the `--turn-*` flags (clap) and `[turn]` config table (serde).
+//!
+//! Embedding (inside a tokio runtime):
+//!
+//! ```no_run
+//! # async fn f(cli: webcall_turn::TurnArgs, file: webcall_turn::TurnArgs) -> Result<(), webcall_turn::TurnError> {
+//! let cfg = cli.or(file).into_config(None)?; // Some(Arc<rustls::ServerConfig>) for --turns-listen
+//! let turn = webcall_turn::TurnServer::start(cfg).await?; // keep `turn` alive: dropping it stops the server
+//! let ice: Box<dyn webcall_rooms::IceProvider> = Box::new(turn.ice_minter());
+//! // ... Rooms::new(room_config, ice) ...; on shutdown:
+//! turn.shutdown().await;
+//! # Ok(()) }
+//! ```
 
 pub mod auth;
 pub mod config;
