@@ -2,6 +2,7 @@
 //! `cargo run --release -p webcall-turn --example turn_server -- --turn-listen 127.0.0.1:3478 --turn-secret s3cret --turn-allow-peer 127.0.0.0/8`
 use clap::Parser;
 
+/// webcall's STUN/TURN server, standalone (manual tests and bench/turn/run.sh)
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
