@@ -8,6 +8,7 @@
 //!
 //! Every run is bounded in time and in connections, and only dials the URL it is given (loopback in bench/).
 
+mod calls;
 mod conns;
 mod procfs;
 mod proto;
@@ -31,6 +32,9 @@ pub enum BenchCommand {
     /// Open and join many connections, then hold them idle: connection + join rate, server CPU per connection,
     /// server memory per idle connection at each count.
     Connections(conns::ConnArgs),
+    /// Native peers (`webcall peer`) call each other through a webcall server: join → ICE connected → DTLS
+    /// connected → first video frame, and call setups per second with several calls at once.
+    Calls(calls::CallArgs),
 }
 
 /// Which server the generator talks to.
@@ -76,19 +80,21 @@ pub struct Common {
 
 /// Runs one benchmark to completion.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let common = match &args.command {
-        BenchCommand::Relay(a) => &a.common,
-        BenchCommand::Connections(a) => &a.common,
+    let threads = match &args.command {
+        BenchCommand::Relay(a) => a.common.threads,
+        BenchCommand::Connections(a) => a.common.threads,
+        BenchCommand::Calls(_) => 1,
     };
-    let rt = if common.threads <= 1 {
+    let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(common.threads).enable_all().build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
     };
     let result = rt.block_on(async {
         match args.command {
             BenchCommand::Relay(a) => relay::run(a).await,
             BenchCommand::Connections(a) => conns::run(a).await,
+            BenchCommand::Calls(a) => calls::run(a).await,
         }
     });
     // Connections still open are dropped with the runtime; nothing waits for their close handshakes.
