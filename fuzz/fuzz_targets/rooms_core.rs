@@ -26,6 +26,7 @@ fuzz_target!(|ops: Vec<Op>| {
         max_peers: 3,
         max_rooms: 4,
         max_queued: 8,
+        max_queued_bytes: 8000,
         max_message_size: 2048,
         resume_grace: Duration::from_millis(500),
         rate_per_sec: 20.0,

@@ -177,7 +177,7 @@ impl Rooms {
                 self.counters.joins += 1;
                 self.ensure_local(&a, &id, now);
                 if let Some(conn) = conn {
-                    self.attach(conn, &id, false, VecDeque::new());
+                    self.attach(conn, &id, false, Queue::default());
                 }
                 let name = self.peers[&id].name.clone();
                 let room = self.peers[&id].room.clone();
@@ -217,7 +217,7 @@ impl Rooms {
                 room: room.clone(),
                 conn: None,
                 token: String::new(),
-                pending: VecDeque::new(),
+                pending: Queue::default(),
                 epoch: 0,
                 publish: true,
                 remote: true,
@@ -228,7 +228,7 @@ impl Rooms {
     }
 
     /// Puts a detached local session on `conn`: welcome, then `backlog`, then what queued while detached.
-    fn attach(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool, mut backlog: VecDeque<Frame>) {
+    fn attach(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool, mut backlog: Queue) {
         let p = self.peers.get_mut(id).expect("local");
         p.conn = Some(conn);
         p.epoch += 1; // cancels the expiry
@@ -285,7 +285,7 @@ impl Rooms {
             let p = self.peers.get_mut(&id).expect("found");
             (p.conn.take(), p.awaiting.take())
         };
-        let mut frames = VecDeque::new();
+        let mut frames = Queue::default();
         if let Some(old) = conn {
             if let Some(c) = self.conns.get_mut(&old) {
                 c.peer = None;
@@ -320,7 +320,7 @@ impl Rooms {
         let p = self.peers.get_mut(&id).expect("found");
         let Some(conn) = p.awaiting.take() else { return };
         self.counters.resumes += 1;
-        let backlog: VecDeque<Frame> = frames.into();
+        let backlog: Queue = frames.into();
         let live = self.conns.get(&conn).is_some_and(|c| c.joining && !c.closing);
         if live {
             self.attach(conn, &id, true, backlog);

@@ -21,6 +21,62 @@ use webcall_protocol::{
     ProtocolError, Relay,
 };
 
+/// Frames in order, with their total size: memory bounds are in bytes, not only frames.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+}
+
+impl Queue {
+    pub(crate) fn push_back(&mut self, f: Frame) {
+        self.bytes += f.len();
+        self.frames.push_back(f);
+    }
+    pub(crate) fn drain(&mut self, all: std::ops::RangeFull) -> std::collections::vec_deque::Drain<'_, Frame> {
+        self.bytes = 0;
+        self.frames.drain(all)
+    }
+    pub(crate) fn extend(&mut self, frames: impl IntoIterator<Item = Frame>) {
+        for f in frames {
+            self.push_back(f);
+        }
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.frames.len()
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame> {
+        self.frames.iter()
+    }
+}
+
+impl From<Vec<Frame>> for Queue {
+    fn from(v: Vec<Frame>) -> Self {
+        let bytes = v.iter().map(|f| f.len()).sum();
+        Queue { frames: v.into(), bytes }
+    }
+}
+
+impl From<Queue> for Vec<Frame> {
+    fn from(q: Queue) -> Self {
+        q.frames.into()
+    }
+}
+
+impl IntoIterator for Queue {
+    type Item = Frame;
+    type IntoIter = std::collections::vec_deque::IntoIter<Frame>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.frames.into_iter()
+    }
+}
+
 /// Adapter-chosen connection handle.
 pub type ConnId = u64;
 
@@ -39,6 +95,9 @@ pub struct Config {
     /// Frames queued for one connection before it counts as a slow reader (`--max-queued-messages`); a detached
     /// session may hold twice this before it is given up.
     pub max_queued: usize,
+    /// Bytes queued for one connection before it counts as a slow reader (`--max-queued-bytes`); bounds memory
+    /// per connection whatever the frame sizes. A detached session may hold twice this.
+    pub max_queued_bytes: usize,
     /// Largest accepted frame in bytes (`--max-message-size`).
     pub max_message_size: usize,
     /// Sustained messages per second per connection (`--rate-limit`); bursts of twice this pass.
@@ -56,6 +115,7 @@ impl Default for Config {
             max_rooms: 10_000,
             resume_grace: Duration::from_secs(20),
             max_queued: 256,
+            max_queued_bytes: 1 << 20,
             max_message_size: 64 * 1024,
             rate_per_sec: 50.0,
             max_errors: 20.0,
@@ -186,9 +246,11 @@ impl Bucket {
 
 struct Conn {
     peer: Option<Arc<str>>,
-    out: VecDeque<Frame>,
+    out: Queue,
     /// Queue length past which the connection is a slow reader; raised while a resume backlog drains.
     limit: usize,
+    /// Same, in bytes.
+    limit_bytes: usize,
     closing: bool,
     rate: Bucket,
     errors: Bucket,
@@ -202,7 +264,7 @@ struct Peer {
     conn: Option<ConnId>,
     token: String,
     /// Frames for a detached session, in order.
-    pending: VecDeque<Frame>,
+    pending: Queue,
     /// Bumped at each detach, so a stale deadline is ignored.
     epoch: u64,
     publish: bool,
@@ -336,8 +398,9 @@ impl Rooms {
             conn,
             Conn {
                 peer: None,
-                out: VecDeque::new(),
+                out: Queue::default(),
                 limit: self.cfg.max_queued,
+                limit_bytes: self.cfg.max_queued_bytes,
                 closing: false,
                 rate: Bucket::full(burst, now),
                 errors: Bucket::full(self.cfg.max_errors, now),
@@ -431,6 +494,7 @@ impl Rooms {
         if let Some(c) = self.conns.get_mut(&conn) {
             buf.extend(c.out.drain(..));
             c.limit = self.cfg.max_queued;
+            c.limit_bytes = self.cfg.max_queued_bytes;
         }
     }
 
@@ -458,6 +522,7 @@ impl Rooms {
                 assert!(p.pending.is_empty(), "a live session keeps no pending frames");
             } else {
                 assert!(p.pending.len() <= self.cfg.max_queued * 2, "detached queue over its bound");
+                assert!(p.pending.bytes() <= self.cfg.max_queued_bytes * 2 + self.cfg.max_message_size * 4, "detached queue over its byte bound");
             }
         }
         if !self.clustered {
@@ -468,6 +533,8 @@ impl Rooms {
                 assert_eq!(self.peers.get(id).and_then(|p| p.conn), Some(*conn), "connection {conn} claims {id}");
             }
             assert!(c.closing || c.out.len() <= c.limit, "connection {conn} queue over its limit while open");
+            assert!(c.closing || c.out.bytes() <= c.limit_bytes, "connection {conn} queue over its byte limit while open");
+            assert_eq!(c.out.bytes(), c.out.iter().map(|f| f.len()).sum::<usize>(), "byte count of {conn} drifted");
         }
     }
 
@@ -516,7 +583,7 @@ impl Rooms {
         if c.out.len() == 1 {
             self.out.push_back(Output::Wake(conn));
         }
-        if c.out.len() > c.limit && !c.closing {
+        if (c.out.len() > c.limit || c.out.bytes() > c.limit_bytes) && !c.closing {
             c.closing = true;
             self.counters.slow_readers += 1;
             self.out.push_back(Output::Close { conn, code: close::POLICY, reason: "slow reader" });
@@ -540,7 +607,7 @@ impl Rooms {
         }
         match p.conn {
             Some(conn) => self.push(conn, frame),
-            None if p.pending.len() >= self.cfg.max_queued * 2 => {
+            None if p.pending.len() >= self.cfg.max_queued * 2 || p.pending.bytes() >= self.cfg.max_queued_bytes * 2 => {
                 let id: Arc<str> = Arc::from(id);
                 self.leave(&id);
                 return false;
@@ -550,7 +617,7 @@ impl Rooms {
         true
     }
 
-    fn detach(&mut self, id: &Arc<str>, unsent: VecDeque<Frame>, now: Instant) {
+    fn detach(&mut self, id: &Arc<str>, unsent: Queue, now: Instant) {
         let grace = self.cfg.resume_grace;
         let Some(p) = self.peers.get_mut(id) else { return };
         p.conn = None;
@@ -666,7 +733,7 @@ impl Rooms {
                 room: room.clone(),
                 conn: Some(conn),
                 token,
-                pending: VecDeque::new(),
+                pending: Queue::default(),
                 epoch: 0,
                 publish: admission.publish,
                 remote: false,
@@ -703,7 +770,7 @@ impl Rooms {
         };
         // The old socket may still look alive (the server has not noticed it died): replace it, keeping what it
         // had not written yet ahead of anything queued since.
-        let mut backlog = VecDeque::new();
+        let mut backlog = Queue::default();
         if let Some(old) = old_conn.filter(|&c| c != conn) {
             if let Some(c) = self.conns.get_mut(&old) {
                 c.peer = None;
@@ -717,6 +784,7 @@ impl Rooms {
         let c = self.conns.get_mut(&conn).expect("live");
         c.peer = Some(id.clone());
         c.limit = self.cfg.max_queued + backlog.len() + 1;
+        c.limit_bytes = self.cfg.max_queued_bytes + backlog.bytes() + 1;
         self.welcome(conn, &id, true);
         for frame in backlog {
             self.push(conn, frame);

@@ -435,3 +435,31 @@ fn counters_count() {
     assert_eq!(c.errors[ErrorCode::UnknownPeer as usize], 1);
     assert_eq!(c.joins, 2);
 }
+
+#[test]
+fn slow_reader_bound_is_in_bytes_too() {
+    // 8 frames allowed, but only 100 KB: two 60 KB frames already make a slow reader.
+    let mut h = Harness::new(Config { max_queued: 8, max_queued_bytes: 100_000, rate_per_sec: 1000.0, max_message_size: 65536, ..Config::default() });
+    let (a, _, _) = h.join("r", "A");
+    let (b, b_id, b_tok) = h.join("r", "B");
+    h.recv(a);
+    h.outputs();
+    let big = "x".repeat(60_000);
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+    assert!(h.outputs().iter().all(|o| !matches!(o, Output::Close { .. })));
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+    assert!(h.outputs().contains(&Output::Close { conn: b, code: close::POLICY, reason: "slow reader" }));
+    // Detached with 120 KB, it takes frames while it holds under twice the bound (to 180 KB, then 240 KB); the next
+    // one ends the session and is refused.
+    for _ in 0..2 {
+        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+        assert!(h.recv(a).is_empty());
+    }
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+    let got = h.recv(a);
+    assert_eq!(got[0], serde_json::json!({"type":"bye","from":b_id}), "{got:?}");
+    assert_eq!(got[1]["code"], "unknown-peer");
+    let b2 = h.connect();
+    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    assert_eq!(h.recv(b2)[0]["resumed"], false);
+}

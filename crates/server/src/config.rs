@@ -50,6 +50,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_QUEUED_MESSAGES", value_name = "N")]
     pub max_queued_messages: Option<usize>,
 
+    /// Bytes queued for one connection before it is cut off as a slow reader [default: 1048576].
+    #[arg(long, env = "WEBCALL_MAX_QUEUED_BYTES", value_name = "BYTES")]
+    pub max_queued_bytes: Option<usize>,
+
     /// Messages per second per connection; bursts of twice this pass [default: 50].
     #[arg(long, env = "WEBCALL_RATE_LIMIT", value_name = "PER_SEC")]
     pub rate_limit: Option<f64>,
@@ -183,6 +187,7 @@ impl ServeArgs {
             max_rooms: pick!(max_rooms, d.max_rooms),
             resume_grace: pick!(resume_grace, d.resume_grace),
             max_queued: pick!(max_queued_messages, d.max_queued),
+            max_queued_bytes: pick!(max_queued_bytes, d.max_queued_bytes),
             max_message_size: pick!(max_message_size, d.max_message_size),
             rate_per_sec: pick!(rate_limit, d.rate_per_sec),
             max_errors: pick!(max_errors, d.max_errors),
@@ -230,6 +235,12 @@ impl ServeArgs {
             "1 KiB to 16 MiB; an SDP offer needs about 10 KiB",
         )?;
         range("max-queued-messages", r.max_queued.to_string(), r.max_queued >= 16, "at least 16")?;
+        range(
+            "max-queued-bytes",
+            r.max_queued_bytes.to_string(),
+            r.max_queued_bytes >= r.max_message_size,
+            "at least --max-message-size, so one full message fits",
+        )?;
         range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
         range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
         range("max-connections-per-ip", cfg.max_connections_per_ip.to_string(), cfg.max_connections_per_ip >= 1, "at least 1")?;

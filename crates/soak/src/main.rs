@@ -1,0 +1,355 @@
+//! Soak and abuse run: while thousands of clients join, churn, flood malformed and oversized frames and read
+//! slowly, two well-behaved peers in their own room exchange sequenced messages. Reports whether any of theirs was
+//! lost or reordered, the server's memory before, at peak and after, and the refusals it counted.
+//!
+//! Loopback only: the server address must be in 127.0.0.0/8; clients spread over source addresses 127.0.0.2–.250
+//! so per-address limits see many clients. Every loop is bounded in count and time.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+#[command(about = "Bounded soak/abuse run against a webcall server on loopback")]
+struct Args {
+    /// Server address (127.0.0.0/8 only).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Server process id, to read its memory from /proc.
+    #[arg(long)]
+    pid: u32,
+    /// How long the abuse lasts.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Clients that join, talk briefly and leave, over and over (each bounded).
+    #[arg(long, default_value_t = 2000)]
+    churners: usize,
+    /// Clients sending malformed frames as fast as they can.
+    #[arg(long, default_value_t = 50)]
+    flooders: usize,
+    /// Clients sending oversized frames.
+    #[arg(long, default_value_t = 50)]
+    oversized: usize,
+    /// Joined clients that never read while a partner floods them.
+    #[arg(long, default_value_t = 20)]
+    slow_readers: usize,
+    /// Messages per second each well-behaved peer sends (keep under the server's --rate-limit).
+    #[arg(long, default_value_t = 40)]
+    good_rate: u32,
+    /// Repeat the whole run; memory after each round shows whether anything accumulates.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+}
+
+#[derive(Default)]
+struct Tally {
+    churn_joins: AtomicU64,
+    churn_errors: AtomicU64,
+    flood_frames: AtomicU64,
+    flood_closed: AtomicU64,
+    oversize_closed: AtomicU64,
+    slow_cut: AtomicU64,
+    connect_failures: AtomicU64,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+fn source(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 249) as u8))
+}
+
+async fn connect(server: SocketAddr, from: IpAddr) -> Result<Ws> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(from, 0))?;
+    let tcp = sock.connect(server).await?;
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{server}/ws"), tcp).await?;
+    Ok(ws)
+}
+
+async fn recv_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn metrics(server: SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n").await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// The two well-behaved peers: each sends `seq` 0,1,2… to the other; returns (sent, received, lost or reordered).
+async fn good_pair(server: SocketAddr, rate: u32, until: Instant) -> Result<[(u64, u64, u64); 2]> {
+    let mut a = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 251))).await?;
+    a.send(Message::text(json!({"type":"join","room":"soak-good","name":"A"}).to_string())).await?;
+    let wa = recv_json(&mut a, Duration::from_secs(5)).await.context("A's welcome")?;
+    let mut b = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252))).await?;
+    b.send(Message::text(json!({"type":"join","room":"soak-good","name":"B"}).to_string())).await?;
+    let wb = recv_json(&mut b, Duration::from_secs(5)).await.context("B's welcome")?;
+    recv_json(&mut a, Duration::from_secs(5)).await.context("A sees B's hello")?;
+    let (ida, idb) = (wa["id"].as_str().unwrap().to_owned(), wb["id"].as_str().unwrap().to_owned());
+    let run = |mut me: Ws, to: String| async move {
+        let (mut sink, mut stream) = me.split();
+        let sender = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+            let mut seq = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                let m = json!({"type":"candidate","to":to,"candidate":{"candidate":format!("seq {seq}"),"sdpMid":"0"}});
+                if sink.send(Message::text(m.to_string())).await.is_err() {
+                    break;
+                }
+                seq += 1;
+            }
+            seq
+        };
+        let receiver = async {
+            let (mut next, mut bad) = (0u64, 0u64);
+            // Keep reading a little past the end so in-flight messages arrive.
+            let stop = until + Duration::from_secs(2);
+            while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(stop.into(), stream.next()).await {
+                let Message::Text(t) = msg else { continue };
+                let v: Value = serde_json::from_str(&t).unwrap_or_default();
+                if v["type"] == "error" {
+                    bad += 1; // a refusal of ours is a lost message too
+                    continue;
+                }
+                let Some(seq) = v["candidate"]["candidate"].as_str().and_then(|s| s.strip_prefix("seq ")) else { continue };
+                let seq: u64 = seq.parse().unwrap_or(u64::MAX);
+                if seq != next {
+                    bad += 1;
+                }
+                next = seq.wrapping_add(1);
+            }
+            (next, bad)
+        };
+        let (sent, (received, bad)) = tokio::join!(sender, receiver);
+        me = sink.reunite(stream).expect("same socket");
+        let _ = me.close(None).await;
+        (sent, received, bad)
+    };
+    let (ra, rb) = tokio::join!(run(a, idb), run(b, ida));
+    Ok([ra, rb])
+}
+
+async fn churner(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
+    let mut round = 0;
+    while Instant::now() < until && round < 50 {
+        round += 1;
+        let Ok(mut ws) = connect(server, source(i)).await else {
+            t.connect_failures.fetch_add(1, Relaxed);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let room = format!("churn-{}", (i * 7 + round) % 1000);
+        if ws.send(Message::text(json!({"type":"join","room":room,"name":format!("c{i}")}).to_string())).await.is_err() {
+            continue;
+        }
+        match recv_json(&mut ws, Duration::from_secs(5)).await {
+            Some(v) if v["type"] == "welcome" => {
+                t.churn_joins.fetch_add(1, Relaxed);
+                if let Some(other) = v["peers"].get(0).and_then(|p| p["id"].as_str()) {
+                    let m = json!({"type":"offer","to":other,"sdp":"v=0 churn"});
+                    let _ = ws.send(Message::text(m.to_string())).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50 + (i % 200) as u64)).await;
+                if round % 2 == 0 {
+                    let _ = ws.send(Message::text(r#"{"type":"bye"}"#)).await;
+                    let _ = ws.close(None).await;
+                } // else: just drop it, leaving a session in its grace period
+            }
+            _ => {
+                t.churn_errors.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await; // a refused client backs off
+            }
+        }
+    }
+}
+
+async fn flooder(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
+    while Instant::now() < until {
+        let Ok(ws) = connect(server, source(i + 1000)).await else { return };
+        let (mut sink, mut stream) = ws.split();
+        let reader = async { while let Some(Ok(_)) = stream.next().await {} };
+        let writer = async {
+            for n in 0..10_000u32 {
+                let junk = if n % 2 == 0 { "{{{not json".to_owned() } else { format!(r#"{{"type":"dance","n":{n}}}"#) };
+                if sink.send(Message::text(junk)).await.is_err() {
+                    break;
+                }
+                t.flood_frames.fetch_add(1, Relaxed);
+            }
+        };
+        tokio::select! { _ = reader => {}, _ = writer => {} }
+        t.flood_closed.fetch_add(1, Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn oversized(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
+    let big = format!(r#"{{"type":"offer","to":"x","sdp":"{}"}}"#, "x".repeat(100_000));
+    while Instant::now() < until {
+        let Ok(mut ws) = connect(server, source(i + 2000)).await else { return };
+        let _ = ws.send(Message::text(big.clone())).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+        t.oversize_closed.fetch_add(1, Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn slow_pair(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) -> Result<()> {
+    let room = format!("slow-{i}");
+    let mut slow = connect(server, source(i + 3000)).await?;
+    slow.send(Message::text(json!({"type":"join","room":room}).to_string())).await?;
+    let w = recv_json(&mut slow, Duration::from_secs(5)).await.context("slow reader's welcome")?;
+    let target = w["id"].as_str().unwrap_or_default().to_owned();
+    let mut fast = connect(server, source(i + 4000)).await?;
+    fast.send(Message::text(json!({"type":"join","room":room}).to_string())).await?;
+    recv_json(&mut fast, Duration::from_secs(5)).await;
+    let sdp = "s".repeat(60_000);
+    let (mut sink, mut stream) = fast.split();
+    let cut = async {
+        while let Some(Ok(Message::Text(m))) = stream.next().await {
+            if m.contains("\"bye\"") {
+                return true;
+            }
+        }
+        false
+    };
+    let flood = async {
+        for _ in 0..2000 {
+            if Instant::now() > until {
+                break;
+            }
+            let m = json!({"type":"offer","to":target,"sdp":sdp});
+            if sink.send(Message::text(m.to_string())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await; // under the default rate limit of 50/s
+        }
+        futures_util::future::pending::<bool>().await
+    };
+    if tokio::select! { c = cut => c, f = flood => f } {
+        t.slow_cut.fetch_add(1, Relaxed);
+    }
+    drop(slow);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    if !a.server.ip().is_loopback() {
+        bail!("--server must be a loopback address: this tool only loads servers on this machine");
+    }
+    let baseline = rss_kib(a.pid);
+    println!("server RSS baseline {baseline} KiB");
+    let mut ok = true;
+    for round in 1..=a.rounds {
+        println!("--- round {round} of {}", a.rounds);
+        ok &= round_once(&a, baseline).await?;
+    }
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn round_once(a: &Args, baseline: u64) -> Result<bool> {
+    let until = Instant::now() + a.duration;
+    let t = Arc::new(Tally::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..a.churners {
+        tasks.spawn(churner(a.server, i, until, t.clone()));
+    }
+    for i in 0..a.flooders {
+        tasks.spawn(flooder(a.server, i, until, t.clone()));
+    }
+    for i in 0..a.oversized {
+        tasks.spawn(oversized(a.server, i, until, t.clone()));
+    }
+    for i in 0..a.slow_readers {
+        let (t, server) = (t.clone(), a.server);
+        tasks.spawn(async move {
+            let _ = slow_pair(server, i, until, t).await;
+        });
+    }
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let sampler = {
+        let peak = peak.clone();
+        let pid = a.pid;
+        tokio::spawn(async move {
+            while Instant::now() < until + Duration::from_secs(2) {
+                peak.fetch_max(rss_kib(pid), Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let good = good_pair(a.server, a.good_rate, until).await?;
+    // Everything is bounded by `until`; give stragglers a moment, then stop them.
+    let _ = tokio::time::timeout(Duration::from_secs(15), async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    sampler.abort();
+    // Sessions dropped without bye wait out their grace period before the server frees them.
+    let settle = Instant::now() + Duration::from_secs(40);
+    let mut after;
+    let m = loop {
+        let m = metrics(a.server).await?;
+        let gauge = |name: &str| m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<u64>().ok());
+        after = rss_kib(a.pid);
+        if gauge("webcall_peers") == Some(0) && gauge("webcall_connections") == Some(0) || Instant::now() > settle {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let counter = |name: &str| -> Vec<String> {
+        m.lines().filter(|l| l.starts_with(name) && !l.ends_with(" 0")).map(str::to_owned).collect()
+    };
+    let [(sa, ra, ba), (sb, rb, bb)] = good;
+    println!("well-behaved peers: A sent {sa}, B received {rb} (lost or reordered {bb}); B sent {sb}, A received {ra} (lost or reordered {ba})");
+    println!(
+        "churn: {} joins ({} refused or failed, {} connect failures); floods: {} malformed frames, {} flooders closed; oversized: {} closed; slow readers cut off: {}",
+        t.churn_joins.load(Relaxed),
+        t.churn_errors.load(Relaxed),
+        t.connect_failures.load(Relaxed),
+        t.flood_frames.load(Relaxed),
+        t.flood_closed.load(Relaxed),
+        t.oversize_closed.load(Relaxed),
+        t.slow_cut.load(Relaxed)
+    );
+    println!("server RSS: baseline {baseline} KiB, peak {} KiB, after the round {after} KiB", peak.load(Relaxed));
+    for g in ["webcall_connections ", "webcall_peers ", "webcall_rooms "] {
+        if let Some(l) = m.lines().find(|l| l.starts_with(g)) {
+            println!("  after the round: {l}");
+        }
+    }
+    println!("server refusals:");
+    for l in counter("webcall_errors_total").into_iter().chain(counter("webcall_connections_refused_total")).chain(counter("webcall_slow_readers_total")) {
+        println!("  {l}");
+    }
+    let lossless = ba == 0 && bb == 0 && ra == sb && rb == sa && sa > 0 && sb > 0;
+    println!("verdict: {}", if lossless { "no message of the well-behaved peers was lost or reordered" } else { "LOSS OR REORDERING" });
+    Ok(lossless)
+}
