@@ -32,7 +32,10 @@ export function assertLoopbackOnly() {
  * @param {{port?: number, args?: string[]}} [opts]
  */
 export async function startServer({ port = 0, args = [] } = {}) {
-  const proc = spawn(BINARY, ['serve', '--listen', `127.0.0.1:${port}`, ...args], {
+  // Each server gets its own STUN/TURN port unless the test chooses one (the default 3478 would collide).
+  const ownTurn = args.some((a) => a === '--turn-listen' || a === '--no-turn' || a === '--ice-servers');
+  const turnArgs = ownTurn ? [] : ['--turn-listen', '127.0.0.1:0'];
+  const proc = spawn(BINARY, ['serve', '--listen', `127.0.0.1:${port}`, ...turnArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
   });

@@ -106,6 +106,18 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_JOINS_PER_IP", value_name = "N")]
     pub max_joins_per_ip: Option<u32>,
 
+    /// Do not run the built-in STUN/TURN server (e.g. when --ice-servers points at coturn).
+    #[arg(long, env = "WEBCALL_NO_TURN", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub no_turn: Option<bool>,
+
+    /// External STUN/TURN servers for `iceServers` instead of the built-in one (comma-separated stun:, turn:,
+    /// turns: URLs); turn: URLs get REST credentials minted with --turn-secret, coturn's static-auth-secret.
+    #[arg(long, env = "WEBCALL_ICE_SERVERS", value_name = "URLS", value_delimiter = ',')]
+    pub ice_servers: Option<Vec<String>>,
+
+    #[command(flatten)]
+    pub turn: webcall_turn::TurnArgs,
+
     /// On SIGTERM/SIGINT, how long to wait for clients to leave before exiting [default: 10s].
     #[arg(long, env = "WEBCALL_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = duration)]
     #[serde(with = "humantime_serde")]
@@ -152,6 +164,18 @@ pub struct ServeConfig {
     pub redis: Option<String>,
     pub node_id: Option<String>,
     pub node_ttl: Duration,
+    pub ice: IceSource,
+}
+
+/// Where `welcome.iceServers` come from.
+#[derive(Debug, Clone)]
+pub enum IceSource {
+    /// The built-in STUN/TURN server with these settings (flags over the file's `[turn]` table).
+    BuiltIn(webcall_turn::TurnArgs),
+    /// External servers; turn:/turns: URLs get credentials from the shared secret.
+    External { urls: Vec<String>, secret: Option<String>, ttl: Duration },
+    /// No STUN/TURN: host candidates only.
+    None,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,9 +244,31 @@ impl ServeArgs {
             redis: self.redis.clone().or(file.redis.clone()),
             node_id: self.node_id.clone().or(file.node_id.clone()),
             node_ttl: pick!(node_ttl, Duration::from_secs(10)),
+            ice: IceSource::None,
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok { Ok(()) } else { Err(ConfigError::Range { setting, value, hint }) }
+        };
+        let mut cfg = cfg;
+        let turn = self.turn.clone().or(file.turn.clone());
+        cfg.ice = match (self.ice_servers.clone().or(file.ice_servers.clone()), pick!(no_turn, false)) {
+            (Some(urls), _) => {
+                for u in &urls {
+                    let ok = ["stun:", "stuns:", "turn:", "turns:"].iter().any(|p| u.starts_with(p));
+                    range("ice-servers", u.clone(), ok, "each URL starts with stun:, stuns:, turn: or turns:")?;
+                }
+                let needs_secret = urls.iter().any(|u| u.starts_with("turn"));
+                range(
+                    "ice-servers",
+                    urls.join(","),
+                    !needs_secret || turn.secret.is_some(),
+                    "turn: URLs need --turn-secret (coturn's static-auth-secret) to mint credentials",
+                )?;
+                let ttl = turn.credential_ttl.unwrap_or(Duration::from_secs(24 * 3600));
+                IceSource::External { urls, secret: turn.secret, ttl }
+            }
+            (None, true) => IceSource::None,
+            (None, false) => IceSource::BuiltIn(turn),
         };
         let r = &cfg.rooms;
         range("max-peers", r.max_peers.to_string(), (2..=64).contains(&r.max_peers), "a call has 2 to 64 peers")?;

@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod config;
+pub mod ice;
 pub mod metrics;
 pub mod router;
 pub mod tls;
@@ -9,7 +10,7 @@ mod web;
 mod ws;
 
 pub use access::ServerPolicy;
-pub use config::{ConfigError, ServeArgs, ServeConfig, TlsSource};
+pub use config::{ConfigError, IceSource, ServeArgs, ServeConfig, TlsSource};
 pub use router::{LocalRouter, Router};
 
 use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
@@ -115,6 +116,16 @@ pub async fn serve_with(
         Some(source) => Some(tls::load(source).await?),
         None => None,
     };
+    serve_prepared(cfg, router, policy, tls).await
+}
+
+/// Like [`serve_with`], with the TLS certificate already loaded (so TURN over TLS can share it).
+pub async fn serve_prepared(
+    cfg: ServeConfig,
+    router: Arc<dyn Router>,
+    policy: Arc<ServerPolicy>,
+    tls: Option<tls::Tls>,
+) -> Result<Server, ServeError> {
     let listener = std::net::TcpListener::bind(cfg.listen).map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
     let state = Arc::new(AppState {

@@ -75,7 +75,7 @@ impl fmt::Display for PortRange {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TurnArgs {
     /// UDP and TCP address of the STUN/TURN server [default: 127.0.0.1:3478]
-    #[arg(long = "turn-listen", env = "WEBCALL_TURN_LISTEN", value_name = "ADDR")]
+    #[arg(id = "turn_listen", long = "turn-listen", env = "WEBCALL_TURN_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
     /// Address for TURN over TLS (turns:); needs the server's TLS certificate

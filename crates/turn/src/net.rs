@@ -154,6 +154,11 @@ impl TurnHandle {
     pub fn stats(&self) -> CoreStats {
         self.shared.state.lock().core.stats()
     }
+    /// Reads [`TurnHandle::stats`] from elsewhere (e.g. `/metrics`) while the server runs.
+    pub fn stats_reader(&self) -> impl Fn() -> CoreStats + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.state.lock().core.stats()
+    }
     /// Stops all tasks and closes all sockets; returns once the listeners are closed.
     pub async fn shutdown(mut self) {
         self.abort_all();

@@ -2,6 +2,7 @@
 
 mod serve;
 mod token;
+mod turn;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -30,6 +31,8 @@ enum Command {
     Peer(webcall_peer::PeerArgs),
     /// Mint a signed join token for servers started with --auth-secret.
     Token(token::TokenArgs),
+    /// Run only the built-in STUN/TURN server (credentials: TURN REST with --turn-secret, as coturn's).
+    Turn(turn::TurnCmdArgs),
     /// Load-test a signaling server (webcall or PeerJS): relay rate, latency, CPU and memory per connection.
     Bench(webcall_bench::BenchArgs),
 }
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         // Exit at once with the peer's code: the stdin reader thread would keep a runtime shutdown waiting.
         Command::Peer(args) => std::process::exit(rt.block_on(webcall_peer::run(args))),
         Command::Token(args) => token::run(args),
+        Command::Turn(args) => rt.block_on(turn::run(args)),
         // The generator runs on its own runtime (one thread by default, so it can be pinned to one core).
         Command::Bench(args) => webcall_bench::run(args),
     }

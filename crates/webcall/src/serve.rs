@@ -1,26 +1,54 @@
 //! `webcall serve`: start the server, print where it listens, and handle signals.
 
 use std::io::Write;
+use webcall_server::IceSource;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
-    let ice: Box<dyn webcall_rooms::IceProvider> = Box::new(|_: &str| Vec::new());
+    // One certificate for HTTPS/WSS and TURN over TLS (a self-signed one is generated once, here).
+    let tls = match &cfg.tls {
+        Some(source) => Some(webcall_server::tls::load(source).await?),
+        None => None,
+    };
+    let mut turn = None;
+    let ice: Box<dyn webcall_rooms::IceProvider> = match &cfg.ice {
+        IceSource::BuiltIn(args) => {
+            let tls_cfg = tls.as_ref().map(|t| t.config.get_inner());
+            let handle = webcall_turn::TurnServer::start(args.clone().into_config(tls_cfg)?).await?;
+            let turns = handle.tls_addr().map(|a| format!(", turns {a}")).unwrap_or_default();
+            println!("webcall STUN/TURN on udp+tcp {}{turns}", handle.addr());
+            let minter = handle.ice_minter();
+            turn = Some(handle);
+            Box::new(minter)
+        }
+        IceSource::External { urls, secret, ttl } => {
+            Box::new(webcall_server::ice::ExternalIce::new(urls.clone(), secret.clone(), *ttl))
+        }
+        IceSource::None => Box::new(|_: &str| Vec::new()),
+    };
+    let policy = webcall_server::policy(&cfg);
     let mut server = match cfg.redis.clone() {
-        None => webcall_server::serve(cfg, ice).await?,
+        None => {
+            let router = webcall_server::LocalRouter::start_with(cfg.rooms.clone(), ice, Box::new(policy.clone()));
+            webcall_server::serve_prepared(cfg, router, policy, tls).await?
+        }
         Some(redis_url) => {
             let cluster = webcall_cluster::ClusterConfig {
                 redis_url,
                 node_id: cfg.node_id.clone().unwrap_or_else(webcall_cluster::random_node_id),
                 node_ttl: cfg.node_ttl,
             };
-            let policy = webcall_server::policy(&cfg);
             let router =
                 webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster).await?;
             tracing::info!(node = router.node_id(), "sharing rooms through Redis");
-            webcall_server::serve_with(cfg, router, policy).await?
+            webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
     };
+    if let Some(t) = &turn {
+        let stats = t.stats_reader();
+        server.set_metrics_hook(std::sync::Arc::new(move |out: &mut String| turn_metrics(&stats(), out)));
+    }
     let (addr, scheme) = (server.local_addr, server.scheme);
     let ws = if scheme == "https" { "wss" } else { "ws" };
     if let Some(fp) = &server.fingerprint {
@@ -61,5 +89,21 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!("{left} connections were still open at the shutdown deadline");
     }
+    if let Some(t) = turn {
+        t.shutdown().await;
+    }
     Ok(())
+}
+
+/// TURN figures for `/metrics`.
+pub fn turn_metrics(s: &webcall_turn::CoreStats, out: &mut String) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP webcall_turn_allocations Active TURN allocations.\n# TYPE webcall_turn_allocations gauge");
+    let _ = writeln!(out, "webcall_turn_allocations {}", s.allocations);
+    let _ = writeln!(out, "# HELP webcall_turn_relayed_packets_total Packets relayed, by direction.\n# TYPE webcall_turn_relayed_packets_total counter");
+    let _ = writeln!(out, "webcall_turn_relayed_packets_total{{direction=\"to-peer\"}} {}", s.to_peer_packets);
+    let _ = writeln!(out, "webcall_turn_relayed_packets_total{{direction=\"to-client\"}} {}", s.to_client_packets);
+    let _ = writeln!(out, "# HELP webcall_turn_relayed_bytes_total Bytes relayed, by direction.\n# TYPE webcall_turn_relayed_bytes_total counter");
+    let _ = writeln!(out, "webcall_turn_relayed_bytes_total{{direction=\"to-peer\"}} {}", s.to_peer_bytes);
+    let _ = writeln!(out, "webcall_turn_relayed_bytes_total{{direction=\"to-client\"}} {}", s.to_client_bytes);
 }

@@ -77,7 +77,7 @@ fn bad_settings_are_refused_with_a_clear_message() {
 fn a_taken_port_says_so() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = holder.local_addr().unwrap().to_string();
-    let out = webcall().args(["serve", "--listen", &addr]).output().unwrap();
+    let out = webcall().args(["serve", "--listen", &addr, "--turn-listen", "127.0.0.1:0"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr) && err.contains("--listen"), "{err}");

@@ -36,10 +36,14 @@ impl ServerProc {
 
     /// Like [`ServerProc::start_on`], with extra environment variables for the server process only.
     pub fn start_env(listen: &str, args: &[&str], env: &[(&str, &str)]) -> ServerProc {
+        // Each server gets its own STUN/TURN port unless the test chooses one (the default 3478 would collide).
+        let own_turn = args.iter().any(|a| matches!(*a, "--turn-listen" | "--no-turn" | "--ice-servers"));
+        let turn: &[&str] = if own_turn { &[] } else { &["--turn-listen", "127.0.0.1:0"] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
             .envs(env.iter().copied())
             .arg("serve")
             .args(["--listen", listen])
+            .args(turn)
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -1,0 +1,201 @@
+//! STUN/TURN as `webcall serve` wires it: the credentials a `welcome` carries work on the built-in TURN (checked
+//! with coturn's own clients), `--ice-servers` points clients at an external coturn with the shared secret, and
+//! `webcall turn` runs TURN alone. Loopback only.
+
+mod common;
+
+use common::{Client, ServerProc};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn have_coturn() -> bool {
+    let ok = ["turnutils_uclient", "turnutils_peer", "turnutils_stunclient", "turnserver"]
+        .iter()
+        .all(|b| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success()));
+    if !ok {
+        eprintln!("SKIPPED: coturn's binaries are missing (scripts/test.sh installs the coturn package)");
+    }
+    ok
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `turnutils_peer`, coturn's UDP echo peer, on a free loopback port.
+fn echo_peer() -> (Proc, u16) {
+    let port = free_udp_port();
+    let child = Command::new("turnutils_peer")
+        .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    (Proc(child), port)
+}
+
+/// (sent, received, lost) reported by `turnutils_uclient` relaying through `server:port` to the echo peer.
+fn uclient(host: &str, port: u16, auth: &[&str], peer_port: u16) -> (bool, u64, u64, u64, String) {
+    let out = Command::new("timeout")
+        .args(["60", "turnutils_uclient"])
+        .args(auth)
+        .args(["-e", "127.0.0.1", "-r", &peer_port.to_string(), "-n", "50", "-m", "1", "-l", "120", "-z", "5", "-X", "-c", "-s"])
+        .args(["-p", &port.to_string(), host])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let num = |key: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.find(key).map(|i| &l[i + key.len()..]))
+            .filter_map(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .last()
+            .unwrap_or(0)
+    };
+    (out.status.success(), num("tot_send_msgs="), num("tot_recv_msgs="), num("Total lost packets"), text)
+}
+
+/// The welcome's TURN entry: (host, port, username, credential), and the STUN URL's port.
+fn turn_entry(w: &Value) -> (String, u16, String, String, u16) {
+    let servers = w["iceServers"].as_array().expect("iceServers");
+    let stun = servers.iter().flat_map(|s| s["urls"].as_array().unwrap()).find_map(|u| u.as_str()?.strip_prefix("stun:")).expect("a stun: URL");
+    let t = servers.iter().find(|s| s["username"].is_string()).expect("an entry with credentials");
+    let url = t["urls"].as_array().unwrap().iter().find_map(|u| u.as_str()?.strip_prefix("turn:")).expect("a turn: URL");
+    let hostport = url.split('?').next().unwrap();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let stun_port = stun.rsplit_once(':').unwrap().1.parse().unwrap();
+    (host.to_owned(), port.parse().unwrap(), t["username"].as_str().unwrap().to_owned(), t["credential"].as_str().unwrap().to_owned(), stun_port)
+}
+
+async fn metrics(server: &ServerProc) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).await.unwrap();
+    r
+}
+
+#[tokio::test]
+async fn welcome_credentials_relay_through_the_builtin_turn() {
+    if !have_coturn() {
+        return;
+    }
+    let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0", "--turn-allow-peer", "127.0.0.0/8"]);
+    assert!(server.banner.iter().any(|l| l.contains("STUN/TURN on udp+tcp 127.0.0.1:")), "{:?}", server.banner);
+    let (_c, w) = Client::join(&server.ws_url(), "relay", "A").await;
+    let (host, port, user, cred, stun_port) = turn_entry(&w);
+    assert_eq!(host, "127.0.0.1");
+    assert_eq!(stun_port, port);
+    let id = w["id"].as_str().unwrap();
+    assert!(user.ends_with(&format!(":{id}")), "TURN REST username <expiry>:<peer id>: {user}");
+    let urls = w["iceServers"].to_string();
+    assert!(urls.contains("transport=udp") && urls.contains("transport=tcp"), "{urls}");
+
+    let stun = Command::new("timeout").args(["20", "turnutils_stunclient", "-p", &port.to_string(), "127.0.0.1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&stun.stdout);
+    assert!(text.contains("UDP reflexive addr: 127.0.0.1:"), "{text}");
+
+    let (_peer, peer_port) = echo_peer();
+    let (ok, sent, recv, lost, out) = uclient("127.0.0.1", port, &["-u", &user, "-w", &cred], peer_port);
+    assert!(ok && sent == 50 && recv == 50 && lost == 0, "relay with the welcome's credentials:\n{out}");
+    let (ok, _, recv, _, out) = uclient("127.0.0.1", port, &["-u", &user, "-w", "wrong"], peer_port);
+    assert!(!ok || recv == 0, "a wrong credential must not relay:\n{out}");
+
+    let m = metrics(&server).await;
+    let to_peer: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("webcall_turn_relayed_packets_total{direction=\"to-peer\"} "))
+        .expect("TURN metrics")
+        .parse()
+        .unwrap();
+    assert!(to_peer >= 50, "{m}");
+    assert!(m.contains("# TYPE webcall_turn_allocations gauge"), "{m}");
+}
+
+#[tokio::test]
+async fn relaying_to_loopback_is_refused_by_default() {
+    if !have_coturn() {
+        return;
+    }
+    let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0"]);
+    let (_c, w) = Client::join(&server.ws_url(), "r", "A").await;
+    let (_, port, user, cred, _) = turn_entry(&w);
+    let (_peer, peer_port) = echo_peer();
+    let (_, _, recv, _, out) = uclient("127.0.0.1", port, &["-u", &user, "-w", &cred], peer_port);
+    assert_eq!(recv, 0, "nothing may reach a loopback peer without --turn-allow-peer:\n{out}");
+}
+
+#[tokio::test]
+async fn ice_servers_point_at_an_external_coturn_with_the_shared_secret() {
+    if !have_coturn() {
+        return;
+    }
+    const SECRET: &str = "shared-with-coturn";
+    let port = free_udp_port();
+    let dir = std::env::temp_dir().join(format!("webcall-coturn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _coturn = Proc(
+        Command::new("turnserver")
+            .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "webcall", "--allow-loopback-peers"])
+            .args(["--no-tls", "--no-dtls", "--no-cli", "--min-port", "40000", "--max-port", "40100"])
+            .arg("--pidfile")
+            .arg(dir.join("turnserver.pid"))
+            .arg("--log-file")
+            .arg(dir.join("turnserver.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let urls = format!("stun:127.0.0.1:{port},turn:127.0.0.1:{port}?transport=udp");
+    let server = ServerProc::start(&["--ice-servers", &urls, "--turn-secret", SECRET]);
+    assert!(!server.banner.iter().any(|l| l.contains("STUN/TURN on")), "no built-in TURN: {:?}", server.banner);
+    let (_c, w) = Client::join(&server.ws_url(), "r", "A").await;
+    let (_, turn_port, user, cred, _) = turn_entry(&w);
+    assert_eq!(turn_port, port);
+    let (_peer, peer_port) = echo_peer();
+    let (ok, sent, recv, lost, out) = uclient("127.0.0.1", port, &["-u", &user, "-w", &cred], peer_port);
+    assert!(ok && sent == 50 && recv == 50 && lost == 0, "coturn accepts webcall's credentials:\n{out}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--ice-servers", &urls])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--turn-secret"), "turn: URLs need the secret: {err}");
+}
+
+#[tokio::test]
+async fn webcall_turn_runs_alone() {
+    if !have_coturn() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        .args(["turn", "--turn-listen", "127.0.0.1:0", "--turn-secret", "alone-secret", "--turn-allow-peer", "127.0.0.0/8"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _guard = Proc(child);
+    let port: u16 = line.rsplit(':').next().unwrap().trim().parse().unwrap_or_else(|_| panic!("{line}"));
+    let (_peer, peer_port) = echo_peer();
+    let (ok, sent, recv, lost, out) = uclient("127.0.0.1", port, &["-W", "alone-secret", "-u", "bob"], peer_port);
+    assert!(ok && sent == 50 && recv == 50 && lost == 0, "{out}");
+}
