@@ -1,5 +1,6 @@
 //! The `webcall` binary: one subcommand per role.
 
+mod check;
 mod serve;
 mod token;
 mod turn;
@@ -29,6 +30,8 @@ enum Command {
     Serve(webcall_server::ServeArgs),
     /// Join a room as a native WebRTC peer: send a test pattern or an IVF file, record, chat, echo.
     Peer(webcall_peer::PeerArgs),
+    /// Check `serve` settings without serving: ports, certificate, TURN address, Redis.
+    Check(webcall_server::ServeArgs),
     /// Mint a signed join token for servers started with --auth-secret.
     Token(token::TokenArgs),
     /// Run only the built-in STUN/TURN server (credentials: TURN REST with --turn-secret, as coturn's).
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         // Exit at once with the peer's code: the stdin reader thread would keep a runtime shutdown waiting.
         Command::Peer(args) => std::process::exit(rt.block_on(webcall_peer::run(args))),
         Command::Token(args) => token::run(args),
+        Command::Check(args) => rt.block_on(check::run(args)),
         Command::Turn(args) => rt.block_on(turn::run(args)),
         // The generator runs on its own runtime (one thread by default, so it can be pinned to one core).
         Command::Bench(args) => webcall_bench::run(args),
