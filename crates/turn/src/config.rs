@@ -15,6 +15,7 @@ use crate::TurnError;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3478";
 pub const DEFAULT_REALM: &str = "webcall";
 pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_IP_QUOTA: usize = 32;
 pub const DEFAULT_RELAY_PORTS: PortRange = PortRange {
     min: 49152,
     max: 65535,
@@ -145,6 +146,15 @@ pub struct TurnArgs {
     )]
     pub total_quota: Option<usize>,
 
+    /// Allocations per client IP address, whatever the credentials (over it, Allocate gets 486
+    /// Allocation Quota Reached); raise it when many clients share one NAT address [default: 32]
+    #[arg(
+        long = "turn-ip-quota",
+        env = "WEBCALL_TURN_IP_QUOTA",
+        value_name = "N"
+    )]
+    pub ip_quota: Option<usize>,
+
     /// Longest allocation lifetime a client may request [default: 1h]
     #[arg(long = "turn-max-lifetime", env = "WEBCALL_TURN_MAX_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -169,6 +179,7 @@ impl TurnArgs {
             credential_ttl: self.credential_ttl.or(other.credential_ttl),
             user_quota: self.user_quota.or(other.user_quota),
             total_quota: self.total_quota.or(other.total_quota),
+            ip_quota: self.ip_quota.or(other.ip_quota),
             max_lifetime: self.max_lifetime.or(other.max_lifetime),
         }
     }
@@ -206,6 +217,7 @@ impl TurnArgs {
             credential_ttl: self.credential_ttl.unwrap_or(DEFAULT_CREDENTIAL_TTL),
             user_quota: self.user_quota.unwrap_or(10),
             total_quota: self.total_quota.unwrap_or(1000),
+            ip_quota: self.ip_quota.unwrap_or(DEFAULT_IP_QUOTA),
             max_lifetime,
             legacy_channel_numbers: false,
         };
@@ -228,6 +240,7 @@ pub struct TurnConfig {
     pub credential_ttl: Duration,
     pub user_quota: usize,
     pub total_quota: usize,
+    pub ip_quota: usize,
     pub max_lifetime: Duration,
     /// Accept RFC 5766 channel numbers up to 0x7FFF (coturn's clients use them); off by default.
     pub legacy_channel_numbers: bool,
@@ -245,6 +258,7 @@ impl fmt::Debug for TurnConfig {
             .field("credential_ttl", &self.credential_ttl)
             .field("user_quota", &self.user_quota)
             .field("total_quota", &self.total_quota)
+            .field("ip_quota", &self.ip_quota)
             .field("max_lifetime", &self.max_lifetime)
             .finish_non_exhaustive()
     }
@@ -300,6 +314,8 @@ mod tests {
             "s",
             "--turn-credential-ttl",
             "1h",
+            "--turn-ip-quota",
+            "4",
         ])
         .unwrap();
         assert_eq!(
@@ -312,6 +328,7 @@ mod tests {
         assert_eq!(cli.turn.allow_peer.len(), 2);
         let cfg = cli.turn.into_config(None).unwrap();
         assert_eq!(cfg.credential_ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.ip_quota, 4);
         assert_eq!(cfg.realm, "webcall");
         assert!(Cli::try_parse_from(["x", "--turn-relay-ports", "5-4"]).is_err());
     }
@@ -319,7 +336,7 @@ mod tests {
     #[test]
     fn toml_and_merge() {
         let file: TurnArgs = toml::from_str(
-            "listen = \"127.0.0.1:4000\"\nrelay-ports = \"50000-50010\"\nallow-peer = [\"10.0.0.0/8\"]\ncredential-ttl = \"2h\"\nrealm = \"r\"",
+            "listen = \"127.0.0.1:4000\"\nrelay-ports = \"50000-50010\"\nallow-peer = [\"10.0.0.0/8\"]\ncredential-ttl = \"2h\"\nrealm = \"r\"\nip-quota = 7",
         )
         .unwrap();
         let cli = TurnArgs {
@@ -331,6 +348,8 @@ mod tests {
         assert_eq!(cfg.realm, "cli");
         assert_eq!(cfg.credential_ttl, Duration::from_secs(7200));
         assert_eq!(cfg.relay_ports.len(), 11);
+        assert_eq!(cfg.ip_quota, 7);
+        assert_eq!(TurnArgs::default().into_config(None).unwrap().ip_quota, DEFAULT_IP_QUOTA);
         assert!(toml::from_str::<TurnArgs>("nope = 1").is_err());
     }
 

@@ -104,6 +104,9 @@ pub struct CoreConfig {
     pub user_quota: usize,
     /// Allocations on the whole server.
     pub total_quota: usize,
+    /// Allocations per client IP address (IPv4-mapped IPv6 counts as the IPv4 address): one host cannot
+    /// take the whole server with many users' credentials.
+    pub ip_quota: usize,
     /// Permissions (peer IPs) per allocation; channels per allocation have the same cap.
     pub max_permissions: usize,
     /// Peer ranges allowed even though they are loopback/private/link-local/multicast.
@@ -132,6 +135,7 @@ impl Default for CoreConfig {
             nonce_lifetime: Duration::from_secs(600),
             user_quota: 10,
             total_quota: 1000,
+            ip_quota: crate::config::DEFAULT_IP_QUOTA,
             max_permissions: 64,
             allow_peers: Vec::new(),
             external_ip: None,
@@ -218,6 +222,7 @@ pub struct TurnCore {
     by_tuple: HashMap<FiveTuple, AllocId>,
     expiries: BTreeSet<(Instant, AllocId)>,
     per_user: HashMap<Arc<str>, usize>,
+    per_ip: HashMap<IpAddr, usize>,
     reservations: HashMap<[u8; 8], Reservation>,
     rng: rand::rngs::StdRng,
     out: VecDeque<Output>,
@@ -248,6 +253,7 @@ impl TurnCore {
             by_tuple: HashMap::new(),
             expiries: BTreeSet::new(),
             per_user: HashMap::new(),
+            per_ip: HashMap::new(),
             reservations: HashMap::new(),
             rng,
             out: VecDeque::new(),
@@ -531,8 +537,60 @@ impl TurnCore {
                     self.per_user.remove(&a.user);
                 }
             }
+            let ip = a.tuple.client.ip().to_canonical();
+            if let Some(n) = self.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&ip);
+                }
+            }
             self.out.push_back(Output::CloseRelay { alloc: id });
         }
+    }
+
+    /// Panics if the core's tables disagree with each other or exceed their caps. For tests and fuzzing:
+    /// it walks every allocation.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
+        assert_eq!(self.allocs.len(), self.by_tuple.len(), "by_tuple size");
+        assert_eq!(self.allocs.len(), self.expiries.len(), "expiries size");
+        assert!(self.allocs.len() <= self.cfg.total_quota, "total quota");
+        let mut users: HashMap<&Arc<str>, usize> = HashMap::new();
+        let mut ips: HashMap<IpAddr, usize> = HashMap::new();
+        for (id, a) in &self.allocs {
+            assert_eq!(self.by_tuple.get(&a.tuple), Some(id), "by_tuple entry");
+            assert!(self.expiries.contains(&(a.expires, *id)), "expiry entry");
+            assert!(id.0 < self.next_id, "ids are never reused");
+            *users.entry(&a.user).or_default() += 1;
+            *ips.entry(a.tuple.client.ip().to_canonical()).or_default() += 1;
+            // The Allocate answer is stored exactly when the relay socket is open.
+            assert_eq!(a.relayed.is_some(), !a.alloc_response.is_empty(), "relay state");
+            let v4 = a.family == Family::V4;
+            let max = self.cfg.max_permissions;
+            // ChannelBind installs permissions outside the CreatePermission cap: at most one per channel.
+            assert!(a.perms.len() <= 2 * max, "permission cap");
+            assert!(a.channels.len() <= max, "channel cap");
+            for (i, (ip, _)) in a.perms.iter().enumerate() {
+                assert_eq!(ip.is_ipv4(), v4, "permission family");
+                assert!(!a.perms[..i].iter().any(|(p, _)| p == ip), "duplicate permission");
+            }
+            let top = if self.cfg.legacy_channel_numbers { 0x7FFF } else { 0x4FFF };
+            for (i, c) in a.channels.iter().enumerate() {
+                assert!((0x4000..=top).contains(&c.number), "channel number range");
+                assert_eq!(c.peer.is_ipv4(), v4, "channel family");
+                for d in &a.channels[..i] {
+                    assert!(d.number != c.number, "channel number bound twice");
+                    assert!(d.peer != c.peer, "peer bound to two channels");
+                }
+            }
+        }
+        assert_eq!(users.len(), self.per_user.len(), "per_user keys");
+        for (u, n) in &self.per_user {
+            assert_eq!(users.get(u), Some(n), "per_user count of {u}");
+            assert!(*n <= self.cfg.user_quota, "user quota");
+        }
+        assert_eq!(ips, self.per_ip, "per_ip counts");
+        assert!(self.per_ip.values().all(|n| *n <= self.cfg.ip_quota), "ip quota");
     }
 
     fn next_txid(&mut self) -> [u8; 12] {
@@ -812,6 +870,13 @@ impl TurnCore {
                 "Allocation Quota Reached: too many allocations for this user",
             ));
         }
+        let ip = tuple.client.ip().to_canonical();
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.cfg.ip_quota {
+            return Err((
+                486,
+                "Allocation Quota Reached: too many allocations from this address",
+            ));
+        }
         if self.allocs.len() >= self.cfg.total_quota {
             return Err((486, "Allocation Quota Reached: server full"));
         }
@@ -862,6 +927,7 @@ impl TurnCore {
         self.by_tuple.insert(tuple, id);
         self.expiries.insert((expires, id));
         *self.per_user.entry(auth.user.clone()).or_insert(0) += 1;
+        *self.per_ip.entry(ip).or_insert(0) += 1;
         self.out.push_back(Output::OpenRelay {
             alloc: id,
             family,

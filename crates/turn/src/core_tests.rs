@@ -81,6 +81,7 @@ impl H {
     fn advance(&mut self, secs: u64) {
         self.now += Duration::from_secs(secs);
         self.core.handle_timeout(self.now);
+        self.core.check_invariants();
     }
     fn creds(&self, user: &str, valid_for: i64) -> Creds {
         let username = auth::rest_username((self.unix as i64 + valid_for) as u64, user);
@@ -152,6 +153,7 @@ impl H {
                 Output::CloseRelay { .. } | Output::ReleaseReserved { .. } => {}
             }
         }
+        self.core.check_invariants();
         let r = resp.expect("a response");
         assert_eq!(r.msg().txid(), Msg::parse(data).unwrap().txid());
         r
@@ -736,6 +738,79 @@ fn quotas_per_user_and_total() {
     h.refresh(udp("198.51.100.1:1"), &alice, &nonce, Some(0));
     assert_eq!(try_alloc(&mut h, 6, &alice).class, stun::SUCCESS);
     assert_eq!(h.core.stats().allocations, 3);
+}
+
+#[test]
+fn quota_per_client_ip_counts_live_allocations() {
+    let mut h = H::new(CoreConfig {
+        ip_quota: 2,
+        ..CoreConfig::default()
+    });
+    // Other users' credentials do not help: the limit is per address.
+    let (alice, bob, carol) = (
+        h.creds("alice", 7200),
+        h.creds("bob", 7200),
+        h.creds("carol", 7200),
+    );
+    let (nonce, _) = h.allocate(udp("198.51.100.1:1"), &alice);
+    h.allocate(udp("198.51.100.1:2"), &bob);
+    let try_alloc = |h: &mut H, client: &str, c: &Creds| {
+        let req = h.build(stun::ALLOCATE, Some((c, &nonce)), |b| {
+            b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+        });
+        h.request(udp(client), &req)
+    };
+    let r = try_alloc(&mut h, "198.51.100.1:3", &carol);
+    assert_eq!(r.code, Some(486), "{r:?}");
+    let reason = String::from_utf8_lossy(&r.msg().get(stun::ERROR_CODE).unwrap()[4..]).into_owned();
+    assert!(reason.contains("address"), "{reason}");
+    // The same host over IPv6-mapped IPv4 is the same address; another host is not limited.
+    let mapped = udp("[::ffff:198.51.100.1]:4");
+    let r = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let mapped_nonce = h.request(mapped, &r).nonce();
+    assert_eq!(alloc_on(&mut h, mapped, &carol, &mapped_nonce).code, Some(486));
+    let (_, _) = h.allocate(udp("198.51.100.2:1"), &carol);
+    // A deleted allocation frees its slot.
+    assert_eq!(h.refresh(udp("198.51.100.1:2"), &bob, &nonce, Some(0)).lifetime(), 0);
+    assert_eq!(try_alloc(&mut h, "198.51.100.1:5", &carol).class, stun::SUCCESS);
+    assert_eq!(try_alloc(&mut h, "198.51.100.1:6", &bob).code, Some(486));
+    // Expired allocations free theirs: keep only :5 alive, let :1 run out (600 s default lifetime).
+    h.advance(300);
+    let fresh = h.refresh(udp("198.51.100.1:5"), &carol, &nonce, None);
+    assert_eq!(fresh.class, stun::SUCCESS, "{fresh:?}");
+    h.advance(301);
+    assert_eq!(h.core.allocation_of(&udp("198.51.100.1:1")), None);
+    let r = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let nonce = h.request(udp("198.51.100.1:7"), &r).nonce();
+    let req = h.build(stun::ALLOCATE, Some((&bob, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    assert_eq!(h.request(udp("198.51.100.1:7"), &req).class, stun::SUCCESS);
+    // :5 and :7 (198.51.100.2's expired as well).
+    assert_eq!(h.core.stats().allocations, 2);
+    // A closed TCP connection frees its slot too.
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..udp("198.51.100.1:7")
+    };
+    assert_eq!(alloc_on(&mut h, tcp, &bob, &nonce).code, Some(486));
+    h.refresh(udp("198.51.100.1:7"), &bob, &nonce, Some(0));
+    assert_eq!(alloc_on(&mut h, tcp, &bob, &nonce).class, stun::SUCCESS);
+    h.core.client_closed(h.now, tcp);
+    h.core.check_invariants();
+    assert_eq!(h.core.stats().allocations, 1);
+    assert_eq!(alloc_on(&mut h, udp("198.51.100.1:8"), &bob, &nonce).class, stun::SUCCESS);
+}
+
+fn alloc_on(h: &mut H, t: FiveTuple, c: &Creds, nonce: &str) -> Resp {
+    let req = h.build(stun::ALLOCATE, Some((c, nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    h.request(t, &req)
 }
 
 #[test]

@@ -75,6 +75,7 @@ impl TurnServer {
             max_lifetime: cfg.max_lifetime,
             user_quota: cfg.user_quota,
             total_quota: cfg.total_quota,
+            ip_quota: cfg.ip_quota,
             allow_peers: cfg.allow_peers.clone(),
             external_ip: cfg.external_ip,
             // An IPv6 wildcard socket is dual-stack on Linux; a specific address serves its own family.
