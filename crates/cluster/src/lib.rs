@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use webcall_protocol::{ErrorCode, PeerInfo, ProtocolError};
 use webcall_rooms::{
-    AdmitKind, Admitted, ClusterOutput, ConnId, Counters, Frame, IceProvider, JoinPolicy, Output, Rooms, Stats,
+    AdmitKind, Admitted, ClusterOutput, ConnId, Counters, Frame, IceProvider, JoinPolicy, Rooms, Stats,
 };
 use webcall_server::router::{ConnSignal, Router};
 
@@ -173,18 +173,7 @@ impl ClusterRouter {
     fn dispatch(&self, inner: &mut Inner) {
         loop {
             while let Some(out) = inner.rooms.poll_output() {
-                match out {
-                    Output::Wake(conn) => {
-                        if let Some(s) = inner.signals.get(&conn) {
-                            s.wake.notify_one();
-                        }
-                    }
-                    Output::Close { conn, code, reason } => {
-                        if let Some(s) = inner.signals.get(&conn) {
-                            s.request_close(code, reason);
-                        }
-                    }
-                }
+                webcall_server::router::signal_output(&inner.signals, out);
             }
             let Some(out) = inner.rooms.poll_cluster_output() else { break };
             match out {

@@ -51,21 +51,26 @@ struct Inner {
     signals: HashMap<ConnId, Arc<ConnSignal>>,
 }
 
+/// Passes one output of the room core to the WebSocket task it concerns (any router uses this).
+pub fn signal_output(signals: &HashMap<ConnId, Arc<ConnSignal>>, out: Output) {
+    match out {
+        Output::Wake(conn) => {
+            if let Some(s) = signals.get(&conn) {
+                s.wake.notify_one();
+            }
+        }
+        Output::Close { conn, code, reason } => {
+            if let Some(s) = signals.get(&conn) {
+                s.request_close(code, reason);
+            }
+        }
+    }
+}
+
 impl Inner {
     fn dispatch(&mut self) {
         while let Some(out) = self.rooms.poll_output() {
-            match out {
-                Output::Wake(conn) => {
-                    if let Some(s) = self.signals.get(&conn) {
-                        s.wake.notify_one();
-                    }
-                }
-                Output::Close { conn, code, reason } => {
-                    if let Some(s) = self.signals.get(&conn) {
-                        s.request_close(code, reason);
-                    }
-                }
-            }
+            signal_output(&self.signals, out);
         }
     }
 }
