@@ -35,6 +35,9 @@ trap cleanup EXIT
 if [[ -z "${WEBCALL_BIN:-}" ]]; then
     cargo build --release -p webcall >&2
     WEBCALL_BIN=target/release/webcall
+    BUILT="built here from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates Cargo.lock || echo ' plus uncommitted changes')"
+else
+    BUILT="prebuilt $WEBCALL_BIN of $(date -u -r "$WEBCALL_BIN" +%FT%TZ)"
 fi
 cp "$WEBCALL_BIN" "$TMP/webcall"
 WEBCALL="$TMP/webcall"
@@ -50,7 +53,8 @@ ulimit -n "$(ulimit -Hn)"
 SERVER_PID=
 SERVER_URL=
 start_webcall() {
-    taskset -c "$SERVER_CPU" env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 \
+    # TURN stays on (welcomes carry fresh TURN credentials, as by default) but on a free port.
+    taskset -c "$SERVER_CPU" env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
         --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
         --max-joins-per-ip 100000000 --max-rooms 20000 >"$TMP/server.out" 2>"$TMP/server.err" &
     SERVER_PID=$!
@@ -101,7 +105,7 @@ bench() {
 }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB" >&2
-echo "webcall $("$WEBCALL" --version | cut -d' ' -f2) ($(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo '+dirty')), PeerJS server $PEERJS_VERSION, node $(node --version)" >&2
+echo "webcall $("$WEBCALL" --version | cut -d' ' -f2) ($BUILT), PeerJS server $PEERJS_VERSION, node $(node --version), Linux $(uname -r)" >&2
 for run in $(seq "$RUNS"); do
     # Alternate which server goes first, so slow drift on a shared machine does not favour one.
     order="webcall peerjs"
