@@ -4,6 +4,7 @@
 //! [`session::Session`] per remote peer (offering to newcomers, answering the peers already there, perfect
 //! negotiation with the smaller id polite), and relays chat lines from stdin.
 
+pub mod gather;
 pub mod media;
 pub mod session;
 
@@ -44,7 +45,9 @@ pub mod exit {
 
 const AFTER_HELP: &str = "\
 Output (stdout, one line each): 'joined room R as ID', 'peer ID ice STATE', 'peer ID connected',
-'peer ID selected pair KIND ADDR -> KIND ADDR (udp)', 'chat NAME: TEXT', and every few seconds and at exit
+'peer ID local candidate KIND ADDR after MS ms' (server-reflexive and relay candidates, as gathered),
+'peer ID gathering complete in MS ms', 'peer ID selected pair KIND ADDR -> KIND ADDR (udp) local=KIND remote=KIND'
+(KIND: host, srflx, prflx, relay), 'chat NAME: TEXT', and every few seconds and at exit
 'stats peer=ID ...' with frames, bytes and bitrate in and out. Logs go to stderr (RUST_LOG=debug for more).
 
 --record DIR writes each remote peer's video to DIR/NAME-ID.ivf (VP8 in IVF, starting at a keyframe; ffplay,
@@ -85,7 +88,9 @@ pub struct PeerArgs {
     /// Send each peer's video back to it.
     #[arg(long)]
     pub echo: bool,
-    /// Use only relay (TURN) candidates from the server's iceServers.
+    /// Use only relay candidates: allocate on the TURN server in the welcome's iceServers and offer nothing else
+    /// (no host or server-reflexive candidates). Without --relay, host, server-reflexive (STUN) and relay
+    /// candidates are all gathered.
     #[arg(long)]
     pub relay: bool,
     /// Gather host candidates on this address only (default: every non-loopback interface, else loopback).
@@ -125,7 +130,7 @@ pub enum PeerError {
     Encoder(String),
     #[error("{path}: {why}; --send takes 'testsrc' or an IVF file of VP8 frames")]
     BadIvf { path: PathBuf, why: String },
-    #[error("--relay needs a TURN server in the server's iceServers, and this build has no TURN client yet; drop --relay")]
+    #[error("--relay needs a TURN server reachable over UDP in the server's iceServers, and the server offers none (started with --no-turn, or --ice-servers without a turn: URL?); drop --relay")]
     NoRelay,
 }
 
@@ -179,6 +184,8 @@ struct Controller {
     /// Every session ever started (rejoins make new ones), for the exit code and the final stats.
     reports: Vec<Arc<Mutex<Report>>>,
     signal_tx: mpsc::UnboundedSender<(String, Outgoing)>,
+    /// From the last welcome.
+    ice: gather::IceConfig,
 }
 
 impl Controller {
@@ -200,6 +207,7 @@ impl Controller {
             record_dir: self.args.record.clone(),
             echo: self.args.echo,
             chat: self.args.chat,
+            ice: self.ice.clone(),
             signal: self.signal_tx.clone(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -306,9 +314,6 @@ pub async fn run(args: PeerArgs) -> i32 {
 }
 
 async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
-    if args.relay {
-        return Err(PeerError::NoRelay);
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let source = match args.send.as_deref() {
         None => None,
@@ -333,6 +338,7 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
         names: HashMap::new(),
         reports: Vec::new(),
         signal_tx,
+        ice: gather::IceConfig { relay_only: args.relay, ..Default::default() },
     };
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let sleep_deadline = async {
@@ -412,7 +418,14 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                         Err(e) => { tracing::warn!("unreadable server message {text}: {e}"); continue; }
                     };
                     match msg {
-                        ServerMessage::Welcome { id, room, peers, resume, resumed, .. } => {
+                        ServerMessage::Welcome { id, room, peers, resume, resumed, ice_servers, .. } => {
+                            c.ice = gather::IceConfig::from_servers(&ice_servers, args.relay);
+                            if args.relay && c.ice.turn.is_empty() {
+                                let _ = ws.send(Message::text(r#"{"type":"bye"}"#)).await;
+                                c.close_all();
+                                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                                return Err(PeerError::NoRelay);
+                            }
                             let same = c.my_id.as_deref() == Some(id.as_str());
                             if !same && c.my_id.is_some() {
                                 out(format!("signaling: session not resumed; rejoined as a new peer, rebuilding {} connection(s)", c.peers.len()));

@@ -17,6 +17,7 @@ use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, 
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::gather::{GatherEvent, Gatherer, IceConfig, Recv};
 use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
 use crate::out;
 
@@ -71,6 +72,8 @@ pub struct SessionConfig {
     pub record_dir: Option<PathBuf>,
     pub echo: bool,
     pub chat: bool,
+    /// STUN/TURN servers from the welcome, and `--relay`.
+    pub ice: IceConfig,
     pub signal: mpsc::UnboundedSender<(String, Outgoing)>,
 }
 
@@ -90,6 +93,12 @@ pub struct Session {
     last_keyframe_request: Option<Instant>,
     sent_keyframe: bool,
     disconnected_since: Option<Instant>,
+    /// Server-reflexive and relayed candidates.
+    gather: Gatherer,
+    /// An offer or answer went out: candidates gathered from now on are trickled.
+    sdp_sent: bool,
+    /// The mid of our first m-line, for trickled candidates (`sdpMid`).
+    first_mid: Option<String>,
 }
 
 impl Session {
@@ -106,6 +115,7 @@ impl Session {
             .set_stats_interval(Some(Duration::from_secs(1)))
             .build(Instant::now());
         let (udp_tx, udp_rx) = mpsc::channel(256);
+        let relay_only = cfg.ice.relay_only;
         let mut s = Session {
             cfg,
             rtc,
@@ -122,6 +132,9 @@ impl Session {
             last_keyframe_request: None,
             sent_keyframe: false,
             disconnected_since: None,
+            gather: Gatherer::new(Instant::now(), relay_only),
+            sdp_sent: false,
+            first_mid: None,
         };
         let mut readers = Vec::new();
         for ip in s.cfg.local_ips.clone() {
@@ -146,6 +159,10 @@ impl Session {
                     }
                 }
             }));
+            if relay_only {
+                // The socket still talks to the TURN server; it is just never offered as a candidate.
+                continue;
+            }
             match Candidate::host(local, "udp") {
                 Ok(c) => {
                     s.kinds.insert(local, CandidateKind::Host);
@@ -154,6 +171,25 @@ impl Session {
                 Err(e) => tracing::warn!("no host candidate for {local}: {e}"),
             }
         }
+        // Server-reflexive and relayed candidates, from every socket to every server of its address family.
+        let now = Instant::now();
+        let locals: Vec<SocketAddr> = s.sockets.keys().copied().collect();
+        for local in locals {
+            if !relay_only {
+                for hp in s.cfg.ice.stun.clone() {
+                    if let Some(server) = crate::gather::resolve(&hp, local.is_ipv4()).await {
+                        s.gather.add_binding(local, server, now);
+                    }
+                }
+            }
+            for t in s.cfg.ice.turn.clone() {
+                if let Some(server) = crate::gather::resolve(&t.hostport, local.is_ipv4()).await {
+                    s.gather.add_relay(local, server, &t.username, &t.credential, now);
+                }
+            }
+        }
+        s.gather.handle_timeout(Instant::now());
+        s.flush_gather();
         if s.cfg.offerer {
             s.offer(false);
         }
@@ -162,6 +198,56 @@ impl Session {
 
     fn send(&self, m: Outgoing) {
         let _ = self.cfg.signal.send((self.cfg.remote_id.clone(), m));
+    }
+
+    /// An offer or answer went out (it carries every candidate gathered so far): from now on new candidates
+    /// are trickled, and end-of-candidates follows once gathering is over.
+    fn sdp_sent(&mut self, sdp: &str) {
+        self.sdp_sent = true;
+        if let Some(mid) = sdp.lines().find_map(|l| l.strip_prefix("a=mid:")) {
+            self.first_mid = Some(mid.trim().to_owned());
+        }
+        if self.gather.is_done() {
+            self.send(Outgoing::Candidate(None));
+        }
+    }
+
+    /// Sends what the gatherer queued and takes in the candidates it found.
+    fn flush_gather(&mut self) {
+        while let Some((local, to, data)) = self.gather.poll_transmit() {
+            if let Some(sock) = self.sockets.get(&local) {
+                let _ = sock.try_send_to(&data, to);
+            }
+        }
+        while let Some(e) = self.gather.poll_event() {
+            match e {
+                GatherEvent::Candidate(c) => {
+                    let (addr, kind) = (c.addr(), c.kind());
+                    self.kinds.insert(addr, kind);
+                    let Some(added) = self.rtc.add_local_candidate(c) else {
+                        tracing::debug!("peer {}: {kind} candidate {addr} not added (redundant)", self.cfg.remote_id);
+                        continue;
+                    };
+                    let line = added.to_sdp_string();
+                    let ms = self.gather.started().elapsed().as_millis();
+                    out(format!("peer {} local candidate {kind} {addr} after {ms} ms", self.cfg.remote_id));
+                    if self.sdp_sent {
+                        let mut j = json!({"candidate": line, "sdpMLineIndex": 0});
+                        if let Some(mid) = &self.first_mid {
+                            j["sdpMid"] = json!(mid);
+                        }
+                        self.send(Outgoing::Candidate(Some(j)));
+                    }
+                }
+                GatherEvent::Done => {
+                    let ms = self.gather.started().elapsed().as_millis();
+                    out(format!("peer {} gathering complete in {ms} ms", self.cfg.remote_id));
+                    if self.sdp_sent {
+                        self.send(Outgoing::Candidate(None));
+                    }
+                }
+            }
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut Report)) {
@@ -186,9 +272,9 @@ impl Session {
         }
         if let Some((offer, pending)) = change.apply() {
             self.pending = Some(pending);
-            self.send(Outgoing::Offer(offer.to_sdp_string()));
-            // Host candidates are in the SDP; nothing else is gathered yet.
-            self.send(Outgoing::Candidate(None));
+            let sdp = offer.to_sdp_string();
+            self.send(Outgoing::Offer(sdp.clone()));
+            self.sdp_sent(&sdp);
         }
     }
 
@@ -197,6 +283,7 @@ impl Session {
         for line in sdp.lines().filter_map(|l| l.strip_prefix("a=")) {
             if let Ok(c) = Candidate::from_sdp_string(line.trim()) {
                 self.kinds.insert(c.addr(), c.kind());
+                self.gather.add_remote_ip(c.addr().ip(), Instant::now());
             }
         }
     }
@@ -228,8 +315,9 @@ impl Session {
         match self.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
                 self.have_remote_description = true;
-                self.send(Outgoing::Answer(answer.to_sdp_string()));
-                self.send(Outgoing::Candidate(None));
+                let sdp = answer.to_sdp_string();
+                self.send(Outgoing::Answer(sdp.clone()));
+                self.sdp_sent(&sdp);
                 self.flush_candidates();
                 if rolled_back && self.video_mids.is_empty() {
                     self.offer(false);
@@ -266,6 +354,7 @@ impl Session {
         match Candidate::from_sdp_string(line) {
             Ok(cand) => {
                 self.kinds.insert(cand.addr(), cand.kind());
+                self.gather.add_remote_ip(cand.addr().ip(), Instant::now());
                 if self.have_remote_description {
                     self.rtc.add_remote_candidate(cand);
                 } else {
@@ -457,11 +546,11 @@ impl Session {
             Event::PeerStats(s) => {
                 if let Some(p) = s.selected_candidate_pair {
                     let kind = |a: &SocketAddr| self.kinds.get(a).map(|k| k.to_string()).unwrap_or_else(|| "prflx".into());
+                    let local = if self.gather.is_relayed(p.local.addr) { "relay".to_string() } else { kind(&p.local.addr) };
+                    let remote = kind(&p.remote.addr);
                     let desc = format!(
-                        "{} {} -> {} {} ({})",
-                        kind(&p.local.addr),
+                        "{local} {} -> {remote} {} ({}) local={local} remote={remote}",
                         p.local.addr,
-                        kind(&p.remote.addr),
                         p.remote.addr,
                         format!("{:?}", p.protocol).to_lowercase()
                     );
@@ -480,8 +569,15 @@ impl Session {
     fn drive(&mut self) -> Instant {
         loop {
             match self.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Timeout(t)) => {
+                    self.flush_gather();
+                    return self.gather.poll_timeout().map_or(t, |g| g.min(t));
+                }
                 Ok(Output::Transmit(t)) => {
+                    // From a relayed candidate: through the TURN allocation.
+                    if self.gather.relay_send(t.source, t.destination, &t.contents, Instant::now()) {
+                        continue;
+                    }
                     if let Some(sock) = self.sockets.get(&t.source) {
                         // UDP is lossy anyway; a full buffer drops the packet like the network would.
                         let _ = sock.try_send_to(&t.contents, t.destination);
@@ -526,8 +622,15 @@ impl Session {
                     Some(ToSession::Close) | None => break,
                 },
                 Some((buf, source, destination)) = udp.recv() => {
+                    let now = Instant::now();
+                    let (source, destination, buf) = match self.gather.recv(destination, source, &buf, now) {
+                        Recv::Consumed => continue,
+                        // Relayed to us: str0m sees it arrive on the relayed address, from the peer.
+                        Recv::Peer { relay, peer, data } => (peer, relay, data),
+                        Recv::NotMine => (source, destination, buf),
+                    };
                     if let Ok(contents) = buf.as_slice().try_into() {
-                        let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination, contents });
+                        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
                         if let Err(e) = self.rtc.handle_input(input) {
                             tracing::debug!("peer {}: input refused: {e}", self.cfg.remote_id);
                         }
@@ -541,10 +644,15 @@ impl Session {
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                    let now = Instant::now();
+                    self.gather.handle_timeout(now);
+                    let _ = self.rtc.handle_input(Input::Timeout(now));
                 }
             }
         }
+        // Give the allocations back rather than let them time out on the server.
+        self.gather.close(Instant::now());
+        self.flush_gather();
         for r in readers {
             r.abort();
         }

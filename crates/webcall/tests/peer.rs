@@ -339,3 +339,81 @@ fn file_source_loops_and_echo_sends_it_back() {
     assert!(check_ivf(&files[0], 320, 240) >= 45);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The `selected pair` line's `local=KIND remote=KIND` (the last one printed for `id`).
+fn pair_kinds(p: &PeerProc, id: &str) -> (String, String) {
+    let prefix = format!("peer {id} selected pair ");
+    let l = p.wait_for("selected pair", |l| l.starts_with(&prefix));
+    let field = |k: &str| l.split_whitespace().find_map(|f| f.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {l}")).to_owned();
+    (field("local="), field("remote="))
+}
+
+/// Both peers `--relay`: each allocates on the built-in TURN (with the welcome's REST credentials), signals only its
+/// relayed candidate, and the call runs relay to relay; the recordings decode.
+#[test]
+fn relay_only_call_through_the_builtin_turn() {
+    let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0", "--turn-allow-peer", "127.0.0.0/8"]);
+    let url = server.ws_url();
+    let dir = temp_dir("relay");
+    let (da, db) = (dir.join("a"), dir.join("b"));
+    let common = ["--relay", "--send", "testsrc", "--duration", "8s"];
+    let mut a = PeerProc::start(&url, "relay", "ada", &[&common[..], &["--record", da.to_str().unwrap()]].concat());
+    let a_id = a.id();
+    let mut b = PeerProc::start(&url, "relay", "bert", &[&common[..], &["--record", db.to_str().unwrap()]].concat());
+    let b_id = b.id();
+
+    for (p, other) in [(&a, &b_id), (&b, &a_id)] {
+        let cand = p.wait_for("relay candidate", |l| l.starts_with(&format!("peer {other} local candidate relay 127.0.0.1:")));
+        p.wait_for("end of gathering", |l| l.starts_with(&format!("peer {other} gathering complete")));
+        p.wait_for("connected", |l| l == format!("peer {other} connected"));
+        assert_eq!(pair_kinds(p, other), ("relay".into(), "relay".into()), "{}:\n{}", p.name, p.output());
+        // The relayed address is the TURN server's, not the peer's socket: the selected pair starts from it.
+        let relayed = cand.split_whitespace().nth(5).unwrap();
+        p.wait_for("pair from the relayed address", |l| l.starts_with(&format!("peer {other} selected pair relay {relayed} -> relay ")));
+        let out = p.output();
+        assert!(!out.contains("local candidate host") && !out.contains("local candidate srflx"), "relay only:\n{out}");
+    }
+    assert_eq!(a.wait_exit(), 0, "{}", a.output());
+    assert_eq!(b.wait_exit(), 0, "{}", b.output());
+    for (me, dir) in [(&a, &da), (&b, &db)] {
+        let files = ivf_files(dir);
+        assert_eq!(files.len(), 1, "{}: {files:?}", me.name);
+        let n = check_ivf(&files[0], 320, 240);
+        assert!(n >= 60, "{}: only {n} frames through the relay", me.name);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One side `--relay`, the other gathering everything: the relay-only side sends from its relayed address, the other
+/// side sees a relay candidate at the far end of its pair.
+#[test]
+fn relay_only_peer_calls_a_peer_with_host_candidates() {
+    let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0", "--turn-allow-peer", "127.0.0.0/8"]);
+    let url = server.ws_url();
+    let mut r = PeerProc::start(&url, "mixed", "relayed", &["--relay", "--send", "testsrc", "--duration", "6s"]);
+    let r_id = r.id();
+    let mut h = PeerProc::start(&url, "mixed", "hosted", &["--send", "testsrc", "--duration", "6s"]);
+    let h_id = h.id();
+    r.wait_for("connected", |l| l == format!("peer {h_id} connected"));
+    h.wait_for("connected", |l| l == format!("peer {r_id} connected"));
+    assert_eq!(pair_kinds(&r, &h_id).0, "relay", "{}", r.output());
+    assert_eq!(pair_kinds(&h, &r_id).1, "relay", "{}", h.output());
+    r.wait_frames_from(&h_id, 30);
+    h.wait_frames_from(&r_id, 30);
+    assert_eq!(r.wait_exit(), 0, "{}", r.output());
+    assert_eq!(h.wait_exit(), 0, "{}", h.output());
+}
+
+/// `--relay` against a server that offers no TURN: exit 1 and say why.
+#[test]
+fn relay_without_turn_fails_clearly() {
+    let server = ServerProc::start(&["--no-turn"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        .args(["peer", "--server", &server.ws_url(), "--room", "noturn", "--relay", "--duration", "5s"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--relay needs a TURN server"), "{err}");
+}
