@@ -16,6 +16,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3478";
 pub const DEFAULT_REALM: &str = "webcall";
 pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_IP_QUOTA: usize = 32;
+pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(30);
+/// Open TCP/TLS connections per allocation of the total quota the server accepts.
+const STREAMS_PER_ALLOCATION: usize = 2;
 pub const DEFAULT_RELAY_PORTS: PortRange = PortRange {
     min: 49152,
     max: 65535,
@@ -203,6 +206,7 @@ impl TurnArgs {
             None => Alphanumeric.sample_string(&mut rand::rng(), 32),
         };
         let max_lifetime = self.max_lifetime.unwrap_or(Duration::from_secs(3600));
+        let total_quota = self.total_quota.unwrap_or(1000);
         if max_lifetime < Duration::from_secs(600) {
             return Err(TurnError::BadMaxLifetime(max_lifetime));
         }
@@ -216,10 +220,12 @@ impl TurnArgs {
             allow_peers: self.allow_peer,
             credential_ttl: self.credential_ttl.unwrap_or(DEFAULT_CREDENTIAL_TTL),
             user_quota: self.user_quota.unwrap_or(10),
-            total_quota: self.total_quota.unwrap_or(1000),
+            total_quota,
             ip_quota: self.ip_quota.unwrap_or(DEFAULT_IP_QUOTA),
             max_lifetime,
             legacy_channel_numbers: false,
+            stream_idle: DEFAULT_STREAM_IDLE,
+            max_streams: total_quota.saturating_mul(STREAMS_PER_ALLOCATION).max(64),
         };
         cfg.check()?;
         Ok(cfg)
@@ -244,6 +250,11 @@ pub struct TurnConfig {
     pub max_lifetime: Duration,
     /// Accept RFC 5766 channel numbers up to 0x7FFF (coturn's clients use them); off by default.
     pub legacy_channel_numbers: bool,
+    /// A TCP/TLS connection without an allocation that sends nothing for this long is closed [30 s].
+    pub stream_idle: Duration,
+    /// Open TCP/TLS connections (handshaking ones included); more are closed at once
+    /// [2 per allocation of `total_quota`, at least 64].
+    pub max_streams: usize,
 }
 
 impl fmt::Debug for TurnConfig {
@@ -260,6 +271,8 @@ impl fmt::Debug for TurnConfig {
             .field("total_quota", &self.total_quota)
             .field("ip_quota", &self.ip_quota)
             .field("max_lifetime", &self.max_lifetime)
+            .field("stream_idle", &self.stream_idle)
+            .field("max_streams", &self.max_streams)
             .finish_non_exhaustive()
     }
 }

@@ -29,10 +29,6 @@ use crate::TurnError;
 const MAX_UDP: usize = 65536;
 /// Bytes queued to a slow stream client before relayed data to it is dropped (as UDP would).
 const STREAM_OUT_LIMIT: usize = 1 << 20;
-/// A TCP/TLS connection without an allocation that sends nothing for this long is closed.
-const STREAM_IDLE: Duration = Duration::from_secs(30);
-/// Open TCP/TLS connections per allocation the server may hold (connections beyond are refused).
-const STREAMS_PER_ALLOCATION: usize = 2;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Per relay socket; memory is only used while a burst is queued.
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
@@ -57,7 +53,7 @@ impl TurnServer {
                     addr: *addr,
                     source: e,
                 })?;
-                Some((l, tokio_rustls::TlsAcceptor::from(sc.clone())))
+                Some((l, sc.clone()))
             }
             None => None,
         };
@@ -95,12 +91,11 @@ impl TurnServer {
                 streams: HashMap::new(),
             }),
             streams_open: AtomicUsize::new(0),
-            max_streams: cfg
-                .total_quota
-                .saturating_mul(STREAMS_PER_ALLOCATION)
-                .max(64),
+            max_streams: cfg.max_streams,
+            stream_idle: cfg.stream_idle,
             udp: Arc::new(udp),
             udp_addr,
+            tls: parking_lot::RwLock::new(tls.as_ref().map(|(_, sc)| sc.clone())),
             relay_ip,
             ports: cfg.relay_ports,
         });
@@ -109,8 +104,8 @@ impl TurnServer {
             tokio::spawn(tcp_accept(shared.clone(), tcp)),
             tokio::spawn(timer_loop(shared.clone())),
         ];
-        if let Some((l, acc)) = tls {
-            tasks.push(tokio::spawn(tls_accept(shared.clone(), l, acc)));
+        if let Some((l, _)) = tls {
+            tasks.push(tokio::spawn(tls_accept(shared.clone(), l)));
         }
         let host_ip = cfg.external_ip.unwrap_or(udp_addr.ip());
         let minter = IceMinter::for_addrs(
@@ -154,6 +149,14 @@ impl TurnHandle {
     }
     pub fn stats(&self) -> CoreStats {
         self.shared.state.lock().core.stats()
+    }
+    /// Replaces the TLS configuration (e.g. a renewed certificate) for TURN-over-TLS connections accepted
+    /// from now on; established ones keep theirs. Without `--turns-listen` it does nothing.
+    pub fn set_tls(&self, cfg: Arc<rustls::ServerConfig>) {
+        let mut tls = self.shared.tls.write();
+        if tls.is_some() {
+            *tls = Some(cfg);
+        }
     }
     /// Reads [`TurnHandle::stats`] from elsewhere (e.g. `/metrics`) while the server runs.
     pub fn stats_reader(&self) -> impl Fn() -> CoreStats + Send + Sync + 'static {
@@ -236,8 +239,11 @@ struct Shared {
     /// Open TCP/TLS connections (handshaking ones included), capped at `max_streams`.
     streams_open: AtomicUsize,
     max_streams: usize,
+    stream_idle: Duration,
     udp: Arc<UdpSocket>,
     udp_addr: SocketAddr,
+    /// The TLS configuration for new TURNS connections; [`TurnHandle::set_tls`] swaps it.
+    tls: parking_lot::RwLock<Option<Arc<rustls::ServerConfig>>>,
     relay_ip: IpAddr,
     ports: PortRange,
 }
@@ -571,7 +577,7 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
     }
 }
 
-async fn tls_accept(shared: Arc<Shared>, l: TcpListener, acc: tokio_rustls::TlsAcceptor) {
+async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
     loop {
         match l.accept().await {
             Ok((s, from)) => {
@@ -580,7 +586,12 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener, acc: tokio_rustls::TlsA
                 let Some(slot) = StreamSlot::take(&shared) else {
                     continue;
                 };
-                let (shared, acc) = (shared.clone(), acc.clone());
+                // Read per accept so that a reloaded certificate applies to the next handshake.
+                let Some(cfg) = shared.tls.read().clone() else {
+                    return;
+                };
+                let acc = tokio_rustls::TlsAcceptor::from(cfg);
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(s)).await {
@@ -689,7 +700,7 @@ where
                     end -= start;
                     start = 0;
                 }
-                match tokio::time::timeout(STREAM_IDLE, rd.read(&mut buf[end..])).await {
+                match tokio::time::timeout(shared.stream_idle, rd.read(&mut buf[end..])).await {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
                     Ok(Ok(n)) => end += n,
                     // Quiet connections may stay while they hold an allocation (its lifetime bounds
