@@ -6,6 +6,7 @@ pub mod ice;
 pub mod metrics;
 pub mod router;
 pub mod tls;
+mod upgrade;
 mod web;
 mod ws;
 
@@ -13,7 +14,7 @@ pub use access::ServerPolicy;
 pub use config::{ConfigError, IceSource, ServeArgs, ServeConfig, TlsSource};
 pub use router::{LocalRouter, Router};
 
-use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,6 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use upgrade::WebSocketUpgrade;
 use webcall_protocol::{ErrorCode, ProtocolError};
 use webcall_rooms::IceProvider;
 
@@ -227,7 +229,9 @@ async fn ws_upgrade(
     let failed_state = state.clone();
     ws.max_message_size(cap)
         .max_frame_size(cap)
-        .read_buffer_size(4096)
+        // Small: tungstenite holds this much per connection for its whole life; reads still take whole messages
+        // from the socket at once (see upgrade::ScratchIo).
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .on_failed_upgrade(move |e| {
             release(&failed_state, ip);

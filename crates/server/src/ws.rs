@@ -2,7 +2,7 @@
 
 use crate::router::ConnSignal;
 use crate::AppState;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use crate::upgrade::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -20,7 +20,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Answers a connection that may not stay with one `error` and a policy close.
 pub(crate) async fn refuse(mut socket: WebSocket, e: ProtocolError) {
-    let frame = CloseFrame { code: close::POLICY, reason: Utf8Bytes::from(e.code.as_str()) };
+    let frame = CloseFrame { code: close::POLICY.into(), reason: Utf8Bytes::from(e.code.as_str()) };
     let _ = timeout(CLOSE_GRACE, async {
         socket.send(Message::Text(Utf8Bytes::from(e.to_json()))).await?;
         socket.send(Message::Close(Some(frame))).await
@@ -67,7 +67,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
                     if !written {
                         drop(write);
                         if let Some((code, reason)) = signal.close_requested() {
-                            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+                            let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
                             let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
                         }
                         break;
@@ -77,7 +77,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
                     break;
                 }
                 if let Some((code, reason)) = signal.close_requested() {
-                    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+                    let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
                     let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
                     break;
                 }
@@ -112,7 +112,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
             Ok(Some(Ok(msg))) => match msg {
                 Message::Text(t) => router.message(conn, t.as_str()),
                 Message::Binary(b) => router.binary(conn, b.len()),
-                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 Message::Close(_) => break,
             },
         }
@@ -123,7 +123,7 @@ pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
     let _ = timeout(Duration::from_secs(2), writer).await;
 }
 
-fn is_capacity_error(e: &axum::Error) -> bool {
+fn is_capacity_error(e: &crate::upgrade::Error) -> bool {
     use std::error::Error;
     let mut source: Option<&dyn Error> = Some(e);
     while let Some(s) = source {
