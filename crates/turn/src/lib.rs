@@ -13,7 +13,9 @@
 //! let cfg = cli.or(file).into_config(None)?; // Some(Arc<rustls::ServerConfig>) for --turns-listen
 //! let turn = webcall_turn::TurnServer::start(cfg).await?; // keep `turn` alive: dropping it stops the server
 //! let ice: Box<dyn webcall_rooms::IceProvider> = Box::new(turn.ice_minter());
-//! // ... Rooms::new(room_config, ice) ...; on shutdown:
+//! // ... Rooms::new(room_config, ice) ...; after reloading the certificate (SIGHUP):
+//! // turn.set_tls(new_server_config); // new TURNS connections use it
+//! // on shutdown:
 //! turn.shutdown().await;
 //! # Ok(()) }
 //! ```
