@@ -210,7 +210,6 @@ impl Gatherer {
             channels: HashSet::new(),
         });
         self.done = false;
-        let _ = now;
     }
 
     /// When gathering started.

@@ -68,12 +68,23 @@ impl Net {
         self.names.iter().find(|n| n.ends_with(&format!("-{role}"))).unwrap().clone()
     }
 
+    /// Deletes namespaces a killed earlier run of this test left behind (its process is gone).
+    fn remove_stale() {
+        let Ok(o) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        for name in String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().next()) {
+            let Some(pid) = name.strip_prefix("wcnat-").and_then(|r| r.split('-').next()) else { continue };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                drop(Net { names: vec![name.to_owned()] });
+            }
+        }
+    }
+
     /// Builds the topology above; `symmetric_a` makes natA a symmetric NAT.
     fn build(case: &str, symmetric_a: bool) -> Result<Net, String> {
+        Self::remove_stale();
         let prefix = format!("wcnat-{}-{case}", std::process::id());
         let names: Vec<String> = ["pub", "nata", "a", "natb", "b"].iter().map(|r| format!("{prefix}-{r}")).collect();
-        let net = Net { names: Vec::new() };
-        let mut net = net;
+        let mut net = Net { names: Vec::new() };
         for n in &names {
             run(&["ip", "netns", "add", n])?;
             net.names.push(n.clone());
