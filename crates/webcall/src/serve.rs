@@ -77,7 +77,13 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => match server.tls.as_mut() {
                 Some(tls) => match tls.reload().await {
-                    Ok(()) => tracing::info!(fingerprint = %tls.fingerprint, "TLS certificate reloaded"),
+                    Ok(()) => {
+                        tracing::info!(fingerprint = %tls.fingerprint, "TLS certificate reloaded");
+                        // TURN over TLS serves new connections with the new certificate too.
+                        if let Some(t) = &turn {
+                            t.set_tls(tls.config.get_inner());
+                        }
+                    }
                     Err(e) => tracing::error!("TLS certificate not reloaded, keeping the old one: {e}"),
                 },
                 None => tracing::info!("SIGHUP: nothing to reload without TLS"),

@@ -192,6 +192,54 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
     }
 }
 
+/// The SHA-256 fingerprint of the certificate a TLS server at `addr` presents.
+fn turns_fingerprint(addr: &str) -> String {
+    use sha2::Digest;
+    #[derive(Debug)]
+    struct Any;
+    impl rustls::client::danger::ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Pinned(String::new()).verify_tls12_signature(m, c, d)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Pinned(String::new()).verify_tls13_signature(m, c, d)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            Pinned(String::new()).supported_verify_schemes()
+        }
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cfg = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(Any)).with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).expect("TLS handshake with TURNS");
+    }
+    let der = &conn.peer_certificates().unwrap()[0];
+    sha2::Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
 async fn wss_connect(url: &str, pinned: &str) -> Result<Client, String> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cfg = rustls::ClientConfig::builder()
@@ -235,8 +283,19 @@ async fn certificate_files_and_reload_on_sighup() {
     write("first.test");
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
-    let server = ServerProc::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let turns = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string(); // then freed
+    let server = ServerProc::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--turn-listen",
+        "127.0.0.1:0",
+        "--turns-listen",
+        &turns,
+    ]);
     let fp1 = server.banner.iter().find_map(|l| l.split("fingerprint ").nth(1)).unwrap().to_owned();
+    assert_eq!(turns_fingerprint(&turns), fp1, "TURN over TLS uses the server's certificate");
     let mut live = wss_connect(&server.ws_url(), &fp1).await.unwrap();
     live.send(json!({"type":"join","room":"r"})).await;
     live.expect("welcome").await;
@@ -252,6 +311,8 @@ async fn certificate_files_and_reload_on_sighup() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(reloaded, "the old certificate is still served after SIGHUP");
+    let fp2 = turns_fingerprint(&turns);
+    assert_ne!(fp2, fp1, "TURN over TLS follows the reload");
     live.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
     live.expect_error("unknown-peer").await;
 
