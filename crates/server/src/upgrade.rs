@@ -40,31 +40,34 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
     })
 }
 
+fn rejection(status: StatusCode, why: &'static str) -> Response {
+    (status, why).into_response()
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
-        let refuse = |status: StatusCode, why: &'static str| Err((status, why).into_response());
         if parts.version > Version::HTTP_11 {
-            return refuse(StatusCode::BAD_REQUEST, "WebSocket upgrades need HTTP/1.1\n");
+            return Err(rejection(StatusCode::BAD_REQUEST, "WebSocket upgrades need HTTP/1.1\n"));
         }
         if parts.method != Method::GET {
-            return refuse(StatusCode::METHOD_NOT_ALLOWED, "Request method must be `GET`\n");
+            return Err(rejection(StatusCode::METHOD_NOT_ALLOWED, "Request method must be `GET`\n"));
         }
         if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
-            return refuse(StatusCode::BAD_REQUEST, "Connection header did not include 'upgrade'\n");
+            return Err(rejection(StatusCode::BAD_REQUEST, "Connection header did not include 'upgrade'\n"));
         }
         if !header_has_token(&parts.headers, header::UPGRADE, "websocket") {
-            return refuse(StatusCode::BAD_REQUEST, "`Upgrade` header did not include 'websocket'\n");
+            return Err(rejection(StatusCode::BAD_REQUEST, "`Upgrade` header did not include 'websocket'\n"));
         }
         if parts.headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
-            return refuse(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Version` header did not include '13'\n");
+            return Err(rejection(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Version` header did not include '13'\n"));
         }
         let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-            return refuse(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Key` header missing\n");
+            return Err(rejection(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Key` header missing\n"));
         };
         let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
-            return refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket request couldn't be upgraded\n");
+            return Err(rejection(StatusCode::UPGRADE_REQUIRED, "WebSocket request couldn't be upgraded\n"));
         };
         Ok(WebSocketUpgrade { config: WebSocketConfig::default(), key, on_upgrade, on_failed: None })
     }
