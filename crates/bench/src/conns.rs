@@ -59,7 +59,7 @@ pub async fn run(a: ConnArgs) -> anyhow::Result<(String, String, bool)> {
         bail!("--concurrency must be 1..=1000 and --settle 0..=60 s");
     }
     let ep = Arc::new(Endpoint::new(&a.common).await?);
-    let pid = a.common.server_pid;
+    let pid = a.common.first_server_pid();
     let target = a.common.target.as_str();
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64 % 1_000_000_000;
     let rss0 = pid.map(procfs::rss_kib).transpose()?;

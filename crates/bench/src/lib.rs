@@ -64,9 +64,10 @@ pub struct Common {
     /// WebSocket URL: `ws://127.0.0.1:8080/ws` (webcall) or `ws://127.0.0.1:9000/peerjs` (PeerJS).
     #[arg(long)]
     pub url: String,
-    /// The server's process id: its CPU time and memory are read from /proc/PID.
-    #[arg(long, value_name = "PID")]
-    pub server_pid: Option<u32>,
+    /// The server's process id: its CPU time and memory are read from /proc/PID. Several (`--server-pid A,B` or
+    /// the flag repeated), for several nodes: `relay` sums their CPU time; `connections` reads the first.
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Spread connections over the source addresses 127.0.0.1 … 127.0.0.N (more ephemeral ports).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub sources: u8,
@@ -76,6 +77,13 @@ pub struct Common {
     /// Print the result as one JSON object on stdout (the human summary goes to stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+impl Common {
+    /// The first `--server-pid`, if any.
+    pub fn first_server_pid(&self) -> Option<u32> {
+        self.server_pid.first().copied()
+    }
 }
 
 /// Runs one benchmark to completion.

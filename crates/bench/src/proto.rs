@@ -25,7 +25,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub async fn new(c: &Common) -> anyhow::Result<Endpoint> {
-        let rest = c.url.strip_prefix("ws://").ok_or_else(|| anyhow!("--url must be a ws:// URL, got {}", c.url))?;
+        Self::at(c, &c.url).await
+    }
+
+    /// Like [`Endpoint::new`] but at `url` (another node of the same cluster, say).
+    pub async fn at(c: &Common, url: &str) -> anyhow::Result<Endpoint> {
+        let rest = url.strip_prefix("ws://").ok_or_else(|| anyhow!("the URL must be a ws:// URL, got {url}"))?;
         let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
         let addr = tokio::net::lookup_host(hostport)
             .await
@@ -35,7 +40,7 @@ impl Endpoint {
         if !addr.ip().is_loopback() {
             bail!("webcall bench only dials loopback addresses, not {addr}");
         }
-        let url = c.url.split('?').next().unwrap_or(&c.url).to_owned();
+        let url = url.split('?').next().unwrap_or(url).to_owned();
         Ok(Endpoint { target: c.target, url, addr, sources: c.sources.max(1) })
     }
 

@@ -34,6 +34,13 @@ pub struct RelayArgs {
     /// Seconds measured.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
+    /// WebSocket URL for the second member of each pair: another node of the same cluster (`serve --redis`), so
+    /// every message crosses nodes. Default: `--url`.
+    #[arg(long, value_name = "URL")]
+    pub url_b: Option<String>,
+    /// Redis's process id: its CPU time per relayed message is reported too (not added to the server's).
+    #[arg(long, value_name = "PID")]
+    pub redis_pid: Option<u32>,
 }
 
 /// A message received: (receive time, one-way latency), nanoseconds.
@@ -51,12 +58,14 @@ struct Pair {
     b_id: String,
 }
 
-async fn setup_pair(ep: &Endpoint, i: usize, nonce: u64) -> anyhow::Result<Pair> {
+/// The first member of pair `i` connects through `ep`, the second through `ep_b` (the same endpoint, or another
+/// node of the cluster).
+async fn setup_pair(ep: &Endpoint, ep_b: &Endpoint, i: usize, nonce: u64) -> anyhow::Result<Pair> {
     match ep.target {
         Target::Webcall => {
             let room = format!("r{nonce}-{i}");
             let (mut a, wa) = ep.webcall_join(2 * i, &room).await?;
-            let (b, wb) = ep.webcall_join(2 * i + 1, &room).await?;
+            let (b, wb) = ep_b.webcall_join(2 * i + 1, &room).await?;
             let a_id = wa["id"].as_str().ok_or_else(|| anyhow!("welcome without id"))?.to_owned();
             let b_id = wb["id"].as_str().ok_or_else(|| anyhow!("welcome without id"))?.to_owned();
             // The first client hears of the second before any relay, so no message is mistaken for load.
@@ -69,7 +78,7 @@ async fn setup_pair(ep: &Endpoint, i: usize, nonce: u64) -> anyhow::Result<Pair>
         Target::Peerjs => {
             let (a_id, b_id) = (format!("r{nonce}a{i}"), format!("r{nonce}b{i}"));
             let a = ep.peerjs_open(2 * i, &a_id).await?;
-            let b = ep.peerjs_open(2 * i + 1, &b_id).await?;
+            let b = ep_b.peerjs_open(2 * i + 1, &b_id).await?;
             Ok(Pair { a, b, a_id, b_id })
         }
     }
@@ -138,14 +147,18 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
         bail!("--warmup must be 0..=60 s and --duration 0.1..=300 s");
     }
     let ep = Arc::new(Endpoint::new(&a.common).await?);
+    let ep_b = match &a.url_b {
+        Some(u) => Arc::new(Endpoint::at(&a.common, u).await?),
+        None => ep.clone(),
+    };
     let pairs = a.clients / 2;
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64 % 1_000_000_000;
     let setup_started = Instant::now();
     let set: Vec<Pair> = futures_util::stream::iter(0..pairs)
         .map(|i| {
-            let ep = ep.clone();
+            let (ep, ep_b) = (ep.clone(), ep_b.clone());
             async move {
-                tokio::time::timeout(SETUP_TIMEOUT, setup_pair(&ep, i, nonce))
+                tokio::time::timeout(SETUP_TIMEOUT, setup_pair(&ep, &ep_b, i, nonce))
                     .await
                     .map_err(|_| anyhow!("pair {i} not set up within {SETUP_TIMEOUT:?}"))?
                     .with_context(|| format!("setting up pair {i}"))
@@ -156,7 +169,9 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
         .await?;
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
-    let pid = a.common.server_pid;
+    let pids = a.common.server_pid.clone();
+    let cpus = |pids: &[u32]| pids.iter().map(|p| procfs::cpu_of(Some(*p))).collect::<Vec<_>>();
+    let redis_pid = a.redis_pid;
     let base = Instant::now();
     let measure_from = base + Duration::from_secs_f64(a.warmup);
     let stop_at = measure_from + Duration::from_secs_f64(a.duration);
@@ -172,9 +187,9 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
     }
 
     tokio::time::sleep_until(measure_from.into()).await;
-    let (srv0, gen0, t0) = (procfs::cpu_of(pid), procfs::cpu_of(None), ns_since(base));
+    let (srv0, red0, gen0, t0) = (cpus(&pids), redis_pid.map(|p| procfs::cpu_of(Some(p))), procfs::cpu_of(None), ns_since(base));
     tokio::time::sleep_until(stop_at.into()).await;
-    let (srv1, gen1, t1) = (procfs::cpu_of(pid), procfs::cpu_of(None), ns_since(base));
+    let (srv1, red1, gen1, t1) = (cpus(&pids), redis_pid.map(|p| procfs::cpu_of(Some(p))), procfs::cpu_of(None), ns_since(base));
 
     let mut lat: Vec<u64> = Vec::new();
     let mut first_err = None;
@@ -203,18 +218,35 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
     let us = |ns: u64| ns as f64 / 1000.0;
     let (p50, p99, max) = (us(quantile(&lat, 0.5)), us(quantile(&lat, 0.99)), us(lat.last().copied().unwrap_or(0)));
     let per_msg = |d: Duration| if msgs > 0 { d.as_secs_f64() * 1e6 / msgs as f64 } else { f64::NAN };
-    let srv_cpu = srv1.saturating_sub(srv0);
+    // Each node's CPU time over the measured window; the server's figure is their sum.
+    let node_cpu: Vec<Duration> = srv1.iter().zip(&srv0).map(|(b, a)| b.saturating_sub(*a)).collect();
+    let srv_cpu: Duration = node_cpu.iter().sum();
+    let redis_cpu = red1.zip(red0).map(|(b, a)| b.saturating_sub(a));
     let gen_cpu = gen1.saturating_sub(gen0);
+    let has_pid = !pids.is_empty();
+    let url_b = a.url_b.as_deref().unwrap_or(&a.common.url);
+    let cross = url_b != a.common.url;
     let target = a.common.target.as_str();
     let human = format!(
-        "{target} relay: {} clients ({pairs} pairs), window {}, {} B SDP, {:.1} s: {msgs} msgs, {rate:.0} msgs/s; one-way latency p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs; server CPU {} per msg ({:.2} cores){}; generator CPU {:.1} µs per msg; setup {setup_secs:.2} s",
+        "{target} relay{}: {} clients ({pairs} pairs), window {}, {} B SDP, {:.1} s: {msgs} msgs, {rate:.0} msgs/s; one-way latency p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs; server CPU {} per msg ({:.2} cores){}; generator CPU {:.1} µs per msg; setup {setup_secs:.2} s",
+        if cross { " across two nodes" } else { "" },
         a.clients,
         a.window,
         a.size,
         secs,
-        if pid.is_some() { format!("{:.1} µs", per_msg(srv_cpu)) } else { "n/a (no --server-pid)".into() },
+        if has_pid { format!("{:.1} µs", per_msg(srv_cpu)) } else { "n/a (no --server-pid)".into() },
         srv_cpu.as_secs_f64() / secs,
-        "",
+        {
+            let mut extra = String::new();
+            if node_cpu.len() > 1 {
+                let each: Vec<String> = node_cpu.iter().map(|c| format!("{:.1}", per_msg(*c))).collect();
+                extra += &format!(" [{} µs per node]", each.join(" + "));
+            }
+            if let Some(c) = redis_cpu {
+                extra += &format!("; Redis CPU {:.1} µs per msg ({:.2} cores)", per_msg(c), c.as_secs_f64() / secs);
+            }
+            extra
+        },
         per_msg(gen_cpu),
     );
     let json = serde_json::json!({
@@ -222,14 +254,21 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
         "target": target,
         "clients": a.clients,
         "window": a.window,
+        "url": a.common.url,
+        "url_b": url_b,
+        "cross_node": cross,
         "size": a.size,
         "seconds": secs,
         "msgs": msgs,
         "msgs_per_s": rate,
         "latency_us": {"p50": p50, "p99": p99, "max": max},
-        "server_cpu_s": pid.map(|_| srv_cpu.as_secs_f64()),
-        "server_cpu_us_per_msg": pid.map(|_| per_msg(srv_cpu)),
-        "server_cores": pid.map(|_| srv_cpu.as_secs_f64() / secs),
+        "server_cpu_s": has_pid.then(|| srv_cpu.as_secs_f64()),
+        "server_cpu_us_per_msg": has_pid.then(|| per_msg(srv_cpu)),
+        "server_cores": has_pid.then(|| srv_cpu.as_secs_f64() / secs),
+        "node_cpu_us_per_msg": has_pid.then(|| node_cpu.iter().map(|c| per_msg(*c)).collect::<Vec<_>>()),
+        "redis_cpu_s": redis_cpu.map(|c| c.as_secs_f64()),
+        "redis_cpu_us_per_msg": redis_cpu.map(per_msg),
+        "redis_cores": redis_cpu.map(|c| c.as_secs_f64() / secs),
         "generator_cpu_us_per_msg": per_msg(gen_cpu),
         "setup_s": setup_secs,
     });
