@@ -262,7 +262,7 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
         "msgs": msgs,
         "msgs_per_s": rate,
         "latency_us": {"p50": p50, "p99": p99, "max": max},
-        "server_cpu_s": has_pid.then(|| srv_cpu.as_secs_f64()),
+        "server_cpu_s": has_pid.then_some(srv_cpu.as_secs_f64()),
         "server_cpu_us_per_msg": has_pid.then(|| per_msg(srv_cpu)),
         "server_cores": has_pid.then(|| srv_cpu.as_secs_f64() / secs),
         "node_cpu_us_per_msg": has_pid.then(|| node_cpu.iter().map(|c| per_msg(*c)).collect::<Vec<_>>()),
