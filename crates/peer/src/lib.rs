@@ -314,6 +314,8 @@ pub async fn run(args: PeerArgs) -> i32 {
 }
 
 async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
+    // The DTLS certificate (and with it aws-lc's RNG seeding) is ready before the first session needs it.
+    session::prepare_dtls_cert();
     let stop = Arc::new(AtomicBool::new(false));
     let source = match args.send.as_deref() {
         None => None,

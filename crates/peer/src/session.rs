@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,6 +13,7 @@ use str0m::channel::{ChannelConfig, ChannelId};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
+use str0m::config::DtlsCert;
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
@@ -20,6 +21,33 @@ use tokio::sync::{broadcast, mpsc};
 use crate::gather::{GatherEvent, Gatherer, IceConfig, Recv};
 use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
 use crate::out;
+
+/// The process's DTLS certificate, shared by every session (see [`dtls_cert`]).
+static DTLS_CERT: OnceLock<Option<DtlsCert>> = OnceLock::new();
+
+/// The DTLS certificate every session of this process uses; generated on the first call, which blocks.
+///
+/// The first call is slow (~50-60 ms of CPU): the certificate's key is the first thing to draw from aws-lc's
+/// random generator, whose CPU-jitter entropy source seeds itself once per process. Left to str0m, that
+/// happened inside `Session::start` of the first call, on both peers, before the offer or answer could go out.
+/// [`prepare_dtls_cert`] moves it to start-up, alongside the signaling connection.
+pub fn dtls_cert() -> Option<DtlsCert> {
+    DTLS_CERT
+        .get_or_init(|| {
+            let t = Instant::now();
+            let cert = str0m::crypto::from_feature_flags().dtls_provider.generate_certificate();
+            tracing::debug!("DTLS certificate generated in {:?}", t.elapsed());
+            cert
+        })
+        .clone()
+}
+
+/// Starts generating the DTLS certificate on a thread of its own, so the first session finds it ready.
+pub fn prepare_dtls_cert() {
+    let _ = std::thread::Builder::new().name("dtls-cert".into()).spawn(|| {
+        dtls_cert();
+    });
+}
 
 /// What the controller tells a session.
 #[derive(Debug)]
@@ -108,12 +136,20 @@ impl Session {
         report: Arc<Mutex<Report>>,
     ) -> Result<(Session, mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>, Vec<tokio::task::JoinHandle<()>>), crate::PeerError>
     {
-        let rtc = Rtc::builder()
+        // Normally ready by now (prepare_dtls_cert at start-up); otherwise wait for it off the runtime.
+        let cert = match DTLS_CERT.get() {
+            Some(c) => c.clone(),
+            None => tokio::task::spawn_blocking(dtls_cert).await.ok().flatten(),
+        };
+        let mut builder = Rtc::builder()
             .clear_codecs()
             .enable_vp8(true)
             .enable_opus(true, false)
-            .set_stats_interval(Some(Duration::from_secs(1)))
-            .build(Instant::now());
+            .set_stats_interval(Some(Duration::from_secs(1)));
+        if let Some(cert) = cert {
+            builder = builder.set_dtls_cert(cert);
+        }
+        let rtc = builder.build(Instant::now());
         let (udp_tx, udp_rx) = mpsc::channel(256);
         let relay_only = cfg.ice.relay_only;
         let mut s = Session {
