@@ -156,18 +156,18 @@ export class Peer {
     if (initiator) {
       this.addOwnTransceivers();
     } else {
+      // Attach our media now, with addTrack: the remote offer's m-sections take over these transceivers, so the
+      // answer needs no replaceTrack round trips (transceivers made by addTransceiver would not be reused).
+      this.attachOwnTracks();
       this.firstOfferTimer = setTimeout(() => {
         // The offer of the peer already in the room never came (lost with a dropped connection): offer ourselves.
-        if (this.awaitingFirstOffer && !this.closed && !this.pc.remoteDescription) {
-          this.awaitingFirstOffer = false;
-          this.addOwnTransceivers();
-          this.negotiate();
-        }
+        if (this.awaitingFirstOffer && !this.closed && !this.pc.remoteDescription) this.startOffering();
       }, FIRST_OFFER_TIMEOUT_MS);
     }
 
     pc.onnegotiationneeded = () => {
-      if (this.awaitingFirstOffer) return;
+      // While an offer of ours is being made, that offer covers the change (or the event fires again once stable).
+      if (this.awaitingFirstOffer || this.makingOffer) return;
       this.negotiate();
     };
     pc.onicecandidate = ({ candidate }) => {
@@ -186,23 +186,55 @@ export class Peer {
       this.emit();
     };
     pc.onconnectionstatechange = () => this.onConnectionState();
+    // The first offer goes out at once: `negotiationneeded` is a task of its own, which a busy page (a call page
+    // that is rendering video) runs tens of milliseconds later. Perfect negotiation makes the direct offer safe.
+    if (initiator) this.negotiate();
+  }
+
+  /** Before the first remote offer: our tracks on addTrack transceivers, which that offer adopts. @private */
+  attachOwnTracks() {
+    const stream = this.call.localStream;
+    for (const kind of /** @type {const} */ (['audio', 'video'])) {
+      const track = this.call.outgoing(kind);
+      if (!track) continue; // adopted from the offer, with replaceTrack, once it is there
+      const sender = this.pc.addTrack(track, stream);
+      const tx = this.pc.getTransceivers().find((t) => t.sender === sender) ?? null;
+      if (kind === 'audio') this.audioTx = tx;
+      else this.videoTx = tx;
+    }
+  }
+
+  /** We make the first offer after all (hello after a resumed welcome, or no offer came). */
+  startOffering() {
+    this.awaitingFirstOffer = false;
+    if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
+    this.firstOfferTimer = null;
+    this.addOwnTransceivers();
+    this.negotiate();
   }
 
   /** @private */
   addOwnTransceivers() {
     const stream = this.call.localStream;
-    this.audioTx = this.pc.addTransceiver(this.call.outgoing('audio') ?? 'audio', {
-      direction: 'sendrecv',
-      streams: [stream],
-    });
-    this.videoTx = this.pc.addTransceiver(this.call.outgoing('video') ?? 'video', {
-      direction: 'sendrecv',
-      streams: [stream],
-    });
+    // Both kinds in every offer (receive-only too); tracks attached before (attachOwnTracks) are kept.
+    if (!this.audioTx) {
+      this.audioTx = this.pc.addTransceiver(this.call.outgoing('audio') ?? 'audio', {
+        direction: 'sendrecv',
+        streams: [stream],
+      });
+    }
+    if (!this.videoTx) {
+      this.videoTx = this.pc.addTransceiver(this.call.outgoing('video') ?? 'video', {
+        direction: 'sendrecv',
+        streams: [stream],
+      });
+    }
   }
 
   /** After the first remote offer: send our media on the transceivers it created. @private */
   async adoptTransceivers() {
+    /** @type {Promise<void>[]} */
+    const replacing = [];
     for (const t of this.pc.getTransceivers()) {
       if (t.mid === null || t.stopped) continue;
       const kind = t.receiver.track.kind;
@@ -210,9 +242,12 @@ export class Peer {
       else if (kind === 'video' && !this.videoTx && t !== this.audioTx) this.videoTx = t;
       else continue;
       t.direction = 'sendrecv';
-      await t.sender.replaceTrack(this.call.outgoing(/** @type {'audio'|'video'} */ (kind)));
+      const track = this.call.outgoing(/** @type {'audio'|'video'} */ (kind));
+      if (t.sender.track !== track) replacing.push(t.sender.replaceTrack(track));
       t.sender.setStreams?.(this.call.localStream);
     }
+    // Together, not one after the other: each is a round trip to WebRTC's own thread.
+    await Promise.all(replacing);
   }
 
   /** @private */
@@ -442,10 +477,8 @@ export class Call extends EventTarget {
       const existing = this.peers.get(from);
       if (existing && !existing.pc.remoteDescription && existing.awaitingFirstOffer) {
         // We knew of it from a resumed welcome; the hello tells us that we are the one to offer.
-        existing.awaitingFirstOffer = false;
-        if (existing.firstOfferTimer) clearTimeout(existing.firstOfferTimer);
         existing.name = name ?? existing.name;
-        existing['addOwnTransceivers']();
+        existing.startOffering();
         return;
       }
       if (existing) this.removePeer(from);
