@@ -141,6 +141,8 @@ export class Peer {
     this.disconnectTimer = null;
     /** @type {ReturnType<typeof setTimeout>|null} */
     this.firstOfferTimer = null;
+    /** @type {ReturnType<typeof setTimeout>|null} a `peer-updated` event to come */
+    this.emitTimer = null;
     this.closed = false;
     /** @type {Promise<void>} signaling messages of this peer are handled one after the other */
     this.queue = Promise.resolve();
@@ -394,14 +396,21 @@ export class Peer {
 
   /** @private */
   emit() {
-    if (this.closed) return;
-    this.call.dispatchEvent(new CustomEvent('peer-updated', { detail: { peer: this } }));
+    if (this.closed || this.emitTimer) return;
+    // In a task of its own (and coalesced): the UI's work (a <video> to start, a tile to lay out) must not hold up
+    // the signaling that the event came with — `track` fires just before setRemoteDescription resolves, and the
+    // answer is made right after.
+    this.emitTimer = setTimeout(() => {
+      this.emitTimer = null;
+      if (!this.closed) this.call.dispatchEvent(new CustomEvent('peer-updated', { detail: { peer: this } }));
+    }, 0);
   }
 
   close() {
     this.closed = true;
     if (this.disconnectTimer) clearTimeout(this.disconnectTimer);
     if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
+    if (this.emitTimer) clearTimeout(this.emitTimer);
     this.pc.onconnectionstatechange = this.pc.onnegotiationneeded = this.pc.onicecandidate = this.pc.ontrack = null;
     this.dc.onmessage = this.dc.onopen = null;
     this.pc.close();
