@@ -377,7 +377,8 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
 
     'connect: loop {
         let ws = tokio::select! {
-            r = tokio_tungstenite::connect_async(args.server.as_str()) => r,
+            // No Nagle: an offer, answer or candidate must not wait for the ACK of the message before it.
+            r = tokio_tungstenite::connect_async_with_config(args.server.as_str(), None, true) => r,
             _ = &mut sleep_deadline => break 'connect,
             _ = tokio::signal::ctrl_c() => break 'connect,
             _ = term.recv() => break 'connect,

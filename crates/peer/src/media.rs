@@ -265,23 +265,31 @@ pub enum Source {
 pub struct SourceHandle {
     pub frames: broadcast::Sender<Arc<EncodedFrame>>,
     pub want_keyframe: Arc<AtomicBool>,
+    /// The encoding thread (test pattern), woken to encode a requested keyframe at once.
+    encoder: Option<std::thread::Thread>,
 }
 
 impl SourceHandle {
+    /// The next frame is a keyframe; the test pattern encodes it now rather than at its next frame time (up to
+    /// a frame interval later), so a peer that just connected gets its first picture without waiting.
     pub fn request_keyframe(&self) {
         self.want_keyframe.store(true, Ordering::Relaxed);
+        if let Some(t) = &self.encoder {
+            t.unpark();
+        }
     }
 }
 
 /// Starts the source on its own thread (encoding is CPU work, kept off the async runtime).
 pub fn start_source(source: Source, stop: Arc<AtomicBool>) -> Result<SourceHandle, PeerError> {
     let (tx, _) = broadcast::channel(64);
-    let handle = SourceHandle { frames: tx.clone(), want_keyframe: Arc::new(AtomicBool::new(true)) };
+    let mut handle =
+        SourceHandle { frames: tx.clone(), want_keyframe: Arc::new(AtomicBool::new(true)), encoder: None };
     let want = handle.want_keyframe.clone();
     match source {
         Source::TestSrc { width, height, fps } => {
             let mut enc = Vp8Encoder::new(width, height, fps, 800)?;
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name("testsrc".into())
                 .spawn(move || {
                     let (w, h) = (width as usize, height as usize);
@@ -305,14 +313,19 @@ pub fn start_source(source: Source, stop: Arc<AtomicBool>) -> Result<SourceHandl
                             }
                         }
                         n += 1;
-                        // Pace against the start time so encoding time does not slow the clock down.
+                        // Pace against the start time so encoding time does not slow the clock down. A keyframe
+                        // request cuts the wait short: that frame goes out early, the ones after keep the clock.
                         let next = start + period * n as u32;
-                        if let Some(d) = next.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(d);
+                        while !want.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                            match next.checked_duration_since(Instant::now()) {
+                                Some(d) if !d.is_zero() => std::thread::park_timeout(d),
+                                _ => break,
+                            }
                         }
                     }
                 })
                 .map_err(|e| PeerError::Encoder(format!("cannot start the test source thread: {e}")))?;
+            handle.encoder = Some(thread.thread().clone());
         }
         Source::Ivf(path) => {
             let file = IvfFile::read(&path)?;
