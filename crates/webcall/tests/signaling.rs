@@ -273,6 +273,11 @@ async fn a_slow_reader_is_cut_off_and_server_memory_stays_bounded() {
     }
     assert!(ended, "the slow reader's session ended after {sent} messages of 60 KB");
     eprintln!("slow reader: session ended after {sent} messages of 60 KB");
+    // The session is gone: further messages to it are refused, not queued.
+    while let Ok(m) = tokio::time::timeout(Duration::from_millis(200), fast.recv()).await {
+        assert!(m["type"] == "error" && m["code"] == "unknown-peer", "only refusals may follow the bye: {m}");
+    }
+    fast.send(json!({"type":"offer","to":slow.id,"sdp":"after"})).await;
     fast.expect_error("unknown-peer").await;
     let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
     assert!(grown_mib < 64, "server grew by {grown_mib} MiB for {sent} messages to a reader that never read");
