@@ -215,3 +215,38 @@ export async function screenshot(page, name) {
 
 /** Id of this page's own peer. @param {import('playwright-core').Page} page */
 export const ownId = (page) => page.evaluate(() => window.webcall.call.id);
+
+/** Starts `webcall peer`; collects its stdout lines. */
+export function startPeer(args) {
+  const proc = spawn(BINARY, ['peer', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'warn' } });
+  const lines = [];
+  let buf = '';
+  proc.stdout.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      lines.push(buf.slice(0, i));
+      if (process.env.WEBCALL_E2E_VERBOSE) console.error(`[peer] ${buf.slice(0, i)}`);
+      buf = buf.slice(i + 1);
+    }
+  });
+  let stderr = '';
+  proc.stderr.on('data', (d) => (stderr += d));
+  const exited = new Promise((r) => proc.once('exit', (code) => r(code)));
+  return {
+    proc,
+    lines,
+    exited,
+    stderr: () => stderr,
+    /** Waits (bounded) for a stdout line matching `re`; returns it. */
+    async waitLine(re, timeout = 30000) {
+      const t0 = Date.now();
+      for (;;) {
+        const l = lines.find((x) => re.test(x));
+        if (l) return l;
+        if (Date.now() - t0 > timeout) throw new Error(`no line ${re} from webcall peer; got:\n${lines.join('\n')}\n${stderr}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    },
+  };
+}

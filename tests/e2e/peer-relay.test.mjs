@@ -7,41 +7,8 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ROOT, assertLoopbackOnly, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+import { assertLoopbackOnly, startPeer, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
 
-const BINARY = process.env.WEBCALL_BIN ?? path.join(ROOT, 'target/debug/webcall');
-
-function startPeer(args) {
-  const proc = spawn(BINARY, ['peer', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'warn' } });
-  const lines = [];
-  let buf = '';
-  proc.stdout.on('data', (d) => {
-    buf += d;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      lines.push(buf.slice(0, i));
-      if (process.env.WEBCALL_E2E_VERBOSE) console.error(`[peer] ${buf.slice(0, i)}`);
-      buf = buf.slice(i + 1);
-    }
-  });
-  let stderr = '';
-  proc.stderr.on('data', (d) => (stderr += d));
-  const exited = new Promise((r) => proc.once('exit', (code) => r(code)));
-  return {
-    proc,
-    lines,
-    exited,
-    async waitLine(re, timeout = 30000) {
-      const t0 = Date.now();
-      for (;;) {
-        const l = lines.find((x) => re.test(x));
-        if (l) return l;
-        if (Date.now() - t0 > timeout) throw new Error(`no line ${re} from webcall peer; got:\n${lines.join('\n')}\n${stderr}`);
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    },
-  };
-}
 
 describe('native peer and browser, both relay-only', () => {
   let server;
