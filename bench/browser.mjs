@@ -1,7 +1,8 @@
 // Browser call setup: two headless Chromium pages through webcall vs a zero-cost baseline, in the same run.
 //
-// webcall: page A opens /r/ROOM and is in the call; page B opens /r/ROOM. Times are B's, from the moment B's client
-// sends `join` (after it has its camera) to B's RTCPeerConnection reporting ICE connected, connected (DTLS), and
+// webcall: page B opens /r/ROOM?defer (loads, paints, gets its camera, does not join); then page A opens /r/ROOM and
+// is in the call; then the benchmark calls B's `webcall.join()`. Times are B's, from the moment B's client sends
+// `join` to B's RTCPeerConnection reporting ICE connected, connected (DTLS), and
 // the first decoded frame of A's video (getStats framesDecoded > 0, polled every 5 ms).
 // baseline: both pages in one browser context get the same media, and exchange offer/answer/candidates over a
 // BroadcastChannel (no server, no network hop); A offers when B says hello, as in webcall. Same marks, same poll.
@@ -84,11 +85,15 @@ async function webcallCall(browser, url) {
   const room = uniqueRoom('bench');
   const [ca, cb] = [await newContext(browser), await newContext(browser)];
   try {
+    // Like the baseline: B's page (its window, its load and first paint, its camera) is ready before A's call
+    // starts; `?defer` holds B's join until the benchmark calls `webcall.join()`.
+    const b = await cb.newPage();
+    await b.goto(`${url}/r/${room}?name=B&defer`);
+    await until(b, () => !!window.webcall?.call.tracks.camera && !!window.webcall.call.tracks.mic, undefined, TIMEOUT);
     const a = await ca.newPage();
     await a.goto(`${url}/r/${room}?name=A`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
-    const b = await cb.newPage();
-    await b.goto(`${url}/r/${room}?name=B`);
+    await b.evaluate(() => window.webcall.join());
     const t = await until(b, () => ('frame' in (window.__bench ?? {}) ? window.__bench : false), undefined, TIMEOUT);
     return ms(t);
   } finally {

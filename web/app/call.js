@@ -498,7 +498,12 @@ addEventListener('pagehide', () => {
 });
 
 renderLocal();
-call.start(want).then(() => {
+// `?defer`: get the media and show the preview, but join only when `window.webcall.join()` is called (benchmarks:
+// the page is loaded and painted, with its camera running, before the measured join).
+const deferJoin = params.has('defer');
+// @ts-ignore
+window.webcall.join = () => call.join();
+(deferJoin ? call.prepare(want) : call.start(want)).then(() => {
   renderLocal();
   if (call.mediaProblems.length) setBanner(mediaProblemText(), 'warn', 'media');
   navigator.mediaDevices.addEventListener?.('devicechange', () => {

@@ -447,6 +447,7 @@ export class Call extends EventTarget {
     this.mediaProblems = [];
     /** @type {ReturnType<typeof setInterval>|null} */
     this.statsTimer = null;
+    this.joined = false;
     this.bindSignaling();
   }
 
@@ -459,6 +460,15 @@ export class Call extends EventTarget {
    * @param {{audio: boolean, video: boolean}} want
    */
   async start(want) {
+    await this.prepare(want);
+    this.join();
+  }
+
+  /**
+   * Gets local media (as `start`) without joining yet: the preview runs, `join` connects later.
+   * @param {{audio: boolean, video: boolean}} want
+   */
+  async prepare(want) {
     this.setState('joining');
     const media = await getLocalMedia({ ...want, audioDevice: this.devices.audio, videoDevice: this.devices.video });
     this.mediaProblems = media.problems;
@@ -469,6 +479,12 @@ export class Call extends EventTarget {
     this.devices.audio = media.audio?.getSettings().deviceId ?? this.devices.audio;
     this.devices.video = media.video?.getSettings().deviceId ?? this.devices.video;
     this.refreshLocalStream();
+  }
+
+  /** Connects to the room (after `prepare`). */
+  join() {
+    if (this.joined) return;
+    this.joined = true;
     this.statsTimer = setInterval(() => this.refreshStats(), 1000);
     this.signaling.start();
   }
