@@ -93,6 +93,10 @@ async function webcallCall(browser, url) {
     const a = await ca.newPage();
     await a.goto(`${url}/r/${room}?name=A`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
+    // A has been in the room a while, as the baseline's A has its peer connection before the join: its client's
+    // spare peer connection (web/lib/call.js, built when idle after the welcome) is there. Clients without one
+    // (older builds) do not wait.
+    await until(a, () => !('spare' in window.webcall.call) || !!window.webcall.call.spare, undefined, TIMEOUT);
     await b.evaluate(() => window.webcall.join());
     const t = await until(b, () => ('frame' in (window.__bench ?? {}) ? window.__bench : false), undefined, TIMEOUT);
     return ms(t);

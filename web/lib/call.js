@@ -24,6 +24,8 @@ const DISCONNECTED_GRACE_MS = 3000;
 const RESTART_MIN_INTERVAL_MS = 5000;
 /** How long a newcomer waits for the offer of a peer already in the room before offering itself. */
 const FIRST_OFFER_TIMEOUT_MS = 8000;
+/** How long after a use (or a welcome into a busy room) the next spare peer connection is built. */
+const SPARE_DELAY_MS = 3000;
 
 /**
  * @typedef {object} MediaState what a peer sends, as told over the data channel
@@ -100,28 +102,42 @@ function mediaErrorName(e) {
   }
 }
 
+/** @param {RTCPeerConnection} pc */
+function createChatChannel(pc) {
+  return pc.createDataChannel(CHAT_CHANNEL.label, { negotiated: true, id: CHAT_CHANNEL.id, ordered: true });
+}
+
+/**
+ * A peer connection built while idle, for the next peer we offer to (a `hello`): creating the connection, its data
+ * channel and transceivers costs blocking round trips to WebRTC's thread, which then are not on the call's path.
+ * @typedef {object} Spare
+ * @property {RTCPeerConnection} pc
+ * @property {RTCDataChannel} dc
+ * @property {RTCRtpTransceiver} audioTx
+ * @property {RTCRtpTransceiver} videoTx
+ * @property {string} iceKey the `iceServers` (JSON) it was built with
+ * @property {string|null} forId our id when it was built
+ */
+
 export class Peer {
   /**
    * @param {Call} call
    * @param {string} id
    * @param {string} name
    * @param {boolean} initiator true when we make the first offer (we were in the room first)
+   * @param {Spare|null} [spare] a peer connection built ahead (initiator only): its data channel and transceivers
    */
-  constructor(call, id, name, initiator) {
+  constructor(call, id, name, initiator, spare = null) {
     this.call = call;
     this.id = id;
     this.name = name;
     /** The peer with the lexicographically smaller id is polite (docs/protocol.md). */
     this.polite = /** @type {string} */ (call.id) < id;
-    this.pc = new RTCPeerConnection({
-      iceServers: call.signaling.iceServers,
-      iceTransportPolicy: call.relayOnly ? 'relay' : 'all',
-      bundlePolicy: 'max-bundle',
-    });
+    this.pc = spare?.pc ?? new RTCPeerConnection(call.pcConfig());
     /** @type {RTCRtpTransceiver|null} */
-    this.audioTx = null;
+    this.audioTx = spare?.audioTx ?? null;
     /** @type {RTCRtpTransceiver|null} */
-    this.videoTx = null;
+    this.videoTx = spare?.videoTx ?? null;
     this.remoteStream = new MediaStream();
     /** @type {MediaState} */
     this.remoteMedia = { audio: true, video: true, screen: false };
@@ -148,7 +164,7 @@ export class Peer {
     this.queue = Promise.resolve();
 
     const pc = this.pc;
-    this.dc = pc.createDataChannel(CHAT_CHANNEL.label, { negotiated: true, id: CHAT_CHANNEL.id, ordered: true });
+    this.dc = spare?.dc ?? createChatChannel(pc);
     this.dc.onopen = () => {
       this.sendData(this.call.mediaState());
       this.emit();
@@ -448,6 +464,12 @@ export class Call extends EventTarget {
     /** @type {ReturnType<typeof setInterval>|null} */
     this.statsTimer = null;
     this.joined = false;
+    /** @type {Spare|null} */
+    this.spare = null;
+    /** @type {ReturnType<typeof setTimeout>|null} a spare to build */
+    this.spareTimer = null;
+    /** @type {number|null} */
+    this.spareIdle = null;
     this.bindSignaling();
   }
 
@@ -524,6 +546,7 @@ export class Call extends EventTarget {
     s.addEventListener('fatal', (ev) => {
       const detail = /** @type {CustomEvent} */ (ev).detail;
       this.closePeers();
+      this.dropSpare();
       this.stopStats();
       this.setState('failed');
       this.dispatchEvent(new CustomEvent('fatal', { detail }));
@@ -555,11 +578,86 @@ export class Call extends EventTarget {
       for (const p of others) if (!this.peers.has(p.id)) this.addPeer(p.id, p.name ?? '', false);
     }
     this.setState('in-call');
+    // A spare built for another id or other ICE servers (TURN credentials are minted per welcome) is no use.
+    if (this.spare && !this.spareFits()) this.dropSpare();
+    this.scheduleSpare(others.length ? SPARE_DELAY_MS : 0);
+  }
+
+  /** The configuration of every peer connection. */
+  pcConfig() {
+    return {
+      iceServers: this.signaling.iceServers,
+      iceTransportPolicy: /** @type {RTCIceTransportPolicy} */ (this.relayOnly ? 'relay' : 'all'),
+      bundlePolicy: /** @type {RTCBundlePolicy} */ ('max-bundle'),
+    };
+  }
+
+  /** @private */
+  spareFits() {
+    const s = this.spare;
+    return (
+      !!s &&
+      s.forId === this.id &&
+      s.iceKey === JSON.stringify(this.signaling.iceServers) &&
+      s.pc.signalingState === 'stable' &&
+      s.audioTx.sender.track === this.outgoing('audio') &&
+      s.videoTx.sender.track === this.outgoing('video')
+    );
+  }
+
+  /**
+   * Builds a spare peer connection after `delay` ms, when the page is next idle. After a welcome with peers in the
+   * room and after each use, the delay keeps the build clear of the call being set up. @private
+   * @param {number} delay
+   */
+  scheduleSpare(delay) {
+    if (this.spare || this.spareTimer !== null || this.state !== 'in-call') return;
+    const build = () => {
+      this.spareTimer = this.spareIdle = null;
+      if (this.spare || this.state !== 'in-call' || typeof RTCPeerConnection === 'undefined') return;
+      try {
+        const pc = new RTCPeerConnection(this.pcConfig());
+        const dc = createChatChannel(pc);
+        // As Peer.addOwnTransceivers: both kinds, sendrecv, our current tracks.
+        const tx = (/** @type {'audio'|'video'} */ kind) =>
+          pc.addTransceiver(this.outgoing(kind) ?? kind, { direction: 'sendrecv', streams: [this.localStream] });
+        const audioTx = tx('audio');
+        const videoTx = tx('video');
+        this.spare = { pc, dc, audioTx, videoTx, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id };
+      } catch (e) {
+        console.warn('spare peer connection', e);
+      }
+    };
+    this.spareTimer = setTimeout(() => {
+      if (typeof requestIdleCallback === 'function') this.spareIdle = requestIdleCallback(build, { timeout: 1000 });
+      else build();
+    }, delay);
+  }
+
+  /** The spare peer connection if it still fits (else none: it is dropped), and a new one to come. @private */
+  takeSpare() {
+    const fits = this.spareFits();
+    const spare = fits ? this.spare : null;
+    if (fits) this.spare = null;
+    else this.dropSpare();
+    this.scheduleSpare(SPARE_DELAY_MS);
+    return spare;
+  }
+
+  /** @private */
+  dropSpare() {
+    if (this.spareTimer !== null) clearTimeout(this.spareTimer);
+    if (this.spareIdle !== null) cancelIdleCallback(this.spareIdle);
+    this.spareTimer = this.spareIdle = null;
+    if (this.spare) {
+      this.spare.pc.close();
+      this.spare = null;
+    }
   }
 
   /** @private @param {string} id @param {string} name @param {boolean} initiator */
   addPeer(id, name, initiator) {
-    const peer = new Peer(this, id, name, initiator);
+    const peer = new Peer(this, id, name, initiator, initiator ? this.takeSpare() : null);
     this.peers.set(id, peer);
     this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer } }));
     return peer;
@@ -619,6 +717,10 @@ export class Call extends EventTarget {
   /** @private */
   async mediaChanged() {
     this.refreshLocalStream();
+    if (this.spare && !this.spareFits()) {
+      this.dropSpare();
+      this.scheduleSpare(0);
+    }
     await Promise.all([...this.peers.values()].map((p) => p.updateSenders().catch((e) => console.warn(e))));
     const state = this.mediaState();
     for (const p of this.peers.values()) p.sendData(state);
@@ -749,6 +851,7 @@ export class Call extends EventTarget {
     if (this.state === 'ended') return;
     this.signaling.leave();
     this.closePeers();
+    this.dropSpare();
     this.stopStats();
     for (const t of Object.values(this.tracks)) t?.stop();
     this.tracks = { mic: null, camera: null, screen: null };
