@@ -108,15 +108,18 @@ function createChatChannel(pc) {
 }
 
 /**
- * A peer connection built while idle, for the next peer we offer to (a `hello`): creating the connection, its data
- * channel and transceivers costs blocking round trips to WebRTC's thread, which then are not on the call's path.
+ * A peer connection built ahead, for the next peer: creating the connection, its data channel and transceivers
+ * costs blocking round trips to WebRTC's thread, which then are not on the call's path. Built once we have our media
+ * (before the welcome: for the peers already in the room), and while idle after a welcome and after each use (for
+ * the next `hello`). Our tracks are on it with `addTrack` (Peer.attachOwnTracks): a remote offer adopts those
+ * transceivers, and our own offer adds the kinds we have no track for.
  * @typedef {object} Spare
  * @property {RTCPeerConnection} pc
  * @property {RTCDataChannel} dc
- * @property {RTCRtpTransceiver} audioTx
- * @property {RTCRtpTransceiver} videoTx
- * @property {string} iceKey the `iceServers` (JSON) it was built with
- * @property {string|null} forId our id when it was built
+ * @property {RTCRtpTransceiver|null} audioTx
+ * @property {RTCRtpTransceiver|null} videoTx
+ * @property {string} iceKey the `iceServers` (JSON) it has
+ * @property {string|null} forId our id (the welcome's) it belongs to; null: built before the welcome
  */
 
 export class Peer {
@@ -125,7 +128,7 @@ export class Peer {
    * @param {string} id
    * @param {string} name
    * @param {boolean} initiator true when we make the first offer (we were in the room first)
-   * @param {Spare|null} [spare] a peer connection built ahead (initiator only): its data channel and transceivers
+   * @param {Spare|null} [spare] a peer connection built ahead, with its data channel and our tracks
    */
   constructor(call, id, name, initiator, spare = null) {
     this.call = call;
@@ -176,7 +179,8 @@ export class Peer {
     } else {
       // Attach our media now, with addTrack: the remote offer's m-sections take over these transceivers, so the
       // answer needs no replaceTrack round trips (transceivers made by addTransceiver would not be reused).
-      this.attachOwnTracks();
+      // A spare has them already.
+      if (!spare) this.attachOwnTracks();
       this.firstOfferTimer = setTimeout(() => {
         // The offer of the peer already in the room never came (lost with a dropped connection): offer ourselves.
         if (this.awaitingFirstOffer && !this.closed && !this.pc.remoteDescription) this.startOffering();
@@ -482,7 +486,9 @@ export class Call extends EventTarget {
    * @param {{audio: boolean, video: boolean}} want
    */
   async start(want) {
+    this.joined = true; // prepare builds no spare: join does, once the WebSocket is on its way
     await this.prepare(want);
+    this.joined = false;
     this.join();
   }
 
@@ -501,6 +507,7 @@ export class Call extends EventTarget {
     this.devices.audio = media.audio?.getSettings().deviceId ?? this.devices.audio;
     this.devices.video = media.video?.getSettings().deviceId ?? this.devices.video;
     this.refreshLocalStream();
+    if (!this.joined) this.buildSpare();
   }
 
   /** Connects to the room (after `prepare`). */
@@ -509,6 +516,8 @@ export class Call extends EventTarget {
     this.joined = true;
     this.statsTimer = setInterval(() => this.refreshStats(), 1000);
     this.signaling.start();
+    // While the WebSocket connects: the connection for a peer already in the room.
+    if (!this.spare) this.buildSpare();
   }
 
   /** @private */
@@ -555,6 +564,18 @@ export class Call extends EventTarget {
 
   /** @private @param {any} welcome */
   onWelcome(welcome) {
+    // A spare built for another id or other ICE servers (TURN credentials are minted per welcome) is no use; one
+    // built before the first welcome gets this welcome's ICE servers (no gathering has started on it).
+    if (this.spare?.forId === null && (welcome.idChanged || !welcome.resumed)) {
+      try {
+        this.spare.pc.setConfiguration({ ...this.spare.pc.getConfiguration(), iceServers: this.signaling.iceServers });
+        this.spare.iceKey = JSON.stringify(this.signaling.iceServers);
+        this.spare.forId = welcome.id;
+      } catch (e) {
+        console.warn('spare setConfiguration', e);
+      }
+    }
+    if (this.spare && !this.spareFits(welcome.id)) this.dropSpare();
     /** @type {{id: string, name: string}[]} */
     const others = Array.isArray(welcome.peers) ? welcome.peers : [];
     if (welcome.idChanged || !welcome.resumed) {
@@ -578,8 +599,6 @@ export class Call extends EventTarget {
       for (const p of others) if (!this.peers.has(p.id)) this.addPeer(p.id, p.name ?? '', false);
     }
     this.setState('in-call');
-    // A spare built for another id or other ICE servers (TURN credentials are minted per welcome) is no use.
-    if (this.spare && !this.spareFits()) this.dropSpare();
     this.scheduleSpare(others.length ? SPARE_DELAY_MS : 0);
   }
 
@@ -592,17 +611,39 @@ export class Call extends EventTarget {
     };
   }
 
-  /** @private */
-  spareFits() {
+  /** @private @param {string|null} [id] our id */
+  spareFits(id = this.id) {
     const s = this.spare;
     return (
       !!s &&
-      s.forId === this.id &&
+      s.forId === id &&
       s.iceKey === JSON.stringify(this.signaling.iceServers) &&
       s.pc.signalingState === 'stable' &&
-      s.audioTx.sender.track === this.outgoing('audio') &&
-      s.videoTx.sender.track === this.outgoing('video')
+      (s.audioTx?.sender.track ?? null) === this.outgoing('audio') &&
+      (s.videoTx?.sender.track ?? null) === this.outgoing('video')
     );
+  }
+
+  /** Builds the spare peer connection now. @private */
+  buildSpare() {
+    if (this.spare || typeof RTCPeerConnection === 'undefined') return;
+    try {
+      const pc = new RTCPeerConnection(this.pcConfig());
+      const dc = createChatChannel(pc);
+      /** @type {Spare} */
+      const spare = { pc, dc, audioTx: null, videoTx: null, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id };
+      for (const kind of /** @type {const} */ (['audio', 'video'])) {
+        const track = this.outgoing(kind);
+        if (!track) continue;
+        const sender = pc.addTrack(track, this.localStream);
+        const tx = pc.getTransceivers().find((t) => t.sender === sender) ?? null;
+        if (kind === 'audio') spare.audioTx = tx;
+        else spare.videoTx = tx;
+      }
+      this.spare = spare;
+    } catch (e) {
+      console.warn('spare peer connection', e);
+    }
   }
 
   /**
@@ -614,19 +655,7 @@ export class Call extends EventTarget {
     if (this.spare || this.spareTimer !== null || this.state !== 'in-call') return;
     const build = () => {
       this.spareTimer = this.spareIdle = null;
-      if (this.spare || this.state !== 'in-call' || typeof RTCPeerConnection === 'undefined') return;
-      try {
-        const pc = new RTCPeerConnection(this.pcConfig());
-        const dc = createChatChannel(pc);
-        // As Peer.addOwnTransceivers: both kinds, sendrecv, our current tracks.
-        const tx = (/** @type {'audio'|'video'} */ kind) =>
-          pc.addTransceiver(this.outgoing(kind) ?? kind, { direction: 'sendrecv', streams: [this.localStream] });
-        const audioTx = tx('audio');
-        const videoTx = tx('video');
-        this.spare = { pc, dc, audioTx, videoTx, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id };
-      } catch (e) {
-        console.warn('spare peer connection', e);
-      }
+      if (this.state === 'in-call') this.buildSpare();
     };
     this.spareTimer = setTimeout(() => {
       if (typeof requestIdleCallback === 'function') this.spareIdle = requestIdleCallback(build, { timeout: 1000 });
@@ -657,7 +686,7 @@ export class Call extends EventTarget {
 
   /** @private @param {string} id @param {string} name @param {boolean} initiator */
   addPeer(id, name, initiator) {
-    const peer = new Peer(this, id, name, initiator, initiator ? this.takeSpare() : null);
+    const peer = new Peer(this, id, name, initiator, this.takeSpare());
     this.peers.set(id, peer);
     this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer } }));
     return peer;

@@ -1,0 +1,70 @@
+// The web client's spare peer connection: built while idle after the welcome, taken by the next hello (the call
+// works on it: media both ways, the negotiated chat channel), rebuilt after the use, dropped on hang-up.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { assertLoopbackOnly, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+
+describe('spare peer connection', () => {
+  /** @type {Awaited<ReturnType<typeof startServer>>} */
+  let server;
+  /** @type {import('playwright-core').Browser} */
+  let browser;
+  /** @type {import('playwright-core').Page} */
+  let alice;
+  /** @type {import('playwright-core').Page} */
+  let bob;
+
+  before(async () => {
+    assertLoopbackOnly();
+    server = await startServer();
+    browser = await launchBrowser();
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.kill();
+  });
+
+  it('the first peer to arrive is called on the spare, which has the welcome’s ICE servers', async () => {
+    const room = uniqueRoom('spare');
+    alice = await openPage(browser, `${server.url}/r/${room}?name=Alice`);
+    await until(alice, () => window.webcall?.call.state === 'in-call' && !!window.webcall.call.spare);
+    assert.ok(
+      await alice.evaluate(() => {
+        const { call, signaling } = window.webcall;
+        // @ts-ignore
+        window.__spare = call.spare.pc;
+        return call.spare.iceKey === JSON.stringify(signaling.iceServers) && call.spare.forId === call.id;
+      }),
+    );
+    bob = await openPage(browser, `${server.url}/r/${room}?name=Bob`);
+    const [bobId] = await connectedPeers(alice, 1);
+    const [aliceId] = await connectedPeers(bob, 1);
+    // @ts-ignore
+    assert.ok(await alice.evaluate((id) => window.webcall.call.peers.get(id).pc === window.__spare, bobId));
+    await decodesVideoFrom(alice, bobId);
+    await decodesVideoFrom(bob, aliceId);
+    // The chat channel (negotiated, id 0) of the spare opens and carries messages.
+    await until(alice, (id) => window.webcall.call.peers.get(id)?.dc.readyState === 'open', bobId);
+    await bob.evaluate(() => {
+      // @ts-ignore
+      window.__chat = [];
+      // @ts-ignore
+      window.webcall.call.addEventListener('chat', (e) => window.__chat.push(e.detail.text));
+    });
+    await alice.evaluate(() => window.webcall.call.sendChat('on the spare'));
+    // @ts-ignore
+    await until(bob, () => window.__chat.includes('on the spare'));
+  });
+
+  it('a new spare is built after the use, and dropped on hang-up', async () => {
+    // @ts-ignore
+    await until(alice, () => !!window.webcall.call.spare && window.webcall.call.spare.pc !== window.__spare);
+    const closed = await alice.evaluate(() => {
+      const spare = window.webcall.call.spare;
+      window.webcall.call.hangUp();
+      return window.webcall.call.spare === null && spare.pc.signalingState === 'closed';
+    });
+    assert.ok(closed);
+  });
+});
