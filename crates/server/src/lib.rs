@@ -248,7 +248,8 @@ async fn ws_upgrade(
                 state.counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
                 let limit = state.cfg.max_connections_per_ip;
                 let e = ProtocolError::new(ErrorCode::RateLimited, format!("more than {limit} connections from your address"));
-                ws::refuse(socket, e).await;
+                // Rare: boxed so that its state does not add to every connection's future.
+                Box::pin(ws::refuse(socket, e)).await;
             } else {
                 ws::run(socket, state.clone(), ip).await;
             }

@@ -11,10 +11,9 @@ use webcall_rooms::{ConnId, Counters, Frame, IceProvider, JoinPolicy, OpenPolicy
 /// What the WebSocket task of one connection shares with the router.
 #[derive(Default)]
 pub struct ConnSignal {
-    /// Frames are ready to take, or a close was asked for.
+    /// Frames are ready to take, or a close was asked for (also while a write is in progress, so a write stuck on a
+    /// peer that stopped reading can be abandoned).
     pub wake: Notify,
-    /// Fires on a close request, so a write stuck on a peer that stopped reading can be abandoned.
-    pub closing: Notify,
     close: Mutex<Option<(u16, &'static str)>>,
 }
 
@@ -22,7 +21,6 @@ impl ConnSignal {
     pub fn request_close(&self, code: u16, reason: &'static str) {
         self.close.lock().get_or_insert((code, reason));
         self.wake.notify_one();
-        self.closing.notify_one();
     }
     pub fn close_requested(&self) -> Option<(u16, &'static str)> {
         *self.close.lock()

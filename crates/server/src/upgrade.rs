@@ -23,8 +23,9 @@ use tokio_tungstenite::WebSocketStream;
 pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 pub use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 
-/// An accepted WebSocket.
-pub type WebSocket = WebSocketStream<ScratchIo<TokioIo<hyper::upgrade::Upgraded>>>;
+/// An accepted WebSocket, boxed: the connection's future moves it through a few layers of `async` (each of which
+/// would otherwise keep its own copy of its ~360 bytes for the connection's life).
+pub type WebSocket = Box<WebSocketStream<ScratchIo<TokioIo<hyper::upgrade::Upgraded>>>>;
 
 /// Extractor for a WebSocket upgrade request (HTTP/1.1), like axum's.
 pub struct WebSocketUpgrade {
@@ -107,7 +108,7 @@ impl WebSocketUpgrade {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let io = ScratchIo::new(TokioIo::new(upgraded));
-                    callback(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await).await;
+                    callback(Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)).await;
                 }
                 Err(e) => {
                     if let Some(f) = on_failed {

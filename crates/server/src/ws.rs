@@ -1,4 +1,5 @@
-//! One WebSocket: a reader that feeds the router and a writer that drains it. Nothing here knows about rooms.
+//! One WebSocket, one task: it reads frames into the router, and when woken takes the frames queued for this
+//! connection and writes them. Nothing here knows about rooms.
 
 use crate::router::ConnSignal;
 use crate::AppState;
@@ -9,9 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use webcall_protocol::ProtocolError;
 use std::time::Duration;
-use tokio::sync::Notify;
-use tokio::time::timeout;
-use webcall_rooms::close;
+use tokio::time::{timeout, Instant};
+use webcall_rooms::{close, ConnId, Frame};
 
 /// Writes taking longer than this mean the peer stopped reading; the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,99 +28,132 @@ pub(crate) async fn refuse(mut socket: WebSocket, e: ProtocolError) {
     .await;
 }
 
-pub(crate) async fn run(socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
-    let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let signal = Arc::new(ConnSignal::default());
-    let router = state.router.clone();
-    state.policy.register(conn, ip);
-    router.connect(conn, signal.clone());
-    let (mut sink, mut stream) = socket.split();
-    let reader_done = Arc::new(Notify::new());
-    let writer_done = Arc::new(Notify::new());
+/// Sends the close frame the core asked for, if it asked.
+async fn send_close(socket: &mut WebSocket, signal: &ConnSignal) {
+    if let Some((code, reason)) = signal.close_requested() {
+        let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
+        let _ = timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
+    }
+}
 
-    let writer = {
-        let (router, signal) = (router.clone(), signal.clone());
-        let (reader_done, writer_done) = (reader_done.clone(), writer_done.clone());
-        let ping_every = state.cfg.ping_interval;
-        tokio::spawn(async move {
-            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-            let mut buf = Vec::new();
-            loop {
-                let (pinging, last) = tokio::select! {
-                    _ = signal.wake.notified() => (false, false),
-                    _ = ping.tick() => (true, false),
-                    _ = reader_done.notified() => (false, true),
-                };
-                router.take(conn, &mut buf);
-                if !buf.is_empty() {
-                    let mut batch = futures_util::stream::iter(buf.drain(..).map(|f| Ok(Message::Text(Utf8Bytes::from(&*f)))));
-                    let write = timeout(WRITE_TIMEOUT, sink.send_all(&mut batch));
-                    tokio::pin!(write);
-                    let written = tokio::select! {
-                        r = &mut write => matches!(r, Ok(Ok(()))),
+/// What the loop does next.
+enum Step {
+    Go,
+    Stop,
+}
+
+/// Takes this connection's queued frames and writes them, until none are left. `Stop` when the connection is done
+/// (a write failed or timed out, or a close was asked for: then the close frame has been sent).
+async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId, buf: &mut Vec<Frame>) -> Step {
+    loop {
+        state.router.take(conn, buf);
+        if buf.is_empty() {
+            break;
+        }
+        // Already asked to close (the wake-up for that came with these frames): finish only if that is quick.
+        let limit = if signal.close_requested().is_some() { CLOSE_GRACE } else { WRITE_TIMEOUT };
+        let mut batch = futures_util::stream::iter(buf.drain(..).map(|f| Ok(Message::Text(Utf8Bytes::from(&*f)))));
+        let write = timeout(limit, socket.send_all(&mut batch));
+        tokio::pin!(write);
+        // Wake-ups during the write mean more frames (take again after it) or a close request.
+        let mut again = false;
+        let written = loop {
+            tokio::select! {
+                r = &mut write => break matches!(r, Ok(Ok(()))),
+                _ = signal.wake.notified() => {
+                    again = true;
+                    if signal.close_requested().is_some() {
                         // Asked to close mid-write (slow reader, abuse): finish only if that is quick.
-                        _ = signal.closing.notified() => {
-                            let _ = timeout(CLOSE_GRACE, &mut write).await;
-                            false
-                        }
-                    };
-                    if !written {
-                        drop(write);
-                        if let Some((code, reason)) = signal.close_requested() {
-                            let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
-                            let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
-                        }
-                        break;
+                        let _ = timeout(CLOSE_GRACE, &mut write).await;
+                        break false;
                     }
                 }
-                if pinging && !matches!(timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) {
-                    break;
-                }
-                if let Some((code, reason)) = signal.close_requested() {
-                    let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
-                    let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
-                    break;
-                }
-                if last {
-                    break;
-                }
             }
-            writer_done.notify_one();
-        })
-    };
-
-    let idle = state.cfg.idle_timeout;
-    loop {
-        let next = tokio::select! {
-            _ = writer_done.notified() => break,
-            n = timeout(idle, stream.next()) => n,
         };
-        match next {
-            Err(_) => {
-                tracing::debug!(conn, "dropped: idle for {idle:?}");
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                // Frames over the transport cap never reach the core; close them the way the core would.
-                if is_capacity_error(&e) {
-                    signal.request_close(close::TOO_BIG, "message too large");
-                }
-                tracing::debug!(conn, "read error: {e}");
-                break;
-            }
-            Ok(Some(Ok(msg))) => match msg {
-                Message::Text(t) => router.message(conn, t.as_str()),
-                Message::Binary(b) => router.binary(conn, b.len()),
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                Message::Close(_) => break,
-            },
+        drop(write);
+        drop(batch);
+        buf.clear();
+        if !written {
+            send_close(socket, signal).await;
+            return Step::Stop;
+        }
+        if !again {
+            break;
         }
     }
-    router.disconnect(conn);
+    if signal.close_requested().is_some() {
+        send_close(socket, signal).await;
+        return Step::Stop;
+    }
+    Step::Go
+}
+
+pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
+    let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
+    let signal = Arc::new(ConnSignal::default());
+    state.policy.register(conn, ip);
+    state.router.connect(conn, signal.clone());
+
+    let idle = state.cfg.idle_timeout;
+    let ping_every = state.cfg.ping_interval;
+    // One timer for both the idle timeout and pings: reads only record when they happened, and the timer is
+    // reset when it fires (far cheaper than re-arming it on every frame).
+    let mut last_read = Instant::now();
+    let mut next_ping = last_read + ping_every;
+    let timer = tokio::time::sleep_until(next_ping.min(last_read + idle));
+    tokio::pin!(timer);
+    let mut buf = Vec::new();
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = signal.wake.notified() => {
+                // Boxed: the write's state (timeouts, the close frame) lives only while it runs, not in every
+                // connection's future.
+                if let Step::Stop = Box::pin(flush(&mut socket, &state, &signal, conn, &mut buf)).await {
+                    break;
+                }
+            }
+            () = &mut timer => {
+                let now = Instant::now();
+                if now >= last_read + idle {
+                    tracing::debug!(conn, "dropped: idle for {idle:?}");
+                    break;
+                }
+                if now >= next_ping {
+                    let ping = Box::pin(timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Default::default()))));
+                    if !matches!(ping.await, Ok(Ok(()))) {
+                        break;
+                    }
+                    next_ping = Instant::now() + ping_every;
+                }
+                timer.as_mut().reset(next_ping.min(last_read + idle));
+            }
+            next = socket.next() => {
+                last_read = Instant::now();
+                match next {
+                    None => break,
+                    Some(Err(e)) => {
+                        // Frames over the transport cap never reach the core; close them the way the core would.
+                        if is_capacity_error(&e) {
+                            signal.request_close(close::TOO_BIG, "message too large");
+                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn, &mut buf)).await;
+                        }
+                        tracing::debug!(conn, "read error: {e}");
+                        break;
+                    }
+                    Some(Ok(msg)) => match msg {
+                        Message::Text(t) => state.router.message(conn, t.as_str()),
+                        Message::Binary(b) => state.router.binary(conn, b.len()),
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        Message::Close(_) => break,
+                    },
+                }
+            }
+        }
+    }
+    state.router.disconnect(conn);
     state.policy.unregister(conn);
-    reader_done.notify_one();
-    let _ = timeout(Duration::from_secs(2), writer).await;
 }
 
 fn is_capacity_error(e: &crate::upgrade::Error) -> bool {
