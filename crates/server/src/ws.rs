@@ -44,9 +44,11 @@ enum Step {
 
 /// Takes this connection's queued frames and writes them, until none are left. `Stop` when the connection is done
 /// (a write failed or timed out, or a close was asked for: then the close frame has been sent).
-async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId, buf: &mut Vec<Frame>) -> Step {
+async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId) -> Step {
+    // Local, not kept between wake-ups: an idle connection holds no frame buffer.
+    let mut buf: Vec<Frame> = Vec::new();
     loop {
-        state.router.take(conn, buf);
+        state.router.take(conn, &mut buf);
         if buf.is_empty() {
             break;
         }
@@ -102,7 +104,6 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
     let mut next_ping = last_read + ping_every;
     let timer = tokio::time::sleep_until(next_ping.min(last_read + idle));
     tokio::pin!(timer);
-    let mut buf = Vec::new();
 
     loop {
         tokio::select! {
@@ -110,7 +111,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             _ = signal.wake.notified() => {
                 // Boxed: the write's state (timeouts, the close frame) lives only while it runs, not in every
                 // connection's future.
-                if let Step::Stop = Box::pin(flush(&mut socket, &state, &signal, conn, &mut buf)).await {
+                if let Step::Stop = Box::pin(flush(&mut socket, &state, &signal, conn)).await {
                     break;
                 }
             }
@@ -137,7 +138,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                         // Frames over the transport cap never reach the core; close them the way the core would.
                         if is_capacity_error(&e) {
                             signal.request_close(close::TOO_BIG, "message too large");
-                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn, &mut buf)).await;
+                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn)).await;
                         }
                         tracing::debug!(conn, "read error: {e}");
                         break;
