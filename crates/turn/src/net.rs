@@ -249,6 +249,25 @@ struct Shared {
 }
 
 impl Shared {
+    /// Feeds one frame from a client to the core. Relayed data (the hot path) goes straight out of its relay
+    /// socket, outside the lock; anything else queues its outputs (UDP ones into `udp_out`).
+    async fn client_frame(self: &Arc<Self>, tuple: FiveTuple, frame: &[u8], udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) {
+        let send = {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            match st.core.handle_client(Instant::now(), tuple, frame) {
+                Some(p) => st.relays.get(&p.alloc).map(|r| (r.sock.clone(), p.peer, p.data)),
+                None => {
+                    self.pump(st, udp_out);
+                    None
+                }
+            }
+        };
+        if let Some((sock, peer, data)) = send {
+            let _ = sock.send_to(data, peer).await;
+        }
+    }
+
     /// Executes the core's queued outputs. UDP datagrams are collected into `udp_out` to be sent once
     /// the lock is released.
     fn pump(self: &Arc<Self>, st: &mut State, udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) {
@@ -445,23 +464,7 @@ async fn udp_loop(shared: Arc<Shared>) {
             client: from,
             server: shared.udp_addr,
         };
-        let send = {
-            let mut st = shared.state.lock();
-            let st = &mut *st;
-            match st.core.handle_client(Instant::now(), tuple, &buf[..n]) {
-                Some(p) => st
-                    .relays
-                    .get(&p.alloc)
-                    .map(|r| (r.sock.clone(), p.peer, p.data)),
-                None => {
-                    shared.pump(st, &mut udp_out);
-                    None
-                }
-            }
-        };
-        if let Some((sock, peer, data)) = send {
-            let _ = sock.send_to(data, peer).await;
-        }
+        shared.client_frame(tuple, &buf[..n], &mut udp_out).await;
         if !udp_out.is_empty() {
             shared.send_udp(std::mem::take(&mut udp_out)).await;
         }
@@ -673,23 +676,7 @@ where
                         Err(_) => return,
                     };
                     let frame = &buf[start..start + n];
-                    let send = {
-                        let mut st = shared.state.lock();
-                        let st = &mut *st;
-                        match st.core.handle_client(Instant::now(), tuple, frame) {
-                            Some(p) => st
-                                .relays
-                                .get(&p.alloc)
-                                .map(|r| (r.sock.clone(), p.peer, p.data)),
-                            None => {
-                                shared.pump(st, &mut udp_out);
-                                None
-                            }
-                        }
-                    };
-                    if let Some((sock, peer, data)) = send {
-                        let _ = sock.send_to(data, peer).await;
-                    }
+                    shared.client_frame(tuple, frame, &mut udp_out).await;
                     start += n;
                 }
                 if start == end {
