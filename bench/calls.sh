@@ -22,21 +22,8 @@ mkdir -p bench/results
 OUT=${OUT:-bench/results/calls-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 : > "$OUT"
 
-TMP=$(mktemp -d /tmp/webcall-calls.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-if [[ -z "${WEBCALL_BIN:-}" ]]; then
-    cargo build --release -p webcall >&2
-    WEBCALL_BIN=target/release/webcall
-fi
-cp "$WEBCALL_BIN" "$TMP/webcall"
-WEBCALL="$TMP/webcall"
+source "$(dirname "$0")/lib.sh"
+bench_setup calls
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); network namespace with: $(ip -o link | awk -F': ' '{print $2}' | xargs)" >&2
 for run in $(seq "$RUNS"); do

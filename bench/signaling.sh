@@ -22,25 +22,8 @@ mkdir -p bench/results
 OUT=${OUT:-bench/results/signaling-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 : > "$OUT"
 
-TMP=$(mktemp -d /tmp/webcall-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-# The binary under test, copied so that a rebuild during the run does not change it.
-if [[ -z "${WEBCALL_BIN:-}" ]]; then
-    cargo build --release -p webcall >&2
-    WEBCALL_BIN=target/release/webcall
-    BUILT="built here from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates Cargo.lock || echo ' plus uncommitted changes')"
-else
-    BUILT="prebuilt $WEBCALL_BIN of $(date -u -r "$WEBCALL_BIN" +%FT%TZ)"
-fi
-cp "$WEBCALL_BIN" "$TMP/webcall"
-WEBCALL="$TMP/webcall"
+source "$(dirname "$0")/lib.sh"
+bench_setup bench
 
 # PeerJS from npm at the version pinned in bench/peerjs/package-lock.json.
 if [[ ! -x bench/peerjs/node_modules/.bin/peerjs ]]; then

@@ -28,25 +28,8 @@ OUT=${OUT:-bench/results/cluster-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 command -v redis-server >/dev/null || { echo "redis-server is needed (apt-get install redis-server)" >&2; exit 1; }
 command -v jq >/dev/null || { echo "jq is needed" >&2; exit 1; }
 
-TMP=$(mktemp -d /tmp/webcall-cluster-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-# The binary under test, copied so that a rebuild during the run does not change it.
-if [[ -z "${WEBCALL_BIN:-}" ]]; then
-    cargo build --release -p webcall >&2
-    WEBCALL_BIN=target/release/webcall
-    BUILT="built here from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates Cargo.lock || echo ' plus uncommitted changes')"
-else
-    BUILT="prebuilt $WEBCALL_BIN of $(date -u -r "$WEBCALL_BIN" +%FT%TZ)"
-fi
-cp "$WEBCALL_BIN" "$TMP/webcall"
-WEBCALL="$TMP/webcall"
+source "$(dirname "$0")/../lib.sh"
+bench_setup cluster-bench
 
 ulimit -n "$(ulimit -Hn)"
 
