@@ -234,11 +234,6 @@ async fn ws_upgrade(
     let cap = state.cfg.rooms.max_message_size * 2;
     let failed_state = state.clone();
     ws.max_message_size(cap)
-        .max_frame_size(cap)
-        // Small: tungstenite holds this much per connection for its whole life; reads still take whole messages
-        // from the socket at once (see upgrade::ScratchIo).
-        .read_buffer_size(256)
-        .write_buffer_size(0)
         .on_failed_upgrade(move |e| {
             release(&failed_state, ip);
             tracing::debug!("WebSocket upgrade failed: {e}");

@@ -1,10 +1,7 @@
-//! The WebSocket upgrade, done here instead of with axum's `WebSocketUpgrade` (same checks, same builder methods) so
-//! that the socket is read through [`ScratchIo`].
-//!
-//! tungstenite allocates `read_buffer_size` bytes for every connection up front, zero-fills them and keeps them for
-//! the connection's life, and reads at most that much per call. With axum's 4 KiB that was 4 KiB of a ~9.3 KiB idle
-//! connection (see BENCHMARKS.md). Through `ScratchIo` the buffer can be small: a read goes into one per-thread
-//! scratch buffer with a single `recv`, and only the part tungstenite has not taken yet is kept, until it takes it.
+//! The WebSocket upgrade (axum's checks, done here) and the upgraded [`Socket`]: frames are read with one `recv`
+//! into a per-thread scratch buffer and decoded where they lie ([`webcall_wsframe`]); a connection keeps bytes of
+//! its own only while a frame is unfinished. With tungstenite an idle connection kept a read buffer, a write
+//! buffer at its largest frame's size and a ~360-byte wrapper (see BENCHMARKS.md), and every message was copied.
 
 use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode, Version};
@@ -16,20 +13,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
-
-pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-pub use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
+use tokio::io::AsyncWriteExt;
+use tungstenite::handshake::derive_accept_key;
+use webcall_wsframe::{Decoder, Event, Violation};
 
 /// An accepted WebSocket, boxed: the connection's future moves it through a few layers of `async` (each of which
-/// would otherwise keep its own copy of its ~360 bytes for the connection's life).
-pub type WebSocket = Box<WebSocketStream<ScratchIo<TokioIo<hyper::upgrade::Upgraded>>>>;
+/// would otherwise keep its own copy for the connection's life).
+pub type WebSocket = Box<Socket<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Extractor for a WebSocket upgrade request (HTTP/1.1), like axum's.
 pub struct WebSocketUpgrade {
-    config: WebSocketConfig,
+    max_message: usize,
     key: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
     on_failed: Option<Box<dyn FnOnce(hyper::Error) + Send>>,
@@ -70,26 +64,14 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
         let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
             return Err(rejection(StatusCode::UPGRADE_REQUIRED, "WebSocket request couldn't be upgraded\n"));
         };
-        Ok(WebSocketUpgrade { config: WebSocketConfig::default(), key, on_upgrade, on_failed: None })
+        Ok(WebSocketUpgrade { max_message: 64 << 20, key, on_upgrade, on_failed: None })
     }
 }
 
 impl WebSocketUpgrade {
+    /// The largest message accepted (all its fragments together); larger ones are refused from their header.
     pub fn max_message_size(mut self, max: usize) -> Self {
-        self.config = self.config.max_message_size(Some(max));
-        self
-    }
-    pub fn max_frame_size(mut self, max: usize) -> Self {
-        self.config = self.config.max_frame_size(Some(max));
-        self
-    }
-    /// tungstenite's per-connection read buffer (also the most it reads per call; [`ScratchIo`] makes that cheap).
-    pub fn read_buffer_size(mut self, size: usize) -> Self {
-        self.config = self.config.read_buffer_size(size);
-        self
-    }
-    pub fn write_buffer_size(mut self, size: usize) -> Self {
-        self.config = self.config.write_buffer_size(size);
+        self.max_message = max;
         self
     }
     pub fn on_failed_upgrade(mut self, f: impl FnOnce(hyper::Error) + Send + 'static) -> Self {
@@ -103,12 +85,11 @@ impl WebSocketUpgrade {
         F: FnOnce(WebSocket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let WebSocketUpgrade { config, key, on_upgrade, on_failed } = self;
+        let WebSocketUpgrade { max_message, key, on_upgrade, on_failed } = self;
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let io = ScratchIo::new(TokioIo::new(upgraded));
-                    callback(Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)).await;
+                    callback(Box::new(Socket::new(TokioIo::new(upgraded), max_message))).await;
                 }
                 Err(e) => {
                     if let Some(f) = on_failed {
@@ -135,99 +116,188 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
-/// Reads the inner stream through a per-thread scratch buffer, keeping per connection only what the caller has not
-/// taken yet (nothing, most of the time). Writes go straight through.
-pub struct ScratchIo<T> {
-    inner: T,
-    rest: Vec<u8>,
-    at: usize,
+/// Why reading stopped for good.
+#[derive(Debug)]
+pub enum ReadError {
+    Io(io::Error),
+    /// The client broke the protocol; close with the violation's code.
+    Violation(Violation),
 }
 
-impl<T> ScratchIo<T> {
-    pub fn new(inner: T) -> Self {
-        ScratchIo { inner, rest: Vec::new(), at: 0 }
+/// What one read did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    /// Every whole frame read was handed out; read again.
+    More,
+    /// The client closed the connection.
+    Eof,
+    /// The handler asked to stop (the client's close frame).
+    Stopped,
+}
+
+/// An upgraded WebSocket connection (server side).
+pub struct Socket<T> {
+    io: T,
+    decoder: Decoder,
+    /// The start of an unfinished frame; empty (no allocation) between whole frames.
+    partial: Vec<u8>,
+    /// The unfinished frame's size as far as known.
+    need: usize,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
+    pub fn new(io: T, max_message: usize) -> Self {
+        Socket { io, decoder: Decoder::new(max_message), partial: Vec::new(), need: 0 }
     }
-}
 
-impl<T: AsyncRead + Unpin> AsyncRead for ScratchIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let me = self.get_mut();
-        if buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        if me.at < me.rest.len() {
-            let n = (me.rest.len() - me.at).min(buf.remaining());
-            buf.put_slice(&me.rest[me.at..me.at + n]);
-            me.at += n;
-            if me.at == me.rest.len() {
-                me.rest = Vec::new();
-                me.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if buf.remaining() >= SCRATCH {
-            return Pin::new(&mut me.inner).poll_read(cx, buf);
-        }
-        SCRATCH_BUF.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut rb = ReadBuf::new(&mut scratch[..]);
-            match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let got = rb.filled();
-                    let n = got.len().min(buf.remaining());
-                    buf.put_slice(&got[..n]);
-                    if n < got.len() {
-                        me.rest = got[n..].to_vec();
-                        me.at = 0;
-                    }
-                    Poll::Ready(Ok(()))
+    /// Reads once and hands every whole frame read to `on` (which returns `false` to stop reading).
+    pub fn poll_read_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        on: &mut dyn FnMut(Event<'_>) -> bool,
+    ) -> Poll<Result<Read, ReadError>> {
+        let Socket { io, decoder, partial, need } = self;
+        if partial.is_empty() {
+            return SCRATCH_BUF.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut rb = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(ReadError::Io(e))),
+                    Poll::Ready(Ok(())) => {}
                 }
-                other => other,
-            }
-        })
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(Read::Eof));
+                }
+                let got = &mut scratch[..n];
+                let d = decoder.decode(got, on).map_err(ReadError::Violation)?;
+                if d.stopped {
+                    return Poll::Ready(Ok(Read::Stopped));
+                }
+                if d.consumed < n {
+                    *partial = got[d.consumed..].to_vec();
+                    *need = d.need;
+                }
+                Poll::Ready(Ok(Read::More))
+            });
+        }
+        // Finishing a frame: read into the connection's own buffer, at least what the frame still needs.
+        let want = need.saturating_sub(partial.len()).max(4096);
+        partial.reserve(want);
+        let mut rb = ReadBuf::uninit(partial.spare_capacity_mut());
+        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(ReadError::Io(e))),
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(Read::Eof));
+        }
+        // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity (that is what `filled` counts).
+        unsafe { partial.set_len(partial.len() + n) };
+        let d = decoder.decode(partial, on).map_err(ReadError::Violation)?;
+        if d.stopped {
+            return Poll::Ready(Ok(Read::Stopped));
+        }
+        if d.consumed == partial.len() {
+            *partial = Vec::new();
+        } else {
+            partial.drain(..d.consumed);
+            *need = d.need;
+        }
+        Poll::Ready(Ok(Read::More))
     }
-}
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ScratchIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    /// Writes encoded frames (all of them, or fails) and flushes them.
+    pub async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+
+    /// Writes one frame.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut out = Vec::new();
+        webcall_wsframe::encode(&mut out, opcode, payload);
+        self.write(&out).await
     }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+
+    /// Writes a close frame.
+    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        let mut out = Vec::new();
+        webcall_wsframe::encode_close(&mut out, code, reason);
+        self.write(&out).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use std::future::poll_fn;
 
+    fn client_text(s: &str) -> Vec<u8> {
+        let mask = [7u8, 1, 2, 3];
+        let mut out = vec![0x81];
+        match s.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(s.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// Frames split at every odd place across reads (and larger than the scratch buffer) come out whole, and
+    /// nothing is kept once they are out.
     #[tokio::test]
-    async fn small_reads_take_one_inner_read_and_keep_nothing_after() {
-        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
-        let (mut w, r) = tokio::io::duplex(8192);
-        tokio::io::AsyncWriteExt::write_all(&mut w, &data).await.unwrap();
-        drop(w);
-        let mut s = ScratchIo::new(r);
-        let mut out = Vec::new();
-        let mut chunk = [0u8; 100];
+    async fn frames_split_across_reads_come_out_whole() {
+        let big = "b".repeat(SCRATCH + 5000);
+        let msgs = ["hello".to_string(), "x".repeat(300), big, "last".to_string()];
+        let wire: Vec<u8> = msgs.iter().flat_map(|m| client_text(m)).collect();
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move {
+            // Odd-sized writes, so frame boundaries fall everywhere.
+            for chunk in wire.chunks(777) {
+                w.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut s = Socket::new(r, 1 << 20);
+        let mut got: Vec<String> = Vec::new();
         loop {
-            let n = s.read(&mut chunk).await.unwrap();
-            if n == 0 {
+            let r = poll_fn(|cx| {
+                s.poll_read_frames(cx, &mut |e| {
+                    if let Event::Text(t) = e {
+                        got.push(t.to_string());
+                    }
+                    true
+                })
+            })
+            .await
+            .unwrap();
+            if r == Read::Eof {
                 break;
             }
-            out.extend_from_slice(&chunk[..n]);
         }
-        assert_eq!(out, data);
-        assert_eq!(s.rest.capacity(), 0, "nothing kept once drained");
+        writer.await.unwrap();
+        assert_eq!(got, msgs);
+        assert_eq!(s.partial.capacity(), 0, "nothing kept once every frame is out");
+    }
+
+    #[tokio::test]
+    async fn a_violation_ends_reading() {
+        let (mut w, r) = tokio::io::duplex(1024);
+        w.write_all(&[0x81, 0x01, b'a']).await.unwrap(); // unmasked
+        let mut s = Socket::new(r, 1024);
+        let r = poll_fn(|cx| s.poll_read_frames(cx, &mut |_| true)).await;
+        assert!(matches!(r, Err(ReadError::Violation(Violation::Protocol(_)))), "{r:?}");
     }
 }

@@ -3,8 +3,7 @@
 
 use crate::router::ConnSignal;
 use crate::AppState;
-use crate::upgrade::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use crate::upgrade::{Read, ReadError, WebSocket};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use webcall_protocol::ProtocolError;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
 use webcall_rooms::{close, ConnId, Frame};
+use webcall_wsframe::{opcode, Event};
 
 /// Writes taking longer than this mean the peer stopped reading; the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,19 +20,16 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Answers a connection that may not stay with one `error` and a policy close.
 pub(crate) async fn refuse(mut socket: WebSocket, e: ProtocolError) {
-    let frame = CloseFrame { code: close::POLICY.into(), reason: Utf8Bytes::from(e.code.as_str()) };
-    let _ = timeout(CLOSE_GRACE, async {
-        socket.send(Message::Text(Utf8Bytes::from(e.to_json()))).await?;
-        socket.send(Message::Close(Some(frame))).await
-    })
-    .await;
+    let mut out = Vec::new();
+    webcall_wsframe::encode(&mut out, opcode::TEXT, e.to_json().as_bytes());
+    webcall_wsframe::encode_close(&mut out, close::POLICY, e.code.as_str());
+    let _ = timeout(CLOSE_GRACE, socket.write(&out)).await;
 }
 
 /// Sends the close frame the core asked for, if it asked.
 async fn send_close(socket: &mut WebSocket, signal: &ConnSignal) {
     if let Some((code, reason)) = signal.close_requested() {
-        let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
-        let _ = timeout(CLOSE_GRACE, socket.send(Message::Close(Some(frame)))).await;
+        let _ = timeout(CLOSE_GRACE, socket.send_close(code, reason)).await;
     }
 }
 
@@ -42,8 +39,9 @@ enum Step {
     Stop,
 }
 
-/// Takes this connection's queued frames and writes them, until none are left. `Stop` when the connection is done
-/// (a write failed or timed out, or a close was asked for: then the close frame has been sent).
+/// Takes this connection's queued frames and writes them (all that are queued, in one write), until none are left.
+/// `Stop` when the connection is done (a write failed or timed out, or a close was asked for: then the close frame
+/// has been sent).
 async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId) -> Step {
     // Local, not kept between wake-ups: an idle connection holds no frame buffer.
     let mut buf: Vec<Frame> = Vec::new();
@@ -54,27 +52,29 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
         }
         // Already asked to close (the wake-up for that came with these frames): finish only if that is quick.
         let limit = if signal.close_requested().is_some() { CLOSE_GRACE } else { WRITE_TIMEOUT };
-        let mut batch = futures_util::stream::iter(buf.drain(..).map(|f| Ok(Message::Text(Utf8Bytes::from(&*f)))));
-        let write = timeout(limit, socket.send_all(&mut batch));
-        tokio::pin!(write);
+        let mut out = Vec::with_capacity(buf.iter().map(|f| f.len() + webcall_wsframe::MAX_HEADER).sum());
+        for f in buf.drain(..) {
+            webcall_wsframe::encode(&mut out, opcode::TEXT, f.as_bytes());
+        }
         // Wake-ups during the write mean more frames (take again after it) or a close request.
         let mut again = false;
-        let written = loop {
-            tokio::select! {
-                r = &mut write => break matches!(r, Ok(Ok(()))),
-                _ = signal.wake.notified() => {
-                    again = true;
-                    if signal.close_requested().is_some() {
-                        // Asked to close mid-write (slow reader, abuse): finish only if that is quick.
-                        let _ = timeout(CLOSE_GRACE, &mut write).await;
-                        break false;
+        let written = {
+            let write = timeout(limit, socket.write(&out));
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    r = &mut write => break matches!(r, Ok(Ok(()))),
+                    _ = signal.wake.notified() => {
+                        again = true;
+                        if signal.close_requested().is_some() {
+                            // Asked to close mid-write (slow reader, abuse): finish only if that is quick.
+                            let _ = timeout(CLOSE_GRACE, &mut write).await;
+                            break false;
+                        }
                     }
                 }
             }
         };
-        drop(write);
-        drop(batch);
-        buf.clear();
         if !written {
             send_close(socket, signal).await;
             return Step::Stop;
@@ -104,6 +104,9 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
     let mut next_ping = last_read + ping_every;
     let timer = tokio::time::sleep_until(next_ping.min(last_read + idle));
     tokio::pin!(timer);
+    // Set by the read handler, acted on after it: a ping to answer, the client's close code.
+    let mut pong: Option<Vec<u8>> = None;
+    let mut client_close: Option<u16> = None;
 
     loop {
         tokio::select! {
@@ -122,7 +125,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     break;
                 }
                 if now >= next_ping {
-                    let ping = Box::pin(timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Default::default()))));
+                    let ping = Box::pin(timeout(WRITE_TIMEOUT, socket.send(opcode::PING, &[])));
                     if !matches!(ping.await, Ok(Ok(()))) {
                         break;
                     }
@@ -130,41 +133,60 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                 }
                 timer.as_mut().reset(next_ping.min(last_read + idle));
             }
-            next = socket.next() => {
+            read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
+                Event::Text(t) => {
+                    state.router.message(conn, t);
+                    true
+                }
+                Event::Binary(len) => {
+                    state.router.binary(conn, len);
+                    true
+                }
+                Event::Ping(payload) => {
+                    pong = Some(payload.to_vec());
+                    true
+                }
+                Event::Pong => true,
+                Event::Close(c) => {
+                    client_close = Some(c.map_or(webcall_wsframe::close_code::NORMAL, |(code, _)| code));
+                    false
+                }
+            })) => {
                 last_read = Instant::now();
-                match next {
-                    None => break,
-                    Some(Err(e)) => {
-                        // Frames over the transport cap never reach the core; close them the way the core would.
-                        if is_capacity_error(&e) {
-                            signal.request_close(close::TOO_BIG, "message too large");
-                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn)).await;
-                        }
+                match read {
+                    Ok(Read::More) => {}
+                    Ok(Read::Eof) => break,
+                    Ok(Read::Stopped) => {
+                        // Answer the client's close with its code (RFC 6455 §5.5.1), then go.
+                        let code = client_close.unwrap_or(webcall_wsframe::close_code::NORMAL);
+                        let _ = Box::pin(timeout(CLOSE_GRACE, socket.send_close(code, ""))).await;
+                        break;
+                    }
+                    Err(ReadError::Io(e)) => {
                         tracing::debug!(conn, "read error: {e}");
                         break;
                     }
-                    Some(Ok(msg)) => match msg {
-                        Message::Text(t) => state.router.message(conn, t.as_str()),
-                        Message::Binary(b) => state.router.binary(conn, b.len()),
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                        Message::Close(_) => break,
-                    },
+                    Err(ReadError::Violation(v)) => {
+                        tracing::debug!(conn, "closed: {v}");
+                        if v == webcall_wsframe::Violation::TooBig {
+                            // Close the way the core closes messages over its limit, after what is queued.
+                            signal.request_close(close::TOO_BIG, "message too large");
+                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn)).await;
+                        } else {
+                            let _ = Box::pin(timeout(CLOSE_GRACE, socket.send_close(v.close_code(), v.reason()))).await;
+                        }
+                        break;
+                    }
+                }
+                if let Some(payload) = pong.take() {
+                    let write = Box::pin(timeout(WRITE_TIMEOUT, socket.send(opcode::PONG, &payload)));
+                    if !matches!(write.await, Ok(Ok(()))) {
+                        break;
+                    }
                 }
             }
         }
     }
     state.router.disconnect(conn);
     state.policy.unregister(conn);
-}
-
-fn is_capacity_error(e: &crate::upgrade::Error) -> bool {
-    use std::error::Error;
-    let mut source: Option<&dyn Error> = Some(e);
-    while let Some(s) = source {
-        if let Some(t) = s.downcast_ref::<tungstenite::Error>() {
-            return matches!(t, tungstenite::Error::Capacity(_));
-        }
-        source = s.source();
-    }
-    false
 }
