@@ -28,6 +28,7 @@ bench_setup calls
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); network namespace with: $(ip -o link | awk -F': ' '{print $2}' | xargs)" >&2
 for run in $(seq "$RUNS"); do
     for c in $CONCURRENCY; do
+        : >"$TMP/server.out" # here, not in the background child: the last server's address must not be read
         taskset -c 0 env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 --max-joins-per-ip 100000 \
             >"$TMP/server.out" 2>"$TMP/server.err" &
         spid=$!

@@ -3,6 +3,8 @@
 #
 #   bench/signaling.sh            # 3 runs of everything, medians and ratios at the end
 #   RUNS=1 DURATION=2 COUNTS=1000 bench/signaling.sh   # a quick look
+#   WEBCALL_BASE_BIN=/tmp/webcall-old bench/signaling.sh   # also an older webcall binary ("base") in every run,
+#                                 # for before/after figures side by side (ratio columns webcall / base)
 #
 # Each server runs pinned to CPU 0 and the generator (`webcall bench`, one thread) to CPU 1. Servers listen on
 # 127.0.0.1 only; every load is bounded (DURATION seconds, at most COUNTS connections); every process started here
@@ -35,9 +37,19 @@ ulimit -n "$(ulimit -Hn)"
 
 SERVER_PID=
 SERVER_URL=
-start_webcall() {
+BASE=
+if [[ -n "${WEBCALL_BASE_BIN:-}" ]]; then
+    cp "$WEBCALL_BASE_BIN" "$TMP/webcall-base"
+    BASE="$TMP/webcall-base"
+fi
+start_webcall() { start_webcall_bin "$WEBCALL"; }
+start_base() { start_webcall_bin "$BASE"; }
+start_webcall_bin() {
+    # Emptied here, not by the redirection below: that runs in the background child, and until it does, the
+    # previous server's address would still be read from the file.
+    : >"$TMP/server.out"
     # TURN stays on (welcomes carry fresh TURN credentials, as by default) but on a free port.
-    taskset -c "$SERVER_CPU" env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
+    taskset -c "$SERVER_CPU" env RUST_LOG=warn "$1" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
         --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
         --max-joins-per-ip 100000000 --max-rooms 20000 >"$TMP/server.out" 2>"$TMP/server.err" &
     SERVER_PID=$!
@@ -56,6 +68,7 @@ start_webcall() {
 }
 start_peerjs() {
     local port=$((20000 + RANDOM % 20000))
+    : >"$TMP/server.out"
     taskset -c "$SERVER_CPU" node bench/peerjs/node_modules/.bin/peerjs --host 127.0.0.1 --port "$port" \
         --concurrent_limit 20000 >"$TMP/server.out" 2>"$TMP/server.err" &
     SERVER_PID=$!
@@ -80,19 +93,22 @@ bench() {
     local target=$1 run=$2
     shift 2
     "start_$target"
-    local json
-    json=$(timeout 300 taskset -c "$GEN_CPU" "$WEBCALL" bench "$@" --target "$target" --url "$SERVER_URL" \
+    local json proto=$target
+    [[ $target == base ]] && proto=webcall
+    echo "[$target, run $run] $1" >&2
+    json=$(timeout 300 taskset -c "$GEN_CPU" "$WEBCALL" bench "$@" --target "$proto" --url "$SERVER_URL" \
         --server-pid "$SERVER_PID" --sources 8 --json)
     stop_server
-    echo "$json" | jq -c --argjson run "$run" '. + {run: $run}' >>"$OUT"
+    echo "$json" | jq -c --argjson run "$run" --arg target "$target" '. + {run: $run, target: $target}' >>"$OUT"
 }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB" >&2
+[[ -n $BASE ]] && echo "base: webcall $WEBCALL_BASE_BIN of $(date -u -r "$WEBCALL_BASE_BIN" +%FT%TZ)" >&2
 echo "webcall $("$WEBCALL" --version | cut -d' ' -f2) ($BUILT), PeerJS server $PEERJS_VERSION, node $(node --version), Linux $(uname -r)" >&2
 for run in $(seq "$RUNS"); do
     # Alternate which server goes first, so slow drift on a shared machine does not favour one.
-    order="webcall peerjs"
-    ((run % 2 == 0)) && order="peerjs webcall"
+    order="webcall peerjs${BASE:+ base}"
+    ((run % 2 == 0)) && order="${BASE:+base }peerjs webcall"
     for target in $order; do
         bench "$target" "$run" relay --clients "$CLIENTS" --window 1 --duration "$DURATION"
         bench "$target" "$run" relay --clients "$CLIENTS" --window "$WINDOW" --duration "$DURATION"

@@ -12,23 +12,28 @@ const median = (xs) => {
 const fmt = (x, d = 1) => (x == null ? "–" : x.toFixed(d));
 const runs = [...new Set(rows.map((r) => r.run))];
 
-// One metric: median per target and median of the per-run ratios webcall/peerjs.
+// With WEBCALL_BASE_BIN, an older webcall binary ("base") ran in the same runs: extra columns for it.
+const hasBase = rows.some((r) => r.target === "base");
+
+// One metric: median per target and median of the per-run ratios webcall/peerjs (and webcall/base).
 function metric(select, get) {
   const by = (t) => rows.filter((r) => r.target === t && select(r));
-  const w = by("webcall"), p = by("peerjs");
-  const ratios = runs.map((run) => {
-    const a = w.find((r) => r.run === run), b = p.find((r) => r.run === run);
+  const w = by("webcall"), p = by("peerjs"), o = by("base");
+  const ratio = (other) => median(runs.map((run) => {
+    const a = w.find((r) => r.run === run), b = other.find((r) => r.run === run);
     return a && b && get(a) != null && get(b) ? get(a) / get(b) : null;
-  });
-  return { webcall: median(w.map(get)), peerjs: median(p.map(get)), ratio: median(ratios) };
+  }));
+  return { webcall: median(w.map(get)), peerjs: median(p.map(get)), ratio: ratio(p), base: median(o.map(get)), baseRatio: ratio(o) };
 }
 
 const out = [];
-out.push(`${runs.length} run(s); medians; ratio = webcall / PeerJS within each run, median over runs.`);
+out.push(`${runs.length} run(s); medians; ratio = webcall / PeerJS within each run, median over runs${hasBase ? "; base = the older webcall binary in the same runs" : ""}.`);
 out.push("");
-out.push("| benchmark | metric | webcall | PeerJS | ratio |");
-out.push("|---|---|---:|---:|---:|");
-const row = (bench, name, m, d = 1) => out.push(`| ${bench} | ${name} | ${fmt(m.webcall, d)} | ${fmt(m.peerjs, d)} | ${fmt(m.ratio, 2)} |`);
+out.push(`| benchmark | metric | webcall | PeerJS | ratio |${hasBase ? " base | webcall / base |" : ""}`);
+out.push(`|---|---|---:|---:|---:|${hasBase ? "---:|---:|" : ""}`);
+const row = (bench, name, m, d = 1) =>
+  out.push(`| ${bench} | ${name} | ${fmt(m.webcall, d)} | ${fmt(m.peerjs, d)} | ${fmt(m.ratio, 2)} |` +
+    (hasBase ? ` ${fmt(m.base, d)} | ${fmt(m.baseRatio, 2)} |` : ""));
 for (const window of [...new Set(rows.filter((r) => r.bench === "relay").map((r) => r.window))].sort((a, b) => a - b)) {
   const sel = (r) => r.bench === "relay" && r.window === window;
   const any = rows.find(sel);

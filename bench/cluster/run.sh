@@ -63,6 +63,7 @@ NODE_URL=
 start_node() {
     local name=$1
     shift
+    : >"$TMP/$name.out" # here, not in the background child: an earlier node's address must not be read
     # TURN stays on (welcomes carry fresh TURN credentials, as by default) but on a free port.
     taskset -c "$SERVER_CPUS" env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
         --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
