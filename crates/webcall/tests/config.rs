@@ -29,8 +29,7 @@ async fn capacity(server: &ServerProc) -> usize {
 
 #[tokio::test]
 async fn flag_beats_env_beats_file() {
-    let dir = std::env::temp_dir().join(format!("webcall-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("config");
     let file = dir.join("webcall.toml");
     std::fs::write(&file, "max-peers = 3\nresume-grace = \"5s\"\n").unwrap();
     let file = file.to_str().unwrap();
@@ -59,8 +58,7 @@ fn bad_settings_are_refused_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--resume-grace") && err.contains("20s"), "{err}");
 
-    let dir = std::env::temp_dir().join(format!("webcall-badconfig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("badconfig");
     let file = dir.join("bad.toml");
     std::fs::write(&file, "max-peer = 3\n").unwrap();
     let out = webcall().args(["serve", "--config", file.to_str().unwrap()]).output().unwrap();

@@ -122,11 +122,8 @@ impl Drop for PeerProc {
     }
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("webcall-peer-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp_dir(tag: &str) -> common::TempDir {
+    common::TempDir::new(&format!("peer-{tag}"))
 }
 
 /// Reads an IVF file and checks it the way a player would: header, frame headers, VP8 payload headers, and
@@ -219,7 +216,6 @@ fn two_peers_send_record_and_chat() {
         let fin = me.wait_for("final stats", |l| l.starts_with(&format!("stats final peer={other_id} ")));
         assert!(fin.contains("connected=true") && fin.contains("chat_in=1"), "{fin}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -275,7 +271,6 @@ fn peer_rejoins_and_survives_a_server_restart() {
     for f in &files {
         assert!(check_ivf(f, 320, 240) >= 10, "{}", f.display());
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -337,7 +332,6 @@ fn file_source_loops_and_echo_sends_it_back() {
     let files = ivf_files(&rec);
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(check_ivf(&files[0], 320, 240) >= 45);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The server's Prometheus metrics.
@@ -404,7 +398,6 @@ fn relay_only_call_through_the_builtin_turn() {
         let n = check_ivf(&files[0], 320, 240);
         assert!(n >= 60, "{}: only {n} frames through the relay", me.name);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// One side `--relay`, the other gathering everything: the relay-only side sends from its relayed address, the other

@@ -240,8 +240,7 @@ async fn self_signed_tls_serves_wss_with_the_printed_fingerprint() {
 
 #[tokio::test]
 async fn certificate_files_and_reload_on_sighup() {
-    let dir = std::env::temp_dir().join(format!("webcall-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("tls");
     let write = |name: &str| {
         let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
         std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();

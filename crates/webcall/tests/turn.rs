@@ -145,8 +145,7 @@ async fn ice_servers_point_at_an_external_coturn_with_the_shared_secret() {
     }
     const SECRET: &str = "shared-with-coturn";
     let port = free_udp_port();
-    let dir = std::env::temp_dir().join(format!("webcall-coturn-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("coturn");
     let _coturn = Proc(
         Command::new("turnserver")
             .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "-p", &port.to_string()])
