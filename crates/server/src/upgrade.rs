@@ -135,6 +135,16 @@ pub enum Read {
     Stopped,
 }
 
+/// What one `poll_read` that filled `n` bytes means for the caller; `None`: decode them.
+fn read_done(r: Poll<io::Result<()>>, n: usize) -> Option<Poll<Result<Read, ReadError>>> {
+    match r {
+        Poll::Pending => Some(Poll::Pending),
+        Poll::Ready(Err(e)) => Some(Poll::Ready(Err(ReadError::Io(e)))),
+        Poll::Ready(Ok(())) if n == 0 => Some(Poll::Ready(Ok(Read::Eof))),
+        Poll::Ready(Ok(())) => None,
+    }
+}
+
 /// An upgraded WebSocket connection (server side).
 pub struct Socket<T> {
     io: T,
@@ -161,14 +171,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
             return SCRATCH_BUF.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let mut rb = ReadBuf::new(&mut scratch[..]);
-                match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(ReadError::Io(e))),
-                    Poll::Ready(Ok(())) => {}
-                }
+                let r = Pin::new(&mut *io).poll_read(cx, &mut rb);
                 let n = rb.filled().len();
-                if n == 0 {
-                    return Poll::Ready(Ok(Read::Eof));
+                if let Some(done) = read_done(r, n) {
+                    return done;
                 }
                 let got = &mut scratch[..n];
                 let d = decoder.decode(got, on).map_err(ReadError::Violation)?;
@@ -186,14 +192,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         let want = need.saturating_sub(partial.len()).max(4096);
         partial.reserve(want);
         let mut rb = ReadBuf::uninit(partial.spare_capacity_mut());
-        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(ReadError::Io(e))),
-            Poll::Ready(Ok(())) => {}
-        }
+        let r = Pin::new(&mut *io).poll_read(cx, &mut rb);
         let n = rb.filled().len();
-        if n == 0 {
-            return Poll::Ready(Ok(Read::Eof));
+        if let Some(done) = read_done(r, n) {
+            return done;
         }
         // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity (that is what `filled` counts).
         unsafe { partial.set_len(partial.len() + n) };
