@@ -726,7 +726,10 @@ impl Rooms {
             Ok(a) => a,
             Err(e) => return self.refuse(conn, e.refers_to("join"), now),
         };
-        if let Some(r) = self.rooms.get(&*j.room) {
+        // One lookup of the room serves every check and the insert below (nothing else changes the rooms here).
+        let existing = self.rooms.get_index_of(&*j.room);
+        if let Some(i) = existing {
+            let r = &self.rooms[i];
             if let Some((salt, hash)) = &r.password {
                 let given = j.password.as_deref().unwrap_or("");
                 if !bool::from(password_hash(salt, given).ct_eq(hash)) {
@@ -735,21 +738,17 @@ impl Rooms {
                     return self.refuse(conn, e.refers_to("join"), now);
                 }
             }
-        }
-        let room_len = self.rooms.get(&*j.room).map(|r| r.members.len());
-        match room_len {
-            Some(n) if n >= self.cfg.max_peers => {
+            let n = r.members.len();
+            if n >= self.cfg.max_peers {
                 let e = ProtocolError::new(
                     ErrorCode::RoomFull,
                     format!("room '{}' is full ({} of {} peers)", j.room, n, self.cfg.max_peers),
                 );
                 return self.refuse(conn, e.refers_to("join"), now);
             }
-            None if self.rooms.len() >= self.cfg.max_rooms => {
-                let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
-                return self.refuse(conn, e.refers_to("join"), now);
-            }
-            _ => {}
+        } else if self.rooms.len() >= self.cfg.max_rooms {
+            let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
+            return self.refuse(conn, e.refers_to("join"), now);
         }
         let id: Arc<str> = loop {
             let candidate = self.new_id(10);
@@ -757,11 +756,19 @@ impl Rooms {
                 break candidate;
             }
         };
-        let room: Arc<str> = match self.rooms.get_key_value(&*j.room) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(&*j.room),
-        };
         let token = self.new_token(&id);
+        let (room_index, room) = match existing {
+            Some(i) => (i, self.rooms.get_index(i).expect("found above").0.clone()),
+            None => {
+                // The first joiner may lock the room with a password.
+                let password = j.password.as_deref().map(|p| {
+                    let salt: [u8; 16] = self.rng.random();
+                    (salt, password_hash(&salt, p))
+                });
+                let room: Arc<str> = Arc::from(&*j.room);
+                (self.rooms.insert_full(room.clone(), Room { members: Vec::new(), password }).0, room)
+            }
+        };
         let name: Arc<str> = Arc::from(admission.name.as_deref().unwrap_or(&j.name));
         self.peers.insert(
             id.clone(),
@@ -777,15 +784,7 @@ impl Rooms {
                 awaiting: None,
             },
         );
-        if !self.rooms.contains_key(&room) {
-            // The first joiner may lock the room with a password.
-            let password = j.password.as_deref().map(|p| {
-                let salt: [u8; 16] = self.rng.random();
-                (salt, password_hash(&salt, p))
-            });
-            self.rooms.insert(room.clone(), Room { members: Vec::new(), password });
-        }
-        let members = &mut self.rooms.get_mut(&room).expect("just ensured").members;
+        let members = &mut self.rooms[room_index].members;
         // Exact: most rooms hold two peers, and `push` alone would make room for four.
         members.reserve_exact(1);
         members.push(id.clone());
