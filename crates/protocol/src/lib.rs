@@ -205,8 +205,11 @@ pub fn encode_relay(kind: RelayKind, from: &str, payload: &RawValue) -> String {
 }
 
 fn push_json_str(out: &mut String, v: &str) {
-    // Peer ids are plain ASCII, but never trust that in an encoder.
-    if v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    // serde_json escapes only `"`, `\` and control characters; anything else goes in verbatim (same bytes).
+    // A fold without early exit, so the check runs over whole vectors of bytes.
+    let plain = !v.bytes().fold(false, |esc, b| esc | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if plain {
+        out.reserve(v.len() + 2);
         out.push('"');
         out.push_str(v);
         out.push('"');
@@ -249,7 +252,12 @@ fn string_field<'a>(
     ty: &str,
 ) -> Result<Option<Cow<'a, str>>, ProtocolError> {
     let Some(raw) = raw else { return Ok(None) };
-    match serde_json::from_str::<Cow<'a, str>>(raw.get()) {
+    // The raw value is already valid JSON: a string without escapes is exactly the text between its quotes.
+    let text = raw.get();
+    if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') {
+        return Ok(Some(Cow::Borrowed(&text[1..text.len() - 1])));
+    }
+    match serde_json::from_str::<Cow<'a, str>>(text) {
         Ok(s) => Ok(Some(s)),
         Err(_) => Err(ProtocolError::new(ErrorCode::BadField, format!("field '{field}' must be a string"))
             .refers_to(ty)),
@@ -387,6 +395,8 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+/// The `welcome`'s shape as serde would write it; [`encode_welcome`] writes the same bytes by hand.
+#[cfg(test)]
 #[derive(Serialize)]
 struct WelcomeOut<'a> {
     #[serde(rename = "type")]
@@ -412,9 +422,61 @@ pub fn encode_welcome(
     resumed: bool,
     publish: bool,
 ) -> String {
-    let publish = (!publish).then_some(false);
-    serde_json::to_string(&WelcomeOut { ty: "welcome", id, room, peers, ice_servers, resume, resumed, publish })
-        .expect("welcome serialises")
+    // By hand, byte for byte what serde_json makes of `WelcomeOut` (see the test): one allocation of about the
+    // right size instead of serde's growth steps, and no escaping pass over strings that need none.
+    let mut len = 120 + id.len() + room.len() + resume.len();
+    len += peers.iter().map(|p| 20 + p.id.len() + p.name.len()).sum::<usize>();
+    for s in ice_servers {
+        len += 48 + s.urls.iter().map(|u| u.len() + 3).sum::<usize>();
+        len += s.username.as_ref().map_or(0, |u| u.len()) + s.credential.as_ref().map_or(0, |c| c.len());
+    }
+    let mut o = String::with_capacity(len);
+    o.push_str("{\"type\":\"welcome\",\"id\":");
+    push_json_str(&mut o, id);
+    o.push_str(",\"room\":");
+    push_json_str(&mut o, room);
+    o.push_str(",\"peers\":[");
+    for (i, p) in peers.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        o.push_str("{\"id\":");
+        push_json_str(&mut o, &p.id);
+        o.push_str(",\"name\":");
+        push_json_str(&mut o, &p.name);
+        o.push('}');
+    }
+    o.push_str("],\"iceServers\":[");
+    for (i, s) in ice_servers.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        o.push_str("{\"urls\":[");
+        for (j, u) in s.urls.iter().enumerate() {
+            if j > 0 {
+                o.push(',');
+            }
+            push_json_str(&mut o, u);
+        }
+        o.push(']');
+        if let Some(u) = &s.username {
+            o.push_str(",\"username\":");
+            push_json_str(&mut o, u);
+        }
+        if let Some(c) = &s.credential {
+            o.push_str(",\"credential\":");
+            push_json_str(&mut o, c);
+        }
+        o.push('}');
+    }
+    o.push_str("],\"resume\":");
+    push_json_str(&mut o, resume);
+    o.push_str(if resumed { ",\"resumed\":true" } else { ",\"resumed\":false" });
+    if !publish {
+        o.push_str(",\"publish\":false");
+    }
+    o.push('}');
+    o
 }
 
 pub fn encode_hello(from: &str, name: &str) -> String {
@@ -422,7 +484,7 @@ pub fn encode_hello(from: &str, name: &str) -> String {
     s.push_str("{\"type\":\"hello\",\"from\":");
     push_json_str(&mut s, from);
     s.push_str(",\"name\":");
-    s.push_str(&serde_json::to_string(name).expect("strings serialise"));
+    push_json_str(&mut s, name);
     s.push('}');
     s
 }
@@ -565,6 +627,26 @@ mod tests {
     }
 
     #[test]
+    fn string_fields_read_as_serde_reads_them() {
+        // Whitespace around values, escapes, unicode, empty strings: the no-escape shortcut and serde agree.
+        for text in [
+            r#"{"type":"join","room":"r-1","name":"Ann"}"#,
+            "{ \"type\" :\t\"join\" ,\n \"room\" : \"r\" , \"name\" : \"\" , \"resume\" : \"t\\u0041\" }",
+            r#"{"type":"join","room":"r","name":"Ann \"A\" é","password":"p\\w","token":"x"}"#,
+        ] {
+            let ClientMessage::Join(j) = parse_client(text).unwrap() else { panic!("{text}") };
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(&*j.room, v["room"].as_str().unwrap());
+            assert_eq!(&*j.name, v["name"].as_str().unwrap());
+            for (got, key) in [(&j.resume, "resume"), (&j.token, "token"), (&j.password, "password")] {
+                assert_eq!(got.as_deref(), v[key].as_str(), "{key} of {text}");
+            }
+        }
+        let e = parse_client(r#"{"type":"join","room":5}"#).err().unwrap();
+        assert_eq!(e.code, ErrorCode::BadField);
+    }
+
+    #[test]
     fn server_messages_round_trip() {
         let w = encode_welcome(
             "id1",
@@ -579,6 +661,32 @@ mod tests {
         assert_eq!(peers[0].name, "N\"");
         assert_eq!(ice_servers[0].urls[0], "stun:127.0.0.1:3478");
         assert!(!w.contains("username"), "absent credentials are omitted: {w}");
+        // Byte for byte what serde_json writes, with and without escapes, credentials, peers, publish.
+        let ice = [
+            IceServer { urls: vec!["stun:[::1]:3478".into()], username: None, credential: None },
+            IceServer {
+                urls: vec!["turn:h:3478?transport=udp".into(), "turns:h\\x:5349?transport=tcp".into()],
+                username: Some("1700003600:id1".into()),
+                credential: Some("d8soP47RbdIKLDUOpnJPVQyq5Ts=".into()),
+            },
+        ];
+        let peers = [PeerInfo { id: "p".into(), name: "N\"\u{1}é".into() }, PeerInfo { id: "q".into(), name: String::new() }];
+        for (peers, ice, resume, resumed, publish) in
+            [(&peers[..], &ice[..], "tok", true, false), (&[][..], &[][..], "t\n", false, true), (&peers[..1], &ice[1..], "", false, true)]
+        {
+            let by_serde = serde_json::to_string(&WelcomeOut {
+                ty: "welcome",
+                id: "id1",
+                room: "r-1_x",
+                peers,
+                ice_servers: ice,
+                resume,
+                resumed,
+                publish: (!publish).then_some(false),
+            })
+            .unwrap();
+            assert_eq!(encode_welcome("id1", "r-1_x", peers, ice, resume, resumed, publish), by_serde);
+        }
         let h: ServerMessage = serde_json::from_str(&encode_hello("x", "a\"b")).unwrap();
         assert_eq!(h, ServerMessage::Hello { from: "x".into(), name: "a\"b".into() });
         let e = ProtocolError::new(ErrorCode::RoomFull, "full").refers_to("join").to_json();

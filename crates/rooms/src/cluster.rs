@@ -73,9 +73,9 @@ impl Rooms {
 
     /// Drops a room that has only remote members left.
     pub(crate) fn forget_room(&mut self, room: &str) {
-        if let Some(r) = self.rooms.remove(room) {
+        if let Some(r) = self.rooms.swap_remove(room) {
             for m in r.members {
-                self.peers.remove(&m);
+                self.peers.swap_remove(&m);
             }
         }
     }
@@ -160,8 +160,8 @@ impl Rooms {
             AdmitKind::Resumed if local => {
                 self.counters.resumes += 1;
                 match conn {
-                    Some(conn) => self.resume_with(conn, id, a.token),
-                    None => self.peers.get_mut(&id).expect("local").token = a.token,
+                    Some(conn) => self.resume_with(conn, id, a.token.into()),
+                    None => self.peers.get_mut(&id).expect("local").token = a.token.into(),
                 }
             }
             AdmitKind::Resumed | AdmitKind::ResumedFromElsewhere => {
@@ -194,7 +194,7 @@ impl Rooms {
         let p = self.peers.get_mut(id).expect("ensured");
         p.remote = false;
         p.conn = None;
-        p.token = a.token.clone();
+        p.token = Arc::from(a.token.as_str());
         p.publish = a.publish;
         p.epoch += 1;
         let epoch = p.epoch;
@@ -216,7 +216,7 @@ impl Rooms {
                 name: Arc::from(name),
                 room: room.clone(),
                 conn: None,
-                token: String::new(),
+                token: Arc::from(""),
                 pending: Queue::default(),
                 epoch: 0,
                 publish: true,
@@ -300,7 +300,7 @@ impl Rooms {
         frames.extend(p.pending.drain(..));
         p.remote = true;
         p.epoch += 1;
-        p.token.clear();
+        p.token = Arc::from("");
         let room = p.room.clone();
         if !self.has_local_members(&room) {
             self.forget_room(&room);

@@ -463,3 +463,65 @@ fn slow_reader_bound_is_in_bytes_too() {
     h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
     assert_eq!(h.recv(b2)[0]["resumed"], false);
 }
+
+#[test]
+fn ids_and_tokens_are_fresh_and_from_the_alphabet() {
+    let mut h = Harness::new(Config { max_peers: 2, ..Config::default() });
+    let mut seen = std::collections::HashSet::new();
+    let mut counts = [0usize; 62];
+    for i in 0..400 {
+        let (_, id, token) = h.join(&format!("r{}", i / 2), "n");
+        assert_eq!((id.len(), token.len()), (10, 24), "{id} {token}");
+        for b in id.bytes().chain(token.bytes()) {
+            let k = ID_ALPHABET.iter().position(|&a| a == b).unwrap_or_else(|| panic!("{b} not in the alphabet"));
+            counts[k] += 1;
+        }
+        assert!(seen.insert(id) && seen.insert(token), "an id or token came twice");
+    }
+    // 400 * 34 characters over 62 letters: about 219 each; every letter shows up, none dominates.
+    assert!(counts.iter().all(|&c| (100..400).contains(&c)), "{counts:?}");
+}
+
+#[test]
+fn connections_and_sessions_come_and_go_in_any_order() {
+    // The maps keep entries densely (removal moves the last entry into the hole): churn in a mixed order and
+    // check that every remaining connection and session still finds its own entry.
+    let mut h = Harness::new(Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() });
+    let mut live = Vec::new();
+    for round in 0..6 {
+        for i in 0..9 {
+            let (c, id, _) = h.join(&format!("r{round}-{}", i / 3), &format!("p{i}"));
+            live.push((c, id));
+        }
+        // Leave from the front, the middle and the back.
+        for k in [0, live.len() / 2, live.len() - 1] {
+            let (c, _) = live.remove(k.min(live.len() - 1));
+            if k % 2 == 0 {
+                h.send_json(c, serde_json::json!({"type":"bye"}));
+            }
+            h.rooms.disconnect(c, h.now);
+            h.rooms.check_invariants();
+        }
+        h.advance(Duration::from_secs(6));
+        h.rooms.check_invariants();
+        for (c, id) in &live {
+            assert_eq!(h.rooms.peer_of(*c), Some(id.as_str()));
+        }
+        for (c, _) in &live {
+            h.recv(*c);
+        }
+    }
+    assert_eq!(h.rooms.stats().connections, live.len());
+    assert_eq!(h.rooms.stats().peers, live.len());
+}
+
+#[test]
+fn a_taken_queue_leaves_nothing_behind() {
+    let mut h = Harness::new(small());
+    let (a, _, _) = h.join("r", "A");
+    let (_, b_id, _) = h.join("r", "B");
+    h.recv(a);
+    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"v=0"}));
+    let c = &h.rooms.conns[&a];
+    assert!(c.out.is_empty() && c.out.frames.capacity() == 0, "an idle connection keeps no queue buffer");
+}

@@ -72,7 +72,8 @@ struct Bucket {
 pub struct ServerPolicy {
     secret: Option<String>,
     joins_per_min: f64,
-    addrs: Mutex<HashMap<ConnId, IpAddr>>,
+    /// Keyed by connection ids the server picks, so a fast hash is safe.
+    addrs: Mutex<HashMap<ConnId, IpAddr, rustc_hash::FxBuildHasher>>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
@@ -81,7 +82,7 @@ impl ServerPolicy {
         ServerPolicy {
             secret,
             joins_per_min: joins_per_min as f64,
-            addrs: Mutex::new(HashMap::new()),
+            addrs: Mutex::new(HashMap::default()),
             buckets: Mutex::new(HashMap::new()),
         }
     }

@@ -15,7 +15,8 @@ pub use config::{ConfigError, IceSource, ServeArgs, ServeConfig, TlsSource};
 pub use router::{LocalRouter, Router};
 
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::FromRequestParts;
+use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 /// Accepted sockets get TCP_NODELAY: inherited from the listener on Linux, set one by one elsewhere.
@@ -207,14 +208,30 @@ fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
 }
 
+/// The request headers the upgrade handler reads, taken out of the request without cloning its `HeaderMap` (as
+/// the `HeaderMap` extractor does, for every connection).
+struct ClientHeaders {
+    origin: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let origin = parts.headers.get(header::ORIGIN).cloned();
+        Ok(ClientHeaders { origin, forwarded_for: parts.headers.get("x-forwarded-for").cloned() })
+    }
+}
+
 async fn ws_upgrade(
     ws: WebSocketUpgrade,
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    headers: ClientHeaders,
 ) -> Response {
     if let Some(allowed) = &state.cfg.allowed_origins {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        let origin = headers.origin.as_ref().and_then(|v| v.to_str().ok());
         if !origin_allowed(allowed, origin) {
             state.counters.refused_origin.fetch_add(1, Ordering::Relaxed);
             let shown = origin.unwrap_or("(none)");
@@ -222,7 +239,7 @@ async fn ws_upgrade(
                 .into_response();
         }
     }
-    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let xff = headers.forwarded_for.as_ref().and_then(|v| v.to_str().ok());
     let ip = access::client_ip(peer.ip(), xff, &state.cfg.trusted_proxies);
     let n = state.connections.fetch_add(1, Ordering::Relaxed);
     if n >= state.cfg.max_connections {

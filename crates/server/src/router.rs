@@ -3,6 +3,7 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -46,11 +47,12 @@ pub trait Router: Send + Sync + 'static {
 
 struct Inner {
     rooms: Rooms,
-    signals: HashMap<ConnId, Arc<ConnSignal>>,
+    /// Keyed by connection ids the server picks, so a fast hash is safe.
+    signals: HashMap<ConnId, Arc<ConnSignal>, rustc_hash::FxBuildHasher>,
 }
 
 /// Passes one output of the room core to the WebSocket task it concerns (any router uses this).
-pub fn signal_output(signals: &HashMap<ConnId, Arc<ConnSignal>>, out: Output) {
+pub fn signal_output<S: BuildHasher>(signals: &HashMap<ConnId, Arc<ConnSignal>, S>, out: Output) {
     match out {
         Output::Wake(conn) => {
             if let Some(s) = signals.get(&conn) {
@@ -87,7 +89,7 @@ impl LocalRouter {
     /// Like [`LocalRouter::start`], with a join policy.
     pub fn start_with(cfg: webcall_rooms::Config, ice: Box<dyn IceProvider>, policy: Box<dyn JoinPolicy>) -> Arc<LocalRouter> {
         let router = Arc::new(LocalRouter {
-            inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice).with_policy(policy), signals: HashMap::new() }),
+            inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice).with_policy(policy), signals: HashMap::default() }),
         });
         let weak = Arc::downgrade(&router);
         tokio::spawn(async move {
