@@ -268,7 +268,13 @@ impl ServeArgs {
                 IceSource::External { urls, secret: turn.secret, ttl }
             }
             (None, true) => IceSource::None,
-            (None, false) => IceSource::BuiltIn(turn),
+            (None, false) => {
+                // One browser tab holds a peer connection per other peer plus a spare, each with up to two relay
+                // allocations (UDP and TCP): a full room must not run out of its own quota.
+                let mut turn = turn;
+                turn.user_quota.get_or_insert((2 * cfg.rooms.max_peers).max(10));
+                IceSource::BuiltIn(turn)
+            }
         };
         let r = &cfg.rooms;
         range("max-peers", r.max_peers.to_string(), (2..=64).contains(&r.max_peers), "a call has 2 to 64 peers")?;
@@ -301,5 +307,27 @@ impl ServeArgs {
             "at least 100ms and shorter than idle-timeout",
         )?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built_in_user_quota(args: ServeArgs) -> Option<usize> {
+        match args.resolve().unwrap().ice {
+            IceSource::BuiltIn(t) => t.user_quota,
+            _ => panic!("the built-in TURN server"),
+        }
+    }
+
+    #[test]
+    fn the_turn_user_quota_follows_the_room_size_unless_set() {
+        assert_eq!(built_in_user_quota(ServeArgs::default()), Some(10), "4 peers: the old default");
+        let big = ServeArgs { max_peers: Some(12), ..Default::default() };
+        assert_eq!(built_in_user_quota(big), Some(24), "11 peer connections and a spare, two allocations each");
+        let mut set = ServeArgs { max_peers: Some(12), ..Default::default() };
+        set.turn.user_quota = Some(3);
+        assert_eq!(built_in_user_quota(set), Some(3), "an explicit quota wins");
     }
 }

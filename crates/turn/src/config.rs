@@ -133,7 +133,7 @@ pub struct TurnArgs {
     #[serde(with = "humantime_serde")]
     pub credential_ttl: Option<Duration>,
 
-    /// Allocations per user (peer id) [default: 10]
+    /// Allocations per user (peer id) [default: 10; with `webcall serve`, 2 × --max-peers, at least 10]
     #[arg(
         long = "turn-user-quota",
         env = "WEBCALL_TURN_USER_QUOTA",
