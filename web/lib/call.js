@@ -608,6 +608,9 @@ export class Call extends EventTarget {
       iceServers: this.signaling.iceServers,
       iceTransportPolicy: /** @type {RTCIceTransportPolicy} */ (this.relayOnly ? 'relay' : 'all'),
       bundlePolicy: /** @type {RTCBundlePolicy} */ ('max-bundle'),
+      // Candidates (host, and the TURN allocation) are gathered as soon as the connection exists — for a spare, long
+      // before the call — and handed out at setLocalDescription, instead of being gathered only then.
+      iceCandidatePoolSize: 1,
     };
   }
 
