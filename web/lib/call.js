@@ -122,6 +122,7 @@ function createChatChannel(pc) {
  * @property {string|null} forId our id (the welcome's) it belongs to; null: built before the welcome
  * @property {Promise<string|null>|null} offer a spare for the next `hello` (built after the welcome) has its offer
  *   made and set ahead (`Call.primeSpare`): the SDP, or null when that failed; null: not primed (it may answer)
+ * @property {string|null} sdp that offer's SDP once it is set
  * @property {(RTCIceCandidateInit|null)[]} candidates local candidates of a primed spare, held until it is taken
  */
 
@@ -217,7 +218,8 @@ export class Peer {
     // The first offer goes out at once: `negotiationneeded` is a task of its own, which a busy page (a call page
     // that is rendering video) runs tens of milliseconds later. Perfect negotiation makes the direct offer safe.
     // A primed spare has it made and set already (an offer is nobody's in particular until it is sent).
-    if (initiator && spare?.offer) this.sendPrimedOffer(spare.offer);
+    if (initiator && spare?.sdp) this.sendPrimedOffer(spare.sdp);
+    else if (initiator && spare?.offer) this.sendPrimedOffer(spare.offer);
     else if (initiator) this.negotiate();
   }
 
@@ -226,14 +228,21 @@ export class Peer {
     this.call.signaling.send({ type: 'candidate', to: this.id, candidate });
   }
 
-  /** The spare's offer (set on it before this peer came), then the candidates it has gathered since. @private @param {Promise<string|null>} offer */
+  /**
+   * The spare's offer (set on it before this peer came), then the candidates it has gathered since: at once when
+   * the offer is set, else when it is. @private @param {string|Promise<string|null>} offer
+   */
   async sendPrimedOffer(offer) {
-    this.makingOffer = true;
     let sdp = null;
-    try {
-      sdp = await offer;
-    } finally {
-      this.makingOffer = false;
+    if (typeof offer === 'string') {
+      sdp = offer;
+    } else {
+      this.makingOffer = true;
+      try {
+        sdp = await offer;
+      } finally {
+        this.makingOffer = false;
+      }
     }
     if (this.closed) return;
     if (sdp && this.pc.signalingState === 'have-local-offer') this.call.signaling.send({ type: 'offer', to: this.id, sdp });
@@ -347,9 +356,12 @@ export class Peer {
           if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
           await this.adoptTransceivers();
         }
-        await pc.setLocalDescription();
-        const answer = pc.localDescription;
-        if (answer) this.call.signaling.send({ type: 'answer', to: this.id, sdp: answer.sdp });
+        // The answer leaves as soon as it is made: applying it (setLocalDescription, which sets up the transports)
+        // then overlaps its trip to the peer and the peer's setRemoteDescription. Messages of this peer are handled
+        // one after the other (this.queue), so nothing changes the signaling state in between.
+        const answer = await pc.createAnswer();
+        this.call.signaling.send({ type: 'answer', to: this.id, sdp: answer.sdp });
+        await pc.setLocalDescription(answer);
       }
       const pending = this.pendingCandidates;
       this.pendingCandidates = [];
@@ -666,7 +678,7 @@ export class Call extends EventTarget {
       const pc = new RTCPeerConnection(this.pcConfig());
       const dc = createChatChannel(pc);
       /** @type {Spare} */
-      const spare = { pc, dc, audioTx: null, videoTx: null, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id, offer: null, candidates: [] };
+      const spare = { pc, dc, audioTx: null, videoTx: null, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id, offer: null, sdp: null, candidates: [] };
       for (const kind of /** @type {const} */ (['audio', 'video'])) {
         const track = this.outgoing(kind);
         if (!track) continue;
@@ -701,7 +713,8 @@ export class Call extends EventTarget {
         if (!spare.audioTx) spare.audioTx = pc.addTransceiver('audio', { direction: 'sendrecv', streams: [this.localStream] });
         if (!spare.videoTx) spare.videoTx = pc.addTransceiver('video', { direction: 'sendrecv', streams: [this.localStream] });
         await pc.setLocalDescription();
-        return pc.localDescription?.sdp ?? null;
+        spare.sdp = pc.localDescription?.sdp ?? null;
+        return spare.sdp;
       } catch (e) {
         if (pc.signalingState !== 'closed') console.warn('spare offer', e);
         return null;
