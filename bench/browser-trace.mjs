@@ -15,7 +15,11 @@ const TRACE = () => {
   const log = [];
   window.__log = log;
   const now = () => performance.timeOrigin + performance.now();
-  const ev = (what, extra) => log.push({ t: now(), what, ...(extra ?? {}) });
+  const ev = (what, extra) => {
+    log.push({ t: now(), what, ...(extra ?? {}) });
+    if (window.__traceMarks) performance.mark(what);
+  };
+  window.__traceMarks = true;
   window.__ev = ev;
   const t = {};
   window.__bench = t;
@@ -30,6 +34,17 @@ const TRACE = () => {
     return m ? `${m[4]} ${m[1]} ${m[2]}:${m[3]}` : undefined;
   };
   window.WebSocket = class extends WS {
+    // How long the client's own handler of each message runs.
+    set onmessage(fn) {
+      super.onmessage = fn && ((e) => {
+        const t0 = now();
+        fn.call(this, e);
+        ev(`ws< ${typeOf(e.data)} handled in ${(now() - t0).toFixed(1)} ms`);
+      });
+    }
+    get onmessage() {
+      return super.onmessage;
+    }
     constructor(...a) {
       super(...a);
       this.addEventListener('message', (e) => {
@@ -53,7 +68,9 @@ const TRACE = () => {
     const orig = PC.prototype[m];
     PC.prototype[m] = function (...a) {
       ev(`pc${this.__n} ${m}(${m.endsWith('Description') ? a[0]?.type ?? '' : ''})`);
+      const t0 = now();
       const r = orig.apply(this, a);
+      if (!(r && typeof r.then === 'function') && now() - t0 > 1) ev(`pc${this.__n} ${m} returned after ${(now() - t0).toFixed(1)} ms`);
       if (r && typeof r.then === 'function') r.then(() => ev(`pc${this.__n} ${m} done`), (e) => ev(`pc${this.__n} ${m} failed ${e}`));
       return r;
     };
@@ -141,6 +158,7 @@ function print(kind, logs, join) {
       ` | B 1st cand after answer +${bCand && bAnswer ? (bCand - bAnswer).toFixed(0) : '-'} | A hello ${d(at('A', /(ws|bc)< hello/))} A offer out ${d(at('A', /ws> offer|^pc\d+ setLocalDescription done/))} A answer in ${d(at('A', /(ws|bc)< answer/))} A frame ${d(at('A', /^mark frame/))}`,
   );
   if (process.env.SUMMARY) return;
+  console.log(`join at ${new Date(join).toISOString()} (${join.toFixed(1)})`);
   console.log(`--- ${kind}`);
   for (const e of all) if (e.t >= join - 50) console.log(`${(e.t - join).toFixed(1).padStart(8)} ${e.who} ${e.what}${e.c ? ' ' + e.c : ''}`);
 }
@@ -157,9 +175,12 @@ async function webcallCall(browser, url) {
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
     await until(a, () => !('spare' in window.webcall.call) || !!window.webcall.call.spare, undefined, TIMEOUT);
     if (process.env.SETTLE) await new Promise((r) => setTimeout(r, Number(process.env.SETTLE)));
+    // CHROME_TRACE=file: a Chromium trace (all processes) of this call, from just before B's join.
+    if (process.env.CHROME_TRACE) await browser.startTracing(undefined, { path: process.env.CHROME_TRACE, categories: ['toplevel', 'devtools.timeline', 'blink.user_timing', 'webrtc', 'disabled-by-default-devtools.timeline'] });
     await b.evaluate(() => window.webcall.join());
     const t = await until(b, () => ('frame' in (window.__bench ?? {}) ? window.__bench : false), undefined, TIMEOUT);
     await new Promise((r) => setTimeout(r, 300));
+    if (process.env.CHROME_TRACE) await browser.stopTracing();
     print('webcall', { A: await a.evaluate(() => window.__log), B: await b.evaluate(() => window.__log) }, t.join);
     if (!process.env.SUMMARY) console.log((await pairs(a)).map((s) => 'A ' + s).join('\n'));
     if (!process.env.SUMMARY) console.log((await pairs(b)).map((s) => 'B ' + s).join('\n'));
@@ -237,7 +258,8 @@ async function baselineCall(browser, url) {
 }
 
 assertLoopbackOnly();
-const server = await startServer({ args: ['--max-joins-per-ip', '100000'] });
+// SERVER_ARGS: extra server flags for a diagnostic (e.g. --no-turn: no STUN/TURN servers in iceServers).
+const server = await startServer({ args: ['--max-joins-per-ip', '100000', ...(process.env.SERVER_ARGS ?? '').split(' ').filter(Boolean)] });
 const browser = await launchBrowser();
 try {
   for (let i = 0; i <= CALLS; i++) {
