@@ -85,12 +85,15 @@ async function webcallCall(browser, url) {
   const room = uniqueRoom('bench');
   const [ca, cb] = [await newContext(browser), await newContext(browser)];
   try {
-    // Like the baseline: B's page (its window, its load and first paint, its camera) is ready before A's call
-    // starts; `?defer` holds B's join until the benchmark calls `webcall.join()`.
+    // Like the baseline, whose two pages are opened before either loads anything: both windows first. A new headless
+    // window starts renderers of its own (and an omnibox-popup WebUI renderer) whose start-up must not overlap the
+    // measured call; A's window used to be opened just before the call, and its start-up ran into it.
     const b = await cb.newPage();
+    const a = await ca.newPage();
+    // B's page (its load and first paint, its camera) is ready before A's call starts; `?defer` holds B's join until
+    // the benchmark calls `webcall.join()`.
     await b.goto(`${url}/r/${room}?name=B&defer`);
     await until(b, () => !!window.webcall?.call.tracks.camera && !!window.webcall.call.tracks.mic, undefined, TIMEOUT);
-    const a = await ca.newPage();
     await a.goto(`${url}/r/${room}?name=A`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
     // A has been in the room a while, as the baseline's A has its peer connection before the join: its client's

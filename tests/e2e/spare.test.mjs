@@ -1,5 +1,6 @@
-// The web client's spare peer connection: built while idle after the welcome, taken by the next hello (the call
-// works on it: media both ways, the negotiated chat channel), rebuilt after the use, dropped on hang-up.
+// The web client's spare peer connection: built while idle after the welcome, with our offer already set (primed),
+// taken by the next hello (the call works on it: media both ways, the negotiated chat channel), rebuilt after the
+// use, dropped on hang-up. A newcomer's spare (built before its welcome) is not primed: it answers.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { assertLoopbackOnly, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
@@ -29,6 +30,14 @@ describe('spare peer connection', () => {
     const room = uniqueRoom('spare');
     alice = await openPage(browser, `${server.url}/r/${room}?name=Alice`);
     await until(alice, () => window.webcall?.call.state === 'in-call' && !!window.webcall.call.spare);
+    // Primed: our offer is set on it (audio, video and the chat channel), its candidates are held for the peer.
+    await until(alice, () => window.webcall.call.spare.pc.signalingState === 'have-local-offer');
+    assert.ok(
+      await alice.evaluate(() => {
+        const sdp = window.webcall.call.spare.pc.localDescription?.sdp ?? '';
+        return ['m=audio', 'm=video', 'm=application'].every((m) => sdp.includes(m));
+      }),
+    );
     assert.ok(
       await alice.evaluate(() => {
         const { call, signaling } = window.webcall;
@@ -42,6 +51,8 @@ describe('spare peer connection', () => {
     const [aliceId] = await connectedPeers(bob, 1);
     // @ts-ignore
     assert.ok(await alice.evaluate((id) => window.webcall.call.peers.get(id).pc === window.__spare, bobId));
+    // Bob answered Alice's offer (on his spare from before the welcome, which is not primed).
+    assert.equal(await bob.evaluate((id) => window.webcall.call.peers.get(id).pc.localDescription?.type, aliceId), 'answer');
     await decodesVideoFrom(alice, bobId);
     await decodesVideoFrom(bob, aliceId);
     // The chat channel (negotiated, id 0) of the spare opens and carries messages.
@@ -60,6 +71,7 @@ describe('spare peer connection', () => {
   it('a new spare is built after the use, and dropped on hang-up', async () => {
     // @ts-ignore
     await until(alice, () => !!window.webcall.call.spare && window.webcall.call.spare.pc !== window.__spare);
+    await until(alice, () => window.webcall.call.spare.pc.signalingState === 'have-local-offer');
     const closed = await alice.evaluate(() => {
       const spare = window.webcall.call.spare;
       window.webcall.call.hangUp();

@@ -120,6 +120,10 @@ function createChatChannel(pc) {
  * @property {RTCRtpTransceiver|null} videoTx
  * @property {string} iceKey the `iceServers` (JSON) it has
  * @property {string|null} forId our id (the welcome's) it belongs to; null: built before the welcome
+ * @property {Promise<string|null>|null} offer a spare for the next `hello` (built after the welcome) has its offer
+ *   made and set ahead (`Call.primeSpare`): the SDP, or null when that failed; null: not primed (it may answer)
+ * @property {string|null} sdp that offer's SDP once it is set
+ * @property {(RTCIceCandidateInit|null)[]} candidates local candidates of a primed spare, held until it is taken
  */
 
 export class Peer {
@@ -167,6 +171,8 @@ export class Peer {
     this.queue = Promise.resolve();
 
     const pc = this.pc;
+    /** @type {(RTCIceCandidateInit|null)[]|null} our candidates held until our primed offer has gone out */
+    this.heldCandidates = initiator && spare?.offer ? spare.candidates : null;
     this.dc = spare?.dc ?? createChatChannel(pc);
     this.dc.onopen = () => {
       this.sendData(this.call.mediaState());
@@ -194,7 +200,8 @@ export class Peer {
     };
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && !candidate.candidate) return; // legacy empty candidate; the null event follows
-      this.call.signaling.send({ type: 'candidate', to: this.id, candidate: candidate ? candidate.toJSON() : null });
+      if (this.heldCandidates) this.heldCandidates.push(candidate ? candidate.toJSON() : null);
+      else this.sendCandidate(candidate ? candidate.toJSON() : null);
     };
     pc.ontrack = ({ track }) => {
       if (!this.remoteStream.getTracks().includes(track)) {
@@ -210,7 +217,40 @@ export class Peer {
     pc.onconnectionstatechange = () => this.onConnectionState();
     // The first offer goes out at once: `negotiationneeded` is a task of its own, which a busy page (a call page
     // that is rendering video) runs tens of milliseconds later. Perfect negotiation makes the direct offer safe.
-    if (initiator) this.negotiate();
+    // A primed spare has it made and set already (an offer is nobody's in particular until it is sent).
+    if (initiator && spare?.sdp) this.sendPrimedOffer(spare.sdp);
+    else if (initiator && spare?.offer) this.sendPrimedOffer(spare.offer);
+    else if (initiator) this.negotiate();
+  }
+
+  /** @private @param {RTCIceCandidateInit|null} candidate */
+  sendCandidate(candidate) {
+    this.call.signaling.send({ type: 'candidate', to: this.id, candidate });
+  }
+
+  /**
+   * The spare's offer (set on it before this peer came), then the candidates it has gathered since: at once when
+   * the offer is set, else when it is. @private @param {string|Promise<string|null>} offer
+   */
+  async sendPrimedOffer(offer) {
+    let sdp = null;
+    if (typeof offer === 'string') {
+      sdp = offer;
+    } else {
+      this.makingOffer = true;
+      try {
+        sdp = await offer;
+      } finally {
+        this.makingOffer = false;
+      }
+    }
+    if (this.closed) return;
+    if (sdp && this.pc.signalingState === 'have-local-offer') this.call.signaling.send({ type: 'offer', to: this.id, sdp });
+    const held = this.heldCandidates ?? [];
+    this.heldCandidates = null;
+    for (const c of held) this.sendCandidate(c);
+    // Priming failed (or a remote offer came first and is being answered): negotiate as without a spare.
+    if (!sdp && this.pc.signalingState === 'stable' && !this.pc.remoteDescription) this.negotiate();
   }
 
   /** Before the first remote offer: our tracks on addTrack transceivers, which that offer adopts. @private */
@@ -316,9 +356,12 @@ export class Peer {
           if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
           await this.adoptTransceivers();
         }
-        await pc.setLocalDescription();
-        const answer = pc.localDescription;
-        if (answer) this.call.signaling.send({ type: 'answer', to: this.id, sdp: answer.sdp });
+        // The answer leaves as soon as it is made: applying it (setLocalDescription, which sets up the transports)
+        // then overlaps its trip to the peer and the peer's setRemoteDescription. Messages of this peer are handled
+        // one after the other (this.queue), so nothing changes the signaling state in between.
+        const answer = await pc.createAnswer();
+        this.call.signaling.send({ type: 'answer', to: this.id, sdp: answer.sdp });
+        await pc.setLocalDescription(answer);
       }
       const pending = this.pendingCandidates;
       this.pendingCandidates = [];
@@ -599,6 +642,7 @@ export class Call extends EventTarget {
       for (const p of others) if (!this.peers.has(p.id)) this.addPeer(p.id, p.name ?? '', false);
     }
     this.setState('in-call');
+    this.primeSpare();
     this.scheduleSpare(others.length ? SPARE_DELAY_MS : 0);
   }
 
@@ -608,6 +652,9 @@ export class Call extends EventTarget {
       iceServers: this.signaling.iceServers,
       iceTransportPolicy: /** @type {RTCIceTransportPolicy} */ (this.relayOnly ? 'relay' : 'all'),
       bundlePolicy: /** @type {RTCBundlePolicy} */ ('max-bundle'),
+      // Candidates (host, and the TURN allocation) are gathered as soon as the connection exists — for a spare, long
+      // before the call — and handed out at setLocalDescription, instead of being gathered only then.
+      iceCandidatePoolSize: 1,
     };
   }
 
@@ -618,7 +665,7 @@ export class Call extends EventTarget {
       !!s &&
       s.forId === id &&
       s.iceKey === JSON.stringify(this.signaling.iceServers) &&
-      s.pc.signalingState === 'stable' &&
+      s.pc.signalingState === (s.offer && s.pc.localDescription ? 'have-local-offer' : 'stable') &&
       (s.audioTx?.sender.track ?? null) === this.outgoing('audio') &&
       (s.videoTx?.sender.track ?? null) === this.outgoing('video')
     );
@@ -631,7 +678,7 @@ export class Call extends EventTarget {
       const pc = new RTCPeerConnection(this.pcConfig());
       const dc = createChatChannel(pc);
       /** @type {Spare} */
-      const spare = { pc, dc, audioTx: null, videoTx: null, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id };
+      const spare = { pc, dc, audioTx: null, videoTx: null, iceKey: JSON.stringify(this.signaling.iceServers), forId: this.id, offer: null, sdp: null, candidates: [] };
       for (const kind of /** @type {const} */ (['audio', 'video'])) {
         const track = this.outgoing(kind);
         if (!track) continue;
@@ -644,6 +691,35 @@ export class Call extends EventTarget {
     } catch (e) {
       console.warn('spare peer connection', e);
     }
+    this.primeSpare();
+  }
+
+  /**
+   * Once we are in the room, the spare waits for a `hello`, to which we send the first offer: that offer is made
+   * and set now (with transceivers for the kinds we have no track for, as Peer.addOwnTransceivers), and its
+   * candidates are held, so that on the `hello` it goes out at once. A spare built before the welcome is not
+   * primed: it may answer the offer of a peer already in the room. @private
+   */
+  primeSpare() {
+    const spare = this.spare;
+    if (!spare || spare.offer || this.state !== 'in-call' || !this.id || spare.forId !== this.id) return;
+    const pc = spare.pc;
+    pc.onicecandidate = ({ candidate }) => {
+      if (candidate && !candidate.candidate) return;
+      spare.candidates.push(candidate ? candidate.toJSON() : null);
+    };
+    spare.offer = (async () => {
+      try {
+        if (!spare.audioTx) spare.audioTx = pc.addTransceiver('audio', { direction: 'sendrecv', streams: [this.localStream] });
+        if (!spare.videoTx) spare.videoTx = pc.addTransceiver('video', { direction: 'sendrecv', streams: [this.localStream] });
+        await pc.setLocalDescription();
+        spare.sdp = pc.localDescription?.sdp ?? null;
+        return spare.sdp;
+      } catch (e) {
+        if (pc.signalingState !== 'closed') console.warn('spare offer', e);
+        return null;
+      }
+    })();
   }
 
   /**
@@ -663,8 +739,12 @@ export class Call extends EventTarget {
     }, delay);
   }
 
-  /** The spare peer connection if it still fits (else none: it is dropped), and a new one to come. @private */
-  takeSpare() {
+  /**
+   * The spare peer connection if it still fits (else none: it is dropped), and a new one to come. A primed spare
+   * (our offer set) is only for a peer we offer to; for another it stays. @private @param {boolean} initiator
+   */
+  takeSpare(initiator) {
+    if (this.spare?.offer && !initiator) return null;
     const fits = this.spareFits();
     const spare = fits ? this.spare : null;
     if (fits) this.spare = null;
@@ -686,7 +766,7 @@ export class Call extends EventTarget {
 
   /** @private @param {string} id @param {string} name @param {boolean} initiator */
   addPeer(id, name, initiator) {
-    const peer = new Peer(this, id, name, initiator, this.takeSpare());
+    const peer = new Peer(this, id, name, initiator, this.takeSpare(initiator));
     this.peers.set(id, peer);
     this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer } }));
     return peer;
