@@ -21,3 +21,28 @@ bench_cleanup() {
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$TMP"
 }
+
+# bench_serve NAME CPUS BIN [serve flags…]: starts `BIN serve` pinned to CPUS on a free loopback port, with the
+# benchmark limits (all load comes from 127.0.0.x; see BENCHMARKS.md) and the built-in TURN on a free port (welcomes
+# carry fresh TURN credentials, as by default). Sets SERVED_PID and SERVED_URL (ws://…/ws); output in $TMP/NAME.out.
+bench_serve() {
+    local name=$1 cpus=$2 bin=$3
+    shift 3
+    # Emptied here, not by the redirection below: that runs in the background child, and until it does, an earlier
+    # server's address would still be read from the file.
+    : >"$TMP/$name.out"
+    taskset -c "$cpus" env RUST_LOG=warn "$bin" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
+        --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
+        --max-joins-per-ip 100000000 --max-rooms 20000 "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    SERVED_PID=$!
+    PIDS+=("$SERVED_PID")
+    for _ in $(seq 100); do
+        if grep -qs 'listening on' "$TMP/$name.out"; then
+            SERVED_URL="ws://$(sed -n 's|.*listening on http://\([^ ]*\).*|\1|p' "$TMP/$name.out")/ws"
+            return
+        fi
+        sleep 0.1
+    done
+    echo "webcall serve ($name) did not start: $(cat "$TMP/$name.err")" >&2
+    exit 1
+}

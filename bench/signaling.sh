@@ -45,26 +45,9 @@ fi
 start_webcall() { start_webcall_bin "$WEBCALL"; }
 start_base() { start_webcall_bin "$BASE"; }
 start_webcall_bin() {
-    # Emptied here, not by the redirection below: that runs in the background child, and until it does, the
-    # previous server's address would still be read from the file.
-    : >"$TMP/server.out"
-    # TURN stays on (welcomes carry fresh TURN credentials, as by default) but on a free port.
-    taskset -c "$SERVER_CPU" env RUST_LOG=warn "$1" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
-        --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
-        --max-joins-per-ip 100000000 --max-rooms 20000 >"$TMP/server.out" 2>"$TMP/server.err" &
-    SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
-    for _ in $(seq 100); do
-        if grep -q 'listening on' "$TMP/server.out"; then
-            local addr
-            addr=$(sed -n 's|.*listening on http://\([^ ]*\).*|\1|p' "$TMP/server.out")
-            SERVER_URL="ws://$addr/ws"
-            return
-        fi
-        sleep 0.1
-    done
-    echo "webcall serve did not start: $(cat "$TMP/server.err")" >&2
-    exit 1
+    bench_serve server "$SERVER_CPU" "$1"
+    SERVER_PID=$SERVED_PID
+    SERVER_URL=$SERVED_URL
 }
 start_peerjs() {
     local port=$((20000 + RANDOM % 20000))

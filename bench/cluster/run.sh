@@ -63,24 +63,9 @@ NODE_URL=
 start_node() {
     local name=$1
     shift
-    : >"$TMP/$name.out" # here, not in the background child: an earlier node's address must not be read
-    # TURN stays on (welcomes carry fresh TURN credentials, as by default) but on a free port.
-    taskset -c "$SERVER_CPUS" env RUST_LOG=warn "$WEBCALL" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
-        --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
-        --max-joins-per-ip 100000000 --max-rooms 20000 "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    NODE_PID=$!
-    PIDS+=("$NODE_PID")
-    for _ in $(seq 100); do
-        if grep -qs 'listening on' "$TMP/$name.out"; then
-            local addr
-            addr=$(sed -n 's|.*listening on http://\([^ ]*\).*|\1|p' "$TMP/$name.out")
-            NODE_URL="ws://$addr/ws"
-            return
-        fi
-        sleep 0.1
-    done
-    echo "webcall serve ($name) did not start: $(cat "$TMP/$name.err")" >&2
-    exit 1
+    bench_serve "$name" "$SERVER_CPUS" "$WEBCALL" "$@"
+    NODE_PID=$SERVED_PID
+    NODE_URL=$SERVED_URL
 }
 
 stop_all() {
