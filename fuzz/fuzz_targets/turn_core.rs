@@ -15,13 +15,8 @@ use webcall_turn::{auth, CoreConfig, FiveTuple, Output, RelayPort, Transport, Tu
 
 const SECRET: &[u8] = b"fuzz-secret";
 const UNIX: u64 = 1_700_000_000;
-const CLIENTS: [&str; 5] = [
-    "198.51.100.1:1000",
-    "198.51.100.1:1001",
-    "[::ffff:198.51.100.1]:1002",
-    "198.51.100.2:1000",
-    "[2001:db8::1]:1000",
-];
+const CLIENTS: [&str; 5] =
+    ["198.51.100.1:1000", "198.51.100.1:1001", "[::ffff:198.51.100.1]:1002", "198.51.100.2:1000", "[2001:db8::1]:1000"];
 const PEERS: [&str; 6] = [
     "203.0.113.5:7000",
     "203.0.113.6:7001",
@@ -43,7 +38,9 @@ enum Cred {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Binding { client: u8 },
+    Binding {
+        client: u8,
+    },
     Allocate {
         client: u8,
         cred: Cred,
@@ -53,18 +50,59 @@ enum Op {
         token: Option<u8>,
         lifetime: Option<u32>,
     },
-    Refresh { client: u8, cred: Cred, lifetime: Option<u32> },
-    CreatePermission { client: u8, cred: Cred, peers: Vec<u8> },
-    ChannelBind { client: u8, cred: Cred, number: u16, peer: u8 },
-    Send { client: u8, peer: u8, len: u8 },
-    ChannelData { client: u8, number: u16, len: u8, extra: u8 },
+    Refresh {
+        client: u8,
+        cred: Cred,
+        lifetime: Option<u32>,
+    },
+    CreatePermission {
+        client: u8,
+        cred: Cred,
+        peers: Vec<u8>,
+    },
+    ChannelBind {
+        client: u8,
+        cred: Cred,
+        number: u16,
+        peer: u8,
+    },
+    Send {
+        client: u8,
+        peer: u8,
+        len: u8,
+    },
+    ChannelData {
+        client: u8,
+        number: u16,
+        len: u8,
+        extra: u8,
+    },
     /// The last request, resent (a retransmission) or with one byte changed.
-    Resend { client: u8, pos: u16, xor: u8 },
-    Raw { client: u8, bytes: Vec<u8> },
-    Peer { alloc: u8, peer: u8, len: u16 },
-    RelayOpened { which: u8, ok: bool, port: u16 },
-    Closed { client: u8 },
-    Advance { secs: u16 },
+    Resend {
+        client: u8,
+        pos: u16,
+        xor: u8,
+    },
+    Raw {
+        client: u8,
+        bytes: Vec<u8>,
+    },
+    Peer {
+        alloc: u8,
+        peer: u8,
+        len: u16,
+    },
+    RelayOpened {
+        which: u8,
+        ok: bool,
+        port: u16,
+    },
+    Closed {
+        client: u8,
+    },
+    Advance {
+        secs: u16,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -129,8 +167,7 @@ impl World {
                 Some(u) => auth::rest_username(expiry, &format!("user{}", u % 4)),
                 None => "no-timestamp".into(),
             };
-            let password =
-                if password.is_empty() { auth::rest_password(SECRET, &username) } else { password };
+            let password = if password.is_empty() { auth::rest_password(SECRET, &username) } else { password };
             let nonce = if matches!(cred, Cred::StaleNonce(_)) { "f".repeat(32) } else { nonce };
             b.attr(stun::USERNAME, username.as_bytes())
                 .attr(stun::REALM, b"webcall")
@@ -230,13 +267,11 @@ fuzz_target!(|input: Input| {
                     b.u32(stun::LIFETIME, l % 4000);
                 }
             }),
-            Op::CreatePermission { client, cred, peers } => {
-                w.request(client, stun::CREATE_PERMISSION, cred, |b| {
-                    for p in peers.iter().take(6) {
-                        b.xor_addr(stun::XOR_PEER_ADDRESS, peer(*p));
-                    }
-                })
-            }
+            Op::CreatePermission { client, cred, peers } => w.request(client, stun::CREATE_PERMISSION, cred, |b| {
+                for p in peers.iter().take(6) {
+                    b.xor_addr(stun::XOR_PEER_ADDRESS, peer(*p));
+                }
+            }),
             Op::ChannelBind { client, cred, number, peer: p } => {
                 // Mostly valid numbers, sometimes anything.
                 let number = if number & 0x8000 == 0 { 0x4000 | (number & 0x7) } else { number };

@@ -47,7 +47,13 @@ struct Times {
 /// How long one call may take to reach its first frame before the run is abandoned.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn peer(url: &str, room: &str, name: &str, size: &str, dir: &std::path::Path) -> anyhow::Result<(Child, Lines<BufReader<ChildStdout>>)> {
+fn peer(
+    url: &str,
+    room: &str,
+    name: &str,
+    size: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Child, Lines<BufReader<ChildStdout>>)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["peer", "--server", url, "--room", room, "--name", name, "--send", "testsrc", "--size", size])
         .args(["--ip", "127.0.0.1", "--duration", "40s", "--stats-every", "60s"])

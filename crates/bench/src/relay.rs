@@ -89,7 +89,14 @@ fn refusal(text: &str) -> Option<&str> {
 }
 
 /// Sends offers, `window` in flight; stops sending at `stop_at` and collects the answers still due until `drain`.
-async fn offerer(mut ws: Ws, t: Template, window: usize, base: Instant, stop_at: Instant, drain: Instant) -> anyhow::Result<Vec<Sample>> {
+async fn offerer(
+    mut ws: Ws,
+    t: Template,
+    window: usize,
+    base: Instant,
+    stop_at: Instant,
+    drain: Instant,
+) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for _ in 0..window {
         ws.send(Message::text(t.render(ns_since(base)))).await?;
@@ -116,7 +123,12 @@ async fn offerer(mut ws: Ws, t: Template, window: usize, base: Instant, stop_at:
 }
 
 /// Answers every offer at once, until told to stop.
-async fn answerer(mut ws: Ws, t: Template, base: Instant, mut done: watch::Receiver<bool>) -> anyhow::Result<Vec<Sample>> {
+async fn answerer(
+    mut ws: Ws,
+    t: Template,
+    base: Instant,
+    mut done: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
     loop {
         let text = tokio::select! {
@@ -187,9 +199,11 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
     }
 
     tokio::time::sleep_until(measure_from.into()).await;
-    let (srv0, red0, gen0, t0) = (cpus(&pids), redis_pid.map(|p| procfs::cpu_of(Some(p))), procfs::cpu_of(None), ns_since(base));
+    let (srv0, red0, gen0, t0) =
+        (cpus(&pids), redis_pid.map(|p| procfs::cpu_of(Some(p))), procfs::cpu_of(None), ns_since(base));
     tokio::time::sleep_until(stop_at.into()).await;
-    let (srv1, red1, gen1, t1) = (cpus(&pids), redis_pid.map(|p| procfs::cpu_of(Some(p))), procfs::cpu_of(None), ns_since(base));
+    let (srv1, red1, gen1, t1) =
+        (cpus(&pids), redis_pid.map(|p| procfs::cpu_of(Some(p))), procfs::cpu_of(None), ns_since(base));
 
     let mut lat: Vec<u64> = Vec::new();
     let mut first_err = None;

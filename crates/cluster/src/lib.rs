@@ -60,10 +60,24 @@ pub fn random_node_id() -> String {
 }
 
 enum Cmd {
-    Join { conn: ConnId, room: String, args: Vec<String>, refused: Option<ProtocolError>, max: usize },
-    Relay { to: Arc<str>, payload: String },
-    Leave { id: Arc<str> },
-    Publish { node: String, payload: String },
+    Join {
+        conn: ConnId,
+        room: String,
+        args: Vec<String>,
+        refused: Option<ProtocolError>,
+        max: usize,
+    },
+    Relay {
+        to: Arc<str>,
+        payload: String,
+    },
+    Leave {
+        id: Arc<str>,
+    },
+    Publish {
+        node: String,
+        payload: String,
+    },
     /// Graceful shutdown: end this node's sessions now.
     ReapSelf,
 }
@@ -95,7 +109,10 @@ pub struct ClusterRouter {
 }
 
 fn unavailable(what: &str) -> ProtocolError {
-    ProtocolError::new(ErrorCode::Unavailable, format!("the room service is unavailable ({what}); try again in a moment"))
+    ProtocolError::new(
+        ErrorCode::Unavailable,
+        format!("the room service is unavailable ({what}); try again in a moment"),
+    )
 }
 
 impl ClusterRouter {
@@ -113,7 +130,8 @@ impl ClusterRouter {
             return Err(ClusterError::BadTtl(cfg.node_ttl));
         }
         let url = cfg.redis_url.clone();
-        let client = redis::Client::open(url.as_str()).map_err(|source| ClusterError::Url { url: url.clone(), source })?;
+        let client =
+            redis::Client::open(url.as_str()).map_err(|source| ClusterError::Url { url: url.clone(), source })?;
         let mgr_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT)
@@ -179,7 +197,11 @@ impl ClusterRouter {
             match out {
                 ClusterOutput::Join { conn, room, name, password, resume, publish, refused } => {
                     if !self.healthy() {
-                        inner.rooms.refuse_join(conn, unavailable("its store, Redis, cannot be reached"), Instant::now());
+                        inner.rooms.refuse_join(
+                            conn,
+                            unavailable("its store, Redis, cannot be reached"),
+                            Instant::now(),
+                        );
                         continue;
                     }
                     let s = &self.shared;
@@ -361,7 +383,11 @@ async fn register(s: &Shared, con: &mut ConnectionManager, incarnation: &str) ->
 }
 
 /// Receives this node's channel. A lost subscription may have lost events, so it asks for a reset.
-async fn subscriber(router: Weak<ClusterRouter>, client: redis::Client, mut first: Option<tokio::sync::oneshot::Sender<()>>) {
+async fn subscriber(
+    router: Weak<ClusterRouter>,
+    client: redis::Client,
+    mut first: Option<tokio::sync::oneshot::Sender<()>>,
+) {
     use futures_util::StreamExt;
     let channel = match router.upgrade() {
         Some(r) => format!("wc:ch:{}", r.shared.cfg.node_id),
@@ -460,9 +486,10 @@ async fn pipe(router: Weak<ClusterRouter>, mut con: ConnectionManager, mut rx: m
                                 ErrorCode::Unauthorized,
                                 format!("this room needs a password for room '{room}'"),
                             )),
-                            Ok(s) if s == "badpw" => {
-                                Some(ProtocolError::new(ErrorCode::Unauthorized, format!("wrong password for room '{room}'")))
-                            }
+                            Ok(s) if s == "badpw" => Some(ProtocolError::new(
+                                ErrorCode::Unauthorized,
+                                format!("wrong password for room '{room}'"),
+                            )),
                             Ok(s) if s == "refused" => refused.clone(),
                             Ok(_) => Some(unavailable("a peer id clashed")),
                             Err(e) => {
@@ -560,8 +587,12 @@ async fn timer(router: Weak<ClusterRouter>) {
             let mut inner = r.inner.lock();
             let now = Instant::now();
             inner.rooms.tick(now);
-            let late: Vec<String> =
-                inner.awaiting.iter().filter(|(_, t)| now.duration_since(**t) >= HANDOVER_WAIT).map(|(k, _)| k.clone()).collect();
+            let late: Vec<String> = inner
+                .awaiting
+                .iter()
+                .filter(|(_, t)| now.duration_since(**t) >= HANDOVER_WAIT)
+                .map(|(k, _)| k.clone())
+                .collect();
             for id in late {
                 tracing::warn!(peer = %id, "no queue from the old node in time; resuming without it");
                 inner.awaiting.remove(&id);

@@ -265,7 +265,11 @@ impl Gatherer {
                 continue;
             }
             if now >= b.started + BINDING_GIVE_UP {
-                tracing::info!("STUN server {} did not answer from {}; no server-reflexive candidate", b.server, b.local);
+                tracing::info!(
+                    "STUN server {} did not answer from {}; no server-reflexive candidate",
+                    b.server,
+                    b.local
+                );
                 b.done = true;
                 continue;
             }
@@ -303,7 +307,10 @@ impl Gatherer {
             while let Some(e) = r.client.poll_event() {
                 match e {
                     TurnEvent::AllocationCreated(TransportType::Udp, relayed) => {
-                        out_log(&format!("TURN allocation on {} from {}: relayed address {relayed}", r.server, r.local));
+                        out_log(&format!(
+                            "TURN allocation on {} from {}: relayed address {relayed}",
+                            r.server, r.local
+                        ));
                         r.relayed = Some(relayed);
                         r.done = true;
                         match Candidate::relayed(relayed, r.local, "udp") {
@@ -319,7 +326,9 @@ impl Gatherer {
                         out_log(&format!("TURN allocation on {} from {} failed ({fam:?})", r.server, r.local));
                         r.done = true;
                     }
-                    TurnEvent::PermissionCreateFailed(_, ip) => tracing::warn!("TURN {}: permission for {ip} refused", r.server),
+                    TurnEvent::PermissionCreateFailed(_, ip) => {
+                        tracing::warn!("TURN {}: permission for {ip} refused", r.server)
+                    }
                     TurnEvent::ChannelCreateFailed(_, a) => {
                         tracing::debug!("TURN {}: channel for {a} refused; Send indications instead", r.server)
                     }
@@ -336,7 +345,10 @@ impl Gatherer {
                 }
                 TurnPollRet::Closed => {
                     if !r.done {
-                        out_log(&format!("TURN allocation on {} from {} failed (no answer or refused)", r.server, r.local));
+                        out_log(&format!(
+                            "TURN allocation on {} from {} failed (no answer or refused)",
+                            r.server, r.local
+                        ));
                     }
                     r.done = true;
                     r.closed = true;
@@ -368,7 +380,9 @@ impl Gatherer {
                 self.bindings[i].done = true;
                 let server = self.bindings[i].server;
                 match parse_binding_response(buf, &self.bindings[i].txid) {
-                    Some(mapped) if self.relay_only => tracing::debug!("reflexive address {mapped} (not used: --relay)"),
+                    Some(mapped) if self.relay_only => {
+                        tracing::debug!("reflexive address {mapped} (not used: --relay)")
+                    }
                     Some(mapped) if mapped == local => {
                         tracing::debug!("STUN {server}: no NAT in front of {local}; the host candidate covers it")
                     }
@@ -556,7 +570,10 @@ mod tests {
         let servers = [
             IceServer { urls: vec!["stun:198.51.100.1:3478".into()], username: None, credential: None },
             IceServer {
-                urls: vec!["turn:198.51.100.1:3478?transport=udp".into(), "turn:198.51.100.1:3478?transport=tcp".into()],
+                urls: vec![
+                    "turn:198.51.100.1:3478?transport=udp".into(),
+                    "turn:198.51.100.1:3478?transport=tcp".into(),
+                ],
                 username: Some("1:a".into()),
                 credential: Some("c".into()),
             },

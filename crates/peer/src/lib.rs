@@ -239,7 +239,8 @@ impl Controller {
 
     fn print_stats(&self, final_: bool) {
         let now = Instant::now();
-        let list: Vec<_> = if final_ { self.reports.clone() } else { self.peers.values().map(|p| p.report.clone()).collect() };
+        let list: Vec<_> =
+            if final_ { self.reports.clone() } else { self.peers.values().map(|p| p.report.clone()).collect() };
         for r in list {
             let mut r = r.lock().unwrap();
             let kbps = match r.last_at {
@@ -326,8 +327,10 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
         Some(path) => Some(media::start_source(Source::Ivf(path.into()), stop.clone())?),
     };
     if let Some(dir) = &args.record {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| PeerError::Io { what: format!("creating the --record directory {}", dir.display()), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| PeerError::Io {
+            what: format!("creating the --record directory {}", dir.display()),
+            source: e,
+        })?;
     }
     let (signal_tx, mut signal_rx) = mpsc::unbounded_channel();
     let mut c = Controller {
@@ -542,4 +545,3 @@ fn encode_out(to: &str, m: &Outgoing) -> String {
     }
     .to_string()
 }
-

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vpx_sys as vpx;
 use tokio::sync::broadcast;
+use vpx_sys as vpx;
 
 use crate::PeerError;
 
@@ -147,8 +147,13 @@ impl Vp8Decoder {
         unsafe {
             let mut ctx = MaybeUninit::<vpx::vpx_codec_ctx_t>::zeroed().assume_init();
             let cfg = vpx::vpx_codec_dec_cfg_t { threads: 1, w: 0, h: 0 };
-            if vpx::vpx_codec_dec_init_ver(&mut ctx, vpx::vpx_codec_vp8_dx(), &cfg, 0, vpx::VPX_DECODER_ABI_VERSION as c_int)
-                != vpx::VPX_CODEC_OK
+            if vpx::vpx_codec_dec_init_ver(
+                &mut ctx,
+                vpx::vpx_codec_vp8_dx(),
+                &cfg,
+                0,
+                vpx::VPX_DECODER_ABI_VERSION as c_int,
+            ) != vpx::VPX_CODEC_OK
             {
                 return Err(PeerError::Encoder("libvpx vpx_codec_dec_init failed".into()));
             }
@@ -283,8 +288,7 @@ impl SourceHandle {
 /// Starts the source on its own thread (encoding is CPU work, kept off the async runtime).
 pub fn start_source(source: Source, stop: Arc<AtomicBool>) -> Result<SourceHandle, PeerError> {
     let (tx, _) = broadcast::channel(64);
-    let mut handle =
-        SourceHandle { frames: tx.clone(), want_keyframe: Arc::new(AtomicBool::new(true)), encoder: None };
+    let mut handle = SourceHandle { frames: tx.clone(), want_keyframe: Arc::new(AtomicBool::new(true)), encoder: None };
     let want = handle.want_keyframe.clone();
     match source {
         Source::TestSrc { width, height, fps } => {
@@ -345,8 +349,7 @@ pub fn start_source(source: Source, stop: Arc<AtomicBool>) -> Result<SourceHandl
                                 return;
                             }
                             let t = lap as f64 * loop_len + (*pts - first) as f64 * tb;
-                            if let Some(d) =
-                                (start + Duration::from_secs_f64(t)).checked_duration_since(Instant::now())
+                            if let Some(d) = (start + Duration::from_secs_f64(t)).checked_duration_since(Instant::now())
                             {
                                 std::thread::sleep(d);
                             }

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId};
+use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::config::DtlsCert;
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
@@ -134,8 +134,10 @@ impl Session {
     pub async fn start(
         cfg: SessionConfig,
         report: Arc<Mutex<Report>>,
-    ) -> Result<(Session, mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>, Vec<tokio::task::JoinHandle<()>>), crate::PeerError>
-    {
+    ) -> Result<
+        (Session, mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>, Vec<tokio::task::JoinHandle<()>>),
+        crate::PeerError,
+    > {
         // Normally ready by now (prepare_dtls_cert at start-up); otherwise wait for it off the runtime.
         let cert = match DTLS_CERT.get() {
             Some(c) => c.clone(),
@@ -506,7 +508,8 @@ impl Session {
                         match vp8_keyframe_size(&d.data) {
                             Some((w, h)) => {
                                 let name = sanitize(&self.cfg.remote_name);
-                                let file = if name.is_empty() { format!("{id}.ivf") } else { format!("{name}-{id}.ivf") };
+                                let file =
+                                    if name.is_empty() { format!("{id}.ivf") } else { format!("{name}-{id}.ivf") };
                                 match IvfWriter::create(dir.join(file), w, h) {
                                     Ok(wr) => {
                                         out(format!("peer {id} recording {w}x{h} to {}", wr.path.display()));
@@ -570,7 +573,10 @@ impl Session {
                 self.update(|r| r.chat_in += 1);
                 if self.cfg.chat {
                     // Control characters could rewrite the terminal: show them escaped.
-                    let clean: String = text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+                    let clean: String = text
+                        .chars()
+                        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+                        .collect();
                     out(format!("chat {}: {clean}", if name.is_empty() { id.as_str() } else { name }));
                 }
             }
@@ -581,8 +587,10 @@ impl Session {
             }
             Event::PeerStats(s) => {
                 if let Some(p) = s.selected_candidate_pair {
-                    let kind = |a: &SocketAddr| self.kinds.get(a).map(|k| k.to_string()).unwrap_or_else(|| "prflx".into());
-                    let local = if self.gather.is_relayed(p.local.addr) { "relay".to_string() } else { kind(&p.local.addr) };
+                    let kind =
+                        |a: &SocketAddr| self.kinds.get(a).map(|k| k.to_string()).unwrap_or_else(|| "prflx".into());
+                    let local =
+                        if self.gather.is_relayed(p.local.addr) { "relay".to_string() } else { kind(&p.local.addr) };
                     let remote = kind(&p.remote.addr);
                     let desc = format!(
                         "{local} {} -> {remote} {} ({}) local={local} remote={remote}",
@@ -715,6 +723,7 @@ fn sanitize(name: &str) -> String {
 
 /// The JSON a chat message travels as (the browser client's format).
 pub fn chat_json(text: &str, name: &str) -> String {
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let ts =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     json!({"type": "chat", "text": text, "name": name, "ts": ts}).to_string()
 }

@@ -246,11 +246,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn string_field<'a>(
-    raw: Option<&'a RawValue>,
-    field: &str,
-    ty: &str,
-) -> Result<Option<Cow<'a, str>>, ProtocolError> {
+fn string_field<'a>(raw: Option<&'a RawValue>, field: &str, ty: &str) -> Result<Option<Cow<'a, str>>, ProtocolError> {
     let Some(raw) = raw else { return Ok(None) };
     // The raw value is already valid JSON: a string without escapes is exactly the text between its quotes.
     let text = raw.get();
@@ -259,8 +255,9 @@ fn string_field<'a>(
     }
     match serde_json::from_str::<Cow<'a, str>>(text) {
         Ok(s) => Ok(Some(s)),
-        Err(_) => Err(ProtocolError::new(ErrorCode::BadField, format!("field '{field}' must be a string"))
-            .refers_to(ty)),
+        Err(_) => {
+            Err(ProtocolError::new(ErrorCode::BadField, format!("field '{field}' must be a string")).refers_to(ty))
+        }
     }
 }
 
@@ -286,9 +283,7 @@ fn check_name(name: &str, ty: &str) -> Result<(), ProtocolError> {
         .refers_to(ty));
     }
     if name.chars().any(char::is_control) {
-        return Err(
-            ProtocolError::new(ErrorCode::BadField, "field 'name' contains control characters").refers_to(ty)
-        );
+        return Err(ProtocolError::new(ErrorCode::BadField, "field 'name' contains control characters").refers_to(ty));
     }
     Ok(())
 }
@@ -310,9 +305,8 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
     if !text.trim_start().starts_with('{') {
         return Err(ProtocolError::new(ErrorCode::BadJson, "a message must be one JSON object"));
     }
-    let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| {
-        ProtocolError::new(ErrorCode::BadJson, format!("a message must be one JSON object: {e}"))
-    })?;
+    let fields: Fields<'_> = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("a message must be one JSON object: {e}")))?;
     let ty = match string_field(fields.ty, "type", "")? {
         Some(t) => t,
         None => return Err(ProtocolError::new(ErrorCode::MissingField, "every message needs a string field 'type'")),
@@ -612,8 +606,7 @@ mod tests {
         assert_eq!(v["candidate"]["sdpMLineIndex"], 0);
         assert!(v.get("to").is_none() && v.get("extra").is_none());
 
-        let ClientMessage::Relay(r) = parse_client(r#"{"type":"candidate","to":"B","candidate":null}"#).unwrap()
-        else {
+        let ClientMessage::Relay(r) = parse_client(r#"{"type":"candidate","to":"B","candidate":null}"#).unwrap() else {
             panic!()
         };
         assert_eq!(r.encode_from("A"), r#"{"type":"candidate","from":"A","candidate":null}"#);
@@ -670,10 +663,13 @@ mod tests {
                 credential: Some("d8soP47RbdIKLDUOpnJPVQyq5Ts=".into()),
             },
         ];
-        let peers = [PeerInfo { id: "p".into(), name: "N\"\u{1}é".into() }, PeerInfo { id: "q".into(), name: String::new() }];
-        for (peers, ice, resume, resumed, publish) in
-            [(&peers[..], &ice[..], "tok", true, false), (&[][..], &[][..], "t\n", false, true), (&peers[..1], &ice[1..], "", false, true)]
-        {
+        let peers =
+            [PeerInfo { id: "p".into(), name: "N\"\u{1}é".into() }, PeerInfo { id: "q".into(), name: String::new() }];
+        for (peers, ice, resume, resumed, publish) in [
+            (&peers[..], &ice[..], "tok", true, false),
+            (&[][..], &[][..], "t\n", false, true),
+            (&peers[..1], &ice[1..], "", false, true),
+        ] {
             let by_serde = serde_json::to_string(&WelcomeOut {
                 ty: "welcome",
                 id: "id1",

@@ -294,7 +294,11 @@ impl Rooms {
             self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
         }
         if let Some(waiting) = awaiting {
-            self.refuse_join(waiting, ProtocolError::new(ErrorCode::AlreadyJoined, "this session was resumed elsewhere"), now);
+            self.refuse_join(
+                waiting,
+                ProtocolError::new(ErrorCode::AlreadyJoined, "this session was resumed elsewhere"),
+                now,
+            );
         }
         let p = self.peers.get_mut(&id).expect("found");
         frames.extend(p.pending.drain(..));
@@ -373,7 +377,11 @@ mod tests {
     impl Node {
         fn new() -> Node {
             let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
-            Node { rooms: Rooms::new(cfg, Box::new(|_: &str| Vec::new())).clustered(), now: Instant::now(), next_conn: 1 }
+            Node {
+                rooms: Rooms::new(cfg, Box::new(|_: &str| Vec::new())).clustered(),
+                now: Instant::now(),
+                next_conn: 1,
+            }
         }
         fn connect(&mut self) -> ConnId {
             let c = self.next_conn;
@@ -427,7 +435,9 @@ mod tests {
         n.send(c, json!({"type":"join","room":"r","name":"Bob"}));
         assert!(n.recv(c).is_empty(), "no welcome before the seat is taken");
         let out = n.cluster();
-        assert!(matches!(&out[..], [ClusterOutput::Join { room, name, resume: None, .. }] if room == "r" && name == "Bob"));
+        assert!(
+            matches!(&out[..], [ClusterOutput::Join { room, name, resume: None, .. }] if room == "r" && name == "Bob")
+        );
         n.send(c, json!({"type":"join","room":"r"}));
         assert_eq!(n.recv(c)[0]["code"], "already-joined");
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "Alice")]), n.now);
@@ -437,7 +447,9 @@ mod tests {
         // A relay to the remote peer leaves as a cluster output.
         n.send(c, json!({"type":"offer","to":"A","sdp":"x"}));
         let out = n.cluster();
-        assert!(matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#)));
+        assert!(
+            matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#))
+        );
     }
 
     #[test]
@@ -541,8 +553,12 @@ mod tests {
         n.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), n.now);
         let frames = n.rooms.take_over("P", n.now);
         assert_eq!(frames.len(), 1);
-        let closes: Vec<Output> = std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| matches!(o, Output::Close { .. })).collect();
-        assert_eq!(closes, vec![Output::Close { conn: p, code: close::RESUMED_ELSEWHERE, reason: "resumed elsewhere" }]);
+        let closes: Vec<Output> =
+            std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| matches!(o, Output::Close { .. })).collect();
+        assert_eq!(
+            closes,
+            vec![Output::Close { conn: p, code: close::RESUMED_ELSEWHERE, reason: "resumed elsewhere" }]
+        );
     }
 
     #[test]

@@ -9,15 +9,15 @@
 //! frame that was not yet written to its old connection, in order, and lets a slow reader be cut off without
 //! losing what was queued for it.
 
-use rand::rngs::StdRng;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-use rand::{Rng, RngCore, SeedableRng};
 use indexmap::IndexMap;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 use webcall_protocol::{
     encode_bye, encode_hello, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer, Join, PeerInfo,
     ProtocolError, Relay,
@@ -432,7 +432,11 @@ impl Rooms {
             if len > self.cfg.max_message_size {
                 return self.too_large(conn, len);
             }
-            self.refuse(conn, ProtocolError::new(ErrorCode::BadJson, "binary frames are not part of the protocol; send JSON text"), now);
+            self.refuse(
+                conn,
+                ProtocolError::new(ErrorCode::BadJson, "binary frames are not part of the protocol; send JSON text"),
+                now,
+            );
         }
     }
 
@@ -451,7 +455,10 @@ impl Rooms {
             let limit = self.cfg.rate_per_sec;
             return self.refuse(
                 conn,
-                ProtocolError::new(ErrorCode::RateLimited, format!("more than {limit} messages per second; this one was dropped")),
+                ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!("more than {limit} messages per second; this one was dropped"),
+                ),
                 now,
             );
         }
@@ -540,7 +547,10 @@ impl Rooms {
                 assert!(p.pending.is_empty(), "a live session keeps no pending frames");
             } else {
                 assert!(p.pending.len() <= self.cfg.max_queued * 2, "detached queue over its bound");
-                assert!(p.pending.bytes() <= self.cfg.max_queued_bytes * 2 + self.cfg.max_message_size * 4, "detached queue over its byte bound");
+                assert!(
+                    p.pending.bytes() <= self.cfg.max_queued_bytes * 2 + self.cfg.max_message_size * 4,
+                    "detached queue over its byte bound"
+                );
             }
         }
         if !self.clustered {
@@ -551,7 +561,10 @@ impl Rooms {
                 assert_eq!(self.peers.get(id).and_then(|p| p.conn), Some(*conn), "connection {conn} claims {id}");
             }
             assert!(c.closing || c.out.len() <= c.limit, "connection {conn} queue over its limit while open");
-            assert!(c.closing || c.out.bytes() <= c.limit_bytes, "connection {conn} queue over its byte limit while open");
+            assert!(
+                c.closing || c.out.bytes() <= c.limit_bytes,
+                "connection {conn} queue over its byte limit while open"
+            );
             assert_eq!(c.out.bytes(), c.out.iter().map(|f| f.len()).sum::<usize>(), "byte count of {conn} drifted");
         }
     }
@@ -568,7 +581,8 @@ impl Rooms {
     fn too_large(&mut self, conn: ConnId, len: usize) {
         self.counters.errors[ErrorCode::TooLarge as usize] += 1;
         let max = self.cfg.max_message_size;
-        let e = ProtocolError::new(ErrorCode::TooLarge, format!("a frame of {len} bytes is over the limit of {max} bytes"));
+        let e =
+            ProtocolError::new(ErrorCode::TooLarge, format!("a frame of {len} bytes is over the limit of {max} bytes"));
         self.push(conn, Arc::from(e.to_json()));
         self.close(conn, close::TOO_BIG, "message too large");
     }
@@ -626,7 +640,9 @@ impl Rooms {
         }
         match p.conn {
             Some(conn) => self.push(conn, frame),
-            None if p.pending.len() >= self.cfg.max_queued * 2 || p.pending.bytes() >= self.cfg.max_queued_bytes * 2 => {
+            None if p.pending.len() >= self.cfg.max_queued * 2
+                || p.pending.bytes() >= self.cfg.max_queued_bytes * 2 =>
+            {
                 let id: Arc<str> = Arc::from(id);
                 self.leave(&id);
                 return false;
@@ -708,7 +724,8 @@ impl Rooms {
             return self.refuse(conn, e.refers_to("join"), now);
         }
         if self.shutting_down {
-            let e = ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
+            let e =
+                ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
             return self.refuse(conn, e.refers_to("join"), now);
         }
         if self.clustered {
@@ -844,7 +861,8 @@ impl Rooms {
             return self.refuse(conn, e.refers_to(ty), now);
         };
         let to = to.clone();
-        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish && sdp_sends_media(r.payload) {
+        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish && sdp_sends_media(r.payload)
+        {
             let e = ProtocolError::new(
                 ErrorCode::Unauthorized,
                 "your token is subscribe-only: mark audio and video recvonly (or inactive) in your SDP",
@@ -906,7 +924,7 @@ impl Rooms {
 }
 
 pub mod cluster;
-pub use cluster::{Admitted, AdmitKind, ClusterOutput};
+pub use cluster::{AdmitKind, Admitted, ClusterOutput};
 
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,9 @@ struct Harness {
 
 impl Harness {
     fn new(cfg: Config) -> Self {
-        let ice = |id: &str| vec![IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: Some(id.into()), credential: None }];
+        let ice = |id: &str| {
+            vec![IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: Some(id.into()), credential: None }]
+        };
         Harness { rooms: Rooms::new(cfg, Box::new(ice)), now: Instant::now(), next_conn: 1 }
     }
     fn connect(&mut self) -> ConnId {
@@ -104,7 +106,10 @@ fn room_full_and_capacity_counts_detached_sessions() {
     let c = h.connect();
     h.send(c, r#"{"type":"join","room":"r"}"#);
     let e = h.recv(c).remove(0);
-    assert_eq!((e["type"].as_str(), e["code"].as_str(), e["ref"].as_str()), (Some("error"), Some("room-full"), Some("join")));
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["ref"].as_str()),
+        (Some("error"), Some("room-full"), Some("join"))
+    );
     // A's connection drops: its seat is held during the grace period.
     h.rooms.disconnect(a, h.now);
     h.send(c, r#"{"type":"join","room":"r"}"#);
@@ -192,7 +197,10 @@ fn rate_limit_then_abuse_close() {
     let got = h.recv(c);
     // 10 tokens of burst: the join took one, 9 bad candidates pass the rate limit but are refused.
     assert!(got.iter().all(|m| m["code"] == "missing-field"));
-    assert!(h.outputs().iter().any(|o| matches!(o, Output::Close { code: close::POLICY, reason: "too many errors", .. })));
+    assert!(h
+        .outputs()
+        .iter()
+        .any(|o| matches!(o, Output::Close { code: close::POLICY, reason: "too many errors", .. })));
 
     let mut h = Harness::new(Config { rate_per_sec: 5.0, ..Config::default() });
     let (a, _, _) = h.join("r", "A");
@@ -255,7 +263,11 @@ fn resume_replaces_a_connection_not_yet_known_dead() {
     h.outputs();
     let b2 = h.connect();
     h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
-    assert!(h.outputs().contains(&Output::Close { conn: b, code: close::RESUMED_ELSEWHERE, reason: "resumed elsewhere" }));
+    assert!(h.outputs().contains(&Output::Close {
+        conn: b,
+        code: close::RESUMED_ELSEWHERE,
+        reason: "resumed elsewhere"
+    }));
     let got = h.recv(b2);
     assert_eq!(got[0]["id"], b_id.as_str());
     assert_eq!(got[1]["sdp"], "unread", "what the old socket had not written moves over");
@@ -387,7 +399,8 @@ fn join_policy_and_subscribe_only_peers() {
     let w = h.recv(v).remove(0);
     assert_eq!(w["publish"], false);
     assert_eq!(h.recv(x)[0]["name"], "Viewer", "the token fixes the name");
-    let sends = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+    let sends =
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
     let default_dir = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n";
     let receives = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
     for sdp in [sends, default_dir] {
@@ -439,7 +452,13 @@ fn counters_count() {
 #[test]
 fn slow_reader_bound_is_in_bytes_too() {
     // 8 frames allowed, but only 100 KB: two 60 KB frames already make a slow reader.
-    let mut h = Harness::new(Config { max_queued: 8, max_queued_bytes: 100_000, rate_per_sec: 1000.0, max_message_size: 65536, ..Config::default() });
+    let mut h = Harness::new(Config {
+        max_queued: 8,
+        max_queued_bytes: 100_000,
+        rate_per_sec: 1000.0,
+        max_message_size: 65536,
+        ..Config::default()
+    });
     let (a, _, _) = h.join("r", "A");
     let (b, b_id, b_tok) = h.join("r", "B");
     h.recv(a);

@@ -45,14 +45,15 @@ pub fn verify_token(secret: &str, token: Option<&str>, room: &str) -> Result<Adm
     let mut v = Validation::new(Algorithm::HS256);
     v.leeway = 5;
     v.set_required_spec_claims(&["exp"]);
-    let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &v).map_err(|e| {
-        use jsonwebtoken::errors::ErrorKind;
-        match e.kind() {
-            ErrorKind::ExpiredSignature => unauthorized("the join token has expired; ask for a new one"),
-            ErrorKind::InvalidSignature => unauthorized("the join token's signature is not valid for this server"),
-            _ => unauthorized(format!("the join token is not valid: {e}")),
-        }
-    })?;
+    let data =
+        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => unauthorized("the join token has expired; ask for a new one"),
+                ErrorKind::InvalidSignature => unauthorized("the join token's signature is not valid for this server"),
+                _ => unauthorized(format!("the join token is not valid: {e}")),
+            }
+        })?;
     let c = data.claims;
     if c.room != "*" && c.room != room {
         return Err(unauthorized(format!("the join token is for room '{}', not '{room}'", c.room)));
@@ -176,10 +177,16 @@ mod tests {
         assert_eq!(verify_token(SECRET, Some(&viewer), "any").unwrap(), Admission { name: None, publish: false });
         // Expired an hour ago.
         let claims = Claims { room: "r".into(), name: None, exp: 1_000_000, permissions: vec!["join".into()] };
-        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+        let old =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes()))
+                .unwrap();
         assert!(verify_token(SECRET, Some(&old), "r").unwrap_err().message.contains("expired"));
         // alg=none is refused.
-        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"room":"r","exp":9999999999,"permissions":["join"]}"#));
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(r#"{"room":"r","exp":9999999999,"permissions":["join"]}"#)
+        );
         assert!(verify_token(SECRET, Some(&none), "r").is_err());
     }
 
@@ -195,7 +202,11 @@ mod tests {
         let stranger: IpAddr = "198.51.100.7".parse().unwrap();
         assert_eq!(client_ip(stranger, Some("1.2.3.4"), &trusted), stranger, "untrusted peers cannot claim an address");
         assert_eq!(client_ip(proxy, Some("1.2.3.4, 10.2.2.2"), &trusted), "1.2.3.4".parse::<IpAddr>().unwrap());
-        assert_eq!(client_ip(proxy, Some("6.6.6.6, 1.2.3.4"), &trusted), "1.2.3.4".parse::<IpAddr>().unwrap(), "right-most untrusted hop");
+        assert_eq!(
+            client_ip(proxy, Some("6.6.6.6, 1.2.3.4"), &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap(),
+            "right-most untrusted hop"
+        );
         assert_eq!(client_ip(proxy, None, &trusted), proxy);
         assert_eq!(client_ip(proxy, Some("junk"), &trusted), proxy);
     }

@@ -223,7 +223,8 @@ impl ServeArgs {
             ping_interval: pick!(ping_interval, Duration::from_secs(10)),
             idle_timeout: pick!(idle_timeout, Duration::from_secs(30)),
             rooms,
-            tls: match (self.tls_cert.clone().or(file.tls_cert.clone()), self.tls_key.clone().or(file.tls_key.clone())) {
+            tls: match (self.tls_cert.clone().or(file.tls_cert.clone()), self.tls_key.clone().or(file.tls_key.clone()))
+            {
                 (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
                 (Some(_), None) | (None, Some(_)) => {
                     return Err(ConfigError::Range {
@@ -237,7 +238,10 @@ impl ServeArgs {
             },
             auth_secret: self.auth_secret.clone().or(file.auth_secret.clone()),
             allowed_origins: self.allowed_origins.clone().or(file.allowed_origins.clone()),
-            trusted_proxies: pick!(trusted_proxies, vec!["127.0.0.0/8".parse().expect("valid"), "::1/128".parse().expect("valid")]),
+            trusted_proxies: pick!(
+                trusted_proxies,
+                vec!["127.0.0.0/8".parse().expect("valid"), "::1/128".parse().expect("valid")]
+            ),
             max_connections_per_ip: pick!(max_connections_per_ip, 256),
             max_joins_per_ip: pick!(max_joins_per_ip, 600),
             shutdown_timeout: pick!(shutdown_timeout, Duration::from_secs(10)),
@@ -247,7 +251,11 @@ impl ServeArgs {
             ice: IceSource::None,
         };
         let range = |setting, value: String, ok: bool, hint| {
-            if ok { Ok(()) } else { Err(ConfigError::Range { setting, value, hint }) }
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Range { setting, value, hint })
+            }
         };
         let mut cfg = cfg;
         let turn = self.turn.clone().or(file.turn.clone());
@@ -295,10 +303,25 @@ impl ServeArgs {
         )?;
         range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
         range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
-        range("max-connections-per-ip", cfg.max_connections_per_ip.to_string(), cfg.max_connections_per_ip >= 1, "at least 1")?;
-        range("max-joins-per-ip", cfg.max_joins_per_ip.to_string(), cfg.max_joins_per_ip >= 1, "at least 1 per minute")?;
+        range(
+            "max-connections-per-ip",
+            cfg.max_connections_per_ip.to_string(),
+            cfg.max_connections_per_ip >= 1,
+            "at least 1",
+        )?;
+        range(
+            "max-joins-per-ip",
+            cfg.max_joins_per_ip.to_string(),
+            cfg.max_joins_per_ip >= 1,
+            "at least 1 per minute",
+        )?;
         if let Some(secret) = &cfg.auth_secret {
-            range("auth-secret", "(hidden)".into(), secret.len() >= 16, "use at least 16 characters (e.g. openssl rand -hex 32)")?;
+            range(
+                "auth-secret",
+                "(hidden)".into(),
+                secret.len() >= 16,
+                "use at least 16 characters (e.g. openssl rand -hex 32)",
+            )?;
         }
         range(
             "ping-interval",

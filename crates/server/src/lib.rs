@@ -14,8 +14,8 @@ pub use access::ServerPolicy;
 pub use config::{ConfigError, IceSource, ServeArgs, ServeConfig, TlsSource};
 pub use router::{LocalRouter, Router};
 
-use axum::extract::{ConnectInfo, Path, State};
 use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -135,7 +135,8 @@ pub async fn serve_prepared(
     policy: Arc<ServerPolicy>,
     tls: Option<tls::Tls>,
 ) -> Result<Server, ServeError> {
-    let listener = std::net::TcpListener::bind(cfg.listen).map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+    let listener =
+        std::net::TcpListener::bind(cfg.listen).map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
     let state = Arc::new(AppState {
         cfg,
@@ -161,7 +162,9 @@ pub async fn serve_prepared(
     // the previous frame (up to 40 ms; measured in the native call benchmark). On Linux accepted sockets inherit
     // TCP_NODELAY from the listener, which saves a system call per connection.
     #[cfg(target_os = "linux")]
-    socket2::SockRef::from(&listener).set_tcp_nodelay(true).map_err(|source| ServeError::Bind { addr: local_addr, source })?;
+    socket2::SockRef::from(&listener)
+        .set_tcp_nodelay(true)
+        .map_err(|source| ServeError::Bind { addr: local_addr, source })?;
     let bind_err = |source| ServeError::Bind { addr: local_addr, source };
     let (scheme, fingerprint, task) = match &tls {
         Some(t) => {
@@ -235,7 +238,10 @@ async fn ws_upgrade(
         if !origin_allowed(allowed, origin) {
             state.counters.refused_origin.fetch_add(1, Ordering::Relaxed);
             let shown = origin.unwrap_or("(none)");
-            return (StatusCode::FORBIDDEN, format!("origin {shown} is not allowed on this server (--allowed-origins)\n"))
+            return (
+                StatusCode::FORBIDDEN,
+                format!("origin {shown} is not allowed on this server (--allowed-origins)\n"),
+            )
                 .into_response();
         }
     }
@@ -266,7 +272,10 @@ async fn ws_upgrade(
             if over_ip_limit {
                 state.counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
                 let limit = state.cfg.max_connections_per_ip;
-                let e = ProtocolError::new(ErrorCode::RateLimited, format!("more than {limit} connections from your address"));
+                let e = ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!("more than {limit} connections from your address"),
+                );
                 // Rare: boxed so that its state does not add to every connection's future.
                 Box::pin(ws::refuse(socket, e)).await;
             } else {

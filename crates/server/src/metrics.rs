@@ -40,7 +40,11 @@ pub fn render(stats: Stats, counters: &Counters, adapter: &AdapterCounters, extr
     for (name, help, v) in [
         ("webcall_joins_total", "Fresh joins.", counters.joins),
         ("webcall_resumes_total", "Sessions resumed after a dropped connection.", counters.resumes),
-        ("webcall_sessions_expired_total", "Sessions ended because their resume grace period ran out.", counters.expired),
+        (
+            "webcall_sessions_expired_total",
+            "Sessions ended because their resume grace period ran out.",
+            counters.expired,
+        ),
         ("webcall_slow_readers_total", "Connections cut off for not reading.", counters.slow_readers),
     ] {
         metric(&mut o, name, "counter", help);

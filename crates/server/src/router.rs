@@ -87,7 +87,11 @@ impl LocalRouter {
     }
 
     /// Like [`LocalRouter::start`], with a join policy.
-    pub fn start_with(cfg: webcall_rooms::Config, ice: Box<dyn IceProvider>, policy: Box<dyn JoinPolicy>) -> Arc<LocalRouter> {
+    pub fn start_with(
+        cfg: webcall_rooms::Config,
+        ice: Box<dyn IceProvider>,
+        policy: Box<dyn JoinPolicy>,
+    ) -> Arc<LocalRouter> {
         let router = Arc::new(LocalRouter {
             inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice).with_policy(policy), signals: HashMap::default() }),
         });

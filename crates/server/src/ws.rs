@@ -2,14 +2,14 @@
 //! connection and writes them. Nothing here knows about rooms.
 
 use crate::router::ConnSignal;
-use crate::AppState;
 use crate::upgrade::{Read, ReadError, WebSocket};
+use crate::AppState;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use webcall_protocol::ProtocolError;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
+use webcall_protocol::ProtocolError;
 use webcall_rooms::{close, ConnId, Frame};
 use webcall_wsframe::{opcode, Event};
 

@@ -87,7 +87,9 @@ async fn recv_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -136,7 +138,9 @@ async fn good_pair(server: SocketAddr, rate: u32, until: Instant) -> Result<[(u6
                     bad += 1; // a refusal of ours is a lost message too
                     continue;
                 }
-                let Some(seq) = v["candidate"]["candidate"].as_str().and_then(|s| s.strip_prefix("seq ")) else { continue };
+                let Some(seq) = v["candidate"]["candidate"].as_str().and_then(|s| s.strip_prefix("seq ")) else {
+                    continue;
+                };
                 let seq: u64 = seq.parse().unwrap_or(u64::MAX);
                 if seq != next {
                     bad += 1;
@@ -164,7 +168,8 @@ async fn churner(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
             continue;
         };
         let room = format!("churn-{}", (i * 7 + round) % 1000);
-        if ws.send(Message::text(json!({"type":"join","room":room,"name":format!("c{i}")}).to_string())).await.is_err() {
+        if ws.send(Message::text(json!({"type":"join","room":room,"name":format!("c{i}")}).to_string())).await.is_err()
+        {
             continue;
         }
         match recv_json(&mut ws, Duration::from_secs(5)).await {
@@ -317,7 +322,9 @@ async fn round_once(a: &Args, baseline: u64) -> Result<bool> {
     let mut after;
     let m = loop {
         let m = metrics(a.server).await?;
-        let gauge = |name: &str| m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<u64>().ok());
+        let gauge = |name: &str| {
+            m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<u64>().ok())
+        };
         after = rss_kib(a.pid);
         if gauge("webcall_peers") == Some(0) && gauge("webcall_connections") == Some(0) || Instant::now() > settle {
             break m;
@@ -346,10 +353,17 @@ async fn round_once(a: &Args, baseline: u64) -> Result<bool> {
         }
     }
     println!("server refusals:");
-    for l in counter("webcall_errors_total").into_iter().chain(counter("webcall_connections_refused_total")).chain(counter("webcall_slow_readers_total")) {
+    for l in counter("webcall_errors_total")
+        .into_iter()
+        .chain(counter("webcall_connections_refused_total"))
+        .chain(counter("webcall_slow_readers_total"))
+    {
         println!("  {l}");
     }
     let lossless = ba == 0 && bb == 0 && ra == sb && rb == sa && sa > 0 && sb > 0;
-    println!("verdict: {}", if lossless { "no message of the well-behaved peers was lost or reordered" } else { "LOSS OR REORDERING" });
+    println!(
+        "verdict: {}",
+        if lossless { "no message of the well-behaved peers was lost or reordered" } else { "LOSS OR REORDERING" }
+    );
     Ok(lossless)
 }

@@ -28,9 +28,7 @@ pub fn rest_username(expiry_unix: u64, peer_id: &str) -> String {
 pub fn parse_rest_username(username: &str) -> Option<(u64, &str)> {
     let digits = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit());
     match username.split_once(':') {
-        None => digits(username)
-            .then(|| (username.parse().ok(), ""))
-            .and_then(|(t, u)| Some((t?, u))),
+        None => digits(username).then(|| (username.parse().ok(), "")).and_then(|(t, u)| Some((t?, u))),
         Some((a, b)) if digits(a) => Some((a.parse().ok()?, b)),
         Some((a, b)) if digits(b) => Some((b.parse().ok()?, a)),
         Some(_) => None,
@@ -79,18 +77,10 @@ fn url_host(ip: IpAddr) -> String {
 impl IceMinter {
     /// `host` is what browsers should dial (an IP or a DNS name, IPv6 in brackets); `port` the UDP/TCP
     /// port; `turns` optionally the host:port of TURN over TLS (adds a `turns:` URL).
-    pub fn new(
-        secret: impl Into<Vec<u8>>,
-        ttl: Duration,
-        host: &str,
-        port: u16,
-        turns: Option<(&str, u16)>,
-    ) -> Self {
+    pub fn new(secret: impl Into<Vec<u8>>, ttl: Duration, host: &str, port: u16, turns: Option<(&str, u16)>) -> Self {
         let stun_urls = vec![format!("stun:{host}:{port}")];
-        let mut turn_urls = vec![
-            format!("turn:{host}:{port}?transport=udp"),
-            format!("turn:{host}:{port}?transport=tcp"),
-        ];
+        let mut turn_urls =
+            vec![format!("turn:{host}:{port}?transport=udp"), format!("turn:{host}:{port}?transport=tcp")];
         if let Some((h, p)) = turns {
             turn_urls.push(format!("turns:{h}:{p}?transport=tcp"));
         }
@@ -104,21 +94,10 @@ impl IceMinter {
     }
 
     /// Same, from socket addresses (as [`crate::TurnHandle`] knows them).
-    pub fn for_addrs(
-        secret: impl Into<Vec<u8>>,
-        ttl: Duration,
-        addr: SocketAddr,
-        turns: Option<SocketAddr>,
-    ) -> Self {
+    pub fn for_addrs(secret: impl Into<Vec<u8>>, ttl: Duration, addr: SocketAddr, turns: Option<SocketAddr>) -> Self {
         let host = url_host(addr.ip());
         let turns_host = turns.map(|a| (url_host(a.ip()), a.port()));
-        Self::new(
-            secret,
-            ttl,
-            &host,
-            addr.port(),
-            turns_host.as_ref().map(|(h, p)| (h.as_str(), *p)),
-        )
+        Self::new(secret, ttl, &host, addr.port(), turns_host.as_ref().map(|(h, p)| (h.as_str(), *p)))
     }
 
     pub fn ttl(&self) -> Duration {
@@ -127,10 +106,7 @@ impl IceMinter {
 
     /// (username, password) valid until `now + ttl`.
     pub fn credentials_at(&self, peer_id: &str, now: SystemTime) -> (String, String) {
-        let expiry = (now + self.ttl)
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let expiry = (now + self.ttl).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let username = rest_username(expiry, peer_id);
         // Same as `rest_password(secret, &username)`, from the keyed state.
         let mut mac = self.mac.clone();
@@ -143,16 +119,8 @@ impl IceMinter {
     pub fn ice_servers_at(&self, peer_id: &str, now: SystemTime) -> Vec<IceServer> {
         let (username, credential) = self.credentials_at(peer_id, now);
         vec![
-            IceServer {
-                urls: self.stun_urls.to_vec(),
-                username: None,
-                credential: None,
-            },
-            IceServer {
-                urls: self.turn_urls.to_vec(),
-                username: Some(username),
-                credential: Some(credential),
-            },
+            IceServer { urls: self.stun_urls.to_vec(), username: None, credential: None },
+            IceServer { urls: self.turn_urls.to_vec(), username: Some(username), credential: Some(credential) },
         ]
     }
 }
@@ -169,14 +137,8 @@ mod tests {
 
     #[test]
     fn username_forms() {
-        assert_eq!(
-            parse_rest_username("1700000000:alice"),
-            Some((1700000000, "alice"))
-        );
-        assert_eq!(
-            parse_rest_username("alice:1700000000"),
-            Some((1700000000, "alice"))
-        );
+        assert_eq!(parse_rest_username("1700000000:alice"), Some((1700000000, "alice")));
+        assert_eq!(parse_rest_username("alice:1700000000"), Some((1700000000, "alice")));
         assert_eq!(parse_rest_username("1700000000"), Some((1700000000, "")));
         assert_eq!(parse_rest_username("alice"), None);
         assert_eq!(parse_rest_username("alice:bob"), None);
@@ -186,10 +148,7 @@ mod tests {
     /// Known answer, computed independently: `echo -n 1700000000:alice | openssl dgst -sha1 -hmac secret -binary | base64`.
     #[test]
     fn password_matches_coturn_formula() {
-        assert_eq!(
-            rest_password(b"secret", "1700000000:alice"),
-            "d8soP47RbdIKLDUOpnJPVQyq5Ts="
-        );
+        assert_eq!(rest_password(b"secret", "1700000000:alice"), "d8soP47RbdIKLDUOpnJPVQyq5Ts=");
     }
 
     #[test]
@@ -212,10 +171,7 @@ mod tests {
             ]
         );
         assert_eq!(s[1].username.as_deref(), Some("1700003600:peer1"));
-        assert_eq!(
-            s[1].credential.as_deref(),
-            Some(rest_password(b"secret", "1700003600:peer1").as_str())
-        );
+        assert_eq!(s[1].credential.as_deref(), Some(rest_password(b"secret", "1700003600:peer1").as_str()));
         // Works as the room core's provider.
         let p: Box<dyn webcall_rooms::IceProvider> = Box::new(m);
         assert_eq!(p.ice_servers("x").len(), 2);

@@ -19,10 +19,7 @@ pub const DEFAULT_IP_QUOTA: usize = 32;
 pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Open TCP/TLS connections per allocation of the total quota the server accepts.
 const STREAMS_PER_ALLOCATION: usize = 2;
-pub const DEFAULT_RELAY_PORTS: PortRange = PortRange {
-    min: 49152,
-    max: 65535,
-};
+pub const DEFAULT_RELAY_PORTS: PortRange = PortRange { min: 49152, max: 65535 };
 
 /// A relay port range `MIN-MAX` (inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -46,10 +43,7 @@ impl FromStr for PortRange {
     fn from_str(s: &str) -> Result<Self, TurnError> {
         let bad = || TurnError::BadPortRange(s.to_string());
         let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
-        let (min, max): (u16, u16) = (
-            a.trim().parse().map_err(|_| bad())?,
-            b.trim().parse().map_err(|_| bad())?,
-        );
+        let (min, max): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
         if min == 0 || min > max {
             return Err(bad());
         }
@@ -83,36 +77,19 @@ pub struct TurnArgs {
     pub listen: Option<SocketAddr>,
 
     /// Address for TURN over TLS (turns:); needs the server's TLS certificate
-    #[arg(
-        long = "turns-listen",
-        env = "WEBCALL_TURNS_LISTEN",
-        value_name = "ADDR"
-    )]
+    #[arg(long = "turns-listen", env = "WEBCALL_TURNS_LISTEN", value_name = "ADDR")]
     pub turns_listen: Option<SocketAddr>,
 
     /// UDP port range for relay addresses [default: 49152-65535]
-    #[arg(
-        long = "turn-relay-ports",
-        env = "WEBCALL_TURN_RELAY_PORTS",
-        value_name = "MIN-MAX"
-    )]
+    #[arg(long = "turn-relay-ports", env = "WEBCALL_TURN_RELAY_PORTS", value_name = "MIN-MAX")]
     pub relay_ports: Option<PortRange>,
 
     /// Public IP that relay candidates advertise (for a server behind NAT, or listening on 0.0.0.0)
-    #[arg(
-        long = "turn-external-ip",
-        env = "WEBCALL_TURN_EXTERNAL_IP",
-        value_name = "IP"
-    )]
+    #[arg(long = "turn-external-ip", env = "WEBCALL_TURN_EXTERNAL_IP", value_name = "IP")]
     pub external_ip: Option<IpAddr>,
 
     /// Shared secret for TURN REST credentials (coturn's static-auth-secret) [default: random per start]
-    #[arg(
-        long = "turn-secret",
-        env = "WEBCALL_TURN_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long = "turn-secret", env = "WEBCALL_TURN_SECRET", value_name = "SECRET", hide_env_values = true)]
     pub secret: Option<String>,
 
     /// TURN realm [default: webcall]
@@ -120,12 +97,7 @@ pub struct TurnArgs {
     pub realm: Option<String>,
 
     /// Allow relaying to peers in this range although it is loopback/private/link-local/multicast (repeatable)
-    #[arg(
-        long = "turn-allow-peer",
-        env = "WEBCALL_TURN_ALLOW_PEER",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
+    #[arg(long = "turn-allow-peer", env = "WEBCALL_TURN_ALLOW_PEER", value_name = "CIDR", value_delimiter = ',')]
     pub allow_peer: Vec<IpNet>,
 
     /// Lifetime of minted TURN credentials [default: 24h]
@@ -134,28 +106,16 @@ pub struct TurnArgs {
     pub credential_ttl: Option<Duration>,
 
     /// Allocations per user (peer id) [default: 10; with `webcall serve`, 2 × --max-peers, at least 10]
-    #[arg(
-        long = "turn-user-quota",
-        env = "WEBCALL_TURN_USER_QUOTA",
-        value_name = "N"
-    )]
+    #[arg(long = "turn-user-quota", env = "WEBCALL_TURN_USER_QUOTA", value_name = "N")]
     pub user_quota: Option<usize>,
 
     /// Allocations on the whole server [default: 1000]
-    #[arg(
-        long = "turn-total-quota",
-        env = "WEBCALL_TURN_TOTAL_QUOTA",
-        value_name = "N"
-    )]
+    #[arg(long = "turn-total-quota", env = "WEBCALL_TURN_TOTAL_QUOTA", value_name = "N")]
     pub total_quota: Option<usize>,
 
     /// Allocations per client IP address, whatever the credentials (over it, Allocate gets 486
     /// Allocation Quota Reached); raise it when many clients share one NAT address [default: 32]
-    #[arg(
-        long = "turn-ip-quota",
-        env = "WEBCALL_TURN_IP_QUOTA",
-        value_name = "N"
-    )]
+    #[arg(long = "turn-ip-quota", env = "WEBCALL_TURN_IP_QUOTA", value_name = "N")]
     pub ip_quota: Option<usize>,
 
     /// Longest allocation lifetime a client may request [default: 1h]
@@ -174,11 +134,7 @@ impl TurnArgs {
             external_ip: self.external_ip.or(other.external_ip),
             secret: self.secret.or(other.secret),
             realm: self.realm.or(other.realm),
-            allow_peer: if self.allow_peer.is_empty() {
-                other.allow_peer
-            } else {
-                self.allow_peer
-            },
+            allow_peer: if self.allow_peer.is_empty() { other.allow_peer } else { self.allow_peer },
             credential_ttl: self.credential_ttl.or(other.credential_ttl),
             user_quota: self.user_quota.or(other.user_quota),
             total_quota: self.total_quota.or(other.total_quota),
@@ -188,13 +144,8 @@ impl TurnArgs {
     }
 
     /// Applies defaults and checks. `tls` is the server certificate, needed when `turns_listen` is set.
-    pub fn into_config(
-        self,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> Result<TurnConfig, TurnError> {
-        let listen = self
-            .listen
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid"));
+    pub fn into_config(self, tls: Option<Arc<rustls::ServerConfig>>) -> Result<TurnConfig, TurnError> {
+        let listen = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid"));
         let tls = match (self.turns_listen, tls) {
             (Some(addr), Some(cfg)) => Some((addr, cfg)),
             (Some(addr), None) => return Err(TurnError::TlsWithoutCert(addr)),
@@ -280,13 +231,9 @@ impl fmt::Debug for TurnConfig {
 impl TurnConfig {
     /// Defaults with the given listen address and secret (handy for tests and embedding).
     pub fn new(listen: SocketAddr, secret: impl Into<String>) -> TurnConfig {
-        TurnArgs {
-            listen: Some(listen),
-            secret: Some(secret.into()),
-            ..Default::default()
-        }
-        .into_config(None)
-        .expect("defaults are valid")
+        TurnArgs { listen: Some(listen), secret: Some(secret.into()), ..Default::default() }
+            .into_config(None)
+            .expect("defaults are valid")
     }
 
     pub(crate) fn check(&self) -> Result<(), TurnError> {
@@ -331,13 +278,7 @@ mod tests {
             "4",
         ])
         .unwrap();
-        assert_eq!(
-            cli.turn.relay_ports,
-            Some(PortRange {
-                min: 40000,
-                max: 40100
-            })
-        );
+        assert_eq!(cli.turn.relay_ports, Some(PortRange { min: 40000, max: 40100 }));
         assert_eq!(cli.turn.allow_peer.len(), 2);
         let cfg = cli.turn.into_config(None).unwrap();
         assert_eq!(cfg.credential_ttl, Duration::from_secs(3600));
@@ -352,10 +293,7 @@ mod tests {
             "listen = \"127.0.0.1:4000\"\nrelay-ports = \"50000-50010\"\nallow-peer = [\"10.0.0.0/8\"]\ncredential-ttl = \"2h\"\nrealm = \"r\"\nip-quota = 7",
         )
         .unwrap();
-        let cli = TurnArgs {
-            realm: Some("cli".into()),
-            ..Default::default()
-        };
+        let cli = TurnArgs { realm: Some("cli".into()), ..Default::default() };
         let cfg = cli.or(file).into_config(None).unwrap();
         assert_eq!(cfg.listen.port(), 4000);
         assert_eq!(cfg.realm, "cli");
@@ -368,19 +306,13 @@ mod tests {
 
     #[test]
     fn config_errors_say_what_to_do() {
-        let e = TurnArgs {
-            listen: Some("0.0.0.0:3478".parse().unwrap()),
-            ..Default::default()
-        }
-        .into_config(None)
-        .unwrap_err();
+        let e = TurnArgs { listen: Some("0.0.0.0:3478".parse().unwrap()), ..Default::default() }
+            .into_config(None)
+            .unwrap_err();
         assert!(e.to_string().contains("--turn-external-ip"), "{e}");
-        let e = TurnArgs {
-            turns_listen: Some("127.0.0.1:5349".parse().unwrap()),
-            ..Default::default()
-        }
-        .into_config(None)
-        .unwrap_err();
+        let e = TurnArgs { turns_listen: Some("127.0.0.1:5349".parse().unwrap()), ..Default::default() }
+            .into_config(None)
+            .unwrap_err();
         assert!(e.to_string().contains("certificate"), "{e}");
         // A random secret when none is given.
         let a = TurnArgs::default().into_config(None).unwrap();

@@ -53,11 +53,7 @@ pub enum Output {
     /// Send `data` to the client on `tuple`.
     Transmit { tuple: FiveTuple, data: Vec<u8> },
     /// Bind a UDP relay socket of `family` as `port` says, then call [`TurnCore::relay_opened`].
-    OpenRelay {
-        alloc: AllocId,
-        family: Family,
-        port: RelayPort,
-    },
+    OpenRelay { alloc: AllocId, family: Family, port: RelayPort },
     /// The allocation is gone: close its relay socket (unknown ids are to be ignored).
     CloseRelay { alloc: AllocId },
     /// A port held by [`RelayPort::Even`] `reserve_next` was not claimed in time: close it.
@@ -242,10 +238,7 @@ impl TurnCore {
         rng.fill_bytes(&mut nonce_key);
         TurnCore {
             start: now,
-            start_unix: unix_now
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
+            start_unix: unix_now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
             nonce_key,
             txid_state: rng.random::<u64>() | 1,
             next_id: 1,
@@ -268,10 +261,7 @@ impl TurnCore {
     }
 
     pub fn stats(&self) -> CoreStats {
-        CoreStats {
-            allocations: self.allocs.len(),
-            ..self.stats
-        }
+        CoreStats { allocations: self.allocs.len(), ..self.stats }
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -297,12 +287,7 @@ impl TurnCore {
 
     /// A datagram (UDP) or one frame (TCP/TLS, see [`stream_frame_len`]) from a client. Returns what to
     /// relay to a peer; anything else (responses) is queued for [`TurnCore::poll_output`].
-    pub fn handle_client<'a>(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        data: &'a [u8],
-    ) -> Option<PeerSend<'a>> {
+    pub fn handle_client<'a>(&mut self, now: Instant, tuple: FiveTuple, data: &'a [u8]) -> Option<PeerSend<'a>> {
         match data.first()? >> 6 {
             0b01 => self.channel_data(now, tuple, data),
             0b00 => {
@@ -315,9 +300,7 @@ impl TurnCore {
                         self.request(now, tuple, &msg);
                         None
                     }
-                    stun::INDICATION if msg.method() == stun::SEND => {
-                        self.send_indication(now, tuple, msg)
-                    }
+                    stun::INDICATION if msg.method() == stun::SEND => self.send_indication(now, tuple, msg),
                     _ => None,
                 }
             }
@@ -325,12 +308,7 @@ impl TurnCore {
         }
     }
 
-    fn channel_data<'a>(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        data: &'a [u8],
-    ) -> Option<PeerSend<'a>> {
+    fn channel_data<'a>(&mut self, now: Instant, tuple: FiveTuple, data: &'a [u8]) -> Option<PeerSend<'a>> {
         if data.len() < 4 {
             return None;
         }
@@ -339,37 +317,23 @@ impl TurnCore {
         let payload = data.get(4..4 + len)?;
         let id = *self.by_tuple.get(&tuple)?;
         let a = self.allocs.get(&id)?;
-        let ch = a
-            .channels
-            .iter()
-            .find(|c| c.number == number && c.expires > now)?;
+        let ch = a.channels.iter().find(|c| c.number == number && c.expires > now)?;
         if !a.permitted(ch.peer.ip(), now) {
             return None;
         }
         let peer = ch.peer;
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += len as u64;
-        Some(PeerSend {
-            alloc: id,
-            peer,
-            data: payload,
-        })
+        Some(PeerSend { alloc: id, peer, data: payload })
     }
 
-    fn send_indication<'a>(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: Msg<'a>,
-    ) -> Option<PeerSend<'a>> {
+    fn send_indication<'a>(&mut self, now: Instant, tuple: FiveTuple, msg: Msg<'a>) -> Option<PeerSend<'a>> {
         let id = *self.by_tuple.get(&tuple)?;
         let a = self.allocs.get(&id)?;
         let (mut peer, mut data) = (None, None);
         for (t, v, _) in msg.attrs() {
             match t {
-                stun::XOR_PEER_ADDRESS if peer.is_none() => {
-                    peer = stun::decode_xor_addr(v, msg.txid())
-                }
+                stun::XOR_PEER_ADDRESS if peer.is_none() => peer = stun::decode_xor_addr(v, msg.txid()),
                 stun::DATA_ATTR if data.is_none() => data = Some(v),
                 // Unknown comprehension-required attributes: discard the indication (RFC 8489 §6.3.2).
                 t if t < 0x8000 && !is_known(t) => return None,
@@ -383,11 +347,7 @@ impl TurnCore {
         }
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += data.len() as u64;
-        Some(PeerSend {
-            alloc: id,
-            peer,
-            data,
-        })
+        Some(PeerSend { alloc: id, peer, data })
     }
 
     /// A datagram that arrived on the relay socket of `alloc` from `from`. The payload is
@@ -413,11 +373,7 @@ impl TurnCore {
             return None;
         }
         let tuple = a.tuple;
-        let range = if let Some(ch) = a
-            .channels
-            .iter()
-            .find(|c| c.peer == from && c.expires > now)
-        {
+        let range = if let Some(ch) = a.channels.iter().find(|c| c.peer == from && c.expires > now) {
             let s = start - 4;
             buf[s..s + 2].copy_from_slice(&ch.number.to_be_bytes());
             buf[s + 2..s + 4].copy_from_slice(&(len as u16).to_be_bytes());
@@ -482,11 +438,7 @@ impl TurnCore {
         if a.reserve_next {
             let mut token = [0u8; 8];
             self.rng.fill_bytes(&mut token);
-            let r = Reservation {
-                port: bound.port() + 1,
-                family: a.family,
-                expires: now + RESERVATION_LIFETIME,
-            };
+            let r = Reservation { port: bound.port() + 1, family: a.family, expires: now + RESERVATION_LIFETIME };
             self.reservations.insert(token, r);
             b.attr(stun::RESERVATION_TOKEN, &token);
         }
@@ -623,11 +575,7 @@ impl TurnCore {
             IpAddr::V4(v) => mac.update(&v.octets()),
             IpAddr::V6(v) => mac.update(&v.octets()),
         }
-        u64::from_be_bytes(
-            mac.finalize().into_bytes()[..8]
-                .try_into()
-                .expect("20 bytes"),
-        )
+        u64::from_be_bytes(mac.finalize().into_bytes()[..8].try_into().expect("20 bytes"))
     }
 
     fn nonce_valid(&self, now: Instant, ip: IpAddr, nonce: &[u8]) -> bool {
@@ -637,10 +585,7 @@ impl TurnCore {
         if s.len() != 32 {
             return false;
         }
-        let (Ok(issued), Ok(mac)) = (
-            u64::from_str_radix(&s[..16], 16),
-            u64::from_str_radix(&s[16..], 16),
-        ) else {
+        let (Ok(issued), Ok(mac)) = (u64::from_str_radix(&s[..16], 16), u64::from_str_radix(&s[16..], 16)) else {
             return false;
         };
         mac == self.nonce_mac(issued, ip)
@@ -652,24 +597,13 @@ impl TurnCore {
         let fp = msg.attrs().any(|(t, _, _)| t == stun::FINGERPRINT);
         if method == stun::BINDING {
             let mut b = Builder::new(stun::msg_type(stun::BINDING, stun::SUCCESS), msg.txid());
-            b.xor_addr(stun::XOR_MAPPED_ADDRESS, tuple.client)
-                .mapped_addr(tuple.client);
+            b.xor_addr(stun::XOR_MAPPED_ADDRESS, tuple.client).mapped_addr(tuple.client);
             let data = finish(&mut b, &self.cfg, None, fp);
             self.out.push_back(Output::Transmit { tuple, data });
             return;
         }
-        if !matches!(
-            method,
-            stun::ALLOCATE | stun::REFRESH | stun::CREATE_PERMISSION | stun::CHANNEL_BIND
-        ) {
-            return self.reply_error(
-                now,
-                tuple,
-                msg,
-                (400, "Bad Request: unknown method"),
-                None,
-                fp,
-            );
+        if !matches!(method, stun::ALLOCATE | stun::REFRESH | stun::CREATE_PERMISSION | stun::CHANNEL_BIND) {
+            return self.reply_error(now, tuple, msg, (400, "Bad Request: unknown method"), None, fp);
         }
         // A retransmitted Allocate gets the same answer (RFC 8656 §7.2), without re-authenticating.
         if method == stun::ALLOCATE {
@@ -683,11 +617,7 @@ impl TurnCore {
                 }
             }
         }
-        let unknown: Vec<u16> = msg
-            .attrs()
-            .map(|(t, _, _)| t)
-            .filter(|t| *t < 0x8000 && !is_known(*t))
-            .collect();
+        let unknown: Vec<u16> = msg.attrs().map(|(t, _, _)| t).filter(|t| *t < 0x8000 && !is_known(*t)).collect();
         if !unknown.is_empty() {
             tracing::debug!(?unknown, method, client = %tuple.client, "unknown comprehension-required attributes");
             let mut b = Builder::new(stun::msg_type(method, stun::ERROR), msg.txid());
@@ -720,29 +650,14 @@ impl TurnCore {
 
     /// RFC 8489 §9.2.4, long-term credentials with TURN REST usernames. On failure the error response
     /// is queued and `None` returned.
-    fn authenticate(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: &Msg<'_>,
-        fp: bool,
-    ) -> Option<Authed> {
-        let (Some(username), Some(_realm), Some(nonce)) = (
-            msg.get(stun::USERNAME),
-            msg.get(stun::REALM),
-            msg.get(stun::NONCE),
-        ) else {
+    fn authenticate(&mut self, now: Instant, tuple: FiveTuple, msg: &Msg<'_>, fp: bool) -> Option<Authed> {
+        let (Some(username), Some(_realm), Some(nonce)) =
+            (msg.get(stun::USERNAME), msg.get(stun::REALM), msg.get(stun::NONCE))
+        else {
             if msg.get(stun::MESSAGE_INTEGRITY).is_none() {
                 self.reply_error(now, tuple, msg, (401, "Unauthorized"), None, fp);
             } else {
-                self.reply_error(
-                    now,
-                    tuple,
-                    msg,
-                    (400, "Bad Request: USERNAME, REALM and NONCE required"),
-                    None,
-                    fp,
-                );
+                self.reply_error(now, tuple, msg, (400, "Bad Request: USERNAME, REALM and NONCE required"), None, fp);
             }
             return None;
         };
@@ -756,27 +671,13 @@ impl TurnCore {
             (expiry > unix_now).then_some((u, user))
         });
         let Some((username, user)) = valid_user else {
-            self.reply_error(
-                now,
-                tuple,
-                msg,
-                (401, "Unauthorized: credentials expired or malformed"),
-                None,
-                fp,
-            );
+            self.reply_error(now, tuple, msg, (401, "Unauthorized: credentials expired or malformed"), None, fp);
             return None;
         };
         let password = auth::rest_password(&self.cfg.secret, username);
         let key = auth::long_term_key(username, &self.cfg.realm, &password);
         if msg.check_integrity(&key) != Some(true) {
-            self.reply_error(
-                now,
-                tuple,
-                msg,
-                (401, "Unauthorized: wrong credentials"),
-                None,
-                fp,
-            );
+            self.reply_error(now, tuple, msg, (401, "Unauthorized: wrong credentials"), None, fp);
             return None;
         }
         if !self.nonce_valid(now, tuple.client.ip(), nonce) {
@@ -787,11 +688,7 @@ impl TurnCore {
             Some((k, _)) => k.clone(),
             None => user.into(),
         };
-        Some(Authed {
-            username: username.into(),
-            user,
-            key,
-        })
+        Some(Authed { username: username.into(), user, key })
     }
 
     fn reply_error(
@@ -808,8 +705,7 @@ impl TurnCore {
         b.error(code, reason);
         if code == 401 || code == 438 {
             let nonce = self.nonce(now, tuple.client.ip());
-            b.attr(stun::REALM, self.cfg.realm.as_bytes())
-                .attr(stun::NONCE, nonce.as_bytes());
+            b.attr(stun::REALM, self.cfg.realm.as_bytes()).attr(stun::NONCE, nonce.as_bytes());
         }
         let data = finish(&mut b, &self.cfg, key, fp);
         self.out.push_back(Output::Transmit { tuple, data });
@@ -818,9 +714,7 @@ impl TurnCore {
     fn lifetime(&self, requested: Option<u32>) -> Duration {
         match requested {
             None => self.cfg.default_lifetime,
-            Some(s) => Duration::from_secs(s as u64)
-                .min(self.cfg.max_lifetime)
-                .max(self.cfg.default_lifetime),
+            Some(s) => Duration::from_secs(s as u64).min(self.cfg.max_lifetime).max(self.cfg.default_lifetime),
         }
     }
 
@@ -837,21 +731,14 @@ impl TurnCore {
         }
         match msg.get(stun::REQUESTED_TRANSPORT) {
             None => return Err((400, "Bad Request: REQUESTED-TRANSPORT missing")),
-            Some(v) if v.len() != 4 => {
-                return Err((400, "Bad Request: REQUESTED-TRANSPORT malformed"))
-            }
+            Some(v) if v.len() != 4 => return Err((400, "Bad Request: REQUESTED-TRANSPORT malformed")),
             Some(v) if v[0] != 17 => return Err((442, "Unsupported Transport Protocol")),
             Some(_) => {}
         }
         let token = msg.get(stun::RESERVATION_TOKEN);
-        if token.is_some()
-            && (msg.get(stun::EVEN_PORT).is_some()
-                || msg.get(stun::REQUESTED_ADDRESS_FAMILY).is_some())
+        if token.is_some() && (msg.get(stun::EVEN_PORT).is_some() || msg.get(stun::REQUESTED_ADDRESS_FAMILY).is_some())
         {
-            return Err((
-                400,
-                "Bad Request: RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY",
-            ));
+            return Err((400, "Bad Request: RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY"));
         }
         let family = match msg.get(stun::REQUESTED_ADDRESS_FAMILY) {
             None => Family::V4,
@@ -859,23 +746,15 @@ impl TurnCore {
             Some([2, ..]) => Family::V6,
             Some(_) => return Err((440, "Address Family not Supported")),
         };
-        if (family == Family::V4 && !self.cfg.relay_v4)
-            || (family == Family::V6 && !self.cfg.relay_v6)
-        {
+        if (family == Family::V4 && !self.cfg.relay_v4) || (family == Family::V6 && !self.cfg.relay_v6) {
             return Err((440, "Address Family not Supported"));
         }
         if self.per_user.get(&auth.user).copied().unwrap_or(0) >= self.cfg.user_quota {
-            return Err((
-                486,
-                "Allocation Quota Reached: too many allocations for this user",
-            ));
+            return Err((486, "Allocation Quota Reached: too many allocations for this user"));
         }
         let ip = tuple.client.ip().to_canonical();
         if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.cfg.ip_quota {
-            return Err((
-                486,
-                "Allocation Quota Reached: too many allocations from this address",
-            ));
+            return Err((486, "Allocation Quota Reached: too many allocations from this address"));
         }
         if self.allocs.len() >= self.cfg.total_quota {
             return Err((486, "Allocation Quota Reached: server full"));
@@ -886,18 +765,10 @@ impl TurnCore {
                     .ok()
                     .and_then(|t| self.reservations.remove(&t))
                     .filter(|r| r.expires > now)
-                    .ok_or((
-                        508,
-                        "Insufficient Capacity: unknown or expired RESERVATION-TOKEN",
-                    ))?;
+                    .ok_or((508, "Insufficient Capacity: unknown or expired RESERVATION-TOKEN"))?;
                 (RelayPort::Reserved(r.port), r.family)
             }
-            (None, Some(v)) => (
-                RelayPort::Even {
-                    reserve_next: v.first().is_some_and(|b| b & 0x80 != 0),
-                },
-                family,
-            ),
+            (None, Some(v)) => (RelayPort::Even { reserve_next: v.first().is_some_and(|b| b & 0x80 != 0) }, family),
             (None, None) => (RelayPort::Any, family),
         };
         let reserve_next = port == RelayPort::Even { reserve_next: true };
@@ -928,20 +799,13 @@ impl TurnCore {
         self.expiries.insert((expires, id));
         *self.per_user.entry(auth.user.clone()).or_insert(0) += 1;
         *self.per_ip.entry(ip).or_insert(0) += 1;
-        self.out.push_back(Output::OpenRelay {
-            alloc: id,
-            family,
-            port,
-        });
+        self.out.push_back(Output::OpenRelay { alloc: id, family, port });
         Ok(None)
     }
 
     /// The allocation on `tuple`, checked against the request's credentials.
     fn own_alloc(&self, tuple: FiveTuple, auth: &Authed) -> Result<AllocId, Fail> {
-        let id = *self
-            .by_tuple
-            .get(&tuple)
-            .ok_or((437, "Allocation Mismatch: no allocation"))?;
+        let id = *self.by_tuple.get(&tuple).ok_or((437, "Allocation Mismatch: no allocation"))?;
         let a = &self.allocs[&id];
         if a.username != auth.username {
             return Err((441, "Wrong Credentials"));
@@ -1000,8 +864,7 @@ impl TurnCore {
                 break;
             }
             if t == stun::XOR_PEER_ADDRESS {
-                let p = stun::decode_xor_addr(v, msg.txid())
-                    .ok_or((400, "Bad Request: bad XOR-PEER-ADDRESS"))?;
+                let p = stun::decode_xor_addr(v, msg.txid()).ok_or((400, "Bad Request: bad XOR-PEER-ADDRESS"))?;
                 peers.push(canonical(p));
             }
         }
@@ -1015,10 +878,7 @@ impl TurnCore {
         let exp = now + self.cfg.permission_lifetime;
         let max = self.cfg.max_permissions;
         let a = self.allocs.get_mut(&id).expect("checked");
-        let new = peers
-            .iter()
-            .filter(|p| !a.perms.iter().any(|(ip, _)| *ip == p.ip()))
-            .count();
+        let new = peers.iter().filter(|p| !a.perms.iter().any(|(ip, _)| *ip == p.ip())).count();
         a.perms.retain(|(_, e)| *e > now);
         if a.perms.len() + new > max {
             return Err((508, "Insufficient Capacity: too many permissions"));
@@ -1026,10 +886,7 @@ impl TurnCore {
         for p in peers {
             install_perm(a, p.ip(), exp);
         }
-        Ok(Some(Builder::new(
-            stun::msg_type(stun::CREATE_PERMISSION, stun::SUCCESS),
-            msg.txid(),
-        )))
+        Ok(Some(Builder::new(stun::msg_type(stun::CREATE_PERMISSION, stun::SUCCESS), msg.txid())))
     }
 
     fn channel_bind(
@@ -1044,11 +901,7 @@ impl TurnCore {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
             _ => return Err((400, "Bad Request: CHANNEL-NUMBER missing")),
         };
-        let max = if self.cfg.legacy_channel_numbers {
-            0x7FFF
-        } else {
-            0x4FFF
-        };
+        let max = if self.cfg.legacy_channel_numbers { 0x7FFF } else { 0x4FFF };
         if !(0x4000..=max).contains(&number) {
             return Err((400, "Bad Request: channel number outside 0x4000-0x4FFF"));
         }
@@ -1059,16 +912,10 @@ impl TurnCore {
         let a = &self.allocs[&id];
         self.check_peer(a, peer)?;
         let live = |c: &Channel| c.expires + CHANNEL_COOLDOWN > now;
-        if a.channels
-            .iter()
-            .any(|c| live(c) && c.number == number && c.peer != peer)
-        {
+        if a.channels.iter().any(|c| live(c) && c.number == number && c.peer != peer) {
             return Err((400, "Bad Request: channel bound to another peer"));
         }
-        if a.channels
-            .iter()
-            .any(|c| live(c) && c.peer == peer && c.number != number)
-        {
+        if a.channels.iter().any(|c| live(c) && c.peer == peer && c.number != number) {
             return Err((400, "Bad Request: peer bound to another channel"));
         }
         let max = self.cfg.max_permissions;
@@ -1082,18 +929,11 @@ impl TurnCore {
                 if a.channels.len() >= max {
                     return Err((508, "Insufficient Capacity: too many channels"));
                 }
-                a.channels.push(Channel {
-                    number,
-                    peer,
-                    expires: ch_exp,
-                });
+                a.channels.push(Channel { number, peer, expires: ch_exp });
             }
         }
         install_perm(a, peer.ip(), perm_exp);
-        Ok(Some(Builder::new(
-            stun::msg_type(stun::CHANNEL_BIND, stun::SUCCESS),
-            msg.txid(),
-        )))
+        Ok(Some(Builder::new(stun::msg_type(stun::CHANNEL_BIND, stun::SUCCESS), msg.txid())))
     }
 }
 

@@ -22,11 +22,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn udp(client: &str) -> FiveTuple {
-    FiveTuple {
-        transport: Transport::Udp,
-        client: addr(client),
-        server: addr("192.0.2.10:3478"),
-    }
+    FiveTuple { transport: Transport::Udp, client: addr(client), server: addr("192.0.2.10:3478") }
 }
 
 /// A decoded response.
@@ -59,21 +55,9 @@ impl H {
     fn new(cfg: CoreConfig) -> H {
         let now = Instant::now();
         let unix = 1_700_000_000;
-        let core = TurnCore::new(
-            CoreConfig {
-                secret: SECRET.to_vec(),
-                ..cfg
-            },
-            now,
-            UNIX_EPOCH + Duration::from_secs(unix),
-        );
-        H {
-            core,
-            now,
-            unix,
-            relay_port: 50000,
-            txn: 0,
-        }
+        let core =
+            TurnCore::new(CoreConfig { secret: SECRET.to_vec(), ..cfg }, now, UNIX_EPOCH + Duration::from_secs(unix));
+        H { core, now, unix, relay_port: 50000, txn: 0 }
     }
     fn default() -> H {
         H::new(CoreConfig::default())
@@ -94,12 +78,7 @@ impl H {
         t[..4].copy_from_slice(&self.txn.to_be_bytes());
         t
     }
-    fn build(
-        &mut self,
-        method: u16,
-        auth: Option<(&Creds, &str)>,
-        f: impl FnOnce(&mut Builder),
-    ) -> Vec<u8> {
+    fn build(&mut self, method: u16, auth: Option<(&Creds, &str)>, f: impl FnOnce(&mut Builder)) -> Vec<u8> {
         let txid = self.txid();
         build_with(txid, method, auth, f)
     }
@@ -117,21 +96,10 @@ impl H {
                     assert_eq!(t, tuple);
                     assert!(resp.is_none(), "one response per request");
                     let m = Msg::parse(&data).unwrap();
-                    let code = m
-                        .get(stun::ERROR_CODE)
-                        .map(|v| v[2] as u16 * 100 + v[3] as u16);
-                    resp = Some(Resp {
-                        class: m.class(),
-                        method: m.method(),
-                        code,
-                        bytes: data,
-                    });
+                    let code = m.get(stun::ERROR_CODE).map(|v| v[2] as u16 * 100 + v[3] as u16);
+                    resp = Some(Resp { class: m.class(), method: m.method(), code, bytes: data });
                 }
-                Output::OpenRelay {
-                    alloc,
-                    family,
-                    port,
-                } => {
+                Output::OpenRelay { alloc, family, port } => {
                     assert_eq!(family, Family::V4);
                     let port = match port {
                         RelayPort::Reserved(p) => p,
@@ -166,11 +134,7 @@ impl H {
         let r = self.request(tuple, &first);
         assert_eq!(r.code, Some(401));
         assert_eq!(r.msg().get(stun::REALM), Some(&b"webcall"[..]));
-        assert_eq!(
-            r.msg().check_integrity(b"anything"),
-            None,
-            "401 carries no MESSAGE-INTEGRITY"
-        );
+        assert_eq!(r.msg().check_integrity(b"anything"), None, "401 carries no MESSAGE-INTEGRITY");
         let nonce = r.nonce();
         let req = self.build(stun::ALLOCATE, Some((c, &nonce)), |b| {
             b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
@@ -179,23 +143,10 @@ impl H {
         assert_eq!((r.class, r.code), (stun::SUCCESS, None), "{r:?}");
         let key = auth::long_term_key(&c.username, "webcall", &c.password);
         assert_eq!(r.msg().check_integrity(&key), Some(true));
-        assert_eq!(
-            r.msg().get_xor_addr(stun::XOR_MAPPED_ADDRESS),
-            Some(tuple.client)
-        );
-        (
-            nonce,
-            r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap(),
-        )
+        assert_eq!(r.msg().get_xor_addr(stun::XOR_MAPPED_ADDRESS), Some(tuple.client));
+        (nonce, r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap())
     }
-    fn simple(
-        &mut self,
-        tuple: FiveTuple,
-        method: u16,
-        c: &Creds,
-        nonce: &str,
-        f: impl FnOnce(&mut Builder),
-    ) -> Resp {
+    fn simple(&mut self, tuple: FiveTuple, method: u16, c: &Creds, nonce: &str, f: impl FnOnce(&mut Builder)) -> Resp {
         let req = self.build(method, Some((c, nonce)), f);
         let r = self.request(tuple, &req);
         assert_eq!(r.method, method);
@@ -249,31 +200,17 @@ impl H {
         let alloc = self.core.allocation_of(&tuple)?;
         let mut buf = vec![0xEEu8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
         buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
-        let (t, range) = self.core.handle_peer(
-            self.now,
-            alloc,
-            addr(peer),
-            &mut buf,
-            PEER_HEADROOM,
-            payload.len(),
-        )?;
+        let (t, range) = self.core.handle_peer(self.now, alloc, addr(peer), &mut buf, PEER_HEADROOM, payload.len())?;
         assert_eq!(t, tuple);
         Some(buf[range].to_vec())
     }
 }
 
-fn build_with(
-    txid: [u8; 12],
-    method: u16,
-    auth: Option<(&Creds, &str)>,
-    f: impl FnOnce(&mut Builder),
-) -> Vec<u8> {
+fn build_with(txid: [u8; 12], method: u16, auth: Option<(&Creds, &str)>, f: impl FnOnce(&mut Builder)) -> Vec<u8> {
     let mut b = Builder::new(stun::msg_type(method, stun::REQUEST), &txid);
     f(&mut b);
     if let Some((c, nonce)) = auth {
-        b.attr(stun::USERNAME, c.username.as_bytes())
-            .attr(stun::REALM, b"webcall")
-            .attr(stun::NONCE, nonce.as_bytes());
+        b.attr(stun::USERNAME, c.username.as_bytes()).attr(stun::REALM, b"webcall").attr(stun::NONCE, nonce.as_bytes());
         b.integrity(&auth::long_term_key(&c.username, "webcall", &c.password));
     }
     b.fingerprint();
@@ -290,10 +227,7 @@ fn binding_returns_mapped_address() {
     let req = h.build(stun::BINDING, None, |_| {});
     let r = h.request(t, &req);
     assert_eq!((r.class, r.method), (stun::SUCCESS, stun::BINDING));
-    assert_eq!(
-        r.msg().get_xor_addr(stun::XOR_MAPPED_ADDRESS),
-        Some(t.client)
-    );
+    assert_eq!(r.msg().get_xor_addr(stun::XOR_MAPPED_ADDRESS), Some(t.client));
     assert!(r.msg().fingerprint_ok());
 }
 
@@ -338,8 +272,7 @@ fn allocate_lifetime_and_mismatch_rules() {
     });
     let nonce = h.request(t, &first).nonce();
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
-        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
-            .u32(stun::LIFETIME, 1800);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).u32(stun::LIFETIME, 1800);
     });
     let r = h.request(t, &req);
     assert_eq!(r.lifetime(), 1800);
@@ -366,23 +299,16 @@ fn allocate_lifetime_and_mismatch_rules() {
     });
     let r = h.request(t2, &req);
     assert_eq!(r.code, Some(420));
-    assert_eq!(
-        r.msg().get(stun::UNKNOWN_ATTRIBUTES),
-        Some(&[0x00, 0x1A][..])
-    );
+    assert_eq!(r.msg().get(stun::UNKNOWN_ATTRIBUTES), Some(&[0x00, 0x1A][..]));
     assert_eq!(h.core.stats().allocations, 1);
     // EVEN-PORT is passed on to the I/O layer.
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
-        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
-            .attr(stun::EVEN_PORT, &[0x80]);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(stun::EVEN_PORT, &[0x80]);
     });
     assert!(h.core.handle_client(h.now, t2, &req).is_none());
     assert!(matches!(
         h.core.poll_output(),
-        Some(Output::OpenRelay {
-            port: RelayPort::Even { reserve_next: true },
-            ..
-        })
+        Some(Output::OpenRelay { port: RelayPort::Even { reserve_next: true }, .. })
     ));
 }
 
@@ -404,22 +330,12 @@ fn even_port_reservation_token() {
     });
     let rtp = r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap();
     assert_eq!(rtp.port() % 2, 0);
-    let token = r
-        .msg()
-        .get(stun::RESERVATION_TOKEN)
-        .expect("RESERVATION-TOKEN")
-        .to_vec();
+    let token = r.msg().get(stun::RESERVATION_TOKEN).expect("RESERVATION-TOKEN").to_vec();
     // The token gets exactly that port, once.
     let r = alloc(&mut h, 3, &|b| {
         b.attr(stun::RESERVATION_TOKEN, &token);
     });
-    assert_eq!(
-        r.msg()
-            .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .port(),
-        rtp.port() + 1
-    );
+    assert_eq!(r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap().port(), rtp.port() + 1);
     assert_eq!(
         alloc(&mut h, 4, &|b| {
             b.attr(stun::RESERVATION_TOKEN, &token);
@@ -432,18 +348,10 @@ fn even_port_reservation_token() {
         b.attr(stun::EVEN_PORT, &[0]);
     });
     assert!(r.msg().get(stun::RESERVATION_TOKEN).is_none());
-    assert_eq!(
-        r.msg()
-            .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .port()
-            % 2,
-        0
-    );
+    assert_eq!(r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap().port() % 2, 0);
     assert_eq!(
         alloc(&mut h, 6, &|b| {
-            b.attr(stun::EVEN_PORT, &[0])
-                .attr(stun::RESERVATION_TOKEN, &token);
+            b.attr(stun::EVEN_PORT, &[0]).attr(stun::RESERVATION_TOKEN, &token);
         })
         .code,
         Some(400)
@@ -453,20 +361,12 @@ fn even_port_reservation_token() {
         b.attr(stun::EVEN_PORT, &[0x80]);
     });
     let token = r.msg().get(stun::RESERVATION_TOKEN).unwrap().to_vec();
-    let held = r
-        .msg()
-        .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .port()
-        + 1;
+    let held = r.msg().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap().port() + 1;
     h.advance(60);
-    assert!(h
-        .outputs()
-        .contains(&Output::ReleaseReserved { port: held }));
+    assert!(h.outputs().contains(&Output::ReleaseReserved { port: held }));
     let nonce = h.core.nonce(h.now, "198.51.100.1".parse().unwrap());
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
-        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
-            .attr(stun::RESERVATION_TOKEN, &token);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(stun::RESERVATION_TOKEN, &token);
     });
     assert_eq!(h.request(udp("198.51.100.1:8"), &req).code, Some(508));
 }
@@ -496,10 +396,7 @@ fn bad_and_expired_credentials_are_refused() {
     assert_eq!(alloc(&mut h, &c).code, Some(401));
     // Not a TURN REST username.
     let username = "alice".to_string();
-    let c = Creds {
-        password: auth::rest_password(SECRET, &username),
-        username,
-    };
+    let c = Creds { password: auth::rest_password(SECRET, &username), username };
     assert_eq!(alloc(&mut h, &c).code, Some(401));
     assert_eq!(h.core.stats().allocations, 0);
     // Valid now, but the credentials expire while the allocation lives: refreshing then fails.
@@ -514,11 +411,7 @@ fn bad_and_expired_credentials_are_refused() {
     let r = h.refresh(t, &bob, &nonce, None);
     assert_eq!(r.code, Some(441));
     let key = auth::long_term_key(&bob.username, "webcall", &bob.password);
-    assert_eq!(
-        r.msg().check_integrity(&key),
-        Some(true),
-        "authenticated errors carry MESSAGE-INTEGRITY"
-    );
+    assert_eq!(r.msg().check_integrity(&key), Some(true), "authenticated errors carry MESSAGE-INTEGRITY");
     // Missing MESSAGE-INTEGRITY but USERNAME present -> 401; MI without USERNAME -> 400.
     let req = h.build(stun::REFRESH, None, |b| {
         b.attr(stun::USERNAME, b"x");
@@ -545,11 +438,7 @@ fn stale_and_forged_nonces_get_438() {
     assert_ne!(fresh, nonce);
     assert_eq!(h.refresh(t, &c, &fresh, None).class, stun::SUCCESS);
     // A forged nonce (changed timestamp) and a nonce issued to another client address are refused.
-    let forged = format!(
-        "{:016x}{}",
-        u64::from_str_radix(&fresh[..16], 16).unwrap() + 1,
-        &fresh[16..]
-    );
+    let forged = format!("{:016x}{}", u64::from_str_radix(&fresh[..16], 16).unwrap() + 1, &fresh[16..]);
     assert_eq!(h.refresh(t, &c, &forged, None).code, Some(438));
     let other = h.core.nonce(h.now, addr("198.51.100.2:1").ip());
     assert_eq!(h.refresh(t, &c, &other, None).code, Some(438));
@@ -570,10 +459,7 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
     let framed = h.peer_sends(t, "203.0.113.5:9999", b"hello").unwrap();
     let m = Msg::parse(&framed).unwrap();
     assert_eq!((m.method(), m.class()), (stun::DATA, stun::INDICATION));
-    assert_eq!(
-        m.get_xor_addr(stun::XOR_PEER_ADDRESS),
-        Some(addr("203.0.113.5:9999"))
-    );
+    assert_eq!(m.get_xor_addr(stun::XOR_PEER_ADDRESS), Some(addr("203.0.113.5:9999")));
     assert_eq!(m.get(stun::DATA_ATTR), Some(&b"hello"[..]));
     assert_eq!(framed.len() % 4, 0, "padded");
     // Another IP has none.
@@ -606,15 +492,9 @@ fn channel_binding_rules() {
     assert_eq!(h.channel_data(t, 0x4FFF, b"abc"), Some(addr(PEER2)));
     assert_eq!(h.channel_data(t, 0x4001, b"abc"), None);
     // Truncated ChannelData is dropped.
-    assert!(h
-        .core
-        .handle_client(h.now, t, &[0x40, 0x00, 0x00, 0x10, 1, 2])
-        .is_none());
+    assert!(h.core.handle_client(h.now, t, &[0x40, 0x00, 0x00, 0x10, 1, 2]).is_none());
     // Peer data on a bound channel arrives as ChannelData (unpadded over UDP).
-    assert_eq!(
-        h.peer_sends(t, PEER, b"hello").unwrap(),
-        [&[0x40, 0x00, 0x00, 0x05][..], b"hello"].concat()
-    );
+    assert_eq!(h.peer_sends(t, PEER, b"hello").unwrap(), [&[0x40, 0x00, 0x00, 0x05][..], b"hello"].concat());
     // ...but from another port of that IP, as a Data indication (the binding is per transport address).
     let framed = h.peer_sends(t, "203.0.113.5:1", b"x").unwrap();
     assert_eq!(Msg::parse(&framed).unwrap().method(), stun::DATA);
@@ -628,23 +508,11 @@ fn channel_binding_rules() {
     h.advance(100);
     let nonce = h.core.nonce(h.now, t.client.ip());
     assert_eq!(h.channel_data(t, 0x4FFF, b"abc"), None);
-    assert_eq!(
-        h.channel_data(t, 0x4000, b"abc"),
-        Some(addr(PEER)),
-        "refreshed at 500 s"
-    );
+    assert_eq!(h.channel_data(t, 0x4000, b"abc"), Some(addr(PEER)), "refreshed at 500 s");
     // Peer data from PEER2 now comes as a Data indication.
-    assert_eq!(
-        Msg::parse(&h.peer_sends(t, PEER2, b"x").unwrap())
-            .unwrap()
-            .method(),
-        stun::DATA
-    );
+    assert_eq!(Msg::parse(&h.peer_sends(t, PEER2, b"x").unwrap()).unwrap().method(), stun::DATA);
     // For 5 minutes after expiry neither the number nor the peer may be rebound differently...
-    assert_eq!(
-        h.bind(t, &c, &nonce, 0x4FFF, "203.0.113.7:1").code,
-        Some(400)
-    );
+    assert_eq!(h.bind(t, &c, &nonce, 0x4FFF, "203.0.113.7:1").code, Some(400));
     assert_eq!(h.bind(t, &c, &nonce, 0x4FFE, PEER2).code, Some(400));
     // ...but the same binding may be renewed.
     assert_eq!(h.bind(t, &c, &nonce, 0x4FFF, PEER2).class, stun::SUCCESS);
@@ -654,28 +522,16 @@ fn channel_binding_rules() {
     let nonce = h.core.nonce(h.now, t.client.ip());
     assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
     assert_eq!(h.channel_data(t, 0x4000, b"abc"), None);
-    assert_eq!(
-        h.bind(t, &c, &nonce, 0x4000, "203.0.113.7:1").code,
-        Some(400)
-    );
+    assert_eq!(h.bind(t, &c, &nonce, 0x4000, "203.0.113.7:1").code, Some(400));
     h.advance(300);
     let nonce = h.core.nonce(h.now, t.client.ip());
-    assert_eq!(
-        h.bind(t, &c, &nonce, 0x4000, "203.0.113.7:1").class,
-        stun::SUCCESS
-    );
-    assert_eq!(
-        h.channel_data(t, 0x4000, b"abc"),
-        Some(addr("203.0.113.7:1"))
-    );
+    assert_eq!(h.bind(t, &c, &nonce, 0x4000, "203.0.113.7:1").class, stun::SUCCESS);
+    assert_eq!(h.channel_data(t, 0x4000, b"abc"), Some(addr("203.0.113.7:1")));
 }
 
 #[test]
 fn legacy_channel_numbers_when_enabled() {
-    let mut h = H::new(CoreConfig {
-        legacy_channel_numbers: true,
-        ..CoreConfig::default()
-    });
+    let mut h = H::new(CoreConfig { legacy_channel_numbers: true, ..CoreConfig::default() });
     let t = udp("198.51.100.1:5000");
     let c = h.creds("alice", 7200);
     let (nonce, _) = h.allocate(t, &c);
@@ -687,18 +543,12 @@ fn legacy_channel_numbers_when_enabled() {
 #[test]
 fn channel_data_over_tcp_is_padded() {
     let mut h = H::default();
-    let t = FiveTuple {
-        transport: Transport::Tcp,
-        ..udp("198.51.100.1:5000")
-    };
+    let t = FiveTuple { transport: Transport::Tcp, ..udp("198.51.100.1:5000") };
     let c = h.creds("alice", 7200);
     let (nonce, _) = h.allocate(t, &c);
     assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
     let framed = h.peer_sends(t, PEER, b"hello").unwrap();
-    assert_eq!(
-        framed,
-        [&[0x40, 0x00, 0x00, 0x05][..], b"hello", &[0, 0, 0]].concat()
-    );
+    assert_eq!(framed, [&[0x40, 0x00, 0x00, 0x05][..], b"hello", &[0, 0, 0]].concat());
     assert_eq!(stream_frame_len(&framed), Ok(Some(12)));
     assert_eq!(stream_frame_len(&framed[..11]), Ok(None));
     assert_eq!(stream_frame_len(&[0xFF, 0, 0, 0]), Err(NotTurn));
@@ -710,11 +560,7 @@ fn channel_data_over_tcp_is_padded() {
 
 #[test]
 fn quotas_per_user_and_total() {
-    let mut h = H::new(CoreConfig {
-        user_quota: 2,
-        total_quota: 3,
-        ..CoreConfig::default()
-    });
+    let mut h = H::new(CoreConfig { user_quota: 2, total_quota: 3, ..CoreConfig::default() });
     let alice = h.creds("alice", 3600);
     let alice2 = h.creds("alice", 3000); // other expiry, same user
     let bob = h.creds("bob", 3600);
@@ -729,11 +575,7 @@ fn quotas_per_user_and_total() {
     };
     assert_eq!(try_alloc(&mut h, 3, &alice).code, Some(486));
     assert_eq!(try_alloc(&mut h, 4, &bob).class, stun::SUCCESS);
-    assert_eq!(
-        try_alloc(&mut h, 5, &carol).code,
-        Some(486),
-        "server total reached"
-    );
+    assert_eq!(try_alloc(&mut h, 5, &carol).code, Some(486), "server total reached");
     // Freeing one of alice's makes room for both quotas.
     h.refresh(udp("198.51.100.1:1"), &alice, &nonce, Some(0));
     assert_eq!(try_alloc(&mut h, 6, &alice).class, stun::SUCCESS);
@@ -742,16 +584,9 @@ fn quotas_per_user_and_total() {
 
 #[test]
 fn quota_per_client_ip_counts_live_allocations() {
-    let mut h = H::new(CoreConfig {
-        ip_quota: 2,
-        ..CoreConfig::default()
-    });
+    let mut h = H::new(CoreConfig { ip_quota: 2, ..CoreConfig::default() });
     // Other users' credentials do not help: the limit is per address.
-    let (alice, bob, carol) = (
-        h.creds("alice", 7200),
-        h.creds("bob", 7200),
-        h.creds("carol", 7200),
-    );
+    let (alice, bob, carol) = (h.creds("alice", 7200), h.creds("bob", 7200), h.creds("carol", 7200));
     let (nonce, _) = h.allocate(udp("198.51.100.1:1"), &alice);
     h.allocate(udp("198.51.100.1:2"), &bob);
     let try_alloc = |h: &mut H, client: &str, c: &Creds| {
@@ -793,10 +628,7 @@ fn quota_per_client_ip_counts_live_allocations() {
     // :5 and :7 (198.51.100.2's expired as well).
     assert_eq!(h.core.stats().allocations, 2);
     // A closed TCP connection frees its slot too.
-    let tcp = FiveTuple {
-        transport: Transport::Tcp,
-        ..udp("198.51.100.1:7")
-    };
+    let tcp = FiveTuple { transport: Transport::Tcp, ..udp("198.51.100.1:7") };
     assert_eq!(alloc_on(&mut h, tcp, &bob, &nonce).code, Some(486));
     h.refresh(udp("198.51.100.1:7"), &bob, &nonce, Some(0));
     assert_eq!(alloc_on(&mut h, tcp, &bob, &nonce).class, stun::SUCCESS);
@@ -816,35 +648,21 @@ fn alloc_on(h: &mut H, t: FiveTuple, c: &Creds, nonce: &str) -> Resp {
 #[test]
 fn special_peer_addresses_are_denied_unless_allowed() {
     for (allow, expect_loopback) in [(vec![], 403), (vec!["127.0.0.0/8".parse().unwrap()], 200)] {
-        let mut h = H::new(CoreConfig {
-            allow_peers: allow,
-            ..CoreConfig::default()
-        });
+        let mut h = H::new(CoreConfig { allow_peers: allow, ..CoreConfig::default() });
         let t = udp("198.51.100.1:5000");
         let c = h.creds("alice", 3600);
         let (nonce, _) = h.allocate(t, &c);
-        for denied in [
-            "10.1.2.3:1",
-            "172.16.0.1:1",
-            "192.168.1.1:1",
-            "169.254.1.1:1",
-            "224.0.0.1:1",
-            "0.0.0.0:1",
-            "100.64.0.1:1",
-        ] {
+        for denied in
+            ["10.1.2.3:1", "172.16.0.1:1", "192.168.1.1:1", "169.254.1.1:1", "224.0.0.1:1", "0.0.0.0:1", "100.64.0.1:1"]
+        {
             assert_eq!(h.perm(t, &c, &nonce, denied).code, Some(403), "{denied}");
-            assert_eq!(
-                h.bind(t, &c, &nonce, 0x4000, denied).code,
-                Some(403),
-                "{denied}"
-            );
+            assert_eq!(h.bind(t, &c, &nonce, 0x4000, denied).code, Some(403), "{denied}");
         }
         let r = h.perm(t, &c, &nonce, "127.0.0.1:9");
         assert_eq!(r.code.unwrap_or(200), expect_loopback);
         // One denied address fails the whole request.
         let r = h.simple(t, stun::CREATE_PERMISSION, &c, &nonce, |b| {
-            b.xor_addr(stun::XOR_PEER_ADDRESS, addr(PEER2))
-                .xor_addr(stun::XOR_PEER_ADDRESS, addr("10.0.0.1:1"));
+            b.xor_addr(stun::XOR_PEER_ADDRESS, addr(PEER2)).xor_addr(stun::XOR_PEER_ADDRESS, addr("10.0.0.1:1"));
         });
         assert_eq!(r.code, Some(403));
         assert_eq!(h.send_ind(t, PEER2, b"x"), None);
@@ -868,10 +686,7 @@ fn special_peer_addresses_are_denied_unless_allowed() {
     for ip in ["203.0.113.5", "8.8.8.8", "2001:db8::1"] {
         assert!(peer_allowed(ip.parse().unwrap(), &none), "{ip}");
     }
-    assert!(peer_allowed(
-        "::ffff:127.0.0.1".parse().unwrap(),
-        &["127.0.0.0/8".parse().unwrap()]
-    ));
+    assert!(peer_allowed("::ffff:127.0.0.1".parse().unwrap(), &["127.0.0.0/8".parse().unwrap()]));
 }
 
 #[test]
@@ -887,30 +702,17 @@ fn relay_port_exhaustion_is_508() {
         b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
     });
     assert!(h.core.handle_client(h.now, t, &req).is_none());
-    let Some(Output::OpenRelay { alloc, .. }) = h.core.poll_output() else {
-        panic!("expected OpenRelay")
-    };
+    let Some(Output::OpenRelay { alloc, .. }) = h.core.poll_output() else { panic!("expected OpenRelay") };
     h.core.relay_opened(h.now, alloc, None);
     let out = h.outputs();
-    let Output::Transmit { data, .. } = &out[0] else {
-        panic!("{out:?}")
-    };
-    assert_eq!(
-        Msg::parse(data)
-            .unwrap()
-            .get(stun::ERROR_CODE)
-            .map(|v| v[2] as u16 * 100 + v[3] as u16),
-        Some(508)
-    );
+    let Output::Transmit { data, .. } = &out[0] else { panic!("{out:?}") };
+    assert_eq!(Msg::parse(data).unwrap().get(stun::ERROR_CODE).map(|v| v[2] as u16 * 100 + v[3] as u16), Some(508));
     assert_eq!(h.core.stats().allocations, 0);
 }
 
 #[test]
 fn external_ip_is_advertised_and_ipv6_data_indications() {
-    let mut h = H::new(CoreConfig {
-        external_ip: Some("198.18.0.1".parse().unwrap()),
-        ..CoreConfig::default()
-    });
+    let mut h = H::new(CoreConfig { external_ip: Some("198.18.0.1".parse().unwrap()), ..CoreConfig::default() });
     let t = udp("198.51.100.1:5000");
     let c = h.creds("alice", 3600);
     let (_, relayed) = h.allocate(t, &c);
@@ -924,20 +726,11 @@ fn external_ip_is_advertised_and_ipv6_data_indications() {
     });
     let nonce = h.request(t, &first).nonce();
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
-        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24)
-            .attr(stun::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(stun::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
     });
     assert!(h.core.handle_client(h.now, t, &req).is_none());
-    let Some(Output::OpenRelay {
-        alloc,
-        family: Family::V6,
-        ..
-    }) = h.core.poll_output()
-    else {
-        panic!()
-    };
-    h.core
-        .relay_opened(h.now, alloc, Some(addr("[2001:db8::10]:50000")));
+    let Some(Output::OpenRelay { alloc, family: Family::V6, .. }) = h.core.poll_output() else { panic!() };
+    h.core.relay_opened(h.now, alloc, Some(addr("[2001:db8::10]:50000")));
     h.outputs();
     let peer = "[2001:db8::5]:7000";
     assert_eq!(h.perm(t, &c, &nonce, peer).class, stun::SUCCESS);

@@ -31,19 +31,13 @@ use std::time::Duration;
 
 pub use crate::auth::{long_term_key, rest_password, rest_username, IceMinter};
 pub use crate::config::{PortRange, TurnArgs, TurnConfig};
-pub use crate::core::{
-    CoreConfig, CoreStats, FiveTuple, Output, PeerSend, RelayPort, Transport, TurnCore,
-};
+pub use crate::core::{CoreConfig, CoreStats, FiveTuple, Output, PeerSend, RelayPort, Transport, TurnCore};
 pub use crate::net::{TurnHandle, TurnServer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
     #[error("cannot bind TURN {proto} on {addr}: {source} (is another TURN server such as coturn running? pass --turn-listen with a free address)")]
-    Bind {
-        proto: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { proto: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("TURN listens on the wildcard address {0}: pass --turn-external-ip with the address clients reach, so relay candidates and iceServers URLs are reachable")]
     NeedExternalIp(SocketAddr),
     #[error("--turns-listen {0} needs a TLS certificate: configure the server certificate, or drop --turns-listen")]

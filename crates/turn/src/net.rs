@@ -21,8 +21,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::auth::IceMinter;
 use crate::config::{PortRange, TurnConfig};
 use crate::core::{
-    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort,
-    Transport, TurnCore, PEER_HEADROOM, PEER_TAILROOM,
+    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort, Transport, TurnCore,
+    PEER_HEADROOM, PEER_TAILROOM,
 };
 use crate::TurnError;
 
@@ -43,9 +43,7 @@ impl TurnServer {
     pub async fn start(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
         cfg.check()?;
         let (udp, tcp) = bind_pair(cfg.listen)?;
-        let udp_addr = udp
-            .local_addr()
-            .map_err(|e| TurnError::Io("reading the UDP address", e))?;
+        let udp_addr = udp.local_addr().map_err(|e| TurnError::Io("reading the UDP address", e))?;
         let tls = match &cfg.tls {
             Some((addr, sc)) => {
                 let l = TcpListener::bind(addr).await.map_err(|e| TurnError::Bind {
@@ -58,10 +56,7 @@ impl TurnServer {
             None => None,
         };
         let tls_addr = match &tls {
-            Some((l, _)) => Some(
-                l.local_addr()
-                    .map_err(|e| TurnError::Io("reading the TLS address", e))?,
-            ),
+            Some((l, _)) => Some(l.local_addr().map_err(|e| TurnError::Io("reading the TLS address", e))?),
             None => None,
         };
         let relay_ip = cfg.listen.ip();
@@ -115,13 +110,7 @@ impl TurnServer {
             tls_addr.map(|a| SocketAddr::new(cfg.external_ip.unwrap_or(a.ip()), a.port())),
         );
         tracing::info!(udp = %udp_addr, tcp = %udp_addr, tls = ?tls_addr, relay_ports = %cfg.relay_ports, "STUN/TURN listening");
-        Ok(TurnHandle {
-            addr: udp_addr,
-            tls_addr,
-            minter,
-            shared,
-            tasks,
-        })
+        Ok(TurnHandle { addr: udp_addr, tls_addr, minter, shared, tasks })
     }
 }
 
@@ -281,11 +270,7 @@ impl Shared {
                         }
                     }
                 },
-                Output::OpenRelay {
-                    alloc,
-                    family,
-                    port,
-                } => {
+                Output::OpenRelay { alloc, family, port } => {
                     let bound = self.open_relay(st, alloc, family, port);
                     st.core.relay_opened(Instant::now(), alloc, bound);
                 }
@@ -317,10 +302,7 @@ impl Shared {
             (Family::V6, ip) => ip,
         };
         if let RelayPort::Reserved(port) = want {
-            let bound = st
-                .reserved
-                .remove(&port)
-                .and_then(|sock| self.start_relay(st, alloc, sock, port));
+            let bound = st.reserved.remove(&port).and_then(|sock| self.start_relay(st, alloc, sock, port));
             if bound.is_none() {
                 st.used_ports.remove(&port);
             }
@@ -365,10 +347,7 @@ impl Shared {
     ) -> Option<SocketAddr> {
         {
             set_buffers(&std_sock, RELAY_SOCKET_BUFFER);
-            let sock = match std_sock
-                .set_nonblocking(true)
-                .and_then(|_| UdpSocket::from_std(std_sock))
-            {
+            let sock = match std_sock.set_nonblocking(true).and_then(|_| UdpSocket::from_std(std_sock)) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "relay socket setup failed");
@@ -392,11 +371,7 @@ impl Shared {
 
 /// UDP and TCP on the same port. With port 0, retries until a port free for both is found.
 fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
-    let bind_err = |proto, e| TurnError::Bind {
-        proto,
-        addr,
-        source: e,
-    };
+    let bind_err = |proto, e| TurnError::Bind { proto, addr, source: e };
     for _ in 0..if addr.port() == 0 { 20 } else { 1 } {
         let udp = std::net::UdpSocket::bind(addr).map_err(|e| bind_err("UDP", e))?;
         let port = udp.local_addr().map_err(|e| bind_err("UDP", e))?.port();
@@ -410,21 +385,11 @@ fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
         let udp = UdpSocket::from_std(udp).map_err(|e| bind_err("UDP", e))?;
         return Ok((udp, tcp));
     }
-    Err(bind_err(
-        "TCP",
-        io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "no port free for both UDP and TCP",
-        ),
-    ))
+    Err(bind_err("TCP", io::Error::new(io::ErrorKind::AddrInUse, "no port free for both UDP and TCP")))
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     s.set_reuseaddr(true)?;
     s.bind(addr)?;
     s.listen(1024)
@@ -459,11 +424,7 @@ async fn udp_loop(shared: Arc<Shared>) {
                 return;
             }
         };
-        let tuple = FiveTuple {
-            transport: Transport::Udp,
-            client: from,
-            server: shared.udp_addr,
-        };
+        let tuple = FiveTuple { transport: Transport::Udp, client: from, server: shared.udp_addr };
         shared.client_frame(tuple, &buf[..n], &mut udp_out).await;
         if !udp_out.is_empty() {
             shared.send_udp(std::mem::take(&mut udp_out)).await;
@@ -474,10 +435,7 @@ async fn udp_loop(shared: Arc<Shared>) {
 async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpSocket>) {
     let mut buf = vec![0u8; PEER_HEADROOM + MAX_UDP + PEER_TAILROOM];
     loop {
-        let (n, from) = match sock
-            .recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_UDP])
-            .await
-        {
+        let (n, from) = match sock.recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_UDP]).await {
             Ok(x) => x,
             Err(e) if transient(&e) => continue,
             Err(e) => {
@@ -488,13 +446,8 @@ async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpSocket>) {
         let to = {
             let mut st = shared.state.lock();
             let st = &mut *st;
-            match st
-                .core
-                .handle_peer(Instant::now(), alloc, from, &mut buf, PEER_HEADROOM, n)
-            {
-                Some((tuple, range)) if tuple.transport == Transport::Udp => {
-                    Some((tuple.client, range))
-                }
+            match st.core.handle_peer(Instant::now(), alloc, from, &mut buf, PEER_HEADROOM, n) {
+                Some((tuple, range)) if tuple.transport == Transport::Udp => Some((tuple.client, range)),
                 Some((tuple, range)) => {
                     if let Some(s) = st.streams.get(&tuple) {
                         s.push(&buf[range], true);
@@ -535,10 +488,7 @@ impl StreamSlot {
         let n = shared.streams_open.fetch_add(1, Ordering::AcqRel);
         if n >= shared.max_streams {
             shared.streams_open.fetch_sub(1, Ordering::AcqRel);
-            tracing::debug!(
-                max = shared.max_streams,
-                "TURN stream connection refused: too many open"
-            );
+            tracing::debug!(max = shared.max_streams, "TURN stream connection refused: too many open");
             return None;
         }
         Some(StreamSlot(shared.clone()))
@@ -557,11 +507,7 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
             Ok((s, from)) => {
                 let _ = s.set_nodelay(true);
                 let server = s.local_addr().unwrap_or(shared.udp_addr);
-                let tuple = FiveTuple {
-                    transport: Transport::Tcp,
-                    client: from,
-                    server,
-                };
+                let tuple = FiveTuple { transport: Transport::Tcp, client: from, server };
                 let Some(slot) = StreamSlot::take(&shared) else {
                     continue;
                 };
@@ -599,16 +545,8 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
                     let _slot = slot;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(s)).await {
                         Ok(Ok(tls)) => {
-                            serve_stream(
-                                shared,
-                                tls,
-                                FiveTuple {
-                                    transport: Transport::Tls,
-                                    client: from,
-                                    server,
-                                },
-                            )
-                            .await
+                            serve_stream(shared, tls, FiveTuple { transport: Transport::Tls, client: from, server })
+                                .await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %from, "TURN TLS handshake failed")
@@ -716,11 +654,7 @@ where
 
 /// Over TLS each TURN message goes in its own record: coturn's clients read one message per record and
 /// lose the rest of a record that holds several. Over TCP, coalesced writes are fine and cheaper.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    data: &[u8],
-    per_record: bool,
-) -> io::Result<()> {
+async fn write_frames<W: AsyncWrite + Unpin>(wr: &mut W, data: &[u8], per_record: bool) -> io::Result<()> {
     if per_record {
         let mut rest = data;
         while let Ok(Some(n)) = stream_frame_len(rest) {

@@ -121,10 +121,7 @@ impl<'a> Msg<'a> {
 
     /// (type, value, offset of the attribute header) for each attribute.
     pub fn attrs(&self) -> Attrs<'a> {
-        Attrs {
-            buf: self.buf,
-            off: HEADER_LEN,
-        }
+        Attrs { buf: self.buf, off: HEADER_LEN }
     }
 
     /// First attribute of `typ` before MESSAGE-INTEGRITY (later ones are not covered by it and ignored,
@@ -147,10 +144,7 @@ impl<'a> Msg<'a> {
 
     /// Verifies MESSAGE-INTEGRITY with `key`. `None` when the attribute is missing.
     pub fn check_integrity(&self, key: &[u8]) -> Option<bool> {
-        let off = self
-            .attrs()
-            .find(|(t, _, _)| *t == MESSAGE_INTEGRITY)
-            .map(|(_, _, o)| o)?;
+        let off = self.attrs().find(|(t, _, _)| *t == MESSAGE_INTEGRITY).map(|(_, _, o)| o)?;
         let value = &self.buf[off + 4..off + 24.min(self.buf.len() - off)];
         if value.len() != 20 {
             return Some(false);
@@ -167,8 +161,7 @@ impl<'a> Msg<'a> {
         match self.attrs().find(|(t, _, _)| *t == FINGERPRINT) {
             None => true,
             Some((_, v, off)) => {
-                v.len() == 4
-                    && u32::from_be_bytes([v[0], v[1], v[2], v[3]]) == fingerprint(self.buf, off)
+                v.len() == 4 && u32::from_be_bytes([v[0], v[1], v[2], v[3]]) == fingerprint(self.buf, off)
             }
         }
     }
@@ -273,8 +266,7 @@ impl Builder {
 
     pub fn attr(&mut self, typ: u16, value: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(&typ.to_be_bytes());
-        self.buf
-            .extend_from_slice(&(value.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(&(value.len() as u16).to_be_bytes());
         self.buf.extend_from_slice(value);
         let padded = pad4(self.buf.len());
         self.buf.resize(padded, 0);
@@ -356,15 +348,7 @@ mod tests {
 
     #[test]
     fn type_roundtrip() {
-        for m in [
-            BINDING,
-            ALLOCATE,
-            REFRESH,
-            SEND,
-            DATA,
-            CREATE_PERMISSION,
-            CHANNEL_BIND,
-        ] {
+        for m in [BINDING, ALLOCATE, REFRESH, SEND, DATA, CREATE_PERMISSION, CHANNEL_BIND] {
             for c in [REQUEST, INDICATION, SUCCESS, ERROR] {
                 let t = msg_type(m, c);
                 assert_eq!(method_of(t), m);
@@ -401,10 +385,7 @@ mod tests {
 
     fn unhex(h: &str) -> Vec<u8> {
         let h: String = h.split_whitespace().collect();
-        (0..h.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-            .collect()
+        (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
     }
 
     /// RFC 5769 §2.1 sample request (short-term credential: the key is the password).
@@ -442,9 +423,7 @@ mod tests {
         let mut b = Builder::new(msg_type(BINDING, REQUEST), &[0; 12]).finish();
         b[4] = 0;
         assert_eq!(Msg::parse(&b).err(), Some(ParseError::NotStun));
-        let mut b = Builder::new(msg_type(BINDING, REQUEST), &[0; 12])
-            .attr(USERNAME, b"abcd")
-            .finish();
+        let mut b = Builder::new(msg_type(BINDING, REQUEST), &[0; 12]).attr(USERNAME, b"abcd").finish();
         b[HEADER_LEN + 3] = 200; // attribute longer than the message
         assert_eq!(Msg::parse(&b).err(), Some(ParseError::BadAttribute));
     }

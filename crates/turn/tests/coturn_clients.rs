@@ -12,16 +12,8 @@ use webcall_turn::{rest_password, TurnConfig, TurnHandle, TurnServer};
 const SECRET: &str = "it-s3cret";
 
 fn have_coturn() -> bool {
-    let ok = [
-        "turnutils_uclient",
-        "turnutils_peer",
-        "turnutils_stunclient",
-    ]
-    .iter()
-    .all(|b| {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(b).is_file()))
-            .unwrap_or(false)
+    let ok = ["turnutils_uclient", "turnutils_peer", "turnutils_stunclient"].iter().all(|b| {
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(b).is_file())).unwrap_or(false)
     });
     if !ok {
         println!("SKIPPED: coturn's turnutils_* not installed (apt-get install -y coturn)");
@@ -46,11 +38,7 @@ struct Peer {
 
 async fn echo_peer() -> Peer {
     for _ in 0..5 {
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new("turnutils_peer")
             .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
             .stdout(Stdio::null())
@@ -59,18 +47,13 @@ async fn echo_peer() -> Peer {
             .spawn()
             .expect("spawn turnutils_peer");
         let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        probe
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        probe.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         for _ in 0..30 {
             probe.send_to(b"ping", ("127.0.0.1", port)).unwrap();
             let mut b = [0u8; 16];
             if let Ok((n, _)) = probe.recv_from(&mut b) {
                 if &b[..n] == b"ping" {
-                    return Peer {
-                        port,
-                        _child: child,
-                    };
+                    return Peer { port, _child: child };
                 }
             }
         }
@@ -88,11 +71,7 @@ impl Run {
     fn totals(&self) -> (u64, u64, u64) {
         let num_after = |line: &str, key: &str| -> Option<u64> {
             let rest = &line[line.find(key)? + key.len()..];
-            rest.trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
+            rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
         };
         let mut sent = None;
         let mut recv = None;
@@ -115,19 +94,14 @@ impl Run {
 
 async fn uclient(server: SocketAddr, args: &[&str]) -> Run {
     let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(args)
-        .args(["-p", &server.port().to_string(), &server.ip().to_string()]);
+    cmd.args(args).args(["-p", &server.port().to_string(), &server.ip().to_string()]);
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("turnutils_uclient finishes within 60 s")
         .expect("turnutils_uclient runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    Run {
-        ok: out.status.success(),
-        out: text,
-    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Run { ok: out.status.success(), out: text }
 }
 
 /// Relays `n` messages per client for `m` clients and checks every one came back.
@@ -163,10 +137,7 @@ async fn relay_ok_with(extra: &[&str], legacy_channels: bool, no_rtcp: bool) {
     assert_eq!(lost, 0, "{}", run.out);
     // It really went through our relay, both ways.
     let st = srv.stats();
-    assert!(
-        st.to_peer_packets >= n * m && st.to_client_packets >= n * m,
-        "{st:?}"
-    );
+    assert!(st.to_peer_packets >= n * m && st.to_client_packets >= n * m, "{st:?}");
     srv.shutdown().await;
 }
 
@@ -186,8 +157,7 @@ async fn stunclient_gets_binding_answer() {
     .await
     .unwrap()
     .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("UDP reflexive addr: 127.0.0.1:"), "{text}");
 }
@@ -259,30 +229,14 @@ async fn wrong_or_expired_credentials_fail() {
     let port = peer.port.to_string();
     let run = uclient(
         srv.addr(),
-        &[
-            "-W",
-            "not-the-secret",
-            "-u",
-            "alice",
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &port,
-            "-n",
-            "20",
-            "-X",
-            "-c",
-        ],
+        &["-W", "not-the-secret", "-u", "alice", "-e", "127.0.0.1", "-r", &port, "-n", "20", "-X", "-c"],
     )
     .await;
     assert!(!run.ok, "wrong secret accepted:\n{}", run.out);
     assert!(!run.out.contains("Total lost packets"), "{}", run.out);
     assert_eq!(srv.stats().allocations, 0);
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let run = with_user(&srv, &peer, &format!("{}:bob", now - 10)).await;
     assert!(!run.ok, "expired credentials accepted:\n{}", run.out);
     assert_eq!(srv.stats().to_peer_packets, 0);
@@ -302,16 +256,9 @@ async fn loopback_peer_refused_by_default() {
     }
     let srv = server(false, false).await;
     let peer = echo_peer().await;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let run = with_user(&srv, &peer, &format!("{}:carol", now + 600)).await;
-    assert!(
-        !run.ok,
-        "relayed to a loopback peer without --turn-allow-peer:\n{}",
-        run.out
-    );
+    assert!(!run.ok, "relayed to a loopback peer without --turn-allow-peer:\n{}", run.out);
     assert!(run.out.contains("403"), "refused with 403:\n{}", run.out);
     assert_eq!(srv.stats().to_peer_packets, 0);
     srv.shutdown().await;
@@ -325,14 +272,13 @@ async fn uclient_over_tls() {
     }
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.cert.der().clone()], key)
-    .unwrap();
+    let tls =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
     let mut cfg = webcall_turn::TurnArgs {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         turns_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -369,22 +315,10 @@ async fn uclient_over_tls() {
     ];
     let run = uclient(tls_addr, &args).await;
     assert!(run.ok, "{}", run.out);
-    assert_eq!(
-        run.totals(),
-        (200, 200, 0),
-        "{}\n{:?}",
-        run.out,
-        srv.stats()
-    );
+    assert_eq!(run.totals(), (200, 200, 0), "{}\n{:?}", run.out, srv.stats());
     assert!(srv.stats().to_peer_packets >= 200);
     // The minted iceServers name the turns: URL.
     let ice = srv.ice_minter().ice_servers_at("p", SystemTime::now());
-    assert!(
-        ice[1].urls.contains(&format!(
-            "turns:127.0.0.1:{}?transport=tcp",
-            tls_addr.port()
-        )),
-        "{ice:?}"
-    );
+    assert!(ice[1].urls.contains(&format!("turns:127.0.0.1:{}?transport=tcp", tls_addr.port())), "{ice:?}");
     srv.shutdown().await;
 }

@@ -45,20 +45,14 @@ impl Conn {
                     let mut h = [0u8; 4];
                     s.read_exact(&mut h).await.unwrap();
                     let len = u16::from_be_bytes([h[2], h[3]]) as usize;
-                    let body = if h[0] >> 6 == 1 {
-                        (len + 3) & !3
-                    } else {
-                        len + 16
-                    };
+                    let body = if h[0] >> 6 == 1 { (len + 3) & !3 } else { len + 16 };
                     let mut b = vec![0u8; body];
                     s.read_exact(&mut b).await.unwrap();
                     [&h[..], &b].concat()
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), fut)
-            .await
-            .expect("an answer within 5 s")
+        tokio::time::timeout(Duration::from_secs(5), fut).await.expect("an answer within 5 s")
     }
 }
 
@@ -86,12 +80,7 @@ impl Client {
         self.conn.send(&m).await;
         let r = self.conn.recv().await;
         let msg = Msg::parse(&r).unwrap();
-        assert_eq!(
-            msg.class(),
-            stun::SUCCESS,
-            "error {:?}",
-            msg.get(stun::ERROR_CODE)
-        );
+        assert_eq!(msg.class(), stun::SUCCESS, "error {:?}", msg.get(stun::ERROR_CODE));
         assert_eq!(msg.check_integrity(&self.key), Some(true));
         r
     }
@@ -111,22 +100,13 @@ async fn allocate(mut conn: Conn, minter: &IceMinter) -> (Client, SocketAddr) {
     assert_eq!(m.get(stun::ERROR_CODE).map(|v| v[3]), Some(1), "401");
     let nonce = String::from_utf8(m.get(stun::NONCE).unwrap().to_vec()).unwrap();
     let key = long_term_key(&username, "webcall", &password);
-    let mut c = Client {
-        conn,
-        username,
-        key,
-        nonce,
-        n: 0,
-    };
+    let mut c = Client { conn, username, key, nonce, n: 0 };
     let r = c
         .call(stun::ALLOCATE, |b| {
             b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
         })
         .await;
-    let relayed = Msg::parse(&r)
-        .unwrap()
-        .get_xor_addr(stun::XOR_RELAYED_ADDRESS)
-        .unwrap();
+    let relayed = Msg::parse(&r).unwrap().get_xor_addr(stun::XOR_RELAYED_ADDRESS).unwrap();
     (c, relayed)
 }
 
@@ -147,10 +127,7 @@ async fn relay_both_ways(conn: Conn, minter: &IceMinter) {
         .finish();
     c.conn.send(&ind).await;
     let mut b = [0u8; 1500];
-    let (n, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut b)).await.unwrap().unwrap();
     assert_eq!((&b[..n], from), (&b"via send"[..], relayed));
     peer.send_to(b"to client", relayed).await.unwrap();
     let r = c.conn.recv().await;
@@ -161,8 +138,7 @@ async fn relay_both_ways(conn: Conn, minter: &IceMinter) {
 
     // Channel: ChannelData both ways, 100 packets each, every one accounted for.
     c.call(stun::CHANNEL_BIND, |b| {
-        b.attr(stun::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
-            .xor_addr(stun::XOR_PEER_ADDRESS, peer_addr);
+        b.attr(stun::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0]).xor_addr(stun::XOR_PEER_ADDRESS, peer_addr);
     })
     .await;
     for i in 0..100u8 {
@@ -171,10 +147,7 @@ async fn relay_both_ways(conn: Conn, minter: &IceMinter) {
             cd.truncate(7);
         }
         c.conn.send(&cd).await;
-        let (n, _) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut b)).await.unwrap().unwrap();
         assert_eq!(&b[..n], &[i, i, i]);
         peer.send_to(&[i; 5], relayed).await.unwrap();
         let r = c.conn.recv().await;
@@ -187,10 +160,7 @@ async fn relay_both_ways(conn: Conn, minter: &IceMinter) {
             b.u32(stun::LIFETIME, 0);
         })
         .await;
-    assert_eq!(
-        Msg::parse(&r).unwrap().get(stun::LIFETIME),
-        Some(&[0, 0, 0, 0][..])
-    );
+    assert_eq!(Msg::parse(&r).unwrap().get(stun::LIFETIME), Some(&[0, 0, 0, 0][..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,11 +189,7 @@ async fn tcp_allocation_relays_both_ways_and_dies_with_the_connection() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        srv.stats().allocations,
-        0,
-        "allocation outlived its TCP connection"
-    );
+    assert_eq!(srv.stats().allocations, 0, "allocation outlived its TCP connection");
     srv.shutdown().await;
 }
 
@@ -231,16 +197,11 @@ async fn tcp_allocation_relays_both_ways_and_dies_with_the_connection() {
 async fn taken_port_is_a_clear_error_and_shutdown_frees_it() {
     let srv = start().await;
     let addr = srv.addr();
-    let err = TurnServer::start(TurnConfig::new(addr, SECRET))
-        .await
-        .err()
-        .expect("port is taken");
+    let err = TurnServer::start(TurnConfig::new(addr, SECRET)).await.err().expect("port is taken");
     assert!(matches!(err, TurnError::Bind { .. }));
     assert!(err.to_string().contains("--turn-listen"), "{err}");
     srv.shutdown().await;
-    let again = TurnServer::start(TurnConfig::new(addr, SECRET))
-        .await
-        .expect("port free after shutdown");
+    let again = TurnServer::start(TurnConfig::new(addr, SECRET)).await.expect("port free after shutdown");
     again.shutdown().await;
 }
 
@@ -252,10 +213,7 @@ async fn minter_points_at_the_bound_address() {
     assert_eq!(ice[0].urls, vec![format!("stun:127.0.0.1:{port}")]);
     assert_eq!(
         ice[1].urls,
-        vec![
-            format!("turn:127.0.0.1:{port}?transport=udp"),
-            format!("turn:127.0.0.1:{port}?transport=tcp")
-        ]
+        vec![format!("turn:127.0.0.1:{port}?transport=udp"), format!("turn:127.0.0.1:{port}?transport=tcp")]
     );
     srv.shutdown().await;
 }

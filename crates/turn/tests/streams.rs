@@ -81,10 +81,7 @@ async fn tls_connect(addr: SocketAddr) -> (Tls, CertificateDer<'static>) {
         .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
     let cert = s.get_ref().1.peer_certificates().unwrap()[0].clone();
     (s, cert)
 }
@@ -99,9 +96,7 @@ async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
         s.read_exact(&mut b).await.ok()?;
         Some([&h[..], &b].concat())
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .expect("an answer or a close within 5 s")
+    tokio::time::timeout(Duration::from_secs(5), fut).await.expect("an answer or a close within 5 s")
 }
 
 /// A Binding request answered with the client's address.
@@ -146,15 +141,10 @@ async fn turns_uses_a_swapped_certificate_for_new_connections() {
     let (mut new, cert) = tls_connect(addr).await;
     assert_eq!(cert, b_der, "new connections get the new certificate");
     assert!(binding(&mut new, 2).await);
-    assert!(
-        binding(&mut old, 3).await,
-        "the established connection keeps working"
-    );
+    assert!(binding(&mut old, 3).await, "the established connection keeps working");
 
     // Without --turns-listen there is nothing to swap, and it does no harm.
-    let plain = TurnServer::start(TurnConfig::new("127.0.0.1:0".parse().unwrap(), SECRET))
-        .await
-        .unwrap();
+    let plain = TurnServer::start(TurnConfig::new("127.0.0.1:0".parse().unwrap(), SECRET)).await.unwrap();
     plain.set_tls(server_tls().0);
     assert_eq!(plain.tls_addr(), None);
 }
@@ -221,9 +211,7 @@ async fn open_stream_connections_are_capped() {
     assert!(!binding(&mut over, 100).await);
     let mut over_tls = TcpStream::connect(srv.tls_addr().unwrap()).await.unwrap();
     let mut b = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(5), over_tls.read(&mut b))
-        .await
-        .expect("closed within 5 s");
+    let n = tokio::time::timeout(Duration::from_secs(5), over_tls.read(&mut b)).await.expect("closed within 5 s");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     // The ones in use keep working; closing one frees a slot (freed once its tasks end).
     assert!(binding(&mut open[0], 101).await);

@@ -25,7 +25,12 @@ impl Report {
 /// Addresses a client elsewhere cannot reach as given (so TURN must advertise --turn-external-ip).
 fn not_public(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_private() || v4.is_link_local() || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64),
+        IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_private()
+                || v4.is_link_local()
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
         IpAddr::V6(v6) => v6.is_unspecified() || v6.is_unique_local() || v6.is_unicast_link_local(),
     }
 }
@@ -44,10 +49,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     match TcpListener::bind(cfg.listen) {
         Ok(_) => r.ok(format!("HTTP/WebSocket address {} is free", cfg.listen)),
-        Err(e) => r.fail(format!("cannot listen on {}: {e} (another server there? pick another with --listen)", cfg.listen)),
+        Err(e) => {
+            r.fail(format!("cannot listen on {}: {e} (another server there? pick another with --listen)", cfg.listen))
+        }
     }
     if cfg.listen.ip().is_loopback() {
-        r.warn(format!("{} is loopback: only this machine can connect (use --listen 0.0.0.0:PORT or a reverse proxy)", cfg.listen));
+        r.warn(format!(
+            "{} is loopback: only this machine can connect (use --listen 0.0.0.0:PORT or a reverse proxy)",
+            cfg.listen
+        ));
     }
     let tls = match &cfg.tls {
         Some(source) => match webcall_server::tls::load(source).await {
@@ -100,7 +110,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     }
                     r.ok(format!("relay ports {} ({} ports)", t.relay_ports, t.relay_ports.len()));
                     if turn.secret.is_none() {
-                        r.warn("--turn-secret not set: a random one per start (fine for one node; share one across nodes)");
+                        r.warn(
+                            "--turn-secret not set: a random one per start (fine for one node; share one across nodes)",
+                        );
                     }
                 }
             }
@@ -109,12 +121,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         IceSource::None => r.warn("no STUN/TURN (--no-turn): calls between different networks will often fail"),
     }
     if let Some(url) = &cfg.redis {
-        let hostport = url.split("://").nth(1).unwrap_or(url).rsplit('@').next().unwrap_or("").split('/').next().unwrap_or("");
-        let reachable = tokio::net::lookup_host(if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:6379") })
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .map(|a: SocketAddr| TcpStream::connect_timeout(&a, Duration::from_secs(2)));
+        let hostport =
+            url.split("://").nth(1).unwrap_or(url).rsplit('@').next().unwrap_or("").split('/').next().unwrap_or("");
+        let reachable = tokio::net::lookup_host(if hostport.contains(':') {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:6379")
+        })
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|a: SocketAddr| TcpStream::connect_timeout(&a, Duration::from_secs(2)));
         match reachable {
             Some(Ok(_)) => r.ok(format!("Redis at {hostport} accepts connections")),
             Some(Err(e)) => r.fail(format!("Redis at {hostport}: {e} (is redis-server running? check --redis)")),

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "webcall", version, about = "Self-hosted video calls: signaling, web client and STUN/TURN in one binary")]
+#[command(
+    name = "webcall",
+    version,
+    about = "Self-hosted video calls: signaling, web client and STUN/TURN in one binary"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "WEBCALL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -1,8 +1,8 @@
 //! `webcall serve`: start the server, print where it listens, and handle signals.
 
 use std::io::Write;
-use webcall_server::IceSource;
 use tokio::signal::unix::{signal, SignalKind};
+use webcall_server::IceSource;
 
 pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
@@ -40,7 +40,8 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                 node_ttl: cfg.node_ttl,
             };
             let router =
-                webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster).await?;
+                webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster)
+                    .await?;
             tracing::info!(node = router.node_id(), "sharing rooms through Redis");
             webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
@@ -104,7 +105,10 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
 /// TURN figures for `/metrics`.
 pub fn turn_metrics(s: &webcall_turn::CoreStats, out: &mut String) {
     use std::fmt::Write;
-    let _ = writeln!(out, "# HELP webcall_turn_allocations Active TURN allocations.\n# TYPE webcall_turn_allocations gauge");
+    let _ = writeln!(
+        out,
+        "# HELP webcall_turn_allocations Active TURN allocations.\n# TYPE webcall_turn_allocations gauge"
+    );
     let _ = writeln!(out, "webcall_turn_allocations {}", s.allocations);
     let _ = writeln!(out, "# HELP webcall_turn_relayed_packets_total Packets relayed, by direction.\n# TYPE webcall_turn_relayed_packets_total counter");
     let _ = writeln!(out, "webcall_turn_relayed_packets_total{{direction=\"to-peer\"}} {}", s.to_peer_packets);

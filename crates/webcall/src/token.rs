@@ -25,6 +25,9 @@ pub fn run(a: TokenArgs) -> anyhow::Result<()> {
     if a.room != "*" && !webcall_protocol::valid_room_name(&a.room) {
         anyhow::bail!("--room: room names are 1-64 characters of A-Z a-z 0-9 _ - (or * for any room)");
     }
-    println!("{}", webcall_server::access::mint_token(&a.auth_secret, &a.room, a.name.as_deref(), a.ttl, !a.subscribe_only));
+    println!(
+        "{}",
+        webcall_server::access::mint_token(&a.auth_secret, &a.room, a.name.as_deref(), a.ttl, !a.subscribe_only)
+    );
     Ok(())
 }

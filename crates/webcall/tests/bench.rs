@@ -17,12 +17,26 @@ fn relay_and_connections_against_a_real_server() {
     let server = ServerProc::start(&["--rate-limit", "100000"]);
     let url = server.ws_url();
     let pid = server.pid().to_string();
-    let r = bench(&["relay", "--url", &url, "--server-pid", &pid, "--clients", "4", "--warmup", "0.2", "--duration", "1", "--json"]);
+    let r = bench(&[
+        "relay",
+        "--url",
+        &url,
+        "--server-pid",
+        &pid,
+        "--clients",
+        "4",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--json",
+    ]);
     assert_eq!(r["target"], "webcall");
     assert!(r["msgs"].as_u64().unwrap() > 0, "{r}");
     assert!(r["server_cpu_s"].is_number(), "{r}");
 
-    let c = bench(&["connections", "--url", &url, "--server-pid", &pid, "--counts", "10,20", "--settle", "0.1", "--json"]);
+    let c =
+        bench(&["connections", "--url", &url, "--server-pid", &pid, "--counts", "10,20", "--settle", "0.1", "--json"]);
     assert_eq!(c["opened"], 20, "{c}");
     assert_eq!(c["checkpoints"].as_array().unwrap().len(), 2, "{c}");
     assert_eq!(c["dropped"], 0, "{c}");

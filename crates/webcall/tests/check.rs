@@ -32,7 +32,8 @@ fn turn_on_the_wildcard_address_needs_an_external_ip() {
     let (code, out) = check(&["--listen", "127.0.0.1:0", "--turn-listen", "0.0.0.0:0"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--turn-external-ip"), "{out}");
-    let (code, out) = check(&["--listen", "127.0.0.1:0", "--turn-listen", "0.0.0.0:0", "--turn-external-ip", "203.0.113.9"]);
+    let (code, out) =
+        check(&["--listen", "127.0.0.1:0", "--turn-listen", "0.0.0.0:0", "--turn-external-ip", "203.0.113.9"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("advertise --turn-external-ip 203.0.113.9"), "{out}");
 }

@@ -232,7 +232,8 @@ async fn a_killed_node_peers_get_bye_and_free_their_seats() {
 #[tokio::test]
 async fn a_node_stopped_gracefully_ends_its_sessions_with_bye() {
     let redis = Redis::start();
-    let (n1, n2) = (node(&redis, "n1", &["--shutdown-timeout", "1s"]), node(&redis, "n2", &["--shutdown-timeout", "1s"]));
+    let (n1, n2) =
+        (node(&redis, "n1", &["--shutdown-timeout", "1s"]), node(&redis, "n2", &["--shutdown-timeout", "1s"]));
     let (mut a, _) = Client::join(&n1.ws_url(), "r", "A").await;
     let (_b, _) = Client::join(&n2.ws_url(), "r", "B").await;
     let b_id = a.expect("hello").await["from"].as_str().unwrap().to_owned();

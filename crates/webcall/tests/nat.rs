@@ -50,7 +50,8 @@ fn unsupported() -> Option<String> {
         return Some("not root (network namespaces need it)".into());
     }
     for (bin, pkg) in [("ip", "iproute2"), ("nft", "nftables")] {
-        let found = Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success());
+        let found =
+            Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success());
         if !found {
             return Some(format!("`{bin}` is missing (apt-get install {pkg}; scripts/test.sh does)"));
         }
@@ -121,7 +122,14 @@ impl Net {
             // clashes with it and leaves on another port (Linux re-maps rather than reuse a taken tuple).
             nft(&["add", "table", "ip", "filter"])?;
             for hook in ["input", "forward"] {
-                nft(&["add", "chain", "ip", "filter", hook, &format!("{{ type filter hook {hook} priority filter; }}")])?;
+                nft(&[
+                    "add",
+                    "chain",
+                    "ip",
+                    "filter",
+                    hook,
+                    &format!("{{ type filter hook {hook} priority filter; }}"),
+                ])?;
                 nft(&["add", "rule", "ip", "filter", hook, "iifname", "wan", "ct", "state", "new", "drop"])?;
             }
         }
@@ -254,11 +262,32 @@ fn call(net: &Net) -> (Proc, Proc, Proc, String, String) {
     let server = Proc::start(
         &net.ns("pub"),
         "serve",
-        &["serve", "--listen", &format!("{SERVER}:8080"), "--turn-listen", &format!("{SERVER}:3478"), "--turn-allow-peer", "198.51.100.0/24"],
+        &[
+            "serve",
+            "--listen",
+            &format!("{SERVER}:8080"),
+            "--turn-listen",
+            &format!("{SERVER}:3478"),
+            "--turn-allow-peer",
+            "198.51.100.0/24",
+        ],
     );
     server.wait_for("listening", |l| l.contains("listening on"));
     let url = format!("ws://{SERVER}:8080/ws");
-    let common = ["--server", &url, "--room", "nat", "--send", "testsrc", "--size", "320x240", "--stats-every", "1s", "--duration", "8s"];
+    let common = [
+        "--server",
+        &url,
+        "--room",
+        "nat",
+        "--send",
+        "testsrc",
+        "--size",
+        "320x240",
+        "--stats-every",
+        "1s",
+        "--duration",
+        "8s",
+    ];
     let a = Proc::start(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat());
     let a_id = a.id();
     let b = Proc::start(&net.ns("b"), "B", &[&["peer", "--name", "b"][..], &common[..]].concat());

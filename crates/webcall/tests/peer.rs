@@ -54,7 +54,12 @@ impl PeerProc {
             if found.len() >= n {
                 return found[n - 1].clone();
             }
-            assert!(t0.elapsed() < WAIT, "{}: no {what} (wanted {n}) in:\n{}", self.name, self.lines.lock().unwrap().join("\n"));
+            assert!(
+                t0.elapsed() < WAIT,
+                "{}: no {what} (wanted {n}) in:\n{}",
+                self.name,
+                self.lines.lock().unwrap().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -173,7 +178,9 @@ fn check_ivf(path: &Path, w: u16, h: u16) -> usize {
 
 fn ivf_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "ivf")).collect())
+        .map(|r| {
+            r.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "ivf")).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -321,7 +328,12 @@ fn file_source_loops_and_echo_sends_it_back() {
     let server = ServerProc::start(&[]);
     let url = server.ws_url();
     let rec = dir.join("rec");
-    let mut sender = PeerProc::start(&url, "echo", "filer", &["--send", clip.to_str().unwrap(), "--record", rec.to_str().unwrap(), "--duration", "6s"]);
+    let mut sender = PeerProc::start(
+        &url,
+        "echo",
+        "filer",
+        &["--send", clip.to_str().unwrap(), "--record", rec.to_str().unwrap(), "--duration", "6s"],
+    );
     sender.id();
     let mut echo = PeerProc::start(&url, "echo", "echoer", &["--echo", "--duration", "5s"]);
     let echo_id = echo.id();
@@ -348,7 +360,9 @@ fn metrics(server: &ServerProc) -> String {
 fn pair_kinds(p: &PeerProc, id: &str) -> (String, String) {
     let prefix = format!("peer {id} selected pair ");
     let l = p.wait_for("selected pair", |l| l.starts_with(&prefix));
-    let field = |k: &str| l.split_whitespace().find_map(|f| f.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {l}")).to_owned();
+    let field = |k: &str| {
+        l.split_whitespace().find_map(|f| f.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {l}")).to_owned()
+    };
     (field("local="), field("remote="))
 }
 
@@ -367,17 +381,21 @@ fn relay_only_call_through_the_builtin_turn() {
     let b_id = b.id();
 
     for (p, other) in [(&a, &b_id), (&b, &a_id)] {
-        let cand = p.wait_for("relay candidate", |l| l.starts_with(&format!("peer {other} local candidate relay 127.0.0.1:")));
+        let cand =
+            p.wait_for("relay candidate", |l| l.starts_with(&format!("peer {other} local candidate relay 127.0.0.1:")));
         p.wait_for("end of gathering", |l| l.starts_with(&format!("peer {other} gathering complete")));
         p.wait_for("connected", |l| l == format!("peer {other} connected"));
         assert_eq!(pair_kinds(p, other), ("relay".into(), "relay".into()), "{}:\n{}", p.name, p.output());
         // The relayed address is the TURN server's, not the peer's socket: the selected pair starts from it.
         let relayed = cand.split_whitespace().nth(5).unwrap();
-        p.wait_for("pair from the relayed address", |l| l.starts_with(&format!("peer {other} selected pair relay {relayed} -> relay ")));
+        p.wait_for("pair from the relayed address", |l| {
+            l.starts_with(&format!("peer {other} selected pair relay {relayed} -> relay "))
+        });
         let out = p.output();
         assert!(!out.contains("local candidate host") && !out.contains("local candidate srflx"), "relay only:\n{out}");
     }
-    let held = metrics(&server).lines().find_map(|l| l.strip_prefix("webcall_turn_allocations ")?.trim().parse::<u32>().ok());
+    let held =
+        metrics(&server).lines().find_map(|l| l.strip_prefix("webcall_turn_allocations ")?.trim().parse::<u32>().ok());
     assert_eq!(held, Some(2), "one allocation per relay-only peer during the call");
     assert_eq!(a.wait_exit(), 0, "{}", a.output());
     assert_eq!(b.wait_exit(), 0, "{}", b.output());

@@ -122,7 +122,14 @@ async fn allowed_origins() {
 
 #[tokio::test]
 async fn per_address_limits_and_trusted_proxies() {
-    let server = ServerProc::start(&["--max-connections-per-ip", "2", "--max-joins-per-ip", "3", "--trusted-proxies", "127.0.0.0/8"]);
+    let server = ServerProc::start(&[
+        "--max-connections-per-ip",
+        "2",
+        "--max-joins-per-ip",
+        "3",
+        "--trusted-proxies",
+        "127.0.0.0/8",
+    ]);
     let url = server.ws_url();
     let h = |ip: &'static str| vec![("x-forwarded-for", ip)];
     let mut a = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
@@ -196,7 +203,10 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
 fn turns_fingerprint(addr: &str) -> String {
     use sha2::Digest;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cfg = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(Pinned(None))).with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned(None)))
+        .with_no_client_auth();
     let mut conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -283,7 +293,15 @@ async fn certificate_files_and_reload_on_sighup() {
     live.expect_error("unknown-peer").await;
 
     let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert", "/nonexistent.pem", "--tls-key", key.to_str().unwrap()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            key.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -329,6 +347,7 @@ async fn metrics_count_what_happens() {
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
-    let rss: u64 = m.lines().find_map(|l| l.strip_prefix("webcall_process_resident_memory_bytes ")).unwrap().parse().unwrap();
+    let rss: u64 =
+        m.lines().find_map(|l| l.strip_prefix("webcall_process_resident_memory_bytes ")).unwrap().parse().unwrap();
     assert!(rss > 1 << 20, "{rss}");
 }

@@ -63,7 +63,8 @@ async fn third_peer_in_a_room_of_two_is_refused() {
 
 #[tokio::test]
 async fn every_error_code_and_the_connection_stays_usable() {
-    let server = ServerProc::start(&["--max-peers", "2", "--max-rooms", "2", "--rate-limit", "5", "--max-errors", "100"]);
+    let server =
+        ServerProc::start(&["--max-peers", "2", "--max-rooms", "2", "--rate-limit", "5", "--max-errors", "100"]);
     let url = server.ws_url();
     let mut c = Client::connect(&url).await;
     let cases: &[(&str, &str)] = &[
@@ -264,7 +265,8 @@ async fn a_slow_reader_is_cut_off_and_server_memory_stays_bounded() {
     while sent < 2000 && !ended {
         fast.send_text(&msg).await;
         sent += 1;
-        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1), async { Some(fast.recv().await) }).await {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1), async { Some(fast.recv().await) }).await
+        {
             if m["type"] == "bye" {
                 assert_eq!(m["from"], slow.id.as_str());
                 ended = true;

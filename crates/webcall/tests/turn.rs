@@ -12,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 fn have_coturn() -> bool {
-    let ok = ["turnutils_uclient", "turnutils_peer", "turnutils_stunclient", "turnserver"]
-        .iter()
-        .all(|b| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success()));
+    let ok = ["turnutils_uclient", "turnutils_peer", "turnutils_stunclient", "turnserver"].iter().all(|b| {
+        Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success())
+    });
     if !ok {
         eprintln!("SKIPPED: coturn's binaries are missing (scripts/test.sh installs the coturn package)");
     }
@@ -51,7 +51,23 @@ fn uclient(host: &str, port: u16, auth: &[&str], peer_port: u16) -> (bool, u64, 
     let out = Command::new("timeout")
         .args(["60", "turnutils_uclient"])
         .args(auth)
-        .args(["-e", "127.0.0.1", "-r", &peer_port.to_string(), "-n", "50", "-m", "1", "-l", "120", "-z", "5", "-X", "-c", "-s"])
+        .args([
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-n",
+            "50",
+            "-m",
+            "1",
+            "-l",
+            "120",
+            "-z",
+            "5",
+            "-X",
+            "-c",
+            "-s",
+        ])
         .args(["-p", &port.to_string(), host])
         .stdin(Stdio::null())
         .output()
@@ -70,13 +86,24 @@ fn uclient(host: &str, port: u16, auth: &[&str], peer_port: u16) -> (bool, u64, 
 /// The welcome's TURN entry: (host, port, username, credential), and the STUN URL's port.
 fn turn_entry(w: &Value) -> (String, u16, String, String, u16) {
     let servers = w["iceServers"].as_array().expect("iceServers");
-    let stun = servers.iter().flat_map(|s| s["urls"].as_array().unwrap()).find_map(|u| u.as_str()?.strip_prefix("stun:")).expect("a stun: URL");
+    let stun = servers
+        .iter()
+        .flat_map(|s| s["urls"].as_array().unwrap())
+        .find_map(|u| u.as_str()?.strip_prefix("stun:"))
+        .expect("a stun: URL");
     let t = servers.iter().find(|s| s["username"].is_string()).expect("an entry with credentials");
-    let url = t["urls"].as_array().unwrap().iter().find_map(|u| u.as_str()?.strip_prefix("turn:")).expect("a turn: URL");
+    let url =
+        t["urls"].as_array().unwrap().iter().find_map(|u| u.as_str()?.strip_prefix("turn:")).expect("a turn: URL");
     let hostport = url.split('?').next().unwrap();
     let (host, port) = hostport.rsplit_once(':').unwrap();
     let stun_port = stun.rsplit_once(':').unwrap().1.parse().unwrap();
-    (host.to_owned(), port.parse().unwrap(), t["username"].as_str().unwrap().to_owned(), t["credential"].as_str().unwrap().to_owned(), stun_port)
+    (
+        host.to_owned(),
+        port.parse().unwrap(),
+        t["username"].as_str().unwrap().to_owned(),
+        t["credential"].as_str().unwrap().to_owned(),
+        stun_port,
+    )
 }
 
 async fn metrics(server: &ServerProc) -> String {
@@ -104,7 +131,10 @@ async fn welcome_credentials_relay_through_the_builtin_turn() {
     let urls = w["iceServers"].to_string();
     assert!(urls.contains("transport=udp") && urls.contains("transport=tcp"), "{urls}");
 
-    let stun = Command::new("timeout").args(["20", "turnutils_stunclient", "-p", &port.to_string(), "127.0.0.1"]).output().unwrap();
+    let stun = Command::new("timeout")
+        .args(["20", "turnutils_stunclient", "-p", &port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&stun.stdout);
     assert!(text.contains("UDP reflexive addr: 127.0.0.1:"), "{text}");
 
@@ -185,7 +215,15 @@ async fn webcall_turn_runs_alone() {
         return;
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
-        .args(["turn", "--turn-listen", "127.0.0.1:0", "--turn-secret", "alone-secret", "--turn-allow-peer", "127.0.0.0/8"])
+        .args([
+            "turn",
+            "--turn-listen",
+            "127.0.0.1:0",
+            "--turn-secret",
+            "alone-secret",
+            "--turn-allow-peer",
+            "127.0.0.0/8",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -63,7 +63,13 @@ fn an_unfinished_frame_is_left_with_how_much_it_needs() {
     for cut in 0..whole.len() {
         let mut buf = whole[..cut].to_vec();
         let (r, got) = decode_all(&mut Decoder::new(4096), &mut buf);
-        let need = if cut < 2 { 2 } else if cut < header { header } else { whole.len() };
+        let need = if cut < 2 {
+            2
+        } else if cut < header {
+            header
+        } else {
+            whole.len()
+        };
         assert_eq!(r, Ok(Decoded { consumed: 0, need, stopped: false }), "cut at {cut}");
         assert!(got.is_empty());
         assert_eq!(buf, whole[..cut], "an unfinished frame is not touched");
@@ -73,7 +79,12 @@ fn an_unfinished_frame_is_left_with_how_much_it_needs() {
 #[test]
 fn fragments_are_joined_and_control_frames_may_come_between_them() {
     let mut buf = client_frame(OpCode::Data(Data::Text), false, "héllo ".as_bytes(), [5, 6, 7, 8]);
-    buf.extend(client_frame(OpCode::Control(tungstenite::protocol::frame::coding::Control::Ping), true, b"p", [1, 1, 1, 1]));
+    buf.extend(client_frame(
+        OpCode::Control(tungstenite::protocol::frame::coding::Control::Ping),
+        true,
+        b"p",
+        [1, 1, 1, 1],
+    ));
     // The two bytes of "é" split across fragments are still valid once joined.
     let e = "é".as_bytes();
     buf.extend(client_frame(OpCode::Data(Data::Continue), false, &[b'w', e[0]], [2, 2, 2, 2]));
@@ -104,8 +115,14 @@ fn close_frames_are_checked() {
     use tungstenite::protocol::frame::coding::Control;
     let close = |p: &[u8]| client_frame(OpCode::Control(Control::Close), true, p, [0, 0, 0, 0]);
     assert_eq!(decode_all(&mut Decoder::new(10), &mut close(&[])).1, vec![Got::Close(None)]);
-    assert_eq!(decode_all(&mut Decoder::new(10), &mut close(&[0x0F, 0xA0])).1, vec![Got::Close(Some((4000, "".into())))]);
-    assert_eq!(decode_all(&mut Decoder::new(10), &mut close(&[3])).0, Err(Violation::Protocol("close frame with a one-byte payload")));
+    assert_eq!(
+        decode_all(&mut Decoder::new(10), &mut close(&[0x0F, 0xA0])).1,
+        vec![Got::Close(Some((4000, "".into())))]
+    );
+    assert_eq!(
+        decode_all(&mut Decoder::new(10), &mut close(&[3])).0,
+        Err(Violation::Protocol("close frame with a one-byte payload"))
+    );
     for bad in [999u16, 1004, 1005, 1006, 1015, 2000, 5000] {
         let r = decode_all(&mut Decoder::new(10), &mut close(&bad.to_be_bytes())).0;
         assert_eq!(r.unwrap_err().close_code(), close_code::PROTOCOL_ERROR, "code {bad}");

@@ -156,10 +156,7 @@ impl Client {
 
     /// The next JSON message; panics after [`WAIT`].
     pub async fn recv(&mut self) -> Value {
-        tokio::time::timeout(WAIT, self.next_json())
-            .await
-            .expect("a message within the wait")
-            .expect("connection open")
+        tokio::time::timeout(WAIT, self.next_json()).await.expect("a message within the wait").expect("connection open")
     }
 
     /// The next message, asserting its type.
@@ -200,7 +197,9 @@ impl Client {
             loop {
                 match self.ws.next().await {
                     Some(Ok(Message::Close(Some(f)))) => return Ended::Closed(u16::from(f.code), f.reason.to_string()),
-                    Some(Ok(Message::Close(None))) => return Ended::Closed(u16::from(CloseCode::Status), String::new()),
+                    Some(Ok(Message::Close(None))) => {
+                        return Ended::Closed(u16::from(CloseCode::Status), String::new())
+                    }
                     Some(Ok(_)) => continue,
                     Some(Err(_)) | None => return Ended::Dropped,
                 }
