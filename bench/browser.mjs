@@ -8,6 +8,7 @@
 // BroadcastChannel (no server, no network hop); A offers when B says hello, as in webcall. Same marks, same poll.
 //
 // Run by bench/browser.sh inside a network namespace with only loopback. Prints one JSON object per call.
+import { BASELINE_PAGE } from './baseline-page.mjs';
 import { assertLoopbackOnly, launchBrowser, startServer, uniqueRoom, until } from '../tests/e2e/helpers.mjs';
 
 const CALLS = Number(process.env.CALLS ?? 10);
@@ -109,37 +110,6 @@ async function webcallCall(browser, url) {
   }
 }
 
-// The same media and peer connection setup as web/lib/call.js, signaled over a BroadcastChannel.
-const BASELINE_PAGE = async ({ role, room }) => {
-  const stream = await navigator.mediaDevices.getUserMedia({
-    audio: true,
-    video: { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } },
-  });
-  const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
-  for (const track of stream.getTracks()) pc.addTransceiver(track, { direction: 'sendrecv', streams: [stream] });
-  const ch = new BroadcastChannel(`bench-${room}`);
-  pc.onicecandidate = (e) => ch.postMessage({ candidate: e.candidate ? e.candidate.toJSON() : null });
-  ch.onmessage = async ({ data }) => {
-    if (data.hello && role === 'A') {
-      await pc.setLocalDescription();
-      ch.postMessage({ sdp: pc.localDescription.toJSON() });
-    } else if (data.sdp) {
-      if (data.sdp.type === 'offer') window.__mark('offer');
-      await pc.setRemoteDescription(data.sdp);
-      if (data.sdp.type === 'offer') {
-        await pc.setLocalDescription();
-        window.__mark('answer');
-        ch.postMessage({ sdp: pc.localDescription.toJSON() });
-      }
-    } else if (data.candidate) {
-      await pc.addIceCandidate(data.candidate);
-    }
-  };
-  window.__go = () => {
-    window.__mark('join');
-    ch.postMessage({ hello: true });
-  };
-};
 
 async function baselineCall(browser, url) {
   const room = uniqueRoom('base');
