@@ -1,25 +1,21 @@
 // Two browsers in one room: connection, video both ways, chat, mute, screen share, stats, hang-up, screenshots.
-import { after, before, describe, it } from 'node:test';
+import { before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  assertLoopbackOnly,
   connectedPeers,
   decodesVideoFrom,
-  launchBrowser,
-  openPage,
+  e2e,
   ownId,
   screenshot,
   snapshot,
-  startServer,
   uniqueRoom,
   until,
 } from './helpers.mjs';
 
+const t = e2e();
+
 describe('two-party call', () => {
-  /** @type {Awaited<ReturnType<typeof startServer>>} */
-  let server;
-  /** @type {import('playwright-core').Browser} */
-  let browser;
+  const server = t.server();
   /** @type {import('playwright-core').Page} */
   let alice;
   /** @type {import('playwright-core').Page} */
@@ -28,18 +24,10 @@ describe('two-party call', () => {
   let bobId = '';
 
   before(async () => {
-    assertLoopbackOnly();
-    server = await startServer();
-    browser = await launchBrowser();
     const room = uniqueRoom('duo');
-    alice = await openPage(browser, `${server.url}/r/${room}?name=Alice`);
+    alice = await t.open(`${server.url}/r/${room}?name=Alice`);
     await until(alice, () => window.webcall?.call.state === 'in-call');
-    bob = await openPage(browser, `${server.url}/r/${room}?name=Bob`);
-  });
-
-  after(async () => {
-    await browser?.close();
-    await server?.kill();
+    bob = await t.open(`${server.url}/r/${room}?name=Bob`);
   });
 
   it('both pages connect and decode each other’s video', async () => {
