@@ -151,12 +151,10 @@ export async function passPrejoin(page) {
   const ready = await until(
     page,
     () => {
-      const pj = document.querySelector('#prejoin');
-      if (!pj) return 'none';
-      if (!(/** @type {HTMLElement} */ (pj).hidden) && !document.querySelector('#prejoin-join')?.hasAttribute('disabled')) return 'ready';
-      const o = document.querySelector('#overlay');
-      if (o && !(/** @type {HTMLElement} */ (o).hidden)) return 'none';
-      return window.webcall?.call && window.webcall.call.state !== 'idle' ? 'none' : false;
+      const phase = document.body?.dataset.phase;
+      if (!document.querySelector('#prejoin') || (phase && phase !== 'loading' && phase !== 'prejoin')) return 'none';
+      if (phase === 'prejoin' && !document.querySelector('#prejoin-join')?.hasAttribute('disabled')) return 'ready';
+      return false;
     },
     undefined,
     20000,

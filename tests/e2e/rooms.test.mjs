@@ -1,7 +1,7 @@
 // Room capacity, meshes, and joining without (some) local media.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { connectedPeers, decodesVideoFrom, e2e, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, passPrejoin, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e();
 
@@ -76,6 +76,10 @@ describe('start page', () => {
     const room = await p.inputValue('#room');
     assert.notEqual(room, 'no spaces!');
     await Promise.all([p.waitForURL(`**/r/${room}?name=Dana`), p.click('button[type=submit]')]);
+    // The pre-join screen has the name from the start page.
+    await until(p, () => document.body.dataset.phase === 'prejoin');
+    assert.equal(await p.inputValue('#pj-name'), 'Dana');
+    await passPrejoin(p);
     await until(p, () => window.webcall?.call.state === 'in-call');
     assert.equal(await p.textContent('#room-name'), room);
     assert.match(await p.textContent('.tile.local .name'), /Dana/);

@@ -5,7 +5,7 @@
  *
  * Events (`CustomEvent`, data in `detail`):
  * - `state`        `{state}` — `joining`, `in-call`, `reconnecting`, `ended`, `failed`
- * - `peer-added`   `{peer}`; `peer-updated` `{peer}` (connection state, name, remote media, stream); `peer-removed` `{peer}`
+ * - `peer-added`   `{peer}`; `peer-updated` `{peer}` (connection state, name, remote media, hand, stream); `peer-removed` `{peer}`
  * - `local-media`  `{}` — local tracks or their enabled state changed
  * - `chat`         `{from, name, text, ts, local}`
  * - `stats`        `{}` — every peer's `stats` was refreshed
@@ -102,6 +102,12 @@ function mediaErrorName(e) {
   }
 }
 
+/** A display name as the server takes it: at most 64 characters, no control characters. @param {string} name */
+export function cleanName(name) {
+  // eslint-disable-next-line no-control-regex
+  return name.replace(/[\u0000-\u001f\u007f]/g, '').trim().slice(0, 64);
+}
+
 /** @param {RTCPeerConnection} pc */
 function createChatChannel(pc) {
   return pc.createDataChannel(CHAT_CHANNEL.label, { negotiated: true, id: CHAT_CHANNEL.id, ordered: true });
@@ -148,6 +154,8 @@ export class Peer {
     this.remoteStream = new MediaStream();
     /** @type {MediaState} */
     this.remoteMedia = { audio: true, video: true, screen: false };
+    /** the peer's hand is raised (data channel `hand`) */
+    this.hand = false;
     /** @type {RTCPeerConnectionState} */
     this.state = this.pc.connectionState;
     /** @type {import('./stats.js').StatsSummary|null} */
@@ -176,6 +184,9 @@ export class Peer {
     this.dc = spare?.dc ?? createChatChannel(pc);
     this.dc.onopen = () => {
       this.sendData(this.call.mediaState());
+      // Our current name (it may have changed since the server told the peer) and hand.
+      this.sendData({ type: 'name', name: this.call.name });
+      if (this.call.handRaised) this.sendData({ type: 'hand', raised: true });
       this.emit();
     };
     this.dc.onmessage = (ev) => this.onData(ev.data);
@@ -281,13 +292,13 @@ export class Peer {
     // Both kinds in every offer (receive-only too); tracks attached before (attachOwnTracks) are kept.
     if (!this.audioTx) {
       this.audioTx = this.pc.addTransceiver(this.call.outgoing('audio') ?? 'audio', {
-        direction: 'sendrecv',
+        direction: this.call.direction(),
         streams: [stream],
       });
     }
     if (!this.videoTx) {
       this.videoTx = this.pc.addTransceiver(this.call.outgoing('video') ?? 'video', {
-        direction: 'sendrecv',
+        direction: this.call.direction(),
         streams: [stream],
       });
     }
@@ -303,7 +314,7 @@ export class Peer {
       if (kind === 'audio' && !this.audioTx && t !== this.videoTx) this.audioTx = t;
       else if (kind === 'video' && !this.videoTx && t !== this.audioTx) this.videoTx = t;
       else continue;
-      t.direction = 'sendrecv';
+      t.direction = this.call.direction();
       const track = this.call.outgoing(/** @type {'audio'|'video'} */ (kind));
       if (t.sender.track !== track) replacing.push(t.sender.replaceTrack(track));
       t.sender.setStreams?.(this.call.localStream);
@@ -448,6 +459,12 @@ export class Peer {
     } else if (msg.type === 'media') {
       this.remoteMedia = { audio: msg.audio !== false, video: msg.video !== false, screen: msg.screen === true };
       this.emit();
+    } else if (msg.type === 'name' && typeof msg.name === 'string') {
+      this.name = cleanName(msg.name) || this.name;
+      this.emit();
+    } else if (msg.type === 'hand') {
+      this.hand = msg.raised === true;
+      this.emit();
     }
   }
 
@@ -486,12 +503,17 @@ export class Call extends EventTarget {
    * @param {import('./signaling.js').Signaling} opts.signaling
    * @param {string} opts.name our display name
    * @param {boolean} [opts.relayOnly] iceTransportPolicy `relay`
+   * @param {boolean} [opts.publish] false: receive only (subscribe-only tokens): no local media, `recvonly` media
    */
-  constructor({ signaling, name, relayOnly = false }) {
+  constructor({ signaling, name, relayOnly = false, publish = true }) {
     super();
     this.signaling = signaling;
     this.name = name;
     this.relayOnly = relayOnly;
+    this.publish = publish;
+    this.handRaised = false;
+    // While a peer connection is up, media flows without the server: a signaling outage does not end the call.
+    signaling.keepTrying = () => [...this.peers.values()].some((p) => p.pc.connectionState === 'connected');
     /** @type {string|null} */
     this.id = null;
     /** @type {Map<string, Peer>} */
@@ -541,6 +563,7 @@ export class Call extends EventTarget {
    */
   async prepare(want) {
     this.setState('joining');
+    if (!this.publish) want = { audio: false, video: false };
     const media = await getLocalMedia({ ...want, audioDevice: this.devices.audio, videoDevice: this.devices.video });
     this.mediaProblems = media.problems;
     this.tracks.mic = media.audio;
@@ -557,6 +580,7 @@ export class Call extends EventTarget {
   join() {
     if (this.joined) return;
     this.joined = true;
+    this.setState('joining');
     this.statsTimer = setInterval(() => this.refreshStats(), 1000);
     this.signaling.start();
     // While the WebSocket connects: the connection for a peer already in the room.
@@ -598,8 +622,9 @@ export class Call extends EventTarget {
     s.addEventListener('fatal', (ev) => {
       const detail = /** @type {CustomEvent} */ (ev).detail;
       this.closePeers();
-      this.dropSpare();
+      this.releaseMedia();
       this.stopStats();
+      this.joined = false;
       this.setState('failed');
       this.dispatchEvent(new CustomEvent('fatal', { detail }));
     });
@@ -607,6 +632,8 @@ export class Call extends EventTarget {
 
   /** @private @param {any} welcome */
   onWelcome(welcome) {
+    // A subscribe-only token: receive only, whatever we had prepared.
+    if (welcome.publish === false && this.publish) this.setPublish(false);
     // A spare built for another id or other ICE servers (TURN credentials are minted per welcome) is no use; one
     // built before the first welcome gets this welcome's ICE servers (no gathering has started on it).
     if (this.spare?.forId === null && (welcome.idChanged || !welcome.resumed)) {
@@ -710,8 +737,9 @@ export class Call extends EventTarget {
     };
     spare.offer = (async () => {
       try {
-        if (!spare.audioTx) spare.audioTx = pc.addTransceiver('audio', { direction: 'sendrecv', streams: [this.localStream] });
-        if (!spare.videoTx) spare.videoTx = pc.addTransceiver('video', { direction: 'sendrecv', streams: [this.localStream] });
+        const direction = this.direction();
+        if (!spare.audioTx) spare.audioTx = pc.addTransceiver('audio', { direction, streams: [this.localStream] });
+        if (!spare.videoTx) spare.videoTx = pc.addTransceiver('video', { direction, streams: [this.localStream] });
         await pc.setLocalDescription();
         spare.sdp = pc.localDescription?.sdp ?? null;
         return spare.sdp;
@@ -799,8 +827,57 @@ export class Call extends EventTarget {
    * @param {'audio'|'video'} kind
    */
   outgoing(kind) {
+    if (!this.publish) return null;
     if (kind === 'audio') return this.tracks.mic;
     return this.tracks.screen ?? (this.cameraEnabled ? this.tracks.camera : null);
+  }
+
+  /** The direction of our audio and video transceivers. @returns {RTCRtpTransceiverDirection} */
+  direction() {
+    return this.publish ? 'sendrecv' : 'recvonly';
+  }
+
+  /**
+   * Receive only from now on (a subscribe-only welcome): local media stops, every transceiver becomes `recvonly`
+   * (which renegotiates). @param {boolean} publish
+   */
+  setPublish(publish) {
+    if (publish === this.publish) return;
+    this.publish = publish;
+    if (!publish) {
+      this.releaseMedia();
+      for (const p of this.peers.values()) {
+        for (const t of [p.audioTx, p.videoTx]) if (t && !t.stopped) t.direction = 'recvonly';
+      }
+    }
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
+  }
+
+  /** Stops every local track (camera and microphone lights go off) and drops the spare connection. */
+  releaseMedia() {
+    for (const t of Object.values(this.tracks)) t?.stop();
+    this.tracks = { mic: null, camera: null, screen: null };
+    this.dropSpare();
+    this.refreshLocalStream();
+    for (const p of this.peers.values()) p.updateSenders().catch(() => {});
+  }
+
+  /** Changes our display name; the others learn it over the data channel (`name`). @param {string} name */
+  setName(name) {
+    name = cleanName(name);
+    if (!name || name === this.name) return;
+    this.name = name;
+    // A later join (a reconnect that is not resumed) carries it too.
+    this.signaling.name = name;
+    for (const p of this.peers.values()) p.sendData({ type: 'name', name });
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
+  }
+
+  /** Raises or lowers our hand (data channel `hand`). @param {boolean} raised */
+  setHand(raised) {
+    this.handRaised = raised;
+    for (const p of this.peers.values()) p.sendData({ type: 'hand', raised });
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
   }
 
   /** @returns {MediaState} */
@@ -960,12 +1037,19 @@ export class Call extends EventTarget {
     if (this.state === 'ended') return;
     this.signaling.leave();
     this.closePeers();
-    this.dropSpare();
     this.stopStats();
-    for (const t of Object.values(this.tracks)) t?.stop();
-    this.tracks = { mic: null, camera: null, screen: null };
-    this.refreshLocalStream();
+    this.releaseMedia();
+    this.joined = false;
     this.setState('ended');
+  }
+
+  /**
+   * After a failed join (`fatal`): gets local media again and joins again (with the signaling's current `token`,
+   * `password` and `name`). @param {{audio: boolean, video: boolean}} want
+   */
+  async rejoin(want) {
+    await this.prepare(want);
+    this.join();
   }
 
   /** A plain-data picture of the call, for tests and debugging. */
@@ -975,6 +1059,9 @@ export class Call extends EventTarget {
       state: this.state,
       signaling: this.signaling.state,
       media: this.mediaState(),
+      publish: this.publish,
+      hand: this.handRaised,
+      tracks: Object.fromEntries(Object.entries(this.tracks).map(([k, t]) => [k, t ? t.readyState : null])),
       mediaProblems: this.mediaProblems,
       peers: [...this.peers.values()].map((p) => ({
         id: p.id,
@@ -985,6 +1072,7 @@ export class Call extends EventTarget {
         signalingState: p.pc.signalingState,
         dataChannel: p.dc.readyState,
         remoteMedia: p.remoteMedia,
+        hand: p.hand,
         iceRestarts: p.iceRestarts,
         stats: p.stats,
       })),
