@@ -1,7 +1,8 @@
 // Shared helpers of the browser end-to-end tests: the real `webcall` server binary and Debian's chromium driven
 // through playwright-core. Run inside a network namespace that has only loopback (see scripts/test.sh).
 import { spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -356,4 +357,23 @@ export function startPeer(args) {
       }
     },
   };
+}
+
+const AXE_SOURCE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+
+/**
+ * Runs axe-core (WCAG 2.x A and AA rules) on the page as it is now; returns the serious and critical violations,
+ * each as `rule: target (summary)`.
+ * @param {import('playwright-core').Page} page
+ */
+export async function axeViolations(page) {
+  // Evaluated, not added as a <script>: the page's Content-Security-Policy allows only its own scripts.
+  await page.evaluate(AXE_SOURCE);
+  const result = await page.evaluate(() =>
+    // @ts-ignore
+    window.axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] }, resultTypes: ['violations'] }),
+  );
+  return result.violations
+    .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+    .flatMap((v) => v.nodes.map((n) => `${v.id}: ${n.target.join(' ')} (${n.failureSummary?.split('\n').slice(1).join(' ').trim()})`));
 }
