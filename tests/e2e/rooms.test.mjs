@@ -1,7 +1,7 @@
 // Room capacity, meshes, and joining without (some) local media.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { connectedPeers, decodesVideoFrom, e2e, passPrejoin, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, launchBrowser, openPage, passPrejoin, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e();
 
@@ -85,6 +85,41 @@ describe('start page', () => {
     assert.match(await p.textContent('.tile.local .name'), /Dana/);
     await screenshot(p, 'alone-in-room.png');
     await p.context().close();
+  });
+});
+
+describe('links that cannot work as they are', () => {
+  const server = t.server();
+
+  it('a bad room in the URL gets the page (status 400) with the rule and a room that works', async () => {
+    const p = await t.open(`${server.url}/`, { join: false });
+    const resp = await p.goto(`${server.url}/r/bad%20room!?name=Eve`);
+    assert.equal(resp?.status(), 400);
+    await until(p, () => document.querySelector('#overlay')?.dataset.kind === 'bad-room-name' && !document.querySelector('#overlay').hidden);
+    assert.match(await p.textContent('#overlay-title'), /room name is not valid/i);
+    assert.match(await p.textContent('#overlay-text'), /letters, digits/);
+    await screenshot(p, 'bad-room.png');
+    await Promise.all([p.waitForURL('**/r/bad-room?name=Eve'), p.click('#overlay-actions button.primary')]);
+    await passPrejoin(p);
+    await until(p, () => window.webcall?.call.state === 'in-call');
+    assert.equal(await p.textContent('#room-name'), 'bad-room');
+    await p.context().close();
+  });
+
+  it('a page on a non-secure origin (a LAN address over http) says how to fix it', async () => {
+    // lan.test resolves to loopback; http://lan.test is not a secure context (only localhost is), as a LAN IP.
+    const browser = await launchBrowser([`--host-resolver-rules=MAP lan.test 127.0.0.1`]);
+    try {
+      const p = await openPage(browser, `http://lan.test:${server.port}/r/${uniqueRoom('lan')}`, { join: false, permissions: [] });
+      await until(p, () => document.querySelector('#overlay')?.dataset.kind === 'insecure');
+      assert.match(await p.textContent('#overlay-title'), /secure connection/i);
+      const text = await p.textContent('#overlay-text');
+      assert.match(text, /https:\/\//);
+      assert.match(text, /--tls-self-signed/);
+      await screenshot(p, 'insecure-origin.png');
+    } finally {
+      await browser.close();
+    }
   });
 });
 

@@ -164,6 +164,22 @@ function unsupportedReason() {
   return null;
 }
 
+/** Room names the server takes (docs/protocol.md). */
+const VALID_ROOM = /^[A-Za-z0-9_-]{1,64}$/;
+if (!VALID_ROOM.test(room)) {
+  // The server answers such a link with this page (status 400): say what is wrong and offer a name that works.
+  const fixed = room.replace(/[^A-Za-z0-9_-]+/g, '-').replace(/^-+|-+$/g, '').slice(0, 64);
+  document.body.dataset.phase = 'bad-room';
+  $('room-name').textContent = room;
+  showOverlay(
+    'This room name is not valid',
+    `Room names are 1–64 letters, digits, “-” or “_”; “${room}” has other characters.` + (fixed ? ` Did you mean “${fixed}”?` : ''),
+    [...(fixed ? [{ label: `Go to “${fixed}”`, primary: true, action: () => (location.href = `/r/${fixed}${location.search}`) }] : []), homeAction],
+    'bad-room-name',
+  );
+  throw new Error(`invalid room name ${JSON.stringify(room)}`);
+}
+
 const unsupported = unsupportedReason();
 if (unsupported) {
   document.body.dataset.phase = 'unsupported';

@@ -200,7 +200,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn call_page(Path(room): Path<String>) -> Response {
     if !webcall_protocol::valid_room_name(&room) {
-        return (StatusCode::BAD_REQUEST, "room names are 1-64 characters of A-Z a-z 0-9 _ -\n").into_response();
+        return web::bad_room_page();
     }
     web::asset("call.html")
 }

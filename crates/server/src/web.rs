@@ -19,3 +19,11 @@ pub fn asset(path: &str) -> Response {
         None => (StatusCode::NOT_FOUND, format!("no such file: /{path}\n")).into_response(),
     }
 }
+
+/// The call page for a room name that is not valid, with status 400: the page explains the rule and offers a
+/// valid name (a plain-text 400 would leave a person who mistyped a link with nothing to do).
+pub fn bad_room_page() -> Response {
+    let mut page = asset("call.html");
+    *page.status_mut() = StatusCode::BAD_REQUEST;
+    page
+}
