@@ -208,6 +208,7 @@ const grid = $('grid');
  * @typedef {object} TileInfo
  * @property {HTMLElement} el
  * @property {boolean} local
+ * @property {boolean} screen a screen share's tile (the person's camera has a tile of its own)
  * @property {number} since
  * @property {number} lastSpoke
  * @property {number} level
@@ -223,7 +224,8 @@ function makeTile(id, label) {
   const tpl = /** @type {HTMLTemplateElement} */ ($('tile-tpl'));
   const tile = /** @type {HTMLElement} */ (/** @type {Element} */ (tpl.content.firstElementChild).cloneNode(true));
   tile.dataset.peer = id;
-  tiles.set(id, { el: tile, local: id === 'local', since: performance.now(), lastSpoke: 0, level: 0 });
+  tiles.set(id, { el: tile, local: id.startsWith('local'), screen: id.endsWith(':screen'), since: performance.now(), lastSpoke: 0, level: 0 });
+  if (id.endsWith(':screen')) tile.classList.add('screen');
   setTileName(tile, label);
   const pin = /** @type {HTMLElement} */ (tile.querySelector('.pin'));
   pin.onclick = () => setPinned(pinned === id ? null : id);
@@ -249,6 +251,10 @@ function setTileName(tile, label) {
 /** The tile's state in words, for screen readers (its label). @param {HTMLElement} tile */
 function describeTile(tile) {
   const label = tile.querySelector('.name')?.textContent ?? '';
+  if (tile.classList.contains('screen')) {
+    tile.setAttribute('aria-label', `${label}, screen share`);
+    return;
+  }
   const parts = [label];
   parts.push(tile.dataset.audio === 'off' ? 'microphone muted' : 'microphone on');
   parts.push(tile.dataset.video === 'off' ? 'camera off' : 'camera on');
@@ -295,7 +301,8 @@ function fullscreen(el) {
 function layout() {
   const n = tiles.size;
   grid.dataset.count = String(n);
-  const presenter = [...tiles].find(([id, t]) => !t.local && t.el.dataset.screen === 'on')?.[0] ?? null;
+  // A remote screen share takes the stage unless someone is pinned.
+  const presenter = [...tiles].find(([, t]) => !t.local && t.screen)?.[0] ?? null;
   const spot = pinned ?? presenter;
   for (const [id, t] of tiles) {
     t.el.classList.toggle('presenting', id === presenter);
@@ -311,7 +318,16 @@ function layout() {
   order.forEach((t, i) => (/** @type {TileInfo} */ (tiles.get(t.id)).el.style.order = String(i)));
   if (spot && n > 1) {
     grid.dataset.layout = 'spotlight';
-    for (const t of tiles.values()) t.el.classList.remove('offpage');
+    // As many others as fit beside (or, on a phone, under) the big tile; the most recent speakers first.
+    const phone = width <= 744;
+    const stripW = Math.max(160, Math.round(width * 0.2));
+    const fit = phone
+      ? 3 * Math.max(1, Math.floor((height * 0.38) / ((width - 16) / 3 + 8)))
+      : Math.max(1, Math.floor((height + 12) / ((stripW * 9) / 16 + 12)));
+    grid.style.setProperty('--strip-w', `${stripW}px`);
+    const others = order.filter((t) => t.id !== spot).slice(0, fit);
+    const ids = new Set([spot, ...others.map((t) => t.id)]);
+    for (const [id, t] of tiles) t.el.classList.toggle('offpage', !ids.has(id));
     $('pager').hidden = true;
   } else {
     delete grid.dataset.layout;
@@ -329,8 +345,9 @@ function layout() {
     $('pager').hidden = pages <= 1;
     $('page-info').textContent = `${page + 1} / ${pages}`;
   }
-  $('people').textContent = String(n);
-  $('btn-people-top').setAttribute('aria-label', `${n} ${n === 1 ? 'person' : 'people'} in the call: show the list`);
+  const people = [...tiles.values()].filter((t) => !t.screen).length;
+  $('people').textContent = String(people);
+  $('btn-people-top').setAttribute('aria-label', `${people} ${people === 1 ? 'person' : 'people'} in the call: show the list`);
 }
 new ResizeObserver(() => layout()).observe($('stage'));
 $('page-prev').onclick = () => {
@@ -387,6 +404,7 @@ function renderLocal() {
   setCtl('btn-hand', call.handRaised, call.handRaised ? 'Lower hand (h)' : 'Raise hand (h)');
   $('m-hand').querySelector('span').textContent = call.handRaised ? 'Lower hand' : 'Raise hand';
   describeTile(localTile);
+  screenTile('local:screen', 'Your screen', call.tracks.screen ? new MediaStream([call.tracks.screen]) : null);
   watchMicLevel();
   renderPeople();
 }
@@ -423,6 +441,7 @@ function renderPeer(peer) {
   if (screenBefore !== tile.dataset.screen) layout();
   /** @type {HTMLElement} */ (tile.querySelector('.tag')).textContent = peer.remoteMedia.screen ? 'Presenting' : '';
   describeTile(tile);
+  screenTile(`${peer.id}:screen`, `${peer.name || 'Guest'} (screen)`, peer.remoteMedia.screen && peer.remoteScreen.getVideoTracks().length ? peer.remoteScreen : null);
   const video = /** @type {HTMLVideoElement} */ (tile.querySelector('video'));
   // Attach once there are tracks (an empty stream would hold the page's load event).
   if (video.srcObject !== peer.remoteStream && peer.remoteStream.getTracks().length) {
@@ -441,6 +460,37 @@ function renderPeer(peer) {
   renderPeople();
 }
 
+/**
+ * The tile of a screen share (beside the person's camera tile): made, updated or (stream null) removed.
+ * @param {string} id @param {string} label @param {MediaStream|null} stream
+ */
+function screenTile(id, label, stream) {
+  let t = tiles.get(id);
+  if (!stream) {
+    if (t) {
+      t.el.remove();
+      tiles.delete(id);
+      if (pinned === id) pinned = null;
+      layout();
+      renderPeople();
+    }
+    return;
+  }
+  if (!t) {
+    makeTile(id, label);
+    t = /** @type {TileInfo} */ (tiles.get(id));
+    t.el.dataset.screen = 'on';
+    t.el.dataset.audio = 'off';
+    /** @type {HTMLElement} */ (t.el.querySelector('.tag')).textContent = 'Screen';
+    layout();
+  }
+  setTileName(t.el, label);
+  const video = /** @type {HTMLVideoElement} */ (t.el.querySelector('video'));
+  video.muted = true;
+  if (video.srcObject !== stream) video.srcObject = stream;
+  if (video.paused) video.play().catch(() => {});
+}
+
 function showSoundButton() {
   if (document.getElementById('btn-sound')) return;
   const b = document.createElement('button');
@@ -448,8 +498,8 @@ function showSoundButton() {
   b.className = 'btn primary sound';
   b.textContent = 'Click to turn sound on';
   b.onclick = () => {
-    for (const [id, t] of tiles) {
-      if (id === 'local') continue;
+    for (const [, t] of tiles) {
+      if (t.local || t.screen) continue;
       const v = /** @type {HTMLVideoElement} */ (t.el.querySelector('video'));
       v.muted = false;
       v.play().catch(() => {});
@@ -462,7 +512,7 @@ function showSoundButton() {
 /** Removes every remote tile (the call is over or failed). */
 function clearRemoteTiles() {
   for (const [id, t] of [...tiles]) {
-    if (id === 'local') continue;
+    if (t.local) continue;
     t.el.remove();
     tiles.delete(id);
   }
@@ -480,10 +530,11 @@ call.addEventListener('peer-added', (ev) => {
 call.addEventListener('peer-updated', (ev) => renderPeer(/** @type {CustomEvent} */ (ev).detail.peer));
 call.addEventListener('peer-removed', (ev) => {
   const peer = /** @type {CustomEvent} */ (ev).detail.peer;
-  const tile = tiles.get(peer.id);
-  tiles.delete(peer.id);
-  tile?.el.remove();
-  if (pinned === peer.id) pinned = null;
+  for (const id of [peer.id, `${peer.id}:screen`]) {
+    tiles.get(id)?.el.remove();
+    tiles.delete(id);
+    if (pinned === id) pinned = null;
+  }
   layout();
   renderPeople();
   if (call.state === 'in-call' && peer.name) toast(`${peer.name} left the call`);
@@ -788,7 +839,7 @@ $('people-close').onclick = () => setPanel('none');
 function renderPeople() {
   if (document.body.dataset.panel !== 'people') return;
   const list = $('people-list');
-  const rows = [...tiles].map(([id, t]) => {
+  const rows = [...tiles].filter(([, t]) => !t.screen).map(([id, t]) => {
     const li = document.createElement('li');
     li.dataset.peer = id;
     const n = document.createElement('span');

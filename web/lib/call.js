@@ -30,8 +30,9 @@ const SPARE_DELAY_MS = 3000;
 /**
  * @typedef {object} MediaState what a peer sends, as told over the data channel
  * @property {boolean} audio microphone on (not muted)
- * @property {boolean} video camera or screen on
- * @property {boolean} screen sharing the screen
+ * @property {boolean} video camera on
+ * @property {boolean} screen sharing the screen (on a video track of its own, beside the camera)
+ * @property {string} [screenStream] the id of the stream (msid) the screen track is sent with
  */
 
 /**
@@ -151,11 +152,20 @@ export class Peer {
     this.audioTx = spare?.audioTx ?? null;
     /** @type {RTCRtpTransceiver|null} */
     this.videoTx = spare?.videoTx ?? null;
+    /** the peer's microphone and camera */
     this.remoteStream = new MediaStream();
+    /** the peer's screen share (its own video track and stream) */
+    this.remoteScreen = new MediaStream();
+    /** @type {Map<MediaStreamTrack, string>} every received track and the stream id it came with */
+    this.received = new Map();
+    /** @type {RTCRtpTransceiver|null} the transceiver our screen goes out on */
+    this.screenTx = null;
     /** @type {MediaState} */
     this.remoteMedia = { audio: true, video: true, screen: false };
     /** the peer's hand is raised (data channel `hand`) */
     this.hand = false;
+    /** @type {Set<string>} stream ids the peer has shared its screen with (so a late track is not taken for a camera) */
+    this.screenIds = new Set();
     /** @type {RTCPeerConnectionState} */
     this.state = this.pc.connectionState;
     /** @type {import('./stats.js').StatsSummary|null} */
@@ -187,6 +197,8 @@ export class Peer {
       // Our current name (it may have changed since the server told the peer) and hand.
       this.sendData({ type: 'name', name: this.call.name });
       if (this.call.handRaised) this.sendData({ type: 'hand', raised: true });
+      // Sharing already: this peer gets the screen too (after the first negotiation, on a transceiver of its own).
+      if (this.call.tracks.screen) this.addScreen();
       this.emit();
     };
     this.dc.onmessage = (ev) => this.onData(ev.data);
@@ -214,16 +226,14 @@ export class Peer {
       if (this.heldCandidates) this.heldCandidates.push(candidate ? candidate.toJSON() : null);
       else this.sendCandidate(candidate ? candidate.toJSON() : null);
     };
-    pc.ontrack = ({ track }) => {
-      if (!this.remoteStream.getTracks().includes(track)) {
-        // Keep one track per kind: a renegotiation may bring a new one.
-        for (const old of this.remoteStream.getTracks()) {
-          if (old.kind === track.kind) this.remoteStream.removeTrack(old);
-        }
-        this.remoteStream.addTrack(track);
-      }
+    pc.ontrack = ({ track, streams }) => {
+      this.received.set(track, streams[0]?.id ?? '');
+      this.placeTracks();
       track.onmute = track.onunmute = () => this.emit();
-      this.emit();
+      track.addEventListener('ended', () => {
+        this.received.delete(track);
+        this.placeTracks();
+      });
     };
     pc.onconnectionstatechange = () => this.onConnectionState();
     // The first offer goes out at once: `negotiationneeded` is a task of its own, which a busy page (a call page
@@ -232,6 +242,52 @@ export class Peer {
     if (initiator && spare?.sdp) this.sendPrimedOffer(spare.sdp);
     else if (initiator && spare?.offer) this.sendPrimedOffer(spare.offer);
     else if (initiator) this.negotiate();
+  }
+
+  /**
+   * Sorts the received tracks into the camera/microphone stream and the screen stream: the screen is the video
+   * track that came with the stream id the peer announced (`media.screenStream`); of the others, the newest of each
+   * kind (a renegotiation may bring a new one). @private
+   */
+  placeTracks() {
+    const screenId = this.remoteMedia.screen ? this.remoteMedia.screenStream : undefined;
+    /** @type {Map<string, MediaStreamTrack>} */
+    const main = new Map();
+    /** @type {MediaStreamTrack|null} */
+    let screen = null;
+    for (const [track, sid] of this.received) {
+      if (track.readyState === 'ended') continue;
+      if (track.kind === 'video' && screenId && sid === screenId) screen = track;
+      else if (!(track.kind === 'video' && this.screenIds.has(sid))) main.set(track.kind, track);
+    }
+    /** @param {MediaStream} stream @param {MediaStreamTrack[]} want */
+    const sync = (stream, want) => {
+      for (const t of stream.getTracks()) if (!want.includes(t)) stream.removeTrack(t);
+      for (const t of want) if (!stream.getTracks().includes(t)) stream.addTrack(t);
+    };
+    sync(this.remoteStream, [...main.values()]);
+    sync(this.remoteScreen, screen ? [screen] : []);
+    this.emit();
+  }
+
+  /** Sends our screen to this peer, on a transceiver of its own (renegotiates once per share). */
+  addScreen() {
+    const track = this.call.tracks.screen;
+    if (!track || this.closed || !this.call.screenStream) return;
+    if (this.screenTx && !this.screenTx.stopped) {
+      this.screenTx.direction = 'sendonly';
+      this.screenTx.sender.replaceTrack(track).catch((e) => console.warn('screen replaceTrack', e));
+      this.screenTx.sender.setStreams?.(this.call.screenStream);
+    } else {
+      this.screenTx = this.pc.addTransceiver(track, { direction: 'sendonly', streams: [this.call.screenStream] });
+    }
+  }
+
+  /** Stops sending our screen to this peer (the transceiver stays, inactive, for the next share). */
+  removeScreen() {
+    if (!this.screenTx || this.screenTx.stopped || this.closed) return;
+    this.screenTx.sender.replaceTrack(null).catch(() => {});
+    this.screenTx.direction = 'inactive';
   }
 
   /** @private @param {RTCIceCandidateInit|null} candidate */
@@ -458,7 +514,11 @@ export class Peer {
       );
     } else if (msg.type === 'media') {
       this.remoteMedia = { audio: msg.audio !== false, video: msg.video !== false, screen: msg.screen === true };
-      this.emit();
+      if (typeof msg.screenStream === 'string' && msg.screenStream) {
+        this.remoteMedia.screenStream = msg.screenStream;
+        this.screenIds.add(msg.screenStream);
+      }
+      this.placeTracks();
     } else if (msg.type === 'name' && typeof msg.name === 'string') {
       this.name = cleanName(msg.name) || this.name;
       this.emit();
@@ -539,6 +599,8 @@ export class Call extends EventTarget {
     this.spareTimer = null;
     /** @type {number|null} */
     this.spareIdle = null;
+    /** @type {MediaStream|null} the stream our screen track is sent with (its id tells peers which track it is) */
+    this.screenStream = null;
     this.bindSignaling();
   }
 
@@ -822,14 +884,15 @@ export class Call extends EventTarget {
   }
 
   /**
-   * The track we send for a kind: the microphone (also when muted: it then sends silence), the screen while
+   * The track we send for a kind: the microphone (also when muted: it then sends silence), the camera when on
+   * (the screen goes on a transceiver of its own: Peer.addScreen).
    * sharing, else the camera when on.
    * @param {'audio'|'video'} kind
    */
   outgoing(kind) {
     if (!this.publish) return null;
     if (kind === 'audio') return this.tracks.mic;
-    return this.tracks.screen ?? (this.cameraEnabled ? this.tracks.camera : null);
+    return this.cameraEnabled ? this.tracks.camera : null;
   }
 
   /** The direction of our audio and video transceivers. @returns {RTCRtpTransceiverDirection} */
@@ -888,6 +951,7 @@ export class Call extends EventTarget {
       audio: !!this.tracks.mic && this.micEnabled,
       video: !!this.outgoing('video'),
       screen: this.screenSharing,
+      ...(this.screenStream && this.screenSharing ? { screenStream: this.screenStream.id } : {}),
     };
   }
 
@@ -945,7 +1009,7 @@ export class Call extends EventTarget {
     await this.mediaChanged();
   }
 
-  /** Shares the screen in place of the camera (replaceTrack: no renegotiation). */
+  /** Shares the screen beside the camera: a video track of its own to every peer (one renegotiation each). */
   async startScreenShare() {
     if (this.tracks.screen) return;
     if (!navigator.mediaDevices?.getDisplayMedia) {
@@ -967,7 +1031,10 @@ export class Call extends EventTarget {
       if (this.tracks.screen === track) this.stopScreenShare();
     });
     this.tracks.screen = track;
+    this.screenStream = new MediaStream([track]);
+    // The stream id goes first (data channel), so that the track is known as the screen when it arrives.
     await this.mediaChanged();
+    for (const p of this.peers.values()) p.addScreen();
   }
 
   async stopScreenShare() {
@@ -975,6 +1042,7 @@ export class Call extends EventTarget {
     if (!t) return;
     this.tracks.screen = null;
     t.stop();
+    for (const p of this.peers.values()) p.removeScreen();
     await this.mediaChanged();
   }
 
