@@ -5,7 +5,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import path from 'node:path';
-import { ROOT, connectedPeers, decodesVideoFrom, e2e, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
+import { ROOT, axeViolations, connectedPeers, decodesVideoFrom, e2e, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
 
 const BINARY = process.env.WEBCALL_BIN ?? path.join(ROOT, 'target/debug/webcall');
 const t = e2e();
@@ -63,6 +63,7 @@ describe('room password', () => {
     // Focus is in the dialog's field.
     assert.equal(await b.evaluate(() => document.activeElement?.id), 'overlay-input');
     await screenshot(b, 'password-prompt.png');
+    assert.deepEqual(await axeViolations(b), []);
 
     // A wrong one: the error in words, asked again.
     await b.fill('#overlay-input', 'wrong');
