@@ -55,6 +55,20 @@ describe('pre-join screen and in-call controls', () => {
     assert.equal(await again.inputValue('#pj-name'), 'Quiet Person');
     await again.close();
     await Promise.all([a, b].map((p) => p.context().close()));
+
+    // On a phone, both ways up: the preview and every field, the Join button reachable.
+    for (const [vp, file] of [
+      [PHONE, 'prejoin-phone.png'],
+      [PHONE_LANDSCAPE, 'prejoin-phone-landscape.png'],
+    ]) {
+      const p = await t.open(`${server.url}/r/${room}?name=Phone`, { join: false, viewport: vp });
+      await prejoinReady(p);
+      await until(p, () => /** @type {HTMLVideoElement} */ (document.querySelector('#pj-video')).videoWidth > 0);
+      await screenshot(p, file);
+      await p.locator('#prejoin-join').scrollIntoViewIfNeeded();
+      assert.ok(await p.isVisible('#prejoin-join'));
+      await p.context().close();
+    }
   });
 
   it('rename, raise hand, participant list, pin, dialogs that keep focus, axe on the call with a dialog open', async () => {
