@@ -51,7 +51,7 @@ export async function startServer({ port = 0, args = [] } = {}) {
     const timer = setTimeout(() => reject(new Error(`server did not start in 15 s; stderr:\n${stderr}`)), 15000);
     proc.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/webcall listening on (http:\/\/[^\s]+)/);
+      const m = out.match(/webcall listening on (https?:\/\/[^\s]+)/);
       if (m) {
         clearTimeout(timer);
         resolve(m[1]);
@@ -110,6 +110,7 @@ export async function launchBrowser(extraArgs = []) {
  * @property {boolean} [join] on the call page, press "Join" on the pre-join screen (default true)
  * @property {(ctx: import('playwright-core').BrowserContext) => Promise<void>} [setup] before the page loads
  * @property {string[]} [permissions] default camera and microphone
+ * @property {boolean} [ignoreHTTPSErrors] accept a self-signed certificate (servers with --tls-self-signed)
  */
 
 /**
@@ -125,6 +126,7 @@ export async function openPage(browser, url, opts = {}) {
   const context = await browser.newContext({
     viewport: opts.viewport ?? { width: 1280, height: 800 },
     permissions: opts.permissions ?? ['camera', 'microphone'],
+    ignoreHTTPSErrors: opts.ignoreHTTPSErrors ?? false,
   });
   if (opts.setup) await opts.setup(context);
   const page = /** @type {import('playwright-core').Page & {errors: string[]}} */ (await context.newPage());

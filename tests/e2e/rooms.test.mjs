@@ -123,6 +123,20 @@ describe('links that cannot work as they are', () => {
   });
 });
 
+describe('TLS port', () => {
+  const server = t.server(['--tls-self-signed']);
+
+  it('http:// on the TLS port redirects to https:// and the call page works there', async () => {
+    assert.match(server.url, /^https:/);
+    const room = uniqueRoom('tls');
+    const plain = `http://127.0.0.1:${server.port}/r/${room}?name=Plain`;
+    const p = await t.open(plain, { ignoreHTTPSErrors: true });
+    assert.equal(p.url(), `https://127.0.0.1:${server.port}/r/${room}?name=Plain`);
+    await until(p, () => window.webcall?.call.state === 'in-call');
+    await p.context().close();
+  });
+});
+
 describe('joining without local media', () => {
   const server = t.server();
 

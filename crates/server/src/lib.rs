@@ -168,7 +168,7 @@ pub async fn serve_prepared(
     let bind_err = |source| ServeError::Bind { addr: local_addr, source };
     let (scheme, fingerprint, task) = match &tls {
         Some(t) => {
-            let acceptor = RustlsAcceptor::new(t.config.clone()).acceptor(Accept::new());
+            let acceptor = RustlsAcceptor::new(t.config.clone()).acceptor(web::PlainHttpRedirect);
             let server = axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(acceptor).handle(handle.clone());
             ("https", Some(t.fingerprint.clone()), tokio::spawn(server.serve(app)))
         }
