@@ -200,6 +200,14 @@ describe('signaling outage', () => {
     const [aId] = await connectedPeers(b, 1);
     await connectedPeers(a, 1);
     await decodesVideoFrom(b, aId);
+    // Someone alone in a room has no call to keep: after the give-up point the page says so and lets go of the
+    // camera and microphone.
+    const alone = await t.open(`${server.url}/r/${uniqueRoom('alone')}?name=Solo&giveup=2`);
+    await until(alone, () => window.webcall.call.state === 'in-call');
+    await alone.evaluate(() => {
+      // @ts-ignore
+      window.__tracks = window.webcall.call.localStream.getTracks();
+    });
     await server.kill();
     await until(b, () => {
       const el = document.querySelector('#banner');
@@ -211,6 +219,12 @@ describe('signaling outage', () => {
     await decodesVideoFrom(b, aId, 10);
     assert.equal((await snapshot(b)).peers.length, 1);
     await screenshot(b, 'outage.png');
-    await Promise.all([a, b].map((p) => p.context().close()));
+
+    await until(alone, () => document.querySelector('#overlay')?.dataset.kind === 'unreachable' && !document.querySelector('#overlay').hidden, undefined, 30000);
+    assert.match(await alone.textContent('#overlay-title'), /cannot reach the server/i);
+    // @ts-ignore
+    assert.ok(await alone.evaluate(() => window.__tracks.length > 0 && window.__tracks.every((tr) => tr.readyState === 'ended')));
+    assert.notEqual(await alone.textContent('#conn-pill'), 'Connecting…');
+    await Promise.all([a, b, alone].map((p) => p.context().close()));
   });
 });
