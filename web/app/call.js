@@ -702,6 +702,12 @@ function watchMicLevel() {
     micMeter = null;
   }
 }
+// An AudioContext made before any click may start suspended (autoplay policy): the first click or key wakes it.
+for (const type of ['pointerdown', 'keydown']) {
+  document.addEventListener(type, () => {
+    if (micMeter?.ctx.state === 'suspended') micMeter.ctx.resume().catch(() => {});
+  });
+}
 const micBuf = new Float32Array(512);
 function micLevel() {
   if (!micMeter || !call.micEnabled) return 0;
