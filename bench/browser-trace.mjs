@@ -172,7 +172,7 @@ async function webcallCall(browser, url) {
     await b.goto(`${url}/r/${room}?name=B&defer`);
     await until(b, () => !!window.webcall?.call.tracks.camera && !!window.webcall.call.tracks.mic, undefined, TIMEOUT);
     const a = await ca.newPage();
-    await a.goto(`${url}/r/${room}?name=A`);
+    await a.goto(`${url}/r/${room}?name=A&join=1`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
     await until(a, () => !('spare' in window.webcall.call) || !!window.webcall.call.spare, undefined, TIMEOUT);
     if (process.env.SETTLE) await new Promise((r) => setTimeout(r, Number(process.env.SETTLE)));

@@ -95,7 +95,7 @@ async function webcallCall(browser, url) {
     // the benchmark calls `webcall.join()`.
     await b.goto(`${url}/r/${room}?name=B&defer`);
     await until(b, () => !!window.webcall?.call.tracks.camera && !!window.webcall.call.tracks.mic, undefined, TIMEOUT);
-    await a.goto(`${url}/r/${room}?name=A`);
+    await a.goto(`${url}/r/${room}?name=A&join=1`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
     // A has been in the room a while, as the baseline's A has its peer connection before the join: its client's
     // spare peer connection (web/lib/call.js, built when idle after the welcome) is there. Clients without one

@@ -2,12 +2,12 @@
 // peer records the page's video to IVF, and chat goes both ways between stdin/stdout and the page.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { assertLoopbackOnly, startPeer, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, startPeer, startServer, uniqueRoom, until } from './helpers.mjs';
 
+const t = e2e();
 
 /** Frames of a VP8 IVF file, after checking its header. */
 function ivfFrames(file) {
@@ -29,28 +29,24 @@ function ivfFrames(file) {
 
 describe('native peer and browser', () => {
   let server;
-  let browser;
   let page;
   let peer;
   let dir;
   let nativeId = '';
 
   before(async () => {
-    assertLoopbackOnly();
     server = await startServer();
-    browser = await launchBrowser();
     dir = mkdtempSync(path.join(os.tmpdir(), 'webcall-native-'));
     const room = uniqueRoom('native');
     const ws = `ws://127.0.0.1:${server.port}/ws`;
     peer = startPeer(['--server', ws, '--room', room, '--name', 'Native', '--send', 'testsrc', '--size', '320x240',
       '--record', dir, '--chat', '--ip', '127.0.0.1', '--stats-every', '1s']);
     await peer.waitLine(/^joined room /);
-    page = await openPage(browser, `${server.url}/r/${room}?name=Browser`);
+    page = await t.open(`${server.url}/r/${room}?name=Browser`);
   });
 
   after(async () => {
     peer?.proc.kill('SIGKILL');
-    await browser?.close();
     await server?.kill();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });

@@ -168,7 +168,7 @@ pub async fn serve_prepared(
     let bind_err = |source| ServeError::Bind { addr: local_addr, source };
     let (scheme, fingerprint, task) = match &tls {
         Some(t) => {
-            let acceptor = RustlsAcceptor::new(t.config.clone()).acceptor(Accept::new());
+            let acceptor = RustlsAcceptor::new(t.config.clone()).acceptor(web::PlainHttpRedirect);
             let server = axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(acceptor).handle(handle.clone());
             ("https", Some(t.fingerprint.clone()), tokio::spawn(server.serve(app)))
         }
@@ -200,7 +200,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn call_page(Path(room): Path<String>) -> Response {
     if !webcall_protocol::valid_room_name(&room) {
-        return (StatusCode::BAD_REQUEST, "room names are 1-64 characters of A-Z a-z 0-9 _ -\n").into_response();
+        return web::bad_room_page();
     }
     web::asset("call.html")
 }
