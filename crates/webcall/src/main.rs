@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(
     name = "webcall",
-    version,
+    // The version and the commit built from (build.rs; "unknown" outside a git checkout).
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("WEBCALL_GIT_COMMIT"), ")"),
     about = "Self-hosted video calls: signaling, web client and STUN/TURN in one binary"
 )]
 struct Cli {
@@ -32,7 +33,7 @@ enum LogFormat {
 enum Command {
     /// Run the server: web client, signaling WebSocket at /ws.
     Serve(webcall_server::ServeArgs),
-    /// Join a room as a native WebRTC peer: send a test pattern or an IVF file, record, chat, echo.
+    /// Join a room as a native WebRTC peer: send a test pattern (VP8 and Opus) or an IVF file, record, chat, echo.
     Peer(webcall_peer::PeerArgs),
     /// Check `serve` settings without serving: ports, certificate, TURN address, Redis.
     Check(webcall_server::ServeArgs),
