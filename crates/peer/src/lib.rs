@@ -2,7 +2,9 @@
 //!
 //! The controller ([`run`]) keeps the signaling WebSocket (reconnecting and resuming by itself), starts one
 //! [`session::Session`] per remote peer (offering to newcomers, answering the peers already there, perfect
-//! negotiation with the smaller id polite), and relays chat lines from stdin.
+//! negotiation with the smaller id polite), and relays chat lines from stdin. What it sends comes from
+//! [`media::start_source`]: by default the pre-encoded VP8 and Opus clips of [`clip`], looped (no codec library);
+//! live VP8 encoding with libvpx only with the `libvpx` cargo feature.
 
 pub mod clip;
 pub mod gather;
