@@ -335,6 +335,27 @@ impl Session {
         }
     }
 
+    /// The m-lines an accepted offer created, known now rather than at their `MediaAdded` events (a re-offer made
+    /// right away must not add a second video or audio line).
+    fn learn_offered_media(&mut self, sdp: &str) {
+        let mut kind = None;
+        for line in sdp.lines().map(str::trim) {
+            if let Some(m) = line.strip_prefix("m=") {
+                kind = m.split_whitespace().next().map(str::to_owned);
+            } else if let Some(mid) = line.strip_prefix("a=mid:") {
+                let mid = Mid::from(mid);
+                let mids = match kind.as_deref() {
+                    Some("video") => &mut self.video_mids,
+                    Some("audio") => &mut self.audio_mids,
+                    _ => continue,
+                };
+                if self.rtc.media(mid).is_some() && !mids.contains(&mid) {
+                    mids.push(mid);
+                }
+            }
+        }
+    }
+
     fn on_offer(&mut self, sdp: &str) {
         self.learn_sdp_candidates(sdp);
         let offer = match SdpOffer::from_sdp_string(sdp) {
@@ -363,11 +384,13 @@ impl Session {
         match self.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
                 self.have_remote_description = true;
-                let sdp = answer.to_sdp_string();
-                self.send(Outgoing::Answer(sdp.clone()));
-                self.sdp_sent(&sdp);
+                let answer = answer.to_sdp_string();
+                self.send(Outgoing::Answer(answer.clone()));
+                self.sdp_sent(&answer);
                 self.flush_candidates();
-                if rolled_back && self.video_mids.is_empty() {
+                self.learn_offered_media(sdp);
+                // Ours were rolled back: offer what the remote offer did not bring.
+                if rolled_back && (self.video_mids.is_empty() || self.audio_mids.is_empty()) {
                     self.offer(false);
                 }
             }
