@@ -22,7 +22,7 @@ describe('native peer and browser, both relay-only', () => {
     dir = mkdtempSync(path.join(os.tmpdir(), 'webcall-native-relay-'));
     const room = uniqueRoom('nrelay');
     peer = startPeer(['--server', `ws://127.0.0.1:${server.port}/ws`, '--room', room, '--name', 'Native', '--relay',
-      '--send', 'testsrc', '--size', '320x240', '--record', dir, '--ip', '127.0.0.1', '--stats-every', '1s']);
+      '--send', 'testsrc', '--size', '320x180', '--record', dir, '--ip', '127.0.0.1', '--stats-every', '1s']);
     await peer.waitLine(/^joined room /);
     page = await t.open(`${server.url}/r/${room}?name=Browser&relay=1`);
   });
