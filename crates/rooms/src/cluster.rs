@@ -30,6 +30,16 @@ pub enum ClusterOutput {
     Left { id: Arc<str>, room: Arc<str> },
 }
 
+/// A session of this node, as [`Rooms::local_sessions`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSession {
+    pub id: Arc<str>,
+    pub room: Arc<str>,
+    pub name: Arc<str>,
+    pub token: Arc<str>,
+    pub publish: bool,
+}
+
 /// How a join was admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdmitKind {
@@ -333,6 +343,65 @@ impl Rooms {
             let mut pending = backlog;
             pending.extend(p.pending.drain(..));
             p.pending = pending;
+        }
+    }
+
+    /// This node's sessions, for re-asserting them after the cluster store lost them (Redis restarted empty or
+    /// failed over to a replica that was behind).
+    pub fn local_sessions(&self) -> Vec<LocalSession> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.remote)
+            .map(|(id, p)| LocalSession {
+                id: id.clone(),
+                room: p.room.clone(),
+                name: p.name.clone(),
+                token: p.token.clone(),
+                publish: p.publish,
+            })
+            .collect()
+    }
+
+    /// The cluster's membership of `room` (after a blip, when joins and leaves may have been missed): the local
+    /// members hear the differences as `hello` and `bye`. Ignored when no session of this node is in the room.
+    pub fn sync_remote(&mut self, room: &str, peers: &[PeerInfo], now: Instant) {
+        self.now = now;
+        if self.has_local_members(room) {
+            self.sync_room(room, peers, "");
+        }
+    }
+
+    /// The members of `room` that live on other nodes.
+    pub fn remote_members(&self, room: &str) -> Vec<PeerInfo> {
+        self.rooms
+            .get(room)
+            .map(|r| {
+                r.members
+                    .iter()
+                    .filter(|m| self.peers[*m].remote)
+                    .map(|m| PeerInfo { id: m.to_string(), name: self.peers[m].name.to_string() })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether `id` is a session of this node.
+    pub fn is_local(&self, id: &str) -> bool {
+        self.peers.get(id).is_some_and(|p| !p.remote)
+    }
+
+    /// Whether `id` is known here as a member on another node.
+    pub fn is_remote(&self, id: &str) -> bool {
+        self.peers.get(id).is_some_and(|p| p.remote)
+    }
+
+    /// A relay from local peer `from` could not be accepted for another node: its client gets `e`.
+    pub fn relay_refused(&mut self, from: &str, e: ProtocolError, now: Instant) {
+        self.now = now;
+        let Some(conn) = self.peers.get(from).filter(|p| !p.remote).and_then(|p| p.conn) else { return };
+        if self.accepting(conn) {
+            self.counters.errors[e.code as usize] += 1;
+            self.push(conn, Arc::from(e.to_json()));
         }
     }
 

@@ -924,7 +924,7 @@ impl Rooms {
 }
 
 pub mod cluster;
-pub use cluster::{AdmitKind, Admitted, ClusterOutput};
+pub use cluster::{AdmitKind, Admitted, ClusterOutput, LocalSession};
 
 #[cfg(test)]
 mod tests;
