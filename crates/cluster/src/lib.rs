@@ -34,7 +34,8 @@ const MAX_BATCH: usize = 512;
 /// Bytes of cross-node messages a node keeps for replay until the receiving node acknowledges them. Past it (a
 /// Redis outage of about a minute at 1 MB/s of signaling), relays to other nodes are refused with `unavailable`.
 pub const REPLAY_LIMIT: usize = 64 << 20;
-/// A node missing from the registry this long (while Redis answers) is gone: its links and their buffers go.
+/// A node missing from the registry and silent on its link this long (while Redis answers, after this node has
+/// answered for a TTL) is gone: its links, their buffers and its peers go.
 const FORGET_AFTER_TTLS: u32 = 2;
 
 #[derive(Debug, Clone)]
@@ -671,6 +672,7 @@ async fn subscriber(router: Weak<ClusterRouter>, mut first: Option<tokio::sync::
 async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     let mut batch = Vec::new();
     let mut retry: VecDeque<Cmd> = VecDeque::new();
+    let mut failing = false;
     loop {
         if retry.is_empty() {
             if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -715,9 +717,14 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
         };
         let replies: Result<Vec<Value>, String> = send.await;
         let failed = replies.is_err();
-        if let Err(e) = &replies {
-            tracing::warn!("Redis refused {} cluster commands: {e}", batch.len());
+        match &replies {
+            // Once per outage: link messages are replayed, so these are not losses.
+            Err(e) if !failing => tracing::warn!("Redis refused {} cluster commands: {e}; retrying", batch.len()),
+            Err(e) => tracing::debug!("Redis refused {} cluster commands: {e}", batch.len()),
+            Ok(_) if failing => tracing::info!("Redis takes cluster commands again"),
+            Ok(_) => {}
         }
+        failing = failed;
         for (i, cmd) in batch.drain(..).enumerate() {
             let reply = replies.as_ref().map(|v| &v[i]);
             match cmd {
@@ -844,7 +851,11 @@ async fn monitor(router: Weak<ClusterRouter>, incarnation: String) {
                         _ => {}
                     }
                 }
-                forget_gone_nodes(&router, &s, &nodes, &mut missing);
+                if since.elapsed() >= s.cfg.node_ttl {
+                    forget_gone_nodes(&router, &s, &nodes, &mut missing);
+                } else {
+                    missing.clear();
+                }
             }
             Ok((_, None)) => {}
             Err(e) => {
@@ -917,7 +928,8 @@ fn forget_gone_nodes(
             continue;
         }
         let since = *missing.entry(n.clone()).or_insert(now);
-        if now.duration_since(since) >= s.cfg.node_ttl * FORGET_AFTER_TTLS {
+        let quiet = inner.links.heard(&n).is_none_or(|t| now.duration_since(t) >= s.cfg.node_ttl * FORGET_AFTER_TTLS);
+        if quiet && now.duration_since(since) >= s.cfg.node_ttl * FORGET_AFTER_TTLS {
             let lost = inner.links.forget(&n);
             missing.remove(&n);
             let gone: Vec<String> =

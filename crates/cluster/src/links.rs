@@ -64,6 +64,8 @@ pub struct Links {
     bytes: usize,
     limit: usize,
     publish: VecDeque<(String, String)>,
+    /// When each node was last heard from.
+    heard: HashMap<String, Instant>,
 }
 
 impl Links {
@@ -78,6 +80,7 @@ impl Links {
             bytes: 0,
             limit,
             publish: VecDeque::new(),
+            heard: HashMap::new(),
         }
     }
 
@@ -112,6 +115,11 @@ impl Links {
         self.bytes
     }
 
+    /// When `node` was last heard from on its link.
+    pub fn heard(&self, node: &str) -> Option<Instant> {
+        self.heard.get(node).copied()
+    }
+
     /// Nodes this node has links with.
     pub fn nodes(&self) -> impl Iterator<Item = &str> {
         self.out.keys().chain(self.inn.keys().filter(|k| !self.out.contains_key(*k))).map(String::as_str)
@@ -120,6 +128,7 @@ impl Links {
     /// Drops the links with a node that is gone; returns how many unacknowledged messages died with it.
     pub fn forget(&mut self, node: &str) -> usize {
         self.inn.remove(node);
+        self.heard.remove(node);
         let Some(o) = self.out.remove(node) else { return 0 };
         self.bytes -= o.buf.iter().map(|(_, p)| p.len()).sum::<usize>();
         o.buf.len()
@@ -134,6 +143,12 @@ impl Links {
     pub fn receive(&mut self, payload: &str, now: Instant) -> Option<Delivered> {
         let mut f = payload.splitn(5, '\n');
         let (kind, from, boot) = (f.next()?, f.next()?, f.next()?);
+        match self.heard.get_mut(from) {
+            Some(t) => *t = now,
+            None => {
+                self.heard.insert(from.to_owned(), now);
+            }
+        }
         match kind {
             "Q" => {
                 let seq: u64 = f.next()?.parse().ok()?;

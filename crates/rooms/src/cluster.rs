@@ -409,26 +409,6 @@ impl Rooms {
     pub fn awaiting_handover(&self) -> impl Iterator<Item = &str> {
         self.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
     }
-
-    /// The cluster lost this node's state (it was presumed dead, or the store was wiped): every session here ends
-    /// without `bye` (the others' sessions ended too), joined and joining connections are closed so clients join
-    /// again, and nothing else is emitted.
-    pub fn reset(&mut self, now: Instant) {
-        self.now = now;
-        let conns: Vec<ConnId> =
-            self.conns.iter().filter(|(_, c)| (c.peer.is_some() || c.joining) && !c.closing).map(|(k, _)| *k).collect();
-        for conn in conns {
-            let c = self.conns.get_mut(&conn).expect("listed");
-            c.peer = None;
-            c.joining = false;
-            self.close(conn, close::CLUSTER_RESET, "cluster state lost; join again");
-        }
-        self.peers.clear();
-        self.rooms.clear();
-        self.tokens.clear();
-        self.deadlines.clear();
-        self.cluster_out.clear();
-    }
 }
 
 #[cfg(test)]
@@ -661,28 +641,6 @@ mod tests {
         n.rooms.tick(n.now);
         assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
         assert!(matches!(&n.cluster()[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
-    }
-
-    #[test]
-    fn reset_closes_joined_and_joining_connections_and_forgets_everything() {
-        let mut n = Node::new();
-        let a = n.join("r", "A", &[("X", "x")]);
-        let j = n.connect();
-        n.send(j, json!({"type":"join","room":"r"}));
-        let idle = n.connect();
-        std::iter::from_fn(|| n.rooms.poll_output()).count();
-        n.rooms.reset(n.now);
-        let mut closed: Vec<ConnId> = std::iter::from_fn(|| n.rooms.poll_output())
-            .filter_map(|o| match o {
-                Output::Close { conn, code: close::CLUSTER_RESET, .. } => Some(conn),
-                _ => None,
-            })
-            .collect();
-        closed.sort();
-        assert_eq!(closed, vec![a, j]);
-        assert!(!closed.contains(&idle));
-        assert_eq!(n.rooms.stats().peers, 0);
-        assert!(n.cluster().is_empty());
     }
 
     #[test]

@@ -136,8 +136,6 @@ pub mod close {
     pub const RESUMED_ELSEWHERE: u16 = 4000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
-    /// Cluster mode: this node lost its cluster state (store wiped, or presumed dead); join again.
-    pub const CLUSTER_RESET: u16 = 1012;
 }
 
 /// What a [`JoinPolicy`] grants a fresh join.

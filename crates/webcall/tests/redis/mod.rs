@@ -84,6 +84,11 @@ impl Redis {
             .is_ok_and(|s| s.success())
     }
 
+    /// `INFO <section>` as text.
+    pub fn command_info(&self, section: &str) -> String {
+        command_reply(self.port, &format!("INFO {section}"))
+    }
+
     /// One command in Redis' inline form; the reply's first line.
     pub fn command(&self, cmd: &str) -> String {
         command(self.port, cmd)
@@ -92,12 +97,28 @@ impl Redis {
 
 /// One inline command to a Redis (or Sentinel) on `port`; the reply's first line.
 pub fn command(port: u16, cmd: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("redis answers");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
-    let mut buf = [0u8; 4096];
+    command_reply(port, cmd).lines().next().unwrap_or("").to_owned()
+}
+
+/// One inline command; the raw reply as far as one read gets it ("" if nothing answers).
+pub fn command_reply(port: u16, cmd: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    if s.write_all(format!("{cmd}\r\n").as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut buf = [0u8; 16384];
     let n = s.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_owned()
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Waits until `f` holds (polling), or panics after `within`.
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 impl Drop for Redis {
