@@ -37,6 +37,10 @@ pub const REPLAY_LIMIT: usize = 64 << 20;
 /// A node missing from the registry and silent on its link this long (while Redis answers, after this node has
 /// answered for a TTL) is gone: its links, their buffers and its peers go.
 const FORGET_AFTER_TTLS: u32 = 2;
+/// Frames from other nodes waiting for a local connection to drain, per peer at most (a replay after a blip
+/// arrives all at once; a client that reads gets it all, one that does not is cut off as a slow reader).
+const INBOUND_MAX_FRAMES: usize = 8192;
+const INBOUND_MAX_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -170,6 +174,8 @@ struct Inner {
     moved: HashMap<String, (String, Instant)>,
     /// Password digests of rooms joined here, to put back if the store lost them.
     passwords: HashMap<String, String>,
+    /// Per local peer: frames from other nodes waiting for its connection to drain, and their bytes.
+    inbound: HashMap<String, (VecDeque<Frame>, usize)>,
 }
 
 struct Shared {
@@ -292,6 +298,7 @@ impl ClusterRouter {
                 held: HashMap::new(),
                 moved: HashMap::new(),
                 passwords: HashMap::new(),
+                inbound: HashMap::new(),
             }),
             shared: shared.clone(),
             tx,
@@ -517,6 +524,17 @@ impl ClusterRouter {
         match kind {
             "D" => {
                 let Some((to, frame)) = rest.split_once('\n') else { return };
+                if let Some((q, bytes)) = inner.inbound.get_mut(to) {
+                    if q.len() < INBOUND_MAX_FRAMES && *bytes < INBOUND_MAX_BYTES {
+                        *bytes += frame.len();
+                        q.push_back(Arc::from(frame));
+                        return;
+                    }
+                    Self::drain_inbound(inner, to, usize::MAX, now);
+                } else if inner.rooms.queue_room(to).is_some_and(|room| room < 2) {
+                    inner.inbound.insert(to.to_owned(), (VecDeque::from([Arc::from(frame)]), frame.len()));
+                    return;
+                }
                 if !inner.rooms.remote_deliver(to, Arc::from(frame), now) {
                     // Not here (any more): back to the sender, with where it went if we know.
                     let hint = inner.moved.get(to).map_or("", |(n, _)| n.as_str()).to_owned();
@@ -546,6 +564,22 @@ impl ClusterRouter {
                 inner.rooms.handover(id, frames, now);
             }
             _ => tracing::warn!("unknown link message {kind:?}: is every node running the same version?"),
+        }
+    }
+}
+
+impl ClusterRouter {
+    /// Hands waiting frames from other nodes to `peer`'s connection, as many as it takes (`max` at most).
+    fn drain_inbound(inner: &mut Inner, peer: &str, max: usize, now: Instant) {
+        let Some((mut q, mut bytes)) = inner.inbound.remove(peer) else { return };
+        let room = inner.rooms.queue_room(peer).map_or(usize::MAX, |r| r.saturating_sub(1)).min(max);
+        for _ in 0..room {
+            let Some(f) = q.pop_front() else { break };
+            bytes -= f.len();
+            inner.rooms.remote_deliver(peer, f, now);
+        }
+        if !q.is_empty() {
+            inner.inbound.insert(peer.to_owned(), (q, bytes));
         }
     }
 }
@@ -581,7 +615,17 @@ impl Router for ClusterRouter {
         self.with(|i, now| i.rooms.binary(conn, len, now));
     }
     fn take(&self, conn: ConnId, buf: &mut Vec<Frame>) {
-        self.inner.lock().rooms.take(conn, buf);
+        let mut inner = self.inner.lock();
+        inner.rooms.take(conn, buf);
+        if !inner.inbound.is_empty() {
+            if let Some(peer) = inner.rooms.peer_of(conn).map(str::to_owned) {
+                if inner.inbound.contains_key(&peer) {
+                    let now = Instant::now();
+                    Self::drain_inbound(&mut inner, &peer, usize::MAX, now);
+                    self.dispatch(&mut inner, now);
+                }
+            }
+        }
     }
     fn disconnect(&self, conn: ConnId) {
         self.with(|i, now| {
@@ -974,6 +1018,11 @@ async fn timer(router: Weak<ClusterRouter>) {
                 inner.rooms.refuse_join(conn, unavailable("its store, Redis, did not answer in time"), now);
             }
             inner.moved.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(300));
+            // Peers that detached or left meanwhile: what waited for them goes to the core (queued or dropped).
+            let waiting: Vec<String> = inner.inbound.keys().cloned().collect();
+            for peer in waiting {
+                ClusterRouter::drain_inbound(&mut inner, &peer, usize::MAX, now);
+            }
             inner.links.tick(now);
             r.dispatch(&mut inner, now);
             inner.rooms.poll_timeout().map_or(now + max_sleep, |t| t.min(now + max_sleep))

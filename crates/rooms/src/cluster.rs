@@ -385,6 +385,16 @@ impl Rooms {
             .unwrap_or_default()
     }
 
+    /// How many more frames local peer `id`'s connection takes before it counts as a slow reader (`None`: no such
+    /// connected session). The adapter paces bursts from other nodes (a replay after a blip) with it.
+    pub fn queue_room(&self, id: &str) -> Option<usize> {
+        let c = self.peers.get(id).filter(|p| !p.remote)?.conn.and_then(|c| self.conns.get(&c))?;
+        if c.out.bytes() * 2 > c.limit_bytes {
+            return Some(0);
+        }
+        Some(c.limit.saturating_sub(c.out.len()))
+    }
+
     /// Whether `id` is a session of this node.
     pub fn is_local(&self, id: &str) -> bool {
         self.peers.get(id).is_some_and(|p| !p.remote)
