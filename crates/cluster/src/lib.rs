@@ -630,6 +630,7 @@ impl Router for ClusterRouter {
     fn disconnect(&self, conn: ConnId) {
         self.with(|i, now| {
             i.signals.remove(&conn);
+            webcall_server::router::shrink_sparse(&mut i.signals);
             i.joins.remove(&conn);
             i.rooms.disconnect(conn, now);
         });

@@ -60,15 +60,6 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     println!("webcall listening on {scheme}://{addr} (signaling at {ws}://{addr}/ws)");
     std::io::stdout().flush()?;
 
-    // glibc keeps freed heap pages after a burst (a soak run left ~50 MB resident); hand them back now and then.
-    tokio::spawn(async {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
-        loop {
-            every.tick().await;
-            // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
-            unsafe { libc::malloc_trim(0) };
-        }
-    });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
