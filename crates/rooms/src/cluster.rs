@@ -654,6 +654,26 @@ mod tests {
     }
 
     #[test]
+    fn maps_give_back_their_peak_capacity_once_empty() {
+        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()));
+        let now = Instant::now();
+        for c in 0..2000 {
+            r.connect(c, now);
+            r.message(c, &format!(r#"{{"type":"join","room":"r{}"}}"#, c / 2), now);
+        }
+        assert!(r.conns.capacity() >= 2000 && r.peers.capacity() >= 2000);
+        for c in 0..2000 {
+            r.message(c, r#"{"type":"bye"}"#, now);
+            r.disconnect(c, now);
+        }
+        std::iter::from_fn(|| r.poll_output()).count();
+        r.tick(now);
+        assert!(r.conns.capacity() < 100, "conns kept {}", r.conns.capacity());
+        assert!(r.peers.capacity() < 100 && r.rooms.capacity() < 100 && r.tokens.capacity() < 100);
+        assert!(r.out.capacity() < 100);
+    }
+
+    #[test]
     fn single_node_mode_emits_no_cluster_output() {
         let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()));
         let now = Instant::now();
