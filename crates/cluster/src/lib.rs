@@ -145,7 +145,7 @@ enum Cmd {
     /// A link message (replayed by the links if lost).
     Publish {
         node: String,
-        payload: String,
+        payload: Arc<str>,
     },
     /// Graceful shutdown: end this node's sessions now.
     ReapSelf,
@@ -413,7 +413,7 @@ impl ClusterRouter {
         let now = Instant::now();
         if matches!(payload.as_bytes().first(), Some(b'Q' | b'K' | b'N')) {
             if let Some(d) = inner.links.receive(payload, now) {
-                self.on_link(&mut inner, &d.from, &d.body, now);
+                self.on_link(&mut inner, d.from, d.body, now);
             }
             self.dispatch(&mut inner, now);
             return;
@@ -744,7 +744,7 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                     p.cmd("EVALSHA").arg(s.scripts.leave.get_hash()).arg(0).arg(&s.cfg.node_id).arg(&**id);
                 }
                 Cmd::Publish { node, payload } => {
-                    p.cmd("PUBLISH").arg(format!("wc:ch:{node}")).arg(payload);
+                    p.cmd("PUBLISH").arg(format!("wc:ch:{node}")).arg(&**payload);
                 }
                 Cmd::ReapSelf => {
                     p.cmd("EVALSHA").arg(s.scripts.reap.get_hash()).arg(0).arg(&s.cfg.node_id);

@@ -49,11 +49,11 @@ struct In {
     last_nack: Option<Instant>,
 }
 
-/// A sequenced message delivered in order.
+/// A sequenced message delivered in order (borrowed from the payload).
 #[derive(Debug, PartialEq, Eq)]
-pub struct Delivered {
-    pub from: String,
-    pub body: String,
+pub struct Delivered<'a> {
+    pub from: &'a str,
+    pub body: &'a str,
 }
 
 pub struct Links {
@@ -63,7 +63,7 @@ pub struct Links {
     inn: HashMap<String, In>,
     bytes: usize,
     limit: usize,
-    publish: VecDeque<(String, String)>,
+    publish: VecDeque<(String, Arc<str>)>,
     /// When each node was last heard from.
     heard: HashMap<String, Instant>,
 }
@@ -96,7 +96,7 @@ impl Links {
         self.bytes += payload.len();
         let payload: Arc<str> = Arc::from(payload);
         o.buf.push_back((o.sent, payload.clone()));
-        self.publish.push_back((node.to_owned(), payload.to_string()));
+        self.publish.push_back((node.to_owned(), payload));
         Ok(())
     }
 
@@ -135,12 +135,12 @@ impl Links {
     }
 
     /// Next payload to publish: (receiving node, payload).
-    pub fn poll_publish(&mut self) -> Option<(String, String)> {
+    pub fn poll_publish(&mut self) -> Option<(String, Arc<str>)> {
         self.publish.pop_front()
     }
 
     /// One payload from this node's channel. `Some` for a sequenced message that is next in order.
-    pub fn receive(&mut self, payload: &str, now: Instant) -> Option<Delivered> {
+    pub fn receive<'a>(&mut self, payload: &'a str, now: Instant) -> Option<Delivered<'a>> {
         let mut f = payload.splitn(5, '\n');
         let (kind, from, boot) = (f.next()?, f.next()?, f.next()?);
         match self.heard.get_mut(from) {
@@ -156,7 +156,7 @@ impl Links {
                 let i = self.inn.get_mut(from).filter(|i| i.boot == boot)?; // not yet in sync: wait for its `K`
                 if seq == i.got + 1 {
                     i.got = seq;
-                    return Some(Delivered { from: from.to_owned(), body: body.to_owned() });
+                    return Some(Delivered { from, body });
                 }
                 if seq > i.got + 1 {
                     self.nack(from, now);
@@ -209,7 +209,7 @@ impl Links {
         }
         i.last_nack = Some(now);
         let payload = format!("N\n{}\n{}\n{}", self.me, self.boot, i.got + 1);
-        self.publish.push_back((from.to_owned(), payload));
+        self.publish.push_back((from.to_owned(), Arc::from(payload)));
     }
 
     fn replay(&mut self, to: &str, from_seq: u64, now: Instant) {
@@ -219,7 +219,7 @@ impl Links {
         }
         o.last_replay = Some((from_seq, now));
         for (_, p) in o.buf.iter().filter(|(s, _)| *s >= from_seq) {
-            self.publish.push_back((to.to_owned(), p.to_string()));
+            self.publish.push_back((to.to_owned(), p.clone()));
         }
     }
 
@@ -238,7 +238,7 @@ impl Links {
             let (acked_boot, ack) = i.map_or(("", 0), |i| (i.boot.as_str(), i.got));
             let (floor, sent) = o.map_or((0, 0), |o| (o.acked, o.sent));
             let payload = format!("K\n{}\n{}\n{acked_boot}\n{ack}\n{floor}\n{sent}", self.me, self.boot);
-            self.publish.push_back((node.clone(), payload));
+            self.publish.push_back((node.clone(), Arc::from(payload)));
             if let Some(i) = self.inn.get_mut(&node) {
                 i.reported = i.got;
             }
@@ -279,7 +279,7 @@ mod tests {
                     moved = true;
                     if !lose(&p) {
                         if let Some(d) = self.b.receive(&p, self.now) {
-                            self.got_b.push(d.body);
+                            self.got_b.push(d.body.to_owned());
                         }
                     }
                 }
@@ -288,7 +288,7 @@ mod tests {
                     moved = true;
                     if !lose(&p) {
                         if let Some(d) = self.a.receive(&p, self.now) {
-                            self.got_a.push(d.body);
+                            self.got_a.push(d.body.to_owned());
                         }
                     }
                 }
