@@ -2,14 +2,17 @@
 //!
 //! [`ClusterRouter`] is a [`Router`] like `LocalRouter`: the same sans-IO core (in cluster mode) handles this
 //! node's connections, while Redis holds what must be cluster-wide (seats, membership, resume tokens, which node
-//! hosts which peer) and carries events between nodes, one channel per node.
+//! hosts which peer) and carries events between nodes, one channel per node. Messages between peers on different
+//! nodes travel on [`links`]: sequenced, acknowledged and replayed from the sender's buffer, so a Redis blip,
+//! restart or failover delays them but loses nothing.
 
+mod links;
 mod scripts;
 
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 use redis::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -22,25 +25,42 @@ use webcall_server::router::{ConnSignal, Router};
 
 /// How long a session resumed from another node waits for that node's queue before it is welcomed without it.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+/// A join whose admission never arrived (lost in a Redis blip) is refused after this long.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// Longest time a Redis call may take before the node counts Redis as unavailable.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commands sent to Redis in one pipeline at most.
 const MAX_BATCH: usize = 512;
+/// Bytes of cross-node messages a node keeps for replay until the receiving node acknowledges them. Past it (a
+/// Redis outage of about a minute at 1 MB/s of signaling), relays to other nodes are refused with `unavailable`.
+pub const REPLAY_LIMIT: usize = 64 << 20;
+/// A node missing from the registry and silent on its link this long (while Redis answers, after this node has
+/// answered for a TTL) is gone: its links, their buffers and its peers go.
+const FORGET_AFTER_TTLS: u32 = 2;
+/// Frames from other nodes waiting for a local connection to drain, per peer at most (a replay after a blip
+/// arrives all at once; a client that reads gets it all, one that does not is cut off as a slow reader).
+const INBOUND_MAX_FRAMES: usize = 8192;
+const INBOUND_MAX_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// `redis://host:port/db` (`--redis`).
+    /// `redis://host:port/db` or `redis+sentinel://host:port,host2:port/service` (`--redis`).
     pub redis_url: String,
     /// This node's name in the cluster (`--node-id`): unique among live nodes.
     pub node_id: String,
     /// A node silent this long is presumed dead and its sessions end (`--node-ttl`).
     pub node_ttl: Duration,
+    /// Bytes kept for replay ([`REPLAY_LIMIT`]).
+    pub replay_limit: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("--redis {url} is not a Redis URL: {source} (write e.g. redis://127.0.0.1:6379)")]
-    Url { url: String, source: redis::RedisError },
+    #[error(
+        "--redis {url} is not a Redis URL: {reason} (write e.g. redis://127.0.0.1:6379 or \
+         redis+sentinel://127.0.0.1:26379,127.0.0.2:26379/mymaster)"
+    )]
+    Url { url: String, reason: String },
     #[error("cannot reach Redis at {url}: {source} (is it running? check --redis)")]
     Connect { url: String, source: redis::RedisError },
     #[error("node id {0:?} is taken by a live node; give each node its own --node-id (or leave it unset)")]
@@ -59,6 +79,58 @@ pub fn random_node_id() -> String {
     (0..12).map(|_| A[r.random_range(0..A.len())] as char).collect()
 }
 
+/// Where the primary is: a fixed address, or whatever the sentinels say now.
+enum Backend {
+    Direct(redis::Client),
+    Sentinel { sentinels: Vec<String>, service: String },
+}
+
+impl Backend {
+    fn parse(url: &str) -> Result<Backend, ClusterError> {
+        let bad = |reason: String| ClusterError::Url { url: url.to_owned(), reason };
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            return redis::Client::open(url).map(Backend::Direct).map_err(|e| bad(e.to_string()));
+        };
+        let (hosts, service) = rest.split_once('/').ok_or_else(|| bad("no service name after the hosts".into()))?;
+        let service = service.trim_end_matches('/');
+        if service.is_empty() || service.contains('/') {
+            return Err(bad("the path must be the sentinel service name, e.g. /mymaster".into()));
+        }
+        let sentinels: Vec<String> =
+            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{h}")).collect();
+        if sentinels.is_empty() {
+            return Err(bad("no sentinel host".into()));
+        }
+        for s in &sentinels {
+            redis::Client::open(s.as_str()).map_err(|e| bad(format!("{s}: {e}")))?;
+        }
+        Ok(Backend::Sentinel { sentinels, service: service.to_owned() })
+    }
+
+    /// A client for the current primary.
+    async fn client(&self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Backend::Direct(c) => Ok(c.clone()),
+            Backend::Sentinel { sentinels, service } => {
+                use redis::sentinel::{SentinelClient, SentinelServerType};
+                let mut s = SentinelClient::build(
+                    sentinels.iter().map(String::as_str).collect(),
+                    service.clone(),
+                    None,
+                    SentinelServerType::Master,
+                )?;
+                tokio::time::timeout(REDIS_TIMEOUT, s.async_get_client())
+                    .await
+                    .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "sentinels timed out")))?
+            }
+        }
+    }
+
+    fn follows_failover(&self) -> bool {
+        matches!(self, Backend::Sentinel { .. })
+    }
+}
+
 enum Cmd {
     Join {
         conn: ConnId,
@@ -67,19 +139,24 @@ enum Cmd {
         refused: Option<ProtocolError>,
         max: usize,
     },
-    Relay {
-        to: Arc<str>,
-        payload: String,
-    },
     Leave {
         id: Arc<str>,
     },
+    /// A link message (replayed by the links if lost).
     Publish {
         node: String,
-        payload: String,
+        payload: Arc<str>,
     },
     /// Graceful shutdown: end this node's sessions now.
     ReapSelf,
+}
+
+/// Messages for a peer that moved to another node, held until everything sent to its old node is settled there
+/// (delivered, or returned to us), so that nothing overtakes what comes back.
+struct Hold {
+    node: String,
+    until: u64,
+    queue: VecDeque<Frame>,
 }
 
 struct Inner {
@@ -87,19 +164,62 @@ struct Inner {
     signals: HashMap<ConnId, Arc<ConnSignal>>,
     /// Sessions resumed from another node, since when they wait for the hand-over.
     awaiting: HashMap<String, Instant>,
+    /// Joins out for admission, since when.
+    joins: HashMap<ConnId, Instant>,
+    links: links::Links,
+    /// Node of each remote member.
+    routes: HashMap<String, String>,
+    held: HashMap<String, Hold>,
+    /// Local sessions resumed on another node: where messages that still come here go.
+    moved: HashMap<String, (String, Instant)>,
+    /// Password digests of rooms joined here, to put back if the store lost them.
+    passwords: HashMap<String, String>,
+    /// Per local peer: frames from other nodes waiting for its connection to drain, and their bytes.
+    inbound: HashMap<String, (VecDeque<Frame>, usize)>,
 }
 
 struct Shared {
     cfg: ClusterConfig,
+    backend: Backend,
+    /// The connection to the current primary; `None` when it must be looked up again (after a failover).
+    con: tokio::sync::Mutex<Option<ConnectionManager>>,
     max_peers: usize,
     scripts: scripts::Scripts,
     /// Redis answered the last liveness refresh and this node's registration holds.
     registered: AtomicBool,
     /// The channel subscription is up.
     subscribed: AtomicBool,
-    /// The subscription was lost: events may be missing, so the node must start over.
-    needs_reset: AtomicBool,
+    /// The subscription was down: events may be missing, so membership is read again.
+    needs_resync: AtomicBool,
     stopping: AtomicBool,
+}
+
+impl Shared {
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut con = self.con.lock().await;
+        if let Some(c) = &*con {
+            return Ok(c.clone());
+        }
+        let client = self.backend.client().await?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(REDIS_TIMEOUT)
+            .set_response_timeout(REDIS_TIMEOUT)
+            .set_number_of_retries(1)
+            .set_max_delay(500);
+        let c = tokio::time::timeout(REDIS_TIMEOUT * 2, ConnectionManager::new_with_config(client, cfg))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "connecting timed out")))??;
+        *con = Some(c.clone());
+        Ok(c)
+    }
+
+    /// After an error: with Sentinel, ask again where the primary is (it may have failed over, or the old one
+    /// came back as a replica and refuses writes).
+    async fn failed(&self) {
+        if self.backend.follows_failover() {
+            *self.con.lock().await = None;
+        }
+    }
 }
 
 pub struct ClusterRouter {
@@ -113,6 +233,22 @@ fn unavailable(what: &str) -> ProtocolError {
         ErrorCode::Unavailable,
         format!("the room service is unavailable ({what}); try again in a moment"),
     )
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::IoError, "timed out"))
+}
+
+/// "id\x1fname\x1fnode" records separated by \x1e.
+fn parse_snapshot(s: &str) -> Vec<(PeerInfo, &str)> {
+    s.split('\x1e')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let mut f = p.splitn(3, '\x1f');
+            let (id, name, node) = (f.next()?, f.next()?, f.next().unwrap_or(""));
+            Some((PeerInfo { id: id.to_owned(), name: name.to_owned() }, node))
+        })
+        .collect()
 }
 
 impl ClusterRouter {
@@ -130,25 +266,19 @@ impl ClusterRouter {
             return Err(ClusterError::BadTtl(cfg.node_ttl));
         }
         let url = cfg.redis_url.clone();
-        let client =
-            redis::Client::open(url.as_str()).map_err(|source| ClusterError::Url { url: url.clone(), source })?;
-        let mgr_cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_TIMEOUT)
-            .set_response_timeout(REDIS_TIMEOUT)
-            .set_number_of_retries(1)
-            .set_max_delay(500);
-        let mut con = ConnectionManager::new_with_config(client.clone(), mgr_cfg)
-            .await
-            .map_err(|source| ClusterError::Connect { url: url.clone(), source })?;
+        let backend = Backend::parse(&url)?;
         let shared = Arc::new(Shared {
             max_peers: rooms_cfg.max_peers,
+            backend,
+            con: tokio::sync::Mutex::new(None),
             cfg,
             scripts: scripts::Scripts::new(),
             registered: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
-            needs_reset: AtomicBool::new(false),
+            needs_resync: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         });
+        let mut con = shared.connection().await.map_err(|source| ClusterError::Connect { url: url.clone(), source })?;
         let incarnation = random_node_id();
         match register(&shared, &mut con, &incarnation).await {
             Ok(true) => {}
@@ -156,22 +286,31 @@ impl ClusterRouter {
             Err(source) => return Err(ClusterError::Connect { url, source }),
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let links = links::Links::new(&shared.cfg.node_id, &random_node_id(), shared.cfg.replay_limit);
         let router = Arc::new(ClusterRouter {
             inner: Mutex::new(Inner {
                 rooms: Rooms::new(rooms_cfg, ice).with_policy(policy).clustered(),
                 signals: HashMap::new(),
                 awaiting: HashMap::new(),
+                joins: HashMap::new(),
+                links,
+                routes: HashMap::new(),
+                held: HashMap::new(),
+                moved: HashMap::new(),
+                passwords: HashMap::new(),
+                inbound: HashMap::new(),
             }),
             shared: shared.clone(),
             tx,
         });
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(subscriber(Arc::downgrade(&router), client, Some(subscribed_tx)));
+        tokio::spawn(subscriber(Arc::downgrade(&router), Some(subscribed_tx)));
         // Joins before the subscription is up would never see their admission.
         let _ = tokio::time::timeout(REDIS_TIMEOUT * 2, subscribed_rx).await;
+        shared.needs_resync.store(false, Ordering::SeqCst);
         shared.registered.store(true, Ordering::SeqCst);
-        tokio::spawn(pipe(Arc::downgrade(&router), con.clone(), rx));
-        tokio::spawn(monitor(Arc::downgrade(&router), con, incarnation));
+        tokio::spawn(pipe(Arc::downgrade(&router), rx));
+        tokio::spawn(monitor(Arc::downgrade(&router), incarnation));
         tokio::spawn(timer(Arc::downgrade(&router)));
         tracing::info!(node = %shared.cfg.node_id, "cluster node registered");
         Ok(router)
@@ -183,12 +322,13 @@ impl ClusterRouter {
 
     fn with(&self, f: impl FnOnce(&mut Inner, Instant)) {
         let mut inner = self.inner.lock();
-        f(&mut inner, Instant::now());
-        self.dispatch(&mut inner);
+        let now = Instant::now();
+        f(&mut inner, now);
+        self.dispatch(&mut inner, now);
     }
 
     /// Acts on what the core asked for; refusing a join feeds the core again, hence the loop.
-    fn dispatch(&self, inner: &mut Inner) {
+    fn dispatch(&self, inner: &mut Inner, now: Instant) {
         loop {
             while let Some(out) = inner.rooms.poll_output() {
                 webcall_server::router::signal_output(&inner.signals, out);
@@ -197,11 +337,7 @@ impl ClusterRouter {
             match out {
                 ClusterOutput::Join { conn, room, name, password, resume, publish, refused } => {
                     if !self.healthy() {
-                        inner.rooms.refuse_join(
-                            conn,
-                            unavailable("its store, Redis, cannot be reached"),
-                            Instant::now(),
-                        );
+                        inner.rooms.refuse_join(conn, unavailable("its store, Redis, cannot be reached"), now);
                         continue;
                     }
                     let s = &self.shared;
@@ -219,38 +355,86 @@ impl ClusterRouter {
                         resume.unwrap_or_default(),
                         if refused.is_none() { "1" } else { "0" }.to_owned(),
                     ];
+                    inner.joins.insert(conn, now);
                     let _ = self.tx.send(Cmd::Join { conn, room, args, refused, max: s.max_peers });
                 }
-                ClusterOutput::Relay { to, frame } => {
-                    let payload = format!("D\n{to}\n{frame}");
-                    let _ = self.tx.send(Cmd::Relay { to, payload });
-                }
+                ClusterOutput::Relay { to, frame } => self.relay(inner, &to, frame, now),
                 ClusterOutput::Left { id, .. } => {
                     let _ = self.tx.send(Cmd::Leave { id });
                 }
             }
         }
+        self.release_holds(inner, now);
+        while let Some((node, payload)) = inner.links.poll_publish() {
+            let _ = self.tx.send(Cmd::Publish { node, payload });
+        }
     }
 
-    /// One event from this node's channel.
+    /// A frame for a peer on another node.
+    fn relay(&self, inner: &mut Inner, to: &str, frame: Frame, now: Instant) {
+        if let Some(h) = inner.held.get_mut(to) {
+            h.queue.push_back(frame);
+            return;
+        }
+        let Some(node) = inner.routes.get(to).cloned() else {
+            tracing::warn!(peer = %to, "no route to a remote peer; message dropped");
+            return;
+        };
+        if let Err(e) = inner.links.send(&node, &format!("D\n{to}\n{frame}"), false) {
+            // The sender hears it: nothing is claimed delivered that was not accepted.
+            let v: serde_json::Value = serde_json::from_str(&frame).unwrap_or_default();
+            let (from, kind) = (v["from"].as_str().unwrap_or(""), v["type"].as_str().unwrap_or(""));
+            tracing::warn!("{e}");
+            let err =
+                unavailable("messages to peers on other servers wait for its store, Redis, and its buffer is full")
+                    .refers_to(kind);
+            inner.rooms.relay_refused(from, err, now);
+        }
+    }
+
+    /// Holds whose old node has settled everything sent before the hold: their messages go out now.
+    fn release_holds(&self, inner: &mut Inner, now: Instant) {
+        if inner.held.is_empty() {
+            return;
+        }
+        let done: Vec<String> =
+            inner.held.iter().filter(|(_, h)| inner.links.acked(&h.node) >= h.until).map(|(k, _)| k.clone()).collect();
+        for id in done {
+            let h = inner.held.remove(&id).expect("listed");
+            for frame in h.queue {
+                self.relay(inner, &id, frame, now);
+            }
+        }
+    }
+
+    /// One message from this node's channel: a link message, or an event published by a script.
     fn on_event(&self, payload: &str) {
-        let mut f = payload.splitn(2, '\n');
-        let (kind, rest) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
         let mut inner = self.inner.lock();
         let now = Instant::now();
+        if matches!(payload.as_bytes().first(), Some(b'Q' | b'K' | b'N')) {
+            if let Some(d) = inner.links.receive(payload, now) {
+                self.on_link(&mut inner, d.from, d.body, now);
+            }
+            self.dispatch(&mut inner, now);
+            return;
+        }
+        let mut f = payload.splitn(2, '\n');
+        let (kind, rest) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+        let me = self.shared.cfg.node_id.as_str();
         match kind {
-            "D" => {
-                if let Some((to, frame)) = rest.split_once('\n') {
-                    inner.rooms.remote_deliver(to, Arc::from(frame), now);
-                }
-            }
             "J" => {
-                let v: Vec<&str> = rest.splitn(3, '\n').collect();
-                if let [room, id, name] = v[..] {
+                let v: Vec<&str> = rest.splitn(4, '\n').collect();
+                if let [room, id, node, name] = v[..] {
                     inner.rooms.remote_join(room, id, name, now);
+                    if inner.rooms.is_remote(id) {
+                        inner.routes.insert(id.to_owned(), node.to_owned());
+                    }
                 }
             }
-            "L" => inner.rooms.remote_leave(rest, now),
+            "L" => {
+                inner.rooms.remote_leave(rest, now);
+                inner.routes.remove(rest);
+            }
             "A" => {
                 let v: Vec<&str> = rest.splitn(8, '\n').collect();
                 if let [conn, kind, id, token, room, publish, name, peers] = v[..] {
@@ -259,39 +443,118 @@ impl ClusterRouter {
                         "R" => AdmitKind::Resumed,
                         _ => AdmitKind::ResumedFromElsewhere,
                     };
-                    let peers = peers
-                        .split('\x1e')
-                        .filter(|p| !p.is_empty())
-                        .filter_map(|p| p.split_once('\x1f'))
-                        .map(|(id, name)| PeerInfo { id: id.to_owned(), name: name.to_owned() })
-                        .collect();
+                    let conn: ConnId = conn.parse().unwrap_or(u64::MAX);
+                    inner.joins.remove(&conn);
+                    let peers = parse_snapshot(peers);
+                    for (p, node) in &peers {
+                        inner.routes.insert(p.id.clone(), (*node).to_owned());
+                    }
                     let a = Admitted {
-                        conn: conn.parse().unwrap_or(u64::MAX),
+                        conn,
                         kind,
                         id: id.to_owned(),
                         token: token.to_owned(),
                         room: room.to_owned(),
                         name: name.to_owned(),
                         publish: publish == "1",
-                        peers,
+                        peers: peers.into_iter().map(|(p, _)| p).collect(),
                     };
                     inner.rooms.admit(a, now);
+                    inner.moved.remove(id);
+                    inner.routes.remove(id);
                     if inner.rooms.awaiting_handover().any(|a| a == id) {
                         inner.awaiting.insert(id.to_owned(), now);
                     }
                 }
             }
+            "Y" => {
+                let v: Vec<&str> = rest.splitn(3, '\n').collect();
+                let [room, nodes, snap] = v[..] else { return };
+                let nodes: Vec<&str> = nodes.split('\x1f').collect();
+                let peers = parse_snapshot(snap);
+                for (p, node) in &peers {
+                    if *node == me {
+                        if !inner.rooms.is_local(&p.id) {
+                            // A seat this node holds for nobody (its admission was lost): free it.
+                            let _ = self.tx.send(Cmd::Leave { id: Arc::from(p.id.as_str()) });
+                        }
+                    } else {
+                        inner.routes.insert(p.id.clone(), (*node).to_owned());
+                    }
+                }
+                let mut list: Vec<PeerInfo> = peers.into_iter().filter(|(_, n)| *n != me).map(|(p, _)| p).collect();
+                // Members of nodes that have not registered again yet (Redis came back empty) are not in the
+                // snapshot: they stay until their node restores them or is found gone.
+                for p in inner.rooms.remote_members(room) {
+                    let registered = inner.routes.get(&p.id).is_some_and(|n| nodes.contains(&n.as_str()));
+                    if !registered && !list.iter().any(|q| q.id == p.id) {
+                        list.push(p);
+                    }
+                }
+                inner.rooms.sync_remote(room, &list, now);
+            }
             "T" => {
                 if let Some((id, node)) = rest.split_once('\n') {
                     let frames = inner.rooms.take_over(id, now);
-                    let mut payload = format!("H\n{id}\n");
+                    inner.moved.insert(id.to_owned(), (node.to_owned(), now));
+                    if inner.rooms.is_remote(id) {
+                        // After the hand-over on the same link, so this node's later messages come behind it.
+                        inner.routes.insert(id.to_owned(), node.to_owned());
+                    }
+                    let mut body = format!("H\n{id}\n");
                     for (i, f) in frames.iter().enumerate() {
                         if i > 0 {
-                            payload.push('\x1e');
+                            body.push('\x1e');
                         }
-                        payload.push_str(f);
+                        body.push_str(f);
                     }
-                    let _ = self.tx.send(Cmd::Publish { node: node.to_owned(), payload });
+                    let _ = inner.links.send(node, &body, true);
+                }
+            }
+            _ => tracing::warn!("unknown cluster event {kind:?}: is every node running the same version?"),
+        }
+        self.dispatch(&mut inner, now);
+    }
+
+    /// A sequenced message from node `from`, in order.
+    fn on_link(&self, inner: &mut Inner, from: &str, body: &str, now: Instant) {
+        let me = self.shared.cfg.node_id.as_str();
+        let mut f = body.splitn(2, '\n');
+        let (kind, rest) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+        match kind {
+            "D" => {
+                let Some((to, frame)) = rest.split_once('\n') else { return };
+                if let Some((q, bytes)) = inner.inbound.get_mut(to) {
+                    if q.len() < INBOUND_MAX_FRAMES && *bytes < INBOUND_MAX_BYTES {
+                        *bytes += frame.len();
+                        q.push_back(Arc::from(frame));
+                        return;
+                    }
+                    Self::drain_inbound(inner, to, usize::MAX, now);
+                } else if inner.rooms.queue_room(to).is_some_and(|room| room < 2) {
+                    inner.inbound.insert(to.to_owned(), (VecDeque::from([Arc::from(frame)]), frame.len()));
+                    return;
+                }
+                if !inner.rooms.remote_deliver(to, Arc::from(frame), now) {
+                    // Not here (any more): back to the sender, with where it went if we know.
+                    let hint = inner.moved.get(to).map_or("", |(n, _)| n.as_str()).to_owned();
+                    let _ = inner.links.send(from, &format!("R\n{to}\n{hint}\n{frame}"), true);
+                }
+            }
+            "R" => {
+                let v: Vec<&str> = rest.splitn(3, '\n').collect();
+                let [to, hint, frame] = v[..] else { return };
+                if hint == me {
+                    inner.rooms.remote_deliver(to, Arc::from(frame), now);
+                } else if hint.is_empty() || !inner.rooms.is_remote(to) {
+                    tracing::debug!(peer = %to, "a message for a peer that has gone was dropped");
+                } else {
+                    inner.routes.insert(to.to_owned(), hint.to_owned());
+                    if !inner.held.contains_key(to) {
+                        let until = inner.links.sent(from);
+                        inner.held.insert(to.to_owned(), Hold { node: from.to_owned(), until, queue: VecDeque::new() });
+                    }
+                    let _ = inner.links.send(hint, &format!("D\n{to}\n{frame}"), true);
                 }
             }
             "H" => {
@@ -300,18 +563,24 @@ impl ClusterRouter {
                 inner.awaiting.remove(id);
                 inner.rooms.handover(id, frames, now);
             }
-            _ => tracing::warn!("unknown cluster event {kind:?}: is every node running the same version?"),
+            _ => tracing::warn!("unknown link message {kind:?}: is every node running the same version?"),
         }
-        self.dispatch(&mut inner);
     }
+}
 
-    /// This node's view can no longer be trusted: end every local session and start over.
-    fn reset(&self) {
-        tracing::warn!(node = %self.shared.cfg.node_id, "cluster state lost: closing this node's sessions so clients join again");
-        self.with(|inner, now| {
-            inner.rooms.reset(now);
-            inner.awaiting.clear();
-        });
+impl ClusterRouter {
+    /// Hands waiting frames from other nodes to `peer`'s connection, as many as it takes (`max` at most).
+    fn drain_inbound(inner: &mut Inner, peer: &str, max: usize, now: Instant) {
+        let Some((mut q, mut bytes)) = inner.inbound.remove(peer) else { return };
+        let room = inner.rooms.queue_room(peer).map_or(usize::MAX, |r| r.saturating_sub(1)).min(max);
+        for _ in 0..room {
+            let Some(f) = q.pop_front() else { break };
+            bytes -= f.len();
+            inner.rooms.remote_deliver(peer, f, now);
+        }
+        if !q.is_empty() {
+            inner.inbound.insert(peer.to_owned(), (q, bytes));
+        }
     }
 }
 
@@ -346,11 +615,23 @@ impl Router for ClusterRouter {
         self.with(|i, now| i.rooms.binary(conn, len, now));
     }
     fn take(&self, conn: ConnId, buf: &mut Vec<Frame>) {
-        self.inner.lock().rooms.take(conn, buf);
+        let mut inner = self.inner.lock();
+        inner.rooms.take(conn, buf);
+        if !inner.inbound.is_empty() {
+            if let Some(peer) = inner.rooms.peer_of(conn).map(str::to_owned) {
+                if inner.inbound.contains_key(&peer) {
+                    let now = Instant::now();
+                    Self::drain_inbound(&mut inner, &peer, usize::MAX, now);
+                    self.dispatch(&mut inner, now);
+                }
+            }
+        }
     }
     fn disconnect(&self, conn: ConnId) {
         self.with(|i, now| {
             i.signals.remove(&conn);
+            webcall_server::router::shrink_sparse(&mut i.signals);
+            i.joins.remove(&conn);
             i.rooms.disconnect(conn, now);
         });
     }
@@ -375,40 +656,37 @@ impl Router for ClusterRouter {
 
 async fn register(s: &Shared, con: &mut ConnectionManager, incarnation: &str) -> redis::RedisResult<bool> {
     let ttl = s.cfg.node_ttl.as_millis() as u64;
-    for script in [&s.scripts.join, &s.scripts.leave, &s.scripts.relay, &s.scripts.refresh, &s.scripts.reap] {
-        script.prepare_invoke().load_async(con).await?;
-    }
+    load_scripts(s, con).await?;
     let r: i64 = s.scripts.register.arg(&s.cfg.node_id).arg(incarnation).arg(ttl).invoke_async(con).await?;
     Ok(r == 1)
 }
 
-/// Receives this node's channel. A lost subscription may have lost events, so it asks for a reset.
-async fn subscriber(
-    router: Weak<ClusterRouter>,
-    client: redis::Client,
-    mut first: Option<tokio::sync::oneshot::Sender<()>>,
-) {
+/// Pipelines call scripts by hash: a Redis that restarted or failed over may not have them yet.
+async fn load_scripts(s: &Shared, con: &mut ConnectionManager) -> redis::RedisResult<()> {
+    for script in [&s.scripts.join, &s.scripts.leave, &s.scripts.refresh, &s.scripts.reap, &s.scripts.restore] {
+        script.prepare_invoke().load_async(con).await?;
+    }
+    Ok(())
+}
+
+/// Receives this node's channel. After it was down, the monitor reads membership again.
+async fn subscriber(router: Weak<ClusterRouter>, mut first: Option<tokio::sync::oneshot::Sender<()>>) {
     use futures_util::StreamExt;
-    let channel = match router.upgrade() {
-        Some(r) => format!("wc:ch:{}", r.shared.cfg.node_id),
+    let (channel, shared) = match router.upgrade() {
+        Some(r) => (format!("wc:ch:{}", r.shared.cfg.node_id), r.shared.clone()),
         None => return,
     };
-    let mut was_up = false;
     loop {
         let sub = async {
+            let client = shared.backend.client().await?;
             let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(ps)
         };
-        match tokio::time::timeout(REDIS_TIMEOUT, sub).await {
+        match tokio::time::timeout(REDIS_TIMEOUT * 2, sub).await {
             Ok(Ok(ps)) => {
-                let Some(r) = router.upgrade() else { return };
-                if was_up {
-                    r.shared.needs_reset.store(true, Ordering::SeqCst);
-                }
-                was_up = true;
-                r.shared.subscribed.store(true, Ordering::SeqCst);
-                drop(r);
+                shared.needs_resync.store(true, Ordering::SeqCst);
+                shared.subscribed.store(true, Ordering::SeqCst);
                 if let Some(tx) = first.take() {
                     let _ = tx.send(());
                 }
@@ -420,64 +698,90 @@ async fn subscriber(
                         Err(_) => tracing::warn!("cluster event is not UTF-8; dropped"),
                     }
                 }
-                let Some(r) = router.upgrade() else { return };
-                r.shared.subscribed.store(false, Ordering::SeqCst);
+                shared.subscribed.store(false, Ordering::SeqCst);
                 tracing::warn!("lost the Redis subscription; refusing joins until it is back");
             }
             Ok(Err(e)) => tracing::debug!("Redis subscription failed: {e}"),
             Err(_) => tracing::debug!("Redis subscription timed out"),
         }
-        if router.strong_count() == 0 {
+        if router.strong_count() == 0 || shared.stopping.load(Ordering::SeqCst) {
             return;
         }
+        shared.failed().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// Sends commands in the order the core produced them, as pipelines: a delivery, a leave and a join from this
-/// node reach Redis in that order.
-async fn pipe(router: Weak<ClusterRouter>, mut con: ConnectionManager, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+/// Sends commands in the order the core produced them, as pipelines: a leave and a join from this node reach
+/// Redis in that order. Link messages lost to a failure are replayed by the links; leaves are retried.
+async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut retry: VecDeque<Cmd> = VecDeque::new();
+    let mut failing = false;
+    loop {
+        if retry.is_empty() {
+            if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
+            }
+        } else {
+            batch.extend(retry.drain(..));
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+        }
         let Some(r) = router.upgrade() else { return };
-        let s = &r.shared;
+        let s = r.shared.clone();
         let mut p = redis::pipe();
         for cmd in &batch {
             match cmd {
                 Cmd::Join { args, .. } => {
                     p.cmd("EVALSHA").arg(s.scripts.join.get_hash()).arg(0).arg(args);
                 }
-                Cmd::Relay { to, payload } => {
-                    p.cmd("EVALSHA").arg(s.scripts.relay.get_hash()).arg(1).arg(format!("wc:peer:{to}")).arg(payload);
-                }
                 Cmd::Leave { id } => {
                     p.cmd("EVALSHA").arg(s.scripts.leave.get_hash()).arg(0).arg(&s.cfg.node_id).arg(&**id);
                 }
                 Cmd::Publish { node, payload } => {
-                    p.cmd("PUBLISH").arg(format!("wc:ch:{node}")).arg(payload);
+                    p.cmd("PUBLISH").arg(format!("wc:ch:{node}")).arg(&**payload);
                 }
                 Cmd::ReapSelf => {
                     p.cmd("EVALSHA").arg(s.scripts.reap.get_hash()).arg(0).arg(&s.cfg.node_id);
                 }
             }
         }
-        let replies: Result<Vec<Value>, String> =
+        let send = async {
+            let mut con = s.connection().await.map_err(|e| e.to_string())?;
             match tokio::time::timeout(REDIS_TIMEOUT, con.send_packed_commands(&p, 0, batch.len())).await {
                 Ok(Ok(v)) if v.len() == batch.len() => Ok(v),
                 Ok(Ok(v)) => Err(format!("{} replies for {} commands", v.len(), batch.len())),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("timed out".into()),
-            };
-        if let Err(e) = &replies {
-            tracing::warn!("Redis refused {} cluster commands: {e}", batch.len());
+            }
+        };
+        let replies: Result<Vec<Value>, String> = send.await;
+        let failed = replies.is_err();
+        match &replies {
+            // Once per outage: link messages are replayed, so these are not losses.
+            Err(e) if !failing => tracing::warn!("Redis refused {} cluster commands: {e}; retrying", batch.len()),
+            Err(e) => tracing::debug!("Redis refused {} cluster commands: {e}", batch.len()),
+            Ok(_) if failing => tracing::info!("Redis takes cluster commands again"),
+            Ok(_) => {}
         }
+        failing = failed;
         for (i, cmd) in batch.drain(..).enumerate() {
             let reply = replies.as_ref().map(|v| &v[i]);
             match cmd {
-                Cmd::Join { conn, room, refused, max, .. } => {
+                Cmd::Join { conn, room, refused, max, args } => {
                     let refusal = match reply {
                         Ok(v) => match redis::from_redis_value::<String>(v) {
-                            Ok(s) if s == "ok" || s == "resumed" => None,
+                            Ok(s) if s == "ok" || s == "resumed" => {
+                                if !args[8].is_empty() {
+                                    r.inner.lock().passwords.insert(room.clone(), args[8].clone());
+                                }
+                                None
+                            }
                             Ok(s) if s.starts_with("full:") => Some(ProtocolError::new(
                                 ErrorCode::RoomFull,
                                 format!("room '{room}' is full ({} of {max} peers)", &s[5..]),
@@ -500,76 +804,108 @@ async fn pipe(router: Weak<ClusterRouter>, mut con: ConnectionManager, mut rx: m
                         Err(_) => Some(unavailable("its store, Redis, cannot be reached")),
                     };
                     if let Some(e) = refusal {
-                        r.with(|i, now| i.rooms.refuse_join(conn, e, now));
+                        r.with(|i, now| {
+                            i.joins.remove(&conn);
+                            i.rooms.refuse_join(conn, e, now)
+                        });
                     }
                 }
-                Cmd::Relay { .. } | Cmd::Leave { .. } | Cmd::Publish { .. } | Cmd::ReapSelf => {
-                    if let Ok(Value::ServerError(e)) = reply {
+                Cmd::Publish { .. } => {}
+                cmd @ (Cmd::Leave { .. } | Cmd::ReapSelf) => match reply {
+                    Err(_) => retry.push_back(cmd),
+                    Ok(Value::ServerError(e)) => {
                         tracing::warn!("cluster command failed: {e:?}");
+                        retry.push_back(cmd);
                     }
+                    Ok(_) => {}
+                },
+            }
+        }
+        drop(r);
+        if failed {
+            s.failed().await;
+            // Link messages queued meanwhile are replayed from the buffer once Redis answers: drop the copies.
+            while let Ok(c) = rx.try_recv() {
+                if !matches!(c, Cmd::Publish { .. }) {
+                    retry.push_back(c);
                 }
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        } else if !retry.is_empty() {
+            // Scripts may be missing after a restart or failover.
+            if let Ok(mut con) = s.connection().await {
+                let _ = load_scripts(&s, &mut con).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
-/// Keeps this node registered, ends dead nodes' sessions, and starts over when the cluster lost this node.
-async fn monitor(router: Weak<ClusterRouter>, mut con: ConnectionManager, mut incarnation: String) {
+/// Keeps this node registered, re-asserts its sessions when the store lost them, reads membership again after
+/// the subscription was down, and ends dead nodes' sessions.
+async fn monitor(router: Weak<ClusterRouter>, incarnation: String) {
     let Some(r) = router.upgrade() else { return };
-    let every = (r.shared.cfg.node_ttl / 3).max(Duration::from_millis(100));
+    let s = r.shared.clone();
     drop(r);
+    let every = (s.cfg.node_ttl / 3).max(Duration::from_millis(100));
+    // Others are reaped only after this node has answered for a whole TTL: after an outage every node needs a
+    // moment to refresh before it is presumed dead.
+    let mut ok_since: Option<Instant> = Some(Instant::now());
+    let mut missing: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(every).await;
-        let Some(r) = router.upgrade() else { return };
-        let s = r.shared.clone();
-        if s.stopping.load(Ordering::SeqCst) {
+        if s.stopping.load(Ordering::SeqCst) || router.strong_count() == 0 {
             return;
         }
         let ttl = s.cfg.node_ttl.as_millis() as u64;
-        let mut inv = s.scripts.refresh.prepare_invoke();
-        inv.arg(&s.cfg.node_id).arg(&incarnation).arg(ttl);
-        let refresh = inv.invoke_async::<i64>(&mut con);
-        let state = match tokio::time::timeout(REDIS_TIMEOUT, refresh).await {
-            Ok(Ok(1)) if !s.needs_reset.load(Ordering::SeqCst) => Ok(true),
-            Ok(Ok(-1)) => {
-                tracing::error!(node = %s.cfg.node_id, "another live process uses this --node-id; give each node its own");
-                Ok(false)
+        let step = async {
+            let mut con = s.connection().await?;
+            let mut inv = s.scripts.refresh.prepare_invoke();
+            inv.arg(&s.cfg.node_id).arg(&incarnation).arg(ttl);
+            let refreshed: i64 = inv.invoke_async(&mut con).await?;
+            if refreshed == -1 {
+                return Ok((refreshed, None));
             }
-            Ok(Ok(_)) => Ok(false),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".to_owned()),
-        };
-        match state {
-            Ok(true) => {
-                let mut inv = s.scripts.reap.prepare_invoke();
-                inv.arg("");
-                let reap = inv.invoke_async::<i64>(&mut con);
-                match tokio::time::timeout(REDIS_TIMEOUT, reap).await {
-                    Ok(Ok(n)) if n > 0 => tracing::info!("ended {n} sessions of nodes that stopped answering"),
-                    Ok(Err(e)) => tracing::warn!("could not check for dead nodes: {e}"),
-                    _ => {}
+            if refreshed == 0 || s.needs_resync.load(Ordering::SeqCst) {
+                // Cleared before the restore: a drop after this point asks for another one.
+                s.needs_resync.store(false, Ordering::SeqCst);
+                if let Err(e) = restore(&router, &s, &mut con, &incarnation).await {
+                    s.needs_resync.store(true, Ordering::SeqCst);
+                    return Err(e);
                 }
+            }
+            let nodes: Vec<String> = redis::cmd("SMEMBERS").arg("wc:nodes").query_async(&mut con).await?;
+            Ok((1, Some((con, nodes))))
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT * 2, step).await.unwrap_or_else(|_| Err(timed_out())) {
+            Ok((-1, _)) => {
+                tracing::error!(node = %s.cfg.node_id, "another live process uses this --node-id; give each node its own");
+                s.registered.store(false, Ordering::SeqCst);
+            }
+            Ok((_, Some((mut con, nodes)))) => {
                 if !s.registered.swap(true, Ordering::SeqCst) {
                     tracing::info!("Redis is back; accepting joins again");
                 }
-            }
-            Ok(false) => {
-                // Presumed dead by the others, or Redis lost its data: our sessions are gone cluster-wide.
-                s.registered.store(false, Ordering::SeqCst);
-                r.reset();
-                s.needs_reset.store(false, Ordering::SeqCst);
-                incarnation = random_node_id();
-                match tokio::time::timeout(REDIS_TIMEOUT, register(&s, &mut con, &incarnation)).await {
-                    Ok(Ok(true)) => {
-                        s.registered.store(true, Ordering::SeqCst);
-                        tracing::info!(node = %s.cfg.node_id, "registered again; accepting joins");
+                let since = *ok_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= s.cfg.node_ttl {
+                    let mut inv = s.scripts.reap.prepare_invoke();
+                    inv.arg("");
+                    match tokio::time::timeout(REDIS_TIMEOUT, inv.invoke_async::<i64>(&mut con)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!("ended {n} sessions of nodes that stopped answering"),
+                        Ok(Err(e)) => tracing::warn!("could not check for dead nodes: {e}"),
+                        _ => {}
                     }
-                    Ok(Ok(false)) => tracing::error!(node = %s.cfg.node_id, "node id taken by a live node"),
-                    Ok(Err(e)) => tracing::warn!("could not register with Redis: {e}"),
-                    Err(_) => tracing::warn!("could not register with Redis: timed out"),
+                }
+                if since.elapsed() >= s.cfg.node_ttl {
+                    forget_gone_nodes(&router, &s, &nodes, &mut missing);
+                } else {
+                    missing.clear();
                 }
             }
+            Ok((_, None)) => {}
             Err(e) => {
+                ok_since = None;
+                s.failed().await;
                 if s.registered.swap(false, Ordering::SeqCst) {
                     tracing::error!("Redis unavailable ({e}): refusing joins, /healthz reports 503");
                 }
@@ -578,9 +914,87 @@ async fn monitor(router: Weak<ClusterRouter>, mut con: ConnectionManager, mut in
     }
 }
 
-/// Resume-grace expiry and hand-over timeouts.
+/// Puts this node and its sessions back into the store and asks for each room's membership (`Y` events).
+async fn restore(
+    router: &Weak<ClusterRouter>,
+    s: &Shared,
+    con: &mut ConnectionManager,
+    incarnation: &str,
+) -> redis::RedisResult<()> {
+    let Some(r) = router.upgrade() else { return Ok(()) };
+    let (sessions, passwords) = {
+        let inner = r.inner.lock();
+        (inner.rooms.local_sessions(), inner.passwords.clone())
+    };
+    drop(r);
+    load_scripts(s, con).await?;
+    let mut inv = s.scripts.restore.prepare_invoke();
+    inv.arg(&s.cfg.node_id).arg(incarnation).arg(s.cfg.node_ttl.as_millis() as u64);
+    for l in &sessions {
+        inv.arg(&*l.id).arg(&*l.room).arg(&*l.name).arg(&*l.token).arg(if l.publish { "1" } else { "0" });
+        inv.arg(passwords.get(&*l.room).map_or("", String::as_str));
+    }
+    let reply: Value = inv.invoke_async(con).await?;
+    let elsewhere: Vec<String> = match reply {
+        Value::Array(v) if v.first() == Some(&Value::Int(-1)) => {
+            return Err(redis::RedisError::from((redis::ErrorKind::ClientError, "node id taken by a live process")));
+        }
+        v => redis::from_redis_value(&v).unwrap_or_default(),
+    };
+    if let Some(r) = router.upgrade() {
+        r.with(|i, now| {
+            for id in &elsewhere {
+                let lost = i.rooms.take_over(id, now).len();
+                tracing::warn!(peer = %id, lost, "resumed on another node while this one was cut off");
+            }
+            let live: std::collections::HashSet<&str> = sessions.iter().map(|l| &*l.room).collect();
+            i.passwords.retain(|room, _| live.contains(room.as_str()));
+        });
+    }
+    tracing::info!(node = %s.cfg.node_id, sessions = sessions.len(), "sessions re-asserted; reading membership again");
+    Ok(())
+}
+
+/// Links to nodes that have been missing from the registry for a while go, with what was buffered for them
+/// (their sessions died with them; the others got `bye`).
+fn forget_gone_nodes(
+    router: &Weak<ClusterRouter>,
+    s: &Shared,
+    nodes: &[String],
+    missing: &mut HashMap<String, Instant>,
+) {
+    let Some(r) = router.upgrade() else { return };
+    let now = Instant::now();
+    let mut inner = r.inner.lock();
+    let known: Vec<String> = inner.links.nodes().map(str::to_owned).collect();
+    missing.retain(|n, _| !nodes.contains(n));
+    for n in known {
+        if nodes.contains(&n) {
+            continue;
+        }
+        let since = *missing.entry(n.clone()).or_insert(now);
+        let quiet = inner.links.heard(&n).is_none_or(|t| now.duration_since(t) >= s.cfg.node_ttl * FORGET_AFTER_TTLS);
+        if quiet && now.duration_since(since) >= s.cfg.node_ttl * FORGET_AFTER_TTLS {
+            let lost = inner.links.forget(&n);
+            missing.remove(&n);
+            let gone: Vec<String> =
+                inner.routes.iter().filter(|(_, node)| **node == n).map(|(id, _)| id.clone()).collect();
+            for id in gone {
+                // Its sessions died with it; nobody is left to reap them (Redis came back without its entry).
+                inner.rooms.remote_leave(&id, now);
+                inner.routes.remove(&id);
+            }
+            if lost > 0 {
+                tracing::warn!(node = %n, lost, "node gone: messages for its peers died with it");
+            }
+        }
+    }
+    r.dispatch(&mut inner, now);
+}
+
+/// Resume-grace expiry, hand-over and join timeouts, link reports.
 async fn timer(router: Weak<ClusterRouter>) {
-    const MAX_SLEEP: Duration = Duration::from_millis(250);
+    let max_sleep = links::STATE_EVERY;
     loop {
         let next = {
             let Some(r) = router.upgrade() else { return };
@@ -598,8 +1012,21 @@ async fn timer(router: Weak<ClusterRouter>) {
                 inner.awaiting.remove(&id);
                 inner.rooms.handover(&id, Vec::new(), now);
             }
-            r.dispatch(&mut inner);
-            inner.rooms.poll_timeout().map_or(now + MAX_SLEEP, |t| t.min(now + MAX_SLEEP))
+            let stuck: Vec<ConnId> =
+                inner.joins.iter().filter(|(_, t)| now.duration_since(**t) >= JOIN_WAIT).map(|(c, _)| *c).collect();
+            for conn in stuck {
+                inner.joins.remove(&conn);
+                inner.rooms.refuse_join(conn, unavailable("its store, Redis, did not answer in time"), now);
+            }
+            inner.moved.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(300));
+            // Peers that detached or left meanwhile: what waited for them goes to the core (queued or dropped).
+            let waiting: Vec<String> = inner.inbound.keys().cloned().collect();
+            for peer in waiting {
+                ClusterRouter::drain_inbound(&mut inner, &peer, usize::MAX, now);
+            }
+            inner.links.tick(now);
+            r.dispatch(&mut inner, now);
+            inner.rooms.poll_timeout().map_or(now + max_sleep, |t| t.min(now + max_sleep))
         };
         tokio::time::sleep_until(next.into()).await;
     }

@@ -8,7 +8,7 @@
 -- wc:tok:<token>   peer id of a resume token
 -- wc:np:<node>     set of the node's peer ids
 -- wc:nodes         set of registered nodes;  wc:alive:<node>  incarnation, with the node TTL
--- wc:ch:<node>     the node's channel: every event for it, in execution order
+-- wc:ch:<node>     the node's channel: every event for it, in execution order, and its links' messages
 
 local function members(room)
   local flat = redis.call('HGETALL', 'wc:room:' .. room)
@@ -26,7 +26,7 @@ local function snapshot(list, except)
   local parts = {}
   for _, m in ipairs(list) do
     if m.id ~= except then
-      parts[#parts + 1] = m.id .. '\31' .. (redis.call('HGET', 'wc:peer:' .. m.id, 'name') or '')
+      parts[#parts + 1] = m.id .. '\31' .. (redis.call('HGET', 'wc:peer:' .. m.id, 'name') or '') .. '\31' .. m.node
     end
   end
   return table.concat(parts, '\30')

@@ -54,7 +54,7 @@ redis.call('HSET', 'wc:room:' .. room, id, seq .. '\31' .. me)
 redis.call('HSET', 'wc:peer:' .. id, 'room', room, 'node', me, 'name', name, 'token', token, 'publish', publish)
 redis.call('SET', 'wc:tok:' .. token, id)
 redis.call('SADD', 'wc:np:' .. me, id)
-notify(list, me, 'J\n' .. room .. '\n' .. id .. '\n' .. name)
+notify(list, me, 'J\n' .. room .. '\n' .. id .. '\n' .. me .. '\n' .. name)
 local msg = { 'A', conn, 'F', id, token, room, publish, name, snapshot(list, id) }
 redis.call('PUBLISH', 'wc:ch:' .. me, table.concat(msg, '\n'))
 return 'ok'
@@ -67,12 +67,44 @@ drop(ARGV[2], ARGV[1])
 return 1
 "#;
 
-/// KEYS: wc:peer:<to>. ARGV: the `D` event. One PUBLISH to the node that hosts the peer *now*: looked up inside
-/// Redis, so a hand-over to another node is ordered with every delivery.
-pub const RELAY: &str = r#"
-local n = redis.call('HGET', KEYS[1], 'node')
-if n then return redis.call('PUBLISH', 'wc:ch:' .. n, ARGV[1]) end
-return -1
+/// ARGV: me, incarnation, ttl ms, then per session of this node: id, room, name, token, publish, room password
+/// digest or "". Re-asserts this node and its sessions after the store lost them (Redis restarted empty, a
+/// failover to a replica that was behind, or the others presumed this node dead): missing ones are added back (the
+/// room's other nodes get `J`), then a `Y` event with the registered nodes and each room's membership follows on this node's channel, after
+/// every event before it. Replies the ids that are now hosted by another node (resumed there meanwhile), or
+/// {-1} if a live process holds this node id.
+const RESTORE: &str = r#"
+local me, inc, ttl = ARGV[1], ARGV[2], ARGV[3]
+local v = redis.call('GET', 'wc:alive:' .. me)
+if v and v ~= inc then return {-1} end
+redis.call('SET', 'wc:alive:' .. me, inc, 'PX', ttl)
+redis.call('SADD', 'wc:nodes', me)
+local elsewhere, rooms = {}, {}
+for i = 4, #ARGV, 6 do
+  local id, room, name, token, publish, pw = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local pk = 'wc:peer:' .. id
+  local node = redis.call('HGET', pk, 'node')
+  if node and node ~= me then
+    elsewhere[#elsewhere + 1] = id
+  else
+    rooms[room] = true
+    redis.call('HSET', pk, 'room', room, 'node', me, 'name', name, 'token', token, 'publish', publish)
+    if token ~= '' then redis.call('SET', 'wc:tok:' .. token, id) end
+    redis.call('SADD', 'wc:np:' .. me, id)
+    if pw ~= '' and redis.call('EXISTS', 'wc:pw:' .. room) == 0 then redis.call('SET', 'wc:pw:' .. room, pw) end
+    local rk = 'wc:room:' .. room
+    if redis.call('HEXISTS', rk, id) == 0 then
+      local list = members(room)
+      redis.call('HSET', rk, id, redis.call('INCR', 'wc:seq:' .. room) .. '\31' .. me)
+      notify(list, me, 'J\n' .. room .. '\n' .. id .. '\n' .. me .. '\n' .. name)
+    end
+  end
+end
+local nodes = table.concat(redis.call('SMEMBERS', 'wc:nodes'), '\31')
+for room in pairs(rooms) do
+  redis.call('PUBLISH', 'wc:ch:' .. me, 'Y\n' .. room .. '\n' .. nodes .. '\n' .. snapshot(members(room), ''))
+end
+return elsewhere
 "#;
 
 /// ARGV: me, incarnation, ttl ms. 1: refreshed; 0: this node's registration is gone (presumed dead, or Redis
@@ -113,7 +145,7 @@ return n
 pub struct Scripts {
     pub join: redis::Script,
     pub leave: redis::Script,
-    pub relay: redis::Script,
+    pub restore: redis::Script,
     pub refresh: redis::Script,
     pub register: redis::Script,
     pub reap: redis::Script,
@@ -125,7 +157,7 @@ impl Scripts {
         Scripts {
             join: with_common(JOIN),
             leave: with_common(LEAVE),
-            relay: redis::Script::new(RELAY),
+            restore: with_common(RESTORE),
             refresh: redis::Script::new(REFRESH),
             register: with_common(REGISTER),
             reap: with_common(REAP),

@@ -30,6 +30,16 @@ pub enum ClusterOutput {
     Left { id: Arc<str>, room: Arc<str> },
 }
 
+/// A session of this node, as [`Rooms::local_sessions`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSession {
+    pub id: Arc<str>,
+    pub room: Arc<str>,
+    pub name: Arc<str>,
+    pub token: Arc<str>,
+    pub publish: bool,
+}
+
 /// How a join was admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdmitKind {
@@ -336,29 +346,78 @@ impl Rooms {
         }
     }
 
+    /// This node's sessions, for re-asserting them after the cluster store lost them (Redis restarted empty or
+    /// failed over to a replica that was behind).
+    pub fn local_sessions(&self) -> Vec<LocalSession> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.remote)
+            .map(|(id, p)| LocalSession {
+                id: id.clone(),
+                room: p.room.clone(),
+                name: p.name.clone(),
+                token: p.token.clone(),
+                publish: p.publish,
+            })
+            .collect()
+    }
+
+    /// The cluster's membership of `room` (after a blip, when joins and leaves may have been missed): the local
+    /// members hear the differences as `hello` and `bye`. Ignored when no session of this node is in the room.
+    pub fn sync_remote(&mut self, room: &str, peers: &[PeerInfo], now: Instant) {
+        self.now = now;
+        if self.has_local_members(room) {
+            self.sync_room(room, peers, "");
+        }
+    }
+
+    /// The members of `room` that live on other nodes.
+    pub fn remote_members(&self, room: &str) -> Vec<PeerInfo> {
+        self.rooms
+            .get(room)
+            .map(|r| {
+                r.members
+                    .iter()
+                    .filter(|m| self.peers[*m].remote)
+                    .map(|m| PeerInfo { id: m.to_string(), name: self.peers[m].name.to_string() })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many more frames local peer `id`'s connection takes before it counts as a slow reader (`None`: no such
+    /// connected session). The adapter paces bursts from other nodes (a replay after a blip) with it.
+    pub fn queue_room(&self, id: &str) -> Option<usize> {
+        let c = self.peers.get(id).filter(|p| !p.remote)?.conn.and_then(|c| self.conns.get(&c))?;
+        if c.out.bytes() * 2 > c.limit_bytes {
+            return Some(0);
+        }
+        Some(c.limit.saturating_sub(c.out.len()))
+    }
+
+    /// Whether `id` is a session of this node.
+    pub fn is_local(&self, id: &str) -> bool {
+        self.peers.get(id).is_some_and(|p| !p.remote)
+    }
+
+    /// Whether `id` is known here as a member on another node.
+    pub fn is_remote(&self, id: &str) -> bool {
+        self.peers.get(id).is_some_and(|p| p.remote)
+    }
+
+    /// A relay from local peer `from` could not be accepted for another node: its client gets `e`.
+    pub fn relay_refused(&mut self, from: &str, e: ProtocolError, now: Instant) {
+        self.now = now;
+        let Some(conn) = self.peers.get(from).filter(|p| !p.remote).and_then(|p| p.conn) else { return };
+        if self.accepting(conn) {
+            self.counters.errors[e.code as usize] += 1;
+            self.push(conn, Arc::from(e.to_json()));
+        }
+    }
+
     /// Sessions waiting for a handover, for the adapter's timeout.
     pub fn awaiting_handover(&self) -> impl Iterator<Item = &str> {
         self.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
-    }
-
-    /// The cluster lost this node's state (it was presumed dead, or the store was wiped): every session here ends
-    /// without `bye` (the others' sessions ended too), joined and joining connections are closed so clients join
-    /// again, and nothing else is emitted.
-    pub fn reset(&mut self, now: Instant) {
-        self.now = now;
-        let conns: Vec<ConnId> =
-            self.conns.iter().filter(|(_, c)| (c.peer.is_some() || c.joining) && !c.closing).map(|(k, _)| *k).collect();
-        for conn in conns {
-            let c = self.conns.get_mut(&conn).expect("listed");
-            c.peer = None;
-            c.joining = false;
-            self.close(conn, close::CLUSTER_RESET, "cluster state lost; join again");
-        }
-        self.peers.clear();
-        self.rooms.clear();
-        self.tokens.clear();
-        self.deadlines.clear();
-        self.cluster_out.clear();
     }
 }
 
@@ -595,25 +654,23 @@ mod tests {
     }
 
     #[test]
-    fn reset_closes_joined_and_joining_connections_and_forgets_everything() {
-        let mut n = Node::new();
-        let a = n.join("r", "A", &[("X", "x")]);
-        let j = n.connect();
-        n.send(j, json!({"type":"join","room":"r"}));
-        let idle = n.connect();
-        std::iter::from_fn(|| n.rooms.poll_output()).count();
-        n.rooms.reset(n.now);
-        let mut closed: Vec<ConnId> = std::iter::from_fn(|| n.rooms.poll_output())
-            .filter_map(|o| match o {
-                Output::Close { conn, code: close::CLUSTER_RESET, .. } => Some(conn),
-                _ => None,
-            })
-            .collect();
-        closed.sort();
-        assert_eq!(closed, vec![a, j]);
-        assert!(!closed.contains(&idle));
-        assert_eq!(n.rooms.stats().peers, 0);
-        assert!(n.cluster().is_empty());
+    fn maps_give_back_their_peak_capacity_once_empty() {
+        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()));
+        let now = Instant::now();
+        for c in 0..2000 {
+            r.connect(c, now);
+            r.message(c, &format!(r#"{{"type":"join","room":"r{}"}}"#, c / 2), now);
+        }
+        assert!(r.conns.capacity() >= 2000 && r.peers.capacity() >= 2000);
+        for c in 0..2000 {
+            r.message(c, r#"{"type":"bye"}"#, now);
+            r.disconnect(c, now);
+        }
+        std::iter::from_fn(|| r.poll_output()).count();
+        r.tick(now);
+        assert!(r.conns.capacity() < 100, "conns kept {}", r.conns.capacity());
+        assert!(r.peers.capacity() < 100 && r.rooms.capacity() < 100 && r.tokens.capacity() < 100);
+        assert!(r.out.capacity() < 100);
     }
 
     #[test]

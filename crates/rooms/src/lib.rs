@@ -136,8 +136,6 @@ pub mod close {
     pub const RESUMED_ELSEWHERE: u16 = 4000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
-    /// Cluster mode: this node lost its cluster state (store wiped, or presumed dead); join again.
-    pub const CLUSTER_RESET: u16 = 1012;
 }
 
 /// What a [`JoinPolicy`] grants a fresh join.
@@ -501,6 +499,36 @@ impl Rooms {
                 self.counters.expired += 1;
                 self.leave(&id);
             }
+        }
+        self.shrink();
+    }
+
+    /// Gives back what the maps grew to under a peak once they are mostly empty, so memory returns to its
+    /// baseline after load (a map keeps its largest capacity otherwise). Halving at a quarter full keeps it cheap.
+    fn shrink(&mut self) {
+        fn sparse(len: usize, cap: usize) -> bool {
+            cap > 64 && len * 4 < cap
+        }
+        if sparse(self.conns.len(), self.conns.capacity()) {
+            self.conns.shrink_to_fit();
+        }
+        if sparse(self.peers.len(), self.peers.capacity()) {
+            self.peers.shrink_to_fit();
+        }
+        if sparse(self.rooms.len(), self.rooms.capacity()) {
+            self.rooms.shrink_to_fit();
+        }
+        if sparse(self.tokens.len(), self.tokens.capacity()) {
+            self.tokens.shrink_to_fit();
+        }
+        if sparse(self.deadlines.len(), self.deadlines.capacity()) {
+            self.deadlines.shrink_to_fit();
+        }
+        if sparse(self.out.len(), self.out.capacity()) {
+            self.out.shrink_to_fit();
+        }
+        if sparse(self.cluster_out.len(), self.cluster_out.capacity()) {
+            self.cluster_out.shrink_to_fit();
         }
     }
 
@@ -924,7 +952,7 @@ impl Rooms {
 }
 
 pub mod cluster;
-pub use cluster::{AdmitKind, Admitted, ClusterOutput};
+pub use cluster::{AdmitKind, Admitted, ClusterOutput, LocalSession};
 
 #[cfg(test)]
 mod tests;

@@ -93,7 +93,12 @@ impl ServerPolicy {
     }
 
     pub fn unregister(&self, conn: ConnId) {
-        self.addrs.lock().remove(&conn);
+        let mut addrs = self.addrs.lock();
+        addrs.remove(&conn);
+        // A map keeps its peak capacity; give it back once mostly empty (after load).
+        if addrs.capacity() > 64 && addrs.len() * 4 < addrs.capacity() {
+            addrs.shrink_to_fit();
+        }
     }
 
     fn take_join(&self, ip: IpAddr) -> bool {

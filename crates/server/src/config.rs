@@ -123,8 +123,9 @@ pub struct ServeArgs {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
 
-    /// Share rooms with other nodes through this Redis (e.g. redis://127.0.0.1:6379); without it rooms stay in
-    /// this process.
+    /// Share rooms with other nodes through this Redis (e.g. redis://127.0.0.1:6379, or
+    /// redis+sentinel://host:26379,host2:26379/mymaster for a Sentinel-managed one); without it rooms stay in this
+    /// process.
     #[arg(long, env = "WEBCALL_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
 

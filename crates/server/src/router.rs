@@ -67,6 +67,14 @@ pub fn signal_output<S: BuildHasher>(signals: &HashMap<ConnId, Arc<ConnSignal>, 
     }
 }
 
+/// A map keeps its peak capacity; give it back once it is mostly empty (after load), at a quarter full so that
+/// shrinking stays rare.
+pub fn shrink_sparse<K: Eq + std::hash::Hash, V, S: BuildHasher>(m: &mut HashMap<K, V, S>) {
+    if m.capacity() > 64 && m.len() * 4 < m.capacity() {
+        m.shrink_to_fit();
+    }
+}
+
 impl Inner {
     fn dispatch(&mut self) {
         while let Some(out) = self.rooms.poll_output() {
@@ -139,6 +147,7 @@ impl Router for LocalRouter {
     fn disconnect(&self, conn: ConnId) {
         let mut inner = self.inner.lock();
         inner.signals.remove(&conn);
+        shrink_sparse(&mut inner.signals);
         inner.rooms.disconnect(conn, Instant::now());
         inner.dispatch();
     }

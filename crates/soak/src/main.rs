@@ -46,6 +46,21 @@ struct Args {
     /// Repeat the whole run; memory after each round shows whether anything accumulates.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// A second node of the same cluster (`--redis`): the well-behaved peer B joins there, so their messages cross
+    /// nodes through Redis.
+    #[arg(long)]
+    server_b: Option<SocketAddr>,
+    /// The second node's process id, for its memory.
+    #[arg(long)]
+    pid_b: Option<u32>,
+    /// Redis blip phase, with --server-b: the redis-server's process id (paused with SIGSTOP for --blip, then
+    /// continued) and port (its clients then killed with CLIENT KILL), a third into each round.
+    #[arg(long, requires = "server_b")]
+    redis_pid: Option<u32>,
+    #[arg(long, requires = "redis_pid")]
+    redis_port: Option<u16>,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    blip: Duration,
 }
 
 #[derive(Default)]
@@ -103,11 +118,16 @@ async fn metrics(server: SocketAddr) -> Result<String> {
 }
 
 /// The two well-behaved peers: each sends `seq` 0,1,2… to the other; returns (sent, received, lost or reordered).
-async fn good_pair(server: SocketAddr, rate: u32, until: Instant) -> Result<[(u64, u64, u64); 2]> {
+async fn good_pair(
+    server: SocketAddr,
+    server_b: SocketAddr,
+    rate: u32,
+    until: Instant,
+) -> Result<[(u64, u64, u64); 2]> {
     let mut a = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 251))).await?;
     a.send(Message::text(json!({"type":"join","room":"soak-good","name":"A"}).to_string())).await?;
     let wa = recv_json(&mut a, Duration::from_secs(5)).await.context("A's welcome")?;
-    let mut b = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252))).await?;
+    let mut b = connect(server_b, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252))).await?;
     b.send(Message::text(json!({"type":"join","room":"soak-good","name":"B"}).to_string())).await?;
     let wb = recv_json(&mut b, Duration::from_secs(5)).await.context("B's welcome")?;
     recv_json(&mut a, Duration::from_secs(5)).await.context("A sees B's hello")?;
@@ -156,6 +176,33 @@ async fn good_pair(server: SocketAddr, rate: u32, until: Instant) -> Result<[(u6
     };
     let (ra, rb) = tokio::join!(run(a, idb), run(b, ida));
     Ok([ra, rb])
+}
+
+/// After `after`: pauses Redis (SIGSTOP) for `pause`, continues it, then kills its clients' connections.
+async fn redis_blip(pid: u32, port: u16, pause: Duration, after: Duration) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+        if ok {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("kill {sig} {pid} failed"))
+        }
+    };
+    tokio::time::sleep(after).await;
+    signal("-STOP")?;
+    tokio::time::sleep(pause).await;
+    signal("-CONT")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut killed = Vec::new();
+    for kind in ["pubsub", "normal"] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.context("redis for CLIENT KILL")?;
+        s.write_all(format!("CLIENT KILL TYPE {kind} SKIPME yes\r\n").as_bytes()).await?;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.unwrap_or(Ok(0))?;
+        killed.push(format!("{} {kind}", String::from_utf8_lossy(&buf[..n]).trim().trim_start_matches(':')));
+    }
+    Ok(format!("paused {pause:?} (SIGSTOP), then CLIENT KILL: {}", killed.join(", ")))
 }
 
 async fn churner(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
@@ -269,8 +316,17 @@ async fn main() -> Result<()> {
     if !a.server.ip().is_loopback() {
         bail!("--server must be a loopback address: this tool only loads servers on this machine");
     }
+    if a.server_b.is_some_and(|b| !b.ip().is_loopback()) {
+        bail!("--server-b must be a loopback address");
+    }
+    if a.redis_pid.is_some() && a.blip + Duration::from_secs(3) > a.duration * 2 / 3 {
+        bail!("--blip {:?} does not fit in two thirds of --duration {:?} (with 3 s to recover)", a.blip, a.duration);
+    }
     let baseline = rss_kib(a.pid);
     println!("server RSS baseline {baseline} KiB");
+    if let Some(pid) = a.pid_b {
+        println!("second node RSS baseline {} KiB", rss_kib(pid));
+    }
     let mut ok = true;
     for round in 1..=a.rounds {
         println!("--- round {round} of {}", a.rounds);
@@ -312,7 +368,14 @@ async fn round_once(a: &Args, baseline: u64) -> Result<bool> {
             }
         })
     };
-    let good = good_pair(a.server, a.good_rate, until).await?;
+    let blip = match (a.redis_pid, a.redis_port) {
+        (Some(pid), Some(port)) => Some(tokio::spawn(redis_blip(pid, port, a.blip, a.duration / 3))),
+        _ => None,
+    };
+    let good = good_pair(a.server, a.server_b.unwrap_or(a.server), a.good_rate, until).await?;
+    if let Some(b) = blip {
+        println!("redis blip: {}", b.await.context("blip task")??);
+    }
     // Everything is bounded by `until`; give stragglers a moment, then stop them.
     let _ = tokio::time::timeout(Duration::from_secs(15), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
@@ -347,6 +410,9 @@ async fn round_once(a: &Args, baseline: u64) -> Result<bool> {
         t.slow_cut.load(Relaxed)
     );
     println!("server RSS: baseline {baseline} KiB, peak {} KiB, after the round {after} KiB", peak.load(Relaxed));
+    if let Some(pid) = a.pid_b {
+        println!("second node RSS after the round: {} KiB", rss_kib(pid));
+    }
     for g in ["webcall_connections ", "webcall_peers ", "webcall_rooms "] {
         if let Some(l) = m.lines().find(|l| l.starts_with(g)) {
             println!("  after the round: {l}");

@@ -2,62 +2,13 @@
 //! loopback port), with real WebSocket clients.
 
 mod common;
+mod redis;
 
 use common::{Client, Ended, ServerProc, WAIT};
+use redis::Redis;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/test.sh installs it)");
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, port }
-    }
-
-    /// On a port outside the ephemeral range, so that while it is down no other test's `bind(0)` takes it.
-    fn start_outside_ephemeral() -> Redis {
-        let base = 20_000 + (std::process::id() % 5_000) as u16;
-        let port = (base..base + 500)
-            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-            .expect("a free port in 20000-25500");
-        Self::start_on(port)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn node(redis: &Redis, id: &str, extra: &[&str]) -> ServerProc {
     let url = redis.url();
@@ -242,13 +193,15 @@ async fn a_node_stopped_gracefully_ends_its_sessions_with_bye() {
 }
 
 #[tokio::test]
-async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers() {
+async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers_without_resetting_anyone() {
     let mut redis = Redis::start_outside_ephemeral();
     let port = redis.port;
     let args = ["--node-ttl", "1s"];
     let (n1, n2) = (node(&redis, "n1", &args), node(&redis, "n2", &args));
     assert_eq!(healthz(&n1).await, 200);
     let (mut a, _) = Client::join(&n1.ws_url(), "r", "A").await;
+    let (mut b, _) = Client::join(&n2.ws_url(), "r", "B").await;
+    a.expect("hello").await;
 
     redis.stop();
     wait_health(&n1, 503).await;
@@ -256,14 +209,18 @@ async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers() {
     c.send(json!({"type":"join","room":"r"})).await;
     let e = c.expect_error("unavailable").await;
     assert_eq!(e["ref"], "join");
+    // Accepted while Redis is away: kept by the sending node, delivered when it is back.
+    a.send(json!({"type":"offer","to":b.id,"sdp":"during the outage"})).await;
 
     let _redis = Redis::start_on(port);
     wait_health(&n1, 200).await;
     wait_health(&n2, 200).await;
-    // Redis came back empty: the sessions it knew are gone, so their clients are told to join again.
-    assert_eq!(a.until_end().await, Ended::Closed(1012, "cluster state lost; join again".into()));
-    // The refused connection stayed usable. A node may start over more than once while Redis comes back, so a
-    // join may still be refused with `unavailable` for a moment, as the error tells clients.
+    // Redis came back empty, but the nodes still have their sessions: they put them back, nobody is reset.
+    assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":"during the outage"}));
+    b.send(json!({"type":"answer","to":a.id,"sdp":"after"})).await;
+    assert_eq!(a.recv().await, json!({"type":"answer","from":b.id,"sdp":"after"}));
+    // The refused connection stayed usable. Joins may be refused with `unavailable` for a moment while the
+    // nodes re-register, as the error tells clients.
     let deadline = Instant::now() + WAIT;
     let w = loop {
         c.send(json!({"type":"join","room":"r","name":"C"})).await;
@@ -275,8 +232,13 @@ async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers() {
         assert!(Instant::now() < deadline, "joins still refused after Redis came back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    wait_health(&n2, 200).await;
-    let (_d, wd) = Client::join(&n2.ws_url(), "r", "D").await;
-    assert_eq!(wd["peers"], json!([{"id":w["id"],"name":"C"}]));
-    assert_eq!(c.expect("hello").await["name"], "D");
+    let mut ids: Vec<&str> = w["peers"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    ids.sort();
+    let mut want = vec![a.id.as_str(), b.id.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "the restored members are listed");
+    assert_eq!(a.expect("hello").await["name"], "C");
+    assert_eq!(b.expect("hello").await["name"], "C");
+    a.expect_silence(Duration::from_millis(300)).await;
+    b.expect_silence(Duration::from_millis(10)).await;
 }
