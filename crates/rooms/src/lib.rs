@@ -106,6 +106,9 @@ pub struct Config {
     pub rate_per_sec: f64,
     /// Refusals a connection may collect in a burst before it is closed; refilled at one per second.
     pub max_errors: f64,
+    /// Wrong passwords a room takes per minute (`--max-password-attempts`); past it every password join to that
+    /// room is refused `rate-limited` until the budget refills.
+    pub password_attempts_per_min: f64,
     /// Seed for peer ids and resume tokens (the server passes OS entropy; tests pass a constant).
     pub seed: u64,
 }
@@ -121,6 +124,7 @@ impl Default for Config {
             max_message_size: 64 * 1024,
             rate_per_sec: 50.0,
             max_errors: 20.0,
+            password_attempts_per_min: 10.0,
             seed: 0,
         }
     }
@@ -234,6 +238,13 @@ impl Bucket {
     fn full(cap: f64, now: u64) -> Self {
         Bucket { tokens: cap, last: now }
     }
+    /// Seconds until a token is there (0 when one is).
+    fn wait(&mut self, now: u64, per_sec: f64, cap: f64) -> f64 {
+        let dt = Duration::from_nanos(now.saturating_sub(self.last)).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * per_sec).min(cap);
+        ((1.0 - self.tokens) / per_sec).max(0.0)
+    }
     fn take(&mut self, now: u64, per_sec: f64, cap: f64) -> bool {
         let dt = Duration::from_nanos(now.saturating_sub(self.last)).as_secs_f64();
         self.last = now;
@@ -283,6 +294,14 @@ struct Room {
     members: Vec<Arc<str>>,
     /// Salted SHA-256 of the password the first joiner set.
     password: Option<([u8; 16], [u8; 32])>,
+    /// Wrong passwords this room may still take (refilled per `password_attempts_per_min`).
+    guesses: Bucket,
+}
+
+impl Room {
+    fn new(password: Option<([u8; 16], [u8; 32])>, guesses: f64, now: u64) -> Self {
+        Room { members: Vec::new(), password, guesses: Bucket::full(guesses, now) }
+    }
 }
 
 pub struct Rooms {
@@ -746,10 +765,31 @@ impl Rooms {
         // One lookup of the room serves every check and the insert below (nothing else changes the rooms here).
         let existing = self.rooms.get_index_of(&*j.room);
         if let Some(i) = existing {
-            let r = &self.rooms[i];
+            let t = self.nanos(now);
+            let (cap, per_sec) = (self.cfg.password_attempts_per_min, self.cfg.password_attempts_per_min / 60.0);
+            let r = &mut self.rooms[i];
             if let Some((salt, hash)) = &r.password {
+                // Guesses are limited per room, whoever makes them: while the budget is spent, every password is
+                // refused unchecked (a right one too, or guessing from many addresses would go on).
+                if j.password.is_some() {
+                    let wait = r.guesses.wait(t, per_sec, cap);
+                    if wait > 0.0 {
+                        let e = ProtocolError::new(
+                            ErrorCode::RateLimited,
+                            format!(
+                                "too many wrong passwords for room '{}'; try again in {} s",
+                                j.room,
+                                wait.ceil() as u64
+                            ),
+                        );
+                        return self.refuse(conn, e.refers_to("join"), now);
+                    }
+                }
                 let given = j.password.as_deref().unwrap_or("");
                 if !bool::from(password_hash(salt, given).ct_eq(hash)) {
+                    if j.password.is_some() {
+                        r.guesses.take(t, per_sec, cap);
+                    }
                     let what = if j.password.is_some() { "wrong password" } else { "this room needs a password" };
                     let e = ProtocolError::new(ErrorCode::Unauthorized, format!("{what} for room '{}'", j.room));
                     return self.refuse(conn, e.refers_to("join"), now);
@@ -783,7 +823,8 @@ impl Rooms {
                     (salt, password_hash(&salt, p))
                 });
                 let room: Arc<str> = Arc::from(&*j.room);
-                (self.rooms.insert_full(room.clone(), Room { members: Vec::new(), password }).0, room)
+                let created = Room::new(password, self.cfg.password_attempts_per_min, self.nanos(now));
+                (self.rooms.insert_full(room.clone(), created).0, room)
             }
         };
         let name: Arc<str> = Arc::from(admission.name.as_deref().unwrap_or(&j.name));

@@ -62,6 +62,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_ERRORS", value_name = "N")]
     pub max_errors: Option<f64>,
 
+    /// Wrong room passwords a room takes per minute, from anyone; past it password joins to that room are refused
+    /// `rate-limited` until the budget refills [default: 10].
+    #[arg(long, env = "WEBCALL_MAX_PASSWORD_ATTEMPTS", value_name = "PER_MIN")]
+    pub max_password_attempts: Option<f64>,
+
     /// Interval of WebSocket pings [default: 10s].
     #[arg(long, env = "WEBCALL_PING_INTERVAL", value_name = "DURATION", value_parser = duration)]
     #[serde(with = "humantime_serde")]
@@ -215,6 +220,7 @@ impl ServeArgs {
             max_message_size: pick!(max_message_size, d.max_message_size),
             rate_per_sec: pick!(rate_limit, d.rate_per_sec),
             max_errors: pick!(max_errors, d.max_errors),
+            password_attempts_per_min: pick!(max_password_attempts, d.password_attempts_per_min),
             seed: rand::random(),
         };
         let cfg = ServeConfig {
@@ -303,6 +309,12 @@ impl ServeArgs {
         )?;
         range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
         range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
+        range(
+            "max-password-attempts",
+            r.password_attempts_per_min.to_string(),
+            r.password_attempts_per_min >= 1.0,
+            "at least 1 per minute",
+        )?;
         range(
             "max-connections-per-ip",
             cfg.max_connections_per_ip.to_string(),
