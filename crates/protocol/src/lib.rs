@@ -3,6 +3,8 @@
 //! Parsing borrows from the input frame and keeps relayed payloads (`sdp`, `candidate`) as raw JSON, so relaying
 //! a message costs one parse and one copy, never a re-serialisation of the SDP.
 
+pub mod sdp;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;

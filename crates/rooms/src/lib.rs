@@ -338,23 +338,12 @@ fn password_hash(salt: &[u8; 16], password: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Whether an SDP (as its raw JSON string) sends audio or video: an audio/video section without `recvonly` or
-/// `inactive` sends (`sendrecv` is the default direction).
-fn sdp_sends_media(raw: &serde_json::value::RawValue) -> bool {
-    let Ok(sdp) = serde_json::from_str::<String>(raw.get()) else { return true };
-    let mut sends = false;
-    let mut in_media = false;
-    let mut section_sends = false;
-    for line in sdp.lines().map(str::trim_end) {
-        if let Some(m) = line.strip_prefix("m=") {
-            sends |= in_media && section_sends;
-            in_media = m.starts_with("audio") || m.starts_with("video");
-            section_sends = true;
-        } else if line == "a=recvonly" || line == "a=inactive" {
-            section_sends = false;
-        }
-    }
-    sends || (in_media && section_sends)
+/// Why a subscribe-only peer's SDP (as its raw JSON string) is refused; `None` when it cannot send media.
+fn sdp_refusal(raw: &serde_json::value::RawValue) -> Option<String> {
+    let Ok(sdp) = serde_json::from_str::<std::borrow::Cow<'_, str>>(raw.get()) else {
+        return Some("the SDP is not a string".into());
+    };
+    webcall_protocol::sdp::check_receive_only(&sdp).err().map(|e| e.to_string())
 }
 
 const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -902,13 +891,14 @@ impl Rooms {
             return self.refuse(conn, e.refers_to(ty), now);
         };
         let to = to.clone();
-        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish && sdp_sends_media(r.payload)
-        {
-            let e = ProtocolError::new(
-                ErrorCode::Unauthorized,
-                "your token is subscribe-only: mark audio and video recvonly (or inactive) in your SDP",
-            );
-            return self.refuse(conn, e.refers_to(ty), now);
+        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish {
+            if let Some(why) = sdp_refusal(r.payload) {
+                let e = ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    format!("your token is subscribe-only: {why}; mark audio and video recvonly (or inactive), once"),
+                );
+                return self.refuse(conn, e.refers_to(ty), now);
+            }
         }
         if !self.deliver(&to, Arc::from(r.encode_from(&from))) {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
