@@ -102,7 +102,9 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// Largest accepted frame in bytes (`--max-message-size`).
     pub max_message_size: usize,
-    /// Sustained messages per second per connection (`--rate-limit`); bursts of twice this pass.
+    /// Sustained messages per second per connection (`--rate-limit`). The adapter paces reading to it (bursts of
+    /// twice this pass at once, more are read more slowly); the core closes a connection that gets
+    /// [`FLOOD_FACTOR`] times this many messages ahead of the rate anyway.
     pub rate_per_sec: f64,
     /// Refusals a connection may collect in a burst before it is closed; refilled at one per second.
     pub max_errors: f64,
@@ -130,10 +132,17 @@ impl Default for Config {
     }
 }
 
+/// A connection more than this many seconds' worth of messages ahead of `--rate-limit` is flooding: closed with
+/// [`close::POLICY`] and reason [`close::FLOODING`]. A paced adapter only gets there when one read holds that many
+/// messages.
+pub const FLOOD_FACTOR: f64 = 20.0;
+
 /// WebSocket close codes the core asks for.
 pub mod close {
-    /// Policy violation: too many errors, slow reader.
+    /// Policy violation: too many errors, slow reader, flooding.
     pub const POLICY: u16 = 1008;
+    /// The reason a flooding connection is closed with (code [`POLICY`]).
+    pub const FLOODING: &str = "rate-limited: message flood";
     /// Message too big.
     pub const TOO_BIG: u16 = 1009;
     /// Application code: the session was resumed on another connection.
@@ -416,7 +425,7 @@ impl Rooms {
     /// A new WebSocket. Admission limits (connections per server or IP) are the adapter's.
     pub fn connect(&mut self, conn: ConnId, now: Instant) {
         self.now = now;
-        let burst = self.cfg.rate_per_sec * 2.0;
+        let burst = self.cfg.rate_per_sec * FLOOD_FACTOR;
         let t = self.nanos(now);
         self.conns.insert(
             conn,
@@ -459,16 +468,15 @@ impl Rooms {
         }
         let t = self.nanos(now);
         let c = self.conns.get_mut(&conn).expect("accepting() checked it");
-        if !c.rate.take(t, self.cfg.rate_per_sec, self.cfg.rate_per_sec * 2.0) {
-            let limit = self.cfg.rate_per_sec;
-            return self.refuse(
-                conn,
-                ProtocolError::new(
-                    ErrorCode::RateLimited,
-                    format!("more than {limit} messages per second; this one was dropped"),
-                ),
-                now,
+        if !c.rate.take(t, self.cfg.rate_per_sec, self.cfg.rate_per_sec * FLOOD_FACTOR) {
+            let (limit, ahead) = (self.cfg.rate_per_sec, self.cfg.rate_per_sec * FLOOD_FACTOR);
+            let e = ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!("more than {ahead} messages ahead of {limit} per second; closing"),
             );
+            self.counters.errors[e.code as usize] += 1;
+            self.push(conn, Arc::from(e.to_json()));
+            return self.close(conn, close::POLICY, close::FLOODING);
         }
         let parsed = parse_client(text);
         let kind = match &parsed {

@@ -90,6 +90,12 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
     Step::Go
 }
 
+/// When the connection's one timer fires next.
+fn deadline(next_ping: Instant, idle_at: Instant, resume_at: Option<Instant>) -> Instant {
+    let t = next_ping.min(idle_at);
+    resume_at.map_or(t, |r| r.min(t))
+}
+
 pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let signal = Arc::new(ConnSignal::default());
@@ -98,6 +104,13 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
 
     let idle = state.cfg.idle_timeout;
     let ping_every = state.cfg.ping_interval;
+    // Pacing (backpressure): every message read takes a credit; credit refills at `--rate-limit` up to twice that.
+    // A read that leaves it negative stops reading until it is back at zero, so a burst is read more slowly, not
+    // refused. Only a connection far ahead of the rate is closed (by the core, see `FLOOD_FACTOR`).
+    let rate = state.cfg.rooms.rate_per_sec;
+    let mut credit = rate * 2.0;
+    let mut refilled = Instant::now();
+    let mut resume_at: Option<Instant> = None;
     // One timer for both the idle timeout and pings: reads only record when they happened, and the timer is
     // reset when it fires (far cheaper than re-arming it on every frame).
     let mut last_read = Instant::now();
@@ -120,7 +133,12 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             }
             () = &mut timer => {
                 let now = Instant::now();
-                if now >= last_read + idle {
+                if resume_at.is_some_and(|t| now >= t) {
+                    // Paused reading is not the client's silence.
+                    resume_at = None;
+                    last_read = now;
+                }
+                if resume_at.is_none() && now >= last_read + idle {
                     tracing::debug!(conn, "dropped: idle for {idle:?}");
                     break;
                 }
@@ -131,14 +149,16 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     }
                     next_ping = Instant::now() + ping_every;
                 }
-                timer.as_mut().reset(next_ping.min(last_read + idle));
+                timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
             }
             read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
                 Event::Text(t) => {
+                    credit -= 1.0;
                     state.router.message(conn, t);
                     true
                 }
                 Event::Binary(len) => {
+                    credit -= 1.0;
                     state.router.binary(conn, len);
                     true
                 }
@@ -151,8 +171,15 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     client_close = Some(c.map_or(webcall_wsframe::close_code::NORMAL, |(code, _)| code));
                     false
                 }
-            })) => {
+            })), if resume_at.is_none() => {
                 last_read = Instant::now();
+                credit = (credit + last_read.saturating_duration_since(refilled).as_secs_f64() * rate).min(rate * 2.0);
+                refilled = last_read;
+                if credit < 0.0 {
+                    let wait = Duration::from_secs_f64(-credit / rate);
+                    resume_at = Some(last_read + wait);
+                    timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
+                }
                 match read {
                     Ok(Read::More) => {}
                     Ok(Read::Eof) => break,
