@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
-use webcall_protocol::ProtocolError;
-use webcall_rooms::{close, ConnId, Frame};
+use webcall_protocol::{ErrorCode, ProtocolError};
+use webcall_rooms::{close, ConnId, Frame, FLOOD_FACTOR};
 use webcall_wsframe::{opcode, Event};
 
 /// Writes taking longer than this mean the peer stopped reading; the connection is dropped.
@@ -90,6 +90,18 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
     Step::Go
 }
 
+/// Tells a flooding client why it is closed: `rate-limited`, then close 1008 with reason [`close::FLOODING`].
+async fn close_flooding(socket: &mut WebSocket, rate: f64) {
+    let e = ProtocolError::new(
+        ErrorCode::RateLimited,
+        format!("sent more than {rate} messages per second for {FLOOD_FACTOR} s without a break; closing"),
+    );
+    let mut out = Vec::new();
+    webcall_wsframe::encode(&mut out, opcode::TEXT, e.to_json().as_bytes());
+    webcall_wsframe::encode_close(&mut out, close::POLICY, close::FLOODING);
+    let _ = timeout(CLOSE_GRACE, socket.write(&out)).await;
+}
+
 /// When the connection's one timer fires next.
 fn deadline(next_ping: Instant, idle_at: Instant, resume_at: Option<Instant>) -> Instant {
     let t = next_ping.min(idle_at);
@@ -105,12 +117,14 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
     let idle = state.cfg.idle_timeout;
     let ping_every = state.cfg.ping_interval;
     // Pacing (backpressure): every message read takes a credit; credit refills at `--rate-limit` up to twice that.
-    // A read that leaves it negative stops reading until it is back at zero, so a burst is read more slowly, not
-    // refused. Only a connection far ahead of the rate is closed (by the core, see `FLOOD_FACTOR`).
+    // Out of credit, reading stops (the rest stays in the socket, or in the frames already read) until a credit is
+    // back, so a burst is read more slowly, not refused. A connection paced without a break for `FLOOD_FACTOR`
+    // seconds (that many times the rate ahead) is flooding, and is closed.
     let rate = state.cfg.rooms.rate_per_sec;
     let mut credit = rate * 2.0;
     let mut refilled = Instant::now();
     let mut resume_at: Option<Instant> = None;
+    let mut paced_since: Option<Instant> = None;
     // One timer for both the idle timeout and pings: reads only record when they happened, and the timer is
     // reset when it fires (far cheaper than re-arming it on every frame).
     let mut last_read = Instant::now();
@@ -155,12 +169,12 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                 Event::Text(t) => {
                     credit -= 1.0;
                     state.router.message(conn, t);
-                    true
+                    credit >= 1.0
                 }
                 Event::Binary(len) => {
                     credit -= 1.0;
                     state.router.binary(conn, len);
-                    true
+                    credit >= 1.0
                 }
                 Event::Ping(payload) => {
                     pong = Some(payload.to_vec());
@@ -173,16 +187,30 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                 }
             })), if resume_at.is_none() => {
                 last_read = Instant::now();
-                credit = (credit + last_read.saturating_duration_since(refilled).as_secs_f64() * rate).min(rate * 2.0);
-                refilled = last_read;
-                if credit < 0.0 {
-                    let wait = Duration::from_secs_f64(-credit / rate);
-                    resume_at = Some(last_read + wait);
-                    timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
-                }
                 match read {
-                    Ok(Read::More) => {}
+                    Ok(Read::More) => {
+                        paced_since = None;
+                        credit = (credit + last_read.saturating_duration_since(refilled).as_secs_f64() * rate)
+                            .min(rate * 2.0);
+                        refilled = last_read;
+                    }
                     Ok(Read::Eof) => break,
+                    Ok(Read::Stopped) if client_close.is_none() => {
+                        // Out of credit: wait for one.
+                        credit = (credit + last_read.saturating_duration_since(refilled).as_secs_f64() * rate)
+                            .min(rate * 2.0);
+                        refilled = last_read;
+                        if credit < 1.0 {
+                            let since = *paced_since.get_or_insert(last_read);
+                            if last_read.saturating_duration_since(since).as_secs_f64() > FLOOD_FACTOR {
+                                tracing::debug!(conn, "closed: flooding");
+                                Box::pin(close_flooding(&mut socket, rate)).await;
+                                break;
+                            }
+                            resume_at = Some(last_read + Duration::from_secs_f64((1.0 - credit) / rate));
+                            timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
+                        }
+                    }
                     Ok(Read::Stopped) => {
                         // Answer the client's close with its code (RFC 6455 §5.5.1), then go.
                         let code = client_close.unwrap_or(webcall_wsframe::close_code::NORMAL);
