@@ -54,7 +54,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_QUEUED_BYTES", value_name = "BYTES")]
     pub max_queued_bytes: Option<usize>,
 
-    /// Messages per second per connection; bursts of twice this pass [default: 50].
+    /// Messages per second per connection; bursts of twice this pass at once, more are read more slowly, and a
+    /// connection flooding past it for 20 s is closed [default: 50].
     #[arg(long, env = "WEBCALL_RATE_LIMIT", value_name = "PER_SEC")]
     pub rate_limit: Option<f64>,
 
