@@ -305,6 +305,34 @@ mod tests {
         assert_eq!(s.partial.capacity(), 0, "nothing kept once every frame is out");
     }
 
+    /// A handler that stops (pacing) leaves the frames after that one for the next call, which hands them out
+    /// without waiting for the socket.
+    #[tokio::test]
+    async fn frames_after_a_stop_are_kept_for_the_next_call() {
+        let wire: Vec<u8> = ["one", "two", "three"].iter().flat_map(|m| client_text(m)).collect();
+        let (mut w, r) = tokio::io::duplex(1024);
+        w.write_all(&wire).await.unwrap();
+        let mut s = Socket::new(r, 1024);
+        let mut got: Vec<String> = Vec::new();
+        for want in [Read::Stopped, Read::Stopped, Read::Stopped] {
+            let r = poll_fn(|cx| {
+                s.poll_read_frames(cx, &mut |e| {
+                    if let Event::Text(t) = e {
+                        got.push(t.to_string());
+                    }
+                    false
+                })
+            })
+            .await
+            .unwrap();
+            assert_eq!(r, want);
+        }
+        assert_eq!(got, ["one", "two", "three"]);
+        assert_eq!(s.partial.capacity(), 0, "nothing kept once every frame is out");
+        drop(w);
+        assert_eq!(poll_fn(|cx| s.poll_read_frames(cx, &mut |_| true)).await.unwrap(), Read::Eof);
+    }
+
     #[tokio::test]
     async fn a_violation_ends_reading() {
         let (mut w, r) = tokio::io::duplex(1024);
