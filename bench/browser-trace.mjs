@@ -3,6 +3,7 @@
 // peer-connection calls — printed relative to B's join. Not a benchmark (no repetition, no medians).
 //
 //   unshare --net sh -c 'ip link set lo up && WEBCALL_BIN=target/release/webcall CALLS=2 node bench/browser-trace.mjs'
+import { BASELINE_PAGE } from './baseline-page.mjs';
 import { assertLoopbackOnly, launchBrowser, startServer, uniqueRoom, until } from '../tests/e2e/helpers.mjs';
 
 const CALLS = Number(process.env.CALLS ?? 1);
@@ -171,7 +172,7 @@ async function webcallCall(browser, url) {
     await b.goto(`${url}/r/${room}?name=B&defer`);
     await until(b, () => !!window.webcall?.call.tracks.camera && !!window.webcall.call.tracks.mic, undefined, TIMEOUT);
     const a = await ca.newPage();
-    await a.goto(`${url}/r/${room}?name=A`);
+    await a.goto(`${url}/r/${room}?name=A&join=1`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
     await until(a, () => !('spare' in window.webcall.call) || !!window.webcall.call.spare, undefined, TIMEOUT);
     if (process.env.SETTLE) await new Promise((r) => setTimeout(r, Number(process.env.SETTLE)));
@@ -190,52 +191,6 @@ async function webcallCall(browser, url) {
   }
 }
 
-const BASELINE_PAGE = async ({ role, room, variant }) => {
-  const stream = await navigator.mediaDevices.getUserMedia({
-    audio: true,
-    video: { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } },
-  });
-  const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
-  for (const track of stream.getTracks()) pc.addTransceiver(track, { direction: 'sendrecv', streams: [stream] });
-  // Diagnostic variants (never in the benchmark): what webcall's pages have that these do not.
-  if (variant.dc) pc.createDataChannel('chat', { negotiated: true, id: 0, ordered: true });
-  if (variant.video) {
-    const v = document.createElement('video');
-    Object.assign(v, { autoplay: true, muted: true, playsInline: true, srcObject: stream });
-    v.style.width = '640px';
-    document.body.append(v);
-    pc.ontrack = (e) => {
-      if (e.track.kind !== 'video') return;
-      const r = document.createElement('video');
-      Object.assign(r, { autoplay: true, muted: true, playsInline: true, srcObject: e.streams[0] ?? new MediaStream([e.track]) });
-      r.style.width = '640px';
-      document.body.append(r);
-    };
-  }
-  const ch = new BroadcastChannel(`bench-${room}`);
-  pc.onicecandidate = (e) => { window.__ev('bc> candidate'); ch.postMessage({ candidate: e.candidate ? e.candidate.toJSON() : null }); };
-  ch.onmessage = async ({ data }) => {
-    window.__ev('bc< ' + (data.hello ? 'hello' : data.sdp ? data.sdp.type : 'candidate'));
-    if (data.hello && role === 'A') {
-      await pc.setLocalDescription();
-      ch.postMessage({ sdp: pc.localDescription.toJSON() });
-    } else if (data.sdp) {
-      if (data.sdp.type === 'offer') window.__mark('offer');
-      await pc.setRemoteDescription(data.sdp);
-      if (data.sdp.type === 'offer') {
-        await pc.setLocalDescription();
-        window.__mark('answer');
-        ch.postMessage({ sdp: pc.localDescription.toJSON() });
-      }
-    } else if (data.candidate) {
-      await pc.addIceCandidate(data.candidate);
-    }
-  };
-  window.__go = () => {
-    window.__mark('join');
-    ch.postMessage({ hello: true });
-  };
-};
 
 async function baselineCall(browser, url) {
   const room = uniqueRoom('tbase');

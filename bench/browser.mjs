@@ -8,6 +8,7 @@
 // BroadcastChannel (no server, no network hop); A offers when B says hello, as in webcall. Same marks, same poll.
 //
 // Run by bench/browser.sh inside a network namespace with only loopback. Prints one JSON object per call.
+import { BASELINE_PAGE } from './baseline-page.mjs';
 import { assertLoopbackOnly, launchBrowser, startServer, uniqueRoom, until } from '../tests/e2e/helpers.mjs';
 
 const CALLS = Number(process.env.CALLS ?? 10);
@@ -94,7 +95,7 @@ async function webcallCall(browser, url) {
     // the benchmark calls `webcall.join()`.
     await b.goto(`${url}/r/${room}?name=B&defer`);
     await until(b, () => !!window.webcall?.call.tracks.camera && !!window.webcall.call.tracks.mic, undefined, TIMEOUT);
-    await a.goto(`${url}/r/${room}?name=A`);
+    await a.goto(`${url}/r/${room}?name=A&join=1`);
     await until(a, () => window.webcall?.call.state === 'in-call', undefined, TIMEOUT);
     // A has been in the room a while, as the baseline's A has its peer connection before the join: its client's
     // spare peer connection (web/lib/call.js, built when idle after the welcome) is there. Clients without one
@@ -109,37 +110,6 @@ async function webcallCall(browser, url) {
   }
 }
 
-// The same media and peer connection setup as web/lib/call.js, signaled over a BroadcastChannel.
-const BASELINE_PAGE = async ({ role, room }) => {
-  const stream = await navigator.mediaDevices.getUserMedia({
-    audio: true,
-    video: { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } },
-  });
-  const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: 'max-bundle' });
-  for (const track of stream.getTracks()) pc.addTransceiver(track, { direction: 'sendrecv', streams: [stream] });
-  const ch = new BroadcastChannel(`bench-${room}`);
-  pc.onicecandidate = (e) => ch.postMessage({ candidate: e.candidate ? e.candidate.toJSON() : null });
-  ch.onmessage = async ({ data }) => {
-    if (data.hello && role === 'A') {
-      await pc.setLocalDescription();
-      ch.postMessage({ sdp: pc.localDescription.toJSON() });
-    } else if (data.sdp) {
-      if (data.sdp.type === 'offer') window.__mark('offer');
-      await pc.setRemoteDescription(data.sdp);
-      if (data.sdp.type === 'offer') {
-        await pc.setLocalDescription();
-        window.__mark('answer');
-        ch.postMessage({ sdp: pc.localDescription.toJSON() });
-      }
-    } else if (data.candidate) {
-      await pc.addIceCandidate(data.candidate);
-    }
-  };
-  window.__go = () => {
-    window.__mark('join');
-    ch.postMessage({ hello: true });
-  };
-};
 
 async function baselineCall(browser, url) {
   const room = uniqueRoom('base');

@@ -17,7 +17,7 @@ fi
 RUNS=${RUNS:-3}
 CALLS=${CALLS:-20}
 CONCURRENCY=${CONCURRENCY:-1 2 4 8}
-SIZE=${SIZE:-320x240}
+SIZE=${SIZE:-320x180}
 mkdir -p bench/results
 OUT=${OUT:-bench/results/calls-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 : > "$OUT"

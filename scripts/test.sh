@@ -15,9 +15,6 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v node >/dev/null || need_pkgs+=(nodejs npm)
-# webcall peer encodes VP8 with libvpx (found through pkg-config at build time).
-command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
-pkg-config --exists vpx 2>/dev/null || need_pkgs+=(libvpx-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo

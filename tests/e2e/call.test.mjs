@@ -1,25 +1,21 @@
 // Two browsers in one room: connection, video both ways, chat, mute, screen share, stats, hang-up, screenshots.
-import { after, before, describe, it } from 'node:test';
+import { before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  assertLoopbackOnly,
   connectedPeers,
   decodesVideoFrom,
-  launchBrowser,
-  openPage,
+  e2e,
   ownId,
   screenshot,
   snapshot,
-  startServer,
   uniqueRoom,
   until,
 } from './helpers.mjs';
 
+const t = e2e();
+
 describe('two-party call', () => {
-  /** @type {Awaited<ReturnType<typeof startServer>>} */
-  let server;
-  /** @type {import('playwright-core').Browser} */
-  let browser;
+  const server = t.server();
   /** @type {import('playwright-core').Page} */
   let alice;
   /** @type {import('playwright-core').Page} */
@@ -28,18 +24,10 @@ describe('two-party call', () => {
   let bobId = '';
 
   before(async () => {
-    assertLoopbackOnly();
-    server = await startServer();
-    browser = await launchBrowser();
     const room = uniqueRoom('duo');
-    alice = await openPage(browser, `${server.url}/r/${room}?name=Alice`);
+    alice = await t.open(`${server.url}/r/${room}?name=Alice`);
     await until(alice, () => window.webcall?.call.state === 'in-call');
-    bob = await openPage(browser, `${server.url}/r/${room}?name=Bob`);
-  });
-
-  after(async () => {
-    await browser?.close();
-    await server?.kill();
+    bob = await t.open(`${server.url}/r/${room}?name=Bob`);
   });
 
   it('both pages connect and decode each other’s video', async () => {
@@ -133,32 +121,41 @@ describe('two-party call', () => {
     await decodesVideoFrom(bob, aliceId);
   });
 
-  it('screen share reaches the other side', async () => {
-    // The screen track travels with the RTP video-content-type extension: Bob's inbound video stream reports
-    // contentType "screenshare" while Alice shares, and nothing while her camera is sent.
-    const contentType = async (id) => {
-      let ct = 'none';
-      let frames = 0;
+  it('screen share reaches the other side beside the camera, as a tile of its own', async () => {
+    // Bob's inbound video streams: the screen travels with the RTP video-content-type extension (contentType
+    // "screenshare"), the camera without it. Frames decoded per stream, keyed by its content type.
+    const videoIn = async (id) => {
+      /** @type {Record<string, number>} */
+      const out = {};
       (await window.webcall.call.peers.get(id).pc.getStats()).forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.kind === 'video' && (s.framesDecoded ?? 0) >= frames) {
-          frames = s.framesDecoded ?? 0;
-          ct = s.contentType ?? 'none';
+        if (s.type === 'inbound-rtp' && s.kind === 'video') {
+          const k = s.contentType ?? 'camera';
+          out[k] = Math.max(out[k] ?? 0, s.framesDecoded ?? 0);
         }
       });
-      return ct;
+      return out;
     };
-    assert.equal(await bob.evaluate(contentType, aliceId), 'none');
+    const before = await bob.evaluate(videoIn, aliceId);
+    assert.deepEqual(Object.keys(before), ['camera']);
 
     await alice.click('#btn-screen');
     await until(alice, () => window.webcall.call.screenSharing, undefined, 10000);
     await until(bob, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.screen === 'on', aliceId);
-    await until(bob, `(${contentType})(${JSON.stringify(aliceId)}).then((ct) => ct === 'screenshare')`);
+    // The screen's tile shows the screen, and it takes the stage.
+    await until(bob, (id) => {
+      const v = document.querySelector(`.tile[data-peer="${id}:screen"] video`);
+      return v instanceof HTMLVideoElement && v.videoWidth > 0 && document.querySelector('#grid').dataset.layout === 'spotlight';
+    }, aliceId);
+    assert.match(await bob.textContent(`.tile[data-peer="${aliceId}:screen"] .name`), /Alice \(screen\)/);
+    // Both streams are decoded at once: the camera goes on while the screen is shared.
+    const during = await until(bob, `(${videoIn})(${JSON.stringify(aliceId)}).then((v) => (v.screenshare ?? 0) > 10 && v.camera > ${before.camera + 10} ? v : false)`);
+    await until(bob, `(${videoIn})(${JSON.stringify(aliceId)}).then((v) => v.screenshare > ${during.screenshare} && v.camera > ${during.camera})`);
     await decodesVideoFrom(bob, aliceId);
     await screenshot(bob, 'call-bob-sees-screen.png');
 
     await alice.click('#btn-screen');
     await until(bob, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.screen === 'off', aliceId);
-    await until(bob, `(${contentType})(${JSON.stringify(aliceId)}).then((ct) => ct === 'none')`);
+    await until(bob, (id) => !document.querySelector(`.tile[data-peer="${id}:screen"]`) && !document.querySelector('#grid').dataset.layout, aliceId);
     await decodesVideoFrom(bob, aliceId);
   });
 

@@ -1,10 +1,12 @@
 // Shared helpers of the browser end-to-end tests: the real `webcall` server binary and Debian's chromium driven
 // through playwright-core. Run inside a network namespace that has only loopback (see scripts/test.sh).
 import { spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { after, before } from 'node:test';
 import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -49,7 +51,7 @@ export async function startServer({ port = 0, args = [] } = {}) {
     const timer = setTimeout(() => reject(new Error(`server did not start in 15 s; stderr:\n${stderr}`)), 15000);
     proc.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/webcall listening on (http:\/\/[^\s]+)/);
+      const m = out.match(/webcall listening on (https?:\/\/[^\s]+)/);
       if (m) {
         clearTimeout(timer);
         resolve(m[1]);
@@ -103,22 +105,130 @@ export async function launchBrowser(extraArgs = []) {
 }
 
 /**
- * Opens a page in its own browser context (own storage, like another person).
+ * @typedef {object} OpenOptions
+ * @property {{width: number, height: number}} [viewport]
+ * @property {boolean} [join] on the call page, press "Join" on the pre-join screen (default true)
+ * @property {(ctx: import('playwright-core').BrowserContext) => Promise<void>} [setup] before the page loads
+ * @property {string[]} [permissions] default camera and microphone
+ * @property {boolean} [ignoreHTTPSErrors] accept a self-signed certificate (servers with --tls-self-signed)
+ */
+
+/**
+ * Opens a page in its own browser context (own storage, like another person). Console errors and uncaught
+ * exceptions are printed and kept on `page.errors`. On the call page the pre-join screen is passed with its Join
+ * button (as a person would) unless `join: false`.
  * @param {import('playwright-core').Browser} browser
  * @param {string} url
+ * @param {OpenOptions} [opts]
+ * @returns {Promise<import('playwright-core').Page & {errors: string[]}>}
  */
-export async function openPage(browser, url) {
+export async function openPage(browser, url, opts = {}) {
   const context = await browser.newContext({
-    viewport: { width: 1280, height: 800 },
-    permissions: ['camera', 'microphone'],
+    viewport: opts.viewport ?? { width: 1280, height: 800 },
+    permissions: opts.permissions ?? ['camera', 'microphone'],
+    ignoreHTTPSErrors: opts.ignoreHTTPSErrors ?? false,
   });
-  const page = await context.newPage();
-  page.on('pageerror', (e) => console.error(`[page ${url}] uncaught:`, e.message));
+  if (opts.setup) await opts.setup(context);
+  const page = /** @type {import('playwright-core').Page & {errors: string[]}} */ (await context.newPage());
+  page.errors = [];
+  page.on('pageerror', (e) => {
+    page.errors.push(`uncaught: ${e.message}`);
+    console.error(`[page ${url}] uncaught:`, e.message);
+  });
   page.on('console', (m) => {
+    if (m.type() === 'error') page.errors.push(m.text());
     if (m.type() === 'error' || process.env.WEBCALL_E2E_VERBOSE) console.error(`[page ${url}] ${m.type()}: ${m.text()}`);
   });
   await page.goto(url);
+  if (opts.join !== false) await passPrejoin(page);
   return page;
+}
+
+/**
+ * On the call page: waits for the pre-join screen (if the page has one) and presses Join. A page that goes
+ * straight into the call, or that shows something else (an error dialog), is left as it is.
+ * @param {import('playwright-core').Page} page
+ */
+export async function passPrejoin(page) {
+  if (!new URL(page.url()).pathname.startsWith('/r/')) return;
+  const ready = await until(
+    page,
+    () => {
+      const phase = document.body?.dataset.phase;
+      if (!document.querySelector('#prejoin') || (phase && phase !== 'loading' && phase !== 'prejoin')) return 'none';
+      if (phase === 'prejoin' && !document.querySelector('#prejoin-join')?.hasAttribute('disabled')) return 'ready';
+      return false;
+    },
+    undefined,
+    20000,
+  );
+  if (ready === 'ready') await page.click('#prejoin-join');
+}
+
+/**
+ * The shared set-up of a test file: one Chromium for the whole file (each page in a new context of it), servers
+ * started per suite, every context closed at the end.
+ *
+ *   const t = e2e();                       // at the top of the file
+ *   describe('…', () => {
+ *     const srv = t.server(['--max-peers', '2']);   // started before the suite's tests, killed after
+ *     it('…', async () => { const p = await t.open(`${srv.url}/r/room`); … });
+ *   });
+ *
+ * @param {{browserArgs?: string[]}} [opts]
+ */
+export function e2e({ browserArgs = [] } = {}) {
+  /** @type {import('playwright-core').Browser|null} */
+  let browser = null;
+  const fixture = {
+    get browser() {
+      if (!browser) throw new Error('the browser starts in the file’s before hook');
+      return browser;
+    },
+    /**
+     * Starts a `webcall serve` with `args` before the tests of the enclosing suite (or file) and kills it after.
+     * The returned handle's fields (`url`, `port`, `kill`, `restart`) are valid inside tests.
+     * @param {string[]} [args]
+     */
+    server(args = []) {
+      const handle = {
+        /** @type {Awaited<ReturnType<typeof startServer>>|null} */
+        current: null,
+        get url() {
+          return /** @type {any} */ (handle.current).url;
+        },
+        get port() {
+          return /** @type {any} */ (handle.current).port;
+        },
+        get proc() {
+          return /** @type {any} */ (handle.current).proc;
+        },
+        /** @param {string} [signal] */
+        kill: (signal) => handle.current?.kill(signal),
+        /** Starts it again on the same port (after `kill`). */
+        async restart() {
+          handle.current = await startServer({ port: handle.current?.port ?? 0, args });
+        },
+      };
+      before(async () => {
+        handle.current = await startServer({ args });
+      });
+      after(async () => {
+        await handle.current?.kill();
+      });
+      return handle;
+    },
+    /** Opens a page in a new context of the shared browser. @param {string} url @param {OpenOptions} [opts] */
+    open: (url, opts) => openPage(fixture.browser, url, opts),
+  };
+  before(async () => {
+    assertLoopbackOnly();
+    browser = await launchBrowser(browserArgs);
+  });
+  after(async () => {
+    await browser?.close();
+  });
+  return fixture;
 }
 
 /** A room name nobody else uses. */
@@ -249,4 +359,23 @@ export function startPeer(args) {
       }
     },
   };
+}
+
+const AXE_SOURCE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+
+/**
+ * Runs axe-core (WCAG 2.x A and AA rules) on the page as it is now; returns the serious and critical violations,
+ * each as `rule: target (summary)`.
+ * @param {import('playwright-core').Page} page
+ */
+export async function axeViolations(page) {
+  // Evaluated, not added as a <script>: the page's Content-Security-Policy allows only its own scripts.
+  await page.evaluate(AXE_SOURCE);
+  const result = await page.evaluate(() =>
+    // @ts-ignore
+    window.axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] }, resultTypes: ['violations'] }),
+  );
+  return result.violations
+    .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+    .flatMap((v) => v.nodes.map((n) => `${v.id}: ${n.target.join(' ')} (${n.failureSummary?.split('\n').slice(1).join(' ').trim()})`));
 }

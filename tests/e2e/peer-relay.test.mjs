@@ -3,36 +3,32 @@
 // the peer's VP8 and the peer records the page's video.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { assertLoopbackOnly, startPeer, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, startPeer, startServer, uniqueRoom, until } from './helpers.mjs';
 
+const t = e2e();
 
 describe('native peer and browser, both relay-only', () => {
   let server;
-  let browser;
   let page;
   let peer;
   let dir;
 
   before(async () => {
-    assertLoopbackOnly();
     // Relaying to loopback peers is refused by default; this test's peers are all on loopback.
     server = await startServer({ args: ['--turn-listen', '127.0.0.1:0', '--turn-allow-peer', '127.0.0.0/8'] });
-    browser = await launchBrowser();
     dir = mkdtempSync(path.join(os.tmpdir(), 'webcall-native-relay-'));
     const room = uniqueRoom('nrelay');
     peer = startPeer(['--server', `ws://127.0.0.1:${server.port}/ws`, '--room', room, '--name', 'Native', '--relay',
-      '--send', 'testsrc', '--size', '320x240', '--record', dir, '--ip', '127.0.0.1', '--stats-every', '1s']);
+      '--send', 'testsrc', '--size', '320x180', '--record', dir, '--ip', '127.0.0.1', '--stats-every', '1s']);
     await peer.waitLine(/^joined room /);
-    page = await openPage(browser, `${server.url}/r/${room}?name=Browser&relay=1`);
+    page = await t.open(`${server.url}/r/${room}?name=Browser&relay=1`);
   });
 
   after(async () => {
     peer?.proc.kill('SIGKILL');
-    await browser?.close();
     await server?.kill();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });

@@ -5,17 +5,9 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
-import {
-  ROOT,
-  assertLoopbackOnly,
-  connectedPeers,
-  decodesVideoFrom,
-  launchBrowser,
-  openPage,
-  startServer,
-  uniqueRoom,
-  until,
-} from './helpers.mjs';
+import { ROOT, connectedPeers, decodesVideoFrom, e2e, startServer, uniqueRoom, until } from './helpers.mjs';
+
+const t = e2e();
 
 const BINARY = process.env.WEBCALL_BIN ?? path.join(ROOT, 'target/debug/webcall');
 
@@ -42,19 +34,16 @@ const hasTurnFlags = help.includes('--turn-listen');
 
 describe('relay-only call through the built-in TURN server', () => {
   let server;
-  let browser;
   let turnUrls = [];
 
   before(async () => {
-    assertLoopbackOnly();
     assert.ok(hasTurnFlags, 'webcall serve must have --turn-listen');
     const turnPort = await freePort();
     const args = ['--turn-listen', `127.0.0.1:${turnPort}`];
     // Relaying to loopback peers is refused by default (it would expose the server's own services).
     args.push('--turn-allow-peer', '127.0.0.0/8');
     server = await startServer({ args });
-    browser = await launchBrowser();
-    const probe = await openPage(browser, `${server.url}/r/${uniqueRoom('probe')}?audio=0&video=0`);
+    const probe = await t.open(`${server.url}/r/${uniqueRoom('probe')}?audio=0&video=0`);
     await until(probe, () => window.webcall?.call.state === 'in-call');
     turnUrls = await probe.evaluate(() =>
       window.webcall.signaling.iceServers.flatMap((s) => [s.urls].flat()).filter((u) => /^turns?:/.test(u)),
@@ -63,16 +52,15 @@ describe('relay-only call through the built-in TURN server', () => {
   });
 
   after(async () => {
-    await browser?.close();
     await server?.kill();
   });
 
-  it('both sides select a relay candidate pair and decode video', async (t) => {
+  it('both sides select a relay candidate pair and decode video', async () => {
     assert.ok(turnUrls.length > 0, 'welcome.iceServers carries turn: URLs');
     const room = uniqueRoom('relay');
-    const a = await openPage(browser, `${server.url}/r/${room}?name=A&relay=1`);
+    const a = await t.open(`${server.url}/r/${room}?name=A&relay=1`);
     await until(a, () => window.webcall?.call.state === 'in-call');
-    const b = await openPage(browser, `${server.url}/r/${room}?name=B&relay=1`);
+    const b = await t.open(`${server.url}/r/${room}?name=B&relay=1`);
     const [bId] = await connectedPeers(a, 1, 30000);
     const [aId] = await connectedPeers(b, 1, 30000);
     for (const [page, peer] of [

@@ -1,39 +1,19 @@
 // Calls survive a page reload and a server restart.
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import {
-  assertLoopbackOnly,
-  connectedPeers,
-  decodesVideoFrom,
-  launchBrowser,
-  openPage,
-  ownId,
-  screenshot,
-  startServer,
-  uniqueRoom,
-  until,
-} from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, ownId, screenshot, uniqueRoom, until } from './helpers.mjs';
+
+const t = e2e();
 
 describe('resilience', () => {
-  let server;
-  /** @type {import('playwright-core').Browser} */
-  let browser;
-  before(async () => {
-    assertLoopbackOnly();
-    server = await startServer();
-    browser = await launchBrowser();
-  });
-  after(async () => {
-    await browser?.close();
-    await server?.kill();
-  });
+  const server = t.server();
 
   /** Two pages in a fresh room, connected. */
   async function pair(prefix) {
     const room = uniqueRoom(prefix);
-    const a = await openPage(browser, `${server.url}/r/${room}?name=A`);
+    const a = await t.open(`${server.url}/r/${room}?name=A`);
     await until(a, () => window.webcall?.call.state === 'in-call');
-    const b = await openPage(browser, `${server.url}/r/${room}?name=B`);
+    const b = await t.open(`${server.url}/r/${room}?name=B`);
     await connectedPeers(a, 1);
     await connectedPeers(b, 1);
     return [a, b];
@@ -63,7 +43,6 @@ describe('resilience', () => {
     await a.evaluate(() => (window.__noReload = true));
     await b.evaluate(() => (window.__noReload = true));
 
-    const port = server.port;
     await server.kill();
     for (const p of [a, b]) {
       await until(p, () => {
@@ -72,7 +51,7 @@ describe('resilience', () => {
       });
     }
     await screenshot(a, 'reconnecting.png');
-    server = await startServer({ port });
+    await server.restart();
 
     // The new server does not know the old sessions: fresh ids, new peer connections.
     const [peerOfA] = await connectedPeers(a, 1, 30000);

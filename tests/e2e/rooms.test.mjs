@@ -1,47 +1,24 @@
 // Room capacity, meshes, and joining without (some) local media.
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import {
-  assertLoopbackOnly,
-  connectedPeers,
-  decodesVideoFrom,
-  launchBrowser,
-  openPage,
-  screenshot,
-  snapshot,
-  startServer,
-  uniqueRoom,
-  until,
-} from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, launchBrowser, openPage, passPrejoin, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
 
-/** @type {import('playwright-core').Browser} */
-let browser;
-before(async () => {
-  assertLoopbackOnly();
-  browser = await launchBrowser();
-});
-after(async () => {
-  await browser?.close();
-});
+const t = e2e();
 
 /** Closes the contexts of the given pages (each page is alone in its context). */
 const closeAll = (pages) => Promise.all(pages.map((p) => p.context().close()));
 
 describe('capacity-2 room', () => {
-  let server;
-  before(async () => {
-    server = await startServer({ args: ['--max-peers', '2'] });
-  });
-  after(async () => server?.kill());
+  const server = t.server(['--max-peers', '2']);
 
   it('a third page sees the room-full message and the call of the two goes on', async () => {
     const room = uniqueRoom('full');
-    const a = await openPage(browser, `${server.url}/r/${room}?name=A`);
+    const a = await t.open(`${server.url}/r/${room}?name=A`);
     await until(a, () => window.webcall?.call.state === 'in-call');
-    const b = await openPage(browser, `${server.url}/r/${room}?name=B`);
+    const b = await t.open(`${server.url}/r/${room}?name=B`);
     await connectedPeers(a, 1);
     await connectedPeers(b, 1);
-    const c = await openPage(browser, `${server.url}/r/${room}?name=C`);
+    const c = await t.open(`${server.url}/r/${room}?name=C`);
     await until(c, () => {
       const o = document.querySelector('#overlay');
       return o && !o.hidden && o.dataset.kind === 'room-full';
@@ -60,17 +37,13 @@ describe('capacity-2 room', () => {
 });
 
 describe('capacity-4 room', () => {
-  let server;
-  before(async () => {
-    server = await startServer({ args: ['--max-peers', '4'] });
-  });
-  after(async () => server?.kill());
+  const server = t.server(['--max-peers', '4']);
 
   it('three pages form a mesh: each has two connected peers and decodes both', async () => {
     const room = uniqueRoom('mesh');
     const pages = [];
     for (const name of ['One', 'Two', 'Three']) {
-      const p = await openPage(browser, `${server.url}/r/${room}?name=${name}`);
+      const p = await t.open(`${server.url}/r/${room}?name=${name}`);
       await until(p, () => window.webcall?.call.state === 'in-call');
       pages.push(p);
     }
@@ -87,14 +60,10 @@ describe('capacity-4 room', () => {
 });
 
 describe('start page', () => {
-  let server;
-  before(async () => {
-    server = await startServer();
-  });
-  after(async () => server?.kill());
+  const server = t.server();
 
   it('suggests a random room, refuses a bad name, and joins the call with the typed name', async () => {
-    const p = await openPage(browser, `${server.url}/`);
+    const p = await t.open(`${server.url}/`);
     const suggested = await p.inputValue('#room');
     assert.match(suggested, /^[A-Za-z0-9_-]{1,64}$/);
     await p.fill('#name', 'Dana');
@@ -107,6 +76,10 @@ describe('start page', () => {
     const room = await p.inputValue('#room');
     assert.notEqual(room, 'no spaces!');
     await Promise.all([p.waitForURL(`**/r/${room}?name=Dana`), p.click('button[type=submit]')]);
+    // The pre-join screen has the name from the start page.
+    await until(p, () => document.body.dataset.phase === 'prejoin');
+    assert.equal(await p.inputValue('#pj-name'), 'Dana');
+    await passPrejoin(p);
     await until(p, () => window.webcall?.call.state === 'in-call');
     assert.equal(await p.textContent('#room-name'), room);
     assert.match(await p.textContent('.tile.local .name'), /Dana/);
@@ -115,27 +88,72 @@ describe('start page', () => {
   });
 });
 
-describe('joining without local media', () => {
-  let server;
-  before(async () => {
-    server = await startServer();
+describe('links that cannot work as they are', () => {
+  const server = t.server();
+
+  it('a bad room in the URL gets the page (status 400) with the rule and a room that works', async () => {
+    const p = await t.open(`${server.url}/`, { join: false });
+    const resp = await p.goto(`${server.url}/r/bad%20room!?name=Eve`);
+    assert.equal(resp?.status(), 400);
+    await until(p, () => document.querySelector('#overlay')?.dataset.kind === 'bad-room-name' && !document.querySelector('#overlay').hidden);
+    assert.match(await p.textContent('#overlay-title'), /room name is not valid/i);
+    assert.match(await p.textContent('#overlay-text'), /letters, digits/);
+    await screenshot(p, 'bad-room.png');
+    await Promise.all([p.waitForURL('**/r/bad-room?name=Eve'), p.click('#overlay-actions button.primary')]);
+    await passPrejoin(p);
+    await until(p, () => window.webcall?.call.state === 'in-call');
+    assert.equal(await p.textContent('#room-name'), 'bad-room');
+    await p.context().close();
   });
-  after(async () => server?.kill());
+
+  it('a page on a non-secure origin (a LAN address over http) says how to fix it', async () => {
+    // lan.test resolves to loopback; http://lan.test is not a secure context (only localhost is), as a LAN IP.
+    const browser = await launchBrowser([`--host-resolver-rules=MAP lan.test 127.0.0.1`]);
+    try {
+      const p = await openPage(browser, `http://lan.test:${server.port}/r/${uniqueRoom('lan')}`, { join: false, permissions: [] });
+      await until(p, () => document.querySelector('#overlay')?.dataset.kind === 'insecure');
+      assert.match(await p.textContent('#overlay-title'), /secure connection/i);
+      const text = await p.textContent('#overlay-text');
+      assert.match(text, /https:\/\//);
+      assert.match(text, /--tls-self-signed/);
+      await screenshot(p, 'insecure-origin.png');
+    } finally {
+      await browser.close();
+    }
+  });
+});
+
+describe('TLS port', () => {
+  const server = t.server(['--tls-self-signed']);
+
+  it('http:// on the TLS port redirects to https:// and the call page works there', async () => {
+    assert.match(server.url, /^https:/);
+    const room = uniqueRoom('tls');
+    const plain = `http://127.0.0.1:${server.port}/r/${room}?name=Plain`;
+    const p = await t.open(plain, { ignoreHTTPSErrors: true });
+    assert.equal(p.url(), `https://127.0.0.1:${server.port}/r/${room}?name=Plain`);
+    await until(p, () => window.webcall?.call.state === 'in-call');
+    await p.context().close();
+  });
+});
+
+describe('joining without local media', () => {
+  const server = t.server();
 
   it('camera denied: joins audio-only with a clear message; the other side gets its audio', async () => {
     const room = uniqueRoom('nocam');
-    const a = await openPage(browser, `${server.url}/r/${room}?name=Cam`);
+    const a = await t.open(`${server.url}/r/${room}?name=Cam`);
     await until(a, () => window.webcall?.call.state === 'in-call');
-    const ctx = await browser.newContext({ permissions: ['camera', 'microphone'] });
-    await ctx.addInitScript(() => {
-      const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
-      navigator.mediaDevices.getUserMedia = async (c) => {
-        if (c && c.video) throw new DOMException('Permission denied', 'NotAllowedError');
-        return real(c);
-      };
+    const b = await t.open(`${server.url}/r/${room}?name=NoCam`, {
+      setup: (ctx) =>
+        ctx.addInitScript(() => {
+          const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+          navigator.mediaDevices.getUserMedia = async (c) => {
+            if (c && c.video) throw new DOMException('Permission denied', 'NotAllowedError');
+            return real(c);
+          };
+        }),
     });
-    const b = await ctx.newPage();
-    await b.goto(`${server.url}/r/${room}?name=NoCam`);
     const [aId] = await connectedPeers(b, 1);
     const [bId] = await connectedPeers(a, 1);
     const banner = await until(b, () => {
@@ -165,9 +183,9 @@ describe('joining without local media', () => {
 
   it('?audio=0&video=0 joins receive-only and still sees and hears the other side', async () => {
     const room = uniqueRoom('recv');
-    const a = await openPage(browser, `${server.url}/r/${room}?name=Sender`);
+    const a = await t.open(`${server.url}/r/${room}?name=Sender`);
     await until(a, () => window.webcall?.call.state === 'in-call');
-    const b = await openPage(browser, `${server.url}/r/${room}?name=Watcher&audio=0&video=0`);
+    const b = await t.open(`${server.url}/r/${room}?name=Watcher&audio=0&video=0`);
     const [aId] = await connectedPeers(b, 1);
     await connectedPeers(a, 1);
     const sb = await snapshot(b);
@@ -177,14 +195,16 @@ describe('joining without local media', () => {
   });
 
   it('a browser without WebRTC gets the unsupported-browser message', async () => {
-    const ctx = await browser.newContext();
-    await ctx.addInitScript(() => {
-      delete window.RTCPeerConnection;
+    const p = await t.open(`${server.url}/r/${uniqueRoom('old')}`, {
+      join: false,
+      permissions: [],
+      setup: (ctx) =>
+        ctx.addInitScript(() => {
+          delete window.RTCPeerConnection;
+        }),
     });
-    const p = await ctx.newPage();
-    await p.goto(`${server.url}/r/${uniqueRoom('old')}`);
     await until(p, () => document.querySelector('#overlay')?.dataset.kind === 'unsupported');
     assert.match(await p.textContent('#overlay-text'), /WebRTC/);
-    await ctx.close();
+    await p.context().close();
   });
 });

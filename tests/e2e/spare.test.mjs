@@ -1,34 +1,22 @@
 // The web client's spare peer connection: built while idle after the welcome, with our offer already set (primed),
 // taken by the next hello (the call works on it: media both ways, the negotiated chat channel), rebuilt after the
 // use, dropped on hang-up. A newcomer's spare (built before its welcome) is not primed: it answers.
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { assertLoopbackOnly, connectedPeers, decodesVideoFrom, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+import { connectedPeers, decodesVideoFrom, e2e, uniqueRoom, until } from './helpers.mjs';
+
+const t = e2e();
 
 describe('spare peer connection', () => {
-  /** @type {Awaited<ReturnType<typeof startServer>>} */
-  let server;
-  /** @type {import('playwright-core').Browser} */
-  let browser;
+  const server = t.server();
   /** @type {import('playwright-core').Page} */
   let alice;
   /** @type {import('playwright-core').Page} */
   let bob;
 
-  before(async () => {
-    assertLoopbackOnly();
-    server = await startServer();
-    browser = await launchBrowser();
-  });
-
-  after(async () => {
-    await browser?.close();
-    await server?.kill();
-  });
-
   it('the first peer to arrive is called on the spare, which has the welcome’s ICE servers', async () => {
     const room = uniqueRoom('spare');
-    alice = await openPage(browser, `${server.url}/r/${room}?name=Alice`);
+    alice = await t.open(`${server.url}/r/${room}?name=Alice`);
     await until(alice, () => window.webcall?.call.state === 'in-call' && !!window.webcall.call.spare);
     // Primed: our offer is set on it (audio, video and the chat channel), its candidates are held for the peer.
     await until(alice, () => window.webcall.call.spare.pc.signalingState === 'have-local-offer');
@@ -46,7 +34,7 @@ describe('spare peer connection', () => {
         return call.spare.iceKey === JSON.stringify(signaling.iceServers) && call.spare.forId === call.id;
       }),
     );
-    bob = await openPage(browser, `${server.url}/r/${room}?name=Bob`);
+    bob = await t.open(`${server.url}/r/${room}?name=Bob`);
     const [bobId] = await connectedPeers(alice, 1);
     const [aliceId] = await connectedPeers(bob, 1);
     // @ts-ignore

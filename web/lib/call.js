@@ -5,7 +5,7 @@
  *
  * Events (`CustomEvent`, data in `detail`):
  * - `state`        `{state}` — `joining`, `in-call`, `reconnecting`, `ended`, `failed`
- * - `peer-added`   `{peer}`; `peer-updated` `{peer}` (connection state, name, remote media, stream); `peer-removed` `{peer}`
+ * - `peer-added`   `{peer}`; `peer-updated` `{peer}` (connection state, name, remote media, hand, stream); `peer-removed` `{peer}`
  * - `local-media`  `{}` — local tracks or their enabled state changed
  * - `chat`         `{from, name, text, ts, local}`
  * - `stats`        `{}` — every peer's `stats` was refreshed
@@ -30,8 +30,9 @@ const SPARE_DELAY_MS = 3000;
 /**
  * @typedef {object} MediaState what a peer sends, as told over the data channel
  * @property {boolean} audio microphone on (not muted)
- * @property {boolean} video camera or screen on
- * @property {boolean} screen sharing the screen
+ * @property {boolean} video camera on
+ * @property {boolean} screen sharing the screen (on a video track of its own, beside the camera)
+ * @property {string} [screenStream] the id of the stream (msid) the screen track is sent with
  */
 
 /**
@@ -102,6 +103,12 @@ function mediaErrorName(e) {
   }
 }
 
+/** A display name as the server takes it: at most 64 characters, no control characters. @param {string} name */
+export function cleanName(name) {
+  // eslint-disable-next-line no-control-regex
+  return name.replace(/[\u0000-\u001f\u007f]/g, '').trim().slice(0, 64);
+}
+
 /** @param {RTCPeerConnection} pc */
 function createChatChannel(pc) {
   return pc.createDataChannel(CHAT_CHANNEL.label, { negotiated: true, id: CHAT_CHANNEL.id, ordered: true });
@@ -145,9 +152,20 @@ export class Peer {
     this.audioTx = spare?.audioTx ?? null;
     /** @type {RTCRtpTransceiver|null} */
     this.videoTx = spare?.videoTx ?? null;
+    /** the peer's microphone and camera */
     this.remoteStream = new MediaStream();
+    /** the peer's screen share (its own video track and stream) */
+    this.remoteScreen = new MediaStream();
+    /** @type {Map<MediaStreamTrack, string>} every received track and the stream id it came with */
+    this.received = new Map();
+    /** @type {RTCRtpTransceiver|null} the transceiver our screen goes out on */
+    this.screenTx = null;
     /** @type {MediaState} */
     this.remoteMedia = { audio: true, video: true, screen: false };
+    /** the peer's hand is raised (data channel `hand`) */
+    this.hand = false;
+    /** @type {Set<string>} stream ids the peer has shared its screen with (so a late track is not taken for a camera) */
+    this.screenIds = new Set();
     /** @type {RTCPeerConnectionState} */
     this.state = this.pc.connectionState;
     /** @type {import('./stats.js').StatsSummary|null} */
@@ -176,6 +194,11 @@ export class Peer {
     this.dc = spare?.dc ?? createChatChannel(pc);
     this.dc.onopen = () => {
       this.sendData(this.call.mediaState());
+      // Our current name (it may have changed since the server told the peer) and hand.
+      this.sendData({ type: 'name', name: this.call.name });
+      if (this.call.handRaised) this.sendData({ type: 'hand', raised: true });
+      // Sharing already: this peer gets the screen too (after the first negotiation, on a transceiver of its own).
+      if (this.call.tracks.screen) this.addScreen();
       this.emit();
     };
     this.dc.onmessage = (ev) => this.onData(ev.data);
@@ -203,16 +226,14 @@ export class Peer {
       if (this.heldCandidates) this.heldCandidates.push(candidate ? candidate.toJSON() : null);
       else this.sendCandidate(candidate ? candidate.toJSON() : null);
     };
-    pc.ontrack = ({ track }) => {
-      if (!this.remoteStream.getTracks().includes(track)) {
-        // Keep one track per kind: a renegotiation may bring a new one.
-        for (const old of this.remoteStream.getTracks()) {
-          if (old.kind === track.kind) this.remoteStream.removeTrack(old);
-        }
-        this.remoteStream.addTrack(track);
-      }
+    pc.ontrack = ({ track, streams }) => {
+      this.received.set(track, streams[0]?.id ?? '');
+      this.placeTracks();
       track.onmute = track.onunmute = () => this.emit();
-      this.emit();
+      track.addEventListener('ended', () => {
+        this.received.delete(track);
+        this.placeTracks();
+      });
     };
     pc.onconnectionstatechange = () => this.onConnectionState();
     // The first offer goes out at once: `negotiationneeded` is a task of its own, which a busy page (a call page
@@ -221,6 +242,52 @@ export class Peer {
     if (initiator && spare?.sdp) this.sendPrimedOffer(spare.sdp);
     else if (initiator && spare?.offer) this.sendPrimedOffer(spare.offer);
     else if (initiator) this.negotiate();
+  }
+
+  /**
+   * Sorts the received tracks into the camera/microphone stream and the screen stream: the screen is the video
+   * track that came with the stream id the peer announced (`media.screenStream`); of the others, the newest of each
+   * kind (a renegotiation may bring a new one). @private
+   */
+  placeTracks() {
+    const screenId = this.remoteMedia.screen ? this.remoteMedia.screenStream : undefined;
+    /** @type {Map<string, MediaStreamTrack>} */
+    const main = new Map();
+    /** @type {MediaStreamTrack|null} */
+    let screen = null;
+    for (const [track, sid] of this.received) {
+      if (track.readyState === 'ended') continue;
+      if (track.kind === 'video' && screenId && sid === screenId) screen = track;
+      else if (!(track.kind === 'video' && this.screenIds.has(sid))) main.set(track.kind, track);
+    }
+    /** @param {MediaStream} stream @param {MediaStreamTrack[]} want */
+    const sync = (stream, want) => {
+      for (const t of stream.getTracks()) if (!want.includes(t)) stream.removeTrack(t);
+      for (const t of want) if (!stream.getTracks().includes(t)) stream.addTrack(t);
+    };
+    sync(this.remoteStream, [...main.values()]);
+    sync(this.remoteScreen, screen ? [screen] : []);
+    this.emit();
+  }
+
+  /** Sends our screen to this peer, on a transceiver of its own (renegotiates once per share). */
+  addScreen() {
+    const track = this.call.tracks.screen;
+    if (!track || this.closed || !this.call.screenStream) return;
+    if (this.screenTx && !this.screenTx.stopped) {
+      this.screenTx.direction = 'sendonly';
+      this.screenTx.sender.replaceTrack(track).catch((e) => console.warn('screen replaceTrack', e));
+      this.screenTx.sender.setStreams?.(this.call.screenStream);
+    } else {
+      this.screenTx = this.pc.addTransceiver(track, { direction: 'sendonly', streams: [this.call.screenStream] });
+    }
+  }
+
+  /** Stops sending our screen to this peer (the transceiver stays, inactive, for the next share). */
+  removeScreen() {
+    if (!this.screenTx || this.screenTx.stopped || this.closed) return;
+    this.screenTx.sender.replaceTrack(null).catch(() => {});
+    this.screenTx.direction = 'inactive';
   }
 
   /** @private @param {RTCIceCandidateInit|null} candidate */
@@ -281,13 +348,13 @@ export class Peer {
     // Both kinds in every offer (receive-only too); tracks attached before (attachOwnTracks) are kept.
     if (!this.audioTx) {
       this.audioTx = this.pc.addTransceiver(this.call.outgoing('audio') ?? 'audio', {
-        direction: 'sendrecv',
+        direction: this.call.direction(),
         streams: [stream],
       });
     }
     if (!this.videoTx) {
       this.videoTx = this.pc.addTransceiver(this.call.outgoing('video') ?? 'video', {
-        direction: 'sendrecv',
+        direction: this.call.direction(),
         streams: [stream],
       });
     }
@@ -303,7 +370,7 @@ export class Peer {
       if (kind === 'audio' && !this.audioTx && t !== this.videoTx) this.audioTx = t;
       else if (kind === 'video' && !this.videoTx && t !== this.audioTx) this.videoTx = t;
       else continue;
-      t.direction = 'sendrecv';
+      t.direction = this.call.direction();
       const track = this.call.outgoing(/** @type {'audio'|'video'} */ (kind));
       if (t.sender.track !== track) replacing.push(t.sender.replaceTrack(track));
       t.sender.setStreams?.(this.call.localStream);
@@ -447,6 +514,16 @@ export class Peer {
       );
     } else if (msg.type === 'media') {
       this.remoteMedia = { audio: msg.audio !== false, video: msg.video !== false, screen: msg.screen === true };
+      if (typeof msg.screenStream === 'string' && msg.screenStream) {
+        this.remoteMedia.screenStream = msg.screenStream;
+        this.screenIds.add(msg.screenStream);
+      }
+      this.placeTracks();
+    } else if (msg.type === 'name' && typeof msg.name === 'string') {
+      this.name = cleanName(msg.name) || this.name;
+      this.emit();
+    } else if (msg.type === 'hand') {
+      this.hand = msg.raised === true;
       this.emit();
     }
   }
@@ -486,12 +563,17 @@ export class Call extends EventTarget {
    * @param {import('./signaling.js').Signaling} opts.signaling
    * @param {string} opts.name our display name
    * @param {boolean} [opts.relayOnly] iceTransportPolicy `relay`
+   * @param {boolean} [opts.publish] false: receive only (subscribe-only tokens): no local media, `recvonly` media
    */
-  constructor({ signaling, name, relayOnly = false }) {
+  constructor({ signaling, name, relayOnly = false, publish = true }) {
     super();
     this.signaling = signaling;
     this.name = name;
     this.relayOnly = relayOnly;
+    this.publish = publish;
+    this.handRaised = false;
+    // While a peer connection is up, media flows without the server: a signaling outage does not end the call.
+    signaling.keepTrying = () => [...this.peers.values()].some((p) => p.pc.connectionState === 'connected');
     /** @type {string|null} */
     this.id = null;
     /** @type {Map<string, Peer>} */
@@ -517,6 +599,8 @@ export class Call extends EventTarget {
     this.spareTimer = null;
     /** @type {number|null} */
     this.spareIdle = null;
+    /** @type {MediaStream|null} the stream our screen track is sent with (its id tells peers which track it is) */
+    this.screenStream = null;
     this.bindSignaling();
   }
 
@@ -541,6 +625,7 @@ export class Call extends EventTarget {
    */
   async prepare(want) {
     this.setState('joining');
+    if (!this.publish) want = { audio: false, video: false };
     const media = await getLocalMedia({ ...want, audioDevice: this.devices.audio, videoDevice: this.devices.video });
     this.mediaProblems = media.problems;
     this.tracks.mic = media.audio;
@@ -557,6 +642,7 @@ export class Call extends EventTarget {
   join() {
     if (this.joined) return;
     this.joined = true;
+    this.setState('joining');
     this.statsTimer = setInterval(() => this.refreshStats(), 1000);
     this.signaling.start();
     // While the WebSocket connects: the connection for a peer already in the room.
@@ -598,8 +684,9 @@ export class Call extends EventTarget {
     s.addEventListener('fatal', (ev) => {
       const detail = /** @type {CustomEvent} */ (ev).detail;
       this.closePeers();
-      this.dropSpare();
+      this.releaseMedia();
       this.stopStats();
+      this.joined = false;
       this.setState('failed');
       this.dispatchEvent(new CustomEvent('fatal', { detail }));
     });
@@ -607,6 +694,8 @@ export class Call extends EventTarget {
 
   /** @private @param {any} welcome */
   onWelcome(welcome) {
+    // A subscribe-only token: receive only, whatever we had prepared.
+    if (welcome.publish === false && this.publish) this.setPublish(false);
     // A spare built for another id or other ICE servers (TURN credentials are minted per welcome) is no use; one
     // built before the first welcome gets this welcome's ICE servers (no gathering has started on it).
     if (this.spare?.forId === null && (welcome.idChanged || !welcome.resumed)) {
@@ -710,8 +799,9 @@ export class Call extends EventTarget {
     };
     spare.offer = (async () => {
       try {
-        if (!spare.audioTx) spare.audioTx = pc.addTransceiver('audio', { direction: 'sendrecv', streams: [this.localStream] });
-        if (!spare.videoTx) spare.videoTx = pc.addTransceiver('video', { direction: 'sendrecv', streams: [this.localStream] });
+        const direction = this.direction();
+        if (!spare.audioTx) spare.audioTx = pc.addTransceiver('audio', { direction, streams: [this.localStream] });
+        if (!spare.videoTx) spare.videoTx = pc.addTransceiver('video', { direction, streams: [this.localStream] });
         await pc.setLocalDescription();
         spare.sdp = pc.localDescription?.sdp ?? null;
         return spare.sdp;
@@ -794,13 +884,63 @@ export class Call extends EventTarget {
   }
 
   /**
-   * The track we send for a kind: the microphone (also when muted: it then sends silence), the screen while
+   * The track we send for a kind: the microphone (also when muted: it then sends silence), the camera when on
+   * (the screen goes on a transceiver of its own: Peer.addScreen).
    * sharing, else the camera when on.
    * @param {'audio'|'video'} kind
    */
   outgoing(kind) {
+    if (!this.publish) return null;
     if (kind === 'audio') return this.tracks.mic;
-    return this.tracks.screen ?? (this.cameraEnabled ? this.tracks.camera : null);
+    return this.cameraEnabled ? this.tracks.camera : null;
+  }
+
+  /** The direction of our audio and video transceivers. @returns {RTCRtpTransceiverDirection} */
+  direction() {
+    return this.publish ? 'sendrecv' : 'recvonly';
+  }
+
+  /**
+   * Receive only from now on (a subscribe-only welcome): local media stops, every transceiver becomes `recvonly`
+   * (which renegotiates). @param {boolean} publish
+   */
+  setPublish(publish) {
+    if (publish === this.publish) return;
+    this.publish = publish;
+    if (!publish) {
+      this.releaseMedia();
+      for (const p of this.peers.values()) {
+        for (const t of [p.audioTx, p.videoTx]) if (t && !t.stopped) t.direction = 'recvonly';
+      }
+    }
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
+  }
+
+  /** Stops every local track (camera and microphone lights go off) and drops the spare connection. */
+  releaseMedia() {
+    for (const t of Object.values(this.tracks)) t?.stop();
+    this.tracks = { mic: null, camera: null, screen: null };
+    this.dropSpare();
+    this.refreshLocalStream();
+    for (const p of this.peers.values()) p.updateSenders().catch(() => {});
+  }
+
+  /** Changes our display name; the others learn it over the data channel (`name`). @param {string} name */
+  setName(name) {
+    name = cleanName(name);
+    if (!name || name === this.name) return;
+    this.name = name;
+    // A later join (a reconnect that is not resumed) carries it too.
+    this.signaling.name = name;
+    for (const p of this.peers.values()) p.sendData({ type: 'name', name });
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
+  }
+
+  /** Raises or lowers our hand (data channel `hand`). @param {boolean} raised */
+  setHand(raised) {
+    this.handRaised = raised;
+    for (const p of this.peers.values()) p.sendData({ type: 'hand', raised });
+    this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
   }
 
   /** @returns {MediaState} */
@@ -811,6 +951,7 @@ export class Call extends EventTarget {
       audio: !!this.tracks.mic && this.micEnabled,
       video: !!this.outgoing('video'),
       screen: this.screenSharing,
+      ...(this.screenStream && this.screenSharing ? { screenStream: this.screenStream.id } : {}),
     };
   }
 
@@ -868,7 +1009,7 @@ export class Call extends EventTarget {
     await this.mediaChanged();
   }
 
-  /** Shares the screen in place of the camera (replaceTrack: no renegotiation). */
+  /** Shares the screen beside the camera: a video track of its own to every peer (one renegotiation each). */
   async startScreenShare() {
     if (this.tracks.screen) return;
     if (!navigator.mediaDevices?.getDisplayMedia) {
@@ -890,7 +1031,10 @@ export class Call extends EventTarget {
       if (this.tracks.screen === track) this.stopScreenShare();
     });
     this.tracks.screen = track;
+    this.screenStream = new MediaStream([track]);
+    // The stream id goes first (data channel), so that the track is known as the screen when it arrives.
     await this.mediaChanged();
+    for (const p of this.peers.values()) p.addScreen();
   }
 
   async stopScreenShare() {
@@ -898,6 +1042,7 @@ export class Call extends EventTarget {
     if (!t) return;
     this.tracks.screen = null;
     t.stop();
+    for (const p of this.peers.values()) p.removeScreen();
     await this.mediaChanged();
   }
 
@@ -960,12 +1105,19 @@ export class Call extends EventTarget {
     if (this.state === 'ended') return;
     this.signaling.leave();
     this.closePeers();
-    this.dropSpare();
     this.stopStats();
-    for (const t of Object.values(this.tracks)) t?.stop();
-    this.tracks = { mic: null, camera: null, screen: null };
-    this.refreshLocalStream();
+    this.releaseMedia();
+    this.joined = false;
     this.setState('ended');
+  }
+
+  /**
+   * After a failed join (`fatal`): gets local media again and joins again (with the signaling's current `token`,
+   * `password` and `name`). @param {{audio: boolean, video: boolean}} want
+   */
+  async rejoin(want) {
+    await this.prepare(want);
+    this.join();
   }
 
   /** A plain-data picture of the call, for tests and debugging. */
@@ -975,6 +1127,9 @@ export class Call extends EventTarget {
       state: this.state,
       signaling: this.signaling.state,
       media: this.mediaState(),
+      publish: this.publish,
+      hand: this.handRaised,
+      tracks: Object.fromEntries(Object.entries(this.tracks).map(([k, t]) => [k, t ? t.readyState : null])),
       mediaProblems: this.mediaProblems,
       peers: [...this.peers.values()].map((p) => ({
         id: p.id,
@@ -985,6 +1140,7 @@ export class Call extends EventTarget {
         signalingState: p.pc.signalingState,
         dataChannel: p.dc.readyState,
         remoteMedia: p.remoteMedia,
+        hand: p.hand,
         iceRestarts: p.iceRestarts,
         stats: p.stats,
       })),

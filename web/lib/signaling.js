@@ -8,7 +8,9 @@
  * `welcome` with `idChanged: true` and must rebuild their peer connections.
  *
  * Events (all `CustomEvent`s, data in `detail`):
- * - `state`   `{state, attempt?, delay?}` — `connecting`, `joined`, `reconnecting`, `failed`, `closed`
+ * - `state`   `{state, attempt?, delay?, reason?}` — `connecting`, `joined`, `reconnecting`, `failed`, `closed`;
+ *             `reason` says why the last attempt failed: an error code of the join (`unavailable`, `rate-limited`,
+ *             `server-shutdown`) or `close <code> <reason>` of the WebSocket
  * - `welcome` the welcome message plus `idChanged` (bool) and `previousId`
  * - `hello`, `offer`, `answer`, `candidate`, `bye` — the relayed message
  * - `error`   an `error` message that did not end the session
@@ -25,7 +27,9 @@
  */
 
 /** Error codes after which retrying the same join cannot help. */
-const FATAL_JOIN_CODES = new Set(['room-full', 'server-full', 'bad-room-name']);
+const FATAL_JOIN_CODES = new Set(['room-full', 'server-full', 'bad-room-name', 'unauthorized']);
+/** Error codes of a join that a later attempt may get past: the connection is dropped and retried with backoff. */
+const RETRY_JOIN_CODES = new Set(['unavailable', 'rate-limited', 'server-shutdown']);
 
 export class Signaling extends EventTarget {
   /**
@@ -33,13 +37,21 @@ export class Signaling extends EventTarget {
    * @param {string} opts.url       WebSocket URL, e.g. `ws://host/ws`
    * @param {string} opts.room
    * @param {string} [opts.name]
+   * @param {string} [opts.token] a join token (servers with `--auth-secret`)
+   * @param {string} [opts.password] the room password (set by the first joiner, required from later ones)
    * @param {Partial<Backoff>} [opts.backoff]
    */
-  constructor({ url, room, name = '', backoff = {} }) {
+  constructor({ url, room, name = '', token = '', password = '', backoff = {} }) {
     super();
     this.url = url;
     this.room = room;
     this.name = name;
+    this.token = token;
+    this.password = password;
+    /** @type {() => boolean} while true, an outage never ends in `unreachable` (the call's media still flows) */
+    this.keepTrying = () => false;
+    /** @type {string|null} why the last attempt failed (see the `state` event) */
+    this.reason = null;
     /** @type {Backoff} */
     this.backoff = { initial: 250, max: 5000, giveUpAfter: 120000, ...backoff };
     /** @type {SignalingState} */
@@ -99,6 +111,8 @@ export class Signaling extends EventTarget {
       /** @type {Record<string, string>} */
       const join = { type: 'join', room: this.room, name: this.name };
       if (this.resumeToken) join.resume = this.resumeToken;
+      if (this.token) join.token = this.token;
+      if (this.password) join.password = this.password;
       ws.send(JSON.stringify(join));
     };
     ws.onmessage = (ev) => {
@@ -120,6 +134,8 @@ export class Signaling extends EventTarget {
         this.fail('resumed-elsewhere', 'This call was opened in another tab or window.');
         return;
       }
+      // A reason a join error gave before the close (rate-limited, server-shutdown) says more than the close code.
+      if (!this.reason) this.reason = `close ${ev.code}${ev.reason ? ` ${ev.reason}` : ''}`;
       this.scheduleRetry();
     };
     ws.onerror = () => {
@@ -131,14 +147,15 @@ export class Signaling extends EventTarget {
   scheduleRetry() {
     const now = Date.now();
     if (this.outageSince === null) this.outageSince = now;
-    if (now - this.outageSince > this.backoff.giveUpAfter) {
+    if (now - this.outageSince > this.backoff.giveUpAfter && !this.keepTrying()) {
       this.fail('unreachable', 'Could not reach the server.');
       return;
     }
     const base = Math.min(this.backoff.max, this.backoff.initial * 2 ** this.attempt);
     const delay = Math.round(base * (0.75 + Math.random() * 0.5));
     this.attempt++;
-    this.setState('reconnecting', { attempt: this.attempt, delay });
+    this.setState('reconnecting', { attempt: this.attempt, delay, reason: this.reason });
+    this.reason = null;
     this.retryTimer = setTimeout(() => {
       this.retryTimer = null;
       this.open();
@@ -181,6 +198,7 @@ export class Signaling extends EventTarget {
         this.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
         this.attempt = 0;
         this.outageSince = null;
+        this.reason = null;
         const outbox = this.outbox;
         this.outbox = [];
         this.setState('joined');
@@ -199,6 +217,20 @@ export class Signaling extends EventTarget {
       case 'error':
         if (msg.ref === 'join' && FATAL_JOIN_CODES.has(msg.code)) {
           this.fail(msg.code, msg.message ?? msg.code);
+        } else if (RETRY_JOIN_CODES.has(msg.code) && (msg.ref === 'join' || msg.code === 'server-shutdown')) {
+          // Try again later: drop this connection (the server closes it too on shutdown) and back off.
+          this.reason = msg.code;
+          const ws = this.ws;
+          if (ws) {
+            ws.onclose = null;
+            this.ws = null;
+            try {
+              ws.close(1000);
+            } catch {
+              /* already closed */
+            }
+          }
+          if (this.state !== 'closed' && this.state !== 'failed') this.scheduleRetry();
         } else {
           if (msg.code !== 'unknown-peer') console.warn('signaling error', msg);
           this.dispatchEvent(new CustomEvent('error', { detail: msg }));

@@ -28,8 +28,8 @@ pub struct CallArgs {
     /// Calls set up at once.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
-    /// Video size the peers send (`webcall peer --size`).
-    #[arg(long, default_value = "320x240")]
+    /// Video size the peers send (`webcall peer --size`: 320x180, 640x360 or 1280x720).
+    #[arg(long, default_value = "320x180")]
     pub size: String,
     /// Print the result as one JSON object on stdout.
     #[arg(long)]

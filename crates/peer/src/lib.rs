@@ -2,11 +2,16 @@
 //!
 //! The controller ([`run`]) keeps the signaling WebSocket (reconnecting and resuming by itself), starts one
 //! [`session::Session`] per remote peer (offering to newcomers, answering the peers already there, perfect
-//! negotiation with the smaller id polite), and relays chat lines from stdin.
+//! negotiation with the smaller id polite), and relays chat lines from stdin. What it sends comes from
+//! [`media::start_source`]: by default the pre-encoded VP8 and Opus clips of [`clip`], looped (no codec library);
+//! live VP8 encoding with libvpx only with the `libvpx` cargo feature.
 
+pub mod clip;
 pub mod gather;
 pub mod media;
 pub mod session;
+#[cfg(feature = "libvpx")]
+pub mod vpx;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -48,7 +53,8 @@ Output (stdout, one line each): 'joined room R as ID', 'peer ID ice STATE', 'pee
 'peer ID local candidate KIND ADDR after MS ms' (server-reflexive and relay candidates, as gathered),
 'peer ID gathering complete in MS ms', 'peer ID selected pair KIND ADDR -> KIND ADDR (udp) local=KIND remote=KIND'
 (KIND: host, srflx, prflx, relay), 'chat NAME: TEXT', and every few seconds and at exit
-'stats peer=ID ...' with frames, bytes and bitrate in and out. Logs go to stderr (RUST_LOG=debug for more).
+'stats peer=ID ...' with video frames, bytes and bitrate in and out, and Opus packets in and out (audio_in,
+audio_out). Logs go to stderr (RUST_LOG=debug for more).
 
 --record DIR writes each remote peer's video to DIR/NAME-ID.ivf (VP8 in IVF, starting at a keyframe; ffplay,
 mpv and VLC open it). A peer that rejoins gets a new id and so a new file.
@@ -75,9 +81,10 @@ pub struct PeerArgs {
     /// Display name shown to the others.
     #[arg(long, default_value = "webcall-peer")]
     pub name: String,
-    /// Video to send: `testsrc` (a live 640x480 30 fps test pattern with a frame counter, VP8) or an IVF
-    /// file of VP8, sent in a loop.
-    #[arg(long, value_name = "testsrc|FILE.ivf", conflicts_with = "echo")]
+    /// Media to send: `testsrc` (a test pattern in VP8 at --size, 30 fps, and a tone in Opus, pre-encoded and
+    /// looped), `live` (the test pattern encoded live with libvpx at --size and --fps, and the tone; needs a build
+    /// with --features libvpx), or an IVF file of VP8, looped (video only).
+    #[arg(long, value_name = "testsrc|live|FILE.ivf", conflicts_with = "echo")]
     pub send: Option<String>,
     /// Write each remote peer's video to DIR/NAME-ID.ivf.
     #[arg(long, value_name = "DIR")]
@@ -102,12 +109,13 @@ pub struct PeerArgs {
     /// How many distinct peers must connect for exit code 0.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub expect: usize,
-    /// Test pattern size, WIDTHxHEIGHT.
-    #[arg(long, default_value = "640x480", value_parser = parse_size)]
+    /// Test pattern size, WIDTHxHEIGHT. `testsrc` comes in the three sizes of a simulcast sender: 320x180
+    /// (~150 kbit/s), 640x360 (~500 kbit/s) and 1280x720 (~1.5 Mbit/s); `live` takes any even size.
+    #[arg(long, default_value = "640x360", value_parser = parse_size)]
     pub size: (u32, u32),
-    /// Test pattern frame rate.
-    #[arg(long, default_value_t = 30)]
-    pub fps: u32,
+    /// Frame rate of `--send live` (the clips are 30 fps).
+    #[arg(long, value_name = "FPS")]
+    pub fps: Option<u32>,
     /// Seconds between stats lines.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub stats_every: Duration,
@@ -128,15 +136,24 @@ pub enum PeerError {
     Io { what: String, source: std::io::Error },
     #[error("VP8 encoder: {0} (is libvpx installed? Debian: apt-get install libvpx7)")]
     Encoder(String),
-    #[error("{path}: {why}; --send takes 'testsrc' or an IVF file of VP8 frames")]
+    #[error("{path}: {why}; --send takes 'testsrc', 'live' or an IVF file of VP8 frames")]
     BadIvf { path: PathBuf, why: String },
+    #[error("--send live: built without the `libvpx` feature; rebuild with --features libvpx or use --send testsrc/FILE.ivf")]
+    NoLibvpx,
+    #[error("--send testsrc --size {0}x{1}: the pre-encoded test pattern comes in 320x180, 640x360 and 1280x720; other sizes need --send live")]
+    NoSuchLayer(u32, u32),
+    #[error("--fps applies to --send live only (the test pattern clips and IVF files keep their own frame rate)")]
+    FpsWithoutLive,
     #[error("--relay needs a TURN server reachable over UDP in the server's iceServers, and the server offers none (started with --no-turn, or --ice-servers without a turn: URL?); drop --relay")]
     NoRelay,
 }
 
 impl PeerError {
     pub fn exit_code(&self) -> i32 {
-        exit::ERROR
+        match self {
+            PeerError::NoSuchLayer(..) | PeerError::FpsWithoutLive => exit::USAGE,
+            _ => exit::ERROR,
+        }
     }
 }
 
@@ -252,7 +269,7 @@ impl Controller {
                 r.last_bytes_in = r.bytes_in;
             }
             out(format!(
-                "stats{} peer={} name={:?} ice={} connected={} pair={:?} frames_in={} keyframes_in={} bytes_in={} kbps_in={:.0} frames_out={} bytes_out={} chat_in={}{}",
+                "stats{} peer={} name={:?} ice={} connected={} pair={:?} frames_in={} keyframes_in={} bytes_in={} kbps_in={:.0} frames_out={} bytes_out={} chat_in={} audio_in={} audio_out={}{}",
                 if final_ { " final" } else { "" },
                 r.id,
                 r.name,
@@ -266,6 +283,8 @@ impl Controller {
                 r.frames_out,
                 r.bytes_out,
                 r.chat_in,
+                r.audio_in,
+                r.audio_out,
                 r.recording.as_ref().map(|p| format!(" recording={}", p.display())).unwrap_or_default(),
             ));
         }
@@ -319,13 +338,22 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
     session::prepare_dtls_cert();
     let stop = Arc::new(AtomicBool::new(false));
     let source = match args.send.as_deref() {
+        Some("live") => {
+            Some(Source::Live { width: args.size.0, height: args.size.1, fps: args.fps.unwrap_or(30).clamp(1, 120) })
+        }
+        _ if args.fps.is_some() => return Err(PeerError::FpsWithoutLive),
         None => None,
-        Some("testsrc") => Some(media::start_source(
-            Source::TestSrc { width: args.size.0, height: args.size.1, fps: args.fps.clamp(1, 120) },
-            stop.clone(),
-        )?),
-        Some(path) => Some(media::start_source(Source::Ivf(path.into()), stop.clone())?),
+        Some("testsrc") => {
+            let (w, h) = args.size;
+            let layer = clip::Layer::ALL
+                .into_iter()
+                .find(|l| l.size() == (w as u16, h as u16))
+                .ok_or(PeerError::NoSuchLayer(w, h))?;
+            Some(Source::TestSrc { layer })
+        }
+        Some(path) => Some(Source::Ivf(path.into())),
     };
+    let source = source.map(|s| media::start_source(s, stop.clone())).transpose()?;
     if let Some(dir) = &args.record {
         std::fs::create_dir_all(dir).map_err(|e| PeerError::Io {
             what: format!("creating the --record directory {}", dir.display()),

@@ -1,28 +1,29 @@
-//! Video in and out: a VP8 encoder on libvpx, a live test pattern, IVF files (read for `--send`, written for
-//! `--record`).
+//! Media in and out: the sources `--send` starts (looping clips, or a live test pattern with the `libvpx`
+//! feature), IVF files (read for `--send`, written for `--record`).
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::mem::MaybeUninit;
-use std::os::raw::{c_int, c_ulong};
 use std::path::{Path, PathBuf};
-use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
-use vpx_sys as vpx;
 
+use crate::clip::{Clip, ClipLoop, Layer};
 use crate::PeerError;
 
-/// One encoded VP8 frame, shared by every session that sends it.
+#[cfg(feature = "libvpx")]
+pub use crate::vpx::{Vp8Decoder, Vp8Encoder};
+
+/// One encoded frame (VP8) or packet (Opus), shared by every session that sends it.
 #[derive(Debug)]
 pub struct EncodedFrame {
     pub data: Arc<[u8]>,
+    /// A VP8 keyframe (always true for Opus).
     pub key: bool,
-    /// RTP time in 90 kHz units.
-    pub rtp_90k: u64,
+    /// RTP time in the track's clock: 90 kHz for VP8, 48 kHz for Opus.
+    pub rtp_time: u64,
 }
 
 /// `true` when a VP8 frame is a keyframe (RFC 6386 §9.1: bit 0 of the frame tag is 0).
@@ -38,149 +39,6 @@ pub fn vp8_keyframe_size(frame: &[u8]) -> Option<(u16, u16)> {
     let w = u16::from_le_bytes([frame[6], frame[7]]) & 0x3fff;
     let h = u16::from_le_bytes([frame[8], frame[9]]) & 0x3fff;
     Some((w, h))
-}
-
-/// A VP8 encoder for real-time use (no lag, CBR, forced keyframes on request).
-pub struct Vp8Encoder {
-    ctx: vpx::vpx_codec_ctx_t,
-    width: u32,
-    height: u32,
-}
-
-// The context is only used from the thread that owns the encoder.
-unsafe impl Send for Vp8Encoder {}
-
-impl Vp8Encoder {
-    pub fn new(width: u32, height: u32, fps: u32, kbps: u32) -> Result<Self, PeerError> {
-        let err = |what: &str| PeerError::Encoder(format!("libvpx {what} failed"));
-        unsafe {
-            let iface = vpx::vpx_codec_vp8_cx();
-            if iface.is_null() {
-                return Err(err("vpx_codec_vp8_cx"));
-            }
-            let mut cfg = MaybeUninit::<vpx::vpx_codec_enc_cfg_t>::zeroed().assume_init();
-            if vpx::vpx_codec_enc_config_default(iface, &mut cfg, 0) != vpx::VPX_CODEC_OK {
-                return Err(err("vpx_codec_enc_config_default"));
-            }
-            cfg.g_w = width;
-            cfg.g_h = height;
-            cfg.g_timebase.num = 1;
-            cfg.g_timebase.den = fps as c_int;
-            cfg.rc_target_bitrate = kbps;
-            cfg.g_threads = 1;
-            cfg.g_lag_in_frames = 0;
-            cfg.g_error_resilient = vpx::VPX_ERROR_RESILIENT_DEFAULT;
-            cfg.rc_end_usage = vpx::vpx_rc_mode::VPX_CBR;
-            cfg.kf_mode = vpx::vpx_kf_mode::VPX_KF_AUTO;
-            // A keyframe every few seconds lets a receiver that lost one recover without asking.
-            cfg.kf_max_dist = fps * 3;
-            let mut ctx = MaybeUninit::<vpx::vpx_codec_ctx_t>::zeroed().assume_init();
-            if vpx::vpx_codec_enc_init_ver(&mut ctx, iface, &cfg, 0, vpx::VPX_ENCODER_ABI_VERSION as c_int)
-                != vpx::VPX_CODEC_OK
-            {
-                return Err(err("vpx_codec_enc_init"));
-            }
-            // Fastest real-time speed: two cores are shared with everything else.
-            vpx::vpx_codec_control_(&mut ctx, vpx::vp8e_enc_control_id::VP8E_SET_CPUUSED as c_int, 12 as c_int);
-            Ok(Vp8Encoder { ctx, width, height })
-        }
-    }
-
-    /// Encodes one I420 picture; returns the frames it produced (usually one).
-    pub fn encode(&mut self, i420: &[u8], pts: i64, force_key: bool) -> Result<Vec<(Vec<u8>, bool)>, PeerError> {
-        assert!(i420.len() >= (self.width * self.height * 3 / 2) as usize);
-        let mut out = Vec::new();
-        unsafe {
-            let mut img = MaybeUninit::<vpx::vpx_image_t>::zeroed().assume_init();
-            if vpx::vpx_img_wrap(
-                &mut img,
-                vpx::vpx_img_fmt::VPX_IMG_FMT_I420,
-                self.width,
-                self.height,
-                1,
-                i420.as_ptr() as *mut u8,
-            )
-            .is_null()
-            {
-                return Err(PeerError::Encoder("libvpx vpx_img_wrap failed".into()));
-            }
-            let flags = if force_key { vpx::VPX_EFLAG_FORCE_KF as vpx::vpx_enc_frame_flags_t } else { 0 };
-            if vpx::vpx_codec_encode(&mut self.ctx, &img, pts, 1, flags, vpx::VPX_DL_REALTIME as c_ulong)
-                != vpx::VPX_CODEC_OK
-            {
-                return Err(PeerError::Encoder("libvpx vpx_codec_encode failed".into()));
-            }
-            let mut iter: vpx::vpx_codec_iter_t = ptr::null();
-            loop {
-                let pkt = vpx::vpx_codec_get_cx_data(&mut self.ctx, &mut iter);
-                if pkt.is_null() {
-                    break;
-                }
-                if (*pkt).kind == vpx::vpx_codec_cx_pkt_kind::VPX_CODEC_CX_FRAME_PKT {
-                    let f = &(*pkt).data.frame;
-                    let data = std::slice::from_raw_parts(f.buf as *const u8, f.sz as usize).to_vec();
-                    out.push((data, f.flags & vpx::VPX_FRAME_IS_KEY != 0));
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl Drop for Vp8Encoder {
-    fn drop(&mut self) {
-        unsafe {
-            vpx::vpx_codec_destroy(&mut self.ctx);
-        }
-    }
-}
-
-/// A VP8 decoder, used to check recordings (libvpx is the judge of what a player can show).
-pub struct Vp8Decoder {
-    ctx: vpx::vpx_codec_ctx_t,
-}
-
-unsafe impl Send for Vp8Decoder {}
-
-impl Vp8Decoder {
-    pub fn new() -> Result<Self, PeerError> {
-        unsafe {
-            let mut ctx = MaybeUninit::<vpx::vpx_codec_ctx_t>::zeroed().assume_init();
-            let cfg = vpx::vpx_codec_dec_cfg_t { threads: 1, w: 0, h: 0 };
-            if vpx::vpx_codec_dec_init_ver(
-                &mut ctx,
-                vpx::vpx_codec_vp8_dx(),
-                &cfg,
-                0,
-                vpx::VPX_DECODER_ABI_VERSION as c_int,
-            ) != vpx::VPX_CODEC_OK
-            {
-                return Err(PeerError::Encoder("libvpx vpx_codec_dec_init failed".into()));
-            }
-            Ok(Vp8Decoder { ctx })
-        }
-    }
-
-    /// Decodes one frame; returns the size of the picture it produced, if any.
-    pub fn decode(&mut self, frame: &[u8]) -> Result<Option<(u32, u32)>, String> {
-        unsafe {
-            let r = vpx::vpx_codec_decode(&mut self.ctx, frame.as_ptr(), frame.len() as _, ptr::null_mut(), 0);
-            if r != vpx::VPX_CODEC_OK {
-                return Err(format!("libvpx cannot decode the frame: {r:?}"));
-            }
-            let mut iter: vpx::vpx_codec_iter_t = ptr::null();
-            let img = vpx::vpx_codec_get_frame(&mut self.ctx, &mut iter);
-            Ok((!img.is_null()).then(|| ((*img).d_w, (*img).d_h)))
-        }
-    }
-}
-
-impl Drop for Vp8Decoder {
-    fn drop(&mut self) {
-        unsafe {
-            vpx::vpx_codec_destroy(&mut self.ctx);
-        }
-    }
 }
 
 /// 3x5 bitmaps of the digits 0-9, one row per 3 bits.
@@ -258,116 +116,168 @@ pub fn draw_testsrc(buf: &mut [u8], w: usize, h: usize, n: u64) {
     }
 }
 
-/// Where outgoing video comes from.
+/// Where outgoing media comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    TestSrc { width: u32, height: u32, fps: u32 },
+    /// The embedded clips: the test pattern in VP8 at `layer`, and the Opus tone.
+    TestSrc { layer: Layer },
+    /// A live test pattern encoded with libvpx (cargo feature `libvpx`), and the Opus tone.
+    Live { width: u32, height: u32, fps: u32 },
+    /// An IVF file of VP8, looped (video only).
     Ivf(PathBuf),
 }
 
-/// Handle to a running source: subscribe for frames, ask for a keyframe.
+/// One outgoing track on a thread of its own: every session subscribes to its frames; any of them can ask for a
+/// keyframe.
 #[derive(Clone)]
-pub struct SourceHandle {
+pub struct TrackHandle {
     pub frames: broadcast::Sender<Arc<EncodedFrame>>,
-    pub want_keyframe: Arc<AtomicBool>,
-    /// The encoding thread (test pattern), woken to encode a requested keyframe at once.
-    encoder: Option<std::thread::Thread>,
+    want_keyframe: Arc<AtomicBool>,
+    /// Woken to answer a keyframe request at once (the live encoder).
+    thread: Option<std::thread::Thread>,
 }
 
-impl SourceHandle {
-    /// The next frame is a keyframe; the test pattern encodes it now rather than at its next frame time (up to
-    /// a frame interval later), so a peer that just connected gets its first picture without waiting.
+impl TrackHandle {
+    fn new() -> TrackHandle {
+        TrackHandle { frames: broadcast::channel(64).0, want_keyframe: Arc::new(AtomicBool::new(false)), thread: None }
+    }
+
+    /// The next frame is a keyframe: the clips skip to their next keyframe at the next frame time; the live test
+    /// pattern encodes one at once rather than at its next frame time, so a peer that just connected gets its
+    /// first picture without waiting.
     pub fn request_keyframe(&self) {
         self.want_keyframe.store(true, Ordering::Relaxed);
-        if let Some(t) = &self.encoder {
+        if let Some(t) = &self.thread {
             t.unpark();
         }
     }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EncodedFrame>> {
+        self.frames.subscribe()
+    }
 }
 
-/// Starts the source on its own thread (encoding is CPU work, kept off the async runtime).
+/// Handle to a running source: its video track and, for `testsrc` and `live`, an Opus track.
+#[derive(Clone)]
+pub struct SourceHandle {
+    pub video: TrackHandle,
+    pub audio: Option<TrackHandle>,
+}
+
+impl SourceHandle {
+    pub fn request_keyframe(&self) {
+        self.video.request_keyframe();
+    }
+}
+
+/// Starts the source on threads of its own (pacing and encoding are kept off the async runtime).
 pub fn start_source(source: Source, stop: Arc<AtomicBool>) -> Result<SourceHandle, PeerError> {
-    let (tx, _) = broadcast::channel(64);
-    let mut handle = SourceHandle { frames: tx.clone(), want_keyframe: Arc::new(AtomicBool::new(true)), encoder: None };
-    let want = handle.want_keyframe.clone();
     match source {
-        Source::TestSrc { width, height, fps } => {
-            let mut enc = Vp8Encoder::new(width, height, fps, 800)?;
-            let thread = std::thread::Builder::new()
-                .name("testsrc".into())
-                .spawn(move || {
-                    let (w, h) = (width as usize, height as usize);
-                    let mut buf = vec![0u8; w * h * 3 / 2];
-                    let period = Duration::from_secs_f64(1.0 / fps as f64);
-                    let start = Instant::now();
-                    let mut n: u64 = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        draw_testsrc(&mut buf, w, h, n);
-                        let key = want.swap(false, Ordering::Relaxed);
-                        match enc.encode(&buf, n as i64, key) {
-                            Ok(frames) => {
-                                for (data, key) in frames {
-                                    let rtp_90k = n * 90_000 / fps as u64;
-                                    let _ = tx.send(Arc::new(EncodedFrame { data: data.into(), key, rtp_90k }));
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!("test source stopped: {e}");
-                                return;
-                            }
-                        }
-                        n += 1;
-                        // Pace against the start time so encoding time does not slow the clock down. A keyframe
-                        // request cuts the wait short: that frame goes out early, the ones after keep the clock.
-                        let next = start + period * n as u32;
-                        while !want.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-                            match next.checked_duration_since(Instant::now()) {
-                                Some(d) if !d.is_zero() => std::thread::park_timeout(d),
-                                _ => break,
-                            }
-                        }
-                    }
-                })
-                .map_err(|e| PeerError::Encoder(format!("cannot start the test source thread: {e}")))?;
-            handle.encoder = Some(thread.thread().clone());
-        }
+        Source::TestSrc { layer } => Ok(SourceHandle {
+            video: play_clip(Clip::builtin(layer), "testsrc-video", stop.clone())?,
+            audio: Some(play_clip(Clip::builtin_opus(), "testsrc-audio", stop)?),
+        }),
+        Source::Live { width, height, fps } => Ok(SourceHandle {
+            video: live::start(width, height, fps, stop.clone())?,
+            audio: Some(play_clip(Clip::builtin_opus(), "testsrc-audio", stop)?),
+        }),
         Source::Ivf(path) => {
             let file = IvfFile::read(&path)?;
-            std::thread::Builder::new()
-                .name("ivf-source".into())
-                .spawn(move || {
-                    let start = Instant::now();
-                    // Frame times come from the file's pts and timebase; the loop continues the clock.
-                    let tb = file.timebase_secs();
-                    let first = file.frames.first().map(|f| f.0).unwrap_or(0);
-                    let last = file.frames.last().map(|f| f.0).unwrap_or(0);
-                    let loop_len = (last - first) as f64 * tb + file.frame_secs();
-                    let mut lap = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        for (pts, data) in &file.frames {
-                            if stop.load(Ordering::Relaxed) {
-                                return;
-                            }
-                            let t = lap as f64 * loop_len + (*pts - first) as f64 * tb;
-                            if let Some(d) = (start + Duration::from_secs_f64(t)).checked_duration_since(Instant::now())
-                            {
-                                std::thread::sleep(d);
-                            }
-                            want.store(false, Ordering::Relaxed);
-                            let key = vp8_is_keyframe(data);
-                            let _ = tx.send(Arc::new(EncodedFrame {
-                                data: data.as_slice().into(),
-                                key,
-                                rtp_90k: (t * 90_000.0) as u64,
-                            }));
-                        }
-                        lap += 1;
-                    }
-                })
-                .map_err(|e| PeerError::Encoder(format!("cannot start the IVF source thread: {e}")))?;
+            let clip = Clip::from_ivf(&file).map_err(|e| PeerError::BadIvf { path, why: e.to_string() })?;
+            Ok(SourceHandle { video: play_clip(Arc::new(clip), "ivf-source", stop)?, audio: None })
         }
     }
+}
+
+/// Plays `clip` in a loop on a thread of its own, in real time: frame *n* is broadcast at `start + rtp_time /
+/// clock_rate` (see [`ClipLoop`]); a keyframe request is answered from the clip's next keyframe at the next frame
+/// time. The thread ends when `stop` is set. An SFU publisher can start one per simulcast layer
+/// (`Clip::builtin(Layer::Low)`, `Mid`, `High`) and write each subscriber's frames to its layer's RTP stream.
+pub fn play_clip(clip: Arc<Clip>, name: &str, stop: Arc<AtomicBool>) -> Result<TrackHandle, PeerError> {
+    let handle = TrackHandle::new();
+    let (tx, want) = (handle.frames.clone(), handle.want_keyframe.clone());
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let clock = clip.clock_rate as f64;
+            let mut lp = ClipLoop::new(clip);
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if want.swap(false, Ordering::Relaxed) {
+                    lp.request_keyframe();
+                }
+                let f = lp.next_frame();
+                let due = start + Duration::from_secs_f64(f.rtp_time as f64 / clock);
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                let _ = tx.send(Arc::new(EncodedFrame { data: f.data, key: f.key, rtp_time: f.rtp_time }));
+            }
+        })
+        .map_err(|e| PeerError::Io { what: format!("starting the {name} thread"), source: e })?;
     Ok(handle)
+}
+
+/// The live test pattern, encoded with libvpx.
+#[cfg(feature = "libvpx")]
+mod live {
+    use super::*;
+    use crate::vpx::Vp8Encoder;
+
+    pub fn start(width: u32, height: u32, fps: u32, stop: Arc<AtomicBool>) -> Result<TrackHandle, PeerError> {
+        let mut handle = TrackHandle::new();
+        // The first frame is a keyframe anyway; start without a pending request.
+        let (tx, want) = (handle.frames.clone(), handle.want_keyframe.clone());
+        let mut enc = Vp8Encoder::new(width, height, fps, 800)?;
+        let thread = std::thread::Builder::new()
+            .name("testsrc-live".into())
+            .spawn(move || {
+                let (w, h) = (width as usize, height as usize);
+                let mut buf = vec![0u8; w * h * 3 / 2];
+                let period = Duration::from_secs_f64(1.0 / fps as f64);
+                let start = Instant::now();
+                let mut n: u64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    draw_testsrc(&mut buf, w, h, n);
+                    let key = want.swap(false, Ordering::Relaxed);
+                    match enc.encode(&buf, n as i64, key) {
+                        Ok(frames) => {
+                            for (data, key) in frames {
+                                let rtp_time = n * 90_000 / fps as u64;
+                                let _ = tx.send(Arc::new(EncodedFrame { data: data.into(), key, rtp_time }));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("test source stopped: {e}");
+                            return;
+                        }
+                    }
+                    n += 1;
+                    // Pace against the start time so encoding time does not slow the clock down. A keyframe
+                    // request cuts the wait short: that frame goes out early, the ones after keep the clock.
+                    let next = start + period * n as u32;
+                    while !want.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        match next.checked_duration_since(Instant::now()) {
+                            Some(d) if !d.is_zero() => std::thread::park_timeout(d),
+                            _ => break,
+                        }
+                    }
+                }
+            })
+            .map_err(|e| PeerError::Io { what: "starting the live test source thread".into(), source: e })?;
+        handle.thread = Some(thread.thread().clone());
+        Ok(handle)
+    }
+}
+
+/// Without libvpx there is no live encoder: say how to get one, or what to send instead.
+#[cfg(not(feature = "libvpx"))]
+mod live {
+    use super::*;
+
+    pub fn start(_: u32, _: u32, _: u32, _: Arc<AtomicBool>) -> Result<TrackHandle, PeerError> {
+        Err(PeerError::NoLibvpx)
+    }
 }
 
 /// An IVF file read whole (they are small test clips).
@@ -426,14 +336,6 @@ impl IvfFile {
     /// Seconds per pts unit (the header stores the rate and scale: timebase = scale / rate).
     pub fn timebase_secs(&self) -> f64 {
         self.scale as f64 / self.rate as f64
-    }
-
-    /// Duration of one frame: the median pts step, or 1/30 s for a one-frame file.
-    fn frame_secs(&self) -> f64 {
-        let mut steps: Vec<u64> =
-            self.frames.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).filter(|s| *s > 0).collect();
-        steps.sort_unstable();
-        steps.get(steps.len() / 2).map(|s| *s as f64 * self.timebase_secs()).unwrap_or(1.0 / 30.0)
     }
 }
 
@@ -495,38 +397,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encodes_testsrc_and_round_trips_through_ivf() {
-        let (w, h) = (160u32, 120u32);
-        let mut enc = Vp8Encoder::new(w, h, 30, 300).unwrap();
-        let mut buf = vec![0u8; (w * h * 3 / 2) as usize];
+    fn clip_round_trips_through_ivf() {
+        let clip = Clip::builtin(Layer::Low);
         let dir = std::env::temp_dir().join(format!("webcall-peer-ivf-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.ivf");
-        let mut wr = None;
-        let mut keys = 0;
-        for n in 0..20u64 {
-            draw_testsrc(&mut buf, w as usize, h as usize, n);
-            for (data, key) in enc.encode(&buf, n as i64, n == 10).unwrap() {
-                assert_eq!(key, vp8_is_keyframe(&data));
-                if key {
-                    keys += 1;
-                    assert_eq!(vp8_keyframe_size(&data), Some((w as u16, h as u16)));
-                }
-                let wr = wr.get_or_insert_with(|| IvfWriter::create(path.clone(), w as u16, h as u16).unwrap());
-                wr.write(n * 3000, &data).unwrap();
-            }
+        let mut wr = IvfWriter::create(path.clone(), 320, 180).unwrap();
+        let mut lp = ClipLoop::new(clip.clone());
+        for _ in 0..40 {
+            let f = lp.next_frame();
+            wr.write(f.rtp_time, &f.data).unwrap();
         }
-        assert!(keys >= 2, "the first frame and the forced one are keyframes");
-        wr.unwrap().finish().unwrap();
+        wr.finish().unwrap();
         let f = IvfFile::read(&path).unwrap();
-        assert_eq!((f.width, f.height, f.frames.len()), (160, 120, 20));
-        assert_eq!(u32::from_le_bytes(std::fs::read(&path).unwrap()[24..28].try_into().unwrap()), 20);
-        assert!(vp8_is_keyframe(&f.frames[0].1));
-        let mut dec = Vp8Decoder::new().unwrap();
-        for (_, fr) in &f.frames {
-            assert_eq!(dec.decode(fr).unwrap(), Some((160, 120)));
+        assert_eq!((f.width, f.height, f.frames.len(), f.rate, f.scale), (320, 180, 40, 90_000, 1));
+        assert_eq!(u32::from_le_bytes(std::fs::read(&path).unwrap()[24..28].try_into().unwrap()), 40);
+        for (i, (pts, data)) in f.frames.iter().enumerate() {
+            assert_eq!((*pts, &data[..]), (i as u64 * 3000, &clip.frames[i].data[..]));
         }
-        assert!(dec.decode(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]).is_err(), "garbage does not decode");
+        // Read back as a clip: the same frames and durations.
+        let again = Clip::from_ivf(&f).unwrap();
+        assert_eq!(again.size, Some((320, 180)));
+        assert!(again.frames.iter().all(|f| f.duration == 3000));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ivf_errors_say_what_is_wrong() {
+        assert!(matches!(IvfFile::parse(b"RIFF"), Err(e) if e.contains("DKIF")));
+        let mut b = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/clips/low.ivf")).unwrap();
+        b.truncate(200);
+        assert!(matches!(IvfFile::parse(&b), Err(e) if e.contains("cut short")));
     }
 }

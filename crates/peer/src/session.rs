@@ -1,5 +1,5 @@
 //! One WebRTC session with one remote peer: a str0m `Rtc` driven by UDP sockets, signaling commands and the
-//! video source, on its own task.
+//! media source (VP8 video, Opus audio), on its own task.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +12,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId};
 use str0m::config::DtlsCert;
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
+use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -82,6 +82,9 @@ pub struct Report {
     pub frames_out: u64,
     pub bytes_out: u64,
     pub chat_in: u64,
+    /// Opus packets received and sent.
+    pub audio_in: u64,
+    pub audio_out: u64,
     pub recording: Option<PathBuf>,
     pub closed: bool,
     /// For the bitrate shown in stats lines.
@@ -115,6 +118,7 @@ pub struct Session {
     buffered_candidates: Vec<Candidate>,
     kinds: HashMap<SocketAddr, CandidateKind>,
     video_mids: Vec<Mid>,
+    audio_mids: Vec<Mid>,
     chat_channel: Option<ChannelId>,
     chat_open: bool,
     recorder: Option<IvfWriter>,
@@ -164,6 +168,7 @@ impl Session {
             buffered_candidates: Vec::new(),
             kinds: HashMap::new(),
             video_mids: Vec::new(),
+            audio_mids: Vec::new(),
             chat_channel: None,
             chat_open: false,
             recorder: None,
@@ -292,7 +297,7 @@ impl Session {
         f(&mut self.report.lock().unwrap());
     }
 
-    /// Makes an offer with whatever is missing (video, chat channel) or an ICE restart.
+    /// Makes an offer with whatever is missing (video, audio, chat channel) or an ICE restart.
     fn offer(&mut self, ice_restart: bool) {
         if self.pending.is_some() {
             return;
@@ -301,6 +306,10 @@ impl Session {
         if self.video_mids.is_empty() {
             let mid = change.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
             self.video_mids.push(mid);
+        }
+        if self.audio_mids.is_empty() {
+            let mid = change.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+            self.audio_mids.push(mid);
         }
         if self.chat_channel.is_none() && !self.have_remote_description {
             self.chat_channel = Some(change.add_channel_with_config(chat_channel_config()));
@@ -326,6 +335,27 @@ impl Session {
         }
     }
 
+    /// The m-lines an accepted offer created, known now rather than at their `MediaAdded` events (a re-offer made
+    /// right away must not add a second video or audio line).
+    fn learn_offered_media(&mut self, sdp: &str) {
+        let mut kind = None;
+        for line in sdp.lines().map(str::trim) {
+            if let Some(m) = line.strip_prefix("m=") {
+                kind = m.split_whitespace().next().map(str::to_owned);
+            } else if let Some(mid) = line.strip_prefix("a=mid:") {
+                let mid = Mid::from(mid);
+                let mids = match kind.as_deref() {
+                    Some("video") => &mut self.video_mids,
+                    Some("audio") => &mut self.audio_mids,
+                    _ => continue,
+                };
+                if self.rtc.media(mid).is_some() && !mids.contains(&mid) {
+                    mids.push(mid);
+                }
+            }
+        }
+    }
+
     fn on_offer(&mut self, sdp: &str) {
         self.learn_sdp_candidates(sdp);
         let offer = match SdpOffer::from_sdp_string(sdp) {
@@ -342,6 +372,7 @@ impl Session {
         if rolled_back {
             // Our un-negotiated m-lines and channel are gone with the rollback.
             self.video_mids.retain(|m| self.rtc.media(*m).is_some());
+            self.audio_mids.retain(|m| self.rtc.media(*m).is_some());
             if !self.chat_open {
                 self.chat_channel = None;
             }
@@ -353,11 +384,13 @@ impl Session {
         match self.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
                 self.have_remote_description = true;
-                let sdp = answer.to_sdp_string();
-                self.send(Outgoing::Answer(sdp.clone()));
-                self.sdp_sent(&sdp);
+                let answer = answer.to_sdp_string();
+                self.send(Outgoing::Answer(answer.clone()));
+                self.sdp_sent(&answer);
                 self.flush_candidates();
-                if rolled_back && self.video_mids.is_empty() {
+                self.learn_offered_media(sdp);
+                // Ours were rolled back: offer what the remote offer did not bring.
+                if rolled_back && (self.video_mids.is_empty() || self.audio_mids.is_empty()) {
                     self.offer(false);
                 }
             }
@@ -432,29 +465,46 @@ impl Session {
             }
             return;
         }
-        let mids: Vec<Mid> = self.video_mids.clone();
+        if self.write_media(MediaKind::Video, f) {
+            self.sent_keyframe = true;
+            let len = f.data.len() as u64;
+            self.update(|r| {
+                r.frames_out += 1;
+                r.bytes_out += len;
+            });
+        }
+    }
+
+    fn send_audio(&mut self, f: &EncodedFrame) {
+        if self.rtc.is_connected() && self.write_media(MediaKind::Audio, f) {
+            self.update(|r| r.audio_out += 1);
+        }
+    }
+
+    /// Writes one frame to the first sending m-line of `kind` (VP8 at 90 kHz, Opus at 48 kHz); false if none.
+    fn write_media(&mut self, kind: MediaKind, f: &EncodedFrame) -> bool {
+        let (mids, codec, clock) = match kind {
+            MediaKind::Video => (self.video_mids.clone(), Codec::Vp8, Frequency::NINETY_KHZ),
+            MediaKind::Audio => (self.audio_mids.clone(), Codec::Opus, Frequency::FORTY_EIGHT_KHZ),
+        };
         for mid in mids {
             let sending = self.rtc.media(mid).map(|m| m.direction().is_sending()).unwrap_or(false);
             if !sending {
                 continue;
             }
             let Some(writer) = self.rtc.writer(mid) else { continue };
-            let Some(pt) = writer.payload_params().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt()) else {
+            let Some(pt) = writer.payload_params().find(|p| p.spec().codec == codec).map(|p| p.pt()) else {
                 continue;
             };
-            match writer.write(pt, Instant::now(), MediaTime::from_90khz(f.rtp_90k), f.data.clone()) {
-                Ok(()) => {
-                    self.sent_keyframe = true;
-                    let len = f.data.len() as u64;
-                    self.update(|r| {
-                        r.frames_out += 1;
-                        r.bytes_out += len;
-                    });
+            return match writer.write(pt, Instant::now(), MediaTime::new(f.rtp_time, clock), f.data.clone()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("peer {}: {kind:?} frame not sent: {e}", self.cfg.remote_id);
+                    false
                 }
-                Err(e) => tracing::debug!("peer {}: frame not sent: {e}", self.cfg.remote_id),
-            }
-            break;
+            };
         }
+        false
     }
 
     fn request_keyframe(&mut self, mid: Mid) {
@@ -485,11 +535,16 @@ impl Session {
                 }
             }
             Event::MediaAdded(m) => {
-                if m.kind == MediaKind::Video && !self.video_mids.contains(&m.mid) {
-                    self.video_mids.push(m.mid);
+                let mids = if m.kind == MediaKind::Video { &mut self.video_mids } else { &mut self.audio_mids };
+                if !mids.contains(&m.mid) {
+                    mids.push(m.mid);
                 }
             }
             Event::MediaData(d) => {
+                if d.params.spec().codec == Codec::Opus {
+                    self.update(|r| r.audio_in += 1);
+                    return;
+                }
                 if d.params.spec().codec != Codec::Vp8 {
                     return;
                 }
@@ -531,11 +586,10 @@ impl Session {
                     }
                 }
                 if self.cfg.echo {
-                    let data = d.data.clone();
                     let frame = EncodedFrame {
-                        data: data.into(),
+                        data: d.data.clone(),
                         key,
-                        rtp_90k: d.time.rebase(str0m::media::Frequency::NINETY_KHZ).numer(),
+                        rtp_time: d.time.rebase(str0m::media::Frequency::NINETY_KHZ).numer(),
                     };
                     self.send_frame(&frame);
                 }
@@ -554,13 +608,11 @@ impl Session {
                     }
                 }
             }
-            Event::ChannelOpen(cid, label) => {
-                if label == "chat" {
-                    self.chat_channel = Some(cid);
-                    self.chat_open = true;
-                    if self.cfg.chat {
-                        out(format!("peer {id} chat open"));
-                    }
+            Event::ChannelOpen(cid, label) if label == "chat" => {
+                self.chat_channel = Some(cid);
+                self.chat_open = true;
+                if self.cfg.chat {
+                    out(format!("peer {id} chat open"));
                 }
             }
             Event::ChannelData(d) => {
@@ -580,11 +632,7 @@ impl Session {
                     out(format!("chat {}: {clean}", if name.is_empty() { id.as_str() } else { name }));
                 }
             }
-            Event::ChannelClose(cid) => {
-                if self.chat_channel == Some(cid) {
-                    self.chat_open = false;
-                }
-            }
+            Event::ChannelClose(cid) if self.chat_channel == Some(cid) => self.chat_open = false,
             Event::PeerStats(s) => {
                 if let Some(p) = s.selected_candidate_pair {
                     let kind =
@@ -644,7 +692,9 @@ impl Session {
         readers: Vec<tokio::task::JoinHandle<()>>,
     ) {
         let mut frames: Option<broadcast::Receiver<Arc<EncodedFrame>>> =
-            if self.cfg.echo { None } else { self.cfg.source.as_ref().map(|s| s.frames.subscribe()) };
+            if self.cfg.echo { None } else { self.cfg.source.as_ref().map(|s| s.video.subscribe()) };
+        let mut audio: Option<broadcast::Receiver<Arc<EncodedFrame>>> =
+            self.cfg.source.as_ref().and_then(|s| s.audio.as_ref()).map(|a| a.subscribe());
         loop {
             let wake = self.drive().min(Instant::now() + Duration::from_millis(500));
             if !self.rtc.is_alive() {
@@ -685,6 +735,13 @@ impl Session {
                         Ok(f) => self.send_frame(&f),
                         Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(broadcast::error::RecvError::Closed) => frames = None,
+                    }
+                }
+                f = async { match audio.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                    match f {
+                        Ok(f) => self.send_audio(&f),
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => audio = None,
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {

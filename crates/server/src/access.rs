@@ -239,6 +239,13 @@ pub struct Counted {
     _slot: Slot,
 }
 
+impl Counted {
+    /// Looks at the first bytes without taking them.
+    pub async fn peek(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.io.peek(buf).await
+    }
+}
+
 impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for ConnCap {
     type Stream = Counted;
     type Service = S;

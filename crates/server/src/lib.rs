@@ -182,7 +182,9 @@ pub async fn serve_prepared(
     );
     let (scheme, fingerprint, task) = match &tls {
         Some(t) => {
-            let acceptor = RustlsAcceptor::new(t.config.clone()).handshake_timeout(HANDSHAKE_TIMEOUT).acceptor(cap);
+            let acceptor = RustlsAcceptor::new(t.config.clone())
+                .handshake_timeout(HANDSHAKE_TIMEOUT)
+                .acceptor(web::PlainHttpRedirect(cap));
             let server = bounded(axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(acceptor));
             ("https", Some(t.fingerprint.clone()), tokio::spawn(server.handle(handle.clone()).serve(app)))
         }
@@ -213,7 +215,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn call_page(Path(room): Path<String>) -> Response {
     if !webcall_protocol::valid_room_name(&room) {
-        return (StatusCode::BAD_REQUEST, "room names are 1-64 characters of A-Z a-z 0-9 _ -\n").into_response();
+        return web::bad_room_page();
     }
     web::asset("call.html")
 }

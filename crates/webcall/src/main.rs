@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(
     name = "webcall",
-    version,
+    // The version and the commit built from (build.rs; "unknown" outside a git checkout).
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("WEBCALL_GIT_COMMIT"), ")"),
     about = "Self-hosted video calls: signaling, web client and STUN/TURN in one binary"
 )]
 struct Cli {
@@ -32,7 +33,8 @@ enum LogFormat {
 enum Command {
     /// Run the server: web client, signaling WebSocket at /ws.
     Serve(webcall_server::ServeArgs),
-    /// Join a room as a native WebRTC peer: send a test pattern or an IVF file, record, chat, echo.
+    /// Join a room as a native WebRTC peer: send a test pattern (VP8 and Opus) or an IVF file, record, chat, echo.
+    #[cfg(feature = "peer")]
     Peer(webcall_peer::PeerArgs),
     /// Check `serve` settings without serving: ports, certificate, TURN address, Redis.
     Check(webcall_server::ServeArgs),
@@ -41,6 +43,7 @@ enum Command {
     /// Run only the built-in STUN/TURN server (credentials: TURN REST with --turn-secret, as coturn's).
     Turn(turn::TurnCmdArgs),
     /// Load-test a signaling server (webcall or PeerJS): relay rate, latency, CPU and memory per connection.
+    #[cfg(feature = "bench")]
     Bench(webcall_bench::BenchArgs),
 }
 
@@ -57,11 +60,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(serve::run(args)),
         // Exit at once with the peer's code: the stdin reader thread would keep a runtime shutdown waiting.
+        #[cfg(feature = "peer")]
         Command::Peer(args) => std::process::exit(rt.block_on(webcall_peer::run(args))),
         Command::Token(args) => token::run(args),
         Command::Check(args) => rt.block_on(check::run(args)),
         Command::Turn(args) => rt.block_on(turn::run(args)),
         // The generator runs on its own runtime (one thread by default, so it can be pinned to one core).
+        #[cfg(feature = "bench")]
         Command::Bench(args) => webcall_bench::run(args),
     }
 }

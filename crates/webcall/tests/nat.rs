@@ -282,7 +282,7 @@ fn call(net: &Net) -> (Proc, Proc, Proc, String, String) {
         "--send",
         "testsrc",
         "--size",
-        "320x240",
+        "320x180",
         "--stats-every",
         "1s",
         "--duration",
