@@ -106,6 +106,68 @@ mod tests {
         assert_eq!(check_receive_only(&sdp("")), Ok(()), "no media at all");
     }
 
+    /// What libwebrtc would apply: per audio/video section, the last direction line, `sendrecv` without one.
+    fn browser_sends(sdp: &str) -> bool {
+        let (mut media, mut dir, mut sends) = (false, "sendrecv", false);
+        for raw in sdp.split('\n') {
+            let line = raw.strip_suffix('\r').unwrap_or(raw);
+            if let Some(m) = line.strip_prefix("m=") {
+                sends |= media && !matches!(dir, "recvonly" | "inactive");
+                media = m.starts_with("audio") || m.starts_with("video");
+                dir = "sendrecv";
+            } else if let Some(a) = line.strip_prefix("a=") {
+                if DIRECTIONS.contains(&a) {
+                    dir = a;
+                }
+            }
+        }
+        sends || (media && !matches!(dir, "recvonly" | "inactive"))
+    }
+
+    /// Random SDPs from lines that matter (a cheap stand-in for the `sdp_direction` fuzz target): nothing accepted
+    /// sends as a browser reads it.
+    #[test]
+    fn nothing_accepted_sends_as_a_browser_reads_it() {
+        const LINES: [&str; 14] = [
+            "m=audio 9 RTP/AVP 0",
+            "m=video 9 RTP/AVP 96",
+            "m=application 9 DTLS/SCTP 5000",
+            "m=text 9 RTP/AVP 0",
+            "a=recvonly",
+            "a=inactive",
+            "a=sendrecv",
+            "a=sendonly",
+            "a=recvonly ",
+            "a=mid:0",
+            "A=sendonly",
+            "a=recvonly\ra=sendrecv",
+            "",
+            "c=IN IP4 0.0.0.0",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut sdp = String::from("v=0\r\n");
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = (x % 7) as usize;
+            for i in 0..n {
+                let pick = (x >> (8 * i + 3)) as usize % LINES.len();
+                sdp.push_str(LINES[pick]);
+                sdp.push_str(if (x >> (i + 50)) & 1 == 0 { "\r\n" } else { "\n" });
+            }
+            match check_receive_only(&sdp) {
+                Ok(()) => {
+                    accepted += 1;
+                    assert!(!browser_sends(&sdp), "{sdp:?}");
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(accepted > 100 && refused > 100, "{accepted} accepted, {refused} refused");
+    }
+
     #[test]
     fn anything_that_may_send_is_refused() {
         let cases = [
