@@ -102,6 +102,44 @@ async fn close_flooding(socket: &mut WebSocket, rate: f64) {
     let _ = timeout(CLOSE_GRACE, socket.write(&out)).await;
 }
 
+/// After a pause, a read that had to wait longer than this for data means the client was not backlogged.
+const RESUME_SLACK: Duration = Duration::from_millis(500);
+
+/// Message credit of one connection: `rate` per second, up to twice that at once.
+struct Pace {
+    rate: f64,
+    credit: f64,
+    refilled: Instant,
+}
+
+impl Pace {
+    fn new(rate: f64) -> Self {
+        Pace { rate, credit: rate * 2.0, refilled: Instant::now() }
+    }
+
+    /// Takes a credit for a message just handed on; `false` when there is none left for the next one. Within a
+    /// read the clock is read only when credit runs low.
+    fn take(&mut self) -> bool {
+        self.credit -= 1.0;
+        if self.credit >= 1.0 {
+            return true;
+        }
+        self.refill(Instant::now());
+        self.credit >= 1.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.credit = (self.credit + dt * self.rate).min(self.rate * 2.0);
+        self.refilled = now;
+    }
+
+    /// How long until the next credit.
+    fn until_credit(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.credit) / self.rate).max(0.0))
+    }
+}
+
 /// When the connection's one timer fires next.
 fn deadline(next_ping: Instant, idle_at: Instant, resume_at: Option<Instant>) -> Instant {
     let t = next_ping.min(idle_at);
@@ -120,9 +158,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
     // Out of credit, reading stops (the rest stays in the socket, or in the frames already read) until a credit is
     // back, so a burst is read more slowly, not refused. A connection paced without a break for `FLOOD_FACTOR`
     // seconds (that many times the rate ahead) is flooding, and is closed.
-    let rate = state.cfg.rooms.rate_per_sec;
-    let mut credit = rate * 2.0;
-    let mut refilled = Instant::now();
+    let mut pace = Pace::new(state.cfg.rooms.rate_per_sec);
     let mut resume_at: Option<Instant> = None;
     let mut paced_since: Option<Instant> = None;
     // One timer for both the idle timeout and pings: reads only record when they happened, and the timer is
@@ -167,14 +203,12 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             }
             read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
                 Event::Text(t) => {
-                    credit -= 1.0;
                     state.router.message(conn, t);
-                    credit >= 1.0
+                    pace.take()
                 }
                 Event::Binary(len) => {
-                    credit -= 1.0;
                     state.router.binary(conn, len);
-                    credit >= 1.0
+                    pace.take()
                 }
                 Event::Ping(payload) => {
                     pong = Some(payload.to_vec());
@@ -186,30 +220,29 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     false
                 }
             })), if resume_at.is_none() => {
-                last_read = Instant::now();
+                let now = Instant::now();
+                // Since the previous read, or since reading resumed after a pause.
+                let waited = now.saturating_duration_since(last_read);
+                last_read = now;
+                // Refilled at every read too (with the clock read anyway), so quiet time counts up to the cap.
+                pace.refill(now);
                 match read {
-                    Ok(Read::More) => {
-                        paced_since = None;
-                        credit = (credit + last_read.saturating_duration_since(refilled).as_secs_f64() * rate)
-                            .min(rate * 2.0);
-                        refilled = last_read;
-                    }
+                    Ok(Read::More) => paced_since = None,
                     Ok(Read::Eof) => break,
                     Ok(Read::Stopped) if client_close.is_none() => {
-                        // Out of credit: wait for one.
-                        credit = (credit + last_read.saturating_duration_since(refilled).as_secs_f64() * rate)
-                            .min(rate * 2.0);
-                        refilled = last_read;
-                        if credit < 1.0 {
-                            let since = *paced_since.get_or_insert(last_read);
-                            if last_read.saturating_duration_since(since).as_secs_f64() > FLOOD_FACTOR {
-                                tracing::debug!(conn, "closed: flooding");
-                                Box::pin(close_flooding(&mut socket, rate)).await;
-                                break;
-                            }
-                            resume_at = Some(last_read + Duration::from_secs_f64((1.0 - credit) / rate));
-                            timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
+                        // Out of credit: wait for one. Flooding is being paced with data always waiting; a client
+                        // that had to be waited for after the last pause was not.
+                        if waited > RESUME_SLACK {
+                            paced_since = None;
                         }
+                        let since = *paced_since.get_or_insert(now);
+                        if now.saturating_duration_since(since).as_secs_f64() > FLOOD_FACTOR {
+                            tracing::debug!(conn, "closed: flooding");
+                            Box::pin(close_flooding(&mut socket, pace.rate)).await;
+                            break;
+                        }
+                        resume_at = Some(now + pace.until_credit());
+                        timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
                     }
                     Ok(Read::Stopped) => {
                         // Answer the client's close with its code (RFC 6455 §5.5.1), then go.
