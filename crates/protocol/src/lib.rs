@@ -3,6 +3,8 @@
 //! Parsing borrows from the input frame and keeps relayed payloads (`sdp`, `candidate`) as raw JSON, so relaying
 //! a message costs one parse and one copy, never a re-serialisation of the SDP.
 
+pub mod sdp;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -14,6 +16,9 @@ pub const MAX_ROOM_LEN: usize = 64;
 pub const MAX_NAME_LEN: usize = 64;
 /// Resume tokens and other opaque strings are never longer than this.
 pub const MAX_TOKEN_LEN: usize = 256;
+/// Join tokens (`token`): a JWT naming a room of up to [`MAX_ROOM_LEN`] bytes and a name of up to [`MAX_NAME_LEN`]
+/// characters (up to 4 bytes each in UTF-8) comes to about 650 bytes; this leaves room for more claims.
+pub const MAX_JOIN_TOKEN_LEN: usize = 2048;
 
 /// Machine-readable error codes (the `code` field of an `error` message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -274,6 +279,11 @@ pub fn valid_room_name(room: &str) -> bool {
         && room.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `true` for a display name the server accepts: at most 64 characters, no control characters.
+pub fn valid_display_name(name: &str) -> bool {
+    check_name(name, "").is_ok()
+}
+
 fn check_name(name: &str, ty: &str) -> Result<(), ProtocolError> {
     if name.chars().count() > MAX_NAME_LEN {
         return Err(ProtocolError::new(
@@ -288,13 +298,12 @@ fn check_name(name: &str, ty: &str) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-fn check_opaque(v: &Option<Cow<'_, str>>, field: &str, ty: &str) -> Result<(), ProtocolError> {
+fn check_opaque(v: &Option<Cow<'_, str>>, field: &str, ty: &str, max: usize) -> Result<(), ProtocolError> {
     match v {
-        Some(s) if s.len() > MAX_TOKEN_LEN => Err(ProtocolError::new(
-            ErrorCode::BadField,
-            format!("field '{field}' is longer than {MAX_TOKEN_LEN} bytes"),
-        )
-        .refers_to(ty)),
+        Some(s) if s.len() > max => {
+            Err(ProtocolError::new(ErrorCode::BadField, format!("field '{field}' is longer than {max} bytes"))
+                .refers_to(ty))
+        }
         _ => Ok(()),
     }
 }
@@ -327,9 +336,9 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             let resume = string_field(fields.resume, "resume", ty)?;
             let token = string_field(fields.token, "token", ty)?;
             let password = string_field(fields.password, "password", ty)?;
-            check_opaque(&resume, "resume", ty)?;
-            check_opaque(&token, "token", ty)?;
-            check_opaque(&password, "password", ty)?;
+            check_opaque(&resume, "resume", ty, MAX_TOKEN_LEN)?;
+            check_opaque(&token, "token", ty, MAX_JOIN_TOKEN_LEN)?;
+            check_opaque(&password, "password", ty, MAX_TOKEN_LEN)?;
             Ok(ClientMessage::Join(Join { room, name, resume, token, password }))
         }
         "offer" | "answer" | "candidate" => {

@@ -216,7 +216,7 @@ impl Rooms {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(room);
-                self.rooms.insert(k.clone(), Room { members: Vec::new(), password: None });
+                self.rooms.insert(k.clone(), Room::new(None, 0.0, 0));
                 k
             }
         };

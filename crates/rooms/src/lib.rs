@@ -102,10 +102,15 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// Largest accepted frame in bytes (`--max-message-size`).
     pub max_message_size: usize,
-    /// Sustained messages per second per connection (`--rate-limit`); bursts of twice this pass.
+    /// Sustained messages per second per connection (`--rate-limit`). The adapter paces reading to it (bursts of
+    /// twice this pass at once, more are read more slowly); the core closes a connection that gets
+    /// [`FLOOD_FACTOR`] times this many messages ahead of the rate anyway.
     pub rate_per_sec: f64,
     /// Refusals a connection may collect in a burst before it is closed; refilled at one per second.
     pub max_errors: f64,
+    /// Wrong passwords a room takes per minute (`--max-password-attempts`); past it every password join to that
+    /// room is refused `rate-limited` until the budget refills.
+    pub password_attempts_per_min: f64,
     /// Seed for peer ids and resume tokens (the server passes OS entropy; tests pass a constant).
     pub seed: u64,
 }
@@ -121,15 +126,23 @@ impl Default for Config {
             max_message_size: 64 * 1024,
             rate_per_sec: 50.0,
             max_errors: 20.0,
+            password_attempts_per_min: 10.0,
             seed: 0,
         }
     }
 }
 
+/// A connection more than this many seconds' worth of messages ahead of `--rate-limit` is flooding: closed with
+/// [`close::POLICY`] and reason [`close::FLOODING`]. A paced adapter only gets there when one read holds that many
+/// messages.
+pub const FLOOD_FACTOR: f64 = 20.0;
+
 /// WebSocket close codes the core asks for.
 pub mod close {
-    /// Policy violation: too many errors, slow reader.
+    /// Policy violation: too many errors, slow reader, flooding.
     pub const POLICY: u16 = 1008;
+    /// The reason a flooding connection is closed with (code [`POLICY`]).
+    pub const FLOODING: &str = "rate-limited: message flood";
     /// Message too big.
     pub const TOO_BIG: u16 = 1009;
     /// Application code: the session was resumed on another connection.
@@ -232,6 +245,13 @@ impl Bucket {
     fn full(cap: f64, now: u64) -> Self {
         Bucket { tokens: cap, last: now }
     }
+    /// Seconds until a token is there (0 when one is).
+    fn wait(&mut self, now: u64, per_sec: f64, cap: f64) -> f64 {
+        let dt = Duration::from_nanos(now.saturating_sub(self.last)).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * per_sec).min(cap);
+        ((1.0 - self.tokens) / per_sec).max(0.0)
+    }
     fn take(&mut self, now: u64, per_sec: f64, cap: f64) -> bool {
         let dt = Duration::from_nanos(now.saturating_sub(self.last)).as_secs_f64();
         self.last = now;
@@ -281,6 +301,14 @@ struct Room {
     members: Vec<Arc<str>>,
     /// Salted SHA-256 of the password the first joiner set.
     password: Option<([u8; 16], [u8; 32])>,
+    /// Wrong passwords this room may still take (refilled per `password_attempts_per_min`).
+    guesses: Bucket,
+}
+
+impl Room {
+    fn new(password: Option<([u8; 16], [u8; 32])>, guesses: f64, now: u64) -> Self {
+        Room { members: Vec::new(), password, guesses: Bucket::full(guesses, now) }
+    }
 }
 
 pub struct Rooms {
@@ -317,23 +345,12 @@ fn password_hash(salt: &[u8; 16], password: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Whether an SDP (as its raw JSON string) sends audio or video: an audio/video section without `recvonly` or
-/// `inactive` sends (`sendrecv` is the default direction).
-fn sdp_sends_media(raw: &serde_json::value::RawValue) -> bool {
-    let Ok(sdp) = serde_json::from_str::<String>(raw.get()) else { return true };
-    let mut sends = false;
-    let mut in_media = false;
-    let mut section_sends = false;
-    for line in sdp.lines().map(str::trim_end) {
-        if let Some(m) = line.strip_prefix("m=") {
-            sends |= in_media && section_sends;
-            in_media = m.starts_with("audio") || m.starts_with("video");
-            section_sends = true;
-        } else if line == "a=recvonly" || line == "a=inactive" {
-            section_sends = false;
-        }
-    }
-    sends || (in_media && section_sends)
+/// Why a subscribe-only peer's SDP (as its raw JSON string) is refused; `None` when it cannot send media.
+fn sdp_refusal(raw: &serde_json::value::RawValue) -> Option<String> {
+    let Ok(sdp) = serde_json::from_str::<std::borrow::Cow<'_, str>>(raw.get()) else {
+        return Some("the SDP is not a string".into());
+    };
+    webcall_protocol::sdp::check_receive_only(&sdp).err().map(|e| e.to_string())
 }
 
 const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -406,7 +423,7 @@ impl Rooms {
     /// A new WebSocket. Admission limits (connections per server or IP) are the adapter's.
     pub fn connect(&mut self, conn: ConnId, now: Instant) {
         self.now = now;
-        let burst = self.cfg.rate_per_sec * 2.0;
+        let burst = self.cfg.rate_per_sec * FLOOD_FACTOR;
         let t = self.nanos(now);
         self.conns.insert(
             conn,
@@ -449,16 +466,15 @@ impl Rooms {
         }
         let t = self.nanos(now);
         let c = self.conns.get_mut(&conn).expect("accepting() checked it");
-        if !c.rate.take(t, self.cfg.rate_per_sec, self.cfg.rate_per_sec * 2.0) {
-            let limit = self.cfg.rate_per_sec;
-            return self.refuse(
-                conn,
-                ProtocolError::new(
-                    ErrorCode::RateLimited,
-                    format!("more than {limit} messages per second; this one was dropped"),
-                ),
-                now,
+        if !c.rate.take(t, self.cfg.rate_per_sec, self.cfg.rate_per_sec * FLOOD_FACTOR) {
+            let (limit, ahead) = (self.cfg.rate_per_sec, self.cfg.rate_per_sec * FLOOD_FACTOR);
+            let e = ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!("more than {ahead} messages ahead of {limit} per second; closing"),
             );
+            self.counters.errors[e.code as usize] += 1;
+            self.push(conn, Arc::from(e.to_json()));
+            return self.close(conn, close::POLICY, close::FLOODING);
         }
         let parsed = parse_client(text);
         let kind = match &parsed {
@@ -774,10 +790,31 @@ impl Rooms {
         // One lookup of the room serves every check and the insert below (nothing else changes the rooms here).
         let existing = self.rooms.get_index_of(&*j.room);
         if let Some(i) = existing {
-            let r = &self.rooms[i];
+            let t = self.nanos(now);
+            let (cap, per_sec) = (self.cfg.password_attempts_per_min, self.cfg.password_attempts_per_min / 60.0);
+            let r = &mut self.rooms[i];
             if let Some((salt, hash)) = &r.password {
+                // Guesses are limited per room, whoever makes them: while the budget is spent, every password is
+                // refused unchecked (a right one too, or guessing from many addresses would go on).
+                if j.password.is_some() {
+                    let wait = r.guesses.wait(t, per_sec, cap);
+                    if wait > 0.0 {
+                        let e = ProtocolError::new(
+                            ErrorCode::RateLimited,
+                            format!(
+                                "too many wrong passwords for room '{}'; try again in {} s",
+                                j.room,
+                                wait.ceil() as u64
+                            ),
+                        );
+                        return self.refuse(conn, e.refers_to("join"), now);
+                    }
+                }
                 let given = j.password.as_deref().unwrap_or("");
                 if !bool::from(password_hash(salt, given).ct_eq(hash)) {
+                    if j.password.is_some() {
+                        r.guesses.take(t, per_sec, cap);
+                    }
                     let what = if j.password.is_some() { "wrong password" } else { "this room needs a password" };
                     let e = ProtocolError::new(ErrorCode::Unauthorized, format!("{what} for room '{}'", j.room));
                     return self.refuse(conn, e.refers_to("join"), now);
@@ -811,7 +848,8 @@ impl Rooms {
                     (salt, password_hash(&salt, p))
                 });
                 let room: Arc<str> = Arc::from(&*j.room);
-                (self.rooms.insert_full(room.clone(), Room { members: Vec::new(), password }).0, room)
+                let created = Room::new(password, self.cfg.password_attempts_per_min, self.nanos(now));
+                (self.rooms.insert_full(room.clone(), created).0, room)
             }
         };
         let name: Arc<str> = Arc::from(admission.name.as_deref().unwrap_or(&j.name));
@@ -889,13 +927,14 @@ impl Rooms {
             return self.refuse(conn, e.refers_to(ty), now);
         };
         let to = to.clone();
-        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish && sdp_sends_media(r.payload)
-        {
-            let e = ProtocolError::new(
-                ErrorCode::Unauthorized,
-                "your token is subscribe-only: mark audio and video recvonly (or inactive) in your SDP",
-            );
-            return self.refuse(conn, e.refers_to(ty), now);
+        if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish {
+            if let Some(why) = sdp_refusal(r.payload) {
+                let e = ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    format!("your token is subscribe-only: {why}; mark audio and video recvonly (or inactive), once"),
+                );
+                return self.refuse(conn, e.refers_to(ty), now);
+            }
         }
         if !self.deliver(&to, Arc::from(r.encode_from(&from))) {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));

@@ -5,6 +5,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use webcall_protocol::{ErrorCode, Join, ProtocolError};
 use webcall_rooms::{Admission, ConnId, JoinPolicy};
@@ -19,6 +23,9 @@ pub struct Claims {
     pub name: Option<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Not valid before this time (seconds since the Unix epoch), when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// `join` (required) and `publish` (send media); without `publish` the holder is subscribe-only.
     pub permissions: Vec<String>,
 }
@@ -30,7 +37,7 @@ pub fn mint_token(secret: &str, room: &str, name: Option<&str>, ttl: Duration, p
     if publish {
         permissions.push("publish".to_owned());
     }
-    let claims = Claims { room: room.to_owned(), name: name.map(str::to_owned), exp, permissions };
+    let claims = Claims { room: room.to_owned(), name: name.map(str::to_owned), exp, nbf: None, permissions };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
         .expect("HS256 signing cannot fail")
 }
@@ -44,12 +51,14 @@ pub fn verify_token(secret: &str, token: Option<&str>, room: &str) -> Result<Adm
     let token = token.ok_or_else(|| unauthorized("this server needs a join token: add \"token\" to join"))?;
     let mut v = Validation::new(Algorithm::HS256);
     v.leeway = 5;
+    v.validate_nbf = true;
     v.set_required_spec_claims(&["exp"]);
     let data =
         jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => unauthorized("the join token has expired; ask for a new one"),
+                ErrorKind::ImmatureSignature => unauthorized("the join token is not valid yet (nbf); try again later"),
                 ErrorKind::InvalidSignature => unauthorized("the join token's signature is not valid for this server"),
                 _ => unauthorized(format!("the join token is not valid: {e}")),
             }
@@ -102,6 +111,7 @@ impl ServerPolicy {
     }
 
     fn take_join(&self, ip: IpAddr) -> bool {
+        let ip = addr_key(ip);
         let now = Instant::now();
         let (cap, per_sec) = (self.joins_per_min, self.joins_per_min / 60.0);
         let mut buckets = self.buckets.lock();
@@ -139,9 +149,20 @@ impl JoinPolicy for ServerPolicy {
     }
 }
 
+/// What per-address limits count against: IPv4 addresses as they are (also when they arrive IPv4-mapped on a
+/// dual-stack socket), IPv6 addresses by their /64 (one host usually has a whole /64 to pick from).
+pub fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
 /// The client's address: the socket peer, or, when that peer is a trusted proxy, the right-most address in
-/// `X-Forwarded-For` that is not itself a trusted proxy.
+/// `X-Forwarded-For` that is not itself a trusted proxy. IPv4-mapped IPv6 addresses come out as IPv4, so
+/// `127.0.0.0/8` matches a proxy on a dual-stack listener.
 pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
@@ -149,7 +170,7 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[ipnet::Ip
     let Some(xff) = forwarded_for else { return peer };
     let mut chosen = peer;
     for hop in xff.rsplit(',') {
-        match hop.trim().parse::<IpAddr>() {
+        match hop.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()) {
             Ok(ip) => {
                 chosen = ip;
                 if !is_trusted(&ip) {
@@ -160,6 +181,127 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[ipnet::Ip
         }
     }
     chosen
+}
+
+/// Counts TCP connections per client address as they are accepted, before any byte is read (so before the TLS
+/// handshake, the HTTP request and the WebSocket upgrade), and refuses past `limit`: half-sent requests from one
+/// address cannot take every file descriptor. Trusted proxies are not counted here (the WebSocket limit counts
+/// their clients by `X-Forwarded-For`).
+#[derive(Clone)]
+pub struct ConnCap(Arc<CapState>);
+
+struct CapState {
+    limit: usize,
+    trusted: Vec<ipnet::IpNet>,
+    open: Mutex<HashMap<IpAddr, usize>>,
+    refused: Arc<AtomicU64>,
+}
+
+impl ConnCap {
+    pub fn new(limit: usize, trusted: Vec<ipnet::IpNet>, refused: Arc<AtomicU64>) -> Self {
+        ConnCap(Arc::new(CapState { limit, trusted, open: Mutex::new(HashMap::new()), refused }))
+    }
+
+    /// A slot for a connection from `peer`, or `None` when that address is at its limit.
+    fn admit(&self, peer: IpAddr) -> Option<Slot> {
+        let peer = peer.to_canonical();
+        if self.0.trusted.iter().any(|n| n.contains(&peer)) {
+            return Some(Slot(None));
+        }
+        let key = addr_key(peer);
+        let mut open = self.0.open.lock();
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.0.limit {
+            drop(open);
+            self.0.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *n += 1;
+        Some(Slot(Some((self.clone(), key))))
+    }
+}
+
+/// One counted connection; gives its place back when dropped.
+struct Slot(Option<(ConnCap, IpAddr)>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((cap, key)) = self.0.take() {
+            let mut open = cap.0.open.lock();
+            if let Some(n) = open.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// An accepted TCP stream holding its [`ConnCap`] slot for as long as it lives (also once upgraded).
+pub struct Counted {
+    io: tokio::net::TcpStream,
+    _slot: Slot,
+}
+
+impl Counted {
+    /// Looks at the first bytes without taking them.
+    pub async fn peek(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.io.peek(buf).await
+    }
+}
+
+impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for ConnCap {
+    type Stream = Counted;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Counted, S)>>;
+
+    fn accept(&self, io: tokio::net::TcpStream, service: S) -> Self::Future {
+        // On Linux accepted sockets inherit TCP_NODELAY from the listener.
+        #[cfg(not(target_os = "linux"))]
+        let _ = io.set_nodelay(true);
+        let slot = match io.peer_addr() {
+            Ok(peer) => self.admit(peer.ip()),
+            Err(e) => return std::future::ready(Err(e)),
+        };
+        std::future::ready(match slot {
+            Some(slot) => Ok((Counted { io, _slot: slot }, service)),
+            // Dropping the stream closes it at once.
+            None => Err(std::io::Error::other("too many connections from this address")),
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -181,7 +323,8 @@ mod tests {
         let viewer = mint_token(SECRET, "*", None, Duration::from_secs(60), false);
         assert_eq!(verify_token(SECRET, Some(&viewer), "any").unwrap(), Admission { name: None, publish: false });
         // Expired an hour ago.
-        let claims = Claims { room: "r".into(), name: None, exp: 1_000_000, permissions: vec!["join".into()] };
+        let claims =
+            Claims { room: "r".into(), name: None, exp: 1_000_000, nbf: None, permissions: vec!["join".into()] };
         let old =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes()))
                 .unwrap();
@@ -214,5 +357,36 @@ mod tests {
         );
         assert_eq!(client_ip(proxy, None, &trusted), proxy);
         assert_eq!(client_ip(proxy, Some("junk"), &trusted), proxy);
+        // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
+        let loopback: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(client_ip(mapped, Some("::ffff:1.2.3.4"), &loopback), "1.2.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(mapped, None, &loopback), "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn limits_key_ipv6_by_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(addr_key(a), addr_key(b));
+        assert_eq!(addr_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(addr_key(a), addr_key(c));
+        assert_eq!(addr_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(addr_key("10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn not_before_is_honoured() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let claims =
+            |nbf| Claims { room: "r".into(), name: None, exp: now + 600, nbf, permissions: vec!["join".into()] };
+        let sign = |c: &Claims| {
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), c, &EncodingKey::from_secret(SECRET.as_bytes()))
+                .unwrap()
+        };
+        let e = verify_token(SECRET, Some(&sign(&claims(Some(now + 300)))), "r").unwrap_err();
+        assert!(e.message.contains("not valid yet"), "{e}");
+        assert!(verify_token(SECRET, Some(&sign(&claims(Some(now - 1)))), "r").is_ok());
     }
 }

@@ -54,13 +54,19 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_QUEUED_BYTES", value_name = "BYTES")]
     pub max_queued_bytes: Option<usize>,
 
-    /// Messages per second per connection; bursts of twice this pass [default: 50].
+    /// Messages per second per connection; bursts of twice this pass at once, more are read more slowly, and a
+    /// connection flooding past it for 20 s is closed [default: 50].
     #[arg(long, env = "WEBCALL_RATE_LIMIT", value_name = "PER_SEC")]
     pub rate_limit: Option<f64>,
 
     /// Refused messages a connection may send in a burst before it is closed (refilled at 1/s) [default: 20].
     #[arg(long, env = "WEBCALL_MAX_ERRORS", value_name = "N")]
     pub max_errors: Option<f64>,
+
+    /// Wrong room passwords a room takes per minute, from anyone; past it password joins to that room are refused
+    /// `rate-limited` until the budget refills [default: 10].
+    #[arg(long, env = "WEBCALL_MAX_PASSWORD_ATTEMPTS", value_name = "PER_MIN")]
+    pub max_password_attempts: Option<f64>,
 
     /// Interval of WebSocket pings [default: 10s].
     #[arg(long, env = "WEBCALL_PING_INTERVAL", value_name = "DURATION", value_parser = duration)]
@@ -216,6 +222,7 @@ impl ServeArgs {
             max_message_size: pick!(max_message_size, d.max_message_size),
             rate_per_sec: pick!(rate_limit, d.rate_per_sec),
             max_errors: pick!(max_errors, d.max_errors),
+            password_attempts_per_min: pick!(max_password_attempts, d.password_attempts_per_min),
             seed: rand::random(),
         };
         let cfg = ServeConfig {
@@ -304,6 +311,12 @@ impl ServeArgs {
         )?;
         range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
         range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
+        range(
+            "max-password-attempts",
+            r.password_attempts_per_min.to_string(),
+            r.password_attempts_per_min >= 1.0,
+            "at least 1 per minute",
+        )?;
         range(
             "max-connections-per-ip",
             cfg.max_connections_per_ip.to_string(),

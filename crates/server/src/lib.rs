@@ -19,11 +19,6 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-/// Accepted sockets get TCP_NODELAY: inherited from the listener on Linux, set one by one elsewhere.
-#[cfg(target_os = "linux")]
-type Accept = axum_server::accept::DefaultAcceptor;
-#[cfg(not(target_os = "linux"))]
-type Accept = axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsAcceptor;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -34,6 +29,19 @@ use std::time::{Duration, Instant};
 use upgrade::WebSocketUpgrade;
 use webcall_protocol::{ErrorCode, ProtocolError};
 use webcall_rooms::IceProvider;
+
+/// A TLS handshake must be done within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection must send its first request within this of being accepted (after the TLS handshake), and every
+/// request's headers within this of the previous response (or of the first byte): silent, dribbling and idle
+/// keep-alive connections are closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP timeouts every listener gets (see [`HEADER_TIMEOUT`]).
+fn bounded<A>(mut server: axum_server::Server<SocketAddr, A>) -> axum_server::Server<SocketAddr, A> {
+    server.http_builder().http1().header_read_timeout(HEADER_TIMEOUT);
+    server.first_request_timeout(HEADER_TIMEOUT)
+}
 
 /// Renders extra Prometheus lines (e.g. TURN figures) into `/metrics`.
 pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
@@ -155,6 +163,7 @@ pub async fn serve_prepared(
         .route("/", get(|| async { web::asset("index.html") }))
         .route("/r/{room}", get(call_page))
         .route("/{*path}", get(|Path(path): Path<String>| async move { web::asset(&path) }))
+        .layer(axum::middleware::map_response(web::security_headers))
         .with_state(state.clone())
         .into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
@@ -166,16 +175,22 @@ pub async fn serve_prepared(
         .set_tcp_nodelay(true)
         .map_err(|source| ServeError::Bind { addr: local_addr, source })?;
     let bind_err = |source| ServeError::Bind { addr: local_addr, source };
+    let cap = access::ConnCap::new(
+        state.cfg.max_connections_per_ip,
+        state.cfg.trusted_proxies.clone(),
+        state.counters.refused_tcp_per_ip.clone(),
+    );
     let (scheme, fingerprint, task) = match &tls {
         Some(t) => {
-            let acceptor = RustlsAcceptor::new(t.config.clone()).acceptor(web::PlainHttpRedirect);
-            let server = axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(acceptor).handle(handle.clone());
-            ("https", Some(t.fingerprint.clone()), tokio::spawn(server.serve(app)))
+            let acceptor = RustlsAcceptor::new(t.config.clone())
+                .handshake_timeout(HANDSHAKE_TIMEOUT)
+                .acceptor(web::PlainHttpRedirect(cap));
+            let server = bounded(axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(acceptor));
+            ("https", Some(t.fingerprint.clone()), tokio::spawn(server.handle(handle.clone()).serve(app)))
         }
         None => {
-            let server =
-                axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(Accept::new()).handle(handle.clone());
-            ("http", None, tokio::spawn(server.serve(app)))
+            let server = bounded(axum_server::from_tcp(listener).map_err(bind_err)?.acceptor(cap));
+            ("http", None, tokio::spawn(server.handle(handle.clone()).serve(app)))
         }
     };
     Ok(Server { local_addr, scheme, fingerprint, tls, state, handle, task })
@@ -253,9 +268,10 @@ async fn ws_upgrade(
         state.counters.refused_server_full.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::SERVICE_UNAVAILABLE, "server full: too many connections; try later\n").into_response();
     }
+    let key = access::addr_key(ip);
     let over_ip_limit = {
         let mut per_ip = state.per_ip.lock();
-        let count = per_ip.entry(ip).or_insert(0);
+        let count = per_ip.entry(key).or_insert(0);
         *count += 1;
         *count > state.cfg.max_connections_per_ip
     };
@@ -265,7 +281,7 @@ async fn ws_upgrade(
     let failed_state = state.clone();
     ws.max_message_size(cap)
         .on_failed_upgrade(move |e| {
-            release(&failed_state, ip);
+            release(&failed_state, key);
             tracing::debug!("WebSocket upgrade failed: {e}");
         })
         .on_upgrade(move |socket| async move {
@@ -281,17 +297,18 @@ async fn ws_upgrade(
             } else {
                 ws::run(socket, state.clone(), ip).await;
             }
-            release(&state, ip);
+            release(&state, key);
         })
 }
 
-fn release(state: &AppState, ip: IpAddr) {
+/// `key` is the client's [`access::addr_key`].
+fn release(state: &AppState, key: IpAddr) {
     state.connections.fetch_sub(1, Ordering::Relaxed);
     let mut per_ip = state.per_ip.lock();
-    if let Some(n) = per_ip.get_mut(&ip) {
+    if let Some(n) = per_ip.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
-            per_ip.remove(&ip);
+            per_ip.remove(&key);
         }
     }
 }

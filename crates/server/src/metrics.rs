@@ -11,6 +11,8 @@ pub struct AdapterCounters {
     pub refused_server_full: std::sync::atomic::AtomicU64,
     pub refused_per_ip: std::sync::atomic::AtomicU64,
     pub refused_origin: std::sync::atomic::AtomicU64,
+    /// TCP connections closed at accept: their address had `--max-connections-per-ip` open already.
+    pub refused_tcp_per_ip: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -55,6 +57,7 @@ pub fn render(stats: Stats, counters: &Counters, adapter: &AdapterCounters, extr
         ("server-full", adapter.refused_server_full.load(Relaxed)),
         ("per-ip", adapter.refused_per_ip.load(Relaxed)),
         ("origin", adapter.refused_origin.load(Relaxed)),
+        ("tcp-per-ip", adapter.refused_tcp_per_ip.load(Relaxed)),
     ] {
         let _ = writeln!(o, "webcall_connections_refused_total{{reason=\"{reason}\"}} {v}");
     }

@@ -52,6 +52,20 @@ fn self_signed_names() -> Vec<String> {
     names
 }
 
+/// How long a self-signed certificate is valid from now (browsers refuse real certificates valid for more than
+/// about 13 months; a year is plenty for a LAN server that makes a new one at each start).
+pub const SELF_SIGNED_VALIDITY: time::Duration = time::Duration::days(365);
+
+/// A self-signed certificate valid from a day ago (clocks differ) to [`SELF_SIGNED_VALIDITY`] from now.
+fn self_signed() -> Result<(rcgen::Certificate, rcgen::KeyPair), rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(self_signed_names())?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + SELF_SIGNED_VALIDITY;
+    Ok((params.self_signed(&key)?, key))
+}
+
 pub async fn load(source: &TlsSource) -> Result<Tls, TlsError> {
     install_crypto_provider();
     match source {
@@ -63,15 +77,11 @@ pub async fn load(source: &TlsSource) -> Result<Tls, TlsError> {
             Ok(Tls { config, fingerprint, source: source.clone() })
         }
         TlsSource::SelfSigned => {
-            let certified = rcgen::generate_simple_self_signed(self_signed_names())
+            let (cert, key) = self_signed().map_err(|e| TlsError::Generate(e.to_string()))?;
+            let fingerprint = fingerprint(cert.der());
+            let config = RustlsConfig::from_pem(cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+                .await
                 .map_err(|e| TlsError::Generate(e.to_string()))?;
-            let fingerprint = fingerprint(certified.cert.der());
-            let config = RustlsConfig::from_pem(
-                certified.cert.pem().into_bytes(),
-                certified.signing_key.serialize_pem().into_bytes(),
-            )
-            .await
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
             Ok(Tls { config, fingerprint, source: source.clone() })
         }
     }

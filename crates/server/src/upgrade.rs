@@ -132,7 +132,7 @@ pub enum Read {
     More,
     /// The client closed the connection.
     Eof,
-    /// The handler asked to stop (the client's close frame).
+    /// The handler asked to stop (the client's close frame, or pacing); frames after it are kept for the next call.
     Stopped,
 }
 
@@ -154,20 +154,34 @@ pub struct Socket<T> {
     partial: Vec<u8>,
     /// The unfinished frame's size as far as known.
     need: usize,
+    /// `partial` may hold whole frames: reading stopped (paced) before they were handed out. Decode before reading.
+    held: bool,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
     pub fn new(io: T, max_message: usize) -> Self {
-        Socket { io, decoder: Decoder::new(max_message), partial: Vec::new(), need: 0 }
+        Socket { io, decoder: Decoder::new(max_message), partial: Vec::new(), need: 0, held: false }
     }
 
-    /// Reads once and hands every whole frame read to `on` (which returns `false` to stop reading).
+    /// Reads once and hands every whole frame read to `on` (which returns `false` to stop: frames after that one
+    /// are kept, and handed out first by the next call).
     pub fn poll_read_frames(
         &mut self,
         cx: &mut Context<'_>,
         on: &mut dyn FnMut(Event<'_>) -> bool,
     ) -> Poll<Result<Read, ReadError>> {
-        let Socket { io, decoder, partial, need } = self;
+        let Socket { io, decoder, partial, need, held } = self;
+        if std::mem::take(held) {
+            let d = decoder.decode(partial, on).map_err(ReadError::Violation)?;
+            if d.consumed == partial.len() {
+                *partial = Vec::new();
+            } else {
+                partial.drain(..d.consumed);
+                *need = d.need;
+                *held = d.stopped;
+            }
+            return Poll::Ready(Ok(if d.stopped { Read::Stopped } else { Read::More }));
+        }
         if partial.is_empty() {
             return SCRATCH_BUF.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
@@ -179,14 +193,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
                 }
                 let got = &mut scratch[..n];
                 let d = decoder.decode(got, on).map_err(ReadError::Violation)?;
-                if d.stopped {
-                    return Poll::Ready(Ok(Read::Stopped));
-                }
                 if d.consumed < n {
                     *partial = got[d.consumed..].to_vec();
                     *need = d.need;
+                    *held = d.stopped;
                 }
-                Poll::Ready(Ok(Read::More))
+                Poll::Ready(Ok(if d.stopped { Read::Stopped } else { Read::More }))
             });
         }
         // Finishing a frame: read into the connection's own buffer, at least what the frame still needs.
@@ -201,16 +213,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity (that is what `filled` counts).
         unsafe { partial.set_len(partial.len() + n) };
         let d = decoder.decode(partial, on).map_err(ReadError::Violation)?;
-        if d.stopped {
-            return Poll::Ready(Ok(Read::Stopped));
-        }
         if d.consumed == partial.len() {
             *partial = Vec::new();
         } else {
             partial.drain(..d.consumed);
             *need = d.need;
+            *held = d.stopped;
         }
-        Poll::Ready(Ok(Read::More))
+        Poll::Ready(Ok(if d.stopped { Read::Stopped } else { Read::More }))
     }
 
     /// Writes encoded frames (all of them, or fails) and flushes them.
@@ -293,6 +303,34 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got, msgs);
         assert_eq!(s.partial.capacity(), 0, "nothing kept once every frame is out");
+    }
+
+    /// A handler that stops (pacing) leaves the frames after that one for the next call, which hands them out
+    /// without waiting for the socket.
+    #[tokio::test]
+    async fn frames_after_a_stop_are_kept_for_the_next_call() {
+        let wire: Vec<u8> = ["one", "two", "three"].iter().flat_map(|m| client_text(m)).collect();
+        let (mut w, r) = tokio::io::duplex(1024);
+        w.write_all(&wire).await.unwrap();
+        let mut s = Socket::new(r, 1024);
+        let mut got: Vec<String> = Vec::new();
+        for want in [Read::Stopped, Read::Stopped, Read::Stopped] {
+            let r = poll_fn(|cx| {
+                s.poll_read_frames(cx, &mut |e| {
+                    if let Event::Text(t) = e {
+                        got.push(t.to_string());
+                    }
+                    false
+                })
+            })
+            .await
+            .unwrap();
+            assert_eq!(r, want);
+        }
+        assert_eq!(got, ["one", "two", "three"]);
+        assert_eq!(s.partial.capacity(), 0, "nothing kept once every frame is out");
+        drop(w);
+        assert_eq!(poll_fn(|cx| s.poll_read_frames(cx, &mut |_| true)).await.unwrap(), Read::Eof);
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@ use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::http::{header, StatusCode};
+use crate::access::{ConnCap, Counted};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,6 +28,23 @@ pub fn asset(path: &str) -> Response {
     }
 }
 
+/// The page's policy: scripts (ES modules), styles and images only from this server, the signaling WebSocket to it,
+/// video from `MediaStream`s, no plugins, no framing. Inline `style="…"` attributes stay allowed (the icon sprite
+/// uses one); inline scripts do not.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+    style-src-attr 'unsafe-inline'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; \
+    connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// Adds the security headers to every response (pages, assets, errors).
+pub async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    r
+}
+
 /// The call page for a room name that is not valid, with status 400: the page explains the rule and offers a
 /// valid name (a plain-text 400 would leave a person who mistyped a link with nothing to do).
 pub fn bad_room_page() -> Response {
@@ -35,23 +53,25 @@ pub fn bad_room_page() -> Response {
     page
 }
 
-/// The first acceptor on a TLS port: a connection whose first byte is not a TLS handshake record (0x16) is plain
-/// HTTP (someone typed `http://` for the HTTPS port) and gets a redirect to the same address over `https://`
-/// instead of a protocol error; the others go on to the TLS handshake.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PlainHttpRedirect;
+/// The first acceptor on a TLS port, after the per-address cap: a connection whose first byte is not a TLS
+/// handshake record (0x16) is plain HTTP (someone typed `http://` for the HTTPS port) and gets a redirect to the same
+/// address over `https://` instead of a protocol error; the others go on to the TLS handshake.
+#[derive(Clone)]
+pub struct PlainHttpRedirect(pub ConnCap);
 
 /// How long a plain-HTTP client may take to send its request head, and its largest size.
 const REDIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const REDIRECT_MAX_HEAD: usize = 8192;
 
 impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for PlainHttpRedirect {
-    type Stream = TcpStream;
+    type Stream = Counted;
     type Service = S;
-    type Future = Pin<Box<dyn Future<Output = io::Result<(TcpStream, S)>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(Counted, S)>> + Send>>;
 
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let counted = self.0.accept(stream, service);
         Box::pin(async move {
+            let (stream, service) = counted.await?;
             let mut first = [0u8; 1];
             let n = tokio::time::timeout(REDIRECT_READ_TIMEOUT, stream.peek(&mut first))
                 .await
@@ -66,7 +86,7 @@ impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for PlainHttpR
 }
 
 /// Reads a plain HTTP request head and answers 301 to `https://<Host><path>` (400 when it has no usable Host).
-async fn redirect_to_https(mut stream: TcpStream) {
+async fn redirect_to_https(mut stream: Counted) {
     let mut head = Vec::with_capacity(1024);
     let read = async {
         let mut buf = [0u8; 1024];

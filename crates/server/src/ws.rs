@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
-use webcall_protocol::ProtocolError;
-use webcall_rooms::{close, ConnId, Frame};
+use webcall_protocol::{ErrorCode, ProtocolError};
+use webcall_rooms::{close, ConnId, Frame, FLOOD_FACTOR};
 use webcall_wsframe::{opcode, Event};
 
 /// Writes taking longer than this mean the peer stopped reading; the connection is dropped.
@@ -90,6 +90,62 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
     Step::Go
 }
 
+/// Tells a flooding client why it is closed: `rate-limited`, then close 1008 with reason [`close::FLOODING`].
+async fn close_flooding(socket: &mut WebSocket, rate: f64) {
+    let e = ProtocolError::new(
+        ErrorCode::RateLimited,
+        format!("sent more than {rate} messages per second for {FLOOD_FACTOR} s without a break; closing"),
+    );
+    let mut out = Vec::new();
+    webcall_wsframe::encode(&mut out, opcode::TEXT, e.to_json().as_bytes());
+    webcall_wsframe::encode_close(&mut out, close::POLICY, close::FLOODING);
+    let _ = timeout(CLOSE_GRACE, socket.write(&out)).await;
+}
+
+/// After a pause, a read that had to wait longer than this for data means the client was not backlogged.
+const RESUME_SLACK: Duration = Duration::from_millis(500);
+
+/// Message credit of one connection: `rate` per second, up to twice that at once.
+struct Pace {
+    rate: f64,
+    credit: f64,
+    refilled: Instant,
+}
+
+impl Pace {
+    fn new(rate: f64) -> Self {
+        Pace { rate, credit: rate * 2.0, refilled: Instant::now() }
+    }
+
+    /// Takes a credit for a message just handed on; `false` when there is none left for the next one. Within a
+    /// read the clock is read only when credit runs low.
+    fn take(&mut self) -> bool {
+        self.credit -= 1.0;
+        if self.credit >= 1.0 {
+            return true;
+        }
+        self.refill(Instant::now());
+        self.credit >= 1.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.credit = (self.credit + dt * self.rate).min(self.rate * 2.0);
+        self.refilled = now;
+    }
+
+    /// How long until the next credit.
+    fn until_credit(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.credit) / self.rate).max(0.0))
+    }
+}
+
+/// When the connection's one timer fires next.
+fn deadline(next_ping: Instant, idle_at: Instant, resume_at: Option<Instant>) -> Instant {
+    let t = next_ping.min(idle_at);
+    resume_at.map_or(t, |r| r.min(t))
+}
+
 pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let signal = Arc::new(ConnSignal::default());
@@ -98,6 +154,13 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
 
     let idle = state.cfg.idle_timeout;
     let ping_every = state.cfg.ping_interval;
+    // Pacing (backpressure): every message read takes a credit; credit refills at `--rate-limit` up to twice that.
+    // Out of credit, reading stops (the rest stays in the socket, or in the frames already read) until a credit is
+    // back, so a burst is read more slowly, not refused. A connection paced without a break for `FLOOD_FACTOR`
+    // seconds (that many times the rate ahead) is flooding, and is closed.
+    let mut pace = Pace::new(state.cfg.rooms.rate_per_sec);
+    let mut resume_at: Option<Instant> = None;
+    let mut paced_since: Option<Instant> = None;
     // One timer for both the idle timeout and pings: reads only record when they happened, and the timer is
     // reset when it fires (far cheaper than re-arming it on every frame).
     let mut last_read = Instant::now();
@@ -120,7 +183,12 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             }
             () = &mut timer => {
                 let now = Instant::now();
-                if now >= last_read + idle {
+                if resume_at.is_some_and(|t| now >= t) {
+                    // Paused reading is not the client's silence.
+                    resume_at = None;
+                    last_read = now;
+                }
+                if resume_at.is_none() && now >= last_read + idle {
                     tracing::debug!(conn, "dropped: idle for {idle:?}");
                     break;
                 }
@@ -131,16 +199,16 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     }
                     next_ping = Instant::now() + ping_every;
                 }
-                timer.as_mut().reset(next_ping.min(last_read + idle));
+                timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
             }
             read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
                 Event::Text(t) => {
                     state.router.message(conn, t);
-                    true
+                    pace.take()
                 }
                 Event::Binary(len) => {
                     state.router.binary(conn, len);
-                    true
+                    pace.take()
                 }
                 Event::Ping(payload) => {
                     pong = Some(payload.to_vec());
@@ -151,11 +219,31 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     client_close = Some(c.map_or(webcall_wsframe::close_code::NORMAL, |(code, _)| code));
                     false
                 }
-            })) => {
-                last_read = Instant::now();
+            })), if resume_at.is_none() => {
+                let now = Instant::now();
+                // Since the previous read, or since reading resumed after a pause.
+                let waited = now.saturating_duration_since(last_read);
+                last_read = now;
+                // Refilled at every read too (with the clock read anyway), so quiet time counts up to the cap.
+                pace.refill(now);
                 match read {
-                    Ok(Read::More) => {}
+                    Ok(Read::More) => paced_since = None,
                     Ok(Read::Eof) => break,
+                    Ok(Read::Stopped) if client_close.is_none() => {
+                        // Out of credit: wait for one. Flooding is being paced with data always waiting; a client
+                        // that had to be waited for after the last pause was not.
+                        if waited > RESUME_SLACK {
+                            paced_since = None;
+                        }
+                        let since = *paced_since.get_or_insert(now);
+                        if now.saturating_duration_since(since).as_secs_f64() > FLOOD_FACTOR {
+                            tracing::debug!(conn, "closed: flooding");
+                            Box::pin(close_flooding(&mut socket, pace.rate)).await;
+                            break;
+                        }
+                        resume_at = Some(now + pace.until_credit());
+                        timer.as_mut().reset(deadline(next_ping, last_read + idle, resume_at));
+                    }
                     Ok(Read::Stopped) => {
                         // Answer the client's close with its code (RFC 6455 §5.5.1), then go.
                         let code = client_close.unwrap_or(webcall_wsframe::close_code::NORMAL);

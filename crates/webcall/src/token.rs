@@ -25,6 +25,11 @@ pub fn run(a: TokenArgs) -> anyhow::Result<()> {
     if a.room != "*" && !webcall_protocol::valid_room_name(&a.room) {
         anyhow::bail!("--room: room names are 1-64 characters of A-Z a-z 0-9 _ - (or * for any room)");
     }
+    if let Some(name) = &a.name {
+        if !webcall_protocol::valid_display_name(name) {
+            anyhow::bail!("--name: display names are at most 64 characters, without control characters");
+        }
+    }
     println!(
         "{}",
         webcall_server::access::mint_token(&a.auth_secret, &a.room, a.name.as_deref(), a.ttl, !a.subscribe_only)

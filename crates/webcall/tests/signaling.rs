@@ -107,20 +107,13 @@ async fn every_error_code_and_the_connection_stays_usable() {
     f.send(json!({"type":"join","room":"third"})).await;
     f.expect_error("server-full").await;
 
-    // rate-limited: a burst past twice the rate.
-    let mut limited = 0;
+    // A burst past twice the rate is read more slowly, not refused (rate-limited is for floods: see security.rs).
     for _ in 0..15 {
         c.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
     }
     for _ in 0..15 {
-        let m = c.expect("error").await;
-        if m["code"] == "rate-limited" {
-            limited += 1;
-        } else {
-            assert_eq!(m["code"], "unknown-peer");
-        }
+        c.expect_error("unknown-peer").await;
     }
-    assert!(limited >= 5, "a burst of 15 at 5/s (burst 10) must be limited, got {limited}");
 
     // too-large: refused with an error, then closed with 1009.
     let big = format!(r#"{{"type":"offer","to":"x","sdp":"{}"}}"#, "a".repeat(70_000));
