@@ -103,6 +103,13 @@ describe('Firefox', () => {
     await chrome.click('#btn-screen');
     await until(fox, (id) => !document.querySelector(`.tile[data-peer="${id}:screen"]`), chromeId);
 
+    // Headless Firefox has no screen to capture (getDisplayMedia: NotFoundError): the page says so and the call
+    // goes on.
+    await fox.click('#btn-screen');
+    await until(fox, () => !document.querySelector('#toast').hidden && /Could not share the screen/.test(document.querySelector('#toast').textContent));
+    assert.equal(await fox.evaluate(() => window.webcall.call.screenSharing), false);
+    await decodesVideoFrom(chrome, foxId);
+
     // Hanging up in Firefox removes its tile on the other side.
     await fox.keyboard.press('q');
     await until(chrome, (id) => !document.querySelector(`.tile[data-peer="${id}"]`) && window.webcall.call.peers.size === 0, foxId);
