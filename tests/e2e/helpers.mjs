@@ -9,7 +9,6 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before } from 'node:test';
 import { chromium } from 'playwright-core';
-import puppeteer from 'puppeteer-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const ARTIFACTS = path.join(ROOT, 'test-artifacts');
@@ -153,6 +152,8 @@ export const FIREFOX_PREFS = {
  * @returns {Promise<import('puppeteer-core').Browser>}
  */
 export async function launchFirefox() {
+  // Loaded here: only the Firefox tests need it.
+  const { default: puppeteer } = await import('puppeteer-core');
   return puppeteer.launch({
     browser: 'firefox',
     protocol: 'webDriverBiDi',
