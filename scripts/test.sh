@@ -27,7 +27,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   # Debian's coturn may start its own turnserver on 3478; the tests use their own ports, but do not leave it running.
   pkill -x turnserver 2>/dev/null || true
 fi
-if [ -f package.json ] && [ ! -d node_modules ]; then
+# npm ci on a fresh checkout, and again when package-lock.json is newer than what npm installed (its copy in
+# node_modules/.package-lock.json), e.g. after a merge that added a package.
+if [ -f package.json ] && { [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; }; then
   log "installing Node packages (npm ci)"
   npm ci --no-audit --no-fund --loglevel=error
 fi
