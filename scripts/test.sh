@@ -9,6 +9,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # --- what the tests need --------------------------------------------------------------------------------------
 need_pkgs=()
 command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v firefox-esr >/dev/null || need_pkgs+=(firefox-esr)
 command -v turnutils_uclient >/dev/null || need_pkgs+=(coturn)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v redis-sentinel >/dev/null || need_pkgs+=(redis-sentinel)
@@ -24,7 +25,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   # Debian's coturn may start its own turnserver on 3478; the tests use their own ports, but do not leave it running.
   pkill -x turnserver 2>/dev/null || true
 fi
-if [ -f package.json ] && [ ! -d node_modules ]; then
+# npm ci on a fresh checkout, and again when package-lock.json is newer than what npm installed (its copy in
+# node_modules/.package-lock.json), e.g. after a merge that added a package.
+if [ -f package.json ] && { [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; }; then
   log "installing Node packages (npm ci)"
   npm ci --no-audit --no-fund --loglevel=error
 fi
@@ -34,15 +37,19 @@ log "cargo test"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads="${WEBCALL_TEST_THREADS:-4}"
 
-# --- browser and end-to-end tests (Node's test runner driving Debian's chromium) ---------------------------------
-# Chromium's ICE offers every interface's address as a candidate, so the browsers run in a network namespace that
-# has only loopback: nothing in these tests can reach anything but 127.0.0.1 (the tests refuse to run otherwise).
+# --- browser and end-to-end tests (Node's test runner driving Debian's chromium and firefox-esr) ------------------
+# The browsers' ICE offers every interface's address as a candidate, so they run in a network namespace of their own:
+# loopback, plus (Firefox gathers no loopback candidates) a veth pair wc0/wc1 with both ends inside it, the
+# test-only address 198.18.0.1 (RFC 2544 benchmarking range) on wc0 and the default route through it. Nothing in
+# these tests can reach anything outside the namespace (the tests refuse to run otherwise; see tests/e2e/helpers.mjs
+# NETNS_SETUP, which must match).
+E2E_NETNS='ip link set lo up && ip link add wc0 type veth peer name wc1 && echo 1 > /proc/sys/net/ipv6/conf/wc0/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/wc1/disable_ipv6 && ip addr add 198.18.0.1/24 dev wc0 && ip link set wc0 up && ip link set wc1 up && ip route add default dev wc0'
 if [ -d tests/e2e ]; then
-  log "end-to-end tests (headless chromium, loopback-only network namespace)"
+  log "end-to-end tests (headless chromium and firefox-esr, network namespace of their own)"
   cargo build --locked -p webcall
   mkdir -p test-artifacts
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO unshare --net sh -c 'ip link set lo up && exec node --test --test-concurrency=1 tests/e2e/'
+  $SUDO unshare --net sh -c "$E2E_NETNS && exec node --test --test-concurrency=1 tests/e2e/"
 fi
 # --- fuzzing: a short, bounded run of every target (see fuzz/README.md for a long one) ---------------------------
 # cargo-fuzz without a sanitizer builds on the stable toolchain; safe Rust gains little from ASan.

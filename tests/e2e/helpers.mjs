@@ -1,6 +1,7 @@
-// Shared helpers of the browser end-to-end tests: the real `webcall` server binary and Debian's chromium driven
-// through playwright-core. Run inside a network namespace that has only loopback (see scripts/test.sh).
-import { spawn } from 'node:child_process';
+// Shared helpers of the browser end-to-end tests: the real `webcall` server binary, Debian's chromium driven
+// through playwright-core and Debian's firefox-esr through puppeteer-core (WebDriver BiDi). Run inside the network
+// namespace of scripts/test.sh: loopback and a test-only veth pair, nothing else.
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
@@ -13,19 +14,47 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const ARTIFACTS = path.join(ROOT, 'test-artifacts');
 const BINARY = process.env.WEBCALL_BIN ?? path.join(ROOT, 'target/debug/webcall');
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const FIREFOX = process.env.FIREFOX ?? '/usr/bin/firefox-esr';
+
+/** The test-only interface of the e2e namespace (see `E2E_NETNS` in scripts/test.sh) and its one address. */
+export const TEST_IFACE = 'wc0';
+export const TEST_ADDR = '198.18.0.1';
+/** The namespace scripts/test.sh gives the browser tests (lo, plus a veth pair whose both ends stay inside). */
+export const NETNS_SETUP =
+  'ip link set lo up && ip link add wc0 type veth peer name wc1 && ' +
+  'echo 1 > /proc/sys/net/ipv6/conf/wc0/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/wc1/disable_ipv6 && ' +
+  `ip addr add ${TEST_ADDR}/24 dev wc0 && ip link set wc0 up && ip link set wc1 up && ip route add default dev wc0`;
 
 /**
- * Refuses to run where Chromium's ICE could reach beyond loopback: every test page must only ever talk to
- * 127.0.0.0/8 or ::1.
+ * Refuses to run where a browser's ICE could reach beyond the test's own namespace: every test page must only ever
+ * talk to 127.0.0.0/8, ::1, or the test-only address on `wc0` — a veth whose peer `wc1` (no address) is in the same
+ * namespace, so nothing sent there can leave it. Firefox gathers no loopback candidates, hence that address.
+ * @param {{requireTestIface?: boolean}} [opts] require `wc0` (Firefox needs it)
  */
-export function assertLoopbackOnly() {
+export function assertLoopbackOnly({ requireTestIface = false } = {}) {
+  const hint =
+    `run the browser tests in a namespace of their own: unshare --net sh -c '${NETNS_SETUP} && ` +
+    "node --test --test-concurrency=1 tests/e2e/'";
   const ifaces = Object.entries(os.networkInterfaces());
-  const outside = ifaces.filter(([, addrs]) => addrs.some((a) => !a.internal));
+  const outside = ifaces.filter(
+    ([name, addrs]) => addrs.some((a) => !a.internal) && !(name === TEST_IFACE && addrs.every((a) => a.address === TEST_ADDR)),
+  );
   if (outside.length) {
-    throw new Error(
-      `network interfaces other than loopback are present (${outside.map(([n]) => n).join(', ')}); run the browser ` +
-        "tests in a namespace with only lo: unshare --net sh -c 'ip link set lo up && node --test --test-concurrency=1 tests/e2e/'",
-    );
+    throw new Error(`network interfaces other than loopback are present (${outside.map(([n]) => n).join(', ')}); ${hint}`);
+  }
+  const hasTestIface = ifaces.some(([name]) => name === TEST_IFACE);
+  if (hasTestIface) {
+    // Every link of this namespace: wc0 must be a veth whose peer is here too (a peer elsewhere has link_netnsid).
+    /** @type {any[]} */
+    const links = JSON.parse(execFileSync('ip', ['-j', '-d', 'link', 'show'], { encoding: 'utf8' }));
+    const wc0 = links.find((l) => l.ifname === TEST_IFACE);
+    const peer = links.find((l) => l.ifname === wc0?.link);
+    const inside =
+      wc0?.linkinfo?.info_kind === 'veth' && wc0.link_netnsid === undefined && peer?.linkinfo?.info_kind === 'veth' && peer.link === TEST_IFACE;
+    // (The peer end has no address, checked above: a packet to anywhere but 127/8 or wc0 goes nowhere.)
+    if (!inside) throw new Error(`${TEST_IFACE} is not a veth pair inside this namespace; ${hint}`);
+  } else if (requireTestIface) {
+    throw new Error(`Firefox gathers no loopback ICE candidates and needs ${TEST_IFACE} (${TEST_ADDR}); ${hint}`);
   }
 }
 
@@ -104,6 +133,63 @@ export async function launchBrowser(extraArgs = []) {
   });
 }
 
+/** Firefox's equivalents of the Chromium flags above (fake devices, no prompts, plain host candidates, autoplay). */
+export const FIREFOX_PREFS = {
+  'media.navigator.streams.fake': true,
+  'media.navigator.permission.disabled': true,
+  'media.peerconnection.ice.obfuscate_host_addresses': false,
+  // Lets ICE use the TURN server on 127.0.0.1.
+  'media.peerconnection.ice.loopback': true,
+  'media.autoplay.default': 0,
+  'media.autoplay.blocking_policy': 0,
+  'network.captive-portal-service.enabled': false,
+  'network.connectivity-service.enabled': false,
+  'browser.safebrowsing.update.enabled': false,
+};
+
+/**
+ * Launches Debian's firefox-esr (never a downloaded one) through puppeteer-core over WebDriver BiDi, fresh profile.
+ * @returns {Promise<import('puppeteer-core').Browser>}
+ */
+export async function launchFirefox() {
+  // Loaded here: only the Firefox tests need it.
+  const { default: puppeteer } = await import('puppeteer-core');
+  return puppeteer.launch({
+    browser: 'firefox',
+    protocol: 'webDriverBiDi',
+    executablePath: FIREFOX,
+    headless: true,
+    extraPrefsFirefox: FIREFOX_PREFS,
+    timeout: 30000,
+  });
+}
+
+/**
+ * `openPage` for Firefox: a page in its own browser context (user context), errors kept on `page.errors`, the
+ * pre-join screen passed unless `join: false`. Close it with `page.browserContext().close()`.
+ * @param {import('puppeteer-core').Browser} browser @param {string} url
+ * @param {{viewport?: {width: number, height: number}, join?: boolean}} [opts]
+ * @returns {Promise<import('puppeteer-core').Page & {errors: string[]}>}
+ */
+export async function openFirefoxPage(browser, url, opts = {}) {
+  const context = await browser.createBrowserContext();
+  const page = /** @type {import('puppeteer-core').Page & {errors: string[]}} */ (await context.newPage());
+  await page.setViewport(opts.viewport ?? { width: 1280, height: 800 });
+  page.errors = [];
+  page.on('pageerror', (e) => {
+    const msg = e instanceof Error ? e.message : String(e);
+    page.errors.push(`uncaught: ${msg}`);
+    console.error(`[firefox ${url}] uncaught:`, msg);
+  });
+  page.on('console', (m) => {
+    if (m.type() === 'error') page.errors.push(m.text());
+    if (m.type() === 'error' || process.env.WEBCALL_E2E_VERBOSE) console.error(`[firefox ${url}] ${m.type()}: ${m.text()}`);
+  });
+  await page.goto(url);
+  if (opts.join !== false) await passPrejoin(/** @type {any} */ (page));
+  return page;
+}
+
 /**
  * @typedef {object} OpenOptions
  * @property {{width: number, height: number}} [viewport]
@@ -175,11 +261,15 @@ export async function passPrejoin(page) {
  *     it('…', async () => { const p = await t.open(`${srv.url}/r/room`); … });
  *   });
  *
- * @param {{browserArgs?: string[]}} [opts]
+ * With `firefox: true` the file also gets one Firefox (`t.firefox`, pages from `t.openFirefox`), and the
+ * namespace must have the test-only interface (see `assertLoopbackOnly`).
+ * @param {{browserArgs?: string[], firefox?: boolean}} [opts]
  */
-export function e2e({ browserArgs = [] } = {}) {
+export function e2e({ browserArgs = [], firefox = false } = {}) {
   /** @type {import('playwright-core').Browser|null} */
   let browser = null;
+  /** @type {import('puppeteer-core').Browser|null} */
+  let ff = null;
   const fixture = {
     get browser() {
       if (!browser) throw new Error('the browser starts in the file’s before hook');
@@ -220,13 +310,19 @@ export function e2e({ browserArgs = [] } = {}) {
     },
     /** Opens a page in a new context of the shared browser. @param {string} url @param {OpenOptions} [opts] */
     open: (url, opts) => openPage(fixture.browser, url, opts),
+    get firefox() {
+      if (!ff) throw new Error('Firefox starts in the file’s before hook, with e2e({ firefox: true })');
+      return ff;
+    },
+    /** Opens a page in a new context of the shared Firefox. @param {string} url @param {{join?: boolean, viewport?: {width: number, height: number}}} [opts] */
+    openFirefox: (url, opts) => openFirefoxPage(fixture.firefox, url, opts),
   };
   before(async () => {
-    assertLoopbackOnly();
-    browser = await launchBrowser(browserArgs);
+    assertLoopbackOnly({ requireTestIface: firefox });
+    [browser, ff] = await Promise.all([launchBrowser(browserArgs), firefox ? launchFirefox() : null]);
   });
   after(async () => {
-    await browser?.close();
+    await Promise.all([browser?.close(), ff?.close()]);
   });
   return fixture;
 }
