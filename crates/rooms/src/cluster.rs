@@ -206,7 +206,7 @@ impl Rooms {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(room);
-                self.rooms.insert(k.clone(), Room { members: Vec::new(), password: None });
+                self.rooms.insert(k.clone(), Room { members: Vec::new(), password: None, sfu: false });
                 k
             }
         };
@@ -222,6 +222,7 @@ impl Rooms {
                 publish: true,
                 remote: true,
                 awaiting: None,
+                sfu: false,
             },
         );
         self.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());

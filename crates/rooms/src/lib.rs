@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use webcall_protocol::{
-    encode_bye, encode_hello, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer, Join, PeerInfo,
-    ProtocolError, Relay,
+    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer,
+    Join, PeerInfo, ProtocolError, Relay, SFU_PEER,
 };
 
 /// Frames in order, with their total size: memory bounds are in bytes, not only frames.
@@ -108,6 +108,44 @@ pub struct Config {
     pub max_errors: f64,
     /// Seed for peer ids and resume tokens (the server passes OS entropy; tests pass a constant).
     pub seed: u64,
+    /// Peer-to-peer mesh or the server's SFU (`--topology`).
+    pub topology: Topology,
+    /// Capacity of SFU rooms (`--max-sfu-peers`).
+    pub max_sfu_peers: usize,
+}
+
+/// How a room's media flows (`--topology`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// Peer-to-peer while two peers are in the room; through the SFU from the third on, if every member speaks
+    /// SFU (`join` with `"sfu":true`). An SFU room stays one until it empties.
+    #[default]
+    Auto,
+    /// Always peer-to-peer (protocol v1 as before).
+    Mesh,
+    /// Always through the SFU; joins without `"sfu":true` are refused with `needs-sfu`.
+    Sfu,
+}
+
+impl std::str::FromStr for Topology {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Topology::Auto),
+            "mesh" => Ok(Topology::Mesh),
+            "sfu" => Ok(Topology::Sfu),
+            _ => Err(format!("unknown topology '{s}' (expected auto, mesh or sfu)")),
+        }
+    }
+}
+
+/// What the adapter passes to the SFU (see [`Rooms::poll_sfu`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SfuRequest {
+    /// An `offer`/`answer`/`candidate` a peer addressed to `sfu`; `payload` is the raw JSON of `sdp`/`candidate`.
+    Signal { room: Arc<str>, peer: Arc<str>, kind: webcall_protocol::RelayKind, payload: String },
+    /// The peer left an SFU room (bye, or its grace period ran out): end its media session.
+    Leave { peer: Arc<str> },
 }
 
 impl Default for Config {
@@ -122,6 +160,8 @@ impl Default for Config {
             rate_per_sec: 50.0,
             max_errors: 20.0,
             seed: 0,
+            topology: Topology::Auto,
+            max_sfu_peers: 100,
         }
     }
 }
@@ -276,6 +316,8 @@ struct Peer {
     /// Cluster mode: resumed here from another node; this connection gets its welcome when the old node's
     /// queue arrives.
     awaiting: Option<ConnId>,
+    /// Joined with `"sfu":true`.
+    sfu: bool,
 }
 
 struct Room {
@@ -283,6 +325,8 @@ struct Room {
     members: Vec<Arc<str>>,
     /// Salted SHA-256 of the password the first joiner set.
     password: Option<([u8; 16], [u8; 32])>,
+    /// Media goes through the SFU (until the room empties).
+    sfu: bool,
 }
 
 pub struct Rooms {
@@ -306,6 +350,7 @@ pub struct Rooms {
     /// Cluster mode (see `cluster.rs`); off, the core behaves exactly as a single node.
     clustered: bool,
     cluster_out: VecDeque<cluster::ClusterOutput>,
+    sfu_out: VecDeque<SfuRequest>,
     /// Time of the latest input, for work that an input triggers indirectly.
     now: Instant,
     /// Time zero of the rate buckets.
@@ -358,6 +403,7 @@ impl Rooms {
             shutting_down: false,
             clustered: false,
             cluster_out: VecDeque::new(),
+            sfu_out: VecDeque::new(),
             now: Instant::now(),
             origin: Instant::now(),
         }
@@ -529,7 +575,8 @@ impl Rooms {
     pub fn check_invariants(&self) {
         for (name, room) in &self.rooms {
             assert!(!room.members.is_empty(), "empty room {name} kept");
-            assert!(room.members.len() <= self.cfg.max_peers, "room {name} over capacity");
+            let cap = if room.sfu { self.cfg.max_sfu_peers } else { self.cfg.max_peers };
+            assert!(room.members.len() <= cap, "room {name} over capacity");
             for m in &room.members {
                 assert_eq!(self.peers.get(m).map(|p| &p.room), Some(name), "member {m} of {name} is not its session");
             }
@@ -756,13 +803,28 @@ impl Rooms {
                 }
             }
             let n = r.members.len();
-            if n >= self.cfg.max_peers {
+            let sfu = r.sfu || self.moves_to_sfu(r, j.sfu);
+            if sfu && !j.sfu {
                 let e = ProtocolError::new(
-                    ErrorCode::RoomFull,
-                    format!("room '{}' is full ({} of {} peers)", j.room, n, self.cfg.max_peers),
+                    ErrorCode::NeedsSfu,
+                    format!("room '{}' sends media through the server; join with \"sfu\":true", j.room),
                 );
                 return self.refuse(conn, e.refers_to("join"), now);
             }
+            let cap = if sfu { self.cfg.max_sfu_peers } else { self.cfg.max_peers };
+            if n >= cap {
+                let e = ProtocolError::new(
+                    ErrorCode::RoomFull,
+                    format!("room '{}' is full ({} of {} peers)", j.room, n, cap),
+                );
+                return self.refuse(conn, e.refers_to("join"), now);
+            }
+        } else if self.cfg.topology == Topology::Sfu && !j.sfu {
+            let e = ProtocolError::new(
+                ErrorCode::NeedsSfu,
+                "this server sends all media through its SFU; join with \"sfu\":true",
+            );
+            return self.refuse(conn, e.refers_to("join"), now);
         } else if self.rooms.len() >= self.cfg.max_rooms {
             let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
             return self.refuse(conn, e.refers_to("join"), now);
@@ -783,7 +845,8 @@ impl Rooms {
                     (salt, password_hash(&salt, p))
                 });
                 let room: Arc<str> = Arc::from(&*j.room);
-                (self.rooms.insert_full(room.clone(), Room { members: Vec::new(), password }).0, room)
+                let sfu = self.cfg.topology == Topology::Sfu;
+                (self.rooms.insert_full(room.clone(), Room { members: Vec::new(), password, sfu }).0, room)
             }
         };
         let name: Arc<str> = Arc::from(admission.name.as_deref().unwrap_or(&j.name));
@@ -799,8 +862,13 @@ impl Rooms {
                 publish: admission.publish,
                 remote: false,
                 awaiting: None,
+                sfu: j.sfu,
             },
         );
+        let switched = {
+            let r = &self.rooms[room_index];
+            !r.sfu && self.moves_to_sfu(r, j.sfu)
+        };
         let members = &mut self.rooms[room_index].members;
         // Exact: most rooms hold two peers, and `push` alone would make room for four.
         members.reserve_exact(1);
@@ -808,8 +876,38 @@ impl Rooms {
         self.counters.joins += 1;
         self.conns.get_mut(&conn).expect("live").peer = Some(id.clone());
         self.welcome(conn, &id, false);
+        if switched {
+            self.rooms[room_index].sfu = true;
+            self.broadcast(&room, &id, Arc::from(encode_topology_sfu()));
+        }
+        if self.rooms[room_index].sfu {
+            self.push(conn, Arc::from(encode_topology_sfu()));
+        }
         let hello: Frame = Arc::from(encode_hello(&id, &name));
         self.broadcast(&room, &id, hello);
+    }
+
+    /// `auto`: a room of two SFU-speaking peers moves to the SFU when a third one that speaks it joins.
+    fn moves_to_sfu(&self, r: &Room, joiner_sfu: bool) -> bool {
+        self.cfg.topology == Topology::Auto
+            && joiner_sfu
+            && r.members.len() >= 2
+            && r.members.iter().all(|m| self.peers[m].sfu)
+    }
+
+    /// Frames from the SFU for a peer (its offers and answers). `false`: the peer is gone.
+    pub fn sfu_frame(&mut self, peer: &str, frame: Frame) -> bool {
+        self.deliver(peer, frame)
+    }
+
+    /// The next request for the SFU adapter.
+    pub fn poll_sfu(&mut self) -> Option<SfuRequest> {
+        self.sfu_out.pop_front()
+    }
+
+    /// Whether `room` sends media through the SFU.
+    pub fn room_is_sfu(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.sfu)
     }
 
     fn resume(&mut self, conn: ConnId, id: Arc<str>, old_token: &str) {
@@ -842,6 +940,9 @@ impl Rooms {
         c.limit = self.cfg.max_queued + backlog.len() + 1;
         c.limit_bytes = self.cfg.max_queued_bytes + backlog.bytes() + 1;
         self.welcome(conn, &id, true);
+        if self.room_is_sfu(&self.peers[&id].room) {
+            self.push(conn, Arc::from(encode_topology_sfu()));
+        }
         for frame in backlog {
             self.push(conn, frame);
         }
@@ -854,6 +955,21 @@ impl Rooms {
             return self.refuse(conn, e.refers_to(ty), now);
         };
         let room = self.peers[&from].room.clone();
+        if *r.to == *SFU_PEER && self.room_is_sfu(&room) {
+            if r.kind != webcall_protocol::RelayKind::Candidate
+                && !self.peers[&from].publish
+                && sdp_sends_media(r.payload)
+            {
+                let e = ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    "your token is subscribe-only: mark audio and video recvonly (or inactive) in your SDP",
+                );
+                return self.refuse(conn, e.refers_to(ty), now);
+            }
+            let payload = r.payload.get().to_owned();
+            self.sfu_out.push_back(SfuRequest::Signal { room, peer: from, kind: r.kind, payload });
+            return;
+        }
         let target = self.peers.get_key_value(&*r.to).filter(|(k, p)| p.room == room && **k != from);
         let Some((to, _)) = target else {
             let shown: String = r.to.chars().take(64).collect();
@@ -886,6 +1002,9 @@ impl Rooms {
     /// Ends a session: frees its seat and tells the room.
     fn leave(&mut self, id: &Arc<str>) {
         let Some(p) = self.peers.swap_remove(id) else { return };
+        if self.room_is_sfu(&p.room) {
+            self.sfu_out.push_back(SfuRequest::Leave { peer: id.clone() });
+        }
         if self.clustered && !p.remote {
             self.cluster_out.push_back(cluster::ClusterOutput::Left { id: id.clone(), room: p.room.clone() });
         }
