@@ -115,7 +115,8 @@ pub struct Config {
 }
 
 /// How a room's media flows (`--topology`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Topology {
     /// Peer-to-peer while two peers are in the room; through the SFU from the third on, if every member speaks
     /// SFU (`join` with `"sfu":true`). An SFU room stays one until it empties.

@@ -115,6 +115,23 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_ICE_SERVERS", value_name = "URLS", value_delimiter = ',')]
     pub ice_servers: Option<Vec<String>>,
 
+    /// Where a room's media flows: auto (peer-to-peer for two, the built-in SFU from the third peer on), mesh
+    /// (always peer-to-peer) or sfu (always through the server) [default: auto].
+    #[arg(long, env = "WEBCALL_TOPOLOGY", value_name = "MODE")]
+    pub topology: Option<webcall_rooms::Topology>,
+
+    /// Capacity of rooms that go through the SFU [default: 100].
+    #[arg(long, env = "WEBCALL_MAX_SFU_PEERS", value_name = "N")]
+    pub max_sfu_peers: Option<usize>,
+
+    /// UDP address of the SFU's media socket [default: 127.0.0.1:7882].
+    #[arg(long, env = "WEBCALL_MEDIA_LISTEN", value_name = "ADDR")]
+    pub media_listen: Option<SocketAddr>,
+
+    /// The address clients reach the media socket at, behind NAT [default: --turn-external-ip].
+    #[arg(long, env = "WEBCALL_MEDIA_EXTERNAL_IP", value_name = "IP")]
+    pub media_external_ip: Option<std::net::IpAddr>,
+
     #[command(flatten)]
     pub turn: webcall_turn::TurnArgs,
 
@@ -165,6 +182,10 @@ pub struct ServeConfig {
     pub node_id: Option<String>,
     pub node_ttl: Duration,
     pub ice: IceSource,
+    /// The SFU's media socket (`--media-listen`).
+    pub media_listen: SocketAddr,
+    /// `--media-external-ip`, else `--turn-external-ip`.
+    pub media_external_ip: Option<std::net::IpAddr>,
 }
 
 /// Where `welcome.iceServers` come from.
@@ -216,6 +237,8 @@ impl ServeArgs {
             rate_per_sec: pick!(rate_limit, d.rate_per_sec),
             max_errors: pick!(max_errors, d.max_errors),
             seed: rand::random(),
+            topology: pick!(topology, d.topology),
+            max_sfu_peers: pick!(max_sfu_peers, d.max_sfu_peers),
         };
         let cfg = ServeConfig {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -249,6 +272,12 @@ impl ServeArgs {
             node_id: self.node_id.clone().or(file.node_id.clone()),
             node_ttl: pick!(node_ttl, Duration::from_secs(10)),
             ice: IceSource::None,
+            media_listen: pick!(media_listen, SocketAddr::from(([127, 0, 0, 1], 7882))),
+            media_external_ip: self
+                .media_external_ip
+                .or(file.media_external_ip)
+                .or(self.turn.external_ip)
+                .or(file.turn.external_ip),
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok {
@@ -287,6 +316,12 @@ impl ServeArgs {
         let r = &cfg.rooms;
         range("max-peers", r.max_peers.to_string(), (2..=64).contains(&r.max_peers), "a call has 2 to 64 peers")?;
         range("max-rooms", r.max_rooms.to_string(), r.max_rooms >= 1, "at least 1")?;
+        range(
+            "max-sfu-peers",
+            r.max_sfu_peers.to_string(),
+            (3..=1000).contains(&r.max_sfu_peers),
+            "an SFU room has 3 to 1000 peers",
+        )?;
         range("max-connections", cfg.max_connections.to_string(), cfg.max_connections >= 1, "at least 1")?;
         range(
             "max-message-size",

@@ -279,7 +279,21 @@ impl Sfu {
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let answer = s.rtc.sdp_api().accept_offer(offer)?;
         s.negotiated = true;
+        // str0m reports MediaAdded only once DTLS is up; the others' offers need not wait for that.
+        let mut opened = Vec::new();
+        for mid in sdp.lines().filter_map(|l| l.trim_end().strip_prefix("a=mid:")) {
+            let mid = Mid::from(mid);
+            let Some(m) = s.rtc.media(mid) else { continue };
+            let known = s.tracks_in.iter().any(|t| t.mid == mid) || s.tracks_out.iter().any(|t| t.mid() == Some(mid));
+            if !known && m.direction().is_receiving() && matches!(m.kind(), MediaKind::Audio | MediaKind::Video) {
+                s.tracks_in.push(TrackIn { mid, kind: m.kind(), last_keyframe_request: None });
+                opened.push(Propagate::TrackOpen { mid, kind: m.kind() });
+            }
+        }
         self.mark_dirty(id);
+        for p in opened {
+            self.propagate(id, p);
+        }
         Ok(Some(answer.to_sdp_string()))
     }
 
@@ -429,7 +443,8 @@ impl Sfu {
                         Event::IceConnectionStateChange(IceConnectionState::Disconnected) => s.rtc.disconnect(),
                         Event::MediaAdded(m) => {
                             let ours = s.tracks_out.iter().any(|t| t.mid() == Some(m.mid));
-                            if !ours && m.direction.is_receiving() {
+                            let known = s.tracks_in.iter().any(|t| t.mid == m.mid);
+                            if !ours && !known && m.direction.is_receiving() {
                                 s.tracks_in.push(TrackIn { mid: m.mid, kind: m.kind, last_keyframe_request: None });
                                 props.push(Propagate::TrackOpen { mid: m.mid, kind: m.kind });
                             }

@@ -44,6 +44,11 @@ pub enum SfuNetError {
 /// What the SFU tells the signaling side of one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionSignal {
+    /// The answer to the client's offer (also returned by [`SfuHandle::offer`]); it comes on this channel too so
+    /// that it reaches the client before any server offer that follows it.
+    Answer {
+        sdp: String,
+    },
     /// Send this offer to the client; `tracks` maps its receive m-lines to publishers.
     Offer {
         sdp: String,
@@ -99,7 +104,17 @@ impl SfuHandle {
             None if local_addr.ip().is_unspecified() => return Err(SfuNetError::Unadvertisable(local_addr)),
             None => local_addr,
         };
-        let sfu = Sfu::new(SfuConfig { host_candidates: vec![advertised], dtls_cert: cfg.dtls_cert }, Instant::now());
+        // One certificate for every session, made off the runtime (its first use seeds aws-lc's entropy: slow).
+        let dtls_cert = match cfg.dtls_cert {
+            Some(c) => Some(c),
+            None => {
+                tokio::task::spawn_blocking(|| str0m::crypto::from_feature_flags().dtls_provider.generate_certificate())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        let sfu = Sfu::new(SfuConfig { host_candidates: vec![advertised], dtls_cert }, Instant::now());
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(SfuStats::default()));
         tokio::spawn(run(socket, local_addr, sfu, rx, stats.clone()));
@@ -202,7 +217,11 @@ async fn run(
                     let _ = reply.send(id);
                 }
                 Some(Command::Offer { id, sdp, reply }) => {
-                    let _ = reply.send(sfu.accept_offer(id, &sdp));
+                    let res = sfu.accept_offer(id, &sdp);
+                    if let (Ok(Some(answer)), Some(tx)) = (&res, signals.get(&id)) {
+                        let _ = tx.send(SessionSignal::Answer { sdp: answer.clone() });
+                    }
+                    let _ = reply.send(res);
                 }
                 Some(Command::Answer { id, sdp, reply }) => {
                     let _ = reply.send(sfu.accept_answer(id, &sdp));

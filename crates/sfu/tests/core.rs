@@ -310,3 +310,21 @@ fn a_silent_client_is_closed_and_its_tracks_removed() {
     assert_eq!(net.sfu.stats().sessions, 1);
     assert!(net.client("a").mapping.is_empty(), "a's offer dropped b's tracks");
 }
+
+#[test]
+fn a_publisher_s_tracks_are_offered_to_the_others_before_any_media_flows() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    // No datagram exchanged yet: the offers come from signaling alone.
+    let mut offers = Vec::new();
+    loop {
+        match net.sfu.poll_output() {
+            SfuOutput::Timeout(_) => break,
+            SfuOutput::Event(SfuEvent::Offer { session, tracks, .. }) => offers.push((session, tracks.len())),
+            _ => {}
+        }
+    }
+    offers.sort();
+    assert_eq!(offers, vec![(net.client("a").session, 2), (net.client("b").session, 2)]);
+}
