@@ -92,7 +92,8 @@ if (unsupported) {
 // ---------------------------------------------------------------------------------------------------------------
 // The call
 
-const signaling = new Signaling({ url: defaultSignalingUrl(), room, name });
+// `?sfu=1`: this page speaks the SFU messages, so the server may move the room to its SFU (opt-in for now).
+const signaling = new Signaling({ url: defaultSignalingUrl(), room, name, sfu: params.get('sfu') === '1' });
 const call = new Call({ signaling, name, relayOnly });
 /** Test and debugging hook. */
 // @ts-ignore

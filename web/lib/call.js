@@ -14,6 +14,7 @@
  */
 
 import { summarize } from './stats.js';
+import { SFU_PEER, SfuRemote, SfuSession } from './sfu.js';
 
 /** Data channel label and id (negotiated on both sides, so no in-band DCEP is needed). */
 export const CHAT_CHANNEL = { label: 'chat', id: 0 };
@@ -517,6 +518,8 @@ export class Call extends EventTarget {
     this.spareTimer = null;
     /** @type {number|null} */
     this.spareIdle = null;
+    /** @type {SfuSession|null} our one connection to the server in an SFU room (docs/protocol.md) */
+    this.sfu = null;
     this.bindSignaling();
   }
 
@@ -573,6 +576,10 @@ export class Call extends EventTarget {
     s.addEventListener('welcome', (ev) => this.onWelcome(/** @type {CustomEvent} */ (ev).detail));
     s.addEventListener('hello', (ev) => {
       const { from, name } = /** @type {CustomEvent} */ (ev).detail;
+      if (this.sfu) {
+        this.addRemote(from, name ?? '');
+        return;
+      }
       const existing = this.peers.get(from);
       if (existing && !existing.pc.remoteDescription && existing.awaitingFirstOffer) {
         // We knew of it from a resumed welcome; the hello tells us that we are the one to offer.
@@ -586,6 +593,10 @@ export class Call extends EventTarget {
     for (const type of ['offer', 'answer', 'candidate']) {
       s.addEventListener(type, (ev) => {
         const msg = /** @type {CustomEvent} */ (ev).detail;
+        if (msg.from === SFU_PEER) {
+          this.sfu?.handle(msg);
+          return;
+        }
         let peer = this.peers.get(msg.from);
         if (!peer) {
           if (type !== 'offer') return;
@@ -595,8 +606,12 @@ export class Call extends EventTarget {
       });
     }
     s.addEventListener('bye', (ev) => this.removePeer(/** @type {CustomEvent} */ (ev).detail.from));
+    s.addEventListener('topology', (ev) => {
+      if (/** @type {CustomEvent} */ (ev).detail.mode === 'sfu') this.enterSfu();
+    });
     s.addEventListener('fatal', (ev) => {
       const detail = /** @type {CustomEvent} */ (ev).detail;
+      this.leaveSfu();
       this.closePeers();
       this.dropSpare();
       this.stopStats();
@@ -622,7 +637,8 @@ export class Call extends EventTarget {
     /** @type {{id: string, name: string}[]} */
     const others = Array.isArray(welcome.peers) ? welcome.peers : [];
     if (welcome.idChanged || !welcome.resumed) {
-      // A new session: every old peer connection belongs to ids that are gone.
+      // A new session: every old peer connection belongs to ids that are gone (an SFU room says so again).
+      this.leaveSfu();
       this.closePeers();
       this.id = welcome.id;
       for (const p of others) this.addPeer(p.id, p.name ?? '', false);
@@ -673,7 +689,7 @@ export class Call extends EventTarget {
 
   /** Builds the spare peer connection now. @private */
   buildSpare() {
-    if (this.spare || typeof RTCPeerConnection === 'undefined') return;
+    if (this.spare || this.sfu || typeof RTCPeerConnection === 'undefined') return;
     try {
       const pc = new RTCPeerConnection(this.pcConfig());
       const dc = createChatChannel(pc);
@@ -772,6 +788,63 @@ export class Call extends EventTarget {
     return peer;
   }
 
+  /** The room sends media through the server from now on: one connection to it replaces the mesh. */
+  enterSfu() {
+    if (this.sfu) return;
+    this.dropSpare();
+    const session = new SfuSession({
+      signaling: this.signaling,
+      config: this.pcConfig(),
+      localStream: this.localStream,
+      tracks: { audio: this.outgoing('audio'), video: this.outgoing('video') },
+    });
+    this.sfu = session;
+    session.addEventListener('track', (ev) => {
+      const { peer, track } = /** @type {CustomEvent} */ (ev).detail;
+      const remote = this.peers.get(peer) ?? this.addRemote(peer, '');
+      if (remote instanceof SfuRemote) remote.addTrack(track);
+    });
+    session.addEventListener('track-ended', (ev) => {
+      for (const p of this.peers.values()) if (p instanceof SfuRemote) p.removeTrack(/** @type {CustomEvent} */ (ev).detail.track);
+    });
+    session.addEventListener('state', () => {
+      for (const p of this.peers.values()) this.emitRemote(p);
+    });
+    // The mesh connections close now (the move is not yet seamless: tiles wait for the SFU's media).
+    for (const [id, p] of [...this.peers]) {
+      if (p instanceof SfuRemote) continue;
+      const name = p.name;
+      this.removePeer(id);
+      this.addRemote(id, name);
+    }
+  }
+
+  /** @private */
+  leaveSfu() {
+    this.sfu?.close();
+    this.sfu = null;
+  }
+
+  /** @private @param {string} id @param {string} name */
+  addRemote(id, name) {
+    if (!this.sfu) throw new Error('not in an SFU room');
+    const existing = this.peers.get(id);
+    if (existing instanceof SfuRemote) return existing;
+    if (existing) this.removePeer(id);
+    /** @type {SfuRemote} */
+    const remote = new SfuRemote(id, name, this.sfu, () => this.emitRemote(remote));
+    this.peers.set(id, /** @type {any} */ (remote));
+    this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer: remote } }));
+    return remote;
+  }
+
+  /** @private @param {any} peer */
+  emitRemote(peer) {
+    setTimeout(() => {
+      if (!peer.closed) this.dispatchEvent(new CustomEvent('peer-updated', { detail: { peer } }));
+    }, 0);
+  }
+
   /** @param {string} id */
   removePeer(id) {
     const peer = this.peers.get(id);
@@ -831,6 +904,7 @@ export class Call extends EventTarget {
       this.scheduleSpare(0);
     }
     await Promise.all([...this.peers.values()].map((p) => p.updateSenders().catch((e) => console.warn(e))));
+    await this.sfu?.updateSenders(this.outgoing('audio'), this.outgoing('video')).catch((e) => console.warn(e));
     const state = this.mediaState();
     for (const p of this.peers.values()) p.sendData(state);
   }
@@ -959,6 +1033,7 @@ export class Call extends EventTarget {
   hangUp() {
     if (this.state === 'ended') return;
     this.signaling.leave();
+    this.leaveSfu();
     this.closePeers();
     this.dropSpare();
     this.stopStats();

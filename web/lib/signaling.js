@@ -25,7 +25,7 @@
  */
 
 /** Error codes after which retrying the same join cannot help. */
-const FATAL_JOIN_CODES = new Set(['room-full', 'server-full', 'bad-room-name']);
+const FATAL_JOIN_CODES = new Set(['room-full', 'server-full', 'bad-room-name', 'needs-sfu']);
 
 export class Signaling extends EventTarget {
   /**
@@ -34,12 +34,14 @@ export class Signaling extends EventTarget {
    * @param {string} opts.room
    * @param {string} [opts.name]
    * @param {Partial<Backoff>} [opts.backoff]
+   * @param {boolean} [opts.sfu] join with `"sfu":true`: this page can take part in SFU rooms (sfu.js)
    */
-  constructor({ url, room, name = '', backoff = {} }) {
+  constructor({ url, room, name = '', backoff = {}, sfu = false }) {
     super();
     this.url = url;
     this.room = room;
     this.name = name;
+    this.sfu = sfu;
     /** @type {Backoff} */
     this.backoff = { initial: 250, max: 5000, giveUpAfter: 120000, ...backoff };
     /** @type {SignalingState} */
@@ -96,9 +98,10 @@ export class Signaling extends EventTarget {
     }
     this.ws = ws;
     ws.onopen = () => {
-      /** @type {Record<string, string>} */
+      /** @type {Record<string, string|boolean>} */
       const join = { type: 'join', room: this.room, name: this.name };
       if (this.resumeToken) join.resume = this.resumeToken;
+      if (this.sfu) join.sfu = true;
       ws.send(JSON.stringify(join));
     };
     ws.onmessage = (ev) => {
@@ -194,6 +197,7 @@ export class Signaling extends EventTarget {
       case 'answer':
       case 'candidate':
       case 'bye':
+      case 'topology':
         this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
         break;
       case 'error':
