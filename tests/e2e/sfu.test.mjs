@@ -44,6 +44,10 @@ describe('SFU room', () => {
   /** @type {import('playwright-core').Browser} */
   let browser;
   const room = uniqueRoom('sfu');
+  /** @type {import('playwright-core').Page[]} */
+  let pages = [];
+  /** @type {string[]} */
+  let ids = [];
 
   before(async () => {
     assertLoopbackOnly();
@@ -65,12 +69,12 @@ describe('SFU room', () => {
     assert.equal(await a.evaluate(() => window.webcall.call.sfu), null, 'two peers stay peer-to-peer');
 
     const c = await openPage(browser, `${server.url}/r/${room}?name=C&sfu=1`);
-    const pages = [a, b, c];
+    pages = [a, b, c];
     for (const p of pages) {
       await until(p, () => window.webcall.call.sfu?.pc.connectionState === 'connected');
       await connectedPeers(p, 2, 30000);
     }
-    const ids = await Promise.all(pages.map(ownId));
+    ids = await Promise.all(pages.map(ownId));
     for (const [i, p] of pages.entries()) {
       for (const id of ids.filter((_, j) => j !== i)) await decodesOverSfu(p, id);
     }
@@ -98,5 +102,15 @@ describe('SFU room', () => {
     assert.equal(msg.type, 'error');
     assert.equal(msg.code, 'needs-sfu');
     assert.equal(msg.ref, 'join');
+  });
+
+  it('when the third leaves, the two others stay on the SFU and keep decoding each other', async () => {
+    const [a, b, c] = pages;
+    await c.close();
+    for (const p of [a, b]) await connectedPeers(p, 1, 30000);
+    assert.ok(await a.evaluate(() => window.webcall.call.sfu !== null), 'the room stays on the SFU');
+    assert.equal(await a.locator(`.tile[data-peer="${ids[2]}"]`).count(), 0, "C's tile is gone");
+    await decodesOverSfu(a, ids[1]);
+    await decodesOverSfu(b, ids[0]);
   });
 });
