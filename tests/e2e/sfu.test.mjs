@@ -15,7 +15,8 @@ async function decodesOverSfu(page, peerId, frames = 10) {
       const call = window.webcall.call;
       const peer = call.peers.get(id);
       const track = peer?.remoteStream.getVideoTracks()[0];
-      if (!call.sfu || !track) return { n: -1, t: -1 };
+      // Until the SFU's media of this participant arrives, its tile is still the peer-to-peer connection's.
+      if (!call.sfu || !track || peer.pc !== call.sfu.pc) return { n: -1, t: -1 };
       let n = 0;
       (await call.sfu.pc.getStats(track)).forEach((s) => {
         if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);

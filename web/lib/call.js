@@ -799,10 +799,31 @@ export class Call extends EventTarget {
       tracks: { audio: this.outgoing('audio'), video: this.outgoing('video') },
     });
     this.sfu = session;
+    /** @type {Map<string, MediaStreamTrack[]>} tracks of participants whose peer-to-peer tile still shows */
+    const waiting = new Map();
+    /** @param {string} peer */
+    const takeOver = (peer) => {
+      const remote = this.addRemote(peer, this.peers.get(peer)?.name ?? '');
+      for (const t of waiting.get(peer) ?? []) remote.addTrack(t);
+      waiting.delete(peer);
+    };
     session.addEventListener('track', (ev) => {
       const { peer, track } = /** @type {CustomEvent} */ (ev).detail;
-      const remote = this.peers.get(peer) ?? this.addRemote(peer, '');
-      if (remote instanceof SfuRemote) remote.addTrack(track);
+      const remote = this.peers.get(peer);
+      if (remote instanceof SfuRemote) return remote.addTrack(track);
+      // A peer-to-peer connection keeps its tile until the SFU's video of that participant arrives (a seamless move).
+      waiting.set(peer, [...(waiting.get(peer) ?? []), track]);
+      if (track.kind !== 'video') return; // audio moves with the video (or with the fallback below)
+      if (!track.muted) return takeOver(peer);
+      track.addEventListener('unmute', () => this.sfu === session && waiting.has(peer) && takeOver(peer), { once: true });
+    });
+    session.addEventListener('state', () => {
+      if (session.pc.connectionState !== 'connected') return;
+      // Participants that send no video through the SFU move over a moment after it connects.
+      setTimeout(() => {
+        if (this.sfu !== session) return;
+        for (const [id, p] of [...this.peers]) if (!(p instanceof SfuRemote)) takeOver(id);
+      }, 5000);
     });
     session.addEventListener('track-ended', (ev) => {
       for (const p of this.peers.values()) if (p instanceof SfuRemote) p.removeTrack(/** @type {CustomEvent} */ (ev).detail.track);
@@ -810,13 +831,6 @@ export class Call extends EventTarget {
     session.addEventListener('state', () => {
       for (const p of this.peers.values()) this.emitRemote(p);
     });
-    // The mesh connections close now (the move is not yet seamless: tiles wait for the SFU's media).
-    for (const [id, p] of [...this.peers]) {
-      if (p instanceof SfuRemote) continue;
-      const name = p.name;
-      this.removePeer(id);
-      this.addRemote(id, name);
-    }
   }
 
   /** @private */

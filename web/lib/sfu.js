@@ -171,6 +171,8 @@ export class SfuRemote {
   /** @param {object} _msg */
   sendData(_msg) {}
   restartIce() {}
+  /** A late peer-to-peer message of this participant (its side has not moved yet): nothing to do. */
+  handleSignal() {}
   close() {
     this.closed = true;
   }
