@@ -273,10 +273,10 @@ impl Sfu {
     /// side of perfect negotiation, ignores the client's (the client rolls back and answers the server's).
     pub fn accept_offer(&mut self, id: SessionId, sdp: &str) -> Result<Option<String>, SfuError> {
         let s = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession(id))?;
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         if s.pending.is_some() {
             return Ok(None);
         }
-        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let answer = s.rtc.sdp_api().accept_offer(offer)?;
         s.negotiated = true;
         // str0m reports MediaAdded only once DTLS is up; the others' offers need not wait for that.

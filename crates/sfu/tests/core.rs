@@ -328,3 +328,32 @@ fn a_publisher_s_tracks_are_offered_to_the_others_before_any_media_flows() {
     offers.sort();
     assert_eq!(offers, vec![(net.client("a").session, 2), (net.client("b").session, 2)]);
 }
+
+#[test]
+fn a_client_offer_crossing_the_server_s_is_ignored_and_bad_input_is_refused() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    let a = net.client("a").session;
+    // The server has an offer out to a (b's tracks) that a has not answered.
+    let mut offered = false;
+    loop {
+        match net.sfu.poll_output() {
+            SfuOutput::Timeout(_) => break,
+            SfuOutput::Event(SfuEvent::Offer { session, .. }) if session == a => offered = true,
+            _ => {}
+        }
+    }
+    assert!(offered);
+    // a renegotiates at the same moment: the server is impolite and keeps its own offer.
+    let c = net.clients.iter_mut().find(|c| c.name == "a").unwrap();
+    let mut change = c.rtc.sdp_api();
+    change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+    let (offer, _) = change.apply().unwrap();
+    assert_eq!(net.sfu.accept_offer(a, &offer.to_sdp_string()).unwrap(), None);
+
+    let b = net.client("b").session;
+    assert!(matches!(net.sfu.accept_offer(b, "v=0 nonsense"), Err(webcall_sfu::SfuError::BadSdp(_))));
+    assert!(matches!(net.sfu.accept_offer(999, "v=0"), Err(webcall_sfu::SfuError::UnknownSession(999))));
+    assert!(matches!(net.sfu.add_candidate(b, "candidate:garbage"), Err(webcall_sfu::SfuError::BadCandidate(_))));
+}
