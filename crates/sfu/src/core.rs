@@ -18,6 +18,8 @@ pub type SessionId = u64;
 
 /// Self-made keyframe requests (on loss) are sent at most this often per published track.
 const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
+/// Source addresses remembered per session for routing (the oldest is forgotten past this).
+const MAX_ADDRS_PER_SESSION: usize = 8;
 /// With no session, the caller is still asked back this often (so it never sleeps forever).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -371,8 +373,17 @@ impl Sfu {
             let msg = StunMessage::parse(data).ok()?;
             let (local, _) = msg.split_username()?;
             let id = *self.by_ufrag.get(local)?;
-            if self.by_addr.insert(source, id) != Some(id) {
+            // The check's integrity is verified inside the session, after routing: an unverified check never takes
+            // an address from another session, and adds at most a handful per session.
+            if !self.by_addr.contains_key(&source) {
+                self.by_addr.insert(source, id);
                 let s = self.sessions.get_mut(&id)?;
+                if s.addrs.len() >= MAX_ADDRS_PER_SESSION {
+                    let old = s.addrs.remove(0);
+                    if self.by_addr.get(&old) == Some(&id) {
+                        self.by_addr.remove(&old);
+                    }
+                }
                 s.addrs.push(source);
             }
             return Some(id);

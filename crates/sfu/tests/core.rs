@@ -357,3 +357,55 @@ fn a_client_offer_crossing_the_server_s_is_ignored_and_bad_input_is_refused() {
     assert!(matches!(net.sfu.accept_offer(999, "v=0"), Err(webcall_sfu::SfuError::UnknownSession(999))));
     assert!(matches!(net.sfu.add_candidate(b, "candidate:garbage"), Err(webcall_sfu::SfuError::BadCandidate(_))));
 }
+
+/// Garbage on the media port costs the sender only: random datagrams (some shaped as STUN with a live session's
+/// ufrag, some from a connected client's address) neither panic nor break the session.
+#[test]
+fn the_demux_survives_garbage() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(1));
+    let a_addr = net.client("a").addr;
+    // The server's ufrag for some session, from a STUN-shaped datagram's point of view.
+    let ufrag = {
+        let mut rtc = Rtc::builder().build(net.now);
+        let mut change = rtc.sdp_api();
+        change.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let (offer, _) = change.apply().unwrap();
+        let s = net.sfu.add_session("room", "probe", net.now);
+        let answer = net.sfu.accept_offer(s, &offer.to_sdp_string()).unwrap().unwrap();
+        answer.lines().find_map(|l| l.strip_prefix("a=ice-ufrag:")).unwrap().trim().to_string()
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..20_000u32 {
+        let len = (next() % 1500) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 3 == 0 && data.len() >= 40 {
+            // A STUN binding request header with a USERNAME of the live ufrag, the rest random.
+            let body = (data.len() - 20) as u8 & 0xfc;
+            data[..4].copy_from_slice(&[0x00, 0x01, 0x00, body]);
+            data[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+            let user = format!("{ufrag}:x");
+            data[20..22].copy_from_slice(&[0x00, 0x06]);
+            data[22..24].copy_from_slice(&(user.len() as u16).to_be_bytes());
+            let end = (24 + user.len()).min(data.len());
+            data[24..end].copy_from_slice(&user.as_bytes()[..end - 24]);
+        }
+        let source = if i % 2 == 0 { a_addr } else { SocketAddr::from(([127, 0, 0, 3], (next() % 60000) as u16)) };
+        net.sfu.handle_receive(net.now, source, net.sfu_addr, &data);
+        if i % 1000 == 0 {
+            while !matches!(net.sfu.poll_output(), SfuOutput::Timeout(_)) {}
+        }
+    }
+    // a and b still exchange media: the probe session's ufrag did not take a's address.
+    let before = net.received("b", "a", MediaKind::Video);
+    net.run(Duration::from_secs(1));
+    assert!(net.received("b", "a", MediaKind::Video) > before + 20);
+}
