@@ -375,8 +375,8 @@ impl Sfu {
             let id = *self.by_ufrag.get(local)?;
             // The check's integrity is verified inside the session, after routing: an unverified check never takes
             // an address from another session, and adds at most a handful per session.
-            if !self.by_addr.contains_key(&source) {
-                self.by_addr.insert(source, id);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.by_addr.entry(source) {
+                e.insert(id);
                 let s = self.sessions.get_mut(&id)?;
                 if s.addrs.len() >= MAX_ADDRS_PER_SESSION {
                     let old = s.addrs.remove(0);
