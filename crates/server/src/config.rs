@@ -380,6 +380,31 @@ mod tests {
     }
 
     #[test]
+    fn topology_and_media_settings() {
+        let d = ServeArgs::default().resolve().unwrap();
+        assert_eq!(d.rooms.topology, webcall_rooms::Topology::Auto);
+        assert_eq!(d.rooms.max_sfu_peers, 100);
+        assert_eq!(d.media_listen, SocketAddr::from(([127, 0, 0, 1], 7882)));
+        assert_eq!(d.media_external_ip, None);
+
+        let file: ServeArgs =
+            toml::from_str("topology = \"sfu\"\nmax-sfu-peers = 30\nmedia-listen = \"127.0.0.1:0\"").unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!((c.rooms.topology, c.rooms.max_sfu_peers), (webcall_rooms::Topology::Sfu, 30));
+        assert!(toml::from_str::<ServeArgs>("topology = \"star\"").is_err());
+
+        // The media address follows --turn-external-ip unless --media-external-ip is given.
+        let mut args = ServeArgs::default();
+        args.turn.external_ip = Some("192.0.2.7".parse().unwrap());
+        assert_eq!(args.resolve().unwrap().media_external_ip, Some("192.0.2.7".parse().unwrap()));
+        args.media_external_ip = Some("192.0.2.8".parse().unwrap());
+        assert_eq!(args.resolve().unwrap().media_external_ip, Some("192.0.2.8".parse().unwrap()));
+
+        let small = ServeArgs { max_sfu_peers: Some(2), ..Default::default() };
+        assert!(small.resolve().unwrap_err().to_string().contains("max-sfu-peers"));
+    }
+
+    #[test]
     fn the_turn_user_quota_follows_the_room_size_unless_set() {
         assert_eq!(built_in_user_quota(ServeArgs::default()), Some(10), "4 peers: the old default");
         let big = ServeArgs { max_peers: Some(12), ..Default::default() };
