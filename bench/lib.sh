@@ -31,7 +31,7 @@ bench_serve() {
     # Emptied here, not by the redirection below: that runs in the background child, and until it does, an earlier
     # server's address would still be read from the file.
     : >"$TMP/$name.out"
-    taskset -c "$cpus" env RUST_LOG=warn "$bin" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 \
+    taskset -c "$cpus" env RUST_LOG=warn "$bin" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 --media-listen 127.0.0.1:0 \
         --rate-limit 1000000 --max-connections 20000 --max-connections-per-ip 100000 \
         --max-joins-per-ip 100000000 --max-rooms 20000 "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
     SERVED_PID=$!

@@ -68,7 +68,8 @@ export async function startServer({ port = 0, args = [] } = {}) {
   const turnArgs = ownTurn ? [] : ['--turn-listen', '127.0.0.1:0'];
   const proc = spawn(BINARY, ['serve', '--listen', `127.0.0.1:${port}`, ...turnArgs, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+    // The SFU's media port (default 7882) would collide between servers too; a --media-listen in args wins.
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn', WEBCALL_MEDIA_LISTEN: '127.0.0.1:0' },
   });
   let stderr = '';
   proc.stderr.on('data', (d) => {

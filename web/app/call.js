@@ -190,6 +190,7 @@ if (unsupported) {
 // ---------------------------------------------------------------------------------------------------------------
 // The call
 
+// `?sfu=1`: this page speaks the SFU messages, so the server may move the room to its SFU (opt-in for now).
 const signaling = new Signaling({
   url: defaultSignalingUrl(),
   room,
@@ -197,6 +198,7 @@ const signaling = new Signaling({
   token,
   password: params.get('password') ?? resumed?.password ?? '',
   backoff: giveUpSecs ? { giveUpAfter: giveUpSecs * 1000 } : {},
+  sfu: params.get('sfu') === '1',
 });
 const call = new Call({ signaling, name, relayOnly, publish: !subscribeOnly });
 /** Test and debugging hook. */

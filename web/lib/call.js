@@ -14,6 +14,7 @@
  */
 
 import { summarize } from './stats.js';
+import { SFU_PEER, SfuRemote, SfuSession } from './sfu.js';
 
 /** Data channel label and id (negotiated on both sides, so no in-band DCEP is needed). */
 export const CHAT_CHANNEL = { label: 'chat', id: 0 };
@@ -601,6 +602,8 @@ export class Call extends EventTarget {
     this.spareIdle = null;
     /** @type {MediaStream|null} the stream our screen track is sent with (its id tells peers which track it is) */
     this.screenStream = null;
+    /** @type {SfuSession|null} our one connection to the server in an SFU room (docs/protocol.md) */
+    this.sfu = null;
     this.bindSignaling();
   }
 
@@ -659,6 +662,10 @@ export class Call extends EventTarget {
     s.addEventListener('welcome', (ev) => this.onWelcome(/** @type {CustomEvent} */ (ev).detail));
     s.addEventListener('hello', (ev) => {
       const { from, name } = /** @type {CustomEvent} */ (ev).detail;
+      if (this.sfu) {
+        this.addRemote(from, name ?? '');
+        return;
+      }
       const existing = this.peers.get(from);
       if (existing && !existing.pc.remoteDescription && existing.awaitingFirstOffer) {
         // We knew of it from a resumed welcome; the hello tells us that we are the one to offer.
@@ -672,6 +679,10 @@ export class Call extends EventTarget {
     for (const type of ['offer', 'answer', 'candidate']) {
       s.addEventListener(type, (ev) => {
         const msg = /** @type {CustomEvent} */ (ev).detail;
+        if (msg.from === SFU_PEER) {
+          this.sfu?.handle(msg);
+          return;
+        }
         let peer = this.peers.get(msg.from);
         if (!peer) {
           if (type !== 'offer') return;
@@ -681,8 +692,12 @@ export class Call extends EventTarget {
       });
     }
     s.addEventListener('bye', (ev) => this.removePeer(/** @type {CustomEvent} */ (ev).detail.from));
+    s.addEventListener('topology', (ev) => {
+      if (/** @type {CustomEvent} */ (ev).detail.mode === 'sfu') this.enterSfu();
+    });
     s.addEventListener('fatal', (ev) => {
       const detail = /** @type {CustomEvent} */ (ev).detail;
+      this.leaveSfu();
       this.closePeers();
       this.releaseMedia();
       this.stopStats();
@@ -711,7 +726,8 @@ export class Call extends EventTarget {
     /** @type {{id: string, name: string}[]} */
     const others = Array.isArray(welcome.peers) ? welcome.peers : [];
     if (welcome.idChanged || !welcome.resumed) {
-      // A new session: every old peer connection belongs to ids that are gone.
+      // A new session: every old peer connection belongs to ids that are gone (an SFU room says so again).
+      this.leaveSfu();
       this.closePeers();
       this.id = welcome.id;
       for (const p of others) this.addPeer(p.id, p.name ?? '', false);
@@ -762,7 +778,7 @@ export class Call extends EventTarget {
 
   /** Builds the spare peer connection now. @private */
   buildSpare() {
-    if (this.spare || typeof RTCPeerConnection === 'undefined') return;
+    if (this.spare || this.sfu || typeof RTCPeerConnection === 'undefined') return;
     try {
       const pc = new RTCPeerConnection(this.pcConfig());
       const dc = createChatChannel(pc);
@@ -860,6 +876,77 @@ export class Call extends EventTarget {
     this.peers.set(id, peer);
     this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer } }));
     return peer;
+  }
+
+  /** The room sends media through the server from now on: one connection to it replaces the mesh. */
+  enterSfu() {
+    if (this.sfu) return;
+    this.dropSpare();
+    const session = new SfuSession({
+      signaling: this.signaling,
+      config: this.pcConfig(),
+      localStream: this.localStream,
+      tracks: { audio: this.outgoing('audio'), video: this.outgoing('video') },
+    });
+    this.sfu = session;
+    /** @type {Map<string, MediaStreamTrack[]>} tracks of participants whose peer-to-peer tile still shows */
+    const waiting = new Map();
+    /** @param {string} peer */
+    const takeOver = (peer) => {
+      const remote = this.addRemote(peer, this.peers.get(peer)?.name ?? '');
+      for (const t of waiting.get(peer) ?? []) remote.addTrack(t);
+      waiting.delete(peer);
+    };
+    session.addEventListener('track', (ev) => {
+      const { peer, track } = /** @type {CustomEvent} */ (ev).detail;
+      const remote = this.peers.get(peer);
+      if (remote instanceof SfuRemote) return remote.addTrack(track);
+      // A peer-to-peer connection keeps its tile until the SFU's video of that participant arrives (a seamless move).
+      waiting.set(peer, [...(waiting.get(peer) ?? []), track]);
+      if (track.kind !== 'video') return; // audio moves with the video (or with the fallback below)
+      if (!track.muted) return takeOver(peer);
+      track.addEventListener('unmute', () => this.sfu === session && waiting.has(peer) && takeOver(peer), { once: true });
+    });
+    session.addEventListener('state', () => {
+      if (session.pc.connectionState !== 'connected') return;
+      // Participants that send no video through the SFU move over a moment after it connects.
+      setTimeout(() => {
+        if (this.sfu !== session) return;
+        for (const [id, p] of [...this.peers]) if (!(p instanceof SfuRemote)) takeOver(id);
+      }, 5000);
+    });
+    session.addEventListener('track-ended', (ev) => {
+      for (const p of this.peers.values()) if (p instanceof SfuRemote) p.removeTrack(/** @type {CustomEvent} */ (ev).detail.track);
+    });
+    session.addEventListener('state', () => {
+      for (const p of this.peers.values()) this.emitRemote(p);
+    });
+  }
+
+  /** @private */
+  leaveSfu() {
+    this.sfu?.close();
+    this.sfu = null;
+  }
+
+  /** @private @param {string} id @param {string} name */
+  addRemote(id, name) {
+    if (!this.sfu) throw new Error('not in an SFU room');
+    const existing = this.peers.get(id);
+    if (existing instanceof SfuRemote) return existing;
+    if (existing) this.removePeer(id);
+    /** @type {SfuRemote} */
+    const remote = new SfuRemote(id, name, this.sfu, () => this.emitRemote(remote));
+    this.peers.set(id, /** @type {any} */ (remote));
+    this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer: remote } }));
+    return remote;
+  }
+
+  /** @private @param {any} peer */
+  emitRemote(peer) {
+    setTimeout(() => {
+      if (!peer.closed) this.dispatchEvent(new CustomEvent('peer-updated', { detail: { peer } }));
+    }, 0);
   }
 
   /** @param {string} id */
@@ -972,6 +1059,7 @@ export class Call extends EventTarget {
       this.scheduleSpare(0);
     }
     await Promise.all([...this.peers.values()].map((p) => p.updateSenders().catch((e) => console.warn(e))));
+    await this.sfu?.updateSenders(this.outgoing('audio'), this.outgoing('video')).catch((e) => console.warn(e));
     const state = this.mediaState();
     for (const p of this.peers.values()) p.sendData(state);
   }
@@ -1104,6 +1192,7 @@ export class Call extends EventTarget {
   hangUp() {
     if (this.state === 'ended') return;
     this.signaling.leave();
+    this.leaveSfu();
     this.closePeers();
     this.stopStats();
     this.releaseMedia();

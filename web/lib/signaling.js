@@ -27,7 +27,7 @@
  */
 
 /** Error codes after which retrying the same join cannot help. */
-const FATAL_JOIN_CODES = new Set(['room-full', 'server-full', 'bad-room-name', 'unauthorized']);
+const FATAL_JOIN_CODES = new Set(['room-full', 'server-full', 'bad-room-name', 'unauthorized', 'needs-sfu']);
 /** Error codes of a join that a later attempt may get past: the connection is dropped and retried with backoff. */
 const RETRY_JOIN_CODES = new Set(['unavailable', 'rate-limited', 'server-shutdown']);
 
@@ -40,8 +40,9 @@ export class Signaling extends EventTarget {
    * @param {string} [opts.token] a join token (servers with `--auth-secret`)
    * @param {string} [opts.password] the room password (set by the first joiner, required from later ones)
    * @param {Partial<Backoff>} [opts.backoff]
+   * @param {boolean} [opts.sfu] join with `"sfu":true`: this page can take part in SFU rooms (sfu.js)
    */
-  constructor({ url, room, name = '', token = '', password = '', backoff = {} }) {
+  constructor({ url, room, name = '', token = '', password = '', backoff = {}, sfu = false }) {
     super();
     this.url = url;
     this.room = room;
@@ -52,6 +53,7 @@ export class Signaling extends EventTarget {
     this.keepTrying = () => false;
     /** @type {string|null} why the last attempt failed (see the `state` event) */
     this.reason = null;
+    this.sfu = sfu;
     /** @type {Backoff} */
     this.backoff = { initial: 250, max: 5000, giveUpAfter: 120000, ...backoff };
     /** @type {SignalingState} */
@@ -108,11 +110,12 @@ export class Signaling extends EventTarget {
     }
     this.ws = ws;
     ws.onopen = () => {
-      /** @type {Record<string, string>} */
+      /** @type {Record<string, string|boolean>} */
       const join = { type: 'join', room: this.room, name: this.name };
       if (this.resumeToken) join.resume = this.resumeToken;
       if (this.token) join.token = this.token;
       if (this.password) join.password = this.password;
+      if (this.sfu) join.sfu = true;
       ws.send(JSON.stringify(join));
     };
     ws.onmessage = (ev) => {
@@ -212,6 +215,7 @@ export class Signaling extends EventTarget {
       case 'answer':
       case 'candidate':
       case 'bye':
+      case 'topology':
         this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
         break;
       case 'error':

@@ -38,10 +38,11 @@ pub enum ErrorCode {
     Unauthorized,
     ServerShutdown,
     Unavailable,
+    NeedsSfu,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -57,6 +58,7 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::ServerShutdown,
         ErrorCode::Unavailable,
+        ErrorCode::NeedsSfu,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ServerShutdown => "server-shutdown",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NeedsSfu => "needs-sfu",
         }
     }
 }
@@ -175,6 +178,8 @@ pub struct Join<'a> {
     pub token: Option<Cow<'a, str>>,
     /// Room password (production issue).
     pub password: Option<Cow<'a, str>>,
+    /// `"sfu": true`: the client speaks the SFU messages (see docs/protocol.md, *SFU rooms*).
+    pub sfu: bool,
 }
 
 /// `offer` / `answer` / `candidate`, addressed to `to`.
@@ -238,6 +243,8 @@ struct Fields<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     password: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    sfu: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     to: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -339,7 +346,16 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             check_opaque(&resume, "resume", ty, MAX_TOKEN_LEN)?;
             check_opaque(&token, "token", ty, MAX_JOIN_TOKEN_LEN)?;
             check_opaque(&password, "password", ty, MAX_TOKEN_LEN)?;
-            Ok(ClientMessage::Join(Join { room, name, resume, token, password }))
+            let sfu = match fields.sfu.map(RawValue::get) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => {
+                    return Err(
+                        ProtocolError::new(ErrorCode::BadField, "field 'sfu' must be true or false").refers_to(ty)
+                    )
+                }
+            };
+            Ok(ClientMessage::Join(Join { room, name, resume, token, password, sfu }))
         }
         "offer" | "answer" | "candidate" => {
             let kind = match ty {
@@ -379,6 +395,47 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             ))
         }
     }
+}
+
+/// The reserved peer id that addresses the server's SFU in `offer`/`answer`/`candidate` (`to`/`from`).
+/// Peer ids are 10 characters, so it never names a peer.
+pub const SFU_PEER: &str = "sfu";
+
+/// One m-line of a server offer in an SFU room: whose media it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SfuTrack {
+    pub mid: String,
+    /// The publishing participant's peer id.
+    pub peer: String,
+    /// `audio` or `video`.
+    pub kind: String,
+}
+
+/// `{"type":"topology","mode":"sfu"}`: this room's media goes through the server from now on.
+pub fn encode_topology_sfu() -> &'static str {
+    r#"{"type":"topology","mode":"sfu"}"#
+}
+
+/// The SFU's offer to a client: `{"type":"offer","from":"sfu","sdp":…,"tracks":[…]}`.
+pub fn encode_sfu_offer(sdp: &str, tracks: &[SfuTrack]) -> String {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        from: &'static str,
+        sdp: &'a str,
+        tracks: &'a [SfuTrack],
+    }
+    serde_json::to_string(&Out { ty: "offer", from: SFU_PEER, sdp, tracks }).expect("offers serialise")
+}
+
+/// The SFU's answer to a client's offer: `{"type":"answer","from":"sfu","sdp":…}`.
+pub fn encode_sfu_answer(sdp: &str) -> String {
+    let mut s = String::with_capacity(40 + sdp.len());
+    s.push_str(r#"{"type":"answer","from":"sfu","sdp":"#);
+    s.push_str(&serde_json::to_string(sdp).expect("strings serialise"));
+    s.push('}');
+    s
 }
 
 /// One entry of `welcome.peers`.
@@ -571,6 +628,29 @@ mod tests {
         assert_eq!(j.room, "a-b_C9");
         assert_eq!(j.name, "");
         assert_eq!(j.resume, None);
+    }
+
+    #[test]
+    fn join_says_whether_the_client_speaks_sfu() {
+        let ClientMessage::Join(j) = parse_client(r#"{"type":"join","room":"r"}"#).unwrap() else { panic!() };
+        assert!(!j.sfu);
+        let ClientMessage::Join(j) = parse_client(r#"{"type":"join","room":"r","sfu":true}"#).unwrap() else {
+            panic!()
+        };
+        assert!(j.sfu);
+        assert_eq!(code(r#"{"type":"join","room":"r","sfu":"yes"}"#), ErrorCode::BadField);
+    }
+
+    #[test]
+    fn sfu_frames_are_json() {
+        let t = [SfuTrack { mid: "2".into(), peer: "Yx3kq0tVb2".into(), kind: "video".into() }];
+        let v: serde_json::Value = serde_json::from_str(&encode_sfu_offer("v=0\r\n\"", &t)).unwrap();
+        assert_eq!(v["from"], "sfu");
+        assert_eq!(v["tracks"][0]["peer"], "Yx3kq0tVb2");
+        let v: serde_json::Value = serde_json::from_str(&encode_sfu_answer("v=0\r\n")).unwrap();
+        assert_eq!((v["type"].as_str(), v["sdp"].as_str()), (Some("answer"), Some("v=0\r\n")));
+        let v: serde_json::Value = serde_json::from_str(encode_topology_sfu()).unwrap();
+        assert_eq!(v["mode"], "sfu");
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl Rooms {
                 publish: true,
                 remote: true,
                 awaiting: None,
+                sfu: false,
             },
         );
         self.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());

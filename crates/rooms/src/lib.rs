@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use webcall_protocol::{
-    encode_bye, encode_hello, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer, Join, PeerInfo,
-    ProtocolError, Relay,
+    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer,
+    Join, PeerInfo, ProtocolError, Relay, SFU_PEER,
 };
 
 /// Frames in order, with their total size: memory bounds are in bytes, not only frames.
@@ -113,6 +113,45 @@ pub struct Config {
     pub password_attempts_per_min: f64,
     /// Seed for peer ids and resume tokens (the server passes OS entropy; tests pass a constant).
     pub seed: u64,
+    /// Peer-to-peer mesh or the server's SFU (`--topology`).
+    pub topology: Topology,
+    /// Capacity of SFU rooms (`--max-sfu-peers`).
+    pub max_sfu_peers: usize,
+}
+
+/// How a room's media flows (`--topology`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// Peer-to-peer while two peers are in the room; through the SFU from the third on, if every member speaks
+    /// SFU (`join` with `"sfu":true`). An SFU room stays one until it empties.
+    #[default]
+    Auto,
+    /// Always peer-to-peer (protocol v1 as before).
+    Mesh,
+    /// Always through the SFU; joins without `"sfu":true` are refused with `needs-sfu`.
+    Sfu,
+}
+
+impl std::str::FromStr for Topology {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Topology::Auto),
+            "mesh" => Ok(Topology::Mesh),
+            "sfu" => Ok(Topology::Sfu),
+            _ => Err(format!("unknown topology '{s}' (expected auto, mesh or sfu)")),
+        }
+    }
+}
+
+/// What the adapter passes to the SFU (see [`Rooms::poll_sfu`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SfuRequest {
+    /// An `offer`/`answer`/`candidate` a peer addressed to `sfu`; `payload` is the raw JSON of `sdp`/`candidate`.
+    Signal { room: Arc<str>, peer: Arc<str>, kind: webcall_protocol::RelayKind, payload: String },
+    /// The peer left an SFU room (bye, or its grace period ran out): end its media session.
+    Leave { peer: Arc<str> },
 }
 
 impl Default for Config {
@@ -128,6 +167,8 @@ impl Default for Config {
             max_errors: 20.0,
             password_attempts_per_min: 10.0,
             seed: 0,
+            topology: Topology::Auto,
+            max_sfu_peers: 100,
         }
     }
 }
@@ -294,6 +335,8 @@ struct Peer {
     /// Cluster mode: resumed here from another node; this connection gets its welcome when the old node's
     /// queue arrives.
     awaiting: Option<ConnId>,
+    /// Joined with `"sfu":true`.
+    sfu: bool,
 }
 
 struct Room {
@@ -303,11 +346,13 @@ struct Room {
     password: Option<([u8; 16], [u8; 32])>,
     /// Wrong passwords this room may still take (refilled per `password_attempts_per_min`).
     guesses: Bucket,
+    /// Media goes through the SFU (until the room empties).
+    sfu: bool,
 }
 
 impl Room {
     fn new(password: Option<([u8; 16], [u8; 32])>, guesses: f64, now: u64) -> Self {
-        Room { members: Vec::new(), password, guesses: Bucket::full(guesses, now) }
+        Room { members: Vec::new(), password, guesses: Bucket::full(guesses, now), sfu: false }
     }
 }
 
@@ -332,6 +377,7 @@ pub struct Rooms {
     /// Cluster mode (see `cluster.rs`); off, the core behaves exactly as a single node.
     clustered: bool,
     cluster_out: VecDeque<cluster::ClusterOutput>,
+    sfu_out: VecDeque<SfuRequest>,
     /// Time of the latest input, for work that an input triggers indirectly.
     now: Instant,
     /// Time zero of the rate buckets.
@@ -373,6 +419,7 @@ impl Rooms {
             shutting_down: false,
             clustered: false,
             cluster_out: VecDeque::new(),
+            sfu_out: VecDeque::new(),
             now: Instant::now(),
             origin: Instant::now(),
         }
@@ -573,7 +620,8 @@ impl Rooms {
     pub fn check_invariants(&self) {
         for (name, room) in &self.rooms {
             assert!(!room.members.is_empty(), "empty room {name} kept");
-            assert!(room.members.len() <= self.cfg.max_peers, "room {name} over capacity");
+            let cap = if room.sfu { self.cfg.max_sfu_peers } else { self.cfg.max_peers };
+            assert!(room.members.len() <= cap, "room {name} over capacity");
             for m in &room.members {
                 assert_eq!(self.peers.get(m).map(|p| &p.room), Some(name), "member {m} of {name} is not its session");
             }
@@ -821,13 +869,29 @@ impl Rooms {
                 }
             }
             let n = r.members.len();
-            if n >= self.cfg.max_peers {
+            let r = &self.rooms[i];
+            let sfu = r.sfu || self.moves_to_sfu(r, j.sfu);
+            if sfu && !j.sfu {
                 let e = ProtocolError::new(
-                    ErrorCode::RoomFull,
-                    format!("room '{}' is full ({} of {} peers)", j.room, n, self.cfg.max_peers),
+                    ErrorCode::NeedsSfu,
+                    format!("room '{}' sends media through the server; join with \"sfu\":true", j.room),
                 );
                 return self.refuse(conn, e.refers_to("join"), now);
             }
+            let cap = if sfu { self.cfg.max_sfu_peers } else { self.cfg.max_peers };
+            if n >= cap {
+                let e = ProtocolError::new(
+                    ErrorCode::RoomFull,
+                    format!("room '{}' is full ({} of {} peers)", j.room, n, cap),
+                );
+                return self.refuse(conn, e.refers_to("join"), now);
+            }
+        } else if self.cfg.topology == Topology::Sfu && !j.sfu {
+            let e = ProtocolError::new(
+                ErrorCode::NeedsSfu,
+                "this server sends all media through its SFU; join with \"sfu\":true",
+            );
+            return self.refuse(conn, e.refers_to("join"), now);
         } else if self.rooms.len() >= self.cfg.max_rooms {
             let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
             return self.refuse(conn, e.refers_to("join"), now);
@@ -848,7 +912,8 @@ impl Rooms {
                     (salt, password_hash(&salt, p))
                 });
                 let room: Arc<str> = Arc::from(&*j.room);
-                let created = Room::new(password, self.cfg.password_attempts_per_min, self.nanos(now));
+                let mut created = Room::new(password, self.cfg.password_attempts_per_min, self.nanos(now));
+                created.sfu = self.cfg.topology == Topology::Sfu;
                 (self.rooms.insert_full(room.clone(), created).0, room)
             }
         };
@@ -865,8 +930,13 @@ impl Rooms {
                 publish: admission.publish,
                 remote: false,
                 awaiting: None,
+                sfu: j.sfu,
             },
         );
+        let switched = {
+            let r = &self.rooms[room_index];
+            !r.sfu && self.moves_to_sfu(r, j.sfu)
+        };
         let members = &mut self.rooms[room_index].members;
         // Exact: most rooms hold two peers, and `push` alone would make room for four.
         members.reserve_exact(1);
@@ -874,8 +944,38 @@ impl Rooms {
         self.counters.joins += 1;
         self.conns.get_mut(&conn).expect("live").peer = Some(id.clone());
         self.welcome(conn, &id, false);
+        if switched {
+            self.rooms[room_index].sfu = true;
+            self.broadcast(&room, &id, Arc::from(encode_topology_sfu()));
+        }
+        if self.rooms[room_index].sfu {
+            self.push(conn, Arc::from(encode_topology_sfu()));
+        }
         let hello: Frame = Arc::from(encode_hello(&id, &name));
         self.broadcast(&room, &id, hello);
+    }
+
+    /// `auto`: a room of two SFU-speaking peers moves to the SFU when a third one that speaks it joins.
+    fn moves_to_sfu(&self, r: &Room, joiner_sfu: bool) -> bool {
+        self.cfg.topology == Topology::Auto
+            && joiner_sfu
+            && r.members.len() >= 2
+            && r.members.iter().all(|m| self.peers[m].sfu)
+    }
+
+    /// Frames from the SFU for a peer (its offers and answers). `false`: the peer is gone.
+    pub fn sfu_frame(&mut self, peer: &str, frame: Frame) -> bool {
+        self.deliver(peer, frame)
+    }
+
+    /// The next request for the SFU adapter.
+    pub fn poll_sfu(&mut self) -> Option<SfuRequest> {
+        self.sfu_out.pop_front()
+    }
+
+    /// Whether `room` sends media through the SFU.
+    pub fn room_is_sfu(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.sfu)
     }
 
     fn resume(&mut self, conn: ConnId, id: Arc<str>, old_token: &str) {
@@ -908,6 +1008,9 @@ impl Rooms {
         c.limit = self.cfg.max_queued + backlog.len() + 1;
         c.limit_bytes = self.cfg.max_queued_bytes + backlog.bytes() + 1;
         self.welcome(conn, &id, true);
+        if self.room_is_sfu(&self.peers[&id].room) {
+            self.push(conn, Arc::from(encode_topology_sfu()));
+        }
         for frame in backlog {
             self.push(conn, frame);
         }
@@ -920,6 +1023,22 @@ impl Rooms {
             return self.refuse(conn, e.refers_to(ty), now);
         };
         let room = self.peers[&from].room.clone();
+        if *r.to == *SFU_PEER && self.room_is_sfu(&room) {
+            if r.kind != webcall_protocol::RelayKind::Candidate && !self.peers[&from].publish {
+                if let Some(why) = sdp_refusal(r.payload) {
+                    let e = ProtocolError::new(
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "your token is subscribe-only: {why}; mark audio and video recvonly (or inactive), once"
+                        ),
+                    );
+                    return self.refuse(conn, e.refers_to(ty), now);
+                }
+            }
+            let payload = r.payload.get().to_owned();
+            self.sfu_out.push_back(SfuRequest::Signal { room, peer: from, kind: r.kind, payload });
+            return;
+        }
         let target = self.peers.get_key_value(&*r.to).filter(|(k, p)| p.room == room && **k != from);
         let Some((to, _)) = target else {
             let shown: String = r.to.chars().take(64).collect();
@@ -953,6 +1072,9 @@ impl Rooms {
     /// Ends a session: frees its seat and tells the room.
     fn leave(&mut self, id: &Arc<str>) {
         let Some(p) = self.peers.swap_remove(id) else { return };
+        if self.room_is_sfu(&p.room) {
+            self.sfu_out.push_back(SfuRequest::Leave { peer: id.clone() });
+        }
         if self.clustered && !p.remote {
             self.cluster_out.push_back(cluster::ClusterOutput::Left { id: id.clone(), room: p.room.clone() });
         }

@@ -550,3 +550,117 @@ fn a_taken_queue_leaves_nothing_behind() {
     let c = &h.rooms.conns[&a];
     assert!(c.out.is_empty() && c.out.frames.capacity() == 0, "an idle connection keeps no queue buffer");
 }
+
+impl Harness {
+    /// Like `join`, for a client that speaks SFU; returns (conn, id, frames after the welcome).
+    fn join_sfu(&mut self, room: &str, name: &str) -> (ConnId, String, Vec<Value>) {
+        let c = self.connect();
+        self.send_json(c, serde_json::json!({"type":"join","room":room,"name":name,"sfu":true}));
+        let mut got = self.recv(c);
+        let w = got.remove(0);
+        assert_eq!(w["type"], "welcome", "{w}");
+        (c, w["id"].as_str().unwrap().into(), got)
+    }
+    fn sfu_requests(&mut self) -> Vec<SfuRequest> {
+        std::iter::from_fn(|| self.rooms.poll_sfu()).collect()
+    }
+}
+
+fn topology_sfu() -> Value {
+    serde_json::json!({"type":"topology","mode":"sfu"})
+}
+
+#[test]
+fn auto_moves_to_the_sfu_on_the_third_sfu_peer_and_stays_there() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id, after) = h.join_sfu("r", "A");
+    assert!(after.is_empty());
+    let (b, _, after) = h.join_sfu("r", "B");
+    assert!(after.is_empty(), "two peers stay peer-to-peer: {after:?}");
+    assert_eq!(h.recv(a)[0]["type"], "hello");
+    assert!(!h.rooms.room_is_sfu("r"));
+    let (c, c_id, after) = h.join_sfu("r", "C");
+    assert_eq!(after, vec![topology_sfu()]);
+    assert_eq!(h.recv(a), vec![topology_sfu(), serde_json::json!({"type":"hello","from":c_id,"name":"C"})]);
+    assert_eq!(h.recv(b)[0], topology_sfu());
+
+    // Offers to the reserved id "sfu" go to the SFU adapter, not to a peer.
+    h.send_json(c, serde_json::json!({"type":"offer","to":"sfu","sdp":"v=0 c"}));
+    let req = h.sfu_requests();
+    assert!(
+        matches!(&req[..], [SfuRequest::Signal { peer, kind: webcall_protocol::RelayKind::Offer, payload, .. }]
+            if **peer == *c_id && payload == "\"v=0 c\""),
+        "{req:?}"
+    );
+    assert!(h.recv(c).is_empty());
+    // The SFU's frames reach the peer.
+    assert!(h.rooms.sfu_frame(&c_id, Arc::from(webcall_protocol::encode_sfu_answer("v=0 s"))));
+    assert_eq!(h.recv(c)[0]["from"], "sfu");
+
+    // Shrinking back to two keeps the SFU; leaving ends the SFU session.
+    h.send(c, r#"{"type":"bye"}"#);
+    assert_eq!(h.sfu_requests(), vec![SfuRequest::Leave { peer: Arc::from(c_id.as_str()) }]);
+    assert!(h.rooms.room_is_sfu("r"));
+    h.send(a, r#"{"type":"bye"}"#);
+    h.send(b, r#"{"type":"bye"}"#);
+    assert!(!h.rooms.room_is_sfu("r"), "an emptied room is gone, so the next call starts peer-to-peer");
+    let _ = a_id;
+}
+
+#[test]
+fn a_v1_client_keeps_a_room_peer_to_peer_and_is_refused_by_an_sfu_room() {
+    let mut h = Harness::new(Config::default());
+    h.join("mixed", "v1");
+    h.join_sfu("mixed", "A");
+    let (_, _, after) = h.join_sfu("mixed", "B");
+    assert!(after.is_empty(), "a v1 member keeps the room a mesh: {after:?}");
+    assert!(!h.rooms.room_is_sfu("mixed"));
+
+    h.join_sfu("s", "A");
+    h.join_sfu("s", "B");
+    h.join_sfu("s", "C");
+    let c = h.connect();
+    h.send_json(c, serde_json::json!({"type":"join","room":"s"}));
+    let e = h.recv(c).remove(0);
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("needs-sfu")), "{e}");
+    // Addressing "sfu" in a mesh room is an unknown peer, as in v1.
+    let (m, _, _) = h.join("mixed2", "x");
+    h.send_json(m, serde_json::json!({"type":"offer","to":"sfu","sdp":"v=0"}));
+    assert_eq!(h.recv(m)[0]["code"], "unknown-peer");
+}
+
+#[test]
+fn sfu_topology_and_capacities() {
+    let mut h = Harness::new(Config { topology: Topology::Sfu, max_peers: 2, max_sfu_peers: 3, ..Config::default() });
+    let c = h.connect();
+    h.send_json(c, serde_json::json!({"type":"join","room":"r"}));
+    assert_eq!(h.recv(c)[0]["code"], "needs-sfu");
+    let (_, _, after) = h.join_sfu("r", "A");
+    assert_eq!(after, vec![topology_sfu()], "an sfu-topology room is one from its first peer");
+    h.join_sfu("r", "B");
+    h.join_sfu("r", "C");
+    let d = h.connect();
+    h.send_json(d, serde_json::json!({"type":"join","room":"r","sfu":true}));
+    assert_eq!(h.recv(d)[0]["code"], "room-full", "--max-sfu-peers bounds SFU rooms");
+
+    let mut h = Harness::new(Config { topology: Topology::Mesh, ..Config::default() });
+    for n in ["A", "B", "C"] {
+        let (_, _, after) = h.join_sfu("m", n);
+        assert!(after.is_empty(), "mesh never moves");
+    }
+    assert!(!h.rooms.room_is_sfu("m"));
+}
+
+#[test]
+fn a_resumed_peer_of_an_sfu_room_is_told_again() {
+    let mut h = Harness::new(Config { topology: Topology::Sfu, ..Config::default() });
+    let c = h.connect();
+    h.send_json(c, serde_json::json!({"type":"join","room":"r","sfu":true}));
+    let w = h.recv(c).remove(0);
+    h.rooms.disconnect(c, h.now);
+    let c2 = h.connect();
+    h.send_json(c2, serde_json::json!({"type":"join","room":"r","sfu":true,"resume":w["resume"]}));
+    let got = h.recv(c2);
+    assert_eq!(got[0]["resumed"], true);
+    assert_eq!(got[1], topology_sfu());
+}

@@ -121,6 +121,23 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_ICE_SERVERS", value_name = "URLS", value_delimiter = ',')]
     pub ice_servers: Option<Vec<String>>,
 
+    /// Where a room's media flows: auto (peer-to-peer for two, the built-in SFU from the third peer on), mesh
+    /// (always peer-to-peer) or sfu (always through the server) [default: auto].
+    #[arg(long, env = "WEBCALL_TOPOLOGY", value_name = "MODE")]
+    pub topology: Option<webcall_rooms::Topology>,
+
+    /// Capacity of rooms that go through the SFU [default: 100].
+    #[arg(long, env = "WEBCALL_MAX_SFU_PEERS", value_name = "N")]
+    pub max_sfu_peers: Option<usize>,
+
+    /// UDP address of the SFU's media socket [default: 127.0.0.1:7882].
+    #[arg(long, env = "WEBCALL_MEDIA_LISTEN", value_name = "ADDR")]
+    pub media_listen: Option<SocketAddr>,
+
+    /// The address clients reach the media socket at, behind NAT [default: --turn-external-ip].
+    #[arg(long, env = "WEBCALL_MEDIA_EXTERNAL_IP", value_name = "IP")]
+    pub media_external_ip: Option<std::net::IpAddr>,
+
     #[command(flatten)]
     pub turn: webcall_turn::TurnArgs,
 
@@ -172,6 +189,10 @@ pub struct ServeConfig {
     pub node_id: Option<String>,
     pub node_ttl: Duration,
     pub ice: IceSource,
+    /// The SFU's media socket (`--media-listen`).
+    pub media_listen: SocketAddr,
+    /// `--media-external-ip`, else `--turn-external-ip`.
+    pub media_external_ip: Option<std::net::IpAddr>,
 }
 
 /// Where `welcome.iceServers` come from.
@@ -224,6 +245,8 @@ impl ServeArgs {
             max_errors: pick!(max_errors, d.max_errors),
             password_attempts_per_min: pick!(max_password_attempts, d.password_attempts_per_min),
             seed: rand::random(),
+            topology: pick!(topology, d.topology),
+            max_sfu_peers: pick!(max_sfu_peers, d.max_sfu_peers),
         };
         let cfg = ServeConfig {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -257,6 +280,12 @@ impl ServeArgs {
             node_id: self.node_id.clone().or(file.node_id.clone()),
             node_ttl: pick!(node_ttl, Duration::from_secs(10)),
             ice: IceSource::None,
+            media_listen: pick!(media_listen, SocketAddr::from(([127, 0, 0, 1], 7882))),
+            media_external_ip: self
+                .media_external_ip
+                .or(file.media_external_ip)
+                .or(self.turn.external_ip)
+                .or(file.turn.external_ip),
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok {
@@ -295,6 +324,12 @@ impl ServeArgs {
         let r = &cfg.rooms;
         range("max-peers", r.max_peers.to_string(), (2..=64).contains(&r.max_peers), "a call has 2 to 64 peers")?;
         range("max-rooms", r.max_rooms.to_string(), r.max_rooms >= 1, "at least 1")?;
+        range(
+            "max-sfu-peers",
+            r.max_sfu_peers.to_string(),
+            (3..=1000).contains(&r.max_sfu_peers),
+            "an SFU room has 3 to 1000 peers",
+        )?;
         range("max-connections", cfg.max_connections.to_string(), cfg.max_connections >= 1, "at least 1")?;
         range(
             "max-message-size",
@@ -356,6 +391,31 @@ mod tests {
             IceSource::BuiltIn(t) => t.user_quota,
             _ => panic!("the built-in TURN server"),
         }
+    }
+
+    #[test]
+    fn topology_and_media_settings() {
+        let d = ServeArgs::default().resolve().unwrap();
+        assert_eq!(d.rooms.topology, webcall_rooms::Topology::Auto);
+        assert_eq!(d.rooms.max_sfu_peers, 100);
+        assert_eq!(d.media_listen, SocketAddr::from(([127, 0, 0, 1], 7882)));
+        assert_eq!(d.media_external_ip, None);
+
+        let file: ServeArgs =
+            toml::from_str("topology = \"sfu\"\nmax-sfu-peers = 30\nmedia-listen = \"127.0.0.1:0\"").unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!((c.rooms.topology, c.rooms.max_sfu_peers), (webcall_rooms::Topology::Sfu, 30));
+        assert!(toml::from_str::<ServeArgs>("topology = \"star\"").is_err());
+
+        // The media address follows --turn-external-ip unless --media-external-ip is given.
+        let mut args = ServeArgs::default();
+        args.turn.external_ip = Some("192.0.2.7".parse().unwrap());
+        assert_eq!(args.resolve().unwrap().media_external_ip, Some("192.0.2.7".parse().unwrap()));
+        args.media_external_ip = Some("192.0.2.8".parse().unwrap());
+        assert_eq!(args.resolve().unwrap().media_external_ip, Some("192.0.2.8".parse().unwrap()));
+
+        let small = ServeArgs { max_sfu_peers: Some(2), ..Default::default() };
+        assert!(small.resolve().unwrap_err().to_string().contains("max-sfu-peers"));
     }
 
     #[test]

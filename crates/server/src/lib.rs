@@ -5,6 +5,7 @@ pub mod config;
 pub mod ice;
 pub mod metrics;
 pub mod router;
+pub mod sfu;
 pub mod tls;
 mod upgrade;
 mod web;

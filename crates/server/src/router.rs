@@ -49,6 +49,7 @@ struct Inner {
     rooms: Rooms,
     /// Keyed by connection ids the server picks, so a fast hash is safe.
     signals: HashMap<ConnId, Arc<ConnSignal>, rustc_hash::FxBuildHasher>,
+    sfu: Option<crate::sfu::SfuBridge>,
 }
 
 /// Passes one output of the room core to the WebSocket task it concerns (any router uses this).
@@ -80,6 +81,12 @@ impl Inner {
         while let Some(out) = self.rooms.poll_output() {
             signal_output(&self.signals, out);
         }
+        while let Some(req) = self.rooms.poll_sfu() {
+            match &mut self.sfu {
+                Some(bridge) => bridge.route(req),
+                None => tracing::warn!("an SFU room without an SFU running; request dropped"),
+            }
+        }
     }
 }
 
@@ -101,7 +108,11 @@ impl LocalRouter {
         policy: Box<dyn JoinPolicy>,
     ) -> Arc<LocalRouter> {
         let router = Arc::new(LocalRouter {
-            inner: Mutex::new(Inner { rooms: Rooms::new(cfg, ice).with_policy(policy), signals: HashMap::default() }),
+            inner: Mutex::new(Inner {
+                rooms: Rooms::new(cfg, ice).with_policy(policy),
+                signals: HashMap::default(),
+                sfu: None,
+            }),
         });
         let weak = Arc::downgrade(&router);
         tokio::spawn(async move {
@@ -120,6 +131,19 @@ impl LocalRouter {
             }
         });
         router
+    }
+
+    /// Sends the media of SFU rooms through `sfu` (rooms become SFU rooms per `--topology`).
+    pub fn set_sfu(self: &Arc<Self>, sfu: webcall_sfu::net::SfuHandle) {
+        let bridge = crate::sfu::SfuBridge::new(sfu, Arc::downgrade(self));
+        self.inner.lock().sfu = Some(bridge);
+    }
+
+    /// Queues a frame from the SFU for `peer`.
+    pub(crate) fn sfu_frame(&self, peer: &str, frame: String) {
+        self.with(|r, _| {
+            r.sfu_frame(peer, Arc::from(frame));
+        });
     }
 
     fn with(&self, f: impl FnOnce(&mut Rooms, Instant)) {

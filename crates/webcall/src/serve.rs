@@ -29,9 +29,21 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
         IceSource::None => Box::new(|_: &str| Vec::new()),
     };
     let policy = webcall_server::policy(&cfg);
+    let mut sfu = None;
     let mut server = match cfg.redis.clone() {
         None => {
             let router = webcall_server::LocalRouter::start_with(cfg.rooms.clone(), ice, Box::new(policy.clone()));
+            if cfg.rooms.topology != webcall_rooms::Topology::Mesh {
+                let media = webcall_sfu::net::MediaConfig {
+                    listen: cfg.media_listen,
+                    external_ip: cfg.media_external_ip,
+                    dtls_cert: None,
+                };
+                let handle = webcall_sfu::net::SfuHandle::start(media).await?;
+                println!("webcall SFU media on udp {}", handle.local_addr());
+                router.set_sfu(handle.clone());
+                sfu = Some(handle);
+            }
             webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
         Some(redis_url) => {
@@ -45,12 +57,23 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                 webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster)
                     .await?;
             tracing::info!(node = router.node_id(), "sharing rooms through Redis");
+            if cfg.rooms.topology != webcall_rooms::Topology::Mesh {
+                tracing::warn!("with --redis rooms stay peer-to-peer: SFU rooms are not clustered yet");
+            }
             webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
     };
-    if let Some(t) = &turn {
-        let stats = t.stats_reader();
-        server.set_metrics_hook(std::sync::Arc::new(move |out: &mut String| turn_metrics(&stats(), out)));
+    let turn_stats = turn.as_ref().map(|t| t.stats_reader());
+    if turn_stats.is_some() || sfu.is_some() {
+        let sfu = sfu.clone();
+        server.set_metrics_hook(std::sync::Arc::new(move |out: &mut String| {
+            if let Some(stats) = &turn_stats {
+                turn_metrics(&stats(), out);
+            }
+            if let Some(sfu) = &sfu {
+                sfu_metrics(&sfu.stats(), out);
+            }
+        }));
     }
     let (addr, scheme) = (server.local_addr, server.scheme);
     let ws = if scheme == "https" { "wss" } else { "ws" };
@@ -121,4 +144,25 @@ pub fn turn_metrics(s: &webcall_turn::CoreStats, out: &mut String) {
     let _ = writeln!(out, "# HELP webcall_turn_relayed_bytes_total Bytes relayed, by direction.\n# TYPE webcall_turn_relayed_bytes_total counter");
     let _ = writeln!(out, "webcall_turn_relayed_bytes_total{{direction=\"to-peer\"}} {}", s.to_peer_bytes);
     let _ = writeln!(out, "webcall_turn_relayed_bytes_total{{direction=\"to-client\"}} {}", s.to_client_bytes);
+}
+
+/// SFU figures for `/metrics`.
+pub fn sfu_metrics(s: &webcall_sfu::SfuStats, out: &mut String) {
+    use std::fmt::Write;
+    let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ =
+            writeln!(out, "# HELP webcall_sfu_{name} {help}\n# TYPE webcall_sfu_{name} gauge\nwebcall_sfu_{name} {v}");
+    };
+    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP webcall_sfu_{name} {help}\n# TYPE webcall_sfu_{name} counter\nwebcall_sfu_{name} {v}"
+        );
+    };
+    gauge(out, "sessions", "SFU media sessions (one per participant).", s.sessions);
+    gauge(out, "tracks", "Tracks published to the SFU.", s.tracks);
+    counter(out, "forwarded_frames_total", "Media frames forwarded to subscribers.", s.forwarded_frames);
+    counter(out, "forwarded_bytes_total", "Media payload bytes forwarded to subscribers.", s.forwarded_bytes);
+    counter(out, "keyframe_requests_total", "Keyframe requests sent to publishers.", s.keyframe_requests);
+    counter(out, "unrouted_datagrams_total", "Datagrams on the media port no session knows.", s.unrouted_datagrams);
 }

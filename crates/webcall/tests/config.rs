@@ -7,7 +7,10 @@ use serde_json::json;
 use std::process::Command;
 
 fn webcall() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_webcall"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_webcall"));
+    // The SFU's default media port would collide between tests run at once.
+    c.env("WEBCALL_MEDIA_LISTEN", "127.0.0.1:0");
+    c
 }
 
 /// Capacity as the server applies it: how many joins one room takes.

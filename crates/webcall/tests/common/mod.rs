@@ -46,6 +46,8 @@ impl ServerProc {
             .args(turn)
             .args(args)
             .env("RUST_LOG", "warn")
+            // Likewise the SFU's media port (default 7882); a flag in `args` still wins.
+            .env("WEBCALL_MEDIA_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
             .spawn()
             .expect("webcall binary runs");

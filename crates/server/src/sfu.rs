@@ -1,0 +1,131 @@
+//! Connects SFU rooms of the room core to the SFU task: one small task per peer keeps that peer's signaling in
+//! order (offer before its candidates) and talks to [`SfuHandle`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::mpsc;
+use webcall_protocol::{encode_sfu_answer, encode_sfu_offer, ErrorCode, ProtocolError, RelayKind, SfuTrack};
+use webcall_rooms::SfuRequest;
+use webcall_sfu::net::{SessionSignal, SfuHandle, SfuNetError};
+use webcall_sfu::{SessionId, SfuError};
+
+use crate::router::LocalRouter;
+
+pub(crate) struct SfuBridge {
+    handle: SfuHandle,
+    router: Weak<LocalRouter>,
+    peers: HashMap<Arc<str>, mpsc::UnboundedSender<SfuRequest>>,
+}
+
+impl SfuBridge {
+    pub(crate) fn new(handle: SfuHandle, router: Weak<LocalRouter>) -> Self {
+        SfuBridge { handle, router, peers: HashMap::new() }
+    }
+
+    pub(crate) fn route(&mut self, req: SfuRequest) {
+        let peer = match &req {
+            SfuRequest::Signal { peer, .. } | SfuRequest::Leave { peer } => peer.clone(),
+        };
+        if let SfuRequest::Leave { .. } = req {
+            if let Some(tx) = self.peers.remove(&peer) {
+                let _ = tx.send(req);
+            }
+            return;
+        }
+        let tx = self.peers.entry(peer.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(peer_task(self.handle.clone(), self.router.clone(), peer, rx));
+            tx
+        });
+        let _ = tx.send(req);
+    }
+}
+
+fn deliver(router: &Weak<LocalRouter>, peer: &str, frame: String) {
+    if let Some(r) = router.upgrade() {
+        r.sfu_frame(peer, frame);
+    }
+}
+
+fn refusal(e: &SfuNetError, ty: &str) -> String {
+    ProtocolError::new(ErrorCode::BadField, format!("the SFU refused this {ty}: {e}")).refers_to(ty).to_json()
+}
+
+async fn new_session(handle: &SfuHandle, router: &Weak<LocalRouter>, room: &str, peer: &Arc<str>) -> Option<SessionId> {
+    let (id, mut signals) = match handle.add_session(room, peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("SFU session for {peer}: {e}");
+            return None;
+        }
+    };
+    let (router, peer) = (router.clone(), peer.clone());
+    tokio::spawn(async move {
+        while let Some(s) = signals.recv().await {
+            match s {
+                SessionSignal::Offer { sdp, tracks } => {
+                    let tracks: Vec<SfuTrack> = tracks
+                        .into_iter()
+                        .map(|t| SfuTrack {
+                            mid: t.mid,
+                            peer: t.participant.to_string(),
+                            kind: t.kind.to_string().to_lowercase(),
+                        })
+                        .collect();
+                    deliver(&router, &peer, encode_sfu_offer(&sdp, &tracks));
+                }
+                SessionSignal::Answer { sdp } => deliver(&router, &peer, encode_sfu_answer(&sdp)),
+                SessionSignal::Connected => tracing::debug!("SFU session of {peer} connected"),
+                SessionSignal::Closed => tracing::info!("SFU session of {peer} closed (ICE/DTLS)"),
+            }
+        }
+    });
+    Some(id)
+}
+
+async fn peer_task(
+    handle: SfuHandle,
+    router: Weak<LocalRouter>,
+    peer: Arc<str>,
+    mut rx: mpsc::UnboundedReceiver<SfuRequest>,
+) {
+    let mut session: Option<SessionId> = None;
+    while let Some(req) = rx.recv().await {
+        let SfuRequest::Signal { room, kind, payload, .. } = req else { break };
+        if session.is_none() {
+            session = new_session(&handle, &router, &room, &peer).await;
+        }
+        let Some(id) = session else { continue };
+        match kind {
+            RelayKind::Offer | RelayKind::Answer => {
+                let Ok(sdp) = serde_json::from_str::<String>(&payload) else { continue };
+                // Answers reach the client through the session's signals (in order with server offers).
+                let mut res = if kind == RelayKind::Offer {
+                    handle.offer(id, sdp.clone()).await.map(|_| ())
+                } else {
+                    handle.answer(id, sdp.clone()).await
+                };
+                // The media session died (ICE/DTLS); a new offer starts a new one.
+                if kind == RelayKind::Offer && matches!(res, Err(SfuNetError::Sfu(SfuError::UnknownSession(_)))) {
+                    session = new_session(&handle, &router, &room, &peer).await;
+                    if let Some(id) = session {
+                        res = handle.offer(id, sdp).await.map(|_| ());
+                    }
+                }
+                if let Err(e) = res {
+                    deliver(&router, &peer, refusal(&e, kind.as_str()));
+                }
+            }
+            RelayKind::Candidate => {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&payload) else { continue };
+                if let Some(line) = v.get("candidate").and_then(|c| c.as_str()) {
+                    let _ = handle.candidate(id, line.to_owned());
+                }
+            }
+        }
+    }
+    if let Some(id) = session {
+        let _ = handle.remove(id);
+    }
+}

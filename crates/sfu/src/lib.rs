@@ -1,0 +1,10 @@
+//! webcall's selective forwarding unit (issue 14).
+//!
+//! [`core::Sfu`] is a state machine without I/O in str0m's style (datagrams and time in; datagrams, events and
+//! the next timeout out), one str0m `Rtc` per participant session. [`net`] is the thin tokio adapter that owns
+//! the media UDP socket.
+
+pub mod core;
+pub mod net;
+
+pub use crate::core::{SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit};

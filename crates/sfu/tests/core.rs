@@ -1,0 +1,411 @@
+//! The SFU core driven with simulated time: str0m clients connected to it through in-memory datagrams.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use webcall_sfu::{SessionId, Sfu, SfuConfig, SfuEvent, SfuOutput};
+
+const FRAME: Duration = Duration::from_millis(33);
+
+struct Client {
+    name: &'static str,
+    rtc: Rtc,
+    addr: SocketAddr,
+    session: SessionId,
+    video: Mid,
+    audio: Mid,
+    pending: Option<SdpPendingOffer>,
+    /// mid -> publishing participant, from the server's last offer.
+    mapping: HashMap<String, String>,
+    /// (publisher, kind) -> frames received.
+    received: HashMap<(String, MediaKind), u64>,
+    keyframe_requests: u64,
+    timeout: Instant,
+    connected: bool,
+    publishing: bool,
+    frames_sent: u32,
+}
+
+struct Net {
+    now: Instant,
+    sfu: Sfu,
+    sfu_addr: SocketAddr,
+    sfu_timeout: Instant,
+    clients: Vec<Client>,
+    next_frame: Instant,
+    closed: Vec<SessionId>,
+}
+
+impl Net {
+    fn new() -> Net {
+        let now = Instant::now();
+        let sfu_addr: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+        let sfu = Sfu::new(SfuConfig { host_candidates: vec![sfu_addr], dtls_cert: None }, now);
+        Net { now, sfu, sfu_addr, sfu_timeout: now, clients: Vec::new(), next_frame: now, closed: Vec::new() }
+    }
+
+    /// A client joins: it offers audio and video (sendrecv, like a browser), the SFU answers.
+    fn join(&mut self, name: &'static str) -> usize {
+        let addr: SocketAddr = format!("127.0.0.2:{}", 5000 + self.clients.len()).parse().unwrap();
+        let mut rtc = Rtc::builder().clear_codecs().enable_vp8(true).enable_opus(true, false).build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut change = rtc.sdp_api();
+        let audio = change.add_media(MediaKind::Audio, Direction::SendRecv, Some(name.into()), None, None);
+        let video = change.add_media(MediaKind::Video, Direction::SendRecv, Some(name.into()), None, None);
+        let (offer, pending) = change.apply().unwrap();
+        let session = self.sfu.add_session("room", name, self.now);
+        let answer = self.sfu.accept_offer(session, &offer.to_sdp_string()).unwrap().expect("no glare on join");
+        rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap()).unwrap();
+        self.clients.push(Client {
+            name,
+            rtc,
+            addr,
+            session,
+            video,
+            audio,
+            pending: None,
+            mapping: HashMap::new(),
+            received: HashMap::new(),
+            keyframe_requests: 0,
+            timeout: self.now,
+            connected: false,
+            publishing: true,
+            frames_sent: 0,
+        });
+        self.clients.len() - 1
+    }
+
+    fn client(&self, name: &str) -> &Client {
+        self.clients.iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn received(&self, receiver: &str, publisher: &str, kind: MediaKind) -> u64 {
+        self.client(receiver).received.get(&(publisher.to_string(), kind)).copied().unwrap_or(0)
+    }
+
+    /// Runs everything until `d` of simulated time has passed.
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.exchange();
+            self.publish();
+            self.exchange();
+            let next = self.clients.iter().map(|c| c.timeout).chain([self.sfu_timeout, self.next_frame]).min().unwrap();
+            self.now = next.max(self.now + Duration::from_millis(1)).min(end);
+            self.sfu.handle_timeout(self.now);
+            for c in &mut self.clients {
+                c.rtc.handle_input(Input::Timeout(self.now)).unwrap();
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.now < self.next_frame {
+            return;
+        }
+        self.next_frame = self.now + FRAME;
+        for c in self.clients.iter_mut().filter(|c| c.connected && c.publishing) {
+            c.frames_sent += 1;
+            let n = c.frames_sent;
+            let ts = MediaTime::from_90khz(n as u64 * 3000);
+            // A VP8 payload whose first byte marks a keyframe every 30 frames (bit 0 clear), else an interframe.
+            let mut frame = vec![if n % 30 == 1 { 0x10 } else { 0x11 }, 0x02, 0x00, 0x9d, 0x01, 0x2a];
+            frame.extend(std::iter::repeat_n(n as u8, 1200));
+            let w = c.rtc.writer(c.video).unwrap();
+            let pt = w.payload_params().find(|p| p.spec().codec == str0m::format::Codec::Vp8).unwrap().pt();
+            w.write(pt, self.now, ts, frame).unwrap();
+            let w = c.rtc.writer(c.audio).unwrap();
+            let pt = w.payload_params().next().unwrap().pt();
+            w.write(
+                pt,
+                self.now,
+                MediaTime::new(n as u64 * 1584, str0m::media::Frequency::FORTY_EIGHT_KHZ),
+                vec![0xfc; 80],
+            )
+            .unwrap();
+        }
+    }
+
+    /// Delivers datagrams and signaling until nobody has anything to say.
+    fn exchange(&mut self) {
+        loop {
+            let mut busy = false;
+            loop {
+                match self.sfu.poll_output() {
+                    SfuOutput::Timeout(t) => {
+                        self.sfu_timeout = t;
+                        break;
+                    }
+                    SfuOutput::Transmit(t) => {
+                        busy = true;
+                        let Some(c) = self.clients.iter_mut().find(|c| c.addr == t.destination) else { continue };
+                        let input = Input::Receive(
+                            self.now,
+                            Receive {
+                                proto: Protocol::Udp,
+                                source: t.source,
+                                destination: t.destination,
+                                contents: t.contents.as_slice().try_into().unwrap(),
+                            },
+                        );
+                        c.rtc.handle_input(input).unwrap();
+                    }
+                    SfuOutput::Event(SfuEvent::Offer { session, sdp, tracks }) => {
+                        busy = true;
+                        let c = self.clients.iter_mut().find(|c| c.session == session).unwrap();
+                        assert!(c.pending.is_none());
+                        c.mapping = tracks.iter().map(|t| (t.mid.clone(), t.participant.to_string())).collect();
+                        let answer = c.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&sdp).unwrap()).unwrap();
+                        self.sfu.accept_answer(session, &answer.to_sdp_string()).unwrap();
+                    }
+                    SfuOutput::Event(SfuEvent::Closed { session }) => self.closed.push(session),
+                    SfuOutput::Event(SfuEvent::Connected { .. }) => {}
+                }
+            }
+            for c in &mut self.clients {
+                loop {
+                    match c.rtc.poll_output().unwrap() {
+                        Output::Timeout(t) => {
+                            c.timeout = t;
+                            break;
+                        }
+                        Output::Transmit(t) => {
+                            busy = true;
+                            self.sfu.handle_receive(self.now, t.source, t.destination, &t.contents);
+                        }
+                        Output::Event(Event::Connected) => c.connected = true,
+                        Output::Event(Event::MediaData(d)) => {
+                            let from = c.mapping.get(&d.mid.to_string()).cloned().unwrap_or_else(|| "?".into());
+                            let kind = c.rtc.media(d.mid).unwrap().kind();
+                            *c.received.entry((from, kind)).or_default() += 1;
+                        }
+                        Output::Event(Event::KeyframeRequest(r)) => {
+                            assert_eq!(r.mid, c.video);
+                            c.keyframe_requests += 1;
+                        }
+                        Output::Event(_) => {}
+                    }
+                }
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn media_flows_between_three_participants_and_stops_when_one_leaves() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(2));
+    assert!(net.client("a").connected && net.client("b").connected);
+    // Each got an offer mapping the other's audio and video to the other's id.
+    let mut tracks: Vec<&String> = net.client("b").mapping.values().collect();
+    tracks.sort();
+    assert_eq!(tracks, ["a", "a"]);
+    for (rx, tx) in [("a", "b"), ("b", "a")] {
+        assert!(net.received(rx, tx, MediaKind::Video) > 20, "{rx} got video from {tx}");
+        assert!(net.received(rx, tx, MediaKind::Audio) > 20, "{rx} got audio from {tx}");
+    }
+    // Nobody gets their own media back.
+    assert_eq!(net.received("a", "a", MediaKind::Video), 0);
+
+    net.join("c");
+    net.run(Duration::from_secs(2));
+    for rx in ["a", "b", "c"] {
+        for tx in ["a", "b", "c"].into_iter().filter(|t| *t != rx) {
+            assert!(net.received(rx, tx, MediaKind::Video) > 20, "{rx} got video from {tx}");
+            assert!(net.received(rx, tx, MediaKind::Audio) > 20, "{rx} got audio from {tx}");
+        }
+    }
+    let stats = net.sfu.stats();
+    assert_eq!(stats.sessions, 3);
+    assert_eq!(stats.tracks, 6);
+    assert!(stats.forwarded_frames > 6 * 2 * 40, "{stats:?}");
+
+    // c leaves: a and b get an offer without c's tracks, and c's media stops reaching them.
+    let c = net.client("c").session;
+    net.sfu.remove_session(c);
+    net.clients.retain(|x| x.name != "c");
+    net.run(Duration::from_millis(500));
+    assert!(net.client("a").mapping.values().all(|p| p == "b"));
+    assert_eq!(net.client("a").mapping.len(), 2);
+    let before = net.received("a", "c", MediaKind::Video);
+    let from_b = net.received("a", "b", MediaKind::Video);
+    net.run(Duration::from_secs(1));
+    assert_eq!(net.received("a", "c", MediaKind::Video), before);
+    assert!(net.received("a", "b", MediaKind::Video) > from_b + 20);
+    assert_eq!(net.sfu.stats().sessions, 2);
+    assert!(net.closed.is_empty(), "a removed session is not reported closed");
+}
+
+#[test]
+fn keyframe_request_of_a_subscriber_reaches_the_publisher() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(2));
+    let before = net.client("a").keyframe_requests;
+    let b_before = net.client("b").keyframe_requests;
+    let requests = net.sfu.stats().keyframe_requests;
+    // b asks for a keyframe on the m-line carrying a's video.
+    let b = net.clients.iter_mut().find(|c| c.name == "b").unwrap();
+    let mid = b
+        .mapping
+        .iter()
+        .find(|(mid, p)| *p == "a" && b.rtc.media(mid.as_str().into()).unwrap().kind() == MediaKind::Video)
+        .map(|(mid, _)| Mid::from(mid.as_str()))
+        .unwrap();
+    b.rtc.writer(mid).unwrap().request_keyframe(None, KeyframeRequestKind::Pli).unwrap();
+    net.run(Duration::from_millis(300));
+    assert_eq!(net.client("a").keyframe_requests, before + 1);
+    assert_eq!(net.sfu.stats().keyframe_requests, requests + 1);
+    assert_eq!(net.client("b").keyframe_requests, b_before, "b publishes too but nobody asked it");
+}
+
+#[test]
+fn a_late_joiner_gets_a_keyframe_request_sent_for_it() {
+    let mut net = Net::new();
+    net.join("a");
+    net.run(Duration::from_secs(1));
+    assert_eq!(net.client("a").keyframe_requests, 0, "nobody subscribes yet");
+    net.join("b");
+    net.run(Duration::from_secs(1));
+    assert!(net.client("a").keyframe_requests >= 1);
+}
+
+#[test]
+fn unknown_datagrams_are_dropped_and_counted() {
+    let mut net = Net::new();
+    net.join("a");
+    net.run(Duration::from_millis(500));
+    let stranger: SocketAddr = "127.0.0.9:4000".parse().unwrap();
+    let before = net.sfu.stats().unrouted_datagrams;
+    net.sfu.handle_receive(net.now, stranger, net.sfu_addr, &[0x80, 0x60, 0, 1, 2, 3]);
+    net.sfu.handle_receive(net.now, stranger, net.sfu_addr, &[0x00, 0x01, 0x00, 0x00]);
+    net.sfu.handle_receive(net.now, stranger, net.sfu_addr, &[]);
+    assert_eq!(net.sfu.stats().unrouted_datagrams, before + 3);
+    net.run(Duration::from_millis(500));
+    assert!(net.client("a").connected);
+}
+
+#[test]
+fn a_silent_client_is_closed_and_its_tracks_removed() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(1));
+    let b = net.client("b").session;
+    // b's machine vanishes: nothing more from it.
+    net.clients.retain(|c| c.name != "b");
+    net.run(Duration::from_secs(60));
+    assert_eq!(net.closed, vec![b]);
+    assert_eq!(net.sfu.stats().sessions, 1);
+    assert!(net.client("a").mapping.is_empty(), "a's offer dropped b's tracks");
+}
+
+#[test]
+fn a_publisher_s_tracks_are_offered_to_the_others_before_any_media_flows() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    // No datagram exchanged yet: the offers come from signaling alone.
+    let mut offers = Vec::new();
+    loop {
+        match net.sfu.poll_output() {
+            SfuOutput::Timeout(_) => break,
+            SfuOutput::Event(SfuEvent::Offer { session, tracks, .. }) => offers.push((session, tracks.len())),
+            _ => {}
+        }
+    }
+    offers.sort();
+    assert_eq!(offers, vec![(net.client("a").session, 2), (net.client("b").session, 2)]);
+}
+
+#[test]
+fn a_client_offer_crossing_the_server_s_is_ignored_and_bad_input_is_refused() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    let a = net.client("a").session;
+    // The server has an offer out to a (b's tracks) that a has not answered.
+    let mut offered = false;
+    loop {
+        match net.sfu.poll_output() {
+            SfuOutput::Timeout(_) => break,
+            SfuOutput::Event(SfuEvent::Offer { session, .. }) if session == a => offered = true,
+            _ => {}
+        }
+    }
+    assert!(offered);
+    // a renegotiates at the same moment: the server is impolite and keeps its own offer.
+    let c = net.clients.iter_mut().find(|c| c.name == "a").unwrap();
+    let mut change = c.rtc.sdp_api();
+    change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+    let (offer, _) = change.apply().unwrap();
+    assert_eq!(net.sfu.accept_offer(a, &offer.to_sdp_string()).unwrap(), None);
+
+    let b = net.client("b").session;
+    assert!(matches!(net.sfu.accept_offer(b, "v=0 nonsense"), Err(webcall_sfu::SfuError::BadSdp(_))));
+    assert!(matches!(net.sfu.accept_offer(999, "v=0"), Err(webcall_sfu::SfuError::UnknownSession(999))));
+    assert!(matches!(net.sfu.add_candidate(b, "candidate:garbage"), Err(webcall_sfu::SfuError::BadCandidate(_))));
+}
+
+/// Garbage on the media port costs the sender only: random datagrams (some shaped as STUN with a live session's
+/// ufrag, some from a connected client's address) neither panic nor break the session.
+#[test]
+fn the_demux_survives_garbage() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(1));
+    let a_addr = net.client("a").addr;
+    // The server's ufrag for some session, from a STUN-shaped datagram's point of view.
+    let ufrag = {
+        let mut rtc = Rtc::builder().build(net.now);
+        let mut change = rtc.sdp_api();
+        change.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let (offer, _) = change.apply().unwrap();
+        let s = net.sfu.add_session("room", "probe", net.now);
+        let answer = net.sfu.accept_offer(s, &offer.to_sdp_string()).unwrap().unwrap();
+        answer.lines().find_map(|l| l.strip_prefix("a=ice-ufrag:")).unwrap().trim().to_string()
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..20_000u32 {
+        let len = (next() % 1500) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 3 == 0 && data.len() >= 40 {
+            // A STUN binding request header with a USERNAME of the live ufrag, the rest random.
+            let body = (data.len() - 20) as u8 & 0xfc;
+            data[..4].copy_from_slice(&[0x00, 0x01, 0x00, body]);
+            data[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+            let user = format!("{ufrag}:x");
+            data[20..22].copy_from_slice(&[0x00, 0x06]);
+            data[22..24].copy_from_slice(&(user.len() as u16).to_be_bytes());
+            let end = (24 + user.len()).min(data.len());
+            data[24..end].copy_from_slice(&user.as_bytes()[..end - 24]);
+        }
+        let source = if i % 2 == 0 { a_addr } else { SocketAddr::from(([127, 0, 0, 3], (next() % 60000) as u16)) };
+        net.sfu.handle_receive(net.now, source, net.sfu_addr, &data);
+        if i % 1000 == 0 {
+            while !matches!(net.sfu.poll_output(), SfuOutput::Timeout(_)) {}
+        }
+    }
+    // a and b still exchange media: the probe session's ufrag did not take a's address.
+    let before = net.received("b", "a", MediaKind::Video);
+    net.run(Duration::from_secs(1));
+    assert!(net.received("b", "a", MediaKind::Video) > before + 20);
+}

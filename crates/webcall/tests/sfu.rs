@@ -1,0 +1,127 @@
+//! SFU rooms over real WebSockets: topology switches, the reserved peer id `sfu`, server-driven offers with the
+//! track mapping, and what a v1 client gets. Loopback only.
+
+mod common;
+
+use common::{Client, ServerProc};
+use serde_json::{json, Value};
+use std::time::Instant;
+use str0m::media::{Direction, MediaKind};
+use str0m::Rtc;
+
+async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
+    let mut c = Client::connect(url).await;
+    c.send(json!({"type":"join","room":room,"name":name,"sfu":true})).await;
+    let w = c.expect("welcome").await;
+    c.id = w["id"].as_str().unwrap().to_owned();
+    (c, w)
+}
+
+/// A browser-like offer: audio and video, sendrecv.
+fn offer() -> String {
+    offer_from().1
+}
+
+/// The same, keeping the client's side to answer the server's offers with.
+fn offer_from() -> (Rtc, String, str0m::change::SdpPendingOffer) {
+    let mut rtc = Rtc::builder().build(Instant::now());
+    let mut change = rtc.sdp_api();
+    change.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    change.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+    let (offer, pending) = change.apply().unwrap();
+    (rtc, offer.to_sdp_string(), pending)
+}
+
+#[tokio::test]
+async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() {
+    let server = ServerProc::start(&[]);
+    let url = server.ws_url();
+    let (mut a, _) = join_sfu(&url, "r", "A").await;
+    let (mut b, _) = join_sfu(&url, "r", "B").await;
+    a.expect("hello").await;
+    let (mut c, w) = join_sfu(&url, "r", "C").await;
+    assert_eq!(w["peers"].as_array().unwrap().len(), 2);
+    assert_eq!(c.expect("topology").await["mode"], "sfu");
+    assert_eq!(a.expect("topology").await["mode"], "sfu");
+    assert_eq!(a.expect("hello").await["name"], "C");
+    assert_eq!(b.expect("topology").await["mode"], "sfu");
+    b.expect("hello").await;
+
+    // A offers to the SFU and gets its answer (ICE-lite, the media port as the candidate).
+    let (mut a_rtc, a_offer, a_pending) = offer_from();
+    a.send(json!({"type":"offer","to":"sfu","sdp":a_offer})).await;
+    let answer = a.expect("answer").await;
+    assert_eq!(answer["from"], "sfu");
+    let sdp = answer["sdp"].as_str().unwrap();
+    assert!(sdp.contains("a=ice-lite") && sdp.contains(" typ host"), "{sdp}");
+    a_rtc.sdp_api().accept_answer(a_pending, str0m::change::SdpAnswer::from_sdp_string(sdp).unwrap()).unwrap();
+
+    // B publishes: A gets a server offer carrying B's audio and video, labelled with B's id.
+    b.send(json!({"type":"offer","to":"sfu","sdp":offer()})).await;
+    b.expect("answer").await;
+    let o = a.expect("offer").await;
+    assert_eq!(o["from"], "sfu");
+    let tracks = o["tracks"].as_array().unwrap();
+    assert_eq!(tracks.len(), 2, "{o}");
+    assert!(tracks.iter().all(|t| t["peer"] == b.id.as_str()), "{o}");
+    let mut kinds: Vec<&str> = tracks.iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["audio", "video"]);
+    let server_offer = str0m::change::SdpOffer::from_sdp_string(o["sdp"].as_str().unwrap()).unwrap();
+    let a_answer = a_rtc.sdp_api().accept_offer(server_offer).unwrap().to_sdp_string();
+    a.send(json!({"type":"answer","to":"sfu","sdp":a_answer})).await;
+
+    // An unreadable SDP gets a clear error.
+    c.send(json!({"type":"offer","to":"sfu","sdp":"v=0 nonsense"})).await;
+    let e = c.expect_error("bad-field").await;
+    assert_eq!(e["ref"], "offer");
+
+    // /metrics: A's and B's audio and video are published.
+    let m = metrics(&server).await;
+    assert!(m.lines().any(|l| l == "webcall_sfu_tracks 4"), "{m}");
+    assert!(m.contains("webcall_sfu_sessions "), "{m}");
+
+    // B leaves: A gets an offer without B's tracks; the room stays on the SFU.
+    b.send(json!({"type":"bye"})).await;
+    loop {
+        let m = a.recv().await;
+        if m["type"] == "offer" {
+            assert_eq!(m["tracks"], json!([]), "{m}");
+            break;
+        }
+    }
+}
+
+async fn metrics(server: &ServerProc) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn a_v1_client_is_refused_by_an_sfu_room_with_needs_sfu() {
+    let server = ServerProc::start(&["--topology", "sfu"]);
+    let url = server.ws_url();
+    let mut v1 = Client::connect(&url).await;
+    v1.send(json!({"type":"join","room":"r","name":"old"})).await;
+    let e = v1.expect_error("needs-sfu").await;
+    assert_eq!(e["ref"], "join");
+    let (mut s, _) = join_sfu(&url, "r", "new").await;
+    assert_eq!(s.expect("topology").await["mode"], "sfu");
+}
+
+#[tokio::test]
+async fn mesh_keeps_three_peers_peer_to_peer() {
+    let server = ServerProc::start(&["--topology", "mesh"]);
+    let url = server.ws_url();
+    let (mut a, _) = join_sfu(&url, "r", "A").await;
+    join_sfu(&url, "r", "B").await;
+    join_sfu(&url, "r", "C").await;
+    assert_eq!(a.expect("hello").await["name"], "B");
+    assert_eq!(a.expect("hello").await["name"], "C");
+    a.send(json!({"type":"offer","to":"sfu","sdp":offer()})).await;
+    a.expect_error("unknown-peer").await;
+}
