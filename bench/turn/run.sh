@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Relay benchmark: webcall's TURN server vs coturn's turnserver, same load from coturn's turnutils_uclient
+# Relay benchmark: webcall's TURN server (`webcall serve`, as a user starts it) vs coturn's turnserver, same load from coturn's turnutils_uclient
 # against the same turnutils_peer echo peer, on loopback only. Measures relayed packets/s and bytes/s,
 # loss, and server CPU time (utime+stime from /proc/PID/stat, all threads) during each load run.
 #
 #   bench/turn/run.sh                      # defaults below
 #   N=5000 M=10 L=200 ZS=0 ROUNDS=1 WC_THREADS=1 MODE=-t bench/turn/run.sh
+# (uclient's default mode uses RFC 5766 channel numbers up to 0x7FFF, which webcall accepts by default.)
 #
 # Needs: cargo, coturn (apt-get install -y coturn). Every process it starts is killed on exit; each load
 # run is bounded by `timeout`.
@@ -27,8 +28,8 @@ for b in turnserver turnutils_uclient turnutils_peer; do
   command -v "$b" >/dev/null || { echo "missing $b: apt-get install -y coturn" >&2; exit 1; }
 done
 
-cargo build --release -q -p webcall-turn --example turn_server
-WC_BIN=target/release/examples/turn_server
+cargo build --release -q -p webcall
+WC_BIN=target/release/webcall
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
@@ -36,9 +37,10 @@ trap cleanup EXIT
 
 turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >/dev/null 2>&1 & PIDS+=($!)
 
-"$WC_BIN" --turn-listen "127.0.0.1:$WC_PORT" --turn-secret "$SECRET" --turn-allow-peer 127.0.0.0/8 \
-  --turn-relay-ports 45000-45999 --turn-user-quota 100000 --turn-total-quota 100000 --legacy-channel-numbers \
-  ${WC_THREADS:+--threads $WC_THREADS} \
+# WC_THREADS: tokio worker threads (tokio reads TOKIO_WORKER_THREADS).
+${WC_THREADS:+env TOKIO_WORKER_THREADS=$WC_THREADS} "$WC_BIN" serve --listen 127.0.0.1:0 \
+  --turn-listen "127.0.0.1:$WC_PORT" --turn-secret "$SECRET" --turn-allow-peer 127.0.0.0/8 \
+  --turn-relay-ports 45000-45999 --turn-user-quota 100000 --turn-total-quota 100000 --turn-ip-quota 100000 \
   >"$TMP/webcall.log" 2>&1 & WC_PID=$!; PIDS+=($WC_PID)
 
 turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port="$CT_PORT" \

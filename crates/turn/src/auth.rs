@@ -46,6 +46,19 @@ pub fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
     h.finalize().into()
 }
 
+/// The SHA-256 long-term credential key, `SHA-256(username ":" realm ":" password)` (RFC 8489 §9.2.2), for
+/// clients that pick PASSWORD-ALGORITHM SHA-256.
+pub fn long_term_key_sha256(username: &str, realm: &str, password: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.update(b":");
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
 /// Mints time-limited TURN credentials and the `iceServers` list for one peer. Cheap to clone.
 #[derive(Clone)]
 pub struct IceMinter {

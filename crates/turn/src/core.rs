@@ -19,6 +19,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use sha1::Sha1;
 
 use crate::auth;
+use crate::config::PortRange;
+use crate::defaults;
 use crate::stun::{self, Builder, Msg};
 
 /// How the client reached us.
@@ -52,8 +54,9 @@ pub enum Family {
 pub enum Output {
     /// Send `data` to the client on `tuple`.
     Transmit { tuple: FiveTuple, data: Vec<u8> },
-    /// Bind a UDP relay socket of `family` as `port` says, then call [`TurnCore::relay_opened`].
-    OpenRelay { alloc: AllocId, family: Family, port: RelayPort },
+    /// Bind a UDP relay socket of `family` as `port` says, then call [`TurnCore::relay_opened`]. With
+    /// `dont_fragment` (the Allocate carried DONT-FRAGMENT), the socket sends with the DF bit set.
+    OpenRelay { alloc: AllocId, family: Family, port: RelayPort, dont_fragment: bool },
     /// The allocation is gone: close its relay socket (unknown ids are to be ignored).
     CloseRelay { alloc: AllocId },
     /// A port held by [`RelayPort::Even`] `reserve_next` was not claimed in time: close it.
@@ -112,9 +115,13 @@ pub struct CoreConfig {
     pub relay_v4: bool,
     pub relay_v6: bool,
     pub software: Option<String>,
-    /// Accept channel numbers 0x4000-0x7FFF as RFC 5766 did (coturn's own clients pick from that range);
-    /// RFC 8656 allows only 0x4000-0x4FFF.
-    pub legacy_channel_numbers: bool,
+    /// The server's own IPs besides `external_ip` (specific listen addresses): peers there are reachable only
+    /// on `relay_ports` (relay to relay between two clients), unless `allow_peers` names the IP.
+    pub own_ips: Vec<IpAddr>,
+    /// The relay port range: on the server's own IPs, the only ports a client may relay to.
+    pub relay_ports: PortRange,
+    /// The server's STUN/TURN/TURNS ports: never a peer on an own or loopback IP.
+    pub turn_ports: Vec<u16>,
     /// Seeds the nonce key and transaction ids (tests pass a constant; servers a random value).
     pub seed: u64,
 }
@@ -122,23 +129,25 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
-            realm: "webcall".into(),
+            realm: defaults::REALM.into(),
             secret: Vec::new(),
-            default_lifetime: Duration::from_secs(600),
-            max_lifetime: Duration::from_secs(3600),
-            permission_lifetime: Duration::from_secs(300),
-            channel_lifetime: Duration::from_secs(600),
-            nonce_lifetime: Duration::from_secs(600),
-            user_quota: 10,
-            total_quota: 1000,
-            ip_quota: crate::config::DEFAULT_IP_QUOTA,
-            max_permissions: 64,
+            default_lifetime: defaults::ALLOCATION_LIFETIME,
+            max_lifetime: defaults::MAX_LIFETIME,
+            permission_lifetime: defaults::PERMISSION_LIFETIME,
+            channel_lifetime: defaults::CHANNEL_LIFETIME,
+            nonce_lifetime: defaults::NONCE_LIFETIME,
+            user_quota: defaults::USER_QUOTA,
+            total_quota: defaults::TOTAL_QUOTA,
+            ip_quota: defaults::IP_QUOTA,
+            max_permissions: defaults::MAX_PERMISSIONS,
             allow_peers: Vec::new(),
             external_ip: None,
             relay_v4: true,
             relay_v6: true,
             software: Some(concat!("webcall ", env!("CARGO_PKG_VERSION")).into()),
-            legacy_channel_numbers: false,
+            own_ips: Vec::new(),
+            relay_ports: defaults::RELAY_PORTS,
+            turn_ports: Vec::new(),
             seed: 0,
         }
     }
@@ -158,6 +167,9 @@ pub struct CoreStats {
 /// long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Channel numbers as RFC 5766 allowed them and deployed clients (coturn's among them) pick them; RFC 8656
+/// narrowed new bindings to 0x4000-0x4FFF, which a server gains nothing by enforcing.
+const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 
 struct Channel {
     number: u16,
@@ -169,7 +181,7 @@ struct Allocation {
     tuple: FiveTuple,
     username: Box<str>,
     user: Arc<str>,
-    key: [u8; 16],
+    key: Key,
     family: Family,
     /// Advertised relayed address; `None` while the relay socket is being opened.
     relayed: Option<SocketAddr>,
@@ -203,8 +215,30 @@ impl Allocation {
 struct Authed {
     username: Box<str>,
     user: Arc<str>,
-    key: [u8; 16],
+    key: Key,
 }
+
+/// A long-term credential key (MD5 or SHA-256 of `username:realm:password`, RFC 8489 §9.2.2) and which
+/// integrity attribute the client signed with; answers are signed the same way.
+#[derive(Clone, Copy)]
+struct Key {
+    bytes: [u8; 32],
+    len: u8,
+    sha256: bool,
+}
+
+impl Key {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// The PASSWORD-ALGORITHMS this server offers, in order of preference: SHA-256 (2), then MD5 (1), neither
+/// with parameters (RFC 8489 §14.11).
+const PASSWORD_ALGORITHMS: [u8; 8] = [0, 2, 0, 0, 0, 1, 0, 0];
+/// The RFC 8489 nonce cookie with the "password algorithms" security feature bit (§9.2): tells clients
+/// that PASSWORD-ALGORITHMS is offered, so a downgrade is detectable.
+const NONCE_COOKIE: &str = "obMatJos2gAAA";
 
 /// The sans-IO TURN server.
 pub struct TurnCore {
@@ -342,7 +376,7 @@ impl TurnCore {
         }
         let peer = canonical(peer?);
         let data = data?;
-        if a.relayed.is_none() || !a.permitted(peer.ip(), now) {
+        if a.relayed.is_none() || !a.permitted(peer.ip(), now) || !self.port_allowed(peer) {
             return None;
         }
         self.stats.to_peer_packets += 1;
@@ -369,7 +403,7 @@ impl TurnCore {
         }
         let from = canonical(from);
         let a = self.allocs.get(&alloc)?;
-        if a.relayed.is_none() || !a.permitted(from.ip(), now) {
+        if a.relayed.is_none() || !a.permitted(from.ip(), now) || !self.port_allowed(from) {
             return None;
         }
         let tuple = a.tuple;
@@ -526,9 +560,8 @@ impl TurnCore {
                 assert_eq!(ip.is_ipv4(), v4, "permission family");
                 assert!(!a.perms[..i].iter().any(|(p, _)| p == ip), "duplicate permission");
             }
-            let top = if self.cfg.legacy_channel_numbers { 0x7FFF } else { 0x4FFF };
             for (i, c) in a.channels.iter().enumerate() {
-                assert!((0x4000..=top).contains(&c.number), "channel number range");
+                assert!(CHANNEL_NUMBERS.contains(&c.number), "channel number range");
                 assert_eq!(c.peer.is_ipv4(), v4, "channel family");
                 for d in &a.channels[..i] {
                     assert!(d.number != c.number, "channel number bound twice");
@@ -565,7 +598,7 @@ impl TurnCore {
 
     fn nonce(&self, now: Instant, ip: IpAddr) -> String {
         let issued = self.now_secs(now);
-        format!("{issued:016x}{:016x}", self.nonce_mac(issued, ip))
+        format!("{NONCE_COOKIE}{issued:016x}{:016x}", self.nonce_mac(issued, ip))
     }
 
     fn nonce_mac(&self, issued: u64, ip: IpAddr) -> u64 {
@@ -579,7 +612,7 @@ impl TurnCore {
     }
 
     fn nonce_valid(&self, now: Instant, ip: IpAddr, nonce: &[u8]) -> bool {
-        let Ok(s) = std::str::from_utf8(nonce) else {
+        let Some(s) = std::str::from_utf8(nonce).ok().and_then(|s| s.strip_prefix(NONCE_COOKIE)) else {
             return false;
         };
         if s.len() != 32 {
@@ -648,35 +681,72 @@ impl TurnCore {
         }
     }
 
-    /// RFC 8489 §9.2.4, long-term credentials with TURN REST usernames. On failure the error response
-    /// is queued and `None` returned.
+    /// RFC 8489 §9.2.4, long-term credentials with TURN REST usernames, MD5 or SHA-256 keys
+    /// (PASSWORD-ALGORITHM) and MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256. On failure the error
+    /// response is queued and `None` returned.
     fn authenticate(&mut self, now: Instant, tuple: FiveTuple, msg: &Msg<'_>, fp: bool) -> Option<Authed> {
-        let (Some(username), Some(_realm), Some(nonce)) =
+        let mi = msg.attrs().any(|(t, _, _)| t == stun::MESSAGE_INTEGRITY);
+        let mi256 = msg.attrs().any(|(t, _, _)| t == stun::MESSAGE_INTEGRITY_SHA256);
+        let (Some(username), Some(realm), Some(nonce)) =
             (msg.get(stun::USERNAME), msg.get(stun::REALM), msg.get(stun::NONCE))
         else {
-            if msg.get(stun::MESSAGE_INTEGRITY).is_none() {
+            if !mi && !mi256 {
                 self.reply_error(now, tuple, msg, (401, "Unauthorized"), None, fp);
             } else {
                 self.reply_error(now, tuple, msg, (400, "Bad Request: USERNAME, REALM and NONCE required"), None, fp);
             }
             return None;
         };
-        if msg.get(stun::MESSAGE_INTEGRITY).is_none() {
+        if !mi && !mi256 {
             self.reply_error(now, tuple, msg, (401, "Unauthorized"), None, fp);
             return None;
         }
+        if realm != self.cfg.realm.as_bytes() {
+            self.reply_error(now, tuple, msg, (401, "Unauthorized: wrong REALM"), None, fp);
+            return None;
+        }
+        // Both or neither (RFC 8489 §9.2.4); PASSWORD-ALGORITHMS must be the list we sent (no downgrade).
+        let sha256_key = match (msg.get(stun::PASSWORD_ALGORITHMS), msg.get(stun::PASSWORD_ALGORITHM)) {
+            (None, None) => false,
+            (Some(list), Some(alg)) if list == PASSWORD_ALGORITHMS => match alg.get(..2) {
+                Some([0, 1]) => false,
+                Some([0, 2]) => true,
+                _ => {
+                    self.reply_error(now, tuple, msg, (400, "Bad Request: unknown PASSWORD-ALGORITHM"), None, fp);
+                    return None;
+                }
+            },
+            _ => {
+                let fail = (400, "Bad Request: PASSWORD-ALGORITHMS does not match the offer");
+                self.reply_error(now, tuple, msg, fail, None, fp);
+                return None;
+            }
+        };
+        let unix_now = self.start_unix + self.now_secs(now);
         let valid_user = std::str::from_utf8(username).ok().and_then(|u| {
             let (expiry, user) = auth::parse_rest_username(u)?;
-            let unix_now = self.start_unix + self.now_secs(now);
-            (expiry > unix_now).then_some((u, user))
+            // Expiry bounds new allocations; an allocation made in time may be kept alive with the same
+            // credentials (a call outlives them), as long as its client refreshes it.
+            let keeps_alloc = || {
+                msg.method() != stun::ALLOCATE
+                    && self.by_tuple.get(&tuple).is_some_and(|id| &*self.allocs[id].username == u)
+            };
+            (expiry > unix_now || keeps_alloc()).then_some((u, user))
         });
         let Some((username, user)) = valid_user else {
             self.reply_error(now, tuple, msg, (401, "Unauthorized: credentials expired or malformed"), None, fp);
             return None;
         };
         let password = auth::rest_password(&self.cfg.secret, username);
-        let key = auth::long_term_key(username, &self.cfg.realm, &password);
-        if msg.check_integrity(&key) != Some(true) {
+        let mut key = Key { bytes: [0; 32], len: 16, sha256: mi256 };
+        if sha256_key {
+            key.bytes = auth::long_term_key_sha256(username, &self.cfg.realm, &password);
+            key.len = 32;
+        } else {
+            key.bytes[..16].copy_from_slice(&auth::long_term_key(username, &self.cfg.realm, &password));
+        }
+        let ok = if mi256 { msg.check_integrity_sha256(key.as_bytes()) } else { msg.check_integrity(key.as_bytes()) };
+        if ok != Some(true) {
             self.reply_error(now, tuple, msg, (401, "Unauthorized: wrong credentials"), None, fp);
             return None;
         }
@@ -691,21 +761,14 @@ impl TurnCore {
         Some(Authed { username: username.into(), user, key })
     }
 
-    fn reply_error(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: &Msg<'_>,
-        fail: Fail,
-        key: Option<&[u8; 16]>,
-        fp: bool,
-    ) {
+    fn reply_error(&mut self, now: Instant, tuple: FiveTuple, msg: &Msg<'_>, fail: Fail, key: Option<&Key>, fp: bool) {
         let (code, reason) = fail;
         let mut b = Builder::new(stun::msg_type(msg.method(), stun::ERROR), msg.txid());
         b.error(code, reason);
         if code == 401 || code == 438 {
             let nonce = self.nonce(now, tuple.client.ip());
             b.attr(stun::REALM, self.cfg.realm.as_bytes()).attr(stun::NONCE, nonce.as_bytes());
+            b.attr(stun::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         }
         let data = finish(&mut b, &self.cfg, key, fp);
         self.out.push_back(Output::Transmit { tuple, data });
@@ -772,6 +835,7 @@ impl TurnCore {
             (None, None) => (RelayPort::Any, family),
         };
         let reserve_next = port == RelayPort::Even { reserve_next: true };
+        let dont_fragment = msg.get(stun::DONT_FRAGMENT).is_some();
         let lifetime = self.lifetime(msg.get(stun::LIFETIME).and_then(be_u32));
         let id = AllocId(self.next_id);
         self.next_id += 1;
@@ -799,7 +863,7 @@ impl TurnCore {
         self.expiries.insert((expires, id));
         *self.per_user.entry(auth.user.clone()).or_insert(0) += 1;
         *self.per_ip.entry(ip).or_insert(0) += 1;
-        self.out.push_back(Output::OpenRelay { alloc: id, family, port });
+        self.out.push_back(Output::OpenRelay { alloc: id, family, port, dont_fragment });
         Ok(None)
     }
 
@@ -840,14 +904,43 @@ impl TurnCore {
         Ok(Some(b))
     }
 
+    /// The IP check of a permission (ports do not matter to permissions, RFC 8656 §9).
     fn check_peer(&self, a: &Allocation, peer: SocketAddr) -> Result<(), Fail> {
         if peer.is_ipv4() != (a.family == Family::V4) {
             return Err((443, "Peer Address Family Mismatch"));
         }
-        if !peer_allowed(peer.ip(), &self.cfg.allow_peers) {
+        // The server's own IPs pass here for relay to relay; `port_allowed` narrows them to the relay ports.
+        if !peer_allowed(peer.ip(), &self.cfg.allow_peers) && !self.is_own(peer.ip()) {
             return Err((403, "Forbidden: peer address not allowed"));
         }
         Ok(())
+    }
+
+    fn is_own(&self, ip: IpAddr) -> bool {
+        self.cfg.external_ip.is_some_and(|e| e.to_canonical() == ip) || self.cfg.own_ips.contains(&ip)
+    }
+
+    /// Relaying to (or from) the server itself: on its own IPs only the relay ports (two clients of this
+    /// server relaying to each other), unless `allow_peers` names a listen IP; the STUN/TURN ports never,
+    /// on loopback either. `peer` is canonical.
+    fn port_allowed(&self, peer: SocketAddr) -> bool {
+        let ip = peer.ip();
+        let own = self.is_own(ip);
+        if !own && !ip.is_loopback() {
+            return true;
+        }
+        let port = peer.port();
+        if self.cfg.relay_ports.contains(port) {
+            return true;
+        }
+        if self.cfg.turn_ports.contains(&port) {
+            return false;
+        }
+        if !own {
+            return true;
+        }
+        self.cfg.external_ip.is_none_or(|e| e.to_canonical() != ip)
+            && self.cfg.allow_peers.iter().any(|n| n.contains(&ip))
     }
 
     fn create_permission(
@@ -860,7 +953,7 @@ impl TurnCore {
         let id = self.own_alloc(tuple, auth)?;
         let mut peers = Vec::new();
         for (t, v, _) in msg.attrs() {
-            if t == stun::MESSAGE_INTEGRITY {
+            if t == stun::MESSAGE_INTEGRITY || t == stun::MESSAGE_INTEGRITY_SHA256 {
                 break;
             }
             if t == stun::XOR_PEER_ADDRESS {
@@ -901,9 +994,8 @@ impl TurnCore {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
             _ => return Err((400, "Bad Request: CHANNEL-NUMBER missing")),
         };
-        let max = if self.cfg.legacy_channel_numbers { 0x7FFF } else { 0x4FFF };
-        if !(0x4000..=max).contains(&number) {
-            return Err((400, "Bad Request: channel number outside 0x4000-0x4FFF"));
+        if !CHANNEL_NUMBERS.contains(&number) {
+            return Err((400, "Bad Request: channel number outside 0x4000-0x7FFF"));
         }
         let peer = msg
             .get_xor_addr(stun::XOR_PEER_ADDRESS)
@@ -911,6 +1003,9 @@ impl TurnCore {
             .ok_or((400, "Bad Request: XOR-PEER-ADDRESS missing"))?;
         let a = &self.allocs[&id];
         self.check_peer(a, peer)?;
+        if !self.port_allowed(peer) {
+            return Err((403, "Forbidden: peer is this server (only its relay ports are)"));
+        }
         let live = |c: &Channel| c.expires + CHANNEL_COOLDOWN > now;
         if a.channels.iter().any(|c| live(c) && c.number == number && c.peer != peer) {
             return Err((400, "Bad Request: channel bound to another peer"));
@@ -944,13 +1039,15 @@ fn install_perm(a: &mut Allocation, ip: IpAddr, exp: Instant) {
     }
 }
 
-fn finish(b: &mut Builder, cfg: &CoreConfig, key: Option<&[u8; 16]>, fp: bool) -> Vec<u8> {
+fn finish(b: &mut Builder, cfg: &CoreConfig, key: Option<&Key>, fp: bool) -> Vec<u8> {
     if let Some(s) = &cfg.software {
         b.attr(stun::SOFTWARE, s.as_bytes());
     }
-    if let Some(k) = key {
-        b.integrity(k);
-    }
+    match key {
+        Some(k) if k.sha256 => b.integrity_sha256(k.as_bytes()),
+        Some(k) => b.integrity(k.as_bytes()),
+        None => b,
+    };
     if fp {
         b.fingerprint();
     }
@@ -981,6 +1078,9 @@ fn is_known(t: u16) -> bool {
             | stun::EVEN_PORT
             | stun::RESERVATION_TOKEN
             | stun::XOR_MAPPED_ADDRESS
+            | stun::DONT_FRAGMENT
+            | stun::MESSAGE_INTEGRITY_SHA256
+            | stun::PASSWORD_ALGORITHM
     )
 }
 
@@ -1007,7 +1107,8 @@ pub fn peer_allowed(ip: IpAddr, allow: &[IpNet]) -> bool {
                 || v.is_unspecified()
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xC0) == 64) // 100.64/10 shared address space
-                || o[0] >= 240)
+                || o[0] >= 240
+                || o == [168, 63, 129, 16]) // Azure's platform address (DNS, metadata, health)
         }
         IpAddr::V6(v) => {
             let s = v.segments();

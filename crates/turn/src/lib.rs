@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod defaults;
 mod net;
 pub mod stun;
 

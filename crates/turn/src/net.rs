@@ -27,12 +27,11 @@ use crate::core::{
 use crate::TurnError;
 
 const MAX_UDP: usize = 65536;
-/// Bytes queued to a slow stream client before relayed data to it is dropped (as UDP would).
-const STREAM_OUT_LIMIT: usize = 1 << 20;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Per relay socket; memory is only used while a burst is queued.
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes to stream clients go out in pieces of at most this, each under the write timeout.
+const WRITE_CHUNK: usize = 16 << 10;
 
 /// Entry point: binds and spawns everything.
 pub struct TurnServer;
@@ -73,7 +72,14 @@ impl TurnServer {
             relay_v4: relay_ip.is_ipv4() || relay_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             relay_v6: relay_ip.is_ipv6(),
             seed: rand::rng().random(),
-            legacy_channel_numbers: cfg.legacy_channel_numbers,
+            own_ips: [Some(relay_ip), tls_addr.map(|a| a.ip())]
+                .into_iter()
+                .flatten()
+                .filter(|ip| !ip.is_unspecified())
+                .map(|ip| ip.to_canonical())
+                .collect(),
+            relay_ports: cfg.relay_ports,
+            turn_ports: [Some(udp_addr.port()), tls_addr.map(|a| a.port())].into_iter().flatten().collect(),
             ..CoreConfig::default()
         };
         let core = TurnCore::new(core_cfg, Instant::now(), SystemTime::now());
@@ -86,8 +92,13 @@ impl TurnServer {
                 streams: HashMap::new(),
             }),
             streams_open: AtomicUsize::new(0),
+            streams_per_ip: Mutex::new(HashMap::new()),
             max_streams: cfg.max_streams,
+            max_streams_per_ip: cfg.max_streams_per_ip,
             stream_idle: cfg.stream_idle,
+            stream_first_message: cfg.stream_first_message,
+            stream_queue: cfg.stream_queue,
+            stream_write_timeout: cfg.stream_write_timeout,
             udp: Arc::new(udp),
             udp_addr,
             tls: parking_lot::RwLock::new(tls.as_ref().map(|(_, sc)| sc.clone())),
@@ -167,8 +178,9 @@ impl TurnHandle {
         for (_, r) in st.relays.drain() {
             r.task.abort();
         }
+        // Stuck writers (clients that stopped reading) are not waited for.
         for (_, s) in st.streams.drain() {
-            s.close();
+            s.kill();
         }
         st.reserved.clear();
     }
@@ -189,28 +201,46 @@ struct Relay {
 /// Outbound bytes of one TCP/TLS client; relay tasks append, the writer task drains.
 struct StreamOut {
     buf: Mutex<Vec<u8>>,
+    /// Most bytes `buf` may hold.
+    limit: usize,
     notify: Notify,
     closed: AtomicBool,
     reader: Mutex<Option<AbortHandle>>,
+    writer: Mutex<Option<AbortHandle>>,
 }
 
 impl StreamOut {
+    /// Queues `data`. Past the limit, relayed data (`droppable`) is dropped as UDP would lose it; an answer
+    /// that does not fit means the client is not reading them: it is disconnected.
     fn push(&self, data: &[u8], droppable: bool) {
         {
             let mut b = self.buf.lock();
-            if droppable && b.len() + data.len() > STREAM_OUT_LIMIT {
+            if b.len() + data.len() > self.limit {
+                drop(b);
+                if !droppable {
+                    tracing::debug!(limit = self.limit, "TURN stream client does not read its answers: closed");
+                    self.kill();
+                }
                 return;
             }
             b.extend_from_slice(data);
         }
         self.notify.notify_one();
     }
+    /// Stops reading; the writer sends what is queued, then shuts the connection down.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         if let Some(r) = self.reader.lock().take() {
             r.abort();
         }
         self.notify.notify_one();
+    }
+    /// Closes at once, dropping what is queued.
+    fn kill(&self) {
+        self.close();
+        if let Some(w) = self.writer.lock().take() {
+            w.abort();
+        }
     }
 }
 
@@ -227,8 +257,14 @@ struct Shared {
     state: Mutex<State>,
     /// Open TCP/TLS connections (handshaking ones included), capped at `max_streams`.
     streams_open: AtomicUsize,
+    /// The same per client address (IPv6 per /64), capped at `max_streams_per_ip`.
+    streams_per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_streams: usize,
+    max_streams_per_ip: usize,
     stream_idle: Duration,
+    stream_first_message: Duration,
+    stream_queue: usize,
+    stream_write_timeout: Duration,
     udp: Arc<UdpSocket>,
     udp_addr: SocketAddr,
     /// The TLS configuration for new TURNS connections; [`TurnHandle::set_tls`] swaps it.
@@ -270,8 +306,8 @@ impl Shared {
                         }
                     }
                 },
-                Output::OpenRelay { alloc, family, port } => {
-                    let bound = self.open_relay(st, alloc, family, port);
+                Output::OpenRelay { alloc, family, port, dont_fragment } => {
+                    let bound = self.open_relay(st, alloc, family, port, dont_fragment);
                     st.core.relay_opened(Instant::now(), alloc, bound);
                 }
                 Output::ReleaseReserved { port } => {
@@ -295,6 +331,7 @@ impl Shared {
         alloc: AllocId,
         family: Family,
         want: RelayPort,
+        dont_fragment: bool,
     ) -> Option<SocketAddr> {
         let ip = match (family, self.relay_ip) {
             (Family::V4, IpAddr::V4(ip)) => IpAddr::V4(ip),
@@ -302,7 +339,8 @@ impl Shared {
             (Family::V6, ip) => ip,
         };
         if let RelayPort::Reserved(port) = want {
-            let bound = st.reserved.remove(&port).and_then(|sock| self.start_relay(st, alloc, sock, port));
+            let bound =
+                st.reserved.remove(&port).and_then(|sock| self.start_relay(st, alloc, sock, port, dont_fragment));
             if bound.is_none() {
                 st.used_ports.remove(&port);
             }
@@ -332,7 +370,7 @@ impl Shared {
                 st.used_ports.insert(port + 1);
                 st.reserved.insert(port + 1, next);
             }
-            return self.start_relay(st, alloc, std_sock, port);
+            return self.start_relay(st, alloc, std_sock, port, dont_fragment);
         }
         tracing::warn!(range = %self.ports, "no free relay port: widen --turn-relay-ports");
         None
@@ -344,9 +382,15 @@ impl Shared {
         alloc: AllocId,
         std_sock: std::net::UdpSocket,
         port: u16,
+        dont_fragment: bool,
     ) -> Option<SocketAddr> {
         {
             set_buffers(&std_sock, RELAY_SOCKET_BUFFER);
+            if dont_fragment {
+                if let Err(e) = set_dont_fragment(&std_sock) {
+                    tracing::warn!(error = %e, "cannot set DF on a relay socket");
+                }
+            }
             let sock = match std_sock.set_nonblocking(true).and_then(|_| UdpSocket::from_std(std_sock)) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
@@ -400,6 +444,33 @@ fn set_buffers(sock: &std::net::UdpSocket, size: usize) {
     let s = socket2::SockRef::from(sock);
     let _ = s.set_recv_buffer_size(size);
     let _ = s.set_send_buffer_size(size);
+}
+
+/// DONT-FRAGMENT (RFC 8656 §7.2): every datagram from this relay socket leaves with DF set; one larger
+/// than the path MTU fails to send instead of being fragmented.
+fn set_dont_fragment(sock: &std::net::UdpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v6 = sock.local_addr()?.is_ipv6();
+    let (level, name, value) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+    };
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -480,24 +551,57 @@ async fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Holds one of the `max_streams` connection slots.
-struct StreamSlot(Arc<Shared>);
+/// The key of the per-address connection cap: the IPv4 address, or the /64 of an IPv6 one (one host
+/// usually has a whole /64).
+fn stream_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Holds one of the `max_streams` connection slots, and one of its address's `max_streams_per_ip`.
+struct StreamSlot(Arc<Shared>, IpAddr);
 
 impl StreamSlot {
-    fn take(shared: &Arc<Shared>) -> Option<StreamSlot> {
+    fn take(shared: &Arc<Shared>, from: IpAddr) -> Option<StreamSlot> {
+        let key = stream_key(from);
+        {
+            let mut per_ip = shared.streams_per_ip.lock();
+            let n = per_ip.entry(key).or_insert(0);
+            if *n >= shared.max_streams_per_ip {
+                tracing::debug!(%from, max = shared.max_streams_per_ip, "TURN stream refused: too many from this address");
+                return None;
+            }
+            *n += 1;
+        }
         let n = shared.streams_open.fetch_add(1, Ordering::AcqRel);
         if n >= shared.max_streams {
             shared.streams_open.fetch_sub(1, Ordering::AcqRel);
+            release_ip(&mut shared.streams_per_ip.lock(), key);
             tracing::debug!(max = shared.max_streams, "TURN stream connection refused: too many open");
             return None;
         }
-        Some(StreamSlot(shared.clone()))
+        Some(StreamSlot(shared.clone(), key))
+    }
+}
+
+fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = per_ip.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&key);
+        }
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.streams_open.fetch_sub(1, Ordering::AcqRel);
+        release_ip(&mut self.0.streams_per_ip.lock(), self.1);
     }
 }
 
@@ -505,15 +609,16 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
     loop {
         match l.accept().await {
             Ok((s, from)) => {
+                let accepted = Instant::now();
+                let Some(slot) = StreamSlot::take(&shared, from.ip()) else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let server = s.local_addr().unwrap_or(shared.udp_addr);
                 let tuple = FiveTuple { transport: Transport::Tcp, client: from, server };
-                let Some(slot) = StreamSlot::take(&shared) else {
-                    continue;
-                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    serve_stream(shared, s, tuple).await;
+                    serve_stream(shared, s, tuple, accepted).await;
                     drop(slot);
                 });
             }
@@ -530,11 +635,12 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
     loop {
         match l.accept().await {
             Ok((s, from)) => {
-                let _ = s.set_nodelay(true);
-                let server = s.local_addr().unwrap_or(shared.udp_addr);
-                let Some(slot) = StreamSlot::take(&shared) else {
+                let accepted = Instant::now();
+                let Some(slot) = StreamSlot::take(&shared, from.ip()) else {
                     continue;
                 };
+                let _ = s.set_nodelay(true);
+                let server = s.local_addr().unwrap_or(shared.udp_addr);
                 // Read per accept so that a reloaded certificate applies to the next handshake.
                 let Some(cfg) = shared.tls.read().clone() else {
                     return;
@@ -543,10 +649,11 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(s)).await {
+                    let deadline = (accepted + shared.stream_first_message).into();
+                    match tokio::time::timeout_at(deadline, acc.accept(s)).await {
                         Ok(Ok(tls)) => {
-                            serve_stream(shared, tls, FiveTuple { transport: Transport::Tls, client: from, server })
-                                .await
+                            let tuple = FiveTuple { transport: Transport::Tls, client: from, server };
+                            serve_stream(shared, tls, tuple, accepted).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %from, "TURN TLS handshake failed")
@@ -563,7 +670,9 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
     }
 }
 
-async fn serve_stream<S>(shared: Arc<Shared>, stream: S, tuple: FiveTuple)
+/// Serves one TCP/TLS client until it closes, stops sending complete messages (see
+/// [`TurnConfig::stream_idle`](crate::TurnConfig)), stops reading its answers, or the server stops.
+async fn serve_stream<S>(shared: Arc<Shared>, stream: S, tuple: FiveTuple, accepted: Instant)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -571,13 +680,16 @@ where
     let per_record = tuple.transport == Transport::Tls;
     let out = Arc::new(StreamOut {
         buf: Mutex::new(Vec::new()),
+        limit: shared.stream_queue,
         notify: Notify::new(),
         closed: AtomicBool::new(false),
         reader: Mutex::new(None),
+        writer: Mutex::new(None),
     });
     shared.state.lock().streams.insert(tuple, out.clone());
     let writer = {
         let out = out.clone();
+        let timeout = shared.stream_write_timeout;
         tokio::spawn(async move {
             let mut spare = Vec::new();
             loop {
@@ -587,53 +699,59 @@ where
                     if spare.is_empty() {
                         break;
                     }
-                    if write_frames(&mut wr, &spare, per_record).await.is_err() {
+                    if write_frames(&mut wr, &spare, per_record, timeout).await.is_err() {
+                        out.kill();
                         return;
                     }
                     spare.clear();
                 }
                 if out.closed.load(Ordering::Acquire) {
-                    let _ = wr.shutdown().await;
+                    let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
                     return;
                 }
             }
         })
     };
+    *out.writer.lock() = Some(writer.abort_handle());
     let reader = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2 * MAX_UDP + 64];
-            let (mut start, mut end) = (0usize, 0usize);
+            // Grows to the largest frame seen (at most 64 KiB and a bit), not allocated up front.
+            let mut buf: Vec<u8> = Vec::new();
+            let mut start = 0usize;
             let mut udp_out = Vec::new();
+            // Until the first complete message, then after each: bytes alone do not push it back.
+            let mut deadline = accepted + shared.stream_first_message;
             loop {
-                // Parse every complete frame in the buffer.
                 loop {
-                    let n = match stream_frame_len(&buf[start..end]) {
+                    let n = match stream_frame_len(&buf[start..]) {
                         Ok(Some(n)) => n,
                         Ok(None) => break,
                         Err(_) => return,
                     };
-                    let frame = &buf[start..start + n];
-                    shared.client_frame(tuple, frame, &mut udp_out).await;
+                    shared.client_frame(tuple, &buf[start..start + n], &mut udp_out).await;
                     start += n;
+                    deadline = Instant::now() + shared.stream_idle;
                 }
-                if start == end {
+                if start == buf.len() {
+                    buf.clear();
                     start = 0;
-                    end = 0;
-                } else if start > MAX_UDP {
-                    buf.copy_within(start..end, 0);
-                    end -= start;
+                } else if start >= WRITE_CHUNK {
+                    buf.drain(..start);
                     start = 0;
                 }
-                match tokio::time::timeout(shared.stream_idle, rd.read(&mut buf[end..])).await {
+                buf.reserve(4096);
+                match tokio::time::timeout_at(deadline.into(), rd.read_buf(&mut buf)).await {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
-                    Ok(Ok(n)) => end += n,
+                    Ok(Ok(_)) => {}
                     // Quiet connections may stay while they hold an allocation (its lifetime bounds
                     // them); others are closed so idle sockets cannot pile up.
                     Err(_) => {
                         if shared.state.lock().core.allocation_of(&tuple).is_none() {
+                            tracing::debug!(client = %tuple.client, "TURN stream idle: closed");
                             return;
                         }
+                        deadline = Instant::now() + shared.stream_idle;
                     }
                 }
             }
@@ -653,17 +771,28 @@ where
 }
 
 /// Over TLS each TURN message goes in its own record: coturn's clients read one message per record and
-/// lose the rest of a record that holds several. Over TCP, coalesced writes are fine and cheaper.
-async fn write_frames<W: AsyncWrite + Unpin>(wr: &mut W, data: &[u8], per_record: bool) -> io::Result<()> {
-    if per_record {
-        let mut rest = data;
-        while let Ok(Some(n)) = stream_frame_len(rest) {
-            wr.write_all(&rest[..n]).await?;
-            rest = &rest[n..];
-        }
-    } else {
-        wr.write_all(data).await?;
+/// lose the rest of a record that holds several. Over TCP, coalesced writes are fine and cheaper. Each
+/// piece must be written within `timeout`.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    data: &[u8],
+    per_record: bool,
+    timeout: Duration,
+) -> io::Result<()> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "TURN client does not read");
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = if per_record {
+            match stream_frame_len(rest) {
+                Ok(Some(n)) => n,
+                _ => break,
+            }
+        } else {
+            rest.len().min(WRITE_CHUNK)
+        };
+        tokio::time::timeout(timeout, wr.write_all(&rest[..n])).await.map_err(|_| timed_out())??;
+        rest = &rest[n..];
     }
     // TLS buffers records until flushed.
-    wr.flush().await
+    tokio::time::timeout(timeout, wr.flush()).await.map_err(|_| timed_out())?
 }
