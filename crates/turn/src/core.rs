@@ -118,7 +118,8 @@ pub struct CoreConfig {
     /// The server's own IPs besides `external_ip` (specific listen addresses): peers there are reachable only
     /// on `relay_ports` (relay to relay between two clients), unless `allow_peers` names the IP.
     pub own_ips: Vec<IpAddr>,
-    /// The relay port range: on the server's own IPs, the only ports a client may relay to.
+    /// The relay port range (for relay candidates' sake; on the server's own IPs only the ports of live
+    /// allocations are peers).
     pub relay_ports: PortRange,
     /// The server's STUN/TURN/TURNS ports: never a peer on an own or loopback IP.
     pub turn_ports: Vec<u16>,
@@ -254,6 +255,9 @@ pub struct TurnCore {
     per_user: HashMap<Arc<str>, usize>,
     per_ip: HashMap<IpAddr, usize>,
     reservations: HashMap<[u8; 8], Reservation>,
+    /// Ports of open relay sockets (with how many: an IPv4 and an IPv6 relay may share one): on the server's
+    /// own IPs, the only peers.
+    live_relay_ports: HashMap<u16, u32>,
     rng: rand::rngs::StdRng,
     out: VecDeque<Output>,
     next_sweep: Instant,
@@ -282,6 +286,7 @@ impl TurnCore {
             per_user: HashMap::new(),
             per_ip: HashMap::new(),
             reservations: HashMap::new(),
+            live_relay_ports: HashMap::new(),
             rng,
             out: VecDeque::new(),
             next_sweep: now + SWEEP_EVERY,
@@ -465,6 +470,7 @@ impl TurnCore {
             _ => bound,
         };
         a.relayed = Some(relayed);
+        *self.live_relay_ports.entry(relayed.port()).or_insert(0) += 1;
         let mut b = Builder::new(stun::msg_type(stun::ALLOCATE, stun::SUCCESS), &a.alloc_txid);
         b.xor_addr(stun::XOR_RELAYED_ADDRESS, relayed)
             .u32(stun::LIFETIME, a.lifetime.as_secs() as u32)
@@ -523,6 +529,14 @@ impl TurnCore {
                     self.per_user.remove(&a.user);
                 }
             }
+            if let Some(port) = a.relayed.map(|r| r.port()) {
+                if let Some(n) = self.live_relay_ports.get_mut(&port) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.live_relay_ports.remove(&port);
+                    }
+                }
+            }
             let ip = a.tuple.client.ip().to_canonical();
             if let Some(n) = self.per_ip.get_mut(&ip) {
                 *n -= 1;
@@ -575,6 +589,13 @@ impl TurnCore {
             assert!(*n <= self.cfg.user_quota, "user quota");
         }
         assert_eq!(ips, self.per_ip, "per_ip counts");
+        let mut live: HashMap<u16, u32> = HashMap::new();
+        for a in self.allocs.values() {
+            if let Some(r) = a.relayed {
+                *live.entry(r.port()).or_default() += 1;
+            }
+        }
+        assert_eq!(live, self.live_relay_ports, "live relay ports");
         assert!(self.per_ip.values().all(|n| *n <= self.cfg.ip_quota), "ip quota");
     }
 
@@ -920,9 +941,10 @@ impl TurnCore {
         self.cfg.external_ip.is_some_and(|e| e.to_canonical() == ip) || self.cfg.own_ips.contains(&ip)
     }
 
-    /// Relaying to (or from) the server itself: on its own IPs only the relay ports (two clients of this
-    /// server relaying to each other), unless `allow_peers` names a listen IP; the STUN/TURN ports never,
-    /// on loopback either. `peer` is canonical.
+    /// Relaying to (or from) the server itself: on its own IPs only the relay sockets of live allocations
+    /// (two clients of this server relaying to each other; other sockets of the host may use ports of the
+    /// relay range too), unless `allow_peers` names a listen IP; the STUN/TURN ports never, on loopback
+    /// either. `peer` is canonical.
     fn port_allowed(&self, peer: SocketAddr) -> bool {
         let ip = peer.ip();
         let own = self.is_own(ip);
@@ -930,7 +952,7 @@ impl TurnCore {
             return true;
         }
         let port = peer.port();
-        if self.cfg.relay_ports.contains(port) {
+        if self.live_relay_ports.contains_key(&port) {
             return true;
         }
         if self.cfg.turn_ports.contains(&port) {

@@ -872,10 +872,16 @@ fn relaying_to_the_server_itself_is_refused_except_relay_ports() {
         assert_eq!(h.send_ind(t, bad, b"x"), None, "{bad}");
         assert_eq!(h.peer_sends(t, bad, b"x"), None, "{bad}");
     }
+    // A port of the relay range that no allocation holds (another socket of the host may).
+    assert_eq!(h.bind(t, &c, &nonce, 0x4002, "198.18.0.1:50077").code, Some(403));
     // Another client's relayed address on this server.
-    assert_eq!(h.bind(t, &c, &nonce, 0x4002, "198.18.0.1:50077").class, stun::SUCCESS);
-    assert_eq!(h.send_ind(t, "198.18.0.1:50077", b"x"), Some(addr("198.18.0.1:50077")));
-    assert!(h.peer_sends(t, "198.18.0.1:50077", b"x").is_some());
+    let t2 = udp("198.51.100.2:5000");
+    let (_, other) = h.allocate(t2, &h.creds("bob", 3600));
+    assert_eq!(other.ip(), external);
+    let other = other.to_string();
+    assert_eq!(h.bind(t, &c, &nonce, 0x4002, &other).class, stun::SUCCESS);
+    assert_eq!(h.send_ind(t, &other, b"x"), Some(addr(&other)));
+    assert!(h.peer_sends(t, &other, b"x").is_some());
     // Loopback peers the operator allowed, on other ports.
     assert_eq!(h.perm(t, &c, &nonce, "127.0.0.1:7").class, stun::SUCCESS);
     assert_eq!(h.send_ind(t, "127.0.0.1:7", b"x"), Some(addr("127.0.0.1:7")));
