@@ -138,7 +138,7 @@ impl IceMinter {
     }
 }
 
-impl webcall_rooms::IceProvider for IceMinter {
+impl webcall_protocol::IceProvider for IceMinter {
     fn ice_servers(&self, peer_id: &str) -> Vec<IceServer> {
         self.ice_servers_at(peer_id, SystemTime::now())
     }
@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(s[1].username.as_deref(), Some("1700003600:peer1"));
         assert_eq!(s[1].credential.as_deref(), Some(rest_password(b"secret", "1700003600:peer1").as_str()));
         // Works as the room core's provider.
-        let p: Box<dyn webcall_rooms::IceProvider> = Box::new(m);
+        let p: Box<dyn webcall_protocol::IceProvider> = Box::new(m);
         assert_eq!(p.ice_servers("x").len(), 2);
     }
 }

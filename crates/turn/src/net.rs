@@ -21,8 +21,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::auth::IceMinter;
 use crate::config::{PortRange, TurnConfig};
 use crate::core::{
-    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort, Transport, TurnCore,
-    PEER_HEADROOM, PEER_TAILROOM,
+    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort, StreamFramer, Transport,
+    TurnCore, PEER_HEADROOM, PEER_TAILROOM,
 };
 use crate::TurnError;
 
@@ -143,7 +143,7 @@ impl TurnHandle {
         self.tls_addr
     }
     /// Mints `iceServers` pointing at this server (at `--turn-external-ip` when given). Implements
-    /// `webcall_rooms::IceProvider`.
+    /// `webcall_protocol::IceProvider`.
     pub fn ice_minter(&self) -> IceMinter {
         self.minter.clone()
     }
@@ -716,32 +716,22 @@ where
     let reader = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            // Grows to the largest frame seen (at most 64 KiB and a bit), not allocated up front.
-            let mut buf: Vec<u8> = Vec::new();
-            let mut start = 0usize;
+            let mut framer = StreamFramer::new();
             let mut udp_out = Vec::new();
             // Until the first complete message, then after each: bytes alone do not push it back.
             let mut deadline = accepted + shared.stream_first_message;
             loop {
                 loop {
-                    let n = match stream_frame_len(&buf[start..]) {
-                        Ok(Some(n)) => n,
+                    match framer.next_frame() {
+                        Ok(Some(frame)) => {
+                            shared.client_frame(tuple, frame, &mut udp_out).await;
+                            deadline = Instant::now() + shared.stream_idle;
+                        }
                         Ok(None) => break,
                         Err(_) => return,
-                    };
-                    shared.client_frame(tuple, &buf[start..start + n], &mut udp_out).await;
-                    start += n;
-                    deadline = Instant::now() + shared.stream_idle;
+                    }
                 }
-                if start == buf.len() {
-                    buf.clear();
-                    start = 0;
-                } else if start >= WRITE_CHUNK {
-                    buf.drain(..start);
-                    start = 0;
-                }
-                buf.reserve(4096);
-                match tokio::time::timeout_at(deadline.into(), rd.read_buf(&mut buf)).await {
+                match tokio::time::timeout_at(deadline.into(), rd.read_buf(framer.read_buf())).await {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
                     Ok(Ok(_)) => {}
                     // Quiet connections may stay while they hold an allocation (its lifetime bounds
