@@ -1,8 +1,12 @@
 //! Thin tokio adapters (UDP, TCP, TLS) around [`TurnCore`].
 //!
-//! One mutex guards the core; the hot path holds it only for the core call (a few hash lookups), never
+//! One mutex guards the core; the hot path holds it only for the core calls (a few hash lookups each), never
 //! across a send. Relay sockets each get a task; the listening UDP socket gets one task; each stream
 //! connection a reader and a writer task.
+//!
+//! UDP goes through `quinn-udp`: a wake-up reads a batch of datagrams (recvmmsg, and GRO coalescing a burst of
+//! one flow), the core handles the whole batch under one lock, and what goes to one client in equal-sized
+//! frames leaves in one GSO send. The batch buffers are per worker thread, not per allocation.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -12,7 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
+use quinn_udp::{RecvMeta, UdpSocketState};
 use rand::Rng;
+use std::cell::RefCell;
+use std::io::IoSliceMut;
+use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
@@ -27,6 +35,8 @@ use crate::core::{
 use crate::TurnError;
 
 const MAX_UDP: usize = 65536;
+/// Datagram slots per batched read (each a full-size buffer: GRO may fill one with a burst).
+const RECV_SLOTS: usize = 8;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Per relay socket; memory is only used while a burst is queued.
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
@@ -42,7 +52,7 @@ impl TurnServer {
     pub async fn start(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
         cfg.check()?;
         let (udp, tcp) = bind_pair(cfg.listen)?;
-        let udp_addr = udp.local_addr().map_err(|e| TurnError::Io("reading the UDP address", e))?;
+        let udp_addr = udp.sock.local_addr().map_err(|e| TurnError::Io("reading the UDP address", e))?;
         let tls = match &cfg.tls {
             Some((addr, sc)) => {
                 let l = TcpListener::bind(addr).await.map_err(|e| TurnError::Bind {
@@ -192,8 +202,135 @@ impl Drop for TurnHandle {
     }
 }
 
+/// A UDP socket with `quinn-udp`'s batched, offloaded I/O.
+struct UdpIo {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl UdpIo {
+    fn new(std_sock: std::net::UdpSocket) -> io::Result<UdpIo> {
+        let state = UdpSocketState::new((&std_sock).into())?;
+        std_sock.set_nonblocking(true)?;
+        Ok(UdpIo { sock: UdpSocket::from_std(std_sock)?, state })
+    }
+
+    /// Sends now or not at all: a full socket buffer loses the datagram, as the network would. With
+    /// `segment_size`, `data` is several datagrams of that size (the last may be shorter) for one GSO send;
+    /// where the kernel refuses that (a segment over the path MTU), they go one by one.
+    fn send(&self, to: SocketAddr, data: &[u8], segment_size: Option<usize>) {
+        let t = quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size, src_ip: None };
+        match self.state.try_send((&self.sock).into(), &t) {
+            Err(e) if segment_size.is_some() && e.kind() != io::ErrorKind::WouldBlock => {
+                for d in data.chunks(segment_size.unwrap_or(data.len()).max(1)) {
+                    self.send(to, d, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads a batch if one is ready: `Ok(0)` when none is.
+    fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        match self.sock.try_io(tokio::io::Interest::READABLE, || self.state.recv((&self.sock).into(), bufs, meta)) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Per worker thread: the slots of a batched read, the frames going out to clients and the payloads going
+/// out of relay sockets (slot and range).
+struct Scratch {
+    slots: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    out: Out,
+    sends: Vec<(Arc<UdpIo>, SocketAddr, usize, Range<usize>)>,
+}
+
+impl Scratch {
+    fn bufs(slots: &mut [Vec<u8>]) -> [IoSliceMut<'_>; RECV_SLOTS] {
+        let mut it = slots.iter_mut();
+        std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RECV_SLOTS slots")))
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        slots: (0..RECV_SLOTS).map(|_| vec![0u8; MAX_UDP]).collect(),
+        meta: vec![RecvMeta::default(); RECV_SLOTS],
+        out: Out::default(),
+        sends: Vec::new(),
+    });
+}
+
+/// Most bytes in one GSO send (the kernel's limit is 64 KiB with headers).
+const GSO_MAX_BYTES: usize = 60 << 10;
+
+/// Frames for clients collected under the lock, packed back to back, sent after it.
+#[derive(Default)]
+struct Out {
+    buf: Vec<u8>,
+    frames: Vec<(SocketAddr, usize)>,
+}
+
+impl Out {
+    /// Frames `payload` from `from` for `alloc` in place at the end of the buffer; keeps it if the core relays it
+    /// to a UDP client, hands it to the stream of a TCP/TLS one.
+    fn relay(&mut self, st: &mut State, alloc: AllocId, from: SocketAddr, payload: &[u8]) {
+        let pos = self.buf.len();
+        self.buf.resize(pos + PEER_HEADROOM + payload.len() + PEER_TAILROOM, 0);
+        self.buf[pos + PEER_HEADROOM..pos + PEER_HEADROOM + payload.len()].copy_from_slice(payload);
+        let framed =
+            st.core.handle_peer(Instant::now(), alloc, from, &mut self.buf[pos..], PEER_HEADROOM, payload.len());
+        match framed {
+            Some((tuple, r)) if tuple.transport == Transport::Udp => {
+                self.buf.copy_within(pos + r.start..pos + r.end, pos);
+                self.buf.truncate(pos + r.len());
+                self.frames.push((tuple.client, r.len()));
+            }
+            Some((tuple, r)) => {
+                if let Some(s) = st.streams.get(&tuple) {
+                    s.push(&self.buf[pos + r.start..pos + r.end], true);
+                }
+                self.buf.truncate(pos);
+            }
+            None => self.buf.truncate(pos),
+        }
+    }
+
+    /// Sends the frames: runs of equal-sized frames to one client go as one GSO send.
+    fn flush(&mut self, io: &UdpIo) {
+        let max = io.state.max_gso_segments().max(1);
+        let (mut i, mut off) = (0, 0);
+        while i < self.frames.len() {
+            let (to, len) = self.frames[i];
+            let mut j = i + 1;
+            let mut end = off + len;
+            // A run may end with one shorter frame (GSO sends the remainder as the last segment).
+            while j < self.frames.len() && j - i < max && self.frames[j].0 == to && self.frames[j - 1].1 == len {
+                let l = self.frames[j].1;
+                if l > len || end - off + l > GSO_MAX_BYTES {
+                    break;
+                }
+                end += l;
+                j += 1;
+                if l < len {
+                    break;
+                }
+            }
+            io.send(to, &self.buf[off..end], (j - i > 1).then_some(len));
+            off = end;
+            i = j;
+        }
+        self.buf.clear();
+        self.frames.clear();
+    }
+}
+
 struct Relay {
-    sock: Arc<UdpSocket>,
+    sock: Arc<UdpIo>,
     task: AbortHandle,
     port: u16,
 }
@@ -265,7 +402,7 @@ struct Shared {
     stream_first_message: Duration,
     stream_queue: usize,
     stream_write_timeout: Duration,
-    udp: Arc<UdpSocket>,
+    udp: Arc<UdpIo>,
     udp_addr: SocketAddr,
     /// The TLS configuration for new TURNS connections; [`TurnHandle::set_tls`] swaps it.
     tls: parking_lot::RwLock<Option<Arc<rustls::ServerConfig>>>,
@@ -289,7 +426,7 @@ impl Shared {
             }
         };
         if let Some((sock, peer, data)) = send {
-            let _ = sock.send_to(data, peer).await;
+            sock.send(peer, data, None);
         }
     }
 
@@ -386,19 +523,16 @@ impl Shared {
     ) -> Option<SocketAddr> {
         {
             set_buffers(&std_sock, RELAY_SOCKET_BUFFER);
-            if dont_fragment {
-                if let Err(e) = set_dont_fragment(&std_sock) {
-                    tracing::warn!(error = %e, "cannot set DF on a relay socket");
-                }
-            }
-            let sock = match std_sock.set_nonblocking(true).and_then(|_| UdpSocket::from_std(std_sock)) {
+            // quinn-udp sets DF (PMTU probing) on every socket; without DONT-FRAGMENT, Linux's default again.
+            let sock = match UdpIo::new(std_sock).and_then(|io| set_pmtu_discover(&io.sock, dont_fragment).map(|_| io))
+            {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "relay socket setup failed");
                     return None;
                 }
             };
-            let bound = sock.local_addr().ok()?;
+            let bound = sock.sock.local_addr().ok()?;
             let task = tokio::spawn(relay_loop(self.clone(), alloc, sock.clone())).abort_handle();
             st.used_ports.insert(port);
             st.relays.insert(alloc, Relay { sock, task, port });
@@ -408,13 +542,13 @@ impl Shared {
 
     async fn send_udp(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
         for (data, to) in out {
-            let _ = self.udp.send_to(&data, to).await;
+            let _ = self.udp.sock.send_to(&data, to).await;
         }
     }
 }
 
 /// UDP and TCP on the same port. With port 0, retries until a port free for both is found.
-fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
+fn bind_pair(addr: SocketAddr) -> Result<(UdpIo, TcpListener), TurnError> {
     let bind_err = |proto, e| TurnError::Bind { proto, addr, source: e };
     for _ in 0..if addr.port() == 0 { 20 } else { 1 } {
         let udp = std::net::UdpSocket::bind(addr).map_err(|e| bind_err("UDP", e))?;
@@ -425,8 +559,7 @@ fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
             Err(e) => return Err(bind_err("TCP", e)),
         };
         set_buffers(&udp, SOCKET_BUFFER);
-        udp.set_nonblocking(true).map_err(|e| bind_err("UDP", e))?;
-        let udp = UdpSocket::from_std(udp).map_err(|e| bind_err("UDP", e))?;
+        let udp = UdpIo::new(udp).map_err(|e| bind_err("UDP", e))?;
         return Ok((udp, tcp));
     }
     Err(bind_err("TCP", io::Error::new(io::ErrorKind::AddrInUse, "no port free for both UDP and TCP")))
@@ -446,15 +579,16 @@ fn set_buffers(sock: &std::net::UdpSocket, size: usize) {
     let _ = s.set_send_buffer_size(size);
 }
 
-/// DONT-FRAGMENT (RFC 8656 §7.2): every datagram from this relay socket leaves with DF set; one larger
-/// than the path MTU fails to send instead of being fragmented.
-fn set_dont_fragment(sock: &std::net::UdpSocket) -> io::Result<()> {
+/// DONT-FRAGMENT (RFC 8656 §7.2): with `df`, every datagram from this relay socket leaves with DF set and one
+/// larger than the path MTU fails to send; without, Linux's default (DF while the path MTU allows, fragments
+/// above it).
+fn set_pmtu_discover(sock: &UdpSocket, df: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let v6 = sock.local_addr()?.is_ipv6();
-    let (level, name, value) = if v6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
-    } else {
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+    let (level, name, value) = match (sock.local_addr()?.is_ipv6(), df) {
+        (false, true) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO),
+        (false, false) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
+        (true, true) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO),
+        (true, false) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT),
     };
     // SAFETY: a valid socket descriptor and a c_int option value of the right size.
     let r = unsafe {
@@ -483,54 +617,108 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// Client datagrams on the listening socket, a batch per wake-up.
 async fn udp_loop(shared: Arc<Shared>) {
-    let mut buf = vec![0u8; MAX_UDP];
     let mut udp_out = Vec::new();
     loop {
-        let (n, from) = match shared.udp.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) if transient(&e) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "TURN UDP socket failed");
-                return;
-            }
-        };
-        let tuple = FiveTuple { transport: Transport::Udp, client: from, server: shared.udp_addr };
-        shared.client_frame(tuple, &buf[..n], &mut udp_out).await;
+        if let Err(e) = shared.udp.sock.readable().await {
+            tracing::error!(error = %e, "TURN UDP socket failed");
+            return;
+        }
+        let r = SCRATCH.with_borrow_mut(|s| shared.client_batch(s, &mut udp_out));
         if !udp_out.is_empty() {
             shared.send_udp(std::mem::take(&mut udp_out)).await;
+        }
+        if let Err(e) = r {
+            tracing::error!(error = %e, "TURN UDP socket failed");
+            return;
         }
     }
 }
 
-async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; PEER_HEADROOM + MAX_UDP + PEER_TAILROOM];
+/// Peer datagrams on one relay socket, a batch per wake-up.
+async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpIo>) {
     loop {
-        let (n, from) = match sock.recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_UDP]).await {
-            Ok(x) => x,
-            Err(e) if transient(&e) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
-                return;
-            }
-        };
-        let to = {
-            let mut st = shared.state.lock();
-            let st = &mut *st;
-            match st.core.handle_peer(Instant::now(), alloc, from, &mut buf, PEER_HEADROOM, n) {
-                Some((tuple, range)) if tuple.transport == Transport::Udp => Some((tuple.client, range)),
-                Some((tuple, range)) => {
-                    if let Some(s) = st.streams.get(&tuple) {
-                        s.push(&buf[range], true);
-                    }
-                    None
-                }
-                None => None,
-            }
-        };
-        if let Some((client, range)) = to {
-            let _ = shared.udp.send_to(&buf[range], client).await;
+        if let Err(e) = sock.sock.readable().await {
+            tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
+            return;
         }
+        if let Err(e) = SCRATCH.with_borrow_mut(|s| shared.peer_batch(s, alloc, &sock)) {
+            tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
+            return;
+        }
+    }
+}
+
+/// At most this many batches per wake-up, so that one busy socket does not hold a worker.
+const BATCHES_PER_WAKE: usize = 4;
+
+impl Shared {
+    /// Reads batches from the listening socket until none is ready: relayed data goes out of the relay
+    /// sockets after the lock, the control plane's datagrams into `udp_out`.
+    fn client_batch(self: &Arc<Self>, s: &mut Scratch, udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) -> io::Result<()> {
+        let server = self.udp_addr;
+        for _ in 0..BATCHES_PER_WAKE {
+            let Scratch { slots, meta, sends, .. } = s;
+            let n = match self.udp.try_recv(&mut Scratch::bufs(slots), meta) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            {
+                let mut st = self.state.lock();
+                let st = &mut *st;
+                let now = Instant::now();
+                for (i, (m, buf)) in meta[..n].iter().zip(slots.iter()).enumerate() {
+                    let tuple = FiveTuple { transport: Transport::Udp, client: m.addr, server };
+                    for d in buf[..m.len].chunks(m.stride.max(1)) {
+                        match st.core.handle_client(now, tuple, d) {
+                            Some(p) => {
+                                if let Some(r) = st.relays.get(&p.alloc) {
+                                    let start = p.data.as_ptr() as usize - buf.as_ptr() as usize;
+                                    sends.push((r.sock.clone(), p.peer, i, start..start + p.data.len()));
+                                }
+                            }
+                            None => self.pump(st, udp_out),
+                        }
+                    }
+                }
+            }
+            for (sock, peer, i, r) in sends.drain(..) {
+                sock.send(peer, &slots[i][r], None);
+            }
+            if n < meta.len() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads batches from the relay socket of `alloc` until none is ready and relays them to the client.
+    fn peer_batch(self: &Arc<Self>, s: &mut Scratch, alloc: AllocId, sock: &UdpIo) -> io::Result<()> {
+        for _ in 0..BATCHES_PER_WAKE {
+            let Scratch { slots, meta, out, .. } = s;
+            let n = match sock.try_recv(&mut Scratch::bufs(slots), meta) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            {
+                let mut st = self.state.lock();
+                for (m, buf) in meta[..n].iter().zip(slots.iter()) {
+                    for d in buf[..m.len].chunks(m.stride.max(1)) {
+                        out.relay(&mut st, alloc, m.addr, d);
+                    }
+                }
+            }
+            out.flush(&self.udp);
+            if n < meta.len() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }
 
