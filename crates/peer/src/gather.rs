@@ -45,6 +45,9 @@ const BINDING_TRIES: u32 = 4;
 const BINDING_LAST_WAIT: Duration = Duration::from_millis(1400);
 /// Connecting (and the TLS handshake) to a TURN server over TCP/TLS.
 const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A UDP allocation still unanswered after this long brings in the TCP/TLS stand-bys (the UDP one may
+/// still win; the first allocation made closes the ones still trying).
+const STREAM_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
 
 /// Where to gather from: the `iceServers` of the last `welcome`, as usable servers.
 #[derive(Debug, Clone, Default)]
@@ -184,6 +187,7 @@ struct Relay {
     /// Where its messages go and come from as datagrams: the server over UDP, the bridge over TCP/TLS.
     via: SocketAddr,
     bridge: Option<AbortHandle>,
+    started: Instant,
     relayed: Option<SocketAddr>,
     done: bool,
     closed: bool,
@@ -292,10 +296,11 @@ impl Gatherer {
         self.fall_back(local, now);
     }
 
-    /// Once none of `local`'s allocations is pending or made, starts all its stand-by servers at once (a
-    /// firewall that drops the TCP one costs a connect timeout); the first allocation made closes the others.
+    /// Once none of `local`'s allocations is made or recently started, starts all its stand-by servers at once
+    /// (a firewall that drops the TCP one costs a connect timeout); the first allocation made closes the others.
     fn fall_back(&mut self, local: SocketAddr, now: Instant) {
-        if self.relays.iter().any(|r| r.local == local && !r.closed) {
+        let waiting = |r: &Relay| r.relayed.is_some() || now < r.started + STREAM_FALLBACK_AFTER;
+        if self.relays.iter().any(|r| r.local == local && !r.closed && waiting(r)) {
             return;
         }
         let (mine, rest) = std::mem::take(&mut self.standby).into_iter().partition(|s| s.local == local);
@@ -339,6 +344,7 @@ impl Gatherer {
             server,
             via,
             bridge,
+            started: now,
             relayed: None,
             done: false,
             closed: false,
@@ -366,6 +372,12 @@ impl Gatherer {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let b = self.bindings.iter().filter(|b| !b.done).map(|b| b.next);
         let r = self.relays.iter().filter(|r| !r.closed).map(|r| r.next);
+        let fallback = self
+            .relays
+            .iter()
+            .filter(|r| !r.closed && r.relayed.is_none() && self.standby.iter().any(|s| s.local == r.local))
+            .map(|r| r.started + STREAM_FALLBACK_AFTER);
+        let r = r.chain(fallback);
         let d = (!self.done).then_some(self.deadline);
         b.chain(r).chain(d).min()
     }
@@ -415,6 +427,11 @@ impl Gatherer {
         for i in 0..self.relays.len() {
             self.service_relay(i, now, t);
         }
+        let mut locals: Vec<SocketAddr> = self.standby.iter().map(|s| s.local).collect();
+        locals.dedup();
+        for local in locals {
+            self.fall_back(local, now);
+        }
         if !self.done && now >= self.deadline {
             tracing::info!("candidate gathering: deadline passed with servers still silent");
             self.finish();
@@ -444,9 +461,7 @@ impl Gatherer {
                         ));
                         r.relayed = Some(relayed);
                         r.done = true;
-                        if r.transport != TurnTransport::Udp {
-                            won = Some((r.local, r.transport));
-                        }
+                        won = Some((r.local, r.transport));
                         match Candidate::relayed(relayed, r.local, "udp") {
                             Ok(c) => self.events.push_back(GatherEvent::Candidate(c)),
                             Err(e) => tracing::warn!("relayed candidate {relayed}: {e}"),
@@ -473,7 +488,7 @@ impl Gatherer {
                 }
             }
             if let Some((local, mine)) = won {
-                // The other stream fallbacks of this socket still trying are not needed.
+                // The other ways to this socket's relay still trying are not needed.
                 for o in self.relays.iter_mut().filter(|o| o.local == local && o.transport != mine) {
                     if o.relayed.is_none() && !o.closed {
                         o.close();
