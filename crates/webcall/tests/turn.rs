@@ -73,12 +73,17 @@ fn uclient(host: &str, port: u16, auth: &[&str], peer_port: u16) -> (bool, u64, 
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    summary(out)
+}
+
+/// (success, sent, received, lost, output) from uclient's summary lines.
+fn summary(out: std::process::Output) -> (bool, u64, u64, u64, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let num = |key: &str| -> u64 {
         text.lines()
             .filter_map(|l| l.find(key).map(|i| &l[i + key.len()..]))
             .filter_map(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0)
     };
     (out.status.success(), num("tot_send_msgs="), num("tot_recv_msgs="), num("Total lost packets"), text)
@@ -264,15 +269,7 @@ fn uclient_relay(port: u16, peer_port: u16, n: u64, m: u64, flags: &[&str]) -> (
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let num = |key: &str| -> u64 {
-        text.lines()
-            .filter_map(|l| l.find(key).map(|i| &l[i + key.len()..]))
-            .filter_map(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-            .last()
-            .unwrap_or(0)
-    };
-    (out.status.success(), num("tot_send_msgs="), num("tot_recv_msgs="), num("Total lost packets"), text)
+    summary(out)
 }
 
 /// Relays through a fresh `webcall serve` with `flags` and checks every message came back.
