@@ -51,6 +51,34 @@ impl TurnServer {
     /// TLS if configured, spawns the tasks on the current tokio runtime and returns at once.
     pub async fn start(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
         cfg.check()?;
+        // The relay runs on its own single-threaded runtime: sockets, tasks and wake-ups stay on one thread, so a
+        // relayed packet costs no cross-thread wake-up (the signaling runtime's workers are not involved).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TurnError::Io("starting the TURN runtime", e))?;
+        let handle = rt.handle().clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("webcall-turn".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+                // Dropping the runtime cancels whatever is left (stuck writers included).
+                rt.shutdown_background();
+            })
+            .map_err(|e| TurnError::Io("starting the TURN thread", e))?;
+        let mut turn = handle
+            .spawn(Self::start_here(cfg))
+            .await
+            .map_err(|e| TurnError::Io("starting TURN", io::Error::other(e)))??;
+        turn.stop = Some(stop_tx);
+        Ok(turn)
+    }
+
+    /// Binds and spawns on the current runtime (the TURN thread's).
+    async fn start_here(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
         let (udp, tcp) = bind_pair(cfg.listen)?;
         let udp_addr = udp.sock.local_addr().map_err(|e| TurnError::Io("reading the UDP address", e))?;
         let tls = match &cfg.tls {
@@ -131,12 +159,14 @@ impl TurnServer {
             tls_addr.map(|a| SocketAddr::new(cfg.external_ip.unwrap_or(a.ip()), a.port())),
         );
         tracing::info!(udp = %udp_addr, tcp = %udp_addr, tls = ?tls_addr, relay_ports = %cfg.relay_ports, "STUN/TURN listening");
-        Ok(TurnHandle { addr: udp_addr, tls_addr, minter, shared, tasks })
+        Ok(TurnHandle { stop: None, addr: udp_addr, tls_addr, minter, shared, tasks })
     }
 }
 
 /// A running server. Dropping it stops the server too (without waiting).
 pub struct TurnHandle {
+    /// Stops the TURN thread's runtime.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     minter: IceMinter,
@@ -179,6 +209,9 @@ impl TurnHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
     fn abort_all(&mut self) {
         for t in &self.tasks {
@@ -199,6 +232,9 @@ impl TurnHandle {
 impl Drop for TurnHandle {
     fn drop(&mut self) {
         self.abort_all();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
