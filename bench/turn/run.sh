@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Relay benchmark: webcall's TURN server vs coturn's turnserver, same load from coturn's turnutils_uclient
+# Relay benchmark: webcall's TURN server (`webcall serve`, as a user starts it) vs coturn's turnserver, same load from coturn's turnutils_uclient
 # against the same turnutils_peer echo peer, on loopback only. Measures relayed packets/s and bytes/s,
 # loss, and server CPU time (utime+stime from /proc/PID/stat, all threads) during each load run.
 #
 #   bench/turn/run.sh                      # defaults below
 #   N=5000 M=10 L=200 ZS=0 ROUNDS=1 WC_THREADS=1 MODE=-t bench/turn/run.sh
+#   IDLE_ALLOCS=500 bench/turn/run.sh      # then: N allocations held at 1 msg/s, memory and idle CPU
+#   WC_BIN=/tmp/webcall-before bench/turn/run.sh   # measure another webcall binary
+# (uclient's default mode uses RFC 5766 channel numbers up to 0x7FFF, which webcall accepts by default.)
 #
 # Needs: cargo, coturn (apt-get install -y coturn). Every process it starts is killed on exit; each load
 # run is bounded by `timeout`.
@@ -27,8 +30,11 @@ for b in turnserver turnutils_uclient turnutils_peer; do
   command -v "$b" >/dev/null || { echo "missing $b: apt-get install -y coturn" >&2; exit 1; }
 done
 
-cargo build --release -q -p webcall-turn --example turn_server
-WC_BIN=target/release/examples/turn_server
+# WC_BIN: a webcall binary to measure instead of this tree's release build (e.g. a saved "before" build).
+if [ -z "${WC_BIN:-}" ]; then
+  cargo build --release -q -p webcall
+  WC_BIN=target/release/webcall
+fi
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
@@ -36,9 +42,10 @@ trap cleanup EXIT
 
 turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >/dev/null 2>&1 & PIDS+=($!)
 
-"$WC_BIN" --turn-listen "127.0.0.1:$WC_PORT" --turn-secret "$SECRET" --turn-allow-peer 127.0.0.0/8 \
-  --turn-relay-ports 45000-45999 --turn-user-quota 100000 --turn-total-quota 100000 --legacy-channel-numbers \
-  ${WC_THREADS:+--threads $WC_THREADS} \
+# WC_THREADS: tokio worker threads (tokio reads TOKIO_WORKER_THREADS).
+${WC_THREADS:+env TOKIO_WORKER_THREADS=$WC_THREADS} "$WC_BIN" serve --listen 127.0.0.1:0 \
+  --turn-listen "127.0.0.1:$WC_PORT" --turn-secret "$SECRET" --turn-allow-peer 127.0.0.0/8 \
+  --turn-relay-ports 45000-45999 --turn-user-quota 100000 --turn-total-quota 100000 --turn-ip-quota 100000 \
   >"$TMP/webcall.log" 2>&1 & WC_PID=$!; PIDS+=($WC_PID)
 
 turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port="$CT_PORT" \
@@ -93,3 +100,22 @@ awk -v tick="$TICK" '
       printf "z=%s ms: throughput webcall/coturn = %.2f, CPU per packet webcall/coturn = %.2f, loss webcall %d vs coturn %d\n", z, pps[w] / pps[c], (per[c] > 0 ? per[w] / per[c] : 0), lost[w], lost[c]
     }
   }' "$TMP/results"
+
+# Many allocations at a low rate: memory per allocation (RSS growth / allocations) and CPU while they idle.
+if [ "${IDLE_ALLOCS:-0}" -gt 0 ]; then
+  rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+  echo
+  echo "idle: $IDLE_ALLOCS allocations, one 100 B message per second each, held 20 s"
+  for srv in webcall coturn; do
+    if [ $srv = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
+    r0=$(rss_kb "$pid")
+    timeout 60 turnutils_uclient -c -X -W "$SECRET" -u idle -e 127.0.0.1 -r "$PEER_PORT" -n 20 -m "$IDLE_ALLOCS" \
+      -l 100 -z 1000 -p "$port" 127.0.0.1 >"$TMP/idle-$srv.log" 2>&1 & up=$!
+    sleep 10
+    c0=$(cpu_ticks "$pid"); sleep 8; c1=$(cpu_ticks "$pid")
+    r1=$(rss_kb "$pid")
+    kill "$up" 2>/dev/null || true; wait "$up" 2>/dev/null || true
+    awk -v s=$srv -v n="$IDLE_ALLOCS" -v r0="$r0" -v r1="$r1" -v c="$((c1 - c0))" -v tick="$TICK" \
+      'BEGIN { printf "%-8s RSS %d -> %d KiB (%.1f KiB per allocation), CPU %.2f%% of a core at %d msg/s\n", s, r0, r1, (r1 - r0) / n, 100 * c / tick / 8, n }'
+  done
+fi

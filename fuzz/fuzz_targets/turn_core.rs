@@ -107,7 +107,6 @@ enum Op {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    legacy_channels: bool,
     external_ip: bool,
     ops: Vec<Op>,
 }
@@ -205,7 +204,7 @@ impl World {
                         self.tokens.push(t.try_into().expect("8-byte token"));
                     }
                 }
-                Output::OpenRelay { alloc, family, port } => self.pending.push((alloc, family, port)),
+                Output::OpenRelay { alloc, family, port, .. } => self.pending.push((alloc, family, port)),
                 Output::CloseRelay { alloc } => self.allocs.retain(|a| *a != alloc),
                 Output::ReleaseReserved { .. } => {}
             }
@@ -227,7 +226,6 @@ fuzz_target!(|input: Input| {
         max_permissions: 3,
         allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
         external_ip: input.external_ip.then(|| "198.18.0.1".parse().unwrap()),
-        legacy_channel_numbers: input.legacy_channels,
         ..CoreConfig::default()
     };
     let mut w = World {

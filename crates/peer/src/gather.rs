@@ -13,15 +13,24 @@
 //! sends from a relayed candidate go through [`Gatherer::relay_send`]; data the server relays back comes out of
 //! [`Gatherer::recv`] as [`Recv::Peer`], to be given to str0m as received on the relayed address.
 //!
-//! Only UDP to the STUN/TURN server is used (TURN over TCP/TLS is left to browsers).
+//! TURN over TCP (`turn:…?transport=tcp`) and TLS (`turns:`) stand by for networks that block UDP: a socket
+//! whose UDP allocations all failed allocates over the server's TCP, then its TLS, address. The session does
+//! I/O on UDP sockets only, so a stream connection is bridged ([`bridge`]): a task holds the TCP/TLS
+//! connection and a UDP socket beside the session's; TURN messages go over the bridge one datagram each.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use str0m::Candidate;
+use tokio::task::AbortHandle;
 use turn_client_proto::api::{TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet};
-use turn_client_proto::stun::agent::Transmit;
+use turn_client_proto::client::TurnClient;
+use turn_client_proto::stun::agent::{StunAgent, StunAgentPollRet, Transmit};
+use turn_client_proto::stun::types::attribute::XorMappedAddress;
+use turn_client_proto::stun::types::message::{Message, MessageClass, MessageWriteVec, TransactionId, BINDING};
+use turn_client_proto::stun::types::prelude::*;
+use turn_client_proto::tcp::TurnClientTcp;
 use turn_client_proto::types::{AddressFamily, TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
 use webcall_protocol::IceServer;
@@ -30,20 +39,34 @@ use webcall_protocol::IceServer;
 /// answered; a candidate that still comes later is used and trickled all the same.
 pub const GATHER_DEADLINE: Duration = Duration::from_secs(5);
 
-/// STUN Binding retransmissions: sent at 0, 0.3, 0.9, 2.1 s; given up at 3.5 s.
+/// STUN Binding retransmissions: sent at 0, 0.3, 0.9, 2.1 s; given up 1.4 s after the last.
 const BINDING_RTO: Duration = Duration::from_millis(300);
 const BINDING_TRIES: u32 = 4;
-const BINDING_GIVE_UP: Duration = Duration::from_millis(3500);
+const BINDING_LAST_WAIT: Duration = Duration::from_millis(1400);
+/// Connecting (and the TLS handshake) to a TURN server over TCP/TLS.
+const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A UDP allocation still unanswered after this long brings in the TCP/TLS stand-bys (the UDP one may
+/// still win; the first allocation made closes the ones still trying).
+const STREAM_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
 
-/// Where to gather from: the `iceServers` of the last `welcome`, as usable UDP servers.
+/// Where to gather from: the `iceServers` of the last `welcome`, as usable servers.
 #[derive(Debug, Clone, Default)]
 pub struct IceConfig {
     /// `host:port` of each STUN server.
     pub stun: Vec<String>,
-    /// TURN servers reachable over UDP.
+    /// TURN servers: over UDP first; TCP and TLS ones stand by for a socket whose UDP allocations failed.
     pub turn: Vec<TurnServer>,
     /// `--relay`: gather and signal relayed candidates only.
     pub relay_only: bool,
+}
+
+/// How a TURN server is reached (the allocation is always a UDP relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnTransport {
+    Udp,
+    Tcp,
+    /// TLS over TCP (`turns:`); the certificate is checked against the host name (or IP) of the URL.
+    Tls,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +74,7 @@ pub struct TurnServer {
     pub hostport: String,
     pub username: String,
     pub credential: String,
+    pub transport: TurnTransport,
 }
 
 /// `scheme:host[:port][?transport=…]` → (scheme, `host:port`, transport). IPv6 hosts come in brackets.
@@ -85,17 +109,31 @@ impl IceConfig {
                             c.stun.push(hp)
                         }
                     }
-                    Some(("turn", hp, None | Some("udp"))) => {
+                    Some((scheme @ ("turn" | "turns"), hp, transport)) => {
+                        let transport = match (scheme, transport) {
+                            ("turn", None | Some("udp")) => TurnTransport::Udp,
+                            ("turn", Some("tcp")) => TurnTransport::Tcp,
+                            ("turns", None | Some("tcp")) => TurnTransport::Tls,
+                            _ => {
+                                tracing::debug!("ICE server URL {url} not used (unknown transport)");
+                                continue;
+                            }
+                        };
                         let (Some(username), Some(credential)) = (&s.username, &s.credential) else {
                             tracing::warn!("TURN URL {url} without credentials; skipped");
                             continue;
                         };
-                        let t = TurnServer { hostport: hp, username: username.clone(), credential: credential.clone() };
+                        let t = TurnServer {
+                            hostport: hp,
+                            username: username.clone(),
+                            credential: credential.clone(),
+                            transport,
+                        };
                         if !c.turn.contains(&t) {
                             c.turn.push(t);
                         }
                     }
-                    _ => tracing::debug!("ICE server URL {url} not used (UDP STUN/TURN only)"),
+                    _ => tracing::debug!("ICE server URL {url} not used"),
                 }
             }
         }
@@ -130,20 +168,26 @@ pub enum GatherEvent {
     Done,
 }
 
+/// One STUN Binding transaction (`stun-proto` does the retransmissions).
 struct Binding {
-    txid: [u8; 12],
+    agent: StunAgent,
+    txid: TransactionId,
     local: SocketAddr,
     server: SocketAddr,
-    started: Instant,
     next: Instant,
-    tries: u32,
     done: bool,
 }
 
 struct Relay {
-    client: TurnClientUdp,
+    client: TurnClient,
+    transport: TurnTransport,
     local: SocketAddr,
+    /// The TURN server.
     server: SocketAddr,
+    /// Where its messages go and come from as datagrams: the server over UDP, the bridge over TCP/TLS.
+    via: SocketAddr,
+    bridge: Option<AbortHandle>,
+    started: Instant,
     relayed: Option<SocketAddr>,
     done: bool,
     closed: bool,
@@ -152,12 +196,34 @@ struct Relay {
     channels: HashSet<SocketAddr>,
 }
 
+impl Relay {
+    fn close(&mut self) {
+        self.done = true;
+        self.closed = true;
+        self.relayed = None;
+        if let Some(b) = self.bridge.take() {
+            b.abort();
+        }
+    }
+}
+
+/// A TCP/TLS TURN server held back until the socket's UDP allocations fail.
+struct Standby {
+    transport: TurnTransport,
+    local: SocketAddr,
+    server: SocketAddr,
+    host: String,
+    username: String,
+    credential: String,
+}
+
 pub struct Gatherer {
     /// The sans-IO clients count time in their own `Instant` from an arbitrary zero: this one.
     epoch: Instant,
     deadline: Instant,
     bindings: Vec<Binding>,
     relays: Vec<Relay>,
+    standby: Vec<Standby>,
     remote_ips: HashSet<IpAddr>,
     events: VecDeque<GatherEvent>,
     transmits: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
@@ -172,6 +238,7 @@ impl Gatherer {
             deadline: now + GATHER_DEADLINE,
             bindings: Vec::new(),
             relays: Vec::new(),
+            standby: Vec::new(),
             remote_ips: HashSet::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -186,23 +253,98 @@ impl Gatherer {
 
     /// Asks `server` for the reflexive address of the socket bound to `local`.
     pub fn add_binding(&mut self, local: SocketAddr, server: SocketAddr, now: Instant) {
-        let txid: [u8; 12] = rand::random();
-        self.bindings.push(Binding { txid, local, server, started: now, next: now, tries: 0, done: false });
+        let mut agent = StunAgent::builder(TransportType::Udp, local)
+            .remote_addr(server)
+            .request_retransmits(BINDING_RTO, Duration::MAX, BINDING_TRIES, BINDING_LAST_WAIT)
+            .build();
+        let msg = Message::builder_request(BINDING, MessageWriteVec::new()).finish();
+        let txid = Message::from_bytes(&msg).expect("a request we built").transaction_id();
+        match agent.send_request(&msg, server, self.t(now)) {
+            Ok(tx) => self.transmits.push_back((local, server, tx.data.to_vec())),
+            Err(e) => {
+                tracing::warn!("STUN Binding to {server}: {e}");
+                return;
+            }
+        }
+        self.bindings.push(Binding { agent, txid, local, server, next: now, done: false });
         self.done = false;
     }
 
-    /// Starts a TURN allocation on the socket bound to `local`.
+    /// Starts a TURN allocation over UDP on the socket bound to `local`.
     pub fn add_relay(&mut self, local: SocketAddr, server: SocketAddr, username: &str, credential: &str, now: Instant) {
+        self.start_relay(TurnTransport::Udp, local, server, "", username, credential, now);
+    }
+
+    /// A TURN server of the welcome for the socket bound to `local`, `server` being its resolved address:
+    /// over UDP it allocates now; over TCP/TLS it stands by until the socket has no UDP allocation left to
+    /// try (at once if there is none).
+    pub fn add_turn(&mut self, local: SocketAddr, server: SocketAddr, t: &TurnServer, now: Instant) {
+        if t.transport == TurnTransport::Udp {
+            return self.add_relay(local, server, &t.username, &t.credential, now);
+        }
+        let host = t.hostport.rsplit_once(':').map_or(&t.hostport[..], |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        self.standby.push(Standby {
+            transport: t.transport,
+            local,
+            server,
+            host,
+            username: t.username.clone(),
+            credential: t.credential.clone(),
+        });
+        self.done = false;
+        self.fall_back(local, now);
+    }
+
+    /// Once none of `local`'s allocations is made or recently started, starts all its stand-by servers at once
+    /// (a firewall that drops the TCP one costs a connect timeout); the first allocation made closes the others.
+    fn fall_back(&mut self, local: SocketAddr, now: Instant) {
+        let waiting = |r: &Relay| r.relayed.is_some() || now < r.started + STREAM_FALLBACK_AFTER;
+        if self.relays.iter().any(|r| r.local == local && !r.closed && waiting(r)) {
+            return;
+        }
+        let (mine, rest) = std::mem::take(&mut self.standby).into_iter().partition(|s| s.local == local);
+        self.standby = rest;
+        for s in mine {
+            out_log(&format!("TURN over {:?} to {} from {local}: no UDP allocation", s.transport, s.server));
+            self.start_relay(s.transport, local, s.server, &s.host, &s.username, &s.credential, now);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_relay(
+        &mut self,
+        transport: TurnTransport,
+        local: SocketAddr,
+        server: SocketAddr,
+        host: &str,
+        username: &str,
+        credential: &str,
+        now: Instant,
+    ) {
         let mut cfg = TurnConfig::new(TurnCredentials::new(username, credential));
         cfg.set_address_family(if server.is_ipv4() { AddressFamily::IPV4 } else { AddressFamily::IPV6 });
         // The RFC's 39.5 s of retransmissions would hold the session up for nothing: a server that has not
         // answered 5 tries over ~3 s is not there.
         cfg.set_request_retransmits(Duration::from_millis(250), Duration::from_secs(1), 5, Duration::from_secs(1));
-        let client = TurnClientUdp::allocate(local, server, cfg);
+        let (client, via, bridge) = match transport {
+            TurnTransport::Udp => (TurnClient::from(TurnClientUdp::allocate(local, server, cfg)), server, None),
+            _ => match bridge::start(local, server, (transport == TurnTransport::Tls).then_some(host)) {
+                Ok((via, task)) => (TurnClient::from(TurnClientTcp::allocate(local, server, cfg)), via, Some(task)),
+                Err(e) => {
+                    out_log(&format!("TURN over {transport:?} to {server} from {local} failed: {e}"));
+                    return self.fall_back(local, now);
+                }
+            },
+        };
         self.relays.push(Relay {
             client,
+            transport,
             local,
             server,
+            via,
+            bridge,
+            started: now,
             relayed: None,
             done: false,
             closed: false,
@@ -228,8 +370,14 @@ impl Gatherer {
 
     /// When [`Gatherer::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let b = self.bindings.iter().filter(|b| !b.done).map(|b| b.next.min(b.started + BINDING_GIVE_UP));
+        let b = self.bindings.iter().filter(|b| !b.done).map(|b| b.next);
         let r = self.relays.iter().filter(|r| !r.closed).map(|r| r.next);
+        let fallback = self
+            .relays
+            .iter()
+            .filter(|r| !r.closed && r.relayed.is_none() && self.standby.iter().any(|s| s.local == r.local))
+            .map(|r| r.started + STREAM_FALLBACK_AFTER);
+        let r = r.chain(fallback);
         let d = (!self.done).then_some(self.deadline);
         b.chain(r).chain(d).min()
     }
@@ -259,31 +407,30 @@ impl Gatherer {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         let t = self.t(now);
-        for i in 0..self.bindings.len() {
-            let b = &mut self.bindings[i];
-            if b.done {
-                continue;
+        for b in self.bindings.iter_mut().filter(|b| !b.done) {
+            match b.agent.poll(t) {
+                StunAgentPollRet::WaitUntil(w) => b.next = w.to_std(self.epoch),
+                StunAgentPollRet::TransactionTimedOut(_) | StunAgentPollRet::TransactionCancelled(_) => {
+                    tracing::info!(
+                        "STUN server {} did not answer from {}; no server-reflexive candidate",
+                        b.server,
+                        b.local
+                    );
+                    b.done = true;
+                    continue;
+                }
             }
-            if now >= b.started + BINDING_GIVE_UP {
-                tracing::info!(
-                    "STUN server {} did not answer from {}; no server-reflexive candidate",
-                    b.server,
-                    b.local
-                );
-                b.done = true;
-                continue;
-            }
-            if now >= b.next && b.tries < BINDING_TRIES {
-                let msg = binding_request(&b.txid);
-                self.transmits.push_back((b.local, b.server, msg));
-                b.tries += 1;
-                b.next = now + BINDING_RTO * (1 << (b.tries - 1));
-            } else if b.tries >= BINDING_TRIES {
-                b.next = b.started + BINDING_GIVE_UP;
+            while let Some(tx) = b.agent.poll_transmit(t) {
+                self.transmits.push_back((b.local, b.server, tx.data.to_vec()));
             }
         }
         for i in 0..self.relays.len() {
             self.service_relay(i, now, t);
+        }
+        let mut locals: Vec<SocketAddr> = self.standby.iter().map(|s| s.local).collect();
+        locals.dedup();
+        for local in locals {
+            self.fall_back(local, now);
         }
         if !self.done && now >= self.deadline {
             tracing::info!("candidate gathering: deadline passed with servers still silent");
@@ -300,19 +447,21 @@ impl Gatherer {
                 return;
             }
             while let Some(tx) = r.client.poll_transmit(t) {
-                let mut data = tx.data.to_vec();
-                strip_dont_fragment(&mut data);
-                self.transmits.push_back((r.local, tx.to, data));
+                let to = if tx.to == r.server { r.via } else { tx.to };
+                self.transmits.push_back((r.local, to, tx.data.to_vec()));
             }
+            let mut won = None;
             while let Some(e) = r.client.poll_event() {
                 match e {
                     TurnEvent::AllocationCreated(TransportType::Udp, relayed) => {
-                        out_log(&format!(
-                            "TURN allocation on {} from {}: relayed address {relayed}",
-                            r.server, r.local
+                        // On stdout: which way the relay was reached is worth knowing (and tests check it).
+                        crate::out(format!(
+                            "TURN allocation on {} over {:?} from {}: relayed address {relayed}",
+                            r.server, r.transport, r.local
                         ));
                         r.relayed = Some(relayed);
                         r.done = true;
+                        won = Some((r.local, r.transport));
                         match Candidate::relayed(relayed, r.local, "udp") {
                             Ok(c) => self.events.push_back(GatherEvent::Candidate(c)),
                             Err(e) => tracing::warn!("relayed candidate {relayed}: {e}"),
@@ -323,7 +472,10 @@ impl Gatherer {
                     }
                     TurnEvent::AllocationCreated(..) => {}
                     TurnEvent::AllocationCreateFailed(fam) => {
-                        out_log(&format!("TURN allocation on {} from {} failed ({fam:?})", r.server, r.local));
+                        out_log(&format!(
+                            "TURN allocation on {} over {:?} from {} failed ({fam:?})",
+                            r.server, r.transport, r.local
+                        ));
                         r.done = true;
                     }
                     TurnEvent::PermissionCreateFailed(_, ip) => {
@@ -335,6 +487,15 @@ impl Gatherer {
                     e => tracing::debug!("TURN {}: {e:?}", r.server),
                 }
             }
+            if let Some((local, mine)) = won {
+                // The other ways to this socket's relay still trying are not needed.
+                for o in self.relays.iter_mut().filter(|o| o.local == local && o.transport != mine) {
+                    if o.relayed.is_none() && !o.closed {
+                        o.close();
+                    }
+                }
+            }
+            let r = &mut self.relays[i];
             match r.client.poll(t) {
                 TurnPollRet::WaitUntil(w) => {
                     let w = w.to_std(self.epoch);
@@ -346,14 +507,13 @@ impl Gatherer {
                 TurnPollRet::Closed => {
                     if !r.done {
                         out_log(&format!(
-                            "TURN allocation on {} from {} failed (no answer or refused)",
-                            r.server, r.local
+                            "TURN allocation on {} over {:?} from {} failed (no answer or refused)",
+                            r.server, r.transport, r.local
                         ));
                     }
-                    r.done = true;
-                    r.closed = true;
-                    r.relayed = None;
-                    return;
+                    r.close();
+                    let local = r.local;
+                    return self.fall_back(local, now);
                 }
                 _ => return,
             }
@@ -375,11 +535,22 @@ impl Gatherer {
     /// A datagram from `src` on the socket bound to `local`.
     pub fn recv(&mut self, local: SocketAddr, src: SocketAddr, buf: &[u8], now: Instant) -> Recv {
         // Our own Binding answers.
-        if buf.len() >= 20 && buf[0] < 2 {
-            if let Some(i) = self.bindings.iter().position(|b| !b.done && b.local == local && buf[8..20] == b.txid) {
-                self.bindings[i].done = true;
-                let server = self.bindings[i].server;
-                match parse_binding_response(buf, &self.bindings[i].txid) {
+        let t = self.t(now);
+        if let Ok(msg) = Message::from_bytes(buf) {
+            let txid = msg.transaction_id();
+            if let Some(i) = self.bindings.iter().position(|b| !b.done && b.local == local && b.txid == txid) {
+                let b = &mut self.bindings[i];
+                if !msg.is_response() || !b.agent.handle_stun_message_with_time(&msg, src, t) {
+                    return Recv::Consumed;
+                }
+                b.done = true;
+                let server = b.server;
+                let mapped = msg
+                    .attribute::<XorMappedAddress>()
+                    .ok()
+                    .filter(|_| msg.has_class(MessageClass::Success))
+                    .map(|a| a.addr(txid));
+                match mapped {
                     Some(mapped) if self.relay_only => {
                         tracing::debug!("reflexive address {mapped} (not used: --relay)")
                     }
@@ -399,13 +570,13 @@ impl Gatherer {
                 return Recv::Consumed;
             }
         }
-        let t = self.t(now);
-        let Some(i) = self.relays.iter().position(|r| !r.closed && r.local == local && r.server == src) else {
+        let Some(i) = self.relays.iter().position(|r| !r.closed && r.local == local && r.via == src) else {
             return Recv::NotMine;
         };
         let r = &mut self.relays[i];
         let relayed = r.relayed;
-        let ret = match r.client.recv(Transmit::new(buf, TransportType::Udp, src, local), t) {
+        let transport = r.client.transport();
+        let ret = match r.client.recv(Transmit::new(buf, transport, r.server, local), t) {
             TurnRecvRet::Handled => Recv::Consumed,
             TurnRecvRet::Ignored(_) => Recv::NotMine,
             TurnRecvRet::PeerData(d) => match relayed {
@@ -447,7 +618,8 @@ impl Gatherer {
         match r.client.send_to(TransportType::Udp, to, data, t) {
             Ok(Some(tb)) => {
                 let tx = tb.build();
-                self.transmits.push_back((r.local, tx.to, tx.data));
+                let to = if tx.to == r.server { r.via } else { tx.to };
+                self.transmits.push_back((r.local, to, tx.data));
             }
             Ok(None) => {}
             Err(e) => tracing::debug!("TURN send to {to}: {e:?}"),
@@ -462,7 +634,8 @@ impl Gatherer {
         for r in self.relays.iter_mut().filter(|r| r.relayed.is_some()) {
             if r.client.delete(t).is_ok() {
                 while let Some(tx) = r.client.poll_transmit(t) {
-                    self.transmits.push_back((r.local, tx.to, tx.data.to_vec()));
+                    let to = if tx.to == r.server { r.via } else { tx.to };
+                    self.transmits.push_back((r.local, to, tx.data.to_vec()));
                 }
             }
         }
@@ -471,90 +644,6 @@ impl Gatherer {
 
 fn out_log(s: &str) {
     tracing::info!("{s}");
-}
-
-/// turn-client-proto puts DONT-FRAGMENT (0x001A, comprehension-required) in its first, unauthenticated Allocate
-/// and gives up on the 420 Unknown Attribute that a server without DF support answers (RFC 8656 §7.2 says
-/// clients should retry without it; webcall's own TURN is such a server, coturn is not). DF is only a hint, so it
-/// is taken out of that request on the way out. The request has neither MESSAGE-INTEGRITY nor FINGERPRINT
-/// (credentials come with the retry), so nothing needs re-signing; anything else passes untouched.
-fn strip_dont_fragment(m: &mut Vec<u8>) {
-    const ALLOCATE_REQUEST: u16 = 0x0003;
-    if m.len() < 20 || u16::from_be_bytes([m[0], m[1]]) != ALLOCATE_REQUEST || m[4..8] != 0x2112_A442u32.to_be_bytes() {
-        return;
-    }
-    let (mut o, mut df) = (20, None);
-    while o + 4 <= m.len() {
-        let typ = u16::from_be_bytes([m[o], m[o + 1]]);
-        let l = u16::from_be_bytes([m[o + 2], m[o + 3]]) as usize;
-        match typ {
-            0x0008 | 0x001C | 0x8028 => return, // MESSAGE-INTEGRITY(-SHA256), FINGERPRINT: signed, leave it
-            0x001A if l == 0 => df = Some(o),
-            _ => {}
-        }
-        o += 4 + l.div_ceil(4) * 4;
-    }
-    if let Some(o) = df {
-        m.drain(o..o + 4);
-        let len = u16::from_be_bytes([m[2], m[3]]) - 4;
-        m[2..4].copy_from_slice(&len.to_be_bytes());
-    }
-}
-
-/// A STUN Binding request: header only (RFC 8489 §5, no attributes needed).
-fn binding_request(txid: &[u8; 12]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(20);
-    m.extend_from_slice(&0x0001u16.to_be_bytes());
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
-    m.extend_from_slice(txid);
-    m
-}
-
-/// XOR-MAPPED-ADDRESS (or MAPPED-ADDRESS) of a Binding success response with this transaction id.
-fn parse_binding_response(buf: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
-    if buf.len() < 20 || u16::from_be_bytes([buf[0], buf[1]]) != 0x0101 || buf[4..8] != 0x2112_A442u32.to_be_bytes() {
-        return None;
-    }
-    if &buf[8..20] != txid {
-        return None;
-    }
-    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-    let body = buf.get(20..20 + len)?;
-    let (mut o, mut plain) = (0, None);
-    while o + 4 <= body.len() {
-        let typ = u16::from_be_bytes([body[o], body[o + 1]]);
-        let l = u16::from_be_bytes([body[o + 2], body[o + 3]]) as usize;
-        let v = body.get(o + 4..o + 4 + l)?;
-        match typ {
-            0x0020 => return decode_addr(v, Some(&buf[4..20])),
-            0x0001 => plain = decode_addr(v, None),
-            _ => {}
-        }
-        o += 4 + l.div_ceil(4) * 4;
-    }
-    plain
-}
-
-/// A (XOR-)MAPPED-ADDRESS value; `xor` is magic cookie + transaction id for the XOR form.
-fn decode_addr(v: &[u8], xor: Option<&[u8]>) -> Option<SocketAddr> {
-    if v.len() < 4 {
-        return None;
-    }
-    let x = |i: usize| xor.map_or(0, |k| k[i]);
-    let port = u16::from_be_bytes([v[2] ^ x(0), v[3] ^ x(1)]);
-    let ip: IpAddr = match v[1] {
-        1 if v.len() >= 8 => IpAddr::from([v[4] ^ x(0), v[5] ^ x(1), v[6] ^ x(2), v[7] ^ x(3)]),
-        2 if v.len() >= 20 => {
-            let mut a = [0u8; 16];
-            for (i, b) in a.iter_mut().enumerate() {
-                *b = v[4 + i] ^ x(i);
-            }
-            IpAddr::from(a)
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
@@ -573,6 +662,7 @@ mod tests {
                 urls: vec![
                     "turn:198.51.100.1:3478?transport=udp".into(),
                     "turn:198.51.100.1:3478?transport=tcp".into(),
+                    "turn:198.51.100.1:3478?transport=sctp".into(),
                 ],
                 username: Some("1:a".into()),
                 credential: Some("c".into()),
@@ -580,46 +670,162 @@ mod tests {
         ];
         let c = IceConfig::from_servers(&servers, true);
         assert_eq!(c.stun, vec!["198.51.100.1:3478".to_string()]);
-        assert_eq!(c.turn.len(), 1);
+        let transports: Vec<_> = c.turn.iter().map(|t| t.transport).collect();
+        assert_eq!(transports, [TurnTransport::Udp, TurnTransport::Tcp]);
         assert!(c.relay_only);
     }
+}
 
-    #[test]
-    fn binding_round_trip() {
-        let txid = [7u8; 12];
-        let req = binding_request(&txid);
-        assert_eq!(req.len(), 20);
-        // A success response with XOR-MAPPED-ADDRESS 198.51.100.7:40000.
-        let mut r = vec![0x01, 0x01, 0, 12];
-        r.extend_from_slice(&0x2112_A442u32.to_be_bytes());
-        r.extend_from_slice(&txid);
-        r.extend_from_slice(&[0x00, 0x20, 0, 8, 0, 1]);
-        r.extend_from_slice(&(40000u16 ^ 0x2112).to_be_bytes());
-        for (i, b) in [198u8, 51, 100, 7].iter().enumerate() {
-            r.push(b ^ 0x2112_A442u32.to_be_bytes()[i]);
+impl Drop for Gatherer {
+    fn drop(&mut self) {
+        for r in &mut self.relays {
+            r.close();
         }
-        assert_eq!(parse_binding_response(&r, &txid), Some("198.51.100.7:40000".parse().unwrap()));
-        assert_eq!(parse_binding_response(&r, &[8u8; 12]), None);
+    }
+}
+
+/// TURN over TCP/TLS for a session that does I/O on UDP sockets only: a task holds the stream connection to
+/// the server and a UDP socket on the session socket's IP. Each datagram the session sends to that socket is
+/// one TURN message for the stream; each TURN message or ChannelData from the stream comes back to the
+/// session's socket as one datagram. ChannelData is padded to 4 bytes on the stream (RFC 8656 §12.5), which
+/// `turn-client-proto` neither writes nor expects: the bridge adds the padding going out and takes it off
+/// coming in.
+mod bridge {
+    use std::io;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::{TcpStream, UdpSocket};
+    use tokio::task::AbortHandle;
+
+    use super::STREAM_CONNECT_TIMEOUT;
+
+    /// Binds the bridge's datagram side and spawns the task; returns the address the session talks to.
+    /// `tls` is the server name (host or IP of the `turns:` URL) to check the certificate against.
+    pub fn start(session: SocketAddr, server: SocketAddr, tls: Option<&str>) -> io::Result<(SocketAddr, AbortHandle)> {
+        let tls = match tls {
+            Some(host) => Some((client_config()?, server_name(host)?)),
+            None => None,
+        };
+        let std_sock = std::net::UdpSocket::bind(SocketAddr::new(session.ip(), 0))?;
+        std_sock.set_nonblocking(true)?;
+        let udp = UdpSocket::from_std(std_sock)?;
+        let via = udp.local_addr()?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = run(udp, session, server, tls).await {
+                tracing::info!("TURN stream to {server} ended: {e}");
+            }
+        });
+        Ok((via, task.abort_handle()))
     }
 
-    #[test]
-    fn dont_fragment_is_taken_out_of_the_first_allocate_only() {
-        let mut m = vec![0x00, 0x03, 0, 12];
-        m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
-        m.extend_from_slice(&[1u8; 12]);
-        m.extend_from_slice(&[0x00, 0x19, 0, 4, 17, 0, 0, 0]); // REQUESTED-TRANSPORT udp
-        m.extend_from_slice(&[0x00, 0x1A, 0, 0]); // DONT-FRAGMENT
-        let mut stripped = m.clone();
-        strip_dont_fragment(&mut stripped);
-        assert_eq!(stripped.len(), m.len() - 4);
-        assert_eq!(&stripped[2..4], &[0, 8]);
-        assert_eq!(&stripped[20..], &m[20..28]);
-        // Signed: untouched.
-        let mut signed = m.clone();
-        signed.extend_from_slice(&[0x80, 0x28, 0, 4, 0, 0, 0, 0]);
-        signed[3] = 20;
-        let before = signed.clone();
-        strip_dont_fragment(&mut signed);
-        assert_eq!(signed, before);
+    type Tls = (Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>);
+
+    async fn run(udp: UdpSocket, session: SocketAddr, server: SocketAddr, tls: Option<Tls>) -> io::Result<()> {
+        let connect = async {
+            let tcp = TcpStream::connect(server).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, io::Error>(tcp)
+        };
+        let tcp = tokio::time::timeout(STREAM_CONNECT_TIMEOUT, connect).await.map_err(|_| timed_out())??;
+        match tls {
+            None => pump(udp, session, tcp).await,
+            Some((cfg, name)) => {
+                let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
+                let tls = tokio::time::timeout(STREAM_CONNECT_TIMEOUT, tls).await.map_err(|_| timed_out())??;
+                pump(udp, session, tls).await
+            }
+        }
+    }
+
+    fn timed_out() -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, "no connection within 3 s")
+    }
+
+    async fn pump<S: AsyncRead + AsyncWrite + Unpin>(udp: UdpSocket, session: SocketAddr, s: S) -> io::Result<()> {
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let mut dgram = vec![0u8; 65536];
+        let mut stream: Vec<u8> = Vec::with_capacity(4096);
+        loop {
+            tokio::select! {
+                r = udp.recv_from(&mut dgram) => {
+                    let (n, from) = r?;
+                    if from == session {
+                        wr.write_all(&dgram[..n]).await?;
+                        let pad = if dgram[0] >> 6 == 1 { n.div_ceil(4) * 4 - n } else { 0 };
+                        wr.write_all(&[0u8; 3][..pad]).await?;
+                        wr.flush().await?;
+                    }
+                }
+                r = rd.read_buf(&mut stream) => {
+                    if r? == 0 {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed by the server"));
+                    }
+                    let mut start = 0;
+                    while let Some(n) = frame_len(&stream[start..])? {
+                        let f = &stream[start..start + n];
+                        let unpadded = if f[0] >> 6 == 1 { 4 + u16::from_be_bytes([f[2], f[3]]) as usize } else { n };
+                        udp.send_to(&f[..unpadded], session).await?;
+                        start += n;
+                    }
+                    stream.drain(..start);
+                    stream.reserve(4096);
+                }
+            }
+        }
+    }
+
+    /// Length of the first complete frame: a STUN message (20 + length) or ChannelData padded to 4 bytes
+    /// (RFC 8656 §12.5); `None` until it is all there.
+    fn frame_len(b: &[u8]) -> io::Result<Option<usize>> {
+        if b.len() < 4 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([b[2], b[3]]) as usize;
+        let n = match b[0] >> 6 {
+            0 => 20 + len,
+            1 => 4 + len.div_ceil(4) * 4,
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "not TURN on the stream")),
+        };
+        Ok((b.len() >= n).then_some(n))
+    }
+
+    /// The web PKI roots, plus the certificates of the PEM file `SSL_CERT_FILE` names (as OpenSSL reads it):
+    /// how a private CA or a self-signed server certificate is trusted.
+    fn client_config() -> io::Result<Arc<rustls::ClientConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        if let Some(path) = std::env::var_os("SSL_CERT_FILE") {
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(&path)
+                .map_err(|e| io::Error::other(format!("SSL_CERT_FILE {}: {e}", path.to_string_lossy())))?;
+            for c in certs {
+                let c = c.map_err(|e| io::Error::other(format!("SSL_CERT_FILE: {e}")))?;
+                roots.add(c).map_err(|e| io::Error::other(format!("SSL_CERT_FILE: {e}")))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(cfg))
+    }
+
+    fn server_name(host: &str) -> io::Result<rustls::pki_types::ServerName<'static>> {
+        rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TLS server name {host}: {e}")))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn frames() {
+            assert_eq!(super::frame_len(&[0, 1, 0, 4, 1]).unwrap(), None);
+            assert_eq!(super::frame_len(&[0u8; 24][..]).unwrap(), Some(20));
+            assert_eq!(super::frame_len(&[0x40, 0, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0]).unwrap(), Some(12));
+            assert!(super::frame_len(&[0xC0, 0, 0, 0]).is_err());
+        }
     }
 }

@@ -227,7 +227,7 @@ impl Session {
             }
             for t in s.cfg.ice.turn.clone() {
                 if let Some(server) = crate::gather::resolve(&t.hostport, local.is_ipv4()).await {
-                    s.gather.add_relay(local, server, &t.username, &t.credential, now);
+                    s.gather.add_turn(local, server, &t, now);
                 }
             }
         }

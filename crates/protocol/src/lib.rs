@@ -455,6 +455,18 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+/// Gives each welcome its `iceServers` (fresh TURN credentials per peer id). Here, where both the room core
+/// (which asks) and the TURN server (which answers) see it, so neither depends on the other.
+pub trait IceProvider: Send + Sync {
+    fn ice_servers(&self, peer_id: &str) -> Vec<IceServer>;
+}
+
+impl<F: Fn(&str) -> Vec<IceServer> + Send + Sync> IceProvider for F {
+    fn ice_servers(&self, peer_id: &str) -> Vec<IceServer> {
+        self(peer_id)
+    }
+}
+
 /// The `welcome`'s shape as serde would write it; [`encode_welcome`] writes the same bytes by hand.
 #[cfg(test)]
 #[derive(Serialize)]

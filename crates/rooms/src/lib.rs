@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use webcall_protocol::{
-    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, IceServer,
-    Join, PeerInfo, ProtocolError, Relay, SFU_PEER,
+    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, Join,
+    PeerInfo, ProtocolError, Relay, SFU_PEER,
 };
 
 /// Frames in order, with their total size: memory bounds are in bytes, not only frames.
@@ -254,16 +254,8 @@ pub enum Output {
     Close { conn: ConnId, code: u16, reason: &'static str },
 }
 
-/// Gives each welcome its `iceServers` (fresh TURN credentials per peer id).
-pub trait IceProvider: Send + Sync {
-    fn ice_servers(&self, peer_id: &str) -> Vec<IceServer>;
-}
-
-impl<F: Fn(&str) -> Vec<IceServer> + Send + Sync> IceProvider for F {
-    fn ice_servers(&self, peer_id: &str) -> Vec<IceServer> {
-        self(peer_id)
-    }
-}
+/// Gives each welcome its `iceServers`; defined in `webcall_protocol` (the TURN server implements it too).
+pub use webcall_protocol::{IceProvider, IceServer};
 
 /// Counters for health and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

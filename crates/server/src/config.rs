@@ -309,7 +309,7 @@ impl ServeArgs {
                     !needs_secret || turn.secret.is_some(),
                     "turn: URLs need --turn-secret (coturn's static-auth-secret) to mint credentials",
                 )?;
-                let ttl = turn.credential_ttl.unwrap_or(Duration::from_secs(24 * 3600));
+                let ttl = turn.credential_ttl.unwrap_or(webcall_turn::defaults::EXTERNAL_CREDENTIAL_TTL);
                 IceSource::External { urls, secret: turn.secret, ttl }
             }
             (None, true) => IceSource::None,
@@ -317,7 +317,7 @@ impl ServeArgs {
                 // One browser tab holds a peer connection per other peer plus a spare, each with up to two relay
                 // allocations (UDP and TCP): a full room must not run out of its own quota.
                 let mut turn = turn;
-                turn.user_quota.get_or_insert((2 * cfg.rooms.max_peers).max(10));
+                turn.user_quota.get_or_insert((2 * cfg.rooms.max_peers).max(webcall_turn::defaults::USER_QUOTA));
                 IceSource::BuiltIn(turn)
             }
         };

@@ -46,6 +46,19 @@ pub fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
     h.finalize().into()
 }
 
+/// The SHA-256 long-term credential key, `SHA-256(username ":" realm ":" password)` (RFC 8489 §9.2.2), for
+/// clients that pick PASSWORD-ALGORITHM SHA-256.
+pub fn long_term_key_sha256(username: &str, realm: &str, password: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.update(b":");
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
 /// Mints time-limited TURN credentials and the `iceServers` list for one peer. Cheap to clone.
 #[derive(Clone)]
 pub struct IceMinter {
@@ -125,7 +138,7 @@ impl IceMinter {
     }
 }
 
-impl webcall_rooms::IceProvider for IceMinter {
+impl webcall_protocol::IceProvider for IceMinter {
     fn ice_servers(&self, peer_id: &str) -> Vec<IceServer> {
         self.ice_servers_at(peer_id, SystemTime::now())
     }
@@ -173,7 +186,7 @@ mod tests {
         assert_eq!(s[1].username.as_deref(), Some("1700003600:peer1"));
         assert_eq!(s[1].credential.as_deref(), Some(rest_password(b"secret", "1700003600:peer1").as_str()));
         // Works as the room core's provider.
-        let p: Box<dyn webcall_rooms::IceProvider> = Box::new(m);
+        let p: Box<dyn webcall_protocol::IceProvider> = Box::new(m);
         assert_eq!(p.ice_servers("x").len(), 2);
     }
 }

@@ -12,14 +12,13 @@ use serde::Deserialize;
 
 use crate::TurnError;
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:3478";
-pub const DEFAULT_REALM: &str = "webcall";
-pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
-pub const DEFAULT_IP_QUOTA: usize = 32;
-pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(30);
-/// Open TCP/TLS connections per allocation of the total quota the server accepts.
-const STREAMS_PER_ALLOCATION: usize = 2;
-pub const DEFAULT_RELAY_PORTS: PortRange = PortRange { min: 49152, max: 65535 };
+use crate::defaults;
+
+pub const DEFAULT_LISTEN: &str = defaults::LISTEN;
+pub const DEFAULT_REALM: &str = defaults::REALM;
+pub const DEFAULT_CREDENTIAL_TTL: Duration = defaults::CREDENTIAL_TTL;
+pub const DEFAULT_IP_QUOTA: usize = defaults::IP_QUOTA;
+pub const DEFAULT_RELAY_PORTS: PortRange = defaults::RELAY_PORTS;
 
 /// A relay port range `MIN-MAX` (inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -29,12 +28,14 @@ pub struct PortRange {
     pub max: u16,
 }
 
+// A range is never empty (parsing refuses MIN > MAX), so an `is_empty` would always be false.
+#[allow(clippy::len_without_is_empty)]
 impl PortRange {
     pub fn len(&self) -> usize {
         (self.max - self.min) as usize + 1
     }
-    pub fn is_empty(&self) -> bool {
-        false
+    pub fn contains(&self, port: u16) -> bool {
+        (self.min..=self.max).contains(&port)
     }
 }
 
@@ -100,7 +101,8 @@ pub struct TurnArgs {
     #[arg(long = "turn-allow-peer", env = "WEBCALL_TURN_ALLOW_PEER", value_name = "CIDR", value_delimiter = ',')]
     pub allow_peer: Vec<IpNet>,
 
-    /// Lifetime of minted TURN credentials [default: 24h]
+    /// Lifetime of minted TURN credentials; allocations made in time outlive them while refreshed
+    /// [default: 2h; for --ice-servers, 24h]
     #[arg(long = "turn-credential-ttl", env = "WEBCALL_TURN_CREDENTIAL_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub credential_ttl: Option<Duration>,
@@ -156,9 +158,9 @@ impl TurnArgs {
             Some(s) => s,
             None => Alphanumeric.sample_string(&mut rand::rng(), 32),
         };
-        let max_lifetime = self.max_lifetime.unwrap_or(Duration::from_secs(3600));
-        let total_quota = self.total_quota.unwrap_or(1000);
-        if max_lifetime < Duration::from_secs(600) {
+        let max_lifetime = self.max_lifetime.unwrap_or(defaults::MAX_LIFETIME);
+        let total_quota = self.total_quota.unwrap_or(defaults::TOTAL_QUOTA);
+        if max_lifetime < defaults::ALLOCATION_LIFETIME {
             return Err(TurnError::BadMaxLifetime(max_lifetime));
         }
         let cfg = TurnConfig {
@@ -170,13 +172,16 @@ impl TurnArgs {
             realm: self.realm.unwrap_or_else(|| DEFAULT_REALM.into()),
             allow_peers: self.allow_peer,
             credential_ttl: self.credential_ttl.unwrap_or(DEFAULT_CREDENTIAL_TTL),
-            user_quota: self.user_quota.unwrap_or(10),
+            user_quota: self.user_quota.unwrap_or(defaults::USER_QUOTA),
             total_quota,
             ip_quota: self.ip_quota.unwrap_or(DEFAULT_IP_QUOTA),
             max_lifetime,
-            legacy_channel_numbers: false,
-            stream_idle: DEFAULT_STREAM_IDLE,
-            max_streams: total_quota.saturating_mul(STREAMS_PER_ALLOCATION).max(64),
+            stream_idle: defaults::STREAM_IDLE,
+            stream_first_message: defaults::STREAM_FIRST_MESSAGE,
+            max_streams: total_quota.saturating_mul(defaults::STREAMS_PER_ALLOCATION).max(64),
+            max_streams_per_ip: defaults::STREAMS_PER_IP,
+            stream_queue: defaults::STREAM_QUEUE,
+            stream_write_timeout: defaults::STREAM_WRITE_TIMEOUT,
         };
         cfg.check()?;
         Ok(cfg)
@@ -199,13 +204,18 @@ pub struct TurnConfig {
     pub total_quota: usize,
     pub ip_quota: usize,
     pub max_lifetime: Duration,
-    /// Accept RFC 5766 channel numbers up to 0x7FFF (coturn's clients use them); off by default.
-    pub legacy_channel_numbers: bool,
-    /// A TCP/TLS connection without an allocation that sends nothing for this long is closed [30 s].
+    /// A TCP/TLS connection without an allocation that sends no complete message for this long is closed.
     pub stream_idle: Duration,
-    /// Open TCP/TLS connections (handshaking ones included); more are closed at once
-    /// [2 per allocation of `total_quota`, at least 64].
+    /// Time for a new TCP/TLS connection's handshake and first complete message.
+    pub stream_first_message: Duration,
+    /// Open TCP/TLS connections (handshaking ones included); more are closed at once.
     pub max_streams: usize,
+    /// Open TCP/TLS connections per client address (IPv6: per /64).
+    pub max_streams_per_ip: usize,
+    /// Bytes queued for one TCP/TLS client before relayed data is dropped and a non-reading client is cut off.
+    pub stream_queue: usize,
+    /// A write to a TCP/TLS client that makes no progress for this long closes the connection.
+    pub stream_write_timeout: Duration,
 }
 
 impl fmt::Debug for TurnConfig {
@@ -224,6 +234,7 @@ impl fmt::Debug for TurnConfig {
             .field("max_lifetime", &self.max_lifetime)
             .field("stream_idle", &self.stream_idle)
             .field("max_streams", &self.max_streams)
+            .field("max_streams_per_ip", &self.max_streams_per_ip)
             .finish_non_exhaustive()
     }
 }

@@ -1,9 +1,11 @@
 //! webcall's built-in STUN/TURN server (RFC 8489 binding, RFC 8656 TURN over UDP, TCP and TLS) with
 //! TURN REST credentials compatible with coturn's `use-auth-secret`.
 //!
-//! - [`TurnCore`]: the allocation/permission/channel logic as a state machine without I/O.
+//! - [`TurnCore`]: the allocation/permission/channel logic as a state machine without I/O (`core/`: allocations,
+//!   permissions and channels, credentials and nonces, quotas); [`framing`] splits TCP/TLS streams into frames.
+//! - [`defaults`]: every default, in one place.
 //! - [`TurnServer::start`]: binds sockets and spawns tokio tasks around it, returns a [`TurnHandle`].
-//! - [`IceMinter`]: mints `iceServers` for the signaling `welcome`; a `webcall_rooms::IceProvider`.
+//! - [`IceMinter`]: mints `iceServers` for the signaling `welcome`; a `webcall_protocol::IceProvider`.
 //! - [`TurnArgs`]: the `--turn-*` flags (clap) and `[turn]` config table (serde).
 //!
 //! Embedding (inside a tokio runtime):
@@ -12,7 +14,7 @@
 //! # async fn f(cli: webcall_turn::TurnArgs, file: webcall_turn::TurnArgs) -> Result<(), webcall_turn::TurnError> {
 //! let cfg = cli.or(file).into_config(None)?; // Some(Arc<rustls::ServerConfig>) for --turns-listen
 //! let turn = webcall_turn::TurnServer::start(cfg).await?; // keep `turn` alive: dropping it stops the server
-//! let ice: Box<dyn webcall_rooms::IceProvider> = Box::new(turn.ice_minter());
+//! let ice: Box<dyn webcall_protocol::IceProvider> = Box::new(turn.ice_minter());
 //! // ... Rooms::new(room_config, ice) ...; after reloading the certificate (SIGHUP):
 //! // turn.set_tls(new_server_config); // new TURNS connections use it
 //! // on shutdown:
@@ -23,6 +25,8 @@
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod defaults;
+pub mod framing;
 mod net;
 pub mod stun;
 

@@ -1,8 +1,12 @@
 //! Thin tokio adapters (UDP, TCP, TLS) around [`TurnCore`].
 //!
-//! One mutex guards the core; the hot path holds it only for the core call (a few hash lookups), never
+//! One mutex guards the core; the hot path holds it only for the core calls (a few hash lookups each), never
 //! across a send. Relay sockets each get a task; the listening UDP socket gets one task; each stream
 //! connection a reader and a writer task.
+//!
+//! UDP goes through `quinn-udp`: a wake-up reads a batch of datagrams (recvmmsg, and GRO coalescing a burst of
+//! one flow), the core handles the whole batch under one lock, and what goes to one client in equal-sized
+//! frames leaves in one GSO send. The batch buffers are per worker thread, not per allocation.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -12,7 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
+use quinn_udp::{RecvMeta, UdpSocketState};
 use rand::Rng;
+use std::cell::RefCell;
+use std::io::IoSliceMut;
+use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
@@ -21,18 +29,19 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::auth::IceMinter;
 use crate::config::{PortRange, TurnConfig};
 use crate::core::{
-    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort, Transport, TurnCore,
-    PEER_HEADROOM, PEER_TAILROOM,
+    stream_frame_len, AllocId, CoreConfig, CoreStats, Family, FiveTuple, Output, RelayPort, StreamFramer, Transport,
+    TurnCore, PEER_HEADROOM, PEER_TAILROOM,
 };
 use crate::TurnError;
 
 const MAX_UDP: usize = 65536;
-/// Bytes queued to a slow stream client before relayed data to it is dropped (as UDP would).
-const STREAM_OUT_LIMIT: usize = 1 << 20;
+/// Datagram slots per batched read (each a full-size buffer: GRO may fill one with a burst).
+const RECV_SLOTS: usize = 8;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Per relay socket; memory is only used while a burst is queued.
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes to stream clients go out in pieces of at most this, each under the write timeout.
+const WRITE_CHUNK: usize = 16 << 10;
 
 /// Entry point: binds and spawns everything.
 pub struct TurnServer;
@@ -42,8 +51,36 @@ impl TurnServer {
     /// TLS if configured, spawns the tasks on the current tokio runtime and returns at once.
     pub async fn start(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
         cfg.check()?;
+        // The relay runs on its own single-threaded runtime: sockets, tasks and wake-ups stay on one thread, so a
+        // relayed packet costs no cross-thread wake-up (the signaling runtime's workers are not involved).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TurnError::Io("starting the TURN runtime", e))?;
+        let handle = rt.handle().clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("webcall-turn".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+                // Dropping the runtime cancels whatever is left (stuck writers included).
+                rt.shutdown_background();
+            })
+            .map_err(|e| TurnError::Io("starting the TURN thread", e))?;
+        let mut turn = handle
+            .spawn(Self::start_here(cfg))
+            .await
+            .map_err(|e| TurnError::Io("starting TURN", io::Error::other(e)))??;
+        turn.stop = Some(stop_tx);
+        Ok(turn)
+    }
+
+    /// Binds and spawns on the current runtime (the TURN thread's).
+    async fn start_here(cfg: TurnConfig) -> Result<TurnHandle, TurnError> {
         let (udp, tcp) = bind_pair(cfg.listen)?;
-        let udp_addr = udp.local_addr().map_err(|e| TurnError::Io("reading the UDP address", e))?;
+        let udp_addr = udp.sock.local_addr().map_err(|e| TurnError::Io("reading the UDP address", e))?;
         let tls = match &cfg.tls {
             Some((addr, sc)) => {
                 let l = TcpListener::bind(addr).await.map_err(|e| TurnError::Bind {
@@ -73,7 +110,14 @@ impl TurnServer {
             relay_v4: relay_ip.is_ipv4() || relay_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             relay_v6: relay_ip.is_ipv6(),
             seed: rand::rng().random(),
-            legacy_channel_numbers: cfg.legacy_channel_numbers,
+            own_ips: [Some(relay_ip), tls_addr.map(|a| a.ip())]
+                .into_iter()
+                .flatten()
+                .filter(|ip| !ip.is_unspecified())
+                .map(|ip| ip.to_canonical())
+                .collect(),
+            relay_ports: cfg.relay_ports,
+            turn_ports: [Some(udp_addr.port()), tls_addr.map(|a| a.port())].into_iter().flatten().collect(),
             ..CoreConfig::default()
         };
         let core = TurnCore::new(core_cfg, Instant::now(), SystemTime::now());
@@ -86,8 +130,13 @@ impl TurnServer {
                 streams: HashMap::new(),
             }),
             streams_open: AtomicUsize::new(0),
+            streams_per_ip: Mutex::new(HashMap::new()),
             max_streams: cfg.max_streams,
+            max_streams_per_ip: cfg.max_streams_per_ip,
             stream_idle: cfg.stream_idle,
+            stream_first_message: cfg.stream_first_message,
+            stream_queue: cfg.stream_queue,
+            stream_write_timeout: cfg.stream_write_timeout,
             udp: Arc::new(udp),
             udp_addr,
             tls: parking_lot::RwLock::new(tls.as_ref().map(|(_, sc)| sc.clone())),
@@ -110,12 +159,14 @@ impl TurnServer {
             tls_addr.map(|a| SocketAddr::new(cfg.external_ip.unwrap_or(a.ip()), a.port())),
         );
         tracing::info!(udp = %udp_addr, tcp = %udp_addr, tls = ?tls_addr, relay_ports = %cfg.relay_ports, "STUN/TURN listening");
-        Ok(TurnHandle { addr: udp_addr, tls_addr, minter, shared, tasks })
+        Ok(TurnHandle { stop: None, addr: udp_addr, tls_addr, minter, shared, tasks })
     }
 }
 
 /// A running server. Dropping it stops the server too (without waiting).
 pub struct TurnHandle {
+    /// Stops the TURN thread's runtime.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     minter: IceMinter,
@@ -132,7 +183,7 @@ impl TurnHandle {
         self.tls_addr
     }
     /// Mints `iceServers` pointing at this server (at `--turn-external-ip` when given). Implements
-    /// `webcall_rooms::IceProvider`.
+    /// `webcall_protocol::IceProvider`.
     pub fn ice_minter(&self) -> IceMinter {
         self.minter.clone()
     }
@@ -158,6 +209,9 @@ impl TurnHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
     fn abort_all(&mut self) {
         for t in &self.tasks {
@@ -167,8 +221,9 @@ impl TurnHandle {
         for (_, r) in st.relays.drain() {
             r.task.abort();
         }
+        // Stuck writers (clients that stopped reading) are not waited for.
         for (_, s) in st.streams.drain() {
-            s.close();
+            s.kill();
         }
         st.reserved.clear();
     }
@@ -177,11 +232,141 @@ impl TurnHandle {
 impl Drop for TurnHandle {
     fn drop(&mut self) {
         self.abort_all();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A UDP socket with `quinn-udp`'s batched, offloaded I/O.
+struct UdpIo {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl UdpIo {
+    fn new(std_sock: std::net::UdpSocket) -> io::Result<UdpIo> {
+        let state = UdpSocketState::new((&std_sock).into())?;
+        std_sock.set_nonblocking(true)?;
+        Ok(UdpIo { sock: UdpSocket::from_std(std_sock)?, state })
+    }
+
+    /// Sends now or not at all: a full socket buffer loses the datagram, as the network would. With
+    /// `segment_size`, `data` is several datagrams of that size (the last may be shorter) for one GSO send;
+    /// where the kernel refuses that (a segment over the path MTU), they go one by one.
+    fn send(&self, to: SocketAddr, data: &[u8], segment_size: Option<usize>) {
+        let t = quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size, src_ip: None };
+        match self.state.try_send((&self.sock).into(), &t) {
+            Err(e) if segment_size.is_some() && e.kind() != io::ErrorKind::WouldBlock => {
+                for d in data.chunks(segment_size.unwrap_or(data.len()).max(1)) {
+                    self.send(to, d, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads a batch if one is ready: `Ok(0)` when none is.
+    fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        match self.sock.try_io(tokio::io::Interest::READABLE, || self.state.recv((&self.sock).into(), bufs, meta)) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Per worker thread: the slots of a batched read, the frames going out to clients and the payloads going
+/// out of relay sockets (slot and range).
+struct Scratch {
+    slots: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    out: Out,
+    sends: Vec<(Arc<UdpIo>, SocketAddr, usize, Range<usize>)>,
+}
+
+impl Scratch {
+    fn bufs(slots: &mut [Vec<u8>]) -> [IoSliceMut<'_>; RECV_SLOTS] {
+        let mut it = slots.iter_mut();
+        std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RECV_SLOTS slots")))
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        slots: (0..RECV_SLOTS).map(|_| vec![0u8; MAX_UDP]).collect(),
+        meta: vec![RecvMeta::default(); RECV_SLOTS],
+        out: Out::default(),
+        sends: Vec::new(),
+    });
+}
+
+/// Most bytes in one GSO send (the kernel's limit is 64 KiB with headers).
+const GSO_MAX_BYTES: usize = 60 << 10;
+
+/// Frames for clients collected under the lock, packed back to back, sent after it.
+#[derive(Default)]
+struct Out {
+    buf: Vec<u8>,
+    frames: Vec<(SocketAddr, usize)>,
+}
+
+impl Out {
+    /// Frames `payload` from `from` for `alloc` in place at the end of the buffer; keeps it if the core relays it
+    /// to a UDP client, hands it to the stream of a TCP/TLS one.
+    fn relay(&mut self, st: &mut State, alloc: AllocId, from: SocketAddr, payload: &[u8]) {
+        let pos = self.buf.len();
+        self.buf.resize(pos + PEER_HEADROOM + payload.len() + PEER_TAILROOM, 0);
+        self.buf[pos + PEER_HEADROOM..pos + PEER_HEADROOM + payload.len()].copy_from_slice(payload);
+        let framed =
+            st.core.handle_peer(Instant::now(), alloc, from, &mut self.buf[pos..], PEER_HEADROOM, payload.len());
+        match framed {
+            Some((tuple, r)) if tuple.transport == Transport::Udp => {
+                self.buf.copy_within(pos + r.start..pos + r.end, pos);
+                self.buf.truncate(pos + r.len());
+                self.frames.push((tuple.client, r.len()));
+            }
+            Some((tuple, r)) => {
+                if let Some(s) = st.streams.get(&tuple) {
+                    s.push(&self.buf[pos + r.start..pos + r.end], true);
+                }
+                self.buf.truncate(pos);
+            }
+            None => self.buf.truncate(pos),
+        }
+    }
+
+    /// Sends the frames: runs of equal-sized frames to one client go as one GSO send.
+    fn flush(&mut self, io: &UdpIo) {
+        let max = io.state.max_gso_segments().max(1);
+        let (mut i, mut off) = (0, 0);
+        while i < self.frames.len() {
+            let (to, len) = self.frames[i];
+            let mut j = i + 1;
+            let mut end = off + len;
+            // A run may end with one shorter frame (GSO sends the remainder as the last segment).
+            while j < self.frames.len() && j - i < max && self.frames[j].0 == to && self.frames[j - 1].1 == len {
+                let l = self.frames[j].1;
+                if l > len || end - off + l > GSO_MAX_BYTES {
+                    break;
+                }
+                end += l;
+                j += 1;
+                if l < len {
+                    break;
+                }
+            }
+            io.send(to, &self.buf[off..end], (j - i > 1).then_some(len));
+            off = end;
+            i = j;
+        }
+        self.buf.clear();
+        self.frames.clear();
     }
 }
 
 struct Relay {
-    sock: Arc<UdpSocket>,
+    sock: Arc<UdpIo>,
     task: AbortHandle,
     port: u16,
 }
@@ -189,28 +374,46 @@ struct Relay {
 /// Outbound bytes of one TCP/TLS client; relay tasks append, the writer task drains.
 struct StreamOut {
     buf: Mutex<Vec<u8>>,
+    /// Most bytes `buf` may hold.
+    limit: usize,
     notify: Notify,
     closed: AtomicBool,
     reader: Mutex<Option<AbortHandle>>,
+    writer: Mutex<Option<AbortHandle>>,
 }
 
 impl StreamOut {
+    /// Queues `data`. Past the limit, relayed data (`droppable`) is dropped as UDP would lose it; an answer
+    /// that does not fit means the client is not reading them: it is disconnected.
     fn push(&self, data: &[u8], droppable: bool) {
         {
             let mut b = self.buf.lock();
-            if droppable && b.len() + data.len() > STREAM_OUT_LIMIT {
+            if b.len() + data.len() > self.limit {
+                drop(b);
+                if !droppable {
+                    tracing::debug!(limit = self.limit, "TURN stream client does not read its answers: closed");
+                    self.kill();
+                }
                 return;
             }
             b.extend_from_slice(data);
         }
         self.notify.notify_one();
     }
+    /// Stops reading; the writer sends what is queued, then shuts the connection down.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         if let Some(r) = self.reader.lock().take() {
             r.abort();
         }
         self.notify.notify_one();
+    }
+    /// Closes at once, dropping what is queued.
+    fn kill(&self) {
+        self.close();
+        if let Some(w) = self.writer.lock().take() {
+            w.abort();
+        }
     }
 }
 
@@ -227,9 +430,15 @@ struct Shared {
     state: Mutex<State>,
     /// Open TCP/TLS connections (handshaking ones included), capped at `max_streams`.
     streams_open: AtomicUsize,
+    /// The same per client address (IPv6 per /64), capped at `max_streams_per_ip`.
+    streams_per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_streams: usize,
+    max_streams_per_ip: usize,
     stream_idle: Duration,
-    udp: Arc<UdpSocket>,
+    stream_first_message: Duration,
+    stream_queue: usize,
+    stream_write_timeout: Duration,
+    udp: Arc<UdpIo>,
     udp_addr: SocketAddr,
     /// The TLS configuration for new TURNS connections; [`TurnHandle::set_tls`] swaps it.
     tls: parking_lot::RwLock<Option<Arc<rustls::ServerConfig>>>,
@@ -253,7 +462,7 @@ impl Shared {
             }
         };
         if let Some((sock, peer, data)) = send {
-            let _ = sock.send_to(data, peer).await;
+            sock.send(peer, data, None);
         }
     }
 
@@ -270,8 +479,8 @@ impl Shared {
                         }
                     }
                 },
-                Output::OpenRelay { alloc, family, port } => {
-                    let bound = self.open_relay(st, alloc, family, port);
+                Output::OpenRelay { alloc, family, port, dont_fragment } => {
+                    let bound = self.open_relay(st, alloc, family, port, dont_fragment);
                     st.core.relay_opened(Instant::now(), alloc, bound);
                 }
                 Output::ReleaseReserved { port } => {
@@ -295,6 +504,7 @@ impl Shared {
         alloc: AllocId,
         family: Family,
         want: RelayPort,
+        dont_fragment: bool,
     ) -> Option<SocketAddr> {
         let ip = match (family, self.relay_ip) {
             (Family::V4, IpAddr::V4(ip)) => IpAddr::V4(ip),
@@ -302,7 +512,8 @@ impl Shared {
             (Family::V6, ip) => ip,
         };
         if let RelayPort::Reserved(port) = want {
-            let bound = st.reserved.remove(&port).and_then(|sock| self.start_relay(st, alloc, sock, port));
+            let bound =
+                st.reserved.remove(&port).and_then(|sock| self.start_relay(st, alloc, sock, port, dont_fragment));
             if bound.is_none() {
                 st.used_ports.remove(&port);
             }
@@ -332,7 +543,7 @@ impl Shared {
                 st.used_ports.insert(port + 1);
                 st.reserved.insert(port + 1, next);
             }
-            return self.start_relay(st, alloc, std_sock, port);
+            return self.start_relay(st, alloc, std_sock, port, dont_fragment);
         }
         tracing::warn!(range = %self.ports, "no free relay port: widen --turn-relay-ports");
         None
@@ -344,17 +555,20 @@ impl Shared {
         alloc: AllocId,
         std_sock: std::net::UdpSocket,
         port: u16,
+        dont_fragment: bool,
     ) -> Option<SocketAddr> {
         {
             set_buffers(&std_sock, RELAY_SOCKET_BUFFER);
-            let sock = match std_sock.set_nonblocking(true).and_then(|_| UdpSocket::from_std(std_sock)) {
+            // quinn-udp sets DF (PMTU probing) on every socket; without DONT-FRAGMENT, Linux's default again.
+            let sock = match UdpIo::new(std_sock).and_then(|io| set_pmtu_discover(&io.sock, dont_fragment).map(|_| io))
+            {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "relay socket setup failed");
                     return None;
                 }
             };
-            let bound = sock.local_addr().ok()?;
+            let bound = sock.sock.local_addr().ok()?;
             let task = tokio::spawn(relay_loop(self.clone(), alloc, sock.clone())).abort_handle();
             st.used_ports.insert(port);
             st.relays.insert(alloc, Relay { sock, task, port });
@@ -364,13 +578,13 @@ impl Shared {
 
     async fn send_udp(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
         for (data, to) in out {
-            let _ = self.udp.send_to(&data, to).await;
+            let _ = self.udp.sock.send_to(&data, to).await;
         }
     }
 }
 
 /// UDP and TCP on the same port. With port 0, retries until a port free for both is found.
-fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
+fn bind_pair(addr: SocketAddr) -> Result<(UdpIo, TcpListener), TurnError> {
     let bind_err = |proto, e| TurnError::Bind { proto, addr, source: e };
     for _ in 0..if addr.port() == 0 { 20 } else { 1 } {
         let udp = std::net::UdpSocket::bind(addr).map_err(|e| bind_err("UDP", e))?;
@@ -381,8 +595,7 @@ fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), TurnError> {
             Err(e) => return Err(bind_err("TCP", e)),
         };
         set_buffers(&udp, SOCKET_BUFFER);
-        udp.set_nonblocking(true).map_err(|e| bind_err("UDP", e))?;
-        let udp = UdpSocket::from_std(udp).map_err(|e| bind_err("UDP", e))?;
+        let udp = UdpIo::new(udp).map_err(|e| bind_err("UDP", e))?;
         return Ok((udp, tcp));
     }
     Err(bind_err("TCP", io::Error::new(io::ErrorKind::AddrInUse, "no port free for both UDP and TCP")))
@@ -402,6 +615,34 @@ fn set_buffers(sock: &std::net::UdpSocket, size: usize) {
     let _ = s.set_send_buffer_size(size);
 }
 
+/// DONT-FRAGMENT (RFC 8656 §7.2): with `df`, every datagram from this relay socket leaves with DF set and one
+/// larger than the path MTU fails to send; without, Linux's default (DF while the path MTU allows, fragments
+/// above it).
+fn set_pmtu_discover(sock: &UdpSocket, df: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name, value) = match (sock.local_addr()?.is_ipv6(), df) {
+        (false, true) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO),
+        (false, false) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
+        (true, true) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO),
+        (true, false) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT),
+    };
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -412,54 +653,108 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// Client datagrams on the listening socket, a batch per wake-up.
 async fn udp_loop(shared: Arc<Shared>) {
-    let mut buf = vec![0u8; MAX_UDP];
     let mut udp_out = Vec::new();
     loop {
-        let (n, from) = match shared.udp.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) if transient(&e) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "TURN UDP socket failed");
-                return;
-            }
-        };
-        let tuple = FiveTuple { transport: Transport::Udp, client: from, server: shared.udp_addr };
-        shared.client_frame(tuple, &buf[..n], &mut udp_out).await;
+        if let Err(e) = shared.udp.sock.readable().await {
+            tracing::error!(error = %e, "TURN UDP socket failed");
+            return;
+        }
+        let r = SCRATCH.with_borrow_mut(|s| shared.client_batch(s, &mut udp_out));
         if !udp_out.is_empty() {
             shared.send_udp(std::mem::take(&mut udp_out)).await;
+        }
+        if let Err(e) = r {
+            tracing::error!(error = %e, "TURN UDP socket failed");
+            return;
         }
     }
 }
 
-async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; PEER_HEADROOM + MAX_UDP + PEER_TAILROOM];
+/// Peer datagrams on one relay socket, a batch per wake-up.
+async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpIo>) {
     loop {
-        let (n, from) = match sock.recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_UDP]).await {
-            Ok(x) => x,
-            Err(e) if transient(&e) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
-                return;
-            }
-        };
-        let to = {
-            let mut st = shared.state.lock();
-            let st = &mut *st;
-            match st.core.handle_peer(Instant::now(), alloc, from, &mut buf, PEER_HEADROOM, n) {
-                Some((tuple, range)) if tuple.transport == Transport::Udp => Some((tuple.client, range)),
-                Some((tuple, range)) => {
-                    if let Some(s) = st.streams.get(&tuple) {
-                        s.push(&buf[range], true);
-                    }
-                    None
-                }
-                None => None,
-            }
-        };
-        if let Some((client, range)) = to {
-            let _ = shared.udp.send_to(&buf[range], client).await;
+        if let Err(e) = sock.sock.readable().await {
+            tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
+            return;
         }
+        if let Err(e) = SCRATCH.with_borrow_mut(|s| shared.peer_batch(s, alloc, &sock)) {
+            tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
+            return;
+        }
+    }
+}
+
+/// At most this many batches per wake-up, so that one busy socket does not hold a worker.
+const BATCHES_PER_WAKE: usize = 4;
+
+impl Shared {
+    /// Reads batches from the listening socket until none is ready: relayed data goes out of the relay
+    /// sockets after the lock, the control plane's datagrams into `udp_out`.
+    fn client_batch(self: &Arc<Self>, s: &mut Scratch, udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) -> io::Result<()> {
+        let server = self.udp_addr;
+        for _ in 0..BATCHES_PER_WAKE {
+            let Scratch { slots, meta, sends, .. } = s;
+            let n = match self.udp.try_recv(&mut Scratch::bufs(slots), meta) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            {
+                let mut st = self.state.lock();
+                let st = &mut *st;
+                let now = Instant::now();
+                for (i, (m, buf)) in meta[..n].iter().zip(slots.iter()).enumerate() {
+                    let tuple = FiveTuple { transport: Transport::Udp, client: m.addr, server };
+                    for d in buf[..m.len].chunks(m.stride.max(1)) {
+                        match st.core.handle_client(now, tuple, d) {
+                            Some(p) => {
+                                if let Some(r) = st.relays.get(&p.alloc) {
+                                    let start = p.data.as_ptr() as usize - buf.as_ptr() as usize;
+                                    sends.push((r.sock.clone(), p.peer, i, start..start + p.data.len()));
+                                }
+                            }
+                            None => self.pump(st, udp_out),
+                        }
+                    }
+                }
+            }
+            for (sock, peer, i, r) in sends.drain(..) {
+                sock.send(peer, &slots[i][r], None);
+            }
+            if n < meta.len() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads batches from the relay socket of `alloc` until none is ready and relays them to the client.
+    fn peer_batch(self: &Arc<Self>, s: &mut Scratch, alloc: AllocId, sock: &UdpIo) -> io::Result<()> {
+        for _ in 0..BATCHES_PER_WAKE {
+            let Scratch { slots, meta, out, .. } = s;
+            let n = match sock.try_recv(&mut Scratch::bufs(slots), meta) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            {
+                let mut st = self.state.lock();
+                for (m, buf) in meta[..n].iter().zip(slots.iter()) {
+                    for d in buf[..m.len].chunks(m.stride.max(1)) {
+                        out.relay(&mut st, alloc, m.addr, d);
+                    }
+                }
+            }
+            out.flush(&self.udp);
+            if n < meta.len() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -480,24 +775,57 @@ async fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Holds one of the `max_streams` connection slots.
-struct StreamSlot(Arc<Shared>);
+/// The key of the per-address connection cap: the IPv4 address, or the /64 of an IPv6 one (one host
+/// usually has a whole /64).
+fn stream_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Holds one of the `max_streams` connection slots, and one of its address's `max_streams_per_ip`.
+struct StreamSlot(Arc<Shared>, IpAddr);
 
 impl StreamSlot {
-    fn take(shared: &Arc<Shared>) -> Option<StreamSlot> {
+    fn take(shared: &Arc<Shared>, from: IpAddr) -> Option<StreamSlot> {
+        let key = stream_key(from);
+        {
+            let mut per_ip = shared.streams_per_ip.lock();
+            let n = per_ip.entry(key).or_insert(0);
+            if *n >= shared.max_streams_per_ip {
+                tracing::debug!(%from, max = shared.max_streams_per_ip, "TURN stream refused: too many from this address");
+                return None;
+            }
+            *n += 1;
+        }
         let n = shared.streams_open.fetch_add(1, Ordering::AcqRel);
         if n >= shared.max_streams {
             shared.streams_open.fetch_sub(1, Ordering::AcqRel);
+            release_ip(&mut shared.streams_per_ip.lock(), key);
             tracing::debug!(max = shared.max_streams, "TURN stream connection refused: too many open");
             return None;
         }
-        Some(StreamSlot(shared.clone()))
+        Some(StreamSlot(shared.clone(), key))
+    }
+}
+
+fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = per_ip.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&key);
+        }
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.streams_open.fetch_sub(1, Ordering::AcqRel);
+        release_ip(&mut self.0.streams_per_ip.lock(), self.1);
     }
 }
 
@@ -505,15 +833,16 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
     loop {
         match l.accept().await {
             Ok((s, from)) => {
+                let accepted = Instant::now();
+                let Some(slot) = StreamSlot::take(&shared, from.ip()) else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let server = s.local_addr().unwrap_or(shared.udp_addr);
                 let tuple = FiveTuple { transport: Transport::Tcp, client: from, server };
-                let Some(slot) = StreamSlot::take(&shared) else {
-                    continue;
-                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    serve_stream(shared, s, tuple).await;
+                    serve_stream(shared, s, tuple, accepted).await;
                     drop(slot);
                 });
             }
@@ -530,11 +859,12 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
     loop {
         match l.accept().await {
             Ok((s, from)) => {
-                let _ = s.set_nodelay(true);
-                let server = s.local_addr().unwrap_or(shared.udp_addr);
-                let Some(slot) = StreamSlot::take(&shared) else {
+                let accepted = Instant::now();
+                let Some(slot) = StreamSlot::take(&shared, from.ip()) else {
                     continue;
                 };
+                let _ = s.set_nodelay(true);
+                let server = s.local_addr().unwrap_or(shared.udp_addr);
                 // Read per accept so that a reloaded certificate applies to the next handshake.
                 let Some(cfg) = shared.tls.read().clone() else {
                     return;
@@ -543,10 +873,11 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(s)).await {
+                    let deadline = (accepted + shared.stream_first_message).into();
+                    match tokio::time::timeout_at(deadline, acc.accept(s)).await {
                         Ok(Ok(tls)) => {
-                            serve_stream(shared, tls, FiveTuple { transport: Transport::Tls, client: from, server })
-                                .await
+                            let tuple = FiveTuple { transport: Transport::Tls, client: from, server };
+                            serve_stream(shared, tls, tuple, accepted).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %from, "TURN TLS handshake failed")
@@ -563,7 +894,9 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
     }
 }
 
-async fn serve_stream<S>(shared: Arc<Shared>, stream: S, tuple: FiveTuple)
+/// Serves one TCP/TLS client until it closes, stops sending complete messages (see
+/// [`TurnConfig::stream_idle`](crate::TurnConfig)), stops reading its answers, or the server stops.
+async fn serve_stream<S>(shared: Arc<Shared>, stream: S, tuple: FiveTuple, accepted: Instant)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -571,13 +904,16 @@ where
     let per_record = tuple.transport == Transport::Tls;
     let out = Arc::new(StreamOut {
         buf: Mutex::new(Vec::new()),
+        limit: shared.stream_queue,
         notify: Notify::new(),
         closed: AtomicBool::new(false),
         reader: Mutex::new(None),
+        writer: Mutex::new(None),
     });
     shared.state.lock().streams.insert(tuple, out.clone());
     let writer = {
         let out = out.clone();
+        let timeout = shared.stream_write_timeout;
         tokio::spawn(async move {
             let mut spare = Vec::new();
             loop {
@@ -587,53 +923,49 @@ where
                     if spare.is_empty() {
                         break;
                     }
-                    if write_frames(&mut wr, &spare, per_record).await.is_err() {
+                    if write_frames(&mut wr, &spare, per_record, timeout).await.is_err() {
+                        out.kill();
                         return;
                     }
                     spare.clear();
                 }
                 if out.closed.load(Ordering::Acquire) {
-                    let _ = wr.shutdown().await;
+                    let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
                     return;
                 }
             }
         })
     };
+    *out.writer.lock() = Some(writer.abort_handle());
     let reader = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2 * MAX_UDP + 64];
-            let (mut start, mut end) = (0usize, 0usize);
+            let mut framer = StreamFramer::new();
             let mut udp_out = Vec::new();
+            // Until the first complete message, then after each: bytes alone do not push it back.
+            let mut deadline = accepted + shared.stream_first_message;
             loop {
-                // Parse every complete frame in the buffer.
                 loop {
-                    let n = match stream_frame_len(&buf[start..end]) {
-                        Ok(Some(n)) => n,
+                    match framer.next_frame() {
+                        Ok(Some(frame)) => {
+                            shared.client_frame(tuple, frame, &mut udp_out).await;
+                            deadline = Instant::now() + shared.stream_idle;
+                        }
                         Ok(None) => break,
                         Err(_) => return,
-                    };
-                    let frame = &buf[start..start + n];
-                    shared.client_frame(tuple, frame, &mut udp_out).await;
-                    start += n;
+                    }
                 }
-                if start == end {
-                    start = 0;
-                    end = 0;
-                } else if start > MAX_UDP {
-                    buf.copy_within(start..end, 0);
-                    end -= start;
-                    start = 0;
-                }
-                match tokio::time::timeout(shared.stream_idle, rd.read(&mut buf[end..])).await {
+                match tokio::time::timeout_at(deadline.into(), rd.read_buf(framer.read_buf())).await {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
-                    Ok(Ok(n)) => end += n,
+                    Ok(Ok(_)) => {}
                     // Quiet connections may stay while they hold an allocation (its lifetime bounds
                     // them); others are closed so idle sockets cannot pile up.
                     Err(_) => {
                         if shared.state.lock().core.allocation_of(&tuple).is_none() {
+                            tracing::debug!(client = %tuple.client, "TURN stream idle: closed");
                             return;
                         }
+                        deadline = Instant::now() + shared.stream_idle;
                     }
                 }
             }
@@ -653,17 +985,28 @@ where
 }
 
 /// Over TLS each TURN message goes in its own record: coturn's clients read one message per record and
-/// lose the rest of a record that holds several. Over TCP, coalesced writes are fine and cheaper.
-async fn write_frames<W: AsyncWrite + Unpin>(wr: &mut W, data: &[u8], per_record: bool) -> io::Result<()> {
-    if per_record {
-        let mut rest = data;
-        while let Ok(Some(n)) = stream_frame_len(rest) {
-            wr.write_all(&rest[..n]).await?;
-            rest = &rest[n..];
-        }
-    } else {
-        wr.write_all(data).await?;
+/// lose the rest of a record that holds several. Over TCP, coalesced writes are fine and cheaper. Each
+/// piece must be written within `timeout`.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    data: &[u8],
+    per_record: bool,
+    timeout: Duration,
+) -> io::Result<()> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "TURN client does not read");
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = if per_record {
+            match stream_frame_len(rest) {
+                Ok(Some(n)) => n,
+                _ => break,
+            }
+        } else {
+            rest.len().min(WRITE_CHUNK)
+        };
+        tokio::time::timeout(timeout, wr.write_all(&rest[..n])).await.map_err(|_| timed_out())??;
+        rest = &rest[n..];
     }
     // TLS buffers records until flushed.
-    wr.flush().await
+    tokio::time::timeout(timeout, wr.flush()).await.map_err(|_| timed_out())?
 }

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
+use sha2::Sha256;
 
 pub const MAGIC: u32 = 0x2112_A442;
 pub const HEADER_LEN: usize = 20;
@@ -47,6 +48,10 @@ pub const EVEN_PORT: u16 = 0x0018;
 pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
 pub const RESERVATION_TOKEN: u16 = 0x0022;
+pub const DONT_FRAGMENT: u16 = 0x001A;
+pub const MESSAGE_INTEGRITY_SHA256: u16 = 0x001C;
+pub const PASSWORD_ALGORITHM: u16 = 0x001D;
+pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
 pub const SOFTWARE: u16 = 0x8022;
 pub const FINGERPRINT: u16 = 0x8028;
 
@@ -131,7 +136,7 @@ impl<'a> Msg<'a> {
             if t == typ {
                 return Some(v);
             }
-            if t == MESSAGE_INTEGRITY {
+            if t == MESSAGE_INTEGRITY || t == MESSAGE_INTEGRITY_SHA256 {
                 break;
             }
         }
@@ -154,6 +159,20 @@ impl<'a> Msg<'a> {
         mac.update(&((off + 24 - HEADER_LEN) as u16).to_be_bytes());
         mac.update(&self.buf[4..off]);
         Some(mac.verify_slice(value).is_ok())
+    }
+
+    /// Verifies MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6: HMAC-SHA256, possibly truncated to 16..=32
+    /// bytes) with `key`. `None` when the attribute is missing.
+    pub fn check_integrity_sha256(&self, key: &[u8]) -> Option<bool> {
+        let (_, value, off) = self.attrs().find(|(t, _, _)| *t == MESSAGE_INTEGRITY_SHA256)?;
+        if value.len() < 16 || value.len() > 32 || value.len() % 4 != 0 {
+            return Some(false);
+        }
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("hmac takes any key");
+        mac.update(&self.buf[0..2]);
+        mac.update(&((off + 4 + value.len() - HEADER_LEN) as u16).to_be_bytes());
+        mac.update(&self.buf[4..off]);
+        Some(mac.verify_truncated_left(value).is_ok())
     }
 
     /// `false` when a FINGERPRINT is present and wrong.
@@ -318,6 +337,20 @@ impl Builder {
         mac.update(&self.buf[..off]);
         let tag = mac.finalize().into_bytes();
         self.buf[off + 4..off + 24].copy_from_slice(&tag);
+        self
+    }
+
+    /// MESSAGE-INTEGRITY-SHA256, full length (32 bytes).
+    pub fn integrity_sha256(&mut self, key: &[u8]) -> &mut Self {
+        let off = self.buf.len();
+        self.buf.extend_from_slice(&MESSAGE_INTEGRITY_SHA256.to_be_bytes());
+        self.buf.extend_from_slice(&32u16.to_be_bytes());
+        self.buf.extend_from_slice(&[0; 32]);
+        self.set_len();
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("hmac takes any key");
+        mac.update(&self.buf[..off]);
+        let tag = mac.finalize().into_bytes();
+        self.buf[off + 4..off + 36].copy_from_slice(&tag);
         self
     }
 

@@ -1,5 +1,6 @@
 //! TCP/TLS connection handling on loopback: certificate swap for TURN over TLS, the idle close of
-//! connections without an allocation, and the cap on open stream connections.
+//! connections without an allocation (complete messages count, bytes do not), the caps on open stream
+//! connections (in all and per address), and the bound on answers queued for a client that never reads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -151,7 +152,11 @@ async fn turns_uses_a_swapped_certificate_for_new_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_stream_without_allocation_is_closed_but_one_with_an_allocation_stays() {
-    let srv = start(|c| c.stream_idle = Duration::from_millis(200)).await;
+    let srv = start(|c| {
+        c.stream_idle = Duration::from_millis(200);
+        c.stream_first_message = Duration::from_millis(200);
+    })
+    .await;
     // Silent from the start: closed (EOF rather than the 5 s guard).
     let mut idle = TcpStream::connect(srv.addr()).await.unwrap();
     assert_eq!(read_msg(&mut idle).await, None);
@@ -226,4 +231,153 @@ async fn open_stream_connections_are_capped() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(served, "a slot frees up after a connection closes");
+}
+
+/// Connects from `local` (a loopback address of the test's choosing) to `server`.
+async fn connect_from(local: &str, server: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    sock.connect(server).await.unwrap()
+}
+
+/// Issue 19 item 2: one address cannot take every connection slot; another address still gets served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_capped() {
+    const PER_IP: usize = 6;
+    let srv = start(|c| c.max_streams_per_ip = PER_IP).await;
+    let mut held = Vec::new();
+    for i in 0..PER_IP {
+        let mut s = connect_from("127.0.0.1", srv.addr()).await;
+        assert!(binding(&mut s, i as u8).await, "connection {i} from the address is served");
+        held.push(s);
+    }
+    // The attack, bounded: 3 × the cap more from the same address, each closed unserved.
+    for i in 0..3 * PER_IP {
+        let mut s = connect_from("127.0.0.1", srv.addr()).await;
+        assert!(!binding(&mut s, 50 + i as u8).await, "connection {} over the cap is refused", PER_IP + i);
+    }
+    let mut tls_over = TcpStream::connect(srv.tls_addr().unwrap()).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls_over.read(&mut b)).await.expect("closed within 5 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "TLS counts against the same per-address cap: {n:?}");
+    // Meanwhile another address is served, over TCP and TLS, and the held connections keep working.
+    let mut other = connect_from("127.0.0.2", srv.addr()).await;
+    assert!(binding(&mut other, 200).await);
+    assert!(binding(&mut held[0], 201).await);
+}
+
+/// Issue 19 item 2: a byte now and then does not keep a connection open; only complete messages do
+/// (or an allocation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dribbling_bytes_does_not_keep_a_connection_open() {
+    let idle = Duration::from_millis(600);
+    let srv = start(|c| {
+        c.stream_idle = idle;
+        c.stream_first_message = idle;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // Before any complete message: one byte of a Binding request every 100 ms (20 bytes would take 2 s).
+    let mut s = TcpStream::connect(srv.addr()).await.unwrap();
+    let req = Builder::new(stun::msg_type(stun::BINDING, stun::REQUEST), &[9; 12]).finish();
+    let mut closed_after = None;
+    for (i, b) in req.iter().enumerate() {
+        if s.write_all(&[*b]).await.is_err() {
+            closed_after = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed within 5 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "a dribbling connection is closed, not answered: {n:?} {closed_after:?}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // After a complete message, the same: dribbling a second one does not extend the first's idle time.
+    let mut s = TcpStream::connect(srv.addr()).await.unwrap();
+    assert!(binding(&mut s, 1).await);
+    for b in &req[..12] {
+        if s.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed within 5 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // A connection that keeps sending complete messages stays.
+    let mut s = TcpStream::connect(srv.addr()).await.unwrap();
+    for i in 0..8 {
+        assert!(binding(&mut s, i).await, "message {i}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Issue 19 item 1: a client that sends requests but never reads the answers is cut off once the queue for
+/// it is full, instead of making the server hold its answers without limit; other clients keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off() {
+    const QUEUE: usize = 64 << 10;
+    let srv = start(|c| {
+        c.stream_queue = QUEUE;
+        c.stream_write_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // A tiny receive window so that the kernel buffers little of what the server writes.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(srv.addr()).await.unwrap();
+    // Unauthenticated Refresh requests, each answered with a 401 of ~100 bytes. Bounded: at most 16 MB.
+    let mut req = Vec::new();
+    for i in 0..1000u32 {
+        let mut txid = [0u8; 12];
+        txid[..4].copy_from_slice(&i.to_be_bytes());
+        req.extend(Builder::new(stun::msg_type(stun::REFRESH, stun::REQUEST), &txid).finish());
+    }
+    let mut sent = 0usize;
+    let mut cut_off = false;
+    while sent < 16 << 20 {
+        match tokio::time::timeout(Duration::from_secs(5), s.write_all(&req)).await {
+            Ok(Ok(())) => sent += req.len(),
+            Ok(Err(_)) => {
+                cut_off = true;
+                break;
+            }
+            // The server stopped reading us: it must close the connection shortly.
+            Err(_) => break,
+        }
+    }
+    if !cut_off {
+        // Writes stalled or all were sent: the server must close within the write timeout and a bit.
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if s.write_all(&req[..20]).await.is_err() {
+                    return true;
+                }
+            }
+        })
+        .await;
+        assert!(closed.unwrap_or(false), "a client that never reads must be disconnected");
+    }
+    // The answers the server held for it: bounded by the queue (a 401 is ~100 bytes per 20-byte request, so
+    // without the bound 16 MB of requests would queue 80 MB).
+    assert!(sent < 16 << 20, "the server kept reading requests it could not answer ({sent} bytes)");
+    // Another client is served meanwhile.
+    let mut other = TcpStream::connect(srv.addr()).await.unwrap();
+    assert!(binding(&mut other, 7).await);
+}
+
+/// Shutdown does not wait for a writer stuck on a client that never reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_stuck_writer() {
+    let srv = start(|c| c.stream_write_timeout = Duration::from_secs(3600)).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(srv.addr()).await.unwrap();
+    let req = Builder::new(stun::msg_type(stun::REFRESH, stun::REQUEST), &[1; 12]).finish();
+    for _ in 0..2000 {
+        if tokio::time::timeout(Duration::from_millis(200), s.write_all(&req)).await.is_err() {
+            break;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(5), srv.shutdown()).await.expect("shutdown within 5 s");
 }

@@ -82,6 +82,11 @@ impl Net {
 
     /// Builds the topology above; `symmetric_a` makes natA a symmetric NAT.
     fn build(case: &str, symmetric_a: bool) -> Result<Net, String> {
+        Self::build_with(case, symmetric_a, Firewall::Open)
+    }
+
+    /// The same, with natA's `firewall` in front of peer A.
+    fn build_with(case: &str, symmetric_a: bool, firewall: Firewall) -> Result<Net, String> {
         Self::remove_stale();
         let prefix = format!("wcnat-{}-{case}", std::process::id());
         let names: Vec<String> = ["pub", "nata", "a", "natb", "b"].iter().map(|r| format!("{prefix}-{r}")).collect();
@@ -132,6 +137,17 @@ impl Net {
                 ])?;
                 nft(&["add", "rule", "ip", "filter", hook, "iifname", "wan", "ct", "state", "new", "drop"])?;
             }
+            if nat == nata {
+                // Networks that let only TCP out (UDP entirely), or only TLS's port.
+                let deny: &[&[&str]] = match firewall {
+                    Firewall::Open => &[],
+                    Firewall::NoUdp => &[&["meta", "l4proto", "udp"]],
+                    Firewall::NoUdpNoTurnTcp => &[&["meta", "l4proto", "udp"], &["tcp", "dport", "3478"]],
+                };
+                for d in deny {
+                    nft(&[&["add", "rule", "ip", "filter", "forward", "iifname", "lan"][..], d, &["drop"]].concat())?;
+                }
+            }
         }
         Ok(net)
     }
@@ -155,6 +171,16 @@ impl Drop for Net {
     }
 }
 
+/// What natA lets out from peer A.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Firewall {
+    Open,
+    /// No UDP at all: STUN and TURN over UDP fail; TURN over TCP is the way out.
+    NoUdp,
+    /// No UDP and not the TURN TCP port: only TURN over TLS (5349) gets through.
+    NoUdpNoTurnTcp,
+}
+
 /// A `webcall` process inside a namespace, its stdout collected line by line.
 struct Proc {
     child: Child,
@@ -164,9 +190,14 @@ struct Proc {
 
 impl Proc {
     fn start(ns: &str, tag: &str, args: &[&str]) -> Proc {
+        Self::start_env(ns, tag, args, &[])
+    }
+
+    fn start_env(ns: &str, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_webcall")])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -347,4 +378,69 @@ fn symmetric_nat_connects_only_through_the_relay() {
             assert!(l.contains("=relay"), "{}: a direct pair across a symmetric NAT: {l}\n{out}", p.tag);
         }
     }
+}
+
+/// Issue 16: peer A's network lets no UDP out (and, in the second case, not the TURN TCP port either). Its
+/// UDP allocation fails, and it falls back to TURN over TCP, then TURN over TLS, to a `webcall turn` beside
+/// `webcall serve` (`--ice-servers` with the shared secret); the call goes through that relay.
+fn stream_fallback(case: &str, firewall: Firewall, expect: &[&str]) {
+    if let Some(why) = unsupported() {
+        eprintln!("SKIPPED: calls across NATs: {why}");
+        return;
+    }
+    let net = Net::build_with(case, false, firewall).unwrap_or_else(|e| panic!("building the namespaces: {e}"));
+    // A certificate for the TURN server's address, trusted by the peers through SSL_CERT_FILE.
+    let dir = std::env::temp_dir().join(format!("wcnat-{}-{case}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec![SERVER.to_owned()]).unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+    let (cert_s, key_s) = (cert_file.to_str().unwrap(), key_file.to_str().unwrap());
+    let turn = Proc::start(
+        &net.ns("pub"),
+        "turn",
+        &["turn", "--turn-listen", &format!("{SERVER}:3478"), "--turns-listen", &format!("{SERVER}:5349")]
+            .into_iter()
+            .chain(["--tls-cert", cert_s, "--tls-key", key_s, "--turn-secret", "nat-secret"])
+            .chain(["--turn-allow-peer", "198.51.100.0/24"])
+            .collect::<Vec<_>>(),
+    );
+    turn.wait_for("TURN listening", |l| l.contains("STUN/TURN on"));
+    let urls = format!(
+        "stun:{SERVER}:3478,turn:{SERVER}:3478?transport=udp,turn:{SERVER}:3478?transport=tcp,turns:{SERVER}:5349?transport=tcp"
+    );
+    let server = Proc::start(
+        &net.ns("pub"),
+        "serve",
+        &["serve", "--listen", &format!("{SERVER}:8080"), "--ice-servers", &urls, "--turn-secret", "nat-secret"],
+    );
+    server.wait_for("listening", |l| l.contains("listening on"));
+    let url = format!("ws://{SERVER}:8080/ws");
+    let common = ["--server", &url, "--room", "fw", "--send", "testsrc", "--size", "320x240"];
+    let common = [&common[..], &["--stats-every", "1s", "--duration", "16s"]].concat();
+    let env = [("SSL_CERT_FILE", cert_s)];
+    let mut a = Proc::start_env(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat(), &env);
+    let a_id = a.id();
+    let mut b = Proc::start_env(&net.ns("b"), "B", &[&["peer", "--name", "b"][..], &common[..]].concat(), &env);
+    let b_id = b.id();
+    a.wait_for("connected", |l| l == format!("peer {b_id} connected"));
+    b.wait_for("connected", |l| l == format!("peer {a_id} connected"));
+    // TCP and TLS are tried together: either may win where both get through.
+    let over = |l: &str| expect.iter().any(|e| l.contains(&format!("over {e} from")));
+    a.wait_for("a stream allocation", |l| over(l) && l.contains("relayed address"));
+    let pa = a.pair_kinds(&b_id, |l, _| l == "relay");
+    assert_eq!(pa.0, "relay", "A can only reach B through its relay: {pa:?}\n{}", a.output());
+    finish(&mut a, &mut b, &a_id, &b_id);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_udp_the_peer_relays_over_turn_tcp_or_tls() {
+    stream_fallback("notcp", Firewall::NoUdp, &["Tcp", "Tls"]);
+}
+
+#[test]
+fn without_udp_and_the_turn_port_the_peer_relays_over_turn_tls() {
+    stream_fallback("notls", Firewall::NoUdpNoTurnTcp, &["Tls"]);
 }

@@ -1,6 +1,7 @@
 //! STUN/TURN as `webcall serve` wires it: the credentials a `welcome` carries work on the built-in TURN (checked
 //! with coturn's own clients), `--ice-servers` points clients at an external coturn with the shared secret, and
-//! `webcall turn` runs TURN alone. Loopback only.
+//! `webcall turn` runs TURN alone; coturn's clients in every mode they have relay through `webcall serve` as an operator
+//! starts it; the server refuses to relay to itself. Loopback only.
 
 mod common;
 
@@ -72,12 +73,17 @@ fn uclient(host: &str, port: u16, auth: &[&str], peer_port: u16) -> (bool, u64, 
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    summary(out)
+}
+
+/// (success, sent, received, lost, output) from uclient's summary lines.
+fn summary(out: std::process::Output) -> (bool, u64, u64, u64, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let num = |key: &str| -> u64 {
         text.lines()
             .filter_map(|l| l.find(key).map(|i| &l[i + key.len()..]))
             .filter_map(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0)
     };
     (out.status.success(), num("tot_send_msgs="), num("tot_recv_msgs="), num("Total lost packets"), text)
@@ -145,13 +151,7 @@ async fn welcome_credentials_relay_through_the_builtin_turn() {
     assert!(!ok || recv == 0, "a wrong credential must not relay:\n{out}");
 
     let m = metrics(&server).await;
-    let to_peer: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("webcall_turn_relayed_packets_total{direction=\"to-peer\"} "))
-        .expect("TURN metrics")
-        .parse()
-        .unwrap();
-    assert!(to_peer >= 50, "{m}");
+    assert!(to_peer_packets(&m) >= 50, "{m}");
     assert!(m.contains("# TYPE webcall_turn_allocations gauge"), "{m}");
 }
 
@@ -235,4 +235,155 @@ async fn webcall_turn_runs_alone() {
     let (_peer, peer_port) = echo_peer();
     let (ok, sent, recv, lost, out) = uclient("127.0.0.1", port, &["-W", "alone-secret", "-u", "bob"], peer_port);
     assert!(ok && sent == 50 && recv == 50 && lost == 0, "{out}");
+}
+
+// ---- Interop: coturn's clients in their default modes against `webcall serve` as an operator starts it ----
+
+const SECRET: &str = "interop-secret";
+
+/// `webcall serve --turn-secret … --turn-allow-peer 127.0.0.0/8 EXTRA…` on loopback: the process, its
+/// STUN/TURN port (UDP and TCP) and, with `--turns-listen`, its TURN-over-TLS port.
+fn serve_turn(extra: &[&str]) -> (ServerProc, u16, Option<u16>) {
+    let mut args = vec!["--turn-listen", "127.0.0.1:0", "--turn-secret", SECRET, "--turn-allow-peer", "127.0.0.0/8"];
+    args.extend_from_slice(extra);
+    let server = ServerProc::start(&args);
+    let line = server.banner.iter().find(|l| l.contains("STUN/TURN on udp+tcp ")).expect("TURN banner").clone();
+    let rest = line.split("udp+tcp ").nth(1).unwrap();
+    let port_of = |s: &str| s.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let (plain, tls) = match rest.split_once(", turns ") {
+        Some((p, t)) => (port_of(p), Some(port_of(t))),
+        None => (port_of(rest), None),
+    };
+    (server, plain, tls)
+}
+
+/// `turnutils_uclient` relaying `n` messages for each of `m` clients through `port` to the echo peer on
+/// `peer_port`, with TURN REST credentials from the shared secret, plus `flags`.
+fn uclient_relay(port: u16, peer_port: u16, n: u64, m: u64, flags: &[&str]) -> (bool, u64, u64, u64, String) {
+    let out = Command::new("timeout")
+        .args(["60", "turnutils_uclient", "-W", SECRET, "-u", "alice", "-e", "127.0.0.1"])
+        .args(["-r", &peer_port.to_string(), "-n", &n.to_string(), "-m", &m.to_string()])
+        .args(["-l", "120", "-z", "5", "-X"])
+        .args(flags)
+        .args(["-p", &port.to_string(), "127.0.0.1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    summary(out)
+}
+
+/// Relays through a fresh `webcall serve` with `flags` and checks every message came back.
+fn interop(serve_extra: &[&str], flags: &[&str]) {
+    if !have_coturn() {
+        return;
+    }
+    let (server, port, tls) = serve_turn(serve_extra);
+    let port = if flags.contains(&"-S") { tls.expect("--turns-listen bound") } else { port };
+    let (_peer, peer_port) = echo_peer();
+    let (n, m) = (100, 2);
+    let (ok, sent, recv, lost, out) = uclient_relay(port, peer_port, n, m, flags);
+    assert!(ok, "uclient {flags:?} failed:\n{out}");
+    if flags.contains(&"-c") {
+        assert_eq!(sent, n * m, "{out}");
+    } else {
+        assert!(sent >= n * m, "{out}");
+    }
+    assert_eq!((recv, lost), (sent, 0), "{out}");
+    drop(server);
+}
+
+/// uclient's default: UDP with channels, whose numbers it picks from RFC 5766's 0x4000-0x7FFF.
+#[test]
+fn uclient_default_mode_channels() {
+    interop(&[], &["-c"]);
+}
+
+/// Without -c, RTP/RTCP allocation pairs: EVEN-PORT with the R bit, then RESERVATION-TOKEN.
+#[test]
+fn uclient_rtp_rtcp_pairs() {
+    interop(&[], &[]);
+}
+
+#[test]
+fn uclient_send_indications() {
+    interop(&[], &["-c", "-s"]);
+}
+
+/// DONT-FRAGMENT in the Allocate (-g): honoured, not answered with 420.
+#[test]
+fn uclient_dont_fragment() {
+    interop(&[], &["-c", "-g"]);
+}
+
+#[test]
+fn uclient_tcp_channels() {
+    interop(&[], &["-c", "-t"]);
+}
+
+#[test]
+fn uclient_tcp_send_indications() {
+    interop(&[], &["-c", "-t", "-s"]);
+}
+
+/// TURN over TLS on --turns-listen with the server's (self-signed) certificate; uclient does not verify it.
+#[test]
+fn uclient_tls() {
+    interop(&["--tls-self-signed", "--turns-listen", "127.0.0.1:0"], &["-c", "-t", "-S"]);
+}
+
+/// Two clients relaying to each other's relayed addresses on this same server (relay to relay).
+#[test]
+fn uclient_client_to_client() {
+    interop(&[], &["-c", "-y"]);
+}
+
+/// ICE mobility (-M): uclient asks for a MOBILITY-TICKET, which webcall does not issue (RFC 8016 is
+/// optional); the allocation works without it.
+#[test]
+fn uclient_mobility_mode() {
+    interop(&[], &["-c", "-M"]);
+}
+
+fn to_peer_packets(m: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix("webcall_turn_relayed_packets_total{direction=\"to-peer\"} "))
+        .expect("TURN metrics")
+        .parse()
+        .unwrap()
+}
+
+/// Issue 19 item 4: with --turn-external-ip, neither that address (a service on the host) nor the TURN port
+/// is a peer, over channels or Send indications; relaying elsewhere keeps working meanwhile.
+#[tokio::test]
+async fn relaying_to_the_server_itself_is_refused() {
+    if !have_coturn() {
+        return;
+    }
+    let (server, port, _) = serve_turn(&["--turn-external-ip", "127.0.0.3"]);
+    // A UDP service on the server's external address.
+    let service = UdpSocket::bind("127.0.0.3:0").unwrap();
+    service.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    let attack = |peer: &str, peer_port: u16, flags: &[&str]| {
+        let out = Command::new("timeout")
+            .args(["30", "turnutils_uclient", "-W", SECRET, "-u", "mallory", "-e", peer])
+            .args(["-r", &peer_port.to_string(), "-n", "20", "-m", "1", "-z", "5", "-X", "-c"])
+            .args(flags)
+            .args(["-p", &port.to_string(), "127.0.0.1"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    for flags in [&[][..], &["-s"][..]] {
+        let text = attack("127.0.0.3", service_port, flags);
+        let mut b = [0u8; 2048];
+        assert!(service.recv_from(&mut b).is_err(), "the host service got relayed data ({flags:?}):\n{text}");
+        attack("127.0.0.1", port, flags);
+    }
+    assert_eq!(to_peer_packets(&metrics(&server).await), 0, "nothing relayed to the server itself");
+    let (_peer, peer_port) = echo_peer();
+    let (ok, sent, recv, lost, out) = uclient_relay(port, peer_port, 50, 1, &["-c"]);
+    assert!(ok && sent == 50 && recv == 50 && lost == 0, "a well-behaved relay keeps working:\n{out}");
+    assert!(to_peer_packets(&metrics(&server).await) >= 50);
 }

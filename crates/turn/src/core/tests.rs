@@ -99,7 +99,7 @@ impl H {
                     let code = m.get(stun::ERROR_CODE).map(|v| v[2] as u16 * 100 + v[3] as u16);
                     resp = Some(Resp { class: m.class(), method: m.method(), code, bytes: data });
                 }
-                Output::OpenRelay { alloc, family, port } => {
+                Output::OpenRelay { alloc, family, port, .. } => {
                     assert_eq!(family, Family::V4);
                     let port = match port {
                         RelayPort::Reserved(p) => p,
@@ -293,14 +293,28 @@ fn allocate_lifetime_and_mismatch_rules() {
     assert_eq!(h.request(t2, &req).code, Some(442));
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |_| {});
     assert_eq!(h.request(t2, &req).code, Some(400));
-    // Unknown comprehension-required attribute (DONT-FRAGMENT: not supported) -> 420 naming it.
+    // Unknown comprehension-required attribute -> 420 naming it.
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
-        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(0x001A, &[]);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(0x0010, &[0, 0, 0, 1]);
     });
     let r = h.request(t2, &req);
     assert_eq!(r.code, Some(420));
-    assert_eq!(r.msg().get(stun::UNKNOWN_ATTRIBUTES), Some(&[0x00, 0x1A][..]));
+    assert_eq!(r.msg().get(stun::UNKNOWN_ATTRIBUTES), Some(&[0x00, 0x10][..]));
     assert_eq!(h.core.stats().allocations, 1);
+    // DONT-FRAGMENT is understood: the relay socket is to send with DF set.
+    let t3 = udp("198.51.100.1:5002");
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(stun::DONT_FRAGMENT, &[]);
+    });
+    assert!(h.core.handle_client(h.now, t3, &req).is_none());
+    let Some(Output::OpenRelay { alloc, dont_fragment: true, .. }) = h.core.poll_output() else { panic!() };
+    h.core.relay_opened(h.now, alloc, Some(addr("192.0.2.10:50100")));
+    let out = h.outputs();
+    assert!(matches!(&out[..], [Output::Transmit { .. }]), "{out:?}");
+    let Output::Transmit { data, .. } = &out[0] else { unreachable!() };
+    assert_eq!(Msg::parse(data).unwrap().class(), stun::SUCCESS);
+    h.core.client_closed(h.now, t3);
+    h.outputs();
     // EVEN-PORT is passed on to the I/O layer.
     let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
         b.u32(stun::REQUESTED_TRANSPORT, 17 << 24).attr(stun::EVEN_PORT, &[0x80]);
@@ -399,13 +413,20 @@ fn bad_and_expired_credentials_are_refused() {
     let c = Creds { password: auth::rest_password(SECRET, &username), username };
     assert_eq!(alloc(&mut h, &c).code, Some(401));
     assert_eq!(h.core.stats().allocations, 0);
-    // Valid now, but the credentials expire while the allocation lives: refreshing then fails.
+    // Valid now, but the credentials expire while the allocation lives: it may still be refreshed with
+    // them (a call outlives its credentials), but they open no new allocation.
     let c = h.creds("alice", 100);
     let r = alloc(&mut h, &c);
     assert_eq!(r.class, stun::SUCCESS);
     h.advance(100);
     let nonce = h.core.nonce(h.now, t.client.ip());
-    assert_eq!(h.refresh(t, &c, &nonce, None).code, Some(401));
+    assert_eq!(h.refresh(t, &c, &nonce, None).class, stun::SUCCESS);
+    assert_eq!(h.perm(t, &c, &nonce, PEER).class, stun::SUCCESS);
+    let t2 = udp("198.51.100.1:5001");
+    let req = h.build(stun::ALLOCATE, Some((&c, &nonce)), |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    assert_eq!(h.request(t2, &req).code, Some(401));
     // Someone else's valid credentials on this allocation: 441.
     let bob = h.creds("bob", 3600);
     let r = h.refresh(t, &bob, &nonce, None);
@@ -438,7 +459,8 @@ fn stale_and_forged_nonces_get_438() {
     assert_ne!(fresh, nonce);
     assert_eq!(h.refresh(t, &c, &fresh, None).class, stun::SUCCESS);
     // A forged nonce (changed timestamp) and a nonce issued to another client address are refused.
-    let forged = format!("{:016x}{}", u64::from_str_radix(&fresh[..16], 16).unwrap() + 1, &fresh[16..]);
+    let (cookie, rest) = fresh.split_at("obMatJos2gAAA".len());
+    let forged = format!("{cookie}{:016x}{}", u64::from_str_radix(&rest[..16], 16).unwrap() + 1, &rest[16..]);
     assert_eq!(h.refresh(t, &c, &forged, None).code, Some(438));
     let other = h.core.nonce(h.now, addr("198.51.100.2:1").ip());
     assert_eq!(h.refresh(t, &c, &other, None).code, Some(438));
@@ -483,8 +505,7 @@ fn channel_binding_rules() {
     let (nonce, _) = h.allocate(t, &c);
     assert_eq!(h.refresh(t, &c, &nonce, Some(3600)).lifetime(), 3600);
     assert_eq!(h.bind(t, &c, &nonce, 0x3FFF, PEER).code, Some(400));
-    assert_eq!(h.bind(t, &c, &nonce, 0x5000, PEER).code, Some(400));
-    assert_eq!(h.bind(t, &c, &nonce, 0x7FFF, PEER).code, Some(400));
+    assert_eq!(h.bind(t, &c, &nonce, 0x8000, PEER).code, Some(400));
     assert_eq!(h.bind(t, &c, &nonce, 0x4000, PEER).class, stun::SUCCESS);
     assert_eq!(h.bind(t, &c, &nonce, 0x4FFF, PEER2).class, stun::SUCCESS);
     // ChannelData goes to the bound peer; unbound channel numbers are dropped.
@@ -530,8 +551,8 @@ fn channel_binding_rules() {
 }
 
 #[test]
-fn legacy_channel_numbers_when_enabled() {
-    let mut h = H::new(CoreConfig { legacy_channel_numbers: true, ..CoreConfig::default() });
+fn rfc5766_channel_numbers_are_accepted() {
+    let mut h = H::default();
     let t = udp("198.51.100.1:5000");
     let c = h.creds("alice", 7200);
     let (nonce, _) = h.allocate(t, &c);
@@ -761,4 +782,113 @@ fn garbage_is_ignored() {
     assert!(h.core.handle_client(h.now, t, &m).is_none());
     assert!(h.outputs().is_empty());
     let _ = SystemTime::now();
+}
+
+/// RFC 8489 §9.2: the 401 offers PASSWORD-ALGORITHMS (SHA-256, MD5) with the nonce cookie; a client that
+/// picks SHA-256 signs with MESSAGE-INTEGRITY-SHA256 and the SHA-256 key, and gets answers signed the same way.
+#[test]
+fn sha256_message_integrity_when_the_client_picks_it() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let first = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let r = h.request(t, &first);
+    assert_eq!(r.code, Some(401));
+    let offer = r.msg().get(stun::PASSWORD_ALGORITHMS).expect("PASSWORD-ALGORITHMS").to_vec();
+    assert_eq!(offer, [0, 2, 0, 0, 0, 1, 0, 0]);
+    let nonce = r.nonce();
+    assert!(nonce.starts_with("obMatJos2"), "{nonce}");
+    let key = auth::long_term_key_sha256(&c.username, "webcall", &c.password);
+    let signed = |h: &mut H, algs: &[u8], alg: u16, realm: &[u8], f: &dyn Fn(&mut Builder)| {
+        let txid = h.txid();
+        let mut b = Builder::new(stun::msg_type(stun::ALLOCATE, stun::REQUEST), &txid);
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+        f(&mut b);
+        b.attr(stun::USERNAME, c.username.as_bytes()).attr(stun::REALM, realm).attr(stun::NONCE, nonce.as_bytes());
+        b.attr(stun::PASSWORD_ALGORITHMS, algs).attr(stun::PASSWORD_ALGORITHM, &[0, alg as u8, 0, 0]);
+        b.integrity_sha256(&key);
+        b.fingerprint();
+        b.finish()
+    };
+    // A downgraded list (MD5 only) is refused; so is a mismatched REALM.
+    let req = signed(&mut h, &[0, 1, 0, 0], 2, b"webcall", &|_| {});
+    assert_eq!(h.request(t, &req).code, Some(400));
+    let req = signed(&mut h, &offer, 2, b"other", &|_| {});
+    assert_eq!(h.request(t, &req).code, Some(401));
+    let req = signed(&mut h, &offer, 2, b"webcall", &|_| {});
+    let r = h.request(t, &req);
+    assert_eq!((r.class, r.code), (stun::SUCCESS, None), "{r:?}");
+    assert_eq!(r.msg().check_integrity_sha256(&key), Some(true));
+    assert_eq!(r.msg().check_integrity(&key), None, "signed like the request");
+    // The classic MD5 key with MESSAGE-INTEGRITY still works, with or without the algorithm attributes.
+    let c2 = h.creds("bob", 3600);
+    let t2 = udp("198.51.100.1:5001");
+    h.allocate(t2, &c2);
+}
+
+#[test]
+fn mismatched_realm_is_refused() {
+    let mut h = H::default();
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let first = h.build(stun::ALLOCATE, None, |b| {
+        b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    let nonce = h.request(t, &first).nonce();
+    let txid = h.txid();
+    // Keyed with the configured realm, but naming another one.
+    let mut b = Builder::new(stun::msg_type(stun::ALLOCATE, stun::REQUEST), &txid);
+    b.u32(stun::REQUESTED_TRANSPORT, 17 << 24);
+    b.attr(stun::USERNAME, c.username.as_bytes()).attr(stun::REALM, b"elsewhere").attr(stun::NONCE, nonce.as_bytes());
+    b.integrity(&auth::long_term_key(&c.username, "webcall", &c.password));
+    let r = h.request(t, &b.finish());
+    assert_eq!(r.code, Some(401));
+    assert_eq!(h.core.stats().allocations, 0);
+}
+
+/// Issue 19 item 4: the server's own addresses are no peers, except its relay ports (relay to relay).
+#[test]
+fn relaying_to_the_server_itself_is_refused_except_relay_ports() {
+    let external: IpAddr = "198.18.0.1".parse().unwrap();
+    let mut h = H::new(CoreConfig {
+        external_ip: Some(external),
+        own_ips: vec!["192.0.2.10".parse().unwrap()],
+        turn_ports: vec![3478, 5349],
+        relay_ports: crate::config::PortRange { min: 50000, max: 50100 },
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..CoreConfig::default()
+    });
+    let t = udp("198.51.100.1:5000");
+    let c = h.creds("alice", 3600);
+    let (nonce, _) = h.allocate(t, &c);
+    // The permission (an IP) is fine: relay to relay needs it.
+    assert_eq!(h.perm(t, &c, &nonce, "198.18.0.1:1").class, stun::SUCCESS);
+    assert_eq!(h.perm(t, &c, &nonce, "192.0.2.10:1").class, stun::SUCCESS);
+    for bad in ["198.18.0.1:5353", "198.18.0.1:3478", "192.0.2.10:22", "192.0.2.10:3478", "127.0.0.1:3478"] {
+        assert_eq!(h.bind(t, &c, &nonce, 0x4001, bad).code, Some(403), "{bad}");
+        h.perm(t, &c, &nonce, bad);
+        assert_eq!(h.send_ind(t, bad, b"x"), None, "{bad}");
+        assert_eq!(h.peer_sends(t, bad, b"x"), None, "{bad}");
+    }
+    // A port of the relay range that no allocation holds (another socket of the host may).
+    assert_eq!(h.bind(t, &c, &nonce, 0x4002, "198.18.0.1:50077").code, Some(403));
+    // Another client's relayed address on this server.
+    let t2 = udp("198.51.100.2:5000");
+    let (_, other) = h.allocate(t2, &h.creds("bob", 3600));
+    assert_eq!(other.ip(), external);
+    let other = other.to_string();
+    assert_eq!(h.bind(t, &c, &nonce, 0x4002, &other).class, stun::SUCCESS);
+    assert_eq!(h.send_ind(t, &other, b"x"), Some(addr(&other)));
+    assert!(h.peer_sends(t, &other, b"x").is_some());
+    // Loopback peers the operator allowed, on other ports.
+    assert_eq!(h.perm(t, &c, &nonce, "127.0.0.1:7").class, stun::SUCCESS);
+    assert_eq!(h.send_ind(t, "127.0.0.1:7", b"x"), Some(addr("127.0.0.1:7")));
+}
+
+#[test]
+fn azure_platform_address_is_denied() {
+    assert!(!peer_allowed("168.63.129.16".parse().unwrap(), &[]));
+    assert!(peer_allowed("168.63.129.17".parse().unwrap(), &[]));
 }
