@@ -33,6 +33,11 @@ if [ -f package.json ] && { [ ! -d node_modules ] || [ package-lock.json -nt nod
 fi
 
 # --- Rust: unit and integration tests (real servers on loopback) ------------------------------------------------
+log "cargo fmt --check, cargo clippy -D warnings"
+cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 log "cargo test"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads="${WEBCALL_TEST_THREADS:-4}"
