@@ -1,9 +1,11 @@
 // Everything the server can refuse or require, from the page: room passwords (set on the pre-join screen, asked
 // for on `unauthorized`, `?password=` links), join tokens (`?token=`, subscribe-only tokens join receive-only), and
-// the failures (room full, server full, rate-limited, server shutdown) with words on the page and devices released.
-import { describe, it } from 'node:test';
+// the failures (room full, server full, rate-limited, server shutdown, room store unavailable) with words on the page and devices released.
+import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { ROOT, axeViolations, connectedPeers, decodesVideoFrom, e2e, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
 
@@ -202,5 +204,54 @@ describe('rate limits and shutdown', () => {
     assert.match(down, /server is restarting/i);
     assert.notEqual((await snapshot(a)).state, 'failed');
     await a.context().close();
+  });
+});
+
+describe('the room store unavailable (cluster mode)', () => {
+  // A real redis-server on loopback inside the test's namespace; the server shares rooms through it (--redis).
+  const redisPort = 21000 + Math.floor(Math.random() * 20000);
+  /** @type {import('node:child_process').ChildProcess|null} */
+  let redis = null;
+  before(async () => {
+    redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', os.tmpdir()], {
+      stdio: 'ignore',
+    });
+    const deadline = Date.now() + 10000;
+    for (;;) {
+      const up = await new Promise((resolve) => {
+        const s = net.connect(redisPort, '127.0.0.1', () => (s.destroy(), resolve(true)));
+        s.on('error', () => resolve(false));
+      });
+      if (up) break;
+      if (Date.now() > deadline) throw new Error('redis-server did not start (scripts/test.sh installs it)');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  });
+  after(() => redis?.kill('SIGKILL'));
+  const server = t.server(['--redis', `redis://127.0.0.1:${redisPort}`]);
+
+  it('a join while Redis does not answer says so, keeps retrying, and gets in once Redis is back', async () => {
+    // SIGSTOP: Redis keeps its connections but answers nothing, so the join times out as `unavailable`.
+    /** @type {import('node:child_process').ChildProcess} */ (redis).kill('SIGSTOP');
+    try {
+      const p = await t.open(`${server.url}/r/${uniqueRoom('unav')}?name=U`);
+      const text = await until(
+        p,
+        () => {
+          const el = document.querySelector('#banner');
+          return el instanceof HTMLElement && !el.hidden && el.dataset.kind === 'reconnecting' ? el.textContent : false;
+        },
+        undefined,
+        30000,
+      );
+      assert.match(text, /cannot reach its room store/i);
+      assert.match(text, /retrying in \d+ s/);
+      await notConnecting(p);
+      /** @type {import('node:child_process').ChildProcess} */ (redis).kill('SIGCONT');
+      await until(p, () => window.webcall.call.state === 'in-call', undefined, 30000);
+      await p.context().close();
+    } finally {
+      /** @type {import('node:child_process').ChildProcess} */ (redis).kill('SIGCONT');
+    }
   });
 });
