@@ -184,6 +184,8 @@ struct Shared {
     /// The connection to the current primary; `None` when it must be looked up again (after a failover).
     con: tokio::sync::Mutex<Option<ConnectionManager>>,
     max_peers: usize,
+    /// Wrong passwords a room takes per minute, cluster-wide (`--max-password-attempts`).
+    password_attempts: u64,
     scripts: scripts::Scripts,
     /// Redis answered the last liveness refresh and this node's registration holds.
     registered: AtomicBool,
@@ -269,6 +271,7 @@ impl ClusterRouter {
         let backend = Backend::parse(&url)?;
         let shared = Arc::new(Shared {
             max_peers: rooms_cfg.max_peers,
+            password_attempts: rooms_cfg.password_attempts_per_min.max(1.0) as u64,
             backend,
             con: tokio::sync::Mutex::new(None),
             cfg,
@@ -354,6 +357,7 @@ impl ClusterRouter {
                         digest,
                         resume.unwrap_or_default(),
                         if refused.is_none() { "1" } else { "0" }.to_owned(),
+                        s.password_attempts.to_string(),
                     ];
                     inner.joins.insert(conn, now);
                     let _ = self.tx.send(Cmd::Join { conn, room, args, refused, max: s.max_peers });
@@ -789,6 +793,10 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                             Ok(s) if s == "needpw" => Some(ProtocolError::new(
                                 ErrorCode::Unauthorized,
                                 format!("this room needs a password for room '{room}'"),
+                            )),
+                            Ok(s) if s.starts_with("pwlimit:") => Some(ProtocolError::new(
+                                ErrorCode::RateLimited,
+                                format!("too many wrong passwords for room '{room}'; try again in {} s", &s[8..]),
                             )),
                             Ok(s) if s == "badpw" => Some(ProtocolError::new(
                                 ErrorCode::Unauthorized,

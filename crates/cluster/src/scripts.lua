@@ -4,6 +4,7 @@
 -- wc:room:<room>   hash  peer id -> "<join seq>\31<node>"
 -- wc:seq:<room>    join counter of the room (welcome lists peers in join order)
 -- wc:pw:<room>     password digest set by the room's first joiner
+-- wc:pwfail:<room> wrong passwords in the current minute (expires)
 -- wc:peer:<id>     hash  room, node, name, token, publish
 -- wc:tok:<token>   peer id of a resume token
 -- wc:np:<node>     set of the node's peer ids

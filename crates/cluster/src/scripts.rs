@@ -4,10 +4,11 @@
 const COMMON: &str = include_str!("scripts.lua");
 
 /// ARGV: me, conn, room, id, name, token, publish, max_peers, password digest or "", resume token or "",
-/// fresh allowed ("1"/"0"). Replies `ok`, `resumed`, `full:<n>`, `needpw`, `badpw`, `refused`, `retry`; the
+/// fresh allowed ("1"/"0"), wrong passwords a room takes per minute. Replies `ok`, `resumed`, `full:<n>`, `needpw`,
+/// `badpw`, `pwlimit:<seconds>`, `refused`, `retry`; the
 /// admission itself arrives on the node's channel as an `A` event.
 const JOIN: &str = r#"
-local me, conn, room, id, name, token, publish, max, pw, resume, fresh = unpack(ARGV)
+local me, conn, room, id, name, token, publish, max, pw, resume, fresh, guesses = unpack(ARGV)
 if resume ~= '' then
   local pid = redis.call('GET', 'wc:tok:' .. resume)
   if pid then
@@ -38,15 +39,24 @@ if fresh ~= '1' then return 'refused' end
 local list = members(room)
 if #list > 0 then
   local want = redis.call('GET', 'wc:pw:' .. room)
-  if want and want ~= pw then
-    if pw == '' then return 'needpw' end
-    return 'badpw'
+  if want then
+    -- Guesses are limited per room, cluster-wide, whoever makes them (a fixed one-minute window): while spent,
+    -- every password is refused unchecked, a right one too.
+    local fk = 'wc:pwfail:' .. room
+    if pw ~= '' and tonumber(redis.call('GET', fk) or '0') >= tonumber(guesses) then
+      return 'pwlimit:' .. math.max(1, math.ceil(redis.call('PTTL', fk) / 1000))
+    end
+    if want ~= pw then
+      if pw == '' then return 'needpw' end
+      if redis.call('INCR', fk) == 1 then redis.call('PEXPIRE', fk, 60000) end
+      return 'badpw'
+    end
   end
 end
 if #list >= tonumber(max) then return 'full:' .. #list end
 if redis.call('EXISTS', 'wc:peer:' .. id) == 1 then return 'retry' end
 if #list == 0 then
-  redis.call('DEL', 'wc:pw:' .. room)
+  redis.call('DEL', 'wc:pw:' .. room, 'wc:pwfail:' .. room)
   if pw ~= '' then redis.call('SET', 'wc:pw:' .. room, pw) end
 end
 local seq = redis.call('INCR', 'wc:seq:' .. room)

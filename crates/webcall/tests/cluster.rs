@@ -242,3 +242,33 @@ async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers_without_reset
     a.expect_silence(Duration::from_millis(300)).await;
     b.expect_silence(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn password_guesses_are_limited_per_room_across_nodes() {
+    let redis = Redis::start();
+    let a = node(&redis, "pw-a", &["--max-password-attempts", "3", "--max-errors", "50"]);
+    let b = node(&redis, "pw-b", &["--max-password-attempts", "3", "--max-errors", "50"]);
+    let mut owner = Client::connect(&a.ws_url()).await;
+    owner.send(json!({"type":"join","room":"vault","password":"right"})).await;
+    owner.expect("welcome").await;
+    // Wrong guesses through either node count against the room, cluster-wide.
+    for (i, n) in [&a, &b, &a].into_iter().enumerate() {
+        let mut g = Client::connect(&n.ws_url()).await;
+        g.send(json!({"type":"join","room":"vault","password":format!("guess{i}")})).await;
+        let e = g.expect_error("unauthorized").await;
+        assert!(e["message"].as_str().unwrap().contains("wrong password"), "{e}");
+    }
+    // Spent: every password is refused unchecked, the right one too, on both nodes.
+    for n in [&b, &a] {
+        let mut g = Client::connect(&n.ws_url()).await;
+        g.send(json!({"type":"join","room":"vault","password":"right"})).await;
+        let e = g.expect_error("rate-limited").await;
+        let m = e["message"].as_str().unwrap();
+        assert!(m.contains("too many wrong passwords") && m.contains("try again in"), "{m}");
+    }
+    // Another room on the cluster is unaffected, and the owner saw nobody come in.
+    let mut other = Client::connect(&b.ws_url()).await;
+    other.send(json!({"type":"join","room":"open-room"})).await;
+    other.expect("welcome").await;
+    owner.expect_silence(Duration::from_millis(100)).await;
+}
