@@ -5,7 +5,7 @@
 #   RUNS=1 CALLS=10 CONCURRENCY="1 4" bench/calls.sh
 #
 # Each call: `webcall peer` A joins a fresh room, B joins; B's output is timestamped (join → ICE connected → DTLS
-# connected → first received video frame), then both hang up. Peers send a 320x240 VP8 test pattern. The server
+# connected → first received video frame), then both hang up. Peers send a 320x180 VP8 test pattern. The server
 # runs pinned to CPU 0; the peers run wherever the kernel puts them (they are most of the load).
 set -euo pipefail
 cd "$(dirname "$0")/.."

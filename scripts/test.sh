@@ -40,7 +40,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads="${WEBCALL_TEST_THREADS:-4}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${WEBCALL_TEST_THREADS:-4}"
 
 # --- browser and end-to-end tests (Node's test runner driving Debian's chromium and firefox-esr) ------------------
 # The browsers' ICE offers every interface's address as a candidate, so they run in a network namespace of their own:

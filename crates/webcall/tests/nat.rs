@@ -417,7 +417,7 @@ fn stream_fallback(case: &str, firewall: Firewall, expect: &[&str]) {
     );
     server.wait_for("listening", |l| l.contains("listening on"));
     let url = format!("ws://{SERVER}:8080/ws");
-    let common = ["--server", &url, "--room", "fw", "--send", "testsrc", "--size", "320x240"];
+    let common = ["--server", &url, "--room", "fw", "--send", "testsrc", "--size", "320x180"];
     let common = [&common[..], &["--stats-every", "1s", "--duration", "16s"]].concat();
     let env = [("SSL_CERT_FILE", cert_s)];
     let mut a = Proc::start_env(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat(), &env);
