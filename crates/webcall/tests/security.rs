@@ -161,48 +161,11 @@ async fn slow_silent_and_flooding_http_clients_are_bounded() {
     call_works(&mut b, &mut a).await;
 }
 
-/// Accepts any certificate: the test reads what the server presents.
-#[derive(Debug)]
-struct AnyCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let p = rustls::crypto::aws_lc_rs::default_provider();
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &p.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let p = rustls::crypto::aws_lc_rs::default_provider();
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &p.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Completes a TLS handshake with `addr` (blocking); the socket and the server's certificate.
 fn tls_handshake(addr: SocketAddr) -> (std::net::TcpStream, rustls::ClientConnection, Vec<u8>) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cfg = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(AnyCert));
+    let cfg =
+        rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(common::Pinned(None)));
     let mut conn =
         rustls::ClientConnection::new(Arc::new(cfg.with_no_client_auth()), "localhost".try_into().unwrap()).unwrap();
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
@@ -259,7 +222,8 @@ async fn tls_handshake_and_silence_after_it_time_out() {
     });
     // A call over WSS meanwhile.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cfg = rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(AnyCert));
+    let cfg =
+        rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(common::Pinned(None)));
     let connector = tokio_tungstenite::Connector::Rustls(Arc::new(cfg.with_no_client_auth()));
     let mut wss = Vec::new();
     for _ in 0..2 {
