@@ -48,8 +48,12 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Signed and fingerprinted again, the covered attributes verify.
-    let covered: Vec<_> =
-        attrs.iter().take_while(|(t, _, _)| *t != stun::MESSAGE_INTEGRITY && *t != stun::FINGERPRINT).collect();
+    let covered: Vec<_> = attrs
+        .iter()
+        .take_while(|(t, _, _)| {
+            *t != stun::MESSAGE_INTEGRITY && *t != stun::MESSAGE_INTEGRITY_SHA256 && *t != stun::FINGERPRINT
+        })
+        .collect();
     if 20 + covered.iter().map(|(_, v, _)| 4 + stun::pad4(v.len())).sum::<usize>() + 32 > u16::MAX as usize {
         return;
     }
