@@ -744,7 +744,10 @@ impl Rooms {
         let mut pending = unsent;
         pending.extend(p.pending.drain(..));
         p.pending = pending;
-        if grace.is_zero() {
+        // What a closing connection still had queued may exceed a detached session's bound: such a session is
+        // ended as a slow reader would be (its room is told), rather than kept with an unbounded queue.
+        let over = p.pending.len() > self.cfg.max_queued * 2 || p.pending.bytes() > self.cfg.max_queued_bytes * 2;
+        if grace.is_zero() || over {
             self.leave(id);
         } else {
             self.deadlines.push_back((now + grace, id.clone(), p.epoch));
