@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod gather;
+pub mod janus;
 pub mod media;
 pub mod session;
 pub mod sfu;
@@ -61,7 +62,8 @@ audio_out). Logs go to stderr (RUST_LOG=debug for more).
 mpv and VLC open it). A peer that rejoins gets a new id and so a new file. With --sfu, when the room moves from
 peer-to-peer to the SFU, what comes through the SFU goes to DIR/NAME-ID-sfu.ivf. --sfu adds the lines
 'room media goes through the sfu', 'sfu connected', 'peer ID via sfu', 'peer ID connected (sfu)' and
-'stats sfu connected=BOOL frames_out=N audio_out=N rtp_out=N rtp_in=N rtp_bytes_in=N' (RTP packets).
+'stats sfu connected=BOOL frames_out=N bytes_out=N audio_out=N rtp_out=N rtp_bytes_out=N rtp_in=N rtp_bytes_in=N'
+(video frames and their payload bytes, Opus packets, RTP packets and bytes as sent and received).
 
 Exit codes:
   0  every expected peer connected and, where asked, video flowed (--record/--echo: received from every
@@ -131,6 +133,10 @@ pub struct PeerArgs {
     /// per-participant frames): the cheap subscriber of bench/sfu.sh. Figures in the 'stats sfu' line.
     #[arg(long, requires = "sfu", conflicts_with = "record")]
     pub count_only: bool,
+    /// Benchmark only (bench/sfu.sh): --server is a Janus HTTP API URL (http://HOST:PORT/janus) and --room a
+    /// VideoRoom number; publish with --send, subscribe to --expect other publishers with --count-only.
+    #[arg(long, requires = "sfu")]
+    pub janus: bool,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -279,6 +285,7 @@ impl Controller {
             source: self.source.clone(),
             record_dir: self.args.record.clone(),
             count_only: self.args.count_only,
+            offer_first: true,
             names: self.names.clone(),
             signal: self.signal_tx.clone(),
         };
@@ -399,6 +406,11 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
         Some(path) => Some(Source::Ivf(path.into())),
     };
     let source = source.map(|s| media::start_source(s, stop.clone())).transpose()?;
+    if args.janus {
+        let code = janus::run(args, source).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        return code;
+    }
     if let Some(dir) = &args.record {
         std::fs::create_dir_all(dir).map_err(|e| PeerError::Io {
             what: format!("creating the --record directory {}", dir.display()),

@@ -105,11 +105,13 @@ pub enum ToSfu {
 pub struct SfuCounters {
     pub connected: AtomicBool,
     pub closed: AtomicBool,
-    /// Video frames and Opus packets written to the server.
+    /// Video frames and Opus packets written to the server, and the video's payload bytes.
     pub frames_out: AtomicU64,
     pub audio_out: AtomicU64,
+    pub bytes_out: AtomicU64,
     /// RTP packets and bytes sent and (all participants together) received.
     pub rtp_out: AtomicU64,
+    pub rtp_bytes_out: AtomicU64,
     pub rtp_in: AtomicU64,
     pub rtp_bytes_in: AtomicU64,
 }
@@ -133,14 +135,35 @@ impl SfuPeer {
 
     /// The `stats sfu …` line.
     pub fn stats_line(&self, final_: bool) -> String {
-        let c = &self.counters;
+        stats_line(final_, &[&self.counters])
+    }
+}
+
+/// The `stats sfu …` line of one or more sessions (a Janus participant has a publishing and a subscribing one).
+pub fn stats_line(final_: bool, sessions: &[&SfuCounters]) -> String {
+    let sum = |f: fn(&SfuCounters) -> &AtomicU64| sessions.iter().map(|c| f(c).load(Ordering::Relaxed)).sum::<u64>();
+    let c = SfuCounters {
+        connected: AtomicBool::new(sessions.iter().all(|c| c.connected.load(Ordering::Relaxed))),
+        closed: AtomicBool::new(false),
+        frames_out: AtomicU64::new(sum(|c| &c.frames_out)),
+        audio_out: AtomicU64::new(sum(|c| &c.audio_out)),
+        bytes_out: AtomicU64::new(sum(|c| &c.bytes_out)),
+        rtp_out: AtomicU64::new(sum(|c| &c.rtp_out)),
+        rtp_bytes_out: AtomicU64::new(sum(|c| &c.rtp_bytes_out)),
+        rtp_in: AtomicU64::new(sum(|c| &c.rtp_in)),
+        rtp_bytes_in: AtomicU64::new(sum(|c| &c.rtp_bytes_in)),
+    };
+    {
+        let c = &c;
         format!(
-            "stats{} sfu connected={} frames_out={} audio_out={} rtp_out={} rtp_in={} rtp_bytes_in={}",
+            "stats{} sfu connected={} frames_out={} bytes_out={} audio_out={} rtp_out={} rtp_bytes_out={} rtp_in={} rtp_bytes_in={}",
             if final_ { " final" } else { "" },
             c.connected.load(Ordering::Relaxed),
             c.frames_out.load(Ordering::Relaxed),
+            c.bytes_out.load(Ordering::Relaxed),
             c.audio_out.load(Ordering::Relaxed),
             c.rtp_out.load(Ordering::Relaxed),
+            c.rtp_bytes_out.load(Ordering::Relaxed),
             c.rtp_in.load(Ordering::Relaxed),
             c.rtp_bytes_in.load(Ordering::Relaxed),
         )
@@ -152,6 +175,8 @@ pub struct SfuSessionConfig {
     pub source: Option<SourceHandle>,
     pub record_dir: Option<PathBuf>,
     pub count_only: bool,
+    /// Offer our media first (webcall's SFU); `false`: wait for the server's offer (a Janus subscriber).
+    pub offer_first: bool,
     pub names: HashMap<String, String>,
     pub signal: mpsc::UnboundedSender<(String, Outgoing)>,
 }
@@ -161,8 +186,11 @@ pub async fn start(cfg: SfuSessionConfig) -> Result<SfuPeer, crate::PeerError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let reports: Arc<Mutex<Vec<Arc<Mutex<Report>>>>> = Arc::default();
     let counters: Arc<SfuCounters> = Arc::default();
+    let offer_first = cfg.offer_first;
     let mut s = Session::new(cfg, reports.clone(), counters.clone()).await?;
-    s.offer();
+    if offer_first {
+        s.offer();
+    }
     tokio::spawn(s.run(rx));
     Ok(SfuPeer { tx, reports, counters })
 }
@@ -260,7 +288,7 @@ impl Session {
 
     /// Offers our audio and video (sendonly with a source, recvonly without) unless already negotiated.
     fn offer(&mut self) {
-        if self.pending.is_some() || (self.video.is_some() && self.audio.is_some()) {
+        if !self.cfg.offer_first || self.pending.is_some() || (self.video.is_some() && self.audio.is_some()) {
             return;
         }
         let dir = if self.cfg.source.is_some() { Direction::SendOnly } else { Direction::RecvOnly };
@@ -377,6 +405,7 @@ impl Session {
                 // Every participant gets what we publish: their reports count it as sent to them.
                 if kind == MediaKind::Video {
                     let len = f.data.len() as u64;
+                    self.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
                     for r in self.remotes.values() {
                         let mut rep = r.report.lock().unwrap();
                         rep.frames_out += 1;
@@ -481,6 +510,7 @@ impl Session {
                 Ok(Output::Transmit(t)) => {
                     if is_rtp(&t.contents) {
                         self.counters.rtp_out.fetch_add(1, Ordering::Relaxed);
+                        self.counters.rtp_bytes_out.fetch_add(t.contents.len() as u64, Ordering::Relaxed);
                     }
                     if let Some(sock) = self.sockets.get(&t.source) {
                         // UDP is lossy anyway; a full buffer drops the packet like the network would.
