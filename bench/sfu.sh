@@ -1,43 +1,59 @@
 #!/usr/bin/env bash
-# SFU benchmark (issue 14): `webcall serve --topology sfu` pinned to one core, loaded by native peers
-# (`webcall peer --sfu`) on the other: publishers send the pre-encoded VP8 test pattern (640x360, ~500 kbit/s,
-# 30 fps) and the Opus tone; subscribers count RTP datagrams (`--count-only`: no decryption, no decoding).
+# SFU benchmark (issue 14): `webcall serve --topology sfu` and, side by side in the same run, Janus's VideoRoom
+# (Debian `janus`, installed if missing), each pinned to one core and loaded by the same native peers
+# (`webcall peer --sfu`, with `--janus` for Janus's HTTP API) on the other core: publishers send the pre-encoded
+# VP8 test pattern (640x360, ~500 kbit/s, 30 fps) and the Opus tone; subscribers count RTP datagrams
+# (`--count-only`: no decryption, no decoding).
 #
-#   bench/sfu.sh                                  # everything below, defaults
+#   bench/sfu.sh                                  # defaults below
 #   FANOUT="10 40" MEETING="6" MESH="" bench/sfu.sh
+#   JANUS=0 bench/sfu.sh                          # webcall only
 #   WEBCALL_BIN=/tmp/webcall-before bench/sfu.sh  # another build
 #
 # Per run, over a window of DUR seconds once every peer is connected:
-#   - server CPU per forwarded packet = (utime+stime of the server, /proc/PID/stat) / forwarded RTP packets
-#     (webcall_sfu_forwarded_packets_total from /metrics), and the server core's busy share;
-#   - forwarded packets/s and Mbit/s (webcall_sfu_forwarded_packet_bytes_total, as sent);
-#   - loss: UDP receive/send buffer errors of the whole namespace (/proc/net/snmp: exact, the only place a loopback
-#     datagram is dropped) and the server's send drops; and forwarded minus counted by the subscribers over the
-#     whole run (includes the packets in flight to a peer as it leaves: a few per peer);
-#   - memory per subscriber: server RSS with everyone in, minus RSS before the subscribers joined, over N.
-# Mesh vs SFU: MESH participants each publish to all others (mesh) or once (SFU): video payload bytes sent per
-# client per second, from the peers' own counters.
+#   - server CPU per forwarded packet = utime+stime of the server (/proc/PID/stat) / RTP packets the subscribers
+#     counted in the window (the same measure for both servers; webcall's own forwarded-packet counter from
+#     /metrics is shown next to it), and the server core's busy share;
+#   - packets/s and Mbit/s forwarded;
+#   - loss: UDP receive/send buffer errors of the whole namespace (/proc/net/snmp: on loopback the only place a
+#     datagram is dropped), webcall's send drops, and webcall's forwarded minus counted over the whole run (this
+#     includes what was in flight to a peer as it left: a few packets per peer);
+#   - memory per subscriber: server RSS in the window minus RSS before anyone joined, over N.
+# Mesh vs SFU: MESH participants each publish to all others (mesh) or once (SFU): video payload bytes each client
+# sends per second, from the peers' own counters.
 #
-# Runs in a network namespace of its own (re-executes itself under `unshare --net`): loopback only, and the kernel
-# counters count only this benchmark. Needs root (unshare), taskset, curl. Every process is killed on exit; each
-# run is bounded in time.
+# Runs in a network namespace of its own (re-executes itself under `unshare --net`), with lo and a veth pair whose
+# both ends stay inside (198.18.0.1 on wc0: libnice, hence Janus, gathers no loopback candidates); the kernel
+# counters count only this benchmark. Needs root (unshare, ip), taskset, curl. Every process is killed on exit;
+# each run is bounded in time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+JANUS=${JANUS:-1} # 0: webcall only
 if [[ -z "${WEBCALL_BENCH_NETNS:-}" ]]; then
-    # Build outside the namespace (cargo may need the network for nothing, but keep it simple), then re-enter.
+    if [[ $JANUS == 1 ]] && ! command -v janus >/dev/null; then
+        echo "installing janus (Debian package)" >&2
+        apt-get install -y -qq janus >/dev/null || { echo "janus missing: apt-get install -y janus (JANUS=0 skips it)" >&2; exit 1; }
+    fi
     if [[ -z "${WEBCALL_BIN:-}" ]]; then cargo build --release -q -p webcall; fi
     exec unshare --net env WEBCALL_BENCH_NETNS=1 WEBCALL_BIN="${WEBCALL_BIN:-target/release/webcall}" "$0" "$@"
 fi
 ip link set lo up
+ip link add wc0 type veth peer name wc1
+ip addr add 198.18.0.1/24 dev wc0
+ip link set wc0 up
+ip link set wc1 up
+ADDR=198.18.0.1
 
-FANOUT=${FANOUT:-"5 10 20 40"}  # subscribers of one publisher
-MEETING=${MEETING:-"4 6 8 10"}  # participants, each publishing and receiving all others
-MESH=${MESH:-"4 6 8"}           # participants for mesh vs SFU
-DUR=${DUR:-20}                  # measurement window, seconds
+FANOUT=${FANOUT:-"10 30"}  # subscribers of one publisher
+MEETING=${MEETING:-"5 10"} # participants, each publishing and receiving all others
+MESH=${MESH:-"4 6 8"}      # participants for mesh vs SFU
+DUR=${DUR:-15}             # measurement window, seconds
 SERVER_CPU=${SERVER_CPU:-0}
 PEER_CPUS=${PEER_CPUS:-1}
 TICK=$(getconf CLK_TCK)
+JANUS_LIB=/usr/lib/x86_64-linux-gnu/janus
+JANUS_PORT=18088
 
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -46,13 +62,53 @@ bench_setup sfu
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$HTTP/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+wc_metric() { if [[ $SERVER == webcall ]]; then metric "$1"; else echo 0; fi; }
 # UDP RcvbufErrors + SndbufErrors of this namespace.
-udp_errors() { awk '/^Udp:/ {n++; if (n == 1) for (i = 1; i <= NF; i++) h[i] = $i; else for (i = 1; i <= NF; i++) if (h[i] == "RcvbufErrors" || h[i] == "SndbufErrors") s += $i} END {print s + 0}' /proc/net/snmp; }
+udp_errors() {
+    awk '/^Udp:/ { n++; if (n == 1) for (i = 1; i <= NF; i++) h[i] = $i
+                   else for (i = 1; i <= NF; i++) if (h[i] == "RcvbufErrors" || h[i] == "SndbufErrors") s += $i }
+         END { print s + 0 }' /proc/net/snmp
+}
 
-start_server() { # topology [flags]
-    bench_serve server "$SERVER_CPU" "$WEBCALL" --no-turn --topology "$1" --max-sfu-peers 1000 --max-peers 16 "${@:2}"
+start_webcall() { # topology
+    bench_serve server "$SERVER_CPU" "$WEBCALL" --no-turn --topology "$1" --max-sfu-peers 1000 --max-peers 16 \
+        --media-listen "$ADDR:0"
     HTTP=${SERVED_URL#ws://}
     HTTP=${HTTP%/ws}
+    SERVER=webcall
+    PEER_TARGET=(--server "$SERVED_URL")
+}
+
+# Janus with the VideoRoom plugin and the HTTP transport only, ICE-lite like webcall, on $ADDR.
+start_janus() {
+    local d="$TMP/janus"
+    mkdir -p "$d"
+    {
+        echo "general: { configs_folder = \"$d\", plugins_folder = \"$JANUS_LIB/plugins\", transports_folder = \"$JANUS_LIB/transports\","
+        echo "  events_folder = \"$JANUS_LIB/events\", loggers_folder = \"$JANUS_LIB/loggers\", debug_level = 3, session_timeout = 120 }"
+        echo 'media: { rtp_port_range = "40000-49999" }'
+        echo 'nat: { ice_lite = true, ice_enforce_list = "wc0", ignore_mdns = true }'
+        echo 'plugins: { disable = "libjanus_audiobridge.so,libjanus_echotest.so,libjanus_lua.so,libjanus_duktape.so,libjanus_nosip.so,libjanus_recordplay.so,libjanus_sip.so,libjanus_streaming.so,libjanus_textroom.so,libjanus_videocall.so,libjanus_voicemail.so" }'
+        echo 'transports: { disable = "libjanus_mqtt.so,libjanus_nanomsg.so,libjanus_pfunix.so,libjanus_rabbitmq.so,libjanus_websockets.so" }'
+        echo 'events: { broadcast = false, disable = "libjanus_gelfevh.so,libjanus_mqttevh.so,libjanus_nanomsgevh.so,libjanus_rabbitmqevh.so,libjanus_sampleevh.so,libjanus_wsevh.so" }'
+        echo 'loggers: { disable = "libjanus_jsonlog.so" }'
+    } >"$d/janus.jcfg"
+    echo "general: { json = \"compact\", base_path = \"/janus\", http = true, port = $JANUS_PORT, ip = \"$ADDR\", https = false }" >"$d/janus.transport.http.jcfg"
+    echo 'admin: { admin_http = false }' >>"$d/janus.transport.http.jcfg"
+    echo 'general: { }' >"$d/janus.plugin.videoroom.jcfg"
+    taskset -c "$SERVER_CPU" janus -F "$d" -C "$d/janus.jcfg" >"$TMP/janus.log" 2>&1 &
+    SERVED_PID=$!
+    PIDS+=("$SERVED_PID")
+    for _ in $(seq 100); do
+        curl -s "http://$ADDR:$JANUS_PORT/janus/info" >/dev/null && break
+        sleep 0.1
+    done
+    SERVER=janus
+    PEER_TARGET=(--janus --server "http://$ADDR:$JANUS_PORT/janus")
+}
+
+start() { # SERVER
+    if [[ $1 == janus ]]; then start_janus; else start_webcall sfu; fi
 }
 
 stop_server() {
@@ -60,12 +116,13 @@ stop_server() {
     wait "$SERVED_PID" 2>/dev/null || true
 }
 
-# peer NAME ROOM DURATION [flags]: a `webcall peer --sfu` on the peers' cores; stdout in $TMP/NAME.out.
+# peer NAME ROOM DURATION [flags]: a `webcall peer` on the peers' core, to the server started last; stdout in
+# $TMP/NAME.out.
 peer() {
     local name=$1 room=$2 dur=$3
     shift 3
-    taskset -c "$PEER_CPUS" env RUST_LOG=error "$WEBCALL" peer --server "$SERVED_URL" --room "$room" --name "$name" \
-        --ip 127.0.0.1 --stats-every 1s --duration "${dur}s" "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    taskset -c "$PEER_CPUS" env RUST_LOG=error "$WEBCALL" peer "${PEER_TARGET[@]}" --room "$room" --name "$name" \
+        --ip "$ADDR" --stats-every 500ms --duration "${dur}s" "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
     PIDS+=($!)
     LAST_PEER=$!
 }
@@ -87,95 +144,108 @@ final_field() { # FILE FIELD: from the 'stats final sfu' line
     sed -n 's/^stats final sfu .*\b'"$2"'=\([0-9]*\).*/\1/p' "$1" | tail -1
 }
 
+counted_now() { # FILES...: RTP packets the peers have counted so far (their last stats lines)
+    local sum=0 f v
+    for f in "$@"; do
+        v=$(grep '^stats sfu ' "$f" | tail -1 | sed -n 's/.*\brtp_in=\([0-9]*\).*/\1/p')
+        sum=$((sum + ${v:-0}))
+    done
+    echo "$sum"
+}
+
 RESULTS="$TMP/results"
 : >"$RESULTS"
 
-# measure KIND N PUBLISHERS: the window, then the end-of-run accounting. Peers are already started.
+# measure FILES...: the window (DUR seconds, 2 s after everyone connected). Peers are already started.
 measure() {
-    local kind=$1 n=$2 pubs=$3
-    local c0 c1 f0 f1 b0 b1 t0 t1 rss
+    local c0 c1 f0 f1 b0 b1 k0 k1 t0 t1 rss
     sleep 2
-    c0=$(cpu_ticks "$SERVED_PID"); f0=$(metric webcall_sfu_forwarded_packets_total); b0=$(metric webcall_sfu_forwarded_packet_bytes_total); t0=$(date +%s.%N)
+    c0=$(cpu_ticks "$SERVED_PID"); k0=$(counted_now "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
+    b0=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); t0=$(date +%s.%N)
     sleep "$DUR"
-    c1=$(cpu_ticks "$SERVED_PID"); f1=$(metric webcall_sfu_forwarded_packets_total); b1=$(metric webcall_sfu_forwarded_packet_bytes_total); t1=$(date +%s.%N)
+    c1=$(cpu_ticks "$SERVED_PID"); k1=$(counted_now "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
+    b1=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); t1=$(date +%s.%N)
     rss=$(rss_kb "$SERVED_PID")
-    echo "$kind $n $pubs $(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((f1 - f0)) $((b1 - b0)) $rss" >"$TMP/window"
+    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss" >"$TMP/window"
 }
 
 # account KIND N PUBS RSS0 PEER_FILES...: after every peer exited; appends one line to $RESULTS.
 account() {
     local kind=$1 n=$2 pubs=$3 rss0=$4
     shift 4
-    local fwd drops counted=0 e
-    fwd=$(metric webcall_sfu_forwarded_packets_total)
-    drops=$(metric webcall_sfu_send_drops_total)
+    local fwd drops counted=0 e wall ticks cpkts fpkts bytes rss
+    fwd=$(wc_metric webcall_sfu_forwarded_packets_total)
+    drops=$(wc_metric webcall_sfu_send_drops_total)
     for f in "$@"; do counted=$((counted + $(final_field "$f" rtp_in))); done
-    e=$(( $(udp_errors) - UDP0 ))
-    read -r _ _ _ wall ticks pkts bytes rss <"$TMP/window"
-    echo "$kind $n $pubs $wall $ticks $pkts $bytes $rss0 $rss $fwd $counted $e $drops" >>"$RESULTS"
+    e=$(($(udp_errors) - UDP0))
+    read -r wall ticks cpkts fpkts bytes rss <"$TMP/window"
+    echo "$SERVER $kind $n $pubs $wall $ticks $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops" >>"$RESULTS"
 }
 
-fanout() { # N subscribers of one publisher
-    local n=$1 room="fan$1" files=() subs=()
-    start_server sfu
+fanout() { # SERVER N: N subscribers of one publisher
+    local n=$2 room=$((1000 + $2)) files=() subs=() rss0 pub
+    start "$1"
     UDP0=$(udp_errors)
     sleep 0.5
-    local rss0
     rss0=$(rss_kb "$SERVED_PID")
     for i in $(seq "$n"); do
-        peer "s$i" "$room" $((DUR + 40)) --sfu --count-only
+        peer "s$i" "$room" $((DUR + 40)) --sfu --count-only --expect 1
         subs+=("$LAST_PEER"); files+=("$TMP/s$i.out")
     done
-    wait_lines '^sfu connected' "${files[@]}"
-    peer pub "$room" $((DUR + 6)) --sfu --send testsrc --size 640x360
-    local pub=$LAST_PEER
-    wait_lines '^sfu connected' "$TMP/pub.out"
-    measure fanout "$n" 1
+    # webcall: subscribers connect first; Janus: they subscribe once the publisher is there.
+    if [[ $1 == webcall ]]; then wait_lines '^sfu connected' "${files[@]}"; else sleep 2; fi
+    peer pub "$room" $((DUR + 10)) --sfu --send testsrc --size 640x360
+    pub=$LAST_PEER
+    wait_lines '^sfu connected' "$TMP/pub.out" "${files[@]}"
+    measure "${files[@]}"
     wait "$pub" || true
     sleep 1
     for p in "${subs[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${subs[@]}"; do wait "$p" 2>/dev/null || true; done
     account fanout "$n" 1 "$rss0" "${files[@]}"
     stop_server
+    rm -f "$TMP"/s*.out "$TMP"/pub.out
 }
 
-meeting() { # M participants, each publishing and receiving the others
-    local m=$1 room="meet$1" files=() ps=()
-    start_server sfu
+meeting() { # SERVER M: M participants, each publishing and receiving the others
+    local m=$2 room=$((2000 + $2)) files=() ps=() rss0
+    start "$1"
     UDP0=$(udp_errors)
     sleep 0.5
-    local rss0
     rss0=$(rss_kb "$SERVED_PID")
     for i in $(seq "$m"); do
-        peer "m$i" "$room" $((DUR + 30)) --sfu --count-only --send testsrc --size 640x360
+        peer "m$i" "$room" $((DUR + 30)) --sfu --count-only --send testsrc --size 640x360 --expect $((m - 1))
         ps+=("$LAST_PEER"); files+=("$TMP/m$i.out")
     done
     wait_lines '^sfu connected' "${files[@]}"
-    measure meeting "$m" "$m"
+    # Janus subscribers subscribe once every other publisher is there; webcall's renegotiate as they come.
+    sleep 3
+    measure "${files[@]}"
     for p in "${ps[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${ps[@]}"; do wait "$p" 2>/dev/null || true; done
     account meeting "$m" "$m" "$rss0" "${files[@]}"
     stop_server
+    rm -f "$TMP"/m*.out
 }
 
-# mesh_vs_sfu N: video payload bytes/s each client sends, peer-to-peer mesh vs through the SFU.
+# mesh_vs_sfu N: video payload bytes/s each client sends, peer-to-peer mesh vs through webcall's SFU.
 mesh_vs_sfu() {
-    local n=$1 topo files
+    local n=$1 topo files ps
     for topo in mesh sfu; do
-        start_server "$topo"
+        start_webcall "$topo"
         files=()
-        local ps=()
+        ps=()
         for i in $(seq "$n"); do
             local flags=(--send testsrc --size 640x360 --expect $((n - 1)))
             [[ $topo == sfu ]] && flags+=(--sfu --count-only)
-            peer "x$topo$i" "mesh$n$topo" 20 "${flags[@]}"
+            peer "x$topo$i" "$((3000 + n))" 20 "${flags[@]}"
             ps+=("$LAST_PEER"); files+=("$TMP/x$topo$i.out")
         done
         for p in "${ps[@]}"; do wait "$p" 2>/dev/null || true; done
         stop_server
         # Per client: each session's payload bytes over its frames, at 30 frames/s; averaged over clients.
         awk -v topo="$topo" -v n="$n" '
-            FNR == 1 { if (rate != "") { sum += rate; k++ } rate = 0 }
+            FNR == 1 && NR > 1 { sum += rate; k++; rate = 0 }
             topo == "mesh" && /^stats final peer=/ { b = f = 0
                 for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "bytes_out") b = kv[2]; if (kv[1] == "frames_out") f = kv[2] }
                 if (f > 0) rate += b / f * 30 }
@@ -183,26 +253,34 @@ mesh_vs_sfu() {
                 for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "bytes_out") b = kv[2]; if (kv[1] == "frames_out") f = kv[2] }
                 if (f > 0) rate = b / f * 30 }
             END { sum += rate; k++; printf "meshvs %s %d %.0f\n", topo, n, sum / k }' "${files[@]}" >>"$RESULTS"
+        rm -f "$TMP"/x*.out
     done
 }
 
-echo "webcall: $BUILT; server on CPU $SERVER_CPU, peers on CPU $PEER_CPUS; window ${DUR}s"
-for n in $FANOUT; do fanout "$n"; done
-for m in $MEETING; do meeting "$m"; done
+SERVERS=webcall
+[[ $JANUS == 1 ]] && SERVERS="webcall janus"
+echo "webcall: $BUILT$([[ $JANUS == 1 ]] && echo "; janus $(dpkg-query -W -f '${Version}' janus 2>/dev/null)"); server on CPU $SERVER_CPU, peers on CPU $PEER_CPUS; window ${DUR}s"
+for n in $FANOUT; do for s in $SERVERS; do fanout "$s" "$n"; done; done
+for m in $MEETING; do for s in $SERVERS; do meeting "$s" "$m"; done; done
 for n in $MESH; do mesh_vs_sfu "$n"; done
 
 echo
 awk -v tick="$TICK" '
-    $1 == "fanout" || $1 == "meeting" {
-        wall = $4; cpu = $5 / tick; pkts = $6
+    $2 == "fanout" || $2 == "meeting" {
+        wall = $5; cpu = $6 / tick; pkts = $7
         per = pkts > 0 ? cpu * 1e6 / pkts : 0
-        subs = ($1 == "fanout") ? $2 : $2
-        if (!hdr++) printf "%-8s %4s %4s %9s %8s %8s %9s %7s %11s %9s %9s %7s %6s\n", "run", "N", "pubs", "fwd_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "fwd_total", "counted", "missing", "bufErr", "drops"
-        printf "%-8s %4d %4d %9.0f %8.2f %8.1f %9.2f %7.0f %11d %9d %9d %7d %6d\n", $1, $2, $3, pkts / wall, $7 * 8 / wall / 1e6, 100 * cpu / wall, per, ($9 - $8) / subs, $10, $11, $10 - $11, $12, $13
-    }' "$RESULTS"
+        wc = $1 == "webcall"
+        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops"
+        printf "%-8s %-8s %4d %9.0f %9s %8s %7.1f %8.2f %8.0f %9d %8s %7d %6s\n", $1, $2, $3, pkts / wall,
+            (wc ? sprintf("%.0f", $8 / wall) : "-"), (wc ? sprintf("%.2f", $9 * 8 / wall / 1e6) : "-"), 100 * cpu / wall, per,
+            ($11 - $10) / $3, $13, (wc ? $12 - $13 : "-"), $14, (wc ? $15 : "-")
+        key = $2 " " $3; us[$1 " " key] = per; keys[key] = 1
+    }
+    END { for (k in keys) if (us["janus " k] > 0) printf "%s: CPU per packet webcall/janus = %.2f\n", k, us["webcall " k] / us["janus " k] }' "$RESULTS"
 echo
-awk '$1 == "meshvs" { r[$3][$2] = $4 } END {
+awk '$1 == "meshvs" { r[$3 " " $2] = $4; ns[$3] = 1 }
+    END {
         printf "%4s %16s %16s %8s\n", "N", "mesh_kB/s/client", "sfu_kB/s/client", "ratio"
-        for (n in r) printf "%4d %16.1f %16.1f %8.2f\n", n, r[n]["mesh"] / 1000, r[n]["sfu"] / 1000, (r[n]["sfu"] > 0 ? r[n]["mesh"] / r[n]["sfu"] : 0)
+        for (n in ns) printf "%4d %16.1f %16.1f %8.2f\n", n, r[n " mesh"] / 1000, r[n " sfu"] / 1000, (r[n " sfu"] > 0 ? r[n " mesh"] / r[n " sfu"] : 0)
     }' "$RESULTS"
 cp "$RESULTS" "bench/results/sfu-$(date -u +%Y%m%dT%H%M%SZ).txt" 2>/dev/null || true
