@@ -45,9 +45,9 @@ ip link set wc0 up
 ip link set wc1 up
 ADDR=198.18.0.1
 
-FANOUT=${FANOUT:-"10 30"}  # subscribers of one publisher
-MEETING=${MEETING:-"5 10"} # participants, each publishing and receiving all others
-MESH=${MESH:-"4 6 8"}      # participants for mesh vs SFU
+FANOUT=${FANOUT-"10 30"}  # subscribers of one publisher
+MEETING=${MEETING-"5 10"} # participants, each publishing and receiving all others
+MESH=${MESH-"4 6 8"}      # participants for mesh vs SFU
 DUR=${DUR:-15}             # measurement window, seconds
 SERVER_CPU=${SERVER_CPU:-0}
 PEER_CPUS=${PEER_CPUS:-1}
@@ -71,8 +71,9 @@ udp_errors() {
 }
 
 start_webcall() { # topology
-    bench_serve server "$SERVER_CPU" "$WEBCALL" --no-turn --topology "$1" --max-sfu-peers 1000 --max-peers 16 \
-        --media-listen "$ADDR:0"
+    # (bench_serve puts the media port on 127.0.0.1: the same path through lo as $ADDR.)
+    bench_serve server "$SERVER_CPU" "$WEBCALL" --no-turn --topology "$1" --max-sfu-peers 1000 --max-peers 16
+    PEER_IP=127.0.0.1
     HTTP=${SERVED_URL#ws://}
     HTTP=${HTTP%/ws}
     SERVER=webcall
@@ -104,6 +105,7 @@ start_janus() {
         sleep 0.1
     done
     SERVER=janus
+    PEER_IP=$ADDR
     PEER_TARGET=(--janus --server "http://$ADDR:$JANUS_PORT/janus")
 }
 
@@ -122,7 +124,7 @@ peer() {
     local name=$1 room=$2 dur=$3
     shift 3
     taskset -c "$PEER_CPUS" env RUST_LOG=error "$WEBCALL" peer "${PEER_TARGET[@]}" --room "$room" --name "$name" \
-        --ip "$ADDR" --stats-every 500ms --duration "${dur}s" "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+        --ip "$PEER_IP" --stats-every 500ms --duration "${dur}s" "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
     PIDS+=($!)
     LAST_PEER=$!
 }
