@@ -136,10 +136,10 @@ describe('Firefox', () => {
 
   it('three in a mesh with Firefox in it: everyone decodes everyone', async () => {
     const room = uniqueRoom('ffmesh');
-    const fox = await t.openFirefox(`${server.url}/r/${room}?name=Fox`);
+    const fox = await t.openFirefox(`${server.url}/r/${room}?name=Fox&mesh=1`);
     await until(fox, () => window.webcall?.call.state === 'in-call');
-    const a = await t.open(`${server.url}/r/${room}?name=A`);
-    const b = await t.open(`${server.url}/r/${room}?name=B`);
+    const a = await t.open(`${server.url}/r/${room}?name=A&mesh=1`);
+    const b = await t.open(`${server.url}/r/${room}?name=B&mesh=1`);
     const pages = [fox, a, b];
     const ids = await Promise.all(pages.map((p) => ownId(p)));
     for (const p of pages) await connectedPeers(p, 2);
