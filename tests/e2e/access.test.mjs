@@ -141,7 +141,8 @@ describe('join tokens', () => {
 });
 
 describe('server limits', () => {
-  const full = t.server(['--max-peers', '2', '--max-rooms', '1']);
+  // A third page would move the room to the SFU: its cap is --max-sfu-peers.
+  const full = t.server(['--max-peers', '2', '--max-sfu-peers', '2', '--max-rooms', '1']);
 
   it('room full and server full: words, a way forward, devices released', async () => {
     const room = uniqueRoom('lim');
