@@ -141,17 +141,17 @@ describe('join tokens', () => {
 });
 
 describe('server limits', () => {
-  // A third page would move the room to the SFU: its cap is --max-sfu-peers.
-  const full = t.server(['--max-peers', '2', '--max-sfu-peers', '2', '--max-rooms', '1']);
+  // `?mesh=1`: a third page would otherwise move the room to the SFU (whose cap is --max-sfu-peers, at least 3).
+  const full = t.server(['--max-peers', '2', '--max-rooms', '1']);
 
   it('room full and server full: words, a way forward, devices released', async () => {
     const room = uniqueRoom('lim');
-    const a = await t.open(`${full.url}/r/${room}?name=A`);
+    const a = await t.open(`${full.url}/r/${room}?name=A&mesh=1`);
     await until(a, () => window.webcall.call.state === 'in-call');
-    const a2 = await t.open(`${full.url}/r/${room}?name=A2`);
+    const a2 = await t.open(`${full.url}/r/${room}?name=A2&mesh=1`);
     await connectedPeers(a2, 1);
 
-    const b = await t.open(`${full.url}/r/${room}?name=B`, { join: false });
+    const b = await t.open(`${full.url}/r/${room}?name=B&mesh=1`, { join: false });
     await until(b, () => document.body.dataset.phase === 'prejoin' && !document.querySelector('#prejoin-join').disabled);
     await keepTracks(b);
     await b.click('#prejoin-join');
