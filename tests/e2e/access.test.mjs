@@ -136,7 +136,23 @@ describe('join tokens', () => {
     assert.ok(dirs.length >= 2 && dirs.every((d) => d === 'recvonly'), JSON.stringify(dirs));
     await until(host, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.video === 'off', viewerId);
     await screenshot(viewer, 'subscribe-only.png');
-    await Promise.all([host, viewer].map((p) => p.context().close()));
+
+    // A third person moves the room to the SFU: the viewer keeps watching through the server and sends nothing.
+    const third = await t.open(`${server.url}/r/${room}?token=${mint(['--room', room, '--name', 'Third'])}`);
+    await until(viewer, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 30000);
+    await connectedPeers(viewer, 2, 30000);
+    await until(viewer, (id) => {
+      const call = window.webcall.call;
+      const peer = call.peers.get(id);
+      return peer?.pc === call.sfu.pc && peer.remoteStream.getVideoTracks().length > 0;
+    }, hostId, 30000);
+    await decodesVideoFrom(viewer, hostId, 10, 30000);
+    const sfuDirs = await viewer.evaluate(() =>
+      window.webcall.call.sfu.pc.getTransceivers().filter((x) => x.mid !== null).map((x) => x.currentDirection),
+    );
+    assert.ok(sfuDirs.length >= 2 && sfuDirs.every((d) => d === 'recvonly' || d === 'inactive'), JSON.stringify(sfuDirs));
+    assert.deepEqual(viewer.errors, []);
+    await Promise.all([host, viewer, third].map((p) => p.context().close()));
   });
 });
 

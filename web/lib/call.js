@@ -256,6 +256,7 @@ export class Call extends EventTarget {
       config: this.pcConfig(),
       localStream: this.localStream,
       tracks: { audio: this.outgoing('audio'), video: this.outgoing('video') },
+      publish: this.publish,
     });
     this.sfu = session;
     if (this.tracks.screen && this.screenStream) {

@@ -22,8 +22,9 @@ export class SfuSession extends EventTarget {
    * @param {RTCConfiguration} opts.config
    * @param {MediaStream} opts.localStream the stream our senders are tagged with
    * @param {{audio: MediaStreamTrack|null, video: MediaStreamTrack|null}} opts.tracks what we send
+   * @param {boolean} [opts.publish] false (subscribe-only tokens): our m-lines are `inactive`, we only receive
    */
-  constructor({ signaling, config, localStream, tracks }) {
+  constructor({ signaling, config, localStream, tracks, publish = true }) {
     super();
     this.signaling = signaling;
     this.pc = new RTCPeerConnection(config);
@@ -37,8 +38,10 @@ export class SfuSession extends EventTarget {
     this.queue = Promise.resolve();
     const pc = this.pc;
     // Publishing only on these two: the server sends others' media on m-lines of its own.
-    this.audioTx = pc.addTransceiver(tracks.audio ?? 'audio', { direction: 'sendonly', streams: [localStream] });
-    this.videoTx = pc.addTransceiver(tracks.video ?? 'video', { direction: 'sendonly', streams: [localStream] });
+    // A client offers first, so even a receive-only one has m-lines of its own to offer (inactive ones).
+    const direction = publish ? 'sendonly' : 'inactive';
+    this.audioTx = pc.addTransceiver(tracks.audio ?? 'audio', { direction, streams: [localStream] });
+    this.videoTx = pc.addTransceiver(tracks.video ?? 'video', { direction, streams: [localStream] });
     /** @type {RTCRtpTransceiver|null} our screen share, on an m-line of its own (made at the first share) */
     this.screenTx = null;
     /** @type {(() => void)[]} waiting for our next offer to be set (its mids are known then) */
