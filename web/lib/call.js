@@ -265,6 +265,8 @@ export class Call extends EventTarget {
     this.announceState();
     /** @type {Map<string, {track: MediaStreamTrack, peerMid: string}[]>} tracks of participants whose peer-to-peer tile still shows */
     const waiting = new Map();
+    // Peer-to-peer connections that are not up (a newcomer's, made from its welcome) have nothing to keep playing.
+    for (const [id, p] of [...this.peers]) if (p.pc.connectionState !== 'connected') this.addRemote(id, p.name);
     /** @param {string} peer */
     const takeOver = (peer) => {
       const remote = this.addRemote(peer, this.peers.get(peer)?.name ?? '');
@@ -316,7 +318,8 @@ export class Call extends EventTarget {
     this.peers.set(id, /** @type {any} */ (remote));
     if (existing) {
       remote.inherit(existing);
-      existing.retire(RETIRE_MS);
+      // Only a connected one has pictures to keep up (the other side's tile of us, too).
+      existing.retire(existing.pc.connectionState === 'connected' ? RETIRE_MS : 0);
       this.emitRemote(remote);
     } else {
       this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer: remote } }));

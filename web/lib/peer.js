@@ -435,8 +435,10 @@ export class Peer {
     if (this.emitTimer) clearTimeout(this.emitTimer);
     this.emitTimer = null;
     if (this.disconnectTimer) clearTimeout(this.disconnectTimer);
+    if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
     this.pc.onconnectionstatechange = this.pc.onnegotiationneeded = null;
-    setTimeout(() => this.close(), ms);
+    if (ms <= 0) this.close();
+    else setTimeout(() => this.close(), ms);
   }
 
   /** @private */
