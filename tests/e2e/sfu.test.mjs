@@ -189,6 +189,12 @@ describe('SFU room', () => {
       }, ids[0]);
       assert.equal(same, false);
     }
+    // Someone joining during the share gets it as a tile of its own too (A says which m-line is its screen).
+    const late = await openPage(browser, `${server.url}/r/${room}?name=Late`);
+    await until(late, (id) => !!document.querySelector(`.tile[data-peer="${id}:screen"]`), ids[0], 30000);
+    await decodesOverSfu(late, ids[0], { screen: true });
+    await decodesOverSfu(late, ids[0]);
+    await late.close();
     await a.click('#btn-screen');
     for (const p of [b, c]) await until(p, (id) => !document.querySelector(`.tile[data-peer="${id}:screen"]`), ids[0]);
     await decodesOverSfu(b, ids[0], { frames: 5 });
