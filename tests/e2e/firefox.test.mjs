@@ -4,7 +4,7 @@
 // loopback candidates: it connects over the namespace's test-only address (wc0, see scripts/test.sh).
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { axeViolations, connectedPeers, decodesVideoFrom, e2e, ownId, snapshot, TEST_ADDR, uniqueRoom, until } from './helpers.mjs';
+import { axeViolations, connectedPeers, decodesVideoFrom, e2e, fullStatsPanel, ownId, snapshot, TEST_ADDR, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e({ firefox: true });
 
@@ -49,20 +49,7 @@ describe('Firefox', () => {
     assert.match(pair?.remote ?? '', /^(host|prflx) (127\.0\.0\.1|198\.18\.0\.1)$/, JSON.stringify(pair));
     // The stats panel works on Firefox's getStats too (no `transport` stats there).
     await fox.keyboard.press('s');
-    const text = await until(
-      fox,
-      (id) => {
-        const t = document.querySelector(`.tile[data-peer="${id}"] .tile-stats`)?.textContent ?? '';
-        const ok =
-          /^path\s+host/m.test(t) &&
-          /^rtt\s+\d+ ms/m.test(t) &&
-          /^in\s+[\d.]+ [kM]b\/s/m.test(t) &&
-          /^out\s+[\d.]+ [kM]b\/s/m.test(t) &&
-          /^video in \d+×\d+ @ \d+ fps/m.test(t);
-        return ok ? t : false;
-      },
-      chromeId,
-    ).catch(async (e) => {
+    const text = await fullStatsPanel(fox, chromeId).catch(async (e) => {
       console.error(await fox.evaluate(() => JSON.stringify(window.webcall.snapshot().peers[0].stats)));
       throw e;
     });
