@@ -409,6 +409,8 @@ export class Peer {
         this.remoteMedia.screenStream = msg.screenStream;
         this.screenIds.add(msg.screenStream);
       }
+      // Which SFU m-line is the screen: kept for the `SfuRemote` that takes over from us when the room moves.
+      if (typeof msg.screenMid === 'string' && msg.screenMid) /** @type {any} */ (this.remoteMedia).screenMid = msg.screenMid;
       this.placeTracks();
     } else if (msg.type === 'name' && typeof msg.name === 'string') {
       this.name = cleanName(msg.name) || this.name;

@@ -206,6 +206,7 @@ export class SfuRemote {
   /** Takes over what the peer-to-peer connection knew of the participant (a room moving to the SFU). @param {any} peer */
   inherit(peer) {
     this.remoteMedia = { ...peer.remoteMedia };
+    if (this.remoteMedia.screenMid) this.screenMids.add(this.remoteMedia.screenMid);
     this.hand = !!peer.hand;
     this.name = peer.name || this.name;
   }
