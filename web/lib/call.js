@@ -575,11 +575,18 @@ export class Call extends EventTarget {
 
   /** @private */
   async refreshStats() {
+    // One getStats per connection: in an SFU room every participant shares the one to the server.
+    /** @type {Map<RTCPeerConnection, any[]>} */
+    const byPc = new Map();
+    for (const p of this.peers.values()) {
+      if (p.closed || p.pc.connectionState === 'closed') continue;
+      byPc.set(p.pc, [...(byPc.get(p.pc) ?? []), p]);
+    }
     await Promise.all(
-      [...this.peers.values()].map(async (p) => {
-        if (p.closed || p.pc.connectionState === 'closed') return;
+      [...byPc].map(async ([pc, peers]) => {
         try {
-          p.stats = await summarize(p.pc, p.stats);
+          const stats = await summarize(pc, peers[0].stats);
+          for (const p of peers) p.stats = stats;
         } catch {
           /* closed meanwhile */
         }
