@@ -54,6 +54,8 @@ pub struct TrackInfo {
     /// The publishing participant (the id the caller gave [`Sfu::add_session`]).
     pub participant: Arc<str>,
     pub kind: MediaKind,
+    /// The `mid` of the track in the publisher's own session (which of its tracks this is: camera or screen).
+    pub origin_mid: String,
 }
 
 /// Something the caller must act on.
@@ -660,9 +662,12 @@ fn negotiate(id: SessionId, s: &mut Session, out: &mut VecDeque<SfuOutput>) {
         .tracks_out
         .iter()
         .filter_map(|t| match t.state {
-            OutState::Negotiating(m) | OutState::Open(m) => {
-                Some(TrackInfo { mid: m.to_string(), participant: t.participant.clone(), kind: t.kind })
-            }
+            OutState::Negotiating(m) | OutState::Open(m) => Some(TrackInfo {
+                mid: m.to_string(),
+                participant: t.participant.clone(),
+                kind: t.kind,
+                origin_mid: t.origin_mid.to_string(),
+            }),
             _ => None,
         })
         .collect();
