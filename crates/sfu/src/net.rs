@@ -15,7 +15,7 @@ use str0m::config::DtlsCert;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo};
+use crate::core::{SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo};
 
 /// Where the media socket listens and what address it advertises.
 #[derive(Debug, Clone)]
@@ -63,6 +63,7 @@ enum Command {
     Add {
         room: String,
         participant: String,
+        role: SessionRole,
         signals: mpsc::UnboundedSender<SessionSignal>,
         reply: oneshot::Sender<SessionId>,
     },
@@ -136,9 +137,19 @@ impl SfuHandle {
         room: &str,
         participant: &str,
     ) -> Result<(SessionId, mpsc::UnboundedReceiver<SessionSignal>), SfuNetError> {
+        self.add_session_with(room, participant, SessionRole::Participant).await
+    }
+
+    /// [`SfuHandle::add_session`] for a WHIP publisher or WHEP viewer (see [`SessionRole`]).
+    pub async fn add_session_with(
+        &self,
+        room: &str,
+        participant: &str,
+        role: SessionRole,
+    ) -> Result<(SessionId, mpsc::UnboundedReceiver<SessionSignal>), SfuNetError> {
         let (signals, rx) = mpsc::unbounded_channel();
         let (reply, id) = oneshot::channel();
-        self.send(Command::Add { room: room.into(), participant: participant.into(), signals, reply })?;
+        self.send(Command::Add { room: room.into(), participant: participant.into(), role, signals, reply })?;
         Ok((id.await.map_err(|_| SfuNetError::Stopped)?, rx))
     }
 
@@ -211,8 +222,8 @@ async fn run(
             },
             c = rx.recv() => match c {
                 None => return,
-                Some(Command::Add { room, participant, signals: tx, reply }) => {
-                    let id = sfu.add_session(&room, &participant, Instant::now());
+                Some(Command::Add { room, participant, role, signals: tx, reply }) => {
+                    let id = sfu.add_session_with(&room, &participant, role, Instant::now());
                     signals.insert(id, tx);
                     let _ = reply.send(id);
                 }
