@@ -5,6 +5,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import { createHmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -25,10 +26,15 @@ window.fetch = async (url, init) => {
   window.requests.push(\`\${init?.method ?? 'GET'} \${r.status}\`);
   return r;
 };
-window.publish = async (url, token) => {
+window.publish = async (url, token, codec) => {
   const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 320, height: 240 } });
   const pc = new RTCPeerConnection();
-  for (const track of stream.getTracks()) pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+  for (const track of stream.getTracks()) {
+    const t = pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+    // Only this codec, as OBS offers only H.264.
+    const only = RTCRtpSender.getCapabilities('video').codecs.filter((c) => c.mimeType === codec && !/packetization-mode=0/.test(c.sdpFmtpLine ?? ''));
+    if (codec && track.kind === 'video') t.setCodecPreferences(only);
+  }
   const client = new WHIPClient();
   await client.publish(pc, url, token);
   window.whip = { pc, client };
@@ -55,6 +61,13 @@ window.framesDecoded = async (pc) => {
 };
 window.ready = true;
 </script>`;
+
+/** An HS256 join token, as `webcall token` makes. */
+function mint(secret, room, name, permissions = ['join', 'publish']) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ room, name, exp: Math.floor(Date.now() / 1000) + 600, permissions })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
 
 /** Serves the tool page and the library on its own origin (127.0.0.1, another port). */
 async function startToolServer() {
@@ -152,6 +165,28 @@ describe('WHIP and WHEP', () => {
     await framesRise(() => player.evaluate(() => window.framesDecoded(window.whep.pc)), 'WHEP player from the page');
     await until(player, () => document.getElementById('v').videoWidth > 0);
 
+    // Without ?peer= a player follows the active speaker (audio levels). The page's microphone is off: the WHIP
+    // publisher (4:3) speaks. Then it falls silent and the page (16:9) speaks: the player switches to the page.
+    const aspect = (p) => p.evaluate(() => {
+      const v = document.getElementById('v');
+      return v.videoHeight > 0 ? v.videoWidth / v.videoHeight : 0;
+    });
+    await page.evaluate(() => window.webcall.call.localStream.getAudioTracks().forEach((t) => (t.enabled = false)));
+    const follower = await openPage(browser, tools.url, { join: false });
+    await until(follower, () => window.ready === true);
+    await follower.evaluate((url) => window.view(url), `${server.url}/whep/${room}`);
+    await framesRise(() => follower.evaluate(() => window.framesDecoded(window.whep.pc)), 'WHEP player of the speaker');
+    await until(follower, () => Math.abs(document.getElementById('v').videoWidth / document.getElementById('v').videoHeight - 4 / 3) < 0.05, undefined, 30000);
+    await tool.evaluate(() => window.whip.pc.getSenders().forEach((s) => s.track?.kind === 'audio' && (s.track.enabled = false)));
+    await page.evaluate(() => window.webcall.call.localStream.getAudioTracks().forEach((t) => (t.enabled = true)));
+    const switchedBy = Date.now() + 30000;
+    while (Math.abs((await aspect(follower)) - 16 / 9) > 0.05) {
+      if (Date.now() > switchedBy) assert.fail(`the player did not switch to the page's video: aspect ${await aspect(follower)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    await framesRise(() => follower.evaluate(() => window.framesDecoded(window.whep.pc)), 'WHEP player after the switch');
+    await follower.evaluate(() => window.whep.client.stop());
+
     // DELETE (the client's stop()) ends the publisher: the page gets its bye.
     await tool.evaluate(() => window.whip.client.stop());
     await until(page, (id) => !window.webcall.call.peers.has(id), whipId, 20000);
@@ -192,9 +227,36 @@ describe('WHIP and WHEP', () => {
     assert.match(await r.text(), /no call/);
   });
 
-  it('with --auth-secret, WHIP needs a Bearer token', async () => {
-    const secured = await startServer({ args: ['--auth-secret', 'whip-test-secret'] });
+  it('with --auth-secret, WHIP needs a Bearer token; an H.264-only publisher (as OBS) reaches the page', async () => {
+    const secret = 'whip-test-secret';
+    const secured = await startServer({ args: ['--auth-secret', secret] });
     try {
+      const room = uniqueRoom('whip');
+      const page = await openPage(browser, `${secured.url}/r/${room}?name=Watcher&sfu=1&token=${mint(secret, room, 'Watcher')}`);
+      await until(page, () => window.webcall?.call.state === 'in-call');
+      const tool = await openPage(browser, tools.url, { join: false });
+      await until(tool, () => window.ready === true);
+      // The token's name claim wins over ?name=.
+      const token = mint(secret, room, 'Stage');
+      await tool.evaluate(([url, token]) => window.publish(url, token, 'video/H264'), [`${secured.url}/whip/${room}?name=Other`, token]);
+      await until(page, () => [...window.webcall.call.peers.values()].some((p) => p.name === 'Stage'), undefined, 30000);
+      const id = await page.evaluate(() => [...window.webcall.call.peers.values()].find((p) => p.name === 'Stage').id);
+      await framesRise(() => pageFrames(page, id), 'room page from the H.264 WHIP publisher');
+      const codec = await page.evaluate(async () => {
+        const stats = await window.webcall.call.sfu.pc.getStats();
+        const codecs = new Map();
+        stats.forEach((s) => s.type === 'codec' && codecs.set(s.id, s.mimeType));
+        let found = [];
+        stats.forEach((s) => s.type === 'inbound-rtp' && s.kind === 'video' && found.push(codecs.get(s.codecId)));
+        return found;
+      });
+      assert.ok(codec.includes('video/H264'), `the page receives H.264: ${codec}`);
+      // DELETE needs the same token; without it, 401.
+      const resource = await tool.evaluate(() => window.whip.client.resourceURL.href);
+      assert.equal((await fetch(resource, { method: 'DELETE' })).status, 401);
+      await tool.evaluate(() => window.whip.client.stop());
+      assert.equal((await tool.evaluate(() => window.requests)).at(-1), 'DELETE 200');
+
       const r = await fetch(`${secured.url}/whip/${uniqueRoom('whip')}`, {
         method: 'POST',
         body: 'v=0\r\nm=video 9 X 96\r\n',

@@ -185,6 +185,7 @@ pub struct Sfu {
     out: VecDeque<SfuOutput>,
     now: Instant,
     stats: SfuStats,
+    speakers: crate::speaker::Speakers,
 }
 
 impl Sfu {
@@ -200,6 +201,7 @@ impl Sfu {
             out: VecDeque::new(),
             now,
             stats: SfuStats::default(),
+            speakers: Default::default(),
         }
     }
 
@@ -233,6 +235,8 @@ impl Sfu {
             .set_local_ice_credentials(creds.clone())
             .clear_codecs()
             .enable_vp8(true)
+            // After VP8, so browsers keep sending VP8; for publishers that send only H.264 (OBS over WHIP).
+            .enable_h264(true)
             .enable_opus(true, false);
         if let Some(cert) = &self.cfg.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
@@ -569,6 +573,11 @@ impl Sfu {
                 }
             }
             Propagate::Media(d) => {
+                if let Some(level) = d.ext_vals.audio_level {
+                    if self.speakers.observe(&room, from, level, self.now).is_some() {
+                        self.follow_speaker(&room, &members);
+                    }
+                }
                 for other in members.into_iter().filter(|o| *o != from) {
                     let Some(s) = self.sessions.get_mut(&other) else { continue };
                     let Some(mid) =
@@ -616,12 +625,16 @@ impl Sfu {
             return;
         }
         let members = self.rooms.get(&s.room).cloned().unwrap_or_default();
-        // The chosen participant, or the first that publishes anything.
-        let origin = members.into_iter().find(|o| {
-            *o != id
-                && self.sessions.get(o).is_some_and(|os| {
-                    !os.tracks_in.is_empty() && source.as_ref().is_none_or(|src| *src == os.participant)
-                })
+        // The chosen participant; else the active speaker, or the first that publishes anything.
+        let speaker = self.speakers.current(&s.room).filter(|sp| source.is_none() && *sp != id);
+        let speaker = speaker.filter(|sp| self.sessions.get(sp).is_some_and(|os| !os.tracks_in.is_empty()));
+        let origin = speaker.or_else(|| {
+            members.into_iter().find(|o| {
+                *o != id
+                    && self.sessions.get(o).is_some_and(|os| {
+                        !os.tracks_in.is_empty() && source.as_ref().is_none_or(|src| *src == os.participant)
+                    })
+            })
         });
         let Some(origin) = origin else { return };
         let o = &self.sessions[&origin];
@@ -656,8 +669,22 @@ impl Sfu {
         }
     }
 
+    /// Viewers that follow the speaker (no chosen source) switch to the room's new one.
+    fn follow_speaker(&mut self, room: &str, members: &[SessionId]) {
+        let Some(speaker) = self.speakers.current(room) else { return };
+        for &m in members {
+            let Some(s) = self.sessions.get_mut(&m) else { continue };
+            let stale = s.tracks_out.is_empty() || s.tracks_out.iter().any(|t| t.origin != speaker);
+            if s.role == (SessionRole::Viewer { source: None }) && stale {
+                s.tracks_out.clear();
+                self.bind_viewer(m);
+            }
+        }
+    }
+
     fn close(&mut self, id: SessionId, event: bool) {
         let Some(s) = self.sessions.remove(&id) else { return };
+        self.speakers.remove(&s.room, id);
         self.by_ufrag.remove(&s.ufrag);
         for a in &s.addrs {
             if self.by_addr.get(a) == Some(&id) {

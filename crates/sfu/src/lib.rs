@@ -6,6 +6,7 @@
 
 pub mod core;
 pub mod net;
+pub mod speaker;
 
 pub use crate::core::{
     SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,
