@@ -155,6 +155,26 @@ describe('WHIP and WHEP', () => {
     // The client trickled its candidates with PATCH (If-Match: the ETag of the POST's answer) and was answered 204.
     await until(tool, () => window.requests.includes('PATCH 204'));
     assert.deepEqual(await tool.evaluate(() => window.requests.filter((r) => !r.endsWith(' 204'))), ['POST 201']);
+    // An ICE restart (PATCH with If-Match: *) is answered 200 with new credentials; the media goes on.
+    const firstUfrag = await tool.evaluate(() => window.whip.pc.remoteDescription.sdp.match(/a=ice-ufrag:(.*)\r\n/)[1]);
+    await tool.evaluate(() => window.whip.client.restart());
+    assert.ok((await tool.evaluate(() => window.requests)).includes('PATCH 200'));
+    assert.notEqual(await tool.evaluate(() => window.whip.pc.remoteDescription.sdp.match(/a=ice-ufrag:(.*)\r\n/)[1]), firstUfrag);
+    // The media runs over the restarted ICE session: the selected pair's remote candidate has the server's new ufrag.
+    await until(
+      tool,
+      async () => {
+        const ufrag = window.whip.pc.remoteDescription.sdp.match(/a=ice-ufrag:(.*)\r\n/)[1];
+        const stats = await window.whip.pc.getStats();
+        let pair;
+        stats.forEach((s) => s.type === 'transport' && (pair = stats.get(s.selectedCandidatePairId)));
+        const remote = pair && stats.get(pair.remoteCandidateId);
+        return window.whip.pc.connectionState === 'connected' && remote?.usernameFragment === ufrag;
+      },
+      undefined,
+      20000,
+    );
+    await framesRise(() => pageFrames(page, whipId), 'room page from the WHIP publisher after an ICE restart');
 
     // WHEP: a player on another origin watches the page's participant (chosen by ?peer=).
     const pageId = await page.evaluate(() => window.webcall.call.id);
