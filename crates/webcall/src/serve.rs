@@ -69,6 +69,9 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
             webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
     };
+    if let Some(sfu) = &sfu {
+        server.set_sfu(sfu.clone());
+    }
     let turn_stats = turn.as_ref().map(|t| t.stats_reader());
     if turn_stats.is_some() || sfu.is_some() {
         let sfu = sfu.clone();
