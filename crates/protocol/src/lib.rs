@@ -153,16 +153,18 @@ pub enum MessageKind {
     Answer,
     Candidate,
     Bye,
+    Data,
     Invalid,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 6] = [
+    pub const ALL: [MessageKind; 7] = [
         MessageKind::Join,
         MessageKind::Offer,
         MessageKind::Answer,
         MessageKind::Candidate,
         MessageKind::Bye,
+        MessageKind::Data,
         MessageKind::Invalid,
     ];
 
@@ -173,6 +175,7 @@ impl MessageKind {
             MessageKind::Answer => "answer",
             MessageKind::Candidate => "candidate",
             MessageKind::Bye => "bye",
+            MessageKind::Data => "data",
             MessageKind::Invalid => "invalid",
         }
     }
@@ -293,6 +296,7 @@ impl ClientMessage<'_> {
                 RelayKind::Candidate => MessageKind::Candidate,
             },
             ClientMessage::Bye => MessageKind::Bye,
+            ClientMessage::Data(_) => MessageKind::Data,
         }
     }
 
@@ -306,6 +310,7 @@ impl ClientMessage<'_> {
             Answer { to: &'a str, sdp: &'a RawValue },
             Candidate { to: &'a str, candidate: &'a RawValue },
             Bye,
+            Data { data: &'a RawValue },
         }
         let out = match self {
             ClientMessage::Join(j) => Out::Join(j),
@@ -315,6 +320,7 @@ impl ClientMessage<'_> {
                 RelayKind::Candidate => Out::Candidate { to, candidate: payload },
             },
             ClientMessage::Bye => Out::Bye,
+            ClientMessage::Data(data) => Out::Data { data },
         };
         serde_json::to_string(&out).expect("client messages serialise")
     }
@@ -1057,7 +1063,8 @@ mod tests {
             assert_eq!(encode_relay(RelayKind::Answer, "A", &raw), answer.to_json());
             let sfu = ServerMessage::Answer { from: SFU_PEER.into(), sdp: sdp.into() };
             assert_eq!(encode_sfu_answer(sdp), sfu.to_json());
-            let tracks = vec![SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into() }];
+            let tracks =
+                vec![SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into(), peer_mid: "0".into() }];
             let sfu = ServerMessage::Offer { from: SFU_PEER.into(), sdp: sdp.into(), tracks: tracks.clone() };
             assert_eq!(encode_sfu_offer(sdp, &tracks), sfu.to_json());
         }
