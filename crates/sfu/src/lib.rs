@@ -6,6 +6,9 @@
 
 pub mod core;
 pub mod net;
+pub mod speaker;
 pub mod tcp;
 
-pub use crate::core::{SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit};
+pub use crate::core::{
+    SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,
+};

@@ -28,7 +28,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 
-use crate::core::{SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit};
+use crate::core::{
+    SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,
+};
 use crate::tcp::{frame_into, Deframer};
 
 /// Where the media socket listens and what address it advertises.
@@ -96,6 +98,7 @@ enum Command {
     Add {
         room: String,
         participant: String,
+        role: SessionRole,
         signals: mpsc::UnboundedSender<SessionSignal>,
         reply: oneshot::Sender<SessionId>,
     },
@@ -214,9 +217,19 @@ impl SfuHandle {
         room: &str,
         participant: &str,
     ) -> Result<(SessionId, mpsc::UnboundedReceiver<SessionSignal>), SfuNetError> {
+        self.add_session_with(room, participant, SessionRole::Participant).await
+    }
+
+    /// [`SfuHandle::add_session`] for a WHIP publisher or WHEP viewer (see [`SessionRole`]).
+    pub async fn add_session_with(
+        &self,
+        room: &str,
+        participant: &str,
+        role: SessionRole,
+    ) -> Result<(SessionId, mpsc::UnboundedReceiver<SessionSignal>), SfuNetError> {
         let (signals, rx) = mpsc::unbounded_channel();
         let (reply, id) = oneshot::channel();
-        self.send(Command::Add { room: room.into(), participant: participant.into(), signals, reply })?;
+        self.send(Command::Add { room: room.into(), participant: participant.into(), role, signals, reply })?;
         Ok((id.await.map_err(|_| SfuNetError::Stopped)?, rx))
     }
 
@@ -724,8 +737,8 @@ async fn run(
 
 fn command(sfu: &mut Sfu, signals: &mut HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>, c: Command) {
     match c {
-        Command::Add { room, participant, signals: tx, reply } => {
-            let id = sfu.add_session(&room, &participant, Instant::now());
+        Command::Add { room, participant, role, signals: tx, reply } => {
+            let id = sfu.add_session_with(&room, &participant, role, Instant::now());
             signals.insert(id, tx);
             let _ = reply.send(id);
         }
