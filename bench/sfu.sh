@@ -195,10 +195,14 @@ fanout() { # SERVER N: N subscribers of one publisher
         subs+=("$LAST_PEER"); files+=("$TMP/s$i.out")
     done
     # webcall: subscribers connect first; Janus: they subscribe once the publisher is there.
-    if [[ $1 == webcall ]]; then wait_lines '^sfu connected' "${files[@]}"; else sleep 2; fi
+    if [[ $1 == webcall ]]; then wait_lines '^sfu connected' "${files[@]}" || true; else sleep 2; fi
     peer pub "$room" $((DUR + 10)) --sfu --send testsrc --size 640x360
     pub=$LAST_PEER
-    wait_lines '^sfu connected' "$TMP/pub.out" "${files[@]}"
+    if ! wait_lines '^sfu connected' "$TMP/pub.out" "${files[@]}"; then
+        echo "$1 fanout $n: not every peer connected within 60 s; run skipped" >&2
+        stop_server
+        return
+    fi
     measure "${files[@]}"
     wait "$pub" || true
     sleep 1
@@ -219,7 +223,12 @@ meeting() { # SERVER M: M participants, each publishing and receiving the others
         peer "m$i" "$room" $((DUR + 30)) --sfu --count-only --send testsrc --size 640x360 --expect $((m - 1))
         ps+=("$LAST_PEER"); files+=("$TMP/m$i.out")
     done
-    wait_lines '^sfu connected' "${files[@]}"
+    if ! wait_lines '^sfu connected' "${files[@]}"; then
+        echo "$1 meeting $m: not every peer connected within 60 s; run skipped" >&2
+        for p in "${ps[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+        stop_server
+        return
+    fi
     # Janus subscribers subscribe once every other publisher is there; webcall's renegotiate as they come.
     sleep 3
     measure "${files[@]}"
