@@ -153,16 +153,18 @@ pub enum MessageKind {
     Answer,
     Candidate,
     Bye,
+    Data,
     Invalid,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 6] = [
+    pub const ALL: [MessageKind; 7] = [
         MessageKind::Join,
         MessageKind::Offer,
         MessageKind::Answer,
         MessageKind::Candidate,
         MessageKind::Bye,
+        MessageKind::Data,
         MessageKind::Invalid,
     ];
 
@@ -173,6 +175,7 @@ impl MessageKind {
             MessageKind::Answer => "answer",
             MessageKind::Candidate => "candidate",
             MessageKind::Bye => "bye",
+            MessageKind::Data => "data",
             MessageKind::Invalid => "invalid",
         }
     }
@@ -278,6 +281,9 @@ pub enum ClientMessage<'a> {
     Join(Join<'a>),
     Relay(Relay<'a>),
     Bye,
+    /// `{"type":"data","data":{…}}`: a JSON object for every other member of an SFU room (chat, media state, name,
+    /// hand: what the data channel carries in a peer-to-peer room).
+    Data(&'a RawValue),
 }
 
 impl ClientMessage<'_> {
@@ -290,6 +296,7 @@ impl ClientMessage<'_> {
                 RelayKind::Candidate => MessageKind::Candidate,
             },
             ClientMessage::Bye => MessageKind::Bye,
+            ClientMessage::Data(_) => MessageKind::Data,
         }
     }
 
@@ -303,6 +310,7 @@ impl ClientMessage<'_> {
             Answer { to: &'a str, sdp: &'a RawValue },
             Candidate { to: &'a str, candidate: &'a RawValue },
             Bye,
+            Data { data: &'a RawValue },
         }
         let out = match self {
             ClientMessage::Join(j) => Out::Join(j),
@@ -312,6 +320,7 @@ impl ClientMessage<'_> {
                 RelayKind::Candidate => Out::Candidate { to, candidate: payload },
             },
             ClientMessage::Bye => Out::Bye,
+            ClientMessage::Data(data) => Out::Data { data },
         };
         serde_json::to_string(&out).expect("client messages serialise")
     }
@@ -469,6 +478,8 @@ struct Fields<'a> {
     sdp: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     candidate: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
 }
 
 /// A present field is `Some`, even when it is `null` (plain `Option` would fold `null` into absent).
@@ -605,11 +616,16 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             Ok(ClientMessage::Relay(Relay { kind, to, payload }))
         }
         "bye" => Ok(ClientMessage::Bye),
+        "data" => match fields.data {
+            Some(d) if d.get().starts_with('{') => Ok(ClientMessage::Data(d)),
+            Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'data' must be an object").refers_to(ty)),
+            None => Err(ProtocolError::new(ErrorCode::MissingField, "'data' needs the field 'data'").refers_to(ty)),
+        },
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(ProtocolError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type '{shown}' (expected join, offer, answer, candidate or bye)"),
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye or data)"),
             ))
         }
     }
@@ -627,6 +643,21 @@ pub struct SfuTrack {
     pub peer: String,
     /// `audio` or `video`.
     pub kind: String,
+    /// The `mid` of this track in the publisher's own connection (its `media` data says which one is its screen).
+    #[serde(rename = "peerMid")]
+    pub peer_mid: String,
+}
+
+/// `{"type":"data","from":…,"data":{…}}`: a member's `data` object, for the others of its SFU room.
+pub fn encode_data(from: &str, data: &RawValue) -> String {
+    let d = data.get();
+    let mut s = String::with_capacity(32 + from.len() + d.len());
+    s.push_str(r#"{"type":"data","from":"#);
+    push_json_str(&mut s, from);
+    s.push_str(r#","data":"#);
+    s.push_str(d);
+    s.push('}');
+    s
 }
 
 /// `{"type":"topology","mode":"sfu"}`: this room's media goes through the server from now on.
@@ -883,14 +914,29 @@ mod tests {
 
     #[test]
     fn sfu_frames_are_json() {
-        let t = [SfuTrack { mid: "2".into(), peer: "Yx3kq0tVb2".into(), kind: "video".into() }];
+        let t = [SfuTrack { mid: "2".into(), peer: "Yx3kq0tVb2".into(), kind: "video".into(), peer_mid: "1".into() }];
         let v: serde_json::Value = serde_json::from_str(&encode_sfu_offer("v=0\r\n\"", &t)).unwrap();
         assert_eq!(v["from"], "sfu");
         assert_eq!(v["tracks"][0]["peer"], "Yx3kq0tVb2");
+        assert_eq!(v["tracks"][0]["peerMid"], "1");
         let v: serde_json::Value = serde_json::from_str(&encode_sfu_answer("v=0\r\n")).unwrap();
         assert_eq!((v["type"].as_str(), v["sdp"].as_str()), (Some("answer"), Some("v=0\r\n")));
         let v: serde_json::Value = serde_json::from_str(encode_topology_sfu()).unwrap();
         assert_eq!(v["mode"], "sfu");
+    }
+
+    #[test]
+    fn data_carries_an_object_for_the_room() {
+        let ClientMessage::Data(d) =
+            parse_client(r#"{"type":"data","data":{"type":"chat","text":"hi \"x\""}}"#).unwrap()
+        else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&encode_data("Yx3kq0tVb2", d)).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"data","from":"Yx3kq0tVb2","data":{"type":"chat","text":"hi \"x\""}}));
+        assert_eq!(code(r#"{"type":"data","data":"hi"}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"data","data":null}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"data"}"#), ErrorCode::MissingField);
     }
 
     #[test]
@@ -1032,7 +1078,8 @@ mod tests {
             assert_eq!(encode_relay(RelayKind::Answer, "A", &raw), answer.to_json());
             let sfu = ServerMessage::Answer { from: SFU_PEER.into(), sdp: sdp.into() };
             assert_eq!(encode_sfu_answer(sdp), sfu.to_json());
-            let tracks = vec![SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into() }];
+            let tracks =
+                vec![SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into(), peer_mid: "0".into() }];
             let sfu = ServerMessage::Offer { from: SFU_PEER.into(), sdp: sdp.into(), tracks: tracks.clone() };
             assert_eq!(encode_sfu_offer(sdp, &tracks), sfu.to_json());
         }
