@@ -644,7 +644,7 @@ pub struct SfuTrack {
     /// `audio` or `video`.
     pub kind: String,
     /// The `mid` of this track in the publisher's own connection (its `media` data says which one is its screen).
-    #[serde(rename = "peerMid")]
+    #[serde(rename = "peerMid", default)]
     pub peer_mid: String,
 }
 
