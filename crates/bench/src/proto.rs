@@ -72,8 +72,8 @@ impl Endpoint {
     /// webcall: connect and join `room`; the `welcome`.
     pub async fn webcall_join(&self, n: usize, room: &str) -> anyhow::Result<(Ws, serde_json::Value)> {
         let mut ws = self.dial(n, None).await?;
-        let join = serde_json::json!({"type": "join", "room": room, "name": format!("bench{n}")});
-        ws.send(Message::text(join.to_string())).await?;
+        let join = webcall_protocol::Join::new(room, format!("bench{n}"));
+        ws.send(Message::text(join.to_json())).await?;
         let welcome = expect_type(&mut ws, "welcome").await?;
         Ok((ws, welcome))
     }

@@ -15,9 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::session::Outgoing;
 use crate::sfu::{self, SfuPeer, SfuSessionConfig, ToSfu, Track};
 use crate::{exit, out, PeerArgs, PeerError};
+use webcall_protocol::Signal;
 
 fn err(what: impl Into<String>) -> PeerError {
     PeerError::Io { what: what.into(), source: std::io::Error::other("Janus") }
@@ -202,7 +202,7 @@ pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> 
         my_feed = joined["plugindata"]["data"]["id"].as_u64();
         let (sig_tx, mut sig) = mpsc::unbounded_channel();
         let s = sfu::start(session_cfg(Some(src), true, sig_tx)).await?;
-        let Some((_, Outgoing::Offer(sdp))) = sig.recv().await else { return Err(err("no offer from the session")) };
+        let Some((_, Signal::Offer(sdp))) = sig.recv().await else { return Err(err("no offer from the session")) };
         j.message(
             h,
             json!({"request": "publish", "audio": true, "video": true}),
@@ -252,6 +252,7 @@ pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> 
                             mid: s["mid"].as_str()?.to_owned(),
                             peer: s["feed_id"].as_u64()?.to_string(),
                             kind: s["type"].as_str().unwrap_or("").to_owned(),
+                            peer_mid: s["feed_mid"].as_str().unwrap_or("").to_owned(),
                         })
                     })
                     .collect()
@@ -260,7 +261,7 @@ pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> 
         let (sig_tx, mut sig) = mpsc::unbounded_channel();
         let s = sfu::start(session_cfg(None, false, sig_tx)).await?;
         s.send(ToSfu::Offer { sdp: offer.to_owned(), tracks });
-        let Some((_, Outgoing::Answer(sdp))) = sig.recv().await else { return Err(err("no answer from the session")) };
+        let Some((_, Signal::Answer(sdp))) = sig.recv().await else { return Err(err("no answer from the session")) };
         j.message(h, json!({"request": "start"}), Some(json!({"type": "answer", "sdp": sdp}))).await?;
         j.trickle_done(h).await?;
         sessions.push(s);

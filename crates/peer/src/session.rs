@@ -17,6 +17,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
+use webcall_protocol::{IceCandidate, Signal};
 
 use crate::gather::{GatherEvent, Gatherer, IceConfig, Recv};
 use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
@@ -54,18 +55,10 @@ pub fn prepare_dtls_cert() {
 pub enum ToSession {
     Offer(String),
     Answer(String),
-    Candidate(Option<Value>),
+    Candidate(Option<IceCandidate>),
     /// A chat message, already encoded as the JSON the data channel carries.
     Chat(Arc<str>),
     Close,
-}
-
-/// What a session asks the controller to send to its remote peer.
-#[derive(Debug, Clone)]
-pub enum Outgoing {
-    Offer(String),
-    Answer(String),
-    Candidate(Option<Value>),
 }
 
 /// What the session has seen, for stats lines and the exit code.
@@ -105,7 +98,7 @@ pub struct SessionConfig {
     pub chat: bool,
     /// STUN/TURN servers from the welcome, and `--relay`.
     pub ice: IceConfig,
-    pub signal: mpsc::UnboundedSender<(String, Outgoing)>,
+    pub signal: mpsc::UnboundedSender<(String, Signal)>,
 }
 
 pub struct Session {
@@ -239,7 +232,7 @@ impl Session {
         Ok((s, udp_rx, readers))
     }
 
-    fn send(&self, m: Outgoing) {
+    fn send(&self, m: Signal) {
         let _ = self.cfg.signal.send((self.cfg.remote_id.clone(), m));
     }
 
@@ -251,7 +244,7 @@ impl Session {
             self.first_mid = Some(mid.trim().to_owned());
         }
         if self.gather.is_done() {
-            self.send(Outgoing::Candidate(None));
+            self.send(Signal::Candidate(None));
         }
     }
 
@@ -275,18 +268,20 @@ impl Session {
                     let ms = self.gather.started().elapsed().as_millis();
                     out(format!("peer {} local candidate {kind} {addr} after {ms} ms", self.cfg.remote_id));
                     if self.sdp_sent {
-                        let mut j = json!({"candidate": line, "sdpMLineIndex": 0});
-                        if let Some(mid) = &self.first_mid {
-                            j["sdpMid"] = json!(mid);
-                        }
-                        self.send(Outgoing::Candidate(Some(j)));
+                        let c = IceCandidate {
+                            candidate: line,
+                            sdp_mid: self.first_mid.clone(),
+                            sdp_m_line_index: Some(0),
+                            username_fragment: None,
+                        };
+                        self.send(Signal::Candidate(Some(c)));
                     }
                 }
                 GatherEvent::Done => {
                     let ms = self.gather.started().elapsed().as_millis();
                     out(format!("peer {} gathering complete in {ms} ms", self.cfg.remote_id));
                     if self.sdp_sent {
-                        self.send(Outgoing::Candidate(None));
+                        self.send(Signal::Candidate(None));
                     }
                 }
             }
@@ -320,7 +315,7 @@ impl Session {
         if let Some((offer, pending)) = change.apply() {
             self.pending = Some(pending);
             let sdp = offer.to_sdp_string();
-            self.send(Outgoing::Offer(sdp.clone()));
+            self.send(Signal::Offer(sdp.clone()));
             self.sdp_sent(&sdp);
         }
     }
@@ -385,7 +380,7 @@ impl Session {
             Ok(answer) => {
                 self.have_remote_description = true;
                 let answer = answer.to_sdp_string();
-                self.send(Outgoing::Answer(answer.clone()));
+                self.send(Signal::Answer(answer.clone()));
                 self.sdp_sent(&answer);
                 self.flush_candidates();
                 self.learn_offered_media(sdp);
@@ -416,9 +411,9 @@ impl Session {
         }
     }
 
-    fn on_candidate(&mut self, c: Option<Value>) {
+    fn on_candidate(&mut self, c: Option<IceCandidate>) {
         let Some(c) = c else { return };
-        let line = c.get("candidate").and_then(Value::as_str).unwrap_or("");
+        let line = c.candidate.as_str();
         if line.is_empty() {
             return; // Some browsers signal end-of-candidates this way.
         }

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaKind, MediaTime, Mid};
@@ -25,64 +24,12 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
 use crate::out;
-use crate::session::{Outgoing, Report};
-
-/// The reserved peer id of the server's SFU.
-pub const SFU_PEER: &str = "sfu";
-
-/// SFU messages among the server's, read from the raw text (the `tracks` of an offer are not in
-/// `ServerMessage`).
-#[derive(Debug)]
-pub enum SfuMessage {
-    /// `{"type":"topology","mode":"sfu"}`.
-    Topology,
-    Offer {
-        sdp: String,
-        tracks: Vec<Track>,
-    },
-    Answer {
-        sdp: String,
-    },
-}
+use crate::session::Report;
+use webcall_protocol::Signal;
 
 /// One m-line of a server offer that carries another participant's media.
-#[derive(Debug, Clone)]
-pub struct Track {
-    pub mid: String,
-    pub peer: String,
-    pub kind: String,
-}
-
-/// `Some` for the messages of the SFU mode: `topology`, and `offer`/`answer` from `sfu`.
-pub fn parse(text: &str) -> Option<SfuMessage> {
-    // Cheap test first: most messages are none of these.
-    if !text.contains("\"topology\"") && !text.contains("\"sfu\"") {
-        return None;
-    }
-    let v: Value = serde_json::from_str(text).ok()?;
-    match v["type"].as_str()? {
-        "topology" if v["mode"] == "sfu" => Some(SfuMessage::Topology),
-        "offer" if v["from"] == SFU_PEER => {
-            let tracks = v["tracks"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|t| {
-                            Some(Track {
-                                mid: t["mid"].as_str()?.to_owned(),
-                                peer: t["peer"].as_str()?.to_owned(),
-                                kind: t["kind"].as_str().unwrap_or("").to_owned(),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Some(SfuMessage::Offer { sdp: v["sdp"].as_str()?.to_owned(), tracks })
-        }
-        "answer" if v["from"] == SFU_PEER => Some(SfuMessage::Answer { sdp: v["sdp"].as_str()?.to_owned() }),
-        _ => None,
-    }
-}
+pub use webcall_protocol::SfuTrack as Track;
+use webcall_protocol::SFU_PEER;
 
 /// What the controller tells the SFU session.
 #[derive(Debug)]
@@ -178,7 +125,7 @@ pub struct SfuSessionConfig {
     /// Offer our media first (webcall's SFU); `false`: wait for the server's offer (a Janus subscriber).
     pub offer_first: bool,
     pub names: HashMap<String, String>,
-    pub signal: mpsc::UnboundedSender<(String, Outgoing)>,
+    pub signal: mpsc::UnboundedSender<(String, Signal)>,
 }
 
 /// Starts the SFU session on a task of its own and sends its first offer.
@@ -282,7 +229,7 @@ impl Session {
         })
     }
 
-    fn send(&self, m: Outgoing) {
+    fn send(&self, m: Signal) {
         let _ = self.cfg.signal.send((SFU_PEER.to_owned(), m));
     }
 
@@ -304,7 +251,7 @@ impl Session {
             self.pending = Some(pending);
             self.video = self.video.or(video);
             self.audio = self.audio.or(audio);
-            self.send(Outgoing::Offer(offer.to_sdp_string()));
+            self.send(Signal::Offer(offer.to_sdp_string()));
         }
     }
 
@@ -320,7 +267,7 @@ impl Session {
             self.audio = self.audio.filter(|m| self.rtc.media(*m).is_some());
         }
         match self.rtc.sdp_api().accept_offer(offer) {
-            Ok(answer) => self.send(Outgoing::Answer(answer.to_sdp_string())),
+            Ok(answer) => self.send(Signal::Answer(answer.to_sdp_string())),
             Err(e) => return tracing::warn!("sfu: offer refused: {e}"),
         }
         self.mapping = tracks.iter().map(|t| (Mid::from(t.mid.as_str()), t.peer.clone())).collect();
@@ -612,20 +559,4 @@ fn is_rtp(d: &[u8]) -> bool {
 /// File-name-safe version of a display name.
 fn sanitize(name: &str) -> String {
     name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_sfu_messages_only() {
-        assert!(matches!(parse(r#"{"type":"topology","mode":"sfu"}"#), Some(SfuMessage::Topology)));
-        let o = parse(r#"{"type":"offer","from":"sfu","sdp":"v=0","tracks":[{"mid":"a","peer":"P","kind":"video"}]}"#);
-        let Some(SfuMessage::Offer { sdp, tracks }) = o else { panic!("{o:?}") };
-        assert_eq!((sdp.as_str(), tracks[0].peer.as_str(), tracks[0].mid.as_str()), ("v=0", "P", "a"));
-        assert!(matches!(parse(r#"{"type":"answer","from":"sfu","sdp":"x"}"#), Some(SfuMessage::Answer { .. })));
-        assert!(parse(r#"{"type":"offer","from":"Yx3kq0tVb2","sdp":"v=0"}"#).is_none());
-        assert!(parse(r#"{"type":"hello","from":"sfu2","name":"sfu"}"#).is_none());
-    }
 }

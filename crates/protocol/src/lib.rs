@@ -358,13 +358,28 @@ impl<'a> Join<'a> {
     }
 }
 
+/// The browser's `RTCIceCandidateInit`: the payload of `candidate` (the server relays it verbatim).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IceCandidate {
+    /// The `a=candidate` line without `a=`; empty marks the end of candidates in some browsers.
+    #[serde(default)]
+    pub candidate: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(rename = "sdpMLineIndex", default, skip_serializing_if = "Option::is_none")]
+    pub sdp_m_line_index: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_fragment: Option<String>,
+}
+
 /// What a client relays to another peer (or to [`SFU_PEER`]): the payload of `offer`, `answer` or `candidate`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Signal {
     Offer(String),
     Answer(String),
-    /// An `RTCIceCandidateInit` object; `None` (`null`) marks the end of candidates.
-    Candidate(Option<serde_json::Value>),
+    /// `None` (`null`) marks the end of candidates.
+    Candidate(Option<IceCandidate>),
 }
 
 impl Signal {
@@ -383,7 +398,7 @@ impl Signal {
         enum Out<'a> {
             Offer { to: &'a str, sdp: &'a str },
             Answer { to: &'a str, sdp: &'a str },
-            Candidate { to: &'a str, candidate: &'a Option<serde_json::Value> },
+            Candidate { to: &'a str, candidate: &'a Option<IceCandidate> },
         }
         let out = match self {
             Signal::Offer(sdp) => Out::Offer { to, sdp },
@@ -629,7 +644,7 @@ pub struct SfuTrack {
     /// `audio` or `video`.
     pub kind: String,
     /// The `mid` of this track in the publisher's own connection (its `media` data says which one is its screen).
-    #[serde(rename = "peerMid")]
+    #[serde(rename = "peerMid", default)]
     pub peer_mid: String,
 }
 
@@ -833,7 +848,7 @@ pub enum ServerMessage {
     },
     Candidate {
         from: String,
-        candidate: Option<serde_json::Value>,
+        candidate: Option<IceCandidate>,
     },
     Bye {
         from: String,
@@ -1068,8 +1083,12 @@ mod tests {
             let sfu = ServerMessage::Offer { from: SFU_PEER.into(), sdp: sdp.into(), tracks: tracks.clone() };
             assert_eq!(encode_sfu_offer(sdp, &tracks), sfu.to_json());
         }
-        // serde_json writes objects with sorted keys; a relayed candidate keeps the sender's bytes, so compare sorted.
-        let c = serde_json::json!({"candidate": "candidate:1 1 udp 1 127.0.0.1 5 typ host", "sdpMLineIndex": 0, "sdpMid": "0"});
+        let c = IceCandidate {
+            candidate: "candidate:1 1 udp 1 127.0.0.1 5 typ host".into(),
+            sdp_mid: Some("0".into()),
+            sdp_m_line_index: Some(0),
+            username_fragment: None,
+        };
         for candidate in [None, Some(c)] {
             let raw = serde_json::value::to_raw_value(&candidate).unwrap();
             let m = ServerMessage::Candidate { from: "B".into(), candidate };
@@ -1098,7 +1117,7 @@ mod tests {
         assert_eq!(back, j);
         let plain = Join::new("r", "");
         assert_eq!(plain.to_json(), r#"{"type":"join","room":"r","name":""}"#);
-        let c = serde_json::json!({"candidate": "candidate:1 1 udp 1 ::1 5 typ host", "sdpMid": "0"});
+        let c = IceCandidate { candidate: "candidate:1 1 udp 1 ::1 5 typ host".into(), ..Default::default() };
         for s in [
             Signal::Offer("v=0\r\n".into()),
             Signal::Answer("\"".into()),

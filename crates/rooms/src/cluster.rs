@@ -411,7 +411,7 @@ impl Rooms {
         self.now = now;
         let Some(conn) = self.peers.get(from).filter(|p| !p.remote).and_then(|p| p.conn) else { return };
         if self.accepting(conn) {
-            self.counters.errors[e.code as usize] += 1;
+            self.counters.errors[e.code] += 1;
             self.push(conn, Arc::from(e.to_json()));
         }
     }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use webcall_protocol::{
-    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, Join,
-    PeerInfo, ProtocolError, Relay, SFU_PEER,
+    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, ErrorCounts,
+    Join, MessageCounts, MessageKind, PeerInfo, ProtocolError, Relay, SFU_PEER,
 };
 
 /// Frames in order, with their total size: memory bounds are in bytes, not only frames.
@@ -237,16 +237,13 @@ impl JoinPolicy for OpenPolicy {
     }
 }
 
-/// Message kinds counted in [`Counters::messages`], in index order.
-pub const MESSAGE_KINDS: [&str; 7] = ["join", "offer", "answer", "candidate", "bye", "data", "invalid"];
-
 /// Monotonic counters for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Received messages by kind ([`MESSAGE_KINDS`]).
-    pub messages: [u64; MESSAGE_KINDS.len()],
-    /// Refusals by code, indexed like [`ErrorCode::ALL`].
-    pub errors: [u64; ErrorCode::ALL.len()],
+    /// Received messages by kind.
+    pub messages: MessageCounts,
+    /// Refusals by code.
+    pub errors: ErrorCounts,
     pub joins: u64,
     pub resumes: u64,
     /// Sessions that ended because their grace period ran out.
@@ -532,19 +529,12 @@ impl Rooms {
                 ErrorCode::RateLimited,
                 format!("more than {ahead} messages ahead of {limit} per second; closing"),
             );
-            self.counters.errors[e.code as usize] += 1;
+            self.counters.errors[e.code] += 1;
             self.push(conn, Arc::from(e.to_json()));
             return self.close(conn, close::POLICY, close::FLOODING);
         }
         let parsed = parse_client(text);
-        let kind = match &parsed {
-            Ok(ClientMessage::Join(_)) => 0,
-            Ok(ClientMessage::Relay(r)) => 1 + r.kind as usize,
-            Ok(ClientMessage::Bye) => 4,
-            Ok(ClientMessage::Data(_)) => 5,
-            Err(_) => 6,
-        };
-        self.counters.messages[kind] += 1;
+        self.counters.messages[MessageKind::of(&parsed)] += 1;
         match parsed {
             Err(e) => self.refuse(conn, e, now),
             Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
@@ -686,7 +676,7 @@ impl Rooms {
     }
 
     fn too_large(&mut self, conn: ConnId, len: usize) {
-        self.counters.errors[ErrorCode::TooLarge as usize] += 1;
+        self.counters.errors[ErrorCode::TooLarge] += 1;
         let max = self.cfg.max_message_size;
         let e =
             ProtocolError::new(ErrorCode::TooLarge, format!("a frame of {len} bytes is over the limit of {max} bytes"));
@@ -695,7 +685,7 @@ impl Rooms {
     }
 
     fn refuse(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
-        self.counters.errors[e.code as usize] += 1;
+        self.counters.errors[e.code] += 1;
         self.push(conn, Arc::from(e.to_json()));
         let max = self.cfg.max_errors;
         let t = self.nanos(now);

@@ -2,8 +2,7 @@
 //! adapter already keep, so this is a formatter (a few lines) rather than a metrics registry.
 
 use std::fmt::Write;
-use webcall_protocol::ErrorCode;
-use webcall_rooms::{Counters, Stats, MESSAGE_KINDS};
+use webcall_rooms::{Counters, Stats};
 
 /// Counters kept by the HTTP/WebSocket adapter.
 #[derive(Default)]
@@ -32,11 +31,11 @@ pub fn render(stats: Stats, counters: &Counters, adapter: &AdapterCounters, extr
         let _ = writeln!(o, "{name} {v}");
     }
     metric(&mut o, "webcall_messages_total", "counter", "Client messages received, by type.");
-    for (kind, v) in MESSAGE_KINDS.iter().zip(counters.messages) {
+    for (kind, v) in counters.messages.iter() {
         let _ = writeln!(o, "webcall_messages_total{{type=\"{kind}\"}} {v}");
     }
     metric(&mut o, "webcall_errors_total", "counter", "Refused client messages, by error code.");
-    for (code, v) in ErrorCode::ALL.iter().zip(counters.errors) {
+    for (code, v) in counters.errors.iter() {
         let _ = writeln!(o, "webcall_errors_total{{code=\"{code}\"}} {v}");
     }
     for (name, help, v) in [

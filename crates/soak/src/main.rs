@@ -8,13 +8,14 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
+use webcall_protocol::{IceCandidate, Join, Signal, BYE};
 
 #[derive(Parser)]
 #[command(about = "Bounded soak/abuse run against a webcall server on loopback")]
@@ -125,10 +126,10 @@ async fn good_pair(
     until: Instant,
 ) -> Result<[(u64, u64, u64); 2]> {
     let mut a = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 251))).await?;
-    a.send(Message::text(json!({"type":"join","room":"soak-good","name":"A"}).to_string())).await?;
+    a.send(Message::text(Join::new("soak-good", "A").to_json())).await?;
     let wa = recv_json(&mut a, Duration::from_secs(5)).await.context("A's welcome")?;
     let mut b = connect(server_b, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252))).await?;
-    b.send(Message::text(json!({"type":"join","room":"soak-good","name":"B"}).to_string())).await?;
+    b.send(Message::text(Join::new("soak-good", "B").to_json())).await?;
     let wb = recv_json(&mut b, Duration::from_secs(5)).await.context("B's welcome")?;
     recv_json(&mut a, Duration::from_secs(5)).await.context("A sees B's hello")?;
     let (ida, idb) = (wa["id"].as_str().unwrap().to_owned(), wb["id"].as_str().unwrap().to_owned());
@@ -139,8 +140,9 @@ async fn good_pair(
             let mut seq = 0u64;
             while Instant::now() < until {
                 tick.tick().await;
-                let m = json!({"type":"candidate","to":to,"candidate":{"candidate":format!("seq {seq}"),"sdpMid":"0"}});
-                if sink.send(Message::text(m.to_string())).await.is_err() {
+                let c =
+                    IceCandidate { candidate: format!("seq {seq}"), sdp_mid: Some("0".into()), ..Default::default() };
+                if sink.send(Message::text(Signal::Candidate(Some(c)).to_json(&to))).await.is_err() {
                     break;
                 }
                 seq += 1;
@@ -215,20 +217,19 @@ async fn churner(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
             continue;
         };
         let room = format!("churn-{}", (i * 7 + round) % 1000);
-        if ws.send(Message::text(json!({"type":"join","room":room,"name":format!("c{i}")}).to_string())).await.is_err()
-        {
+        if ws.send(Message::text(Join::new(room.as_str(), format!("c{i}")).to_json())).await.is_err() {
             continue;
         }
         match recv_json(&mut ws, Duration::from_secs(5)).await {
             Some(v) if v["type"] == "welcome" => {
                 t.churn_joins.fetch_add(1, Relaxed);
                 if let Some(other) = v["peers"].get(0).and_then(|p| p["id"].as_str()) {
-                    let m = json!({"type":"offer","to":other,"sdp":"v=0 churn"});
-                    let _ = ws.send(Message::text(m.to_string())).await;
+                    let m = Signal::Offer("v=0 churn".into()).to_json(other);
+                    let _ = ws.send(Message::text(m)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(50 + (i % 200) as u64)).await;
                 if round % 2 == 0 {
-                    let _ = ws.send(Message::text(r#"{"type":"bye"}"#)).await;
+                    let _ = ws.send(Message::text(BYE)).await;
                     let _ = ws.close(None).await;
                 } // else: just drop it, leaving a session in its grace period
             }
@@ -274,11 +275,11 @@ async fn oversized(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) 
 async fn slow_pair(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) -> Result<()> {
     let room = format!("slow-{i}");
     let mut slow = connect(server, source(i + 3000)).await?;
-    slow.send(Message::text(json!({"type":"join","room":room}).to_string())).await?;
+    slow.send(Message::text(Join::new(room.as_str(), "").to_json())).await?;
     let w = recv_json(&mut slow, Duration::from_secs(5)).await.context("slow reader's welcome")?;
     let target = w["id"].as_str().unwrap_or_default().to_owned();
     let mut fast = connect(server, source(i + 4000)).await?;
-    fast.send(Message::text(json!({"type":"join","room":room}).to_string())).await?;
+    fast.send(Message::text(Join::new(room.as_str(), "").to_json())).await?;
     recv_json(&mut fast, Duration::from_secs(5)).await;
     let sdp = "s".repeat(60_000);
     let (mut sink, mut stream) = fast.split();
@@ -295,8 +296,8 @@ async fn slow_pair(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) 
             if Instant::now() > until {
                 break;
             }
-            let m = json!({"type":"offer","to":target,"sdp":sdp});
-            if sink.send(Message::text(m.to_string())).await.is_err() {
+            let m = Signal::Offer(sdp.clone()).to_json(&target);
+            if sink.send(Message::text(m)).await.is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await; // under the default rate limit of 50/s

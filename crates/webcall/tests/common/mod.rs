@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -141,7 +141,7 @@ impl Client {
     /// Connects and joins; keeps id and resume token.
     pub async fn join(url: &str, room: &str, name: &str) -> (Client, Value) {
         let mut c = Client::connect(url).await;
-        c.send(json!({"type":"join","room":room,"name":name})).await;
+        c.send_text(&webcall_protocol::Join::new(room, name).to_json()).await;
         let w = c.expect("welcome").await;
         c.id = w["id"].as_str().unwrap().to_owned();
         c.resume = w["resume"].as_str().unwrap().to_owned();
