@@ -18,7 +18,7 @@ trap 'for p in "${pids[@]}"; do kill -CONT "$p" 2>/dev/null; kill "$p" 2>/dev/nu
 # serve NAME [flags…]: starts a node, sets PID and ADDR.
 serve() {
     local name=$1; shift
-    "$webcall" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 "$@" >"$tmp/$name" 2>/dev/null & PID=$!
+    "$webcall" serve --listen 127.0.0.1:0 --turn-listen 127.0.0.1:0 --media-listen 127.0.0.1:0 "$@" >"$tmp/$name" 2>/dev/null & PID=$!
     pids+=("$PID")
     for _ in $(seq 50); do grep -q listening "$tmp/$name" && break; sleep 0.1; done
     ADDR=$(grep -o 'http://[0-9.:]*' "$tmp/$name" | sed 's|http://||')

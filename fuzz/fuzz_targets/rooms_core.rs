@@ -33,8 +33,8 @@ fuzz_target!(|ops: Vec<Op>| {
         max_errors: 5.0,
         ..Config::default()
     };
-    let mut rooms = Rooms::new(cfg, Box::new(|_: &str| Vec::new()));
     let mut now = Instant::now();
+    let mut rooms = Rooms::new(cfg, Box::new(|_: &str| Vec::new()), now);
     let mut conns: Vec<u64> = Vec::new();
     let mut ids: Vec<String> = Vec::new();
     let mut tokens: Vec<String> = Vec::new();

@@ -87,15 +87,31 @@ impl Links {
     /// Sends `body` to `node`, kept until acknowledged. `force` ignores the bound (for messages that must not be
     /// refused: returns and hand-overs, bounded by what others sent).
     pub fn send(&mut self, node: &str, body: &str, force: bool) -> Result<(), Full> {
-        let payload = format!("Q\n{}\n{}\n{}\n{body}", self.me, self.boot, self.sent(node) + 1);
-        if !force && self.bytes + payload.len() > self.limit {
+        self.send_parts(node, &[body], force)
+    }
+
+    /// [`Links::send`] of the concatenation of `body`: the payload is written once, not assembled first.
+    pub fn send_parts(&mut self, node: &str, body: &[&str], force: bool) -> Result<(), Full> {
+        use std::fmt::Write;
+        let seq = self.sent(node) + 1;
+        let digits = seq.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let len = 5 + self.me.len() + self.boot.len() + digits + body.iter().map(|b| b.len()).sum::<usize>();
+        if !force && self.bytes + len > self.limit {
             return Err(Full { bytes: self.bytes, limit: self.limit });
         }
-        let o = self.out.entry(node.to_owned()).or_default();
-        o.sent += 1;
+        let mut payload = String::with_capacity(len);
+        let _ = write!(payload, "Q\n{}\n{}\n{seq}\n", self.me, self.boot);
+        body.iter().for_each(|b| payload.push_str(b));
+        // Per message: no owned key unless the link is new.
+        let o = match self.out.get_mut(node) {
+            Some(o) => o,
+            None => self.out.entry(node.to_owned()).or_default(),
+        };
+        o.sent = seq;
+        debug_assert_eq!(payload.len(), len);
         self.bytes += payload.len();
         let payload: Arc<str> = Arc::from(payload);
-        o.buf.push_back((o.sent, payload.clone()));
+        o.buf.push_back((seq, payload.clone()));
         self.publish.push_back((node.to_owned(), payload));
         Ok(())
     }

@@ -1,19 +1,22 @@
 //! Cluster mode: the same core on every node, with cluster-wide facts decided elsewhere (see `docs/cluster.md`).
 //!
-//! Off by default. In cluster mode a `join` is not decided here: the core runs its local checks (policy, this
-//! node's room limit) and emits [`ClusterOutput::Join`]; the adapter takes a seat cluster-wide and answers with
-//! [`Rooms::admit`] or [`Rooms::refuse_join`]. Peers of a room that live on other nodes are *remote* members: they
-//! appear in `welcome` and can be addressed, but frames for them leave as [`ClusterOutput::Relay`]. Joins and
-//! leaves on other nodes come in as [`Rooms::remote_join`] / [`Rooms::remote_leave`], their frames as
-//! [`Rooms::remote_deliver`]. A session resumed on another node is handed over with [`Rooms::take_over`] (old
-//! node) and [`Rooms::handover`] (new node), so its queue keeps its order.
+//! [`ClusterRooms`] is the single-node core with the cluster's inputs around it. There a `join` is not decided by
+//! the core: it runs its local checks (policy, this node's room limit) and emits [`ClusterOutput::Join`]; the
+//! adapter takes a seat cluster-wide and answers with [`ClusterRooms::admit`] or [`ClusterRooms::refuse_join`].
+//! Peers of a room that live on other nodes are *remote* members: they appear in `welcome` and can be addressed,
+//! but frames for them leave as [`ClusterOutput::Relay`]. Joins and leaves on other nodes come in as
+//! [`ClusterRooms::remote_join`] / [`ClusterRooms::remote_leave`], their frames as [`ClusterRooms::remote_deliver`].
+//! A session resumed on another node is handed over with [`ClusterRooms::take_over`] (old node) and
+//! [`ClusterRooms::handover`] (new node), so its queue keeps its order. Every output, the cluster's too, leaves
+//! through [`Rooms::poll_output`].
 
 use super::*;
 
-/// What the cluster adapter must do; only emitted in cluster mode.
+/// What the cluster adapter must do ([`Output::Cluster`]); only a [`ClusterRooms`] core emits these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterOutput {
-    /// Take a seat (or resume a session) cluster-wide, then call [`Rooms::admit`] or [`Rooms::refuse_join`].
+    /// Take a seat (or resume a session) cluster-wide, then call [`ClusterRooms::admit`] or
+    /// [`ClusterRooms::refuse_join`].
     Join {
         conn: ConnId,
         room: String,
@@ -30,7 +33,7 @@ pub enum ClusterOutput {
     Left { id: Arc<str>, room: Arc<str> },
 }
 
-/// A session of this node, as [`Rooms::local_sessions`] lists it.
+/// A session of this node, as [`ClusterRooms::local_sessions`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalSession {
     pub id: Arc<str>,
@@ -47,7 +50,7 @@ pub enum AdmitKind {
     Fresh,
     /// The resume token named a session of this node.
     Resumed,
-    /// The resume token named a session of another node; its queue comes with [`Rooms::handover`].
+    /// The resume token named a session of another node; its queue comes with [`ClusterRooms::handover`].
     ResumedFromElsewhere,
 }
 
@@ -65,17 +68,8 @@ pub struct Admitted {
     pub peers: Vec<PeerInfo>,
 }
 
+/// The hooks the single-node core calls on a cluster node (join, leave).
 impl Rooms {
-    /// Switches to cluster mode (before any input).
-    pub fn clustered(mut self) -> Self {
-        self.clustered = true;
-        self
-    }
-
-    pub fn poll_cluster_output(&mut self) -> Option<ClusterOutput> {
-        self.cluster_out.pop_front()
-    }
-
     /// Whether any session of this node is in the room.
     pub(crate) fn has_local_members(&self, room: &str) -> bool {
         self.rooms.get(room).is_some_and(|r| r.members.iter().any(|m| !self.peers[m].remote))
@@ -108,7 +102,7 @@ impl Rooms {
         }
         let name = admission.name.clone().unwrap_or_else(|| j.name.to_string());
         self.conns.get_mut(&conn).expect("live").joining = true;
-        self.cluster_out.push_back(ClusterOutput::Join {
+        self.out.push_back(Output::Cluster(ClusterOutput::Join {
             conn,
             room: j.room.to_string(),
             name,
@@ -116,35 +110,81 @@ impl Rooms {
             resume: j.resume.as_deref().map(str::to_owned),
             publish: admission.publish,
             refused,
-        });
+        }));
+    }
+}
+
+/// A cluster node's room core: the single-node core ([`Rooms`], reached through `Deref`: connections, messages,
+/// timers and the one output channel) with the cluster's inputs around it.
+pub struct ClusterRooms {
+    core: Rooms,
+}
+
+impl std::ops::Deref for ClusterRooms {
+    type Target = Rooms;
+    fn deref(&self) -> &Rooms {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for ClusterRooms {
+    fn deref_mut(&mut self) -> &mut Rooms {
+        &mut self.core
+    }
+}
+
+impl std::borrow::Borrow<Rooms> for ClusterRooms {
+    fn borrow(&self) -> &Rooms {
+        &self.core
+    }
+}
+
+impl std::borrow::BorrowMut<Rooms> for ClusterRooms {
+    fn borrow_mut(&mut self) -> &mut Rooms {
+        &mut self.core
+    }
+}
+
+impl ClusterRooms {
+    /// `now`: as for [`Rooms::new`].
+    pub fn new(cfg: Config, ice: Box<dyn IceProvider>, now: Instant) -> Self {
+        let mut core = Rooms::new(cfg, ice, now);
+        core.clustered = true;
+        ClusterRooms { core }
+    }
+
+    /// Replaces the default [`OpenPolicy`].
+    pub fn with_policy(mut self, policy: Box<dyn JoinPolicy>) -> Self {
+        self.core = self.core.with_policy(policy);
+        self
     }
 
     /// The cluster refused a [`ClusterOutput::Join`] (room full, backend unavailable, …).
     pub fn refuse_join(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
-        self.now = now;
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        self.core.now = now;
+        let Some(c) = self.core.conns.get_mut(&conn) else { return };
         if !std::mem::take(&mut c.joining) || c.closing {
             return;
         }
-        self.refuse(conn, e.refers_to("join"), now);
+        self.core.refuse(conn, e.refers_to("join"), now);
     }
 
     /// Makes the room's remote members match `peers` (the cluster's view when the seat was taken), telling local
     /// members about differences as joins and leaves.
     fn sync_room(&mut self, room: &str, peers: &[PeerInfo], except: &str) {
-        if let Some(r) = self.rooms.get(room) {
+        if let Some(r) = self.core.rooms.get(room) {
             let gone: Vec<Arc<str>> = r
                 .members
                 .iter()
-                .filter(|m| self.peers[*m].remote && &***m != except && !peers.iter().any(|p| *p.id == ***m))
+                .filter(|m| self.core.peers[*m].remote && &***m != except && !peers.iter().any(|p| *p.id == ***m))
                 .cloned()
                 .collect();
             for id in gone {
-                self.leave(&id);
+                self.core.leave(&id);
             }
         }
         for p in peers {
-            if p.id != except && !self.peers.contains_key(p.id.as_str()) {
+            if p.id != except && !self.core.peers.contains_key(p.id.as_str()) {
                 self.add_remote(room, &p.id, &p.name);
             }
         }
@@ -153,74 +193,75 @@ impl Rooms {
     fn add_remote(&mut self, room: &str, id: &str, name: &str) {
         let id: Arc<str> = Arc::from(id);
         self.add_remote_silently(room, &id, name);
-        let p = &self.peers[&id];
+        let p = &self.core.peers[&id];
         let (room, hello) = (p.room.clone(), Arc::from(encode_hello(&id, &p.name)));
-        self.broadcast(&room, &id, hello);
+        self.core.broadcast(&room, &id, hello);
     }
 
     /// The cluster admitted a join this node asked for.
     pub fn admit(&mut self, a: Admitted, now: Instant) {
-        self.now = now;
-        let live = self.conns.get_mut(&a.conn).filter(|c| c.joining && !c.closing).map(|c| c.joining = false).is_some();
+        self.core.now = now;
+        let live =
+            self.core.conns.get_mut(&a.conn).filter(|c| c.joining && !c.closing).map(|c| c.joining = false).is_some();
         let conn = live.then_some(a.conn);
         self.sync_room(&a.room, &a.peers, &a.id);
         let id: Arc<str> = Arc::from(a.id.as_str());
-        let local = self.peers.get(&id).is_some_and(|p| !p.remote);
+        let local = self.core.peers.get(&id).is_some_and(|p| !p.remote);
         match a.kind {
             AdmitKind::Resumed if local => {
-                self.counters.resumes += 1;
+                self.core.counters.resumes += 1;
                 match conn {
-                    Some(conn) => self.resume_with(conn, id, a.token.into()),
-                    None => self.peers.get_mut(&id).expect("local").token = a.token.into(),
+                    Some(conn) => self.core.resume_with(conn, id, a.token.into()),
+                    None => self.core.peers.get_mut(&id).expect("local").token = a.token.into(),
                 }
             }
             AdmitKind::Resumed | AdmitKind::ResumedFromElsewhere => {
                 // Wait for the old node's queue; meanwhile frames for the peer queue here, behind it.
                 self.ensure_local(&a, &id, now);
-                let p = self.peers.get_mut(&id).expect("ensured");
+                let p = self.core.peers.get_mut(&id).expect("ensured");
                 p.awaiting = conn;
                 if let Some(conn) = conn {
-                    self.conns.get_mut(&conn).expect("live").joining = true;
+                    self.core.conns.get_mut(&conn).expect("live").joining = true;
                 }
             }
             AdmitKind::Fresh => {
-                self.counters.joins += 1;
+                self.core.counters.joins += 1;
                 self.ensure_local(&a, &id, now);
                 if let Some(conn) = conn {
                     self.attach(conn, &id, false, Queue::default());
                 }
-                let name = self.peers[&id].name.clone();
-                let room = self.peers[&id].room.clone();
-                self.broadcast(&room, &id, Arc::from(encode_hello(&id, &name)));
+                let name = self.core.peers[&id].name.clone();
+                let room = self.core.peers[&id].room.clone();
+                self.core.broadcast(&room, &id, Arc::from(encode_hello(&id, &name)));
             }
         }
     }
 
     /// Makes `id` a detached local session of `a.room` (grace period running).
     fn ensure_local(&mut self, a: &Admitted, id: &Arc<str>, now: Instant) {
-        if !self.peers.contains_key(id) {
+        if !self.core.peers.contains_key(id) {
             self.add_remote_silently(&a.room, id, &a.name);
         }
-        let p = self.peers.get_mut(id).expect("ensured");
+        let p = self.core.peers.get_mut(id).expect("ensured");
         p.remote = false;
         p.conn = None;
         p.token = Arc::from(a.token.as_str());
         p.publish = a.publish;
         p.epoch += 1;
         let epoch = p.epoch;
-        self.deadlines.push_back((now + self.cfg.resume_grace, id.clone(), epoch));
+        self.core.deadlines.push_back((now + self.core.cfg.resume_grace, id.clone(), epoch));
     }
 
     fn add_remote_silently(&mut self, room: &str, id: &Arc<str>, name: &str) {
-        let room: Arc<str> = match self.rooms.get_key_value(room) {
+        let room: Arc<str> = match self.core.rooms.get_key_value(room) {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(room);
-                self.rooms.insert(k.clone(), Room::new(None, 0.0, 0));
+                self.core.rooms.insert(k.clone(), Room::new(None, 0.0, 0));
                 k
             }
         };
-        self.peers.insert(
+        self.core.peers.insert(
             id.clone(),
             Peer {
                 name: Arc::from(name),
@@ -235,29 +276,29 @@ impl Rooms {
                 sfu: false,
             },
         );
-        self.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
+        self.core.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
     }
 
     /// Puts a detached local session on `conn`: welcome, then `backlog`, then what queued while detached.
     fn attach(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool, mut backlog: Queue) {
-        let p = self.peers.get_mut(id).expect("local");
+        let p = self.core.peers.get_mut(id).expect("local");
         p.conn = Some(conn);
         p.epoch += 1; // cancels the expiry
         backlog.extend(p.pending.drain(..));
-        let c = self.conns.get_mut(&conn).expect("live");
+        let c = self.core.conns.get_mut(&conn).expect("live");
         c.peer = Some(id.clone());
         c.joining = false;
-        c.limit = self.cfg.max_queued + backlog.len() + 1;
-        self.welcome(conn, id, resumed);
+        c.limit = self.core.cfg.max_queued + backlog.len() + 1;
+        self.core.welcome(conn, id, resumed);
         for frame in backlog {
-            self.push(conn, frame);
+            self.core.push(conn, frame);
         }
     }
 
     /// Peer `id` joined `room` on another node. Ignored when no session of this node is in that room.
     pub fn remote_join(&mut self, room: &str, id: &str, name: &str, now: Instant) {
-        self.now = now;
-        if self.peers.contains_key(id) || !self.has_local_members(room) {
+        self.core.now = now;
+        if self.core.peers.contains_key(id) || !self.core.has_local_members(room) {
             return;
         }
         self.add_remote(room, id, name);
@@ -265,44 +306,44 @@ impl Rooms {
 
     /// Remote peer `id` left its room: the local members get `bye`.
     pub fn remote_leave(&mut self, id: &str, now: Instant) {
-        self.now = now;
-        let Some((id, p)) = self.peers.get_key_value(id) else { return };
+        self.core.now = now;
+        let Some((id, p)) = self.core.peers.get_key_value(id) else { return };
         if p.remote {
             let id = id.clone();
-            self.leave(&id);
+            self.core.leave(&id);
         }
     }
 
     /// A frame from another node for local peer `to`. `false`: no such local session.
     pub fn remote_deliver(&mut self, to: &str, frame: Frame, now: Instant) -> bool {
-        self.now = now;
-        if self.peers.get(to).is_none_or(|p| p.remote) {
+        self.core.now = now;
+        if self.core.peers.get(to).is_none_or(|p| p.remote) {
             return false;
         }
-        self.deliver(to, frame)
+        self.core.deliver(to, frame)
     }
 
     /// Local session `id` was resumed on another node: it becomes a remote member here, its open connection (if
     /// any) is closed as on a local resume, and everything it had not been sent is returned, in order, for the new
     /// node.
     pub fn take_over(&mut self, id: &str, now: Instant) -> Vec<Frame> {
-        self.now = now;
-        let Some((id, p)) = self.peers.get_key_value(id) else { return Vec::new() };
+        self.core.now = now;
+        let Some((id, p)) = self.core.peers.get_key_value(id) else { return Vec::new() };
         if p.remote {
             return Vec::new();
         }
         let id = id.clone();
         let (conn, awaiting) = {
-            let p = self.peers.get_mut(&id).expect("found");
+            let p = self.core.peers.get_mut(&id).expect("found");
             (p.conn.take(), p.awaiting.take())
         };
         let mut frames = Queue::default();
         if let Some(old) = conn {
-            if let Some(c) = self.conns.get_mut(&old) {
+            if let Some(c) = self.core.conns.get_mut(&old) {
                 c.peer = None;
                 frames = std::mem::take(&mut c.out);
             }
-            self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
+            self.core.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
         }
         if let Some(waiting) = awaiting {
             self.refuse_join(
@@ -311,14 +352,14 @@ impl Rooms {
                 now,
             );
         }
-        let p = self.peers.get_mut(&id).expect("found");
+        let p = self.core.peers.get_mut(&id).expect("found");
         frames.extend(p.pending.drain(..));
         p.remote = true;
         p.epoch += 1;
         p.token = Arc::from("");
         let room = p.room.clone();
-        if !self.has_local_members(&room) {
-            self.forget_room(&room);
+        if !self.core.has_local_members(&room) {
+            self.core.forget_room(&room);
         }
         frames.into()
     }
@@ -326,21 +367,21 @@ impl Rooms {
     /// The old node's queue for a session resumed here (empty if the old node could not send it in time): the
     /// waiting connection gets its welcome, these frames, then what queued here since.
     pub fn handover(&mut self, id: &str, frames: Vec<Frame>, now: Instant) {
-        self.now = now;
-        let Some((id, p)) = self.peers.get_key_value(id) else { return };
+        self.core.now = now;
+        let Some((id, p)) = self.core.peers.get_key_value(id) else { return };
         if p.remote {
             return;
         }
         let id = id.clone();
-        let p = self.peers.get_mut(&id).expect("found");
+        let p = self.core.peers.get_mut(&id).expect("found");
         let Some(conn) = p.awaiting.take() else { return };
-        self.counters.resumes += 1;
+        self.core.counters.resumes += 1;
         let backlog: Queue = frames.into();
-        let live = self.conns.get(&conn).is_some_and(|c| c.joining && !c.closing);
+        let live = self.core.conns.get(&conn).is_some_and(|c| c.joining && !c.closing);
         if live {
             self.attach(conn, &id, true, backlog);
         } else {
-            let p = self.peers.get_mut(&id).expect("found");
+            let p = self.core.peers.get_mut(&id).expect("found");
             let mut pending = backlog;
             pending.extend(p.pending.drain(..));
             p.pending = pending;
@@ -350,7 +391,8 @@ impl Rooms {
     /// This node's sessions, for re-asserting them after the cluster store lost them (Redis restarted empty or
     /// failed over to a replica that was behind).
     pub fn local_sessions(&self) -> Vec<LocalSession> {
-        self.peers
+        self.core
+            .peers
             .iter()
             .filter(|(_, p)| !p.remote)
             .map(|(id, p)| LocalSession {
@@ -366,21 +408,22 @@ impl Rooms {
     /// The cluster's membership of `room` (after a blip, when joins and leaves may have been missed): the local
     /// members hear the differences as `hello` and `bye`. Ignored when no session of this node is in the room.
     pub fn sync_remote(&mut self, room: &str, peers: &[PeerInfo], now: Instant) {
-        self.now = now;
-        if self.has_local_members(room) {
+        self.core.now = now;
+        if self.core.has_local_members(room) {
             self.sync_room(room, peers, "");
         }
     }
 
     /// The members of `room` that live on other nodes.
     pub fn remote_members(&self, room: &str) -> Vec<PeerInfo> {
-        self.rooms
+        self.core
+            .rooms
             .get(room)
             .map(|r| {
                 r.members
                     .iter()
-                    .filter(|m| self.peers[*m].remote)
-                    .map(|m| PeerInfo { id: m.to_string(), name: self.peers[m].name.to_string() })
+                    .filter(|m| self.core.peers[*m].remote)
+                    .map(|m| PeerInfo { id: m.to_string(), name: self.core.peers[m].name.to_string() })
                     .collect()
             })
             .unwrap_or_default()
@@ -389,7 +432,7 @@ impl Rooms {
     /// How many more frames local peer `id`'s connection takes before it counts as a slow reader (`None`: no such
     /// connected session). The adapter paces bursts from other nodes (a replay after a blip) with it.
     pub fn queue_room(&self, id: &str) -> Option<usize> {
-        let c = self.peers.get(id).filter(|p| !p.remote)?.conn.and_then(|c| self.conns.get(&c))?;
+        let c = self.core.peers.get(id).filter(|p| !p.remote)?.conn.and_then(|c| self.core.conns.get(&c))?;
         if c.out.bytes() * 2 > c.limit_bytes {
             return Some(0);
         }
@@ -398,27 +441,27 @@ impl Rooms {
 
     /// Whether `id` is a session of this node.
     pub fn is_local(&self, id: &str) -> bool {
-        self.peers.get(id).is_some_and(|p| !p.remote)
+        self.core.peers.get(id).is_some_and(|p| !p.remote)
     }
 
     /// Whether `id` is known here as a member on another node.
     pub fn is_remote(&self, id: &str) -> bool {
-        self.peers.get(id).is_some_and(|p| p.remote)
+        self.core.peers.get(id).is_some_and(|p| p.remote)
     }
 
     /// A relay from local peer `from` could not be accepted for another node: its client gets `e`.
     pub fn relay_refused(&mut self, from: &str, e: ProtocolError, now: Instant) {
-        self.now = now;
-        let Some(conn) = self.peers.get(from).filter(|p| !p.remote).and_then(|p| p.conn) else { return };
-        if self.accepting(conn) {
-            self.counters.errors[e.code] += 1;
-            self.push(conn, Arc::from(e.to_json()));
+        self.core.now = now;
+        let Some(conn) = self.core.peers.get(from).filter(|p| !p.remote).and_then(|p| p.conn) else { return };
+        if self.core.accepting(conn) {
+            self.core.counters.errors[e.code] += 1;
+            self.core.push(conn, Arc::from(e.to_json()));
         }
     }
 
     /// Sessions waiting for a handover, for the adapter's timeout.
     pub fn awaiting_handover(&self) -> impl Iterator<Item = &str> {
-        self.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
+        self.core.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
     }
 }
 
@@ -429,7 +472,7 @@ mod tests {
 
     /// One node of a simulated cluster, driven by hand.
     struct Node {
-        rooms: Rooms,
+        rooms: ClusterRooms,
         now: Instant,
         next_conn: ConnId,
     }
@@ -437,11 +480,8 @@ mod tests {
     impl Node {
         fn new() -> Node {
             let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
-            Node {
-                rooms: Rooms::new(cfg, Box::new(|_: &str| Vec::new())).clustered(),
-                now: Instant::now(),
-                next_conn: 1,
-            }
+            let now = Instant::now();
+            Node { rooms: ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now, next_conn: 1 }
         }
         fn connect(&mut self) -> ConnId {
             let c = self.next_conn;
@@ -459,7 +499,12 @@ mod tests {
             buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
         }
         fn cluster(&mut self) -> Vec<ClusterOutput> {
-            std::iter::from_fn(|| self.rooms.poll_cluster_output()).collect()
+            std::iter::from_fn(|| self.rooms.poll_output())
+                .filter_map(|o| match o {
+                    Output::Cluster(c) => Some(c),
+                    _ => None,
+                })
+                .collect()
         }
         /// Joins through the (simulated) cluster: returns the conn after its welcome.
         fn join(&mut self, room: &str, id: &str, peers: &[(&str, &str)]) -> ConnId {
@@ -656,8 +701,8 @@ mod tests {
 
     #[test]
     fn maps_give_back_their_peak_capacity_once_empty() {
-        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()));
         let now = Instant::now();
+        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
         for c in 0..2000 {
             r.connect(c, now);
             r.message(c, &format!(r#"{{"type":"join","room":"r{}"}}"#, c / 2), now);
@@ -676,11 +721,11 @@ mod tests {
 
     #[test]
     fn single_node_mode_emits_no_cluster_output() {
-        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()));
         let now = Instant::now();
+        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
         r.connect(1, now);
         r.message(1, r#"{"type":"join","room":"r"}"#, now);
         r.message(1, r#"{"type":"bye"}"#, now);
-        assert!(r.poll_cluster_output().is_none());
+        assert!(std::iter::from_fn(|| r.poll_output()).all(|o| !matches!(o, Output::Cluster(_))));
     }
 }

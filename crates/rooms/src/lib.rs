@@ -1,9 +1,10 @@
 //! Room logic without I/O, in the manner of str0m's `Rtc`.
 //!
 //! The adapter feeds [`Rooms`] inputs ([`Rooms::connect`], [`Rooms::message`], [`Rooms::disconnect`],
-//! [`Rooms::tick`]) with the current time, and acts on what comes out of [`Rooms::poll_output`]: a connection has
-//! frames to write ([`Output::Wake`], then [`Rooms::take`]) or must be closed ([`Output::Close`]).
-//! [`Rooms::poll_timeout`] says when to call `tick` next.
+//! [`Rooms::tick`]) with the current time (the core has no clock), and acts on what comes out of its one output
+//! channel, [`Rooms::poll_output`]: a connection has frames to write ([`Output::Wake`], then [`Rooms::take`]) or
+//! must be closed ([`Output::Close`]); a request for the SFU ([`Output::Sfu`]); or, on a cluster node, work for the
+//! cluster layer ([`Output::Cluster`], see [`ClusterRooms`]). [`Rooms::poll_timeout`] says when to call `tick` next.
 //!
 //! Outbound frames stay in the core until the adapter takes them. That is what lets a resumed session get every
 //! frame that was not yet written to its old connection, in order, and lets a slow reader be cut off without
@@ -154,7 +155,7 @@ pub enum WatchRefusal {
     Refused(ProtocolError),
 }
 
-/// What the adapter passes to the SFU (see [`Rooms::poll_sfu`]).
+/// What the adapter passes to the SFU ([`Output::Sfu`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SfuRequest {
     /// An `offer`/`answer`/`candidate` a peer addressed to `sfu`; `payload` is the raw JSON of `sdp`/`candidate`.
@@ -258,6 +259,10 @@ pub enum Output {
     /// Write what [`Rooms::take`] still yields, then close with this code and reason. The core no longer reads
     /// from this connection; call [`Rooms::disconnect`] once the socket is gone.
     Close { conn: ConnId, code: u16, reason: &'static str },
+    /// For the SFU adapter.
+    Sfu(SfuRequest),
+    /// For the cluster layer; only a [`ClusterRooms`] core emits these.
+    Cluster(ClusterOutput),
 }
 
 /// Gives each welcome its `iceServers`; defined in `webcall_protocol` (the TURN server implements it too).
@@ -376,8 +381,6 @@ pub struct Rooms {
     shutting_down: bool,
     /// Cluster mode (see `cluster.rs`); off, the core behaves exactly as a single node.
     clustered: bool,
-    cluster_out: VecDeque<cluster::ClusterOutput>,
-    sfu_out: VecDeque<SfuRequest>,
     /// Time of the latest input, for work that an input triggers indirectly.
     now: Instant,
     /// Time zero of the rate buckets.
@@ -402,7 +405,8 @@ fn sdp_refusal(raw: &serde_json::value::RawValue) -> Option<String> {
 const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 impl Rooms {
-    pub fn new(cfg: Config, ice: Box<dyn IceProvider>) -> Self {
+    /// `now`: time zero of the core's rate buckets (the core reads no clock).
+    pub fn new(cfg: Config, ice: Box<dyn IceProvider>, now: Instant) -> Self {
         let rng = StdRng::seed_from_u64(cfg.seed);
         Rooms {
             cfg,
@@ -418,10 +422,8 @@ impl Rooms {
             counters: Counters::default(),
             shutting_down: false,
             clustered: false,
-            cluster_out: VecDeque::new(),
-            sfu_out: VecDeque::new(),
-            now: Instant::now(),
-            origin: Instant::now(),
+            now,
+            origin: now,
         }
     }
 
@@ -595,9 +597,6 @@ impl Rooms {
         if sparse(self.out.len(), self.out.capacity()) {
             self.out.shrink_to_fit();
         }
-        if sparse(self.cluster_out.len(), self.cluster_out.capacity()) {
-            self.cluster_out.shrink_to_fit();
-        }
     }
 
     /// When `tick` has work next.
@@ -732,7 +731,7 @@ impl Rooms {
         let Some(p) = self.peers.get_mut(id) else { return false };
         if p.remote {
             let to = self.peers.get_key_value(id).expect("just found").0.clone();
-            self.cluster_out.push_back(cluster::ClusterOutput::Relay { to, frame });
+            self.out.push_back(Output::Cluster(ClusterOutput::Relay { to, frame }));
             return true;
         }
         match p.conn {
@@ -984,11 +983,6 @@ impl Rooms {
         self.deliver(peer, frame)
     }
 
-    /// The next request for the SFU adapter.
-    pub fn poll_sfu(&mut self) -> Option<SfuRequest> {
-        self.sfu_out.pop_front()
-    }
-
     /// May someone watch `room`'s media without joining (WHEP)? It must be an SFU room, and its password (if any)
     /// given; wrong passwords count against the room's guess budget as joins do. `Ok`: the ICE servers to use.
     pub fn admit_viewer(
@@ -1087,7 +1081,7 @@ impl Rooms {
                 }
             }
             let payload = r.payload.get().to_owned();
-            self.sfu_out.push_back(SfuRequest::Signal { room, peer: from, kind: r.kind, payload });
+            self.out.push_back(Output::Sfu(SfuRequest::Signal { room, peer: from, kind: r.kind, payload }));
             return;
         }
         let target = self.peers.get_key_value(&*r.to).filter(|(k, p)| p.room == room && **k != from);
@@ -1141,10 +1135,10 @@ impl Rooms {
     fn leave(&mut self, id: &Arc<str>) {
         let Some(p) = self.peers.swap_remove(id) else { return };
         if self.room_is_sfu(&p.room) {
-            self.sfu_out.push_back(SfuRequest::Leave { peer: id.clone() });
+            self.out.push_back(Output::Sfu(SfuRequest::Leave { peer: id.clone() }));
         }
         if self.clustered && !p.remote {
-            self.cluster_out.push_back(cluster::ClusterOutput::Left { id: id.clone(), room: p.room.clone() });
+            self.out.push_back(Output::Cluster(ClusterOutput::Left { id: id.clone(), room: p.room.clone() }));
         }
         self.tokens.remove(&p.token);
         if let Some(conn) = p.conn {
@@ -1181,7 +1175,7 @@ impl Rooms {
 }
 
 pub mod cluster;
-pub use cluster::{AdmitKind, Admitted, ClusterOutput, LocalSession};
+pub use cluster::{AdmitKind, Admitted, ClusterOutput, ClusterRooms, LocalSession};
 
 #[cfg(test)]
 mod tests;

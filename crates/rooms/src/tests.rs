@@ -7,6 +7,8 @@ struct Harness {
     rooms: Rooms,
     now: Instant,
     next_conn: ConnId,
+    /// Outputs polled but not yet looked at (connection outputs and SFU requests are read separately).
+    polled: Vec<Output>,
 }
 
 impl Harness {
@@ -14,7 +16,8 @@ impl Harness {
         let ice = |id: &str| {
             vec![IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: Some(id.into()), credential: None }]
         };
-        Harness { rooms: Rooms::new(cfg, Box::new(ice)), now: Instant::now(), next_conn: 1 }
+        let now = Instant::now();
+        Harness { rooms: Rooms::new(cfg, Box::new(ice), now), now, next_conn: 1, polled: Vec::new() }
     }
     fn connect(&mut self) -> ConnId {
         let c = self.next_conn;
@@ -36,7 +39,14 @@ impl Harness {
         buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
     }
     fn outputs(&mut self) -> Vec<Output> {
-        std::iter::from_fn(|| self.rooms.poll_output()).collect()
+        self.split(|o| !matches!(o, Output::Sfu(_)))
+    }
+    /// The outputs (in order) that `pick` selects; the others stay for the next look.
+    fn split(&mut self, pick: impl Fn(&Output) -> bool) -> Vec<Output> {
+        self.polled.extend(std::iter::from_fn(|| self.rooms.poll_output()));
+        let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
+        self.polled = rest;
+        picked
     }
     fn advance(&mut self, d: Duration) {
         self.now += d;
@@ -392,7 +402,7 @@ impl JoinPolicy for TokenPolicy {
 #[test]
 fn join_policy_and_subscribe_only_peers() {
     let mut h = Harness::new(Config::default());
-    h.rooms = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new())).with_policy(Box::new(TokenPolicy));
+    h.rooms = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), h.now).with_policy(Box::new(TokenPolicy));
     let x = h.connect();
     h.send(x, r#"{"type":"join","room":"r"}"#);
     assert_eq!(h.recv(x)[0]["code"], "unauthorized");
@@ -566,7 +576,13 @@ impl Harness {
         (c, w["id"].as_str().unwrap().into(), got)
     }
     fn sfu_requests(&mut self) -> Vec<SfuRequest> {
-        std::iter::from_fn(|| self.rooms.poll_sfu()).collect()
+        self.split(|o| matches!(o, Output::Sfu(_)))
+            .into_iter()
+            .map(|o| match o {
+                Output::Sfu(r) => r,
+                _ => unreachable!("split"),
+            })
+            .collect()
     }
 }
 

@@ -1,14 +1,18 @@
-//! The seam between the WebSocket layer and room state. [`LocalRouter`] keeps rooms in this process; a
-//! Redis-backed router shares them across nodes behind the same trait.
+//! The seam between the WebSocket layer and room state. [`LocalRouter`] keeps rooms in this process; the
+//! Redis-backed router (crates/cluster) shares them across nodes behind the same trait. Both are a [`Driver`]: one
+//! lock around a sans-IO core, its outputs handed to the connections, and its timer; the cluster router adds its
+//! [`Layer`].
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
+use std::borrow::BorrowMut;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use webcall_rooms::{
-    ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, Rooms, Stats, WatchRefusal,
+    ClusterOutput, ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, Rooms, Stats,
+    WatchRefusal,
 };
 
 /// What the WebSocket task of one connection shares with the router.
@@ -61,25 +65,16 @@ pub trait Router: Send + Sync + 'static {
     }
 }
 
-struct Inner {
-    rooms: Rooms,
-    /// Keyed by connection ids the server picks, so a fast hash is safe.
-    signals: HashMap<ConnId, Arc<ConnSignal>, rustc_hash::FxBuildHasher>,
-    sfu: Option<crate::sfu::SfuBridge>,
-}
-
-/// Passes one output of the room core to the WebSocket task it concerns (any router uses this).
-pub fn signal_output<S: BuildHasher>(signals: &HashMap<ConnId, Arc<ConnSignal>, S>, out: Output) {
-    match out {
-        Output::Wake(conn) => {
-            if let Some(s) = signals.get(&conn) {
-                s.wake.notify_one();
-            }
-        }
-        Output::Close { conn, code, reason } => {
-            if let Some(s) = signals.get(&conn) {
-                s.request_close(code, reason);
-            }
+/// Passes one connection output of the room core to the WebSocket task it concerns.
+fn signal_output<S: BuildHasher>(
+    signals: &HashMap<ConnId, Arc<ConnSignal>, S>,
+    conn: ConnId,
+    close: Option<(u16, &'static str)>,
+) {
+    if let Some(s) = signals.get(&conn) {
+        match close {
+            None => s.wake.notify_one(),
+            Some((code, reason)) => s.request_close(code, reason),
         }
     }
 }
@@ -92,23 +87,157 @@ pub fn shrink_sparse<K: Eq + std::hash::Hash, V, S: BuildHasher>(m: &mut HashMap
     }
 }
 
-impl Inner {
-    fn dispatch(&mut self) {
-        while let Some(out) = self.rooms.poll_output() {
-            signal_output(&self.signals, out);
-        }
-        while let Some(req) = self.rooms.poll_sfu() {
-            match &mut self.sfu {
-                Some(bridge) => bridge.route(req),
-                None => tracing::warn!("an SFU room without an SFU running; request dropped"),
-            }
-        }
+/// What a router adds around the room core `C`. The single-node router adds nothing (`()`); the cluster router
+/// takes the core's cluster outputs, runs its links and its own timeouts.
+pub trait Layer<C>: Send + 'static {
+    /// An [`Output::Cluster`] of the core; may feed the core again (what that puts out is dispatched in turn).
+    fn cluster_output(&mut self, core: &mut C, out: ClusterOutput, now: Instant) {
+        let _ = (core, now);
+        tracing::warn!("a cluster output without a cluster: {out:?}");
+    }
+    /// After the core's outputs were dispatched.
+    fn dispatched(&mut self, core: &mut C, now: Instant) {
+        let _ = (core, now);
+    }
+    /// Timer work, after the core's own `tick`.
+    fn tick(&mut self, core: &mut C, now: Instant) {
+        let _ = (core, now);
+    }
+    /// `conn` took its frames (its queue drained); `Some(now)` if more was fed to the core then.
+    fn taken(&mut self, core: &mut C, conn: ConnId) -> Option<Instant> {
+        let _ = (core, conn);
+        None
+    }
+    /// `conn` is gone.
+    fn disconnected(&mut self, conn: ConnId) {
+        let _ = conn;
+    }
+    /// Longest time between two timer steps.
+    fn max_sleep(&self) -> Duration {
+        // Deadlines only ever get later, so a capped sleep never misses one by more than the cap.
+        Duration::from_millis(250)
     }
 }
 
-/// Rooms in this process: one lock around the sans-IO core, held only to feed an input and hand out wake-ups.
+impl<C> Layer<C> for () {}
+
+/// What the driver's lock guards: the core, the connections' signals, the SFU bridge and the layer's state.
+pub struct Core<C, L> {
+    pub rooms: C,
+    /// Keyed by connection ids the server picks, so a fast hash is safe.
+    signals: HashMap<ConnId, Arc<ConnSignal>, rustc_hash::FxBuildHasher>,
+    sfu: Option<crate::sfu::SfuBridge>,
+    pub layer: L,
+}
+
+impl<C: BorrowMut<Rooms>, L: Layer<C>> Core<C, L> {
+    /// Acts on everything the core put out; a layer that feeds the core again gets its outputs dispatched too.
+    pub fn dispatch(&mut self, now: Instant) {
+        while let Some(out) = self.rooms.borrow_mut().poll_output() {
+            match out {
+                Output::Wake(conn) => signal_output(&self.signals, conn, None),
+                Output::Close { conn, code, reason } => signal_output(&self.signals, conn, Some((code, reason))),
+                Output::Sfu(req) => match &mut self.sfu {
+                    Some(bridge) => bridge.route(req),
+                    None => tracing::warn!("an SFU room without an SFU running; request dropped"),
+                },
+                Output::Cluster(c) => self.layer.cluster_output(&mut self.rooms, c, now),
+            }
+        }
+        self.layer.dispatched(&mut self.rooms, now);
+    }
+}
+
+/// One lock around a sans-IO room core `C` (held only to feed an input and hand out what it put out), with a
+/// layer `L` around it.
+pub struct Driver<C, L> {
+    inner: Mutex<Core<C, L>>,
+}
+
+impl<C: BorrowMut<Rooms> + Send + 'static, L: Layer<C>> Driver<C, L> {
+    pub fn new(rooms: C, layer: L) -> Self {
+        Driver { inner: Mutex::new(Core { rooms, signals: HashMap::default(), sfu: None, layer }) }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Core<C, L>> {
+        self.inner.lock()
+    }
+
+    /// Feeds the core (`f`) and dispatches what it put out.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Core<C, L>, Instant) -> R) -> R {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        let r = f(&mut inner, now);
+        inner.dispatch(now);
+        r
+    }
+
+    /// One timer step: the core's and the layer's timeouts; returns when to step again.
+    fn step(&self) -> Instant {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        inner.rooms.borrow_mut().tick(now);
+        let Core { rooms, layer, .. } = &mut *inner;
+        layer.tick(rooms, now);
+        inner.dispatch(now);
+        let cap = now + inner.layer.max_sleep();
+        inner.rooms.borrow().poll_timeout().map_or(cap, |t| t.min(cap))
+    }
+
+    /// Runs the timer of the router `router` points at (`driver` finds its driver) until the router is dropped.
+    pub fn spawn_timer<R: Send + Sync + 'static>(router: Weak<R>, driver: fn(&R) -> &Driver<C, L>) {
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let Some(r) = router.upgrade() else { return };
+                    driver(&r).step()
+                };
+                tokio::time::sleep_until(next.into()).await;
+            }
+        });
+    }
+
+    pub fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>) {
+        let mut inner = self.inner.lock();
+        inner.signals.insert(conn, signal);
+        inner.rooms.borrow_mut().connect(conn, Instant::now());
+    }
+    pub fn message(&self, conn: ConnId, text: &str) {
+        self.with(|i, now| i.rooms.borrow_mut().message(conn, text, now));
+    }
+    pub fn binary(&self, conn: ConnId, len: usize) {
+        self.with(|i, now| i.rooms.borrow_mut().binary(conn, len, now));
+    }
+    pub fn take(&self, conn: ConnId, buf: &mut Vec<Frame>) {
+        let mut inner = self.inner.lock();
+        inner.rooms.borrow_mut().take(conn, buf);
+        let Core { rooms, layer, .. } = &mut *inner;
+        if let Some(now) = layer.taken(rooms, conn) {
+            inner.dispatch(now);
+        }
+    }
+    pub fn disconnect(&self, conn: ConnId) {
+        self.with(|i, now| {
+            i.signals.remove(&conn);
+            shrink_sparse(&mut i.signals);
+            i.layer.disconnected(conn);
+            i.rooms.borrow_mut().disconnect(conn, now);
+        });
+    }
+    pub fn stats(&self) -> Stats {
+        self.inner.lock().rooms.borrow().stats()
+    }
+    pub fn counters(&self) -> Counters {
+        self.inner.lock().rooms.borrow().counters().clone()
+    }
+    pub fn shutdown(&self) {
+        self.with(|i, now| i.rooms.borrow_mut().shutdown(now));
+    }
+}
+
+/// Rooms in this process: the single-node core behind a [`Driver`] with no layer.
 pub struct LocalRouter {
-    inner: Mutex<Inner>,
+    driver: Driver<Rooms, ()>,
 }
 
 impl LocalRouter {
@@ -123,89 +252,57 @@ impl LocalRouter {
         ice: Box<dyn IceProvider>,
         policy: Box<dyn JoinPolicy>,
     ) -> Arc<LocalRouter> {
-        let router = Arc::new(LocalRouter {
-            inner: Mutex::new(Inner {
-                rooms: Rooms::new(cfg, ice).with_policy(policy),
-                signals: HashMap::default(),
-                sfu: None,
-            }),
-        });
-        let weak = Arc::downgrade(&router);
-        tokio::spawn(async move {
-            // Deadlines only ever get later, so a capped sleep never misses one by more than the cap.
-            const MAX_SLEEP: Duration = Duration::from_millis(250);
-            loop {
-                let next = {
-                    let Some(r) = weak.upgrade() else { return };
-                    let mut inner = r.inner.lock();
-                    let now = Instant::now();
-                    inner.rooms.tick(now);
-                    inner.dispatch();
-                    inner.rooms.poll_timeout().map_or(now + MAX_SLEEP, |t| t.min(now + MAX_SLEEP))
-                };
-                tokio::time::sleep_until(next.into()).await;
-            }
-        });
+        let rooms = Rooms::new(cfg, ice, Instant::now()).with_policy(policy);
+        let router = Arc::new(LocalRouter { driver: Driver::new(rooms, ()) });
+        Driver::spawn_timer(Arc::downgrade(&router), |r: &LocalRouter| &r.driver);
         router
     }
 
     /// Sends the media of SFU rooms through `sfu` (rooms become SFU rooms per `--topology`).
     pub fn set_sfu(self: &Arc<Self>, sfu: webcall_sfu::net::SfuHandle) {
         let bridge = crate::sfu::SfuBridge::new(sfu, Arc::downgrade(self));
-        self.inner.lock().sfu = Some(bridge);
+        self.driver.lock().sfu = Some(bridge);
     }
 
     /// Queues a frame from the SFU for `peer`.
     pub(crate) fn sfu_frame(&self, peer: &str, frame: String) {
-        self.with(|r, _| {
-            r.sfu_frame(peer, Arc::from(frame));
+        self.driver.with(|i, _| {
+            i.rooms.sfu_frame(peer, Arc::from(frame));
         });
-    }
-
-    fn with(&self, f: impl FnOnce(&mut Rooms, Instant)) {
-        let mut inner = self.inner.lock();
-        f(&mut inner.rooms, Instant::now());
-        inner.dispatch();
     }
 }
 
 impl Router for LocalRouter {
     fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>) {
-        let mut inner = self.inner.lock();
-        inner.signals.insert(conn, signal);
-        inner.rooms.connect(conn, Instant::now());
+        self.driver.connect(conn, signal);
     }
     fn connect_sfu_only(&self, conn: ConnId, signal: Arc<ConnSignal>) {
-        let mut inner = self.inner.lock();
+        let mut inner = self.driver.lock();
         inner.signals.insert(conn, signal);
         inner.rooms.connect_sfu_only(conn, Instant::now());
     }
     fn admit_viewer(&self, room: &str, password: Option<&str>, viewer: &str) -> Result<Vec<IceServer>, WatchRefusal> {
-        self.inner.lock().rooms.admit_viewer(room, password, viewer, Instant::now())
+        self.driver.lock().rooms.admit_viewer(room, password, viewer, Instant::now())
     }
     fn message(&self, conn: ConnId, text: &str) {
-        self.with(|r, now| r.message(conn, text, now));
+        self.driver.message(conn, text);
     }
     fn binary(&self, conn: ConnId, len: usize) {
-        self.with(|r, now| r.binary(conn, len, now));
+        self.driver.binary(conn, len);
     }
     fn take(&self, conn: ConnId, buf: &mut Vec<Frame>) {
-        self.inner.lock().rooms.take(conn, buf);
+        self.driver.take(conn, buf);
     }
     fn disconnect(&self, conn: ConnId) {
-        let mut inner = self.inner.lock();
-        inner.signals.remove(&conn);
-        shrink_sparse(&mut inner.signals);
-        inner.rooms.disconnect(conn, Instant::now());
-        inner.dispatch();
+        self.driver.disconnect(conn);
     }
     fn stats(&self) -> Stats {
-        self.inner.lock().rooms.stats()
+        self.driver.stats()
     }
     fn counters(&self) -> Counters {
-        self.inner.lock().rooms.counters().clone()
+        self.driver.counters()
     }
     fn shutdown(&self) {
-        self.with(|r, now| r.shutdown(now));
+        self.driver.shutdown();
     }
 }

@@ -84,6 +84,7 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
             }
         }));
     }
+    give_back_after_load(server.router());
     let (addr, scheme) = (server.local_addr, server.scheme);
     let ws = if scheme == "https" { "wss" } else { "ws" };
     if let Some(fp) = &server.fingerprint {
@@ -127,7 +128,6 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TURN figures for `/metrics`.
 /// Frames and write buffers of 32 KiB and more (big SDPs, a slow reader's queue, a batch written at once) come and
 /// go in bursts. Carved out of the worker threads' heaps they left holes that glibc never returns (a soak round left
 /// 17 MB of free chunks resident there, found with `malloc_info`); mapped on their own, they are returned when freed.
@@ -140,6 +140,40 @@ fn large_allocations_outside_the_heap() {
     }
 }
 
+/// Hands the free memory of the load that just ended back to the system, once the load has fallen (sessions and
+/// connections at a quarter of their peak or less), never periodically and never under steady load.
+///
+/// Why this is needed (bench/soak/RESULTS.md): after a soak round nothing live is left of the load (heaptrack: 200
+/// KB of what was allocated during the round survives), but the worker threads' heaps stay at their peak size
+/// (~6 MB each), because glibc gives memory back only from the top of a heap, and the top is pinned by a few hundred
+/// small chunks spread over the whole heap: mostly glibc's own per-thread caches of freed chunks (tcache: off, the
+/// heaps shrank by half) and a few dozen live ones. `malloc_trim` is glibc's only call that returns free pages in the
+/// middle of a heap.
+fn give_back_after_load(router: std::sync::Arc<dyn webcall_server::Router>) {
+    let router = std::sync::Arc::downgrade(&router);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut peak = 0usize;
+        loop {
+            every.tick().await;
+            let Some(s) = router.upgrade().map(|r| r.stats()) else { return };
+            let load = s.connections + s.peers;
+            peak = peak.max(load);
+            if load * 4 <= peak && peak - load >= 16 {
+                peak = load;
+                // SAFETY: malloc_trim only releases free memory and is thread-safe. Off the workers: it walks the
+                // free chunks of every heap.
+                let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+            }
+        }
+    });
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = router;
+}
+
+/// TURN figures for `/metrics`.
 pub fn turn_metrics(s: &webcall_turn::CoreStats, out: &mut String) {
     use std::fmt::Write;
     let _ = writeln!(
