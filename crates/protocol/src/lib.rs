@@ -167,6 +167,23 @@ pub enum ClientMessage<'a> {
     Join(Join<'a>),
     Relay(Relay<'a>),
     Bye,
+    /// `view`: how an SFU client shows the video it receives (see docs/protocol.md, *Simulcast*).
+    View(Vec<TrackView>),
+}
+
+/// At most this many entries in one `view` message.
+pub const MAX_VIEW_TRACKS: usize = 256;
+/// Tile sizes above this (device pixels) are refused as nonsense.
+pub const MAX_VIEW_SIZE: u32 = 16384;
+
+/// One entry of `view`: the receive m-line `mid` (of the server's offer `tracks`) is shown `width`×`height`
+/// device pixels large; `0`×`0` when it is not shown.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackView {
+    pub mid: String,
+    pub width: u32,
+    pub height: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +268,8 @@ struct Fields<'a> {
     sdp: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     candidate: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    tracks: Option<&'a RawValue>,
 }
 
 /// A present field is `Some`, even when it is `null` (plain `Option` would fold `null` into absent).
@@ -387,11 +406,30 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             Ok(ClientMessage::Relay(Relay { kind, to, payload }))
         }
         "bye" => Ok(ClientMessage::Bye),
+        "view" => {
+            let raw = fields.tracks.ok_or_else(|| {
+                ProtocolError::new(ErrorCode::MissingField, "'view' needs the field 'tracks'").refers_to(ty)
+            })?;
+            let bad =
+                |why: &str| ProtocolError::new(ErrorCode::BadField, format!("field 'tracks' {why}")).refers_to(ty);
+            let tracks: Vec<TrackView> = serde_json::from_str(raw.get())
+                .map_err(|_| bad("must be an array of {\"mid\": string, \"width\": integer, \"height\": integer}"))?;
+            if tracks.len() > MAX_VIEW_TRACKS {
+                return Err(bad(&format!("has more than {MAX_VIEW_TRACKS} entries")));
+            }
+            if tracks.iter().any(|t| t.mid.is_empty() || t.mid.len() > 32) {
+                return Err(bad("has a 'mid' that is empty or longer than 32 bytes"));
+            }
+            if tracks.iter().any(|t| t.width > MAX_VIEW_SIZE || t.height > MAX_VIEW_SIZE) {
+                return Err(bad(&format!("has a 'width' or 'height' above {MAX_VIEW_SIZE}")));
+            }
+            Ok(ClientMessage::View(tracks))
+        }
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(ProtocolError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type '{shown}' (expected join, offer, answer, candidate or bye)"),
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye or view)"),
             ))
         }
     }
@@ -427,6 +465,15 @@ pub fn encode_sfu_offer(sdp: &str, tracks: &[SfuTrack]) -> String {
         tracks: &'a [SfuTrack],
     }
     serde_json::to_string(&Out { ty: "offer", from: SFU_PEER, sdp, tracks }).expect("offers serialise")
+}
+
+/// `{"type":"speaker","peer":…}`: the active speaker of an SFU room changed to `peer`.
+pub fn encode_speaker(peer: &str) -> String {
+    let mut s = String::with_capacity(40 + peer.len());
+    s.push_str(r#"{"type":"speaker","peer":"#);
+    push_json_str(&mut s, peer);
+    s.push('}');
+    s
 }
 
 /// The SFU's answer to a client's offer: `{"type":"answer","from":"sfu","sdp":…}`.
@@ -651,6 +698,35 @@ mod tests {
         };
         assert!(j.sfu);
         assert_eq!(code(r#"{"type":"join","room":"r","sfu":"yes"}"#), ErrorCode::BadField);
+    }
+
+    #[test]
+    fn view_lists_tile_sizes_and_refuses_nonsense() {
+        let ClientMessage::View(v) = parse_client(
+            r#"{"type":"view","tracks":[{"mid":"3","width":640,"height":360},{"mid":"5","width":0,"height":0}]}"#,
+        )
+        .unwrap() else {
+            panic!("not a view")
+        };
+        assert_eq!(v[0], TrackView { mid: "3".into(), width: 640, height: 360 });
+        assert_eq!(v[1].width, 0);
+        assert_eq!(code(r#"{"type":"view"}"#), ErrorCode::MissingField);
+        for bad in [
+            r#"{"type":"view","tracks":{}}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":-1,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":1.5,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":3,"width":1,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"","width":1,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":99999,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":1}]}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadField, "{bad}");
+        }
+        let many =
+            format!(r#"{{"type":"view","tracks":[{}]}}"#, vec![r#"{"mid":"1","width":1,"height":1}"#; 257].join(","));
+        assert_eq!(code(&many), ErrorCode::BadField);
+        let v: serde_json::Value = serde_json::from_str(&encode_speaker("Yx3kq0tVb2")).unwrap();
+        assert_eq!((v["type"].as_str(), v["peer"].as_str()), (Some("speaker"), Some("Yx3kq0tVb2")));
     }
 
     #[test]

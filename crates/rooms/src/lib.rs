@@ -152,6 +152,8 @@ pub enum SfuRequest {
     Signal { room: Arc<str>, peer: Arc<str>, kind: webcall_protocol::RelayKind, payload: String },
     /// The peer left an SFU room (bye, or its grace period ran out): end its media session.
     Leave { peer: Arc<str> },
+    /// How the peer shows the video it receives (`view`).
+    View { peer: Arc<str>, tracks: Vec<webcall_protocol::TrackView> },
 }
 
 impl Default for Config {
@@ -229,7 +231,7 @@ impl JoinPolicy for OpenPolicy {
 }
 
 /// Message kinds counted in [`Counters::messages`], in index order.
-pub const MESSAGE_KINDS: [&str; 6] = ["join", "offer", "answer", "candidate", "bye", "invalid"];
+pub const MESSAGE_KINDS: [&str; 7] = ["join", "offer", "answer", "candidate", "bye", "view", "invalid"];
 
 /// Monotonic counters for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -520,7 +522,8 @@ impl Rooms {
             Ok(ClientMessage::Join(_)) => 0,
             Ok(ClientMessage::Relay(r)) => 1 + r.kind as usize,
             Ok(ClientMessage::Bye) => 4,
-            Err(_) => 5,
+            Ok(ClientMessage::View(_)) => 5,
+            Err(_) => 6,
         };
         self.counters.messages[kind] += 1;
         match parsed {
@@ -528,6 +531,7 @@ impl Rooms {
             Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
             Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
             Ok(ClientMessage::Bye) => self.bye(conn, now),
+            Ok(ClientMessage::View(v)) => self.view(conn, v, now),
         }
     }
 
@@ -1054,6 +1058,19 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
             self.refuse(conn, e.refers_to(ty), now);
         }
+    }
+
+    /// `view` goes to the SFU of the peer's room; outside an SFU room it is refused.
+    fn view(&mut self, conn: ConnId, tracks: Vec<webcall_protocol::TrackView>, now: Instant) {
+        let Some(peer) = self.conns[&conn].peer.clone() else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'view'");
+            return self.refuse(conn, e.refers_to("view"), now);
+        };
+        if !self.room_is_sfu(&self.peers[&peer].room) {
+            let e = ProtocolError::new(ErrorCode::BadField, "'view' is for SFU rooms; this room is peer-to-peer");
+            return self.refuse(conn, e.refers_to("view"), now);
+        }
+        self.sfu_out.push_back(SfuRequest::View { peer, tracks });
     }
 
     fn bye(&mut self, conn: ConnId, now: Instant) {

@@ -7,4 +7,6 @@
 pub mod core;
 pub mod net;
 
-pub use crate::core::{SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit};
+pub use crate::core::{
+    Caps, SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit, View,
+};

@@ -15,7 +15,7 @@ use str0m::config::DtlsCert;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo};
+use crate::core::{Caps, SessionId, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, View};
 
 /// Where the media socket listens and what address it advertises.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct MediaConfig {
     /// `--media-external-ip`: the address clients reach the socket at, when it differs (NAT).
     pub external_ip: Option<IpAddr>,
     pub dtls_cert: Option<DtlsCert>,
+    /// Track and bitrate caps (`--max-sfu-tracks` and friends).
+    pub caps: Caps,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,10 @@ pub enum SessionSignal {
         tracks: Vec<TrackInfo>,
     },
     Connected,
+    /// The room's active speaker changed to this participant.
+    ActiveSpeaker {
+        participant: Arc<str>,
+    },
     /// The media session died (ICE or DTLS failed); the client may join again.
     Closed,
 }
@@ -82,6 +88,10 @@ enum Command {
     },
     Remove {
         id: SessionId,
+    },
+    View {
+        id: SessionId,
+        views: Vec<(String, View)>,
     },
 }
 
@@ -114,7 +124,10 @@ impl SfuHandle {
                     .flatten()
             }
         };
-        let sfu = Sfu::new(SfuConfig { host_candidates: vec![advertised], dtls_cert }, Instant::now());
+        let sfu = Sfu::new(
+            SfuConfig { host_candidates: vec![advertised], dtls_cert, caps: cfg.caps, follow_bwe: true },
+            Instant::now(),
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(SfuStats::default()));
         tokio::spawn(run(socket, local_addr, sfu, rx, stats.clone()));
@@ -159,6 +172,11 @@ impl SfuHandle {
         self.send(Command::Candidate { id, line })
     }
 
+    /// How the client shows the video of its receive m-lines (`mid`, size; 0×0 hidden).
+    pub fn view(&self, id: SessionId, views: Vec<(String, View)>) -> Result<(), SfuNetError> {
+        self.send(Command::View { id, views })
+    }
+
     pub fn remove(&self, id: SessionId) -> Result<(), SfuNetError> {
         self.send(Command::Remove { id })
     }
@@ -190,6 +208,9 @@ async fn run(
                         SfuEvent::Offer { session, sdp, tracks } => (session, SessionSignal::Offer { sdp, tracks }),
                         SfuEvent::Connected { session } => (session, SessionSignal::Connected),
                         SfuEvent::Closed { session } => (session, SessionSignal::Closed),
+                        SfuEvent::ActiveSpeaker { session, participant } => {
+                            (session, SessionSignal::ActiveSpeaker { participant })
+                        }
                     };
                     let gone = signal == SessionSignal::Closed;
                     if let Some(tx) = signals.get(&id) {
@@ -229,6 +250,13 @@ async fn run(
                 Some(Command::Candidate { id, line }) => {
                     if let Err(e) = sfu.add_candidate(id, &line) {
                         tracing::debug!("SFU session {id}: candidate ignored: {e}");
+                    }
+                }
+                Some(Command::View { id, views }) => {
+                    for (mid, view) in views {
+                        if let Err(e) = sfu.set_view(id, &mid, view) {
+                            tracing::debug!("SFU session {id}: view ignored: {e}");
+                        }
                     }
                 }
                 Some(Command::Remove { id }) => {

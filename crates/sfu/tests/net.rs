@@ -78,7 +78,12 @@ async fn client(sfu: SfuHandle, name: &str, run_for: Duration) -> HashMap<String
 
 #[tokio::test]
 async fn two_clients_exchange_video_over_loopback_udp() {
-    let cfg = MediaConfig { listen: "127.0.0.1:0".parse().unwrap(), external_ip: None, dtls_cert: None };
+    let cfg = MediaConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ip: None,
+        dtls_cert: None,
+        caps: Default::default(),
+    };
     let sfu = SfuHandle::start(cfg).await.unwrap();
     assert_ne!(sfu.local_addr().port(), 0);
     let (a, b) = tokio::join!(
@@ -95,8 +100,13 @@ async fn two_clients_exchange_video_over_loopback_udp() {
 #[tokio::test]
 async fn a_wildcard_listen_address_needs_an_external_ip() {
     let listen: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    let cfg = MediaConfig { listen, external_ip: None, dtls_cert: None };
+    let cfg = MediaConfig { listen, external_ip: None, dtls_cert: None, caps: Default::default() };
     assert!(matches!(SfuHandle::start(cfg).await, Err(SfuNetError::Unadvertisable(_))));
-    let cfg = MediaConfig { listen, external_ip: Some("127.0.0.1".parse().unwrap()), dtls_cert: None };
+    let cfg = MediaConfig {
+        listen,
+        external_ip: Some("127.0.0.1".parse().unwrap()),
+        dtls_cert: None,
+        caps: Default::default(),
+    };
     SfuHandle::start(cfg).await.unwrap();
 }
