@@ -7,7 +7,17 @@
  *
  * Events of `SfuSession` (`CustomEvent`): `track` `{peer, track}` (a track of participant `peer` arrived),
  * `track-ended` `{peer, track}` (its m-line was stopped), `state` `{state}` (the connection state changed).
+ *
+ * Simulcast: our camera goes out as three VP8 layers (rids q, h, f at a quarter, half and full size); the server
+ * forwards each subscriber the layer its tiles need, told by `view` messages ({@link SfuSession#reportViews}).
  */
+
+/** The simulcast layers we publish, smallest first (docs/protocol.md, *Simulcast*). */
+export const LAYERS = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
 
 /** The reserved peer id of the server's SFU. */
 export const SFU_PEER = 'sfu';
@@ -35,7 +45,11 @@ export class SfuSession extends EventTarget {
     const pc = this.pc;
     // Publishing only on these two: the server sends others' media on m-lines of its own.
     this.audioTx = pc.addTransceiver(tracks.audio ?? 'audio', { direction: 'sendonly', streams: [localStream] });
-    this.videoTx = pc.addTransceiver(tracks.video ?? 'video', { direction: 'sendonly', streams: [localStream] });
+    this.videoTx = addVideo(pc, tracks.video, localStream);
+    /** @type {Map<MediaStreamTrack, {width: number, height: number}>} how large the page shows received tracks */
+    this.views = new Map();
+    /** @type {string} the last `view` sent (nothing is sent when it would not change) */
+    this.lastView = '';
     pc.onnegotiationneeded = () => this.offer();
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && !candidate.candidate) return;
@@ -82,6 +96,7 @@ export class SfuSession extends EventTarget {
       await pc.setLocalDescription();
       this.signaling.send({ type: 'answer', to: SFU_PEER, sdp: pc.localDescription?.sdp });
       this.reconcile();
+      this.sendViews();
     } else if (msg.type === 'answer') {
       if (pc.signalingState !== 'have-local-offer') return;
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
@@ -111,6 +126,30 @@ export class SfuSession extends EventTarget {
     }
   }
 
+  /**
+   * How large the page shows received video tracks, in device pixels; `0×0` for a track it does not show (hidden,
+   * on another page, the tab in the background). Tracks never reported get the server's default (the best layer).
+   * @param {Map<MediaStreamTrack, {width: number, height: number}>} views
+   */
+  reportViews(views) {
+    this.views = views;
+    this.sendViews();
+  }
+
+  /** @private Sends `view` for the received video m-lines whose size is known, when it changed. */
+  sendViews() {
+    if (this.closed) return;
+    const tracks = [];
+    for (const [mid, track] of this.received) {
+      const v = track.kind === 'video' ? this.views.get(track) : undefined;
+      if (v) tracks.push({ mid, width: Math.round(v.width), height: Math.round(v.height) });
+    }
+    const msg = JSON.stringify(tracks);
+    if (!tracks.length || msg === this.lastView) return;
+    this.lastView = msg;
+    this.signaling.send({ type: 'view', tracks });
+  }
+
   /** What we send changed (mute, camera, screen share). */
   async updateSenders(/** @type {MediaStreamTrack|null} */ audio, /** @type {MediaStreamTrack|null} */ video) {
     await this.audioTx.sender.replaceTrack(audio);
@@ -122,6 +161,19 @@ export class SfuSession extends EventTarget {
     const pc = this.pc;
     pc.onnegotiationneeded = pc.onicecandidate = pc.ontrack = pc.onconnectionstatechange = null;
     pc.close();
+  }
+}
+
+/**
+ * Our video sender: three simulcast layers where the browser takes them, else one.
+ * @param {RTCPeerConnection} pc @param {MediaStreamTrack|null} track @param {MediaStream} stream
+ */
+function addVideo(pc, track, stream) {
+  try {
+    return pc.addTransceiver(track ?? 'video', { direction: 'sendonly', streams: [stream], sendEncodings: LAYERS });
+  } catch (e) {
+    console.warn('no simulcast here, one layer', e);
+    return pc.addTransceiver(track ?? 'video', { direction: 'sendonly', streams: [stream] });
   }
 }
 
