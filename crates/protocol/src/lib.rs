@@ -488,6 +488,7 @@ struct Fields<'a> {
     candidate: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     tracks: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
 }
 
