@@ -893,8 +893,10 @@ impl Sfu {
                         let f = &mut t.feed;
                         let t90 = d.time.rebase(Frequency::NINETY_KHZ).numer() as i64;
                         if f.current != Some(d.rid) {
-                            // Another layer than the one sent: taken up only at a keyframe of the wanted one.
-                            if !(keyframe && f.target == Some(d.rid)) {
+                            // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track
+                            // that shows nothing yet starts at any layer's keyframe (the wanted one follows).
+                            let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
+                            if !(keyframe && (f.target == Some(d.rid) || starting)) {
                                 continue;
                             }
                             if f.current.is_some() {
