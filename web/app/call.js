@@ -6,6 +6,7 @@ import { Call, cleanName, getLocalMedia } from '../lib/call.js';
 import { formatBitrate } from '../lib/stats.js';
 import { bestGrid, tileOrder, tilesPerPage } from './layout.js';
 import { closeDialog, dialogOpen, openDialog } from './dialog.js';
+import { watchViews } from './views.js';
 
 /** @param {string} id */
 const $ = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
@@ -202,6 +203,17 @@ const signaling = new Signaling({
   sfu: !flag('mesh', false),
 });
 const call = new Call({ signaling, name, relayOnly, publish: !subscribeOnly });
+watchViews(call);
+// The SFU's active speaker (debounced on the server): one tile at a time, ours included.
+call.addEventListener('speaker', (ev) => {
+  const id = /** @type {CustomEvent} */ (ev).detail.peer === call.id ? 'local' : /** @type {CustomEvent} */ (ev).detail.peer;
+  for (const [tid, t] of tiles) t.el.classList.toggle('active-speaker', tid === id);
+  const t = tiles.get(id);
+  if (t) {
+    t.lastSpoke = performance.now();
+    if (t.el.classList.contains('offpage')) layout();
+  }
+});
 /** Test and debugging hook. */
 // @ts-ignore
 window.webcall = { call, signaling, room, name, snapshot: () => call.snapshot() };

@@ -76,6 +76,8 @@ export class Call extends EventTarget {
     this.screenStream = null;
     /** @type {SfuSession|null} our one connection to the server in an SFU room (docs/protocol.md) */
     this.sfu = null;
+    /** @type {string|null} the active speaker the server last announced (SFU rooms) */
+    this.activeSpeaker = null;
     this.bindSignaling();
   }
 
@@ -178,6 +180,11 @@ export class Call extends EventTarget {
     s.addEventListener('bye', (ev) => this.removePeer(/** @type {CustomEvent} */ (ev).detail.from));
     s.addEventListener('topology', (ev) => {
       if (/** @type {CustomEvent} */ (ev).detail.mode === 'sfu') this.enterSfu();
+    });
+    s.addEventListener('speaker', (ev) => {
+      // The server's active speaker of an SFU room (its id may be ours).
+      this.activeSpeaker = String(/** @type {CustomEvent} */ (ev).detail.peer);
+      this.dispatchEvent(new CustomEvent('speaker', { detail: { peer: this.activeSpeaker } }));
     });
     s.addEventListener('fatal', (ev) => {
       const detail = /** @type {CustomEvent} */ (ev).detail;

@@ -9,9 +9,19 @@
  * `peerMid` is its m-line in the publisher's own connection, which tells camera from screen), `track-ended`
  * `{peer, track}` (its m-line was stopped), `state` `{state}` (the connection state changed), `offered` (an offer
  * of ours was set: our m-lines have their mids).
+ *
+ * Simulcast: our camera goes out as three VP8 layers (rids q, h, f at a quarter, half and full size); the server
+ * forwards each subscriber the layer its tiles need, told by `view` messages ({@link SfuSession#reportViews}).
  */
 
 import { MAX_CHAT_TEXT, cleanName } from './channel.js';
+
+/** The simulcast layers we publish, smallest first (docs/protocol.md, *Simulcast*). */
+export const LAYERS = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
 
 /** The reserved peer id of the server's SFU. */
 export const SFU_PEER = 'sfu';
@@ -42,11 +52,15 @@ export class SfuSession extends EventTarget {
     // A client offers first, so even a receive-only one has m-lines of its own to offer (inactive ones).
     const direction = publish ? 'sendonly' : 'inactive';
     this.audioTx = pc.addTransceiver(tracks.audio ?? 'audio', { direction, streams: [localStream] });
-    this.videoTx = pc.addTransceiver(tracks.video ?? 'video', { direction, streams: [localStream] });
+    this.videoTx = addVideo(pc, tracks.video, localStream, direction);
     /** @type {RTCRtpTransceiver|null} our screen share, on an m-line of its own (made at the first share) */
     this.screenTx = null;
     /** @type {(() => void)[]} waiting for our next offer to be set (its mids are known then) */
     this.offered = [];
+    /** @type {Map<MediaStreamTrack, {width: number, height: number}>} how large the page shows received tracks */
+    this.views = new Map();
+    /** @type {string} the last `view` sent (nothing is sent when it would not change) */
+    this.lastView = '';
     pc.onnegotiationneeded = () => this.offer();
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && !candidate.candidate) return;
@@ -97,6 +111,7 @@ export class SfuSession extends EventTarget {
       await pc.setLocalDescription();
       this.signaling.send({ type: 'answer', to: SFU_PEER, sdp: pc.localDescription?.sdp });
       this.reconcile();
+      this.sendViews();
     } else if (msg.type === 'answer') {
       if (pc.signalingState !== 'have-local-offer') return;
       await pc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
@@ -124,6 +139,30 @@ export class SfuSession extends EventTarget {
         this.onTrack(t.receiver.track, t.mid);
       }
     }
+  }
+
+  /**
+   * How large the page shows received video tracks, in device pixels; `0×0` for a track it does not show (hidden,
+   * on another page, the tab in the background). Tracks never reported get the server's default (the best layer).
+   * @param {Map<MediaStreamTrack, {width: number, height: number}>} views
+   */
+  reportViews(views) {
+    this.views = views;
+    this.sendViews();
+  }
+
+  /** @private Sends `view` for the received video m-lines whose size is known, when it changed. */
+  sendViews() {
+    if (this.closed) return;
+    const tracks = [];
+    for (const [mid, track] of this.received) {
+      const v = track.kind === 'video' ? this.views.get(track) : undefined;
+      if (v) tracks.push({ mid, width: Math.round(v.width), height: Math.round(v.height) });
+    }
+    const msg = JSON.stringify(tracks);
+    if (!tracks.length || msg === this.lastView) return;
+    this.lastView = msg;
+    this.signaling.send({ type: 'view', tracks });
   }
 
   /** What we send changed (mute, camera, screen share). */
@@ -164,6 +203,20 @@ export class SfuSession extends EventTarget {
     const pc = this.pc;
     pc.onnegotiationneeded = pc.onicecandidate = pc.ontrack = pc.onconnectionstatechange = null;
     pc.close();
+  }
+}
+
+/**
+ * Our camera's sender: three simulcast layers where the browser takes them, else one.
+ * @param {RTCPeerConnection} pc @param {MediaStreamTrack|null} track @param {MediaStream} stream
+ * @param {RTCRtpTransceiverDirection} direction
+ */
+function addVideo(pc, track, stream, direction) {
+  try {
+    return pc.addTransceiver(track ?? 'video', { direction, streams: [stream], sendEncodings: LAYERS });
+  } catch (e) {
+    console.warn('no simulcast here, one layer', e);
+    return pc.addTransceiver(track ?? 'video', { direction, streams: [stream] });
   }
 }
 

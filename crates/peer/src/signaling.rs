@@ -230,6 +230,8 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
         }
         Event::Topology { mode } if mode == "sfu" && c.args.sfu => c.start_sfu().await?,
         Event::Topology { .. } => {}
+        // The page highlights the speaker; the native peer has no tiles.
+        Event::Speaker { .. } => {}
         Event::Error { code, message, join_refused, .. } => {
             out(format!("signaling error {code}: {message}"));
             return Ok(!join_refused);

@@ -58,6 +58,10 @@ pub enum Event {
     Topology {
         mode: String,
     },
+    /// The SFU room's active speaker changed.
+    Speaker {
+        peer: String,
+    },
     /// The server refused a message. `join_refused`: it refused this connection's join (before any welcome on
     /// it), so reconnecting will not help.
     Error {
@@ -146,6 +150,7 @@ impl SignalingClient {
             }
             ServerMessage::Bye { from } => Event::Bye { from },
             ServerMessage::Topology { mode } => Event::Topology { mode },
+            ServerMessage::Speaker { peer } => Event::Speaker { peer },
             ServerMessage::Error { code, message, refers_to } => {
                 let join_refused = !self.live && refers_to.as_deref() == Some("join");
                 Event::Error { code, message, refers_to, join_refused }

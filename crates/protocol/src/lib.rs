@@ -154,17 +154,19 @@ pub enum MessageKind {
     Candidate,
     Bye,
     Data,
+    View,
     Invalid,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 7] = [
+    pub const ALL: [MessageKind; 8] = [
         MessageKind::Join,
         MessageKind::Offer,
         MessageKind::Answer,
         MessageKind::Candidate,
         MessageKind::Bye,
         MessageKind::Data,
+        MessageKind::View,
         MessageKind::Invalid,
     ];
 
@@ -176,6 +178,7 @@ impl MessageKind {
             MessageKind::Candidate => "candidate",
             MessageKind::Bye => "bye",
             MessageKind::Data => "data",
+            MessageKind::View => "view",
             MessageKind::Invalid => "invalid",
         }
     }
@@ -284,6 +287,23 @@ pub enum ClientMessage<'a> {
     /// `{"type":"data","data":{…}}`: a JSON object for every other member of an SFU room (chat, media state, name,
     /// hand: what the data channel carries in a peer-to-peer room).
     Data(&'a RawValue),
+    /// `view`: how an SFU client shows the video it receives (see docs/protocol.md, *Simulcast*).
+    View(Vec<TrackView>),
+}
+
+/// At most this many entries in one `view` message.
+pub const MAX_VIEW_TRACKS: usize = 256;
+/// Tile sizes above this (device pixels) are refused as nonsense.
+pub const MAX_VIEW_SIZE: u32 = 16384;
+
+/// One entry of `view`: the receive m-line `mid` (of the server's offer `tracks`) is shown `width`×`height`
+/// device pixels large; `0`×`0` when it is not shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackView {
+    pub mid: String,
+    pub width: u32,
+    pub height: u32,
 }
 
 impl ClientMessage<'_> {
@@ -297,6 +317,7 @@ impl ClientMessage<'_> {
             },
             ClientMessage::Bye => MessageKind::Bye,
             ClientMessage::Data(_) => MessageKind::Data,
+            ClientMessage::View(_) => MessageKind::View,
         }
     }
 
@@ -311,6 +332,7 @@ impl ClientMessage<'_> {
             Candidate { to: &'a str, candidate: &'a RawValue },
             Bye,
             Data { data: &'a RawValue },
+            View { tracks: &'a [TrackView] },
         }
         let out = match self {
             ClientMessage::Join(j) => Out::Join(j),
@@ -321,6 +343,7 @@ impl ClientMessage<'_> {
             },
             ClientMessage::Bye => Out::Bye,
             ClientMessage::Data(data) => Out::Data { data },
+            ClientMessage::View(tracks) => Out::View { tracks },
         };
         serde_json::to_string(&out).expect("client messages serialise")
     }
@@ -479,6 +502,8 @@ struct Fields<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
     candidate: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
+    tracks: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
 }
 
@@ -616,6 +641,25 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             Ok(ClientMessage::Relay(Relay { kind, to, payload }))
         }
         "bye" => Ok(ClientMessage::Bye),
+        "view" => {
+            let raw = fields.tracks.ok_or_else(|| {
+                ProtocolError::new(ErrorCode::MissingField, "'view' needs the field 'tracks'").refers_to(ty)
+            })?;
+            let bad =
+                |why: &str| ProtocolError::new(ErrorCode::BadField, format!("field 'tracks' {why}")).refers_to(ty);
+            let tracks: Vec<TrackView> = serde_json::from_str(raw.get())
+                .map_err(|_| bad("must be an array of {\"mid\": string, \"width\": integer, \"height\": integer}"))?;
+            if tracks.len() > MAX_VIEW_TRACKS {
+                return Err(bad(&format!("has more than {MAX_VIEW_TRACKS} entries")));
+            }
+            if tracks.iter().any(|t| t.mid.is_empty() || t.mid.len() > 32) {
+                return Err(bad("has a 'mid' that is empty or longer than 32 bytes"));
+            }
+            if tracks.iter().any(|t| t.width > MAX_VIEW_SIZE || t.height > MAX_VIEW_SIZE) {
+                return Err(bad(&format!("has a 'width' or 'height' above {MAX_VIEW_SIZE}")));
+            }
+            Ok(ClientMessage::View(tracks))
+        }
         "data" => match fields.data {
             Some(d) if d.get().starts_with('{') => Ok(ClientMessage::Data(d)),
             Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'data' must be an object").refers_to(ty)),
@@ -625,7 +669,7 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             let shown: String = other.chars().take(32).collect();
             Err(ProtocolError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye or data)"),
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye, data or view)"),
             ))
         }
     }
@@ -676,6 +720,15 @@ pub fn encode_sfu_offer(sdp: &str, tracks: &[SfuTrack]) -> String {
         tracks: &'a [SfuTrack],
     }
     serde_json::to_string(&Out { ty: "offer", from: SFU_PEER, sdp, tracks }).expect("offers serialise")
+}
+
+/// `{"type":"speaker","peer":…}`: the active speaker of an SFU room changed to `peer`.
+pub fn encode_speaker(peer: &str) -> String {
+    let mut s = String::with_capacity(40 + peer.len());
+    s.push_str(r#"{"type":"speaker","peer":"#);
+    push_json_str(&mut s, peer);
+    s.push('}');
+    s
 }
 
 /// The SFU's answer to a client's offer: `{"type":"answer","from":"sfu","sdp":…}`.
@@ -857,6 +910,10 @@ pub enum ServerMessage {
     Topology {
         mode: String,
     },
+    /// The active speaker of an SFU room changed to `peer` (see [`encode_speaker`]).
+    Speaker {
+        peer: String,
+    },
     Error {
         code: String,
         message: String,
@@ -910,6 +967,38 @@ mod tests {
         };
         assert!(j.sfu);
         assert_eq!(code(r#"{"type":"join","room":"r","sfu":"yes"}"#), ErrorCode::BadField);
+    }
+
+    #[test]
+    fn view_lists_tile_sizes_and_refuses_nonsense() {
+        let ClientMessage::View(v) = parse_client(
+            r#"{"type":"view","tracks":[{"mid":"3","width":640,"height":360},{"mid":"5","width":0,"height":0}]}"#,
+        )
+        .unwrap() else {
+            panic!("not a view")
+        };
+        assert_eq!(v[0], TrackView { mid: "3".into(), width: 640, height: 360 });
+        assert_eq!(v[1].width, 0);
+        assert_eq!(code(r#"{"type":"view"}"#), ErrorCode::MissingField);
+        for bad in [
+            r#"{"type":"view","tracks":{}}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":-1,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":1.5,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":3,"width":1,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"","width":1,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":99999,"height":2}]}"#,
+            r#"{"type":"view","tracks":[{"mid":"3","width":1}]}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadField, "{bad}");
+        }
+        let many =
+            format!(r#"{{"type":"view","tracks":[{}]}}"#, vec![r#"{"mid":"1","width":1,"height":1}"#; 257].join(","));
+        assert_eq!(code(&many), ErrorCode::BadField);
+        let typed = ServerMessage::Speaker { peer: "Yx3kq0tVb2".into() };
+        assert_eq!(encode_speaker("Yx3kq0tVb2"), typed.to_json());
+        assert_eq!(ServerMessage::parse(&encode_speaker("Yx3kq0tVb2")).unwrap(), typed);
+        let v = ClientMessage::View(vec![TrackView { mid: "3".into(), width: 1, height: 2 }]);
+        assert!(matches!(parse_client(&v.to_json()), Ok(ClientMessage::View(t)) if t[0].height == 2));
     }
 
     #[test]

@@ -162,6 +162,8 @@ pub enum SfuRequest {
     Signal { room: Arc<str>, peer: Arc<str>, kind: webcall_protocol::RelayKind, payload: String },
     /// The peer left an SFU room (bye, or its grace period ran out): end its media session.
     Leave { peer: Arc<str> },
+    /// How the peer shows the video it receives (`view`).
+    View { peer: Arc<str>, tracks: Vec<webcall_protocol::TrackView> },
 }
 
 impl Default for Config {
@@ -542,6 +544,7 @@ impl Rooms {
             Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
             Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
             Ok(ClientMessage::Bye) => self.bye(conn, now),
+            Ok(ClientMessage::View(v)) => self.view(conn, v, now),
             Ok(ClientMessage::Data(d)) => self.data(conn, d, now),
         }
     }
@@ -1121,6 +1124,19 @@ impl Rooms {
             return self.refuse(conn, e.refers_to("data"), now);
         }
         self.broadcast(&room, &from, Arc::from(webcall_protocol::encode_data(&from, d)));
+    }
+
+    /// `view` goes to the SFU of the peer's room; outside an SFU room it is refused.
+    fn view(&mut self, conn: ConnId, tracks: Vec<webcall_protocol::TrackView>, now: Instant) {
+        let Some(peer) = self.conns[&conn].peer.clone() else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'view'");
+            return self.refuse(conn, e.refers_to("view"), now);
+        };
+        if !self.room_is_sfu(&self.peers[&peer].room) {
+            let e = ProtocolError::new(ErrorCode::BadField, "'view' is for SFU rooms; this room is peer-to-peer");
+            return self.refuse(conn, e.refers_to("view"), now);
+        }
+        self.out.push_back(Output::Sfu(SfuRequest::View { peer, tracks }));
     }
 
     fn bye(&mut self, conn: ConnId, now: Instant) {

@@ -462,7 +462,16 @@ fn counters_count() {
     let counted: Vec<_> = c.messages.iter().map(|(k, n)| (k.as_str(), n)).collect();
     assert_eq!(
         counted,
-        [("join", 2), ("offer", 1), ("answer", 0), ("candidate", 1), ("bye", 0), ("data", 0), ("invalid", 1)]
+        [
+            ("join", 2),
+            ("offer", 1),
+            ("answer", 0),
+            ("candidate", 1),
+            ("bye", 0),
+            ("data", 0),
+            ("view", 0),
+            ("invalid", 1)
+        ]
     );
     assert_eq!(c.errors[ErrorCode::BadJson], 1);
     assert_eq!(c.errors[ErrorCode::UnknownPeer], 1);
@@ -597,6 +606,10 @@ fn auto_moves_to_the_sfu_on_the_third_sfu_peer_and_stays_there() {
     assert!(after.is_empty());
     let (b, _, after) = h.join_sfu("r", "B");
     assert!(after.is_empty(), "two peers stay peer-to-peer: {after:?}");
+    // In a peer-to-peer room a `view` has nowhere to go.
+    h.send(b, r#"{"type":"view","tracks":[]}"#);
+    let e = h.recv(b);
+    assert_eq!((e[0]["code"].as_str(), e[0]["ref"].as_str()), (Some("bad-field"), Some("view")), "{e:?}");
     assert_eq!(h.recv(a)[0]["type"], "hello");
     assert!(!h.rooms.room_is_sfu("r"));
     let (c, c_id, after) = h.join_sfu("r", "C");
@@ -616,6 +629,11 @@ fn auto_moves_to_the_sfu_on_the_third_sfu_peer_and_stays_there() {
     // The SFU's frames reach the peer.
     assert!(h.rooms.sfu_frame(&c_id, Arc::from(webcall_protocol::encode_sfu_answer("v=0 s"))));
     assert_eq!(h.recv(c)[0]["from"], "sfu");
+    // `view` goes to the SFU too.
+    h.send(c, r#"{"type":"view","tracks":[{"mid":"4","width":320,"height":180}]}"#);
+    let view = webcall_protocol::TrackView { mid: "4".into(), width: 320, height: 180 };
+    assert_eq!(h.sfu_requests(), vec![SfuRequest::View { peer: Arc::from(c_id.as_str()), tracks: vec![view] }]);
+    assert!(h.recv(c).is_empty());
 
     // Shrinking back to two keeps the SFU; leaving ends the SFU session.
     h.send(c, r#"{"type":"bye"}"#);

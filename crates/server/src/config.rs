@@ -139,6 +139,24 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MEDIA_EXTERNAL_IP", value_name = "IP")]
     pub media_external_ip: Option<std::net::IpAddr>,
 
+    /// Tracks (audio and video) the SFU forwards on this server; more are not forwarded [default: 10000].
+    #[arg(long, env = "WEBCALL_MAX_SFU_TRACKS", value_name = "N")]
+    pub max_sfu_tracks: Option<usize>,
+
+    /// Tracks the SFU forwards per room; more are not forwarded [default: 250].
+    #[arg(long, env = "WEBCALL_MAX_SFU_ROOM_TRACKS", value_name = "N")]
+    pub max_sfu_room_tracks: Option<usize>,
+
+    /// Media the SFU takes in on this server, in kbit/s; publishers over it are asked (REMB) to send less
+    /// [default: 1000000, 1 Gbit/s].
+    #[arg(long, env = "WEBCALL_MAX_SFU_KBPS", value_name = "KBPS")]
+    pub max_sfu_kbps: Option<u64>,
+
+    /// Media the SFU takes in per room, in kbit/s; publishers over it are asked (REMB) to send less
+    /// [default: 100000, 100 Mbit/s].
+    #[arg(long, env = "WEBCALL_MAX_SFU_ROOM_KBPS", value_name = "KBPS")]
+    pub max_sfu_room_kbps: Option<u64>,
+
     #[command(flatten)]
     pub turn: webcall_turn::TurnArgs,
 
@@ -204,6 +222,8 @@ pub struct ServeConfig {
     pub media_listen: SocketAddr,
     /// `--media-external-ip`, else `--turn-external-ip`.
     pub media_external_ip: Option<std::net::IpAddr>,
+    /// `--max-sfu-tracks`, `--max-sfu-room-tracks`, `--max-sfu-kbps`, `--max-sfu-room-kbps`.
+    pub sfu_caps: webcall_sfu::Caps,
 }
 
 /// Where `welcome.iceServers` come from.
@@ -298,6 +318,15 @@ impl ServeArgs {
                 .or(file.media_external_ip)
                 .or(self.turn.external_ip)
                 .or(file.turn.external_ip),
+            sfu_caps: {
+                let d = webcall_sfu::Caps::default();
+                webcall_sfu::Caps {
+                    max_tracks: pick!(max_sfu_tracks, d.max_tracks),
+                    max_room_tracks: pick!(max_sfu_room_tracks, d.max_room_tracks),
+                    max_bitrate: pick!(max_sfu_kbps, d.max_bitrate / 1000).saturating_mul(1000),
+                    max_room_bitrate: pick!(max_sfu_room_kbps, d.max_room_bitrate / 1000).saturating_mul(1000),
+                }
+            },
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok {
@@ -341,6 +370,17 @@ impl ServeArgs {
             r.max_sfu_peers.to_string(),
             (3..=1000).contains(&r.max_sfu_peers),
             "an SFU room has 3 to 1000 peers",
+        )?;
+        let caps = &cfg.sfu_caps;
+        range("max-sfu-tracks", caps.max_tracks.to_string(), caps.max_tracks >= 1, "at least 1")?;
+        range("max-sfu-room-tracks", caps.max_room_tracks.to_string(), caps.max_room_tracks >= 1, "at least 1")?;
+        let kbps = |b: u64| (b / 1000).to_string();
+        range("max-sfu-kbps", kbps(caps.max_bitrate), caps.max_bitrate >= 100_000, "at least 100 (kbit/s)")?;
+        range(
+            "max-sfu-room-kbps",
+            kbps(caps.max_room_bitrate),
+            caps.max_room_bitrate >= 100_000,
+            "at least 100 (kbit/s)",
         )?;
         range("max-connections", cfg.max_connections.to_string(), cfg.max_connections >= 1, "at least 1")?;
         range(
@@ -434,6 +474,19 @@ mod tests {
 
         let small = ServeArgs { max_sfu_peers: Some(2), ..Default::default() };
         assert!(small.resolve().unwrap_err().to_string().contains("max-sfu-peers"));
+
+        // SFU caps: defaults, from the TOML file in kbit/s, and refused when nonsensical.
+        assert_eq!(d.sfu_caps, webcall_sfu::Caps::default());
+        assert_eq!(d.sfu_caps.max_room_bitrate, 100_000_000);
+        let file: ServeArgs = toml::from_str(
+            "max-sfu-room-kbps = 2500
+max-sfu-room-tracks = 40",
+        )
+        .unwrap();
+        let c = file.resolve().unwrap().sfu_caps;
+        assert_eq!((c.max_room_bitrate, c.max_room_tracks, c.max_tracks), (2_500_000, 40, 10_000));
+        let tiny = ServeArgs { max_sfu_kbps: Some(10), ..Default::default() };
+        assert!(tiny.resolve().unwrap_err().to_string().contains("max-sfu-kbps"));
     }
 
     #[test]

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::mpsc;
-use webcall_protocol::{encode_sfu_answer, encode_sfu_offer, ErrorCode, ProtocolError, RelayKind, SfuTrack};
+use webcall_protocol::{
+    encode_sfu_answer, encode_sfu_offer, encode_speaker, ErrorCode, ProtocolError, RelayKind, SfuTrack,
+};
 use webcall_rooms::SfuRequest;
 use webcall_sfu::net::{SessionSignal, SfuHandle, SfuNetError};
 use webcall_sfu::{SessionId, SfuError};
@@ -25,7 +27,9 @@ impl SfuBridge {
 
     pub(crate) fn route(&mut self, req: SfuRequest) {
         let peer = match &req {
-            SfuRequest::Signal { peer, .. } | SfuRequest::Leave { peer } => peer.clone(),
+            SfuRequest::Signal { peer, .. } | SfuRequest::Leave { peer } | SfuRequest::View { peer, .. } => {
+                peer.clone()
+            }
         };
         if let SfuRequest::Leave { .. } = req {
             if let Some(tx) = self.peers.remove(&peer) {
@@ -78,6 +82,7 @@ async fn new_session(handle: &SfuHandle, router: &Weak<LocalRouter>, room: &str,
                 }
                 SessionSignal::Answer { sdp } => deliver(&router, &peer, encode_sfu_answer(&sdp)),
                 SessionSignal::Connected => tracing::debug!("SFU session of {peer} connected"),
+                SessionSignal::ActiveSpeaker { participant } => deliver(&router, &peer, encode_speaker(&participant)),
                 SessionSignal::Closed => tracing::info!("SFU session of {peer} closed (ICE/DTLS)"),
             }
         }
@@ -93,7 +98,21 @@ async fn peer_task(
 ) {
     let mut session: Option<SessionId> = None;
     while let Some(req) = rx.recv().await {
-        let SfuRequest::Signal { room, kind, payload, .. } = req else { break };
+        let (room, kind, payload) = match req {
+            SfuRequest::Signal { room, kind, payload, .. } => (room, kind, payload),
+            SfuRequest::View { tracks, .. } => {
+                // Before the first offer there is nothing to show yet.
+                if let Some(id) = session {
+                    let views = tracks
+                        .into_iter()
+                        .map(|t| (t.mid, webcall_sfu::View { width: t.width, height: t.height }))
+                        .collect();
+                    let _ = handle.view(id, views);
+                }
+                continue;
+            }
+            SfuRequest::Leave { .. } => break,
+        };
         if session.is_none() {
             session = new_session(&handle, &router, &room, &peer).await;
         }

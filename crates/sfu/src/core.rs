@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::DtlsCert;
 use str0m::ice::{IceCreds, StunMessage};
-use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
+use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
@@ -22,6 +23,30 @@ const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
 const MAX_ADDRS_PER_SESSION: usize = 8;
 /// With no session, the caller is still asked back this often (so it never sleeps forever).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Layer choice, active speaker and caps are revisited this often.
+const TICK: Duration = Duration::from_millis(250);
+/// A simulcast layer nothing arrived on for this long is gone (the browser stopped sending it: CPU, bandwidth).
+const LAYER_GONE: Duration = Duration::from_millis(1500);
+/// Bitrates are measured over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A layer is good enough for a tile when it is at least this fraction of the tile's size (in either dimension).
+const LAYER_FIT: f64 = 0.8;
+/// Audio louder than this (dBov, RFC 6464) counts as sound.
+const SPEECH_DBOV: i8 = -50;
+/// Time constant of the smoothed share of sound per audio track.
+const SPEECH_SMOOTHING: Duration = Duration::from_millis(800);
+/// A smoothed share of sound below this is silence.
+const SPEECH_MIN: f64 = 0.2;
+/// A new loudest participant becomes the active speaker after staying loudest this long (no flapping).
+const SPEAKER_HOLD: Duration = Duration::from_millis(1000);
+/// How often a capped publisher is reminded of its allowance (REMB).
+const REMB_INTERVAL: Duration = Duration::from_secs(1);
+/// Estimated bitrate of an audio track, kept out of a subscriber's video budget.
+const AUDIO_BITRATE: u64 = 40_000;
+/// After congestion, layers stay within the estimate this long before trying higher ones.
+const BWE_HOLD: Duration = Duration::from_secs(8);
+/// The subscribers' send-side bandwidth estimate starts here (TWCC then finds the real figure).
+const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SfuError {
@@ -35,15 +60,64 @@ pub enum SfuError {
     NoPendingOffer,
     #[error("unreadable ICE candidate ({0})")]
     BadCandidate(String),
+    #[error("no video m-line '{0}' from the SFU in this session; use a mid of the server's offer 'tracks'")]
+    UnknownTrack(String),
 }
 
 /// How the core is set up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SfuConfig {
     /// The addresses put into every session's SDP as host candidates (the media socket, as clients reach it).
     pub host_candidates: Vec<SocketAddr>,
     /// One DTLS certificate for all sessions (generating one per session costs ~50 ms of CPU).
     pub dtls_cert: Option<DtlsCert>,
+    pub caps: Caps,
+    /// Lower the layers a subscriber gets when its send-side bandwidth estimate (TWCC) falls below what it is
+    /// sent. On by default; the simulated links of the core's tests turn it off (their stepped clock looks like
+    /// queueing to the estimator).
+    pub follow_bwe: bool,
+}
+
+impl Default for SfuConfig {
+    fn default() -> Self {
+        SfuConfig { host_candidates: Vec::new(), dtls_cert: None, caps: Caps::default(), follow_bwe: true }
+    }
+}
+
+/// Limits on what publishers send. A track over a track cap is not forwarded (its publisher is told nothing
+/// else: it still works for the others); publishers over a bitrate cap are asked to slow down (REMB), never
+/// dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Published tracks (audio and video) on the whole server.
+    pub max_tracks: usize,
+    /// Published tracks in one room.
+    pub max_room_tracks: usize,
+    /// Incoming media bitrate (bit/s) on the whole server.
+    pub max_bitrate: u64,
+    /// Incoming media bitrate (bit/s) in one room.
+    pub max_room_bitrate: u64,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps { max_tracks: 10_000, max_room_tracks: 250, max_bitrate: 1_000_000_000, max_room_bitrate: 100_000_000 }
+    }
+}
+
+/// How a subscriber's page shows one video track: the tile's size in CSS pixels times the device pixel ratio;
+/// 0×0 when it is not shown (hidden, on another page, tab minimised).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl View {
+    pub const HIDDEN: View = View { width: 0, height: 0 };
+    pub fn is_hidden(&self) -> bool {
+        self.width == 0 || self.height == 0
+    }
 }
 
 /// What a session does in its room.
@@ -81,6 +155,8 @@ pub enum SfuEvent {
     Connected { session: SessionId },
     /// The session died (ICE timed out, DTLS failed, bad input); it is gone from the core.
     Closed { session: SessionId },
+    /// The room of `session` has a new active speaker (debounced); sent to every session of the room.
+    ActiveSpeaker { session: SessionId, participant: Arc<str> },
 }
 
 /// A datagram to send from the media socket.
@@ -113,6 +189,97 @@ pub struct SfuStats {
     pub keyframe_requests: u64,
     /// Datagrams from addresses/ufrags no session knows; dropped.
     pub unrouted_datagrams: u64,
+    /// Simulcast layer switches of a subscriber's track (each on a keyframe of the new layer).
+    pub layer_switches: u64,
+    /// Tracks not forwarded because a track cap was reached.
+    pub refused_tracks: u64,
+    /// REMB messages sent to publishers over a bitrate cap.
+    pub remb_sent: u64,
+}
+
+/// Bits per second over windows of [`RATE_WINDOW`].
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    start: Instant,
+    bytes: u64,
+    bps: u64,
+}
+
+impl Rate {
+    fn new(now: Instant) -> Rate {
+        Rate { start: now, bytes: 0, bps: 0 }
+    }
+    fn add(&mut self, now: Instant, bytes: usize) {
+        self.roll(now);
+        self.bytes += bytes as u64;
+    }
+    fn roll(&mut self, now: Instant) {
+        let el = now.saturating_duration_since(self.start);
+        if el >= RATE_WINDOW {
+            // A window after a long gap counts the gap too (rate falls to what it was over the whole time).
+            self.bps = (self.bytes * 8 * 1000) / (el.as_millis().max(1) as u64);
+            self.bytes = 0;
+            self.start = now;
+        }
+    }
+    fn bps(&mut self, now: Instant) -> u64 {
+        self.roll(now);
+        self.bps
+    }
+    /// The last full window's rate, or less when nothing came for longer than a window.
+    fn peek(&self, now: Instant) -> u64 {
+        let el = now.saturating_duration_since(self.start);
+        if el >= RATE_WINDOW * 2 {
+            (self.bytes * 8 * 1000) / (el.as_millis().max(1) as u64)
+        } else {
+            self.bps
+        }
+    }
+}
+
+/// Layer choice of one subscriber track: its index in `tracks_out`, the publisher's live layers smallest first as
+/// (rid, bit/s), and the index of the chosen one (`None`: nothing).
+type Plan = (usize, Vec<(Option<Rid>, u64)>, Option<usize>);
+
+/// One simulcast layer of a published video track (or the only one: rid `None`).
+#[derive(Debug)]
+struct Layer {
+    rid: Option<Rid>,
+    /// Frame size from the last VP8 keyframe of this layer (0 until one came).
+    width: u32,
+    height: u32,
+    rate: Rate,
+    last_seen: Instant,
+    last_keyframe_request: Option<Instant>,
+}
+
+/// The smoothed share of time a publisher's audio carries sound.
+#[derive(Debug, Clone, Copy)]
+struct Loudness {
+    share: f64,
+    last: Option<Instant>,
+}
+
+impl Loudness {
+    fn add(&mut self, now: Instant, level: i8) {
+        let sound = if level > SPEECH_DBOV { 1.0 } else { 0.0 };
+        let dt = self.last.map_or(Duration::ZERO, |l| now.saturating_duration_since(l));
+        let a = 1.0 - (-dt.as_secs_f64() / SPEECH_SMOOTHING.as_secs_f64()).exp();
+        // The first packet after a gap weighs like the whole gap (the gap was silence, as far as we know).
+        let a = if self.last.is_none() { 0.05 } else { a.clamp(0.01, 1.0) };
+        self.share += a * (sound - self.share);
+        self.last = Some(now);
+    }
+    fn share(&self, now: Instant) -> f64 {
+        match self.last {
+            // No packet for a while (DTX, muted without sending): decays as silence.
+            Some(l) => {
+                let dt = now.saturating_duration_since(l).saturating_sub(Duration::from_millis(200));
+                self.share * (-dt.as_secs_f64() / SPEECH_SMOOTHING.as_secs_f64()).exp()
+            }
+            None => 0.0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -120,6 +287,42 @@ struct TrackIn {
     mid: Mid,
     kind: MediaKind,
     last_keyframe_request: Option<Instant>,
+    /// Video: the layers seen so far, in no order.
+    layers: Vec<Layer>,
+    loudness: Loudness,
+    /// The allowance last sent by REMB (over a bitrate cap), and when.
+    capped: Option<(u64, Instant)>,
+}
+
+impl TrackIn {
+    fn new(mid: Mid, kind: MediaKind) -> TrackIn {
+        TrackIn {
+            mid,
+            kind,
+            last_keyframe_request: None,
+            layers: Vec::new(),
+            loudness: Loudness { share: 0.0, last: None },
+            capped: None,
+        }
+    }
+    fn bps(&mut self, now: Instant) -> u64 {
+        self.layers.iter_mut().map(|l| l.rate.bps(now)).sum()
+    }
+}
+
+/// What a subscriber's track is fed from: which layer, and how its media time continues across switches.
+#[derive(Debug, Default)]
+struct Feed {
+    /// The page's view of this track (`None`: not reported; the best layer the bandwidth allows is sent).
+    view: Option<View>,
+    /// The layer being forwarded (`None`: nothing).
+    current: Option<Option<Rid>>,
+    /// The layer wanted; forwarding moves to it on its next keyframe.
+    target: Option<Option<Rid>>,
+    /// Added to the publisher's media time (90 kHz) so that time runs on across a layer switch.
+    offset: i64,
+    /// The last media time written (90 kHz) and when it arrived.
+    last_out: Option<(i64, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +341,13 @@ struct TrackOut {
     participant: Arc<str>,
     kind: MediaKind,
     state: OutState,
+    feed: Feed,
+}
+
+impl TrackOut {
+    fn new(origin: SessionId, origin_mid: Mid, participant: Arc<str>, kind: MediaKind) -> TrackOut {
+        TrackOut { origin, origin_mid, participant, kind, state: OutState::ToOpen, feed: Feed::default() }
+    }
 }
 
 impl TrackOut {
@@ -167,14 +377,37 @@ struct Session {
     addrs: Vec<SocketAddr>,
     timeout: Instant,
     dirty: bool,
+    /// The send-side bandwidth estimate towards this client (TWCC), bit/s.
+    estimate: Option<u64>,
+    /// After congestion (the estimate fell below what was sent), the video budget, until when.
+    ceiling: Option<(u64, Instant)>,
+    /// Published m-lines not forwarded (over a track cap).
+    refused: Vec<Mid>,
+}
+
+/// A room's active speaker, and the one that may take over.
+#[derive(Debug, Default)]
+struct Speaker {
+    current: Option<SessionId>,
+    candidate: Option<(SessionId, Instant)>,
 }
 
 /// What one session's output means for the others.
 #[allow(clippy::large_enum_variant)] // short-lived, in a Vec drained at once
 enum Propagate {
-    TrackOpen { mid: Mid, kind: MediaKind },
+    TrackOpen {
+        mid: Mid,
+        kind: MediaKind,
+    },
     Media(MediaData),
-    Keyframe { origin: SessionId, mid: Mid, rid: Option<Rid>, kind: KeyframeRequestKind },
+    /// Layers of this track changed (a new one, a size known, one gone): subscribers choose again.
+    Layers,
+    Keyframe {
+        origin: SessionId,
+        mid: Mid,
+        rid: Option<Rid>,
+        kind: KeyframeRequestKind,
+    },
 }
 
 /// The SFU core. See the module documentation.
@@ -191,6 +424,10 @@ pub struct Sfu {
     out: VecDeque<SfuOutput>,
     now: Instant,
     stats: SfuStats,
+    next_tick: Instant,
+    /// The announced active speaker per room (`speaker` messages to the pages).
+    floor: HashMap<Arc<str>, Speaker>,
+    /// The speaker WHEP viewers follow.
     speakers: crate::speaker::Speakers,
 }
 
@@ -208,6 +445,8 @@ impl Sfu {
             out: VecDeque::new(),
             now,
             stats: SfuStats::default(),
+            next_tick: now + TICK,
+            floor: HashMap::new(),
             speakers: Default::default(),
         }
     }
@@ -250,7 +489,8 @@ impl Sfu {
             .enable_vp8(true)
             // After VP8, so browsers keep sending VP8; for publishers that send only H.264 (OBS over WHIP).
             .enable_h264(true)
-            .enable_opus(true, false);
+            .enable_opus(true, false)
+            .enable_bwe(Some(INITIAL_ESTIMATE));
         if let Some(cert) = &self.cfg.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
         }
@@ -278,13 +518,7 @@ impl Sfu {
         for other in room_members.iter().filter(|_| role == SessionRole::Participant) {
             let o = &self.sessions[other];
             for t in &o.tracks_in {
-                tracks_out.push(TrackOut {
-                    origin: *other,
-                    origin_mid: t.mid,
-                    participant: o.participant.clone(),
-                    kind: t.kind,
-                    state: OutState::ToOpen,
-                });
+                tracks_out.push(TrackOut::new(*other, t.mid, o.participant.clone(), t.kind));
             }
         }
         room_members.push(id);
@@ -305,6 +539,9 @@ impl Sfu {
                 addrs: Vec::new(),
                 timeout: now,
                 dirty: false,
+                estimate: None,
+                ceiling: None,
+                refused: Vec::new(),
             },
         );
         self.mark_dirty(id);
@@ -322,6 +559,7 @@ impl Sfu {
     /// The client's offer. `Ok(None)`: the server has an offer of its own outstanding and, being the impolite
     /// side of perfect negotiation, ignores the client's (the client rolls back and answers the server's).
     pub fn accept_offer(&mut self, id: SessionId, sdp: &str) -> Result<Option<String>, SfuError> {
+        let (mut room_left, mut all_left) = self.tracks_left(id);
         let s = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession(id))?;
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         if s.pending.is_some() {
@@ -346,7 +584,17 @@ impl Sfu {
             let known = s.tracks_in.iter().any(|t| t.mid == mid) || s.tracks_out.iter().any(|t| t.mid() == Some(mid));
             let media = matches!(m.kind(), MediaKind::Audio | MediaKind::Video);
             if !known && m.direction().is_receiving() && media {
-                s.tracks_in.push(TrackIn { mid, kind: m.kind(), last_keyframe_request: None });
+                if room_left == 0 || all_left == 0 {
+                    if !s.refused.contains(&mid) {
+                        s.refused.push(mid);
+                        self.stats.refused_tracks += 1;
+                        tracing::info!("SFU session {id}: track {mid} not forwarded: a track cap is reached");
+                    }
+                    continue;
+                }
+                room_left -= 1;
+                all_left -= 1;
+                s.tracks_in.push(TrackIn::new(mid, m.kind()));
                 opened.push(Propagate::TrackOpen { mid, kind: m.kind() });
             }
             let viewer = matches!(s.role, SessionRole::Viewer { .. });
@@ -384,11 +632,9 @@ impl Sfu {
         s.tracks_out.retain(|t| !(res.is_ok() && matches!(t.state, OutState::NegotiatingStop(_))));
         self.mark_dirty(id);
         res?;
-        // A new subscriber needs a keyframe to start decoding.
-        for (origin, mid, kind) in opened {
-            if kind == MediaKind::Video {
-                self.request_keyframe(origin, mid, None, KeyframeRequestKind::Pli);
-            }
+        // A new subscriber needs a keyframe of its layer to start decoding: choosing the layers asks for it.
+        if opened.iter().any(|(_, _, kind)| *kind == MediaKind::Video) {
+            self.select_layers(id);
         }
         Ok(())
     }
@@ -480,6 +726,10 @@ impl Sfu {
             }
             self.mark_dirty(id);
         }
+        if now >= self.next_tick {
+            self.next_tick = now + TICK;
+            self.tick();
+        }
     }
 
     /// The next thing to do. Call until it returns [`SfuOutput::Timeout`].
@@ -491,7 +741,7 @@ impl Sfu {
             let Some(id) = self.dirty.pop() else { break };
             self.drive(id);
         }
-        let next = self.sessions.values().map(|s| s.timeout).min();
+        let next = self.sessions.values().map(|s| s.timeout).min().map(|t| t.min(self.next_tick));
         SfuOutput::Timeout(next.unwrap_or(self.now + IDLE_TIMEOUT).max(self.now))
     }
 
@@ -508,6 +758,7 @@ impl Sfu {
     fn drive(&mut self, id: SessionId) {
         let now = self.now;
         let mut props = Vec::new();
+        let (mut room_left, mut all_left) = self.tracks_left(id);
         let alive = {
             let Some(s) = self.sessions.get_mut(&id) else { return };
             s.dirty = false;
@@ -532,17 +783,26 @@ impl Sfu {
                         Event::IceConnectionStateChange(IceConnectionState::Disconnected) => s.rtc.disconnect(),
                         Event::MediaAdded(m) => {
                             let ours = s.tracks_out.iter().any(|t| t.mid() == Some(m.mid));
-                            let known = s.tracks_in.iter().any(|t| t.mid == m.mid);
+                            let known = s.tracks_in.iter().any(|t| t.mid == m.mid) || s.refused.contains(&m.mid);
                             if !ours && !known && m.direction.is_receiving() {
-                                s.tracks_in.push(TrackIn { mid: m.mid, kind: m.kind, last_keyframe_request: None });
-                                props.push(Propagate::TrackOpen { mid: m.mid, kind: m.kind });
+                                if room_left == 0 || all_left == 0 {
+                                    s.refused.push(m.mid);
+                                    self.stats.refused_tracks += 1;
+                                } else {
+                                    room_left -= 1;
+                                    all_left -= 1;
+                                    s.tracks_in.push(TrackIn::new(m.mid, m.kind));
+                                    props.push(Propagate::TrackOpen { mid: m.mid, kind: m.kind });
+                                }
                             }
                         }
                         Event::MediaData(d) => {
-                            if !d.contiguous {
-                                if let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == d.mid) {
+                            // Media of a refused (over the cap) m-line goes nowhere.
+                            let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == d.mid) else { continue };
+                            if t.kind == MediaKind::Video {
+                                if !d.contiguous {
                                     let due = t.last_keyframe_request.is_none_or(|l| now >= l + KEYFRAME_THROTTLE);
-                                    if t.kind == MediaKind::Video && due {
+                                    if due {
                                         t.last_keyframe_request = Some(now);
                                         props.push(Propagate::Keyframe {
                                             origin: id,
@@ -552,17 +812,31 @@ impl Sfu {
                                         });
                                     }
                                 }
+                                if track_layer(t, &d, now) {
+                                    props.push(Propagate::Layers);
+                                }
+                            } else {
+                                track_layer(t, &d, now);
+                                if let Some(level) = d.ext_vals.audio_level {
+                                    t.loudness.add(now, level);
+                                }
                             }
                             props.push(Propagate::Media(d));
                         }
+                        Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                            s.estimate = Some(estimate.as_u64());
+                        }
                         Event::KeyframeRequest(r) => {
                             if let Some(t) = s.tracks_out.iter().find(|t| t.mid() == Some(r.mid)) {
-                                props.push(Propagate::Keyframe {
-                                    origin: t.origin,
-                                    mid: t.origin_mid,
-                                    rid: r.rid,
-                                    kind: r.kind,
-                                });
+                                // The subscriber sees one stream: the request is for the layer it is fed.
+                                if let Some(rid) = t.feed.current {
+                                    props.push(Propagate::Keyframe {
+                                        origin: t.origin,
+                                        mid: t.origin_mid,
+                                        rid,
+                                        kind: r.kind,
+                                    });
+                                }
                             }
                         }
                         _ => {}
@@ -597,18 +871,13 @@ impl Sfu {
                         continue;
                     }
                     if let Some(s) = self.sessions.get_mut(&other).filter(|s| s.role == SessionRole::Participant) {
-                        s.tracks_out.push(TrackOut {
-                            origin: from,
-                            origin_mid: mid,
-                            participant: participant.clone(),
-                            kind,
-                            state: OutState::ToOpen,
-                        });
+                        s.tracks_out.push(TrackOut::new(from, mid, participant.clone(), kind));
                     }
                     self.mark_dirty(other);
                 }
             }
             Propagate::Media(d) => {
+                let keyframe = d.is_keyframe();
                 if let Some(level) = d.ext_vals.audio_level {
                     if self.speakers.observe(&room, from, level, self.now).is_some() {
                         self.follow_speaker(&room, &members);
@@ -616,19 +885,42 @@ impl Sfu {
                 }
                 for other in members.into_iter().filter(|o| *o != from) {
                     let Some(s) = self.sessions.get_mut(&other) else { continue };
-                    let Some(mid) =
-                        s.tracks_out.iter().find(|t| t.origin == from && t.origin_mid == d.mid).and_then(|t| {
-                            match t.state {
-                                OutState::Open(m) => Some(m),
-                                _ => None,
-                            }
-                        })
-                    else {
+                    let Some(t) = s.tracks_out.iter_mut().find(|t| t.origin == from && t.origin_mid == d.mid) else {
                         continue;
+                    };
+                    let OutState::Open(mid) = t.state else { continue };
+                    let time = if t.kind == MediaKind::Video {
+                        let f = &mut t.feed;
+                        let t90 = d.time.rebase(Frequency::NINETY_KHZ).numer() as i64;
+                        if f.current != Some(d.rid) {
+                            // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track
+                            // that shows nothing yet starts at any layer's keyframe (the wanted one follows).
+                            let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
+                            if !(keyframe && (f.target == Some(d.rid) || starting)) {
+                                continue;
+                            }
+                            if f.current.is_some() {
+                                self.stats.layer_switches += 1;
+                            }
+                            f.current = Some(d.rid);
+                            // Layers have media clocks of their own: continue the subscriber's from where it was.
+                            f.offset = match f.last_out {
+                                Some((last, at)) => {
+                                    let gap = d.network_time.saturating_duration_since(at).as_micros() as i64 * 9 / 100;
+                                    last + gap.max(1) - t90
+                                }
+                                None => 0,
+                            };
+                        }
+                        let out = (t90 + f.offset).max(0);
+                        f.last_out = Some((out, d.network_time));
+                        MediaTime::from_90khz(out as u64)
+                    } else {
+                        d.time
                     };
                     let Some(writer) = s.rtc.writer(mid) else { continue };
                     let Some(pt) = writer.match_params(d.params) else { continue };
-                    if let Err(e) = writer.write(pt, d.network_time, d.time, d.data.clone()) {
+                    if let Err(e) = writer.write(pt, d.network_time, time, d.data.clone()) {
                         tracing::info!("SFU session {other}: write failed, closing: {e}");
                         s.rtc.disconnect();
                     } else {
@@ -638,7 +930,257 @@ impl Sfu {
                     self.mark_dirty(other);
                 }
             }
+            Propagate::Layers => {
+                for other in members.into_iter().filter(|o| *o != from) {
+                    self.select_layers(other);
+                }
+            }
             Propagate::Keyframe { origin, mid, rid, kind } => self.request_keyframe(origin, mid, rid, kind),
+        }
+    }
+
+    /// How many more tracks the room of `id` and the server take before a track cap.
+    fn tracks_left(&self, id: SessionId) -> (usize, usize) {
+        let caps = &self.cfg.caps;
+        let all: usize = self.sessions.values().map(|s| s.tracks_in.len()).sum();
+        let room: usize = self
+            .sessions
+            .get(&id)
+            .and_then(|s| self.rooms.get(&s.room))
+            .map_or(0, |m| m.iter().filter_map(|o| self.sessions.get(o)).map(|s| s.tracks_in.len()).sum());
+        (caps.max_room_tracks.saturating_sub(room), caps.max_tracks.saturating_sub(all))
+    }
+
+    /// How the client of session `id` shows the video it receives on m-line `mid` (a mid of the server's offer
+    /// `tracks`): the layer forwarded follows (see [`View`]); a hidden track gets nothing.
+    pub fn set_view(&mut self, id: SessionId, mid: &str, view: View) -> Result<(), SfuError> {
+        let s = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession(id))?;
+        let t = s
+            .tracks_out
+            .iter_mut()
+            .find(|t| t.kind == MediaKind::Video && t.mid().is_some_and(|m| m.to_string() == mid))
+            .ok_or_else(|| SfuError::UnknownTrack(mid.chars().take(32).collect()))?;
+        t.feed.view = Some(view);
+        self.select_layers(id);
+        Ok(())
+    }
+
+    /// Chooses for every video track session `id` receives the layer to forward: the smallest that fills the tile
+    /// as the page shows it, then lower ones while the sum is over the session's bandwidth estimate. A change of
+    /// layer asks the publisher for a keyframe of the new one; forwarding moves over when it comes.
+    fn select_layers(&mut self, id: SessionId) {
+        let now = self.now;
+        let Some(s) = self.sessions.get(&id) else { return };
+        let mut plan: Vec<Plan> = Vec::new();
+        let mut audio = 0;
+        for (i, t) in s.tracks_out.iter().enumerate() {
+            if !matches!(t.state, OutState::Open(_)) {
+                continue;
+            }
+            if t.kind != MediaKind::Video {
+                audio += AUDIO_BITRATE;
+                continue;
+            }
+            let Some(origin) =
+                self.sessions.get(&t.origin).and_then(|o| o.tracks_in.iter().find(|x| x.mid == t.origin_mid))
+            else {
+                continue;
+            };
+            let mut live: Vec<&Layer> =
+                origin.layers.iter().filter(|l| now.saturating_duration_since(l.last_seen) < LAYER_GONE).collect();
+            if live.is_empty() {
+                continue;
+            }
+            live.sort_by_key(|l| (l.width, l.height, l.rate.peek(now)));
+            let fits = |l: &&Layer, v: View| {
+                l.width as f64 >= v.width as f64 * LAYER_FIT || l.height as f64 >= v.height as f64 * LAYER_FIT
+            };
+            let choice = match t.feed.view {
+                Some(v) if v.is_hidden() => None,
+                Some(v) => Some(live.iter().position(|l| fits(l, v)).unwrap_or(live.len() - 1)),
+                None => Some(live.len() - 1),
+            };
+            plan.push((i, live.iter().map(|l| (l.rid, l.rate.peek(now))).collect(), choice));
+        }
+        let total = |plan: &[Plan]| -> u64 { plan.iter().filter_map(|(_, l, c)| c.map(|c| l[c].1)).sum() };
+        let desired = total(&plan) + audio;
+        // The estimate follows what is sent when the link has room (it is application-limited), so it only says
+        // something when it falls below that: congestion. Layers then fit it for a while before trying higher.
+        let sent: u64 = plan
+            .iter()
+            .filter_map(|(i, l, _)| {
+                let cur = s.tracks_out[*i].feed.current?;
+                l.iter().find(|x| x.0 == cur).map(|x| x.1)
+            })
+            .sum();
+        let mut ceiling = s.ceiling.filter(|(_, until)| now < *until);
+        if let Some(estimate) = s.estimate.filter(|_| self.cfg.follow_bwe) {
+            if estimate.saturating_sub(audio) < sent * 9 / 10 {
+                ceiling = Some((estimate, now + BWE_HOLD));
+            }
+        }
+        if let Some((estimate, _)) = ceiling {
+            let budget = estimate.saturating_sub(audio);
+            while total(&plan) > budget {
+                // Step down the dearest track that has a lower layer (never below the lowest: pausing is the page's).
+                let Some(p) =
+                    plan.iter_mut().filter(|p| p.2.is_some_and(|c| c > 0)).max_by_key(|p| p.1[p.2.unwrap_or(0)].1)
+                else {
+                    break;
+                };
+                p.2 = p.2.map(|c| c - 1);
+            }
+        }
+        let s = self.sessions.get_mut(&id).expect("checked above");
+        s.ceiling = ceiling;
+        let mut requests = Vec::new();
+        for (i, layers, choice) in plan {
+            let t = &mut s.tracks_out[i];
+            let target = choice.map(|c| layers[c].0);
+            if target.is_none() {
+                t.feed.current = None;
+            }
+            t.feed.target = target;
+            if let Some(rid) = target {
+                if t.feed.current != Some(rid) {
+                    requests.push((t.origin, t.origin_mid, rid));
+                }
+            }
+        }
+        // Probe towards what the pages would like to see.
+        s.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired.max(AUDIO_BITRATE)));
+        self.mark_dirty(id);
+        for (origin, mid, rid) in requests {
+            self.request_layer_keyframe(origin, mid, rid);
+        }
+    }
+
+    /// A keyframe of one layer, for a subscriber switching to it (at most every [`KEYFRAME_THROTTLE`] per layer).
+    fn request_layer_keyframe(&mut self, origin: SessionId, mid: Mid, rid: Option<Rid>) {
+        let now = self.now;
+        let Some(l) = self
+            .sessions
+            .get_mut(&origin)
+            .and_then(|s| s.tracks_in.iter_mut().find(|t| t.mid == mid))
+            .and_then(|t| t.layers.iter_mut().find(|l| l.rid == rid))
+        else {
+            return;
+        };
+        if l.last_keyframe_request.is_some_and(|at| now < at + KEYFRAME_THROTTLE) {
+            return;
+        }
+        l.last_keyframe_request = Some(now);
+        self.request_keyframe(origin, mid, rid, KeyframeRequestKind::Pli);
+    }
+
+    /// Every [`TICK`]: layers (estimates and layers change), the active speakers, the bitrate caps.
+    fn tick(&mut self) {
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.select_layers(id);
+        }
+        self.active_speakers();
+        self.enforce_caps();
+    }
+
+    /// Per room, the participant whose audio carries sound most of the time; a change is announced once the new
+    /// one has stayed ahead for [`SPEAKER_HOLD`].
+    fn active_speakers(&mut self) {
+        let now = self.now;
+        for (room, members) in &self.rooms {
+            let share = |id: &SessionId| -> f64 {
+                self.sessions.get(id).map_or(0.0, |s| {
+                    s.tracks_in
+                        .iter()
+                        .filter(|t| t.kind == MediaKind::Audio)
+                        .map(|t| t.loudness.share(now))
+                        .fold(0.0, f64::max)
+                })
+            };
+            let loudest = members
+                .iter()
+                .map(|m| (*m, share(m)))
+                .filter(|(_, v)| *v >= SPEECH_MIN)
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            let sp = self.floor.entry(room.clone()).or_default();
+            let current = sp.current.map_or(0.0, |c| share(&c));
+            match loudest {
+                // The current speaker keeps the floor unless clearly outdone.
+                Some((id, v)) if Some(id) != sp.current && v > current + 0.1 => match sp.candidate {
+                    Some((c, since)) if c == id => {
+                        if now >= since + SPEAKER_HOLD {
+                            sp.current = Some(id);
+                            sp.candidate = None;
+                            let participant = self.sessions[&id].participant.clone();
+                            for m in members {
+                                self.out.push_back(SfuOutput::Event(SfuEvent::ActiveSpeaker {
+                                    session: *m,
+                                    participant: participant.clone(),
+                                }));
+                            }
+                        }
+                    }
+                    _ => sp.candidate = Some((id, now)),
+                },
+                _ => sp.candidate = None,
+            }
+        }
+    }
+
+    /// Bitrate caps: when a room or the server receives more than its cap, the video publishers above their fair
+    /// share (max-min) are asked by REMB to send at most that share; they are told again every
+    /// [`REMB_INTERVAL`], and released (a REMB of the whole cap) once everyone fits.
+    fn enforce_caps(&mut self) {
+        let now = self.now;
+        let caps = self.cfg.caps;
+        // (session, mid, room, bit/s, video, capped)
+        let mut tracks = Vec::new();
+        for (id, s) in self.sessions.iter_mut() {
+            for t in s.tracks_in.iter_mut() {
+                let bps = t.bps(now);
+                tracks.push((*id, t.mid, s.room.clone(), bps, t.kind == MediaKind::Video, t.capped));
+            }
+        }
+        // A capped track would send more if it could: its demand is taken as half as much again as allowed.
+        let demand = |bps: u64, capped: Option<(u64, Instant)>| capped.map_or(bps, |(c, _)| bps.max(c + c / 2));
+        let level = |filter: &dyn Fn(&Arc<str>) -> bool, cap: u64| -> Option<u64> {
+            let audio: u64 = tracks.iter().filter(|t| filter(&t.2) && !t.4).map(|t| t.3).sum();
+            let video: Vec<u64> = tracks.iter().filter(|t| filter(&t.2) && t.4).map(|t| demand(t.3, t.5)).collect();
+            water_level(video, cap.saturating_sub(audio))
+        };
+        let server = level(&|_| true, caps.max_bitrate);
+        let mut remb = Vec::new();
+        for room in self.rooms.keys() {
+            let room_level = level(&|r: &Arc<str>| r == room, caps.max_room_bitrate);
+            let allowed = match (server, room_level) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            for t in tracks.iter().filter(|t| t.2 == *room && t.4) {
+                match allowed {
+                    Some(l) if demand(t.3, t.5) > l => {
+                        let due = t.5.is_none_or(|(c, at)| c != l || now >= at + REMB_INTERVAL);
+                        if due {
+                            remb.push((t.0, t.1, Some(l)));
+                        }
+                    }
+                    _ if t.5.is_some() => remb.push((t.0, t.1, None)),
+                    _ => {}
+                }
+            }
+        }
+        for (id, mid, allowed) in remb {
+            let Some(s) = self.sessions.get_mut(&id) else { continue };
+            let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == mid) else { continue };
+            t.capped = allowed.map(|l| (l, now));
+            let rid = t.layers.first().map(|l| l.rid).unwrap_or(None);
+            let value = allowed.unwrap_or(caps.max_room_bitrate.min(caps.max_bitrate));
+            if let Some(rx) = s.rtc.direct_api().stream_rx_by_mid(mid, rid) {
+                rx.request_remb(Bitrate::bps(value));
+                self.stats.remb_sent += 1;
+                tracing::debug!("SFU session {id}: track {mid} asked to send at most {value} bit/s");
+            }
+            self.mark_dirty(id);
         }
     }
 
@@ -681,13 +1223,7 @@ impl Sfu {
             if let Some(t) = o.tracks_in.iter().find(|t| t.kind == kind && !taken(t.mid)) {
                 bound.push((
                     t.mid,
-                    TrackOut {
-                        origin,
-                        origin_mid: t.mid,
-                        participant: participant.clone(),
-                        kind,
-                        state: OutState::Open(mid),
-                    },
+                    TrackOut { state: OutState::Open(mid), ..TrackOut::new(origin, t.mid, participant.clone(), kind) },
                 ));
             }
         }
@@ -700,8 +1236,9 @@ impl Sfu {
             s.tracks_out.push(t);
         }
         self.mark_dirty(id);
-        for mid in keyframes {
-            self.request_keyframe(origin, mid, None, KeyframeRequestKind::Pli);
+        // The layer to forward, and a keyframe of it.
+        if !keyframes.is_empty() {
+            self.select_layers(id);
         }
     }
 
@@ -736,6 +1273,14 @@ impl Sfu {
         };
         if members.is_empty() {
             self.rooms.remove(&s.room);
+            self.floor.remove(&s.room);
+        } else if let Some(sp) = self.floor.get_mut(&s.room) {
+            if sp.current == Some(id) {
+                sp.current = None;
+            }
+            if sp.candidate.is_some_and(|(c, _)| c == id) {
+                sp.candidate = None;
+            }
         }
         for other in members {
             let Some(o) = self.sessions.get_mut(&other) else { continue };
@@ -798,4 +1343,62 @@ fn negotiate(id: SessionId, s: &mut Session, out: &mut VecDeque<SfuOutput>) {
         })
         .collect();
     out.push_back(SfuOutput::Event(SfuEvent::Offer { session: id, sdp: offer.to_sdp_string(), tracks }));
+}
+
+/// Notes a frame of a published track on its layer (audio: the only one); `true` when a layer appeared, came back,
+/// or its frame size changed, so that subscribers choose again.
+fn track_layer(t: &mut TrackIn, d: &MediaData, now: Instant) -> bool {
+    let mut changed = false;
+    let i = match t.layers.iter().position(|l| l.rid == d.rid) {
+        Some(i) => i,
+        None => {
+            t.layers.push(Layer {
+                rid: d.rid,
+                width: 0,
+                height: 0,
+                rate: Rate::new(now),
+                last_seen: now,
+                last_keyframe_request: None,
+            });
+            changed = true;
+            t.layers.len() - 1
+        }
+    };
+    let l = &mut t.layers[i];
+    changed |= now.saturating_duration_since(l.last_seen) >= LAYER_GONE;
+    l.last_seen = now;
+    l.rate.add(now, d.data.len());
+    if d.is_keyframe() {
+        if let Some((w, h)) = vp8_size(&d.data) {
+            changed |= (w, h) != (l.width, l.height);
+            (l.width, l.height) = (w, h);
+        }
+    }
+    changed
+}
+
+/// The frame size of a VP8 keyframe (RFC 6386 9.1: a 3-byte frame tag with bit 0 clear, the start code 9d 01 2a,
+/// then 14-bit width and height, little-endian).
+fn vp8_size(frame: &[u8]) -> Option<(u32, u32)> {
+    if frame.len() < 10 || frame[0] & 1 != 0 || frame[3..6] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let w = u16::from_le_bytes([frame[6], frame[7]]) & 0x3fff;
+    let h = u16::from_le_bytes([frame[8], frame[9]]) & 0x3fff;
+    Some((w as u32, h as u32))
+}
+
+/// Max-min fair share: the level `l` with `sum(min(demand, l)) == budget`, or `None` when every demand fits.
+fn water_level(mut demands: Vec<u64>, budget: u64) -> Option<u64> {
+    demands.sort_unstable();
+    let n = demands.len() as u64;
+    let mut left = budget;
+    for (i, d) in demands.into_iter().enumerate() {
+        let fair = left / (n - i as u64);
+        if d > fair {
+            return Some(fair);
+        }
+        left -= d;
+    }
+    None
 }

@@ -10,5 +10,5 @@ pub mod speaker;
 pub mod tcp;
 
 pub use crate::core::{
-    SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,
+    Caps, SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit, View,
 };

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 
 use crate::core::{
-    SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,
+    Caps, SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit, View,
 };
 use crate::tcp::{frame_into, Deframer};
 
@@ -41,6 +41,8 @@ pub struct MediaConfig {
     /// `--media-external-ip`: the address clients reach the socket at, when it differs (NAT).
     pub external_ip: Option<IpAddr>,
     pub dtls_cert: Option<DtlsCert>,
+    /// Track and bitrate caps (`--max-sfu-tracks` and friends).
+    pub caps: Caps,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,10 @@ pub enum SessionSignal {
         tracks: Vec<TrackInfo>,
     },
     Connected,
+    /// The room's active speaker changed to this participant.
+    ActiveSpeaker {
+        participant: Arc<str>,
+    },
     /// The media session died (ICE or DTLS failed); the client may join again.
     Closed,
 }
@@ -119,6 +125,10 @@ enum Command {
     Remove {
         id: SessionId,
     },
+    View {
+        id: SessionId,
+        views: Vec<(String, View)>,
+    },
 }
 
 /// A handle to the running SFU; cheap to clone. The SFU thread stops when the last handle is dropped.
@@ -151,7 +161,9 @@ impl SfuHandle {
         };
         let port = local_addr.port();
         let host_candidates: Vec<SocketAddr> = advertised.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
-        let mut sfu = Sfu::new(SfuConfig { host_candidates: host_candidates.clone(), dtls_cert }, Instant::now());
+        let sfu_cfg =
+            SfuConfig { host_candidates: host_candidates.clone(), dtls_cert, caps: cfg.caps, follow_bwe: true };
+        let mut sfu = Sfu::new(sfu_cfg, Instant::now());
         sfu.set_tcp_candidates(host_candidates);
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new((SfuStats::default(), NetStats::default())));
@@ -248,6 +260,11 @@ impl SfuHandle {
 
     pub fn candidate(&self, id: SessionId, line: String) -> Result<(), SfuNetError> {
         self.send(Command::Candidate { id, line })
+    }
+
+    /// How the client shows the video of its receive m-lines (`mid`, size; 0×0 hidden).
+    pub fn view(&self, id: SessionId, views: Vec<(String, View)>) -> Result<(), SfuNetError> {
+        self.send(Command::View { id, views })
     }
 
     pub fn remove(&self, id: SessionId) -> Result<(), SfuNetError> {
@@ -689,6 +706,9 @@ async fn run(
                         SfuEvent::Offer { session, sdp, tracks } => (session, SessionSignal::Offer { sdp, tracks }),
                         SfuEvent::Connected { session } => (session, SessionSignal::Connected),
                         SfuEvent::Closed { session } => (session, SessionSignal::Closed),
+                        SfuEvent::ActiveSpeaker { session, participant } => {
+                            (session, SessionSignal::ActiveSpeaker { participant })
+                        }
                     };
                     let gone = signal == SessionSignal::Closed;
                     if let Some(tx) = signals.get(&id) {
@@ -755,6 +775,13 @@ fn command(sfu: &mut Sfu, signals: &mut HashMap<SessionId, mpsc::UnboundedSender
         Command::Candidate { id, line } => {
             if let Err(e) = sfu.add_candidate(id, &line) {
                 tracing::debug!("SFU session {id}: candidate ignored: {e}");
+            }
+        }
+        Command::View { id, views } => {
+            for (mid, view) in views {
+                if let Err(e) = sfu.set_view(id, &mid, view) {
+                    tracing::debug!("SFU session {id}: view ignored: {e}");
+                }
             }
         }
         Command::Remove { id } => {

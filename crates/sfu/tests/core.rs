@@ -4,13 +4,32 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use str0m::bwe::BweKind;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use webcall_sfu::{SessionId, Sfu, SfuConfig, SfuEvent, SfuOutput};
+use webcall_sfu::{Caps, SessionId, Sfu, SfuConfig, SfuEvent, SfuOutput, View};
 
 const FRAME: Duration = Duration::from_millis(33);
+/// The simulcast layers test clients publish: rid, frame size, bytes per frame.
+const LAYERS: [(&str, u16, u16, usize); 3] = [("q", 320, 180, 300), ("h", 640, 360, 600), ("f", 1280, 720, 1200)];
+
+/// A VP8 frame of a layer: keyframes carry the layer's size (RFC 6386 9.1), every frame ends with the rid's letter.
+fn vp8_frame(key: bool, w: u16, h: u16, len: usize, mark: u8) -> Vec<u8> {
+    let mut f = vec![if key { 0x10 } else { 0x11 }, 0x02, 0x00, 0x9d, 0x01, 0x2a];
+    f.extend(w.to_le_bytes());
+    f.extend(h.to_le_bytes());
+    f.resize(len, mark);
+    f
+}
+
+/// A video frame one client received: from whom, on which layer (its rid letter), keyframe or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Got {
+    layer: u8,
+    key: bool,
+}
 
 struct Client {
     name: &'static str,
@@ -29,6 +48,22 @@ struct Client {
     connected: bool,
     publishing: bool,
     frames_sent: u32,
+    /// Publishes the three layers of [`LAYERS`] (else one layer, the size of "f").
+    simulcast: bool,
+    /// Answers keyframe requests with a keyframe on the next frame (else only every 30 frames).
+    answers_keyframes: bool,
+    /// Layers (rid; `None` without simulcast) whose next frame is a keyframe.
+    keyframe_due: Vec<Option<Rid>>,
+    /// The layers keyframes were requested for.
+    requested: Vec<Option<Rid>>,
+    /// The RFC 6464 level of the audio it sends (dBov, 0 loudest, -127 silence).
+    level: i8,
+    /// Video frames received, per publisher, in order.
+    frames: HashMap<String, Vec<Got>>,
+    /// Active speakers announced to this client's session, in order.
+    speakers: Vec<String>,
+    /// REMB estimates received (bit/s).
+    rembs: Vec<u64>,
 }
 
 struct Net {
@@ -45,18 +80,37 @@ impl Net {
     fn new() -> Net {
         let now = Instant::now();
         let sfu_addr: SocketAddr = "127.0.0.1:7882".parse().unwrap();
-        let sfu = Sfu::new(SfuConfig { host_candidates: vec![sfu_addr], dtls_cert: None }, now);
+        // The stepped clock of these simulated links looks like queueing to the TWCC estimator.
+        let sfu = Sfu::new(SfuConfig { host_candidates: vec![sfu_addr], follow_bwe: false, ..Default::default() }, now);
         Net { now, sfu, sfu_addr, sfu_timeout: now, clients: Vec::new(), next_frame: now, closed: Vec::new() }
     }
 
-    /// A client joins: it offers audio and video (sendrecv, like a browser), the SFU answers.
     fn join(&mut self, name: &'static str) -> usize {
+        self.join_with(name, false)
+    }
+
+    fn new_with(caps: Caps) -> Net {
+        let mut net = Net::new();
+        let cfg = SfuConfig { host_candidates: vec![net.sfu_addr], caps, follow_bwe: false, ..Default::default() };
+        net.sfu = Sfu::new(cfg, net.now);
+        net
+    }
+
+    /// A client joins: it offers audio and video (sendrecv, like a browser), the SFU answers.
+    fn join_with(&mut self, name: &'static str, simulcast: bool) -> usize {
         let addr: SocketAddr = format!("127.0.0.2:{}", 5000 + self.clients.len()).parse().unwrap();
         let mut rtc = Rtc::builder().clear_codecs().enable_vp8(true).enable_opus(true, false).build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut change = rtc.sdp_api();
         let audio = change.add_media(MediaKind::Audio, Direction::SendRecv, Some(name.into()), None, None);
-        let video = change.add_media(MediaKind::Video, Direction::SendRecv, Some(name.into()), None, None);
+        let layers = simulcast.then(|| {
+            let mut s = Simulcast::new();
+            for (rid, ..) in LAYERS {
+                s.add_send_layer(SimulcastLayer::new(rid));
+            }
+            s
+        });
+        let video = change.add_media(MediaKind::Video, Direction::SendRecv, Some(name.into()), None, layers);
         let (offer, pending) = change.apply().unwrap();
         let session = self.sfu.add_session("room", name, self.now);
         let answer = self.sfu.accept_offer(session, &offer.to_sdp_string()).unwrap().expect("no glare on join");
@@ -76,12 +130,49 @@ impl Net {
             connected: false,
             publishing: true,
             frames_sent: 0,
+            simulcast,
+            answers_keyframes: true,
+            keyframe_due: Vec::new(),
+            requested: Vec::new(),
+            level: -127,
+            frames: HashMap::new(),
+            speakers: Vec::new(),
+            rembs: Vec::new(),
         });
         self.clients.len() - 1
     }
 
     fn client(&self, name: &str) -> &Client {
         self.clients.iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn client_mut(&mut self, name: &str) -> &mut Client {
+        self.clients.iter_mut().find(|c| c.name == name).unwrap()
+    }
+
+    /// The mid on which `receiver` gets `publisher`'s video.
+    fn video_mid(&self, receiver: &str, publisher: &str) -> String {
+        let c = self.client(receiver);
+        c.mapping
+            .iter()
+            .find(|(mid, p)| *p == publisher && c.rtc.media(mid.as_str().into()).unwrap().kind() == MediaKind::Video)
+            .map(|(mid, _)| mid.clone())
+            .unwrap()
+    }
+
+    fn set_view(&mut self, receiver: &str, publisher: &str, width: u32, height: u32) {
+        let mid = self.video_mid(receiver, publisher);
+        let session = self.client(receiver).session;
+        self.sfu.set_view(session, &mid, View { width, height }).unwrap();
+    }
+
+    /// The video frames `receiver` got from `publisher` since the `from`th.
+    fn frames(&self, receiver: &str, publisher: &str, from: usize) -> Vec<Got> {
+        self.client(receiver).frames.get(publisher).map(|v| v[from.min(v.len())..].to_vec()).unwrap_or_default()
+    }
+
+    fn frame_count(&self, receiver: &str, publisher: &str) -> usize {
+        self.client(receiver).frames.get(publisher).map_or(0, Vec::len)
     }
 
     fn received(&self, receiver: &str, publisher: &str, kind: MediaKind) -> u64 {
@@ -113,21 +204,34 @@ impl Net {
             c.frames_sent += 1;
             let n = c.frames_sent;
             let ts = MediaTime::from_90khz(n as u64 * 3000);
-            // A VP8 payload whose first byte marks a keyframe every 30 frames (bit 0 clear), else an interframe.
-            let mut frame = vec![if n % 30 == 1 { 0x10 } else { 0x11 }, 0x02, 0x00, 0x9d, 0x01, 0x2a];
-            frame.extend(std::iter::repeat_n(n as u8, 1200));
-            let w = c.rtc.writer(c.video).unwrap();
-            let pt = w.payload_params().find(|p| p.spec().codec == str0m::format::Codec::Vp8).unwrap().pt();
-            w.write(pt, self.now, ts, frame).unwrap();
+            let layers: Vec<(Option<Rid>, u16, u16, usize, u8)> = if c.simulcast {
+                LAYERS.iter().map(|(rid, w, h, len)| (Some(Rid::from(*rid)), *w, *h, *len, rid.as_bytes()[0])).collect()
+            } else {
+                vec![(None, 1280, 720, 1200, b'f')]
+            };
+            for (rid, w, h, len, mark) in layers {
+                // A keyframe every 30 frames, and on request.
+                let due = c.keyframe_due.contains(&rid);
+                let key = n % 30 == 1 || due;
+                c.keyframe_due.retain(|r| *r != rid);
+                let frame = vp8_frame(key, w, h, len, mark);
+                let mut w = c.rtc.writer(c.video).unwrap();
+                let pt = w.payload_params().find(|p| p.spec().codec == str0m::format::Codec::Vp8).unwrap().pt();
+                if let Some(rid) = rid {
+                    w = w.rid(rid);
+                }
+                w.write(pt, self.now, ts, frame).unwrap();
+            }
             let w = c.rtc.writer(c.audio).unwrap();
             let pt = w.payload_params().next().unwrap().pt();
-            w.write(
-                pt,
-                self.now,
-                MediaTime::new(n as u64 * 1584, str0m::media::Frequency::FORTY_EIGHT_KHZ),
-                vec![0xfc; 80],
-            )
-            .unwrap();
+            w.audio_level(c.level, c.level > -50)
+                .write(
+                    pt,
+                    self.now,
+                    MediaTime::new(n as u64 * 1584, str0m::media::Frequency::FORTY_EIGHT_KHZ),
+                    vec![0xfc; 80],
+                )
+                .unwrap();
         }
     }
 
@@ -165,6 +269,11 @@ impl Net {
                     }
                     SfuOutput::Event(SfuEvent::Closed { session }) => self.closed.push(session),
                     SfuOutput::Event(SfuEvent::Connected { .. }) => {}
+                    SfuOutput::Event(SfuEvent::ActiveSpeaker { session, participant }) => {
+                        if let Some(c) = self.clients.iter_mut().find(|c| c.session == session) {
+                            c.speakers.push(participant.to_string());
+                        }
+                    }
                 }
             }
             for c in &mut self.clients {
@@ -182,11 +291,22 @@ impl Net {
                         Output::Event(Event::MediaData(d)) => {
                             let from = c.mapping.get(&d.mid.to_string()).cloned().unwrap_or_else(|| "?".into());
                             let kind = c.rtc.media(d.mid).unwrap().kind();
+                            if kind == MediaKind::Video {
+                                let got = Got { layer: *d.data.last().unwrap(), key: d.is_keyframe() };
+                                c.frames.entry(from.clone()).or_default().push(got);
+                            }
                             *c.received.entry((from, kind)).or_default() += 1;
                         }
                         Output::Event(Event::KeyframeRequest(r)) => {
                             assert_eq!(r.mid, c.video);
                             c.keyframe_requests += 1;
+                            c.requested.push(r.rid);
+                            if c.answers_keyframes {
+                                c.keyframe_due.push(r.rid);
+                            }
+                        }
+                        Output::Event(Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. })) => {
+                            c.rembs.push(estimate.as_u64());
                         }
                         Output::Event(_) => {}
                     }
@@ -408,4 +528,169 @@ fn the_demux_survives_garbage() {
     let before = net.received("b", "a", MediaKind::Video);
     net.run(Duration::from_secs(1));
     assert!(net.received("b", "a", MediaKind::Video) > before + 20);
+}
+
+/// Runs until `name` has just sent a keyframe (frame 30k+2), so the next periodic one is a second away.
+fn run_past_keyframe(net: &mut Net, name: &str) {
+    for _ in 0..200 {
+        net.run(Duration::from_millis(10));
+        if net.client(name).frames_sent % 30 == 2 {
+            return;
+        }
+    }
+    panic!("{name} sends no frames");
+}
+
+#[test]
+fn a_subscriber_gets_the_layer_its_tile_needs_and_switches_only_on_a_keyframe() {
+    let mut net = Net::new();
+    net.join_with("a", true);
+    net.join("b");
+    net.run(Duration::from_secs(2));
+    // No view reported: the best layer.
+    let got = net.frames("b", "a", 0);
+    assert!(got.len() > 20, "{got:?}");
+    assert_eq!(got.last().unwrap().layer, b'f');
+    assert!(got[0].key, "forwarding starts at a keyframe");
+
+    // b shows a's tile small; a answers no keyframe request, so the switch waits for its next periodic keyframe.
+    net.client_mut("a").answers_keyframes = false;
+    run_past_keyframe(&mut net, "a");
+    let from = net.frame_count("b", "a");
+    let switches = net.sfu.stats().layer_switches;
+    net.set_view("b", "a", 320, 180);
+    net.run(Duration::from_secs(2));
+    assert!(net.client("a").requested.contains(&Some(Rid::from("q"))), "a keyframe of q was asked for");
+    let got = net.frames("b", "a", from);
+    let first_q = got.iter().position(|g| g.layer == b'q').expect("b moved to q");
+    assert!(got[first_q].key, "the switch happens on a keyframe of the new layer: {got:?}");
+    assert!(first_q >= 20, "until then b kept getting f, without a gap: {first_q}");
+    assert!(got[..first_q].iter().all(|g| g.layer == b'f'));
+    assert!(got[first_q..].iter().all(|g| g.layer == b'q'), "nothing of f after the switch");
+    assert_eq!(net.sfu.stats().layer_switches, switches + 1);
+
+    // A middle-sized tile: h (the smallest layer that fills it); a answers keyframe requests now: quick.
+    net.client_mut("a").answers_keyframes = true;
+    let from = net.frame_count("b", "a");
+    net.set_view("b", "a", 700, 400);
+    net.run(Duration::from_millis(500));
+    let got = net.frames("b", "a", from);
+    let first_h = got.iter().position(|g| g.layer == b'h').expect("b moved to h");
+    assert!(got[first_h].key && first_h < 5, "{got:?}");
+    assert!(got[first_h..].iter().all(|g| g.layer == b'h'));
+}
+
+#[test]
+fn a_hidden_tile_gets_no_video_and_a_shown_one_starts_at_a_keyframe() {
+    let mut net = Net::new();
+    net.join_with("a", true);
+    net.join("b");
+    net.run(Duration::from_secs(2));
+    net.set_view("b", "a", 0, 0);
+    net.run(Duration::from_millis(100));
+    let video = net.frame_count("b", "a");
+    let audio = net.received("b", "a", MediaKind::Audio);
+    let forwarded = net.sfu.stats().forwarded_frames;
+    net.run(Duration::from_secs(2));
+    assert_eq!(net.frame_count("b", "a"), video, "nothing of a hidden tile");
+    assert!(net.received("b", "a", MediaKind::Audio) > audio + 40, "audio goes on");
+    // The SFU forwarded only audio meanwhile (a gets b's video and audio, b gets a's audio): no f/h/q to b.
+    assert!(net.sfu.stats().forwarded_frames - forwarded < 3 * 61);
+
+    net.set_view("b", "a", 1280, 720);
+    net.run(Duration::from_secs(1));
+    let got = net.frames("b", "a", video);
+    assert!(got.len() > 20 && got[0].key && got[0].layer == b'f', "{got:?}");
+}
+
+#[test]
+fn a_publisher_without_simulcast_is_forwarded_whatever_the_tile_size() {
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(1));
+    net.set_view("b", "a", 160, 90);
+    let from = net.frame_count("b", "a");
+    net.run(Duration::from_secs(1));
+    let got = net.frames("b", "a", from);
+    assert!(got.len() > 25 && got.iter().all(|g| g.layer == b'f'), "{got:?}");
+    assert_eq!(net.sfu.stats().layer_switches, 0);
+    // A view of an m-line that is not one of b's video tracks is refused.
+    let b = net.client("b").session;
+    assert!(matches!(
+        net.sfu.set_view(b, "nope", View { width: 1, height: 1 }),
+        Err(webcall_sfu::SfuError::UnknownTrack(_))
+    ));
+}
+
+#[test]
+fn the_active_speaker_is_announced_to_the_room_after_a_debounce() {
+    let mut net = Net::new();
+    for n in ["a", "b", "c"] {
+        net.join(n);
+    }
+    net.run(Duration::from_secs(1));
+    assert!(net.clients.iter().all(|c| c.speakers.is_empty()), "nobody speaks yet");
+    net.client_mut("a").level = -20;
+    net.run(Duration::from_secs(3));
+    for c in &net.clients {
+        assert_eq!(c.speakers, ["a"], "{} hears a", c.name);
+    }
+    // A short sound from c (a cough) does not take the floor.
+    net.client_mut("c").level = -10;
+    net.run(Duration::from_millis(400));
+    net.client_mut("c").level = -127;
+    net.run(Duration::from_secs(2));
+    assert_eq!(net.client("b").speakers, ["a"]);
+    // b speaks and a stops: b is the active speaker, announced once.
+    net.client_mut("a").level = -127;
+    net.client_mut("b").level = -30;
+    net.run(Duration::from_secs(3));
+    for c in &net.clients {
+        assert_eq!(c.speakers, ["a", "b"], "{}", c.name);
+    }
+}
+
+#[test]
+fn publishers_over_the_room_bitrate_cap_are_asked_to_slow_down_not_dropped() {
+    // Each client sends ~290 kbit/s of video and ~20 of audio: two of them are over a 400 kbit/s room cap.
+    let caps = Caps { max_room_bitrate: 400_000, ..Caps::default() };
+    let mut net = Net::new_with(caps);
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(4));
+    for n in ["a", "b"] {
+        let rembs = &net.client(n).rembs;
+        assert!(!rembs.is_empty(), "{n} was asked to slow down");
+        assert!(rembs.iter().all(|r| (150_000..=200_000).contains(r)), "{n}: a fair share of the cap: {rembs:?}");
+    }
+    assert!(net.sfu.stats().remb_sent >= 4);
+    // Nobody was dropped: media still flows both ways.
+    let before = net.received("a", "b", MediaKind::Video);
+    net.run(Duration::from_secs(1));
+    assert!(net.received("a", "b", MediaKind::Video) > before + 20);
+    assert!(net.closed.is_empty());
+
+    // Without a cap in reach nobody hears of it.
+    let mut net = Net::new();
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(3));
+    assert!(net.client("a").rembs.is_empty());
+}
+
+#[test]
+fn a_track_over_the_room_track_cap_is_not_forwarded() {
+    let caps = Caps { max_room_tracks: 3, ..Caps::default() };
+    let mut net = Net::new_with(caps);
+    net.join("a");
+    net.join("b");
+    net.run(Duration::from_secs(2));
+    assert_eq!(net.sfu.stats().tracks, 3);
+    assert_eq!(net.sfu.stats().refused_tracks, 1);
+    // b's second track (video) is the one refused; a gets b's audio, and b gets all of a's.
+    assert_eq!(net.received("a", "b", MediaKind::Video), 0);
+    assert!(net.received("a", "b", MediaKind::Audio) > 20);
+    assert!(net.received("b", "a", MediaKind::Video) > 20);
+    assert!(net.closed.is_empty());
 }

@@ -131,7 +131,7 @@ async fn client(sfu: SfuHandle, name: &str, tcp: bool, run_for: Duration) -> Has
 }
 
 fn loopback() -> MediaConfig {
-    MediaConfig { listen: "127.0.0.1:0".parse().unwrap(), external_ip: None, dtls_cert: None }
+    MediaConfig { listen: "127.0.0.1:0".parse().unwrap(), external_ip: None, dtls_cert: None, caps: Default::default() }
 }
 
 #[tokio::test]
@@ -195,7 +195,12 @@ async fn ice_tcp_connections_nobody_claims_are_closed() {
 
 #[tokio::test]
 async fn a_wildcard_listen_address_advertises_the_interfaces() {
-    let cfg = MediaConfig { listen: "0.0.0.0:0".parse().unwrap(), external_ip: None, dtls_cert: None };
+    let cfg = MediaConfig {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        external_ip: None,
+        dtls_cert: None,
+        caps: Default::default(),
+    };
     let sfu = SfuHandle::start(cfg).await.unwrap();
     assert!(!sfu.advertised().is_empty());
     assert!(sfu.advertised().iter().all(|ip| !ip.is_unspecified()), "{:?}", sfu.advertised());
@@ -203,6 +208,7 @@ async fn a_wildcard_listen_address_advertises_the_interfaces() {
         listen: "0.0.0.0:0".parse().unwrap(),
         external_ip: Some("192.0.2.7".parse().unwrap()),
         dtls_cert: None,
+        caps: Default::default(),
     };
     let sfu = SfuHandle::start(cfg).await.unwrap();
     assert_eq!(sfu.advertised(), ["192.0.2.7".parse::<std::net::IpAddr>().unwrap()]);

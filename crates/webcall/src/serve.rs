@@ -38,6 +38,7 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                     listen: cfg.media_listen,
                     external_ip: cfg.media_external_ip,
                     dtls_cert: None,
+                    caps: cfg.sfu_caps,
                 };
                 let handle = webcall_sfu::net::SfuHandle::start(media).await?;
                 let ips: Vec<String> = handle.advertised().iter().map(|ip| ip.to_string()).collect();
@@ -207,6 +208,9 @@ pub fn sfu_metrics(s: &webcall_sfu::SfuStats, n: &webcall_sfu::net::NetStats, ou
     counter(out, "forwarded_frames_total", "Media frames forwarded to subscribers.", s.forwarded_frames);
     counter(out, "forwarded_bytes_total", "Media payload bytes forwarded to subscribers.", s.forwarded_bytes);
     counter(out, "keyframe_requests_total", "Keyframe requests sent to publishers.", s.keyframe_requests);
+    counter(out, "layer_switches_total", "Simulcast layer switches of subscribers' tracks.", s.layer_switches);
+    counter(out, "refused_tracks_total", "Published tracks not forwarded: a track cap was reached.", s.refused_tracks);
+    counter(out, "remb_total", "REMB messages asking publishers over a bitrate cap to send less.", s.remb_sent);
     counter(out, "unrouted_datagrams_total", "Datagrams on the media port no session knows.", s.unrouted_datagrams);
     counter(
         out,
