@@ -145,6 +145,15 @@ impl std::str::FromStr for Topology {
     }
 }
 
+/// Why [`Rooms::admit_viewer`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchRefusal {
+    NoRoom,
+    /// The room is peer-to-peer: no media passes the server.
+    NotSfu,
+    Refused(ProtocolError),
+}
+
 /// What the adapter passes to the SFU (see [`Rooms::poll_sfu`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SfuRequest {
@@ -229,7 +238,7 @@ impl JoinPolicy for OpenPolicy {
 }
 
 /// Message kinds counted in [`Counters::messages`], in index order.
-pub const MESSAGE_KINDS: [&str; 6] = ["join", "offer", "answer", "candidate", "bye", "invalid"];
+pub const MESSAGE_KINDS: [&str; 7] = ["join", "offer", "answer", "candidate", "bye", "data", "invalid"];
 
 /// Monotonic counters for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -310,6 +319,8 @@ struct Conn {
     errors: Bucket,
     /// Cluster mode: a join is out for cluster-wide admission.
     joining: bool,
+    /// A client of the server's own (WHIP): its join makes the room an SFU room, or is refused `needs-sfu`.
+    sfu_only: bool,
 }
 
 struct Peer {
@@ -475,8 +486,18 @@ impl Rooms {
                 rate: Bucket::full(burst, t),
                 errors: Bucket::full(self.cfg.max_errors, t),
                 joining: false,
+                sfu_only: false,
             },
         );
+    }
+
+    /// [`Rooms::connect`] for a client that can only use the SFU (a WHIP publisher): its join moves the room to the
+    /// SFU whatever its size, where every member speaks SFU, and is refused `needs-sfu` where one does not.
+    pub fn connect_sfu_only(&mut self, conn: ConnId, now: Instant) {
+        self.connect(conn, now);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.sfu_only = true;
+        }
     }
 
     /// A binary frame: the protocol is text only.
@@ -520,7 +541,8 @@ impl Rooms {
             Ok(ClientMessage::Join(_)) => 0,
             Ok(ClientMessage::Relay(r)) => 1 + r.kind as usize,
             Ok(ClientMessage::Bye) => 4,
-            Err(_) => 5,
+            Ok(ClientMessage::Data(_)) => 5,
+            Err(_) => 6,
         };
         self.counters.messages[kind] += 1;
         match parsed {
@@ -528,6 +550,7 @@ impl Rooms {
             Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
             Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
             Ok(ClientMessage::Bye) => self.bye(conn, now),
+            Ok(ClientMessage::Data(d)) => self.data(conn, d, now),
         }
     }
 
@@ -865,7 +888,15 @@ impl Rooms {
             }
             let n = r.members.len();
             let r = &self.rooms[i];
-            let sfu = r.sfu || self.moves_to_sfu(r, j.sfu);
+            let forced = self.conns[&conn].sfu_only && self.cfg.topology != Topology::Mesh;
+            let sfu = r.sfu || self.moves_to_sfu(r, j.sfu) || (forced && r.members.iter().all(|m| self.peers[m].sfu));
+            if self.conns[&conn].sfu_only && !sfu {
+                let e = ProtocolError::new(
+                    ErrorCode::NeedsSfu,
+                    format!("room '{}' is peer-to-peer with a client that does not speak SFU; try later", j.room),
+                );
+                return self.refuse(conn, e.refers_to("join"), now);
+            }
             if sfu && !j.sfu {
                 let e = ProtocolError::new(
                     ErrorCode::NeedsSfu,
@@ -908,7 +939,7 @@ impl Rooms {
                 });
                 let room: Arc<str> = Arc::from(&*j.room);
                 let mut created = Room::new(password, self.cfg.password_attempts_per_min, self.nanos(now));
-                created.sfu = self.cfg.topology == Topology::Sfu;
+                created.sfu = self.cfg.topology == Topology::Sfu || self.conns[&conn].sfu_only;
                 (self.rooms.insert_full(room.clone(), created).0, room)
             }
         };
@@ -930,7 +961,7 @@ impl Rooms {
         );
         let switched = {
             let r = &self.rooms[room_index];
-            !r.sfu && self.moves_to_sfu(r, j.sfu)
+            !r.sfu && (self.moves_to_sfu(r, j.sfu) || self.conns[&conn].sfu_only)
         };
         let members = &mut self.rooms[room_index].members;
         // Exact: most rooms hold two peers, and `push` alone would make room for four.
@@ -966,6 +997,41 @@ impl Rooms {
     /// The next request for the SFU adapter.
     pub fn poll_sfu(&mut self) -> Option<SfuRequest> {
         self.sfu_out.pop_front()
+    }
+
+    /// May someone watch `room`'s media without joining (WHEP)? It must be an SFU room, and its password (if any)
+    /// given; wrong passwords count against the room's guess budget as joins do. `Ok`: the ICE servers to use.
+    pub fn admit_viewer(
+        &mut self,
+        room: &str,
+        password: Option<&str>,
+        viewer: &str,
+        now: Instant,
+    ) -> Result<Vec<IceServer>, WatchRefusal> {
+        self.now = now;
+        let t = self.nanos(now);
+        let (cap, per_sec) = (self.cfg.password_attempts_per_min, self.cfg.password_attempts_per_min / 60.0);
+        let Some(r) = self.rooms.get_mut(room) else { return Err(WatchRefusal::NoRoom) };
+        if let Some((salt, hash)) = &r.password {
+            let wait = r.guesses.wait(t, per_sec, cap);
+            if password.is_some() && wait > 0.0 {
+                let secs = wait.ceil() as u64;
+                let e = format!("too many wrong passwords for room '{room}'; try again in {secs} s");
+                return Err(WatchRefusal::Refused(ProtocolError::new(ErrorCode::RateLimited, e)));
+            }
+            if !bool::from(password_hash(salt, password.unwrap_or("")).ct_eq(hash)) {
+                if password.is_some() {
+                    r.guesses.take(t, per_sec, cap);
+                }
+                let what = if password.is_some() { "wrong password" } else { "this room needs a password" };
+                let e = ProtocolError::new(ErrorCode::Unauthorized, format!("{what} for room '{room}'"));
+                return Err(WatchRefusal::Refused(e));
+            }
+        }
+        if !r.sfu {
+            return Err(WatchRefusal::NotSfu);
+        }
+        Ok(self.ice.ice_servers(viewer))
     }
 
     /// Whether `room` sends media through the SFU.
@@ -1054,6 +1120,23 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
             self.refuse(conn, e.refers_to(ty), now);
         }
+    }
+
+    /// `data` in an SFU room goes to every other member (there is no data channel between peers there).
+    fn data(&mut self, conn: ConnId, d: &serde_json::value::RawValue, now: Instant) {
+        let Some(from) = self.conns[&conn].peer.clone() else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'data'");
+            return self.refuse(conn, e.refers_to("data"), now);
+        };
+        let room = self.peers[&from].room.clone();
+        if !self.room_is_sfu(&room) {
+            let e = ProtocolError::new(
+                ErrorCode::NeedsSfu,
+                format!("room '{room}' is peer-to-peer: send this over the data channel of each peer connection"),
+            );
+            return self.refuse(conn, e.refers_to("data"), now);
+        }
+        self.broadcast(&room, &from, Arc::from(webcall_protocol::encode_data(&from, d)));
     }
 
     fn bye(&mut self, conn: ConnId, now: Instant) {

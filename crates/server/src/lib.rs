@@ -9,6 +9,7 @@ pub mod sfu;
 pub mod tls;
 mod upgrade;
 mod web;
+mod whip;
 mod ws;
 
 pub use access::ServerPolicy;
@@ -19,7 +20,7 @@ use axum::extract::FromRequestParts;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum_server::tls_rustls::RustlsAcceptor;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -56,6 +57,9 @@ pub(crate) struct AppState {
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
     pub counters: metrics::AdapterCounters,
     pub metrics_hook: Mutex<Option<MetricsHook>>,
+    /// The SFU, for WHIP and WHEP (set once, by [`Server::set_sfu`]).
+    pub sfu: std::sync::OnceLock<webcall_sfu::net::SfuHandle>,
+    pub whip: whip::Resources,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,11 @@ impl Server {
     /// Adds lines to `/metrics`.
     pub fn set_metrics_hook(&self, hook: MetricsHook) {
         *self.state.metrics_hook.lock() = Some(hook);
+    }
+
+    /// Serves WHIP and WHEP into this SFU (the one the router's SFU rooms use).
+    pub fn set_sfu(&self, sfu: webcall_sfu::net::SfuHandle) {
+        let _ = self.state.sfu.set(sfu);
     }
 
     pub fn router(&self) -> Arc<dyn Router> {
@@ -156,6 +165,8 @@ pub async fn serve_prepared(
         per_ip: Mutex::new(HashMap::new()),
         counters: Default::default(),
         metrics_hook: Mutex::new(None),
+        sfu: std::sync::OnceLock::new(),
+        whip: Default::default(),
     });
     let app = axum::Router::new()
         .route("/ws", get(ws_upgrade))
@@ -163,6 +174,16 @@ pub async fn serve_prepared(
         .route("/metrics", get(metrics))
         .route("/", get(|| async { web::asset("index.html") }))
         .route("/r/{room}", get(call_page))
+        .route("/whip/{room}", post(whip::whip_post).options(whip::options))
+        .route(
+            "/whip/{room}/{id}",
+            axum::routing::patch(whip::whip_patch).delete(whip::whip_delete).options(whip::options),
+        )
+        .route("/whep/{room}", post(whip::whep_post).options(whip::options))
+        .route(
+            "/whep/{room}/{id}",
+            axum::routing::patch(whip::whep_patch).delete(whip::whep_delete).options(whip::options),
+        )
         .route("/{*path}", get(|Path(path): Path<String>| async move { web::asset(&path) }))
         .layer(axum::middleware::map_response(web::security_headers))
         .with_state(state.clone())

@@ -7,7 +7,9 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use webcall_rooms::{ConnId, Counters, Frame, IceProvider, JoinPolicy, OpenPolicy, Output, Rooms, Stats};
+use webcall_rooms::{
+    ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, Rooms, Stats, WatchRefusal,
+};
 
 /// What the WebSocket task of one connection shares with the router.
 #[derive(Default)]
@@ -39,6 +41,20 @@ pub trait Router: Send + Sync + 'static {
     fn counters(&self) -> Counters;
     /// Tells every local client the server is going away and refuses joins from now on.
     fn shutdown(&self);
+    /// [`Router::connect`] for a client of the server's own that can only use the SFU (a WHIP publisher), see
+    /// [`Rooms::connect_sfu_only`]. Routers without SFU rooms connect it as any client.
+    fn connect_sfu_only(&self, conn: ConnId, signal: Arc<ConnSignal>) {
+        self.connect(conn, signal)
+    }
+    /// May `room` be watched without joining (WHEP)? See [`Rooms::admit_viewer`].
+    fn admit_viewer(
+        &self,
+        _room: &str,
+        _password: Option<&str>,
+        _viewer: &str,
+    ) -> Result<Vec<IceServer>, WatchRefusal> {
+        Err(WatchRefusal::NotSfu)
+    }
     /// `false` while the router cannot serve joins (e.g. its backing store is down).
     fn healthy(&self) -> bool {
         true
@@ -158,6 +174,14 @@ impl Router for LocalRouter {
         let mut inner = self.inner.lock();
         inner.signals.insert(conn, signal);
         inner.rooms.connect(conn, Instant::now());
+    }
+    fn connect_sfu_only(&self, conn: ConnId, signal: Arc<ConnSignal>) {
+        let mut inner = self.inner.lock();
+        inner.signals.insert(conn, signal);
+        inner.rooms.connect_sfu_only(conn, Instant::now());
+    }
+    fn admit_viewer(&self, room: &str, password: Option<&str>, viewer: &str) -> Result<Vec<IceServer>, WatchRefusal> {
+        self.inner.lock().rooms.admit_viewer(room, password, viewer, Instant::now())
     }
     fn message(&self, conn: ConnId, text: &str) {
         self.with(|r, now| r.message(conn, text, now));

@@ -10,7 +10,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::DtlsCert;
 use str0m::ice::{IceCreds, StunMessage};
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 /// A participant's session with the SFU (one peer connection).
@@ -46,6 +46,19 @@ pub struct SfuConfig {
     pub dtls_cert: Option<DtlsCert>,
 }
 
+/// What a session does in its room.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SessionRole {
+    /// A page: publishes, and gets every other participant's tracks by server offers.
+    #[default]
+    Participant,
+    /// Publishes only and is never offered others' tracks (WHIP: its client cannot renegotiate).
+    Publisher,
+    /// Receives only, on the m-lines of its own offer (WHEP: no renegotiation either): the audio and video of
+    /// `source`, or, without one, of the room's first publisher; rebound when that one leaves.
+    Viewer { source: Option<Arc<str>> },
+}
+
 /// One track a session receives from the SFU: which participant it comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackInfo {
@@ -54,6 +67,8 @@ pub struct TrackInfo {
     /// The publishing participant (the id the caller gave [`Sfu::add_session`]).
     pub participant: Arc<str>,
     pub kind: MediaKind,
+    /// The `mid` of the track in the publisher's own session (which of its tracks this is: camera or screen).
+    pub origin_mid: String,
 }
 
 /// Something the caller must act on.
@@ -71,6 +86,8 @@ pub enum SfuEvent {
 /// A datagram to send from the media socket.
 #[derive(Debug, Clone)]
 pub struct Transmit {
+    /// UDP, or TCP (ICE-TCP, RFC 6544): the adapter sends on the connection from `destination`.
+    pub proto: Protocol,
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub contents: Vec<u8>,
@@ -137,6 +154,9 @@ impl TrackOut {
 struct Session {
     room: Arc<str>,
     participant: Arc<str>,
+    role: SessionRole,
+    /// Viewers: the m-lines of their offer the SFU sends on.
+    slots: Vec<(Mid, MediaKind)>,
     rtc: Rtc,
     ufrag: String,
     pending: Option<SdpPendingOffer>,
@@ -164,11 +184,14 @@ pub struct Sfu {
     rooms: HashMap<Arc<str>, Vec<SessionId>>,
     by_ufrag: HashMap<String, SessionId>,
     by_addr: HashMap<SocketAddr, SessionId>,
+    /// Passive ICE-TCP host candidates (RFC 6544), set by the adapter when it listens on TCP.
+    tcp_candidates: Vec<SocketAddr>,
     next_id: SessionId,
     dirty: Vec<SessionId>,
     out: VecDeque<SfuOutput>,
     now: Instant,
     stats: SfuStats,
+    speakers: crate::speaker::Speakers,
 }
 
 impl Sfu {
@@ -179,12 +202,20 @@ impl Sfu {
             rooms: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            tcp_candidates: Vec::new(),
             next_id: 1,
             dirty: Vec::new(),
             out: VecDeque::new(),
             now,
             stats: SfuStats::default(),
+            speakers: Default::default(),
         }
+    }
+
+    /// Every later session also offers these passive TCP host candidates (RFC 6544; RFC 4571 framing is the
+    /// adapter's business).
+    pub fn set_tcp_candidates(&mut self, addrs: Vec<SocketAddr>) {
+        self.tcp_candidates = addrs;
     }
 
     pub fn stats(&self) -> SfuStats {
@@ -203,6 +234,11 @@ impl Sfu {
     /// A new session for `participant` in `room`. The client offers first ([`Sfu::accept_offer`]); every other
     /// session of the room gets this one's tracks, and this one gets theirs, by server offers.
     pub fn add_session(&mut self, room: &str, participant: &str, now: Instant) -> SessionId {
+        self.add_session_with(room, participant, SessionRole::Participant, now)
+    }
+
+    /// [`Sfu::add_session`] for a session of another [`SessionRole`].
+    pub fn add_session_with(&mut self, room: &str, participant: &str, role: SessionRole, now: Instant) -> SessionId {
         self.now = now;
         let id = self.next_id;
         self.next_id += 1;
@@ -212,6 +248,8 @@ impl Sfu {
             .set_local_ice_credentials(creds.clone())
             .clear_codecs()
             .enable_vp8(true)
+            // After VP8, so browsers keep sending VP8; for publishers that send only H.264 (OBS over WHIP).
+            .enable_h264(true)
             .enable_opus(true, false);
         if let Some(cert) = &self.cfg.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
@@ -225,11 +263,19 @@ impl Sfu {
                 Err(e) => tracing::warn!("SFU host candidate {addr} refused: {e}"),
             }
         }
+        for addr in &self.tcp_candidates {
+            match Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build() {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!("SFU TCP host candidate {addr} refused: {e}"),
+            }
+        }
         let room: Arc<str> = room.into();
         let room_members = self.rooms.entry(room.clone()).or_default();
         let participant: Arc<str> = participant.into();
         let mut tracks_out = Vec::new();
-        for other in room_members.iter() {
+        for other in room_members.iter().filter(|_| role == SessionRole::Participant) {
             let o = &self.sessions[other];
             for t in &o.tracks_in {
                 tracks_out.push(TrackOut {
@@ -248,6 +294,8 @@ impl Sfu {
             Session {
                 room,
                 participant,
+                role,
+                slots: Vec::new(),
                 rtc,
                 ufrag: creds.ufrag,
                 pending: None,
@@ -281,22 +329,37 @@ impl Sfu {
         }
         let answer = s.rtc.sdp_api().accept_offer(offer)?;
         s.negotiated = true;
+        let answer = answer.to_sdp_string();
+        // An ICE restart gives the session a new ufrag: route by it from now on.
+        if let Some(ufrag) = answer.lines().find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:")) {
+            if ufrag != s.ufrag {
+                self.by_ufrag.remove(&s.ufrag);
+                s.ufrag = ufrag.to_owned();
+                self.by_ufrag.insert(s.ufrag.clone(), id);
+            }
+        }
         // str0m reports MediaAdded only once DTLS is up; the others' offers need not wait for that.
         let mut opened = Vec::new();
         for mid in sdp.lines().filter_map(|l| l.trim_end().strip_prefix("a=mid:")) {
             let mid = Mid::from(mid);
             let Some(m) = s.rtc.media(mid) else { continue };
             let known = s.tracks_in.iter().any(|t| t.mid == mid) || s.tracks_out.iter().any(|t| t.mid() == Some(mid));
-            if !known && m.direction().is_receiving() && matches!(m.kind(), MediaKind::Audio | MediaKind::Video) {
+            let media = matches!(m.kind(), MediaKind::Audio | MediaKind::Video);
+            if !known && m.direction().is_receiving() && media {
                 s.tracks_in.push(TrackIn { mid, kind: m.kind(), last_keyframe_request: None });
                 opened.push(Propagate::TrackOpen { mid, kind: m.kind() });
+            }
+            let viewer = matches!(s.role, SessionRole::Viewer { .. });
+            if media && viewer && m.direction().is_sending() && !s.slots.iter().any(|(sm, _)| *sm == mid) {
+                s.slots.push((mid, m.kind()));
             }
         }
         self.mark_dirty(id);
         for p in opened {
             self.propagate(id, p);
         }
-        Ok(Some(answer.to_sdp_string()))
+        self.bind_viewer(id);
+        Ok(Some(answer))
     }
 
     /// The client's answer to the server's last offer.
@@ -346,25 +409,39 @@ impl Sfu {
     /// A datagram that arrived on the media socket at `destination` from `source`. Routed by the STUN
     /// username's ufrag, or by the source address ICE has seen; anything else is dropped (costs one lookup).
     pub fn handle_receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        self.handle_receive_on(now, Protocol::Udp, source, destination, data);
+    }
+
+    /// [`Sfu::handle_receive`] for any transport (`Protocol::Tcp`: one RFC 4571 frame of an ICE-TCP connection).
+    /// Returns whether a session took it.
+    pub fn handle_receive_on(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> bool {
         self.now = now;
         let id = match self.route(source, data) {
             Some(id) => id,
             None => {
                 self.stats.unrouted_datagrams += 1;
-                return;
+                return false;
             }
         };
         let Ok(contents) = data.try_into() else {
             self.stats.unrouted_datagrams += 1;
-            return;
+            return false;
         };
         let s = self.sessions.get_mut(&id).expect("routed sessions exist");
-        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        let input = Input::Receive(now, Receive { proto, source, destination, contents });
         if let Err(e) = s.rtc.handle_input(input) {
             tracing::info!("SFU session {id}: input refused, closing: {e}");
             s.rtc.disconnect();
         }
         self.mark_dirty(id);
+        true
     }
 
     fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<SessionId> {
@@ -445,6 +522,7 @@ impl Sfu {
                         break;
                     }
                     Ok(Output::Transmit(t)) => self.out.push_back(SfuOutput::Transmit(Transmit {
+                        proto: t.proto,
                         source: t.source,
                         destination: t.destination,
                         contents: t.contents.into(),
@@ -513,7 +591,12 @@ impl Sfu {
                 let participant = self.sessions[&from].participant.clone();
                 self.stats.tracks += 1;
                 for other in members.into_iter().filter(|o| *o != from) {
-                    if let Some(s) = self.sessions.get_mut(&other) {
+                    let role = self.sessions.get(&other).map(|s| s.role.clone());
+                    if matches!(role, Some(SessionRole::Viewer { .. })) {
+                        self.bind_viewer(other);
+                        continue;
+                    }
+                    if let Some(s) = self.sessions.get_mut(&other).filter(|s| s.role == SessionRole::Participant) {
                         s.tracks_out.push(TrackOut {
                             origin: from,
                             origin_mid: mid,
@@ -526,6 +609,11 @@ impl Sfu {
                 }
             }
             Propagate::Media(d) => {
+                if let Some(level) = d.ext_vals.audio_level {
+                    if self.speakers.observe(&room, from, level, self.now).is_some() {
+                        self.follow_speaker(&room, &members);
+                    }
+                }
                 for other in members.into_iter().filter(|o| *o != from) {
                     let Some(s) = self.sessions.get_mut(&other) else { continue };
                     let Some(mid) =
@@ -563,8 +651,76 @@ impl Sfu {
         }
     }
 
+    /// Binds a viewer's unbound m-lines to its source's tracks of the same kind (see [`SessionRole::Viewer`]).
+    fn bind_viewer(&mut self, id: SessionId) {
+        let Some(s) = self.sessions.get(&id) else { return };
+        let SessionRole::Viewer { source } = &s.role else { return };
+        let free: Vec<(Mid, MediaKind)> =
+            s.slots.iter().filter(|(m, _)| !s.tracks_out.iter().any(|t| t.mid() == Some(*m))).copied().collect();
+        if free.is_empty() {
+            return;
+        }
+        let members = self.rooms.get(&s.room).cloned().unwrap_or_default();
+        // The chosen participant; else the active speaker, or the first that publishes anything.
+        let speaker = self.speakers.current(&s.room).filter(|sp| source.is_none() && *sp != id);
+        let speaker = speaker.filter(|sp| self.sessions.get(sp).is_some_and(|os| !os.tracks_in.is_empty()));
+        let origin = speaker.or_else(|| {
+            members.into_iter().find(|o| {
+                *o != id
+                    && self.sessions.get(o).is_some_and(|os| {
+                        !os.tracks_in.is_empty() && source.as_ref().is_none_or(|src| *src == os.participant)
+                    })
+            })
+        });
+        let Some(origin) = origin else { return };
+        let o = &self.sessions[&origin];
+        let participant = o.participant.clone();
+        let mut bound = Vec::new();
+        for (mid, kind) in free {
+            let taken = |m: Mid| bound.iter().any(|(om, _)| *om == m);
+            if let Some(t) = o.tracks_in.iter().find(|t| t.kind == kind && !taken(t.mid)) {
+                bound.push((
+                    t.mid,
+                    TrackOut {
+                        origin,
+                        origin_mid: t.mid,
+                        participant: participant.clone(),
+                        kind,
+                        state: OutState::Open(mid),
+                    },
+                ));
+            }
+        }
+        let s = self.sessions.get_mut(&id).expect("checked above");
+        let mut keyframes = Vec::new();
+        for (origin_mid, t) in bound {
+            if t.kind == MediaKind::Video {
+                keyframes.push(origin_mid);
+            }
+            s.tracks_out.push(t);
+        }
+        self.mark_dirty(id);
+        for mid in keyframes {
+            self.request_keyframe(origin, mid, None, KeyframeRequestKind::Pli);
+        }
+    }
+
+    /// Viewers that follow the speaker (no chosen source) switch to the room's new one.
+    fn follow_speaker(&mut self, room: &str, members: &[SessionId]) {
+        let Some(speaker) = self.speakers.current(room) else { return };
+        for &m in members {
+            let Some(s) = self.sessions.get_mut(&m) else { continue };
+            let stale = s.tracks_out.is_empty() || s.tracks_out.iter().any(|t| t.origin != speaker);
+            if s.role == (SessionRole::Viewer { source: None }) && stale {
+                s.tracks_out.clear();
+                self.bind_viewer(m);
+            }
+        }
+    }
+
     fn close(&mut self, id: SessionId, event: bool) {
         let Some(s) = self.sessions.remove(&id) else { return };
+        self.speakers.remove(&s.room, id);
         self.by_ufrag.remove(&s.ufrag);
         for a in &s.addrs {
             if self.by_addr.get(a) == Some(&id) {
@@ -583,6 +739,12 @@ impl Sfu {
         }
         for other in members {
             let Some(o) = self.sessions.get_mut(&other) else { continue };
+            if matches!(o.role, SessionRole::Viewer { .. }) {
+                // A viewer cannot renegotiate: its m-lines stay and get another publisher's media.
+                o.tracks_out.retain(|t| t.origin != id);
+                self.bind_viewer(other);
+                continue;
+            }
             o.tracks_out.retain(|t| !(t.origin == id && t.state == OutState::ToOpen));
             for t in o.tracks_out.iter_mut().filter(|t| t.origin == id) {
                 if let OutState::Negotiating(m) | OutState::Open(m) = t.state {
@@ -599,7 +761,7 @@ impl Sfu {
 
 /// Offers what changed (tracks to open or stop) once the first exchange is done and no offer is outstanding.
 fn negotiate(id: SessionId, s: &mut Session, out: &mut VecDeque<SfuOutput>) {
-    if !s.negotiated || s.pending.is_some() {
+    if !s.negotiated || s.pending.is_some() || s.role != SessionRole::Participant {
         return;
     }
     if !s.tracks_out.iter().any(|t| matches!(t.state, OutState::ToOpen | OutState::ToStop(_))) {
@@ -626,9 +788,12 @@ fn negotiate(id: SessionId, s: &mut Session, out: &mut VecDeque<SfuOutput>) {
         .tracks_out
         .iter()
         .filter_map(|t| match t.state {
-            OutState::Negotiating(m) | OutState::Open(m) => {
-                Some(TrackInfo { mid: m.to_string(), participant: t.participant.clone(), kind: t.kind })
-            }
+            OutState::Negotiating(m) | OutState::Open(m) => Some(TrackInfo {
+                mid: m.to_string(),
+                participant: t.participant.clone(),
+                kind: t.kind,
+                origin_mid: t.origin_mid.to_string(),
+            }),
             _ => None,
         })
         .collect();
