@@ -1,12 +1,11 @@
-//! Thin tokio adapters (UDP, TCP, TLS) around [`TurnCore`].
+//! The I/O around [`TurnCore`]: a UDP pump thread and tokio adapters for TCP and TLS.
 //!
-//! One mutex guards the core; the hot path holds it only for the core calls (a few hash lookups each), never
-//! across a send. Relay sockets each get a task; the listening UDP socket gets one task; each stream
-//! connection a reader and a writer task.
-//!
-//! UDP goes through `quinn-udp`: a wake-up reads a batch of datagrams (recvmmsg, and GRO coalescing a burst of
-//! one flow), the core handles the whole batch under one lock, and what goes to one client in equal-sized
-//! frames leaves in one GSO send. The batch buffers are per worker thread, not per allocation.
+//! One mutex guards the core. UDP (the listening socket and every relay socket) is served by one thread on
+//! one epoll (mio), as coturn's relay threads do: a wake-up takes the lock once, reads a batch from each ready
+//! socket through `quinn-udp` (recvmmsg, and GRO coalescing a burst of one flow), relays it and sends (what
+//! goes to one client in equal-sized frames leaves in one GSO send). No task is woken per packet. TCP and
+//! TLS clients get a reader and a writer task each on the TURN thread's tokio runtime, as do the accept
+//! loops and the timer.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -15,14 +14,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use mio::unix::SourceFd;
 use parking_lot::Mutex;
 use quinn_udp::{RecvMeta, UdpSocketState};
 use rand::Rng;
-use std::cell::RefCell;
+use rustc_hash::FxHashMap;
+use slab::Slab;
 use std::io::IoSliceMut;
+use std::io::Write;
 use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
 
@@ -121,13 +124,19 @@ impl TurnServer {
             ..CoreConfig::default()
         };
         let core = TurnCore::new(core_cfg, Instant::now(), SystemTime::now());
+        let pump_err = |e| TurnError::Io("starting the TURN UDP pump", e);
+        let poll = mio::Poll::new().map_err(pump_err)?;
+        let registry = poll.registry().try_clone().map_err(pump_err)?;
+        let waker = mio::Waker::new(poll.registry(), WAKER).map_err(pump_err)?;
+        registry.register(&mut SourceFd(&udp.sock.as_raw_fd()), LISTENER, mio::Interest::READABLE).map_err(pump_err)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
-                relays: HashMap::new(),
+                relays: Slab::new(),
+                relay_of: FxHashMap::default(),
                 used_ports: HashSet::new(),
                 reserved: HashMap::new(),
-                streams: HashMap::new(),
+                streams: FxHashMap::default(),
             }),
             streams_open: AtomicUsize::new(0),
             streams_per_ip: Mutex::new(HashMap::new()),
@@ -137,17 +146,23 @@ impl TurnServer {
             stream_first_message: cfg.stream_first_message,
             stream_queue: cfg.stream_queue,
             stream_write_timeout: cfg.stream_write_timeout,
-            udp: Arc::new(udp),
+            udp,
             udp_addr,
+            registry,
+            waker,
+            stopped: AtomicBool::new(false),
             tls: parking_lot::RwLock::new(tls.as_ref().map(|(_, sc)| sc.clone())),
             relay_ip,
             ports: cfg.relay_ports,
         });
-        let mut tasks = vec![
-            tokio::spawn(udp_loop(shared.clone())),
-            tokio::spawn(tcp_accept(shared.clone(), tcp)),
-            tokio::spawn(timer_loop(shared.clone())),
-        ];
+        let pump = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("webcall-turn-udp".into())
+                .spawn(move || pump_loop(shared, poll))
+                .map_err(pump_err)?
+        };
+        let mut tasks = vec![tokio::spawn(tcp_accept(shared.clone(), tcp)), tokio::spawn(timer_loop(shared.clone()))];
         if let Some((l, _)) = tls {
             tasks.push(tokio::spawn(tls_accept(shared.clone(), l)));
         }
@@ -159,7 +174,7 @@ impl TurnServer {
             tls_addr.map(|a| SocketAddr::new(cfg.external_ip.unwrap_or(a.ip()), a.port())),
         );
         tracing::info!(udp = %udp_addr, tcp = %udp_addr, tls = ?tls_addr, relay_ports = %cfg.relay_ports, "STUN/TURN listening");
-        Ok(TurnHandle { stop: None, addr: udp_addr, tls_addr, minter, shared, tasks })
+        Ok(TurnHandle { stop: None, pump: Some(pump), addr: udp_addr, tls_addr, minter, shared, tasks })
     }
 }
 
@@ -167,6 +182,8 @@ impl TurnServer {
 pub struct TurnHandle {
     /// Stops the TURN thread's runtime.
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The UDP pump thread.
+    pump: Option<std::thread::JoinHandle<()>>,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     minter: IceMinter,
@@ -209,6 +226,9 @@ impl TurnHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        if let Some(p) = self.pump.take() {
+            let _ = tokio::task::spawn_blocking(move || p.join()).await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -217,10 +237,11 @@ impl TurnHandle {
         for t in &self.tasks {
             t.abort();
         }
+        self.shared.stopped.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
         let mut st = self.shared.state.lock();
-        for (_, r) in st.relays.drain() {
-            r.task.abort();
-        }
+        st.relays.clear();
+        st.relay_of.clear();
         // Stuck writers (clients that stopped reading) are not waited for.
         for (_, s) in st.streams.drain() {
             s.kill();
@@ -238,17 +259,42 @@ impl Drop for TurnHandle {
     }
 }
 
-/// A UDP socket with `quinn-udp`'s batched, offloaded I/O.
+/// A UDP socket with `quinn-udp`'s batched, offloaded I/O. Non-blocking; the pump thread's epoll says when
+/// it is readable.
 struct UdpIo {
-    sock: UdpSocket,
+    sock: std::net::UdpSocket,
     state: UdpSocketState,
 }
 
 impl UdpIo {
-    fn new(std_sock: std::net::UdpSocket) -> io::Result<UdpIo> {
-        let state = UdpSocketState::new((&std_sock).into())?;
-        std_sock.set_nonblocking(true)?;
-        Ok(UdpIo { sock: UdpSocket::from_std(std_sock)?, state })
+    fn new(sock: std::net::UdpSocket) -> io::Result<UdpIo> {
+        let state = UdpSocketState::new((&sock).into())?;
+        sock.set_nonblocking(true)?;
+        // quinn-udp asks for the destination address, the TOS byte and a receive timestamp of every datagram
+        // (QUIC uses them; a relay does not): each costs the kernel a control message per datagram, and
+        // SO_TIMESTAMPNS makes it timestamp every packet it receives. GRO stays on.
+        let v6 = sock.local_addr()?.is_ipv6();
+        let off: [(libc::c_int, libc::c_int); 3] = if v6 {
+            [
+                (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+                (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
+                (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+            ]
+        } else {
+            [
+                (libc::IPPROTO_IP, libc::IP_PKTINFO),
+                (libc::IPPROTO_IP, libc::IP_RECVTOS),
+                (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+            ]
+        };
+        for (level, name) in off {
+            let _ = set_int_option(&sock, level, name, 0);
+        }
+        if v6 {
+            // A dual-stack socket got IP_RECVTOS for its IPv4 side too.
+            let _ = set_int_option(&sock, libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
+        }
+        Ok(UdpIo { sock, state })
     }
 
     /// Sends now or not at all: a full socket buffer loses the datagram, as the network would. With
@@ -268,7 +314,7 @@ impl UdpIo {
 
     /// Reads a batch if one is ready: `Ok(0)` when none is.
     fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
-        match self.sock.try_io(tokio::io::Interest::READABLE, || self.state.recv((&self.sock).into(), bufs, meta)) {
+        match self.state.recv((&self.sock).into(), bufs, meta) {
             Ok(n) => Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(e),
@@ -276,29 +322,26 @@ impl UdpIo {
     }
 }
 
-/// Per worker thread: the slots of a batched read, the frames going out to clients and the payloads going
-/// out of relay sockets (slot and range).
+/// The pump thread's buffers: the slots of a batched read and the frames going out to clients.
 struct Scratch {
     slots: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     out: Out,
-    sends: Vec<(Arc<UdpIo>, SocketAddr, usize, Range<usize>)>,
 }
 
 impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            slots: (0..RECV_SLOTS).map(|_| vec![0u8; MAX_UDP]).collect(),
+            meta: vec![RecvMeta::default(); RECV_SLOTS],
+            out: Out::default(),
+        }
+    }
+
     fn bufs(slots: &mut [Vec<u8>]) -> [IoSliceMut<'_>; RECV_SLOTS] {
         let mut it = slots.iter_mut();
         std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RECV_SLOTS slots")))
     }
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        slots: (0..RECV_SLOTS).map(|_| vec![0u8; MAX_UDP]).collect(),
-        meta: vec![RecvMeta::default(); RECV_SLOTS],
-        out: Out::default(),
-        sends: Vec::new(),
-    });
 }
 
 /// Most bytes in one GSO send (the kernel's limit is 64 KiB with headers).
@@ -309,17 +352,27 @@ const GSO_MAX_BYTES: usize = 60 << 10;
 struct Out {
     buf: Vec<u8>,
     frames: Vec<(SocketAddr, usize)>,
+    /// Single frames waiting for one `sendmmsg`: (to, bytes of `buf`).
+    singles: Vec<(SocketAddr, Range<usize>)>,
+    names: Vec<socket2::SockAddr>,
 }
 
 impl Out {
     /// Frames `payload` from `from` for `alloc` in place at the end of the buffer; keeps it if the core relays it
     /// to a UDP client, hands it to the stream of a TCP/TLS one.
-    fn relay(&mut self, st: &mut State, alloc: AllocId, from: SocketAddr, payload: &[u8]) {
+    fn relay(
+        &mut self,
+        core: &mut TurnCore,
+        streams: &FxHashMap<FiveTuple, Arc<StreamOut>>,
+        now: Instant,
+        alloc: AllocId,
+        from: SocketAddr,
+        payload: &[u8],
+    ) {
         let pos = self.buf.len();
         self.buf.resize(pos + PEER_HEADROOM + payload.len() + PEER_TAILROOM, 0);
         self.buf[pos + PEER_HEADROOM..pos + PEER_HEADROOM + payload.len()].copy_from_slice(payload);
-        let framed =
-            st.core.handle_peer(Instant::now(), alloc, from, &mut self.buf[pos..], PEER_HEADROOM, payload.len());
+        let framed = core.handle_peer(now, alloc, from, &mut self.buf[pos..], PEER_HEADROOM, payload.len());
         match framed {
             Some((tuple, r)) if tuple.transport == Transport::Udp => {
                 self.buf.copy_within(pos + r.start..pos + r.end, pos);
@@ -327,7 +380,7 @@ impl Out {
                 self.frames.push((tuple.client, r.len()));
             }
             Some((tuple, r)) => {
-                if let Some(s) = st.streams.get(&tuple) {
+                if let Some(s) = streams.get(&tuple) {
                     s.push(&self.buf[pos + r.start..pos + r.end], true);
                 }
                 self.buf.truncate(pos);
@@ -336,7 +389,8 @@ impl Out {
         }
     }
 
-    /// Sends the frames: runs of equal-sized frames to one client go as one GSO send.
+    /// Sends the frames: runs of equal-sized frames to one client go as one GSO send, the others (to many
+    /// clients) together in `sendmmsg` calls; each client's frames stay in order.
     fn flush(&mut self, io: &UdpIo) {
         let max = io.state.max_gso_segments().max(1);
         let (mut i, mut off) = (0, 0);
@@ -356,24 +410,91 @@ impl Out {
                     break;
                 }
             }
-            io.send(to, &self.buf[off..end], (j - i > 1).then_some(len));
+            if j - i > 1 {
+                send_many(&io.sock, &self.buf, &self.singles, &mut self.names);
+                self.singles.clear();
+                io.send(to, &self.buf[off..end], Some(len));
+            } else {
+                self.singles.push((to, off..end));
+            }
             off = end;
             i = j;
         }
+        send_many(&io.sock, &self.buf, &self.singles, &mut self.names);
+        self.singles.clear();
         self.buf.clear();
         self.frames.clear();
     }
 }
 
+/// Frames for clients are sent once per wake-up, or earlier when this many bytes are waiting.
+const OUT_FLUSH: usize = 256 << 10;
+
+/// Datagrams per `sendmmsg` call.
+const SEND_BATCH: usize = 32;
+
+/// Sends each `buf[range]` to its address, many per `sendmmsg` (quinn-udp batches only by GSO, to one
+/// address). Best effort like every relayed datagram: a full socket buffer drops the rest.
+fn send_many(
+    sock: &std::net::UdpSocket,
+    buf: &[u8],
+    msgs: &[(SocketAddr, Range<usize>)],
+    names: &mut Vec<socket2::SockAddr>,
+) {
+    for chunk in msgs.chunks(SEND_BATCH) {
+        if let [(to, r)] = chunk {
+            let _ = sock.send_to(&buf[r.clone()], to);
+            continue;
+        }
+        names.clear();
+        names.extend(chunk.iter().map(|(to, _)| socket2::SockAddr::from(*to)));
+        // SAFETY: all-zero iovec and mmsghdr values are valid (null pointers, zero lengths); every pointer set
+        // below points into `buf`, `names` or `iovs`, which outlive the call.
+        let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, ((_, r), name)) in chunk.iter().zip(names.iter()).enumerate() {
+            iovs[i] = libc::iovec { iov_base: buf[r.clone()].as_ptr() as *mut libc::c_void, iov_len: r.len() };
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_name = name.as_ptr() as *mut libc::c_void;
+            h.msg_namelen = name.len();
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        while sent < chunk.len() {
+            // SAFETY: `hdrs[sent..chunk.len()]` are initialised above.
+            let n = unsafe {
+                libc::sendmmsg(sock.as_raw_fd(), hdrs[sent..].as_mut_ptr(), (chunk.len() - sent) as libc::c_uint, 0)
+            };
+            if n > 0 {
+                sent += n as usize;
+                continue;
+            }
+            match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => break,
+                // This datagram cannot go (e.g. too large for the path): skip it, send the rest.
+                _ => sent += 1,
+            }
+        }
+    }
+}
+
+/// An open relay socket, registered with the pump's epoll under its slab index.
 struct Relay {
-    sock: Arc<UdpIo>,
-    task: AbortHandle,
+    alloc: AllocId,
+    sock: UdpIo,
     port: u16,
 }
 
-/// Outbound bytes of one TCP/TLS client; relay tasks append, the writer task drains.
+/// Outbound bytes of one TCP/TLS client. Over TCP, while nothing is queued, [`StreamOut::push`] writes
+/// straight to the socket (no task wake-up per relayed packet); what does not fit at once is queued for the
+/// writer task, which then has the socket until the queue is empty again.
 struct StreamOut {
-    buf: Mutex<Vec<u8>>,
+    q: Mutex<OutQueue>,
+    /// A duplicate of the TCP socket's descriptor (non-blocking, like the original) for direct writes; `None`
+    /// over TLS, whose records only the writer task can produce.
+    direct: Option<std::net::TcpStream>,
     /// Most bytes `buf` may hold.
     limit: usize,
     notify: Notify,
@@ -382,21 +503,50 @@ struct StreamOut {
     writer: Mutex<Option<AbortHandle>>,
 }
 
+#[derive(Default)]
+struct OutQueue {
+    buf: Vec<u8>,
+    /// The writer task holds bytes taken from `buf` that are not all written yet: no direct writes meanwhile.
+    writing: bool,
+}
+
 impl StreamOut {
-    /// Queues `data`. Past the limit, relayed data (`droppable`) is dropped as UDP would lose it; an answer
-    /// that does not fit means the client is not reading them: it is disconnected.
+    /// Writes or queues `data`. Past the limit, relayed data (`droppable`) is dropped as UDP would lose it; an
+    /// answer that does not fit means the client is not reading them: it is disconnected.
     fn push(&self, data: &[u8], droppable: bool) {
         {
-            let mut b = self.buf.lock();
-            if b.len() + data.len() > self.limit {
-                drop(b);
+            let mut q = self.q.lock();
+            if let Some(sock) = self.direct.as_ref().filter(|_| q.buf.is_empty() && !q.writing) {
+                if self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                match (&*sock).write(data) {
+                    Ok(n) if n == data.len() => return,
+                    // The rest of a frame begun on the wire must follow it, whatever the limit.
+                    Ok(n) => {
+                        q.buf.extend_from_slice(&data[n..]);
+                        drop(q);
+                        self.notify.notify_one();
+                        return;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        drop(q);
+                        self.kill();
+                        return;
+                    }
+                }
+            }
+            if q.buf.len() + data.len() > self.limit {
+                drop(q);
                 if !droppable {
                     tracing::debug!(limit = self.limit, "TURN stream client does not read its answers: closed");
                     self.kill();
                 }
                 return;
             }
-            b.extend_from_slice(data);
+            q.buf.extend_from_slice(data);
         }
         self.notify.notify_one();
     }
@@ -414,16 +564,21 @@ impl StreamOut {
         if let Some(w) = self.writer.lock().take() {
             w.abort();
         }
+        if let Some(sock) = &self.direct {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
 struct State {
     core: TurnCore,
-    relays: HashMap<AllocId, Relay>,
+    /// Relay sockets; the slab index is the socket's epoll token.
+    relays: Slab<Relay>,
+    relay_of: FxHashMap<AllocId, usize>,
     used_ports: HashSet<u16>,
     /// Ports held for RESERVATION-TOKENs.
     reserved: HashMap<u16, std::net::UdpSocket>,
-    streams: HashMap<FiveTuple, Arc<StreamOut>>,
+    streams: FxHashMap<FiveTuple, Arc<StreamOut>>,
 }
 
 struct Shared {
@@ -438,8 +593,12 @@ struct Shared {
     stream_first_message: Duration,
     stream_queue: usize,
     stream_write_timeout: Duration,
-    udp: Arc<UdpIo>,
+    udp: UdpIo,
     udp_addr: SocketAddr,
+    /// The pump's epoll: relay sockets are added as they open.
+    registry: mio::Registry,
+    waker: mio::Waker,
+    stopped: AtomicBool,
     /// The TLS configuration for new TURNS connections; [`TurnHandle::set_tls`] swaps it.
     tls: parking_lot::RwLock<Option<Arc<rustls::ServerConfig>>>,
     relay_ip: IpAddr,
@@ -449,26 +608,21 @@ struct Shared {
 impl Shared {
     /// Feeds one frame from a client to the core. Relayed data (the hot path) goes straight out of its relay
     /// socket, outside the lock; anything else queues its outputs (UDP ones into `udp_out`).
-    async fn client_frame(self: &Arc<Self>, tuple: FiveTuple, frame: &[u8], udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) {
-        let send = {
-            let mut st = self.state.lock();
-            let st = &mut *st;
-            match st.core.handle_client(Instant::now(), tuple, frame) {
-                Some(p) => st.relays.get(&p.alloc).map(|r| (r.sock.clone(), p.peer, p.data)),
-                None => {
-                    self.pump(st, udp_out);
-                    None
+    /// Non-blocking UDP sends cannot stall, so the relayed datagram leaves under the lock.
+    fn client_frame(self: &Arc<Self>, st: &mut State, tuple: FiveTuple, frame: &[u8], udp_out: &mut UdpOut) {
+        match st.core.handle_client(Instant::now(), tuple, frame) {
+            Some(p) => {
+                if let Some(&i) = st.relay_of.get(&p.alloc) {
+                    st.relays[i].sock.send(p.peer, p.data, None);
                 }
             }
-        };
-        if let Some((sock, peer, data)) = send {
-            sock.send(peer, data, None);
+            None => self.pump(st, udp_out),
         }
     }
 
     /// Executes the core's queued outputs. UDP datagrams are collected into `udp_out` to be sent once
     /// the lock is released.
-    fn pump(self: &Arc<Self>, st: &mut State, udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) {
+    fn pump(self: &Arc<Self>, st: &mut State, udp_out: &mut UdpOut) {
         while let Some(o) = st.core.poll_output() {
             match o {
                 Output::Transmit { tuple, data } => match tuple.transport {
@@ -489,8 +643,9 @@ impl Shared {
                     }
                 }
                 Output::CloseRelay { alloc } => {
-                    if let Some(r) = st.relays.remove(&alloc) {
-                        r.task.abort();
+                    if let Some(i) = st.relay_of.remove(&alloc) {
+                        let r = st.relays.remove(i);
+                        let _ = self.registry.deregister(&mut SourceFd(&r.sock.sock.as_raw_fd()));
                         st.used_ports.remove(&r.port);
                     }
                 }
@@ -562,23 +717,33 @@ impl Shared {
             // quinn-udp sets DF (PMTU probing) on every socket; without DONT-FRAGMENT, Linux's default again.
             let sock = match UdpIo::new(std_sock).and_then(|io| set_pmtu_discover(&io.sock, dont_fragment).map(|_| io))
             {
-                Ok(s) => Arc::new(s),
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay socket setup failed");
                     return None;
                 }
             };
             let bound = sock.sock.local_addr().ok()?;
-            let task = tokio::spawn(relay_loop(self.clone(), alloc, sock.clone())).abort_handle();
+            let entry = st.relays.vacant_entry();
+            let token = mio::Token(entry.key());
+            if let Err(e) =
+                self.registry.register(&mut SourceFd(&sock.sock.as_raw_fd()), token, mio::Interest::READABLE)
+            {
+                tracing::warn!(error = %e, "relay socket setup failed");
+                return None;
+            }
+            entry.insert(Relay { alloc, sock, port });
+            st.relay_of.insert(alloc, token.0);
             st.used_ports.insert(port);
-            st.relays.insert(alloc, Relay { sock, task, port });
             Some(bound)
         }
     }
 
-    async fn send_udp(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
-        for (data, to) in out {
-            let _ = self.udp.sock.send_to(&data, to).await;
+    /// Control-plane datagrams (answers), sent after the lock. A full socket buffer loses one; the client
+    /// retransmits its request.
+    fn send_udp(&self, out: &mut UdpOut) {
+        for (data, to) in out.drain(..) {
+            self.udp.send(to, &data, None);
         }
     }
 }
@@ -618,14 +783,22 @@ fn set_buffers(sock: &std::net::UdpSocket, size: usize) {
 /// DONT-FRAGMENT (RFC 8656 §7.2): with `df`, every datagram from this relay socket leaves with DF set and one
 /// larger than the path MTU fails to send; without, Linux's default (DF while the path MTU allows, fragments
 /// above it).
-fn set_pmtu_discover(sock: &UdpSocket, df: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+fn set_pmtu_discover(sock: &std::net::UdpSocket, df: bool) -> io::Result<()> {
     let (level, name, value) = match (sock.local_addr()?.is_ipv6(), df) {
         (false, true) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO),
         (false, false) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT),
         (true, true) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO),
         (true, false) => (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT),
     };
+    set_int_option(sock, level, name, value)
+}
+
+fn set_int_option(
+    sock: &std::net::UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a valid socket descriptor and a c_int option value of the right size.
     let r = unsafe {
         libc::setsockopt(
@@ -653,113 +826,139 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
-/// Client datagrams on the listening socket, a batch per wake-up.
-async fn udp_loop(shared: Arc<Shared>) {
-    let mut udp_out = Vec::new();
+/// Epoll tokens of the pump besides the relay sockets' (slab indices).
+const LISTENER: mio::Token = mio::Token(usize::MAX - 1);
+const WAKER: mio::Token = mio::Token(usize::MAX - 2);
+
+/// Control-plane datagrams to clients: (data, to).
+type UdpOut = Vec<(Vec<u8>, SocketAddr)>;
+
+/// The UDP data plane: one thread, one epoll over the listening socket and every relay socket (as coturn's
+/// relay threads do). A wake-up takes the lock once for everything that is ready; no task is woken per packet.
+fn pump_loop(shared: Arc<Shared>, mut poll: mio::Poll) {
+    let mut events = mio::Events::with_capacity(256);
+    let mut s = Scratch::new();
+    let mut udp_out = UdpOut::new();
+    // Sockets left readable after BATCHES_PER_WAKE batches: epoll is edge-triggered, so they are read again
+    // after the others without waiting.
+    let mut again: Vec<mio::Token> = Vec::new();
+    let mut ready: Vec<mio::Token> = Vec::new();
     loop {
-        if let Err(e) = shared.udp.sock.readable().await {
-            tracing::error!(error = %e, "TURN UDP socket failed");
+        let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(error = %e, "TURN UDP pump failed");
             return;
         }
-        let r = SCRATCH.with_borrow_mut(|s| shared.client_batch(s, &mut udp_out));
+        if shared.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        ready.clear();
+        ready.append(&mut again);
+        ready.extend(events.iter().map(|e| e.token()).filter(|t| *t != WAKER));
+        {
+            let mut st = shared.state.lock();
+            for &t in &ready {
+                let more = if t == LISTENER {
+                    shared.client_batch(&mut st, &mut s, &mut udp_out)
+                } else {
+                    shared.peer_batch(&mut st, &mut s, t.0)
+                };
+                if more && !again.contains(&t) {
+                    again.push(t);
+                }
+            }
+        }
+        // What every ready relay socket had for clients leaves together (GSO runs, sendmmsg).
+        s.out.flush(&shared.udp);
         if !udp_out.is_empty() {
-            shared.send_udp(std::mem::take(&mut udp_out)).await;
-        }
-        if let Err(e) = r {
-            tracing::error!(error = %e, "TURN UDP socket failed");
-            return;
+            shared.send_udp(&mut udp_out);
         }
     }
 }
 
-/// Peer datagrams on one relay socket, a batch per wake-up.
-async fn relay_loop(shared: Arc<Shared>, alloc: AllocId, sock: Arc<UdpIo>) {
-    loop {
-        if let Err(e) = sock.sock.readable().await {
-            tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
-            return;
-        }
-        if let Err(e) = SCRATCH.with_borrow_mut(|s| shared.peer_batch(s, alloc, &sock)) {
-            tracing::warn!(error = %e, alloc = alloc.0, "relay socket failed");
-            return;
-        }
-    }
-}
-
-/// At most this many batches per wake-up, so that one busy socket does not hold a worker.
+/// At most this many batches per socket and wake-up, so that one busy socket does not starve the others.
 const BATCHES_PER_WAKE: usize = 4;
 
 impl Shared {
-    /// Reads batches from the listening socket until none is ready: relayed data goes out of the relay
-    /// sockets after the lock, the control plane's datagrams into `udp_out`.
-    fn client_batch(self: &Arc<Self>, s: &mut Scratch, udp_out: &mut Vec<(Vec<u8>, SocketAddr)>) -> io::Result<()> {
+    /// Reads batches from the listening socket: relayed data goes out of the relay sockets at once, the
+    /// control plane's datagrams into `udp_out`. True if the socket may still hold datagrams.
+    fn client_batch(self: &Arc<Self>, st: &mut State, s: &mut Scratch, udp_out: &mut UdpOut) -> bool {
         let server = self.udp_addr;
+        let Scratch { slots, meta, .. } = s;
         for _ in 0..BATCHES_PER_WAKE {
-            let Scratch { slots, meta, sends, .. } = s;
             let n = match self.udp.try_recv(&mut Scratch::bufs(slots), meta) {
-                Ok(0) => return Ok(()),
+                Ok(0) => return false,
                 Ok(n) => n,
                 Err(e) if transient(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "TURN UDP socket failed");
+                    return false;
+                }
             };
-            {
-                let mut st = self.state.lock();
-                let st = &mut *st;
-                let now = Instant::now();
-                for (i, (m, buf)) in meta[..n].iter().zip(slots.iter()).enumerate() {
-                    let tuple = FiveTuple { transport: Transport::Udp, client: m.addr, server };
-                    for d in buf[..m.len].chunks(m.stride.max(1)) {
-                        match st.core.handle_client(now, tuple, d) {
-                            Some(p) => {
-                                if let Some(r) = st.relays.get(&p.alloc) {
-                                    let start = p.data.as_ptr() as usize - buf.as_ptr() as usize;
-                                    sends.push((r.sock.clone(), p.peer, i, start..start + p.data.len()));
-                                }
+            let now = Instant::now();
+            for (m, buf) in meta[..n].iter().zip(slots.iter()) {
+                let tuple = FiveTuple { transport: Transport::Udp, client: m.addr, server };
+                for d in buf[..m.len].chunks(m.stride.max(1)) {
+                    match st.core.handle_client(now, tuple, d) {
+                        Some(p) => {
+                            if let Some(&i) = st.relay_of.get(&p.alloc) {
+                                st.relays[i].sock.send(p.peer, p.data, None);
                             }
-                            None => self.pump(st, udp_out),
                         }
+                        None => self.pump(st, udp_out),
                     }
                 }
             }
-            for (sock, peer, i, r) in sends.drain(..) {
-                sock.send(peer, &slots[i][r], None);
-            }
+            // Fewer than asked for: the queue was empty, and the next datagram raises a new edge.
             if n < meta.len() {
-                return Ok(());
+                return false;
             }
         }
-        Ok(())
+        true
     }
 
-    /// Reads batches from the relay socket of `alloc` until none is ready and relays them to the client.
-    fn peer_batch(self: &Arc<Self>, s: &mut Scratch, alloc: AllocId, sock: &UdpIo) -> io::Result<()> {
+    /// Reads batches from relay socket `index` and relays them to their client. True if the socket may still
+    /// hold datagrams.
+    fn peer_batch(&self, st: &mut State, s: &mut Scratch, index: usize) -> bool {
+        let State { core, relays, streams, .. } = st;
+        // A stale token (the relay closed since the wake-up) reads nothing or another relay's datagrams
+        // harmlessly.
+        let Some(relay) = relays.get(index) else {
+            return false;
+        };
+        let Scratch { slots, meta, out } = s;
         for _ in 0..BATCHES_PER_WAKE {
-            let Scratch { slots, meta, out, .. } = s;
-            let n = match sock.try_recv(&mut Scratch::bufs(slots), meta) {
-                Ok(0) => return Ok(()),
+            let n = match relay.sock.try_recv(&mut Scratch::bufs(slots), meta) {
+                Ok(0) => return false,
                 Ok(n) => n,
                 Err(e) if transient(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, alloc = relay.alloc.0, "relay socket failed");
+                    return false;
+                }
             };
-            {
-                let mut st = self.state.lock();
-                for (m, buf) in meta[..n].iter().zip(slots.iter()) {
-                    for d in buf[..m.len].chunks(m.stride.max(1)) {
-                        out.relay(&mut st, alloc, m.addr, d);
-                    }
+            let now = Instant::now();
+            for (m, buf) in meta[..n].iter().zip(slots.iter()) {
+                for d in buf[..m.len].chunks(m.stride.max(1)) {
+                    out.relay(core, streams, now, relay.alloc, m.addr, d);
                 }
             }
-            out.flush(&self.udp);
+            if out.buf.len() >= OUT_FLUSH {
+                out.flush(&self.udp);
+            }
             if n < meta.len() {
-                return Ok(());
+                return false;
             }
         }
-        Ok(())
+        true
     }
 }
 
 async fn timer_loop(shared: Arc<Shared>) {
-    let mut udp_out = Vec::new();
+    let mut udp_out = UdpOut::new();
     loop {
         let next = shared.state.lock().core.poll_timeout();
         let cap = Instant::now() + Duration::from_secs(1);
@@ -769,9 +968,7 @@ async fn timer_loop(shared: Arc<Shared>) {
             st.core.handle_timeout(Instant::now());
             shared.pump(&mut st, &mut udp_out);
         }
-        if !udp_out.is_empty() {
-            shared.send_udp(std::mem::take(&mut udp_out)).await;
-        }
+        shared.send_udp(&mut udp_out);
     }
 }
 
@@ -840,9 +1037,11 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
                 let _ = s.set_nodelay(true);
                 let server = s.local_addr().unwrap_or(shared.udp_addr);
                 let tuple = FiveTuple { transport: Transport::Tcp, client: from, server };
+                // Without a duplicate descriptor (EMFILE), everything goes through the writer task.
+                let direct = s.as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from);
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    serve_stream(shared, s, tuple, accepted).await;
+                    serve_stream(shared, s, direct, tuple, accepted).await;
                     drop(slot);
                 });
             }
@@ -877,7 +1076,7 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
                     match tokio::time::timeout_at(deadline, acc.accept(s)).await {
                         Ok(Ok(tls)) => {
                             let tuple = FiveTuple { transport: Transport::Tls, client: from, server };
-                            serve_stream(shared, tls, tuple, accepted).await
+                            serve_stream(shared, tls, None, tuple, accepted).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %from, "TURN TLS handshake failed")
@@ -896,14 +1095,20 @@ async fn tls_accept(shared: Arc<Shared>, l: TcpListener) {
 
 /// Serves one TCP/TLS client until it closes, stops sending complete messages (see
 /// [`TurnConfig::stream_idle`](crate::TurnConfig)), stops reading its answers, or the server stops.
-async fn serve_stream<S>(shared: Arc<Shared>, stream: S, tuple: FiveTuple, accepted: Instant)
-where
+async fn serve_stream<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    direct: Option<std::net::TcpStream>,
+    tuple: FiveTuple,
+    accepted: Instant,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let per_record = tuple.transport == Transport::Tls;
     let out = Arc::new(StreamOut {
-        buf: Mutex::new(Vec::new()),
+        q: Mutex::new(OutQueue::default()),
+        direct,
         limit: shared.stream_queue,
         notify: Notify::new(),
         closed: AtomicBool::new(false),
@@ -919,7 +1124,11 @@ where
             loop {
                 out.notify.notified().await;
                 loop {
-                    std::mem::swap(&mut *out.buf.lock(), &mut spare);
+                    {
+                        let mut q = out.q.lock();
+                        std::mem::swap(&mut q.buf, &mut spare);
+                        q.writing = !spare.is_empty();
+                    }
                     if spare.is_empty() {
                         break;
                     }
@@ -941,19 +1150,35 @@ where
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut framer = StreamFramer::new();
-            let mut udp_out = Vec::new();
+            let mut udp_out = UdpOut::new();
             // Until the first complete message, then after each: bytes alone do not push it back.
             let mut deadline = accepted + shared.stream_first_message;
             loop {
-                loop {
-                    match framer.next_frame() {
-                        Ok(Some(frame)) => {
-                            shared.client_frame(tuple, frame, &mut udp_out).await;
-                            deadline = Instant::now() + shared.stream_idle;
+                // Every complete frame of a read under one lock.
+                let mut framed = false;
+                let mut bad = false;
+                if framer.buffered() > 0 {
+                    let mut st = shared.state.lock();
+                    loop {
+                        match framer.next_frame() {
+                            Ok(Some(frame)) => {
+                                shared.client_frame(&mut st, tuple, frame, &mut udp_out);
+                                framed = true;
+                            }
+                            Ok(None) => break,
+                            Err(_) => {
+                                bad = true;
+                                break;
+                            }
                         }
-                        Ok(None) => break,
-                        Err(_) => return,
                     }
+                }
+                shared.send_udp(&mut udp_out);
+                if bad {
+                    return;
+                }
+                if framed {
+                    deadline = Instant::now() + shared.stream_idle;
                 }
                 match tokio::time::timeout_at(deadline.into(), rd.read_buf(framer.read_buf())).await {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
@@ -973,13 +1198,14 @@ where
     };
     *out.reader.lock() = Some(reader.abort_handle());
     let _ = reader.await;
-    let mut udp_out = Vec::new();
+    let mut udp_out = UdpOut::new();
     {
         let mut st = shared.state.lock();
         st.streams.remove(&tuple);
         st.core.client_closed(Instant::now(), tuple);
         shared.pump(&mut st, &mut udp_out);
     }
+    shared.send_udp(&mut udp_out);
     out.close();
     let _ = writer.await;
 }

@@ -9,12 +9,12 @@ use tokio::net::{TcpStream, UdpSocket};
 use webcall_turn::stun::{self, Builder, Msg};
 use webcall_turn::{long_term_key, IceMinter, TurnConfig, TurnError, TurnServer};
 
+mod common;
+
 const SECRET: &str = "loop-secret";
 
 async fn start() -> webcall_turn::TurnHandle {
-    let mut cfg = TurnConfig::new("127.0.0.1:0".parse().unwrap(), SECRET);
-    cfg.allow_peers = vec!["127.0.0.0/8".parse().unwrap()];
-    TurnServer::start(cfg).await.unwrap()
+    common::start(SECRET, None, common::allow_loopback).await
 }
 
 /// Sends/receives whole TURN messages over UDP or TCP.

@@ -12,7 +12,9 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use webcall_turn::stun::{self, Builder, Msg};
-use webcall_turn::{long_term_key, TurnArgs, TurnConfig, TurnServer};
+use webcall_turn::{long_term_key, TurnConfig, TurnServer};
+
+mod common;
 
 const SECRET: &str = "stream-secret";
 
@@ -114,17 +116,7 @@ async fn binding<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, txid: u8) -> bool
 }
 
 async fn start(cfg: impl FnOnce(&mut TurnConfig)) -> webcall_turn::TurnHandle {
-    let (tls, _) = server_tls();
-    let mut c = TurnArgs {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        turns_listen: Some("127.0.0.1:0".parse().unwrap()),
-        secret: Some(SECRET.into()),
-        ..Default::default()
-    }
-    .into_config(Some(tls))
-    .unwrap();
-    cfg(&mut c);
-    TurnServer::start(c).await.unwrap()
+    common::start(SECRET, Some(server_tls().0), cfg).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

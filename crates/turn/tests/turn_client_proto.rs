@@ -11,13 +11,12 @@ use turn_client_proto::stun::agent::Transmit;
 use turn_client_proto::stun::types::message::IntegrityAlgorithm;
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
-use webcall_turn::{TurnConfig as ServerConfig, TurnServer};
+
+mod common;
 
 /// Allocates with only `integrity` allowed, relays one message to an echo peer and returns what came back.
 async fn relay_with(integrity: IntegrityAlgorithm) -> Vec<u8> {
-    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), "proto-secret");
-    cfg.allow_peers = vec!["127.0.0.0/8".parse().unwrap()];
-    let srv = TurnServer::start(cfg).await.unwrap();
+    let srv = common::start("proto-secret", None, common::allow_loopback).await;
     let ice = srv.ice_minter().ice_servers_at("p", SystemTime::now());
     let (user, pass) = (ice[1].username.clone().unwrap(), ice[1].credential.clone().unwrap());
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use rand::{Rng, RngCore, SeedableRng};
+use rustc_hash::FxHashMap;
 use sha1::Sha1;
 
 use crate::auth;
@@ -187,8 +188,10 @@ pub struct TurnCore {
     nonce_key: [u8; 20],
     txid_state: u64,
     next_id: u64,
-    allocs: HashMap<AllocId, Allocation>,
-    by_tuple: HashMap<FiveTuple, AllocId>,
+    // FxHash on the per-packet lookups: the keys are bounded by the quotas, so flooding one bucket is not
+    // worth defending against with SipHash's cost per packet.
+    allocs: FxHashMap<AllocId, Allocation>,
+    by_tuple: FxHashMap<FiveTuple, AllocId>,
     expiries: BTreeSet<(Instant, AllocId)>,
     per_user: Tally<Arc<str>>,
     per_ip: Tally<IpAddr>,
@@ -218,8 +221,8 @@ impl TurnCore {
             nonce_key,
             txid_state: rng.random::<u64>() | 1,
             next_id: 1,
-            allocs: HashMap::new(),
-            by_tuple: HashMap::new(),
+            allocs: FxHashMap::default(),
+            by_tuple: FxHashMap::default(),
             expiries: BTreeSet::new(),
             per_user: Tally::new(),
             per_ip: Tally::new(),
@@ -374,8 +377,8 @@ impl TurnCore {
         assert_eq!(self.allocs.len(), self.by_tuple.len(), "by_tuple size");
         assert_eq!(self.allocs.len(), self.expiries.len(), "expiries size");
         assert!(self.allocs.len() <= self.cfg.total_quota, "total quota");
-        let mut users: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut ips: HashMap<IpAddr, usize> = HashMap::new();
+        let mut users: FxHashMap<Arc<str>, usize> = FxHashMap::default();
+        let mut ips: FxHashMap<IpAddr, usize> = FxHashMap::default();
         for (id, a) in &self.allocs {
             assert_eq!(self.by_tuple.get(&a.tuple), Some(id), "by_tuple entry");
             assert!(self.expiries.contains(&(a.expires, *id)), "expiry entry");
@@ -405,7 +408,7 @@ impl TurnCore {
         assert_eq!(&users, self.per_user.as_map(), "per_user counts");
         assert!(users.values().all(|n| *n <= self.cfg.user_quota), "user quota");
         assert_eq!(&ips, self.per_ip.as_map(), "per_ip counts");
-        let mut live: HashMap<u16, usize> = HashMap::new();
+        let mut live: FxHashMap<u16, usize> = FxHashMap::default();
         for a in self.allocs.values() {
             if let Some(r) = a.relayed {
                 *live.entry(r.port()).or_default() += 1;

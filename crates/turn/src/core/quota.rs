@@ -1,19 +1,19 @@
 //! Quotas: allocations per user, per client address and on the whole server, counted as allocations come and
 //! go (the relay ports of live allocations are counted the same way).
 
+use rustc_hash::FxHashMap;
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::Hash;
 
 use super::*;
 
 /// How many live things each key holds; a key at zero is dropped, so the map is only as large as what is live.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Tally<K: Hash + Eq>(HashMap<K, usize>);
+pub(super) struct Tally<K: Hash + Eq>(FxHashMap<K, usize>);
 
 impl<K: Hash + Eq> Tally<K> {
     pub(super) fn new() -> Self {
-        Tally(HashMap::new())
+        Tally(FxHashMap::default())
     }
     pub(super) fn count<Q: Hash + Eq + ?Sized>(&self, k: &Q) -> usize
     where
@@ -42,7 +42,7 @@ impl<K: Hash + Eq> Tally<K> {
             }
         }
     }
-    pub(super) fn as_map(&self) -> &HashMap<K, usize> {
+    pub(super) fn as_map(&self) -> &FxHashMap<K, usize> {
         &self.0
     }
 }
