@@ -18,6 +18,12 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(ClientMessage::Join(j)) => assert!(webcall_protocol::valid_room_name(&j.room)),
         Ok(ClientMessage::Bye) => {}
+        Ok(ClientMessage::Data(d)) => {
+            let out = webcall_protocol::encode_data("Abc123-_x", d);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("data frames are JSON");
+            assert!(v["data"].is_object());
+            assert_eq!(v["data"], serde_json::from_str::<serde_json::Value>(d.get()).unwrap());
+        }
         Err(e) => {
             let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error frames are JSON");
             assert_eq!(v["type"], "error");

@@ -136,21 +136,38 @@ describe('join tokens', () => {
     assert.ok(dirs.length >= 2 && dirs.every((d) => d === 'recvonly'), JSON.stringify(dirs));
     await until(host, (id) => document.querySelector(`.tile[data-peer="${id}"]`)?.dataset.video === 'off', viewerId);
     await screenshot(viewer, 'subscribe-only.png');
-    await Promise.all([host, viewer].map((p) => p.context().close()));
+
+    // A third person moves the room to the SFU: the viewer keeps watching through the server and sends nothing.
+    const third = await t.open(`${server.url}/r/${room}?token=${mint(['--room', room, '--name', 'Third'])}`);
+    await until(viewer, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 30000);
+    await connectedPeers(viewer, 2, 30000);
+    await until(viewer, (id) => {
+      const call = window.webcall.call;
+      const peer = call.peers.get(id);
+      return peer?.pc === call.sfu.pc && peer.remoteStream.getVideoTracks().length > 0;
+    }, hostId, 30000);
+    await decodesVideoFrom(viewer, hostId, 10, 30000);
+    const sfuDirs = await viewer.evaluate(() =>
+      window.webcall.call.sfu.pc.getTransceivers().filter((x) => x.mid !== null).map((x) => x.currentDirection),
+    );
+    assert.ok(sfuDirs.length >= 2 && sfuDirs.every((d) => d === 'recvonly' || d === 'inactive'), JSON.stringify(sfuDirs));
+    assert.deepEqual(viewer.errors, []);
+    await Promise.all([host, viewer, third].map((p) => p.context().close()));
   });
 });
 
 describe('server limits', () => {
+  // `?mesh=1`: a third page would otherwise move the room to the SFU (whose cap is --max-sfu-peers, at least 3).
   const full = t.server(['--max-peers', '2', '--max-rooms', '1']);
 
   it('room full and server full: words, a way forward, devices released', async () => {
     const room = uniqueRoom('lim');
-    const a = await t.open(`${full.url}/r/${room}?name=A`);
+    const a = await t.open(`${full.url}/r/${room}?name=A&mesh=1`);
     await until(a, () => window.webcall.call.state === 'in-call');
-    const a2 = await t.open(`${full.url}/r/${room}?name=A2`);
+    const a2 = await t.open(`${full.url}/r/${room}?name=A2&mesh=1`);
     await connectedPeers(a2, 1);
 
-    const b = await t.open(`${full.url}/r/${room}?name=B`, { join: false });
+    const b = await t.open(`${full.url}/r/${room}?name=B&mesh=1`, { join: false });
     await until(b, () => document.body.dataset.phase === 'prejoin' && !document.querySelector('#prejoin-join').disabled);
     await keepTracks(b);
     await b.click('#prejoin-join');

@@ -5,6 +5,7 @@ import {
   connectedPeers,
   decodesVideoFrom,
   e2e,
+  fullStatsPanel,
   ownId,
   screenshot,
   snapshot,
@@ -44,20 +45,7 @@ describe('two-party call', () => {
 
   it('stats panel shows the selected candidate pair, rtt and bit rates', async () => {
     await alice.keyboard.press('s');
-    const text = await until(
-      alice,
-      (id) => {
-        const t = document.querySelector(`.tile[data-peer="${id}"] .tile-stats`)?.textContent ?? '';
-        const ok =
-          /^path\s+host/m.test(t) &&
-          /^rtt\s+\d+ ms/m.test(t) &&
-          /^in\s+[\d.]+ [kM]b\/s/m.test(t) &&
-          /^out\s+[\d.]+ [kM]b\/s/m.test(t) &&
-          /^video in \d+×\d+ @ \d+ fps/m.test(t);
-        return ok ? t : false;
-      },
-      bobId,
-    );
+    const text = await fullStatsPanel(alice, bobId);
     assert.match(text, /lost\s+\d+ packets/);
     const s = (await snapshot(alice)).peers[0].stats;
     assert.equal(s.pairType, 'host');

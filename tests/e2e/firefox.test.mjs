@@ -1,10 +1,10 @@
 // Firefox (Debian's firefox-esr over WebDriver BiDi) in calls with Chromium: a 1:1 call through `webcall serve`
-// (video both ways, chat), accessibility of its landing and pre-join screens, a three-way mesh with Firefox in it
-// and a relay-only Firefox page through the built-in TURN. Firefox gathers no loopback candidates: it connects
-// over the namespace's test-only address (wc0, see scripts/test.sh).
+// (video both ways, chat), accessibility of its landing and pre-join screens, a three-way mesh with Firefox in it,
+// a relay-only Firefox page through the built-in TURN, and Firefox with Chromium in an SFU room. Firefox gathers no
+// loopback candidates: it connects over the namespace's test-only address (wc0, see scripts/test.sh).
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { axeViolations, connectedPeers, decodesVideoFrom, e2e, ownId, snapshot, TEST_ADDR, uniqueRoom, until } from './helpers.mjs';
+import { axeViolations, connectedPeers, decodesVideoFrom, e2e, fullStatsPanel, ownId, snapshot, TEST_ADDR, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e({ firefox: true });
 
@@ -49,20 +49,7 @@ describe('Firefox', () => {
     assert.match(pair?.remote ?? '', /^(host|prflx) (127\.0\.0\.1|198\.18\.0\.1)$/, JSON.stringify(pair));
     // The stats panel works on Firefox's getStats too (no `transport` stats there).
     await fox.keyboard.press('s');
-    const text = await until(
-      fox,
-      (id) => {
-        const t = document.querySelector(`.tile[data-peer="${id}"] .tile-stats`)?.textContent ?? '';
-        const ok =
-          /^path\s+host/m.test(t) &&
-          /^rtt\s+\d+ ms/m.test(t) &&
-          /^in\s+[\d.]+ [kM]b\/s/m.test(t) &&
-          /^out\s+[\d.]+ [kM]b\/s/m.test(t) &&
-          /^video in \d+×\d+ @ \d+ fps/m.test(t);
-        return ok ? t : false;
-      },
-      chromeId,
-    ).catch(async (e) => {
+    const text = await fullStatsPanel(fox, chromeId).catch(async (e) => {
       console.error(await fox.evaluate(() => JSON.stringify(window.webcall.snapshot().peers[0].stats)));
       throw e;
     });
@@ -136,10 +123,10 @@ describe('Firefox', () => {
 
   it('three in a mesh with Firefox in it: everyone decodes everyone', async () => {
     const room = uniqueRoom('ffmesh');
-    const fox = await t.openFirefox(`${server.url}/r/${room}?name=Fox`);
+    const fox = await t.openFirefox(`${server.url}/r/${room}?name=Fox&mesh=1`);
     await until(fox, () => window.webcall?.call.state === 'in-call');
-    const a = await t.open(`${server.url}/r/${room}?name=A`);
-    const b = await t.open(`${server.url}/r/${room}?name=B`);
+    const a = await t.open(`${server.url}/r/${room}?name=A&mesh=1`);
+    const b = await t.open(`${server.url}/r/${room}?name=B&mesh=1`);
     const pages = [fox, a, b];
     const ids = await Promise.all(pages.map((p) => ownId(p)));
     for (const p of pages) await connectedPeers(p, 2);
@@ -167,6 +154,61 @@ describe('Firefox through the built-in TURN', () => {
     await decodesVideoFrom(fox, chromeId);
     const pair = await selectedPair(fox, chromeId);
     assert.match(pair?.local ?? '', /^relay /, JSON.stringify(pair));
+    assert.deepEqual(fox.errors, []);
+    await Promise.all([fox.browserContext().close(), chrome.context().close()]);
+  });
+});
+
+/**
+ * Waits until `page` decodes more than 10 new frames of participant `id`'s camera over its one connection to the
+ * SFU (getStats of that participant's own track), and the tile's <video> has a width.
+ */
+async function decodesOverSfu(page, id) {
+  const read = (id) =>
+    page.evaluate(async (id) => {
+      const call = window.webcall.call;
+      const peer = call.peers.get(id);
+      const track = peer?.remoteStream.getVideoTracks()[0];
+      if (!call.sfu || !track || peer.pc !== call.sfu.pc) return -1;
+      let n = 0;
+      (await call.sfu.pc.getStats(track)).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
+      });
+      const video = document.querySelector(`.tile[data-peer="${id}"] video`);
+      return video instanceof HTMLVideoElement && video.videoWidth > 0 ? n : -1;
+    }, id);
+  const deadline = Date.now() + 60000;
+  let start = -1;
+  for (;;) {
+    const n = await read(id);
+    if (start < 0) start = n;
+    else if (n > start + 10) return;
+    if (Date.now() > deadline) assert.fail(`no video from ${id} over the SFU (${start} -> ${n} frames)`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+describe('Firefox in an SFU room', () => {
+  // Every room on the SFU from its first peer; the media port on the namespace's test-only address, which Firefox
+  // reaches (it gathers no loopback candidates), as a deployment's public address would be.
+  const server = t.server(['--topology', 'sfu', '--media-listen', `${TEST_ADDR}:0`]);
+
+  it('a Firefox page and a Chromium page decode each other through the SFU; chat goes both ways', async () => {
+    const room = uniqueRoom('ffsfu');
+    const fox = await t.openFirefox(`${server.url}/r/${room}?name=Fox`);
+    await until(fox, () => window.webcall?.call.state === 'in-call');
+    const chrome = await t.open(`${server.url}/r/${room}?name=Chrome`);
+    const [foxId] = await connectedPeers(chrome, 1, 30000);
+    const [chromeId] = await connectedPeers(fox, 1, 30000);
+    assert.equal(await fox.evaluate(() => window.webcall.call.sfu?.pc.connectionState), 'connected');
+    await decodesOverSfu(chrome, foxId);
+    await decodesOverSfu(fox, chromeId);
+    assert.equal(await fox.$eval(`.tile[data-peer="${chromeId}"] .name`, (e) => e.textContent), 'Chrome');
+    // Chat as signaling `data` both ways.
+    await fox.evaluate(() => window.webcall.call.sendChat('from Firefox'));
+    await until(chrome, () => document.querySelector('#chat-log li.them p')?.textContent === 'from Firefox');
+    await chrome.evaluate(() => window.webcall.call.sendChat('from Chromium'));
+    await until(fox, () => document.querySelector('#chat-log li.them p')?.textContent === 'from Chromium');
     assert.deepEqual(fox.errors, []);
     await Promise.all([fox.browserContext().close(), chrome.context().close()]);
   });

@@ -358,6 +358,26 @@ export async function until(page, fn, arg, timeout = 20000) {
   }
 }
 
+/**
+ * Waits until the tile of `peerId` shows a full stats panel (path, rtt, bit rates both ways, video size and rate);
+ * returns its text. Works on Chromium and Firefox pages. @param {any} page @param {string} peerId
+ */
+export const fullStatsPanel = (page, peerId) =>
+  until(
+    page,
+    (id) => {
+      const t = document.querySelector(`.tile[data-peer="${id}"] .tile-stats`)?.textContent ?? '';
+      const ok =
+        /^path\s+host/m.test(t) &&
+        /^rtt\s+\d+ ms/m.test(t) &&
+        /^in\s+[\d.]+ [kM]b\/s/m.test(t) &&
+        /^out\s+[\d.]+ [kM]b\/s/m.test(t) &&
+        /^video in \d+×\d+ @ \d+ fps/m.test(t);
+      return ok ? t : false;
+    },
+    peerId,
+  );
+
 /** Snapshot of the call (window.webcall.snapshot()). @param {import('playwright-core').Page} page */
 export const snapshot = (page) => page.evaluate(() => window.webcall.snapshot());
 

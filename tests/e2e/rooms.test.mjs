@@ -8,17 +8,18 @@ const t = e2e();
 /** Closes the contexts of the given pages (each page is alone in its context). */
 const closeAll = (pages) => Promise.all(pages.map((p) => p.context().close()));
 
+// `?mesh=1`: pages that join without SFU keep the room peer-to-peer, so --max-peers bounds it.
 describe('capacity-2 room', () => {
   const server = t.server(['--max-peers', '2']);
 
   it('a third page sees the room-full message and the call of the two goes on', async () => {
     const room = uniqueRoom('full');
-    const a = await t.open(`${server.url}/r/${room}?name=A`);
+    const a = await t.open(`${server.url}/r/${room}?name=A&mesh=1`);
     await until(a, () => window.webcall?.call.state === 'in-call');
-    const b = await t.open(`${server.url}/r/${room}?name=B`);
+    const b = await t.open(`${server.url}/r/${room}?name=B&mesh=1`);
     await connectedPeers(a, 1);
     await connectedPeers(b, 1);
-    const c = await t.open(`${server.url}/r/${room}?name=C`);
+    const c = await t.open(`${server.url}/r/${room}?name=C&mesh=1`);
     await until(c, () => {
       const o = document.querySelector('#overlay');
       return o && !o.hidden && o.dataset.kind === 'room-full';
@@ -43,7 +44,7 @@ describe('capacity-4 room', () => {
     const room = uniqueRoom('mesh');
     const pages = [];
     for (const name of ['One', 'Two', 'Three']) {
-      const p = await t.open(`${server.url}/r/${room}?name=${name}`);
+      const p = await t.open(`${server.url}/r/${room}?name=${name}&mesh=1`);
       await until(p, () => window.webcall?.call.state === 'in-call');
       pages.push(p);
     }

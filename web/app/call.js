@@ -190,7 +190,8 @@ if (unsupported) {
 // ---------------------------------------------------------------------------------------------------------------
 // The call
 
-// `?sfu=1`: this page speaks the SFU messages, so the server may move the room to its SFU (opt-in for now).
+// The page speaks the SFU messages, so the server moves the room to its SFU when a third person joins
+// (`--topology auto`). `?mesh=1` joins as a client without SFU: the room stays peer-to-peer (up to --max-peers).
 const signaling = new Signaling({
   url: defaultSignalingUrl(),
   room,
@@ -198,7 +199,7 @@ const signaling = new Signaling({
   token,
   password: params.get('password') ?? resumed?.password ?? '',
   backoff: giveUpSecs ? { giveUpAfter: giveUpSecs * 1000 } : {},
-  sfu: params.get('sfu') === '1',
+  sfu: !flag('mesh', false),
 });
 const call = new Call({ signaling, name, relayOnly, publish: !subscribeOnly });
 /** Test and debugging hook. */
@@ -421,6 +422,8 @@ function setCtl(id, on, title) {
 
 /** @param {import('../lib/call.js').Peer} peer */
 function renderPeer(peer) {
+  // A late event of a connection that was replaced (the room moved to the SFU) must not take the tile back.
+  if (call.peers.get(peer.id) !== peer) return;
   let tile = tiles.get(peer.id)?.el;
   if (!tile) tile = makeTile(peer.id, peer.name || 'Guest');
   setTileName(tile, peer.name || 'Guest');

@@ -29,6 +29,9 @@ export { Peer } from './peer.js';
 
 /** @typedef {import('./channel.js').MediaState} MediaState */
 
+/** How long a peer-to-peer connection stays up after its participant's media moved to the SFU (the other side's move). */
+const RETIRE_MS = 10000;
+
 export class Call extends EventTarget {
   /**
    * @param {object} opts
@@ -44,6 +47,8 @@ export class Call extends EventTarget {
     this.relayOnly = relayOnly;
     this.publish = publish;
     this.handRaised = false;
+    /** our name changed since we joined (newcomers of an SFU room are told) */
+    this.renamed = false;
     // While a peer connection is up, media flows without the server: a signaling outage does not end the call.
     signaling.keepTrying = () => [...this.peers.values()].some((p) => p.pc.connectionState === 'connected');
     /** @type {string|null} */
@@ -136,6 +141,8 @@ export class Call extends EventTarget {
       const { from, name } = /** @type {CustomEvent} */ (ev).detail;
       if (this.sfu) {
         this.addRemote(from, name ?? '');
+        // The newcomer learns what differs from the defaults (mesh peers say it when their data channel opens).
+        this.announceState();
         return;
       }
       const existing = this.peers.get(from);
@@ -163,6 +170,11 @@ export class Call extends EventTarget {
         peer.handleSignal(msg);
       });
     }
+    s.addEventListener('data', (ev) => {
+      const msg = /** @type {CustomEvent} */ (ev).detail;
+      const peer = this.peers.get(msg.from);
+      if (peer && msg.data && typeof msg.data === 'object') peer.handleData(msg.data);
+    });
     s.addEventListener('bye', (ev) => this.removePeer(/** @type {CustomEvent} */ (ev).detail.from));
     s.addEventListener('topology', (ev) => {
       if (/** @type {CustomEvent} */ (ev).detail.mode === 'sfu') this.enterSfu();
@@ -231,7 +243,11 @@ export class Call extends EventTarget {
     return peer;
   }
 
-  /** The room sends media through the server from now on: one connection to it replaces the mesh. */
+  /**
+   * The room sends media through the server from now on: one connection to it replaces the mesh. Seamless: each
+   * participant's peer-to-peer connection keeps its tile until the SFU brings that participant's video, and stays
+   * up a while longer (`Peer.retire`) for the other side's move.
+   */
   enterSfu() {
     if (this.sfu) return;
     this.spares.drop();
@@ -240,22 +256,29 @@ export class Call extends EventTarget {
       config: this.pcConfig(),
       localStream: this.localStream,
       tracks: { audio: this.outgoing('audio'), video: this.outgoing('video') },
+      publish: this.publish,
     });
     this.sfu = session;
-    /** @type {Map<string, MediaStreamTrack[]>} tracks of participants whose peer-to-peer tile still shows */
+    if (this.tracks.screen && this.screenStream) {
+      session.addScreen(this.tracks.screen, this.screenStream).then(() => this.sendToAll(this.mediaState()));
+    }
+    this.announceState();
+    /** @type {Map<string, {track: MediaStreamTrack, peerMid: string}[]>} tracks of participants whose peer-to-peer tile still shows */
     const waiting = new Map();
+    // Peer-to-peer connections that are not up (a newcomer's, made from its welcome) have nothing to keep playing.
+    for (const [id, p] of [...this.peers]) if (p.pc.connectionState !== 'connected') this.addRemote(id, p.name);
     /** @param {string} peer */
     const takeOver = (peer) => {
       const remote = this.addRemote(peer, this.peers.get(peer)?.name ?? '');
-      for (const t of waiting.get(peer) ?? []) remote.addTrack(t);
+      for (const t of waiting.get(peer) ?? []) remote.addTrack(t.track, t.peerMid);
       waiting.delete(peer);
     };
     session.addEventListener('track', (ev) => {
-      const { peer, track } = /** @type {CustomEvent} */ (ev).detail;
+      const { peer, track, peerMid } = /** @type {CustomEvent} */ (ev).detail;
       const remote = this.peers.get(peer);
-      if (remote instanceof SfuRemote) return remote.addTrack(track);
+      if (remote instanceof SfuRemote) return remote.addTrack(track, peerMid);
       // A peer-to-peer connection keeps its tile until the SFU's video of that participant arrives (a seamless move).
-      waiting.set(peer, [...(waiting.get(peer) ?? []), track]);
+      waiting.set(peer, [...(waiting.get(peer) ?? []), { track, peerMid }]);
       if (track.kind !== 'video') return; // audio moves with the video (or with the fallback below)
       if (!track.muted) return takeOver(peer);
       track.addEventListener('unmute', () => this.sfu === session && waiting.has(peer) && takeOver(peer), { once: true });
@@ -282,17 +305,43 @@ export class Call extends EventTarget {
     this.sfu = null;
   }
 
-  /** @private @param {string} id @param {string} name */
+  /**
+   * The participant `id` as seen through the SFU. A peer-to-peer `Peer` of it is replaced in place (same tile, no
+   * leave/join) and retired. @private @param {string} id @param {string} name
+   */
   addRemote(id, name) {
     if (!this.sfu) throw new Error('not in an SFU room');
     const existing = this.peers.get(id);
     if (existing instanceof SfuRemote) return existing;
-    if (existing) this.removePeer(id);
     /** @type {SfuRemote} */
-    const remote = new SfuRemote(id, name, this.sfu, () => this.emitRemote(remote));
+    const remote = new SfuRemote(id, name, this.sfu, this, () => this.emitRemote(remote));
     this.peers.set(id, /** @type {any} */ (remote));
-    this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer: remote } }));
+    if (existing) {
+      remote.inherit(existing);
+      // Only a connected one has pictures to keep up (the other side's tile of us, too).
+      existing.retire(existing.pc.connectionState === 'connected' ? RETIRE_MS : 0);
+      this.emitRemote(remote);
+    } else {
+      this.dispatchEvent(new CustomEvent('peer-added', { detail: { peer: remote } }));
+    }
     return remote;
+  }
+
+  /**
+   * To everyone in the call: over each data channel in a peer-to-peer room, as signaling `data` in an SFU room.
+   * @param {object} msg
+   */
+  sendToAll(msg) {
+    if (this.sfu) this.signaling.send({ type: 'data', data: msg });
+    else for (const p of this.peers.values()) p.sendData(msg);
+  }
+
+  /** In an SFU room: says what differs from a newcomer's defaults (muted, camera off, sharing, hand, a new name). @private */
+  announceState() {
+    const st = this.mediaState();
+    if (!st.audio || !st.video || st.screen) this.sendToAll(st);
+    if (this.handRaised) this.sendToAll({ type: 'hand', raised: true });
+    if (this.renamed) this.sendToAll({ type: 'name', name: this.name });
   }
 
   /** @private @param {any} peer */
@@ -372,14 +421,15 @@ export class Call extends EventTarget {
     this.name = name;
     // A later join (a reconnect that is not resumed) carries it too.
     this.signaling.name = name;
-    for (const p of this.peers.values()) p.sendData({ type: 'name', name });
+    this.renamed = true;
+    this.sendToAll({ type: 'name', name });
     this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
   }
 
   /** Raises or lowers our hand (data channel `hand`). @param {boolean} raised */
   setHand(raised) {
     this.handRaised = raised;
-    for (const p of this.peers.values()) p.sendData({ type: 'hand', raised });
+    this.sendToAll({ type: 'hand', raised });
     this.dispatchEvent(new CustomEvent('local-media', { detail: {} }));
   }
 
@@ -392,6 +442,7 @@ export class Call extends EventTarget {
       video: !!this.outgoing('video'),
       screen: this.screenSharing,
       ...(this.screenStream && this.screenSharing ? { screenStream: this.screenStream.id } : {}),
+      ...(this.sfu?.screenMid && this.screenSharing ? { screenMid: this.sfu.screenMid } : {}),
     };
   }
 
@@ -410,8 +461,7 @@ export class Call extends EventTarget {
     this.spares.refit();
     await Promise.all([...this.peers.values()].map((p) => p.updateSenders().catch((e) => console.warn(e))));
     await this.sfu?.updateSenders(this.outgoing('audio'), this.outgoing('video')).catch((e) => console.warn(e));
-    const state = this.mediaState();
-    for (const p of this.peers.values()) p.sendData(state);
+    this.sendToAll(this.mediaState());
   }
 
   /** @param {boolean} on */
@@ -473,6 +523,11 @@ export class Call extends EventTarget {
     // The stream id goes first (data channel), so that the track is known as the screen when it arrives.
     await this.mediaChanged();
     for (const p of this.peers.values()) p.addScreen();
+    // Through the SFU: on an m-line of our own, whose mid the others learn next (`screenMid`).
+    if (this.sfu) {
+      await this.sfu.addScreen(track, this.screenStream);
+      this.sendToAll(this.mediaState());
+    }
   }
 
   async stopScreenShare() {
@@ -481,6 +536,7 @@ export class Call extends EventTarget {
     this.tracks.screen = null;
     t.stop();
     for (const p of this.peers.values()) p.removeScreen();
+    await this.sfu?.removeScreen().catch(() => {});
     await this.mediaChanged();
   }
 
@@ -508,7 +564,7 @@ export class Call extends EventTarget {
     text = text.trim().slice(0, MAX_CHAT_TEXT);
     if (!text) return;
     const msg = { type: 'chat', text, name: this.name, ts: Date.now() };
-    for (const p of this.peers.values()) p.sendData(msg);
+    this.sendToAll(msg);
     this.dispatchEvent(new CustomEvent('chat', { detail: { from: this.id, name: this.name, text, ts: msg.ts, local: true } }));
   }
 
@@ -519,11 +575,18 @@ export class Call extends EventTarget {
 
   /** @private */
   async refreshStats() {
+    // One getStats per connection: in an SFU room every participant shares the one to the server.
+    /** @type {Map<RTCPeerConnection, any[]>} */
+    const byPc = new Map();
+    for (const p of this.peers.values()) {
+      if (p.closed || p.pc.connectionState === 'closed') continue;
+      byPc.set(p.pc, [...(byPc.get(p.pc) ?? []), p]);
+    }
     await Promise.all(
-      [...this.peers.values()].map(async (p) => {
-        if (p.closed || p.pc.connectionState === 'closed') return;
+      [...byPc].map(async ([pc, peers]) => {
         try {
-          p.stats = await summarize(p.pc, p.stats);
+          const stats = await summarize(pc, peers[0].stats);
+          for (const p of peers) p.stats = stats;
         } catch {
           /* closed meanwhile */
         }

@@ -15,6 +15,7 @@ export const MAX_CHAT_TEXT = 4000;
  * @property {boolean} video camera on
  * @property {boolean} screen sharing the screen (on a video track of its own, beside the camera)
  * @property {string} [screenStream] the id of the stream (msid) the screen track is sent with
+ * @property {string} [screenMid] in an SFU room: the mid of our m-line that carries the screen (SFU `tracks` `peerMid`)
  */
 
 /** A display name as the server takes it: at most 64 characters, no control characters. @param {string} name */

@@ -72,6 +72,8 @@ export class Peer {
     /** @type {ReturnType<typeof setTimeout>|null} a `peer-updated` event to come */
     this.emitTimer = null;
     this.closed = false;
+    /** its media comes through the SFU now; closes soon (`retire`) */
+    this.retired = false;
     /** @type {Promise<void>} signaling messages of this peer are handled one after the other */
     this.queue = Promise.resolve();
 
@@ -386,6 +388,13 @@ export class Peer {
   onData(data) {
     const msg = readMessage(data);
     if (!msg) return;
+    // Retired (the participant's media comes through the SFU now): what still arrives here belongs to its successor.
+    const current = this.retired ? this.call.peers.get(this.id) : this;
+    current?.handleData(msg);
+  }
+
+  /** A data channel message (or, in an SFU room, the `data` of a signaling message), parsed. @param {any} msg */
+  handleData(msg) {
     if (msg.type === 'chat' && typeof msg.text === 'string') {
       const name = typeof msg.name === 'string' && msg.name ? msg.name : this.name;
       const ts = typeof msg.ts === 'number' ? msg.ts : Date.now();
@@ -400,6 +409,8 @@ export class Peer {
         this.remoteMedia.screenStream = msg.screenStream;
         this.screenIds.add(msg.screenStream);
       }
+      // Which SFU m-line is the screen: kept for the `SfuRemote` that takes over from us when the room moves.
+      if (typeof msg.screenMid === 'string' && msg.screenMid) /** @type {any} */ (this.remoteMedia).screenMid = msg.screenMid;
       this.placeTracks();
     } else if (msg.type === 'name' && typeof msg.name === 'string') {
       this.name = cleanName(msg.name) || this.name;
@@ -416,9 +427,25 @@ export class Peer {
     if (this.videoTx && !this.videoTx.stopped) await this.videoTx.sender.replaceTrack(this.call.outgoing('video'));
   }
 
+  /**
+   * The participant's media comes through the SFU now (call.js): this connection leaves the UI at once but stays up
+   * for `ms`, so the other side's tile of us keeps playing until its SFU media of us arrives too.
+   * @param {number} ms
+   */
+  retire(ms) {
+    this.retired = true;
+    if (this.emitTimer) clearTimeout(this.emitTimer);
+    this.emitTimer = null;
+    if (this.disconnectTimer) clearTimeout(this.disconnectTimer);
+    if (this.firstOfferTimer) clearTimeout(this.firstOfferTimer);
+    this.pc.onconnectionstatechange = this.pc.onnegotiationneeded = null;
+    if (ms <= 0) this.close();
+    else setTimeout(() => this.close(), ms);
+  }
+
   /** @private */
   emit() {
-    if (this.closed || this.emitTimer) return;
+    if (this.closed || this.retired || this.emitTimer) return;
     // In a task of its own (and coalesced): the UI's work (a <video> to start, a tile to lay out) must not hold up
     // the signaling that the event came with — `track` fires just before setRemoteDescription resolves, and the
     // answer is made right after.

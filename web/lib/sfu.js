@@ -5,9 +5,12 @@
  * (its offers carry `tracks`: which m-line, by `mid`, carries whose media). Perfect negotiation with the page as
  * the polite side. No DOM.
  *
- * Events of `SfuSession` (`CustomEvent`): `track` `{peer, track}` (a track of participant `peer` arrived),
- * `track-ended` `{peer, track}` (its m-line was stopped), `state` `{state}` (the connection state changed).
+ * Events of `SfuSession` (`CustomEvent`): `track` `{peer, track, peerMid}` (a track of participant `peer` arrived;
+ * `peerMid` is its m-line in the publisher's own connection, which tells camera from screen), `track-ended`
+ * `{peer, track}` (its m-line was stopped), `state` `{state}` (the connection state changed).
  */
+
+import { MAX_CHAT_TEXT, cleanName } from './channel.js';
 
 /** The reserved peer id of the server's SFU. */
 export const SFU_PEER = 'sfu';
@@ -19,12 +22,13 @@ export class SfuSession extends EventTarget {
    * @param {RTCConfiguration} opts.config
    * @param {MediaStream} opts.localStream the stream our senders are tagged with
    * @param {{audio: MediaStreamTrack|null, video: MediaStreamTrack|null}} opts.tracks what we send
+   * @param {boolean} [opts.publish] false (subscribe-only tokens): our m-lines are `inactive`, we only receive
    */
-  constructor({ signaling, config, localStream, tracks }) {
+  constructor({ signaling, config, localStream, tracks, publish = true }) {
     super();
     this.signaling = signaling;
     this.pc = new RTCPeerConnection(config);
-    /** @type {Map<string, {peer: string, kind: string}>} mid -> publisher, from the server's last offer */
+    /** @type {Map<string, {peer: string, kind: string, peerMid: string}>} mid -> publisher, from the server's last offer */
     this.mapping = new Map();
     /** @type {Map<string, MediaStreamTrack>} mid -> the remote track received on it */
     this.received = new Map();
@@ -34,8 +38,14 @@ export class SfuSession extends EventTarget {
     this.queue = Promise.resolve();
     const pc = this.pc;
     // Publishing only on these two: the server sends others' media on m-lines of its own.
-    this.audioTx = pc.addTransceiver(tracks.audio ?? 'audio', { direction: 'sendonly', streams: [localStream] });
-    this.videoTx = pc.addTransceiver(tracks.video ?? 'video', { direction: 'sendonly', streams: [localStream] });
+    // A client offers first, so even a receive-only one has m-lines of its own to offer (inactive ones).
+    const direction = publish ? 'sendonly' : 'inactive';
+    this.audioTx = pc.addTransceiver(tracks.audio ?? 'audio', { direction, streams: [localStream] });
+    this.videoTx = pc.addTransceiver(tracks.video ?? 'video', { direction, streams: [localStream] });
+    /** @type {RTCRtpTransceiver|null} our screen share, on an m-line of its own (made at the first share) */
+    this.screenTx = null;
+    /** @type {(() => void)[]} waiting for our next offer to be set (its mids are known then) */
+    this.offered = [];
     pc.onnegotiationneeded = () => this.offer();
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && !candidate.candidate) return;
@@ -53,6 +63,7 @@ export class SfuSession extends EventTarget {
       this.makingOffer = true;
       await this.pc.setLocalDescription();
       this.signaling.send({ type: 'offer', to: SFU_PEER, sdp: this.pc.localDescription?.sdp });
+      for (const f of this.offered.splice(0)) f();
     } catch (e) {
       console.warn('sfu offer', e);
     } finally {
@@ -74,7 +85,9 @@ export class SfuSession extends EventTarget {
     const pc = this.pc;
     if (msg.type === 'offer') {
       if (Array.isArray(msg.tracks)) {
-        this.mapping = new Map(msg.tracks.map((/** @type {any} */ t) => [String(t.mid), { peer: t.peer, kind: t.kind }]));
+        this.mapping = new Map(
+          msg.tracks.map((/** @type {any} */ t) => [String(t.mid), { peer: t.peer, kind: t.kind, peerMid: String(t.peerMid ?? '') }]),
+        );
       }
       // Polite: an offer of ours that collides is rolled back (setRemoteDescription does it); the server ignored it
       // and `negotiationneeded` brings it again once stable.
@@ -93,7 +106,7 @@ export class SfuSession extends EventTarget {
     const m = mid === null ? undefined : this.mapping.get(mid);
     if (!m || mid === null) return; // our own send-only m-lines, or not (yet) mapped
     this.received.set(mid, track);
-    this.dispatchEvent(new CustomEvent('track', { detail: { peer: m.peer, track } }));
+    this.dispatchEvent(new CustomEvent('track', { detail: { peer: m.peer, track, peerMid: m.peerMid } }));
   }
 
   /** Tracks whose m-line the server stopped (participant left) end; mapped ones without a track event get one. */
@@ -117,8 +130,35 @@ export class SfuSession extends EventTarget {
     await this.videoTx.sender.replaceTrack(video);
   }
 
+  /**
+   * Sends our screen on its own m-line (added at the first share, which renegotiates; reused after). Resolves once
+   * that m-line has its mid (the others learn it from our `media` data as `screenMid`).
+   * @param {MediaStreamTrack} track @param {MediaStream} stream
+   */
+  async addScreen(track, stream) {
+    if (this.screenTx) {
+      await this.screenTx.sender.replaceTrack(track);
+      return;
+    }
+    const offered = new Promise((resolve) => this.offered.push(() => resolve(undefined)));
+    this.screenTx = this.pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+    // Bounded: a lost negotiation must not hold the share up (the mid comes with the next media state then).
+    await Promise.race([offered, new Promise((r) => setTimeout(r, 5000))]);
+  }
+
+  /** Stops sending our screen (the m-line stays for the next share: no renegotiation). */
+  async removeScreen() {
+    await this.screenTx?.sender.replaceTrack(null);
+  }
+
+  /** The mid our screen goes out on, once negotiated. */
+  get screenMid() {
+    return this.screenTx?.mid ?? null;
+  }
+
   close() {
     this.closed = true;
+    for (const f of this.offered.splice(0)) f();
     const pc = this.pc;
     pc.onnegotiationneeded = pc.onicecandidate = pc.ontrack = pc.onconnectionstatechange = null;
     pc.close();
@@ -126,22 +166,34 @@ export class SfuSession extends EventTarget {
 }
 
 /**
- * A remote participant of an SFU room, shaped like a mesh `Peer` for the UI (id, name, remoteStream, pc, …):
- * its tracks come over the page's one connection to the server.
+ * A remote participant of an SFU room, shaped like a mesh `Peer` for the UI (id, name, remoteStream, remoteScreen,
+ * remoteMedia, hand, pc, …): its tracks come over the page's one connection to the server, its chat, media state,
+ * name and hand as signaling `data` (docs/protocol.md).
  */
 export class SfuRemote {
   /**
    * @param {string} id
    * @param {string} name
    * @param {SfuSession} session
+   * @param {EventTarget} call where `chat` events go
    * @param {() => void} onChange
    */
-  constructor(id, name, session, onChange) {
+  constructor(id, name, session, call, onChange) {
     this.id = id;
     this.name = name;
     this.pc = session.pc;
+    this.call = call;
+    /** the participant's microphone and camera */
     this.remoteStream = new MediaStream();
+    /** the participant's screen share */
+    this.remoteScreen = new MediaStream();
+    /** @type {import('./channel.js').MediaState & {screenMid?: string}} */
     this.remoteMedia = { audio: true, video: true, screen: false };
+    this.hand = false;
+    /** @type {Map<string, MediaStreamTrack>} publisher's mid -> track, in arrival order */
+    this.received = new Map();
+    /** @type {Set<string>} publisher mids that carried its screen (a late track there is not its camera) */
+    this.screenMids = new Set();
     /** @type {import('./stats.js').StatsSummary|null} */
     this.stats = null;
     this.polite = true;
@@ -151,25 +203,83 @@ export class SfuRemote {
     this.onChange = onChange;
   }
 
-  /** @param {MediaStreamTrack} track */
-  addTrack(track) {
-    for (const old of this.remoteStream.getTracks()) if (old.kind === track.kind) this.remoteStream.removeTrack(old);
-    this.remoteStream.addTrack(track);
+  /** Takes over what the peer-to-peer connection knew of the participant (a room moving to the SFU). @param {any} peer */
+  inherit(peer) {
+    this.remoteMedia = { ...peer.remoteMedia };
+    if (this.remoteMedia.screenMid) this.screenMids.add(this.remoteMedia.screenMid);
+    this.hand = !!peer.hand;
+    this.name = peer.name || this.name;
+  }
+
+  /** @param {MediaStreamTrack} track @param {string} [peerMid] */
+  addTrack(track, peerMid = `${track.kind}:${track.id}`) {
+    this.received.set(peerMid, track);
     track.onmute = track.onunmute = () => this.onChange();
-    this.onChange();
+    track.addEventListener('ended', () => this.removeTrack(track));
+    this.placeTracks();
   }
 
   /** @param {MediaStreamTrack} track */
   removeTrack(track) {
-    if (!this.remoteStream.getTracks().includes(track)) return;
-    this.remoteStream.removeTrack(track);
+    for (const [k, t] of this.received) if (t === track) this.received.delete(k);
+    this.placeTracks();
+  }
+
+  /** Camera and microphone in `remoteStream`, the screen (the mid the participant named) in `remoteScreen`. @private */
+  placeTracks() {
+    const screenMid = this.remoteMedia.screen ? this.remoteMedia.screenMid : undefined;
+    /** @type {Map<string, MediaStreamTrack>} */
+    const main = new Map();
+    /** @type {MediaStreamTrack|null} */
+    let screen = null;
+    for (const [mid, track] of this.received) {
+      if (track.readyState === 'ended') continue;
+      if (track.kind === 'video' && screenMid && mid === screenMid) screen = track;
+      else if (!(track.kind === 'video' && this.screenMids.has(mid)) && !main.has(track.kind)) main.set(track.kind, track);
+    }
+    /** @param {MediaStream} stream @param {MediaStreamTrack[]} want */
+    const sync = (stream, want) => {
+      for (const t of stream.getTracks()) if (!want.includes(t)) stream.removeTrack(t);
+      for (const t of want) if (!stream.getTracks().includes(t)) stream.addTrack(t);
+    };
+    sync(this.remoteStream, [...main.values()]);
+    sync(this.remoteScreen, screen ? [screen] : []);
     this.onChange();
   }
 
-  // The mesh Peer's interface, with nothing to do over the SFU.
+  /** The participant's `data` (chat, media, name, hand), as a peer-to-peer data channel would carry it. @param {any} msg */
+  handleData(msg) {
+    if (!msg || typeof msg !== 'object') return;
+    if (msg.type === 'chat' && typeof msg.text === 'string') {
+      const name = typeof msg.name === 'string' && msg.name ? msg.name : this.name;
+      const ts = typeof msg.ts === 'number' ? msg.ts : Date.now();
+      this.call.dispatchEvent(
+        new CustomEvent('chat', { detail: { from: this.id, name, text: msg.text.slice(0, MAX_CHAT_TEXT), ts, local: false } }),
+      );
+    } else if (msg.type === 'media') {
+      this.remoteMedia = { audio: msg.audio !== false, video: msg.video !== false, screen: msg.screen === true };
+      if (typeof msg.screenMid === 'string' && msg.screenMid) {
+        this.remoteMedia.screenMid = msg.screenMid;
+        this.screenMids.add(msg.screenMid);
+      }
+      this.placeTracks();
+    } else if (msg.type === 'name' && typeof msg.name === 'string') {
+      this.name = cleanName(msg.name) || this.name;
+      this.onChange();
+    } else if (msg.type === 'hand') {
+      this.hand = msg.raised === true;
+      this.onChange();
+    }
+  }
+
+  // The mesh Peer's interface, with nothing to do over the SFU (the call sends data and media for everyone).
   async updateSenders() {}
   /** @param {object} _msg */
-  sendData(_msg) {}
+  sendData(_msg) {
+    return false;
+  }
+  addScreen() {}
+  removeScreen() {}
   restartIce() {}
   /** A late peer-to-peer message of this participant (its side has not moved yet): nothing to do. */
   handleSignal() {}

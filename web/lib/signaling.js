@@ -216,6 +216,7 @@ export class Signaling extends EventTarget {
       case 'candidate':
       case 'bye':
       case 'topology':
+      case 'data':
         this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
         break;
       case 'error':

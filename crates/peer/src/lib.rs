@@ -10,6 +10,7 @@ pub mod clip;
 pub mod gather;
 pub mod media;
 pub mod session;
+pub mod sfu;
 #[cfg(feature = "libvpx")]
 pub mod vpx;
 
@@ -57,7 +58,10 @@ Output (stdout, one line each): 'joined room R as ID', 'peer ID ice STATE', 'pee
 audio_out). Logs go to stderr (RUST_LOG=debug for more).
 
 --record DIR writes each remote peer's video to DIR/NAME-ID.ivf (VP8 in IVF, starting at a keyframe; ffplay,
-mpv and VLC open it). A peer that rejoins gets a new id and so a new file.
+mpv and VLC open it). A peer that rejoins gets a new id and so a new file. With --sfu, when the room moves from
+peer-to-peer to the SFU, what comes through the SFU goes to DIR/NAME-ID-sfu.ivf. --sfu adds the lines
+'room media goes through the sfu', 'sfu connected', 'peer ID via sfu', 'peer ID connected (sfu)' and
+'stats sfu connected=BOOL frames_out=N audio_out=N rtp_out=N rtp_in=N rtp_bytes_in=N' (RTP packets).
 
 Exit codes:
   0  every expected peer connected and, where asked, video flowed (--record/--echo: received from every
@@ -119,6 +123,14 @@ pub struct PeerArgs {
     /// Seconds between stats lines.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub stats_every: Duration,
+    /// Speak SFU (join with "sfu":true): in a room whose media goes through the server, keep one connection to
+    /// the server's SFU, publish to it and receive every other participant from it (see docs/protocol.md).
+    #[arg(long)]
+    pub sfu: bool,
+    /// With --sfu: once connected, count incoming RTP packets instead of decrypting them (no recording, no
+    /// per-participant frames): the cheap subscriber of bench/sfu.sh. Figures in the 'stats sfu' line.
+    #[arg(long, requires = "sfu", conflicts_with = "record")]
+    pub count_only: bool,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -203,6 +215,8 @@ struct Controller {
     signal_tx: mpsc::UnboundedSender<(String, Outgoing)>,
     /// From the last welcome.
     ice: gather::IceConfig,
+    /// The session with the server's SFU, once the room went there (`--sfu`).
+    sfu: Option<sfu::SfuPeer>,
 }
 
 impl Controller {
@@ -254,10 +268,39 @@ impl Controller {
         }
     }
 
+    /// The room went to the SFU: one session with the server (peer-to-peer sessions close once it is up).
+    async fn start_sfu(&mut self) -> Result<(), PeerError> {
+        if self.sfu.is_some() {
+            return Ok(());
+        }
+        out("room media goes through the sfu");
+        let cfg = sfu::SfuSessionConfig {
+            local_ips: self.ips.clone(),
+            source: self.source.clone(),
+            record_dir: self.args.record.clone(),
+            count_only: self.args.count_only,
+            names: self.names.clone(),
+            signal: self.signal_tx.clone(),
+        };
+        self.sfu = Some(sfu::start(cfg).await?);
+        Ok(())
+    }
+
+    fn close_sfu(&mut self) {
+        if let Some(s) = self.sfu.take() {
+            s.send(sfu::ToSfu::Close);
+            self.reports.extend(s.reports());
+        }
+    }
+
     fn print_stats(&self, final_: bool) {
         let now = Instant::now();
-        let list: Vec<_> =
+        let mut list: Vec<_> =
             if final_ { self.reports.clone() } else { self.peers.values().map(|p| p.report.clone()).collect() };
+        if let Some(s) = &self.sfu {
+            list.extend(s.reports());
+            out(s.stats_line(final_));
+        }
         for r in list {
             let mut r = r.lock().unwrap();
             let kbps = match r.last_at {
@@ -294,7 +337,9 @@ impl Controller {
         if !joined {
             return exit::SIGNALING;
         }
-        let reports: Vec<Report> = self.reports.iter().map(|r| r.lock().unwrap().clone()).collect();
+        let mut all = self.reports.clone();
+        all.extend(self.sfu.iter().flat_map(|s| s.reports()));
+        let reports: Vec<Report> = all.iter().map(|r| r.lock().unwrap().clone()).collect();
         let mut connected: Vec<&str> = reports.iter().filter(|r| r.connected).map(|r| r.id.as_str()).collect();
         connected.sort_unstable();
         connected.dedup();
@@ -372,6 +417,7 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
         reports: Vec::new(),
         signal_tx,
         ice: gather::IceConfig { relay_only: args.relay, ..Default::default() },
+        sfu: None,
     };
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let sleep_deadline = async {
@@ -435,6 +481,9 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
         if let Some(r) = &c.resume {
             join["resume"] = json!(r);
         }
+        if args.sfu {
+            join["sfu"] = json!(true);
+        }
         if ws.send(Message::text(join.to_string())).await.is_err() {
             continue;
         }
@@ -447,6 +496,19 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                         Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break WsEnd::Lost,
                         Some(Ok(_)) => continue,
                     };
+                    if let Some(m) = sfu::parse(&text) {
+                        match m {
+                            sfu::SfuMessage::Topology if args.sfu => c.start_sfu().await?,
+                            sfu::SfuMessage::Topology => {}
+                            sfu::SfuMessage::Offer { sdp, tracks } => {
+                                if let Some(s) = &c.sfu { s.send(sfu::ToSfu::Offer { sdp, tracks }) }
+                            }
+                            sfu::SfuMessage::Answer { sdp } => {
+                                if let Some(s) = &c.sfu { s.send(sfu::ToSfu::Answer(sdp)) }
+                            }
+                        }
+                        continue;
+                    }
                     let msg: ServerMessage = match serde_json::from_str(&text) {
                         Ok(m) => m,
                         Err(e) => { tracing::warn!("unreadable server message {text}: {e}"); continue; }
@@ -464,6 +526,7 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                             if !same && c.my_id.is_some() {
                                 out(format!("signaling: session not resumed; rejoined as a new peer, rebuilding {} connection(s)", c.peers.len()));
                                 c.close_all();
+                                c.close_sfu();
                                 outbox.clear();
                             }
                             out(format!("joined room {room} as {id}{}", if resumed { " (resumed)" } else { "" }));
@@ -473,6 +536,9 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                             live = true;
                             backoff = Duration::from_millis(200);
                             for p in peers {
+                                if let Some(s) = &c.sfu {
+                                    s.send(sfu::ToSfu::Name { id: p.id.clone(), name: p.name.clone() });
+                                }
                                 c.names.insert(p.id, p.name);
                             }
                             for (to, m) in outbox.drain(..) {
@@ -481,8 +547,12 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                         }
                         ServerMessage::Hello { from, name } => {
                             out(format!("peer {from} joined ({name})"));
-                            c.names.insert(from.clone(), name);
-                            c.start_session(&from, true);
+                            c.names.insert(from.clone(), name.clone());
+                            match &c.sfu {
+                                // Its media comes through the SFU's offers.
+                                Some(s) => s.send(sfu::ToSfu::Name { id: from, name }),
+                                None => c.start_session(&from, true),
+                            }
                         }
                         ServerMessage::Offer { from, sdp } => {
                             if !c.peers.contains_key(&from) {
@@ -522,7 +592,14 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                         let _ = p.tx.send(ToSession::Chat(json.clone()));
                     }
                 }
-                _ = stats.tick() => c.print_stats(false),
+                _ = stats.tick() => {
+                    // The SFU path is up: the peer-to-peer one goes (what it saw stays in the reports).
+                    if c.sfu.as_ref().is_some_and(|s| s.counters.connected.load(std::sync::atomic::Ordering::Relaxed)) && !c.peers.is_empty() {
+                        out(format!("closing {} peer-to-peer connection(s): media goes through the sfu", c.peers.len()));
+                        c.close_all();
+                    }
+                    c.print_stats(false);
+                }
                 _ = &mut sleep_deadline => break WsEnd::Leave,
                 _ = tokio::signal::ctrl_c() => break WsEnd::Leave,
                 _ = term.recv() => break WsEnd::Leave,
@@ -553,11 +630,19 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     // Judge before closing: closing marks sessions closed but keeps what they saw.
     let code = c.exit_code(joined);
-    let handles: Vec<_> = c.peers.values().map(|p| p.report.clone()).collect();
+    let mut handles: Vec<_> = c.peers.values().map(|p| p.report.clone()).collect();
+    handles.extend(c.sfu.iter().flat_map(|s| s.reports()));
+    let sfu_counters = c.sfu.as_ref().map(|s| s.counters.clone());
     c.close_all();
+    if let Some(s) = &c.sfu {
+        s.send(sfu::ToSfu::Close);
+    }
     // Let sessions finish their recordings (they flush on Close).
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(2) && handles.iter().any(|r| !r.lock().unwrap().closed) {
+    while t0.elapsed() < Duration::from_secs(2)
+        && (handles.iter().any(|r| !r.lock().unwrap().closed)
+            || sfu_counters.as_ref().is_some_and(|c| !c.closed.load(std::sync::atomic::Ordering::Relaxed)))
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     c.print_stats(true);

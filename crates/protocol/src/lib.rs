@@ -167,6 +167,9 @@ pub enum ClientMessage<'a> {
     Join(Join<'a>),
     Relay(Relay<'a>),
     Bye,
+    /// `{"type":"data","data":{…}}`: a JSON object for every other member of an SFU room (chat, media state, name,
+    /// hand: what the data channel carries in a peer-to-peer room).
+    Data(&'a RawValue),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +254,8 @@ struct Fields<'a> {
     sdp: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     candidate: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
 }
 
 /// A present field is `Some`, even when it is `null` (plain `Option` would fold `null` into absent).
@@ -387,11 +392,16 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             Ok(ClientMessage::Relay(Relay { kind, to, payload }))
         }
         "bye" => Ok(ClientMessage::Bye),
+        "data" => match fields.data {
+            Some(d) if d.get().starts_with('{') => Ok(ClientMessage::Data(d)),
+            Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'data' must be an object").refers_to(ty)),
+            None => Err(ProtocolError::new(ErrorCode::MissingField, "'data' needs the field 'data'").refers_to(ty)),
+        },
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(ProtocolError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type '{shown}' (expected join, offer, answer, candidate or bye)"),
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye or data)"),
             ))
         }
     }
@@ -409,6 +419,21 @@ pub struct SfuTrack {
     pub peer: String,
     /// `audio` or `video`.
     pub kind: String,
+    /// The `mid` of this track in the publisher's own connection (its `media` data says which one is its screen).
+    #[serde(rename = "peerMid")]
+    pub peer_mid: String,
+}
+
+/// `{"type":"data","from":…,"data":{…}}`: a member's `data` object, for the others of its SFU room.
+pub fn encode_data(from: &str, data: &RawValue) -> String {
+    let d = data.get();
+    let mut s = String::with_capacity(32 + from.len() + d.len());
+    s.push_str(r#"{"type":"data","from":"#);
+    push_json_str(&mut s, from);
+    s.push_str(r#","data":"#);
+    s.push_str(d);
+    s.push('}');
+    s
 }
 
 /// `{"type":"topology","mode":"sfu"}`: this room's media goes through the server from now on.
@@ -655,14 +680,29 @@ mod tests {
 
     #[test]
     fn sfu_frames_are_json() {
-        let t = [SfuTrack { mid: "2".into(), peer: "Yx3kq0tVb2".into(), kind: "video".into() }];
+        let t = [SfuTrack { mid: "2".into(), peer: "Yx3kq0tVb2".into(), kind: "video".into(), peer_mid: "1".into() }];
         let v: serde_json::Value = serde_json::from_str(&encode_sfu_offer("v=0\r\n\"", &t)).unwrap();
         assert_eq!(v["from"], "sfu");
         assert_eq!(v["tracks"][0]["peer"], "Yx3kq0tVb2");
+        assert_eq!(v["tracks"][0]["peerMid"], "1");
         let v: serde_json::Value = serde_json::from_str(&encode_sfu_answer("v=0\r\n")).unwrap();
         assert_eq!((v["type"].as_str(), v["sdp"].as_str()), (Some("answer"), Some("v=0\r\n")));
         let v: serde_json::Value = serde_json::from_str(encode_topology_sfu()).unwrap();
         assert_eq!(v["mode"], "sfu");
+    }
+
+    #[test]
+    fn data_carries_an_object_for_the_room() {
+        let ClientMessage::Data(d) =
+            parse_client(r#"{"type":"data","data":{"type":"chat","text":"hi \"x\""}}"#).unwrap()
+        else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&encode_data("Yx3kq0tVb2", d)).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"data","from":"Yx3kq0tVb2","data":{"type":"chat","text":"hi \"x\""}}));
+        assert_eq!(code(r#"{"type":"data","data":"hi"}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"data","data":null}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"data"}"#), ErrorCode::MissingField);
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl JoinPolicy for OpenPolicy {
 }
 
 /// Message kinds counted in [`Counters::messages`], in index order.
-pub const MESSAGE_KINDS: [&str; 6] = ["join", "offer", "answer", "candidate", "bye", "invalid"];
+pub const MESSAGE_KINDS: [&str; 7] = ["join", "offer", "answer", "candidate", "bye", "data", "invalid"];
 
 /// Monotonic counters for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -541,7 +541,8 @@ impl Rooms {
             Ok(ClientMessage::Join(_)) => 0,
             Ok(ClientMessage::Relay(r)) => 1 + r.kind as usize,
             Ok(ClientMessage::Bye) => 4,
-            Err(_) => 5,
+            Ok(ClientMessage::Data(_)) => 5,
+            Err(_) => 6,
         };
         self.counters.messages[kind] += 1;
         match parsed {
@@ -549,6 +550,7 @@ impl Rooms {
             Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
             Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
             Ok(ClientMessage::Bye) => self.bye(conn, now),
+            Ok(ClientMessage::Data(d)) => self.data(conn, d, now),
         }
     }
 
@@ -1118,6 +1120,23 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
             self.refuse(conn, e.refers_to(ty), now);
         }
+    }
+
+    /// `data` in an SFU room goes to every other member (there is no data channel between peers there).
+    fn data(&mut self, conn: ConnId, d: &serde_json::value::RawValue, now: Instant) {
+        let Some(from) = self.conns[&conn].peer.clone() else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'data'");
+            return self.refuse(conn, e.refers_to("data"), now);
+        };
+        let room = self.peers[&from].room.clone();
+        if !self.room_is_sfu(&room) {
+            let e = ProtocolError::new(
+                ErrorCode::NeedsSfu,
+                format!("room '{room}' is peer-to-peer: send this over the data channel of each peer connection"),
+            );
+            return self.refuse(conn, e.refers_to("data"), now);
+        }
+        self.broadcast(&room, &from, Arc::from(webcall_protocol::encode_data(&from, d)));
     }
 
     fn bye(&mut self, conn: ConnId, now: Instant) {

@@ -449,7 +449,7 @@ fn counters_count() {
     h.send(a, "junk");
     h.send_json(a, serde_json::json!({"type":"candidate","to":"nobody","candidate":null}));
     let c = h.rooms.counters().clone();
-    assert_eq!(c.messages, [2, 1, 0, 1, 0, 1]);
+    assert_eq!(c.messages, [2, 1, 0, 1, 0, 0, 1]);
     assert_eq!(c.errors[ErrorCode::BadJson as usize], 1);
     assert_eq!(c.errors[ErrorCode::UnknownPeer as usize], 1);
     assert_eq!(c.joins, 2);
@@ -716,4 +716,29 @@ fn viewers_are_admitted_to_sfu_rooms_with_the_password() {
     let mut h = Harness::new(Config::default());
     h.join_sfu("p2p", "A");
     assert_eq!(h.rooms.admit_viewer("p2p", None, "v", h.now), Err(WatchRefusal::NotSfu));
+}
+
+#[test]
+fn data_goes_to_the_others_of_an_sfu_room_and_is_refused_in_a_mesh() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id, _) = h.join_sfu("r", "A");
+    let (b, _, _) = h.join_sfu("r", "B");
+    h.recv(a);
+    // Peer-to-peer: the data channel carries chat; the server says so.
+    h.send_json(a, serde_json::json!({"type":"data","data":{"type":"chat","text":"hi"}}));
+    let e = h.recv(a).remove(0);
+    assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("needs-sfu"), Some("data")), "{e}");
+    assert!(h.recv(b).is_empty());
+
+    let (c, _, _) = h.join_sfu("r", "C");
+    h.recv(a);
+    h.recv(b);
+    let chat = serde_json::json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
+    h.send_json(a, serde_json::json!({"type":"data","data":chat}));
+    let want = serde_json::json!({"type":"data","from":a_id,"data":chat});
+    assert_eq!(h.recv(b), vec![want.clone()]);
+    assert_eq!(h.recv(c), vec![want]);
+    assert!(h.recv(a).is_empty(), "not echoed to the sender");
+    h.send_json(a, serde_json::json!({"type":"data","data":[1]}));
+    assert_eq!(h.recv(a)[0]["code"], "bad-field");
 }

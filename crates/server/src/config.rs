@@ -130,7 +130,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_SFU_PEERS", value_name = "N")]
     pub max_sfu_peers: Option<usize>,
 
-    /// UDP address of the SFU's media socket [default: 127.0.0.1:7882].
+    /// Address of the SFU's media port: UDP, and ICE-TCP on the same port number [default: 127.0.0.1:7882].
+    /// A wildcard (0.0.0.0, [::]) advertises every interface's address unless --media-external-ip is set.
     #[arg(long, env = "WEBCALL_MEDIA_LISTEN", value_name = "ADDR")]
     pub media_listen: Option<SocketAddr>,
 

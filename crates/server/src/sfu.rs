@@ -71,6 +71,7 @@ async fn new_session(handle: &SfuHandle, router: &Weak<LocalRouter>, room: &str,
                             mid: t.mid,
                             peer: t.participant.to_string(),
                             kind: t.kind.to_string().to_lowercase(),
+                            peer_mid: t.origin_mid,
                         })
                         .collect();
                     deliver(&router, &peer, encode_sfu_offer(&sdp, &tracks));

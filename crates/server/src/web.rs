@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 #[derive(rust_embed::Embed)]
 #[folder = "../../web"]
+#[exclude = "*.md"]
 struct Assets;
 
 /// The file at `path` in `web/`, with its content type; 404 when there is none.

@@ -10,7 +10,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::DtlsCert;
 use str0m::ice::{IceCreds, StunMessage};
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 /// A participant's session with the SFU (one peer connection).
@@ -67,6 +67,8 @@ pub struct TrackInfo {
     /// The publishing participant (the id the caller gave [`Sfu::add_session`]).
     pub participant: Arc<str>,
     pub kind: MediaKind,
+    /// The `mid` of the track in the publisher's own session (which of its tracks this is: camera or screen).
+    pub origin_mid: String,
 }
 
 /// Something the caller must act on.
@@ -84,6 +86,8 @@ pub enum SfuEvent {
 /// A datagram to send from the media socket.
 #[derive(Debug, Clone)]
 pub struct Transmit {
+    /// UDP, or TCP (ICE-TCP, RFC 6544): the adapter sends on the connection from `destination`.
+    pub proto: Protocol,
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub contents: Vec<u8>,
@@ -180,6 +184,8 @@ pub struct Sfu {
     rooms: HashMap<Arc<str>, Vec<SessionId>>,
     by_ufrag: HashMap<String, SessionId>,
     by_addr: HashMap<SocketAddr, SessionId>,
+    /// Passive ICE-TCP host candidates (RFC 6544), set by the adapter when it listens on TCP.
+    tcp_candidates: Vec<SocketAddr>,
     next_id: SessionId,
     dirty: Vec<SessionId>,
     out: VecDeque<SfuOutput>,
@@ -196,6 +202,7 @@ impl Sfu {
             rooms: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            tcp_candidates: Vec::new(),
             next_id: 1,
             dirty: Vec::new(),
             out: VecDeque::new(),
@@ -203,6 +210,12 @@ impl Sfu {
             stats: SfuStats::default(),
             speakers: Default::default(),
         }
+    }
+
+    /// Every later session also offers these passive TCP host candidates (RFC 6544; RFC 4571 framing is the
+    /// adapter's business).
+    pub fn set_tcp_candidates(&mut self, addrs: Vec<SocketAddr>) {
+        self.tcp_candidates = addrs;
     }
 
     pub fn stats(&self) -> SfuStats {
@@ -248,6 +261,14 @@ impl Sfu {
                     rtc.add_local_candidate(c);
                 }
                 Err(e) => tracing::warn!("SFU host candidate {addr} refused: {e}"),
+            }
+        }
+        for addr in &self.tcp_candidates {
+            match Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build() {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!("SFU TCP host candidate {addr} refused: {e}"),
             }
         }
         let room: Arc<str> = room.into();
@@ -388,25 +409,39 @@ impl Sfu {
     /// A datagram that arrived on the media socket at `destination` from `source`. Routed by the STUN
     /// username's ufrag, or by the source address ICE has seen; anything else is dropped (costs one lookup).
     pub fn handle_receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        self.handle_receive_on(now, Protocol::Udp, source, destination, data);
+    }
+
+    /// [`Sfu::handle_receive`] for any transport (`Protocol::Tcp`: one RFC 4571 frame of an ICE-TCP connection).
+    /// Returns whether a session took it.
+    pub fn handle_receive_on(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> bool {
         self.now = now;
         let id = match self.route(source, data) {
             Some(id) => id,
             None => {
                 self.stats.unrouted_datagrams += 1;
-                return;
+                return false;
             }
         };
         let Ok(contents) = data.try_into() else {
             self.stats.unrouted_datagrams += 1;
-            return;
+            return false;
         };
         let s = self.sessions.get_mut(&id).expect("routed sessions exist");
-        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        let input = Input::Receive(now, Receive { proto, source, destination, contents });
         if let Err(e) = s.rtc.handle_input(input) {
             tracing::info!("SFU session {id}: input refused, closing: {e}");
             s.rtc.disconnect();
         }
         self.mark_dirty(id);
+        true
     }
 
     fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<SessionId> {
@@ -487,6 +522,7 @@ impl Sfu {
                         break;
                     }
                     Ok(Output::Transmit(t)) => self.out.push_back(SfuOutput::Transmit(Transmit {
+                        proto: t.proto,
                         source: t.source,
                         destination: t.destination,
                         contents: t.contents.into(),
@@ -752,9 +788,12 @@ fn negotiate(id: SessionId, s: &mut Session, out: &mut VecDeque<SfuOutput>) {
         .tracks_out
         .iter()
         .filter_map(|t| match t.state {
-            OutState::Negotiating(m) | OutState::Open(m) => {
-                Some(TrackInfo { mid: m.to_string(), participant: t.participant.clone(), kind: t.kind })
-            }
+            OutState::Negotiating(m) | OutState::Open(m) => Some(TrackInfo {
+                mid: m.to_string(),
+                participant: t.participant.clone(),
+                kind: t.kind,
+                origin_mid: t.origin_mid.to_string(),
+            }),
             _ => None,
         })
         .collect();

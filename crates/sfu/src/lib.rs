@@ -2,11 +2,12 @@
 //!
 //! [`core::Sfu`] is a state machine without I/O in str0m's style (datagrams and time in; datagrams, events and
 //! the next timeout out), one str0m `Rtc` per participant session. [`net`] is the thin tokio adapter that owns
-//! the media UDP socket.
+//! the media sockets (UDP with batched I/O, and ICE-TCP on the same port).
 
 pub mod core;
 pub mod net;
 pub mod speaker;
+pub mod tcp;
 
 pub use crate::core::{
     SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,

@@ -40,7 +40,13 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                     dtls_cert: None,
                 };
                 let handle = webcall_sfu::net::SfuHandle::start(media).await?;
-                println!("webcall SFU media on udp {}", handle.local_addr());
+                let ips: Vec<String> = handle.advertised().iter().map(|ip| ip.to_string()).collect();
+                println!(
+                    "webcall SFU media on udp+tcp {} (advertised as {} port {})",
+                    handle.local_addr(),
+                    ips.join(", "),
+                    handle.local_addr().port()
+                );
                 router.set_sfu(handle.clone());
                 sfu = Some(handle);
             }
@@ -74,7 +80,7 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                 turn_metrics(&stats(), out);
             }
             if let Some(sfu) = &sfu {
-                sfu_metrics(&sfu.stats(), out);
+                sfu_metrics(&sfu.stats(), &sfu.net_stats(), out);
             }
         }));
     }
@@ -150,7 +156,7 @@ pub fn turn_metrics(s: &webcall_turn::CoreStats, out: &mut String) {
 }
 
 /// SFU figures for `/metrics`.
-pub fn sfu_metrics(s: &webcall_sfu::SfuStats, out: &mut String) {
+pub fn sfu_metrics(s: &webcall_sfu::SfuStats, n: &webcall_sfu::net::NetStats, out: &mut String) {
     use std::fmt::Write;
     let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
         let _ =
@@ -168,4 +174,20 @@ pub fn sfu_metrics(s: &webcall_sfu::SfuStats, out: &mut String) {
     counter(out, "forwarded_bytes_total", "Media payload bytes forwarded to subscribers.", s.forwarded_bytes);
     counter(out, "keyframe_requests_total", "Keyframe requests sent to publishers.", s.keyframe_requests);
     counter(out, "unrouted_datagrams_total", "Datagrams on the media port no session knows.", s.unrouted_datagrams);
+    counter(
+        out,
+        "forwarded_packets_total",
+        "RTP packets sent to subscribers (forwarded media, retransmissions included).",
+        n.forwarded_packets,
+    );
+    counter(out, "forwarded_packet_bytes_total", "Bytes of those RTP packets, as sent.", n.forwarded_packet_bytes);
+    counter(
+        out,
+        "received_datagrams_total",
+        "Datagrams and ICE-TCP frames read on the media port.",
+        n.received_datagrams,
+    );
+    counter(out, "send_drops_total", "Datagrams the kernel would not take (send buffer full).", n.send_drops);
+    gauge(out, "tcp_connections", "Open ICE-TCP connections on the media port.", n.tcp_connections);
+    counter(out, "tcp_refused_total", "ICE-TCP connections refused (caps) or closed (unclaimed, idle).", n.tcp_refused);
 }

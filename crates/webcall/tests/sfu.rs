@@ -57,13 +57,20 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     a_rtc.sdp_api().accept_answer(a_pending, str0m::change::SdpAnswer::from_sdp_string(sdp).unwrap()).unwrap();
 
     // B publishes: A gets a server offer carrying B's audio and video, labelled with B's id.
-    b.send(json!({"type":"offer","to":"sfu","sdp":offer()})).await;
+    let b_offer = offer();
+    b.send(json!({"type":"offer","to":"sfu","sdp":b_offer})).await;
     b.expect("answer").await;
     let o = a.expect("offer").await;
     assert_eq!(o["from"], "sfu");
     let tracks = o["tracks"].as_array().unwrap();
     assert_eq!(tracks.len(), 2, "{o}");
     assert!(tracks.iter().all(|t| t["peer"] == b.id.as_str()), "{o}");
+    // `peerMid`: each track's m-line in B's own offer (how a page tells B's screen from its camera).
+    let mut b_mids: Vec<&str> = b_offer.lines().filter_map(|l| l.trim_end().strip_prefix("a=mid:")).collect();
+    let mut peer_mids: Vec<&str> = tracks.iter().map(|t| t["peerMid"].as_str().unwrap()).collect();
+    b_mids.sort();
+    peer_mids.sort();
+    assert_eq!(peer_mids, b_mids, "{o}");
     let mut kinds: Vec<&str> = tracks.iter().map(|t| t["kind"].as_str().unwrap()).collect();
     kinds.sort();
     assert_eq!(kinds, ["audio", "video"]);
@@ -111,6 +118,47 @@ async fn a_v1_client_is_refused_by_an_sfu_room_with_needs_sfu() {
     assert_eq!(e["ref"], "join");
     let (mut s, _) = join_sfu(&url, "r", "new").await;
     assert_eq!(s.expect("topology").await["mode"], "sfu");
+}
+
+#[tokio::test]
+async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap() {
+    let server = ServerProc::start(&["--max-peers", "2", "--max-sfu-peers", "3"]);
+    let url = server.ws_url();
+    let (mut a, _) = join_sfu(&url, "r", "A").await;
+    let (mut b, _) = join_sfu(&url, "r", "B").await;
+    a.expect("hello").await;
+    // Peer-to-peer: `data` is refused (the data channel carries it).
+    a.send(json!({"type":"data","data":{"type":"chat","text":"p2p"}})).await;
+    assert_eq!(a.expect_error("needs-sfu").await["ref"], "data");
+    // The third moves the room to the SFU, past --max-peers 2 (SFU rooms have --max-sfu-peers).
+    let (mut c, _) = join_sfu(&url, "r", "C").await;
+    c.expect("topology").await;
+    a.expect("topology").await;
+    a.expect("hello").await;
+    b.expect("topology").await;
+    b.expect("hello").await;
+    // A protocol v1 client (no "sfu":true) gets needs-sfu, and nothing else happens.
+    let mut v1 = Client::connect(&url).await;
+    v1.send(json!({"type":"join","room":"r","name":"old"})).await;
+    let e = v1.expect_error("needs-sfu").await;
+    assert_eq!(e["ref"], "join");
+    // A fourth SFU client is over --max-sfu-peers 3.
+    let mut d = Client::connect(&url).await;
+    d.send(json!({"type":"join","room":"r","name":"D","sfu":true})).await;
+    d.expect_error("room-full").await;
+    // `data` reaches every other member unchanged, with `from`.
+    let chat = json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
+    a.send(json!({"type":"data","data":chat})).await;
+    for x in [&mut b, &mut c] {
+        let m = x.expect("data").await;
+        assert_eq!((&m["from"], &m["data"]), (&json!(a.id), &chat), "{m}");
+    }
+    // A mesh room (clients without SFU) is bounded by --max-peers 2.
+    let (_x, _) = Client::join(&url, "m", "X").await;
+    let (_y, _) = Client::join(&url, "m", "Y").await;
+    let mut z = Client::connect(&url).await;
+    z.send(json!({"type":"join","room":"m","name":"Z"})).await;
+    z.expect_error("room-full").await;
 }
 
 #[tokio::test]

@@ -1,0 +1,191 @@
+//! `webcall peer --sfu` in SFU rooms: real `webcall serve --topology sfu|auto` and real `webcall peer` processes
+//! on loopback; every peer publishes the test source and records each other participant, received through the
+//! server's SFU. Checked through stdout, exit codes, the recordings and `/metrics`.
+
+mod common;
+
+use common::ServerProc;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use webcall_peer::clip::{Clip, Layer};
+
+/// How long to wait for something that should happen (not a performance bound).
+const WAIT: Duration = Duration::from_secs(60);
+
+struct PeerProc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    name: String,
+}
+
+impl PeerProc {
+    fn start(url: &str, room: &str, name: &str, extra: &[&str]) -> PeerProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1", "--sfu"])
+            .args(["--size", "320x180", "--stats-every", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("webcall binary runs");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let l = lines.clone();
+        let tag = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("[{tag}] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        PeerProc { child, lines, name: name.to_owned() }
+    }
+
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(t0.elapsed() < WAIT, "{}: no {what} in:\n{}", self.name, self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn id(&self) -> String {
+        let l = self.wait_for("join", |l| l.starts_with("joined room "));
+        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return st.code().unwrap_or(-1);
+            }
+            assert!(t0.elapsed() < WAIT, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The final stats line for peer `id` received through the SFU, as `field=value` pairs (in an auto room a
+    /// peer-to-peer one comes before it).
+    fn final_stats(&self, id: &str) -> Vec<(String, String)> {
+        let prefix = format!("stats final peer={id} ");
+        let l =
+            self.wait_for(&format!("final stats of {id}"), |l| l.starts_with(&prefix) && l.contains("pair=\"sfu\""));
+        l.split_whitespace().filter_map(|f| f.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(stats: &[(String, String)], k: &str) -> u64 {
+    stats.iter().find(|(n, _)| n == k).map(|(_, v)| v.parse().unwrap()).unwrap()
+}
+
+/// The recording named in a stats line: a VP8 IVF in `dir` that starts with a keyframe, each frame one the
+/// publisher's clip has; returns its frame count.
+fn check_recording(dir: &Path, stats: &[(String, String)], clip: &[Vec<u8>]) -> usize {
+    let path = PathBuf::from(&stats.iter().find(|(k, _)| k == "recording").expect("a recording").1);
+    assert_eq!(path.parent(), Some(dir));
+    let id = path.display().to_string();
+    let b = std::fs::read(&path).unwrap();
+    assert_eq!(&b[0..4], b"DKIF");
+    assert_eq!(&b[8..12], b"VP80");
+    assert_eq!((u16::from_le_bytes([b[12], b[13]]), u16::from_le_bytes([b[14], b[15]])), (320, 180));
+    let (mut o, mut n) = (32usize, 0usize);
+    while o + 12 <= b.len() {
+        let size = u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+        let f = &b[o + 12..o + 12 + size];
+        if n == 0 {
+            assert_eq!(f[0] & 1, 0, "{id}: the recording starts with a keyframe");
+        }
+        assert!(clip.iter().any(|c| c == f), "{id}: frame {n} is not a frame of the clip");
+        o += 12 + size;
+        n += 1;
+    }
+    n
+}
+
+async fn metrics(server: &ServerProc) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn metric(m: &str, name: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn run_room(topology: &str, n: usize) {
+    let server = ServerProc::start(&["--topology", topology]);
+    let url = server.ws_url();
+    let clip: Vec<Vec<u8>> = Clip::builtin(Layer::Low).frames.iter().map(|f| f.data.to_vec()).collect();
+    let dirs: Vec<common::TempDir> =
+        (0..n).map(|i| common::TempDir::new(&format!("sfu-peer-{topology}-{i}"))).collect();
+    let expect = (n - 1).to_string();
+    let mut peers: Vec<PeerProc> = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let dir = d.to_str().unwrap();
+        let extra = ["--send", "testsrc", "--record", dir, "--expect", expect.as_str(), "--duration", "12s"];
+        peers.push(PeerProc::start(&url, "sfu-room", &format!("p{i}"), &extra));
+        // Joins one after the other (an auto room goes to the SFU at the third).
+        peers[i].id();
+    }
+    let ids: Vec<String> = peers.iter().map(PeerProc::id).collect();
+    for p in &peers {
+        p.wait_for("the sfu session", |l| l == "sfu connected");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt.block_on(metrics(&server));
+    assert_eq!(metric(&m, "webcall_sfu_sessions"), n as u64, "{m}");
+    for p in &mut peers {
+        assert_eq!(p.wait_exit(), 0, "{} exit code; output:\n{}", p.name, p.output());
+    }
+    for (i, p) in peers.iter().enumerate() {
+        for (j, other) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+            let s = p.final_stats(other);
+            assert!(field(&s, "frames_in") > 60, "{} from p{j}: {s:?}", p.name);
+            assert!(field(&s, "audio_in") > 100, "{} from p{j}: {s:?}", p.name);
+            let recorded = check_recording(&dirs[i], &s, &clip);
+            assert!(recorded > 60, "{}: {recorded} frames of p{j} recorded", p.name);
+        }
+        p.wait_for("the sfu stats", |l| l.starts_with("stats final sfu connected=true"));
+    }
+    let m = rt.block_on(metrics(&server));
+    assert!(metric(&m, "webcall_sfu_forwarded_packets_total") > (n * (n - 1) * 60) as u64, "{m}");
+    assert!(metric(&m, "webcall_sfu_forwarded_packet_bytes_total") > 0, "{m}");
+}
+
+#[test]
+fn three_native_peers_receive_each_other_through_an_sfu_room() {
+    run_room("sfu", 3);
+}
+
+#[test]
+fn an_auto_room_of_native_peers_moves_to_the_sfu_at_the_third() {
+    run_room("auto", 3);
+}
