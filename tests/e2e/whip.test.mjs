@@ -154,9 +154,18 @@ describe('WHIP and WHEP', () => {
     const page = await openPage(browser, `${server.url}/r/${room}?name=Watcher&sfu=1`);
     await until(page, () => window.webcall?.call.state === 'in-call');
 
+    // The page says where to point OBS.
+    await page.click('#btn-more');
+    await page.click('#m-broadcast');
+    const info = await page.textContent('#overlay-text');
+    const whipUrl = info?.match(/Server (\S+)/)?.[1];
+    assert.equal(whipUrl, `${server.url}/whip/${room}?name=Stage`, info ?? '');
+    assert.ok(info?.includes(`${server.url}/whep/${room}`), info ?? '');
+    await page.click('#overlay-actions button:last-child');
+
     const tool = await openPage(browser, tools.url, { join: false });
     await until(tool, () => window.ready === true);
-    const resource = await tool.evaluate((url) => window.publish(url), `${server.url}/whip/${room}?name=OBS-test`);
+    const resource = await tool.evaluate((url) => window.publish(url), whipUrl.replace('name=Stage', 'name=OBS-test'));
     assert.match(resource, new RegExp(`^${server.url}/whip/${room}/[A-Za-z0-9]{24}$`));
 
     // The page moved to the SFU (a WHIP publisher needs it), sees the publisher by name and decodes its video.
