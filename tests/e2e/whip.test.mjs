@@ -174,6 +174,7 @@ describe('WHIP and WHEP', () => {
     const whipId = await page.evaluate(() => [...window.webcall.call.peers.values()].find((p) => p.name === 'OBS-test').id);
     await framesRise(() => pageFrames(page, whipId), 'room page from the WHIP publisher');
     assert.equal(await tool.evaluate(() => window.whip.pc.connectionState), 'connected');
+    assert.match(await (await fetch(`${server.url}/metrics`)).text(), /^webcall_whip_sessions 1$/m);
     // The client trickled its candidates with PATCH (If-Match: the ETag of the POST's answer) and was answered 204.
     await until(tool, () => window.requests.includes('PATCH 204'));
     assert.deepEqual(await tool.evaluate(() => window.requests.filter((r) => !r.endsWith(' 204'))), ['POST 201']);
@@ -250,6 +251,9 @@ describe('WHIP and WHEP', () => {
     assert.match(pre.headers.get('access-control-allow-methods') ?? '', /PATCH/);
     assert.match(pre.headers.get('access-control-expose-headers') ?? '', /Location/);
 
+    const opened = await fetch(`${server.url}/whip/${room}`);
+    assert.equal(opened.status, 405);
+    assert.match(await opened.text(), /POST an SDP offer/);
     const post = (url, body, type = 'application/sdp') =>
       fetch(url, { method: 'POST', body, headers: { 'content-type': type } });
     let r = await post(`${server.url}/whip/${room}`, 'v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n', 'text/plain');

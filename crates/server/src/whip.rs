@@ -231,6 +231,34 @@ pub(crate) async fn options(State(state): State<Arc<AppState>>, headers: HeaderM
     with_cors(&state, &headers, r)
 }
 
+/// `/metrics` lines: live WHIP publishers and WHEP players.
+pub(crate) fn metrics(state: &AppState, out: &mut String) {
+    use std::fmt::Write;
+    let (mut whip, mut whep) = (0, 0);
+    for r in state.whip.map.lock().values().filter(|r| !r.ended.load(Ordering::Relaxed)) {
+        match r.kind {
+            Kind::Whip => whip += 1,
+            Kind::Whep => whep += 1,
+        }
+    }
+    for (name, help, v) in [("whip", "WHIP publishers", whip), ("whep", "WHEP players", whep)] {
+        let _ = writeln!(out, "# HELP webcall_{name}_sessions {help}.\n# TYPE webcall_{name}_sessions gauge");
+        let _ = writeln!(out, "webcall_{name}_sessions {v}");
+    }
+}
+
+/// `GET` (someone opened the URL in a browser): say what the endpoint is for.
+pub(crate) async fn explain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let mut r = (
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this is a WHIP/WHEP endpoint: POST an SDP offer with Content-Type: application/sdp \
+         (in OBS: Settings, Stream, Service WHIP, this URL as the Server); see docs/whip.md\n",
+    )
+        .into_response();
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+    with_cors(&state, &headers, r)
+}
+
 #[derive(serde::Deserialize)]
 pub(crate) struct WhipQuery {
     /// The publisher's display name (a token's `name` claim wins).
