@@ -271,6 +271,16 @@ describe('WHIP and WHEP', () => {
     r = await post(`${server.url}/whep/${room}`, 'v=0\r\nm=video 9 X 96\r\n');
     assert.equal(r.status, 404, 'nothing to watch in an empty room');
     assert.match(await r.text(), /no call/);
+
+    // A server without an SFU says so.
+    const mesh = await startServer({ args: ['--topology', 'mesh'] });
+    try {
+      r = await post(`${mesh.url}/whip/${room}`, 'v=0\r\nm=video 9 X 96\r\n');
+      assert.equal(r.status, 503);
+      assert.match(await r.text(), /runs no SFU/);
+    } finally {
+      await mesh.kill();
+    }
   });
 
   it('with --auth-secret, WHIP needs a Bearer token; an H.264-only publisher (as OBS) reaches the page', async () => {
