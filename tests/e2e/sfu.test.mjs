@@ -153,6 +153,7 @@ describe('SFU room', () => {
     assert.equal(await a.textContent(`.tile[data-peer="${ids[2]}"] .name`), 'C');
     assert.equal(await c.textContent(`.tile[data-peer="${ids[0]}"] .name`), 'A');
     assert.doesNotMatch((await a.textContent('#toast')) ?? '', /left the call/);
+    for (const p of pages) assert.deepEqual(p.errors, []);
   });
 
   it('chat, mute and raised hands go through the server in an SFU room', async () => {
@@ -198,6 +199,7 @@ describe('SFU room', () => {
     await a.click('#btn-screen');
     for (const p of [b, c]) await until(p, (id) => !document.querySelector(`.tile[data-peer="${id}:screen"]`), ids[0]);
     await decodesOverSfu(b, ids[0], { frames: 5 });
+    for (const p of [a, b, c]) assert.deepEqual(p.errors, []);
   });
 
   it('a relay-only page (?relay=1) reaches the SFU through the built-in TURN and decodes the others', async () => {

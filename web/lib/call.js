@@ -291,6 +291,15 @@ export class Call extends EventTarget {
         for (const [id, p] of [...this.peers]) if (!(p instanceof SfuRemote)) takeOver(id);
       }, 5000);
     });
+    // Our screen's mid can change (an offer of ours rolled back in a glare, then made again): the others must know it.
+    let toldScreenMid = '';
+    session.addEventListener('offered', () => {
+      const mid = session.screenMid;
+      if (this.screenSharing && mid && mid !== toldScreenMid) {
+        toldScreenMid = mid;
+        this.sendToAll(this.mediaState());
+      }
+    });
     session.addEventListener('track-ended', (ev) => {
       for (const p of this.peers.values()) if (p instanceof SfuRemote) p.removeTrack(/** @type {CustomEvent} */ (ev).detail.track);
     });

@@ -7,7 +7,8 @@
  *
  * Events of `SfuSession` (`CustomEvent`): `track` `{peer, track, peerMid}` (a track of participant `peer` arrived;
  * `peerMid` is its m-line in the publisher's own connection, which tells camera from screen), `track-ended`
- * `{peer, track}` (its m-line was stopped), `state` `{state}` (the connection state changed).
+ * `{peer, track}` (its m-line was stopped), `state` `{state}` (the connection state changed), `offered` (an offer
+ * of ours was set: our m-lines have their mids).
  */
 
 import { MAX_CHAT_TEXT, cleanName } from './channel.js';
@@ -64,6 +65,7 @@ export class SfuSession extends EventTarget {
       await this.pc.setLocalDescription();
       this.signaling.send({ type: 'offer', to: SFU_PEER, sdp: this.pc.localDescription?.sdp });
       for (const f of this.offered.splice(0)) f();
+      this.dispatchEvent(new CustomEvent('offered'));
     } catch (e) {
       console.warn('sfu offer', e);
     } finally {

@@ -31,9 +31,6 @@ const JOIN_WAIT: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commands sent to Redis in one pipeline at most.
 const MAX_BATCH: usize = 512;
-/// Bytes of cross-node messages a node keeps for replay until the receiving node acknowledges them. Past it (a
-/// Redis outage of about a minute at 1 MB/s of signaling), relays to other nodes are refused with `unavailable`.
-pub const REPLAY_LIMIT: usize = 64 << 20;
 /// A node missing from the registry and silent on its link this long (while Redis answers, after this node has
 /// answered for a TTL) is gone: its links, their buffers and its peers go.
 const FORGET_AFTER_TTLS: u32 = 2;
@@ -50,7 +47,8 @@ pub struct ClusterConfig {
     pub node_id: String,
     /// A node silent this long is presumed dead and its sessions end (`--node-ttl`).
     pub node_ttl: Duration,
-    /// Bytes kept for replay ([`REPLAY_LIMIT`]).
+    /// Bytes of cross-node messages kept for replay until the receiving node acknowledges them
+    /// (`--replay-limit`). Past it, relays to other nodes are refused with `unavailable`.
     pub replay_limit: usize,
 }
 

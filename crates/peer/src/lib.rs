@@ -554,7 +554,7 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                                 None => c.start_session(&from, true),
                             }
                         }
-                        ServerMessage::Offer { from, sdp } => {
+                        ServerMessage::Offer { from, sdp, .. } => {
                             if !c.peers.contains_key(&from) {
                                 c.start_session(&from, false);
                             }
@@ -562,6 +562,8 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
                         }
                         ServerMessage::Answer { from, sdp } => c.to_peer(&from, ToSession::Answer(sdp)),
                         ServerMessage::Candidate { from, candidate } => c.to_peer(&from, ToSession::Candidate(candidate)),
+                        // Read above (sfu::parse).
+                        ServerMessage::Topology { .. } => {}
                         ServerMessage::Bye { from } => {
                             out(format!("peer {from} left"));
                             if let Some(p) = c.peers.remove(&from) {

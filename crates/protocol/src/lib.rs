@@ -3,7 +3,10 @@
 //! Parsing borrows from the input frame and keeps relayed payloads (`sdp`, `candidate`) as raw JSON, so relaying
 //! a message costs one parse and one copy, never a re-serialisation of the SDP.
 
+pub mod client;
 pub mod sdp;
+
+pub use client::{ClientError, Event, SignalingClient};
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -22,6 +25,7 @@ pub const MAX_JOIN_TOKEN_LEN: usize = 2048;
 
 /// Machine-readable error codes (the `code` field of an `error` message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
 pub enum ErrorCode {
     BadJson,
     UnknownType,
@@ -84,6 +88,115 @@ impl ErrorCode {
 }
 
 impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An enum whose values index a [`Tally`]: `ALL` lists them in discriminant order (a test checks it).
+pub trait Key: Copy + 'static {
+    const ALL: &'static [Self];
+    fn index(self) -> usize;
+}
+
+impl Key for ErrorCode {
+    const ALL: &'static [Self] = &ErrorCode::ALL;
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters indexed by an enum ([`MessageKind`], [`ErrorCode`]): `t[kind] += 1`, no index arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally<K: Key, const N: usize> {
+    counts: [u64; N],
+    _key: std::marker::PhantomData<K>,
+}
+
+impl<K: Key, const N: usize> Default for Tally<K, N> {
+    fn default() -> Self {
+        Tally { counts: [0; N], _key: std::marker::PhantomData }
+    }
+}
+
+impl<K: Key, const N: usize> Tally<K, N> {
+    /// Every key with its count, in `K::ALL` order.
+    pub fn iter(&self) -> impl Iterator<Item = (K, u64)> + '_ {
+        K::ALL.iter().copied().zip(self.counts.iter().copied())
+    }
+}
+
+impl<K: Key, const N: usize> std::ops::Index<K> for Tally<K, N> {
+    type Output = u64;
+    fn index(&self, k: K) -> &u64 {
+        &self.counts[k.index()]
+    }
+}
+
+impl<K: Key, const N: usize> std::ops::IndexMut<K> for Tally<K, N> {
+    fn index_mut(&mut self, k: K) -> &mut u64 {
+        &mut self.counts[k.index()]
+    }
+}
+
+/// Refusals by error code.
+pub type ErrorCounts = Tally<ErrorCode, { ErrorCode::ALL.len() }>;
+/// Received client messages by kind.
+pub type MessageCounts = Tally<MessageKind, { MessageKind::ALL.len() }>;
+
+/// What a received client frame was, for counting: one per client message type, and `invalid` for refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum MessageKind {
+    Join,
+    Offer,
+    Answer,
+    Candidate,
+    Bye,
+    Data,
+    Invalid,
+}
+
+impl MessageKind {
+    pub const ALL: [MessageKind; 7] = [
+        MessageKind::Join,
+        MessageKind::Offer,
+        MessageKind::Answer,
+        MessageKind::Candidate,
+        MessageKind::Bye,
+        MessageKind::Data,
+        MessageKind::Invalid,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Join => "join",
+            MessageKind::Offer => "offer",
+            MessageKind::Answer => "answer",
+            MessageKind::Candidate => "candidate",
+            MessageKind::Bye => "bye",
+            MessageKind::Data => "data",
+            MessageKind::Invalid => "invalid",
+        }
+    }
+
+    /// The kind of a parsed frame ([`MessageKind::Invalid`] for a refused one).
+    pub fn of(parsed: &Result<ClientMessage<'_>, ProtocolError>) -> MessageKind {
+        match parsed {
+            Ok(m) => m.kind(),
+            Err(_) => MessageKind::Invalid,
+        }
+    }
+}
+
+impl Key for MessageKind {
+    const ALL: &'static [Self] = &MessageKind::ALL;
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for MessageKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -161,7 +274,8 @@ impl RelayKind {
     }
 }
 
-/// A parsed client message, borrowing from the frame it came from.
+/// A client message: parsed by the server ([`parse_client`], borrowing from the frame it came from), written by
+/// clients ([`ClientMessage::to_json`]).
 #[derive(Debug, Clone)]
 pub enum ClientMessage<'a> {
     Join(Join<'a>),
@@ -172,17 +286,112 @@ pub enum ClientMessage<'a> {
     Data(&'a RawValue),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl ClientMessage<'_> {
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            ClientMessage::Join(_) => MessageKind::Join,
+            ClientMessage::Relay(r) => match r.kind {
+                RelayKind::Offer => MessageKind::Offer,
+                RelayKind::Answer => MessageKind::Answer,
+                RelayKind::Candidate => MessageKind::Candidate,
+            },
+            ClientMessage::Bye => MessageKind::Bye,
+            ClientMessage::Data(_) => MessageKind::Data,
+        }
+    }
+
+    /// The frame as a client sends it (serde; [`parse_client`] reads it back to the same message).
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "kebab-case")]
+        enum Out<'a> {
+            Join(&'a Join<'a>),
+            Offer { to: &'a str, sdp: &'a RawValue },
+            Answer { to: &'a str, sdp: &'a RawValue },
+            Candidate { to: &'a str, candidate: &'a RawValue },
+            Bye,
+            Data { data: &'a RawValue },
+        }
+        let out = match self {
+            ClientMessage::Join(j) => Out::Join(j),
+            ClientMessage::Relay(Relay { kind, to, payload }) => match kind {
+                RelayKind::Offer => Out::Offer { to, sdp: payload },
+                RelayKind::Answer => Out::Answer { to, sdp: payload },
+                RelayKind::Candidate => Out::Candidate { to, candidate: payload },
+            },
+            ClientMessage::Bye => Out::Bye,
+            ClientMessage::Data(data) => Out::Data { data },
+        };
+        serde_json::to_string(&out).expect("client messages serialise")
+    }
+}
+
+/// `{"type":"bye"}`: the client leaves its room.
+pub const BYE: &str = r#"{"type":"bye"}"#;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Join<'a> {
     pub room: Cow<'a, str>,
     pub name: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<Cow<'a, str>>,
     /// Signed join token (production issue); carried so adapters can check it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<Cow<'a, str>>,
     /// Room password (production issue).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<Cow<'a, str>>,
     /// `"sfu": true`: the client speaks the SFU messages (see docs/protocol.md, *SFU rooms*).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub sfu: bool,
+}
+
+impl<'a> Join<'a> {
+    /// A plain join of `room` as `name` (set the other fields on the result).
+    pub fn new(room: impl Into<Cow<'a, str>>, name: impl Into<Cow<'a, str>>) -> Self {
+        Join { room: room.into(), name: name.into(), ..Default::default() }
+    }
+
+    /// The `join` frame.
+    pub fn to_json(&self) -> String {
+        ClientMessage::Join(self.clone()).to_json()
+    }
+}
+
+/// What a client relays to another peer (or to [`SFU_PEER`]): the payload of `offer`, `answer` or `candidate`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    Offer(String),
+    Answer(String),
+    /// An `RTCIceCandidateInit` object; `None` (`null`) marks the end of candidates.
+    Candidate(Option<serde_json::Value>),
+}
+
+impl Signal {
+    pub fn kind(&self) -> RelayKind {
+        match self {
+            Signal::Offer(_) => RelayKind::Offer,
+            Signal::Answer(_) => RelayKind::Answer,
+            Signal::Candidate(_) => RelayKind::Candidate,
+        }
+    }
+
+    /// The frame a client sends: `{"type":"offer","to":…,"sdp":…}` and so on.
+    pub fn to_json(&self, to: &str) -> String {
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "kebab-case")]
+        enum Out<'a> {
+            Offer { to: &'a str, sdp: &'a str },
+            Answer { to: &'a str, sdp: &'a str },
+            Candidate { to: &'a str, candidate: &'a Option<serde_json::Value> },
+        }
+        let out = match self {
+            Signal::Offer(sdp) => Out::Offer { to, sdp },
+            Signal::Answer(sdp) => Out::Answer { to, sdp },
+            Signal::Candidate(candidate) => Out::Candidate { to, candidate },
+        };
+        serde_json::to_string(&out).expect("signals serialise")
+    }
 }
 
 /// `offer` / `answer` / `candidate`, addressed to `to`.
@@ -492,24 +701,8 @@ impl<F: Fn(&str) -> Vec<IceServer> + Send + Sync> IceProvider for F {
     }
 }
 
-/// The `welcome`'s shape as serde would write it; [`encode_welcome`] writes the same bytes by hand.
-#[cfg(test)]
-#[derive(Serialize)]
-struct WelcomeOut<'a> {
-    #[serde(rename = "type")]
-    ty: &'static str,
-    id: &'a str,
-    room: &'a str,
-    peers: &'a [PeerInfo],
-    #[serde(rename = "iceServers")]
-    ice_servers: &'a [IceServer],
-    resume: &'a str,
-    resumed: bool,
-    /// Only sent as `false` (a subscribe-only token), so open rooms keep the plain v1 shape.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    publish: Option<bool>,
-}
-
+/// The `welcome` frame, byte for byte what serde writes for [`ServerMessage::Welcome`] (see the test), by hand:
+/// it is on the join path the benchmarks measure.
 pub fn encode_welcome(
     id: &str,
     room: &str,
@@ -519,7 +712,7 @@ pub fn encode_welcome(
     resumed: bool,
     publish: bool,
 ) -> String {
-    // By hand, byte for byte what serde_json makes of `WelcomeOut` (see the test): one allocation of about the
+    // By hand, byte for byte what serde_json makes of `ServerMessage::Welcome` (see the test): one allocation of about the
     // right size instead of serde's growth steps, and no escaping pass over strings that need none.
     let mut len = 120 + id.len() + room.len() + resume.len();
     len += peers.iter().map(|p| 20 + p.id.len() + p.name.len()).sum::<usize>();
@@ -576,6 +769,7 @@ pub fn encode_welcome(
     o
 }
 
+/// The `hello` frame (same bytes as serde's [`ServerMessage::Hello`]).
 pub fn encode_hello(from: &str, name: &str) -> String {
     let mut s = String::with_capacity(40 + from.len() + name.len());
     s.push_str("{\"type\":\"hello\",\"from\":");
@@ -586,6 +780,7 @@ pub fn encode_hello(from: &str, name: &str) -> String {
     s
 }
 
+/// The `bye` frame a room's members get (same bytes as serde's [`ServerMessage::Bye`]).
 pub fn encode_bye(from: &str) -> String {
     let mut s = String::with_capacity(32 + from.len());
     s.push_str("{\"type\":\"bye\",\"from\":");
@@ -598,8 +793,13 @@ fn yes() -> bool {
     true
 }
 
-/// Everything a server can send, for clients (native peer, tests, bench) to parse.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// Everything a server sends: written by the room core (hand-written encoders for the frequent ones, the same
+/// bytes as serde's form, tested), read by clients ([`SignalingClient`], the native peer, tests, bench).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ServerMessage {
     Welcome {
@@ -611,8 +811,8 @@ pub enum ServerMessage {
         resume: String,
         #[serde(default)]
         resumed: bool,
-        /// `false` when this peer may only receive media (subscribe-only token).
-        #[serde(default = "yes")]
+        /// `false` when this peer may only receive media (subscribe-only token); only then is it sent.
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
         publish: bool,
     },
     Hello {
@@ -623,6 +823,9 @@ pub enum ServerMessage {
     Offer {
         from: String,
         sdp: String,
+        /// SFU offers only (`from` is [`SFU_PEER`]): whose media each m-line carries.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tracks: Vec<SfuTrack>,
     },
     Answer {
         from: String,
@@ -635,12 +838,28 @@ pub enum ServerMessage {
     Bye {
         from: String,
     },
+    /// The room's media path changed (`mode`: `sfu`).
+    Topology {
+        mode: String,
+    },
     Error {
         code: String,
         message: String,
-        #[serde(rename = "ref", default)]
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         refers_to: Option<String>,
     },
+}
+
+impl ServerMessage {
+    /// Reads one server frame.
+    pub fn parse(text: &str) -> Result<ServerMessage, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The frame (serde; the room core writes the frequent ones by hand, to the same bytes).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages serialise")
+    }
 }
 
 #[cfg(test)]
@@ -757,7 +976,7 @@ mod tests {
             panic!()
         };
         let parsed: ServerMessage = serde_json::from_str(&r.encode_from("A")).unwrap();
-        assert_eq!(parsed, ServerMessage::Offer { from: "A".into(), sdp: "v=0\r\nA".into() });
+        assert_eq!(parsed, ServerMessage::Offer { from: "A".into(), sdp: "v=0\r\nA".into(), tracks: vec![] });
     }
 
     #[test]
@@ -811,22 +1030,102 @@ mod tests {
             (&[][..], &[][..], "t\n", false, true),
             (&peers[..1], &ice[1..], "", false, true),
         ] {
-            let by_serde = serde_json::to_string(&WelcomeOut {
-                ty: "welcome",
-                id: "id1",
-                room: "r-1_x",
-                peers,
-                ice_servers: ice,
-                resume,
+            let by_serde = ServerMessage::Welcome {
+                id: "id1".into(),
+                room: "r-1_x".into(),
+                peers: peers.to_vec(),
+                ice_servers: ice.to_vec(),
+                resume: resume.into(),
                 resumed,
-                publish: (!publish).then_some(false),
-            })
-            .unwrap();
+                publish,
+            }
+            .to_json();
             assert_eq!(encode_welcome("id1", "r-1_x", peers, ice, resume, resumed, publish), by_serde);
         }
         let h: ServerMessage = serde_json::from_str(&encode_hello("x", "a\"b")).unwrap();
         assert_eq!(h, ServerMessage::Hello { from: "x".into(), name: "a\"b".into() });
         let e = ProtocolError::new(ErrorCode::RoomFull, "full").refers_to("join").to_json();
         assert_eq!(e, r#"{"type":"error","code":"room-full","message":"full","ref":"join"}"#);
+    }
+
+    #[test]
+    fn fast_encoders_write_what_serde_writes() {
+        for (from, name) in [("x", "a\"b"), ("Yx3kq0tVb2", ""), ("q", "é\u{1}\\")] {
+            let hello = ServerMessage::Hello { from: from.into(), name: name.into() };
+            assert_eq!(encode_hello(from, name), hello.to_json());
+            assert_eq!(encode_bye(from), ServerMessage::Bye { from: from.into() }.to_json());
+        }
+        for sdp in ["v=0\r\n", "", "a\"b\u{7}"] {
+            let raw = serde_json::value::to_raw_value(sdp).unwrap();
+            let offer = ServerMessage::Offer { from: "A\"".into(), sdp: sdp.into(), tracks: vec![] };
+            assert_eq!(encode_relay(RelayKind::Offer, "A\"", &raw), offer.to_json());
+            let answer = ServerMessage::Answer { from: "A".into(), sdp: sdp.into() };
+            assert_eq!(encode_relay(RelayKind::Answer, "A", &raw), answer.to_json());
+            let sfu = ServerMessage::Answer { from: SFU_PEER.into(), sdp: sdp.into() };
+            assert_eq!(encode_sfu_answer(sdp), sfu.to_json());
+            let tracks =
+                vec![SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into(), peer_mid: "0".into() }];
+            let sfu = ServerMessage::Offer { from: SFU_PEER.into(), sdp: sdp.into(), tracks: tracks.clone() };
+            assert_eq!(encode_sfu_offer(sdp, &tracks), sfu.to_json());
+        }
+        // serde_json writes objects with sorted keys; a relayed candidate keeps the sender's bytes, so compare sorted.
+        let c = serde_json::json!({"candidate": "candidate:1 1 udp 1 127.0.0.1 5 typ host", "sdpMLineIndex": 0, "sdpMid": "0"});
+        for candidate in [None, Some(c)] {
+            let raw = serde_json::value::to_raw_value(&candidate).unwrap();
+            let m = ServerMessage::Candidate { from: "B".into(), candidate };
+            assert_eq!(encode_relay(RelayKind::Candidate, "B", &raw), m.to_json());
+        }
+        assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into() }.to_json());
+        for refers_to in [None, Some("offer")] {
+            let mut e = ProtocolError::new(ErrorCode::UnknownPeer, "no peer 'x\"'");
+            e.refers_to = refers_to.map(str::to_owned);
+            let m = ServerMessage::Error {
+                code: "unknown-peer".into(),
+                message: e.message.clone(),
+                refers_to: e.refers_to.clone(),
+            };
+            assert_eq!(e.to_json(), m.to_json());
+        }
+    }
+
+    #[test]
+    fn client_messages_read_back_as_written() {
+        let mut j = Join::new("r-1", "Ann \"A\"");
+        j.resume = Some("t".into());
+        j.sfu = true;
+        let text = j.to_json();
+        let ClientMessage::Join(back) = parse_client(&text).unwrap() else { panic!() };
+        assert_eq!(back, j);
+        let plain = Join::new("r", "");
+        assert_eq!(plain.to_json(), r#"{"type":"join","room":"r","name":""}"#);
+        let c = serde_json::json!({"candidate": "candidate:1 1 udp 1 ::1 5 typ host", "sdpMid": "0"});
+        for s in [
+            Signal::Offer("v=0\r\n".into()),
+            Signal::Answer("\"".into()),
+            Signal::Candidate(Some(c)),
+            Signal::Candidate(None),
+        ] {
+            let text = s.to_json("Yx3kq0tVb2");
+            let ClientMessage::Relay(r) = parse_client(&text).unwrap() else { panic!("{text}") };
+            assert_eq!((r.kind, &*r.to), (s.kind(), "Yx3kq0tVb2"));
+            assert_eq!(ClientMessage::Relay(r).to_json(), text);
+        }
+        assert!(matches!(parse_client(BYE), Ok(ClientMessage::Bye)));
+        assert_eq!(ClientMessage::Bye.to_json(), BYE);
+    }
+
+    #[test]
+    fn tallies_index_by_kind() {
+        for (i, k) in MessageKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k}");
+        }
+        let mut t = MessageCounts::default();
+        t[MessageKind::of(&parse_client(r#"{"type":"bye"}"#))] += 1;
+        t[MessageKind::of(&parse_client("nope"))] += 2;
+        let seen: Vec<_> = t.iter().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(seen, [(MessageKind::Bye, 1), (MessageKind::Invalid, 2)]);
+        let mut e = ErrorCounts::default();
+        e[ErrorCode::NeedsSfu] += 1;
+        assert_eq!(e.iter().last(), Some((ErrorCode::NeedsSfu, 1)));
     }
 }

@@ -161,7 +161,15 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_NODE_TTL", value_name = "DURATION", value_parser = duration)]
     #[serde(with = "humantime_serde")]
     pub node_ttl: Option<Duration>,
+
+    /// With --redis: bytes of messages to other nodes kept until those nodes acknowledge them (what a Redis outage
+    /// may hold back); past it relays to other nodes are refused with `unavailable` [default: 67108864].
+    #[arg(long, env = "WEBCALL_REPLAY_LIMIT", value_name = "BYTES")]
+    pub replay_limit: Option<usize>,
 }
+
+/// `--replay-limit` when not set: about a minute of 1 MB/s of cross-node signaling.
+pub const DEFAULT_REPLAY_LIMIT: usize = 64 << 20;
 
 /// Where the TLS certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +197,8 @@ pub struct ServeConfig {
     pub redis: Option<String>,
     pub node_id: Option<String>,
     pub node_ttl: Duration,
+    /// Bytes a cluster node keeps for replay (`--replay-limit`).
+    pub replay_limit: usize,
     pub ice: IceSource,
     /// The SFU's media socket (`--media-listen`).
     pub media_listen: SocketAddr,
@@ -280,6 +290,7 @@ impl ServeArgs {
             redis: self.redis.clone().or(file.redis.clone()),
             node_id: self.node_id.clone().or(file.node_id.clone()),
             node_ttl: pick!(node_ttl, Duration::from_secs(10)),
+            replay_limit: pick!(replay_limit, DEFAULT_REPLAY_LIMIT),
             ice: IceSource::None,
             media_listen: pick!(media_listen, SocketAddr::from(([127, 0, 0, 1], 7882))),
             media_external_ip: self
@@ -344,6 +355,12 @@ impl ServeArgs {
             r.max_queued_bytes.to_string(),
             r.max_queued_bytes >= r.max_message_size,
             "at least --max-message-size, so one full message fits",
+        )?;
+        range(
+            "replay-limit",
+            cfg.replay_limit.to_string(),
+            cfg.replay_limit >= r.max_message_size * 4,
+            "at least four times --max-message-size, so a burst of large messages fits",
         )?;
         range("rate-limit", r.rate_per_sec.to_string(), r.rate_per_sec >= 1.0, "at least 1 per second")?;
         range("max-errors", r.max_errors.to_string(), r.max_errors >= 1.0, "at least 1")?;
@@ -417,6 +434,15 @@ mod tests {
 
         let small = ServeArgs { max_sfu_peers: Some(2), ..Default::default() };
         assert!(small.resolve().unwrap_err().to_string().contains("max-sfu-peers"));
+    }
+
+    #[test]
+    fn replay_limit_default_file_and_range() {
+        assert_eq!(ServeArgs::default().resolve().unwrap().replay_limit, DEFAULT_REPLAY_LIMIT);
+        let file: ServeArgs = toml::from_str("replay-limit = 1048576").unwrap();
+        assert_eq!(file.resolve().unwrap().replay_limit, 1 << 20);
+        let tiny = ServeArgs { replay_limit: Some(1000), ..Default::default() };
+        assert!(tiny.resolve().unwrap_err().to_string().contains("replay-limit"));
     }
 
     #[test]

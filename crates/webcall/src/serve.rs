@@ -57,7 +57,7 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                 redis_url,
                 node_id: cfg.node_id.clone().unwrap_or_else(webcall_cluster::random_node_id),
                 node_ttl: cfg.node_ttl,
-                replay_limit: webcall_cluster::REPLAY_LIMIT,
+                replay_limit: cfg.replay_limit,
             };
             let router =
                 webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster)
