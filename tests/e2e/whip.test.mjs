@@ -59,6 +59,19 @@ window.framesDecoded = async (pc) => {
   });
   return n;
 };
+// whip-whep 1.2.0 puts the restart answer's candidates into the SDP with Array#join() (commas between them), which
+// breaks with more than one candidate (the SFU has a UDP and an ICE-TCP one): joined with nothing for that call.
+window.restart = async () => {
+  const join = Array.prototype.join;
+  Array.prototype.join = function (sep) {
+    return join.call(this, sep ?? '');
+  };
+  try {
+    await window.whip.client.restart();
+  } finally {
+    Array.prototype.join = join;
+  }
+};
 window.ready = true;
 </script>`;
 
@@ -141,9 +154,18 @@ describe('WHIP and WHEP', () => {
     const page = await openPage(browser, `${server.url}/r/${room}?name=Watcher&sfu=1`);
     await until(page, () => window.webcall?.call.state === 'in-call');
 
+    // The page says where to point OBS.
+    await page.click('#btn-more');
+    await page.click('#m-broadcast');
+    const info = await page.textContent('#overlay-text');
+    const whipUrl = info?.match(/Server (\S+)/)?.[1];
+    assert.equal(whipUrl, `${server.url}/whip/${room}?name=Stage`, info ?? '');
+    assert.ok(info?.includes(`${server.url}/whep/${room}`), info ?? '');
+    await page.click('#overlay-actions button:last-child');
+
     const tool = await openPage(browser, tools.url, { join: false });
     await until(tool, () => window.ready === true);
-    const resource = await tool.evaluate((url) => window.publish(url), `${server.url}/whip/${room}?name=OBS-test`);
+    const resource = await tool.evaluate((url) => window.publish(url), whipUrl.replace('name=Stage', 'name=OBS-test'));
     assert.match(resource, new RegExp(`^${server.url}/whip/${room}/[A-Za-z0-9]{24}$`));
 
     // The page moved to the SFU (a WHIP publisher needs it), sees the publisher by name and decodes its video.
@@ -152,12 +174,13 @@ describe('WHIP and WHEP', () => {
     const whipId = await page.evaluate(() => [...window.webcall.call.peers.values()].find((p) => p.name === 'OBS-test').id);
     await framesRise(() => pageFrames(page, whipId), 'room page from the WHIP publisher');
     assert.equal(await tool.evaluate(() => window.whip.pc.connectionState), 'connected');
+    assert.match(await (await fetch(`${server.url}/metrics`)).text(), /^webcall_whip_sessions 1$/m);
     // The client trickled its candidates with PATCH (If-Match: the ETag of the POST's answer) and was answered 204.
     await until(tool, () => window.requests.includes('PATCH 204'));
     assert.deepEqual(await tool.evaluate(() => window.requests.filter((r) => !r.endsWith(' 204'))), ['POST 201']);
     // An ICE restart (PATCH with If-Match: *) is answered 200 with new credentials; the media goes on.
     const firstUfrag = await tool.evaluate(() => window.whip.pc.remoteDescription.sdp.match(/a=ice-ufrag:(.*)\r\n/)[1]);
-    await tool.evaluate(() => window.whip.client.restart());
+    await tool.evaluate(() => window.restart());
     assert.ok((await tool.evaluate(() => window.requests)).includes('PATCH 200'));
     assert.notEqual(await tool.evaluate(() => window.whip.pc.remoteDescription.sdp.match(/a=ice-ufrag:(.*)\r\n/)[1]), firstUfrag);
     // The media runs over the restarted ICE session: the selected pair's remote candidate has the server's new ufrag.
@@ -228,6 +251,9 @@ describe('WHIP and WHEP', () => {
     assert.match(pre.headers.get('access-control-allow-methods') ?? '', /PATCH/);
     assert.match(pre.headers.get('access-control-expose-headers') ?? '', /Location/);
 
+    const opened = await fetch(`${server.url}/whip/${room}`);
+    assert.equal(opened.status, 405);
+    assert.match(await opened.text(), /POST an SDP offer/);
     const post = (url, body, type = 'application/sdp') =>
       fetch(url, { method: 'POST', body, headers: { 'content-type': type } });
     let r = await post(`${server.url}/whip/${room}`, 'v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n', 'text/plain');
@@ -245,6 +271,16 @@ describe('WHIP and WHEP', () => {
     r = await post(`${server.url}/whep/${room}`, 'v=0\r\nm=video 9 X 96\r\n');
     assert.equal(r.status, 404, 'nothing to watch in an empty room');
     assert.match(await r.text(), /no call/);
+
+    // A server without an SFU says so.
+    const mesh = await startServer({ args: ['--topology', 'mesh'] });
+    try {
+      r = await post(`${mesh.url}/whip/${room}`, 'v=0\r\nm=video 9 X 96\r\n');
+      assert.equal(r.status, 503);
+      assert.match(await r.text(), /runs no SFU/);
+    } finally {
+      await mesh.kill();
+    }
   });
 
   it('with --auth-secret, WHIP needs a Bearer token; an H.264-only publisher (as OBS) reaches the page', async () => {

@@ -1024,6 +1024,29 @@ async function invite() {
 }
 $('btn-invite').onclick = invite;
 
+/** Where broadcast tools publish into this room (WHIP) and players watch it (WHEP); see docs/whip.md. */
+function broadcastInfo() {
+  const base = `${location.origin}/whip/${encodeURIComponent(room)}`;
+  const whip = `${base}?name=Stage`;
+  const whep = `${location.origin}/whep/${encodeURIComponent(room)}`;
+  const copy = async () => {
+    try {
+      await navigator.clipboard.writeText(whip);
+      toast('WHIP server URL copied');
+    } catch {
+      prompt('Copy this WHIP server URL:', whip);
+    }
+  };
+  showOverlay(
+    'Stream into this call',
+    `OBS: Settings → Stream → Service “WHIP”, Server ${whip} (the name after “name=” is what people here see). ` +
+      'Bearer Token: a join token that may publish on servers that use tokens; otherwise the room password, if the room has one. ' +
+      `Players (WHEP) watch the active speaker at ${whep}.`,
+    [{ label: 'Copy server URL', primary: true, action: copy }, { label: 'Close', action: hideOverlay }],
+    'broadcast',
+  );
+}
+
 const menu = $('more-menu');
 function openMenu() {
   menu.hidden = false;
@@ -1056,6 +1079,7 @@ item('m-devices', openDevices);
 item('m-stats', toggleStats);
 item('m-fullscreen', () => fullscreen(document.documentElement));
 item('m-invite', invite);
+item('m-broadcast', broadcastInfo);
 $('m-rename').onclick = rename;
 menu.addEventListener('keydown', (ev) => {
   const items = /** @type {HTMLElement[]} */ ([...menu.querySelectorAll('button:not([disabled])')]);

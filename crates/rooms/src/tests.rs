@@ -703,6 +703,59 @@ fn a_resumed_peer_of_an_sfu_room_is_told_again() {
     assert_eq!(got[1], topology_sfu());
 }
 
+/// A WHIP publisher's connection (`connect_sfu_only`) moves even a one-page room to the SFU, before its `hello`.
+#[test]
+fn an_sfu_only_client_moves_a_small_room_to_the_sfu_or_is_refused() {
+    let mut h = Harness::new(Config::default());
+    let (a, _, _) = h.join_sfu("r", "A");
+    let w = h.next_conn;
+    h.next_conn += 1;
+    h.rooms.connect_sfu_only(w, h.now);
+    h.send_json(w, serde_json::json!({"type":"join","room":"r","name":"OBS","sfu":true}));
+    let got = h.recv(w);
+    assert_eq!((got[0]["type"].as_str(), got[1].clone()), (Some("welcome"), topology_sfu()), "{got:?}");
+    let hello = serde_json::json!({"type":"hello","from":got[0]["id"],"name":"OBS"});
+    assert_eq!(h.recv(a), vec![topology_sfu(), hello], "topology before the publisher's hello");
+    assert!(h.rooms.room_is_sfu("r"));
+
+    // A fresh room is an SFU room from the publisher on.
+    let w2 = h.next_conn;
+    h.next_conn += 1;
+    h.rooms.connect_sfu_only(w2, h.now);
+    h.send_json(w2, serde_json::json!({"type":"join","room":"fresh","sfu":true}));
+    assert_eq!(h.recv(w2)[1], topology_sfu());
+
+    // A room with a v1 member stays as it is; the publisher is refused.
+    h.join("v1room", "old");
+    let w3 = h.next_conn;
+    h.next_conn += 1;
+    h.rooms.connect_sfu_only(w3, h.now);
+    h.send_json(w3, serde_json::json!({"type":"join","room":"v1room","sfu":true}));
+    assert_eq!(h.recv(w3)[0]["code"], "needs-sfu");
+    assert!(!h.rooms.room_is_sfu("v1room"));
+}
+
+#[test]
+fn viewers_are_admitted_to_sfu_rooms_with_the_password() {
+    let mut h = Harness::new(Config { topology: Topology::Sfu, ..Config::default() });
+    assert_eq!(h.rooms.admit_viewer("none", None, "v", h.now), Err(WatchRefusal::NoRoom));
+    let c = h.connect();
+    h.send_json(c, serde_json::json!({"type":"join","room":"r","sfu":true,"password":"pw"}));
+    assert_eq!(h.recv(c)[0]["type"], "welcome");
+    let refused = |r: Result<Vec<IceServer>, WatchRefusal>| match r {
+        Err(WatchRefusal::Refused(e)) => e.code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(refused(h.rooms.admit_viewer("r", None, "v", h.now)), ErrorCode::Unauthorized);
+    assert_eq!(refused(h.rooms.admit_viewer("r", Some("nope"), "v", h.now)), ErrorCode::Unauthorized);
+    let ice = h.rooms.admit_viewer("r", Some("pw"), "v", h.now).unwrap();
+    assert_eq!(ice[0].username.as_deref(), Some("v"), "ICE servers minted for the viewer");
+
+    let mut h = Harness::new(Config::default());
+    h.join_sfu("p2p", "A");
+    assert_eq!(h.rooms.admit_viewer("p2p", None, "v", h.now), Err(WatchRefusal::NotSfu));
+}
+
 #[test]
 fn data_goes_to_the_others_of_an_sfu_room_and_is_refused_in_a_mesh() {
     let mut h = Harness::new(Config::default());

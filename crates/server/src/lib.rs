@@ -174,12 +174,12 @@ pub async fn serve_prepared(
         .route("/metrics", get(metrics))
         .route("/", get(|| async { web::asset("index.html") }))
         .route("/r/{room}", get(call_page))
-        .route("/whip/{room}", post(whip::whip_post).options(whip::options))
+        .route("/whip/{room}", post(whip::whip_post).options(whip::options).get(whip::explain))
         .route(
             "/whip/{room}/{id}",
             axum::routing::patch(whip::whip_patch).delete(whip::whip_delete).options(whip::options),
         )
-        .route("/whep/{room}", post(whip::whep_post).options(whip::options))
+        .route("/whep/{room}", post(whip::whep_post).options(whip::options).get(whip::explain))
         .route(
             "/whep/{room}/{id}",
             axum::routing::patch(whip::whep_patch).delete(whip::whep_delete).options(whip::options),
@@ -230,6 +230,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut extra = String::new();
     if let Some(hook) = state.metrics_hook.lock().clone() {
         hook(&mut extra);
+    }
+    if state.sfu.get().is_some() {
+        whip::metrics(&state, &mut extra);
     }
     let body = metrics::render(state.router.stats(), &state.router.counters(), &state.counters, &extra);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

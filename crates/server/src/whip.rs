@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::{mpsc, Notify};
-use webcall_protocol::IceServer;
+use webcall_protocol::{IceServer, Join, ServerMessage, BYE};
 use webcall_rooms::{ConnId, WatchRefusal};
 use webcall_sfu::net::{SessionSignal, SfuHandle, SfuNetError};
 use webcall_sfu::{SessionId, SessionRole};
@@ -231,6 +231,34 @@ pub(crate) async fn options(State(state): State<Arc<AppState>>, headers: HeaderM
     with_cors(&state, &headers, r)
 }
 
+/// `/metrics` lines: live WHIP publishers and WHEP players.
+pub(crate) fn metrics(state: &AppState, out: &mut String) {
+    use std::fmt::Write;
+    let (mut whip, mut whep) = (0, 0);
+    for r in state.whip.map.lock().values().filter(|r| !r.ended.load(Ordering::Relaxed)) {
+        match r.kind {
+            Kind::Whip => whip += 1,
+            Kind::Whep => whep += 1,
+        }
+    }
+    for (name, help, v) in [("whip", "WHIP publishers", whip), ("whep", "WHEP players", whep)] {
+        let _ = writeln!(out, "# HELP webcall_{name}_sessions {help}.\n# TYPE webcall_{name}_sessions gauge");
+        let _ = writeln!(out, "webcall_{name}_sessions {v}");
+    }
+}
+
+/// `GET` (someone opened the URL in a browser): say what the endpoint is for.
+pub(crate) async fn explain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let mut r = (
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this is a WHIP/WHEP endpoint: POST an SDP offer with Content-Type: application/sdp \
+         (in OBS: Settings, Stream, Service WHIP, this URL as the Server); see docs/whip.md\n",
+    )
+        .into_response();
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+    with_cors(&state, &headers, r)
+}
+
 #[derive(serde::Deserialize)]
 pub(crate) struct WhipQuery {
     /// The publisher's display name (a token's `name` claim wins).
@@ -294,26 +322,20 @@ async fn await_welcome(
         let mut frames = Vec::new();
         state.router.take(conn, &mut frames);
         for f in frames {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&f) else { continue };
-            match v.get("type").and_then(|t| t.as_str()) {
-                Some("welcome") => {
-                    let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default().to_owned();
-                    if v.get("publish").and_then(|p| p.as_bool()) == Some(false) {
+            // hello, data and the like come too; only the answer to the join matters here.
+            let Ok(m) = ServerMessage::parse(&f) else { continue };
+            match m {
+                ServerMessage::Welcome { id, ice_servers, publish, .. } => {
+                    if !publish {
                         return Err(err(
                             StatusCode::FORBIDDEN,
                             "the token is subscribe-only; WHIP needs one that may publish",
                         ));
                     }
-                    let ice = v
-                        .get("iceServers")
-                        .and_then(|i| serde_json::from_value::<Vec<IceServer>>(i.clone()).ok())
-                        .unwrap_or_default();
-                    return Ok((id, ice));
+                    return Ok((id, ice_servers));
                 }
-                Some("error") => {
-                    let code = v.get("code").and_then(|c| c.as_str()).unwrap_or("");
-                    let msg = v.get("message").and_then(|m| m.as_str()).unwrap_or("refused");
-                    return Err(err(join_status(code), format!("cannot join the room ({code}): {msg}")));
+                ServerMessage::Error { code, message, .. } => {
+                    return Err(err(join_status(&code), format!("cannot join the room ({code}): {message}")));
                 }
                 _ => {}
             }
@@ -344,7 +366,8 @@ async fn publish(
     let bearer = bearer(headers)?;
     check_offer(&sdp)?;
     let name = q.name.unwrap_or_else(|| DEFAULT_NAME.to_owned());
-    let mut join = serde_json::json!({"type": "join", "room": room, "name": name, "sfu": true});
+    let mut join = Join::new(room, name.as_str());
+    join.sfu = true;
     match (&state.cfg.auth_secret, &bearer) {
         (Some(_), None) => return Err(err(
             StatusCode::UNAUTHORIZED,
@@ -352,10 +375,11 @@ async fn publish(
         )),
         // The auth secret itself admits as a token minted for this room would.
         (Some(secret), Some(b)) if constant_eq(secret, b) => {
-            join["token"] = crate::access::mint_token(secret, room, Some(&name), Duration::from_secs(60), true).into();
+            join.token =
+                Some(crate::access::mint_token(secret, room, Some(&name), Duration::from_secs(60), true).into());
         }
-        (Some(_), Some(b)) => join["token"] = b.clone().into(),
-        (None, Some(b)) => join["password"] = b.clone().into(),
+        (Some(_), Some(b)) => join.token = Some(b.as_str().into()),
+        (None, Some(b)) => join.password = Some(b.as_str().into()),
         (None, None) => {}
     }
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -367,9 +391,9 @@ async fn publish(
     );
     state.policy.register(conn, ip);
     state.router.connect_sfu_only(conn, signal.clone());
-    state.router.message(conn, &join.to_string());
+    state.router.message(conn, &join.to_json());
     let leave = |state: &AppState| {
-        state.router.message(conn, r#"{"type":"bye"}"#);
+        state.router.message(conn, BYE);
         state.router.disconnect(conn);
         state.policy.unregister(conn);
     };
@@ -447,7 +471,7 @@ async fn run_publisher(
         }
     }
     let _ = handle.remove(res.session);
-    state.router.message(conn, r#"{"type":"bye"}"#);
+    state.router.message(conn, BYE);
     state.router.disconnect(conn);
     state.policy.unregister(conn);
     tracing::info!(room = res.room, "WHIP publisher left");
