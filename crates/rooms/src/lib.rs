@@ -1133,7 +1133,8 @@ impl Rooms {
             return self.refuse(conn, e.refers_to("view"), now);
         };
         if !self.room_is_sfu(&self.peers[&peer].room) {
-            let e = ProtocolError::new(ErrorCode::BadField, "'view' is for SFU rooms; this room is peer-to-peer");
+            // As for `data`: the room's topology, not the message, is what does not fit.
+            let e = ProtocolError::new(ErrorCode::NeedsSfu, "'view' is for SFU rooms; this room is peer-to-peer");
             return self.refuse(conn, e.refers_to("view"), now);
         }
         self.out.push_back(Output::Sfu(SfuRequest::View { peer, tracks }));

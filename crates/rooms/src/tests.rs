@@ -609,7 +609,7 @@ fn auto_moves_to_the_sfu_on_the_third_sfu_peer_and_stays_there() {
     // In a peer-to-peer room a `view` has nowhere to go.
     h.send(b, r#"{"type":"view","tracks":[]}"#);
     let e = h.recv(b);
-    assert_eq!((e[0]["code"].as_str(), e[0]["ref"].as_str()), (Some("bad-field"), Some("view")), "{e:?}");
+    assert_eq!((e[0]["code"].as_str(), e[0]["ref"].as_str()), (Some("needs-sfu"), Some("view")), "{e:?}");
     assert_eq!(h.recv(a)[0]["type"], "hello");
     assert!(!h.rooms.room_is_sfu("r"));
     let (c, c_id, after) = h.join_sfu("r", "C");
