@@ -69,7 +69,8 @@ fn stun_with(ufrag: &str, data: &mut Vec<u8>) {
 fuzz_target!(|ops: Vec<Op>| {
     let mut now = Instant::now();
     let server: SocketAddr = "192.0.2.10:7882".parse().unwrap();
-    let mut sfu = Sfu::new(SfuConfig { host_candidates: vec![server], dtls_cert: Some(cert()) }, now);
+    let cfg = SfuConfig { host_candidates: vec![server], dtls_cert: Some(cert()), ..Default::default() };
+    let mut sfu = Sfu::new(cfg, now);
     sfu.set_tcp_candidates(vec![server]);
     let id = sfu.add_session("room", "a", now);
     let answer = sfu.accept_offer(id, &offer(now).to_sdp_string()).unwrap().unwrap();
