@@ -378,6 +378,22 @@ export const fullStatsPanel = (page, peerId) =>
     peerId,
   );
 
+/**
+ * Frames `page` decoded from participant `id` over its SFU connection (getStats of that participant's video track);
+ * -1 before the page has an SFU connection and the track. @param {import('playwright-core').Page} page @param {string} id
+ */
+export const sfuFramesFrom = (page, id) =>
+  page.evaluate(async (id) => {
+    const call = window.webcall.call;
+    const track = call.peers.get(id)?.remoteStream.getVideoTracks()[0];
+    if (!call.sfu || !track) return -1;
+    let n = 0;
+    (await call.sfu.pc.getStats(track)).forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
+    });
+    return n;
+  }, id);
+
 /** Snapshot of the call (window.webcall.snapshot()). @param {import('playwright-core').Page} page */
 export const snapshot = (page) => page.evaluate(() => window.webcall.snapshot());
 

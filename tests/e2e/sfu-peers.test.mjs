@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { e2e, ownId, startPeer, startServer, uniqueRoom, until } from './helpers.mjs';
+import { e2e, ownId, sfuFramesFrom, startPeer, startServer, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e();
 
@@ -17,17 +17,7 @@ const t = e2e();
  * @param {import('playwright-core').Page} page @param {string} peerId
  */
 async function decodesOverSfu(page, peerId, frames = 10, timeout = 60000) {
-  const read = () =>
-    page.evaluate(async (id) => {
-      const call = window.webcall.call;
-      const track = call.peers.get(id)?.remoteStream.getVideoTracks()[0];
-      if (!call.sfu || !track) return -1;
-      let n = 0;
-      (await call.sfu.pc.getStats(track)).forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
-      });
-      return n;
-    }, peerId);
+  const read = () => sfuFramesFrom(page, peerId);
   let start = await read();
   const deadline = Date.now() + timeout;
   for (;;) {

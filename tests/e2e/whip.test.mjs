@@ -9,7 +9,7 @@ import { createHmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import { assertLoopbackOnly, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+import { assertLoopbackOnly, launchBrowser, openPage, sfuFramesFrom, startServer, uniqueRoom, until } from './helpers.mjs';
 
 const WHIP_WHEP = path.dirname(createRequire(import.meta.url).resolve('whip-whep/whip.js'));
 
@@ -115,19 +115,6 @@ async function framesRise(read, what, frames = 10, timeout = 30000) {
   }
 }
 
-/** Frames the room page decoded from participant `id` over its SFU connection (-1 before it has the track). */
-const pageFrames = (page, id) =>
-  page.evaluate(async (id) => {
-    const call = window.webcall.call;
-    const track = call.peers.get(id)?.remoteStream.getVideoTracks()[0];
-    if (!call.sfu || !track) return -1;
-    let n = 0;
-    (await call.sfu.pc.getStats(track)).forEach((s) => {
-      if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
-    });
-    return n;
-  }, id);
-
 describe('WHIP and WHEP', () => {
   /** @type {Awaited<ReturnType<typeof startServer>>} */
   let server;
@@ -172,7 +159,7 @@ describe('WHIP and WHEP', () => {
     await until(page, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 30000);
     await until(page, () => [...window.webcall.call.peers.values()].some((p) => p.name === 'OBS-test'), undefined, 30000);
     const whipId = await page.evaluate(() => [...window.webcall.call.peers.values()].find((p) => p.name === 'OBS-test').id);
-    await framesRise(() => pageFrames(page, whipId), 'room page from the WHIP publisher');
+    await framesRise(() => sfuFramesFrom(page, whipId), 'room page from the WHIP publisher');
     assert.equal(await tool.evaluate(() => window.whip.pc.connectionState), 'connected');
     assert.match(await (await fetch(`${server.url}/metrics`)).text(), /^webcall_whip_sessions 1$/m);
     // The client trickled its candidates with PATCH (If-Match: the ETag of the POST's answer) and was answered 204.
@@ -197,7 +184,7 @@ describe('WHIP and WHEP', () => {
       undefined,
       20000,
     );
-    await framesRise(() => pageFrames(page, whipId), 'room page from the WHIP publisher after an ICE restart');
+    await framesRise(() => sfuFramesFrom(page, whipId), 'room page from the WHIP publisher after an ICE restart');
 
     // WHEP: a player on another origin watches the page's participant (chosen by ?peer=).
     const pageId = await page.evaluate(() => window.webcall.call.id);
@@ -297,7 +284,7 @@ describe('WHIP and WHEP', () => {
       await tool.evaluate(([url, token]) => window.publish(url, token, 'video/H264'), [`${secured.url}/whip/${room}?name=Other`, token]);
       await until(page, () => [...window.webcall.call.peers.values()].some((p) => p.name === 'Stage'), undefined, 30000);
       const id = await page.evaluate(() => [...window.webcall.call.peers.values()].find((p) => p.name === 'Stage').id);
-      await framesRise(() => pageFrames(page, id), 'room page from the H.264 WHIP publisher');
+      await framesRise(() => sfuFramesFrom(page, id), 'room page from the H.264 WHIP publisher');
       const codec = await page.evaluate(async () => {
         const stats = await window.webcall.call.sfu.pc.getStats();
         const codecs = new Map();
