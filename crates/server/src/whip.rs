@@ -84,6 +84,22 @@ struct Resource {
     ended: std::sync::atomic::AtomicBool,
 }
 
+impl Resource {
+    /// A new resource with a fresh ETag, for the client's `offer`.
+    fn new(kind: Kind, room: &str, session: SessionId, bearer: Option<String>, offer: String) -> Arc<Resource> {
+        Arc::new(Resource {
+            kind,
+            room: room.to_owned(),
+            session,
+            bearer,
+            etag: Mutex::new(random_id(12)),
+            offer: Mutex::new(offer),
+            end: Notify::new(),
+            ended: Default::default(),
+        })
+    }
+}
+
 /// How long an ended session's URL still answers DELETE (a client closing its peer connection first ends the
 /// media session before its DELETE arrives).
 const LINGER: Duration = Duration::from_secs(30);
@@ -424,16 +440,7 @@ async fn publish(
         }
     };
     let id = random_id(24);
-    let res = Arc::new(Resource {
-        kind: Kind::Whip,
-        room: room.to_owned(),
-        session,
-        bearer,
-        etag: Mutex::new(random_id(12)),
-        offer: Mutex::new(sdp),
-        end: Notify::new(),
-        ended: Default::default(),
-    });
+    let res = Resource::new(Kind::Whip, room, session, bearer, sdp);
     let etag = res.etag.lock().clone();
     state.whip.map.lock().insert(id.clone(), res.clone());
     tracing::info!(room, peer, "WHIP publisher joined");
@@ -525,16 +532,7 @@ async fn watch(
             return Err(sfu_refusal(e));
         }
     };
-    let res = Arc::new(Resource {
-        kind: Kind::Whep,
-        room: room.to_owned(),
-        session,
-        bearer,
-        etag: Mutex::new(random_id(12)),
-        offer: Mutex::new(sdp),
-        end: Notify::new(),
-        ended: Default::default(),
-    });
+    let res = Resource::new(Kind::Whep, room, session, bearer, sdp);
     let etag = res.etag.lock().clone();
     state.whip.map.lock().insert(id.clone(), res.clone());
     tokio::spawn(run_viewer(state.clone(), id.clone(), res, handle, signals));
