@@ -77,6 +77,7 @@ kill -0 "$WC_PID" && kill -0 "$CT_PID" || { echo "a server did not start" >&2; c
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # CPU time of all of a process's threads in ns (scheduler accounting: finer than the 10 ms ticks).
+threads_ns() { for t in $(ls /proc/"$1"/task | sort); do echo "$t $(tr ' ' _ </proc/"$1"/task/$t/comm) $(awk '{print $1, $3}' /proc/"$1"/task/$t/schedstat)"; done; }
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 now() { date +%s.%N; }
 
@@ -131,7 +132,7 @@ fi
 
 # Zero-loss throughput search: turnload offers each rate of STEPS (client->peer messages/s over FLOWS allocations,
 # the peer echoing each back, so twice that in relayed packets/s) for STEP_SECS, rates ascending, the servers
-# alternating (order swapped every repetition), REPS repetitions. A step is lossless when every message went
+# taking turns at each step (order swapped every repetition), REPS repetitions. A step is lossless when every message went
 # out (not_sent=0) and came back (no loss either way); a server's zero-loss rate in a repetition is the highest
 # step below its first lossy one; it stops climbing after two lossy steps in a row. Loss is told apart per
 # side: datagrams the kernel dropped at the server's sockets, at the load's own sockets, and the rest.
@@ -142,10 +143,12 @@ if [ -n "${STEPS:-}" ]; then
   : >"$TMP/steps"
   for rep in $(seq "$REPS"); do
     if [ $((rep % 2)) = 1 ]; then order="webcall coturn"; else order="coturn webcall"; fi
-    for srv in $order; do
-      if [ $srv = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
-      bad=0
-      for rate in $STEPS; do
+    declare -A bad=([webcall]=0 [coturn]=0)
+    for rate in $STEPS; do
+      # Both servers at each step, one after the other, so that they meet the same background load.
+      for srv in $order; do
+        [ "${bad[$srv]}" -ge 2 ] && continue
+        if [ $srv = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
         c0=$(cpu_ns "$pid")
         out=$(timeout $((STEP_SECS + 60)) $LOAD_CPU "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" \
               ${TCP:+--tcp} --flows "$FLOWS" --rate "$rate" --secs "$STEP_SECS" --size "$SIZE" 2>&1) || true
@@ -153,9 +156,9 @@ if [ -n "${STEPS:-}" ]; then
         line=$(grep '^result ' <<<"$out" || true)
         if [ -z "$line" ]; then echo "$srv $rate: turnload failed: $(tail -1 <<<"$out")" >&2; line="result sent=0 lost_to_peer=1"; fi
         echo "rep=$rep server=$srv rate=$rate cpu_ns=$((c1 - c0)) ${line#result }" | tee -a "$TMP/steps"
-        if grep -qE 'not_sent=0 .*lost_to_peer=0 lost_to_client=0 ' <<<"$line"; then bad=0; else bad=$((bad + 1)); fi
-        [ $bad -ge 2 ] && break
+        if grep -qE 'not_sent=0 .*lost_to_peer=0 lost_to_client=0 ' <<<"$line"; then bad[$srv]=0; else bad[$srv]=$((bad[$srv] + 1)); fi
       done
+      [ "${bad[webcall]}" -ge 2 ] && [ "${bad[coturn]}" -ge 2 ] && break
     done
   done
   echo
@@ -207,11 +210,14 @@ if [ "${IDLE_ALLOCS:-0}" -gt 0 ]; then
     wait_for "$log" 'phase=traffic-done' || true
     c1=$(cpu_ns "$pid"); t1=$(now)
     wait_for "$log" 'phase=holding' || true
-    sleep 1; c2=$(cpu_ns "$pid"); t2=$(now); sleep "$IDLE_SECS"; c3=$(cpu_ns "$pid"); t3=$(now); r2=$(rss_kb "$pid")
+    sleep 1; c2=$(cpu_ns "$pid"); threads_ns "$pid" >"$TMP/th0"; t2=$(now); sleep "$IDLE_SECS"
+    c3=$(cpu_ns "$pid"); threads_ns "$pid" >"$TMP/th1"; t3=$(now); r2=$(rss_kb "$pid")
     wait "$up" || true
     grep -E '^(phase=allocated|result)' "$log" | sed "s/^/$srv: /"
     awk -v s=$srv -v n="$IDLE_ALLOCS" -v r0="$r0" -v r1="$r1" -v r2="$r2" \
       -v lc="$((c1 - c0))" -v lt="$(echo "$t1 - $t0" | bc -l)" -v ic="$((c3 - c2))" -v it="$(echo "$t3 - $t2" | bc -l)" \
       'BEGIN { printf "%-8s RSS %d -> %d KiB after allocating (%.2f KiB per allocation), %d KiB after the traffic; traffic: CPU %.3f%% of a core (%.1f us per relayed packet at ~%d packets/s); idle: CPU %.4f%% of a core (%.1f ms in %.0f s)\n", s, r0, r1, (r1 - r0) / n, r2, 100 * lc / 1e9 / lt, lc / 1e3 / (2 * n * lt), 2 * n, 100 * ic / 1e9 / it, ic / 1e6, it }'
+    # Which threads spent the idle CPU (tid comm ns wake-ups).
+    join "$TMP/th0" "$TMP/th1" | awk -v s=$srv -v t="$IDLE_SECS" '{ printf "%-8s   idle thread %-18s %.2f ms, %d wake-ups in %d s\n", s, $2, ($6 - $3) / 1e6, $7 - $4, t }'
   done
 fi

@@ -469,11 +469,8 @@ fn run(a: Args) -> Result<(), String> {
                         ok += 1;
                     }
                 }
-                match s.write(buf) {
-                    Ok(n) => {
-                        buf.drain(..n);
-                    }
-                    Err(_) => {}
+                if let Ok(n) = s.write(buf) {
+                    buf.drain(..n);
                 }
                 ok
             } else {

@@ -39,7 +39,7 @@ use crate::TurnError;
 
 const MAX_UDP: usize = 65536;
 /// Datagram slots per batched read (each a full-size buffer: GRO may fill one with a burst).
-const RECV_SLOTS: usize = 8;
+const RECV_SLOTS: usize = 32;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Per relay socket; memory is only used while a burst is queued.
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
@@ -322,10 +322,12 @@ impl UdpIo {
     }
 }
 
-/// The pump thread's buffers: the slots of a batched read and the frames going out to clients.
+/// The pump thread's buffers: the slots of a batched read, the datagrams of that read going out to peers and the
+/// frames going out to clients.
 struct Scratch {
     slots: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
+    to_peers: ToPeers,
     out: Out,
 }
 
@@ -334,6 +336,7 @@ impl Scratch {
         Scratch {
             slots: (0..RECV_SLOTS).map(|_| vec![0u8; MAX_UDP]).collect(),
             meta: vec![RecvMeta::default(); RECV_SLOTS],
+            to_peers: ToPeers::default(),
             out: Out::default(),
         }
     }
@@ -352,6 +355,10 @@ const GSO_MAX_BYTES: usize = 60 << 10;
 struct Out {
     buf: Vec<u8>,
     frames: Vec<(SocketAddr, usize)>,
+    /// Frames for TCP/TLS clients: (client, bytes of `sbuf`); each client's leave in one write.
+    streams: Vec<(Arc<StreamOut>, Range<usize>)>,
+    sbuf: Vec<u8>,
+    gather: Vec<u8>,
     /// Single frames waiting for one `sendmmsg`: (to, bytes of `buf`).
     singles: Vec<(SocketAddr, Range<usize>)>,
     names: Vec<socket2::SockAddr>,
@@ -381,7 +388,9 @@ impl Out {
             }
             Some((tuple, r)) => {
                 if let Some(s) = streams.get(&tuple) {
-                    s.push(&self.buf[pos + r.start..pos + r.end], true);
+                    let start = self.sbuf.len();
+                    self.sbuf.extend_from_slice(&self.buf[pos + r.start..pos + r.end]);
+                    self.streams.push((s.clone(), start..self.sbuf.len()));
                 }
                 self.buf.truncate(pos);
             }
@@ -392,6 +401,7 @@ impl Out {
     /// Sends the frames: runs of equal-sized frames to one client go as one GSO send, the others (to many
     /// clients) together in `sendmmsg` calls; each client's frames stay in order.
     fn flush(&mut self, io: &UdpIo) {
+        self.flush_streams();
         let max = io.state.max_gso_segments().max(1);
         let (mut i, mut off) = (0, 0);
         while i < self.frames.len() {
@@ -425,6 +435,40 @@ impl Out {
         self.buf.clear();
         self.frames.clear();
     }
+
+    /// What each TCP/TLS client gets leaves in one write (or one queueing), in order.
+    fn flush_streams(&mut self) {
+        if self.streams.is_empty() {
+            return;
+        }
+        if self.streams.len() > 1 {
+            self.streams.sort_by_key(|(s, _)| Arc::as_ptr(s)); // stable: per client, order kept
+        }
+        let mut i = 0;
+        while i < self.streams.len() {
+            let s = &self.streams[i].0;
+            let j = i + self.streams[i..].iter().take_while(|(t, _)| Arc::ptr_eq(s, t)).count();
+            let group = &self.streams[i..j];
+            let whole = if let [(_, r)] = group {
+                s.push(&self.sbuf[r.clone()], true)
+            } else {
+                self.gather.clear();
+                for (_, r) in group {
+                    self.gather.extend_from_slice(&self.sbuf[r.clone()]);
+                }
+                s.push(&self.gather, true)
+            };
+            // Over the queue limit all at once: as many whole frames as fit, the rest dropped.
+            if !whole && group.len() > 1 {
+                for (_, r) in group {
+                    s.push(&self.sbuf[r.clone()], true);
+                }
+            }
+            i = j;
+        }
+        self.streams.clear();
+        self.sbuf.clear();
+    }
 }
 
 /// Frames for clients are sent once per wake-up, or earlier when this many bytes are waiting.
@@ -441,19 +485,35 @@ fn send_many(
     msgs: &[(SocketAddr, Range<usize>)],
     names: &mut Vec<socket2::SockAddr>,
 ) {
-    for chunk in msgs.chunks(SEND_BATCH) {
-        if let [(to, r)] = chunk {
-            let _ = sock.send_to(&buf[r.clone()], to);
+    send_many_by(sock, msgs.len(), |i| (msgs[i].0, &buf[msgs[i].1.clone()]), names)
+}
+
+/// [`send_many`] for `count` datagrams that `msg(i)` gives.
+fn send_many_by<'b>(
+    sock: &std::net::UdpSocket,
+    count: usize,
+    msg: impl Fn(usize) -> (SocketAddr, &'b [u8]),
+    names: &mut Vec<socket2::SockAddr>,
+) {
+    let mut first = 0;
+    while first < count {
+        let len = (count - first).min(SEND_BATCH);
+        let chunk = first..first + len;
+        first += len;
+        if len == 1 {
+            let (to, data) = msg(chunk.start);
+            let _ = sock.send_to(data, to);
             continue;
         }
         names.clear();
-        names.extend(chunk.iter().map(|(to, _)| socket2::SockAddr::from(*to)));
+        names.extend(chunk.clone().map(|i| socket2::SockAddr::from(msg(i).0)));
         // SAFETY: all-zero iovec and mmsghdr values are valid (null pointers, zero lengths); every pointer set
-        // below points into `buf`, `names` or `iovs`, which outlive the call.
+        // below points into the callers' buffers, `names` or `iovs`, which outlive the call.
         let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
         let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
-        for (i, ((_, r), name)) in chunk.iter().zip(names.iter()).enumerate() {
-            iovs[i] = libc::iovec { iov_base: buf[r.clone()].as_ptr() as *mut libc::c_void, iov_len: r.len() };
+        for (i, (k, name)) in chunk.clone().zip(names.iter()).enumerate() {
+            let data = msg(k).1;
+            iovs[i] = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
             let h = &mut hdrs[i].msg_hdr;
             h.msg_name = name.as_ptr() as *mut libc::c_void;
             h.msg_namelen = name.len();
@@ -461,11 +521,10 @@ fn send_many(
             h.msg_iovlen = 1;
         }
         let mut sent = 0;
-        while sent < chunk.len() {
-            // SAFETY: `hdrs[sent..chunk.len()]` are initialised above.
-            let n = unsafe {
-                libc::sendmmsg(sock.as_raw_fd(), hdrs[sent..].as_mut_ptr(), (chunk.len() - sent) as libc::c_uint, 0)
-            };
+        while sent < len {
+            // SAFETY: `hdrs[sent..len]` are initialised above.
+            let n =
+                unsafe { libc::sendmmsg(sock.as_raw_fd(), hdrs[sent..].as_mut_ptr(), (len - sent) as libc::c_uint, 0) };
             if n > 0 {
                 sent += n as usize;
                 continue;
@@ -476,6 +535,66 @@ fn send_many(
                 // This datagram cannot go (e.g. too large for the path): skip it, send the rest.
                 _ => sent += 1,
             }
+        }
+    }
+}
+
+/// Datagrams for peers out of one batched read from clients, sent together once the batch is handled: those of
+/// one relay socket in one `sendmmsg` (each client's datagrams stay in order).
+#[derive(Default)]
+struct ToPeers {
+    /// (relay slab index, peer, slot of the read, bytes of that slot).
+    msgs: Vec<(usize, SocketAddr, usize, Range<usize>)>,
+    names: Vec<socket2::SockAddr>,
+}
+
+impl ToPeers {
+    /// Sends and forgets everything queued. Must run before the slab changes (a control message may close a
+    /// relay and reuse its index) and before the slots are read into again.
+    fn flush(&mut self, relays: &Slab<Relay>, slots: &[Vec<u8>]) {
+        let msgs = &mut self.msgs;
+        if msgs.len() > 1 {
+            msgs.sort_by_key(|m| m.0); // stable: per relay, order kept
+        }
+        let mut i = 0;
+        while i < msgs.len() {
+            let relay = msgs[i].0;
+            let j = i + msgs[i..].iter().take_while(|m| m.0 == relay).count();
+            if let Some(r) = relays.get(relay) {
+                let group = &msgs[i..j];
+                send_many_by(
+                    &r.sock.sock,
+                    group.len(),
+                    |k| (group[k].1, &slots[group[k].2][group[k].3.clone()]),
+                    &mut self.names,
+                );
+            }
+            i = j;
+        }
+        msgs.clear();
+    }
+}
+
+/// [`ToPeers`] for the frames of one read from a TCP/TLS client, copied out of the framer.
+#[derive(Default)]
+struct StreamToPeers {
+    buf: Vec<u8>,
+    to: ToPeers,
+}
+
+impl StreamToPeers {
+    fn push(&mut self, relay: usize, peer: SocketAddr, data: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(data);
+        self.to.msgs.push((relay, peer, 0, start..self.buf.len()));
+    }
+
+    fn flush(&mut self, relays: &Slab<Relay>) {
+        self.to.flush(relays, std::slice::from_ref(&self.buf));
+        self.buf.clear();
+        // Idle connections keep no large buffer.
+        if self.buf.capacity() > 64 << 10 {
+            self.buf = Vec::new();
         }
     }
 }
@@ -512,29 +631,30 @@ struct OutQueue {
 
 impl StreamOut {
     /// Writes or queues `data`. Past the limit, relayed data (`droppable`) is dropped as UDP would lose it; an
-    /// answer that does not fit means the client is not reading them: it is disconnected.
-    fn push(&self, data: &[u8], droppable: bool) {
+    /// answer that does not fit means the client is not reading them: it is disconnected. False when `data` was
+    /// dropped for the limit.
+    fn push(&self, data: &[u8], droppable: bool) -> bool {
         {
             let mut q = self.q.lock();
             if let Some(sock) = self.direct.as_ref().filter(|_| q.buf.is_empty() && !q.writing) {
                 if self.closed.load(Ordering::Acquire) {
-                    return;
+                    return true;
                 }
                 match (&*sock).write(data) {
-                    Ok(n) if n == data.len() => return,
+                    Ok(n) if n == data.len() => return true,
                     // The rest of a frame begun on the wire must follow it, whatever the limit.
                     Ok(n) => {
                         q.buf.extend_from_slice(&data[n..]);
                         drop(q);
                         self.notify.notify_one();
-                        return;
+                        return true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
                         drop(q);
                         self.kill();
-                        return;
+                        return true;
                     }
                 }
             }
@@ -544,11 +664,12 @@ impl StreamOut {
                     tracing::debug!(limit = self.limit, "TURN stream client does not read its answers: closed");
                     self.kill();
                 }
-                return;
+                return false;
             }
             q.buf.extend_from_slice(data);
         }
         self.notify.notify_one();
+        true
     }
     /// Stops reading; the writer sends what is queued, then shuts the connection down.
     fn close(&self) {
@@ -609,14 +730,24 @@ impl Shared {
     /// Feeds one frame from a client to the core. Relayed data (the hot path) goes straight out of its relay
     /// socket, outside the lock; anything else queues its outputs (UDP ones into `udp_out`).
     /// Non-blocking UDP sends cannot stall, so the relayed datagram leaves under the lock.
-    fn client_frame(self: &Arc<Self>, st: &mut State, tuple: FiveTuple, frame: &[u8], udp_out: &mut UdpOut) {
+    fn client_frame(
+        self: &Arc<Self>,
+        st: &mut State,
+        tuple: FiveTuple,
+        frame: &[u8],
+        udp_out: &mut UdpOut,
+        to_peers: &mut StreamToPeers,
+    ) {
         match st.core.handle_client(Instant::now(), tuple, frame) {
             Some(p) => {
                 if let Some(&i) = st.relay_of.get(&p.alloc) {
-                    st.relays[i].sock.send(p.peer, p.data, None);
+                    to_peers.push(i, p.peer, p.data);
                 }
             }
-            None => self.pump(st, udp_out),
+            None => {
+                to_peers.flush(&st.relays);
+                self.pump(st, udp_out)
+            }
         }
     }
 
@@ -887,7 +1018,7 @@ impl Shared {
     /// control plane's datagrams into `udp_out`. True if the socket may still hold datagrams.
     fn client_batch(self: &Arc<Self>, st: &mut State, s: &mut Scratch, udp_out: &mut UdpOut) -> bool {
         let server = self.udp_addr;
-        let Scratch { slots, meta, .. } = s;
+        let Scratch { slots, meta, to_peers, .. } = s;
         for _ in 0..BATCHES_PER_WAKE {
             let n = match self.udp.try_recv(&mut Scratch::bufs(slots), meta) {
                 Ok(0) => return false,
@@ -899,19 +1030,25 @@ impl Shared {
                 }
             };
             let now = Instant::now();
-            for (m, buf) in meta[..n].iter().zip(slots.iter()) {
+            for (j, (m, buf)) in meta[..n].iter().zip(slots.iter()).enumerate() {
                 let tuple = FiveTuple { transport: Transport::Udp, client: m.addr, server };
                 for d in buf[..m.len].chunks(m.stride.max(1)) {
                     match st.core.handle_client(now, tuple, d) {
                         Some(p) => {
                             if let Some(&i) = st.relay_of.get(&p.alloc) {
-                                st.relays[i].sock.send(p.peer, p.data, None);
+                                let off = p.data.as_ptr() as usize - buf.as_ptr() as usize;
+                                to_peers.msgs.push((i, p.peer, j, off..off + p.data.len()));
                             }
                         }
-                        None => self.pump(st, udp_out),
+                        None => {
+                            // The outputs may close relays and reuse their slab indices.
+                            to_peers.flush(&st.relays, slots);
+                            self.pump(st, udp_out)
+                        }
                     }
                 }
             }
+            to_peers.flush(&st.relays, slots);
             // Fewer than asked for: the queue was empty, and the next datagram raises a new edge.
             if n < meta.len() {
                 return false;
@@ -929,7 +1066,7 @@ impl Shared {
         let Some(relay) = relays.get(index) else {
             return false;
         };
-        let Scratch { slots, meta, out } = s;
+        let Scratch { slots, meta, out, .. } = s;
         for _ in 0..BATCHES_PER_WAKE {
             let n = match relay.sock.try_recv(&mut Scratch::bufs(slots), meta) {
                 Ok(0) => return false,
@@ -946,7 +1083,7 @@ impl Shared {
                     out.relay(core, streams, now, relay.alloc, m.addr, d);
                 }
             }
-            if out.buf.len() >= OUT_FLUSH {
+            if out.buf.len() + out.sbuf.len() >= OUT_FLUSH {
                 out.flush(&self.udp);
             }
             if n < meta.len() {
@@ -1151,6 +1288,7 @@ async fn serve_stream<S>(
         tokio::spawn(async move {
             let mut framer = StreamFramer::new();
             let mut udp_out = UdpOut::new();
+            let mut to_peers = StreamToPeers::default();
             // Until the first complete message, then after each: bytes alone do not push it back.
             let mut deadline = accepted + shared.stream_first_message;
             loop {
@@ -1162,7 +1300,7 @@ async fn serve_stream<S>(
                     loop {
                         match framer.next_frame() {
                             Ok(Some(frame)) => {
-                                shared.client_frame(&mut st, tuple, frame, &mut udp_out);
+                                shared.client_frame(&mut st, tuple, frame, &mut udp_out, &mut to_peers);
                                 framed = true;
                             }
                             Ok(None) => break,
@@ -1172,6 +1310,7 @@ async fn serve_stream<S>(
                             }
                         }
                     }
+                    to_peers.flush(&st.relays);
                 }
                 shared.send_udp(&mut udp_out);
                 if bad {
