@@ -195,13 +195,13 @@ if [ -n "${STEPS:-}" ]; then
       for srv in $order; do
         [ "${bad[$srv]}" -ge 2 ] && continue
         if [ $srv = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
-        c0=$(cpu_ns "$pid")
+        c0=$(cpu_ns "$pid"); read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
         out=$(timeout $((STEP_SECS + 60)) $LOAD_CPU "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" \
               ${TCP:+--tcp} --flows "$FLOWS" --rate "$rate" --secs "$STEP_SECS" --size "$SIZE" 2>&1) || true
-        c1=$(cpu_ns "$pid")
+        c1=$(cpu_ns "$pid"); read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
         line=$(grep '^result ' <<<"$out" || true)
         if [ -z "$line" ]; then echo "$srv $rate: turnload failed: $(tail -1 <<<"$out")" >&2; line="result sent=0 lost_to_peer=1"; fi
-        echo "rep=$rep server=$srv rate=$rate cpu_ns=$((c1 - c0)) ${line#result }" | tee -a "$TMP/steps"
+        echo "rep=$rep server=$srv rate=$rate cpu_ns=$((c1 - c0)) user_ticks=$((u1 - u0)) sys_ticks=$((s1 - s0)) ${line#result }" | tee -a "$TMP/steps"
         if grep -qE 'not_sent=0 .*lost_to_peer=0 lost_to_client=0 ' <<<"$line"; then bad[$srv]=0; else bad[$srv]=$((bad[$srv] + 1)); fi
       done
       [ "${bad[webcall]}" -ge 2 ] && [ "${bad[coturn]}" -ge 2 ] && break

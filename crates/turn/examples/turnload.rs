@@ -197,6 +197,13 @@ fn udp_drops(ports: &[u16]) -> u64 {
         .sum()
 }
 
+/// Datagrams the kernel dropped from the per-CPU loopback backlog queues (netdev_max_backlog), all CPUs: a drop
+/// on the way, at neither socket (/proc/net/softnet_stat, second column).
+fn backlog_drops() -> u64 {
+    let t = std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default();
+    t.lines().filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok()).sum()
+}
+
 #[derive(Default)]
 struct Counts {
     at_peer: AtomicU64,
@@ -320,7 +327,7 @@ fn run(a: Args) -> Result<(), String> {
     let relay_ports: Vec<u16> = relays.iter().map(|r| r.port()).collect();
     let mut server_ports = relay_ports.clone();
     server_ports.push(a.server.port());
-    let (server_drops0, load_drops0) = (udp_drops(&server_ports), udp_drops(&load_ports));
+    let (server_drops0, load_drops0, backlog0) = (udp_drops(&server_ports), udp_drops(&load_ports), backlog_drops());
 
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -525,13 +532,15 @@ fn run(a: Args) -> Result<(), String> {
         (c.at_peer.load(Ordering::Relaxed), c.echoed.load(Ordering::Relaxed), c.back.load(Ordering::Relaxed));
     println!(
         "result offered={} sent={sent} not_sent={not_sent} at_peer={at_peer} echoed={echoed} back={back} \
-         lost_to_peer={} lost_to_client={} server_sock_drops={} load_sock_drops={} flows={} flows_back={} \
+         lost_to_peer={} lost_to_client={} server_sock_drops={} load_sock_drops={} backlog_drops={} flows={} \
+         flows_back={} \
          send_secs={send_secs:.3} alloc_secs={alloc_secs:.2}",
         total,
         sent.saturating_sub(at_peer),
         echoed.saturating_sub(back),
         udp_drops(&server_ports).saturating_sub(server_drops0),
         udp_drops(&load_ports).saturating_sub(load_drops0),
+        backlog_drops().saturating_sub(backlog0),
         flows,
         c.flows_back.load(Ordering::Relaxed),
     );
