@@ -8,7 +8,7 @@
 #   IDLE_ALLOCS=1000 ZS= bench/turn/run.sh # only: 1000 allocations at ~1 msg/s, then idle: memory, CPU
 #   WC_BIN=/tmp/webcall-before bench/turn/run.sh   # measure another webcall binary
 #   PIN=0 bench/turn/run.sh                # no CPU pinning (by default both servers share CPU 0, load on CPU 1)
-#   PERF_OUT=/tmp/wc.perf bench/turn/run.sh   # also `perf record -e cpu-clock -g` webcall during its load runs
+#   PERF_OUT=/tmp/wc.perf bench/turn/run.sh   # also `perf record -e cpu-clock -g` webcall during the whole run
 #   ZS= STEPS="10000 20000 40000" REPS=3 bench/turn/run.sh   # only: zero-loss throughput search (turnload)
 #   ZS= STEPS=... TCP=1 bench/turn/run.sh  # the same with the clients on TCP
 # (uclient's default mode uses RFC 5766 channel numbers up to 0x7FFF, which webcall accepts by default.)
@@ -144,7 +144,8 @@ run() {
 }
 
 if [ -n "${PERF_OUT:-}" ]; then
-  perf record -q -e cpu-clock -g -p "$WC_PID" -o "$PERF_OUT" >/dev/null 2>&1 & PERF_PID=$!; PIDS+=($PERF_PID)
+  # The subshell must not inherit the EXIT trap (a signal before the exec would run the cleanup).
+  (trap - EXIT; exec perf record -q -e cpu-clock -g -p "$WC_PID" -o "$PERF_OUT") >/dev/null 2>&1 & PERF_PID=$!; PIDS+=($PERF_PID)
 fi
 echo "load: $M clients x $N msgs x $L B, uclient flags: ${MODE:-(UDP, channels)} -c -X; intervals: ${ZS:-none} ms; $ROUNDS rounds; pinned: $PIN"
 for z in $ZS; do
@@ -154,7 +155,6 @@ for z in $ZS; do
   done
 done
 
-if [ -n "${PERF_OUT:-}" ]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" 2>/dev/null || true; fi
 if [ -s "$TMP/results" ]; then
 echo
 awk -v tick="$TICK" '
@@ -244,3 +244,5 @@ if [ "${IDLE_ALLOCS:-0}" -gt 0 ]; then
     join "$TMP/th0" "$TMP/th1" | awk -v s=$srv -v t="$IDLE_SECS" '{ printf "%-8s   idle thread %-18s %.2f ms, %d wake-ups in %d s\n", s, $2, ($6 - $3) / 1e6, $7 - $4, t }'
   done
 fi
+# The profile covers every run above (uclient, the throughput search, the allocations).
+if [ -n "${PERF_OUT:-}" ]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" 2>/dev/null || true; fi
