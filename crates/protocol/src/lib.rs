@@ -914,6 +914,11 @@ pub enum ServerMessage {
     Speaker {
         peer: String,
     },
+    /// Member `from` of an SFU room sent `data` (an object, passed on unchanged; see [`encode_data`]).
+    Data {
+        from: String,
+        data: serde_json::Value,
+    },
     Error {
         code: String,
         message: String,
@@ -1184,6 +1189,13 @@ mod tests {
             assert_eq!(encode_relay(RelayKind::Candidate, "B", &raw), m.to_json());
         }
         assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into() }.to_json());
+        // `data` is passed on as the client wrote it; serde's map sorts keys, so these are sorted already.
+        for d in [r#"{}"#, r#"{"name":"é\"\u0001","type":"name"}"#, r#"{"a":[1,{"b":null}],"type":"x"}"#] {
+            let raw: Box<RawValue> = serde_json::from_str(d).unwrap();
+            let m = ServerMessage::Data { from: "Kq3\"".into(), data: serde_json::from_str(d).unwrap() };
+            assert_eq!(encode_data("Kq3\"", &raw), m.to_json());
+            assert_eq!(ServerMessage::parse(&encode_data("Kq3\"", &raw)).unwrap(), m);
+        }
         for refers_to in [None, Some("offer")] {
             let mut e = ProtocolError::new(ErrorCode::UnknownPeer, "no peer 'x\"'");
             e.refers_to = refers_to.map(str::to_owned);
