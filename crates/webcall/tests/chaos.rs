@@ -3,8 +3,8 @@
 //! Every accepted message arrives exactly once and in order, nobody is reset, and the third node's peer is seen to
 //! leave (`bye`), as docs/cluster.md states. Real `redis-server` and `webcall serve` processes on loopback.
 
-mod common;
-mod redis;
+use webcall_testkit as common;
+use webcall_testkit::redis;
 
 use common::{Client, ServerProc};
 use futures_util::{SinkExt, StreamExt};

@@ -1,8 +1,8 @@
 //! Several `webcall serve --redis` nodes sharing rooms through a real `redis-server` (started here, on its own
 //! loopback port), with real WebSocket clients.
 
-mod common;
-mod redis;
+use webcall_testkit as common;
+use webcall_testkit::redis;
 
 use common::{Client, Ended, ServerProc, WAIT};
 use redis::Redis;

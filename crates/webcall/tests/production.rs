@@ -1,7 +1,7 @@
 //! Production features against a real server: join tokens, room passwords, origins, per-address limits, TLS,
 //! graceful shutdown and metrics. Every refusal is provoked and its message checked.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, Pinned, ServerProc};
 use serde_json::json;
@@ -206,15 +206,15 @@ async fn self_signed_tls_serves_wss_with_the_printed_fingerprint() {
 
 #[tokio::test]
 async fn certificate_files_and_reload_on_sighup() {
-    let dir = common::TempDir::new("tls");
+    let dir = common::temp_dir("tls");
     let write = |name: &str| {
         let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
-        std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), c.signing_key.serialize_pem()).unwrap();
     };
     write("first.test");
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
     let turns = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string(); // then freed
     let server = ServerProc::start(&[
         "--tls-cert",

@@ -1,7 +1,7 @@
 //! Abuse against a real server over loopback (issue 19 and bursts from issue 17): each attack is bounded in count and
 //! time, and each test asserts the bound or refusal and that a well-behaved call on the same server keeps working.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, ServerProc, WAIT};
 use futures_util::{SinkExt, StreamExt};

@@ -1,7 +1,7 @@
 //! SFU rooms over real WebSockets: topology switches, the reserved peer id `sfu`, server-driven offers with the
 //! track mapping, and what a v1 client gets. Loopback only.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, ServerProc};
 use serde_json::{json, Value};

@@ -1,6 +1,6 @@
 //! Protocol v1 against a real `webcall serve` process with real WebSocket clients.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, ServerProc};
 use futures_util::SinkExt;
