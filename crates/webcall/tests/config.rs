@@ -3,8 +3,8 @@
 use webcall_testkit as common;
 
 use common::{Client, ServerProc};
-use serde_json::json;
 use std::process::Command;
+use webcall_protocol::Join;
 
 fn webcall() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_webcall"));
@@ -19,7 +19,7 @@ async fn capacity(server: &ServerProc) -> usize {
     let mut clients = Vec::new();
     for n in 0..10 {
         let mut c = Client::connect(&url).await;
-        c.send(json!({"type":"join","room":"cap"})).await;
+        c.send_join(Join::new("cap", "")).await;
         let m = c.recv().await;
         if m["type"] == "error" {
             assert_eq!(m["code"], "room-full");
