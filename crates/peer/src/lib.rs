@@ -11,6 +11,7 @@ mod controller;
 pub mod gather;
 pub mod janus;
 pub mod media;
+pub mod rtc;
 pub mod session;
 pub mod sfu;
 mod signaling;
@@ -95,7 +96,8 @@ pub struct PeerArgs {
     /// Write each remote peer's video to DIR/NAME-ID.ivf.
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,
-    /// Relay stdin lines to every peer's `chat` data channel and print theirs as 'chat NAME: TEXT'.
+    /// Relay stdin lines to every peer's `chat` data channel and print theirs as 'chat NAME: TEXT'; in an SFU
+    /// room (no data channels) as signaling `data`, the way the page chats there.
     #[arg(long)]
     pub chat: bool,
     /// Send each peer's video back to it.
@@ -240,7 +242,7 @@ pub async fn run(args: PeerArgs) -> i32 {
 
 async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
     // The DTLS certificate (and with it aws-lc's RNG seeding) is ready before the first session needs it.
-    session::prepare_dtls_cert();
+    rtc::prepare_dtls_cert();
     let stop = Arc::new(AtomicBool::new(false));
     let source = media_source(&args, &stop)?;
     if args.janus || args.whip {

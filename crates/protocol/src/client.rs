@@ -62,6 +62,11 @@ pub enum Event {
     Speaker {
         peer: String,
     },
+    /// Member `from` of the SFU room sent `data` (chat, media state, name, hand).
+    Data {
+        from: String,
+        data: serde_json::Value,
+    },
     /// The server refused a message. `join_refused`: it refused this connection's join (before any welcome on
     /// it), so reconnecting will not help.
     Error {
@@ -107,12 +112,21 @@ impl SignalingClient {
 
     /// Relays `signal` to `to`: written now if live (see [`Self::poll_transmit`]), else after the next resume.
     pub fn send(&mut self, to: &str, signal: &Signal) {
-        let frame = signal.to_json(to);
+        self.queue(signal.to_json(to));
+    }
+
+    fn queue(&mut self, frame: String) {
         if self.live {
             self.transmit.push_back(frame);
         } else {
             self.outbox.push(frame);
         }
+    }
+
+    /// Sends `data` (a JSON object: chat, media state, name, hand) to every other member of the SFU room, like
+    /// [`Self::send`]: now if live, else after the next resume.
+    pub fn send_data(&mut self, data: &serde_json::value::RawValue) {
+        self.queue(crate::ClientMessage::Data(data).to_json());
     }
 
     /// The `bye` frame (leaving the room for good).
@@ -151,6 +165,7 @@ impl SignalingClient {
             ServerMessage::Bye { from } => Event::Bye { from },
             ServerMessage::Topology { mode } => Event::Topology { mode },
             ServerMessage::Speaker { peer } => Event::Speaker { peer },
+            ServerMessage::Data { from, data } => Event::Data { from, data },
             ServerMessage::Error { code, message, refers_to } => {
                 let join_refused = !self.live && refers_to.as_deref() == Some("join");
                 Event::Error { code, message, refers_to, join_refused }
