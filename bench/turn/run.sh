@@ -10,7 +10,11 @@
 #   PIN=0 bench/turn/run.sh                # no CPU pinning (by default both servers share CPU 0, load on CPU 1)
 #   PERF_OUT=/tmp/wc.perf bench/turn/run.sh   # also `perf record -e cpu-clock -g` webcall during the whole run
 #   ZS= STEPS="10000 20000 40000" REPS=3 bench/turn/run.sh   # only: zero-loss throughput search (turnload)
-#   ZS= STEPS=... TCP=1 bench/turn/run.sh  # the same with the clients on TCP
+#   ZS= STEPS=... TCP=1 bench/turn/run.sh  # the same with the clients on TCP (FLOWS, SIZE, STEP_SECS: see below)
+#   STEPS_LOG=saved-output.txt bench/turn/run.sh   # only re-summarise the step lines of a saved search
+#   NICE=0 bench/turn/run.sh               # no priority boost (by default servers and load at nice -10, own session)
+# uclient can offer only ~3 000 messages/s (a few % of a server's CPU), so throughput is searched with
+# crates/turn/examples/turnload.rs (batched I/O), built here unless LOAD_BIN names a binary.
 # (uclient's default mode uses RFC 5766 channel numbers up to 0x7FFF, which webcall accepts by default.)
 #
 # Needs: cargo, coturn (apt-get install -y coturn). Every process it starts is killed on exit; each load
