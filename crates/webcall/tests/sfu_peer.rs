@@ -6,6 +6,7 @@ use webcall_testkit as common;
 
 use common::{Proc, ServerProc};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 use webcall_peer::clip::{Clip, Layer};
 
@@ -139,34 +140,34 @@ fn a_native_whip_publisher_is_received_through_the_sfu() {
     let url = server.ws_url();
     let clip: Vec<Vec<u8>> = Clip::builtin(Layer::Low).frames.iter().map(|f| f.data.to_vec()).collect();
 
-    let mut refused = PeerProc::start(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
+    let mut refused = sfu_peer(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
     assert_eq!(refused.wait_exit(), 3, "{}", refused.output());
     assert!(refused.output().contains("whip refused: 401"), "{}", refused.output());
 
     let cam_token = token("whip-room", "cam");
-    let mut cam = PeerProc::start(
+    let mut cam = sfu_peer(
         &url,
         "whip-room",
         "cam",
         &["--whip", "--send", "testsrc", "--token", &cam_token, "--duration", "12s"],
     );
     cam.wait_for("the WHIP resource", |l| l.starts_with("joined room whip-room via whip http://"));
-    let dir = common::TempDir::new("whip-peer-rec");
+    let dir = common::temp_dir("whip-peer-rec");
     let viewer_token = token("whip-room", "viewer");
-    let mut viewer = PeerProc::start(
+    let mut viewer = sfu_peer(
         &url,
         "whip-room",
         "viewer",
-        &["--record", dir.to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
+        &["--record", dir.path().to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
     );
     let line = viewer.wait_for("the WHIP publisher", |l| l.starts_with("peer ") && l.ends_with(" via sfu"));
     let cam_id = line.split_whitespace().nth(1).unwrap().to_owned();
     assert_eq!(viewer.wait_exit(), 0, "viewer output:\n{}", viewer.output());
-    let s = viewer.final_stats(&cam_id);
+    let s = final_stats(&viewer, &cam_id);
     assert!(field(&s, "frames_in") > 60, "{s:?}");
     assert!(field(&s, "audio_in") > 100, "{s:?}");
     assert_eq!(s.iter().find(|(k, _)| k == "name").map(|(_, v)| v.as_str()), Some("\"cam\""), "{s:?}");
-    assert!(check_recording(&dir, &s, &clip) > 60);
+    assert!(check_recording(dir.path(), &s, &clip) > 60);
     assert_eq!(cam.wait_exit(), 0, "publisher output:\n{}", cam.output());
     let last = cam.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true"));
     assert!(last.contains("frames_out=") && !last.contains("frames_out=0 "), "{last}");
