@@ -468,38 +468,20 @@ impl ClusterRooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
+    use serde_json::json;
 
     /// One node of a simulated cluster, driven by hand.
-    struct Node {
-        rooms: ClusterRooms,
-        now: Instant,
-        next_conn: ConnId,
-    }
+    type Node = crate::tests::Harness<ClusterRooms>;
 
     impl Node {
         fn new() -> Node {
             let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
             let now = Instant::now();
-            Node { rooms: ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now, next_conn: 1 }
-        }
-        fn connect(&mut self) -> ConnId {
-            let c = self.next_conn;
-            self.next_conn += 1;
-            self.rooms.connect(c, self.now);
-            c
-        }
-        fn send(&mut self, conn: ConnId, v: Value) {
-            self.rooms.message(conn, &v.to_string(), self.now);
-        }
-        fn recv(&mut self, conn: ConnId) -> Vec<Value> {
-            self.rooms.check_invariants();
-            let mut buf = Vec::new();
-            self.rooms.take(conn, &mut buf);
-            buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
+            Node::over(ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now)
         }
         fn cluster(&mut self) -> Vec<ClusterOutput> {
-            std::iter::from_fn(|| self.rooms.poll_output())
+            self.split(|o| matches!(o, Output::Cluster(_)))
+                .into_iter()
                 .filter_map(|o| match o {
                     Output::Cluster(c) => Some(c),
                     _ => None,
@@ -509,7 +491,7 @@ mod tests {
         /// Joins through the (simulated) cluster: returns the conn after its welcome.
         fn join(&mut self, room: &str, id: &str, peers: &[(&str, &str)]) -> ConnId {
             let c = self.connect();
-            self.send(c, json!({"type":"join","room":room,"name":id}));
+            self.send_json(c, json!({"type":"join","room":room,"name":id}));
             let out = self.cluster();
             assert!(matches!(&out[..], [ClusterOutput::Join { conn, .. }] if *conn == c), "{out:?}");
             self.rooms.admit(admitted(c, AdmitKind::Fresh, id, room, peers), self.now);
@@ -537,20 +519,20 @@ mod tests {
     fn join_waits_for_the_cluster_and_welcome_lists_remote_peers() {
         let mut n = Node::new();
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r","name":"Bob"}));
+        n.send_json(c, json!({"type":"join","room":"r","name":"Bob"}));
         assert!(n.recv(c).is_empty(), "no welcome before the seat is taken");
         let out = n.cluster();
         assert!(
             matches!(&out[..], [ClusterOutput::Join { room, name, resume: None, .. }] if room == "r" && name == "Bob")
         );
-        n.send(c, json!({"type":"join","room":"r"}));
+        n.send_json(c, json!({"type":"join","room":"r"}));
         assert_eq!(n.recv(c)[0]["code"], "already-joined");
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "Alice")]), n.now);
         let w = n.recv(c);
         assert_eq!(w[0]["peers"], json!([{"id":"A","name":"Alice"}]));
         assert_eq!(w[0]["resume"], "tok-B");
         // A relay to the remote peer leaves as a cluster output.
-        n.send(c, json!({"type":"offer","to":"A","sdp":"x"}));
+        n.send_json(c, json!({"type":"offer","to":"A","sdp":"x"}));
         let out = n.cluster();
         assert!(
             matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#))
@@ -561,13 +543,13 @@ mod tests {
     fn refused_join_leaves_the_connection_usable() {
         let mut n = Node::new();
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r"}));
+        n.send_json(c, json!({"type":"join","room":"r"}));
         n.cluster();
         n.rooms.refuse_join(c, ProtocolError::new(ErrorCode::RoomFull, "full"), n.now);
         let e = n.recv(c);
         assert_eq!(e[0]["code"], "room-full");
         assert_eq!(e[0]["ref"], "join");
-        n.send(c, json!({"type":"join","room":"s"}));
+        n.send_json(c, json!({"type":"join","room":"s"}));
         assert_eq!(n.cluster().len(), 1);
     }
 
@@ -595,7 +577,7 @@ mod tests {
         let a = n.join("r", "A", &[("X", "x")]);
         let b = n.join("r", "B", &[("X", "x"), ("A", "A")]);
         assert_eq!(n.recv(a), vec![json!({"type":"hello","from":"B","name":"B"})]);
-        n.send(b, json!({"type":"bye"}));
+        n.send_json(b, json!({"type":"bye"}));
         assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
         let out = n.cluster();
         assert!(matches!(&out[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
@@ -626,7 +608,7 @@ mod tests {
         old.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), old.now);
         // P resumes on `new`, which hears of it before the old node's queue arrives.
         let c = new.connect();
-        new.send(c, json!({"type":"join","room":"r","resume":"tok-P"}));
+        new.send_json(c, json!({"type":"join","room":"r","resume":"tok-P"}));
         assert!(matches!(&new.cluster()[..], [ClusterOutput::Join { resume: Some(t), .. }] if t == "tok-P"));
         new.rooms.admit(admitted(c, AdmitKind::ResumedFromElsewhere, "P", "r", &[("S", "s")]), new.now);
         assert!(new.recv(c).is_empty(), "welcome waits for the handover");
@@ -672,9 +654,9 @@ mod tests {
         let a = n.join("r", "A", &[]);
         let b = n.join("r", "B", &[("A", "A")]);
         n.rooms.disconnect(b, n.now);
-        n.send(a, json!({"type":"offer","to":"B","sdp":"queued"}));
+        n.send_json(a, json!({"type":"offer","to":"B","sdp":"queued"}));
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r","resume":"tok-B"}));
+        n.send_json(c, json!({"type":"join","room":"r","resume":"tok-B"}));
         n.cluster();
         n.rooms.admit(admitted(c, AdmitKind::Resumed, "B", "r", &[("A", "A")]), n.now);
         let got = n.recv(c);
@@ -688,7 +670,7 @@ mod tests {
         let mut n = Node::new();
         let a = n.join("r", "A", &[]);
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r"}));
+        n.send_json(c, json!({"type":"join","room":"r"}));
         n.cluster();
         n.rooms.disconnect(c, n.now);
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "A")]), n.now);

@@ -2,13 +2,60 @@
 
 use super::*;
 use serde_json::Value;
+use std::borrow::BorrowMut;
 
-struct Harness {
-    rooms: Rooms,
-    now: Instant,
+/// A room core (`Rooms`, or the `ClusterRooms` around one) driven by hand, in simulated time.
+pub(crate) struct Harness<R: BorrowMut<Rooms> = Rooms> {
+    pub(crate) rooms: R,
+    pub(crate) now: Instant,
     next_conn: ConnId,
     /// Outputs polled but not yet looked at (connection outputs and SFU requests are read separately).
     polled: Vec<Output>,
+}
+
+impl<R: BorrowMut<Rooms>> Harness<R> {
+    pub(crate) fn over(rooms: R, now: Instant) -> Self {
+        Harness { rooms, now, next_conn: 1, polled: Vec::new() }
+    }
+    fn core(&mut self) -> &mut Rooms {
+        self.rooms.borrow_mut()
+    }
+    pub(crate) fn connect(&mut self) -> ConnId {
+        let (c, now) = (self.next_conn, self.now);
+        self.next_conn += 1;
+        self.core().connect(c, now);
+        c
+    }
+    pub(crate) fn send(&mut self, conn: ConnId, text: &str) {
+        let now = self.now;
+        self.core().message(conn, text, now);
+    }
+    pub(crate) fn send_json(&mut self, conn: ConnId, v: Value) {
+        self.send(conn, &v.to_string());
+    }
+    /// Everything queued for `conn`, parsed.
+    pub(crate) fn recv(&mut self, conn: ConnId) -> Vec<Value> {
+        self.core().check_invariants();
+        let mut buf = Vec::new();
+        self.core().take(conn, &mut buf);
+        buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
+    }
+    fn outputs(&mut self) -> Vec<Output> {
+        self.split(|o| !matches!(o, Output::Sfu(_)))
+    }
+    /// The outputs (in order) that `pick` selects; the others stay for the next look.
+    pub(crate) fn split(&mut self, pick: impl Fn(&Output) -> bool) -> Vec<Output> {
+        let polled: Vec<Output> = std::iter::from_fn(|| self.core().poll_output()).collect();
+        self.polled.extend(polled);
+        let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
+        self.polled = rest;
+        picked
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        let now = self.now;
+        self.core().tick(now);
+    }
 }
 
 impl Harness {
@@ -17,40 +64,7 @@ impl Harness {
             vec![IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: Some(id.into()), credential: None }]
         };
         let now = Instant::now();
-        Harness { rooms: Rooms::new(cfg, Box::new(ice), now), now, next_conn: 1, polled: Vec::new() }
-    }
-    fn connect(&mut self) -> ConnId {
-        let c = self.next_conn;
-        self.next_conn += 1;
-        self.rooms.connect(c, self.now);
-        c
-    }
-    fn send(&mut self, conn: ConnId, text: &str) {
-        self.rooms.message(conn, text, self.now);
-    }
-    fn send_json(&mut self, conn: ConnId, v: Value) {
-        self.send(conn, &v.to_string());
-    }
-    /// Everything queued for `conn`, parsed.
-    fn recv(&mut self, conn: ConnId) -> Vec<Value> {
-        self.rooms.check_invariants();
-        let mut buf = Vec::new();
-        self.rooms.take(conn, &mut buf);
-        buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
-    }
-    fn outputs(&mut self) -> Vec<Output> {
-        self.split(|o| !matches!(o, Output::Sfu(_)))
-    }
-    /// The outputs (in order) that `pick` selects; the others stay for the next look.
-    fn split(&mut self, pick: impl Fn(&Output) -> bool) -> Vec<Output> {
-        self.polled.extend(std::iter::from_fn(|| self.rooms.poll_output()));
-        let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
-        self.polled = rest;
-        picked
-    }
-    fn advance(&mut self, d: Duration) {
-        self.now += d;
-        self.rooms.tick(self.now);
+        Harness::over(Rooms::new(cfg, Box::new(ice), now), now)
     }
     /// Connects and joins; returns (conn, id, resume token).
     fn join(&mut self, room: &str, name: &str) -> (ConnId, String, String) {
