@@ -84,6 +84,16 @@ impl ServerProc {
         ServerProc { child, addr: addr.parse().unwrap(), scheme: scheme.to_owned(), banner }
     }
 
+    /// `GET /metrics`: the response (head and Prometheus text).
+    pub fn metrics(&self) -> String {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(self.addr).expect("the server accepts");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    }
+
     pub fn ws_url(&self) -> String {
         let ws = if self.scheme == "https" { "wss" } else { "ws" };
         format!("{ws}://{}/ws", self.addr)
@@ -246,6 +256,13 @@ impl Client {
 }
 
 pub use tempfile::TempDir;
+
+/// A join token signed with `secret`: `webcall token --auth-secret SECRET ARGS…`.
+pub fn token(secret: &str, args: &[&str]) -> String {
+    let out = Command::new(webcall_bin()).args(["token", "--auth-secret", secret]).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
 
 /// A fresh directory under the system temp dir (named after `tag`), removed with everything in it when dropped.
 pub fn temp_dir(tag: &str) -> TempDir {

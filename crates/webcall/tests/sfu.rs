@@ -85,7 +85,7 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     assert_eq!(e["ref"], "offer");
 
     // /metrics: A's and B's audio and video are published.
-    let m = metrics(&server).await;
+    let m = server.metrics();
     assert!(m.lines().any(|l| l == "webcall_sfu_tracks 4"), "{m}");
     assert!(m.contains("webcall_sfu_sessions "), "{m}");
 
@@ -98,15 +98,6 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
             break;
         }
     }
-}
-
-async fn metrics(server: &ServerProc) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]
