@@ -186,6 +186,12 @@ impl Client {
         self.send_text(&join.to_json()).await;
     }
 
+    /// Sends `data` (an object) to the others of an SFU room (typed).
+    pub async fn send_data(&mut self, data: &Value) {
+        let raw = serde_json::value::to_raw_value(data).expect("JSON");
+        self.send_text(&webcall_protocol::ClientMessage::Data(&raw).to_json()).await;
+    }
+
     /// Relays `signal` to peer `to` (typed).
     pub async fn relay(&mut self, to: &str, signal: webcall_protocol::Signal) {
         self.send_text(&signal.to_json(to)).await;

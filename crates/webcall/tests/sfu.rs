@@ -120,7 +120,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     let (mut b, _) = join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
     // Peer-to-peer: `data` is refused (the data channel carries it).
-    a.send(json!({"type":"data","data":{"type":"chat","text":"p2p"}})).await;
+    a.send_data(&json!({"type":"chat","text":"p2p"})).await;
     assert_eq!(a.expect_error("needs-sfu").await["ref"], "data");
     // The third moves the room to the SFU, past --max-peers 2 (SFU rooms have --max-sfu-peers).
     let (mut c, _) = join_sfu(&url, "r", "C").await;
@@ -140,7 +140,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     d.expect_error("room-full").await;
     // `data` reaches every other member unchanged, with `from`.
     let chat = json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
-    a.send(json!({"type":"data","data":chat})).await;
+    a.send_data(&chat).await;
     for x in [&mut b, &mut c] {
         let m = x.expect("data").await;
         assert_eq!((&m["from"], &m["data"]), (&json!(a.id), &chat), "{m}");
