@@ -469,6 +469,7 @@ impl ClusterRooms {
 mod tests {
     use super::*;
     use serde_json::json;
+    use webcall_protocol::{Join, Signal, BYE};
 
     /// One node of a simulated cluster, driven by hand.
     type Node = crate::tests::Harness<ClusterRooms>;
@@ -491,7 +492,7 @@ mod tests {
         /// Joins through the (simulated) cluster: returns the conn after its welcome.
         fn join(&mut self, room: &str, id: &str, peers: &[(&str, &str)]) -> ConnId {
             let c = self.connect();
-            self.send_json(c, json!({"type":"join","room":room,"name":id}));
+            self.send(c, &Join::new(room, id).to_json());
             let out = self.cluster();
             assert!(matches!(&out[..], [ClusterOutput::Join { conn, .. }] if *conn == c), "{out:?}");
             self.rooms.admit(admitted(c, AdmitKind::Fresh, id, room, peers), self.now);
@@ -519,20 +520,20 @@ mod tests {
     fn join_waits_for_the_cluster_and_welcome_lists_remote_peers() {
         let mut n = Node::new();
         let c = n.connect();
-        n.send_json(c, json!({"type":"join","room":"r","name":"Bob"}));
+        n.send(c, &Join::new("r", "Bob").to_json());
         assert!(n.recv(c).is_empty(), "no welcome before the seat is taken");
         let out = n.cluster();
         assert!(
             matches!(&out[..], [ClusterOutput::Join { room, name, resume: None, .. }] if room == "r" && name == "Bob")
         );
-        n.send_json(c, json!({"type":"join","room":"r"}));
+        n.send(c, &Join::new("r", "").to_json());
         assert_eq!(n.recv(c)[0]["code"], "already-joined");
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "Alice")]), n.now);
         let w = n.recv(c);
         assert_eq!(w[0]["peers"], json!([{"id":"A","name":"Alice"}]));
         assert_eq!(w[0]["resume"], "tok-B");
         // A relay to the remote peer leaves as a cluster output.
-        n.send_json(c, json!({"type":"offer","to":"A","sdp":"x"}));
+        n.send(c, &Signal::Offer("x".into()).to_json("A"));
         let out = n.cluster();
         assert!(
             matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#))
@@ -543,13 +544,13 @@ mod tests {
     fn refused_join_leaves_the_connection_usable() {
         let mut n = Node::new();
         let c = n.connect();
-        n.send_json(c, json!({"type":"join","room":"r"}));
+        n.send(c, &Join::new("r", "").to_json());
         n.cluster();
         n.rooms.refuse_join(c, ProtocolError::new(ErrorCode::RoomFull, "full"), n.now);
         let e = n.recv(c);
         assert_eq!(e[0]["code"], "room-full");
         assert_eq!(e[0]["ref"], "join");
-        n.send_json(c, json!({"type":"join","room":"s"}));
+        n.send(c, &Join::new("s", "").to_json());
         assert_eq!(n.cluster().len(), 1);
     }
 
@@ -577,7 +578,7 @@ mod tests {
         let a = n.join("r", "A", &[("X", "x")]);
         let b = n.join("r", "B", &[("X", "x"), ("A", "A")]);
         assert_eq!(n.recv(a), vec![json!({"type":"hello","from":"B","name":"B"})]);
-        n.send_json(b, json!({"type":"bye"}));
+        n.send(b, BYE);
         assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
         let out = n.cluster();
         assert!(matches!(&out[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
@@ -608,7 +609,7 @@ mod tests {
         old.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), old.now);
         // P resumes on `new`, which hears of it before the old node's queue arrives.
         let c = new.connect();
-        new.send_json(c, json!({"type":"join","room":"r","resume":"tok-P"}));
+        new.send(c, &Join { resume: Some("tok-P".into()), ..Join::new("r", "") }.to_json());
         assert!(matches!(&new.cluster()[..], [ClusterOutput::Join { resume: Some(t), .. }] if t == "tok-P"));
         new.rooms.admit(admitted(c, AdmitKind::ResumedFromElsewhere, "P", "r", &[("S", "s")]), new.now);
         assert!(new.recv(c).is_empty(), "welcome waits for the handover");
@@ -654,9 +655,9 @@ mod tests {
         let a = n.join("r", "A", &[]);
         let b = n.join("r", "B", &[("A", "A")]);
         n.rooms.disconnect(b, n.now);
-        n.send_json(a, json!({"type":"offer","to":"B","sdp":"queued"}));
+        n.send(a, &Signal::Offer("queued".into()).to_json("B"));
         let c = n.connect();
-        n.send_json(c, json!({"type":"join","room":"r","resume":"tok-B"}));
+        n.send(c, &Join { resume: Some("tok-B".into()), ..Join::new("r", "") }.to_json());
         n.cluster();
         n.rooms.admit(admitted(c, AdmitKind::Resumed, "B", "r", &[("A", "A")]), n.now);
         let got = n.recv(c);
@@ -670,7 +671,7 @@ mod tests {
         let mut n = Node::new();
         let a = n.join("r", "A", &[]);
         let c = n.connect();
-        n.send_json(c, json!({"type":"join","room":"r"}));
+        n.send(c, &Join::new("r", "").to_json());
         n.cluster();
         n.rooms.disconnect(c, n.now);
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "A")]), n.now);
