@@ -93,7 +93,8 @@ fn hello_offer_answer_candidate_bye() {
     h.send(b, &Signal::Answer("v=0 answer".into()).to_json(&a_id));
     assert_eq!(h.recv(a), vec![serde_json::json!({"type":"answer","from":b_id,"sdp":"v=0 answer"})]);
     let cand = serde_json::json!({"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0,"usernameFragment":"u"});
-    h.send_json(a, serde_json::json!({"type":"candidate","to":b_id,"candidate":cand}));
+    let typed: webcall_protocol::IceCandidate = serde_json::from_value(cand.clone()).unwrap();
+    h.send(a, &Signal::Candidate(Some(typed)).to_json(&b_id));
     h.send(a, &Signal::Candidate(None).to_json(&b_id));
     assert_eq!(
         h.recv(b),
@@ -153,6 +154,7 @@ fn from_cannot_be_spoofed_nor_other_rooms_addressed() {
     let (b, b_id, _) = h.join("r1", "B");
     let (x, x_id, _) = h.join("r2", "X");
     h.recv(a);
+    // Raw JSON: a spoofed `from` is what this checks, and the typed encoder cannot write one.
     h.send_json(b, serde_json::json!({"type":"offer","to":a_id,"from":x_id,"sdp":"s"}));
     assert_eq!(h.recv(a)[0]["from"], b_id.as_str(), "the server sets from");
     h.send(a, &Signal::Offer("s".into()).to_json(&x_id));
@@ -260,7 +262,7 @@ fn resume_keeps_id_and_delivers_queue_in_order() {
     h.send(a, &Signal::Offer("2".into()).to_json(&b_id));
     h.rooms.disconnect(b, h.now);
     for i in 3..=5 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+        h.send(a, &Signal::Offer(i.to_string()).to_json(&b_id));
     }
     assert!(h.recv(a).is_empty(), "A sees neither bye nor errors");
     h.advance(Duration::from_secs(10));
@@ -336,7 +338,7 @@ fn slow_reader_is_cut_off_and_keeps_its_frames() {
     h.recv(a);
     h.outputs();
     for i in 0..5 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+        h.send(a, &Signal::Offer(i.to_string()).to_json(&b_id));
     }
     assert!(h.outputs().contains(&Output::Close { conn: b, code: close::POLICY, reason: "slow reader" }));
     h.send(a, &Signal::Offer("5".into()).to_json(&b_id));
@@ -356,7 +358,7 @@ fn detached_queue_overflow_ends_the_session() {
     h.recv(a);
     h.rooms.disconnect(b, h.now);
     for i in 0..5 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+        h.send(a, &Signal::Offer(i.to_string()).to_json(&b_id));
     }
     let got = h.recv(a);
     assert_eq!(got[0], serde_json::json!({"type":"bye","from":b_id}));
@@ -441,7 +443,7 @@ fn join_policy_and_subscribe_only_peers() {
     h.send(v, &Signal::Answer(receives.into()).to_json(&host_id));
     assert!(h.recv(v).is_empty());
     assert_eq!(h.recv(x)[0]["sdp"], receives);
-    h.send_json(x, serde_json::json!({"type":"offer","to":w["id"],"sdp":sends}));
+    h.send(x, &Signal::Offer(sends.into()).to_json(w["id"].as_str().unwrap()));
     assert_eq!(h.recv(v)[0]["type"], "offer", "publishers are not restricted");
 }
 
@@ -715,7 +717,8 @@ fn a_resumed_peer_of_an_sfu_room_is_told_again() {
     let w = h.recv(c).remove(0);
     h.rooms.disconnect(c, h.now);
     let c2 = h.connect();
-    h.send_json(c2, serde_json::json!({"type":"join","room":"r","sfu":true,"resume":w["resume"]}));
+    let resume = w["resume"].as_str().map(Into::into);
+    h.send(c2, &Join { sfu: true, resume, ..Join::new("r", "") }.to_json());
     let got = h.recv(c2);
     assert_eq!(got[0]["resumed"], true);
     assert_eq!(got[1], topology_sfu());
@@ -758,7 +761,7 @@ fn viewers_are_admitted_to_sfu_rooms_with_the_password() {
     let mut h = Harness::new(Config { topology: Topology::Sfu, ..Config::default() });
     assert_eq!(h.rooms.admit_viewer("none", None, "v", h.now), Err(WatchRefusal::NoRoom));
     let c = h.connect();
-    h.send_json(c, serde_json::json!({"type":"join","room":"r","sfu":true,"password":"pw"}));
+    h.send(c, &Join { sfu: true, password: Some("pw".into()), ..Join::new("r", "") }.to_json());
     assert_eq!(h.recv(c)[0]["type"], "welcome");
     let refused = |r: Result<Vec<IceServer>, WatchRefusal>| match r {
         Err(WatchRefusal::Refused(e)) => e.code,
@@ -795,6 +798,7 @@ fn data_goes_to_the_others_of_an_sfu_room_and_is_refused_in_a_mesh() {
     assert_eq!(h.recv(b), vec![want.clone()]);
     assert_eq!(h.recv(c), vec![want]);
     assert!(h.recv(a).is_empty(), "not echoed to the sender");
+    // Raw JSON: `data` must be an object, and this one is not.
     h.send_json(a, serde_json::json!({"type":"data","data":[1]}));
     assert_eq!(h.recv(a)[0]["code"], "bad-field");
 }
