@@ -431,8 +431,7 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let p = rustls::crypto::aws_lc_rs::default_provider();
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &p.signature_verification_algorithms)
+        with_algorithms(|algs| rustls::crypto::verify_tls12_signature(message, cert, dss, algs))
     }
     fn verify_tls13_signature(
         &self,
@@ -440,10 +439,14 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let p = rustls::crypto::aws_lc_rs::default_provider();
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &p.signature_verification_algorithms)
+        with_algorithms(|algs| rustls::crypto::verify_tls13_signature(message, cert, dss, algs))
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+        with_algorithms(|algs| algs.supported_schemes())
     }
+}
+
+/// `f` with aws-lc-rs's signature algorithms (what the server's rustls uses).
+fn with_algorithms<T>(f: impl FnOnce(&rustls::crypto::WebPkiSupportedAlgorithms) -> T) -> T {
+    f(&rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms)
 }
