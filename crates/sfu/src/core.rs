@@ -462,6 +462,11 @@ impl Sfu {
         }
     }
 
+    /// No sessions at all.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
     /// Number of sessions in `room`.
     pub fn room_len(&self, room: &str) -> usize {
         self.rooms.get(room).map_or(0, Vec::len)

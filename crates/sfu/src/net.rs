@@ -728,8 +728,11 @@ async fn run(
             io.sweep_tcp(now);
             *stats.lock() = (sfu.stats(), io.net);
         }
-        // Stats and the TCP sweep need a turn even when the core has nothing to do.
-        let deadline = deadline.min(next_stats);
+        // Stats and the TCP sweep need a turn even when the core has nothing to do, but not on an idle server
+        // (no session, no connection): there only stray datagrams change a figure, and they can wait for the
+        // core's idle timer rather than wake the thread ten times a second.
+        let idle = sfu.is_empty() && io.tcp.is_empty();
+        let deadline = if idle { deadline } else { deadline.min(next_stats) };
         if sleep.deadline().into_std() != deadline {
             sleep.as_mut().reset(deadline.into());
         }
