@@ -709,6 +709,12 @@ pub fn encode_topology_sfu() -> &'static str {
     r#"{"type":"topology","mode":"sfu"}"#
 }
 
+/// `{"type":"topology","mode":"sfu","restart":true}`: the room's SFU moved (with `--redis`, the node that ran it
+/// died): the client's connection to `sfu` is gone; it makes a new one (a fresh offer).
+pub fn encode_topology_sfu_restart() -> &'static str {
+    r#"{"type":"topology","mode":"sfu","restart":true}"#
+}
+
 /// The SFU's offer to a client: `{"type":"offer","from":"sfu","sdp":…,"tracks":[…]}`.
 pub fn encode_sfu_offer(sdp: &str, tracks: &[SfuTrack]) -> String {
     #[derive(Serialize)]
@@ -906,9 +912,11 @@ pub enum ServerMessage {
     Bye {
         from: String,
     },
-    /// The room's media path changed (`mode`: `sfu`).
+    /// The room's media path changed (`mode`: `sfu`); `restart`: the SFU moved, connect to it again.
     Topology {
         mode: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
     },
     /// The active speaker of an SFU room changed to `peer` (see [`encode_speaker`]).
     Speaker {
@@ -1183,7 +1191,11 @@ mod tests {
             let m = ServerMessage::Candidate { from: "B".into(), candidate };
             assert_eq!(encode_relay(RelayKind::Candidate, "B", &raw), m.to_json());
         }
-        assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into() }.to_json());
+        assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into(), restart: false }.to_json());
+        assert_eq!(
+            encode_topology_sfu_restart(),
+            ServerMessage::Topology { mode: "sfu".into(), restart: true }.to_json()
+        );
         for refers_to in [None, Some("offer")] {
             let mut e = ProtocolError::new(ErrorCode::UnknownPeer, "no peer 'x\"'");
             e.refers_to = refers_to.map(str::to_owned);

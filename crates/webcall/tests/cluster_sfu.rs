@@ -1,0 +1,157 @@
+//! SFU rooms across a cluster: real `redis-server`, three real `webcall serve --redis` nodes and real native peers
+//! (`webcall peer --sfu`) on loopback, each peer on another node. The room's media goes through one node's SFU;
+//! when that node is killed (SIGKILL), the room's SFU moves to a live node and the survivors' media resumes there.
+
+mod common;
+mod redis;
+
+use common::ServerProc;
+use redis::Redis;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long to wait for something that should happen (not a performance bound).
+const WAIT: Duration = Duration::from_secs(90);
+
+struct PeerProc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    name: String,
+}
+
+impl PeerProc {
+    fn start(url: &str, room: &str, name: &str) -> PeerProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1", "--sfu"])
+            .args(["--size", "320x180", "--stats-every", "1s", "--send", "testsrc", "--duration", "300s"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("webcall binary runs");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let (l, tag) = (lines.clone(), name.to_owned());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("[{tag}] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        PeerProc { child, lines, name: name.to_owned() }
+    }
+
+    /// Index of the first line from `from` on that satisfies `pred`.
+    fn wait_for(&self, what: &str, from: usize, pred: impl Fn(&str) -> bool) -> usize {
+        let t0 = Instant::now();
+        loop {
+            if let Some(i) = self.lines.lock().unwrap().iter().skip(from).position(|l| pred(l)) {
+                return from + i;
+            }
+            assert!(t0.elapsed() < WAIT, "{}: no {what} in:\n{}", self.name, self.lines.lock().unwrap().join("\n"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn id(&self) -> String {
+        let i = self.wait_for("join", 0, |l| l.starts_with("joined room "));
+        let l = self.lines.lock().unwrap()[i].clone();
+        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+    }
+
+    /// Waits (from line `from` on) for a stats line of `peer` received through the SFU with more than `frames`
+    /// video frames and some audio.
+    fn wait_media(&self, peer: &str, from: usize, frames: u64) -> usize {
+        let prefix = format!("stats peer={peer} ");
+        self.wait_for(&format!("{frames} frames of {peer} via the sfu"), from, |l| {
+            l.starts_with(&prefix)
+                && l.contains("pair=\"sfu\"")
+                && field(l, "frames_in") > frames
+                && field(l, "audio_in") > 0
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(line: &str, k: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn metrics(server: &ServerProc) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn metric(m: &str, name: &str) -> u64 {
+    m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+fn node(redis: &Redis, id: &str) -> ServerProc {
+    let url = redis.url();
+    ServerProc::start(&["--redis", url.as_str(), "--node-id", id, "--node-ttl", "1s", "--rate-limit", "2000"])
+}
+
+#[test]
+fn an_sfu_room_spans_nodes_and_survives_the_death_of_its_sfu_node() {
+    let redis = Redis::start();
+    let nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut nodes: Vec<Option<ServerProc>> = nodes.into_iter().map(Some).collect();
+    let url = |i: usize| nodes[i].as_ref().unwrap().ws_url();
+    // One peer per node; the third join moves the room to the SFU, on the third peer's node (n3).
+    let mut peers: Vec<PeerProc> = Vec::new();
+    for i in 0..3 {
+        peers.push(PeerProc::start(&url(i), "span", &format!("p{i}")));
+        peers[i].id();
+    }
+    let ids: Vec<String> = peers.iter().map(PeerProc::id).collect();
+    for p in &peers {
+        p.wait_for("the sfu session", 0, |l| l == "sfu connected");
+    }
+    for (i, p) in peers.iter().enumerate() {
+        for (j, other) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+            let at = p.wait_media(other, 0, 30);
+            eprintln!("p{i} gets p{j} through the sfu: line {at}");
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sessions: Vec<u64> =
+        (0..3).map(|i| metric(&rt.block_on(metrics(nodes[i].as_ref().unwrap())), "webcall_sfu_sessions")).collect();
+    assert_eq!(sessions, vec![0, 0, 3], "the room's media lives on one node, n3 (its SFU sessions per node)");
+
+    // SIGKILL the SFU's node: p2 goes with it; p0 and p1 are told to reconnect, to n1 (the earliest member's).
+    let marks: Vec<usize> = peers.iter().map(PeerProc::len).collect();
+    nodes[2].take().unwrap().kill();
+    let killed = Instant::now();
+    for i in 0..2 {
+        peers[i].wait_for("the restart", marks[i], |l| l == "sfu restart");
+    }
+    eprintln!("told to restart {:?} after the kill", killed.elapsed());
+    for (i, j) in [(0, 1), (1, 0)] {
+        let restart = peers[i].wait_for("the restart", marks[i], |l| l == "sfu restart");
+        peers[i].wait_for("the new sfu session", restart, |l| l == "sfu connected");
+        peers[i].wait_media(&ids[j], restart, 30);
+    }
+    eprintln!("media resumed {:?} after the kill", killed.elapsed());
+    let sessions: Vec<u64> =
+        (0..2).map(|i| metric(&rt.block_on(metrics(nodes[i].as_ref().unwrap())), "webcall_sfu_sessions")).collect();
+    assert_eq!(sessions, vec![2, 0], "the room's media moved to n1");
+}
