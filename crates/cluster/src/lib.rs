@@ -706,6 +706,10 @@ impl ClusterState {
                 let [to, hint, frame] = v[..] else { return };
                 if hint == me {
                     rooms.remote_deliver(to, Arc::from(frame), now);
+                } else if let Some((_, node)) = self.served.get_mut(to).filter(|_| !hint.is_empty()) {
+                    // This node's SFU was talking to a peer that resumed on another node: follow it there.
+                    *node = hint.to_owned();
+                    let _ = self.links.send(hint, &format!("D\n{to}\n{frame}"), true);
                 } else if hint.is_empty() || !rooms.is_remote(to) {
                     tracing::debug!(peer = %to, "a message for a peer that has gone was dropped");
                 } else {
@@ -759,7 +763,6 @@ impl ClusterState {
         if old == owner {
             return;
         }
-        tracing::info!(room, from = %old, to = %owner, "the room's SFU moved to another node");
         if old == self.shared.cfg.node_id {
             let gone: Vec<Arc<str>> =
                 self.served.iter().filter(|(_, (r, _))| **r == *room).map(|(p, _)| p.clone()).collect();
@@ -768,7 +771,11 @@ impl ClusterState {
                 self.sfu_in.push_back(SfuRequest::Leave { room: Arc::from(room), peer });
             }
         }
-        rooms.remote_topology(room, true, now);
+        // Only members with a connection to the old SFU have one to replace (the entry may be stale otherwise).
+        if rooms.room_is_sfu(room) {
+            tracing::info!(room, from = %old, to = %owner, "the room's SFU moved to another node");
+            rooms.remote_topology(room, true, now);
+        }
     }
 
     /// Notes which node a peer this node's SFU serves lives on (its frames go there).

@@ -600,6 +600,44 @@ mod tests {
     }
 
     #[test]
+    fn an_sfu_room_decided_by_the_cluster_spans_nodes() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[("B", "b")]);
+        // C's join moved the room to the SFU (decided cluster-wide): A hears topology before C's hello.
+        let c = n.connect();
+        n.send(c, json!({"type":"join","room":"r","name":"C","sfu":true}));
+        assert!(matches!(&n.cluster()[..], [ClusterOutput::Join { sfu: true, .. }]));
+        let mut adm = admitted(c, AdmitKind::Fresh, "C", "r", &[("B", "b"), ("A", "A")]);
+        (adm.sfu, adm.sfu_room) = (true, true);
+        n.rooms.admit(adm, n.now);
+        assert_eq!(
+            n.recv(a),
+            vec![json!({"type":"topology","mode":"sfu"}), json!({"type":"hello","from":"C","name":"C"})]
+        );
+        let got = n.recv(c);
+        assert_eq!((got[0]["type"].as_str(), &got[1]), (Some("welcome"), &json!({"type":"topology","mode":"sfu"})));
+        // `sfu` signaling goes to the SFU adapter (the cluster layer routes it to the room's SFU node).
+        n.send(c, json!({"type":"offer","to":"sfu","sdp":"v=0"}));
+        let out: Vec<Output> =
+            std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| !matches!(o, Output::Wake(_))).collect();
+        assert!(matches!(&out[..], [Output::Sfu(SfuRequest::Signal { peer, .. })] if &**peer == "C"), "{out:?}");
+        // `data` reaches members on other nodes too.
+        n.send(c, json!({"type":"data","data":{"type":"chat","text":"hi"}}));
+        assert_eq!(n.recv(a)[0]["from"], "C");
+        assert!(matches!(&n.cluster()[..], [ClusterOutput::Relay { to, .. }] if &**to == "B"));
+        // A member on another node leaving ends no media session here (its node ends it).
+        n.rooms.remote_leave("B", n.now);
+        let out: Vec<Output> = std::iter::from_fn(|| n.rooms.poll_output()).collect();
+        assert!(!out.iter().any(|o| matches!(o, Output::Sfu(_))), "{out:?}");
+        n.recv(a);
+        n.recv(c);
+        // The SFU moved to another node: the members here make a new connection to it.
+        n.rooms.remote_topology("r", true, n.now);
+        let restart = json!({"type":"topology","mode":"sfu","restart":true});
+        assert_eq!((n.recv(a), n.recv(c)), (vec![restart.clone()], vec![restart]));
+    }
+
+    #[test]
     fn refused_join_leaves_the_connection_usable() {
         let mut n = Node::new();
         let c = n.connect();
