@@ -578,6 +578,9 @@ impl ClusterState {
             "L" => {
                 rooms.remote_leave(rest, now);
                 self.routes.remove(rest);
+                if let Some((peer, (room, _))) = self.served.remove_entry(rest) {
+                    self.sfu_in.push_back(SfuRequest::Leave { room, peer });
+                }
             }
             "A" => {
                 let v: Vec<&str> = rest.splitn(10, '\n').collect();

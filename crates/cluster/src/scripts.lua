@@ -60,7 +60,15 @@ local function drop(id, node)
     if owner then redis.call('SREM', 'wc:own:' .. owner, p[1]) end
     redis.call('DEL', rk, 'wc:seq:' .. p[1], 'wc:pw:' .. p[1], 'wc:sfu:' .. p[1])
   else
-    notify(members(p[1]), node, 'L\n' .. id)
+    local list = members(p[1])
+    notify(list, node, 'L\n' .. id)
+    -- The room's SFU node ends the peer's media session, also when it hosts no member of the room.
+    local owner = redis.call('GET', 'wc:sfu:' .. p[1])
+    if owner and owner ~= node then
+      local told = false
+      for _, m in ipairs(list) do if m.node == owner then told = true end end
+      if not told then redis.call('PUBLISH', 'wc:ch:' .. owner, 'L\n' .. id) end
+    end
   end
 end
 
