@@ -22,10 +22,11 @@ struct PeerProc {
 }
 
 impl PeerProc {
-    fn start(url: &str, room: &str, name: &str) -> PeerProc {
+    /// A peer that stays `duration` (then says `bye`).
+    fn start(url: &str, room: &str, name: &str, duration: &str) -> PeerProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
             .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1", "--sfu"])
-            .args(["--size", "320x180", "--stats-every", "1s", "--send", "testsrc", "--duration", "300s"])
+            .args(["--size", "320x180", "--stats-every", "1s", "--send", "testsrc", "--duration", duration])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -105,6 +106,10 @@ fn metric(m: &str, name: &str) -> u64 {
     m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map_or(0, |v| v.trim().parse().unwrap())
 }
 
+fn sessions(rt: &tokio::runtime::Runtime, nodes: &[&ServerProc]) -> Vec<u64> {
+    nodes.iter().map(|n| metric(&rt.block_on(metrics(n)), "webcall_sfu_sessions")).collect()
+}
+
 fn node(redis: &Redis, id: &str) -> ServerProc {
     let url = redis.url();
     ServerProc::start(&["--redis", url.as_str(), "--node-id", id, "--node-ttl", "1s", "--rate-limit", "2000"])
@@ -119,7 +124,7 @@ fn an_sfu_room_spans_nodes_and_survives_the_death_of_its_sfu_node() {
     // One peer per node; the third join moves the room to the SFU, on the third peer's node (n3).
     let mut peers: Vec<PeerProc> = Vec::new();
     for i in 0..3 {
-        peers.push(PeerProc::start(&url(i), "span", &format!("p{i}")));
+        peers.push(PeerProc::start(&url(i), "span", &format!("p{i}"), "300s"));
         peers[i].id();
     }
     let ids: Vec<String> = peers.iter().map(PeerProc::id).collect();
@@ -154,4 +159,42 @@ fn an_sfu_room_spans_nodes_and_survives_the_death_of_its_sfu_node() {
     let sessions: Vec<u64> =
         (0..2).map(|i| metric(&rt.block_on(metrics(nodes[i].as_ref().unwrap())), "webcall_sfu_sessions")).collect();
     assert_eq!(sessions, vec![2, 0], "the room's media moved to n1");
+}
+
+#[test]
+fn the_sfu_node_serves_a_room_it_hosts_no_member_of_and_hands_it_over_on_shutdown() {
+    let redis = Redis::start();
+    let (n1, mut n2) = (node(&redis, "n1"), node(&redis, "n2"));
+    // Two peers on n1, the third on n2: its join moves the room to n2's SFU.
+    let p0 = PeerProc::start(&n1.ws_url(), "away", "p0", "300s");
+    p0.id();
+    let p1 = PeerProc::start(&n1.ws_url(), "away", "p1", "300s");
+    p1.id();
+    let p2 = PeerProc::start(&n2.ws_url(), "away", "p2", "12s");
+    p2.id();
+    let (id0, id1) = (p0.id(), p1.id());
+    p0.wait_media(&id1, 0, 30);
+    p1.wait_media(&id0, 0, 30);
+    // p2 says bye: n2 hosts nobody of the room now, and still carries its media.
+    let gone = p0.wait_for("p2's bye", 0, |l| l.ends_with(" left"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while sessions(&rt, &[&n1, &n2]) != [0, 2] {
+        assert!(Instant::now() < deadline, "SFU sessions per node: {:?}", sessions(&rt, &[&n1, &n2]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = p0.len().max(gone);
+    p0.wait_media(&id1, after, 30);
+    p1.wait_media(&id0, p1.len(), 30);
+
+    // SIGTERM: n2 hands its rooms over as it goes (no wait for its liveness key to expire).
+    let marks = [p0.len(), p1.len()];
+    n2.signal("TERM");
+    assert_eq!(n2.wait_exit(), Some(0));
+    for (p, (mark, other)) in [&p0, &p1].into_iter().zip([(marks[0], &id1), (marks[1], &id0)]) {
+        let restart = p.wait_for("the restart", mark, |l| l == "sfu restart");
+        p.wait_for("the new sfu session", restart, |l| l == "sfu connected");
+        p.wait_media(other, restart, 30);
+    }
+    assert_eq!(sessions(&rt, &[&n1]), [2], "the room's media moved to n1");
 }
