@@ -149,6 +149,9 @@ enum Cmd {
     },
     /// Graceful shutdown: end this node's sessions now.
     ReapSelf,
+    /// A node gone from the registry for good (Redis lost it and it never came back): end what the store still
+    /// names it for (the SFU rooms a restore put back under it move to a live node).
+    ReapGone(String),
 }
 
 /// Messages for a peer that moved to another node, held until everything sent to its old node is settled there
@@ -981,6 +984,9 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                 Cmd::ReapSelf => {
                     p.cmd("EVALSHA").arg(s.scripts.reap.get_hash()).arg(0).arg(&s.cfg.node_id);
                 }
+                Cmd::ReapGone(node) => {
+                    p.cmd("EVALSHA").arg(s.scripts.reap.get_hash()).arg(0).arg(node);
+                }
             }
         }
         let send = async {
@@ -1055,7 +1061,7 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                     }
                 }
                 Cmd::Publish { .. } => {}
-                cmd @ (Cmd::Leave { .. } | Cmd::ReapSelf) => match reply {
+                cmd @ (Cmd::Leave { .. } | Cmd::ReapSelf | Cmd::ReapGone(_)) => match reply {
                     Err(_) => retry.push_back(cmd),
                     Ok(Value::ServerError(e)) => {
                         tracing::warn!("cluster command failed: {e:?}");
@@ -1233,6 +1239,7 @@ fn forget_gone_nodes(
             if lost > 0 {
                 tracing::warn!(node = %n, lost, "node gone: messages for its peers died with it");
             }
+            let _ = inner.layer.tx.send(Cmd::ReapGone(n.clone()));
         }
     }
     inner.dispatch(now);

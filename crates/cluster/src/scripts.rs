@@ -129,8 +129,8 @@ for i = 4, #ARGV, 8 do
     rooms[room] = true
     redis.call('HSET', pk, 'room', room, 'node', me, 'name', name, 'token', token, 'publish', publish, 'sfu', sfu)
     if owner ~= '' and redis.call('EXISTS', 'wc:sfu:' .. room) == 0 then
-      -- Its SFU node if that one still lives, else this one.
-      if redis.call('EXISTS', 'wc:alive:' .. owner) == 0 then owner = me end
+      -- The SFU node this node knew, even if it has not registered again yet: it will (and keeps the room), or the
+      -- nodes find it gone and reap it (and the room moves).
       redis.call('SET', 'wc:sfu:' .. room, owner)
       redis.call('SADD', 'wc:own:' .. owner, room)
     end

@@ -5,8 +5,9 @@
 mod common;
 mod redis;
 
-use common::ServerProc;
+use common::{Client, ServerProc};
 use redis::Redis;
+use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -197,4 +198,61 @@ fn the_sfu_node_serves_a_room_it_hosts_no_member_of_and_hands_it_over_on_shutdow
         p.wait_media(other, restart, 30);
     }
     assert_eq!(sessions(&rt, &[&n1]), [2], "the room's media moved to n1");
+}
+
+async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
+    let mut c = Client::connect(url).await;
+    c.send(json!({"type":"join","room":room,"name":name,"sfu":true})).await;
+    let w = c.expect("welcome").await;
+    c.id = w["id"].as_str().unwrap().to_owned();
+    (c, w)
+}
+
+/// An offer the SFU cannot use: its refusal comes back from the room's SFU node, whichever node the client is on.
+async fn sfu_refuses_an_offer(c: &mut Client) {
+    c.send(json!({"type":"offer","to":"sfu","sdp":"not an SDP"})).await;
+    let e = c.expect_error("bad-field").await;
+    assert_eq!(e["ref"], "offer", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("SFU"), "{e}");
+}
+
+#[tokio::test]
+async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_restarts_empty() {
+    let mut redis = Redis::start_outside_ephemeral();
+    let port = redis.port;
+    let (n1, n2) = (node(&redis, "n1"), node(&redis, "n2"));
+    let (mut a, _) = join_sfu(&n1.ws_url(), "keep", "A").await;
+    let (mut b, _) = join_sfu(&n2.ws_url(), "keep", "B").await;
+    a.expect("hello").await;
+    // The third join (on n2) moves the room to n2's SFU: everyone hears topology, before the hello.
+    let (mut c, _) = join_sfu(&n2.ws_url(), "keep", "C").await;
+    assert_eq!(c.recv().await, json!({"type":"topology","mode":"sfu"}));
+    for x in [&mut a, &mut b] {
+        assert_eq!(x.recv().await, json!({"type":"topology","mode":"sfu"}));
+        assert_eq!(x.expect("hello").await["from"], c.id);
+    }
+    let owner = || redis::command_reply(port, "GET wc:sfu:keep");
+    assert_eq!(owner(), "$2\r\nn2\r\n");
+    // A's offer to `sfu` goes from n1 to n2's SFU, and its refusal back.
+    sfu_refuses_an_offer(&mut a).await;
+    sfu_refuses_an_offer(&mut b).await;
+    // `data` reaches the members on the other node.
+    a.send(json!({"type":"data","data":{"type":"chat","text":"hi"}})).await;
+    for x in [&mut b, &mut c] {
+        assert_eq!(x.expect("data").await["from"], a.id);
+    }
+
+    // Redis restarted empty: the nodes put the room back, SFU node included.
+    redis.stop();
+    let _redis = Redis::start_on(port);
+    redis::wait_until("the room's SFU node restored", WAIT, || owner() == "$2\r\nn2\r\n");
+    let mut v1 = Client::connect(&n1.ws_url()).await;
+    v1.send(json!({"type":"join","room":"keep","name":"old"})).await;
+    v1.expect_error("needs-sfu").await;
+    let (mut d, _) = join_sfu(&n1.ws_url(), "keep", "D").await;
+    assert_eq!(d.recv().await, json!({"type":"topology","mode":"sfu"}));
+    // Nobody was told to restart: the SFU did not move.
+    assert_eq!(a.recv().await, json!({"type":"hello","from":d.id,"name":"D"}));
+    sfu_refuses_an_offer(&mut a).await;
+    sfu_refuses_an_offer(&mut d).await;
 }
