@@ -414,7 +414,7 @@ impl Layer<ClusterRooms> for ClusterState {
     }
 
     /// Requests of rooms whose SFU runs on another node go there, on the link (in order, replayed if lost).
-    fn sfu_request(&mut self, _: &mut ClusterRooms, req: SfuRequest, _: Instant) -> Option<SfuRequest> {
+    fn sfu_request(&mut self, rooms: &mut ClusterRooms, req: SfuRequest, now: Instant) -> Option<SfuRequest> {
         let shared = self.shared.clone();
         let me = shared.cfg.node_id.as_str();
         let (room, peer) = match &req {
@@ -435,8 +435,14 @@ impl Layer<ClusterRooms> for ClusterState {
             SfuRequest::View { tracks, .. } => ("view", serde_json::to_string(tracks).unwrap_or_default()),
         };
         let body = format!("F\n{kind}\n{room}\n{peer}\n{payload}");
-        if let Err(e) = self.links.send(&owner, &body, false) {
-            tracing::warn!("SFU request of {peer} not sent to node {owner}: {e}");
+        // A leave must not be refused (its session would linger); the others are refused to their sender, as relays.
+        let leave = matches!(req, SfuRequest::Leave { .. });
+        if let Err(e) = self.links.send(&owner, &body, leave) {
+            tracing::warn!("{e}");
+            let err =
+                unavailable("messages to the SFU on another server wait for its store, Redis, and its buffer is full")
+                    .refers_to(kind);
+            rooms.relay_refused(peer, err, now);
         }
         None
     }
@@ -799,7 +805,7 @@ impl ClusterState {
     }
 
     /// A frame of this node's SFU for `peer`: to its connection here, or on the link to the node that hosts it.
-    fn sfu_frame(&mut self, rooms: &mut ClusterRooms, peer: &str, frame: String, now: Instant) {
+    fn sfu_frame(&mut self, rooms: &mut ClusterRooms, peer: &str, frame: String) {
         let me = self.shared.cfg.node_id.as_str();
         match self.served.get(peer) {
             Some((_, node)) if node != me && !rooms.is_local(peer) => {
@@ -810,7 +816,6 @@ impl ClusterState {
                 rooms.sfu_frame(peer, Arc::from(frame));
             }
         }
-        let _ = now;
     }
 
     /// Hands waiting frames from other nodes to `peer`'s connection, as many as it takes (`max` at most).
@@ -848,9 +853,9 @@ fn password_digest(room: &str, password: &str) -> String {
 
 impl SfuSink for ClusterRouter {
     fn sfu_frame(&self, peer: &str, frame: String) {
-        self.driver.with(|i, now| {
+        self.driver.with(|i, _| {
             let Core { rooms, layer, .. } = i;
-            layer.sfu_frame(rooms, peer, frame, now);
+            layer.sfu_frame(rooms, peer, frame);
         });
     }
 }
