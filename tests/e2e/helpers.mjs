@@ -110,9 +110,9 @@ export async function startServer({ port = 0, args = [] } = {}) {
 
 /**
  * Starts a real redis-server on a loopback port (for `--redis` servers) and resolves once it answers; `kill()` ends it.
+ * @param {number} [port] a random one above 21000 unless given
  */
-export async function startRedis() {
-  const port = 21000 + Math.floor(Math.random() * 20000);
+export async function startRedis(port = 21000 + Math.floor(Math.random() * 20000)) {
   const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', os.tmpdir()], {
     stdio: 'ignore',
   });
