@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(90);
 
+/// The tests with media run one at a time: each has three real-time encoders and three nodes on two shared cores.
+static MEDIA: Mutex<()> = Mutex::new(());
+
 struct PeerProc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -95,12 +98,24 @@ fn field(line: &str, k: &str) -> u64 {
 }
 
 async fn metrics(server: &ServerProc) -> String {
+    http_get(server, "/metrics").await
+}
+
+/// The whole HTTP response to GET `path`.
+async fn http_get(server: &ServerProc, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// Status code of GET /healthz.
+async fn healthz(server: &ServerProc) -> u16 {
+    let m = http_get(server, "/healthz").await;
+    m.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 fn metric(m: &str, name: &str) -> u64 {
@@ -118,6 +133,7 @@ fn node(redis: &Redis, id: &str) -> ServerProc {
 
 #[test]
 fn an_sfu_room_spans_nodes_and_survives_the_death_of_its_sfu_node() {
+    let _one = MEDIA.lock().unwrap_or_else(|e| e.into_inner());
     let redis = Redis::start();
     let nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
     let mut nodes: Vec<Option<ServerProc>> = nodes.into_iter().map(Some).collect();
@@ -164,6 +180,7 @@ fn an_sfu_room_spans_nodes_and_survives_the_death_of_its_sfu_node() {
 
 #[test]
 fn the_sfu_node_serves_a_room_it_hosts_no_member_of_and_hands_it_over_on_shutdown() {
+    let _one = MEDIA.lock().unwrap_or_else(|e| e.into_inner());
     let redis = Redis::start();
     let (n1, mut n2) = (node(&redis, "n1"), node(&redis, "n2"));
     // Two peers on n1, the third on n2: its join moves the room to n2's SFU.
@@ -246,6 +263,14 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     redis.stop();
     let _redis = Redis::start_on(port);
     redis::wait_until("the room's SFU node restored", WAIT, || owner() == "$2\r\nn2\r\n");
+    // Each node takes joins again once it has answered Redis again.
+    for n in [&n1, &n2] {
+        let deadline = Instant::now() + WAIT;
+        while healthz(n).await != 200 {
+            assert!(Instant::now() < deadline, "/healthz of a node did not become 200");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let mut v1 = Client::connect(&n1.ws_url()).await;
     v1.send(json!({"type":"join","room":"keep","name":"old"})).await;
     v1.expect_error("needs-sfu").await;
