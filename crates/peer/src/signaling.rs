@@ -241,6 +241,8 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
         Event::Topology { .. } => {}
         // The page highlights the speaker; the native peer has no tiles.
         Event::Speaker { .. } => {}
+        // SFU-room chat and media state are the page's; the native peer keeps to its data channels.
+        Event::Data { from, .. } => tracing::debug!("data from {from} ignored"),
         Event::Error { code, message, join_refused, .. } => {
             out(format!("signaling error {code}: {message}"));
             return Ok(!join_refused);

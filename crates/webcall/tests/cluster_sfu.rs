@@ -2,16 +2,15 @@
 //! (`webcall peer --sfu`) on loopback, each peer on another node. The room's media goes through one node's SFU;
 //! when that node is killed (SIGKILL), the room's SFU moves to a live node and the survivors' media resumes there.
 
-mod common;
-mod redis;
+use webcall_testkit as common;
+use webcall_testkit::redis;
 
-use common::{Client, ServerProc};
+use common::{Client, Proc, ServerProc};
 use redis::Redis;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use webcall_protocol::{Join, Signal, SFU_PEER};
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(90);
@@ -19,51 +18,31 @@ const WAIT: Duration = Duration::from_secs(90);
 /// The tests with media run one at a time: each has three real-time encoders and three nodes on two shared cores.
 static MEDIA: Mutex<()> = Mutex::new(());
 
-struct PeerProc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    name: String,
-}
+/// `webcall peer --sfu` sending the test source; waits on its output count lines from a given one on (what came
+/// after a kill).
+struct PeerProc(Proc);
 
 impl PeerProc {
     /// A peer that stays `duration` (then says `bye`).
     fn start(url: &str, room: &str, name: &str, duration: &str) -> PeerProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
-            .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1", "--sfu"])
-            .args(["--size", "320x180", "--stats-every", "1s", "--send", "testsrc", "--duration", duration])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("webcall binary runs");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let (l, tag) = (lines.clone(), name.to_owned());
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[{tag}] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        PeerProc { child, lines, name: name.to_owned() }
+        let extra = ["--sfu", "--send", "testsrc", "--duration", duration];
+        PeerProc(Proc::peer(url, room, name, &extra).waiting(WAIT))
     }
 
     /// Index of the first line from `from` on that satisfies `pred`.
     fn wait_for(&self, what: &str, from: usize, pred: impl Fn(&str) -> bool) -> usize {
         let t0 = Instant::now();
         loop {
-            if let Some(i) = self.lines.lock().unwrap().iter().skip(from).position(|l| pred(l)) {
+            if let Some(i) = self.0.lines().iter().skip(from).position(|l| pred(l)) {
                 return from + i;
             }
-            assert!(t0.elapsed() < WAIT, "{}: no {what} in:\n{}", self.name, self.lines.lock().unwrap().join("\n"));
+            assert!(t0.elapsed() < WAIT, "{}: no {what} in:\n{}", self.0.tag(), self.0.output());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     fn id(&self) -> String {
-        let i = self.wait_for("join", 0, |l| l.starts_with("joined room "));
-        let l = self.lines.lock().unwrap()[i].clone();
-        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+        self.0.id()
     }
 
     /// Waits (from line `from` on) for a stats line of `peer` received through the SFU with more than `frames`
@@ -79,14 +58,7 @@ impl PeerProc {
     }
 
     fn len(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-}
-
-impl Drop for PeerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.lines().len()
     }
 }
 
@@ -219,7 +191,7 @@ fn the_sfu_node_serves_a_room_it_hosts_no_member_of_and_hands_it_over_on_shutdow
 
 async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
     let mut c = Client::connect(url).await;
-    c.send(json!({"type":"join","room":room,"name":name,"sfu":true})).await;
+    c.send_join(Join { sfu: true, ..Join::new(room, name) }).await;
     let w = c.expect("welcome").await;
     c.id = w["id"].as_str().unwrap().to_owned();
     (c, w)
@@ -227,7 +199,7 @@ async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
 
 /// An offer the SFU cannot use: its refusal comes back from the room's SFU node, whichever node the client is on.
 async fn sfu_refuses_an_offer(c: &mut Client) {
-    c.send(json!({"type":"offer","to":"sfu","sdp":"not an SDP"})).await;
+    c.relay(SFU_PEER, Signal::Offer("not an SDP".into())).await;
     let e = c.expect_error("bad-field").await;
     assert_eq!(e["ref"], "offer", "{e}");
     assert!(e["message"].as_str().unwrap().contains("SFU"), "{e}");
@@ -272,7 +244,7 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
         }
     }
     let mut v1 = Client::connect(&n1.ws_url()).await;
-    v1.send(json!({"type":"join","room":"keep","name":"old"})).await;
+    v1.send_join(Join::new("keep", "old")).await;
     v1.expect_error("needs-sfu").await;
     let (mut d, _) = join_sfu(&n1.ws_url(), "keep", "D").await;
     assert_eq!(d.recv().await, json!({"type":"topology","mode":"sfu"}));
