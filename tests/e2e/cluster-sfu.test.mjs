@@ -4,27 +4,9 @@
 // others are told (`topology` with `restart`), connect to the SFU of a live node and decode each other again.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { e2e, ownId, sfuFramesFrom, startRedis, startServer, uniqueRoom, until } from './helpers.mjs';
+import { decodesOverSfu, e2e, ownId, startRedis, startServer, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e();
-
-/**
- * Waits until `page` decodes more than `frames` new video frames from participant `id` over its current SFU
- * connection. @param {import('playwright-core').Page} page @param {string} id
- */
-async function decodesOverSfu(page, id, frames = 10, timeout = 60000) {
-  let start = -1;
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    // Until the SFU brings this participant's video, its tile shows the peer-to-peer connection's.
-    const viaSfu = await page.evaluate((id) => window.webcall.call.peers.get(id)?.pc === window.webcall.call.sfu?.pc, id);
-    const n = viaSfu ? await sfuFramesFrom(page, id) : -1;
-    if (start < 0) start = n;
-    else if (n > start + frames) return;
-    if (Date.now() > deadline) assert.fail(`no video from ${id} over the SFU (decoded ${start} → ${n})`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
 
 /** The SFU sessions of a node, from its /metrics. @param {string} url */
 const sfuSessions = async (url) => {
@@ -62,7 +44,7 @@ describe('an SFU room across cluster nodes', () => {
     }
     for (const p of pages) await until(p, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 60000);
     for (const [i, p] of pages.entries()) {
-      for (const [j, id] of ids.entries()) if (j !== i) await decodesOverSfu(p, id);
+      for (const [j, id] of ids.entries()) if (j !== i) await decodesOverSfu(p, id, { timeout: 60000 });
     }
     assert.deepEqual(await Promise.all(nodes.map((n) => sfuSessions(n.url))), [0, 0, 3], 'the media lives on n3 only');
     for (const p of pages) assert.deepEqual(p.errors, []);
@@ -83,8 +65,8 @@ describe('an SFU room across cluster nodes', () => {
       await until(p, () => window.webcall.call.sfu && window.webcall.call.sfu.pc !== window.__oldPc, undefined, 60000);
       await until(p, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 60000);
     }
-    await decodesOverSfu(a, ids[1]);
-    await decodesOverSfu(b, ids[0]);
+    await decodesOverSfu(a, ids[1], { timeout: 60000 });
+    await decodesOverSfu(b, ids[0], { timeout: 60000 });
     // The third page's participant left with its node.
     for (const p of [a, b]) await until(p, (id) => !window.webcall.call.peers.has(id), ids[2], 30000);
     assert.deepEqual(await Promise.all(nodes.slice(0, 2).map((n) => sfuSessions(n.url))), [2, 0], 'the media moved to n1');
