@@ -588,7 +588,7 @@ mod tests {
         let a = n.join("r", "A", &[("B", "b")]);
         // C's join moved the room to the SFU (decided cluster-wide): A hears topology before C's hello.
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r","name":"C","sfu":true}));
+        n.send(c, &Join { sfu: true, ..Join::new("r", "C") }.to_json());
         assert!(matches!(&n.cluster()[..], [ClusterOutput::Join { sfu: true, .. }]));
         let mut adm = admitted(c, AdmitKind::Fresh, "C", "r", &[("B", "b"), ("A", "A")]);
         (adm.sfu, adm.sfu_room) = (true, true);
@@ -600,12 +600,13 @@ mod tests {
         let got = n.recv(c);
         assert_eq!((got[0]["type"].as_str(), &got[1]), (Some("welcome"), &json!({"type":"topology","mode":"sfu"})));
         // `sfu` signaling goes to the SFU adapter (the cluster layer routes it to the room's SFU node).
-        n.send(c, json!({"type":"offer","to":"sfu","sdp":"v=0"}));
+        n.send(c, &Signal::Offer("v=0".into()).to_json(SFU_PEER));
         let out: Vec<Output> =
             std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| !matches!(o, Output::Wake(_))).collect();
         assert!(matches!(&out[..], [Output::Sfu(SfuRequest::Signal { peer, .. })] if &**peer == "C"), "{out:?}");
         // `data` reaches members on other nodes too.
-        n.send(c, json!({"type":"data","data":{"type":"chat","text":"hi"}}));
+        // Raw JSON: `data` carries any object.
+        n.send(c, r#"{"type":"data","data":{"type":"chat","text":"hi"}}"#);
         assert_eq!(n.recv(a)[0]["from"], "C");
         assert!(matches!(&n.cluster()[..], [ClusterOutput::Relay { to, .. }] if &**to == "B"));
         // A member on another node leaving ends no media session here (its node ends it).
