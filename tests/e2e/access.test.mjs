@@ -3,11 +3,9 @@
 // the failures (room full, server full, rate-limited, server shutdown, room store unavailable) with words on the page and devices released.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
-import net from 'node:net';
-import os from 'node:os';
+import { execFileSync } from 'node:child_process';
 import path from 'node:path';
-import { ROOT, axeViolations, connectedPeers, decodesVideoFrom, e2e, screenshot, snapshot, uniqueRoom, until } from './helpers.mjs';
+import { ROOT, axeViolations, connectedPeers, decodesVideoFrom, e2e, screenshot, snapshot, startRedis, uniqueRoom, until } from './helpers.mjs';
 
 const BINARY = process.env.WEBCALL_BIN ?? path.join(ROOT, 'target/debug/webcall');
 const t = e2e();
@@ -230,19 +228,7 @@ describe('the room store unavailable (cluster mode)', () => {
   /** @type {import('node:child_process').ChildProcess|null} */
   let redis = null;
   before(async () => {
-    redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', os.tmpdir()], {
-      stdio: 'ignore',
-    });
-    const deadline = Date.now() + 10000;
-    for (;;) {
-      const up = await new Promise((resolve) => {
-        const s = net.connect(redisPort, '127.0.0.1', () => (s.destroy(), resolve(true)));
-        s.on('error', () => resolve(false));
-      });
-      if (up) break;
-      if (Date.now() > deadline) throw new Error('redis-server did not start (scripts/test.sh installs it)');
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    redis = (await startRedis(redisPort)).proc;
   });
   after(() => redis?.kill('SIGKILL'));
   const server = t.server(['--redis', `redis://127.0.0.1:${redisPort}`]);

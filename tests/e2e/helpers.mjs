@@ -4,6 +4,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -105,6 +106,27 @@ export async function startServer({ port = 0, args = [] } = {}) {
       await gone;
     },
   };
+}
+
+/**
+ * Starts a real redis-server on a loopback port (for `--redis` servers) and resolves once it answers; `kill()` ends it.
+ * @param {number} [port] a random one above 21000 unless given
+ */
+export async function startRedis(port = 21000 + Math.floor(Math.random() * 20000)) {
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', os.tmpdir()], {
+    stdio: 'ignore',
+  });
+  const deadline = Date.now() + 10000;
+  for (;;) {
+    const up = await new Promise((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => (s.destroy(), resolve(true)));
+      s.on('error', () => resolve(false));
+    });
+    if (up) break;
+    if (Date.now() > deadline) throw new Error('redis-server did not start (scripts/test.sh installs it)');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { url: `redis://127.0.0.1:${port}`, proc, kill: () => proc.kill('SIGKILL') };
 }
 
 export const CHROMIUM_ARGS = [

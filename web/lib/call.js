@@ -179,7 +179,10 @@ export class Call extends EventTarget {
     });
     s.addEventListener('bye', (ev) => this.removePeer(/** @type {CustomEvent} */ (ev).detail.from));
     s.addEventListener('topology', (ev) => {
-      if (/** @type {CustomEvent} */ (ev).detail.mode === 'sfu') this.enterSfu();
+      const { mode, restart } = /** @type {CustomEvent} */ (ev).detail;
+      if (mode !== 'sfu') return;
+      if (restart) this.restartSfu();
+      else this.enterSfu();
     });
     s.addEventListener('speaker', (ev) => {
       // The server's active speaker of an SFU room (its id may be ours).
@@ -313,6 +316,17 @@ export class Call extends EventTarget {
     session.addEventListener('state', () => {
       for (const p of this.peers.values()) this.emitRemote(p);
     });
+  }
+
+  /**
+   * The room's SFU moved (with --redis, the server node that ran it died): a new connection to the new one. The
+   * participants' tiles stay and take the tracks the new connection brings. @private
+   */
+  restartSfu() {
+    if (!this.sfu) return this.enterSfu();
+    this.leaveSfu();
+    this.enterSfu();
+    for (const p of this.peers.values()) if (p instanceof SfuRemote) p.rebind(/** @type {SfuSession} */ (this.sfu));
   }
 
   /** @private */

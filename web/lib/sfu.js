@@ -266,6 +266,13 @@ export class SfuRemote {
     this.name = peer.name || this.name;
   }
 
+  /** The page's connection to the SFU was replaced (the SFU moved): the old one's tracks are gone. @param {SfuSession} session */
+  rebind(session) {
+    this.pc = session.pc;
+    for (const [k, t] of [...this.received]) if (t.readyState === 'ended') this.received.delete(k);
+    this.placeTracks();
+  }
+
   /** @param {MediaStreamTrack} track @param {string} [peerMid] */
   addTrack(track, peerMid = `${track.kind}:${track.id}`) {
     this.received.set(peerMid, track);

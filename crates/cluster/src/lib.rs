@@ -17,10 +17,13 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use webcall_protocol::{ErrorCode, PeerInfo, ProtocolError};
+use webcall_protocol::{RelayKind, TrackView};
 use webcall_rooms::{
-    AdmitKind, Admitted, ClusterOutput, ClusterRooms, ConnId, Counters, Frame, IceProvider, JoinPolicy, Stats,
+    AdmitKind, Admitted, ClusterOutput, ClusterRooms, ConnId, Counters, Frame, IceProvider, JoinPolicy, SfuRequest,
+    Stats, Topology,
 };
 use webcall_server::router::{shrink_sparse, ConnSignal, Core, Driver, Layer, Router};
+use webcall_server::sfu::SfuSink;
 
 /// How long a session resumed from another node waits for that node's queue before it is welcomed without it.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
@@ -146,6 +149,9 @@ enum Cmd {
     },
     /// Graceful shutdown: end this node's sessions now.
     ReapSelf,
+    /// A node gone from the registry for good (Redis lost it and it never came back): end what the store still
+    /// names it for (the SFU rooms a restore put back under it move to a live node).
+    ReapGone(String),
 }
 
 /// Messages for a peer that moved to another node, held until everything sent to its old node is settled there
@@ -174,6 +180,12 @@ struct ClusterState {
     passwords: HashMap<String, String>,
     /// Per local peer: frames from other nodes waiting for its connection to drain, and their bytes.
     inbound: HashMap<String, (VecDeque<Frame>, usize)>,
+    /// The node whose SFU carries each SFU room this node knows of (see `docs/cluster.md`, *SFU rooms*).
+    owners: HashMap<String, String>,
+    /// Peers this node's SFU serves: their room and the node that hosts them (where its frames for them go).
+    served: HashMap<Arc<str>, (Arc<str>, String)>,
+    /// Requests from other nodes' peers for this node's SFU.
+    sfu_in: VecDeque<SfuRequest>,
     /// When `routes` was last pruned.
     pruned: Instant,
 }
@@ -184,6 +196,8 @@ struct Shared {
     /// The connection to the current primary; `None` when it must be looked up again (after a failover).
     con: tokio::sync::Mutex<Option<ConnectionManager>>,
     max_peers: usize,
+    max_sfu_peers: usize,
+    topology: Topology,
     /// Wrong passwords a room takes per minute, cluster-wide (`--max-password-attempts`).
     password_attempts: u64,
     scripts: scripts::Scripts,
@@ -278,6 +292,8 @@ impl ClusterRouter {
         let backend = Backend::parse(&url)?;
         let shared = Arc::new(Shared {
             max_peers: rooms_cfg.max_peers,
+            max_sfu_peers: rooms_cfg.max_sfu_peers,
+            topology: rooms_cfg.topology,
             password_attempts: rooms_cfg.password_attempts_per_min.max(1.0) as u64,
             backend,
             con: tokio::sync::Mutex::new(None),
@@ -312,6 +328,9 @@ impl ClusterRouter {
                     moved: HashMap::new(),
                     passwords: HashMap::new(),
                     inbound: HashMap::new(),
+                    owners: HashMap::new(),
+                    served: HashMap::new(),
+                    sfu_in: VecDeque::new(),
                     pruned: Instant::now(),
                 },
             ),
@@ -335,6 +354,12 @@ impl ClusterRouter {
         &self.shared.cfg.node_id
     }
 
+    /// Runs this node's SFU: the SFU rooms it owns carry their media here, for peers on every node.
+    pub fn set_sfu(self: &Arc<Self>, sfu: webcall_sfu::net::SfuHandle) {
+        let sink: Weak<dyn SfuSink> = Arc::downgrade(self) as Weak<ClusterRouter>;
+        self.driver.lock().set_sfu(sfu, sink);
+    }
+
     /// One message from this node's channel: a link message, or an event published by a script.
     fn on_event(&self, payload: &str) {
         let mut inner = self.driver.lock();
@@ -349,7 +374,7 @@ impl Layer<ClusterRooms> for ClusterState {
     /// Acts on what the core asked for.
     fn cluster_output(&mut self, rooms: &mut ClusterRooms, out: ClusterOutput, now: Instant) {
         match out {
-            ClusterOutput::Join { conn, room, name, password, resume, publish, refused } => {
+            ClusterOutput::Join { conn, room, name, password, resume, publish, refused, sfu } => {
                 if !self.shared.healthy() {
                     rooms.refuse_join(conn, unavailable("its store, Redis, cannot be reached"), now);
                     return;
@@ -369,6 +394,14 @@ impl Layer<ClusterRooms> for ClusterState {
                     resume.unwrap_or_default(),
                     if refused.is_none() { "1" } else { "0" }.to_owned(),
                     s.password_attempts.to_string(),
+                    if sfu { "1" } else { "0" }.to_owned(),
+                    match s.topology {
+                        Topology::Auto => "auto",
+                        Topology::Mesh => "mesh",
+                        Topology::Sfu => "sfu",
+                    }
+                    .to_owned(),
+                    s.max_sfu_peers.to_string(),
                 ];
                 self.joins.insert(conn, now);
                 let _ = self.tx.send(Cmd::Join { conn, room, args, refused, max: s.max_peers });
@@ -378,6 +411,44 @@ impl Layer<ClusterRooms> for ClusterState {
                 let _ = self.tx.send(Cmd::Leave { id });
             }
         }
+    }
+
+    /// Requests of rooms whose SFU runs on another node go there, on the link (in order, replayed if lost).
+    fn sfu_request(&mut self, rooms: &mut ClusterRooms, req: SfuRequest, now: Instant) -> Option<SfuRequest> {
+        let shared = self.shared.clone();
+        let me = shared.cfg.node_id.as_str();
+        let (room, peer) = match &req {
+            SfuRequest::Signal { room, peer, .. }
+            | SfuRequest::Leave { room, peer }
+            | SfuRequest::View { room, peer, .. } => (room, peer),
+        };
+        let owner = match self.owners.get(&**room) {
+            Some(n) if n != me => n.clone(),
+            _ => {
+                self.serve(&req, me);
+                return Some(req);
+            }
+        };
+        let (kind, payload) = match &req {
+            SfuRequest::Signal { kind, payload, .. } => (kind.as_str(), payload.clone()),
+            SfuRequest::Leave { .. } => ("leave", String::new()),
+            SfuRequest::View { tracks, .. } => ("view", serde_json::to_string(tracks).unwrap_or_default()),
+        };
+        let body = format!("F\n{kind}\n{room}\n{peer}\n{payload}");
+        // A leave must not be refused (its session would linger); the others are refused to their sender, as relays.
+        let leave = matches!(req, SfuRequest::Leave { .. });
+        if let Err(e) = self.links.send(&owner, &body, leave) {
+            tracing::warn!("{e}");
+            let err =
+                unavailable("messages to the SFU on another server wait for its store, Redis, and its buffer is full")
+                    .refers_to(kind);
+            rooms.relay_refused(peer, err, now);
+        }
+        None
+    }
+
+    fn poll_sfu(&mut self) -> Option<SfuRequest> {
+        self.sfu_in.pop_front()
     }
 
     fn dispatched(&mut self, rooms: &mut ClusterRooms, now: Instant) {
@@ -417,6 +488,13 @@ impl Layer<ClusterRooms> for ClusterState {
             shrink_sparse(&mut self.joins);
             shrink_sparse(&mut self.inbound);
             shrink_sparse(&mut self.passwords);
+            let me = self.shared.cfg.node_id.as_str();
+            let served = &self.served;
+            self.owners.retain(|room, node| {
+                rooms.room_is_sfu(room) || (node == me && served.values().any(|(r, _)| **r == **room))
+            });
+            shrink_sparse(&mut self.owners);
+            shrink_sparse(&mut self.served);
         }
         // Peers that detached or left meanwhile: what waited for them goes to the core (queued or dropped).
         let waiting: Vec<String> = self.inbound.keys().cloned().collect();
@@ -494,7 +572,8 @@ impl ClusterState {
         }
         let mut f = payload.splitn(2, '\n');
         let (kind, rest) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
-        let me = self.shared.cfg.node_id.as_str();
+        let shared = self.shared.clone();
+        let me = shared.cfg.node_id.as_str();
         match kind {
             "J" => {
                 let v: Vec<&str> = rest.splitn(4, '\n').collect();
@@ -508,10 +587,16 @@ impl ClusterState {
             "L" => {
                 rooms.remote_leave(rest, now);
                 self.routes.remove(rest);
+                if let Some((peer, (room, _))) = self.served.remove_entry(rest) {
+                    self.sfu_in.push_back(SfuRequest::Leave { room, peer });
+                }
             }
             "A" => {
-                let v: Vec<&str> = rest.splitn(8, '\n').collect();
-                if let [conn, kind, id, token, room, publish, name, peers] = v[..] {
+                let v: Vec<&str> = rest.splitn(10, '\n').collect();
+                if let [conn, kind, id, token, room, publish, name, sfu, owner, peers] = v[..] {
+                    if !owner.is_empty() {
+                        self.set_owner(rooms, room, owner, now);
+                    }
                     let kind = match kind {
                         "F" => AdmitKind::Fresh,
                         "R" => AdmitKind::Resumed,
@@ -534,6 +619,8 @@ impl ClusterState {
                         name: name.to_owned(),
                         publish: publish == "1",
                         peers: peers.into_iter().map(|(p, _)| p).collect(),
+                        sfu: sfu == "1",
+                        sfu_room: !owner.is_empty(),
                     };
                     rooms.admit(a, now);
                     self.moved.remove(id);
@@ -544,8 +631,8 @@ impl ClusterState {
                 }
             }
             "Y" => {
-                let v: Vec<&str> = rest.splitn(3, '\n').collect();
-                let [room, nodes, snap] = v[..] else { return };
+                let v: Vec<&str> = rest.splitn(4, '\n').collect();
+                let [room, nodes, owner, snap] = v[..] else { return };
                 let nodes: Vec<&str> = nodes.split('\x1f').collect();
                 let peers = parse_snapshot(snap);
                 for (p, node) in &peers {
@@ -568,6 +655,16 @@ impl ClusterState {
                     }
                 }
                 rooms.sync_remote(room, &list, now);
+                if !owner.is_empty() {
+                    self.set_owner(rooms, room, owner, now);
+                    rooms.remote_topology(room, false, now);
+                }
+            }
+            "S" => {
+                if let Some((room, owner)) = rest.split_once('\n') {
+                    self.set_owner(rooms, room, owner, now);
+                    rooms.remote_topology(room, false, now);
+                }
             }
             "T" => {
                 if let Some((id, node)) = rest.split_once('\n') {
@@ -621,6 +718,10 @@ impl ClusterState {
                 let [to, hint, frame] = v[..] else { return };
                 if hint == me {
                     rooms.remote_deliver(to, Arc::from(frame), now);
+                } else if let Some((_, node)) = self.served.get_mut(to).filter(|_| !hint.is_empty()) {
+                    // This node's SFU was talking to a peer that resumed on another node: follow it there.
+                    *node = hint.to_owned();
+                    let _ = self.links.send(hint, &format!("D\n{to}\n{frame}"), true);
                 } else if hint.is_empty() || !rooms.is_remote(to) {
                     tracing::debug!(peer = %to, "a message for a peer that has gone was dropped");
                 } else {
@@ -632,6 +733,31 @@ impl ClusterState {
                     let _ = self.links.send(hint, &format!("D\n{to}\n{frame}"), true);
                 }
             }
+            "F" => {
+                let v: Vec<&str> = rest.splitn(4, '\n').collect();
+                let [kind, room, peer, payload] = v[..] else { return };
+                let (room, peer): (Arc<str>, Arc<str>) = (Arc::from(room), Arc::from(peer));
+                let req = match kind {
+                    "leave" => SfuRequest::Leave { room, peer },
+                    "view" => {
+                        let tracks: Vec<TrackView> = serde_json::from_str(payload).unwrap_or_default();
+                        SfuRequest::View { room, peer, tracks }
+                    }
+                    "offer" | "answer" | "candidate" => {
+                        let kind = match kind {
+                            "offer" => RelayKind::Offer,
+                            "answer" => RelayKind::Answer,
+                            _ => RelayKind::Candidate,
+                        };
+                        SfuRequest::Signal { room, peer, kind, payload: payload.to_owned() }
+                    }
+                    _ => {
+                        return tracing::warn!("unknown SFU request {kind:?}: is every node running the same version?")
+                    }
+                };
+                self.serve(&req, from);
+                self.sfu_in.push_back(req);
+            }
             "H" => {
                 let (id, frames) = rest.split_once('\n').unwrap_or((rest, ""));
                 let frames: Vec<Frame> = frames.split('\x1e').filter(|f| !f.is_empty()).map(Arc::from).collect();
@@ -639,6 +765,56 @@ impl ClusterState {
                 rooms.handover(id, frames, now);
             }
             _ => tracing::warn!("unknown link message {kind:?}: is every node running the same version?"),
+        }
+    }
+
+    /// `owner`'s SFU carries `room` now. When it was another node's (that node died), the local members are told to
+    /// connect again, and if this node was the one, its SFU lets go of the room's sessions.
+    fn set_owner(&mut self, rooms: &mut ClusterRooms, room: &str, owner: &str, now: Instant) {
+        let Some(old) = self.owners.insert(room.to_owned(), owner.to_owned()) else { return };
+        if old == owner {
+            return;
+        }
+        if old == self.shared.cfg.node_id {
+            let gone: Vec<Arc<str>> =
+                self.served.iter().filter(|(_, (r, _))| **r == *room).map(|(p, _)| p.clone()).collect();
+            for peer in gone {
+                self.served.remove(&peer);
+                self.sfu_in.push_back(SfuRequest::Leave { room: Arc::from(room), peer });
+            }
+        }
+        // Only members with a connection to the old SFU have one to replace (the entry may be stale otherwise).
+        if rooms.room_is_sfu(room) {
+            tracing::info!(room, from = %old, to = %owner, "the room's SFU moved to another node");
+            rooms.remote_topology(room, true, now);
+        }
+    }
+
+    /// Notes which node a peer this node's SFU serves lives on (its frames go there).
+    fn serve(&mut self, req: &SfuRequest, node: &str) {
+        match req {
+            SfuRequest::Leave { peer, .. } => {
+                self.served.remove(peer);
+            }
+            SfuRequest::Signal { room, peer, .. } | SfuRequest::View { room, peer, .. } => {
+                if self.served.get(peer).is_none_or(|(r, n)| r != room || n != node) {
+                    self.served.insert(peer.clone(), (room.clone(), node.to_owned()));
+                }
+            }
+        }
+    }
+
+    /// A frame of this node's SFU for `peer`: to its connection here, or on the link to the node that hosts it.
+    fn sfu_frame(&mut self, rooms: &mut ClusterRooms, peer: &str, frame: String) {
+        let me = self.shared.cfg.node_id.as_str();
+        match self.served.get(peer) {
+            Some((_, node)) if node != me && !rooms.is_local(peer) => {
+                let node = node.clone();
+                let _ = self.links.send_parts(&node, &["D\n", peer, "\n", &frame], true);
+            }
+            _ => {
+                rooms.sfu_frame(peer, Arc::from(frame));
+            }
         }
     }
 
@@ -670,6 +846,15 @@ fn password_digest(room: &str, password: &str) -> String {
     h.update(b"\0");
     h.update(password.as_bytes());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SfuSink for ClusterRouter {
+    fn sfu_frame(&self, peer: &str, frame: String) {
+        self.driver.with(|i, _| {
+            let Core { rooms, layer, .. } = i;
+            layer.sfu_frame(rooms, peer, frame);
+        });
+    }
 }
 
 impl Router for ClusterRouter {
@@ -801,6 +986,9 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                 Cmd::ReapSelf => {
                     p.cmd("EVALSHA").arg(s.scripts.reap.get_hash()).arg(0).arg(&s.cfg.node_id);
                 }
+                Cmd::ReapGone(node) => {
+                    p.cmd("EVALSHA").arg(s.scripts.reap.get_hash()).arg(0).arg(node);
+                }
             }
         }
         let send = async {
@@ -834,9 +1022,17 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                                 }
                                 None
                             }
-                            Ok(s) if s.starts_with("full:") => Some(ProtocolError::new(
-                                ErrorCode::RoomFull,
-                                format!("room '{room}' is full ({} of {max} peers)", &s[5..]),
+                            Ok(s) if s.starts_with("full:") => {
+                                let (n, cap) = s[5..].split_once(':').unwrap_or((&s[5..], ""));
+                                let cap = if cap.is_empty() { max.to_string() } else { cap.to_owned() };
+                                Some(ProtocolError::new(
+                                    ErrorCode::RoomFull,
+                                    format!("room '{room}' is full ({n} of {cap} peers)"),
+                                ))
+                            }
+                            Ok(s) if s == "needsfu" => Some(ProtocolError::new(
+                                ErrorCode::NeedsSfu,
+                                format!("room '{room}' sends media through the server; join with \"sfu\":true"),
                             )),
                             Ok(s) if s == "needpw" => Some(ProtocolError::new(
                                 ErrorCode::Unauthorized,
@@ -867,7 +1063,7 @@ async fn pipe(router: Weak<ClusterRouter>, mut rx: mpsc::UnboundedReceiver<Cmd>)
                     }
                 }
                 Cmd::Publish { .. } => {}
-                cmd @ (Cmd::Leave { .. } | Cmd::ReapSelf) => match reply {
+                cmd @ (Cmd::Leave { .. } | Cmd::ReapSelf | Cmd::ReapGone(_)) => match reply {
                     Err(_) => retry.push_back(cmd),
                     Ok(Value::ServerError(e)) => {
                         tracing::warn!("cluster command failed: {e:?}");
@@ -978,9 +1174,9 @@ async fn restore(
     incarnation: &str,
 ) -> redis::RedisResult<()> {
     let Some(r) = router.upgrade() else { return Ok(()) };
-    let (sessions, passwords) = {
+    let (sessions, passwords, owners) = {
         let inner = r.driver.lock();
-        (inner.rooms.local_sessions(), inner.layer.passwords.clone())
+        (inner.rooms.local_sessions(), inner.layer.passwords.clone(), inner.layer.owners.clone())
     };
     drop(r);
     load_scripts(s, con).await?;
@@ -989,6 +1185,7 @@ async fn restore(
     for l in &sessions {
         inv.arg(&*l.id).arg(&*l.room).arg(&*l.name).arg(&*l.token).arg(if l.publish { "1" } else { "0" });
         inv.arg(passwords.get(&*l.room).map_or("", String::as_str));
+        inv.arg(if l.sfu { "1" } else { "0" }).arg(owners.get(&*l.room).map_or("", String::as_str));
     }
     let reply: Value = inv.invoke_async(con).await?;
     let elsewhere: Vec<String> = match reply {
@@ -1044,6 +1241,7 @@ fn forget_gone_nodes(
             if lost > 0 {
                 tracing::warn!(node = %n, lost, "node gone: messages for its peers died with it");
             }
+            let _ = inner.layer.tx.send(Cmd::ReapGone(n.clone()));
         }
     }
     inner.dispatch(now);

@@ -5,7 +5,9 @@
 -- wc:seq:<room>    join counter of the room (welcome lists peers in join order)
 -- wc:pw:<room>     password digest set by the room's first joiner
 -- wc:pwfail:<room> wrong passwords in the current minute (expires)
--- wc:peer:<id>     hash  room, node, name, token, publish
+-- wc:peer:<id>     hash  room, node, name, token, publish, sfu ("1": speaks SFU)
+-- wc:sfu:<room>    the node whose SFU carries the room's media (absent: peer-to-peer); held while that node lives
+-- wc:own:<node>    set of the rooms whose SFU runs on the node
 -- wc:tok:<token>   peer id of a resume token
 -- wc:np:<node>     set of the node's peer ids
 -- wc:nodes         set of registered nodes;  wc:alive:<node>  incarnation, with the node TTL
@@ -54,17 +56,42 @@ local function drop(id, node)
   local rk = 'wc:room:' .. p[1]
   redis.call('HDEL', rk, id)
   if redis.call('HLEN', rk) == 0 then
-    redis.call('DEL', rk, 'wc:seq:' .. p[1], 'wc:pw:' .. p[1])
+    local owner = redis.call('GET', 'wc:sfu:' .. p[1])
+    if owner then redis.call('SREM', 'wc:own:' .. owner, p[1]) end
+    redis.call('DEL', rk, 'wc:seq:' .. p[1], 'wc:pw:' .. p[1], 'wc:sfu:' .. p[1])
   else
-    notify(members(p[1]), node, 'L\n' .. id)
+    local list = members(p[1])
+    notify(list, node, 'L\n' .. id)
+    -- The room's SFU node ends the peer's media session, also when it hosts no member of the room.
+    local owner = redis.call('GET', 'wc:sfu:' .. p[1])
+    if owner and owner ~= node then
+      local told = false
+      for _, m in ipairs(list) do if m.node == owner then told = true end end
+      if not told then redis.call('PUBLISH', 'wc:ch:' .. owner, 'L\n' .. id) end
+    end
   end
 end
 
--- Ends every session of `node` and unregisters it.
+-- Ends every session of `node` and unregisters it. The SFU rooms it ran move to the live node of their earliest
+-- member, and every node of the room hears it (`S`: its members connect to the new SFU).
 local function reap(node)
   local ids = redis.call('SMEMBERS', 'wc:np:' .. node)
   for _, id in ipairs(ids) do drop(id, node) end
   redis.call('DEL', 'wc:np:' .. node)
+  for _, room in ipairs(redis.call('SMEMBERS', 'wc:own:' .. node)) do
+    if redis.call('GET', 'wc:sfu:' .. room) == node then
+      local list = members(room)
+      for _, m in ipairs(list) do
+        if m.node ~= node and redis.call('EXISTS', 'wc:alive:' .. m.node) == 1 then
+          redis.call('SET', 'wc:sfu:' .. room, m.node)
+          redis.call('SADD', 'wc:own:' .. m.node, room)
+          notify(list, '', 'S\n' .. room .. '\n' .. m.node)
+          break
+        end
+      end
+    end
+  end
+  redis.call('DEL', 'wc:own:' .. node)
   redis.call('SREM', 'wc:nodes', node)
   return #ids
 end

@@ -238,7 +238,14 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
                 let _ = p.tx.send(ToSession::Close);
             }
         }
-        Event::Topology { mode } if mode == "sfu" && c.args.sfu => c.start_sfu().await?,
+        Event::Topology { mode, restart } if mode == "sfu" && c.args.sfu => {
+            if restart {
+                // The room's SFU moved to another cluster node: the old session is dead, a new one starts.
+                out("sfu restart");
+                c.close_sfu();
+            }
+            c.start_sfu().await?
+        }
         Event::Topology { .. } => {}
         // The page highlights the speaker; the native peer has no tiles.
         Event::Speaker { .. } => {}

@@ -55,8 +55,10 @@ pub enum Event {
     Bye {
         from: String,
     },
+    /// `restart`: the room's SFU moved (a cluster node died); make a new connection to it.
     Topology {
         mode: String,
+        restart: bool,
     },
     /// The SFU room's active speaker changed.
     Speaker {
@@ -163,7 +165,7 @@ impl SignalingClient {
                 Event::Signal { from, signal: Signal::Candidate(candidate), tracks: vec![] }
             }
             ServerMessage::Bye { from } => Event::Bye { from },
-            ServerMessage::Topology { mode } => Event::Topology { mode },
+            ServerMessage::Topology { mode, restart } => Event::Topology { mode, restart },
             ServerMessage::Speaker { peer } => Event::Speaker { peer },
             ServerMessage::Data { from, data } => Event::Data { from, data },
             ServerMessage::Error { code, message, refers_to } => {

@@ -740,6 +740,12 @@ pub fn encode_topology_sfu() -> &'static str {
     r#"{"type":"topology","mode":"sfu"}"#
 }
 
+/// `{"type":"topology","mode":"sfu","restart":true}`: the room's SFU moved (with `--redis`, the node that ran it
+/// died): the client's connection to `sfu` is gone; it makes a new one (a fresh offer).
+pub fn encode_topology_sfu_restart() -> &'static str {
+    r#"{"type":"topology","mode":"sfu","restart":true}"#
+}
+
 /// The SFU's offer to a client: `{"type":"offer","from":"sfu","sdp":…,"tracks":[…]}`.
 pub fn encode_sfu_offer(sdp: &str, tracks: &[SfuTrack]) -> String {
     #[derive(Serialize)]
@@ -937,9 +943,11 @@ pub enum ServerMessage {
     Bye {
         from: String,
     },
-    /// The room's media path changed (`mode`: `sfu`).
+    /// The room's media path changed (`mode`: `sfu`); `restart`: the SFU moved, connect to it again.
     Topology {
         mode: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
     },
     /// The active speaker of an SFU room changed to `peer` (see [`encode_speaker`]).
     Speaker {
@@ -1219,7 +1227,11 @@ mod tests {
             let m = ServerMessage::Candidate { from: "B".into(), candidate };
             assert_eq!(encode_relay(RelayKind::Candidate, "B", &raw), m.to_json());
         }
-        assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into() }.to_json());
+        assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into(), restart: false }.to_json());
+        assert_eq!(
+            encode_topology_sfu_restart(),
+            ServerMessage::Topology { mode: "sfu".into(), restart: true }.to_json()
+        );
         // `data` is passed on as the client wrote it; serde's map sorts keys, so these are sorted already.
         for d in [r#"{}"#, r#"{"name":"é\"\u0001","type":"name"}"#, r#"{"a":[1,{"b":null}],"type":"x"}"#] {
             let raw: Box<RawValue> = serde_json::from_str(d).unwrap();

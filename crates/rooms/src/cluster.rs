@@ -26,6 +26,8 @@ pub enum ClusterOutput {
         publish: bool,
         /// The join policy refused this join: only a resume may proceed; a fresh join is refused with this.
         refused: Option<ProtocolError>,
+        /// The client speaks SFU (`"sfu":true`): the cluster decides the room's topology with it.
+        sfu: bool,
     },
     /// Deliver `frame` to peer `to`, which lives on another node.
     Relay { to: Arc<str>, frame: Frame },
@@ -41,6 +43,8 @@ pub struct LocalSession {
     pub name: Arc<str>,
     pub token: Arc<str>,
     pub publish: bool,
+    /// Joined with `"sfu":true`.
+    pub sfu: bool,
 }
 
 /// How a join was admitted.
@@ -66,6 +70,10 @@ pub struct Admitted {
     pub publish: bool,
     /// The room's other members when the seat was taken, in join order.
     pub peers: Vec<PeerInfo>,
+    /// The peer joined with `"sfu":true`.
+    pub sfu: bool,
+    /// The room's media goes through an SFU (decided cluster-wide, by the join).
+    pub sfu_room: bool,
 }
 
 /// The hooks the single-node core calls on a cluster node (join, leave).
@@ -110,6 +118,7 @@ impl Rooms {
             resume: j.resume.as_deref().map(str::to_owned),
             publish: admission.publish,
             refused,
+            sfu: j.sfu,
         }));
     }
 }
@@ -210,6 +219,7 @@ impl ClusterRooms {
         match a.kind {
             AdmitKind::Resumed if local => {
                 self.core.counters.resumes += 1;
+                self.sfu_room(&a.room, &id, a.sfu_room);
                 match conn {
                     Some(conn) => self.core.resume_with(conn, id, a.token.into()),
                     None => self.core.peers.get_mut(&id).expect("local").token = a.token.into(),
@@ -218,6 +228,7 @@ impl ClusterRooms {
             AdmitKind::Resumed | AdmitKind::ResumedFromElsewhere => {
                 // Wait for the old node's queue; meanwhile frames for the peer queue here, behind it.
                 self.ensure_local(&a, &id, now);
+                self.sfu_room(&a.room, &id, a.sfu_room);
                 let p = self.core.peers.get_mut(&id).expect("ensured");
                 p.awaiting = conn;
                 if let Some(conn) = conn {
@@ -227,6 +238,8 @@ impl ClusterRooms {
             AdmitKind::Fresh => {
                 self.core.counters.joins += 1;
                 self.ensure_local(&a, &id, now);
+                // As on one node: the members there hear `topology` before the newcomer's `hello`.
+                self.sfu_room(&a.room, &id, a.sfu_room);
                 if let Some(conn) = conn {
                     self.attach(conn, &id, false, Queue::default());
                 }
@@ -247,6 +260,7 @@ impl ClusterRooms {
         p.conn = None;
         p.token = Arc::from(a.token.as_str());
         p.publish = a.publish;
+        p.sfu = a.sfu;
         p.epoch += 1;
         let epoch = p.epoch;
         self.core.deadlines.push_back((now + self.core.cfg.resume_grace, id.clone(), epoch));
@@ -290,8 +304,33 @@ impl ClusterRooms {
         c.joining = false;
         c.limit = self.core.cfg.max_queued + backlog.len() + 1;
         self.core.welcome(conn, id, resumed);
+        if self.core.room_is_sfu(&self.core.peers[id].room) {
+            self.core.push(conn, Arc::from(encode_topology_sfu()));
+        }
         for frame in backlog {
             self.core.push(conn, frame);
+        }
+    }
+
+    /// `room` is an SFU room (`sfu`): if it was not, its local members but `except` hear `topology`.
+    fn sfu_room(&mut self, room: &str, except: &str, sfu: bool) {
+        let Some(r) = self.core.rooms.get_mut(room).filter(|r| sfu && !r.sfu) else { return };
+        r.sfu = true;
+        self.core.broadcast(room, except, Arc::from(encode_topology_sfu()));
+    }
+
+    /// The cluster moved `room` to the SFU (a join on another node), or, with `restart`, moved its SFU to another
+    /// node (the old one died): the local members are told, the latter with `topology` `restart`, so that they
+    /// connect to the new one. Ignored when no session of this node is in that room.
+    pub fn remote_topology(&mut self, room: &str, restart: bool, now: Instant) {
+        self.core.now = now;
+        if !self.core.has_local_members(room) {
+            return;
+        }
+        if !self.core.room_is_sfu(room) {
+            self.sfu_room(room, "", true);
+        } else if restart {
+            self.core.broadcast(room, "", Arc::from(webcall_protocol::encode_topology_sfu_restart()));
         }
     }
 
@@ -401,6 +440,7 @@ impl ClusterRooms {
                 name: p.name.clone(),
                 token: p.token.clone(),
                 publish: p.publish,
+                sfu: p.sfu,
             })
             .collect()
     }
@@ -513,6 +553,8 @@ mod tests {
             name: id.into(),
             publish: true,
             peers: peers.iter().map(|(i, n)| PeerInfo { id: (*i).into(), name: (*n).into() }).collect(),
+            sfu: false,
+            sfu_room: false,
         }
     }
 
@@ -538,6 +580,45 @@ mod tests {
         assert!(
             matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#))
         );
+    }
+
+    #[test]
+    fn an_sfu_room_decided_by_the_cluster_spans_nodes() {
+        let mut n = Node::new();
+        let a = n.join("r", "A", &[("B", "b")]);
+        // C's join moved the room to the SFU (decided cluster-wide): A hears topology before C's hello.
+        let c = n.connect();
+        n.send(c, &Join { sfu: true, ..Join::new("r", "C") }.to_json());
+        assert!(matches!(&n.cluster()[..], [ClusterOutput::Join { sfu: true, .. }]));
+        let mut adm = admitted(c, AdmitKind::Fresh, "C", "r", &[("B", "b"), ("A", "A")]);
+        (adm.sfu, adm.sfu_room) = (true, true);
+        n.rooms.admit(adm, n.now);
+        assert_eq!(
+            n.recv(a),
+            vec![json!({"type":"topology","mode":"sfu"}), json!({"type":"hello","from":"C","name":"C"})]
+        );
+        let got = n.recv(c);
+        assert_eq!((got[0]["type"].as_str(), &got[1]), (Some("welcome"), &json!({"type":"topology","mode":"sfu"})));
+        // `sfu` signaling goes to the SFU adapter (the cluster layer routes it to the room's SFU node).
+        n.send(c, &Signal::Offer("v=0".into()).to_json(SFU_PEER));
+        let out: Vec<Output> =
+            std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| !matches!(o, Output::Wake(_))).collect();
+        assert!(matches!(&out[..], [Output::Sfu(SfuRequest::Signal { peer, .. })] if &**peer == "C"), "{out:?}");
+        // `data` reaches members on other nodes too.
+        // Raw JSON: `data` carries any object.
+        n.send(c, r#"{"type":"data","data":{"type":"chat","text":"hi"}}"#);
+        assert_eq!(n.recv(a)[0]["from"], "C");
+        assert!(matches!(&n.cluster()[..], [ClusterOutput::Relay { to, .. }] if &**to == "B"));
+        // A member on another node leaving ends no media session here (its node ends it).
+        n.rooms.remote_leave("B", n.now);
+        let out: Vec<Output> = std::iter::from_fn(|| n.rooms.poll_output()).collect();
+        assert!(!out.iter().any(|o| matches!(o, Output::Sfu(_))), "{out:?}");
+        n.recv(a);
+        n.recv(c);
+        // The SFU moved to another node: the members here make a new connection to it.
+        n.rooms.remote_topology("r", true, n.now);
+        let restart = json!({"type":"topology","mode":"sfu","restart":true});
+        assert_eq!((n.recv(a), n.recv(c)), (vec![restart.clone()], vec![restart]));
     }
 
     #[test]

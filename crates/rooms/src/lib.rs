@@ -161,9 +161,9 @@ pub enum SfuRequest {
     /// An `offer`/`answer`/`candidate` a peer addressed to `sfu`; `payload` is the raw JSON of `sdp`/`candidate`.
     Signal { room: Arc<str>, peer: Arc<str>, kind: webcall_protocol::RelayKind, payload: String },
     /// The peer left an SFU room (bye, or its grace period ran out): end its media session.
-    Leave { peer: Arc<str> },
+    Leave { room: Arc<str>, peer: Arc<str> },
     /// How the peer shows the video it receives (`view`).
-    View { peer: Arc<str>, tracks: Vec<webcall_protocol::TrackView> },
+    View { room: Arc<str>, peer: Arc<str>, tracks: Vec<webcall_protocol::TrackView> },
 }
 
 impl Default for Config {
@@ -1106,7 +1106,7 @@ impl Rooms {
             );
             return self.refuse(conn, e.refers_to("data"), now);
         }
-        self.broadcast(&room, &from, Arc::from(webcall_protocol::encode_data(&from, d)));
+        self.broadcast_all(&room, &from, Arc::from(webcall_protocol::encode_data(&from, d)));
     }
 
     /// `view` goes to the SFU of the peer's room; outside an SFU room it is refused.
@@ -1115,12 +1115,13 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'view'");
             return self.refuse(conn, e.refers_to("view"), now);
         };
-        if !self.room_is_sfu(&self.peers[&peer].room) {
+        let room = self.peers[&peer].room.clone();
+        if !self.room_is_sfu(&room) {
             // As for `data`: the room's topology, not the message, is what does not fit.
             let e = ProtocolError::new(ErrorCode::NeedsSfu, "'view' is for SFU rooms; this room is peer-to-peer");
             return self.refuse(conn, e.refers_to("view"), now);
         }
-        self.out.push_back(Output::Sfu(SfuRequest::View { peer, tracks }));
+        self.out.push_back(Output::Sfu(SfuRequest::View { room, peer, tracks }));
     }
 
     fn bye(&mut self, conn: ConnId, now: Instant) {
@@ -1134,8 +1135,9 @@ impl Rooms {
     /// Ends a session: frees its seat and tells the room.
     fn leave(&mut self, id: &Arc<str>) {
         let Some(p) = self.peers.swap_remove(id) else { return };
-        if self.room_is_sfu(&p.room) {
-            self.out.push_back(Output::Sfu(SfuRequest::Leave { peer: id.clone() }));
+        // A member on another node has its media session ended by its own node.
+        if self.room_is_sfu(&p.room) && !p.remote {
+            self.out.push_back(Output::Sfu(SfuRequest::Leave { room: p.room.clone(), peer: id.clone() }));
         }
         if self.clustered && !p.remote {
             self.out.push_back(Output::Cluster(ClusterOutput::Left { id: id.clone(), room: p.room.clone() }));
@@ -1164,10 +1166,19 @@ impl Rooms {
     }
 
     fn broadcast(&mut self, room: &str, except: &str, frame: Frame) {
+        // Peers on other nodes hear of joins, leaves and topology from the cluster, not from here.
+        self.broadcast_to(room, except, frame, false);
+    }
+
+    /// To every other member, on other nodes too (`data`).
+    fn broadcast_all(&mut self, room: &str, except: &str, frame: Frame) {
+        self.broadcast_to(room, except, frame, true);
+    }
+
+    fn broadcast_to(&mut self, room: &str, except: &str, frame: Frame, remote: bool) {
         let Some(r) = self.rooms.get(room) else { return };
-        // Peers on other nodes hear of joins and leaves from the cluster, not from here.
         let targets: Vec<Arc<str>> =
-            r.members.iter().filter(|m| &***m != except && !self.peers[*m].remote).cloned().collect();
+            r.members.iter().filter(|m| &***m != except && (remote || !self.peers[*m].remote)).cloned().collect();
         for t in targets {
             self.deliver(&t, frame.clone());
         }

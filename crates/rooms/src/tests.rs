@@ -652,12 +652,15 @@ fn auto_moves_to_the_sfu_on_the_third_sfu_peer_and_stays_there() {
     // `view` goes to the SFU too.
     h.send(c, r#"{"type":"view","tracks":[{"mid":"4","width":320,"height":180}]}"#);
     let view = webcall_protocol::TrackView { mid: "4".into(), width: 320, height: 180 };
-    assert_eq!(h.sfu_requests(), vec![SfuRequest::View { peer: Arc::from(c_id.as_str()), tracks: vec![view] }]);
+    assert_eq!(
+        h.sfu_requests(),
+        vec![SfuRequest::View { room: Arc::from("r"), peer: Arc::from(c_id.as_str()), tracks: vec![view] }]
+    );
     assert!(h.recv(c).is_empty());
 
     // Shrinking back to two keeps the SFU; leaving ends the SFU session.
     h.send(c, r#"{"type":"bye"}"#);
-    assert_eq!(h.sfu_requests(), vec![SfuRequest::Leave { peer: Arc::from(c_id.as_str()) }]);
+    assert_eq!(h.sfu_requests(), vec![SfuRequest::Leave { room: Arc::from("r"), peer: Arc::from(c_id.as_str()) }]);
     assert!(h.rooms.room_is_sfu("r"));
     h.send(a, r#"{"type":"bye"}"#);
     h.send(b, r#"{"type":"bye"}"#);

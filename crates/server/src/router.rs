@@ -11,8 +11,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use webcall_rooms::{
-    ClusterOutput, ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, Rooms, Stats,
-    WatchRefusal,
+    ClusterOutput, ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, Rooms, SfuRequest,
+    Stats, WatchRefusal,
 };
 
 /// What the WebSocket task of one connection shares with the router.
@@ -95,6 +95,16 @@ pub trait Layer<C>: Send + 'static {
         let _ = (core, now);
         tracing::warn!("a cluster output without a cluster: {out:?}");
     }
+    /// An SFU request of the core: what comes back goes to this node's SFU. The cluster sends the requests of rooms
+    /// whose SFU runs on another node there instead.
+    fn sfu_request(&mut self, core: &mut C, req: SfuRequest, now: Instant) -> Option<SfuRequest> {
+        let _ = (core, now);
+        Some(req)
+    }
+    /// SFU requests from elsewhere (peers on other nodes) for this node's SFU.
+    fn poll_sfu(&mut self) -> Option<SfuRequest> {
+        None
+    }
     /// After the core's outputs were dispatched.
     fn dispatched(&mut self, core: &mut C, now: Instant) {
         let _ = (core, now);
@@ -137,14 +147,30 @@ impl<C: BorrowMut<Rooms>, L: Layer<C>> Core<C, L> {
             match out {
                 Output::Wake(conn) => signal_output(&self.signals, conn, None),
                 Output::Close { conn, code, reason } => signal_output(&self.signals, conn, Some((code, reason))),
-                Output::Sfu(req) => match &mut self.sfu {
-                    Some(bridge) => bridge.route(req),
-                    None => tracing::warn!("an SFU room without an SFU running; request dropped"),
-                },
+                Output::Sfu(req) => {
+                    if let Some(req) = self.layer.sfu_request(&mut self.rooms, req, now) {
+                        self.route_sfu(req);
+                    }
+                }
                 Output::Cluster(c) => self.layer.cluster_output(&mut self.rooms, c, now),
             }
         }
         self.layer.dispatched(&mut self.rooms, now);
+        while let Some(req) = self.layer.poll_sfu() {
+            self.route_sfu(req);
+        }
+    }
+
+    fn route_sfu(&mut self, req: SfuRequest) {
+        match &mut self.sfu {
+            Some(bridge) => bridge.route(req),
+            None => tracing::warn!("an SFU room without an SFU running; request dropped"),
+        }
+    }
+
+    /// Sends the media of SFU rooms through `sfu`; its frames for peers go to `sink`.
+    pub fn set_sfu(&mut self, sfu: webcall_sfu::net::SfuHandle, sink: Weak<dyn crate::sfu::SfuSink>) {
+        self.sfu = Some(crate::sfu::SfuBridge::new(sfu, sink));
     }
 }
 
@@ -260,12 +286,14 @@ impl LocalRouter {
 
     /// Sends the media of SFU rooms through `sfu` (rooms become SFU rooms per `--topology`).
     pub fn set_sfu(self: &Arc<Self>, sfu: webcall_sfu::net::SfuHandle) {
-        let bridge = crate::sfu::SfuBridge::new(sfu, Arc::downgrade(self));
-        self.driver.lock().sfu = Some(bridge);
+        let sink: Weak<dyn crate::sfu::SfuSink> = Arc::downgrade(self) as Weak<LocalRouter>;
+        self.driver.lock().set_sfu(sfu, sink);
     }
+}
 
+impl crate::sfu::SfuSink for LocalRouter {
     /// Queues a frame from the SFU for `peer`.
-    pub(crate) fn sfu_frame(&self, peer: &str, frame: String) {
+    fn sfu_frame(&self, peer: &str, frame: String) {
         self.driver.with(|i, _| {
             i.rooms.sfu_frame(peer, Arc::from(frame));
         });

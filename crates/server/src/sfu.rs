@@ -12,22 +12,28 @@ use webcall_rooms::SfuRequest;
 use webcall_sfu::net::{SessionSignal, SfuHandle, SfuNetError};
 use webcall_sfu::{SessionId, SfuError};
 
-use crate::router::LocalRouter;
+/// Where the SFU's frames for a peer go (its offers, answers, speaker events, refusals): the router, which
+/// queues them for the peer's connection (or, in a cluster, sends them to the peer's node).
+pub trait SfuSink: Send + Sync + 'static {
+    fn sfu_frame(&self, peer: &str, frame: String);
+}
 
-pub(crate) struct SfuBridge {
+type Router = Weak<dyn SfuSink>;
+
+pub struct SfuBridge {
     handle: SfuHandle,
-    router: Weak<LocalRouter>,
+    router: Router,
     peers: HashMap<Arc<str>, mpsc::UnboundedSender<SfuRequest>>,
 }
 
 impl SfuBridge {
-    pub(crate) fn new(handle: SfuHandle, router: Weak<LocalRouter>) -> Self {
+    pub fn new(handle: SfuHandle, router: Router) -> Self {
         SfuBridge { handle, router, peers: HashMap::new() }
     }
 
-    pub(crate) fn route(&mut self, req: SfuRequest) {
+    pub fn route(&mut self, req: SfuRequest) {
         let peer = match &req {
-            SfuRequest::Signal { peer, .. } | SfuRequest::Leave { peer } | SfuRequest::View { peer, .. } => {
+            SfuRequest::Signal { peer, .. } | SfuRequest::Leave { peer, .. } | SfuRequest::View { peer, .. } => {
                 peer.clone()
             }
         };
@@ -46,7 +52,7 @@ impl SfuBridge {
     }
 }
 
-fn deliver(router: &Weak<LocalRouter>, peer: &str, frame: String) {
+fn deliver(router: &Router, peer: &str, frame: String) {
     if let Some(r) = router.upgrade() {
         r.sfu_frame(peer, frame);
     }
@@ -56,7 +62,7 @@ fn refusal(e: &SfuNetError, ty: &str) -> String {
     ProtocolError::new(ErrorCode::BadField, format!("the SFU refused this {ty}: {e}")).refers_to(ty).to_json()
 }
 
-async fn new_session(handle: &SfuHandle, router: &Weak<LocalRouter>, room: &str, peer: &Arc<str>) -> Option<SessionId> {
+async fn new_session(handle: &SfuHandle, router: &Router, room: &str, peer: &Arc<str>) -> Option<SessionId> {
     let (id, mut signals) = match handle.add_session(room, peer).await {
         Ok(s) => s,
         Err(e) => {
@@ -90,12 +96,7 @@ async fn new_session(handle: &SfuHandle, router: &Weak<LocalRouter>, room: &str,
     Some(id)
 }
 
-async fn peer_task(
-    handle: SfuHandle,
-    router: Weak<LocalRouter>,
-    peer: Arc<str>,
-    mut rx: mpsc::UnboundedReceiver<SfuRequest>,
-) {
+async fn peer_task(handle: SfuHandle, router: Router, peer: Arc<str>, mut rx: mpsc::UnboundedReceiver<SfuRequest>) {
     let mut session: Option<SessionId> = None;
     while let Some(req) = rx.recv().await {
         let (room, kind, payload) = match req {

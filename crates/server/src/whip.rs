@@ -127,7 +127,7 @@ fn sfu(state: &AppState) -> Result<SfuHandle, HttpError> {
     state.sfu.get().cloned().ok_or_else(|| {
         err(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this server runs no SFU (started with --topology mesh, or --redis): WHIP and WHEP need one",
+            "this server runs no SFU for WHIP and WHEP (started with --topology mesh, or with --redis: not clustered yet)",
         )
     })
 }

@@ -29,27 +29,32 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
         IceSource::None => Box::new(|_: &str| Vec::new()),
     };
     let policy = webcall_server::policy(&cfg);
-    let mut sfu = None;
+    // Every node runs its own SFU (its own media port): with --redis, each SFU room's media goes through one node's.
+    let sfu = if cfg.rooms.topology != webcall_rooms::Topology::Mesh {
+        let media = webcall_sfu::net::MediaConfig {
+            listen: cfg.media_listen,
+            external_ip: cfg.media_external_ip,
+            dtls_cert: None,
+            caps: cfg.sfu_caps,
+        };
+        let handle = webcall_sfu::net::SfuHandle::start(media).await?;
+        let ips: Vec<String> = handle.advertised().iter().map(|ip| ip.to_string()).collect();
+        println!(
+            "webcall SFU media on udp+tcp {} (advertised as {} port {})",
+            handle.local_addr(),
+            ips.join(", "),
+            handle.local_addr().port()
+        );
+        Some(handle)
+    } else {
+        None
+    };
+    let cfg_redis = cfg.redis.clone();
     let mut server = match cfg.redis.clone() {
         None => {
             let router = webcall_server::LocalRouter::start_with(cfg.rooms.clone(), ice, Box::new(policy.clone()));
-            if cfg.rooms.topology != webcall_rooms::Topology::Mesh {
-                let media = webcall_sfu::net::MediaConfig {
-                    listen: cfg.media_listen,
-                    external_ip: cfg.media_external_ip,
-                    dtls_cert: None,
-                    caps: cfg.sfu_caps,
-                };
-                let handle = webcall_sfu::net::SfuHandle::start(media).await?;
-                let ips: Vec<String> = handle.advertised().iter().map(|ip| ip.to_string()).collect();
-                println!(
-                    "webcall SFU media on udp+tcp {} (advertised as {} port {})",
-                    handle.local_addr(),
-                    ips.join(", "),
-                    handle.local_addr().port()
-                );
+            if let Some(handle) = &sfu {
                 router.set_sfu(handle.clone());
-                sfu = Some(handle);
             }
             webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
@@ -64,13 +69,15 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
                 webcall_cluster::ClusterRouter::start(cfg.rooms.clone(), ice, Box::new(policy.clone()), cluster)
                     .await?;
             tracing::info!(node = router.node_id(), "sharing rooms through Redis");
-            if cfg.rooms.topology != webcall_rooms::Topology::Mesh {
-                tracing::warn!("with --redis rooms stay peer-to-peer: SFU rooms are not clustered yet");
+            if let Some(handle) = &sfu {
+                router.set_sfu(handle.clone());
             }
             webcall_server::serve_prepared(cfg, router, policy, tls).await?
         }
     };
-    if let Some(sfu) = &sfu {
+    // WHIP and WHEP are single-node for now: their sessions would live on this node's SFU, whichever node runs
+    // the room's.
+    if let (Some(sfu), None) = (&sfu, &cfg_redis) {
         server.set_sfu(sfu.clone());
     }
     let turn_stats = turn.as_ref().map(|t| t.stats_reader());
