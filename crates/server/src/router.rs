@@ -198,9 +198,11 @@ impl<C: BorrowMut<Rooms> + Send + 'static, L: Layer<C>> Driver<C, L> {
     }
 
     pub fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>) {
-        let mut inner = self.inner.lock();
-        inner.signals.insert(conn, signal);
-        inner.rooms.borrow_mut().connect(conn, Instant::now());
+        // Dispatched: during a shutdown the core answers a new connection at once.
+        self.with(|i, now| {
+            i.signals.insert(conn, signal);
+            i.rooms.borrow_mut().connect(conn, now);
+        });
     }
     pub fn message(&self, conn: ConnId, text: &str) {
         self.with(|i, now| i.rooms.borrow_mut().message(conn, text, now));
@@ -277,9 +279,10 @@ impl Router for LocalRouter {
         self.driver.connect(conn, signal);
     }
     fn connect_sfu_only(&self, conn: ConnId, signal: Arc<ConnSignal>) {
-        let mut inner = self.driver.lock();
-        inner.signals.insert(conn, signal);
-        inner.rooms.connect_sfu_only(conn, Instant::now());
+        self.driver.with(|i, now| {
+            i.signals.insert(conn, signal);
+            i.rooms.connect_sfu_only(conn, now);
+        });
     }
     fn admit_viewer(&self, room: &str, password: Option<&str>, viewer: &str) -> Result<Vec<IceServer>, WatchRefusal> {
         self.driver.lock().rooms.admit_viewer(room, password, viewer, Instant::now())
