@@ -65,6 +65,8 @@ pub(crate) async fn run(c: &mut Controller, leave: &mut Leave, mut inputs: Input
     let server = c.args.server.clone();
     let mut join = webcall_protocol::Join::new(c.args.room.clone(), c.args.name.clone());
     join.sfu = c.args.sfu;
+    join.token = c.args.token.clone().map(Into::into);
+    join.password = c.args.password.clone().map(Into::into);
     let mut client = SignalingClient::new(join);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -232,6 +234,8 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
         Event::Topology { .. } => {}
         // The page highlights the speaker; the native peer has no tiles.
         Event::Speaker { .. } => {}
+        // SFU-room chat and media state are the page's; the native peer keeps to its data channels.
+        Event::Data { from, .. } => tracing::debug!("data from {from} ignored"),
         Event::Error { code, message, join_refused, .. } => {
             out(format!("signaling error {code}: {message}"));
             return Ok(!join_refused);

@@ -6,7 +6,6 @@
 
 pub mod core;
 pub mod net;
-pub mod speaker;
 pub mod tcp;
 
 pub use crate::core::{
