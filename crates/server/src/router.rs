@@ -309,3 +309,27 @@ impl Router for LocalRouter {
         self.driver.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WebSocket whose upgrade finished just after the shutdown began registers after the core told everyone: it
+    /// is told too, at once (wake, `server-shutdown`, close 1001), not left open until the shutdown deadline.
+    #[tokio::test]
+    async fn a_connection_registered_during_shutdown_is_told_at_once() {
+        let router = LocalRouter::start(webcall_rooms::Config::default(), Box::new(|_: &str| Vec::new()));
+        let early = Arc::new(ConnSignal::default());
+        router.connect(1, early.clone());
+        router.shutdown();
+        assert_eq!(early.close_requested(), Some((webcall_rooms::close::GOING_AWAY, "server shutting down")));
+        let late = Arc::new(ConnSignal::default());
+        router.connect(2, late.clone());
+        assert_eq!(late.close_requested(), Some((webcall_rooms::close::GOING_AWAY, "server shutting down")));
+        tokio::time::timeout(std::time::Duration::from_secs(5), late.wake.notified()).await.expect("woken");
+        let mut buf = Vec::new();
+        router.take(2, &mut buf);
+        assert_eq!(buf.len(), 1, "{buf:?}");
+        assert!(buf[0].contains(r#""code":"server-shutdown""#), "{}", buf[0]);
+    }
+}
