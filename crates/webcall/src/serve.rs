@@ -6,6 +6,12 @@ use webcall_server::IceSource;
 
 pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     large_allocations_outside_the_heap();
+    // Before anything listens: the workers serve clients as soon as the listener is up, so a SIGTERM that came
+    // before these were installed (the main thread descheduled after printing "listening") killed the process
+    // outright, resetting every connection instead of telling it `server-shutdown`.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let cfg = args.resolve()?;
     // One certificate for HTTPS/WSS and TURN over TLS (a self-signed one is generated once, here).
     let tls = match &cfg.tls {
@@ -95,9 +101,6 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     println!("webcall listening on {scheme}://{addr} (signaling at {ws}://{addr}/ws)");
     std::io::stdout().flush()?;
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             r = server.wait() => return Ok(r?),
