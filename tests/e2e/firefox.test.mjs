@@ -4,7 +4,7 @@
 // loopback candidates: it connects over the namespace's test-only address (wc0, see scripts/test.sh).
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { axeViolations, connectedPeers, decodesVideoFrom, e2e, fullStatsPanel, ownId, snapshot, TEST_ADDR, uniqueRoom, until } from './helpers.mjs';
+import { axeViolations, connectedPeers, decodesOverSfu, decodesVideoFrom, e2e, fullStatsPanel, ownId, snapshot, TEST_ADDR, uniqueRoom, until } from './helpers.mjs';
 
 const t = e2e({ firefox: true });
 
@@ -159,35 +159,6 @@ describe('Firefox through the built-in TURN', () => {
   });
 });
 
-/**
- * Waits until `page` decodes more than 10 new frames of participant `id`'s camera over its one connection to the
- * SFU (getStats of that participant's own track), and the tile's <video> has a width.
- */
-async function decodesOverSfu(page, id) {
-  const read = (id) =>
-    page.evaluate(async (id) => {
-      const call = window.webcall.call;
-      const peer = call.peers.get(id);
-      const track = peer?.remoteStream.getVideoTracks()[0];
-      if (!call.sfu || !track || peer.pc !== call.sfu.pc) return -1;
-      let n = 0;
-      (await call.sfu.pc.getStats(track)).forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
-      });
-      const video = document.querySelector(`.tile[data-peer="${id}"] video`);
-      return video instanceof HTMLVideoElement && video.videoWidth > 0 ? n : -1;
-    }, id);
-  const deadline = Date.now() + 60000;
-  let start = -1;
-  for (;;) {
-    const n = await read(id);
-    if (start < 0) start = n;
-    else if (n > start + 10) return;
-    if (Date.now() > deadline) assert.fail(`no video from ${id} over the SFU (${start} -> ${n} frames)`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
-
 describe('Firefox in an SFU room', () => {
   // Every room on the SFU from its first peer; the media port on the namespace's test-only address, which Firefox
   // reaches (it gathers no loopback candidates), as a deployment's public address would be.
@@ -201,8 +172,8 @@ describe('Firefox in an SFU room', () => {
     const [foxId] = await connectedPeers(chrome, 1, 30000);
     const [chromeId] = await connectedPeers(fox, 1, 30000);
     assert.equal(await fox.evaluate(() => window.webcall.call.sfu?.pc.connectionState), 'connected');
-    await decodesOverSfu(chrome, foxId);
-    await decodesOverSfu(fox, chromeId);
+    await decodesOverSfu(chrome, foxId, { timeout: 60000 });
+    await decodesOverSfu(fox, chromeId, { timeout: 60000 });
     assert.equal(await fox.$eval(`.tile[data-peer="${chromeId}"] .name`, (e) => e.textContent), 'Chrome');
     // Chat as signaling `data` both ways.
     await fox.evaluate(() => window.webcall.call.sendChat('from Firefox'));

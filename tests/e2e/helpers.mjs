@@ -379,20 +379,68 @@ export const fullStatsPanel = (page, peerId) =>
   );
 
 /**
+ * What `page` decodes of participant `id`'s camera (or, `screen`, its screen share) over its SFU connection: `n`, the
+ * frames decoded (getStats of that participant's track; -1 before the page has an SFU connection and the track, and,
+ * with `moved`, while the participant's tile still shows the peer-to-peer connection), `w`, its tile's video width,
+ * and `fw`, the width of the frames decoded (0 until one is).
+ */
+const sfuVideo = (page, id, { screen = false, moved = true } = {}) =>
+  page.evaluate(
+    async ({ id, screen, moved }) => {
+      const call = window.webcall.call;
+      const peer = call.peers.get(id);
+      const track = (screen ? peer?.remoteScreen : peer?.remoteStream)?.getVideoTracks()[0];
+      if (!call.sfu || !track || (moved && peer.pc !== call.sfu.pc)) return { n: -1, w: 0, fw: 0 };
+      let n = 0;
+      let fw = 0;
+      (await call.sfu.pc.getStats(track)).forEach((s) => {
+        if (s.type !== 'inbound-rtp' || s.kind !== 'video') return;
+        n = Math.max(n, s.framesDecoded ?? 0);
+        if ((s.framesDecoded ?? 0) > 0) fw = s.frameWidth ?? 0;
+      });
+      const video = document.querySelector(`.tile[data-peer="${screen ? `${id}:screen` : id}"] video`);
+      return { n, w: video instanceof HTMLVideoElement && video.srcObject ? video.videoWidth : 0, fw };
+    },
+    { id, screen, moved },
+  );
+
+/**
  * Frames `page` decoded from participant `id` over its SFU connection (getStats of that participant's video track);
  * -1 before the page has an SFU connection and the track. @param {import('playwright-core').Page} page @param {string} id
  */
-export const sfuFramesFrom = (page, id) =>
-  page.evaluate(async (id) => {
-    const call = window.webcall.call;
-    const track = call.peers.get(id)?.remoteStream.getVideoTracks()[0];
-    if (!call.sfu || !track) return -1;
-    let n = 0;
-    (await call.sfu.pc.getStats(track)).forEach((s) => {
-      if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
-    });
-    return n;
-  }, id);
+export const sfuFramesFrom = async (page, id) => (await sfuVideo(page, id, { moved: false })).n;
+
+/**
+ * The frame width of the video `page` receives from participant `id` over the SFU (0 until it decodes).
+ * @param {import('playwright-core').Page} page @param {string} id
+ */
+export const sfuFrameWidthFrom = async (page, id) => (await sfuVideo(page, id, { moved: false })).fw;
+
+/**
+ * Waits until `page` decodes more than `frames` new video frames from participant `peerId` over the SFU: its camera
+ * (or, `screen`, its screen share) track on the page's SFU connection (`moved`: once its tile left the peer-to-peer
+ * connection), and, with `tile`, its tile's <video> has a width.
+ * @param {import('playwright-core').Page} page @param {string} peerId
+ */
+export async function decodesOverSfu(
+  page,
+  peerId,
+  { frames = 10, screen = false, tile = true, moved = true, timeout = 30000 } = {},
+) {
+  const read = () => sfuVideo(page, peerId, { screen, moved });
+  let start = await read();
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const now = await read();
+    if (start.n < 0) start = now;
+    else if (now.n > start.n + frames && (!tile || now.w > 0)) return;
+    if (Date.now() > deadline) {
+      const what = `${peerId}${screen ? ' (screen)' : ''}`;
+      throw new Error(`no video from ${what} over the SFU: ${JSON.stringify({ start, now })}`);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
 
 /** Snapshot of the call (window.webcall.snapshot()). @param {import('playwright-core').Page} page */
 export const snapshot = (page) => page.evaluate(() => window.webcall.snapshot());

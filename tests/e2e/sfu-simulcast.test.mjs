@@ -7,24 +7,16 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { assertLoopbackOnly, launchBrowser, openPage, ownId, startServer, uniqueRoom, until } from './helpers.mjs';
-
-/**
- * The frame width of the video `page` receives from participant `peerId` over the SFU (0 until it decodes).
- * @param {import('playwright-core').Page} page @param {string} peerId
- */
-function frameWidthFrom(page, peerId) {
-  return page.evaluate(async (id) => {
-    const call = window.webcall.call;
-    const track = call.peers.get(id)?.remoteStream.getVideoTracks()[0];
-    if (!call.sfu || !track) return 0;
-    let w = 0;
-    (await call.sfu.pc.getStats(track)).forEach((s) => {
-      if (s.type === 'inbound-rtp' && s.kind === 'video' && (s.framesDecoded ?? 0) > 0) w = s.frameWidth ?? 0;
-    });
-    return w;
-  }, peerId);
-}
+import {
+  assertLoopbackOnly,
+  launchBrowser,
+  openPage,
+  ownId,
+  sfuFrameWidthFrom,
+  startServer,
+  uniqueRoom,
+  until,
+} from './helpers.mjs';
 
 /** A WAV file of a steady 440 Hz tone at half scale (Chromium loops it as its fake microphone). */
 function toneWav() {
@@ -83,7 +75,7 @@ describe('SFU simulcast', () => {
     const deadline = Date.now() + 90000;
     // Layers come up as A's encoder and the server's estimates settle; liveness only, no timing asserted.
     for (;;) {
-      widths = { large: await frameWidthFrom(large, aId), small: await frameWidthFrom(small, aId) };
+      widths = { large: await sfuFrameWidthFrom(large, aId), small: await sfuFrameWidthFrom(small, aId) };
       if (widths.small > 0 && widths.large > widths.small) break;
       if (Date.now() > deadline) assert.fail(`no layer difference: ${JSON.stringify(widths)}`);
       await new Promise((r) => setTimeout(r, 500));

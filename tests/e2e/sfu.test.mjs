@@ -4,47 +4,22 @@
 // a grid that pages past what fits with 25+ participants, and a v1 client refused with needs-sfu.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { assertLoopbackOnly, connectedPeers, launchBrowser, openPage, startServer, uniqueRoom, until } from './helpers.mjs';
+import {
+  assertLoopbackOnly,
+  connectedPeers,
+  decodesOverSfu,
+  launchBrowser,
+  openPage,
+  startServer,
+  uniqueRoom,
+  until,
+} from './helpers.mjs';
 
 /**
  * No tile may go longer than this without a new frame during the move: a liveness bound for two loaded cores, not a
  * speed figure (seen: 0.1–0.4 s idle, up to 1.5 s with other builds running, also on tiles that never moved).
  */
 const STALL_BOUND_MS = 3000;
-
-/**
- * Waits until `page` decodes video from participant `peerId` over the SFU: the inbound stream of that participant's
- * camera (or, `screen`, its screen share) track decodes more than `frames` frames, and its tile's <video> has a width.
- * @param {import('playwright-core').Page} page @param {string} peerId
- */
-async function decodesOverSfu(page, peerId, { frames = 10, screen = false, timeout = 30000 } = {}) {
-  const read = () =>
-    page.evaluate(
-      async ({ id, screen }) => {
-        const call = window.webcall.call;
-        const peer = call.peers.get(id);
-        const track = (screen ? peer?.remoteScreen : peer?.remoteStream)?.getVideoTracks()[0];
-        // Until the SFU's media of this participant arrives, its tile is still the peer-to-peer connection's.
-        if (!call.sfu || !track || peer.pc !== call.sfu.pc) return { n: -1, w: 0 };
-        let n = 0;
-        (await call.sfu.pc.getStats(track)).forEach((s) => {
-          if (s.type === 'inbound-rtp' && s.kind === 'video') n = Math.max(n, s.framesDecoded ?? 0);
-        });
-        const video = document.querySelector(`.tile[data-peer="${screen ? `${id}:screen` : id}"] video`);
-        return { n, w: video instanceof HTMLVideoElement && video.srcObject ? video.videoWidth : 0 };
-      },
-      { id: peerId, screen },
-    );
-  let start = await read();
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    const now = await read();
-    if (start.n < 0) start = now;
-    else if (now.n > start.n + frames && now.w > 0) return;
-    if (Date.now() > deadline) assert.fail(`no video from ${peerId}${screen ? ' (screen)' : ''} over the SFU: ${JSON.stringify({ start, now })}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
 
 /**
  * Starts sampling, every 100 ms, how long each remote camera tile of `page` goes without a new frame on screen

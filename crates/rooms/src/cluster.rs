@@ -468,38 +468,21 @@ impl ClusterRooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
+    use serde_json::json;
+    use webcall_protocol::{Join, Signal, BYE};
 
     /// One node of a simulated cluster, driven by hand.
-    struct Node {
-        rooms: ClusterRooms,
-        now: Instant,
-        next_conn: ConnId,
-    }
+    type Node = crate::tests::Harness<ClusterRooms>;
 
     impl Node {
         fn new() -> Node {
             let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
             let now = Instant::now();
-            Node { rooms: ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now, next_conn: 1 }
-        }
-        fn connect(&mut self) -> ConnId {
-            let c = self.next_conn;
-            self.next_conn += 1;
-            self.rooms.connect(c, self.now);
-            c
-        }
-        fn send(&mut self, conn: ConnId, v: Value) {
-            self.rooms.message(conn, &v.to_string(), self.now);
-        }
-        fn recv(&mut self, conn: ConnId) -> Vec<Value> {
-            self.rooms.check_invariants();
-            let mut buf = Vec::new();
-            self.rooms.take(conn, &mut buf);
-            buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
+            Node::over(ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now)
         }
         fn cluster(&mut self) -> Vec<ClusterOutput> {
-            std::iter::from_fn(|| self.rooms.poll_output())
+            self.split(|o| matches!(o, Output::Cluster(_)))
+                .into_iter()
                 .filter_map(|o| match o {
                     Output::Cluster(c) => Some(c),
                     _ => None,
@@ -509,7 +492,7 @@ mod tests {
         /// Joins through the (simulated) cluster: returns the conn after its welcome.
         fn join(&mut self, room: &str, id: &str, peers: &[(&str, &str)]) -> ConnId {
             let c = self.connect();
-            self.send(c, json!({"type":"join","room":room,"name":id}));
+            self.send(c, &Join::new(room, id).to_json());
             let out = self.cluster();
             assert!(matches!(&out[..], [ClusterOutput::Join { conn, .. }] if *conn == c), "{out:?}");
             self.rooms.admit(admitted(c, AdmitKind::Fresh, id, room, peers), self.now);
@@ -537,20 +520,20 @@ mod tests {
     fn join_waits_for_the_cluster_and_welcome_lists_remote_peers() {
         let mut n = Node::new();
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r","name":"Bob"}));
+        n.send(c, &Join::new("r", "Bob").to_json());
         assert!(n.recv(c).is_empty(), "no welcome before the seat is taken");
         let out = n.cluster();
         assert!(
             matches!(&out[..], [ClusterOutput::Join { room, name, resume: None, .. }] if room == "r" && name == "Bob")
         );
-        n.send(c, json!({"type":"join","room":"r"}));
+        n.send(c, &Join::new("r", "").to_json());
         assert_eq!(n.recv(c)[0]["code"], "already-joined");
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "Alice")]), n.now);
         let w = n.recv(c);
         assert_eq!(w[0]["peers"], json!([{"id":"A","name":"Alice"}]));
         assert_eq!(w[0]["resume"], "tok-B");
         // A relay to the remote peer leaves as a cluster output.
-        n.send(c, json!({"type":"offer","to":"A","sdp":"x"}));
+        n.send(c, &Signal::Offer("x".into()).to_json("A"));
         let out = n.cluster();
         assert!(
             matches!(&out[..], [ClusterOutput::Relay { to, frame }] if &**to == "A" && frame.contains(r#""from":"B""#))
@@ -561,13 +544,13 @@ mod tests {
     fn refused_join_leaves_the_connection_usable() {
         let mut n = Node::new();
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r"}));
+        n.send(c, &Join::new("r", "").to_json());
         n.cluster();
         n.rooms.refuse_join(c, ProtocolError::new(ErrorCode::RoomFull, "full"), n.now);
         let e = n.recv(c);
         assert_eq!(e[0]["code"], "room-full");
         assert_eq!(e[0]["ref"], "join");
-        n.send(c, json!({"type":"join","room":"s"}));
+        n.send(c, &Join::new("s", "").to_json());
         assert_eq!(n.cluster().len(), 1);
     }
 
@@ -595,7 +578,7 @@ mod tests {
         let a = n.join("r", "A", &[("X", "x")]);
         let b = n.join("r", "B", &[("X", "x"), ("A", "A")]);
         assert_eq!(n.recv(a), vec![json!({"type":"hello","from":"B","name":"B"})]);
-        n.send(b, json!({"type":"bye"}));
+        n.send(b, BYE);
         assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
         let out = n.cluster();
         assert!(matches!(&out[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
@@ -626,7 +609,7 @@ mod tests {
         old.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), old.now);
         // P resumes on `new`, which hears of it before the old node's queue arrives.
         let c = new.connect();
-        new.send(c, json!({"type":"join","room":"r","resume":"tok-P"}));
+        new.send(c, &Join { resume: Some("tok-P".into()), ..Join::new("r", "") }.to_json());
         assert!(matches!(&new.cluster()[..], [ClusterOutput::Join { resume: Some(t), .. }] if t == "tok-P"));
         new.rooms.admit(admitted(c, AdmitKind::ResumedFromElsewhere, "P", "r", &[("S", "s")]), new.now);
         assert!(new.recv(c).is_empty(), "welcome waits for the handover");
@@ -672,9 +655,9 @@ mod tests {
         let a = n.join("r", "A", &[]);
         let b = n.join("r", "B", &[("A", "A")]);
         n.rooms.disconnect(b, n.now);
-        n.send(a, json!({"type":"offer","to":"B","sdp":"queued"}));
+        n.send(a, &Signal::Offer("queued".into()).to_json("B"));
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r","resume":"tok-B"}));
+        n.send(c, &Join { resume: Some("tok-B".into()), ..Join::new("r", "") }.to_json());
         n.cluster();
         n.rooms.admit(admitted(c, AdmitKind::Resumed, "B", "r", &[("A", "A")]), n.now);
         let got = n.recv(c);
@@ -688,7 +671,7 @@ mod tests {
         let mut n = Node::new();
         let a = n.join("r", "A", &[]);
         let c = n.connect();
-        n.send(c, json!({"type":"join","room":"r"}));
+        n.send(c, &Join::new("r", "").to_json());
         n.cluster();
         n.rooms.disconnect(c, n.now);
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "A")]), n.now);

@@ -2,13 +2,61 @@
 
 use super::*;
 use serde_json::Value;
+use std::borrow::BorrowMut;
+use webcall_protocol::{Join, Signal, BYE};
 
-struct Harness {
-    rooms: Rooms,
-    now: Instant,
+/// A room core (`Rooms`, or the `ClusterRooms` around one) driven by hand, in simulated time.
+pub(crate) struct Harness<R: BorrowMut<Rooms> = Rooms> {
+    pub(crate) rooms: R,
+    pub(crate) now: Instant,
     next_conn: ConnId,
     /// Outputs polled but not yet looked at (connection outputs and SFU requests are read separately).
     polled: Vec<Output>,
+}
+
+impl<R: BorrowMut<Rooms>> Harness<R> {
+    pub(crate) fn over(rooms: R, now: Instant) -> Self {
+        Harness { rooms, now, next_conn: 1, polled: Vec::new() }
+    }
+    fn core(&mut self) -> &mut Rooms {
+        self.rooms.borrow_mut()
+    }
+    pub(crate) fn connect(&mut self) -> ConnId {
+        let (c, now) = (self.next_conn, self.now);
+        self.next_conn += 1;
+        self.core().connect(c, now);
+        c
+    }
+    pub(crate) fn send(&mut self, conn: ConnId, text: &str) {
+        let now = self.now;
+        self.core().message(conn, text, now);
+    }
+    pub(crate) fn send_json(&mut self, conn: ConnId, v: Value) {
+        self.send(conn, &v.to_string());
+    }
+    /// Everything queued for `conn`, parsed.
+    pub(crate) fn recv(&mut self, conn: ConnId) -> Vec<Value> {
+        self.core().check_invariants();
+        let mut buf = Vec::new();
+        self.core().take(conn, &mut buf);
+        buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
+    }
+    fn outputs(&mut self) -> Vec<Output> {
+        self.split(|o| !matches!(o, Output::Sfu(_)))
+    }
+    /// The outputs (in order) that `pick` selects; the others stay for the next look.
+    pub(crate) fn split(&mut self, pick: impl Fn(&Output) -> bool) -> Vec<Output> {
+        let polled: Vec<Output> = std::iter::from_fn(|| self.core().poll_output()).collect();
+        self.polled.extend(polled);
+        let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
+        self.polled = rest;
+        picked
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        let now = self.now;
+        self.core().tick(now);
+    }
 }
 
 impl Harness {
@@ -17,45 +65,12 @@ impl Harness {
             vec![IceServer { urls: vec!["stun:127.0.0.1:3478".into()], username: Some(id.into()), credential: None }]
         };
         let now = Instant::now();
-        Harness { rooms: Rooms::new(cfg, Box::new(ice), now), now, next_conn: 1, polled: Vec::new() }
-    }
-    fn connect(&mut self) -> ConnId {
-        let c = self.next_conn;
-        self.next_conn += 1;
-        self.rooms.connect(c, self.now);
-        c
-    }
-    fn send(&mut self, conn: ConnId, text: &str) {
-        self.rooms.message(conn, text, self.now);
-    }
-    fn send_json(&mut self, conn: ConnId, v: Value) {
-        self.send(conn, &v.to_string());
-    }
-    /// Everything queued for `conn`, parsed.
-    fn recv(&mut self, conn: ConnId) -> Vec<Value> {
-        self.rooms.check_invariants();
-        let mut buf = Vec::new();
-        self.rooms.take(conn, &mut buf);
-        buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
-    }
-    fn outputs(&mut self) -> Vec<Output> {
-        self.split(|o| !matches!(o, Output::Sfu(_)))
-    }
-    /// The outputs (in order) that `pick` selects; the others stay for the next look.
-    fn split(&mut self, pick: impl Fn(&Output) -> bool) -> Vec<Output> {
-        self.polled.extend(std::iter::from_fn(|| self.rooms.poll_output()));
-        let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
-        self.polled = rest;
-        picked
-    }
-    fn advance(&mut self, d: Duration) {
-        self.now += d;
-        self.rooms.tick(self.now);
+        Harness::over(Rooms::new(cfg, Box::new(ice), now), now)
     }
     /// Connects and joins; returns (conn, id, resume token).
     fn join(&mut self, room: &str, name: &str) -> (ConnId, String, String) {
         let c = self.connect();
-        self.send_json(c, serde_json::json!({"type":"join","room":room,"name":name}));
+        self.send(c, &Join::new(room, name).to_json());
         let w = self.recv(c).remove(0);
         assert_eq!(w["type"], "welcome", "{w}");
         (c, w["id"].as_str().unwrap().into(), w["resume"].as_str().unwrap().into())
@@ -73,13 +88,14 @@ fn hello_offer_answer_candidate_bye() {
     let (b, b_id, _) = h.join("r", "Bob");
     assert_eq!(h.recv(a), vec![serde_json::json!({"type":"hello","from":b_id,"name":"Bob"})]);
 
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"v=0 offer"}));
+    h.send(a, &Signal::Offer("v=0 offer".into()).to_json(&b_id));
     assert_eq!(h.recv(b), vec![serde_json::json!({"type":"offer","from":a_id,"sdp":"v=0 offer"})]);
-    h.send_json(b, serde_json::json!({"type":"answer","to":a_id,"sdp":"v=0 answer"}));
+    h.send(b, &Signal::Answer("v=0 answer".into()).to_json(&a_id));
     assert_eq!(h.recv(a), vec![serde_json::json!({"type":"answer","from":b_id,"sdp":"v=0 answer"})]);
     let cand = serde_json::json!({"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0,"usernameFragment":"u"});
-    h.send_json(a, serde_json::json!({"type":"candidate","to":b_id,"candidate":cand}));
-    h.send_json(a, serde_json::json!({"type":"candidate","to":b_id,"candidate":null}));
+    let typed: webcall_protocol::IceCandidate = serde_json::from_value(cand.clone()).unwrap();
+    h.send(a, &Signal::Candidate(Some(typed)).to_json(&b_id));
+    h.send(a, &Signal::Candidate(None).to_json(&b_id));
     assert_eq!(
         h.recv(b),
         vec![
@@ -138,12 +154,13 @@ fn from_cannot_be_spoofed_nor_other_rooms_addressed() {
     let (b, b_id, _) = h.join("r1", "B");
     let (x, x_id, _) = h.join("r2", "X");
     h.recv(a);
+    // Raw JSON: a spoofed `from` is what this checks, and the typed encoder cannot write one.
     h.send_json(b, serde_json::json!({"type":"offer","to":a_id,"from":x_id,"sdp":"s"}));
     assert_eq!(h.recv(a)[0]["from"], b_id.as_str(), "the server sets from");
-    h.send_json(a, serde_json::json!({"type":"offer","to":x_id,"sdp":"s"}));
+    h.send(a, &Signal::Offer("s".into()).to_json(&x_id));
     assert_eq!(h.recv(a)[0]["code"], "unknown-peer");
     assert!(h.recv(x).is_empty());
-    h.send_json(a, serde_json::json!({"type":"offer","to":a_id,"sdp":"s"}));
+    h.send(a, &Signal::Offer("s".into()).to_json(&a_id));
     assert_eq!(h.recv(a)[0]["code"], "unknown-peer", "no messages to yourself");
 }
 
@@ -241,16 +258,16 @@ fn resume_keeps_id_and_delivers_queue_in_order() {
     let (b, b_id, b_tok) = h.join("r", "B");
     h.recv(a);
     // B's connection drops with two undelivered frames still queued in the core.
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"1"}));
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"2"}));
+    h.send(a, &Signal::Offer("1".into()).to_json(&b_id));
+    h.send(a, &Signal::Offer("2".into()).to_json(&b_id));
     h.rooms.disconnect(b, h.now);
     for i in 3..=5 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+        h.send(a, &Signal::Offer(i.to_string()).to_json(&b_id));
     }
     assert!(h.recv(a).is_empty(), "A sees neither bye nor errors");
     h.advance(Duration::from_secs(10));
     let b2 = h.connect();
-    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    h.send(b2, &Join { resume: Some(b_tok.as_str().into()), ..Join::new("r", "") }.to_json());
     let got = h.recv(b2);
     assert_eq!(got[0]["type"], "welcome");
     assert_eq!(got[0]["id"], b_id.as_str());
@@ -263,7 +280,7 @@ fn resume_keeps_id_and_delivers_queue_in_order() {
     assert!(h.recv(a).is_empty(), "the old expiry was cancelled");
     // The old token is spent: using it now is a fresh join (room has space).
     let b3 = h.connect();
-    h.send_json(b3, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    h.send(b3, &Join { resume: Some(b_tok.as_str().into()), ..Join::new("r", "") }.to_json());
     let w = h.recv(b3).remove(0);
     assert_eq!(w["resumed"], false);
     assert_ne!(w["id"], b_id.as_str());
@@ -275,10 +292,10 @@ fn resume_replaces_a_connection_not_yet_known_dead() {
     let (a, _, _) = h.join("r", "A");
     let (b, b_id, b_tok) = h.join("r", "B");
     h.recv(a);
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"unread"}));
+    h.send(a, &Signal::Offer("unread".into()).to_json(&b_id));
     h.outputs();
     let b2 = h.connect();
-    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    h.send(b2, &Join { resume: Some(b_tok.as_str().into()), ..Join::new("r", "") }.to_json());
     assert!(h.outputs().contains(&Output::Close {
         conn: b,
         code: close::RESUMED_ELSEWHERE,
@@ -307,7 +324,7 @@ fn dropped_session_says_bye_after_grace() {
     assert_eq!(h.recv(a), vec![serde_json::json!({"type":"bye","from":b_id})]);
     assert_eq!(h.rooms.poll_timeout(), None);
     let b2 = h.connect();
-    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    h.send(b2, &Join { resume: Some(b_tok.as_str().into()), ..Join::new("r", "") }.to_json());
     let w = h.recv(b2).remove(0);
     assert_eq!(w["resumed"], false, "too late: a fresh session");
     assert_eq!(h.recv(a)[0]["type"], "hello");
@@ -321,13 +338,13 @@ fn slow_reader_is_cut_off_and_keeps_its_frames() {
     h.recv(a);
     h.outputs();
     for i in 0..5 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+        h.send(a, &Signal::Offer(i.to_string()).to_json(&b_id));
     }
     assert!(h.outputs().contains(&Output::Close { conn: b, code: close::POLICY, reason: "slow reader" }));
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"5"}));
+    h.send(a, &Signal::Offer("5".into()).to_json(&b_id));
     h.rooms.disconnect(b, h.now);
     let b2 = h.connect();
-    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    h.send(b2, &Join { resume: Some(b_tok.as_str().into()), ..Join::new("r", "") }.to_json());
     let got = h.recv(b2);
     let sdps: Vec<&str> = got[1..].iter().map(|m| m["sdp"].as_str().unwrap()).collect();
     assert_eq!(sdps, ["0", "1", "2", "3", "4", "5"]);
@@ -341,7 +358,7 @@ fn detached_queue_overflow_ends_the_session() {
     h.recv(a);
     h.rooms.disconnect(b, h.now);
     for i in 0..5 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":i.to_string()}));
+        h.send(a, &Signal::Offer(i.to_string()).to_json(&b_id));
     }
     let got = h.recv(a);
     assert_eq!(got[0], serde_json::json!({"type":"bye","from":b_id}));
@@ -420,13 +437,13 @@ fn join_policy_and_subscribe_only_peers() {
     let default_dir = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n";
     let receives = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
     for sdp in [sends, default_dir] {
-        h.send_json(v, serde_json::json!({"type":"answer","to":host_id,"sdp":sdp}));
+        h.send(v, &Signal::Answer(sdp.into()).to_json(&host_id));
         assert_eq!(h.recv(v)[0]["code"], "unauthorized", "{sdp:?}");
     }
-    h.send_json(v, serde_json::json!({"type":"answer","to":host_id,"sdp":receives}));
+    h.send(v, &Signal::Answer(receives.into()).to_json(&host_id));
     assert!(h.recv(v).is_empty());
     assert_eq!(h.recv(x)[0]["sdp"], receives);
-    h.send_json(x, serde_json::json!({"type":"offer","to":w["id"],"sdp":sends}));
+    h.send(x, &Signal::Offer(sends.into()).to_json(w["id"].as_str().unwrap()));
     assert_eq!(h.recv(v)[0]["type"], "offer", "publishers are not restricted");
 }
 
@@ -464,9 +481,9 @@ fn counters_count() {
     let mut h = Harness::new(Config::default());
     let (a, _, _) = h.join("r", "A");
     let (_, b_id, _) = h.join("r", "B");
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"x"}));
+    h.send(a, &Signal::Offer("x".into()).to_json(&b_id));
     h.send(a, "junk");
-    h.send_json(a, serde_json::json!({"type":"candidate","to":"nobody","candidate":null}));
+    h.send(a, &Signal::Candidate(None).to_json("nobody"));
     let c = h.rooms.counters().clone();
     let counted: Vec<_> = c.messages.iter().map(|(k, n)| (k.as_str(), n)).collect();
     assert_eq!(
@@ -502,22 +519,22 @@ fn slow_reader_bound_is_in_bytes_too() {
     h.recv(a);
     h.outputs();
     let big = "x".repeat(60_000);
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+    h.send(a, &Signal::Offer(big.clone()).to_json(&b_id));
     assert!(h.outputs().iter().all(|o| !matches!(o, Output::Close { .. })));
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+    h.send(a, &Signal::Offer(big.clone()).to_json(&b_id));
     assert!(h.outputs().contains(&Output::Close { conn: b, code: close::POLICY, reason: "slow reader" }));
     // Detached with 120 KB, it takes frames while it holds under twice the bound (to 180 KB, then 240 KB); the next
     // one ends the session and is refused.
     for _ in 0..2 {
-        h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+        h.send(a, &Signal::Offer(big.clone()).to_json(&b_id));
         assert!(h.recv(a).is_empty());
     }
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":big}));
+    h.send(a, &Signal::Offer(big.clone()).to_json(&b_id));
     let got = h.recv(a);
     assert_eq!(got[0], serde_json::json!({"type":"bye","from":b_id}), "{got:?}");
     assert_eq!(got[1]["code"], "unknown-peer");
     let b2 = h.connect();
-    h.send_json(b2, serde_json::json!({"type":"join","room":"r","resume":b_tok}));
+    h.send(b2, &Join { resume: Some(b_tok.as_str().into()), ..Join::new("r", "") }.to_json());
     assert_eq!(h.recv(b2)[0]["resumed"], false);
 }
 
@@ -557,7 +574,7 @@ fn connections_and_sessions_come_and_go_in_any_order() {
         for k in [0, live.len() / 2, live.len() - 1] {
             let (c, _) = live.remove(k.min(live.len() - 1));
             if k % 2 == 0 {
-                h.send_json(c, serde_json::json!({"type":"bye"}));
+                h.send(c, BYE);
             }
             h.rooms.disconnect(c, h.now);
             h.rooms.check_invariants();
@@ -581,7 +598,7 @@ fn a_taken_queue_leaves_nothing_behind() {
     let (a, _, _) = h.join("r", "A");
     let (_, b_id, _) = h.join("r", "B");
     h.recv(a);
-    h.send_json(a, serde_json::json!({"type":"offer","to":b_id,"sdp":"v=0"}));
+    h.send(a, &Signal::Offer("v=0".into()).to_json(&b_id));
     let c = &h.rooms.conns[&a];
     assert!(c.out.is_empty() && c.out.frames.capacity() == 0, "an idle connection keeps no queue buffer");
 }
@@ -590,7 +607,7 @@ impl Harness {
     /// Like `join`, for a client that speaks SFU; returns (conn, id, frames after the welcome).
     fn join_sfu(&mut self, room: &str, name: &str) -> (ConnId, String, Vec<Value>) {
         let c = self.connect();
-        self.send_json(c, serde_json::json!({"type":"join","room":room,"name":name,"sfu":true}));
+        self.send(c, &Join { sfu: true, ..Join::new(room, name) }.to_json());
         let mut got = self.recv(c);
         let w = got.remove(0);
         assert_eq!(w["type"], "welcome", "{w}");
@@ -630,7 +647,7 @@ fn auto_moves_to_the_sfu_on_the_third_sfu_peer_and_stays_there() {
     assert_eq!(h.recv(b)[0], topology_sfu());
 
     // Offers to the reserved id "sfu" go to the SFU adapter, not to a peer.
-    h.send_json(c, serde_json::json!({"type":"offer","to":"sfu","sdp":"v=0 c"}));
+    h.send(c, &Signal::Offer("v=0 c".into()).to_json("sfu"));
     let req = h.sfu_requests();
     assert!(
         matches!(&req[..], [SfuRequest::Signal { peer, kind: webcall_protocol::RelayKind::Offer, payload, .. }]
@@ -670,12 +687,12 @@ fn a_v1_client_keeps_a_room_peer_to_peer_and_is_refused_by_an_sfu_room() {
     h.join_sfu("s", "B");
     h.join_sfu("s", "C");
     let c = h.connect();
-    h.send_json(c, serde_json::json!({"type":"join","room":"s"}));
+    h.send(c, &Join::new("s", "").to_json());
     let e = h.recv(c).remove(0);
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("needs-sfu")), "{e}");
     // Addressing "sfu" in a mesh room is an unknown peer, as in v1.
     let (m, _, _) = h.join("mixed2", "x");
-    h.send_json(m, serde_json::json!({"type":"offer","to":"sfu","sdp":"v=0"}));
+    h.send(m, &Signal::Offer("v=0".into()).to_json("sfu"));
     assert_eq!(h.recv(m)[0]["code"], "unknown-peer");
 }
 
@@ -683,14 +700,14 @@ fn a_v1_client_keeps_a_room_peer_to_peer_and_is_refused_by_an_sfu_room() {
 fn sfu_topology_and_capacities() {
     let mut h = Harness::new(Config { topology: Topology::Sfu, max_peers: 2, max_sfu_peers: 3, ..Config::default() });
     let c = h.connect();
-    h.send_json(c, serde_json::json!({"type":"join","room":"r"}));
+    h.send(c, &Join::new("r", "").to_json());
     assert_eq!(h.recv(c)[0]["code"], "needs-sfu");
     let (_, _, after) = h.join_sfu("r", "A");
     assert_eq!(after, vec![topology_sfu()], "an sfu-topology room is one from its first peer");
     h.join_sfu("r", "B");
     h.join_sfu("r", "C");
     let d = h.connect();
-    h.send_json(d, serde_json::json!({"type":"join","room":"r","sfu":true}));
+    h.send(d, &Join { sfu: true, ..Join::new("r", "") }.to_json());
     assert_eq!(h.recv(d)[0]["code"], "room-full", "--max-sfu-peers bounds SFU rooms");
 
     let mut h = Harness::new(Config { topology: Topology::Mesh, ..Config::default() });
@@ -705,11 +722,12 @@ fn sfu_topology_and_capacities() {
 fn a_resumed_peer_of_an_sfu_room_is_told_again() {
     let mut h = Harness::new(Config { topology: Topology::Sfu, ..Config::default() });
     let c = h.connect();
-    h.send_json(c, serde_json::json!({"type":"join","room":"r","sfu":true}));
+    h.send(c, &Join { sfu: true, ..Join::new("r", "") }.to_json());
     let w = h.recv(c).remove(0);
     h.rooms.disconnect(c, h.now);
     let c2 = h.connect();
-    h.send_json(c2, serde_json::json!({"type":"join","room":"r","sfu":true,"resume":w["resume"]}));
+    let resume = w["resume"].as_str().map(Into::into);
+    h.send(c2, &Join { sfu: true, resume, ..Join::new("r", "") }.to_json());
     let got = h.recv(c2);
     assert_eq!(got[0]["resumed"], true);
     assert_eq!(got[1], topology_sfu());
@@ -723,7 +741,7 @@ fn an_sfu_only_client_moves_a_small_room_to_the_sfu_or_is_refused() {
     let w = h.next_conn;
     h.next_conn += 1;
     h.rooms.connect_sfu_only(w, h.now);
-    h.send_json(w, serde_json::json!({"type":"join","room":"r","name":"OBS","sfu":true}));
+    h.send(w, &Join { sfu: true, ..Join::new("r", "OBS") }.to_json());
     let got = h.recv(w);
     assert_eq!((got[0]["type"].as_str(), got[1].clone()), (Some("welcome"), topology_sfu()), "{got:?}");
     let hello = serde_json::json!({"type":"hello","from":got[0]["id"],"name":"OBS"});
@@ -734,7 +752,7 @@ fn an_sfu_only_client_moves_a_small_room_to_the_sfu_or_is_refused() {
     let w2 = h.next_conn;
     h.next_conn += 1;
     h.rooms.connect_sfu_only(w2, h.now);
-    h.send_json(w2, serde_json::json!({"type":"join","room":"fresh","sfu":true}));
+    h.send(w2, &Join { sfu: true, ..Join::new("fresh", "") }.to_json());
     assert_eq!(h.recv(w2)[1], topology_sfu());
 
     // A room with a v1 member stays as it is; the publisher is refused.
@@ -742,7 +760,7 @@ fn an_sfu_only_client_moves_a_small_room_to_the_sfu_or_is_refused() {
     let w3 = h.next_conn;
     h.next_conn += 1;
     h.rooms.connect_sfu_only(w3, h.now);
-    h.send_json(w3, serde_json::json!({"type":"join","room":"v1room","sfu":true}));
+    h.send(w3, &Join { sfu: true, ..Join::new("v1room", "") }.to_json());
     assert_eq!(h.recv(w3)[0]["code"], "needs-sfu");
     assert!(!h.rooms.room_is_sfu("v1room"));
 }
@@ -752,7 +770,7 @@ fn viewers_are_admitted_to_sfu_rooms_with_the_password() {
     let mut h = Harness::new(Config { topology: Topology::Sfu, ..Config::default() });
     assert_eq!(h.rooms.admit_viewer("none", None, "v", h.now), Err(WatchRefusal::NoRoom));
     let c = h.connect();
-    h.send_json(c, serde_json::json!({"type":"join","room":"r","sfu":true,"password":"pw"}));
+    h.send(c, &Join { sfu: true, password: Some("pw".into()), ..Join::new("r", "") }.to_json());
     assert_eq!(h.recv(c)[0]["type"], "welcome");
     let refused = |r: Result<Vec<IceServer>, WatchRefusal>| match r {
         Err(WatchRefusal::Refused(e)) => e.code,
@@ -789,6 +807,7 @@ fn data_goes_to_the_others_of_an_sfu_room_and_is_refused_in_a_mesh() {
     assert_eq!(h.recv(b), vec![want.clone()]);
     assert_eq!(h.recv(c), vec![want]);
     assert!(h.recv(a).is_empty(), "not echoed to the sender");
+    // Raw JSON: `data` must be an object, and this one is not.
     h.send_json(a, serde_json::json!({"type":"data","data":[1]}));
     assert_eq!(h.recv(a)[0]["code"], "bad-field");
 }

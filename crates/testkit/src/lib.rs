@@ -84,6 +84,16 @@ impl ServerProc {
         ServerProc { child, addr: addr.parse().unwrap(), scheme: scheme.to_owned(), banner }
     }
 
+    /// `GET /metrics`: the response (head and Prometheus text).
+    pub fn metrics(&self) -> String {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(self.addr).expect("the server accepts");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    }
+
     pub fn ws_url(&self) -> String {
         let ws = if self.scheme == "https" { "wss" } else { "ws" };
         format!("{ws}://{}/ws", self.addr)
@@ -176,6 +186,12 @@ impl Client {
         self.send_text(&join.to_json()).await;
     }
 
+    /// Sends `data` (an object) to the others of an SFU room (typed).
+    pub async fn send_data(&mut self, data: &Value) {
+        let raw = serde_json::value::to_raw_value(data).expect("JSON");
+        self.send_text(&webcall_protocol::ClientMessage::Data(&raw).to_json()).await;
+    }
+
     /// Relays `signal` to peer `to` (typed).
     pub async fn relay(&mut self, to: &str, signal: webcall_protocol::Signal) {
         self.send_text(&signal.to_json(to)).await;
@@ -246,6 +262,13 @@ impl Client {
 }
 
 pub use tempfile::TempDir;
+
+/// A join token signed with `secret`: `webcall token --auth-secret SECRET ARGS…`.
+pub fn token(secret: &str, args: &[&str]) -> String {
+    let out = Command::new(webcall_bin()).args(["token", "--auth-secret", secret]).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
 
 /// A fresh directory under the system temp dir (named after `tag`), removed with everything in it when dropped.
 pub fn temp_dir(tag: &str) -> TempDir {
@@ -408,8 +431,7 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let p = rustls::crypto::aws_lc_rs::default_provider();
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &p.signature_verification_algorithms)
+        with_algorithms(|algs| rustls::crypto::verify_tls12_signature(message, cert, dss, algs))
     }
     fn verify_tls13_signature(
         &self,
@@ -417,10 +439,14 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let p = rustls::crypto::aws_lc_rs::default_provider();
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &p.signature_verification_algorithms)
+        with_algorithms(|algs| rustls::crypto::verify_tls13_signature(message, cert, dss, algs))
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+        with_algorithms(|algs| algs.supported_schemes())
     }
+}
+
+/// `f` with aws-lc-rs's signature algorithms (what the server's rustls uses).
+fn with_algorithms<T>(f: impl FnOnce(&rustls::crypto::WebPkiSupportedAlgorithms) -> T) -> T {
+    f(&rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms)
 }

@@ -45,13 +45,7 @@ impl Redis {
         // A replica's full sync writes an RDB file even with --save "": keep it out of the source tree.
         args.extend(["--dir".to_owned(), std::env::temp_dir().display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/test.sh installs it)");
-        wait_port(port);
-        Redis { child, port }
+        Redis { child: spawn_listening("redis-server", &args, port), port }
     }
 
     pub fn start_outside_ephemeral() -> Redis {
@@ -128,6 +122,17 @@ impl Drop for Redis {
     }
 }
 
+/// Starts `program ARGS…` (a Redis binary) and waits until it listens on `port`.
+fn spawn_listening(program: &str, args: &[String], port: u16) -> Child {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs (scripts/test.sh installs it): {e}"));
+    wait_port(port);
+    child
+}
+
 /// A `redis-sentinel` watching `master` on `master_port` under the name `mymaster`, with short timeouts.
 pub struct Sentinel {
     child: Child,
@@ -147,12 +152,7 @@ impl Sentinel {
             dir.path().display()
         );
         std::fs::write(&conf, text).unwrap();
-        let child = Command::new("redis-sentinel")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-sentinel runs (scripts/test.sh installs it)");
-        wait_port(port);
+        let child = spawn_listening("redis-sentinel", &[conf.display().to_string()], port);
         Sentinel { child, port, _dir: dir }
     }
 }

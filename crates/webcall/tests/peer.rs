@@ -4,7 +4,6 @@
 use webcall_testkit as common;
 
 use common::{Proc, ServerProc};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -288,16 +287,6 @@ fn file_source_loops_and_echo_sends_it_back() {
     assert!(check_ivf(&files[0], 320, 180, &frames) >= 45);
 }
 
-/// The server's Prometheus metrics.
-fn metrics(server: &ServerProc) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    r
-}
-
 /// The `selected pair` line's `local=KIND remote=KIND` (the last one printed for `id`).
 fn pair_kinds(p: &Proc, id: &str) -> (String, String) {
     let prefix = format!("peer {id} selected pair ");
@@ -337,14 +326,14 @@ fn relay_only_call_through_the_builtin_turn() {
         assert!(!out.contains("local candidate host") && !out.contains("local candidate srflx"), "relay only:\n{out}");
     }
     let held =
-        metrics(&server).lines().find_map(|l| l.strip_prefix("webcall_turn_allocations ")?.trim().parse::<u32>().ok());
+        server.metrics().lines().find_map(|l| l.strip_prefix("webcall_turn_allocations ")?.trim().parse::<u32>().ok());
     assert_eq!(held, Some(2), "one allocation per relay-only peer during the call");
     assert_eq!(a.wait_exit(), 0, "{}", a.output());
     assert_eq!(b.wait_exit(), 0, "{}", b.output());
     // Leaving peers give their allocations back (Refresh with lifetime 0) instead of letting them expire.
     let t0 = Instant::now();
     loop {
-        let m = metrics(&server);
+        let m = server.metrics();
         let n = m.lines().find_map(|l| l.strip_prefix("webcall_turn_allocations ")).map(|v| v.trim().to_owned());
         if n.as_deref() == Some("0") {
             break;

@@ -14,16 +14,6 @@ use webcall_protocol::{Join, Signal, BYE};
 
 const SECRET: &str = "test-secret-0123456789";
 
-fn token(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
-        .args(["token", "--auth-secret", SECRET])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 async fn http_get(server: &ServerProc, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -40,31 +30,25 @@ async fn join_tokens_are_required_and_checked() {
     let mut c = Client::connect(&url).await;
     c.send_join(Join::new("board", "")).await;
     assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("token"));
-    let forged = token(&["--room", "board"]).replace('.', ".x");
+    let forged = common::token(SECRET, &["--room", "board"]).replace('.', ".x");
     c.send_join(Join { token: Some(forged.into()), ..Join::new("board", "") }).await;
     c.expect_error("unauthorized").await;
-    let other_secret = {
-        let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
-            .args(["token", "--auth-secret", "some-other-secret-xyz", "--room", "board"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let other_secret = common::token("some-other-secret-xyz", &["--room", "board"]);
     c.send_join(Join { token: Some(other_secret.into()), ..Join::new("board", "") }).await;
     assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("signature"));
-    let expired = token(&["--room", "board", "--ttl", "0s"]);
+    let expired = common::token(SECRET, &["--room", "board", "--ttl", "0s"]);
     tokio::time::sleep(Duration::from_secs(7)).await; // past the 5 s leeway
     c.send_join(Join { token: Some(expired.into()), ..Join::new("board", "") }).await;
     assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("expired"));
-    let wrong_room = token(&["--room", "other"]);
+    let wrong_room = common::token(SECRET, &["--room", "other"]);
     c.send_join(Join { token: Some(wrong_room.into()), ..Join::new("board", "") }).await;
     c.expect_error("unauthorized").await;
 
-    let good = token(&["--room", "board", "--name", "Chair"]);
+    let good = common::token(SECRET, &["--room", "board", "--name", "Chair"]);
     c.send_join(Join { token: Some(good.into()), ..Join::new("board", "Impostor") }).await;
     let w = c.expect("welcome").await;
     assert!(w.get("publish").is_none());
-    let viewer = token(&["--room", "*", "--subscribe-only"]);
+    let viewer = common::token(SECRET, &["--room", "*", "--subscribe-only"]);
     let mut v = Client::connect(&url).await;
     v.send_join(Join { token: Some(viewer.into()), ..Join::new("board", "") }).await;
     let wv = v.expect("welcome").await;

@@ -247,16 +247,6 @@ async fn tls_handshake_and_silence_after_it_time_out() {
 
 // --- 5: subscribe-only SDP, read as a browser reads it ---------------------------------------------------------
 
-fn token(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
-        .args(["token", "--auth-secret", SECRET])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 async fn join_with(url: &str, room: &str, token: &str) -> (Client, Value) {
     let mut c = Client::connect(url).await;
     c.send_join(Join { token: Some(token.into()), ..Join::new(room, "") }).await;
@@ -271,8 +261,9 @@ async fn join_with(url: &str, room: &str, token: &str) -> (Client, Value) {
 async fn subscribe_only_sdp_is_read_as_a_browser_reads_it() {
     let server = ServerProc::start(&["--auth-secret", SECRET, "--max-errors", "50"]);
     let url = server.ws_url();
-    let (mut publisher, _) = join_with(&url, "show", &token(&["--room", "show"])).await;
-    let (mut viewer, w) = join_with(&url, "show", &token(&["--room", "show", "--subscribe-only"])).await;
+    let (mut publisher, _) = join_with(&url, "show", &common::token(SECRET, &["--room", "show"])).await;
+    let (mut viewer, w) =
+        join_with(&url, "show", &common::token(SECRET, &["--room", "show", "--subscribe-only"])).await;
     assert_eq!(w["publish"], false);
     publisher.expect("hello").await;
     let head = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
@@ -338,13 +329,13 @@ async fn minted_tokens_for_the_longest_room_and_name_are_accepted() {
     let url = server.ws_url();
     let room = "r".repeat(64);
     for name in ["n".repeat(64), "😀".repeat(64), "\"\\".repeat(32)] {
-        let t = token(&["--room", &room, "--name", &name]);
+        let t = common::token(SECRET, &["--room", &room, "--name", &name]);
         assert!(t.len() > 256, "the case the issue found: {} bytes", t.len());
         let (mut c, w) = join_with(&url, &room, &t).await;
         assert_eq!(w["type"], "welcome", "{w}");
         c.send_text(BYE).await;
     }
-    let any = token(&["--room", "*", "--name", &"é".repeat(64)]);
+    let any = common::token(SECRET, &["--room", "*", "--name", &"é".repeat(64)]);
     let (_, w) = join_with(&url, &room, &any).await;
     assert_eq!(w["type"], "welcome", "{w}");
     // What the server would refuse, `webcall token` refuses to mint.

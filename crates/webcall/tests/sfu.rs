@@ -85,7 +85,7 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     assert_eq!(e["ref"], "offer");
 
     // /metrics: A's and B's audio and video are published.
-    let m = metrics(&server).await;
+    let m = server.metrics();
     assert!(m.lines().any(|l| l == "webcall_sfu_tracks 4"), "{m}");
     assert!(m.contains("webcall_sfu_sessions "), "{m}");
 
@@ -98,15 +98,6 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
             break;
         }
     }
-}
-
-async fn metrics(server: &ServerProc) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]
@@ -129,7 +120,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     let (mut b, _) = join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
     // Peer-to-peer: `data` is refused (the data channel carries it).
-    a.send(json!({"type":"data","data":{"type":"chat","text":"p2p"}})).await;
+    a.send_data(&json!({"type":"chat","text":"p2p"})).await;
     assert_eq!(a.expect_error("needs-sfu").await["ref"], "data");
     // The third moves the room to the SFU, past --max-peers 2 (SFU rooms have --max-sfu-peers).
     let (mut c, _) = join_sfu(&url, "r", "C").await;
@@ -149,7 +140,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     d.expect_error("room-full").await;
     // `data` reaches every other member unchanged, with `from`.
     let chat = json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
-    a.send(json!({"type":"data","data":chat})).await;
+    a.send_data(&chat).await;
     for x in [&mut b, &mut c] {
         let m = x.expect("data").await;
         assert_eq!((&m["from"], &m["data"]), (&json!(a.id), &chat), "{m}");

@@ -53,15 +53,6 @@ fn check_recording(dir: &Path, stats: &[(String, String)], clip: &[Vec<u8>]) -> 
     n
 }
 
-async fn metrics(server: &ServerProc) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 fn metric(m: &str, name: &str) -> u64 {
     m.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -89,8 +80,7 @@ fn run_room(topology: &str, n: usize) {
     for p in &peers {
         p.wait_for("the sfu session", |l| l == "sfu connected");
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let m = rt.block_on(metrics(&server));
+    let m = server.metrics();
     assert_eq!(metric(&m, "webcall_sfu_sessions"), n as u64, "{m}");
     for p in &mut peers {
         assert_eq!(p.wait_exit(), 0, "{} exit code; output:\n{}", p.tag(), p.output());
@@ -105,7 +95,7 @@ fn run_room(topology: &str, n: usize) {
         }
         p.wait_for("the sfu stats", |l| l.starts_with("stats final sfu connected=true"));
     }
-    let m = rt.block_on(metrics(&server));
+    let m = server.metrics();
     assert!(metric(&m, "webcall_sfu_forwarded_packets_total") > (n * (n - 1) * 60) as u64, "{m}");
     assert!(metric(&m, "webcall_sfu_forwarded_packet_bytes_total") > 0, "{m}");
 }
@@ -122,15 +112,6 @@ fn an_auto_room_of_native_peers_moves_to_the_sfu_at_the_third() {
 
 const SECRET: &str = "whip-peer-secret-0123456789";
 
-fn token(room: &str, name: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
-        .args(["token", "--auth-secret", SECRET, "--room", room, "--name", name])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// `webcall peer --whip` publishes over WHIP (with a join token as the Bearer token) into a room where a native
 /// `--sfu` peer records it; without a token the server's 401 ends the publisher with exit code 3.
 #[test]
@@ -139,35 +120,58 @@ fn a_native_whip_publisher_is_received_through_the_sfu() {
     let url = server.ws_url();
     let clip: Vec<Vec<u8>> = Clip::builtin(Layer::Low).frames.iter().map(|f| f.data.to_vec()).collect();
 
-    let mut refused = PeerProc::start(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
+    let mut refused = sfu_peer(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
     assert_eq!(refused.wait_exit(), 3, "{}", refused.output());
     assert!(refused.output().contains("whip refused: 401"), "{}", refused.output());
 
-    let cam_token = token("whip-room", "cam");
-    let mut cam = PeerProc::start(
+    let cam_token = common::token(SECRET, &["--room", "whip-room", "--name", "cam"]);
+    let mut cam = sfu_peer(
         &url,
         "whip-room",
         "cam",
         &["--whip", "--send", "testsrc", "--token", &cam_token, "--duration", "12s"],
     );
     cam.wait_for("the WHIP resource", |l| l.starts_with("joined room whip-room via whip http://"));
-    let dir = common::TempDir::new("whip-peer-rec");
-    let viewer_token = token("whip-room", "viewer");
-    let mut viewer = PeerProc::start(
+    let dir = common::temp_dir("whip-peer-rec");
+    let viewer_token = common::token(SECRET, &["--room", "whip-room", "--name", "viewer"]);
+    let mut viewer = sfu_peer(
         &url,
         "whip-room",
         "viewer",
-        &["--record", dir.to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
+        &["--record", dir.path().to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
     );
     let line = viewer.wait_for("the WHIP publisher", |l| l.starts_with("peer ") && l.ends_with(" via sfu"));
     let cam_id = line.split_whitespace().nth(1).unwrap().to_owned();
     assert_eq!(viewer.wait_exit(), 0, "viewer output:\n{}", viewer.output());
-    let s = viewer.final_stats(&cam_id);
+    let s = final_stats(&viewer, &cam_id);
     assert!(field(&s, "frames_in") > 60, "{s:?}");
     assert!(field(&s, "audio_in") > 100, "{s:?}");
     assert_eq!(s.iter().find(|(k, _)| k == "name").map(|(_, v)| v.as_str()), Some("\"cam\""), "{s:?}");
-    assert!(check_recording(&dir, &s, &clip) > 60);
+    assert!(check_recording(dir.path(), &s, &clip) > 60);
     assert_eq!(cam.wait_exit(), 0, "publisher output:\n{}", cam.output());
     let last = cam.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true"));
     assert!(last.contains("frames_out=") && !last.contains("frames_out=0 "), "{last}");
+}
+
+/// `--chat` in an SFU room: there are no data channels, so stdin lines go out as signaling `data` and the other
+/// peer prints them (and counts them in the SFU report of the sender).
+#[test]
+fn native_peers_chat_through_an_sfu_room() {
+    let server = ServerProc::start(&["--topology", "sfu"]);
+    let url = server.ws_url();
+    let args = ["--send", "testsrc", "--chat", "--duration", "8s"];
+    let mut alice = sfu_peer(&url, "sfu-chat", "alice", &args);
+    let alice_id = alice.id();
+    let mut bob = sfu_peer(&url, "sfu-chat", "bob", &args);
+    let bob_id = bob.id();
+    alice.wait_for("bob through the sfu", |l| l == format!("peer {bob_id} via sfu"));
+    bob.wait_for("alice through the sfu", |l| l == format!("peer {alice_id} via sfu"));
+    alice.say("hello from alice");
+    bob.say("hi from bob, with ünïcode\u{1b}[2J");
+    bob.wait_for("alice's chat", |l| l == "chat alice: hello from alice");
+    alice.wait_for("bob's chat", |l| l == "chat bob: hi from bob, with ünïcode\\u{1b}[2J");
+    assert_eq!(alice.wait_exit(), 0, "{}", alice.output());
+    assert_eq!(bob.wait_exit(), 0, "{}", bob.output());
+    assert_eq!(field(&final_stats(&bob, &alice_id), "chat_in"), 1);
+    assert_eq!(field(&final_stats(&alice, &bob_id), "chat_in"), 1);
 }

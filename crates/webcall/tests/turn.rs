@@ -112,15 +112,6 @@ fn turn_entry(w: &Value) -> (String, u16, String, String, u16) {
     )
 }
 
-async fn metrics(server: &ServerProc) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).await.unwrap();
-    r
-}
-
 #[tokio::test]
 async fn welcome_credentials_relay_through_the_builtin_turn() {
     if !have_coturn() {
@@ -150,7 +141,7 @@ async fn welcome_credentials_relay_through_the_builtin_turn() {
     let (ok, _, recv, _, out) = uclient("127.0.0.1", port, &["-u", &user, "-w", "wrong"], peer_port);
     assert!(!ok || recv == 0, "a wrong credential must not relay:\n{out}");
 
-    let m = metrics(&server).await;
+    let m = server.metrics();
     assert!(to_peer_packets(&m) >= 50, "{m}");
     assert!(m.contains("# TYPE webcall_turn_allocations gauge"), "{m}");
 }
@@ -381,9 +372,9 @@ async fn relaying_to_the_server_itself_is_refused() {
         assert!(service.recv_from(&mut b).is_err(), "the host service got relayed data ({flags:?}):\n{text}");
         attack("127.0.0.1", port, flags);
     }
-    assert_eq!(to_peer_packets(&metrics(&server).await), 0, "nothing relayed to the server itself");
+    assert_eq!(to_peer_packets(&server.metrics()), 0, "nothing relayed to the server itself");
     let (_peer, peer_port) = echo_peer();
     let (ok, sent, recv, lost, out) = uclient_relay(port, peer_port, 50, 1, &["-c"]);
     assert!(ok && sent == 50 && recv == 50 && lost == 0, "a well-behaved relay keeps working:\n{out}");
-    assert!(to_peer_packets(&metrics(&server).await) >= 50);
+    assert!(to_peer_packets(&server.metrics()) >= 50);
 }
