@@ -5,6 +5,11 @@
 #   RUNS=1 DURATION=2 COUNTS=1000 bench/signaling.sh   # a quick look
 #   WEBCALL_BASE_BIN=/tmp/webcall-old bench/signaling.sh   # also an older webcall binary ("base") in every run,
 #                                 # for before/after figures side by side (ratio columns webcall / base)
+#   PEERJS=0 bench/signaling.sh   # without the PeerJS server
+#
+# Every run also measures the kernel floor of the relay ("floor": `webcall bench floor-server`, one read and one
+# write per message and nothing else, same CPU, same pairs, window and message size), so relay CPU per message can
+# be read as a multiple of it (column webcall / floor).
 #
 # Each server runs pinned to CPU 0 and the generator (`webcall bench`, one thread) to CPU 1. Servers listen on
 # 127.0.0.1 only; every load is bounded (DURATION seconds, at most COUNTS connections); every process started here
@@ -66,6 +71,33 @@ start_peerjs() {
     echo "peerjs did not start: $(cat "$TMP/server.err" "$TMP/server.out")" >&2
     exit 1
 }
+# The kernel floor: `webcall bench floor-server`, a relay that does one read and one write per message and nothing
+# else, on the same CPU; relay only (see BENCHMARKS.md, "the kernel floor").
+start_floor() {
+    : >"$TMP/floor.out"
+    taskset -c "$SERVER_CPU" "$WEBCALL" bench floor-server --listen 127.0.0.1:0 --max-seconds 600 \
+        >"$TMP/floor.out" 2>"$TMP/floor.err" &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    for _ in $(seq 100); do
+        if grep -qs 'listening on' "$TMP/floor.out"; then
+            SERVER_URL=$(sed -n 's|.*listening on \(.*\)|\1|p' "$TMP/floor.out")
+            return
+        fi
+        sleep 0.1
+    done
+    echo "floor server did not start: $(cat "$TMP/floor.err")" >&2
+    exit 1
+}
+bench_floor() {
+    local run=$1 window=$2 json
+    start_floor
+    echo "[floor, run $run] relay window $window" >&2
+    json=$(timeout 300 taskset -c "$GEN_CPU" "$WEBCALL" bench floor --addr "$SERVER_URL" --server-pid "$SERVER_PID" \
+        --clients "$CLIENTS" --window "$window" --duration "$DURATION" --json)
+    stop_server
+    echo "$json" | jq -c --argjson run "$run" '. + {run: $run}' >>"$OUT"
+}
 stop_server() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
@@ -90,9 +122,16 @@ echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
 echo "webcall $("$WEBCALL" --version | cut -d' ' -f2) ($BUILT), PeerJS server $PEERJS_VERSION, node $(node --version), Linux $(uname -r)" >&2
 for run in $(seq "$RUNS"); do
     # Alternate which server goes first, so slow drift on a shared machine does not favour one.
-    order="webcall peerjs${BASE:+ base}"
-    ((run % 2 == 0)) && order="${BASE:+base }peerjs webcall"
+    order="webcall floor peerjs${BASE:+ base}"
+    [[ ${PEERJS:-1} == 0 ]] && order="webcall floor${BASE:+ base}"
+    ((run % 2 == 0)) && order="${BASE:+base }peerjs floor webcall"
+    ((run % 2 == 0)) && [[ ${PEERJS:-1} == 0 ]] && order="${BASE:+base }floor webcall"
     for target in $order; do
+        if [[ $target == floor ]]; then
+            bench_floor "$run" 1
+            bench_floor "$run" "$WINDOW"
+            continue
+        fi
         bench "$target" "$run" relay --clients "$CLIENTS" --window 1 --duration "$DURATION"
         bench "$target" "$run" relay --clients "$CLIENTS" --window "$WINDOW" --duration "$DURATION"
         bench "$target" "$run" connections --counts "$COUNTS" --concurrency 100

@@ -18,12 +18,18 @@ const hasBase = rows.some((r) => r.target === "base");
 // One metric: median per target and median of the per-run ratios webcall/peerjs (and webcall/base).
 function metric(select, get) {
   const by = (t) => rows.filter((r) => r.target === t && select(r));
-  const w = by("webcall"), p = by("peerjs"), o = by("base");
+  const w = by("webcall"), p = by("peerjs"), o = by("base"), f = by("floor");
   const ratio = (other) => median(runs.map((run) => {
     const a = w.find((r) => r.run === run), b = other.find((r) => r.run === run);
     return a && b && get(a) != null && get(b) ? get(a) / get(b) : null;
   }));
-  return { webcall: median(w.map(get)), peerjs: median(p.map(get)), ratio: ratio(p), base: median(o.map(get)), baseRatio: ratio(o) };
+  return {
+    webcall: median(w.map(get)), peerjs: median(p.map(get)), ratio: ratio(p), base: median(o.map(get)), baseRatio: ratio(o),
+    floor: median(f.map(get)), floorRatio: ratio(f), baseFloorRatio: median(runs.map((run) => {
+      const a = o.find((r) => r.run === run), b = f.find((r) => r.run === run);
+      return a && b && get(a) != null && get(b) ? get(a) / get(b) : null;
+    })),
+  };
 }
 
 const out = [];
@@ -57,5 +63,18 @@ if (rows.some(csel)) {
     row(b, `RSS KiB / idle connection at ${n}`, metric(csel, (r) => at(r)?.kib_per_conn), 2);
   }
   row(b, "dropped while held", metric(csel, (r) => r.dropped), 0);
+}
+// The kernel floor (one read and one write per message through `webcall bench floor-server`), same runs.
+if (rows.some((r) => r.target === "floor")) {
+  out.push("");
+  out.push("Kernel floor (`webcall bench floor-server`: one read + one write per message, nothing else), same runs; ratio = server / floor within each run, median over runs.");
+  out.push("");
+  out.push(`| relay | floor CPU µs / msg | webcall µs / msg | webcall / floor |${hasBase ? " base µs / msg | base / floor |" : ""}`);
+  out.push(`|---|---:|---:|---:|${hasBase ? "---:|---:|" : ""}`);
+  for (const window of [...new Set(rows.filter((r) => r.target === "floor").map((r) => r.window))].sort((a, b) => a - b)) {
+    const m = metric((r) => r.bench === "relay" && r.window === window, (r) => r.server_cpu_us_per_msg);
+    out.push(`| window ${window} | ${fmt(m.floor, 2)} | ${fmt(m.webcall, 2)} | ${fmt(m.floorRatio, 2)} |` +
+      (hasBase ? ` ${fmt(m.base, 2)} | ${fmt(m.baseFloorRatio, 2)} |` : ""));
+  }
 }
 console.log(out.join("\n"));

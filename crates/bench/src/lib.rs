@@ -10,6 +10,7 @@
 
 mod calls;
 mod conns;
+mod floor;
 mod procfs;
 mod proto;
 mod relay;
@@ -35,6 +36,11 @@ pub enum BenchCommand {
     /// Native peers (`webcall peer`) call each other through a webcall server: join → ICE connected → DTLS
     /// connected → first video frame, and call setups per second with several calls at once.
     Calls(calls::CallArgs),
+    /// The kernel floor of a relay: pairs of plain TCP clients through `floor-server` (one read and one write per
+    /// message, nothing else), server CPU per relayed message, for `relay` figures to be read against.
+    Floor(floor::FloorArgs),
+    /// The relay `floor` measures (loopback only; prints its address).
+    FloorServer(floor::FloorServerArgs),
 }
 
 /// Which server the generator talks to.
@@ -91,7 +97,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let threads = match &args.command {
         BenchCommand::Relay(a) => a.common.threads,
         BenchCommand::Connections(a) => a.common.threads,
-        BenchCommand::Calls(_) => 1,
+        BenchCommand::Calls(_) | BenchCommand::Floor(_) => 1,
+        BenchCommand::FloorServer(a) => return floor::serve(a.clone()),
     };
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -103,6 +110,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             BenchCommand::Relay(a) => relay::run(a).await,
             BenchCommand::Connections(a) => conns::run(a).await,
             BenchCommand::Calls(a) => calls::run(a).await,
+            BenchCommand::Floor(a) => floor::run(a).await,
+            BenchCommand::FloorServer(_) => unreachable!("served above"),
         }
     });
     // Connections still open are dropped with the runtime; nothing waits for their close handshakes.

@@ -442,13 +442,17 @@ impl Rooms {
     pub fn shutdown(&mut self, now: Instant) {
         self.now = now;
         self.shutting_down = true;
-        let e = ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
-        let frame: Frame = Arc::from(e.to_json());
         let conns: Vec<ConnId> = self.conns.iter().filter(|(_, c)| !c.closing).map(|(k, _)| *k).collect();
         for conn in conns {
-            self.push(conn, frame.clone());
-            self.close(conn, close::GOING_AWAY, "server shutting down");
+            self.tell_shutdown(conn);
         }
+    }
+
+    /// `server-shutdown`, then close 1001.
+    fn tell_shutdown(&mut self, conn: ConnId) {
+        let e = ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
+        self.push(conn, Arc::from(e.to_json()));
+        self.close(conn, close::GOING_AWAY, "server shutting down");
     }
 
     /// `now` as a bucket time.
@@ -488,6 +492,11 @@ impl Rooms {
                 sfu_only: false,
             },
         );
+        // A WebSocket whose upgrade completed just as the shutdown began (its client already has the `101`) is
+        // registered after `shutdown` went through the connections: it is told the same, not left to be cut off.
+        if self.shutting_down {
+            self.tell_shutdown(conn);
+        }
     }
 
     /// [`Rooms::connect`] for a client that can only use the SFU (a WHIP publisher): its join moves the room to the

@@ -462,9 +462,18 @@ fn shutdown_tells_everyone_and_refuses_joins() {
     for c in [a, lobby] {
         assert!(outs.contains(&Output::Close { conn: c, code: close::GOING_AWAY, reason: "server shutting down" }));
     }
+    // Connected just as the shutdown began (its upgrade finished after `shutdown` went through the connections):
+    // told the same at once, not left open without a word.
     let late = h.connect();
+    assert!(h.outputs().contains(&Output::Close {
+        conn: late,
+        code: close::GOING_AWAY,
+        reason: "server shutting down"
+    }));
     h.send(late, r#"{"type":"join","room":"r"}"#);
-    assert_eq!(h.recv(late)[0]["code"], "server-shutdown");
+    let got = h.recv(late);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["code"], "server-shutdown");
 }
 
 #[test]

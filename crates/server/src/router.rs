@@ -224,9 +224,11 @@ impl<C: BorrowMut<Rooms> + Send + 'static, L: Layer<C>> Driver<C, L> {
     }
 
     pub fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>) {
-        let mut inner = self.inner.lock();
-        inner.signals.insert(conn, signal);
-        inner.rooms.borrow_mut().connect(conn, Instant::now());
+        // Dispatched: during a shutdown the core answers a new connection at once.
+        self.with(|i, now| {
+            i.signals.insert(conn, signal);
+            i.rooms.borrow_mut().connect(conn, now);
+        });
     }
     pub fn message(&self, conn: ConnId, text: &str) {
         self.with(|i, now| i.rooms.borrow_mut().message(conn, text, now));
@@ -305,9 +307,10 @@ impl Router for LocalRouter {
         self.driver.connect(conn, signal);
     }
     fn connect_sfu_only(&self, conn: ConnId, signal: Arc<ConnSignal>) {
-        let mut inner = self.driver.lock();
-        inner.signals.insert(conn, signal);
-        inner.rooms.connect_sfu_only(conn, Instant::now());
+        self.driver.with(|i, now| {
+            i.signals.insert(conn, signal);
+            i.rooms.connect_sfu_only(conn, now);
+        });
     }
     fn admit_viewer(&self, room: &str, password: Option<&str>, viewer: &str) -> Result<Vec<IceServer>, WatchRefusal> {
         self.driver.lock().rooms.admit_viewer(room, password, viewer, Instant::now())
@@ -332,5 +335,29 @@ impl Router for LocalRouter {
     }
     fn shutdown(&self) {
         self.driver.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WebSocket whose upgrade finished just after the shutdown began registers after the core told everyone: it
+    /// is told too, at once (wake, `server-shutdown`, close 1001), not left open until the shutdown deadline.
+    #[tokio::test]
+    async fn a_connection_registered_during_shutdown_is_told_at_once() {
+        let router = LocalRouter::start(webcall_rooms::Config::default(), Box::new(|_: &str| Vec::new()));
+        let early = Arc::new(ConnSignal::default());
+        router.connect(1, early.clone());
+        router.shutdown();
+        assert_eq!(early.close_requested(), Some((webcall_rooms::close::GOING_AWAY, "server shutting down")));
+        let late = Arc::new(ConnSignal::default());
+        router.connect(2, late.clone());
+        assert_eq!(late.close_requested(), Some((webcall_rooms::close::GOING_AWAY, "server shutting down")));
+        tokio::time::timeout(std::time::Duration::from_secs(5), late.wake.notified()).await.expect("woken");
+        let mut buf = Vec::new();
+        router.take(2, &mut buf);
+        assert_eq!(buf.len(), 1, "{buf:?}");
+        assert!(buf[0].contains(r#""code":"server-shutdown""#), "{}", buf[0]);
     }
 }

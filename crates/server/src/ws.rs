@@ -41,17 +41,25 @@ enum Step {
 
 /// Takes this connection's queued frames and writes them (all that are queued, in one write), until none are left.
 /// `Stop` when the connection is done (a write failed or timed out, or a close was asked for: then the close frame
-/// has been sent).
+/// has been sent, after every frame queued before the request).
 async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId) -> Step {
     // Local, not kept between wake-ups: an idle connection holds no frame buffer.
     let mut buf: Vec<Frame> = Vec::new();
     loop {
+        // Read before taking: the core queues a connection's last frames (e.g. `server-shutdown`) before it asks
+        // for the close, so once a close is seen here, this take has them all. (Checked after the take, a close
+        // requested in between went out without the frames queued with it.)
+        let closing = signal.close_requested().is_some();
         state.router.take(conn, &mut buf);
         if buf.is_empty() {
+            if closing {
+                send_close(socket, signal).await;
+                return Step::Stop;
+            }
             break;
         }
-        // Already asked to close (the wake-up for that came with these frames): finish only if that is quick.
-        let limit = if signal.close_requested().is_some() { CLOSE_GRACE } else { WRITE_TIMEOUT };
+        // Asked to close: finish only if that is quick.
+        let limit = if closing { CLOSE_GRACE } else { WRITE_TIMEOUT };
         let mut out = Vec::with_capacity(buf.iter().map(|f| f.len() + webcall_wsframe::MAX_HEADER).sum());
         for f in buf.drain(..) {
             webcall_wsframe::encode(&mut out, opcode::TEXT, f.as_bytes());
@@ -67,9 +75,9 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
                     _ = signal.wake.notified() => {
                         again = true;
                         if signal.close_requested().is_some() {
-                            // Asked to close mid-write (slow reader, abuse): finish only if that is quick.
-                            let _ = timeout(CLOSE_GRACE, &mut write).await;
-                            break false;
+                            // Asked to close mid-write (slow reader, abuse): finish only if that is quick; then
+                            // the frames queued with the request, and the close.
+                            break matches!(timeout(CLOSE_GRACE, &mut write).await, Ok(Ok(Ok(()))));
                         }
                     }
                 }
@@ -79,14 +87,12 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
             send_close(socket, signal).await;
             return Step::Stop;
         }
-        if !again {
+        if !again && !closing {
             break;
         }
     }
-    if signal.close_requested().is_some() {
-        send_close(socket, signal).await;
-        return Step::Stop;
-    }
+    // A close requested since the check above has woken the connection (its permit is kept): the next flush sends
+    // it after the frames queued with it.
     Step::Go
 }
 

@@ -6,6 +6,12 @@ use webcall_server::IceSource;
 
 pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     large_allocations_outside_the_heap();
+    // Before anything listens: the workers serve clients as soon as the listener is up, so a SIGTERM that came
+    // before these were installed (the main thread descheduled after printing "listening") killed the process
+    // outright, resetting every connection instead of telling it `server-shutdown`.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let cfg = args.resolve()?;
     // One certificate for HTTPS/WSS and TURN over TLS (a self-signed one is generated once, here).
     let tls = match &cfg.tls {
@@ -102,9 +108,6 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     println!("webcall listening on {scheme}://{addr} (signaling at {ws}://{addr}/ws)");
     std::io::stdout().flush()?;
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             r = server.wait() => return Ok(r?),
@@ -157,6 +160,12 @@ fn large_allocations_outside_the_heap() {
 /// small chunks spread over the whole heap: mostly glibc's own per-thread caches of freed chunks (tcache: off, the
 /// heaps shrank by half) and a few dozen live ones. `malloc_trim` is glibc's only call that returns free pages in the
 /// middle of a heap.
+///
+/// Settings tried instead (soak, 2 rounds, RSS after a round; bench/soak/RESULTS.md "Without the trim, again"):
+/// none 27–28 MB, `M_ARENA_MAX` 1 (one heap for all threads) 27 MB, `M_MXFAST` 0 (no fastbins) 28 MB, the trim
+/// 18.7–18.9 MB (baseline 15 MB). Only turning the thread caches off came close (20–21 MB), and that is an
+/// environment tunable (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`), not a `mallopt` option, and slows every
+/// allocation. So the arena settings stay at glibc's defaults and this one trim after a load stays.
 fn give_back_after_load(router: std::sync::Arc<dyn webcall_server::Router>) {
     let router = std::sync::Arc::downgrade(&router);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

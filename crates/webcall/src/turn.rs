@@ -18,6 +18,8 @@ pub struct TurnCmdArgs {
 }
 
 pub async fn run(a: TurnCmdArgs) -> anyhow::Result<()> {
+    // Before the server starts: a SIGTERM right after the banner must not kill it without its shutdown.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let tls = match (a.tls_cert, a.tls_key) {
         (Some(cert), Some(key)) => {
             Some(webcall_server::tls::load(&webcall_server::TlsSource::Files { cert, key }).await?.config.get_inner())
@@ -34,7 +36,6 @@ pub async fn run(a: TurnCmdArgs) -> anyhow::Result<()> {
     let turns = handle.tls_addr().map(|a| format!(", turns {a}")).unwrap_or_default();
     println!("webcall STUN/TURN on udp+tcp {}{turns}", handle.addr());
     std::io::stdout().flush()?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
