@@ -1,7 +1,7 @@
 //! The SFU core: one str0m `Rtc` per participant session, no I/O. Datagrams, signaling and time go in;
 //! datagrams, events and the next timeout come out of [`Sfu::poll_output`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,8 @@ use str0m::ice::{IceCreds, StunMessage};
 use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
+
+use crate::record::{RecordOp, Recorder, Want};
 
 /// A participant's session with the SFU (one peer connection).
 pub type SessionId = u64;
@@ -195,6 +197,9 @@ pub struct SfuStats {
     pub refused_tracks: u64,
     /// REMB messages sent to publishers over a bitrate cap.
     pub remb_sent: u64,
+    /// Rooms being recorded, and files open.
+    pub recording_rooms: u64,
+    pub recording_files: u64,
 }
 
 /// Bits per second over windows of [`RATE_WINDOW`].
@@ -292,6 +297,8 @@ struct TrackIn {
     loudness: Loudness,
     /// The allowance last sent by REMB (over a bitrate cap), and when.
     capped: Option<(u64, Instant)>,
+    /// Its file while the room is recorded.
+    recorder: Option<Box<Recorder>>,
 }
 
 impl TrackIn {
@@ -303,6 +310,7 @@ impl TrackIn {
             layers: Vec::new(),
             loudness: Loudness { share: 0.0, last: None },
             capped: None,
+            recorder: None,
         }
     }
     fn bps(&mut self, now: Instant) -> u64 {
@@ -429,6 +437,10 @@ pub struct Sfu {
     floor: HashMap<Arc<str>, Speaker>,
     /// The speaker WHEP viewers follow.
     speakers: crate::speaker::Speakers,
+    /// Rooms being recorded (see [`Sfu::start_recording`]).
+    recording: HashSet<Arc<str>>,
+    record_out: VecDeque<RecordOp>,
+    next_file: u64,
 }
 
 impl Sfu {
@@ -448,6 +460,9 @@ impl Sfu {
             next_tick: now + TICK,
             floor: HashMap::new(),
             speakers: Default::default(),
+            recording: HashSet::new(),
+            record_out: VecDeque::new(),
+            next_file: 1,
         }
     }
 
@@ -461,7 +476,90 @@ impl Sfu {
         SfuStats {
             sessions: self.sessions.len() as u64,
             tracks: self.sessions.values().map(|s| s.tracks_in.len() as u64).sum(),
+            recording_rooms: self.recording.len() as u64,
+            recording_files: self
+                .sessions
+                .values()
+                .flat_map(|s| &s.tracks_in)
+                .filter(|t| t.recorder.as_ref().is_some_and(|r| r.file().is_some()))
+                .count() as u64,
             ..self.stats
+        }
+    }
+
+    /// Records `room` from now on: one file per published track, each starting with a keyframe (asked for).
+    /// `false` if it was being recorded already.
+    pub fn start_recording(&mut self, room: &str) -> bool {
+        self.recording.insert(Arc::from(room))
+    }
+
+    /// Stops recording `room`: its files are finished ([`RecordOp::Close`]). `false` if it was not recorded.
+    pub fn stop_recording(&mut self, room: &str) -> bool {
+        if !self.recording.remove(room) {
+            return false;
+        }
+        let members = self.rooms.get(room).cloned().unwrap_or_default();
+        for id in members {
+            self.finish_recorders(id);
+        }
+        true
+    }
+
+    /// Stops every recording (the server is stopping).
+    pub fn stop_all_recordings(&mut self) {
+        let rooms: Vec<Arc<str>> = self.recording.iter().cloned().collect();
+        for r in rooms {
+            self.stop_recording(&r);
+        }
+    }
+
+    pub fn is_recording(&self, room: &str) -> bool {
+        self.recording.contains(room)
+    }
+
+    /// The next file operation for the adapter. Drain it after [`Sfu::poll_output`].
+    pub fn poll_record(&mut self) -> Option<RecordOp> {
+        self.record_out.pop_front()
+    }
+
+    fn finish_recorders(&mut self, id: SessionId) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        for t in &mut s.tracks_in {
+            if let Some(op) = t.recorder.take().and_then(|r| r.finish()) {
+                self.record_out.push_back(op);
+            }
+        }
+    }
+
+    /// A frame of a published track of a recorded room, for its file. One layer is recorded: the highest that
+    /// arrives when the file starts; another only when that one stops coming (at its keyframe, time running on).
+    fn record_frame(&mut self, from: SessionId, d: &MediaData) {
+        let now = self.now;
+        let Some(s) = self.sessions.get_mut(&from) else { return };
+        if !self.recording.contains(&s.room) {
+            return;
+        }
+        let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == d.mid) else { return };
+        let live = |l: &&Layer| now.saturating_duration_since(l.last_seen) < LAYER_GONE;
+        let best = match t.kind {
+            MediaKind::Video => {
+                t.layers.iter().filter(live).max_by_key(|l| (l.width, l.height, l.rate.peek(now))).map(|l| l.rid)
+            }
+            _ => Some(d.rid),
+        };
+        let Some(best) = best else { return };
+        let rec = t.recorder.get_or_insert_with(|| {
+            let file = self.next_file;
+            self.next_file += 1;
+            Box::new(Recorder::new(file))
+        });
+        let recorded = rec.layer();
+        let recorded_live = recorded.is_some_and(|r| t.layers.iter().any(|l| l.rid == r && live(&l)));
+        let mut ops = Vec::new();
+        let want = rec.frame(d, t.kind, best, recorded_live, &s.room, &s.participant, &mut ops);
+        self.record_out.extend(ops);
+        if let Want::Keyframe(rid) = want {
+            self.request_layer_keyframe(from, d.mid, rid);
         }
     }
 
@@ -877,6 +975,7 @@ impl Sfu {
                 }
             }
             Propagate::Media(d) => {
+                self.record_frame(from, &d);
                 let keyframe = d.is_keyframe();
                 if let Some(level) = d.ext_vals.audio_level {
                     if self.speakers.observe(&room, from, level, self.now).is_some() {
@@ -1256,6 +1355,8 @@ impl Sfu {
     }
 
     fn close(&mut self, id: SessionId, event: bool) {
+        // A publisher that leaves ends its files; when it comes back, it gets new ones.
+        self.finish_recorders(id);
         let Some(s) = self.sessions.remove(&id) else { return };
         self.speakers.remove(&s.room, id);
         self.by_ufrag.remove(&s.ufrag);
@@ -1379,7 +1480,7 @@ fn track_layer(t: &mut TrackIn, d: &MediaData, now: Instant) -> bool {
 
 /// The frame size of a VP8 keyframe (RFC 6386 9.1: a 3-byte frame tag with bit 0 clear, the start code 9d 01 2a,
 /// then 14-bit width and height, little-endian).
-fn vp8_size(frame: &[u8]) -> Option<(u32, u32)> {
+pub(crate) fn vp8_size(frame: &[u8]) -> Option<(u32, u32)> {
     if frame.len() < 10 || frame[0] & 1 != 0 || frame[3..6] != [0x9d, 0x01, 0x2a] {
         return None;
     }

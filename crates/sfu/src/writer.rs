@@ -1,0 +1,169 @@
+//! Writes recordings ([`RecordOp`]s) to disk on a thread of its own, so that the SFU thread never waits on a disk:
+//! it only sends to an unbounded channel.
+//!
+//! Layout: `DIR/<room>/<start>-<participant>-<kind>-<mid>.<webm|mkv>`, `<start>` the UTC time the file was opened
+//! (`20261128T123930.123Z`). Room names are `[A-Za-z0-9_-]` already; every component is escaped anyway
+//! ([`component`]), so no client-chosen string can name another directory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::SystemTime;
+
+use str0m::media::MediaKind;
+use tokio::sync::oneshot;
+
+use crate::record::RecordOp;
+
+enum Msg {
+    Op(RecordOp),
+    /// Everything sent before is written: reply.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The writer thread's handle; the thread ends (closing what is open) when it is dropped.
+pub struct RecordWriter {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl RecordWriter {
+    /// Creates `dir` if needed, checks it is writable and starts the thread.
+    pub fn start(dir: PathBuf) -> io::Result<RecordWriter> {
+        std::fs::create_dir_all(&dir)?;
+        let probe = dir.join(".webcall-write-test");
+        File::create(&probe)?;
+        let _ = std::fs::remove_file(&probe);
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new().name("webcall-record".into()).spawn(move || run(dir, rx))?;
+        Ok(RecordWriter { tx })
+    }
+
+    pub fn send(&self, op: RecordOp) {
+        let _ = self.tx.send(Msg::Op(op));
+    }
+
+    /// `reply` is sent once everything sent before is on disk.
+    pub fn flush(&self, reply: oneshot::Sender<()>) {
+        let _ = self.tx.send(Msg::Flush(reply));
+    }
+}
+
+/// A path component from any string: `[A-Za-z0-9_]` kept, every other byte `%XX` (so `.`, `/` and `-` can never
+/// appear raw), at most 64 bytes of input.
+pub fn component(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes().take(64) {
+        if b.is_ascii_alphanumeric() || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
+}
+
+/// `DIR/<room>/<start>-<participant>-<kind>-<mid>.<ext>` (see the module documentation).
+pub fn file_path(
+    dir: &Path,
+    room: &str,
+    participant: &str,
+    kind: MediaKind,
+    mid: &str,
+    ext: &str,
+    at: SystemTime,
+) -> PathBuf {
+    let t: String = humantime::format_rfc3339_millis(at).to_string().chars().filter(|c| *c != '-' && *c != ':').collect();
+    let kind = if kind == MediaKind::Audio { "audio" } else { "video" };
+    let name = format!("{t}-{}-{kind}-{}.{ext}", component(participant), component(mid));
+    // Room names may hold '-' (harmless in a directory name); the file name keeps it as its separator.
+    dir.join(component(room).replace("%2D", "-")).join(name)
+}
+
+struct Open {
+    path: PathBuf,
+    w: BufWriter<File>,
+}
+
+fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
+    let mut files: HashMap<u64, Open> = HashMap::new();
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            Msg::Flush(reply) => {
+                for f in files.values_mut() {
+                    let _ = f.w.flush();
+                }
+                let _ = reply.send(());
+            }
+            Msg::Op(RecordOp::Open { file, room, participant, kind, mid, extension }) => {
+                let path = file_path(&dir, &room, &participant, kind, &mid, extension, SystemTime::now());
+                match create(&path) {
+                    Ok(w) => {
+                        tracing::info!("recording {}", path.display());
+                        files.insert(file, Open { path, w });
+                    }
+                    Err(e) => tracing::error!("cannot create recording {}: {e}", path.display()),
+                }
+            }
+            Msg::Op(RecordOp::Append { file, bytes }) => {
+                if let Some(f) = files.get_mut(&file) {
+                    if let Err(e) = f.w.write_all(&bytes) {
+                        tracing::error!("recording {} stopped: {e}", f.path.display());
+                        files.remove(&file);
+                    }
+                }
+            }
+            Msg::Op(RecordOp::Close { file, tail, patches, frames }) => {
+                if let Some(f) = files.remove(&file) {
+                    let path = f.path.clone();
+                    match close(f, &tail, &patches) {
+                        Ok(()) => tracing::info!("recording {} done: {frames} frames", path.display()),
+                        Err(e) => tracing::error!("recording {} not finished: {e}", path.display()),
+                    }
+                }
+            }
+        }
+    }
+    // The SFU is gone without a stop (it should not be): what is written is still a playable file.
+    for (_, mut f) in files {
+        let _ = f.w.flush();
+    }
+}
+
+fn create(path: &Path) -> io::Result<BufWriter<File>> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(BufWriter::new(File::options().write(true).create_new(true).open(path)?))
+}
+
+fn close(mut f: Open, tail: &[u8], patches: &[(u64, Vec<u8>)]) -> io::Result<()> {
+    f.w.write_all(tail)?;
+    f.w.flush()?;
+    let mut file = f.w.into_inner().map_err(|e| e.into_error())?;
+    for (at, bytes) in patches {
+        file.seek(SeekFrom::Start(*at))?;
+        file.write_all(bytes)?;
+    }
+    file.sync_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn names_cannot_escape_the_directory() {
+        assert_eq!(component("../etc"), "%2E%2E%2Fetc");
+        assert_eq!(component("a-b_C9"), "a%2Db_C9");
+        assert_eq!(component(""), "_");
+        let at = UNIX_EPOCH + Duration::from_millis(1_795_869_570_123);
+        let p = file_path(Path::new("/rec"), "daily", "../x", MediaKind::Video, "0", "webm", at);
+        assert_eq!(p, Path::new("/rec/daily/20261128T123930.123Z-%2E%2E%2Fx-video-0.webm"));
+    }
+}
