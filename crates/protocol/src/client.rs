@@ -62,6 +62,11 @@ pub enum Event {
     Speaker {
         peer: String,
     },
+    /// The room is being recorded (`active`) or no longer; `by` who started or stopped it.
+    Recording {
+        active: bool,
+        by: Option<String>,
+    },
     /// The server refused a message. `join_refused`: it refused this connection's join (before any welcome on
     /// it), so reconnecting will not help.
     Error {
@@ -151,6 +156,7 @@ impl SignalingClient {
             ServerMessage::Bye { from } => Event::Bye { from },
             ServerMessage::Topology { mode } => Event::Topology { mode },
             ServerMessage::Speaker { peer } => Event::Speaker { peer },
+            ServerMessage::Recording { active, by } => Event::Recording { active, by },
             ServerMessage::Error { code, message, refers_to } => {
                 let join_refused = !self.live && refers_to.as_deref() == Some("join");
                 Event::Error { code, message, refers_to, join_refused }

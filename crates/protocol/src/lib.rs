@@ -155,11 +155,12 @@ pub enum MessageKind {
     Bye,
     Data,
     View,
+    Record,
     Invalid,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 8] = [
+    pub const ALL: [MessageKind; 9] = [
         MessageKind::Join,
         MessageKind::Offer,
         MessageKind::Answer,
@@ -167,6 +168,7 @@ impl MessageKind {
         MessageKind::Bye,
         MessageKind::Data,
         MessageKind::View,
+        MessageKind::Record,
         MessageKind::Invalid,
     ];
 
@@ -179,6 +181,7 @@ impl MessageKind {
             MessageKind::Bye => "bye",
             MessageKind::Data => "data",
             MessageKind::View => "view",
+            MessageKind::Record => "record",
             MessageKind::Invalid => "invalid",
         }
     }
@@ -289,6 +292,16 @@ pub enum ClientMessage<'a> {
     Data(&'a RawValue),
     /// `view`: how an SFU client shows the video it receives (see docs/protocol.md, *Simulcast*).
     View(Vec<TrackView>),
+    /// `{"type":"record","action":"start"|"stop"}`: start or stop recording the SFU room (docs/recording.md).
+    Record(RecordAction),
+}
+
+/// What `record` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordAction {
+    Start,
+    Stop,
 }
 
 /// At most this many entries in one `view` message.
@@ -318,6 +331,7 @@ impl ClientMessage<'_> {
             ClientMessage::Bye => MessageKind::Bye,
             ClientMessage::Data(_) => MessageKind::Data,
             ClientMessage::View(_) => MessageKind::View,
+            ClientMessage::Record(_) => MessageKind::Record,
         }
     }
 
@@ -333,6 +347,7 @@ impl ClientMessage<'_> {
             Bye,
             Data { data: &'a RawValue },
             View { tracks: &'a [TrackView] },
+            Record { action: RecordAction },
         }
         let out = match self {
             ClientMessage::Join(j) => Out::Join(j),
@@ -344,6 +359,7 @@ impl ClientMessage<'_> {
             ClientMessage::Bye => Out::Bye,
             ClientMessage::Data(data) => Out::Data { data },
             ClientMessage::View(tracks) => Out::View { tracks },
+            ClientMessage::Record(action) => Out::Record { action: *action },
         };
         serde_json::to_string(&out).expect("client messages serialise")
     }
@@ -505,6 +521,8 @@ struct Fields<'a> {
     tracks: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    action: Option<&'a RawValue>,
 }
 
 /// A present field is `Some`, even when it is `null` (plain `Option` would fold `null` into absent).
@@ -660,6 +678,13 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             }
             Ok(ClientMessage::View(tracks))
         }
+        "record" => match string_field(fields.action, "action", ty)?.as_deref() {
+            Some("start") => Ok(ClientMessage::Record(RecordAction::Start)),
+            Some("stop") => Ok(ClientMessage::Record(RecordAction::Stop)),
+            Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'action' must be \"start\" or \"stop\"")
+                .refers_to(ty)),
+            None => Err(ProtocolError::new(ErrorCode::MissingField, "'record' needs the field 'action'").refers_to(ty)),
+        },
         "data" => match fields.data {
             Some(d) if d.get().starts_with('{') => Ok(ClientMessage::Data(d)),
             Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'data' must be an object").refers_to(ty)),
@@ -669,7 +694,7 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             let shown: String = other.chars().take(32).collect();
             Err(ProtocolError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye, data or view)"),
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye, data, view or record)"),
             ))
         }
     }
@@ -729,6 +754,12 @@ pub fn encode_speaker(peer: &str) -> String {
     push_json_str(&mut s, peer);
     s.push('}');
     s
+}
+
+/// `{"type":"recording","active":…,"by":…}`: the room's recording started or stopped (`by`: who; `None` for
+/// the state a joiner is told).
+pub fn encode_recording(active: bool, by: Option<&str>) -> String {
+    ServerMessage::Recording { active, by: by.map(str::to_owned) }.to_json()
 }
 
 /// The SFU's answer to a client's offer: `{"type":"answer","from":"sfu","sdp":…}`.
@@ -913,6 +944,13 @@ pub enum ServerMessage {
     /// The active speaker of an SFU room changed to `peer` (see [`encode_speaker`]).
     Speaker {
         peer: String,
+    },
+    /// The room is (`active`) or is no longer being recorded; `by` is the peer id that started or stopped it, or
+    /// `api` for the HTTP API (absent in the one a joiner gets). See [`encode_recording`].
+    Recording {
+        active: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     Error {
         code: String,

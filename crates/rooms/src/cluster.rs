@@ -274,6 +274,7 @@ impl ClusterRooms {
                 remote: true,
                 awaiting: None,
                 sfu: false,
+                record: false,
             },
         );
         self.core.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
