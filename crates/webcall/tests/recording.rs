@@ -1,0 +1,278 @@
+//! Recording SFU rooms (`--record-dir`): a real `webcall serve`, a real `webcall peer` publishing its 30 fps test
+//! clip and Opus tone, real WebSocket clients starting and stopping it, the HTTP API; the files are checked with
+//! Debian's ffprobe and ffmpeg (a decoder not written here).
+
+mod common;
+
+use common::{Client, ServerProc, TempDir};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long to wait for something that should happen (not a performance bound).
+const WAIT: Duration = Duration::from_secs(60);
+const SECRET: &str = "recording-test-secret-0123";
+
+struct Peer {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Peer {
+    /// `webcall peer --sfu --send testsrc` in `room`: the 30 fps VP8 clip and an Opus tone.
+    fn start(url: &str, room: &str) -> Peer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .args(["peer", "--server", url, "--room", room, "--name", "cam", "--ip", "127.0.0.1", "--sfu"])
+            .args(["--send", "testsrc", "--size", "320x180", "--expect", "0", "--duration", "60s"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("webcall binary runs");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("[peer] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        Peer { child, lines }
+    }
+
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(t0.elapsed() < WAIT, "peer: no {what} in:\n{}", self.lines.lock().unwrap().join("\n"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn id(&self) -> String {
+        let l = self.wait_for("join", |l| l.starts_with("joined room "));
+        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// ffprobe's view of the file's only stream: (codec, duration s, frames counted by decoding, width).
+fn probe(f: &Path) -> (String, f64, u64, u64) {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-show_entries", "stream=codec_name,nb_read_frames,width"])
+        .args(["-show_entries", "format=duration", "-of", "json"])
+        .arg(f)
+        .output()
+        .expect("ffprobe runs (apt-get install ffmpeg)");
+    assert!(out.status.success(), "ffprobe {}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "ffprobe complains about {}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["streams"][0];
+    let duration: f64 = v["format"]["duration"].as_str().expect("a duration").parse().unwrap();
+    let frames: u64 = s["nb_read_frames"].as_str().unwrap().parse().unwrap();
+    (s["codec_name"].as_str().unwrap().to_owned(), duration, frames, s["width"].as_u64().unwrap_or(0))
+}
+
+/// `ffmpeg -v error -i FILE -f null -` decodes everything and prints nothing.
+fn decodes_cleanly(f: &Path) {
+    let out = Command::new("ffmpeg").args(["-v", "error", "-i"]).arg(f).args(["-f", "null", "-"]).output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+async fn join_sfu(url: &str, room: &str, name: &str, token: Option<&str>) -> (Client, Value) {
+    let mut c = Client::connect(url).await;
+    let mut j = json!({"type":"join","room":room,"name":name,"sfu":true});
+    if let Some(t) = token {
+        j["token"] = t.into();
+    }
+    c.send(j).await;
+    let w = c.expect("welcome").await;
+    c.id = w["id"].as_str().unwrap().to_owned();
+    (c, w)
+}
+
+/// The next message of `ty`, skipping others (hello, topology).
+async fn next_of(c: &mut Client, ty: &str) -> Value {
+    loop {
+        let m = c.recv().await;
+        if m["type"] == ty {
+            return m;
+        }
+    }
+}
+
+/// A raw HTTP/1.1 request; (status, body).
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = bearer.map(|b| format!("Authorization: Bearer {b}\r\n")).unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_files() {
+    let dir = TempDir::new("recording-peer");
+    let server = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap()]);
+    let url = server.ws_url();
+    let peer = Peer::start(&url, "rec-room");
+    let peer_id = peer.id();
+    peer.wait_for("the sfu session", |l| l == "sfu connected");
+    let (mut ctl, _) = join_sfu(&url, "rec-room", "Director", None).await;
+    let t0 = Instant::now();
+    ctl.send(json!({"type":"record","action":"start"})).await;
+    let on = next_of(&mut ctl, "recording").await;
+    assert_eq!(on, json!({"type":"recording","active":true,"by":ctl.id}));
+    // The publisher is told too.
+    peer.wait_for("the recording notice", |l| l.starts_with("room recording on by "));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ctl.send(json!({"type":"record","action":"stop"})).await;
+    let wall = t0.elapsed().as_secs_f64();
+    assert_eq!(next_of(&mut ctl, "recording").await["active"], false);
+    peer.wait_for("the end of the recording", |l| l.starts_with("room recording off"));
+    // The files are closed on the writer thread: wait until both are there with their duration.
+    let t = Instant::now();
+    let got = loop {
+        let f = files(&dir);
+        if f.len() == 2 && f.iter().all(|p| Command::new("ffprobe").arg(p).output().is_ok_and(|o| o.status.success()))
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            break files(&dir);
+        }
+        assert!(t.elapsed() < WAIT, "files: {f:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for f in &got {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert_eq!(f.parent().unwrap().file_name().unwrap(), "rec-room", "one directory per room");
+        assert!(name.contains(&format!("-{peer_id}-")), "the participant is in the name: {name}");
+        assert!(name.ends_with(".webm"), "{name}");
+        decodes_cleanly(f);
+    }
+    let video = got.iter().find(|f| f.to_str().unwrap().contains("-video-")).expect("a video file");
+    let audio = got.iter().find(|f| f.to_str().unwrap().contains("-audio-")).expect("an audio file");
+    let (codec, duration, frames, width) = probe(video);
+    eprintln!("video: {codec} {duration:.2} s {frames} frames {width} px wide; recorded for {wall:.2} s");
+    assert_eq!((codec.as_str(), width), ("vp8", 320));
+    // The clip is 30 fps: frames match the file's duration, and the duration the time it was recorded (less the
+    // wait for the first keyframe).
+    let fps = frames as f64 / duration;
+    assert!((27.0..=33.0).contains(&fps), "{frames} frames in {duration} s");
+    assert!(duration > wall - 2.0 && duration < wall + 0.5, "{duration} s of {wall} s");
+    let (codec, a_duration, packets, _) = probe(audio);
+    assert_eq!(codec, "opus");
+    assert!(a_duration > wall - 2.0 && a_duration < wall + 0.5, "audio {a_duration} s of {wall} s");
+    assert!(packets as f64 > a_duration * 40.0, "20 ms Opus packets: {packets} in {a_duration} s");
+
+    // Again, with the publisher leaving and coming back: its second session gets files of its own.
+    ctl.send(json!({"type":"record","action":"start"})).await;
+    next_of(&mut ctl, "recording").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(peer);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let peer = Peer::start(&url, "rec-room");
+    peer.wait_for("the recording notice on joining", |l| l == "room recording on");
+    peer.wait_for("the sfu session", |l| l == "sfu connected");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The server stops mid-recording: its files are finished, not cut off.
+    server.signal("TERM");
+    let mut server = server;
+    assert_eq!(server.wait_exit(), Some(0));
+    let all = files(&dir);
+    assert_eq!(all.len(), 6, "two recordings of the first session, one of the second: {all:?}");
+    for f in all.iter().filter(|f| !got.contains(f)) {
+        decodes_cleanly(f);
+        let (_, duration, frames, _) = probe(f);
+        assert!(duration > 1.0 && frames > 20, "{}: {duration} s, {frames} frames", f.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_api_needs_the_secret_and_refuses_clearly() {
+    let dir = TempDir::new("recording-api");
+    let server =
+        ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap(), "--auth-secret", SECRET]);
+    let token = |record: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_webcall"));
+        c.args(["token", "--auth-secret", SECRET, "--room", "api-room"]);
+        if record {
+            c.arg("--record");
+        }
+        String::from_utf8(c.output().unwrap().stdout).unwrap().trim().to_owned()
+    };
+    let url = server.ws_url();
+    let path = "/api/rooms/api-room/recording";
+    assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 404, "nobody in the room yet");
+    let (mut member, _) = join_sfu(&url, "api-room", "M", Some(&token(false))).await;
+    let (status, body) = http(server.addr, "POST", path, None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(http(server.addr, "POST", path, Some("not-the-secret")).await.0, 401);
+    let (status, body) = http(server.addr, "POST", path, Some(SECRET)).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()), (201, json!({"room":"api-room","recording":true})));
+    assert_eq!(next_of(&mut member, "recording").await, json!({"type":"recording","active":true,"by":"api"}));
+    assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 200, "already recording");
+    // A member whose token lacks `record` may not stop it; one whose token has it may.
+    member.send(json!({"type":"record","action":"stop"})).await;
+    member.expect_error("unauthorized").await;
+    let (mut director, _) = join_sfu(&url, "api-room", "D", Some(&token(true))).await;
+    assert_eq!(next_of(&mut director, "recording").await, json!({"type":"recording","active":true}), "joiners see it");
+    director.send(json!({"type":"record","action":"stop"})).await;
+    assert_eq!(next_of(&mut member, "recording").await["active"], false);
+    assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 404, "not recording");
+    assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 201);
+    assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 204);
+    assert_eq!(http(server.addr, "POST", "/api/rooms/bad%2Fname/recording", Some(SECRET)).await.0, 400);
+
+    // Without --record-dir: refused, saying what to do.
+    let off = ServerProc::start(&["--topology", "sfu", "--auth-secret", SECRET]);
+    let (mut c, _) = join_sfu(&off.ws_url(), "api-room", "M", Some(&token(true))).await;
+    let (status, body) = http(off.addr, "POST", path, Some(SECRET)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("--record-dir"), "{body}");
+    c.send(json!({"type":"record","action":"start"})).await;
+    let e = next_of(&mut c, "error").await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("--record-dir"), "{e}");
+    // Without --auth-secret there is no credential for the API.
+    let open = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap()]);
+    let (status, body) = http(open.addr, "POST", path, Some(SECRET)).await;
+    assert_eq!(status, 403, "{body}");
+    // A peer-to-peer room: its media never reaches the server.
+    let mesh = ServerProc::start(&["--topology", "mesh", "--record-dir", dir.to_str().unwrap()]);
+    let (mut p, _) = Client::join(&mesh.ws_url(), "p2p", "P").await;
+    p.send(json!({"type":"record","action":"start"})).await;
+    let e = p.expect_error("needs-sfu").await;
+    assert!(e["message"].as_str().unwrap().contains("peer-to-peer"), "{e}");
+}
