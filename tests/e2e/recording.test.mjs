@@ -1,13 +1,14 @@
-// Recording an SFU room (--record-dir): a page starts it with its Record button, every page (and a late joiner)
-// shows the REC indicator, the page stops it; the file the server wrote plays in Chromium's own <video> and decodes
-// cleanly in Debian's ffmpeg. A peer-to-peer room refuses, and the page says why.
+// Recording (--record-dir): in a call of two pages (peer-to-peer under the default --topology auto) a page presses
+// Record, the room moves to the SFU and is recorded; every page (and a late joiner) shows the REC indicator, the page
+// stops it; the file the server wrote plays in Chromium's own <video> and decodes cleanly in Debian's ffmpeg. A room
+// that must stay peer-to-peer (--topology mesh) refuses, and the page says why.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { assertLoopbackOnly, launchBrowser, openPage, ownId, sfuFramesFrom, startServer, uniqueRoom, until } from './helpers.mjs';
+import { assertLoopbackOnly, connectedPeers, launchBrowser, openPage, ownId, sfuFramesFrom, startServer, uniqueRoom, until } from './helpers.mjs';
 
 /** Every file under `dir`. @param {string} dir @returns {string[]} */
 const filesUnder = (dir) =>
@@ -27,7 +28,7 @@ describe('recording', () => {
 
   before(async () => {
     assertLoopbackOnly();
-    server = await startServer({ args: ['--topology', 'sfu', '--record-dir', dir] });
+    server = await startServer({ args: ['--record-dir', dir] });
     mesh = await startServer({ args: ['--topology', 'mesh', '--record-dir', dir] });
     browser = await launchBrowser();
   });
@@ -44,14 +45,17 @@ describe('recording', () => {
     const a = await openPage(browser, `${server.url}/r/${room}?name=A`);
     const b = await openPage(browser, `${server.url}/r/${room}?name=B`);
     const [idA, idB] = await Promise.all([a, b].map(ownId));
-    await until(b, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 30000);
-    for (;;) {
-      if ((await sfuFramesFrom(b, idA)) > 10) break;
-      await b.waitForTimeout(200);
-    }
+    await connectedPeers(a, 1, 30000);
+    assert.equal(await a.evaluate(() => window.webcall.call.sfu), null, 'two pages talk peer-to-peer');
     assert.equal(await recShown(a), false, 'no indicator before');
     await a.click('#btn-record');
     for (const p of [a, b]) await until(p, () => !document.getElementById('rec-pill')?.hidden, undefined, 10000);
+    // The room moved to the SFU for it: the media now passes the server.
+    await until(b, () => window.webcall.call.sfu?.pc.connectionState === 'connected', undefined, 30000);
+    for (const t0 = Date.now(); (await sfuFramesFrom(b, idA)) <= 10; ) {
+      assert.ok(Date.now() - t0 < 30000, 'B decodes A over the SFU');
+      await b.waitForTimeout(200);
+    }
     assert.equal(await a.getAttribute('#btn-record', 'aria-pressed'), 'true');
     assert.match((await b.textContent('#toast')) ?? '', /Recording started by A/);
     // Someone joining while it records sees it at once.

@@ -681,8 +681,10 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
         "record" => match string_field(fields.action, "action", ty)?.as_deref() {
             Some("start") => Ok(ClientMessage::Record(RecordAction::Start)),
             Some("stop") => Ok(ClientMessage::Record(RecordAction::Stop)),
-            Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'action' must be \"start\" or \"stop\"")
-                .refers_to(ty)),
+            Some(_) => {
+                Err(ProtocolError::new(ErrorCode::BadField, "field 'action' must be \"start\" or \"stop\"")
+                    .refers_to(ty))
+            }
             None => Err(ProtocolError::new(ErrorCode::MissingField, "'record' needs the field 'action'").refers_to(ty)),
         },
         "data" => match fields.data {

@@ -178,8 +178,9 @@ pub enum RecordRefusal {
     #[error("no room '{0}' on this server (nobody is in it)")]
     NoRoom(String),
     #[error(
-        "room '{0}' is peer-to-peer: its media never reaches the server, so it cannot be recorded; it is recorded \
-         once it goes through the SFU (join with \"sfu\":true, or run the server with --topology sfu)"
+        "room '{0}' is peer-to-peer: its media never reaches the server, so it cannot be recorded; rooms whose \
+         members all speak SFU (web pages without ?mesh=1) move to the SFU to be recorded, unless the server runs \
+         with --topology mesh"
     )]
     NotSfu(String),
     #[error("recording needs an SFU room, and with --redis rooms stay peer-to-peer (SFU rooms are not clustered yet)")]
@@ -1183,15 +1184,24 @@ impl Rooms {
         if !self.cfg.recording {
             return Err(RecordRefusal::Off);
         }
-        let Some(r) = self.rooms.get_mut(room) else { return Err(RecordRefusal::NoRoom(room.to_owned())) };
+        let Some(r) = self.rooms.get(room) else { return Err(RecordRefusal::NoRoom(room.to_owned())) };
+        let room: Arc<str> = self.rooms.get_key_value(room).expect("found above").0.clone();
         if !r.sfu {
-            return Err(RecordRefusal::NotSfu(room.to_owned()));
+            // `auto`: a room of SFU-speaking members (pages) moves to the SFU to be recorded, as at a third joiner.
+            let movable = self.cfg.topology == Topology::Auto
+                && r.members.len() <= self.cfg.max_sfu_peers
+                && r.members.iter().all(|m| self.peers[m].sfu);
+            if !start || !movable {
+                return Err(RecordRefusal::NotSfu(room.to_string()));
+            }
+            self.rooms.get_mut(&room).expect("found above").sfu = true;
+            self.broadcast(&room, "", Arc::from(encode_topology_sfu()));
         }
+        let r = self.rooms.get_mut(&room).expect("found above");
         if r.recording == start {
             return Ok(false);
         }
         r.recording = start;
-        let room: Arc<str> = self.rooms.get_key_value(room).expect("found above").0.clone();
         self.out.push_back(Output::Sfu(SfuRequest::Record { room: room.clone(), start }));
         self.broadcast(&room, "", Arc::from(encode_recording(start, Some(by))));
         Ok(true)

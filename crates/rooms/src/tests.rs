@@ -825,12 +825,26 @@ fn recording_is_refused_when_off_in_a_mesh_room_and_without_the_claim() {
     assert_eq!(e["code"], "unavailable");
     assert!(e["message"].as_str().unwrap().contains("--record-dir"), "{e}");
 
+    // A room with a member that does not speak SFU stays peer-to-peer, and cannot be recorded.
     let mut h = Harness::new(Config { recording: true, ..Config::default() });
-    let (a, _, _) = h.join("p2p", "A");
+    let (a, _, _) = h.join_sfu("p2p", "A");
+    h.join("p2p", "B (v1)");
+    h.recv(a);
     h.send(a, r#"{"type":"record","action":"start"}"#);
     let e = h.recv(a).remove(0);
     assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("needs-sfu"), Some("record")));
     assert!(e["message"].as_str().unwrap().contains("peer-to-peer"), "{e}");
+    // A pair of SFU speakers (two pages) moves to the SFU to be recorded.
+    let (c, _, _) = h.join_sfu("pair", "C");
+    let (d, d_id, _) = h.join_sfu("pair", "D");
+    h.recv(c);
+    assert!(!h.rooms.room_is_sfu("pair"));
+    h.send(d, r#"{"type":"record","action":"start"}"#);
+    let on = serde_json::json!({"type":"recording","active":true,"by":d_id});
+    for x in [c, d] {
+        assert_eq!(h.recv(x), vec![topology_sfu(), on.clone()]);
+    }
+    assert!(h.rooms.room_is_sfu("pair") && h.rooms.is_recording("pair"));
 
     let cfg = Config { topology: Topology::Sfu, recording: true, ..Config::default() };
     h.rooms = Rooms::new(cfg, Box::new(|_: &str| Vec::new()), h.now).with_policy(Box::new(TokenPolicy));

@@ -330,7 +330,10 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_refuse_what_they_should() {
         let t = mint_token(SECRET, "r", Some("Ann"), Duration::from_secs(60), true);
-        assert_eq!(verify_token(SECRET, Some(&t), "r").unwrap(), Admission { name: Some("Ann".into()), publish: true, record: false });
+        assert_eq!(
+            verify_token(SECRET, Some(&t), "r").unwrap(),
+            Admission { name: Some("Ann".into()), publish: true, record: false }
+        );
         let e = verify_token(SECRET, Some(&t), "other").unwrap_err();
         assert!(e.message.contains("for room 'r'"), "{e}");
         let e = verify_token("another-secret-xxxxxxxx", Some(&t), "r").unwrap_err();
@@ -338,7 +341,10 @@ mod tests {
         assert_eq!(verify_token(SECRET, None, "r").unwrap_err().code, ErrorCode::Unauthorized);
         assert!(verify_token(SECRET, Some("garbage"), "r").is_err());
         let viewer = mint_token(SECRET, "*", None, Duration::from_secs(60), false);
-        assert_eq!(verify_token(SECRET, Some(&viewer), "any").unwrap(), Admission { name: None, publish: false, record: false });
+        assert_eq!(
+            verify_token(SECRET, Some(&viewer), "any").unwrap(),
+            Admission { name: None, publish: false, record: false }
+        );
         let rec = mint_token_with(SECRET, "r", None, Duration::from_secs(60), true, true);
         assert!(verify_token(SECRET, Some(&rec), "r").unwrap().record, "the record permission");
         // Expired an hour ago.

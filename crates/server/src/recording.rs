@@ -23,7 +23,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), HttpError> {
     match bearer(headers)? {
         Some(b) if constant_eq(secret, &b) => Ok(()),
         Some(_) => Err(err(StatusCode::UNAUTHORIZED, "the Bearer token is not this server's --auth-secret")),
-        None => Err(err(StatusCode::UNAUTHORIZED, "send the server's --auth-secret as 'Authorization: Bearer <secret>'")),
+        None => {
+            Err(err(StatusCode::UNAUTHORIZED, "send the server's --auth-secret as 'Authorization: Bearer <secret>'"))
+        }
     }
 }
 
@@ -52,7 +54,11 @@ fn set(state: &AppState, room: &str, headers: &HeaderMap, start: bool) -> Result
     })
 }
 
-pub(crate) async fn start(State(state): State<Arc<AppState>>, Path(room): Path<String>, headers: HeaderMap) -> Response {
+pub(crate) async fn start(
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     set(&state, &room, &headers, true).unwrap_or_else(IntoResponse::into_response)
 }
 

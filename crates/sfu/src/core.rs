@@ -531,8 +531,9 @@ impl Sfu {
         }
     }
 
-    /// A frame of a published track of a recorded room, for its file. One layer is recorded: the highest that
-    /// arrives when the file starts; another only when that one stops coming (at its keyframe, time running on).
+    /// A frame of a published track of a recorded room, for its file. One layer is recorded at a time: the highest
+    /// that arrives; another only when that one stops coming or a larger one appears (at the new one's keyframe,
+    /// asked for, time running on).
     fn record_frame(&mut self, from: SessionId, d: &MediaData) {
         let now = self.now;
         let Some(s) = self.sessions.get_mut(&from) else { return };
@@ -553,10 +554,14 @@ impl Sfu {
             self.next_file += 1;
             Box::new(Recorder::new(file))
         });
-        let recorded = rec.layer();
-        let recorded_live = recorded.is_some_and(|r| t.layers.iter().any(|l| l.rid == r && live(&l)));
+        // Kept while it comes, unless a larger one appears (simulcast layers start small while the estimate grows):
+        // no flapping, at most a step up per new layer and a step down when one stops.
+        let size = |rid: Option<Rid>| t.layers.iter().find(|l| l.rid == rid).map_or(0, |l| l.width * l.height);
+        let keep = rec
+            .layer()
+            .is_some_and(|r| t.layers.iter().any(|l| l.rid == r && live(&l)) && (best == r || size(best) <= size(r)));
         let mut ops = Vec::new();
-        let want = rec.frame(d, t.kind, best, recorded_live, &s.room, &s.participant, &mut ops);
+        let want = rec.frame(d, t.kind, best, keep, &s.room, &s.participant, &mut ops);
         self.record_out.extend(ops);
         if let Want::Keyframe(rid) = want {
             self.request_layer_keyframe(from, d.mid, rid);

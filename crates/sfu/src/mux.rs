@@ -43,6 +43,9 @@ impl Codec {
     }
 }
 
+/// Width and height of video frames.
+pub type FrameSize = (u32, u32);
+
 /// Bytes to write at an offset of the file when it is finished.
 pub type Patch = (u64, Vec<u8>);
 
@@ -313,7 +316,7 @@ pub fn annexb_to_avcc(data: &[u8]) -> Vec<u8> {
 }
 
 /// The avcC record (ISO 14496-15 5.2.4.1) from the first SPS and PPS of an access unit, and the SPS's frame size.
-pub fn avcc_record(data: &[u8]) -> Option<(Vec<u8>, Option<(u32, u32)>)> {
+pub fn avcc_record(data: &[u8]) -> Option<(Vec<u8>, Option<FrameSize>)> {
     let nals = annexb_nals(data);
     let sps = nals.iter().find(|n| n.first().is_some_and(|b| b & 0x1f == 7))?;
     let pps = nals.iter().find(|n| n.first().is_some_and(|b| b & 0x1f == 8))?;
@@ -456,7 +459,8 @@ mod tests {
     #[test]
     fn sps_of_640x480_baseline() {
         // x264 baseline 640x480: profile 66, level 30.
-        let sps = [0x67, 0x42, 0xc0, 0x1e, 0xd9, 0x00, 0xa0, 0x3d, 0xa1, 0x00, 0x00, 0x03, 0x00, 0x01, 0x00, 0x00, 0x03];
+        let sps =
+            [0x67, 0x42, 0xc0, 0x1e, 0xd9, 0x00, 0xa0, 0x3d, 0xa1, 0x00, 0x00, 0x03, 0x00, 0x01, 0x00, 0x00, 0x03];
         assert_eq!(sps_size(&sps), Some((640, 480)));
     }
 

@@ -160,9 +160,10 @@ impl SfuHandle {
     /// Binds the media sockets (UDP and TCP, same port) and starts the SFU thread.
     pub async fn start(cfg: MediaConfig) -> Result<SfuHandle, SfuNetError> {
         let writer = match &cfg.record_dir {
-            Some(dir) => Some(crate::writer::RecordWriter::start(dir.clone()).map_err(|source| {
-                SfuNetError::RecordDir { dir: dir.clone(), source }
-            })?),
+            Some(dir) => Some(
+                crate::writer::RecordWriter::start(dir.clone())
+                    .map_err(|source| SfuNetError::RecordDir { dir: dir.clone(), source })?,
+            ),
             None => None,
         };
         let recording = writer.is_some();

@@ -15,10 +15,25 @@ use crate::mux::{self, Codec, Muxer, Patch};
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordOp {
     /// Create a file for this track of `participant` in `room` (the adapter names it, with the time it opens it).
-    Open { file: u64, room: Arc<str>, participant: Arc<str>, kind: MediaKind, mid: String, extension: &'static str },
-    Append { file: u64, bytes: Vec<u8> },
+    Open {
+        file: u64,
+        room: Arc<str>,
+        participant: Arc<str>,
+        kind: MediaKind,
+        mid: String,
+        extension: &'static str,
+    },
+    Append {
+        file: u64,
+        bytes: Vec<u8>,
+    },
     /// Append `tail`, write the patches at their offsets, close. `frames` were written in all.
-    Close { file: u64, tail: Vec<u8>, patches: Vec<Patch>, frames: u64 },
+    Close {
+        file: u64,
+        tail: Vec<u8>,
+        patches: Vec<Patch>,
+        frames: u64,
+    },
 }
 
 /// What the recorder wants from the publisher after a frame.
@@ -71,14 +86,14 @@ impl Recorder {
     }
 
     /// A frame of the track. `best`: the layer to record when choosing one (the highest that arrives);
-    /// `recorded_live`: whether the layer recorded so far still arrives. Ops go to `out`.
+    /// `keep`: stay with the layer recorded so far (it still arrives and nothing larger does). Ops go to `out`.
     #[allow(clippy::too_many_arguments)]
     pub fn frame(
         &mut self,
         d: &MediaData,
         kind: MediaKind,
         best: Option<Rid>,
-        recorded_live: bool,
+        keep: bool,
         room: &Arc<str>,
         participant: &Arc<str>,
         out: &mut Vec<RecordOp>,
@@ -92,8 +107,8 @@ impl Recorder {
         let key = d.is_keyframe() || kind == MediaKind::Audio;
         let switching = match self.layer {
             Some(cur) if cur == d.rid => false,
-            // Another layer: taken up only when the recorded one stopped coming (consistently one layer).
-            Some(_) if recorded_live || d.rid != best => return Want::Nothing,
+            // Another layer: taken up only when the recorded one stopped coming or a larger one came.
+            Some(_) if keep || d.rid != best => return Want::Nothing,
             Some(_) => true,
             None if d.rid != best => return Want::Nothing,
             None => true,

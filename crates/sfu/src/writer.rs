@@ -77,7 +77,8 @@ pub fn file_path(
     ext: &str,
     at: SystemTime,
 ) -> PathBuf {
-    let t: String = humantime::format_rfc3339_millis(at).to_string().chars().filter(|c| *c != '-' && *c != ':').collect();
+    let t: String =
+        humantime::format_rfc3339_millis(at).to_string().chars().filter(|c| *c != '-' && *c != ':').collect();
     let kind = if kind == MediaKind::Audio { "audio" } else { "video" };
     let name = format!("{t}-{}-{kind}-{}.{ext}", component(participant), component(mid));
     // Room names may hold '-' (harmless in a directory name); the file name keeps it as its separator.

@@ -131,7 +131,13 @@ async fn client(sfu: SfuHandle, name: &str, tcp: bool, run_for: Duration) -> Has
 }
 
 fn loopback() -> MediaConfig {
-    MediaConfig { listen: "127.0.0.1:0".parse().unwrap(), external_ip: None, dtls_cert: None, caps: Default::default(), record_dir: None }
+    MediaConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ip: None,
+        dtls_cert: None,
+        caps: Default::default(),
+        record_dir: None,
+    }
 }
 
 #[tokio::test]

@@ -166,8 +166,7 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     let t = Instant::now();
     let got = loop {
         let f = files(&dir);
-        if f.len() == 2 && f.iter().all(|p| Command::new("ffprobe").arg(p).output().is_ok_and(|o| o.status.success()))
-        {
+        if f.len() == 2 && f.iter().all(|p| Command::new("ffprobe").arg(p).output().is_ok_and(|o| o.status.success())) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             break files(&dir);
         }
@@ -240,7 +239,10 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     assert_eq!(status, 401, "{body}");
     assert_eq!(http(server.addr, "POST", path, Some("not-the-secret")).await.0, 401);
     let (status, body) = http(server.addr, "POST", path, Some(SECRET)).await;
-    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()), (201, json!({"room":"api-room","recording":true})));
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).unwrap()),
+        (201, json!({"room":"api-room","recording":true}))
+    );
     assert_eq!(next_of(&mut member, "recording").await, json!({"type":"recording","active":true,"by":"api"}));
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 200, "already recording");
     // A member whose token lacks `record` may not stop it; one whose token has it may.
