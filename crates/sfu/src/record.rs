@@ -106,9 +106,11 @@ impl Recorder {
         };
         let key = d.is_keyframe() || kind == MediaKind::Audio;
         let switching = match self.layer {
+            // The recorded layer goes on until the one it moves to has sent its keyframe.
             Some(cur) if cur == d.rid => false,
             // Another layer: taken up only when the recorded one stopped coming or a larger one came.
             Some(_) if keep || d.rid != best => return Want::Nothing,
+            Some(_) if !key => return Want::Keyframe(d.rid),
             Some(_) => true,
             None if d.rid != best => return Want::Nothing,
             None => true,
