@@ -990,6 +990,27 @@ mod tests {
     }
 
     #[test]
+    fn record_and_recording_round_trip() {
+        for (text, action) in [
+            (r#"{"type":"record","action":"start"}"#, RecordAction::Start),
+            (r#"{"type":"record","action":"stop"}"#, RecordAction::Stop),
+        ] {
+            let m = parse_client(text).unwrap();
+            assert!(matches!(m, ClientMessage::Record(a) if a == action));
+            assert_eq!(m.to_json(), text);
+            assert_eq!(m.kind(), MessageKind::Record);
+        }
+        assert_eq!(code(r#"{"type":"record","action":1}"#), ErrorCode::BadField);
+        let on = encode_recording(true, Some("Yx3kq0tVb2"));
+        assert_eq!(on, r#"{"type":"recording","active":true,"by":"Yx3kq0tVb2"}"#);
+        assert_eq!(
+            ServerMessage::parse(&on).unwrap(),
+            ServerMessage::Recording { active: true, by: Some("Yx3kq0tVb2".into()) }
+        );
+        assert_eq!(encode_recording(false, None), r#"{"type":"recording","active":false}"#);
+    }
+
+    #[test]
     fn parses_join_with_defaults() {
         let m = parse_client(r#"{"type":"join","room":"a-b_C9"}"#).unwrap();
         let ClientMessage::Join(j) = m else { panic!() };
