@@ -158,6 +158,9 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     // The publisher is told too.
     peer.wait_for("the recording notice", |l| l.starts_with("room recording on by "));
     tokio::time::sleep(Duration::from_secs(6)).await;
+    let (_, m) = http(server.addr, "GET", "/metrics", None).await;
+    assert!(m.contains("\nwebcall_sfu_recording_rooms 1\n"), "{m}");
+    assert!(m.contains("\nwebcall_sfu_recording_files 2\n"), "audio and video: {m}");
     ctl.send(json!({"type":"record","action":"stop"})).await;
     let wall = t0.elapsed().as_secs_f64();
     assert_eq!(next_of(&mut ctl, "recording").await["active"], false);
