@@ -13,6 +13,8 @@
  * - `stats`        `{}` — every peer's `stats` was refreshed
  * - `fatal`        `{code, message}` from signaling (room full, …)
  * - `notice`       `{message}` — something the user should know (screen share ended, device failed, …)
+ * - `recording`    `{active, by}` — the server started or stopped recording the room (`by`: a peer id, `api`, or null)
+ * - `recording-error` `{code, message}` — `setRecording` was refused (no --record-dir, peer-to-peer room, no permission)
  */
 
 import { summarize } from './stats.js';
