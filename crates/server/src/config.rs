@@ -499,6 +499,16 @@ max-sfu-room-tracks = 40",
     }
 
     #[test]
+    fn record_dir_is_off_by_default_and_read_from_the_file() {
+        let d = ServeArgs::default().resolve().unwrap();
+        assert_eq!((d.record_dir, d.rooms.recording), (None, false));
+        let file: ServeArgs = toml::from_str("record-dir = \"/var/lib/webcall/rec\"").unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(c.record_dir, Some(PathBuf::from("/var/lib/webcall/rec")));
+        assert!(c.rooms.recording, "the room core takes record messages");
+    }
+
+    #[test]
     fn replay_limit_default_file_and_range() {
         assert_eq!(ServeArgs::default().resolve().unwrap().replay_limit, DEFAULT_REPLAY_LIMIT);
         let file: ServeArgs = toml::from_str("replay-limit = 1048576").unwrap();
