@@ -112,7 +112,9 @@ fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
             }
             Msg::Op(RecordOp::Append { file, bytes }) => {
                 if let Some(f) = files.get_mut(&file) {
-                    if let Err(e) = f.w.write_all(&bytes) {
+                    // Each append is a header or a whole cluster: handed to the OS at once, a killed server leaves a
+                    // file that ends on a cluster boundary.
+                    if let Err(e) = f.w.write_all(&bytes).and_then(|()| f.w.flush()) {
                         tracing::error!("recording {} stopped: {e}", f.path.display());
                         files.remove(&file);
                     }

@@ -281,3 +281,29 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     let e = p.expect_error("needs-sfu").await;
     assert!(e["message"].as_str().unwrap().contains("peer-to-peer"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_server_leaves_files_that_play_up_to_their_last_cluster() {
+    let dir = TempDir::new("recording-kill");
+    let mut server = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap()]);
+    let url = server.ws_url();
+    let peer = Peer::start(&url, "kill-room");
+    peer.wait_for("the sfu session", |l| l == "sfu connected");
+    let (mut ctl, _) = join_sfu(&url, "kill-room", "Director", None).await;
+    ctl.send(json!({"type":"record","action":"start"})).await;
+    next_of(&mut ctl, "recording").await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    server.kill(); // SIGKILL: nothing is finished
+    let video = files(&dir).into_iter().find(|f| f.to_str().unwrap().contains("-video-")).expect("a video file");
+    decodes_cleanly(&video);
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
+        .arg(&video)
+        .output()
+        .unwrap();
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let frames: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    eprintln!("killed after 7 s of recording: {frames} frames playable");
+    // 7 s at 30 fps, less the last cluster (at most 2 s) that was still in memory.
+    assert!((120..=215).contains(&frames), "{frames} frames");
+}
