@@ -690,7 +690,7 @@ impl Drop for Gatherer {
 /// session's socket as one datagram. ChannelData is padded to 4 bytes on the stream (RFC 8656 §12.5), which
 /// `turn-client-proto` neither writes nor expects: the bridge adds the padding going out and takes it off
 /// coming in.
-mod bridge {
+pub(crate) mod bridge {
     use std::io;
     use std::net::SocketAddr;
     use std::sync::Arc;
@@ -793,7 +793,7 @@ mod bridge {
 
     /// The web PKI roots, plus the certificates of the PEM file `SSL_CERT_FILE` names (as OpenSSL reads it):
     /// how a private CA or a self-signed server certificate is trusted.
-    fn client_config() -> io::Result<Arc<rustls::ClientConfig>> {
+    pub(crate) fn client_config() -> io::Result<Arc<rustls::ClientConfig>> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         if let Some(path) = std::env::var_os("SSL_CERT_FILE") {
@@ -813,7 +813,7 @@ mod bridge {
         Ok(Arc::new(cfg))
     }
 
-    fn server_name(host: &str) -> io::Result<rustls::pki_types::ServerName<'static>> {
+    pub(crate) fn server_name(host: &str) -> io::Result<rustls::pki_types::ServerName<'static>> {
         rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TLS server name {host}: {e}")))
     }

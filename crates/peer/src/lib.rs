@@ -16,6 +16,7 @@ pub mod sfu;
 mod signaling;
 #[cfg(feature = "libvpx")]
 pub mod vpx;
+pub mod whip;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -136,6 +137,18 @@ pub struct PeerArgs {
     /// VideoRoom number; publish with --send, subscribe to --expect other publishers with --count-only.
     #[arg(long, requires = "sfu")]
     pub janus: bool,
+    /// Publish --send into --room through the server's WHIP endpoint (POST /whip/ROOM, docs/whip.md), as a
+    /// broadcast tool such as OBS does, instead of joining over the WebSocket: send only, host candidates only,
+    /// no chat. --server is the same URL as for joining (ws://HOST:PORT/ws or the page's https:// address);
+    /// --token or --password is sent as the Bearer token.
+    #[arg(long, conflicts_with_all = ["janus", "record", "echo", "chat", "count_only", "relay"])]
+    pub whip: bool,
+    /// A join token (`webcall token`), for a server started with --auth-secret.
+    #[arg(long, value_name = "TOKEN", env = "WEBCALL_TOKEN")]
+    pub token: Option<String>,
+    /// The room's password (the first joiner of a room sets it).
+    #[arg(long, value_name = "PASSWORD", env = "WEBCALL_PASSWORD")]
+    pub password: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -161,6 +174,14 @@ pub enum PeerError {
     NoSuchLayer(u32, u32),
     #[error("--fps applies to --send live only (the test pattern clips and IVF files keep their own frame rate)")]
     FpsWithoutLive,
+    #[error("{0}")]
+    Whip(String),
+    #[error(
+        "--server {url}: {why}; expected the server's URL, e.g. ws://127.0.0.1:8080/ws or https://call.example.org"
+    )]
+    BadServerUrl { url: String, why: String },
+    #[error("--whip publishes: give --send testsrc, live or FILE.ivf")]
+    WhipWithoutSend,
     #[error("--relay needs a TURN server reachable over UDP in the server's iceServers, and the server offers none (started with --no-turn, or --ice-servers without a turn: URL?); drop --relay")]
     NoRelay,
 }
@@ -168,7 +189,11 @@ pub enum PeerError {
 impl PeerError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            PeerError::NoSuchLayer(..) | PeerError::FpsWithoutLive => exit::USAGE,
+            PeerError::NoSuchLayer(..)
+            | PeerError::FpsWithoutLive
+            | PeerError::BadServerUrl { .. }
+            | PeerError::WhipWithoutSend => exit::USAGE,
+            PeerError::Whip(_) => exit::SIGNALING,
             _ => exit::ERROR,
         }
     }
@@ -218,8 +243,8 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
     session::prepare_dtls_cert();
     let stop = Arc::new(AtomicBool::new(false));
     let source = media_source(&args, &stop)?;
-    if args.janus {
-        let code = janus::run(args, source).await;
+    if args.janus || args.whip {
+        let code = if args.janus { janus::run(args, source).await } else { whip::run(args, source).await };
         stop.store(true, Ordering::Relaxed);
         return code;
     }

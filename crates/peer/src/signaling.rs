@@ -65,6 +65,8 @@ pub(crate) async fn run(c: &mut Controller, leave: &mut Leave, mut inputs: Input
     let server = c.args.server.clone();
     let mut join = webcall_protocol::Join::new(c.args.room.clone(), c.args.name.clone());
     join.sfu = c.args.sfu;
+    join.token = c.args.token.clone().map(Into::into);
+    join.password = c.args.password.clone().map(Into::into);
     let mut client = SignalingClient::new(join);
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -189,3 +189,55 @@ fn three_native_peers_receive_each_other_through_an_sfu_room() {
 fn an_auto_room_of_native_peers_moves_to_the_sfu_at_the_third() {
     run_room("auto", 3);
 }
+
+const SECRET: &str = "whip-peer-secret-0123456789";
+
+fn token(room: &str, name: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        .args(["token", "--auth-secret", SECRET, "--room", room, "--name", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `webcall peer --whip` publishes over WHIP (with a join token as the Bearer token) into a room where a native
+/// `--sfu` peer records it; without a token the server's 401 ends the publisher with exit code 3.
+#[test]
+fn a_native_whip_publisher_is_received_through_the_sfu() {
+    let server = ServerProc::start(&["--auth-secret", SECRET]);
+    let url = server.ws_url();
+    let clip: Vec<Vec<u8>> = Clip::builtin(Layer::Low).frames.iter().map(|f| f.data.to_vec()).collect();
+
+    let mut refused = PeerProc::start(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
+    assert_eq!(refused.wait_exit(), 3, "{}", refused.output());
+    assert!(refused.output().contains("whip refused: 401"), "{}", refused.output());
+
+    let cam_token = token("whip-room", "cam");
+    let mut cam = PeerProc::start(
+        &url,
+        "whip-room",
+        "cam",
+        &["--whip", "--send", "testsrc", "--token", &cam_token, "--duration", "12s"],
+    );
+    cam.wait_for("the WHIP resource", |l| l.starts_with("joined room whip-room via whip http://"));
+    let dir = common::TempDir::new("whip-peer-rec");
+    let viewer_token = token("whip-room", "viewer");
+    let mut viewer = PeerProc::start(
+        &url,
+        "whip-room",
+        "viewer",
+        &["--record", dir.to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
+    );
+    let line = viewer.wait_for("the WHIP publisher", |l| l.starts_with("peer ") && l.ends_with(" via sfu"));
+    let cam_id = line.split_whitespace().nth(1).unwrap().to_owned();
+    assert_eq!(viewer.wait_exit(), 0, "viewer output:\n{}", viewer.output());
+    let s = viewer.final_stats(&cam_id);
+    assert!(field(&s, "frames_in") > 60, "{s:?}");
+    assert!(field(&s, "audio_in") > 100, "{s:?}");
+    assert_eq!(s.iter().find(|(k, _)| k == "name").map(|(_, v)| v.as_str()), Some("\"cam\""), "{s:?}");
+    assert!(check_recording(&dir, &s, &clip) > 60);
+    assert_eq!(cam.wait_exit(), 0, "publisher output:\n{}", cam.output());
+    let last = cam.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true"));
+    assert!(last.contains("frames_out=") && !last.contains("frames_out=0 "), "{last}");
+}
