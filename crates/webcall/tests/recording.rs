@@ -24,9 +24,14 @@ struct Peer {
 impl Peer {
     /// `webcall peer --sfu --send testsrc` in `room`: the 30 fps VP8 clip and an Opus tone.
     fn start(url: &str, room: &str) -> Peer {
+        Peer::start_with(url, room, &["--ip", "127.0.0.1", "--sfu", "--size", "320x180", "--expect", "0"])
+    }
+
+    /// `webcall peer` sending the test source into `room`, with `args`.
+    fn start_with(url: &str, room: &str, args: &[&str]) -> Peer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
-            .args(["peer", "--server", url, "--room", room, "--name", "cam", "--ip", "127.0.0.1", "--sfu"])
-            .args(["--send", "testsrc", "--size", "320x180", "--expect", "0", "--duration", "60s"])
+            .args(["peer", "--server", url, "--room", room, "--name", "cam", "--send", "testsrc", "--duration", "60s"])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -259,6 +264,34 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 201);
     assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 204);
     assert_eq!(http(server.addr, "POST", "/api/rooms/bad%2Fname/recording", Some(SECRET)).await.0, 400);
+
+    // A WHIP publisher (what OBS does) is a participant of the room: it is recorded like the others.
+    let obs = Peer::start_with(&url, "api-room", &["--whip", "--token", &token(false)]);
+    obs.wait_for("the WHIP resource", |l| l.starts_with("joined room api-room via whip http://"));
+    assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 201);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 204);
+    let t = Instant::now();
+    let video = loop {
+        let done = files(&dir).into_iter().find(|f| {
+            f.to_str().unwrap().contains("-video-")
+                && Command::new("ffprobe")
+                    .args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"])
+                    .arg(f)
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().is_ok_and(|d| d > 0.0))
+        });
+        if let Some(v) = done {
+            break v;
+        }
+        assert!(t.elapsed() < WAIT, "no finished video of the WHIP publisher: {:?}", files(&dir));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    decodes_cleanly(&video);
+    let (codec, duration, frames, _) = probe(&video);
+    assert_eq!(codec, "vp8");
+    assert!(duration > 2.5 && frames > 60, "{duration} s, {frames} frames");
+    drop(obs);
 
     // Without --record-dir: refused, saying what to do.
     let off = ServerProc::start(&["--topology", "sfu", "--auth-secret", SECRET]);
