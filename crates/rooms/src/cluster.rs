@@ -535,6 +535,16 @@ mod tests {
     }
 
     #[test]
+    fn recording_is_refused_with_redis() {
+        let mut n = Node::new();
+        let c = n.join("r", "A", &[]);
+        n.send(c, json!({"type":"record","action":"start"}));
+        let e = n.recv(c).remove(0);
+        assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("unavailable"), Some("record")), "{e}");
+        assert!(e["message"].as_str().unwrap().contains("--redis"), "{e}");
+    }
+
+    #[test]
     fn join_waits_for_the_cluster_and_welcome_lists_remote_peers() {
         let mut n = Node::new();
         let c = n.connect();

@@ -1218,6 +1218,10 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'record'");
             return self.refuse(conn, e.refers_to("record"), now);
         };
+        // With --redis nobody may (cluster peers carry no `record` permission): say why first.
+        if self.clustered {
+            return self.refuse(conn, RecordRefusal::Clustered.to_protocol(), now);
+        }
         if !self.peers[&peer].record {
             let e = ProtocolError::new(
                 ErrorCode::Unauthorized,
