@@ -535,6 +535,9 @@ impl Sfu {
     /// that arrives; another only when that one stops coming or a larger one appears (at the new one's keyframe,
     /// asked for, time running on).
     fn record_frame(&mut self, from: SessionId, d: &MediaData) {
+        if self.recording.is_empty() {
+            return;
+        }
         let now = self.now;
         let Some(s) = self.sessions.get_mut(&from) else { return };
         if !self.recording.contains(&s.room) {
