@@ -739,7 +739,7 @@ async fn run(
     mut sfu: Sfu,
     mut rx: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Mutex<(SfuStats, NetStats)>>,
-    writer: Option<crate::writer::RecordWriter>,
+    mut writer: Option<crate::writer::RecordWriter>,
 ) {
     let mut signals: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>> = HashMap::new();
     let sleep = tokio::time::sleep_until(Instant::now().into());
@@ -771,7 +771,7 @@ async fn run(
         };
         // Files are written on the writer's thread: here only a channel send.
         while let Some(op) = sfu.poll_record() {
-            if let Some(w) = &writer {
+            if let Some(w) = &mut writer {
                 w.send(op);
             }
         }
@@ -800,7 +800,7 @@ async fn run(
                 // Signaling changed something: the figures follow at once (tests and /metrics read them).
                 Some(c) => {
                     next_stats = Instant::now();
-                    command(&mut sfu, &mut signals, c, writer.as_ref());
+                    command(&mut sfu, &mut signals, c, writer.as_mut());
                 }
             },
             Some(e) = io.tcp_rx.recv() => io.tcp_event(&mut sfu, e),
@@ -813,7 +813,7 @@ fn command(
     sfu: &mut Sfu,
     signals: &mut HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
     c: Command,
-    writer: Option<&crate::writer::RecordWriter>,
+    mut writer: Option<&mut crate::writer::RecordWriter>,
 ) {
     match c {
         Command::Record { room, start, reply } => {
@@ -823,7 +823,7 @@ fn command(
         Command::FinishRecordings { reply } => {
             sfu.stop_all_recordings();
             while let Some(op) = sfu.poll_record() {
-                if let Some(w) = writer {
+                if let Some(w) = writer.as_deref_mut() {
                     w.send(op);
                 }
             }

@@ -6,10 +6,12 @@
 //! ([`component`]), so no client-chosen string can name another directory.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::SystemTime;
 
 use str0m::media::MediaKind;
@@ -17,8 +19,14 @@ use tokio::sync::oneshot;
 
 use crate::record::RecordOp;
 
+/// Bytes queued for the disk at most; past it a file's later clusters are dropped and it ends where it got to (a
+/// disk that does not keep up must not take the server's memory).
+pub const MAX_BACKLOG: usize = 256 << 20;
+
 enum Msg {
     Op(RecordOp),
+    /// The file was cut short (see [`MAX_BACKLOG`]): close it as it is, without its size and duration.
+    Abandon(u64),
     /// Everything sent before is written: reply.
     Flush(oneshot::Sender<()>),
 }
@@ -26,6 +34,10 @@ enum Msg {
 /// The writer thread's handle; the thread ends (closing what is open) when it is dropped.
 pub struct RecordWriter {
     tx: mpsc::Sender<Msg>,
+    /// Bytes sent and not yet written.
+    backlog: Arc<AtomicUsize>,
+    /// Files whose clusters were dropped: what follows is dropped too.
+    cut: HashSet<u64>,
 }
 
 impl RecordWriter {
@@ -36,12 +48,33 @@ impl RecordWriter {
         File::create(&probe)?;
         let _ = std::fs::remove_file(&probe);
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("webcall-record".into()).spawn(move || run(dir, rx))?;
-        Ok(RecordWriter { tx })
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let b = backlog.clone();
+        std::thread::Builder::new().name("webcall-record".into()).spawn(move || run(dir, rx, b))?;
+        Ok(RecordWriter { tx, backlog, cut: HashSet::new() })
     }
 
-    pub fn send(&self, op: RecordOp) {
-        let _ = self.tx.send(Msg::Op(op));
+    pub fn send(&mut self, op: RecordOp) {
+        let msg = match op {
+            RecordOp::Append { file, .. } | RecordOp::Close { file, .. } if self.cut.contains(&file) => {
+                if matches!(op, RecordOp::Close { .. }) {
+                    self.cut.remove(&file);
+                    let _ = self.tx.send(Msg::Abandon(file));
+                }
+                return;
+            }
+            RecordOp::Append { file, bytes } if self.backlog.load(Ordering::Relaxed) + bytes.len() > MAX_BACKLOG => {
+                tracing::error!("recording file {file} cut short: the disk does not keep up (--record-dir)");
+                self.cut.insert(file);
+                return;
+            }
+            RecordOp::Append { file, bytes } => {
+                self.backlog.fetch_add(bytes.len(), Ordering::Relaxed);
+                Msg::Op(RecordOp::Append { file, bytes })
+            }
+            op => Msg::Op(op),
+        };
+        let _ = self.tx.send(msg);
     }
 
     /// `reply` is sent once everything sent before is on disk.
@@ -90,10 +123,17 @@ struct Open {
     w: BufWriter<File>,
 }
 
-fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
+fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>, backlog: Arc<AtomicUsize>) {
     let mut files: HashMap<u64, Open> = HashMap::new();
     while let Ok(msg) = rx.recv() {
         match msg {
+            Msg::Abandon(file) => {
+                if let Some(mut f) = files.remove(&file) {
+                    // It ends on a cluster boundary: playable, without duration.
+                    let _ = f.w.flush();
+                    tracing::warn!("recording {} ended early (the disk fell behind)", f.path.display());
+                }
+            }
             Msg::Flush(reply) => {
                 for f in files.values_mut() {
                     let _ = f.w.flush();
@@ -111,6 +151,7 @@ fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>) {
                 }
             }
             Msg::Op(RecordOp::Append { file, bytes }) => {
+                backlog.fetch_sub(bytes.len(), Ordering::Relaxed);
                 if let Some(f) = files.get_mut(&file) {
                     // Each append is a header or a whole cluster: handed to the OS at once, a killed server leaves a
                     // file that ends on a cluster boundary.
