@@ -44,8 +44,9 @@ describe('recording', () => {
     const room = uniqueRoom('rec');
     const a = await openPage(browser, `${server.url}/r/${room}?name=A`);
     const b = await openPage(browser, `${server.url}/r/${room}?name=B`);
-    const [idA, idB] = await Promise.all([a, b].map(ownId));
     await connectedPeers(a, 1, 30000);
+    await connectedPeers(b, 1, 30000);
+    const [idA, idB] = await Promise.all([a, b].map(ownId));
     assert.equal(await a.evaluate(() => window.webcall.call.sfu), null, 'two pages talk peer-to-peer');
     assert.equal(await recShown(a), false, 'no indicator before');
     await a.click('#btn-record');
@@ -110,12 +111,18 @@ describe('recording', () => {
       const t0 = performance.now();
       while (v.currentTime < 1.5 && !v.error && performance.now() - t0 < 20000) await new Promise((r) => setTimeout(r, 100));
       const r = { width: v.videoWidth, time: v.currentTime, error: v.error?.message ?? null, decoded: v.getVideoPlaybackQuality().totalVideoFrames, duration: v.duration };
+      // Then to the end, fast: through every layer change the recording made.
+      v.playbackRate = 8;
+      const t1 = performance.now();
+      while (!v.ended && !v.error && performance.now() - t1 < 30000) await new Promise((r) => setTimeout(r, 100));
+      Object.assign(r, { ended: v.ended, endError: v.error?.message ?? null, endWidth: v.videoWidth, endTime: v.currentTime });
       v.remove();
       return r;
     }, readFileSync(file).toString('base64'));
     console.log('played in Chromium:', JSON.stringify(played));
     assert.equal(played.error, null);
     assert.ok(played.width > 0 && played.time >= 1.5 && played.decoded > 5, JSON.stringify(played));
+    assert.ok(played.ended && played.endError === null, `played to the end: ${JSON.stringify(played)}`);
     for (const p of [a, b]) assert.deepEqual(p.errors, []);
     await a.close();
     await b.close();
