@@ -143,7 +143,7 @@ fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>, backlog: Arc<AtomicUsize>) {
             Msg::Op(RecordOp::Open { file, room, participant, kind, mid, extension }) => {
                 let path = file_path(&dir, &room, &participant, kind, &mid, extension, SystemTime::now());
                 match create(&path) {
-                    Ok(w) => {
+                    Ok((path, w)) => {
                         tracing::info!("recording {}", path.display());
                         files.insert(file, Open { path, w });
                     }
@@ -178,11 +178,25 @@ fn run(dir: PathBuf, rx: mpsc::Receiver<Msg>, backlog: Arc<AtomicUsize>) {
     }
 }
 
-fn create(path: &Path) -> io::Result<BufWriter<File>> {
+/// Creates the file, never over an existing one: a name taken (the same track opened twice in a millisecond) gets
+/// `-2`, `-3`… before its extension. Returns the path used.
+fn create(path: &Path) -> io::Result<(PathBuf, BufWriter<File>)> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    Ok(BufWriter::new(File::options().write(true).create_new(true).open(path)?))
+    let mut p = path.to_path_buf();
+    for n in 2..100 {
+        match File::options().write(true).create_new(true).open(&p) {
+            Ok(f) => return Ok((p, BufWriter::new(f))),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("recording");
+                let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("webm");
+                p = path.with_file_name(format!("{stem}-{n}.{ext}"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "every name for this recording is taken"))
 }
 
 fn close(mut f: Open, tail: &[u8], patches: &[(u64, Vec<u8>)]) -> io::Result<()> {
@@ -200,6 +214,16 @@ fn close(mut f: Open, tail: &[u8], patches: &[(u64, Vec<u8>)]) -> io::Result<()>
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn a_taken_name_gets_a_number() {
+        let dir = std::env::temp_dir().join(format!("webcall-writer-{}", std::process::id()));
+        let path = dir.join("r").join("t-p-video-1.webm");
+        let (a, _) = create(&path).unwrap();
+        let (b, _) = create(&path).unwrap();
+        assert_eq!((a, b.file_name().unwrap().to_str().unwrap()), (path.clone(), "t-p-video-1-2.webm"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn names_cannot_escape_the_directory() {
