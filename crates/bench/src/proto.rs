@@ -9,6 +9,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use webcall_protocol::ServerMessage;
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -69,19 +70,22 @@ impl Endpoint {
         Ok(ws)
     }
 
-    /// webcall: connect and join `room`; the `welcome`.
-    pub async fn webcall_join(&self, n: usize, room: &str) -> anyhow::Result<(Ws, serde_json::Value)> {
+    /// webcall: connect and join `room`; the peer id the `welcome` gave.
+    pub async fn webcall_join(&self, n: usize, room: &str) -> anyhow::Result<(Ws, String)> {
         let mut ws = self.dial(n, None).await?;
         let join = webcall_protocol::Join::new(room, format!("bench{n}"));
         ws.send(Message::text(join.to_json())).await?;
-        let welcome = expect_type(&mut ws, "welcome").await?;
-        Ok((ws, welcome))
+        loop {
+            if let ServerMessage::Welcome { id, .. } = next_message(&mut ws).await? {
+                return Ok((ws, id));
+            }
+        }
     }
 
     /// PeerJS: connect as `id` and wait for `OPEN`.
     pub async fn peerjs_open(&self, n: usize, id: &str) -> anyhow::Result<Ws> {
         let mut ws = self.dial(n, Some(&format!("key=peerjs&id={id}&token=t{n}"))).await?;
-        expect_type(&mut ws, "OPEN").await?;
+        peerjs_expect(&mut ws, "OPEN").await?;
         Ok(ws)
     }
 }
@@ -99,14 +103,23 @@ pub async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
     }
 }
 
-/// Reads until a JSON message of type `ty`; an `error` (webcall) or `ERROR`/`ID-TAKEN` (PeerJS) fails.
-pub async fn expect_type(ws: &mut Ws, ty: &str) -> anyhow::Result<serde_json::Value> {
+/// webcall: the next server message, typed; an `error` fails.
+pub async fn next_message(ws: &mut Ws) -> anyhow::Result<ServerMessage> {
+    let t = next_text(ws).await?;
+    match ServerMessage::parse(&t).with_context(|| format!("not a webcall server message: {t}"))? {
+        ServerMessage::Error { code, message, .. } => bail!("refused by the server: {code}: {message}"),
+        m => Ok(m),
+    }
+}
+
+/// PeerJS (untyped: not our protocol): reads until a message of type `ty`; `ERROR`/`ID-TAKEN` fails.
+pub async fn peerjs_expect(ws: &mut Ws, ty: &str) -> anyhow::Result<serde_json::Value> {
     loop {
         let t = next_text(ws).await?;
         let v: serde_json::Value = serde_json::from_str(&t).with_context(|| format!("not JSON: {t}"))?;
         match v["type"].as_str() {
             Some(x) if x == ty => return Ok(v),
-            Some("error" | "ERROR" | "ID-TAKEN") => bail!("refused while waiting for {ty}: {t}"),
+            Some("ERROR" | "ID-TAKEN") => bail!("refused while waiting for {ty}: {t}"),
             _ => continue,
         }
     }

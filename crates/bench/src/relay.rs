@@ -64,14 +64,16 @@ async fn setup_pair(ep: &Endpoint, ep_b: &Endpoint, i: usize, nonce: u64) -> any
     match ep.target {
         Target::Webcall => {
             let room = format!("r{nonce}-{i}");
-            let (mut a, wa) = ep.webcall_join(2 * i, &room).await?;
-            let (b, wb) = ep_b.webcall_join(2 * i + 1, &room).await?;
-            let a_id = wa["id"].as_str().ok_or_else(|| anyhow!("welcome without id"))?.to_owned();
-            let b_id = wb["id"].as_str().ok_or_else(|| anyhow!("welcome without id"))?.to_owned();
+            let (mut a, a_id) = ep.webcall_join(2 * i, &room).await?;
+            let (b, b_id) = ep_b.webcall_join(2 * i + 1, &room).await?;
             // The first client hears of the second before any relay, so no message is mistaken for load.
-            let hello = crate::proto::expect_type(&mut a, "hello").await?;
-            if hello["from"] != b_id.as_str() {
-                bail!("hello from {} but {b_id} joined", hello["from"]);
+            let from = loop {
+                if let webcall_protocol::ServerMessage::Hello { from, .. } = crate::proto::next_message(&mut a).await? {
+                    break from;
+                }
+            };
+            if from != b_id {
+                bail!("hello from {from} but {b_id} joined");
             }
             Ok(Pair { a, b, a_id, b_id })
         }

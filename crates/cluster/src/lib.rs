@@ -658,10 +658,7 @@ impl ClusterState {
 }
 
 fn random_id(len: usize) -> String {
-    use rand::Rng;
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut r = rand::rng();
-    (0..len).map(|_| A[r.random_range(0..A.len())] as char).collect()
+    webcall_protocol::random_id(len, rand::random)
 }
 
 /// What Redis keeps of a room password: salted with the room name, so equal passwords of two rooms differ.

@@ -11,6 +11,7 @@ mod controller;
 pub mod gather;
 pub mod janus;
 pub mod media;
+pub mod rtc;
 pub mod session;
 pub mod sfu;
 mod signaling;
@@ -240,7 +241,7 @@ pub async fn run(args: PeerArgs) -> i32 {
 
 async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
     // The DTLS certificate (and with it aws-lc's RNG seeding) is ready before the first session needs it.
-    session::prepare_dtls_cert();
+    rtc::prepare_dtls_cert();
     let stop = Arc::new(AtomicBool::new(false));
     let source = media_source(&args, &stop)?;
     if args.janus || args.whip {

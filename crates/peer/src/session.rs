@@ -4,51 +4,26 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::channel::{ChannelConfig, ChannelId};
-use str0m::config::DtlsCert;
+use str0m::change::SdpPendingOffer;
+use str0m::channel::ChannelId;
 use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaKind, MediaTime, Mid};
+use str0m::media::{MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
 use webcall_protocol::{IceCandidate, Signal};
 
-use crate::gather::{GatherEvent, Gatherer, IceConfig, Recv};
+use crate::gather::{Gatherer, IceConfig, Recv};
 use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
 use crate::out;
 
-/// The process's DTLS certificate, shared by every session (see [`dtls_cert`]).
-static DTLS_CERT: OnceLock<Option<DtlsCert>> = OnceLock::new();
-
-/// The DTLS certificate every session of this process uses; generated on the first call, which blocks.
-///
-/// The first call is slow (~50-60 ms of CPU): the certificate's key is the first thing to draw from aws-lc's
-/// random generator, whose CPU-jitter entropy source seeds itself once per process. Left to str0m, that
-/// happened inside `Session::start` of the first call, on both peers, before the offer or answer could go out.
-/// [`prepare_dtls_cert`] moves it to start-up, alongside the signaling connection.
-pub fn dtls_cert() -> Option<DtlsCert> {
-    DTLS_CERT
-        .get_or_init(|| {
-            let t = Instant::now();
-            let cert = str0m::crypto::from_feature_flags().dtls_provider.generate_certificate();
-            tracing::debug!("DTLS certificate generated in {:?}", t.elapsed());
-            cert
-        })
-        .clone()
-}
-
-/// Starts generating the DTLS certificate on a thread of its own, so the first session finds it ready.
-pub fn prepare_dtls_cert() {
-    let _ = std::thread::Builder::new().name("dtls-cert".into()).spawn(|| {
-        dtls_cert();
-    });
-}
+mod negotiation;
+mod send;
 
 /// What the controller tells a session.
 #[derive(Debug)]
@@ -135,27 +110,16 @@ impl Session {
         (Session, mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>, Vec<tokio::task::JoinHandle<()>>),
         crate::PeerError,
     > {
-        // Normally ready by now (prepare_dtls_cert at start-up); otherwise wait for it off the runtime.
-        let cert = match DTLS_CERT.get() {
-            Some(c) => c.clone(),
-            None => tokio::task::spawn_blocking(dtls_cert).await.ok().flatten(),
-        };
-        let mut builder = Rtc::builder()
-            .clear_codecs()
-            .enable_vp8(true)
-            .enable_opus(true, false)
-            .set_stats_interval(Some(Duration::from_secs(1)));
-        if let Some(cert) = cert {
-            builder = builder.set_dtls_cert(cert);
-        }
-        let rtc = builder.build(Instant::now());
+        let rtc = crate::rtc::new_rtc(Some(Duration::from_secs(1))).await;
         let (udp_tx, udp_rx) = mpsc::channel(256);
+        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx).await?;
+        let locals: Vec<SocketAddr> = bound.iter().map(|(a, _)| *a).collect();
         let relay_only = cfg.ice.relay_only;
         let mut s = Session {
             cfg,
             rtc,
             report,
-            sockets: HashMap::new(),
+            sockets: bound.into_iter().collect(),
             pending: None,
             have_remote_description: false,
             buffered_candidates: Vec::new(),
@@ -172,33 +136,8 @@ impl Session {
             sdp_sent: false,
             first_mid: None,
         };
-        let mut readers = Vec::new();
-        for ip in s.cfg.local_ips.clone() {
-            let sock = UdpSocket::bind(SocketAddr::new(ip, 0))
-                .await
-                .map_err(|e| crate::PeerError::Io { what: format!("binding a UDP socket on {ip}"), source: e })?;
-            let local = sock.local_addr().map_err(|e| crate::PeerError::Io { what: "local_addr".into(), source: e })?;
-            let sock = Arc::new(sock);
-            s.sockets.insert(local, sock.clone());
-            let tx = udp_tx.clone();
-            readers.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                loop {
-                    match sock.recv_from(&mut buf).await {
-                        Ok((n, src)) => {
-                            if tx.send((buf[..n].to_vec(), src, local)).await.is_err() {
-                                return;
-                            }
-                        }
-                        // ICMP port-unreachable from a peer that went away shows up here on Linux: keep reading.
-                        Err(e) => tracing::debug!("udp recv on {local}: {e}"),
-                    }
-                }
-            }));
-            if relay_only {
-                // The socket still talks to the TURN server; it is just never offered as a candidate.
-                continue;
-            }
+        // Relay only: the sockets still talk to the TURN server; they are just never offered as candidates.
+        for &local in locals.iter().filter(|_| !relay_only) {
             match Candidate::host(local, "udp") {
                 Ok(c) => {
                     s.kinds.insert(local, CandidateKind::Host);
@@ -209,7 +148,6 @@ impl Session {
         }
         // Server-reflexive and relayed candidates, from every socket to every server of its address family.
         let now = Instant::now();
-        let locals: Vec<SocketAddr> = s.sockets.keys().copied().collect();
         for local in locals {
             if !relay_only {
                 for hp in s.cfg.ice.stun.clone() {
@@ -236,280 +174,8 @@ impl Session {
         let _ = self.cfg.signal.send((self.cfg.remote_id.clone(), m));
     }
 
-    /// An offer or answer went out (it carries every candidate gathered so far): from now on new candidates
-    /// are trickled, and end-of-candidates follows once gathering is over.
-    fn sdp_sent(&mut self, sdp: &str) {
-        self.sdp_sent = true;
-        if let Some(mid) = sdp.lines().find_map(|l| l.strip_prefix("a=mid:")) {
-            self.first_mid = Some(mid.trim().to_owned());
-        }
-        if self.gather.is_done() {
-            self.send(Signal::Candidate(None));
-        }
-    }
-
-    /// Sends what the gatherer queued and takes in the candidates it found.
-    fn flush_gather(&mut self) {
-        while let Some((local, to, data)) = self.gather.poll_transmit() {
-            if let Some(sock) = self.sockets.get(&local) {
-                let _ = sock.try_send_to(&data, to);
-            }
-        }
-        while let Some(e) = self.gather.poll_event() {
-            match e {
-                GatherEvent::Candidate(c) => {
-                    let (addr, kind) = (c.addr(), c.kind());
-                    self.kinds.insert(addr, kind);
-                    let Some(added) = self.rtc.add_local_candidate(c) else {
-                        tracing::debug!("peer {}: {kind} candidate {addr} not added (redundant)", self.cfg.remote_id);
-                        continue;
-                    };
-                    let line = added.to_sdp_string();
-                    let ms = self.gather.started().elapsed().as_millis();
-                    out(format!("peer {} local candidate {kind} {addr} after {ms} ms", self.cfg.remote_id));
-                    if self.sdp_sent {
-                        let c = IceCandidate {
-                            candidate: line,
-                            sdp_mid: self.first_mid.clone(),
-                            sdp_m_line_index: Some(0),
-                            username_fragment: None,
-                        };
-                        self.send(Signal::Candidate(Some(c)));
-                    }
-                }
-                GatherEvent::Done => {
-                    let ms = self.gather.started().elapsed().as_millis();
-                    out(format!("peer {} gathering complete in {ms} ms", self.cfg.remote_id));
-                    if self.sdp_sent {
-                        self.send(Signal::Candidate(None));
-                    }
-                }
-            }
-        }
-    }
-
     fn update(&self, f: impl FnOnce(&mut Report)) {
         f(&mut self.report.lock().unwrap());
-    }
-
-    /// Makes an offer with whatever is missing (video, audio, chat channel) or an ICE restart.
-    fn offer(&mut self, ice_restart: bool) {
-        if self.pending.is_some() {
-            return;
-        }
-        let mut change = self.rtc.sdp_api();
-        if self.video_mids.is_empty() {
-            let mid = change.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
-            self.video_mids.push(mid);
-        }
-        if self.audio_mids.is_empty() {
-            let mid = change.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-            self.audio_mids.push(mid);
-        }
-        if self.chat_channel.is_none() && !self.have_remote_description {
-            self.chat_channel = Some(change.add_channel_with_config(chat_channel_config()));
-        }
-        if ice_restart {
-            change.ice_restart(true);
-        }
-        if let Some((offer, pending)) = change.apply() {
-            self.pending = Some(pending);
-            let sdp = offer.to_sdp_string();
-            self.send(Signal::Offer(sdp.clone()));
-            self.sdp_sent(&sdp);
-        }
-    }
-
-    /// Remembers the kinds of the candidates inside a remote SDP (for the selected-pair line).
-    fn learn_sdp_candidates(&mut self, sdp: &str) {
-        for line in sdp.lines().filter_map(|l| l.strip_prefix("a=")) {
-            if let Ok(c) = Candidate::from_sdp_string(line.trim()) {
-                self.kinds.insert(c.addr(), c.kind());
-                self.gather.add_remote_ip(c.addr().ip(), Instant::now());
-            }
-        }
-    }
-
-    /// The m-lines an accepted offer created, known now rather than at their `MediaAdded` events (a re-offer made
-    /// right away must not add a second video or audio line).
-    fn learn_offered_media(&mut self, sdp: &str) {
-        let mut kind = None;
-        for line in sdp.lines().map(str::trim) {
-            if let Some(m) = line.strip_prefix("m=") {
-                kind = m.split_whitespace().next().map(str::to_owned);
-            } else if let Some(mid) = line.strip_prefix("a=mid:") {
-                let mid = Mid::from(mid);
-                let mids = match kind.as_deref() {
-                    Some("video") => &mut self.video_mids,
-                    Some("audio") => &mut self.audio_mids,
-                    _ => continue,
-                };
-                if self.rtc.media(mid).is_some() && !mids.contains(&mid) {
-                    mids.push(mid);
-                }
-            }
-        }
-    }
-
-    fn on_offer(&mut self, sdp: &str) {
-        self.learn_sdp_candidates(sdp);
-        let offer = match SdpOffer::from_sdp_string(sdp) {
-            Ok(o) => o,
-            Err(e) => return tracing::warn!("peer {}: unreadable offer: {e}", self.cfg.remote_id),
-        };
-        // Perfect negotiation: on a collision the impolite side ignores the remote offer; the polite side
-        // lets it win (accept_offer rolls back our pending offer).
-        if self.pending.is_some() && !self.cfg.polite {
-            tracing::info!("peer {}: offer collision, ignoring theirs (we are impolite)", self.cfg.remote_id);
-            return;
-        }
-        let rolled_back = self.pending.take().is_some();
-        if rolled_back {
-            // Our un-negotiated m-lines and channel are gone with the rollback.
-            self.video_mids.retain(|m| self.rtc.media(*m).is_some());
-            self.audio_mids.retain(|m| self.rtc.media(*m).is_some());
-            if !self.chat_open {
-                self.chat_channel = None;
-            }
-        }
-        if self.chat_channel.is_none() {
-            // The browser's chat channel is pre-negotiated (id 0): declare ours before answering.
-            self.chat_channel = Some(self.rtc.direct_api().create_data_channel(chat_channel_config()));
-        }
-        match self.rtc.sdp_api().accept_offer(offer) {
-            Ok(answer) => {
-                self.have_remote_description = true;
-                let answer = answer.to_sdp_string();
-                self.send(Signal::Answer(answer.clone()));
-                self.sdp_sent(&answer);
-                self.flush_candidates();
-                self.learn_offered_media(sdp);
-                // Ours were rolled back: offer what the remote offer did not bring.
-                if rolled_back && (self.video_mids.is_empty() || self.audio_mids.is_empty()) {
-                    self.offer(false);
-                }
-            }
-            Err(e) => tracing::warn!("peer {}: offer refused: {e}", self.cfg.remote_id),
-        }
-    }
-
-    fn on_answer(&mut self, sdp: &str) {
-        self.learn_sdp_candidates(sdp);
-        let Some(pending) = self.pending.take() else {
-            return tracing::debug!("peer {}: answer without an offer; ignored", self.cfg.remote_id);
-        };
-        let answer = match SdpAnswer::from_sdp_string(sdp) {
-            Ok(a) => a,
-            Err(e) => return tracing::warn!("peer {}: unreadable answer: {e}", self.cfg.remote_id),
-        };
-        match self.rtc.sdp_api().accept_answer(pending, answer) {
-            Ok(()) => {
-                self.have_remote_description = true;
-                self.flush_candidates();
-            }
-            Err(e) => tracing::warn!("peer {}: answer refused: {e}", self.cfg.remote_id),
-        }
-    }
-
-    fn on_candidate(&mut self, c: Option<IceCandidate>) {
-        let Some(c) = c else { return };
-        let line = c.candidate.as_str();
-        if line.is_empty() {
-            return; // Some browsers signal end-of-candidates this way.
-        }
-        match Candidate::from_sdp_string(line) {
-            Ok(cand) => {
-                self.kinds.insert(cand.addr(), cand.kind());
-                self.gather.add_remote_ip(cand.addr().ip(), Instant::now());
-                if self.have_remote_description {
-                    self.rtc.add_remote_candidate(cand);
-                } else {
-                    self.buffered_candidates.push(cand);
-                }
-            }
-            // mDNS (.local) and TCP candidates from browsers are not usable here.
-            Err(e) => tracing::debug!("peer {}: skipping candidate {line:?}: {e}", self.cfg.remote_id),
-        }
-    }
-
-    fn flush_candidates(&mut self) {
-        for c in std::mem::take(&mut self.buffered_candidates) {
-            self.rtc.add_remote_candidate(c);
-        }
-    }
-
-    fn on_chat(&mut self, json: &str) {
-        if !self.chat_open {
-            return tracing::info!("peer {}: chat channel not open; message dropped", self.cfg.remote_id);
-        }
-        if let Some(mut ch) = self.chat_channel.and_then(|id| self.rtc.channel(id)) {
-            if let Err(e) = ch.write(false, json.as_bytes()) {
-                tracing::warn!("peer {}: chat not sent: {e}", self.cfg.remote_id);
-            }
-        }
-    }
-
-    fn send_frame(&mut self, f: &EncodedFrame) {
-        if !self.rtc.is_connected() {
-            return;
-        }
-        // Start each receiver on a keyframe: anything before it is undecodable.
-        if !self.sent_keyframe && !f.key {
-            if let Some(src) = &self.cfg.source {
-                src.request_keyframe();
-            }
-            return;
-        }
-        if self.write_media(MediaKind::Video, f) {
-            self.sent_keyframe = true;
-            let len = f.data.len() as u64;
-            self.update(|r| {
-                r.frames_out += 1;
-                r.bytes_out += len;
-            });
-        }
-    }
-
-    fn send_audio(&mut self, f: &EncodedFrame) {
-        if self.rtc.is_connected() && self.write_media(MediaKind::Audio, f) {
-            self.update(|r| r.audio_out += 1);
-        }
-    }
-
-    /// Writes one frame to the first sending m-line of `kind` (VP8 at 90 kHz, Opus at 48 kHz); false if none.
-    fn write_media(&mut self, kind: MediaKind, f: &EncodedFrame) -> bool {
-        let (mids, codec, clock) = match kind {
-            MediaKind::Video => (self.video_mids.clone(), Codec::Vp8, Frequency::NINETY_KHZ),
-            MediaKind::Audio => (self.audio_mids.clone(), Codec::Opus, Frequency::FORTY_EIGHT_KHZ),
-        };
-        for mid in mids {
-            let sending = self.rtc.media(mid).map(|m| m.direction().is_sending()).unwrap_or(false);
-            if !sending {
-                continue;
-            }
-            let Some(writer) = self.rtc.writer(mid) else { continue };
-            let Some(pt) = writer.payload_params().find(|p| p.spec().codec == codec).map(|p| p.pt()) else {
-                continue;
-            };
-            return match writer.write(pt, Instant::now(), MediaTime::new(f.rtp_time, clock), f.data.clone()) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::debug!("peer {}: {kind:?} frame not sent: {e}", self.cfg.remote_id);
-                    false
-                }
-            };
-        }
-        false
-    }
-
-    fn request_keyframe(&mut self, mid: Mid) {
-        if self.last_keyframe_request.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
-            return;
-        }
-        if let Some(mut w) = self.rtc.writer(mid) {
-            let _ = w.request_keyframe(None, KeyframeRequestKind::Pli);
-            self.last_keyframe_request = Some(Instant::now());
-        }
     }
 
     fn on_event(&mut self, e: Event) {
@@ -557,7 +223,7 @@ impl Session {
                     if self.recorder.is_none() {
                         match vp8_keyframe_size(&d.data) {
                             Some((w, h)) => {
-                                let name = sanitize(&self.cfg.remote_name);
+                                let name = crate::rtc::sanitize(&self.cfg.remote_name);
                                 let file =
                                     if name.is_empty() { format!("{id}.ivf") } else { format!("{name}-{id}.ivf") };
                                 match IvfWriter::create(dir.join(file), w, h) {
@@ -761,16 +427,6 @@ impl Session {
         self.rtc.disconnect();
         self.update(|r| r.closed = true);
     }
-}
-
-/// The chat channel as the browser client declares it: label `chat`, negotiated out of band as SCTP stream 0.
-fn chat_channel_config() -> ChannelConfig {
-    ChannelConfig { label: "chat".into(), ordered: true, negotiated: Some(0), ..Default::default() }
-}
-
-/// File-name-safe version of a display name.
-fn sanitize(name: &str) -> String {
-    name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect()
 }
 
 /// The JSON a chat message travels as (the browser client's format).

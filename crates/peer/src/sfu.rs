@@ -174,43 +174,18 @@ impl Session {
         reports: Arc<Mutex<Vec<Arc<Mutex<Report>>>>>,
         counters: Arc<SfuCounters>,
     ) -> Result<Session, crate::PeerError> {
-        let cert = tokio::task::spawn_blocking(crate::session::dtls_cert).await.ok().flatten();
-        let mut builder = Rtc::builder().clear_codecs().enable_vp8(true).enable_opus(true, false);
-        if let Some(cert) = cert {
-            builder = builder.set_dtls_cert(cert);
-        }
-        let mut rtc = builder.build(Instant::now());
+        let mut rtc = crate::rtc::new_rtc(None).await;
         let (udp_tx, udp_rx) = mpsc::channel(1024);
-        let mut sockets = HashMap::new();
-        let mut readers = Vec::new();
-        for ip in cfg.local_ips.clone() {
-            let sock = UdpSocket::bind(SocketAddr::new(ip, 0))
-                .await
-                .map_err(|e| crate::PeerError::Io { what: format!("binding a UDP socket on {ip}"), source: e })?;
-            let local = sock.local_addr().map_err(|e| crate::PeerError::Io { what: "local_addr".into(), source: e })?;
-            let sock = Arc::new(sock);
-            sockets.insert(local, sock.clone());
-            let tx = udp_tx.clone();
-            readers.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                loop {
-                    match sock.recv_from(&mut buf).await {
-                        Ok((n, src)) => {
-                            if tx.send((buf[..n].to_vec(), src, local)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => tracing::debug!("udp recv on {local}: {e}"),
-                    }
-                }
-            }));
-            match Candidate::host(local, "udp") {
+        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx).await?;
+        for (local, _) in &bound {
+            match Candidate::host(*local, "udp") {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
                 }
                 Err(e) => tracing::warn!("no host candidate for {local}: {e}"),
             }
         }
+        let sockets = bound.into_iter().collect();
         Ok(Session {
             cfg,
             rtc,
@@ -401,7 +376,7 @@ impl Session {
                     if let (Some(dir), None) = (&record_dir, &r.recorder) {
                         match vp8_keyframe_size(&d.data) {
                             Some((w, h)) => {
-                                let name = sanitize(&r.report.lock().unwrap().name);
+                                let name = crate::rtc::sanitize(&r.report.lock().unwrap().name);
                                 let stem = if name.is_empty() { peer.clone() } else { format!("{name}-{peer}") };
                                 // The room was peer-to-peer before: that recording keeps its file.
                                 let mut path = dir.join(format!("{stem}.ivf"));
@@ -554,9 +529,4 @@ impl Session {
 /// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
 fn is_rtp(d: &[u8]) -> bool {
     d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
-}
-
-/// File-name-safe version of a display name.
-fn sanitize(name: &str) -> String {
-    name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect()
 }

@@ -239,6 +239,8 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
             let by = by.map(|b| format!(" by {b}")).unwrap_or_default();
             out(format!("room recording {}{by}", if active { "on" } else { "off" }));
         }
+        // SFU-room chat and media state are the page's; the native peer keeps to its data channels.
+        Event::Data { from, .. } => tracing::debug!("data from {from} ignored"),
         Event::Error { code, message, join_refused, .. } => {
             out(format!("signaling error {code}: {message}"));
             return Ok(!join_refused);

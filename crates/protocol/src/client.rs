@@ -67,6 +67,11 @@ pub enum Event {
         active: bool,
         by: Option<String>,
     },
+    /// Member `from` of the SFU room sent `data` (chat, media state, name, hand).
+    Data {
+        from: String,
+        data: serde_json::Value,
+    },
     /// The server refused a message. `join_refused`: it refused this connection's join (before any welcome on
     /// it), so reconnecting will not help.
     Error {
@@ -157,6 +162,7 @@ impl SignalingClient {
             ServerMessage::Topology { mode } => Event::Topology { mode },
             ServerMessage::Speaker { peer } => Event::Speaker { peer },
             ServerMessage::Recording { active, by } => Event::Recording { active, by },
+            ServerMessage::Data { from, data } => Event::Data { from, data },
             ServerMessage::Error { code, message, refers_to } => {
                 let join_refused = !self.live && refers_to.as_deref() == Some("join");
                 Event::Error { code, message, refers_to, join_refused }

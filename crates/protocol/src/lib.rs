@@ -552,6 +552,37 @@ fn required<'a>(v: Option<Cow<'a, str>>, field: &str, ty: &str) -> Result<Cow<'a
 }
 
 /// `true` for 1–64 characters of `[A-Za-z0-9_-]`.
+/// The characters of peer ids, resume tokens and WHIP/WHEP resource ids (URL- and JSON-safe).
+pub const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Fills `buf` with characters each uniform over [`ID_ALPHABET`], from `next_u64`: six random bits per character,
+/// values past the alphabet's 62 drawn again. On the stack, so a caller can make an id with one allocation.
+pub fn fill_id(buf: &mut [u8], mut next_u64: impl FnMut() -> u64) -> &str {
+    let mut i = 0;
+    while i < buf.len() {
+        let mut bits = next_u64();
+        for _ in 0..10 {
+            let v = (bits & 63) as usize;
+            bits >>= 6;
+            if v < ID_ALPHABET.len() {
+                buf[i] = ID_ALPHABET[v];
+                i += 1;
+                if i == buf.len() {
+                    break;
+                }
+            }
+        }
+    }
+    std::str::from_utf8(buf).expect("the alphabet is ASCII")
+}
+
+/// An id of `len` characters (see [`fill_id`]); `next_u64` is the caller's random source.
+pub fn random_id(len: usize, next_u64: impl FnMut() -> u64) -> String {
+    let mut buf = vec![0u8; len];
+    fill_id(&mut buf, next_u64);
+    String::from_utf8(buf).expect("the alphabet is ASCII")
+}
+
 pub fn valid_room_name(room: &str) -> bool {
     !room.is_empty()
         && room.len() <= MAX_ROOM_LEN
@@ -954,6 +985,11 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
+    /// Member `from` of an SFU room sent `data` (an object, passed on unchanged; see [`encode_data`]).
+    Data {
+        from: String,
+        data: serde_json::Value,
+    },
     Error {
         code: String,
         message: String,
@@ -1245,6 +1281,13 @@ mod tests {
             assert_eq!(encode_relay(RelayKind::Candidate, "B", &raw), m.to_json());
         }
         assert_eq!(encode_topology_sfu(), ServerMessage::Topology { mode: "sfu".into() }.to_json());
+        // `data` is passed on as the client wrote it; serde's map sorts keys, so these are sorted already.
+        for d in [r#"{}"#, r#"{"name":"é\"\u0001","type":"name"}"#, r#"{"a":[1,{"b":null}],"type":"x"}"#] {
+            let raw: Box<RawValue> = serde_json::from_str(d).unwrap();
+            let m = ServerMessage::Data { from: "Kq3\"".into(), data: serde_json::from_str(d).unwrap() };
+            assert_eq!(encode_data("Kq3\"", &raw), m.to_json());
+            assert_eq!(ServerMessage::parse(&encode_data("Kq3\"", &raw)).unwrap(), m);
+        }
         for refers_to in [None, Some("offer")] {
             let mut e = ProtocolError::new(ErrorCode::UnknownPeer, "no peer 'x\"'");
             e.refers_to = refers_to.map(str::to_owned);

@@ -443,8 +443,6 @@ fn sdp_refusal(raw: &serde_json::value::RawValue) -> Option<String> {
     webcall_protocol::sdp::check_receive_only(&sdp).err().map(|e| e.to_string())
 }
 
-const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-
 impl Rooms {
     /// `now`: time zero of the core's rate buckets (the core reads no clock).
     pub fn new(cfg: Config, ice: Box<dyn IceProvider>, now: Instant) -> Self {
@@ -809,26 +807,11 @@ impl Rooms {
         }
     }
 
-    /// `len` (at most 24) characters, each uniform over [`ID_ALPHABET`]: six random bits per character, values
-    /// past the alphabet's 62 drawn again. Built on the stack, so the id costs one allocation.
+    /// `len` (at most 24) characters from the core's seeded RNG ([`webcall_protocol::fill_id`]). Built on the
+    /// stack, so the id costs one allocation.
     fn new_id(&mut self, len: usize) -> Arc<str> {
         let mut buf = [0u8; 24];
-        let mut i = 0;
-        while i < len {
-            let mut bits = self.rng.next_u64();
-            for _ in 0..10 {
-                let v = (bits & 63) as usize;
-                bits >>= 6;
-                if v < ID_ALPHABET.len() {
-                    buf[i] = ID_ALPHABET[v];
-                    i += 1;
-                    if i == len {
-                        break;
-                    }
-                }
-            }
-        }
-        Arc::from(std::str::from_utf8(&buf[..len]).expect("the alphabet is ASCII"))
+        Arc::from(webcall_protocol::fill_id(&mut buf[..len], || self.rng.next_u64()))
     }
 
     fn new_token(&mut self, id: &Arc<str>) -> Arc<str> {

@@ -522,7 +522,10 @@ fn ids_and_tokens_are_fresh_and_from_the_alphabet() {
         let (_, id, token) = h.join(&format!("r{}", i / 2), "n");
         assert_eq!((id.len(), token.len()), (10, 24), "{id} {token}");
         for b in id.bytes().chain(token.bytes()) {
-            let k = ID_ALPHABET.iter().position(|&a| a == b).unwrap_or_else(|| panic!("{b} not in the alphabet"));
+            let k = webcall_protocol::ID_ALPHABET
+                .iter()
+                .position(|&a| a == b)
+                .unwrap_or_else(|| panic!("{b} not in the alphabet"));
             counts[k] += 1;
         }
         assert!(seen.insert(id) && seen.insert(token), "an id or token came twice");

@@ -15,7 +15,6 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
-use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 use webcall_protocol::{IceServer, Join, ServerMessage, BYE};
 use webcall_rooms::{ConnId, WatchRefusal};
@@ -121,9 +120,7 @@ pub(crate) struct Resources {
 }
 
 fn random_id(len: usize) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    webcall_protocol::random_id(len, rand::random)
 }
 
 fn sfu(state: &AppState) -> Result<SfuHandle, HttpError> {

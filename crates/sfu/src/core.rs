@@ -433,10 +433,8 @@ pub struct Sfu {
     now: Instant,
     stats: SfuStats,
     next_tick: Instant,
-    /// The announced active speaker per room (`speaker` messages to the pages).
+    /// The active speaker per room: announced to the pages (`speaker`), followed by WHEP viewers.
     floor: HashMap<Arc<str>, Speaker>,
-    /// The speaker WHEP viewers follow.
-    speakers: crate::speaker::Speakers,
     /// Rooms being recorded (see [`Sfu::start_recording`]).
     recording: HashSet<Arc<str>>,
     record_out: VecDeque<RecordOp>,
@@ -459,7 +457,6 @@ impl Sfu {
             stats: SfuStats::default(),
             next_tick: now + TICK,
             floor: HashMap::new(),
-            speakers: Default::default(),
             recording: HashSet::new(),
             record_out: VecDeque::new(),
             next_file: 1,
@@ -985,11 +982,6 @@ impl Sfu {
             Propagate::Media(d) => {
                 self.record_frame(from, &d);
                 let keyframe = d.is_keyframe();
-                if let Some(level) = d.ext_vals.audio_level {
-                    if self.speakers.observe(&room, from, level, self.now).is_some() {
-                        self.follow_speaker(&room, &members);
-                    }
-                }
                 for other in members.into_iter().filter(|o| *o != from) {
                     let Some(s) = self.sessions.get_mut(&other) else { continue };
                     let Some(t) = s.tracks_out.iter_mut().find(|t| t.origin == from && t.origin_mid == d.mid) else {
@@ -1194,6 +1186,7 @@ impl Sfu {
     /// one has stayed ahead for [`SPEAKER_HOLD`].
     fn active_speakers(&mut self) {
         let now = self.now;
+        let mut changed = Vec::new();
         for (room, members) in &self.rooms {
             let share = |id: &SessionId| -> f64 {
                 self.sessions.get(id).map_or(0.0, |s| {
@@ -1218,6 +1211,7 @@ impl Sfu {
                         if now >= since + SPEAKER_HOLD {
                             sp.current = Some(id);
                             sp.candidate = None;
+                            changed.push(room.clone());
                             let participant = self.sessions[&id].participant.clone();
                             for m in members {
                                 self.out.push_back(SfuOutput::Event(SfuEvent::ActiveSpeaker {
@@ -1231,6 +1225,9 @@ impl Sfu {
                 },
                 _ => sp.candidate = None,
             }
+        }
+        for room in changed {
+            self.follow_speaker(&room);
         }
     }
 
@@ -1311,7 +1308,7 @@ impl Sfu {
         }
         let members = self.rooms.get(&s.room).cloned().unwrap_or_default();
         // The chosen participant; else the active speaker, or the first that publishes anything.
-        let speaker = self.speakers.current(&s.room).filter(|sp| source.is_none() && *sp != id);
+        let speaker = self.speaker(&s.room).filter(|sp| source.is_none() && *sp != id);
         let speaker = speaker.filter(|sp| self.sessions.get(sp).is_some_and(|os| !os.tracks_in.is_empty()));
         let origin = speaker.or_else(|| {
             members.into_iter().find(|o| {
@@ -1349,10 +1346,16 @@ impl Sfu {
         }
     }
 
+    /// The room's active speaker, if anyone has spoken.
+    fn speaker(&self, room: &str) -> Option<SessionId> {
+        self.floor.get(room).and_then(|f| f.current)
+    }
+
     /// Viewers that follow the speaker (no chosen source) switch to the room's new one.
-    fn follow_speaker(&mut self, room: &str, members: &[SessionId]) {
-        let Some(speaker) = self.speakers.current(room) else { return };
-        for &m in members {
+    fn follow_speaker(&mut self, room: &str) {
+        let Some(speaker) = self.speaker(room) else { return };
+        let members = self.rooms.get(room).cloned().unwrap_or_default();
+        for m in members {
             let Some(s) = self.sessions.get_mut(&m) else { continue };
             let stale = s.tracks_out.is_empty() || s.tracks_out.iter().any(|t| t.origin != speaker);
             if s.role == (SessionRole::Viewer { source: None }) && stale {
@@ -1366,7 +1369,6 @@ impl Sfu {
         // A publisher that leaves ends its files; when it comes back, it gets new ones.
         self.finish_recorders(id);
         let Some(s) = self.sessions.remove(&id) else { return };
-        self.speakers.remove(&s.room, id);
         self.by_ufrag.remove(&s.ufrag);
         for a in &s.addrs {
             if self.by_addr.get(a) == Some(&id) {

@@ -8,7 +8,6 @@ pub mod core;
 pub mod mux;
 pub mod net;
 pub mod record;
-pub mod speaker;
 pub mod tcp;
 pub mod writer;
 

@@ -1,7 +1,10 @@
-//! The SFU core driven with simulated time: str0m clients connected to it through in-memory datagrams.
+//! The SFU core driven with simulated time: str0m clients connected to it through in-memory datagrams. Pages'
+//! sessions first; then WHIP publishers and WHEP viewers: a publisher is never offered others' tracks; a viewer gets
+//! its chosen participant's media on the m-lines of its own offer, and follows the active speaker without a choice.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::BweKind;
@@ -9,20 +12,25 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use webcall_sfu::{Caps, RecordOp, SessionId, Sfu, SfuConfig, SfuEvent, SfuOutput, View};
+use webcall_sfu::{Caps, RecordOp, SessionId, SessionRole, Sfu, SfuConfig, SfuEvent, SfuOutput, View};
 
 const FRAME: Duration = Duration::from_millis(33);
 /// The simulcast layers test clients publish: rid, frame size, bytes per frame.
 const LAYERS: [(&str, u16, u16, usize); 3] = [("q", 320, 180, 300), ("h", 640, 360, 600), ("f", 1280, 720, 1200)];
 
-/// A VP8 frame of a layer: keyframes carry the layer's size (RFC 6386 9.1), every frame ends with the rid's letter.
-fn vp8_frame(key: bool, w: u16, h: u16, len: usize, mark: u8) -> Vec<u8> {
+/// A VP8 frame of a layer: keyframes carry the layer's size (RFC 6386 9.1), then the publisher's marker (the
+/// first letter of its name, [`WHO_AT`]); every frame ends with the rid's letter.
+fn vp8_frame(key: bool, w: u16, h: u16, len: usize, who: u8, mark: u8) -> Vec<u8> {
     let mut f = vec![if key { 0x10 } else { 0x11 }, 0x02, 0x00, 0x9d, 0x01, 0x2a];
     f.extend(w.to_le_bytes());
     f.extend(h.to_le_bytes());
+    f.push(who);
     f.resize(len, mark);
     f
 }
+
+/// Where a video frame carries its publisher's marker (audio frames are all marker).
+const WHO_AT: usize = 10;
 
 /// A video frame one client received: from whom, on which layer (its rid letter), keyframe or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +49,10 @@ struct Client {
     pending: Option<SdpPendingOffer>,
     /// mid -> publishing participant, from the server's last offer.
     mapping: HashMap<String, String>,
-    /// (publisher, kind) -> frames received.
-    received: HashMap<(String, MediaKind), u64>,
+    /// (publisher's marker, kind) -> frames received.
+    received: HashMap<(u8, MediaKind), u64>,
+    /// Offers the server sent it.
+    offers: u32,
     keyframe_requests: u64,
     timeout: Instant,
     connected: bool,
@@ -60,8 +70,8 @@ struct Client {
     level: i8,
     /// Simulcast layers it stopped sending.
     dropped: Vec<Option<Rid>>,
-    /// Video frames received, per publisher, in order.
-    frames: HashMap<String, Vec<Got>>,
+    /// Video frames received, per publisher's marker, in order.
+    frames: HashMap<u8, Vec<Got>>,
     /// Active speakers announced to this client's session, in order.
     speakers: Vec<String>,
     /// REMB estimates received (bit/s).
@@ -102,6 +112,12 @@ impl Net {
         self.join_with(name, false)
     }
 
+    /// A client joins as a page (sendrecv, simulcast or not), a WHIP publisher (sendonly) or a WHEP viewer
+    /// (recvonly).
+    fn join_with(&mut self, name: &'static str, simulcast: bool) -> usize {
+        self.join_as(name, SessionRole::Participant, Direction::SendRecv, simulcast)
+    }
+
     fn new_with(caps: Caps) -> Net {
         let mut net = Net::new();
         let cfg = SfuConfig { host_candidates: vec![net.sfu_addr], caps, follow_bwe: false, ..Default::default() };
@@ -109,13 +125,13 @@ impl Net {
         net
     }
 
-    /// A client joins: it offers audio and video (sendrecv, like a browser), the SFU answers.
-    fn join_with(&mut self, name: &'static str, simulcast: bool) -> usize {
+    /// A client joins: it offers audio and video in direction `dir`, the SFU answers.
+    fn join_as(&mut self, name: &'static str, role: SessionRole, dir: Direction, simulcast: bool) -> usize {
         let addr: SocketAddr = format!("127.0.0.2:{}", 5000 + self.clients.len()).parse().unwrap();
         let mut rtc = Rtc::builder().clear_codecs().enable_vp8(true).enable_opus(true, false).build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut change = rtc.sdp_api();
-        let audio = change.add_media(MediaKind::Audio, Direction::SendRecv, Some(name.into()), None, None);
+        let audio = change.add_media(MediaKind::Audio, dir, Some(name.into()), None, None);
         let layers = simulcast.then(|| {
             let mut s = Simulcast::new();
             for (rid, ..) in LAYERS {
@@ -123,9 +139,9 @@ impl Net {
             }
             s
         });
-        let video = change.add_media(MediaKind::Video, Direction::SendRecv, Some(name.into()), None, layers);
+        let video = change.add_media(MediaKind::Video, dir, Some(name.into()), None, layers);
         let (offer, pending) = change.apply().unwrap();
-        let session = self.sfu.add_session("room", name, self.now);
+        let session = self.sfu.add_session_with("room", name, role, self.now);
         let answer = self.sfu.accept_offer(session, &offer.to_sdp_string()).unwrap().expect("no glare on join");
         rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap()).unwrap();
         self.clients.push(Client {
@@ -138,10 +154,11 @@ impl Net {
             pending: None,
             mapping: HashMap::new(),
             received: HashMap::new(),
+            offers: 0,
             keyframe_requests: 0,
             timeout: self.now,
             connected: false,
-            publishing: true,
+            publishing: dir != Direction::RecvOnly,
             frames_sent: 0,
             simulcast,
             answers_keyframes: true,
@@ -182,15 +199,16 @@ impl Net {
 
     /// The video frames `receiver` got from `publisher` since the `from`th.
     fn frames(&self, receiver: &str, publisher: &str, from: usize) -> Vec<Got> {
-        self.client(receiver).frames.get(publisher).map(|v| v[from.min(v.len())..].to_vec()).unwrap_or_default()
+        let v = self.client(receiver).frames.get(&marker(publisher));
+        v.map(|v| v[from.min(v.len())..].to_vec()).unwrap_or_default()
     }
 
     fn frame_count(&self, receiver: &str, publisher: &str) -> usize {
-        self.client(receiver).frames.get(publisher).map_or(0, Vec::len)
+        self.client(receiver).frames.get(&marker(publisher)).map_or(0, Vec::len)
     }
 
     fn received(&self, receiver: &str, publisher: &str, kind: MediaKind) -> u64 {
-        self.client(receiver).received.get(&(publisher.to_string(), kind)).copied().unwrap_or(0)
+        self.client(receiver).received.get(&(marker(publisher), kind)).copied().unwrap_or(0)
     }
 
     /// Runs everything until `d` of simulated time has passed.
@@ -215,6 +233,7 @@ impl Net {
         }
         self.next_frame = self.now + FRAME;
         for c in self.clients.iter_mut().filter(|c| c.connected && c.publishing) {
+            let who = marker(c.name);
             c.frames_sent += 1;
             let n = c.frames_sent;
             let ts = MediaTime::from_90khz(n as u64 * 3000);
@@ -231,7 +250,7 @@ impl Net {
                 let due = c.keyframe_due.contains(&rid);
                 let key = n % 30 == 1 || due;
                 c.keyframe_due.retain(|r| *r != rid);
-                let frame = vp8_frame(key, w, h, len, mark);
+                let frame = vp8_frame(key, w, h, len, who, mark);
                 let mut w = c.rtc.writer(c.video).unwrap();
                 let pt = w.payload_params().find(|p| p.spec().codec == str0m::format::Codec::Vp8).unwrap().pt();
                 if let Some(rid) = rid {
@@ -246,7 +265,7 @@ impl Net {
                     pt,
                     self.now,
                     MediaTime::new(n as u64 * 1584, str0m::media::Frequency::FORTY_EIGHT_KHZ),
-                    vec![0xfc; 80],
+                    vec![who; 80],
                 )
                 .unwrap();
         }
@@ -283,6 +302,7 @@ impl Net {
                         busy = true;
                         let c = self.clients.iter_mut().find(|c| c.session == session).unwrap();
                         assert!(c.pending.is_none());
+                        c.offers += 1;
                         c.mapping = tracks.iter().map(|t| (t.mid.clone(), t.participant.to_string())).collect();
                         let answer = c.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&sdp).unwrap()).unwrap();
                         self.sfu.accept_answer(session, &answer.to_sdp_string()).unwrap();
@@ -309,11 +329,11 @@ impl Net {
                         }
                         Output::Event(Event::Connected) => c.connected = true,
                         Output::Event(Event::MediaData(d)) => {
-                            let from = c.mapping.get(&d.mid.to_string()).cloned().unwrap_or_else(|| "?".into());
                             let kind = c.rtc.media(d.mid).unwrap().kind();
+                            let from = if kind == MediaKind::Video { d.data[WHO_AT] } else { d.data[0] };
                             if kind == MediaKind::Video {
                                 let got = Got { layer: *d.data.last().unwrap(), key: d.is_keyframe() };
-                                c.frames.entry(from.clone()).or_default().push(got);
+                                c.frames.entry(from).or_default().push(got);
                             }
                             *c.received.entry((from, kind)).or_default() += 1;
                         }
@@ -550,6 +570,11 @@ fn the_demux_survives_garbage() {
     assert!(net.received("b", "a", MediaKind::Video) > before + 20);
 }
 
+/// A publisher's marker in its frames: its name's first letter (unique in each test).
+fn marker(name: &str) -> u8 {
+    name.as_bytes()[0]
+}
+
 /// Runs until `name` has just sent a keyframe (frame 30k+2), so the next periodic one is a second away.
 fn run_past_keyframe(net: &mut Net, name: &str) {
     for _ in 0..200 {
@@ -713,6 +738,69 @@ fn a_track_over_the_room_track_cap_is_not_forwarded() {
     assert!(net.received("a", "b", MediaKind::Audio) > 20);
     assert!(net.received("b", "a", MediaKind::Video) > 20);
     assert!(net.closed.is_empty());
+}
+
+// WHIP publishers and WHEP viewers.
+
+#[test]
+fn a_publisher_is_never_offered_tracks_and_a_viewer_plays_its_chosen_participant() {
+    let mut net = Net::new();
+    net.join_as("alice", SessionRole::Participant, Direction::SendRecv, false);
+    net.join_as("obs", SessionRole::Publisher, Direction::SendOnly, false);
+    net.join_as("viewer", SessionRole::Viewer { source: Some(Arc::from("obs")) }, Direction::RecvOnly, false);
+    net.run(Duration::from_secs(3));
+    assert!(net.clients.iter().all(|c| c.connected));
+    // The page gets the publisher's media by a server offer; the publisher and the viewer are never offered.
+    assert!(net.received("alice", "obs", MediaKind::Video) > 30);
+    assert!(net.received("alice", "obs", MediaKind::Audio) > 30);
+    assert_eq!((net.client("obs").offers, net.client("viewer").offers), (0, 0));
+    assert!(net.client("obs").received.is_empty(), "a WHIP publisher receives nothing");
+    // The viewer plays obs on its own m-lines, and nothing of alice.
+    assert!(net.received("viewer", "obs", MediaKind::Video) > 30);
+    assert!(net.received("viewer", "obs", MediaKind::Audio) > 30);
+    assert_eq!(net.received("viewer", "alice", MediaKind::Video), 0);
+    // Viewers are nobody's publisher.
+    assert_eq!(net.sfu.stats().tracks, 4);
+
+    // obs leaves: alice is offered its tracks' end, the viewer waits (it chose obs).
+    let obs = net.client("obs").session;
+    net.sfu.remove_session(obs);
+    net.clients.retain(|c| c.name != "obs");
+    net.run(Duration::from_millis(500));
+    let before = net.received("viewer", "alice", MediaKind::Video);
+    net.run(Duration::from_secs(1));
+    assert_eq!(net.received("viewer", "alice", MediaKind::Video), before, "a viewer of obs does not get alice");
+}
+
+#[test]
+fn a_viewer_without_a_choice_follows_the_active_speaker() {
+    let mut net = Net::new();
+    net.join_as("alice", SessionRole::Participant, Direction::SendRecv, false);
+    net.client_mut("alice").level = -30;
+    net.join_as("bob", SessionRole::Participant, Direction::SendRecv, false);
+    net.join_as("viewer", SessionRole::Viewer { source: None }, Direction::RecvOnly, false);
+    net.run(Duration::from_secs(3));
+    assert!(net.received("viewer", "alice", MediaKind::Video) > 30, "alice speaks");
+    assert_eq!(net.received("viewer", "bob", MediaKind::Video), 0);
+
+    // bob speaks, alice falls silent: after the hold the viewer gets bob's media instead.
+    net.client_mut("alice").level = -127;
+    net.client_mut("bob").level = -10;
+    net.run(Duration::from_secs(4));
+    let (a, b) = (net.received("viewer", "alice", MediaKind::Video), net.received("viewer", "bob", MediaKind::Video));
+    net.run(Duration::from_secs(1));
+    assert!(net.received("viewer", "bob", MediaKind::Video) > b + 20, "bob's video flows to the viewer");
+    assert_eq!(net.received("viewer", "alice", MediaKind::Video), a, "alice's stopped");
+    assert_eq!(net.client("viewer").offers, 0, "switching needs no renegotiation");
+
+    // The speaker leaves: the viewer gets the one left.
+    let bob = net.client("bob").session;
+    net.sfu.remove_session(bob);
+    net.clients.retain(|c| c.name != "bob");
+    let a = net.received("viewer", "alice", MediaKind::Video);
+    // A switch starts on a keyframe (this publisher sends one a second, the SFU's PLI may just miss one).
+    net.run(Duration::from_secs(2));
+    assert!(net.received("viewer", "alice", MediaKind::Video) > a + 20);
 }
 
 /// The files of a recording, put together from the recorder's output: (participant, kind, bytes, closed).

@@ -8,14 +8,13 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
-use webcall_protocol::{IceCandidate, Join, Signal, BYE};
+use webcall_protocol::{IceCandidate, Join, ServerMessage, Signal, BYE};
 
 #[derive(Parser)]
 #[command(about = "Bounded soak/abuse run against a webcall server on loopback")]
@@ -89,14 +88,23 @@ async fn connect(server: SocketAddr, from: IpAddr) -> Result<Ws> {
     Ok(ws)
 }
 
-async fn recv_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
+/// The next server message within `wait` (`None`: none, or one the typed protocol cannot read).
+async fn recv_message(ws: &mut Ws, wait: Duration) -> Option<ServerMessage> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
+            Ok(Some(Ok(Message::Text(t)))) => return ServerMessage::parse(&t).ok(),
             Ok(Some(Ok(_))) => continue,
             _ => return None,
         }
+    }
+}
+
+/// The peer id of a `welcome`.
+fn welcome_id(m: Option<ServerMessage>) -> Option<String> {
+    match m? {
+        ServerMessage::Welcome { id, .. } => Some(id),
+        _ => None,
     }
 }
 
@@ -127,12 +135,11 @@ async fn good_pair(
 ) -> Result<[(u64, u64, u64); 2]> {
     let mut a = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 251))).await?;
     a.send(Message::text(Join::new("soak-good", "A").to_json())).await?;
-    let wa = recv_json(&mut a, Duration::from_secs(5)).await.context("A's welcome")?;
+    let ida = welcome_id(recv_message(&mut a, Duration::from_secs(5)).await).context("A's welcome")?;
     let mut b = connect(server_b, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252))).await?;
     b.send(Message::text(Join::new("soak-good", "B").to_json())).await?;
-    let wb = recv_json(&mut b, Duration::from_secs(5)).await.context("B's welcome")?;
-    recv_json(&mut a, Duration::from_secs(5)).await.context("A sees B's hello")?;
-    let (ida, idb) = (wa["id"].as_str().unwrap().to_owned(), wb["id"].as_str().unwrap().to_owned());
+    let idb = welcome_id(recv_message(&mut b, Duration::from_secs(5)).await).context("B's welcome")?;
+    recv_message(&mut a, Duration::from_secs(5)).await.context("A sees B's hello")?;
     let run = |mut me: Ws, to: String| async move {
         let (mut sink, mut stream) = me.split();
         let sender = async {
@@ -155,14 +162,15 @@ async fn good_pair(
             let stop = until + Duration::from_secs(2);
             while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(stop.into(), stream.next()).await {
                 let Message::Text(t) = msg else { continue };
-                let v: Value = serde_json::from_str(&t).unwrap_or_default();
-                if v["type"] == "error" {
-                    bad += 1; // a refusal of ours is a lost message too
-                    continue;
-                }
-                let Some(seq) = v["candidate"]["candidate"].as_str().and_then(|s| s.strip_prefix("seq ")) else {
-                    continue;
+                let c = match ServerMessage::parse(&t) {
+                    Ok(ServerMessage::Candidate { candidate: Some(c), .. }) => c,
+                    Ok(ServerMessage::Error { .. }) => {
+                        bad += 1; // a refusal of ours is a lost message too
+                        continue;
+                    }
+                    _ => continue,
                 };
+                let Some(seq) = c.candidate.strip_prefix("seq ") else { continue };
                 let seq: u64 = seq.parse().unwrap_or(u64::MAX);
                 if seq != next {
                     bad += 1;
@@ -220,11 +228,11 @@ async fn churner(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
         if ws.send(Message::text(Join::new(room.as_str(), format!("c{i}")).to_json())).await.is_err() {
             continue;
         }
-        match recv_json(&mut ws, Duration::from_secs(5)).await {
-            Some(v) if v["type"] == "welcome" => {
+        match recv_message(&mut ws, Duration::from_secs(5)).await {
+            Some(ServerMessage::Welcome { peers, .. }) => {
                 t.churn_joins.fetch_add(1, Relaxed);
-                if let Some(other) = v["peers"].get(0).and_then(|p| p["id"].as_str()) {
-                    let m = Signal::Offer("v=0 churn".into()).to_json(other);
+                if let Some(other) = peers.first() {
+                    let m = Signal::Offer("v=0 churn".into()).to_json(&other.id);
                     let _ = ws.send(Message::text(m)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(50 + (i % 200) as u64)).await;
@@ -276,16 +284,16 @@ async fn slow_pair(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) 
     let room = format!("slow-{i}");
     let mut slow = connect(server, source(i + 3000)).await?;
     slow.send(Message::text(Join::new(room.as_str(), "").to_json())).await?;
-    let w = recv_json(&mut slow, Duration::from_secs(5)).await.context("slow reader's welcome")?;
-    let target = w["id"].as_str().unwrap_or_default().to_owned();
+    let w = recv_message(&mut slow, Duration::from_secs(5)).await;
+    let target = welcome_id(w).context("slow reader's welcome")?;
     let mut fast = connect(server, source(i + 4000)).await?;
     fast.send(Message::text(Join::new(room.as_str(), "").to_json())).await?;
-    recv_json(&mut fast, Duration::from_secs(5)).await;
+    recv_message(&mut fast, Duration::from_secs(5)).await;
     let sdp = "s".repeat(60_000);
     let (mut sink, mut stream) = fast.split();
     let cut = async {
         while let Some(Ok(Message::Text(m))) = stream.next().await {
-            if m.contains("\"bye\"") {
+            if matches!(ServerMessage::parse(&m), Ok(ServerMessage::Bye { .. })) {
                 return true;
             }
         }

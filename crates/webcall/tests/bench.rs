@@ -1,7 +1,7 @@
 //! `webcall bench` runs against a real server and relays messages. A smoke test only: figures are for
 //! bench/signaling.sh and BENCHMARKS.md, never asserted here.
 
-mod common;
+use webcall_testkit as common;
 
 use common::ServerProc;
 use std::process::Command;

@@ -3,8 +3,8 @@
 //! Every accepted message arrives exactly once and in order, nobody is reset, and the third node's peer is seen to
 //! leave (`bye`), as docs/cluster.md states. Real `redis-server` and `webcall serve` processes on loopback.
 
-mod common;
-mod redis;
+use webcall_testkit as common;
+use webcall_testkit::redis;
 
 use common::{Client, ServerProc};
 use futures_util::{SinkExt, StreamExt};
@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
+use webcall_protocol::Join;
 
 fn node(url: &str, id: &str) -> ServerProc {
     // Short TTL: the failover and the kill -9 are noticed within seconds.
@@ -219,7 +220,7 @@ async fn nodes_follow_a_sentinel_failover_without_losing_or_resetting() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut c = Client::connect(&n1.ws_url()).await;
     let w = loop {
-        c.send(json!({"type":"join","room":"fo","name":"C"})).await;
+        c.send_join(Join::new("fo", "C")).await;
         let m = c.recv().await;
         if m["type"] == "welcome" {
             break m;

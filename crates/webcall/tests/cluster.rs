@@ -1,14 +1,15 @@
 //! Several `webcall serve --redis` nodes sharing rooms through a real `redis-server` (started here, on its own
 //! loopback port), with real WebSocket clients.
 
-mod common;
-mod redis;
+use webcall_testkit as common;
+use webcall_testkit::redis;
 
 use common::{Client, Ended, ServerProc, WAIT};
 use redis::Redis;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use webcall_protocol::{Join, Signal, BYE};
 
 fn node(redis: &Redis, id: &str, extra: &[&str]) -> ServerProc {
     let url = redis.url();
@@ -47,11 +48,11 @@ async fn peers_on_two_nodes_signal_as_on_one_and_keep_order() {
     assert_eq!(wb["peers"], json!([{"id": a.id, "name": "Alice"}]));
     assert_eq!(a.recv().await, json!({"type":"hello","from":b.id,"name":"Bob"}));
 
-    a.send(json!({"type":"offer","to":b.id,"sdp":"v=0 offer"})).await;
+    a.relay(&b.id, Signal::Offer("v=0 offer".into())).await;
     assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":"v=0 offer"}));
-    b.send(json!({"type":"answer","to":a.id,"sdp":"v=0 answer"})).await;
+    b.relay(&a.id, Signal::Answer("v=0 answer".into())).await;
     assert_eq!(a.recv().await, json!({"type":"answer","from":b.id,"sdp":"v=0 answer"}));
-    b.send(json!({"type":"candidate","to":a.id,"candidate":null})).await;
+    b.relay(&a.id, Signal::Candidate(None)).await;
     assert_eq!(a.recv().await, json!({"type":"candidate","from":b.id,"candidate":null}));
 
     // Many messages both ways at once: each direction arrives complete and in order.
@@ -59,13 +60,13 @@ async fn peers_on_two_nodes_signal_as_on_one_and_keep_order() {
     let (a_id, b_id) = (a.id.clone(), b.id.clone());
     let send_a = async {
         for i in 0..N {
-            a.send(json!({"type":"offer","to":b_id,"sdp":format!("a{i}")})).await;
+            a.relay(&b_id, Signal::Offer(format!("a{i}"))).await;
         }
         a
     };
     let recv_b = async {
         for i in 0..N {
-            b.send(json!({"type":"answer","to":a_id,"sdp":format!("b{i}")})).await;
+            b.relay(&a_id, Signal::Answer(format!("b{i}"))).await;
         }
         for i in 0..N {
             assert_eq!(b.recv().await["sdp"], format!("a{i}"));
@@ -79,9 +80,9 @@ async fn peers_on_two_nodes_signal_as_on_one_and_keep_order() {
     a.expect_silence(Duration::from_millis(200)).await;
     b.expect_silence(Duration::from_millis(10)).await;
 
-    b.send(json!({"type":"bye"})).await;
+    b.send_text(BYE).await;
     assert_eq!(a.recv().await, json!({"type":"bye","from":b.id}));
-    a.send(json!({"type":"offer","to":b.id,"sdp":"late"})).await;
+    a.relay(&b.id, Signal::Offer("late".into())).await;
     a.expect_error("unknown-peer").await;
 }
 
@@ -97,10 +98,10 @@ async fn three_nodes_one_room() {
     assert_eq!(a.expect("hello").await["from"], c.id.as_str());
     assert_eq!(b.expect("hello").await["from"], c.id.as_str());
     for from in [&mut a, &mut b] {
-        from.send(json!({"type":"offer","to":c.id,"sdp":"x"})).await;
+        from.relay(&c.id, Signal::Offer("x".into())).await;
         assert_eq!(c.recv().await, json!({"type":"offer","from":from.id,"sdp":"x"}));
     }
-    c.send(json!({"type":"bye"})).await;
+    c.send_text(BYE).await;
     assert_eq!(a.expect("bye").await["from"], c.id.as_str());
     assert_eq!(b.expect("bye").await["from"], c.id.as_str());
 }
@@ -136,12 +137,12 @@ async fn resume_on_another_node_gets_the_queue_in_order() {
     drop(b); // the connection drops without bye
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..5 {
-        a.send(json!({"type":"offer","to":b_id,"sdp":format!("q{i}")})).await;
+        a.relay(&b_id, Signal::Offer(format!("q{i}"))).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Back through the other node.
     let mut b = Client::connect(&n1.ws_url()).await;
-    b.send(json!({"type":"join","room":"r","resume":token})).await;
+    b.send_join(Join { resume: Some(token.into()), ..Join::new("r", "") }).await;
     let w = b.expect("welcome").await;
     assert_eq!(w["id"], b_id.as_str());
     assert_eq!(w["resumed"], true);
@@ -150,17 +151,17 @@ async fn resume_on_another_node_gets_the_queue_in_order() {
         assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":format!("q{i}")}));
     }
     a.expect_silence(Duration::from_millis(200)).await; // no bye, no hello: the same peer
-    a.send(json!({"type":"offer","to":b_id,"sdp":"after"})).await;
+    a.relay(&b_id, Signal::Offer("after".into())).await;
     assert_eq!(b.recv().await["sdp"], "after");
-    b.send(json!({"type":"answer","to":a.id,"sdp":"back"})).await;
+    b.relay(&a.id, Signal::Answer("back".into())).await;
     assert_eq!(a.recv().await["sdp"], "back");
     // And back again to the first node, this time while the old connection is still open.
     let token = w["resume"].as_str().unwrap().to_owned();
     let mut b2 = Client::connect(&n2.ws_url()).await;
-    b2.send(json!({"type":"join","room":"r","resume":token})).await;
+    b2.send_join(Join { resume: Some(token.into()), ..Join::new("r", "") }).await;
     assert_eq!(b2.expect("welcome").await["resumed"], true);
     assert_eq!(b.until_end().await, Ended::Closed(4000, "resumed elsewhere".into()));
-    a.send(json!({"type":"offer","to":b_id,"sdp":"again"})).await;
+    a.relay(&b_id, Signal::Offer("again".into())).await;
     assert_eq!(b2.recv().await["sdp"], "again");
 }
 
@@ -206,24 +207,24 @@ async fn redis_outage_refuses_joins_reports_unhealthy_and_recovers_without_reset
     redis.stop();
     wait_health(&n1, 503).await;
     let mut c = Client::connect(&n1.ws_url()).await;
-    c.send(json!({"type":"join","room":"r"})).await;
+    c.send_join(Join::new("r", "")).await;
     let e = c.expect_error("unavailable").await;
     assert_eq!(e["ref"], "join");
     // Accepted while Redis is away: kept by the sending node, delivered when it is back.
-    a.send(json!({"type":"offer","to":b.id,"sdp":"during the outage"})).await;
+    a.relay(&b.id, Signal::Offer("during the outage".into())).await;
 
     let _redis = Redis::start_on(port);
     wait_health(&n1, 200).await;
     wait_health(&n2, 200).await;
     // Redis came back empty, but the nodes still have their sessions: they put them back, nobody is reset.
     assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":"during the outage"}));
-    b.send(json!({"type":"answer","to":a.id,"sdp":"after"})).await;
+    b.relay(&a.id, Signal::Answer("after".into())).await;
     assert_eq!(a.recv().await, json!({"type":"answer","from":b.id,"sdp":"after"}));
     // The refused connection stayed usable. Joins may be refused with `unavailable` for a moment while the
     // nodes re-register, as the error tells clients.
     let deadline = Instant::now() + WAIT;
     let w = loop {
-        c.send(json!({"type":"join","room":"r","name":"C"})).await;
+        c.send_join(Join::new("r", "C")).await;
         let m = c.recv().await;
         if m["type"] == "welcome" {
             break m;
@@ -249,26 +250,26 @@ async fn password_guesses_are_limited_per_room_across_nodes() {
     let a = node(&redis, "pw-a", &["--max-password-attempts", "3", "--max-errors", "50"]);
     let b = node(&redis, "pw-b", &["--max-password-attempts", "3", "--max-errors", "50"]);
     let mut owner = Client::connect(&a.ws_url()).await;
-    owner.send(json!({"type":"join","room":"vault","password":"right"})).await;
+    owner.send_join(Join { password: Some("right".into()), ..Join::new("vault", "") }).await;
     owner.expect("welcome").await;
     // Wrong guesses through either node count against the room, cluster-wide.
     for (i, n) in [&a, &b, &a].into_iter().enumerate() {
         let mut g = Client::connect(&n.ws_url()).await;
-        g.send(json!({"type":"join","room":"vault","password":format!("guess{i}")})).await;
+        g.send_join(Join { password: Some(format!("guess{i}").into()), ..Join::new("vault", "") }).await;
         let e = g.expect_error("unauthorized").await;
         assert!(e["message"].as_str().unwrap().contains("wrong password"), "{e}");
     }
     // Spent: every password is refused unchecked, the right one too, on both nodes.
     for n in [&b, &a] {
         let mut g = Client::connect(&n.ws_url()).await;
-        g.send(json!({"type":"join","room":"vault","password":"right"})).await;
+        g.send_join(Join { password: Some("right".into()), ..Join::new("vault", "") }).await;
         let e = g.expect_error("rate-limited").await;
         let m = e["message"].as_str().unwrap();
         assert!(m.contains("too many wrong passwords") && m.contains("try again in"), "{m}");
     }
     // Another room on the cluster is unaffected, and the owner saw nobody come in.
     let mut other = Client::connect(&b.ws_url()).await;
-    other.send(json!({"type":"join","room":"open-room"})).await;
+    other.send_join(Join::new("open-room", "")).await;
     other.expect("welcome").await;
     owner.expect_silence(Duration::from_millis(100)).await;
 }

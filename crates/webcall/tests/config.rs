@@ -1,10 +1,10 @@
 //! `webcall serve` settings: flag over environment over TOML file over default, and clear refusals.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, ServerProc};
-use serde_json::json;
 use std::process::Command;
+use webcall_protocol::Join;
 
 fn webcall() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_webcall"));
@@ -19,7 +19,7 @@ async fn capacity(server: &ServerProc) -> usize {
     let mut clients = Vec::new();
     for n in 0..10 {
         let mut c = Client::connect(&url).await;
-        c.send(json!({"type":"join","room":"cap"})).await;
+        c.send_join(Join::new("cap", "")).await;
         let m = c.recv().await;
         if m["type"] == "error" {
             assert_eq!(m["code"], "room-full");
@@ -32,8 +32,8 @@ async fn capacity(server: &ServerProc) -> usize {
 
 #[tokio::test]
 async fn flag_beats_env_beats_file() {
-    let dir = common::TempDir::new("config");
-    let file = dir.join("webcall.toml");
+    let dir = common::temp_dir("config");
+    let file = dir.path().join("webcall.toml");
     std::fs::write(&file, "max-peers = 3\nresume-grace = \"5s\"\n").unwrap();
     let file = file.to_str().unwrap();
 
@@ -61,8 +61,8 @@ fn bad_settings_are_refused_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--resume-grace") && err.contains("20s"), "{err}");
 
-    let dir = common::TempDir::new("badconfig");
-    let file = dir.join("bad.toml");
+    let dir = common::temp_dir("badconfig");
+    let file = dir.path().join("bad.toml");
     std::fs::write(&file, "max-peer = 3\n").unwrap();
     let out = webcall().args(["serve", "--config", file.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());

@@ -25,10 +25,9 @@
 //! Namespaces are named per process and case, so parallel runs do not collide, and are deleted (with the processes in
 //! them) when the test ends, failed or not. Needs root, `ip` (iproute2) and `nft` (nftables); skipped otherwise.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use webcall_testkit::Proc;
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(30);
@@ -181,116 +180,45 @@ enum Firewall {
     NoUdpNoTurnTcp,
 }
 
-/// A `webcall` process inside a namespace, its stdout collected line by line.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    tag: String,
+/// `webcall ARGS…` inside namespace `ns`.
+fn start(ns: &str, tag: &str, args: &[&str]) -> Proc {
+    Proc::in_netns(ns, tag, args, &[])
 }
 
-impl Proc {
-    fn start(ns: &str, tag: &str, args: &[&str]) -> Proc {
-        Self::start_env(ns, tag, args, &[])
-    }
-
-    fn start_env(ns: &str, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_webcall")])
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("ip netns exec runs");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (out, l, t) = (child.stdout.take().unwrap(), lines.clone(), tag.to_owned());
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[{t}] {line}");
-                l.lock().unwrap().push(line);
+/// `p`'s latest `selected pair` line's (local, remote) candidate kinds for peer `id`, once `accept` takes them.
+fn pair_kinds(p: &Proc, id: &str, accept: impl Fn(&str, &str) -> bool) -> (String, String) {
+    let prefix = format!("peer {id} selected pair ");
+    let t0 = Instant::now();
+    loop {
+        let last = p.lines().into_iter().rev().find(|l| l.starts_with(&prefix));
+        if let Some(l) = last {
+            let field = |k: &str| l.split_whitespace().find_map(|f| f.strip_prefix(k)).unwrap_or("?").to_owned();
+            let (local, remote) = (field("local="), field("remote="));
+            if accept(&local, &remote) || t0.elapsed() >= WAIT {
+                return (local, remote);
             }
-        });
-        Proc { child, lines, tag: tag.to_owned() }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// Waits (bounded) for a line satisfying `pred`; the first such line.
-    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(t0.elapsed() < WAIT, "{}: no {what} in:\n{}", self.tag, self.output());
-            std::thread::sleep(Duration::from_millis(50));
+        } else {
+            assert!(t0.elapsed() < WAIT, "{}: no selected pair in:\n{}", p.tag(), p.output());
         }
-    }
-
-    /// The latest `selected pair` line's (local, remote) candidate kinds for peer `id`, once `accept` takes them.
-    fn pair_kinds(&self, id: &str, accept: impl Fn(&str, &str) -> bool) -> (String, String) {
-        let prefix = format!("peer {id} selected pair ");
-        let t0 = Instant::now();
-        loop {
-            let last = self.lines.lock().unwrap().iter().rev().find(|l| l.starts_with(&prefix)).cloned();
-            if let Some(l) = last {
-                let field = |k: &str| l.split_whitespace().find_map(|f| f.strip_prefix(k)).unwrap_or("?").to_owned();
-                let (local, remote) = (field("local="), field("remote="));
-                if accept(&local, &remote) || t0.elapsed() >= WAIT {
-                    return (local, remote);
-                }
-            } else {
-                assert!(t0.elapsed() < WAIT, "{}: no selected pair in:\n{}", self.tag, self.output());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn id(&self) -> String {
-        let l = self.wait_for("join", |l| l.starts_with("joined room "));
-        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-    }
-
-    fn frames_from(&self, id: &str) -> u64 {
-        let prefix = format!("stats final peer={id} ");
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.starts_with(&prefix))
-            .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("frames_in="))?.parse().ok())
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return st.code().unwrap_or(-1);
-            }
-            assert!(t0.elapsed() < WAIT, "{} did not exit:\n{}", self.tag, self.output());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The most frames `p`'s final stats lines report from peer `id`.
+fn frames_from(p: &Proc, id: &str) -> u64 {
+    let prefix = format!("stats final peer={id} ");
+    p.lines()
+        .iter()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("frames_in="))?.parse().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Starts the server in the public namespace and peers A and B behind their NATs; both send the test pattern for a
 /// few seconds. Returns (server, a, b, a's id, b's id), connected.
 fn call(net: &Net) -> (Proc, Proc, Proc, String, String) {
-    let server = Proc::start(
+    let server = start(
         &net.ns("pub"),
         "serve",
         &[
@@ -319,9 +247,9 @@ fn call(net: &Net) -> (Proc, Proc, Proc, String, String) {
         "--duration",
         "8s",
     ];
-    let a = Proc::start(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat());
+    let a = start(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat());
     let a_id = a.id();
-    let b = Proc::start(&net.ns("b"), "B", &[&["peer", "--name", "b"][..], &common[..]].concat());
+    let b = start(&net.ns("b"), "B", &[&["peer", "--name", "b"][..], &common[..]].concat());
     let b_id = b.id();
     a.wait_for("connected", |l| l == format!("peer {b_id} connected"));
     b.wait_for("connected", |l| l == format!("peer {a_id} connected"));
@@ -332,8 +260,8 @@ fn finish(a: &mut Proc, b: &mut Proc, a_id: &str, b_id: &str) {
     assert_eq!(a.wait_exit(), 0, "A:\n{}", a.output());
     assert_eq!(b.wait_exit(), 0, "B:\n{}", b.output());
     // Video flowed both ways across the NATs (the exit code says so too; the counts make failures readable).
-    assert!(a.frames_from(b_id) >= 30, "A got {} frames:\n{}", a.frames_from(b_id), a.output());
-    assert!(b.frames_from(a_id) >= 30, "B got {} frames:\n{}", b.frames_from(a_id), b.output());
+    assert!(frames_from(a, b_id) >= 30, "A got {} frames:\n{}", frames_from(a, b_id), a.output());
+    assert!(frames_from(b, a_id) >= 30, "B got {} frames:\n{}", frames_from(b, a_id), b.output());
 }
 
 #[test]
@@ -348,8 +276,8 @@ fn cone_nats_connect_on_server_reflexive_candidates() {
     a.wait_for("srflx", |l| l.starts_with(&format!("peer {b_id} local candidate srflx 198.51.100.2:")));
     b.wait_for("srflx", |l| l.starts_with(&format!("peer {a_id} local candidate srflx 198.51.100.3:")));
     let direct = |l: &str, r: &str| l != "relay" && r != "relay";
-    let pa = a.pair_kinds(&b_id, direct);
-    let pb = b.pair_kinds(&a_id, direct);
+    let pa = pair_kinds(&a, &b_id, direct);
+    let pb = pair_kinds(&b, &a_id, direct);
     assert!(direct(&pa.0, &pa.1) && direct(&pb.0, &pb.1), "no relay between cone NATs: A {pa:?}, B {pb:?}");
     // A socket's own address (host) talks to the other NAT's public mapping (srflx, or prflx if the check came
     // before the trickled candidate): at least one side sees it as the server-reflexive candidate it was signalled.
@@ -366,8 +294,8 @@ fn symmetric_nat_connects_only_through_the_relay() {
     let net = Net::build("sym", true).unwrap_or_else(|e| panic!("building the namespaces: {e}"));
     let (_server, mut a, mut b, a_id, b_id) = call(&net);
     let relayed = |l: &str, r: &str| l == "relay" || r == "relay";
-    let pa = a.pair_kinds(&b_id, relayed);
-    let pb = b.pair_kinds(&a_id, relayed);
+    let pa = pair_kinds(&a, &b_id, relayed);
+    let pb = pair_kinds(&b, &a_id, relayed);
     assert!(relayed(&pa.0, &pa.1) && relayed(&pb.0, &pb.1), "through the relay: A {pa:?}, B {pb:?}");
     finish(&mut a, &mut b, &a_id, &b_id);
     // It stayed there: no later pair went direct.
@@ -375,7 +303,7 @@ fn symmetric_nat_connects_only_through_the_relay() {
         let prefix = format!("peer {id} selected pair ");
         let out = p.output();
         for l in out.lines().filter(|l| l.starts_with(&prefix)) {
-            assert!(l.contains("=relay"), "{}: a direct pair across a symmetric NAT: {l}\n{out}", p.tag);
+            assert!(l.contains("=relay"), "{}: a direct pair across a symmetric NAT: {l}\n{out}", p.tag());
         }
     }
 }
@@ -397,7 +325,7 @@ fn stream_fallback(case: &str, firewall: Firewall, expect: &[&str]) {
     std::fs::write(&cert_file, cert.cert.pem()).unwrap();
     std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
     let (cert_s, key_s) = (cert_file.to_str().unwrap(), key_file.to_str().unwrap());
-    let turn = Proc::start(
+    let turn = start(
         &net.ns("pub"),
         "turn",
         &["turn", "--turn-listen", &format!("{SERVER}:3478"), "--turns-listen", &format!("{SERVER}:5349")]
@@ -410,7 +338,7 @@ fn stream_fallback(case: &str, firewall: Firewall, expect: &[&str]) {
     let urls = format!(
         "stun:{SERVER}:3478,turn:{SERVER}:3478?transport=udp,turn:{SERVER}:3478?transport=tcp,turns:{SERVER}:5349?transport=tcp"
     );
-    let server = Proc::start(
+    let server = start(
         &net.ns("pub"),
         "serve",
         &["serve", "--listen", &format!("{SERVER}:8080"), "--ice-servers", &urls, "--turn-secret", "nat-secret"],
@@ -420,16 +348,16 @@ fn stream_fallback(case: &str, firewall: Firewall, expect: &[&str]) {
     let common = ["--server", &url, "--room", "fw", "--send", "testsrc", "--size", "320x180"];
     let common = [&common[..], &["--stats-every", "1s", "--duration", "16s"]].concat();
     let env = [("SSL_CERT_FILE", cert_s)];
-    let mut a = Proc::start_env(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat(), &env);
+    let mut a = Proc::in_netns(&net.ns("a"), "A", &[&["peer", "--name", "a"][..], &common[..]].concat(), &env);
     let a_id = a.id();
-    let mut b = Proc::start_env(&net.ns("b"), "B", &[&["peer", "--name", "b"][..], &common[..]].concat(), &env);
+    let mut b = Proc::in_netns(&net.ns("b"), "B", &[&["peer", "--name", "b"][..], &common[..]].concat(), &env);
     let b_id = b.id();
     a.wait_for("connected", |l| l == format!("peer {b_id} connected"));
     b.wait_for("connected", |l| l == format!("peer {a_id} connected"));
     // TCP and TLS are tried together: either may win where both get through.
     let over = |l: &str| expect.iter().any(|e| l.contains(&format!("over {e} from")));
     a.wait_for("a stream allocation", |l| over(l) && l.contains("relayed address"));
-    let pa = a.pair_kinds(&b_id, |l, _| l == "relay");
+    let pa = pair_kinds(&a, &b_id, |l, _| l == "relay");
     assert_eq!(pa.0, "relay", "A can only reach B through its relay: {pa:?}\n{}", a.output());
     finish(&mut a, &mut b, &a_id, &b_id);
     let _ = std::fs::remove_dir_all(&dir);

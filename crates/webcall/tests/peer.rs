@@ -1,134 +1,38 @@
 //! `webcall peer` end to end: real `webcall serve` and real `webcall peer` processes on loopback (host
 //! candidates pinned to 127.0.0.1 with --ip), checked through their stdout, exit codes and recordings.
 
-mod common;
+use webcall_testkit as common;
 
-use common::ServerProc;
-use std::io::{BufRead, BufReader, Write};
+use common::{Proc, ServerProc};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use webcall_peer::clip::{Clip, Layer};
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(30);
 
-struct PeerProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Arc<Mutex<Vec<String>>>,
-    name: String,
+/// Waits until `p`'s stats lines show at least `n` frames received from peer `id`.
+fn wait_frames_from(p: &Proc, id: &str, n: u64) {
+    let prefix = format!("stats peer={id} ");
+    p.wait_for(&format!("{n} frames from {id}"), |l| {
+        l.starts_with(&prefix)
+            && l.split_whitespace()
+                .find_map(|f| f.strip_prefix("frames_in="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|v| v >= n)
+    });
 }
 
-impl PeerProc {
-    fn start(url: &str, room: &str, name: &str, extra: &[&str]) -> PeerProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
-            .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1"])
-            .args(["--size", "320x180", "--stats-every", "1s"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("webcall binary runs");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        let tag = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[{tag}] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        PeerProc { stdin: child.stdin.take(), child, lines, name: name.to_owned() }
-    }
-
-    /// Waits until `n` output lines satisfy `pred`; returns the last of them.
-    fn wait_n(&self, n: usize, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            let found: Vec<String> = self.lines.lock().unwrap().iter().filter(|l| pred(l)).cloned().collect();
-            if found.len() >= n {
-                return found[n - 1].clone();
-            }
-            assert!(
-                t0.elapsed() < WAIT,
-                "{}: no {what} (wanted {n}) in:\n{}",
-                self.name,
-                self.lines.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        self.wait_n(1, what, pred)
-    }
-
-    fn say(&mut self, line: &str) {
-        let s = self.stdin.as_mut().unwrap();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
-    }
-
-    fn id(&self) -> String {
-        let l = self.wait_for("join", |l| l.starts_with("joined room "));
-        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-    }
-
-    fn terminate(&mut self) {
-        // SIGTERM: the peer leaves cleanly and reports its exit code.
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                // Let the reader thread take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                return st.code().unwrap_or(-1);
-            }
-            assert!(t0.elapsed() < WAIT, "{} did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits until the stats lines show at least `n` frames received from peer `id`.
-    fn wait_frames_from(&self, id: &str, n: u64) {
-        let prefix = format!("stats peer={id} ");
-        self.wait_for(&format!("{n} frames from {id}"), |l| {
-            l.starts_with(&prefix)
-                && l.split_whitespace()
-                    .find_map(|f| f.strip_prefix("frames_in="))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .is_some_and(|v| v >= n)
-        });
-    }
-
-    /// The peer id in the `n`th 'peer ID recording' line.
-    fn nth_recording(&self, n: usize) -> String {
-        let l = self.wait_n(n, "recording", |l| l.starts_with("peer ") && l.contains(" recording "));
-        l.split_whitespace().nth(1).unwrap().to_owned()
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for PeerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The peer id in `p`'s `n`th 'peer ID recording' line.
+fn nth_recording(p: &Proc, n: usize) -> String {
+    let l = p.wait_n(n, "recording", |l| l.starts_with("peer ") && l.contains(" recording "));
+    l.split_whitespace().nth(1).unwrap().to_owned()
 }
 
 fn temp_dir(tag: &str) -> common::TempDir {
-    common::TempDir::new(&format!("peer-{tag}"))
+    common::temp_dir(&format!("peer-{tag}"))
 }
 
 /// The frames `--send testsrc --size 320x180` loops.
@@ -208,11 +112,11 @@ fn two_peers_send_record_and_chat() {
     let server = ServerProc::start(&[]);
     let url = server.ws_url();
     let dir = temp_dir("two");
-    let (da, db) = (dir.join("alice"), dir.join("bob"));
+    let (da, db) = (dir.path().join("alice"), dir.path().join("bob"));
     let common = ["--send", "testsrc", "--chat", "--duration", "8s"];
-    let mut alice = PeerProc::start(&url, "two", "alice", &[&common[..], &["--record", da.to_str().unwrap()]].concat());
+    let mut alice = Proc::peer(&url, "two", "alice", &[&common[..], &["--record", da.to_str().unwrap()]].concat());
     let alice_id = alice.id();
-    let mut bob = PeerProc::start(&url, "two", "bob", &[&common[..], &["--record", db.to_str().unwrap()]].concat());
+    let mut bob = Proc::peer(&url, "two", "bob", &[&common[..], &["--record", db.to_str().unwrap()]].concat());
     let bob_id = bob.id();
 
     alice.wait_for("connected", |l| l == format!("peer {bob_id} connected"));
@@ -230,18 +134,18 @@ fn two_peers_send_record_and_chat() {
 
     for (me, dir, other, other_id) in [(&alice, &da, "bob", &bob_id), (&bob, &db, "alice", &alice_id)] {
         let files = ivf_files(dir);
-        assert_eq!(files.len(), 1, "{}: one recording: {files:?}", me.name);
+        assert_eq!(files.len(), 1, "{}: one recording: {files:?}", me.tag());
         assert!(files[0].ends_with(format!("{other}-{other_id}.ivf")), "{files:?}");
         let n = check_ivf(&files[0], 320, 180, &low_clip());
         // Media flows for most of the 8 s at 30 fps; ask for 2 s worth so a loaded machine still passes.
-        assert!(n >= 60, "{}: only {n} frames from {other}", me.name);
+        assert!(n >= 60, "{}: only {n} frames from {other}", me.tag());
         let recorded = me.wait_for("recorded line", |l| l.starts_with(&format!("peer {other_id} recorded ")));
         assert!(recorded.contains(&format!("recorded {n} frames")), "{recorded}");
         let fin = me.wait_for("final stats", |l| l.starts_with(&format!("stats final peer={other_id} ")));
         assert!(fin.contains("connected=true") && fin.contains("chat_in=1"), "{fin}");
         // testsrc sends Opus too: 20 ms packets for most of the call.
         let audio_in = fin.split_whitespace().find_map(|f| f.strip_prefix("audio_in=")).and_then(|v| v.parse().ok());
-        assert!(audio_in.is_some_and(|n: u64| n >= 100), "{}: Opus from {other}: {fin}", me.name);
+        assert!(audio_in.is_some_and(|n: u64| n >= 100), "{}: Opus from {other}: {fin}", me.tag());
     }
 }
 
@@ -251,24 +155,24 @@ fn peer_rejoins_and_survives_a_server_restart() {
     let addr = server.addr;
     let url = server.ws_url();
     let dir = temp_dir("restart");
-    let (da, db) = (dir.join("a"), dir.join("b"));
-    let mut a = PeerProc::start(&url, "re", "anna", &["--send", "testsrc", "--record", da.to_str().unwrap()]);
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let mut a = Proc::peer(&url, "re", "anna", &["--send", "testsrc", "--record", da.to_str().unwrap()]);
     a.id();
 
     // First visit: B connects, sends video, leaves by itself.
-    let mut b1 = PeerProc::start(&url, "re", "ben", &["--send", "testsrc", "--duration", "3s"]);
+    let mut b1 = Proc::peer(&url, "re", "ben", &["--send", "testsrc", "--duration", "3s"]);
     let b1_id = b1.id();
     a.wait_for("recording from b1", |l| l.starts_with(&format!("peer {b1_id} recording")));
     assert_eq!(b1.wait_exit(), 0, "{}", b1.output());
     a.wait_for("b1 left", |l| l == format!("peer {b1_id} left"));
 
     // B comes back as a new peer: a new session and a new recording.
-    let mut b2 = PeerProc::start(&url, "re", "ben", &["--send", "testsrc", "--record", db.to_str().unwrap()]);
+    let mut b2 = Proc::peer(&url, "re", "ben", &["--send", "testsrc", "--record", db.to_str().unwrap()]);
     let b2_id = b2.id();
     assert_ne!(b1_id, b2_id);
-    a.wait_frames_from(&b2_id, 30);
-    let a_id = b2.nth_recording(1);
-    b2.wait_frames_from(&a_id, 30);
+    wait_frames_from(&a, &b2_id, 30);
+    let a_id = nth_recording(&b2, 1);
+    wait_frames_from(&b2, &a_id, 30);
 
     // The server dies and comes back on the same port: both peers reconnect by themselves and media flows again.
     server.kill();
@@ -278,11 +182,11 @@ fn peer_rejoins_and_survives_a_server_restart() {
     a.wait_n(2, "rejoin", |l| l.starts_with("joined room re as "));
     b2.wait_n(2, "rejoin", |l| l.starts_with("joined room re as "));
     // Fresh server, fresh ids: new sessions, new recordings, frames flowing on them.
-    let b3_id = a.nth_recording(3);
-    let a3_id = b2.nth_recording(2);
+    let b3_id = nth_recording(&a, 3);
+    let a3_id = nth_recording(&b2, 2);
     assert!(b3_id != b2_id && a3_id != a_id, "new ids after the restart");
-    a.wait_frames_from(&b3_id, 30);
-    b2.wait_frames_from(&a3_id, 30);
+    wait_frames_from(&a, &b3_id, 30);
+    wait_frames_from(&b2, &a3_id, 30);
     a.terminate();
     b2.terminate();
     assert_eq!(a.wait_exit(), 0, "{}", a.output());
@@ -309,22 +213,22 @@ fn exit_codes_say_what_went_wrong() {
         s.kill();
         a
     };
-    let mut p = PeerProc::start(&format!("ws://{addr}/ws"), "x", "p", &["--duration", "1s"]);
+    let mut p = Proc::peer(&format!("ws://{addr}/ws"), "x", "p", &["--duration", "1s"]);
     assert_eq!(p.wait_exit(), 3, "{}", p.output());
 
     // Joined, but nobody came: 4.
     let server = ServerProc::start(&[]);
-    let mut p = PeerProc::start(&server.ws_url(), "lonely", "p", &["--duration", "1s"]);
+    let mut p = Proc::peer(&server.ws_url(), "lonely", "p", &["--duration", "1s"]);
     assert_eq!(p.wait_exit(), 4, "{}", p.output());
 
     // Refused join (bad room name): 3.
-    let mut p = PeerProc::start(&server.ws_url(), "bad room", "p", &["--duration", "5s"]);
+    let mut p = Proc::peer(&server.ws_url(), "bad room", "p", &["--duration", "5s"]);
     assert_eq!(p.wait_exit(), 3, "{}", p.output());
 
     // Bad command line: 2; unreadable --send file: 1.
     let st = Command::new(env!("CARGO_BIN_EXE_webcall")).args(["peer", "--room", "r"]).output().unwrap();
     assert_eq!(st.status.code(), Some(2));
-    let mut p = PeerProc::start(&server.ws_url(), "r", "p", &["--send", "/nonexistent.ivf", "--duration", "1s"]);
+    let mut p = Proc::peer(&server.ws_url(), "r", "p", &["--send", "/nonexistent.ivf", "--duration", "1s"]);
     assert_eq!(p.wait_exit(), 1, "{}", p.output());
 
     // The test pattern only comes in its three pre-encoded sizes; --fps is for live encoding: 2, saying why.
@@ -355,7 +259,7 @@ fn file_source_loops_and_echo_sends_it_back() {
     use webcall_peer::media::IvfWriter;
     let dir = temp_dir("echo");
     // A one-second clip (the first 30 frames of the embedded one: a keyframe, then delta frames); the sender loops it.
-    let clip = dir.join("clip.ivf");
+    let clip = dir.path().join("clip.ivf");
     let frames: Vec<Vec<u8>> = low_clip().into_iter().take(30).collect();
     let mut wr = IvfWriter::create(clip.clone(), 320, 180).unwrap();
     for (n, f) in frames.iter().enumerate() {
@@ -365,18 +269,18 @@ fn file_source_loops_and_echo_sends_it_back() {
 
     let server = ServerProc::start(&[]);
     let url = server.ws_url();
-    let rec = dir.join("rec");
-    let mut sender = PeerProc::start(
+    let rec = dir.path().join("rec");
+    let mut sender = Proc::peer(
         &url,
         "echo",
         "filer",
         &["--send", clip.to_str().unwrap(), "--record", rec.to_str().unwrap(), "--duration", "6s"],
     );
     sender.id();
-    let mut echo = PeerProc::start(&url, "echo", "echoer", &["--echo", "--duration", "5s"]);
+    let mut echo = Proc::peer(&url, "echo", "echoer", &["--echo", "--duration", "5s"]);
     let echo_id = echo.id();
     // More frames come back than the clip holds: the file loops, and the echo returns it.
-    sender.wait_frames_from(&echo_id, 45);
+    wait_frames_from(&sender, &echo_id, 45);
     assert_eq!(echo.wait_exit(), 0, "{}", echo.output());
     assert_eq!(sender.wait_exit(), 0, "{}", sender.output());
     let files = ivf_files(&rec);
@@ -395,7 +299,7 @@ fn metrics(server: &ServerProc) -> String {
 }
 
 /// The `selected pair` line's `local=KIND remote=KIND` (the last one printed for `id`).
-fn pair_kinds(p: &PeerProc, id: &str) -> (String, String) {
+fn pair_kinds(p: &Proc, id: &str) -> (String, String) {
     let prefix = format!("peer {id} selected pair ");
     let l = p.wait_for("selected pair", |l| l.starts_with(&prefix));
     let field = |k: &str| {
@@ -411,11 +315,11 @@ fn relay_only_call_through_the_builtin_turn() {
     let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0", "--turn-allow-peer", "127.0.0.0/8"]);
     let url = server.ws_url();
     let dir = temp_dir("relay");
-    let (da, db) = (dir.join("a"), dir.join("b"));
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     let common = ["--relay", "--send", "testsrc", "--duration", "8s"];
-    let mut a = PeerProc::start(&url, "relay", "ada", &[&common[..], &["--record", da.to_str().unwrap()]].concat());
+    let mut a = Proc::peer(&url, "relay", "ada", &[&common[..], &["--record", da.to_str().unwrap()]].concat());
     let a_id = a.id();
-    let mut b = PeerProc::start(&url, "relay", "bert", &[&common[..], &["--record", db.to_str().unwrap()]].concat());
+    let mut b = Proc::peer(&url, "relay", "bert", &[&common[..], &["--record", db.to_str().unwrap()]].concat());
     let b_id = b.id();
 
     for (p, other) in [(&a, &b_id), (&b, &a_id)] {
@@ -423,7 +327,7 @@ fn relay_only_call_through_the_builtin_turn() {
             p.wait_for("relay candidate", |l| l.starts_with(&format!("peer {other} local candidate relay 127.0.0.1:")));
         p.wait_for("end of gathering", |l| l.starts_with(&format!("peer {other} gathering complete")));
         p.wait_for("connected", |l| l == format!("peer {other} connected"));
-        assert_eq!(pair_kinds(p, other), ("relay".into(), "relay".into()), "{}:\n{}", p.name, p.output());
+        assert_eq!(pair_kinds(p, other), ("relay".into(), "relay".into()), "{}:\n{}", p.tag(), p.output());
         // The relayed address is the TURN server's, not the peer's socket: the selected pair starts from it.
         let relayed = cand.split_whitespace().nth(5).unwrap();
         p.wait_for("pair from the relayed address", |l| {
@@ -450,9 +354,9 @@ fn relay_only_call_through_the_builtin_turn() {
     }
     for (me, dir) in [(&a, &da), (&b, &db)] {
         let files = ivf_files(dir);
-        assert_eq!(files.len(), 1, "{}: {files:?}", me.name);
+        assert_eq!(files.len(), 1, "{}: {files:?}", me.tag());
         let n = check_ivf(&files[0], 320, 180, &low_clip());
-        assert!(n >= 60, "{}: only {n} frames through the relay", me.name);
+        assert!(n >= 60, "{}: only {n} frames through the relay", me.tag());
     }
 }
 
@@ -462,16 +366,16 @@ fn relay_only_call_through_the_builtin_turn() {
 fn relay_only_peer_calls_a_peer_with_host_candidates() {
     let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0", "--turn-allow-peer", "127.0.0.0/8"]);
     let url = server.ws_url();
-    let mut r = PeerProc::start(&url, "mixed", "relayed", &["--relay", "--send", "testsrc", "--duration", "6s"]);
+    let mut r = Proc::peer(&url, "mixed", "relayed", &["--relay", "--send", "testsrc", "--duration", "6s"]);
     let r_id = r.id();
-    let mut h = PeerProc::start(&url, "mixed", "hosted", &["--send", "testsrc", "--duration", "6s"]);
+    let mut h = Proc::peer(&url, "mixed", "hosted", &["--send", "testsrc", "--duration", "6s"]);
     let h_id = h.id();
     r.wait_for("connected", |l| l == format!("peer {h_id} connected"));
     h.wait_for("connected", |l| l == format!("peer {r_id} connected"));
     assert_eq!(pair_kinds(&r, &h_id).0, "relay", "{}", r.output());
     assert_eq!(pair_kinds(&h, &r_id).1, "relay", "{}", h.output());
-    r.wait_frames_from(&h_id, 30);
-    h.wait_frames_from(&r_id, 30);
+    wait_frames_from(&r, &h_id, 30);
+    wait_frames_from(&h, &r_id, 30);
     assert_eq!(r.wait_exit(), 0, "{}", r.output());
     assert_eq!(h.wait_exit(), 0, "{}", h.output());
 }

@@ -1,7 +1,7 @@
 //! Production features against a real server: join tokens, room passwords, origins, per-address limits, TLS,
 //! graceful shutdown and metrics. Every refusal is provoked and its message checked.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, Pinned, ServerProc};
 use serde_json::json;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use webcall_protocol::{Join, Signal, BYE};
 
 const SECRET: &str = "test-secret-0123456789";
 
@@ -37,10 +38,10 @@ async fn join_tokens_are_required_and_checked() {
     let server = ServerProc::start(&["--auth-secret", SECRET]);
     let url = server.ws_url();
     let mut c = Client::connect(&url).await;
-    c.send(json!({"type":"join","room":"board"})).await;
+    c.send_join(Join::new("board", "")).await;
     assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("token"));
     let forged = token(&["--room", "board"]).replace('.', ".x");
-    c.send(json!({"type":"join","room":"board","token":forged})).await;
+    c.send_join(Join { token: Some(forged.into()), ..Join::new("board", "") }).await;
     c.expect_error("unauthorized").await;
     let other_secret = {
         let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
@@ -49,28 +50,28 @@ async fn join_tokens_are_required_and_checked() {
             .unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
-    c.send(json!({"type":"join","room":"board","token":other_secret})).await;
+    c.send_join(Join { token: Some(other_secret.into()), ..Join::new("board", "") }).await;
     assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("signature"));
     let expired = token(&["--room", "board", "--ttl", "0s"]);
     tokio::time::sleep(Duration::from_secs(7)).await; // past the 5 s leeway
-    c.send(json!({"type":"join","room":"board","token":expired})).await;
+    c.send_join(Join { token: Some(expired.into()), ..Join::new("board", "") }).await;
     assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("expired"));
     let wrong_room = token(&["--room", "other"]);
-    c.send(json!({"type":"join","room":"board","token":wrong_room})).await;
+    c.send_join(Join { token: Some(wrong_room.into()), ..Join::new("board", "") }).await;
     c.expect_error("unauthorized").await;
 
     let good = token(&["--room", "board", "--name", "Chair"]);
-    c.send(json!({"type":"join","room":"board","name":"Impostor","token":good})).await;
+    c.send_join(Join { token: Some(good.into()), ..Join::new("board", "Impostor") }).await;
     let w = c.expect("welcome").await;
     assert!(w.get("publish").is_none());
     let viewer = token(&["--room", "*", "--subscribe-only"]);
     let mut v = Client::connect(&url).await;
-    v.send(json!({"type":"join","room":"board","token":viewer})).await;
+    v.send_join(Join { token: Some(viewer.into()), ..Join::new("board", "") }).await;
     let wv = v.expect("welcome").await;
     assert_eq!(wv["publish"], false);
     assert_eq!(wv["peers"], json!([{"id":w["id"],"name":"Chair"}]), "the token fixed the name");
     let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\n";
-    v.send(json!({"type":"answer","to":w["id"],"sdp":sdp})).await;
+    v.relay(w["id"].as_str().unwrap(), Signal::Answer(sdp.into())).await;
     v.expect_error("unauthorized").await;
 }
 
@@ -79,14 +80,14 @@ async fn room_passwords() {
     let server = ServerProc::start(&[]);
     let url = server.ws_url();
     let mut a = Client::connect(&url).await;
-    a.send(json!({"type":"join","room":"private","password":"hunter2"})).await;
+    a.send_join(Join { password: Some("hunter2".into()), ..Join::new("private", "") }).await;
     a.expect("welcome").await;
     let mut b = Client::connect(&url).await;
-    b.send(json!({"type":"join","room":"private"})).await;
+    b.send_join(Join::new("private", "")).await;
     b.expect_error("unauthorized").await;
-    b.send(json!({"type":"join","room":"private","password":"hunter3"})).await;
+    b.send_join(Join { password: Some("hunter3".into()), ..Join::new("private", "") }).await;
     assert!(b.expect_error("unauthorized").await["message"].as_str().unwrap().contains("wrong password"));
-    b.send(json!({"type":"join","room":"private","password":"hunter2"})).await;
+    b.send_join(Join { password: Some("hunter2".into()), ..Join::new("private", "") }).await;
     b.expect("welcome").await;
 }
 
@@ -114,7 +115,7 @@ async fn allowed_origins() {
     let err = connect_with_headers(&url, &[]).await.err().unwrap();
     assert!(err.starts_with("403"), "no Origin, no entry: {err}");
     let mut ok = connect_with_headers(&url, &[("origin", "https://meet.example.org")]).await.unwrap();
-    ok.send(json!({"type":"join","room":"r"})).await;
+    ok.send_join(Join::new("r", "")).await;
     ok.expect("welcome").await;
     let m = http_get(&server, "/metrics").await;
     assert!(m.contains("webcall_connections_refused_total{reason=\"origin\"} 2"), "{m}");
@@ -140,15 +141,15 @@ async fn per_address_limits_and_trusted_proxies() {
     assert_eq!(third.until_end().await, Ended::Closed(1008, "rate-limited".into()));
     // Another (forwarded) address has its own allowance.
     let mut other = connect_with_headers(&url, &h("203.0.113.2")).await.unwrap();
-    other.send(json!({"type":"join","room":"x"})).await;
+    other.send_join(Join::new("x", "")).await;
     other.expect("welcome").await;
     // Joins per minute: 3 pass, the 4th is refused.
     for i in 0..3 {
-        a.send(json!({"type":"join","room":format!("j{i}")})).await;
+        a.send_join(Join::new(format!("j{i}"), "")).await;
         a.expect("welcome").await;
-        a.send(json!({"type":"bye"})).await;
+        a.send_text(BYE).await;
     }
-    a.send(json!({"type":"join","room":"j3"})).await;
+    a.send_join(Join::new("j3", "")).await;
     assert!(a.expect_error("rate-limited").await["message"].as_str().unwrap().contains("joins per minute"));
     let m = http_get(&server, "/metrics").await;
     assert!(m.contains("webcall_connections_refused_total{reason=\"per-ip\"} 1"), "{m}");
@@ -195,7 +196,7 @@ async fn self_signed_tls_serves_wss_with_the_printed_fingerprint() {
     let url = server.ws_url();
     assert!(url.starts_with("wss://"));
     let mut c = wss_connect(&url, &fp).await.unwrap();
-    c.send(json!({"type":"join","room":"secure"})).await;
+    c.send_join(Join::new("secure", "")).await;
     c.expect("welcome").await;
     let wrong = fp.replacen(&fp[..2], if &fp[..2] == "00" { "11" } else { "00" }, 1);
     let err = wss_connect(&url, &wrong).await.err().expect("another fingerprint is refused");
@@ -206,15 +207,15 @@ async fn self_signed_tls_serves_wss_with_the_printed_fingerprint() {
 
 #[tokio::test]
 async fn certificate_files_and_reload_on_sighup() {
-    let dir = common::TempDir::new("tls");
+    let dir = common::temp_dir("tls");
     let write = |name: &str| {
         let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
-        std::fs::write(dir.join("cert.pem"), c.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), c.signing_key.serialize_pem()).unwrap();
     };
     write("first.test");
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
     let turns = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string(); // then freed
     let server = ServerProc::start(&[
         "--tls-cert",
@@ -229,7 +230,7 @@ async fn certificate_files_and_reload_on_sighup() {
     let fp1 = server.banner.iter().find_map(|l| l.split("fingerprint ").nth(1)).unwrap().to_owned();
     assert_eq!(turns_fingerprint(&turns), fp1, "TURN over TLS uses the server's certificate");
     let mut live = wss_connect(&server.ws_url(), &fp1).await.unwrap();
-    live.send(json!({"type":"join","room":"r"})).await;
+    live.send_join(Join::new("r", "")).await;
     live.expect("welcome").await;
     write("second.test");
     server.signal("HUP");
@@ -245,7 +246,7 @@ async fn certificate_files_and_reload_on_sighup() {
     assert!(reloaded, "the old certificate is still served after SIGHUP");
     let fp2 = turns_fingerprint(&turns);
     assert_ne!(fp2, fp1, "TURN over TLS follows the reload");
-    live.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
+    live.relay("nobody", Signal::Offer("s".into())).await;
     live.expect_error("unknown-peer").await;
 
     let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
@@ -286,7 +287,7 @@ async fn metrics_count_what_happens() {
     let (mut a, _) = Client::join(&url, "m", "A").await;
     let (b, _) = Client::join(&url, "m", "B").await;
     a.expect("hello").await;
-    a.send(json!({"type":"offer","to":b.id,"sdp":"x"})).await;
+    a.relay(&b.id, Signal::Offer("x".into())).await;
     a.send_text("nonsense").await;
     a.expect_error("bad-json").await;
     let m = http_get(&server, "/metrics").await;

@@ -2,75 +2,27 @@
 //! clip and Opus tone, real WebSocket clients starting and stopping it, the HTTP API; the files are checked with
 //! Debian's ffprobe and ffmpeg (a decoder not written here).
 
-mod common;
+use webcall_testkit as common;
 
-use common::{Client, ServerProc, TempDir};
+use common::{temp_dir, Client, Proc, ServerProc};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use webcall_protocol::{ClientMessage, Join, RecordAction};
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(60);
 const SECRET: &str = "recording-test-secret-0123";
 
-struct Peer {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+/// `webcall peer --sfu --send testsrc` in `room`: the 30 fps VP8 clip and an Opus tone.
+fn camera(url: &str, room: &str) -> Proc {
+    Proc::peer(url, room, "cam", &["--sfu", "--send", "testsrc", "--expect", "0", "--duration", "60s"]).waiting(WAIT)
 }
 
-impl Peer {
-    /// `webcall peer --sfu --send testsrc` in `room`: the 30 fps VP8 clip and an Opus tone.
-    fn start(url: &str, room: &str) -> Peer {
-        Peer::start_with(url, room, &["--ip", "127.0.0.1", "--sfu", "--size", "320x180", "--expect", "0"])
-    }
-
-    /// `webcall peer` sending the test source into `room`, with `args`.
-    fn start_with(url: &str, room: &str, args: &[&str]) -> Peer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
-            .args(["peer", "--server", url, "--room", room, "--name", "cam", "--send", "testsrc", "--duration", "60s"])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("webcall binary runs");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[peer] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        Peer { child, lines }
-    }
-
-    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(t0.elapsed() < WAIT, "peer: no {what} in:\n{}", self.lines.lock().unwrap().join("\n"));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn id(&self) -> String {
-        let l = self.wait_for("join", |l| l.starts_with("joined room "));
-        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `{"type":"record","action":…}`, written by the protocol's encoder.
+async fn record(c: &mut Client, action: RecordAction) {
+    c.send_text(&ClientMessage::Record(action).to_json()).await;
 }
 
 /// Every file under `dir`, recursively.
@@ -113,11 +65,10 @@ fn decodes_cleanly(f: &Path) {
 
 async fn join_sfu(url: &str, room: &str, name: &str, token: Option<&str>) -> (Client, Value) {
     let mut c = Client::connect(url).await;
-    let mut j = json!({"type":"join","room":room,"name":name,"sfu":true});
-    if let Some(t) = token {
-        j["token"] = t.into();
-    }
-    c.send(j).await;
+    let mut j = Join::new(room, name);
+    j.sfu = true;
+    j.token = token.map(Into::into);
+    c.send_join(j).await;
     let w = c.expect("welcome").await;
     c.id = w["id"].as_str().unwrap().to_owned();
     (c, w)
@@ -149,15 +100,15 @@ async fn http(addr: std::net::SocketAddr, method: &str, path: &str, bearer: Opti
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_files() {
-    let dir = TempDir::new("recording-peer");
-    let server = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap()]);
+    let dir = temp_dir("recording-peer");
+    let server = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.path().to_str().unwrap()]);
     let url = server.ws_url();
-    let peer = Peer::start(&url, "rec-room");
+    let peer = camera(&url, "rec-room");
     let peer_id = peer.id();
     peer.wait_for("the sfu session", |l| l == "sfu connected");
     let (mut ctl, _) = join_sfu(&url, "rec-room", "Director", None).await;
     let t0 = Instant::now();
-    ctl.send(json!({"type":"record","action":"start"})).await;
+    record(&mut ctl, RecordAction::Start).await;
     let on = next_of(&mut ctl, "recording").await;
     assert_eq!(on, json!({"type":"recording","active":true,"by":ctl.id}));
     // The publisher is told too.
@@ -166,17 +117,17 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     let (_, m) = http(server.addr, "GET", "/metrics", None).await;
     assert!(m.contains("\nwebcall_sfu_recording_rooms 1\n"), "{m}");
     assert!(m.contains("\nwebcall_sfu_recording_files 2\n"), "audio and video: {m}");
-    ctl.send(json!({"type":"record","action":"stop"})).await;
+    record(&mut ctl, RecordAction::Stop).await;
     let wall = t0.elapsed().as_secs_f64();
     assert_eq!(next_of(&mut ctl, "recording").await["active"], false);
     peer.wait_for("the end of the recording", |l| l.starts_with("room recording off"));
     // The files are closed on the writer thread: wait until both are there with their duration.
     let t = Instant::now();
     let got = loop {
-        let f = files(&dir);
+        let f = files(dir.path());
         if f.len() == 2 && f.iter().all(|p| Command::new("ffprobe").arg(p).output().is_ok_and(|o| o.status.success())) {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            break files(&dir);
+            break files(dir.path());
         }
         assert!(t.elapsed() < WAIT, "files: {f:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -204,12 +155,12 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     assert!(packets as f64 > a_duration * 40.0, "20 ms Opus packets: {packets} in {a_duration} s");
 
     // Again, with the publisher leaving and coming back: its second session gets files of its own.
-    ctl.send(json!({"type":"record","action":"start"})).await;
+    record(&mut ctl, RecordAction::Start).await;
     next_of(&mut ctl, "recording").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(peer);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let peer = Peer::start(&url, "rec-room");
+    let peer = camera(&url, "rec-room");
     peer.wait_for("the recording notice on joining", |l| l == "room recording on");
     peer.wait_for("the sfu session", |l| l == "sfu connected");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -217,7 +168,7 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     server.signal("TERM");
     let mut server = server;
     assert_eq!(server.wait_exit(), Some(0));
-    let all = files(&dir);
+    let all = files(dir.path());
     assert_eq!(all.len(), 6, "two recordings of the first session, one of the second: {all:?}");
     for f in all.iter().filter(|f| !got.contains(f)) {
         decodes_cleanly(f);
@@ -228,9 +179,15 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_http_api_needs_the_secret_and_refuses_clearly() {
-    let dir = TempDir::new("recording-api");
-    let server =
-        ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap(), "--auth-secret", SECRET]);
+    let dir = temp_dir("recording-api");
+    let server = ServerProc::start(&[
+        "--topology",
+        "sfu",
+        "--record-dir",
+        dir.path().to_str().unwrap(),
+        "--auth-secret",
+        SECRET,
+    ]);
     let token = |record: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_webcall"));
         c.args(["token", "--auth-secret", SECRET, "--room", "api-room"]);
@@ -254,11 +211,11 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     assert_eq!(next_of(&mut member, "recording").await, json!({"type":"recording","active":true,"by":"api"}));
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 200, "already recording");
     // A member whose token lacks `record` may not stop it; one whose token has it may.
-    member.send(json!({"type":"record","action":"stop"})).await;
+    record(&mut member, RecordAction::Stop).await;
     member.expect_error("unauthorized").await;
     let (mut director, _) = join_sfu(&url, "api-room", "D", Some(&token(true))).await;
     assert_eq!(next_of(&mut director, "recording").await, json!({"type":"recording","active":true}), "joiners see it");
-    director.send(json!({"type":"record","action":"stop"})).await;
+    record(&mut director, RecordAction::Stop).await;
     assert_eq!(next_of(&mut member, "recording").await["active"], false);
     assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 404, "not recording");
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 201);
@@ -266,14 +223,21 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     assert_eq!(http(server.addr, "POST", "/api/rooms/bad%2Fname/recording", Some(SECRET)).await.0, 400);
 
     // A WHIP publisher (what OBS does) is a participant of the room: it is recorded like the others.
-    let obs = Peer::start_with(&url, "api-room", &["--whip", "--token", &token(false)]);
+    let obs_token = token(false);
+    let obs = Proc::peer(
+        &url,
+        "api-room",
+        "obs",
+        &["--whip", "--send", "testsrc", "--token", &obs_token, "--duration", "60s"],
+    )
+    .waiting(WAIT);
     obs.wait_for("the WHIP resource", |l| l.starts_with("joined room api-room via whip http://"));
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 201);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 204);
     let t = Instant::now();
     let video = loop {
-        let done = files(&dir).into_iter().find(|f| {
+        let done = files(dir.path()).into_iter().find(|f| {
             f.to_str().unwrap().contains("-video-")
                 && Command::new("ffprobe")
                     .args(["-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"])
@@ -284,7 +248,7 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
         if let Some(v) = done {
             break v;
         }
-        assert!(t.elapsed() < WAIT, "no finished video of the WHIP publisher: {:?}", files(&dir));
+        assert!(t.elapsed() < WAIT, "no finished video of the WHIP publisher: {:?}", files(dir.path()));
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     decodes_cleanly(&video);
@@ -299,35 +263,35 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     let (status, body) = http(off.addr, "POST", path, Some(SECRET)).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("--record-dir"), "{body}");
-    c.send(json!({"type":"record","action":"start"})).await;
+    record(&mut c, RecordAction::Start).await;
     let e = next_of(&mut c, "error").await;
     assert_eq!(e["code"], "unavailable", "{e}");
     assert!(e["message"].as_str().unwrap().contains("--record-dir"), "{e}");
     // Without --auth-secret there is no credential for the API.
-    let open = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap()]);
+    let open = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.path().to_str().unwrap()]);
     let (status, body) = http(open.addr, "POST", path, Some(SECRET)).await;
     assert_eq!(status, 403, "{body}");
     // A peer-to-peer room: its media never reaches the server.
-    let mesh = ServerProc::start(&["--topology", "mesh", "--record-dir", dir.to_str().unwrap()]);
+    let mesh = ServerProc::start(&["--topology", "mesh", "--record-dir", dir.path().to_str().unwrap()]);
     let (mut p, _) = Client::join(&mesh.ws_url(), "p2p", "P").await;
-    p.send(json!({"type":"record","action":"start"})).await;
+    record(&mut p, RecordAction::Start).await;
     let e = p.expect_error("needs-sfu").await;
     assert!(e["message"].as_str().unwrap().contains("peer-to-peer"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_server_leaves_files_that_play_up_to_their_last_cluster() {
-    let dir = TempDir::new("recording-kill");
-    let mut server = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.to_str().unwrap()]);
+    let dir = temp_dir("recording-kill");
+    let mut server = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.path().to_str().unwrap()]);
     let url = server.ws_url();
-    let peer = Peer::start(&url, "kill-room");
+    let peer = camera(&url, "kill-room");
     peer.wait_for("the sfu session", |l| l == "sfu connected");
     let (mut ctl, _) = join_sfu(&url, "kill-room", "Director", None).await;
-    ctl.send(json!({"type":"record","action":"start"})).await;
+    record(&mut ctl, RecordAction::Start).await;
     next_of(&mut ctl, "recording").await;
     tokio::time::sleep(Duration::from_secs(7)).await;
     server.kill(); // SIGKILL: nothing is finished
-    let video = files(&dir).into_iter().find(|f| f.to_str().unwrap().contains("-video-")).expect("a video file");
+    let video = files(dir.path()).into_iter().find(|f| f.to_str().unwrap().contains("-video-")).expect("a video file");
     decodes_cleanly(&video);
     let out = Command::new("ffprobe")
         .args(["-v", "error", "-count_frames", "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])

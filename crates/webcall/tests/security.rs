@@ -1,7 +1,7 @@
 //! Abuse against a real server over loopback (issue 19 and bursts from issue 17): each attack is bounded in count and
 //! time, and each test asserts the bound or refusal and that a well-behaved call on the same server keeps working.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, ServerProc, WAIT};
 use futures_util::{SinkExt, StreamExt};
@@ -15,6 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
+use webcall_protocol::{Join, Signal, BYE};
 
 const SECRET: &str = "test-secret-0123456789";
 
@@ -58,7 +59,7 @@ async fn ws_from(from: &str, server: &ServerProc) -> Client {
 }
 
 async fn join(mut c: Client, room: &str) -> Client {
-    c.send(json!({"type":"join","room":room})).await;
+    c.send_join(Join::new(room, "")).await;
     let w = c.expect("welcome").await;
     c.id = w["id"].as_str().unwrap().to_owned();
     c
@@ -66,11 +67,11 @@ async fn join(mut c: Client, room: &str) -> Client {
 
 /// Two peers in `room` exchange an offer and a candidate both ways: the call works.
 async fn call_works(a: &mut Client, b: &mut Client) {
-    a.send(json!({"type":"offer","to":b.id,"sdp":"v=0\r\n"})).await;
+    a.relay(&b.id, Signal::Offer("v=0\r\n".into())).await;
     assert_eq!(b.expect("offer").await["from"], a.id.as_str());
-    b.send(json!({"type":"answer","to":a.id,"sdp":"v=0\r\n"})).await;
+    b.relay(&a.id, Signal::Answer("v=0\r\n".into())).await;
     assert_eq!(a.expect("answer").await["from"], b.id.as_str());
-    b.send(json!({"type":"candidate","to":a.id,"candidate":null})).await;
+    b.relay(&a.id, Signal::Candidate(None)).await;
     a.expect("candidate").await;
 }
 
@@ -258,7 +259,7 @@ fn token(args: &[&str]) -> String {
 
 async fn join_with(url: &str, room: &str, token: &str) -> (Client, Value) {
     let mut c = Client::connect(url).await;
-    c.send(json!({"type":"join","room":room,"token":token})).await;
+    c.send_join(Join { token: Some(token.into()), ..Join::new(room, "") }).await;
     let w = c.recv().await;
     if w["type"] == "welcome" {
         c.id = w["id"].as_str().unwrap().to_owned();
@@ -284,18 +285,17 @@ async fn subscribe_only_sdp_is_read_as_a_browser_reads_it() {
         "m=audio 9 UDP/TLS/RTP/SAVPF 111\ra=sendrecv\r\na=recvonly\r\n",
     ];
     for body in refused {
-        viewer.send(json!({"type":"offer","to":publisher.id,"sdp":format!("{head}{body}")})).await;
+        viewer.relay(&publisher.id, Signal::Offer(format!("{head}{body}"))).await;
         let e = viewer.expect_error("unauthorized").await;
         assert!(e["message"].as_str().unwrap().contains("subscribe-only"), "{e}");
     }
     publisher.expect_silence(Duration::from_millis(200)).await;
     let ok = format!("{head}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n");
-    viewer.send(json!({"type":"offer","to":publisher.id,"sdp":ok})).await;
+    viewer.relay(&publisher.id, Signal::Offer(ok.clone())).await;
     assert_eq!(publisher.expect("offer").await["sdp"], ok.as_str());
     // The publisher's own SDP is not restricted.
-    publisher
-        .send(json!({"type":"answer","to":viewer.id,"sdp":format!("{head}m=audio 9 RTP/AVP 0\r\na=sendrecv\r\n")}))
-        .await;
+    let answer = format!("{head}m=audio 9 RTP/AVP 0\r\na=sendrecv\r\n");
+    publisher.relay(&viewer.id, Signal::Answer(answer)).await;
     viewer.expect("answer").await;
 }
 
@@ -342,7 +342,7 @@ async fn minted_tokens_for_the_longest_room_and_name_are_accepted() {
         assert!(t.len() > 256, "the case the issue found: {} bytes", t.len());
         let (mut c, w) = join_with(&url, &room, &t).await;
         assert_eq!(w["type"], "welcome", "{w}");
-        c.send(json!({"type":"bye"})).await;
+        c.send_text(BYE).await;
     }
     let any = token(&["--room", "*", "--name", &"é".repeat(64)]);
     let (_, w) = join_with(&url, &room, &any).await;
@@ -363,18 +363,18 @@ async fn room_password_guesses_are_limited_per_room() {
     let server = ServerProc::start(&["--max-password-attempts", "5", "--max-errors", "50"]);
     let url = server.ws_url();
     let mut owner = Client::connect(&url).await;
-    owner.send(json!({"type":"join","room":"vault","password":"right"})).await;
+    owner.send_join(Join { password: Some("right".into()), ..Join::new("vault", "") }).await;
     owner.expect("welcome").await;
     let (mut a, mut b) = pair(&url, "elsewhere").await;
     // Guesses from several connections count against the room.
     for i in 0..5 {
         let mut g = Client::connect(&url).await;
-        g.send(json!({"type":"join","room":"vault","password":format!("guess{i}")})).await;
+        g.send_join(Join { password: Some(format!("guess{i}").into()), ..Join::new("vault", "") }).await;
         assert!(g.expect_error("unauthorized").await["message"].as_str().unwrap().contains("wrong password"));
     }
     let mut g = Client::connect(&url).await;
     for pw in ["guess5", "right"] {
-        g.send(json!({"type":"join","room":"vault","password":pw})).await;
+        g.send_join(Join { password: Some(pw.into()), ..Join::new("vault", "") }).await;
         let e = g.expect_error("rate-limited").await;
         let m = e["message"].as_str().unwrap();
         assert!(m.contains("too many wrong passwords") && m.contains("try again in"), "{m}");
@@ -384,7 +384,7 @@ async fn room_password_guesses_are_limited_per_room() {
     owner.expect_silence(Duration::from_millis(100)).await;
     // One guess refills every 12 s at 5 per minute: the right password then gets in.
     tokio::time::sleep(Duration::from_secs(13)).await;
-    g.send(json!({"type":"join","room":"vault","password":"right"})).await;
+    g.send_join(Join { password: Some("right".into()), ..Join::new("vault", "") }).await;
     g.expect("welcome").await;
     assert_eq!(owner.expect("hello").await["type"], "hello");
 }

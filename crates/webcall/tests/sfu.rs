@@ -1,17 +1,18 @@
 //! SFU rooms over real WebSockets: topology switches, the reserved peer id `sfu`, server-driven offers with the
 //! track mapping, and what a v1 client gets. Loopback only.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, ServerProc};
 use serde_json::{json, Value};
 use std::time::Instant;
 use str0m::media::{Direction, MediaKind};
 use str0m::Rtc;
+use webcall_protocol::{Join, Signal, BYE};
 
 async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
     let mut c = Client::connect(url).await;
-    c.send(json!({"type":"join","room":room,"name":name,"sfu":true})).await;
+    c.send_join(Join { sfu: true, ..Join::new(room, name) }).await;
     let w = c.expect("welcome").await;
     c.id = w["id"].as_str().unwrap().to_owned();
     (c, w)
@@ -49,7 +50,7 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
 
     // A offers to the SFU and gets its answer (ICE-lite, the media port as the candidate).
     let (mut a_rtc, a_offer, a_pending) = offer_from();
-    a.send(json!({"type":"offer","to":"sfu","sdp":a_offer})).await;
+    a.relay("sfu", Signal::Offer(a_offer)).await;
     let answer = a.expect("answer").await;
     assert_eq!(answer["from"], "sfu");
     let sdp = answer["sdp"].as_str().unwrap();
@@ -58,7 +59,7 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
 
     // B publishes: A gets a server offer carrying B's audio and video, labelled with B's id.
     let b_offer = offer();
-    b.send(json!({"type":"offer","to":"sfu","sdp":b_offer})).await;
+    b.relay("sfu", Signal::Offer(b_offer.clone())).await;
     b.expect("answer").await;
     let o = a.expect("offer").await;
     assert_eq!(o["from"], "sfu");
@@ -76,10 +77,10 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     assert_eq!(kinds, ["audio", "video"]);
     let server_offer = str0m::change::SdpOffer::from_sdp_string(o["sdp"].as_str().unwrap()).unwrap();
     let a_answer = a_rtc.sdp_api().accept_offer(server_offer).unwrap().to_sdp_string();
-    a.send(json!({"type":"answer","to":"sfu","sdp":a_answer})).await;
+    a.relay("sfu", Signal::Answer(a_answer)).await;
 
     // An unreadable SDP gets a clear error.
-    c.send(json!({"type":"offer","to":"sfu","sdp":"v=0 nonsense"})).await;
+    c.relay("sfu", Signal::Offer("v=0 nonsense".into())).await;
     let e = c.expect_error("bad-field").await;
     assert_eq!(e["ref"], "offer");
 
@@ -89,7 +90,7 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     assert!(m.contains("webcall_sfu_sessions "), "{m}");
 
     // B leaves: A gets an offer without B's tracks; the room stays on the SFU.
-    b.send(json!({"type":"bye"})).await;
+    b.send_text(BYE).await;
     loop {
         let m = a.recv().await;
         if m["type"] == "offer" {
@@ -113,7 +114,7 @@ async fn a_v1_client_is_refused_by_an_sfu_room_with_needs_sfu() {
     let server = ServerProc::start(&["--topology", "sfu"]);
     let url = server.ws_url();
     let mut v1 = Client::connect(&url).await;
-    v1.send(json!({"type":"join","room":"r","name":"old"})).await;
+    v1.send_join(Join::new("r", "old")).await;
     let e = v1.expect_error("needs-sfu").await;
     assert_eq!(e["ref"], "join");
     let (mut s, _) = join_sfu(&url, "r", "new").await;
@@ -139,12 +140,12 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     b.expect("hello").await;
     // A protocol v1 client (no "sfu":true) gets needs-sfu, and nothing else happens.
     let mut v1 = Client::connect(&url).await;
-    v1.send(json!({"type":"join","room":"r","name":"old"})).await;
+    v1.send_join(Join::new("r", "old")).await;
     let e = v1.expect_error("needs-sfu").await;
     assert_eq!(e["ref"], "join");
     // A fourth SFU client is over --max-sfu-peers 3.
     let mut d = Client::connect(&url).await;
-    d.send(json!({"type":"join","room":"r","name":"D","sfu":true})).await;
+    d.send_join(Join { sfu: true, ..Join::new("r", "D") }).await;
     d.expect_error("room-full").await;
     // `data` reaches every other member unchanged, with `from`.
     let chat = json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
@@ -157,7 +158,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     let (_x, _) = Client::join(&url, "m", "X").await;
     let (_y, _) = Client::join(&url, "m", "Y").await;
     let mut z = Client::connect(&url).await;
-    z.send(json!({"type":"join","room":"m","name":"Z"})).await;
+    z.send_join(Join::new("m", "Z")).await;
     z.expect_error("room-full").await;
 }
 
@@ -170,6 +171,6 @@ async fn mesh_keeps_three_peers_peer_to_peer() {
     join_sfu(&url, "r", "C").await;
     assert_eq!(a.expect("hello").await["name"], "B");
     assert_eq!(a.expect("hello").await["name"], "C");
-    a.send(json!({"type":"offer","to":"sfu","sdp":offer()})).await;
+    a.relay("sfu", Signal::Offer(offer())).await;
     a.expect_error("unknown-peer").await;
 }

@@ -2,96 +2,27 @@
 //! on loopback; every peer publishes the test source and records each other participant, received through the
 //! server's SFU. Checked through stdout, exit codes, the recordings and `/metrics`.
 
-mod common;
+use webcall_testkit as common;
 
-use common::ServerProc;
-use std::io::{BufRead, BufReader};
+use common::{Proc, ServerProc};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use webcall_peer::clip::{Clip, Layer};
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(60);
 
-struct PeerProc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    name: String,
+/// `webcall peer --sfu` with `extra`.
+fn sfu_peer(url: &str, room: &str, name: &str, extra: &[&str]) -> Proc {
+    Proc::peer(url, room, name, &[&["--sfu"][..], extra].concat()).waiting(WAIT)
 }
 
-impl PeerProc {
-    fn start(url: &str, room: &str, name: &str, extra: &[&str]) -> PeerProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
-            .args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1", "--sfu"])
-            .args(["--size", "320x180", "--stats-every", "1s"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("webcall binary runs");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        let tag = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                eprintln!("[{tag}] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        PeerProc { child, lines, name: name.to_owned() }
-    }
-
-    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(t0.elapsed() < WAIT, "{}: no {what} in:\n{}", self.name, self.output());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn id(&self) -> String {
-        let l = self.wait_for("join", |l| l.starts_with("joined room "));
-        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return st.code().unwrap_or(-1);
-            }
-            assert!(t0.elapsed() < WAIT, "{} did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// The final stats line for peer `id` received through the SFU, as `field=value` pairs (in an auto room a
-    /// peer-to-peer one comes before it).
-    fn final_stats(&self, id: &str) -> Vec<(String, String)> {
-        let prefix = format!("stats final peer={id} ");
-        let l =
-            self.wait_for(&format!("final stats of {id}"), |l| l.starts_with(&prefix) && l.contains("pair=\"sfu\""));
-        l.split_whitespace().filter_map(|f| f.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
-    }
-}
-
-impl Drop for PeerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The final stats line of `p` for peer `id` received through the SFU, as `field=value` pairs (in an auto room a
+/// peer-to-peer one comes before it).
+fn final_stats(p: &Proc, id: &str) -> Vec<(String, String)> {
+    let prefix = format!("stats final peer={id} ");
+    let l = p.wait_for(&format!("final stats of {id}"), |l| l.starts_with(&prefix) && l.contains("pair=\"sfu\""));
+    l.split_whitespace().filter_map(|f| f.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
 }
 
 fn field(stats: &[(String, String)], k: &str) -> u64 {
@@ -144,18 +75,17 @@ fn run_room(topology: &str, n: usize) {
     let server = ServerProc::start(&["--topology", topology]);
     let url = server.ws_url();
     let clip: Vec<Vec<u8>> = Clip::builtin(Layer::Low).frames.iter().map(|f| f.data.to_vec()).collect();
-    let dirs: Vec<common::TempDir> =
-        (0..n).map(|i| common::TempDir::new(&format!("sfu-peer-{topology}-{i}"))).collect();
+    let dirs: Vec<common::TempDir> = (0..n).map(|i| common::temp_dir(&format!("sfu-peer-{topology}-{i}"))).collect();
     let expect = (n - 1).to_string();
-    let mut peers: Vec<PeerProc> = Vec::new();
+    let mut peers: Vec<Proc> = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
-        let dir = d.to_str().unwrap();
+        let dir = d.path().to_str().unwrap();
         let extra = ["--send", "testsrc", "--record", dir, "--expect", expect.as_str(), "--duration", "12s"];
-        peers.push(PeerProc::start(&url, "sfu-room", &format!("p{i}"), &extra));
+        peers.push(sfu_peer(&url, "sfu-room", &format!("p{i}"), &extra));
         // Joins one after the other (an auto room goes to the SFU at the third).
         peers[i].id();
     }
-    let ids: Vec<String> = peers.iter().map(PeerProc::id).collect();
+    let ids: Vec<String> = peers.iter().map(Proc::id).collect();
     for p in &peers {
         p.wait_for("the sfu session", |l| l == "sfu connected");
     }
@@ -163,15 +93,15 @@ fn run_room(topology: &str, n: usize) {
     let m = rt.block_on(metrics(&server));
     assert_eq!(metric(&m, "webcall_sfu_sessions"), n as u64, "{m}");
     for p in &mut peers {
-        assert_eq!(p.wait_exit(), 0, "{} exit code; output:\n{}", p.name, p.output());
+        assert_eq!(p.wait_exit(), 0, "{} exit code; output:\n{}", p.tag(), p.output());
     }
     for (i, p) in peers.iter().enumerate() {
         for (j, other) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
-            let s = p.final_stats(other);
-            assert!(field(&s, "frames_in") > 60, "{} from p{j}: {s:?}", p.name);
-            assert!(field(&s, "audio_in") > 100, "{} from p{j}: {s:?}", p.name);
-            let recorded = check_recording(&dirs[i], &s, &clip);
-            assert!(recorded > 60, "{}: {recorded} frames of p{j} recorded", p.name);
+            let s = final_stats(p, other);
+            assert!(field(&s, "frames_in") > 60, "{} from p{j}: {s:?}", p.tag());
+            assert!(field(&s, "audio_in") > 100, "{} from p{j}: {s:?}", p.tag());
+            let recorded = check_recording(dirs[i].path(), &s, &clip);
+            assert!(recorded > 60, "{}: {recorded} frames of p{j} recorded", p.tag());
         }
         p.wait_for("the sfu stats", |l| l.starts_with("stats final sfu connected=true"));
     }
@@ -193,7 +123,7 @@ fn an_auto_room_of_native_peers_moves_to_the_sfu_at_the_third() {
 const SECRET: &str = "whip-peer-secret-0123456789";
 
 fn token(room: &str, name: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_webcall"))
         .args(["token", "--auth-secret", SECRET, "--room", room, "--name", name])
         .output()
         .unwrap();
@@ -209,34 +139,34 @@ fn a_native_whip_publisher_is_received_through_the_sfu() {
     let url = server.ws_url();
     let clip: Vec<Vec<u8>> = Clip::builtin(Layer::Low).frames.iter().map(|f| f.data.to_vec()).collect();
 
-    let mut refused = PeerProc::start(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
+    let mut refused = sfu_peer(&url, "whip-room", "nobody", &["--whip", "--send", "testsrc"]);
     assert_eq!(refused.wait_exit(), 3, "{}", refused.output());
     assert!(refused.output().contains("whip refused: 401"), "{}", refused.output());
 
     let cam_token = token("whip-room", "cam");
-    let mut cam = PeerProc::start(
+    let mut cam = sfu_peer(
         &url,
         "whip-room",
         "cam",
         &["--whip", "--send", "testsrc", "--token", &cam_token, "--duration", "12s"],
     );
     cam.wait_for("the WHIP resource", |l| l.starts_with("joined room whip-room via whip http://"));
-    let dir = common::TempDir::new("whip-peer-rec");
+    let dir = common::temp_dir("whip-peer-rec");
     let viewer_token = token("whip-room", "viewer");
-    let mut viewer = PeerProc::start(
+    let mut viewer = sfu_peer(
         &url,
         "whip-room",
         "viewer",
-        &["--record", dir.to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
+        &["--record", dir.path().to_str().unwrap(), "--token", &viewer_token, "--expect", "1", "--duration", "8s"],
     );
     let line = viewer.wait_for("the WHIP publisher", |l| l.starts_with("peer ") && l.ends_with(" via sfu"));
     let cam_id = line.split_whitespace().nth(1).unwrap().to_owned();
     assert_eq!(viewer.wait_exit(), 0, "viewer output:\n{}", viewer.output());
-    let s = viewer.final_stats(&cam_id);
+    let s = final_stats(&viewer, &cam_id);
     assert!(field(&s, "frames_in") > 60, "{s:?}");
     assert!(field(&s, "audio_in") > 100, "{s:?}");
     assert_eq!(s.iter().find(|(k, _)| k == "name").map(|(_, v)| v.as_str()), Some("\"cam\""), "{s:?}");
-    assert!(check_recording(&dir, &s, &clip) > 60);
+    assert!(check_recording(dir.path(), &s, &clip) > 60);
     assert_eq!(cam.wait_exit(), 0, "publisher output:\n{}", cam.output());
     let last = cam.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true"));
     assert!(last.contains("frames_out=") && !last.contains("frames_out=0 "), "{last}");

@@ -1,12 +1,13 @@
 //! Protocol v1 against a real `webcall serve` process with real WebSocket clients.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, ServerProc};
 use futures_util::SinkExt;
 use serde_json::json;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
+use webcall_protocol::{IceCandidate, Join, Signal, BYE};
 
 #[tokio::test]
 async fn two_peers_exchange_hello_offer_answer_candidates_and_bye() {
@@ -23,22 +24,23 @@ async fn two_peers_exchange_hello_offer_answer_candidates_and_bye() {
 
     assert_eq!(a.recv().await, json!({"type":"hello","from":b.id,"name":"Bob"}));
     let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\n";
-    a.send(json!({"type":"offer","to":b.id,"sdp":sdp})).await;
+    a.relay(&b.id, Signal::Offer(sdp.into())).await;
     assert_eq!(b.recv().await, json!({"type":"offer","from":a.id,"sdp":sdp}));
-    b.send(json!({"type":"answer","to":a.id,"sdp":"answer-sdp"})).await;
+    b.relay(&a.id, Signal::Answer("answer-sdp".into())).await;
     assert_eq!(a.recv().await, json!({"type":"answer","from":b.id,"sdp":"answer-sdp"}));
     let cand = json!({"candidate":"candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host","sdpMid":"0","sdpMLineIndex":0,"usernameFragment":"abcd"});
     for swap in [false, true] {
         let (from, to) = if swap { (&mut b, &mut a) } else { (&mut a, &mut b) };
-        from.send(json!({"type":"candidate","to":to.id,"candidate":cand})).await;
-        from.send(json!({"type":"candidate","to":to.id,"candidate":null})).await;
+        let typed: IceCandidate = serde_json::from_value(cand.clone()).unwrap();
+        from.relay(&to.id, Signal::Candidate(Some(typed))).await;
+        from.relay(&to.id, Signal::Candidate(None)).await;
         assert_eq!(to.recv().await, json!({"type":"candidate","from":from.id,"candidate":cand}));
         assert_eq!(to.recv().await, json!({"type":"candidate","from":from.id,"candidate":null}));
     }
-    b.send(json!({"type":"bye"})).await;
+    b.send_text(BYE).await;
     assert_eq!(a.recv().await, json!({"type":"bye","from":b.id}));
     // After bye the connection can join again, as a new peer.
-    b.send(json!({"type":"join","room":"daily","name":"Bob"})).await;
+    b.send_join(Join::new("daily", "Bob")).await;
     let w = b.expect("welcome").await;
     assert_ne!(w["id"], b.id.as_str());
     assert_eq!(a.expect("hello").await["from"], w["id"]);
@@ -52,12 +54,12 @@ async fn third_peer_in_a_room_of_two_is_refused() {
     let (_b, _) = Client::join(&url, "pair", "B").await;
     a.expect("hello").await;
     let mut c = Client::connect(&url).await;
-    c.send(json!({"type":"join","room":"pair","name":"C"})).await;
+    c.send_join(Join::new("pair", "C")).await;
     let e = c.expect_error("room-full").await;
     assert_eq!(e["ref"], "join");
     a.expect_silence(Duration::from_millis(200)).await;
     // Refused, not disconnected: another room works on the same connection.
-    c.send(json!({"type":"join","room":"other"})).await;
+    c.send_join(Join::new("other", "")).await;
     c.expect("welcome").await;
 }
 
@@ -83,33 +85,33 @@ async fn every_error_code_and_the_connection_stays_usable() {
     }
     c.ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
     c.expect_error("bad-json").await;
-    c.send(json!({"type":"offer","to":"x","sdp":"s"})).await;
+    c.relay("x", Signal::Offer("s".into())).await;
     assert_eq!(c.expect_error("not-joined").await["ref"], "offer");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.send(json!({"type":"join","room":"one"})).await;
+    c.send_join(Join::new("one", "")).await;
     let me = c.expect("welcome").await["id"].as_str().unwrap().to_owned();
-    c.send(json!({"type":"join","room":"two"})).await;
+    c.send_join(Join::new("two", "")).await;
     c.expect_error("already-joined").await;
-    c.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
+    c.relay("nobody", Signal::Offer("s".into())).await;
     c.expect_error("unknown-peer").await;
-    c.send(json!({"type":"offer","to":me,"sdp":"s"})).await;
+    c.relay(&me, Signal::Offer("s".into())).await;
     c.expect_error("unknown-peer").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     let (d, _) = Client::join(&url, "one", "D").await;
     assert_eq!(c.expect("hello").await["from"], d.id.as_str());
     let mut e = Client::connect(&url).await;
-    e.send(json!({"type":"join","room":"one"})).await;
+    e.send_join(Join::new("one", "")).await;
     e.expect_error("room-full").await;
-    e.send(json!({"type":"join","room":"second"})).await;
+    e.send_join(Join::new("second", "")).await;
     e.expect("welcome").await;
     let mut f = Client::connect(&url).await;
-    f.send(json!({"type":"join","room":"third"})).await;
+    f.send_join(Join::new("third", "")).await;
     f.expect_error("server-full").await;
 
     // A burst past twice the rate is read more slowly, not refused (rate-limited is for floods: see security.rs).
     for _ in 0..15 {
-        c.send(json!({"type":"offer","to":"nobody","sdp":"s"})).await;
+        c.relay("nobody", Signal::Offer("s".into())).await;
     }
     for _ in 0..15 {
         c.expect_error("unknown-peer").await;
@@ -155,10 +157,11 @@ async fn from_cannot_be_spoofed_and_other_rooms_are_unreachable() {
     let (mut b, _) = Client::join(&url, "r1", "B").await;
     let (mut x, _) = Client::join(&url, "r2", "X").await;
     a.expect("hello").await;
+    // Raw JSON: a spoofed `from` is what this checks, and the typed encoder cannot write one.
     b.send(json!({"type":"offer","to":a.id,"from":x.id,"sdp":"s"})).await;
     let got = a.recv().await;
     assert_eq!(got["from"], b.id.as_str(), "the server sets from: {got}");
-    a.send(json!({"type":"offer","to":x.id,"sdp":"s"})).await;
+    a.relay(&x.id, Signal::Offer("s".into())).await;
     let e = a.expect_error("unknown-peer").await;
     assert!(e["message"].as_str().unwrap().contains("r1"), "{e}");
     x.expect_silence(Duration::from_millis(300)).await;
@@ -175,12 +178,13 @@ async fn resume_keeps_the_id_and_delivers_queued_messages_in_order() {
     drop(b); // the TCP connection ends without a close handshake or bye
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..20 {
-        a.send(json!({"type":"candidate","to":b_id,"candidate":{"candidate":format!("c{i}"),"sdpMid":"0"}})).await;
+        let c = IceCandidate { candidate: format!("c{i}"), sdp_mid: Some("0".into()), ..Default::default() };
+        a.relay(&b_id, Signal::Candidate(Some(c))).await;
     }
     a.expect_silence(Duration::from_millis(300)).await; // accepted: no error, no bye
 
     let mut b2 = Client::connect(&url).await;
-    b2.send(json!({"type":"join","room":"r","resume":b_token})).await;
+    b2.send_join(Join { resume: Some(b_token.as_str().into()), ..Join::new("r", "") }).await;
     let w = b2.expect("welcome").await;
     assert_eq!(w["id"], b_id.as_str());
     assert_eq!(w["resumed"], true);
@@ -192,7 +196,7 @@ async fn resume_keeps_the_id_and_delivers_queued_messages_in_order() {
         assert_eq!(m["from"], a.id.as_str());
     }
     // Live again: traffic flows both ways, and A never saw a bye.
-    b2.send(json!({"type":"offer","to":a.id,"sdp":"after"})).await;
+    b2.relay(&a.id, Signal::Offer("after".into())).await;
     assert_eq!(a.recv().await, json!({"type":"offer","from":b_id,"sdp":"after"}));
 }
 
@@ -204,7 +208,7 @@ async fn resume_replaces_a_connection_the_server_still_thinks_alive() {
     let (mut b, _) = Client::join(&url, "r", "B").await;
     a.expect("hello").await;
     let mut b2 = Client::connect(&url).await;
-    b2.send(json!({"type":"join","room":"r","resume":b.resume})).await;
+    b2.send_join(Join { resume: Some(b.resume.as_str().into()), ..Join::new("r", "") }).await;
     assert_eq!(b2.expect("welcome").await["id"], b.id.as_str());
     assert_eq!(b.until_end().await, Ended::Closed(4000, "resumed elsewhere".into()));
     a.expect_silence(Duration::from_millis(300)).await;
@@ -223,7 +227,7 @@ async fn a_dropped_peer_turns_into_bye_after_the_grace_period() {
     assert_eq!(a.recv().await, json!({"type":"bye","from":b_id}));
     // Too late to resume: a fresh session.
     let mut b2 = Client::connect(&url).await;
-    b2.send(json!({"type":"join","room":"r","resume":token})).await;
+    b2.send_join(Join { resume: Some(token.into()), ..Join::new("r", "") }).await;
     let w = b2.expect("welcome").await;
     assert_eq!(w["resumed"], false);
     assert_ne!(w["id"], b_id.as_str());
@@ -283,7 +287,7 @@ async fn a_slow_reader_is_cut_off_and_server_memory_stays_bounded() {
     while let Ok(m) = tokio::time::timeout(Duration::from_millis(200), fast.recv()).await {
         assert!(m["type"] == "error" && m["code"] == "unknown-peer", "only refusals may follow the bye: {m}");
     }
-    fast.send(json!({"type":"offer","to":slow.id,"sdp":"after"})).await;
+    fast.relay(&slow.id, Signal::Offer("after".into())).await;
     fast.expect_error("unknown-peer").await;
     let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
     assert!(grown_mib < 64, "server grew by {grown_mib} MiB for {sent} messages to a reader that never read");
@@ -305,9 +309,9 @@ async fn two_hundred_rooms_at_once() {
             let (mut b, w) = Client::join(&url, &room, "B").await;
             assert_eq!(w["peers"].as_array().unwrap().len(), 1, "rooms do not mix");
             a.expect("hello").await;
-            a.send(json!({"type":"offer","to":b.id,"sdp":room})).await;
+            a.relay(&b.id, Signal::Offer(room.clone())).await;
             assert_eq!(b.expect("offer").await["sdp"], room.as_str());
-            b.send(json!({"type":"answer","to":a.id,"sdp":room})).await;
+            b.relay(&a.id, Signal::Answer(room.clone())).await;
             assert_eq!(a.expect("answer").await["sdp"], room.as_str());
             (a, b)
         }));

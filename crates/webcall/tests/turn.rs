@@ -3,7 +3,7 @@
 //! `webcall turn` runs TURN alone; coturn's clients in every mode they have relay through `webcall serve` as an operator
 //! starts it; the server refuses to relay to itself. Loopback only.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, ServerProc};
 use serde_json::Value;
@@ -175,16 +175,16 @@ async fn ice_servers_point_at_an_external_coturn_with_the_shared_secret() {
     }
     const SECRET: &str = "shared-with-coturn";
     let port = free_udp_port();
-    let dir = common::TempDir::new("coturn");
+    let dir = common::temp_dir("coturn");
     let _coturn = Proc(
         Command::new("turnserver")
             .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "-p", &port.to_string()])
             .args(["--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "webcall", "--allow-loopback-peers"])
             .args(["--no-tls", "--no-dtls", "--no-cli", "--min-port", "40000", "--max-port", "40100"])
             .arg("--pidfile")
-            .arg(dir.join("turnserver.pid"))
+            .arg(dir.path().join("turnserver.pid"))
             .arg("--log-file")
-            .arg(dir.join("turnserver.log"))
+            .arg(dir.path().join("turnserver.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,7 +1,7 @@
 //! The server's WebSocket transport (its own frame codec, `crates/wsframe`) against a real `webcall serve`: control
 //! frames, fragmentation, close handshakes, and frames that break RFC 6455, with tungstenite clients and raw TCP.
 
-mod common;
+use webcall_testkit as common;
 
 use common::{Client, Ended, ServerProc};
 use futures_util::{SinkExt, StreamExt};

@@ -1,19 +1,35 @@
-//! Shared by the integration tests: a real `webcall serve` process and real WebSocket clients.
-#![allow(dead_code)]
+//! Shared by webcall's integration tests (a library, so each test binary takes what it needs): a real
+//! `webcall serve` process, real WebSocket clients, and `webcall` child processes read line by line.
+
+pub mod redis;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use webcall_protocol::ServerMessage;
 
 /// How long a test waits for something that should happen (not a performance bound).
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The `webcall` binary under test: `WEBCALL_BIN`, else the one cargo built for the integration tests (it puts
+/// their binaries in `target/<profile>/deps`, the package's binary one level up).
+pub fn webcall_bin() -> PathBuf {
+    if let Some(b) = std::env::var_os("WEBCALL_BIN") {
+        return b.into();
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("a test binary under target/<profile>/deps");
+    dir.join(format!("webcall{}", std::env::consts::EXE_SUFFIX))
+}
 
 pub struct ServerProc {
     child: Child,
@@ -39,7 +55,7 @@ impl ServerProc {
         // Each server gets its own STUN/TURN port unless the test chooses one (the default 3478 would collide).
         let own_turn = args.iter().any(|a| matches!(*a, "--turn-listen" | "--no-turn" | "--ice-servers"));
         let turn: &[&str] = if own_turn { &[] } else { &["--turn-listen", "127.0.0.1:0"] };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+        let mut child = Command::new(webcall_bin())
             .envs(env.iter().copied())
             .arg("serve")
             .args(["--listen", listen])
@@ -143,20 +159,33 @@ impl Client {
         let mut c = Client::connect(url).await;
         c.send_text(&webcall_protocol::Join::new(room, name).to_json()).await;
         let w = c.expect("welcome").await;
-        c.id = w["id"].as_str().unwrap().to_owned();
-        c.resume = w["resume"].as_str().unwrap().to_owned();
+        let Ok(ServerMessage::Welcome { id, resume, .. }) = serde_json::from_value(w.clone()) else {
+            panic!("not a welcome: {w}")
+        };
+        (c.id, c.resume) = (id, resume);
         (c, w)
     }
 
+    /// Sends raw JSON: for messages the typed encoders cannot write (malformed on purpose, spoofed fields).
     pub async fn send(&mut self, v: Value) {
         self.send_text(&v.to_string()).await;
+    }
+
+    /// Sends a `join` (typed).
+    pub async fn send_join(&mut self, join: webcall_protocol::Join<'_>) {
+        self.send_text(&join.to_json()).await;
+    }
+
+    /// Relays `signal` to peer `to` (typed).
+    pub async fn relay(&mut self, to: &str, signal: webcall_protocol::Signal) {
+        self.send_text(&signal.to_json(to)).await;
     }
 
     pub async fn send_text(&mut self, t: &str) {
         self.ws.send(Message::text(t)).await.expect("send");
     }
 
-    /// The next JSON message; panics after [`WAIT`].
+    /// The next message as JSON (every frame is checked to be a [`ServerMessage`]); panics after [`WAIT`].
     pub async fn recv(&mut self) -> Value {
         tokio::time::timeout(WAIT, self.next_json()).await.expect("a message within the wait").expect("connection open")
     }
@@ -186,7 +215,12 @@ impl Client {
     async fn next_json(&mut self) -> Option<Value> {
         loop {
             match self.ws.next().await? {
-                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).expect("server sends JSON")),
+                Ok(Message::Text(t)) => {
+                    if let Err(e) = ServerMessage::parse(&t) {
+                        panic!("the server sent what ServerMessage cannot read ({e}): {t}");
+                    }
+                    return Some(serde_json::from_str(&t).expect("server sends JSON"));
+                }
                 Ok(Message::Close(_)) | Err(_) => return None,
                 Ok(_) => continue,
             }
@@ -211,28 +245,139 @@ impl Client {
     }
 }
 
-/// A fresh directory under the system temp dir, removed with everything in it when dropped.
-pub struct TempDir(std::path::PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("webcall-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
+/// A fresh directory under the system temp dir (named after `tag`), removed with everything in it when dropped.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("webcall-test-{tag}-")).tempdir().expect("a temporary directory")
+}
+
+/// A `webcall` child process (`peer`, or anything inside a network namespace), its stdout collected line by line
+/// (and echoed to stderr, tagged, for a failing test's log). Killed when dropped.
+pub struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Arc<Mutex<Vec<String>>>,
+    tag: String,
+    /// Bounds every wait on this process (not a performance bound).
+    wait: Duration,
+}
+
+impl Proc {
+    /// `webcall peer --server URL --room ROOM --name NAME` with host candidates on 127.0.0.1, a small test
+    /// pattern size and stats every second, then `extra`; stdin is piped (see [`Proc::say`]). Waits up to 30 s.
+    pub fn peer(url: &str, room: &str, name: &str, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(webcall_bin());
+        cmd.args(["peer", "--server", url, "--room", room, "--name", name, "--ip", "127.0.0.1"])
+            .args(["--size", "320x180", "--stats-every", "1s"])
+            .args(extra)
+            .stdin(Stdio::piped());
+        Proc::spawn(cmd, name, Duration::from_secs(30))
+    }
+
+    /// `webcall ARGS…` inside network namespace `ns`, with `env`. Waits up to 30 s.
+    pub fn in_netns(ns: &str, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new("ip");
+        let bin = webcall_bin();
+        cmd.args(["netns", "exec", ns]).arg(bin).args(args).envs(env.iter().copied()).stdin(Stdio::null());
+        Proc::spawn(cmd, tag, Duration::from_secs(30))
+    }
+
+    /// Runs `cmd` with `RUST_LOG=warn` and stdout piped; `wait` bounds the waits on it.
+    pub fn spawn(mut cmd: Command, tag: &str, wait: Duration) -> Proc {
+        let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().expect("the process starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (out, l, t) = (child.stdout.take().unwrap(), lines.clone(), tag.to_owned());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("[{t}] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        Proc { stdin: child.stdin.take(), child, lines, tag: tag.to_owned(), wait }
+    }
+
+    /// The same process, its waits bounded by `wait` instead.
+    pub fn waiting(mut self, wait: Duration) -> Proc {
+        self.wait = wait;
+        self
+    }
+
+    /// The name it was started under (a peer's `--name`).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The bound of this process's waits.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// The lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until `n` output lines satisfy `pred`; the last of them.
+    pub fn wait_n(&self, n: usize, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let found: Vec<String> = self.lines.lock().unwrap().iter().filter(|l| pred(l)).cloned().collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            assert!(t0.elapsed() < self.wait, "{}: no {what} (wanted {n}) in:\n{}", self.tag, self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a line satisfying `pred`; the first such line.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_n(1, what, pred)
+    }
+
+    /// The peer id from the `joined room … as ID` line.
+    pub fn id(&self) -> String {
+        let l = self.wait_for("join", |l| l.starts_with("joined room "));
+        l.split(" as ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+    }
+
+    /// Writes a line to its stdin (piped by [`Proc::peer`]).
+    pub fn say(&mut self, line: &str) {
+        let s = self.stdin.as_mut().expect("stdin is piped");
+        writeln!(s, "{line}").unwrap();
+        s.flush().unwrap();
+    }
+
+    /// SIGTERM: a peer leaves cleanly and reports its exit code.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits for the exit; its code (-1: killed by a signal).
+    pub fn wait_exit(&mut self) -> i32 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return st.code().unwrap_or(-1);
+            }
+            assert!(t0.elapsed() < self.wait, "{} did not exit:\n{}", self.tag, self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
-impl std::ops::Deref for TempDir {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
+impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,7 +1,6 @@
 //! Real `redis-server` (and `redis-sentinel`) processes on loopback ports, for the cluster tests.
-#![allow(dead_code)]
 
-use crate::common::WAIT;
+use crate::WAIT;
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -133,19 +132,19 @@ impl Drop for Redis {
 pub struct Sentinel {
     child: Child,
     pub port: u16,
-    _dir: crate::common::TempDir,
+    _dir: crate::TempDir,
 }
 
 impl Sentinel {
     pub fn start(master_port: u16, quorum: u32) -> Sentinel {
         let port = free_port();
-        let dir = crate::common::TempDir::new(&format!("sentinel{port}"));
-        let conf = dir.join("sentinel.conf");
+        let dir = crate::temp_dir(&format!("sentinel{port}"));
+        let conf = dir.path().join("sentinel.conf");
         let text = format!(
             "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {master_port} {quorum}\n\
              sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n\
              sentinel parallel-syncs mymaster 1\n",
-            dir.display()
+            dir.path().display()
         );
         std::fs::write(&conf, text).unwrap();
         let child = Command::new("redis-sentinel")

@@ -1,0 +1,93 @@
+//! What the peer-to-peer sessions and the SFU session share: the process's DTLS certificate, the str0m `Rtc` they
+//! are built on (VP8 and Opus only), and their UDP sockets.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use str0m::config::DtlsCert;
+use str0m::Rtc;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// The process's DTLS certificate, shared by every session (see [`dtls_cert`]).
+static DTLS_CERT: OnceLock<Option<DtlsCert>> = OnceLock::new();
+
+/// The DTLS certificate every session of this process uses; generated on the first call, which blocks.
+///
+/// The first call is slow (~50-60 ms of CPU): the certificate's key is the first thing to draw from aws-lc's
+/// random generator, whose CPU-jitter entropy source seeds itself once per process. Left to str0m, that
+/// happened inside `Session::start` of the first call, on both peers, before the offer or answer could go out.
+/// [`prepare_dtls_cert`] moves it to start-up, alongside the signaling connection.
+pub fn dtls_cert() -> Option<DtlsCert> {
+    DTLS_CERT
+        .get_or_init(|| {
+            let t = Instant::now();
+            let cert = str0m::crypto::from_feature_flags().dtls_provider.generate_certificate();
+            tracing::debug!("DTLS certificate generated in {:?}", t.elapsed());
+            cert
+        })
+        .clone()
+}
+
+/// Starts generating the DTLS certificate on a thread of its own, so the first session finds it ready.
+pub fn prepare_dtls_cert() {
+    let _ = std::thread::Builder::new().name("dtls-cert".into()).spawn(|| {
+        dtls_cert();
+    });
+}
+
+/// A new `Rtc` with VP8 and Opus only and the process's DTLS certificate; `stats`: str0m's stats interval.
+pub async fn new_rtc(stats: Option<Duration>) -> Rtc {
+    // Normally ready by now (prepare_dtls_cert at start-up); otherwise wait for it off the runtime.
+    let cert = match DTLS_CERT.get() {
+        Some(c) => c.clone(),
+        None => tokio::task::spawn_blocking(dtls_cert).await.ok().flatten(),
+    };
+    let mut builder = Rtc::builder().clear_codecs().enable_vp8(true).enable_opus(true, false).set_stats_interval(stats);
+    if let Some(cert) = cert {
+        builder = builder.set_dtls_cert(cert);
+    }
+    builder.build(Instant::now())
+}
+
+/// A received datagram: (contents, source, the local address it came to).
+pub type Datagram = (Vec<u8>, SocketAddr, SocketAddr);
+
+/// Binds one UDP socket per address (in `ips`' order) and a task per socket that passes what it reads to `tx`.
+pub async fn bind_udp(
+    ips: &[IpAddr],
+    tx: mpsc::Sender<Datagram>,
+) -> Result<(Vec<(SocketAddr, Arc<UdpSocket>)>, Vec<tokio::task::JoinHandle<()>>), crate::PeerError> {
+    let mut sockets = Vec::new();
+    let mut readers = Vec::new();
+    for &ip in ips {
+        let sock = UdpSocket::bind(SocketAddr::new(ip, 0))
+            .await
+            .map_err(|e| crate::PeerError::Io { what: format!("binding a UDP socket on {ip}"), source: e })?;
+        let local = sock.local_addr().map_err(|e| crate::PeerError::Io { what: "local_addr".into(), source: e })?;
+        let sock = Arc::new(sock);
+        sockets.push((local, sock.clone()));
+        let tx = tx.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                match sock.recv_from(&mut buf).await {
+                    Ok((n, src)) => {
+                        if tx.send((buf[..n].to_vec(), src, local)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // ICMP port-unreachable from a peer that went away shows up here on Linux: keep reading.
+                    Err(e) => tracing::debug!("udp recv on {local}: {e}"),
+                }
+            }
+        }));
+    }
+    Ok((sockets, readers))
+}
+
+/// File-name-safe version of a display name.
+pub fn sanitize(name: &str) -> String {
+    name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect()
+}
