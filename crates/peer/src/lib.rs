@@ -96,7 +96,8 @@ pub struct PeerArgs {
     /// Write each remote peer's video to DIR/NAME-ID.ivf.
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,
-    /// Relay stdin lines to every peer's `chat` data channel and print theirs as 'chat NAME: TEXT'.
+    /// Relay stdin lines to every peer's `chat` data channel and print theirs as 'chat NAME: TEXT'; in an SFU
+    /// room (no data channels) as signaling `data`, the way the page chats there.
     #[arg(long)]
     pub chat: bool,
     /// Send each peer's video back to it.

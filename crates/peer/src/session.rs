@@ -285,12 +285,7 @@ impl Session {
                 let name = v["name"].as_str().filter(|n| !n.is_empty()).unwrap_or(&self.cfg.remote_name);
                 self.update(|r| r.chat_in += 1);
                 if self.cfg.chat {
-                    // Control characters could rewrite the terminal: show them escaped.
-                    let clean: String = text
-                        .chars()
-                        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
-                        .collect();
-                    out(format!("chat {}: {clean}", if name.is_empty() { id.as_str() } else { name }));
+                    print_chat(if name.is_empty() { id.as_str() } else { name }, text);
                 }
             }
             Event::ChannelClose(cid) if self.chat_channel == Some(cid) => self.chat_open = false,
@@ -430,6 +425,16 @@ impl Session {
 }
 
 /// The JSON a chat message travels as (the browser client's format).
+/// The 'chat NAME: TEXT' line of a received chat message.
+pub(crate) fn print_chat(who: &str, text: &str) {
+    // Control characters could rewrite the terminal: show them escaped.
+    let clean: String = text
+        .chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect();
+    out(format!("chat {who}: {clean}"));
+}
+
 pub fn chat_json(text: &str, name: &str) -> String {
     let ts =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);

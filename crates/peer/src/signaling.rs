@@ -120,8 +120,16 @@ pub(crate) async fn run(c: &mut Controller, leave: &mut Leave, mut inputs: Input
                 Some((to, s)) = inputs.signals.recv() => client.send(&to, &s),
                 Some(line) = inputs.chat.recv() => {
                     let json: Arc<str> = session::chat_json(&line, &c.args.name).into();
-                    for p in c.peers.values() {
-                        let _ = p.tx.send(ToSession::Chat(json.clone()));
+                    // In an SFU room there are no data channels: chat goes to everyone as signaling `data`.
+                    if c.sfu.is_some() {
+                        match serde_json::value::RawValue::from_string(json.to_string()) {
+                            Ok(raw) => client.send_data(&raw),
+                            Err(e) => tracing::warn!("chat not sent: {e}"),
+                        }
+                    } else {
+                        for p in c.peers.values() {
+                            let _ = p.tx.send(ToSession::Chat(json.clone()));
+                        }
                     }
                 }
                 _ = inputs.stats.tick() => {
@@ -239,7 +247,17 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
             let by = by.map(|b| format!(" by {b}")).unwrap_or_default();
             out(format!("room recording {}{by}", if active { "on" } else { "off" }));
         }
-        // SFU-room chat and media state are the page's; the native peer keeps to its data channels.
+        // Chat of an SFU room; media state, names and hands are the page's business.
+        Event::Data { from, data } if data["type"] == "chat" => {
+            let text = data["text"].as_str().unwrap_or("");
+            let name = data["name"].as_str().filter(|n| !n.is_empty()).or(c.names.get(&from).map(String::as_str));
+            if let Some(r) = c.sfu.iter().flat_map(|s| s.reports()).find(|r| r.lock().unwrap().id == from) {
+                r.lock().unwrap().chat_in += 1;
+            }
+            if c.args.chat {
+                session::print_chat(name.filter(|n| !n.is_empty()).unwrap_or(&from), text);
+            }
+        }
         Event::Data { from, .. } => tracing::debug!("data from {from} ignored"),
         Event::Error { code, message, join_refused, .. } => {
             out(format!("signaling error {code}: {message}"));

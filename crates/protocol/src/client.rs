@@ -117,12 +117,21 @@ impl SignalingClient {
 
     /// Relays `signal` to `to`: written now if live (see [`Self::poll_transmit`]), else after the next resume.
     pub fn send(&mut self, to: &str, signal: &Signal) {
-        let frame = signal.to_json(to);
+        self.queue(signal.to_json(to));
+    }
+
+    fn queue(&mut self, frame: String) {
         if self.live {
             self.transmit.push_back(frame);
         } else {
             self.outbox.push(frame);
         }
+    }
+
+    /// Sends `data` (a JSON object: chat, media state, name, hand) to every other member of the SFU room, like
+    /// [`Self::send`]: now if live, else after the next resume.
+    pub fn send_data(&mut self, data: &serde_json::value::RawValue) {
+        self.queue(crate::ClientMessage::Data(data).to_json());
     }
 
     /// The `bye` frame (leaving the room for good).

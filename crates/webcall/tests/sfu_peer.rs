@@ -171,3 +171,26 @@ fn a_native_whip_publisher_is_received_through_the_sfu() {
     let last = cam.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true"));
     assert!(last.contains("frames_out=") && !last.contains("frames_out=0 "), "{last}");
 }
+
+/// `--chat` in an SFU room: there are no data channels, so stdin lines go out as signaling `data` and the other
+/// peer prints them (and counts them in the SFU report of the sender).
+#[test]
+fn native_peers_chat_through_an_sfu_room() {
+    let server = ServerProc::start(&["--topology", "sfu"]);
+    let url = server.ws_url();
+    let args = ["--send", "testsrc", "--chat", "--duration", "8s"];
+    let mut alice = sfu_peer(&url, "sfu-chat", "alice", &args);
+    let alice_id = alice.id();
+    let mut bob = sfu_peer(&url, "sfu-chat", "bob", &args);
+    let bob_id = bob.id();
+    alice.wait_for("bob through the sfu", |l| l == format!("peer {bob_id} via sfu"));
+    bob.wait_for("alice through the sfu", |l| l == format!("peer {alice_id} via sfu"));
+    alice.say("hello from alice");
+    bob.say("hi from bob, with ünïcode\u{1b}[2J");
+    bob.wait_for("alice's chat", |l| l == "chat alice: hello from alice");
+    alice.wait_for("bob's chat", |l| l == "chat bob: hi from bob, with ünïcode\\u{1b}[2J");
+    assert_eq!(alice.wait_exit(), 0, "{}", alice.output());
+    assert_eq!(bob.wait_exit(), 0, "{}", bob.output());
+    assert_eq!(field(&final_stats(&bob, &alice_id), "chat_in"), 1);
+    assert_eq!(field(&final_stats(&alice, &bob_id), "chat_in"), 1);
+}
