@@ -16,6 +16,7 @@ command -v redis-sentinel >/dev/null || need_pkgs+=(redis-sentinel)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
+command -v ffmpeg >/dev/null || need_pkgs+=(ffmpeg)
 command -v node >/dev/null || need_pkgs+=(nodejs npm)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"

@@ -24,6 +24,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(v["data"].is_object());
             assert_eq!(v["data"], serde_json::from_str::<serde_json::Value>(d.get()).unwrap());
         }
+        Ok(m @ ClientMessage::Record(_)) => {
+            let again = parse_client(&m.to_json()).expect("a record frame reads back");
+            assert_eq!(again.kind(), m.kind());
+        }
         Ok(ClientMessage::View(v)) => {
             assert!(v.len() <= webcall_protocol::MAX_VIEW_TRACKS);
             assert!(v.iter().all(|t| t.width <= webcall_protocol::MAX_VIEW_SIZE && !t.mid.is_empty()));

@@ -558,6 +558,25 @@ call.addEventListener('peer-removed', (ev) => {
 });
 call.addEventListener('notice', (ev) => toast(/** @type {CustomEvent} */ (ev).detail.message));
 
+// The server's recording of this room (SFU rooms, --record-dir): everyone sees the REC indicator.
+function renderRecording() {
+  const on = call.recording;
+  $('rec-pill').hidden = !on;
+  setCtl('btn-record', on, on ? 'Stop recording this call' : 'Record this call on the server');
+  /** @type {HTMLElement} */ ($('btn-record').querySelector('span')).textContent = on ? 'Stop rec' : 'Record';
+  /** @type {HTMLElement} */ ($('m-record').querySelector('span')).textContent = on ? 'Stop recording' : 'Record on the server';
+}
+function toggleRecording() {
+  call.setRecording(!call.recording);
+}
+call.addEventListener('recording', (ev) => {
+  const { active, by } = /** @type {CustomEvent} */ (ev).detail;
+  renderRecording();
+  const who = by === 'api' ? 'the server' : by === call.id ? 'you' : by ? call.peers.get(by)?.name || 'someone' : null;
+  if (who) toast(active ? `Recording started by ${who}` : `Recording stopped by ${who}`);
+  announce(active ? 'This call is being recorded' : 'This call is no longer being recorded');
+});
+
 const PILL = /** @type {Record<string, string>} */ ({
   idle: 'Not connected',
   joining: 'Connecting…',
@@ -1080,6 +1099,8 @@ item('m-stats', toggleStats);
 item('m-fullscreen', () => fullscreen(document.documentElement));
 item('m-invite', invite);
 item('m-broadcast', broadcastInfo);
+item('m-record', toggleRecording);
+$('btn-record').onclick = toggleRecording;
 $('m-rename').onclick = rename;
 menu.addEventListener('keydown', (ev) => {
   const items = /** @type {HTMLElement[]} */ ([...menu.querySelectorAll('button:not([disabled])')]);

@@ -13,6 +13,8 @@
  * - `stats`        `{}` — every peer's `stats` was refreshed
  * - `fatal`        `{code, message}` from signaling (room full, …)
  * - `notice`       `{message}` — something the user should know (screen share ended, device failed, …)
+ * - `recording`    `{active, by}` — the server started or stopped recording the room (`by`: a peer id, `api`, or null)
+ * - `recording-error` `{code, message}` — `setRecording` was refused (no --record-dir, peer-to-peer room, no permission)
  */
 
 import { summarize } from './stats.js';
@@ -47,6 +49,8 @@ export class Call extends EventTarget {
     this.relayOnly = relayOnly;
     this.publish = publish;
     this.handRaised = false;
+    /** The room is being recorded by the server (`recording` messages; docs/recording.md). */
+    this.recording = false;
     /** our name changed since we joined (newcomers of an SFU room are told) */
     this.renamed = false;
     // While a peer connection is up, media flows without the server: a signaling outage does not end the call.
@@ -138,7 +142,23 @@ export class Call extends EventTarget {
       const st = /** @type {CustomEvent} */ (ev).detail.state;
       if (st === 'reconnecting' && this.state === 'in-call') this.setState('reconnecting');
     });
-    s.addEventListener('welcome', (ev) => this.onWelcome(/** @type {CustomEvent} */ (ev).detail));
+    s.addEventListener('welcome', (ev) => {
+      const w = /** @type {CustomEvent} */ (ev).detail;
+      // A fresh session hears the room's recording state right after its welcome; a resumed one keeps it.
+      if (!w.resumed) this.setRecordingState(false, null);
+      this.onWelcome(w);
+    });
+    s.addEventListener('recording', (ev) => {
+      const { active, by } = /** @type {CustomEvent} */ (ev).detail;
+      this.setRecordingState(!!active, typeof by === 'string' ? by : null);
+    });
+    s.addEventListener('error', (ev) => {
+      const e = /** @type {CustomEvent} */ (ev).detail;
+      if (e.ref === 'record') {
+        this.notice(`Recording: ${e.message ?? e.code}`);
+        this.dispatchEvent(new CustomEvent('recording-error', { detail: { code: e.code, message: e.message } }));
+      }
+    });
     s.addEventListener('hello', (ev) => {
       const { from, name } = /** @type {CustomEvent} */ (ev).detail;
       if (this.sfu) {
@@ -596,6 +616,18 @@ export class Call extends EventTarget {
     const msg = { type: 'chat', text, name: this.name, ts: Date.now() };
     this.sendToAll(msg);
     this.dispatchEvent(new CustomEvent('chat', { detail: { from: this.id, name: this.name, text, ts: msg.ts, local: true } }));
+  }
+
+  /** Asks the server to start or stop recording the room (SFU rooms; the server says who may). @param {boolean} on */
+  setRecording(on) {
+    this.signaling.send({ type: 'record', action: on ? 'start' : 'stop' });
+  }
+
+  /** @private @param {boolean} active @param {string|null} by */
+  setRecordingState(active, by) {
+    const changed = active !== this.recording;
+    this.recording = active;
+    if (changed || by) this.dispatchEvent(new CustomEvent('recording', { detail: { active, by } }));
   }
 
   /** @private @param {string} message */

@@ -217,6 +217,7 @@ export class Signaling extends EventTarget {
       case 'bye':
       case 'topology':
       case 'speaker':
+      case 'recording':
       case 'data':
         this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
         break;

@@ -249,6 +249,11 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
         Event::Topology { .. } => {}
         // The page highlights the speaker; the native peer has no tiles.
         Event::Speaker { .. } => {}
+        // Everyone in a room sees that it is recorded: here, a line on stdout.
+        Event::Recording { active, by } => {
+            let by = by.map(|b| format!(" by {b}")).unwrap_or_default();
+            out(format!("room recording {}{by}", if active { "on" } else { "off" }));
+        }
         // Chat of an SFU room; media state, names and hands are the page's business.
         Event::Data { from, data } if data["type"] == "chat" => {
             let text = data["text"].as_str().unwrap_or("");

@@ -64,6 +64,11 @@ pub enum Event {
     Speaker {
         peer: String,
     },
+    /// The room is being recorded (`active`) or no longer; `by` who started or stopped it.
+    Recording {
+        active: bool,
+        by: Option<String>,
+    },
     /// Member `from` of the SFU room sent `data` (chat, media state, name, hand).
     Data {
         from: String,
@@ -167,6 +172,7 @@ impl SignalingClient {
             ServerMessage::Bye { from } => Event::Bye { from },
             ServerMessage::Topology { mode, restart } => Event::Topology { mode, restart },
             ServerMessage::Speaker { peer } => Event::Speaker { peer },
+            ServerMessage::Recording { active, by } => Event::Recording { active, by },
             ServerMessage::Data { from, data } => Event::Data { from, data },
             ServerMessage::Error { code, message, refers_to } => {
                 let join_refused = !self.live && refers_to.as_deref() == Some("join");

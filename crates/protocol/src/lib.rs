@@ -155,11 +155,12 @@ pub enum MessageKind {
     Bye,
     Data,
     View,
+    Record,
     Invalid,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 8] = [
+    pub const ALL: [MessageKind; 9] = [
         MessageKind::Join,
         MessageKind::Offer,
         MessageKind::Answer,
@@ -167,6 +168,7 @@ impl MessageKind {
         MessageKind::Bye,
         MessageKind::Data,
         MessageKind::View,
+        MessageKind::Record,
         MessageKind::Invalid,
     ];
 
@@ -179,6 +181,7 @@ impl MessageKind {
             MessageKind::Bye => "bye",
             MessageKind::Data => "data",
             MessageKind::View => "view",
+            MessageKind::Record => "record",
             MessageKind::Invalid => "invalid",
         }
     }
@@ -289,6 +292,16 @@ pub enum ClientMessage<'a> {
     Data(&'a RawValue),
     /// `view`: how an SFU client shows the video it receives (see docs/protocol.md, *Simulcast*).
     View(Vec<TrackView>),
+    /// `{"type":"record","action":"start"|"stop"}`: start or stop recording the SFU room (docs/recording.md).
+    Record(RecordAction),
+}
+
+/// What `record` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordAction {
+    Start,
+    Stop,
 }
 
 /// At most this many entries in one `view` message.
@@ -318,6 +331,7 @@ impl ClientMessage<'_> {
             ClientMessage::Bye => MessageKind::Bye,
             ClientMessage::Data(_) => MessageKind::Data,
             ClientMessage::View(_) => MessageKind::View,
+            ClientMessage::Record(_) => MessageKind::Record,
         }
     }
 
@@ -333,6 +347,7 @@ impl ClientMessage<'_> {
             Bye,
             Data { data: &'a RawValue },
             View { tracks: &'a [TrackView] },
+            Record { action: RecordAction },
         }
         let out = match self {
             ClientMessage::Join(j) => Out::Join(j),
@@ -344,6 +359,7 @@ impl ClientMessage<'_> {
             ClientMessage::Bye => Out::Bye,
             ClientMessage::Data(data) => Out::Data { data },
             ClientMessage::View(tracks) => Out::View { tracks },
+            ClientMessage::Record(action) => Out::Record { action: *action },
         };
         serde_json::to_string(&out).expect("client messages serialise")
     }
@@ -505,6 +521,8 @@ struct Fields<'a> {
     tracks: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    action: Option<&'a RawValue>,
 }
 
 /// A present field is `Some`, even when it is `null` (plain `Option` would fold `null` into absent).
@@ -691,6 +709,15 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             }
             Ok(ClientMessage::View(tracks))
         }
+        "record" => match string_field(fields.action, "action", ty)?.as_deref() {
+            Some("start") => Ok(ClientMessage::Record(RecordAction::Start)),
+            Some("stop") => Ok(ClientMessage::Record(RecordAction::Stop)),
+            Some(_) => {
+                Err(ProtocolError::new(ErrorCode::BadField, "field 'action' must be \"start\" or \"stop\"")
+                    .refers_to(ty))
+            }
+            None => Err(ProtocolError::new(ErrorCode::MissingField, "'record' needs the field 'action'").refers_to(ty)),
+        },
         "data" => match fields.data {
             Some(d) if d.get().starts_with('{') => Ok(ClientMessage::Data(d)),
             Some(_) => Err(ProtocolError::new(ErrorCode::BadField, "field 'data' must be an object").refers_to(ty)),
@@ -700,7 +727,7 @@ pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ProtocolError> {
             let shown: String = other.chars().take(32).collect();
             Err(ProtocolError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye, data or view)"),
+                format!("unknown message type '{shown}' (expected join, offer, answer, candidate, bye, data, view or record)"),
             ))
         }
     }
@@ -766,6 +793,12 @@ pub fn encode_speaker(peer: &str) -> String {
     push_json_str(&mut s, peer);
     s.push('}');
     s
+}
+
+/// `{"type":"recording","active":…,"by":…}`: the room's recording started or stopped (`by`: who; `None` for
+/// the state a joiner is told).
+pub fn encode_recording(active: bool, by: Option<&str>) -> String {
+    ServerMessage::Recording { active, by: by.map(str::to_owned) }.to_json()
 }
 
 /// The SFU's answer to a client's offer: `{"type":"answer","from":"sfu","sdp":…}`.
@@ -953,6 +986,13 @@ pub enum ServerMessage {
     Speaker {
         peer: String,
     },
+    /// The room is (`active`) or is no longer being recorded; `by` is the peer id that started or stopped it, or
+    /// `api` for the HTTP API (absent in the one a joiner gets). See [`encode_recording`].
+    Recording {
+        active: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
     /// Member `from` of an SFU room sent `data` (an object, passed on unchanged; see [`encode_data`]).
     Data {
         from: String,
@@ -991,6 +1031,27 @@ mod tests {
         for (i, c) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{c}");
         }
+    }
+
+    #[test]
+    fn record_and_recording_round_trip() {
+        for (text, action) in [
+            (r#"{"type":"record","action":"start"}"#, RecordAction::Start),
+            (r#"{"type":"record","action":"stop"}"#, RecordAction::Stop),
+        ] {
+            let m = parse_client(text).unwrap();
+            assert!(matches!(m, ClientMessage::Record(a) if a == action));
+            assert_eq!(m.to_json(), text);
+            assert_eq!(m.kind(), MessageKind::Record);
+        }
+        assert_eq!(code(r#"{"type":"record","action":1}"#), ErrorCode::BadField);
+        let on = encode_recording(true, Some("Yx3kq0tVb2"));
+        assert_eq!(on, r#"{"type":"recording","active":true,"by":"Yx3kq0tVb2"}"#);
+        assert_eq!(
+            ServerMessage::parse(&on).unwrap(),
+            ServerMessage::Recording { active: true, by: Some("Yx3kq0tVb2".into()) }
+        );
+        assert_eq!(encode_recording(false, None), r#"{"type":"recording","active":false}"#);
     }
 
     #[test]

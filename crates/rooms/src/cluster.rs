@@ -288,6 +288,7 @@ impl ClusterRooms {
                 remote: true,
                 awaiting: None,
                 sfu: false,
+                record: false,
             },
         );
         self.core.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
@@ -556,6 +557,16 @@ mod tests {
             sfu: false,
             sfu_room: false,
         }
+    }
+
+    #[test]
+    fn recording_is_refused_with_redis() {
+        let mut n = Node::new();
+        let c = n.join("r", "A", &[]);
+        n.send(c, json!({"type":"record","action":"start"}));
+        let e = n.recv(c).remove(0);
+        assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("unavailable"), Some("record")), "{e}");
+        assert!(e["message"].as_str().unwrap().contains("--redis"), "{e}");
     }
 
     #[test]

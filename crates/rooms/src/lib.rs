@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use webcall_protocol::{
-    encode_bye, encode_hello, encode_topology_sfu, encode_welcome, parse_client, ClientMessage, ErrorCode, ErrorCounts,
-    Join, MessageCounts, MessageKind, PeerInfo, ProtocolError, Relay, SFU_PEER,
+    encode_bye, encode_hello, encode_recording, encode_topology_sfu, encode_welcome, parse_client, ClientMessage,
+    ErrorCode, ErrorCounts, Join, MessageCounts, MessageKind, PeerInfo, ProtocolError, RecordAction, Relay, SFU_PEER,
 };
 
 /// Frames in order, with their total size: memory bounds are in bytes, not only frames.
@@ -118,6 +118,8 @@ pub struct Config {
     pub topology: Topology,
     /// Capacity of SFU rooms (`--max-sfu-peers`).
     pub max_sfu_peers: usize,
+    /// Recording is possible (`--record-dir` is set); else `record` is refused.
+    pub recording: bool,
 }
 
 /// How a room's media flows (`--topology`).
@@ -164,6 +166,36 @@ pub enum SfuRequest {
     Leave { room: Arc<str>, peer: Arc<str> },
     /// How the peer shows the video it receives (`view`).
     View { room: Arc<str>, peer: Arc<str>, tracks: Vec<webcall_protocol::TrackView> },
+    /// Start (`start`) or stop recording `room`.
+    Record { room: Arc<str>, start: bool },
+}
+
+/// Why [`Rooms::set_recording`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordRefusal {
+    #[error("recording is off on this server; start it with --record-dir DIR (or WEBCALL_RECORD_DIR)")]
+    Off,
+    #[error("no room '{0}' on this server (nobody is in it)")]
+    NoRoom(String),
+    #[error(
+        "room '{0}' is peer-to-peer: its media never reaches the server, so it cannot be recorded; rooms whose \
+         members all speak SFU (web pages without ?mesh=1) move to the SFU to be recorded, unless the server runs \
+         with --topology mesh"
+    )]
+    NotSfu(String),
+    #[error("recording is single-node for now: with --redis a room's media may live on another node; run one node to record")]
+    Clustered,
+}
+
+impl RecordRefusal {
+    fn to_protocol(&self) -> ProtocolError {
+        let code = match self {
+            RecordRefusal::Off | RecordRefusal::Clustered => ErrorCode::Unavailable,
+            RecordRefusal::NoRoom(_) => ErrorCode::NotJoined,
+            RecordRefusal::NotSfu(_) => ErrorCode::NeedsSfu,
+        };
+        ProtocolError::new(code, self.to_string()).refers_to("record")
+    }
 }
 
 impl Default for Config {
@@ -181,6 +213,7 @@ impl Default for Config {
             seed: 0,
             topology: Topology::Auto,
             max_sfu_peers: 100,
+            recording: false,
         }
     }
 }
@@ -211,11 +244,13 @@ pub struct Admission {
     pub name: Option<String>,
     /// `false`: the peer may only receive media; offers and answers that would send audio or video are refused.
     pub publish: bool,
+    /// May start and stop recording the room (`record`): everyone in an open room; with tokens, the `record` claim.
+    pub record: bool,
 }
 
 impl Default for Admission {
     fn default() -> Self {
-        Admission { name: None, publish: true }
+        Admission { name: None, publish: true, record: true }
     }
 }
 
@@ -344,6 +379,8 @@ struct Peer {
     awaiting: Option<ConnId>,
     /// Joined with `"sfu":true`.
     sfu: bool,
+    /// May start and stop recording ([`Admission::record`]).
+    record: bool,
 }
 
 struct Room {
@@ -355,11 +392,13 @@ struct Room {
     guesses: Bucket,
     /// Media goes through the SFU (until the room empties).
     sfu: bool,
+    /// Being recorded (until stopped or the room empties).
+    recording: bool,
 }
 
 impl Room {
     fn new(password: Option<([u8; 16], [u8; 32])>, guesses: f64, now: u64) -> Self {
-        Room { members: Vec::new(), password, guesses: Bucket::full(guesses, now), sfu: false }
+        Room { members: Vec::new(), password, guesses: Bucket::full(guesses, now), sfu: false, recording: false }
     }
 }
 
@@ -553,6 +592,7 @@ impl Rooms {
             Ok(ClientMessage::Bye) => self.bye(conn, now),
             Ok(ClientMessage::View(v)) => self.view(conn, v, now),
             Ok(ClientMessage::Data(d)) => self.data(conn, d, now),
+            Ok(ClientMessage::Record(a)) => self.record(conn, a, now),
         }
     }
 
@@ -941,6 +981,7 @@ impl Rooms {
                 remote: false,
                 awaiting: None,
                 sfu: j.sfu,
+                record: admission.record,
             },
         );
         let switched = {
@@ -960,6 +1001,9 @@ impl Rooms {
         }
         if self.rooms[room_index].sfu {
             self.push(conn, Arc::from(encode_topology_sfu()));
+        }
+        if self.rooms[room_index].recording {
+            self.push(conn, Arc::from(encode_recording(true, None)));
         }
         let hello: Frame = Arc::from(encode_hello(&id, &name));
         self.broadcast(&room, &id, hello);
@@ -1048,8 +1092,12 @@ impl Rooms {
         c.limit = self.cfg.max_queued + backlog.len() + 1;
         c.limit_bytes = self.cfg.max_queued_bytes + backlog.bytes() + 1;
         self.welcome(conn, &id, true);
-        if self.room_is_sfu(&self.peers[&id].room) {
+        let room = self.peers[&id].room.clone();
+        if self.room_is_sfu(&room) {
             self.push(conn, Arc::from(encode_topology_sfu()));
+        }
+        if self.rooms.get(&room).is_some_and(|r| r.recording) {
+            self.push(conn, Arc::from(encode_recording(true, None)));
         }
         for frame in backlog {
             self.push(conn, frame);
@@ -1118,6 +1166,71 @@ impl Rooms {
         self.broadcast_all(&room, &from, Arc::from(webcall_protocol::encode_data(&from, d)));
     }
 
+    /// Starts (`start`) or stops recording `room` for `by` (a peer id, or `api`): the SFU is asked and every
+    /// member is told (`recording`). `Ok(false)`: it already was (or was not) being recorded; nothing changes.
+    pub fn set_recording(&mut self, room: &str, start: bool, by: &str, now: Instant) -> Result<bool, RecordRefusal> {
+        self.now = now;
+        if self.clustered {
+            return Err(RecordRefusal::Clustered);
+        }
+        if !self.cfg.recording {
+            return Err(RecordRefusal::Off);
+        }
+        let Some(r) = self.rooms.get(room) else { return Err(RecordRefusal::NoRoom(room.to_owned())) };
+        let room: Arc<str> = self.rooms.get_key_value(room).expect("found above").0.clone();
+        if !r.sfu {
+            // `auto`: a room of SFU-speaking members (pages) moves to the SFU to be recorded, as at a third joiner.
+            let movable = self.cfg.topology == Topology::Auto
+                && r.members.len() <= self.cfg.max_sfu_peers
+                && r.members.iter().all(|m| self.peers[m].sfu);
+            if !start || !movable {
+                return Err(RecordRefusal::NotSfu(room.to_string()));
+            }
+            self.rooms.get_mut(&room).expect("found above").sfu = true;
+            self.broadcast(&room, "", Arc::from(encode_topology_sfu()));
+        }
+        let r = self.rooms.get_mut(&room).expect("found above");
+        if r.recording == start {
+            return Ok(false);
+        }
+        r.recording = start;
+        self.out.push_back(Output::Sfu(SfuRequest::Record { room: room.clone(), start }));
+        self.broadcast(&room, "", Arc::from(encode_recording(start, Some(by))));
+        Ok(true)
+    }
+
+    /// Whether `room` is being recorded.
+    pub fn is_recording(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.recording)
+    }
+
+    /// `record` from a member that may (see [`Admission::record`]).
+    fn record(&mut self, conn: ConnId, action: RecordAction, now: Instant) {
+        let Some(peer) = self.conns[&conn].peer.clone() else {
+            let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'record'");
+            return self.refuse(conn, e.refers_to("record"), now);
+        };
+        // With --redis nobody may (cluster peers carry no `record` permission): say why first.
+        if self.clustered {
+            return self.refuse(conn, RecordRefusal::Clustered.to_protocol(), now);
+        }
+        if !self.peers[&peer].record {
+            let e = ProtocolError::new(
+                ErrorCode::Unauthorized,
+                "your join token does not grant 'record'; ask for one minted with --record",
+            );
+            return self.refuse(conn, e.refers_to("record"), now);
+        }
+        let room = self.peers[&peer].room.clone();
+        let start = action == RecordAction::Start;
+        match self.set_recording(&room, start, &peer, now) {
+            // Nothing changed: the sender still hears how things are.
+            Ok(false) => self.push(conn, Arc::from(encode_recording(start, None))),
+            Ok(true) => {}
+            Err(e) => self.refuse(conn, e.to_protocol(), now),
+        }
+    }
+
     /// `view` goes to the SFU of the peer's room; outside an SFU room it is refused.
     fn view(&mut self, conn: ConnId, tracks: Vec<webcall_protocol::TrackView>, now: Instant) {
         let Some(peer) = self.conns[&conn].peer.clone() else {
@@ -1165,7 +1278,9 @@ impl Rooms {
             None => false,
         };
         if now_empty {
-            self.rooms.swap_remove(&p.room);
+            if self.rooms.swap_remove(&p.room).is_some_and(|r| r.recording) {
+                self.out.push_back(Output::Sfu(SfuRequest::Record { room: p.room.clone(), start: false }));
+            }
         } else if self.clustered && !self.has_local_members(&p.room) {
             // Nobody here cares about this room any more; the cluster stops telling this node about it.
             self.forget_room(&p.room);

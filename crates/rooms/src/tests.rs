@@ -409,8 +409,8 @@ struct TokenPolicy;
 impl JoinPolicy for TokenPolicy {
     fn admit(&self, _: ConnId, j: &Join<'_>) -> Result<Admission, ProtocolError> {
         match j.token.as_deref() {
-            Some("viewer") => Ok(Admission { name: Some("Viewer".into()), publish: false }),
-            Some("host") => Ok(Admission { name: None, publish: true }),
+            Some("viewer") => Ok(Admission { name: Some("Viewer".into()), publish: false, record: false }),
+            Some("host") => Ok(Admission { name: None, publish: true, record: true }),
             _ => Err(ProtocolError::new(ErrorCode::Unauthorized, "a valid token is required")),
         }
     }
@@ -496,6 +496,7 @@ fn counters_count() {
             ("bye", 0),
             ("data", 0),
             ("view", 0),
+            ("record", 0),
             ("invalid", 1)
         ]
     );
@@ -813,4 +814,88 @@ fn data_goes_to_the_others_of_an_sfu_room_and_is_refused_in_a_mesh() {
     // Raw JSON: `data` must be an object, and this one is not.
     h.send_json(a, serde_json::json!({"type":"data","data":[1]}));
     assert_eq!(h.recv(a)[0]["code"], "bad-field");
+}
+
+#[test]
+fn recording_is_started_by_a_member_shown_to_all_and_to_late_joiners() {
+    let cfg = Config { topology: Topology::Sfu, recording: true, ..Config::default() };
+    let mut h = Harness::new(cfg);
+    let (a, a_id, _) = h.join_sfu("r", "A");
+    let (b, _, _) = h.join_sfu("r", "B");
+    h.recv(a);
+    h.send(a, r#"{"type":"record","action":"start"}"#);
+    let on = serde_json::json!({"type":"recording","active":true,"by":a_id});
+    assert_eq!(h.recv(a), vec![on.clone()]);
+    assert_eq!(h.recv(b), vec![on]);
+    let room: Arc<str> = Arc::from("r");
+    assert_eq!(h.sfu_requests().last(), Some(&SfuRequest::Record { room: room.clone(), start: true }));
+    // Again: nothing changes, the sender is told how it is.
+    h.send(b, r#"{"type":"record","action":"start"}"#);
+    assert_eq!(h.recv(b), vec![serde_json::json!({"type":"recording","active":true})]);
+    assert!(h.recv(a).is_empty());
+    assert!(!h.sfu_requests().iter().any(|r| matches!(r, SfuRequest::Record { .. })));
+    let (_, _, after) = h.join_sfu("r", "Late");
+    assert!(after.contains(&serde_json::json!({"type":"recording","active":true})), "{after:?}");
+    h.send(b, r#"{"type":"record","action":"stop"}"#);
+    let off = h.recv(a).into_iter().find(|m| m["type"] == "recording").expect("a is told");
+    assert_eq!(off["active"], false);
+    assert_eq!(h.sfu_requests().last(), Some(&SfuRequest::Record { room: room.clone(), start: false }));
+    assert_eq!(h.rooms.set_recording("r", true, "api", h.now), Ok(true));
+    assert_eq!(h.recv(a), vec![serde_json::json!({"type":"recording","active":true,"by":"api"})]);
+    // Bad input and the empty room.
+    h.send(a, r#"{"type":"record","action":"pause"}"#);
+    assert_eq!(h.recv(a)[0]["code"], "bad-field");
+    h.send(a, r#"{"type":"record"}"#);
+    assert_eq!(h.recv(a)[0]["code"], "missing-field");
+    assert_eq!(h.rooms.set_recording("nobody", true, "api", h.now), Err(RecordRefusal::NoRoom("nobody".into())));
+}
+
+#[test]
+fn recording_is_refused_when_off_in_a_mesh_room_and_without_the_claim() {
+    let mut h = Harness::new(Config::default());
+    let (a, _, _) = h.join("p2p", "A");
+    h.send(a, r#"{"type":"record","action":"start"}"#);
+    let e = h.recv(a).remove(0);
+    assert_eq!(e["code"], "unavailable");
+    assert!(e["message"].as_str().unwrap().contains("--record-dir"), "{e}");
+
+    // A room with a member that does not speak SFU stays peer-to-peer, and cannot be recorded.
+    let mut h = Harness::new(Config { recording: true, ..Config::default() });
+    let (a, _, _) = h.join_sfu("p2p", "A");
+    h.join("p2p", "B (v1)");
+    h.recv(a);
+    h.send(a, r#"{"type":"record","action":"start"}"#);
+    let e = h.recv(a).remove(0);
+    assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("needs-sfu"), Some("record")));
+    assert!(e["message"].as_str().unwrap().contains("peer-to-peer"), "{e}");
+    // A pair of SFU speakers (two pages) moves to the SFU to be recorded.
+    let (c, _, _) = h.join_sfu("pair", "C");
+    let (d, d_id, _) = h.join_sfu("pair", "D");
+    h.recv(c);
+    assert!(!h.rooms.room_is_sfu("pair"));
+    h.send(d, r#"{"type":"record","action":"start"}"#);
+    let on = serde_json::json!({"type":"recording","active":true,"by":d_id});
+    for x in [c, d] {
+        assert_eq!(h.recv(x), vec![topology_sfu(), on.clone()]);
+    }
+    assert!(h.rooms.room_is_sfu("pair") && h.rooms.is_recording("pair"));
+
+    let cfg = Config { topology: Topology::Sfu, recording: true, ..Config::default() };
+    h.rooms = Rooms::new(cfg, Box::new(|_: &str| Vec::new()), h.now).with_policy(Box::new(TokenPolicy));
+    let v = h.connect();
+    h.send(v, r#"{"type":"join","room":"r","token":"viewer","sfu":true}"#);
+    h.recv(v);
+    h.send(v, r#"{"type":"record","action":"start"}"#);
+    assert_eq!(h.recv(v)[0]["code"], "unauthorized");
+    let x = h.connect();
+    h.send(x, r#"{"type":"join","room":"r","token":"host","sfu":true}"#);
+    h.recv(x);
+    h.send(x, r#"{"type":"record","action":"start"}"#);
+    assert_eq!(h.recv(x)[0]["type"], "recording");
+    assert!(h.rooms.is_recording("r"));
+    // The room empties: the SFU is told to stop.
+    h.send(v, r#"{"type":"bye"}"#);
+    h.send(x, r#"{"type":"bye"}"#);
+    let room: Arc<str> = Arc::from("r");
+    assert_eq!(h.sfu_requests().last(), Some(&SfuRequest::Record { room, start: false }));
 }

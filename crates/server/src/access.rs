@@ -26,16 +26,32 @@ pub struct Claims {
     /// Not valid before this time (seconds since the Unix epoch), when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
-    /// `join` (required) and `publish` (send media); without `publish` the holder is subscribe-only.
+    /// `join` (required), `publish` (send media; without it the holder is subscribe-only) and `record` (start and
+    /// stop recording the room).
     pub permissions: Vec<String>,
 }
 
 /// Mints a join token, as `webcall token` does.
 pub fn mint_token(secret: &str, room: &str, name: Option<&str>, ttl: Duration, publish: bool) -> String {
+    mint_token_with(secret, room, name, ttl, publish, false)
+}
+
+/// [`mint_token`], with the `record` permission when `record` is set.
+pub fn mint_token_with(
+    secret: &str,
+    room: &str,
+    name: Option<&str>,
+    ttl: Duration,
+    publish: bool,
+    record: bool,
+) -> String {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() + ttl.as_secs();
     let mut permissions = vec!["join".to_owned()];
     if publish {
         permissions.push("publish".to_owned());
+    }
+    if record {
+        permissions.push("record".to_owned());
     }
     let claims = Claims { room: room.to_owned(), name: name.map(str::to_owned), exp, nbf: None, permissions };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
@@ -70,7 +86,8 @@ pub fn verify_token(secret: &str, token: Option<&str>, room: &str) -> Result<Adm
     if !c.permissions.iter().any(|p| p == "join") {
         return Err(unauthorized("the join token does not grant 'join'"));
     }
-    Ok(Admission { name: c.name, publish: c.permissions.iter().any(|p| p == "publish") })
+    let has = |what: &str| c.permissions.iter().any(|p| p == what);
+    Ok(Admission { name: c.name.clone(), publish: has("publish"), record: has("record") })
 }
 
 struct Bucket {
@@ -313,7 +330,10 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_refuse_what_they_should() {
         let t = mint_token(SECRET, "r", Some("Ann"), Duration::from_secs(60), true);
-        assert_eq!(verify_token(SECRET, Some(&t), "r").unwrap(), Admission { name: Some("Ann".into()), publish: true });
+        assert_eq!(
+            verify_token(SECRET, Some(&t), "r").unwrap(),
+            Admission { name: Some("Ann".into()), publish: true, record: false }
+        );
         let e = verify_token(SECRET, Some(&t), "other").unwrap_err();
         assert!(e.message.contains("for room 'r'"), "{e}");
         let e = verify_token("another-secret-xxxxxxxx", Some(&t), "r").unwrap_err();
@@ -321,7 +341,12 @@ mod tests {
         assert_eq!(verify_token(SECRET, None, "r").unwrap_err().code, ErrorCode::Unauthorized);
         assert!(verify_token(SECRET, Some("garbage"), "r").is_err());
         let viewer = mint_token(SECRET, "*", None, Duration::from_secs(60), false);
-        assert_eq!(verify_token(SECRET, Some(&viewer), "any").unwrap(), Admission { name: None, publish: false });
+        assert_eq!(
+            verify_token(SECRET, Some(&viewer), "any").unwrap(),
+            Admission { name: None, publish: false, record: false }
+        );
+        let rec = mint_token_with(SECRET, "r", None, Duration::from_secs(60), true, true);
+        assert!(verify_token(SECRET, Some(&rec), "r").unwrap().record, "the record permission");
         // Expired an hour ago.
         let claims =
             Claims { room: "r".into(), name: None, exp: 1_000_000, nbf: None, permissions: vec!["join".into()] };

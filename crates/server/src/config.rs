@@ -157,6 +157,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBCALL_MAX_SFU_ROOM_KBPS", value_name = "KBPS")]
     pub max_sfu_room_kbps: Option<u64>,
 
+    /// Record SFU rooms into this directory when a participant (or the HTTP API) asks: one WebM/Matroska file per
+    /// participant and track (docs/recording.md) [default: off, recording is refused].
+    #[arg(long, env = "WEBCALL_RECORD_DIR", value_name = "DIR")]
+    pub record_dir: Option<PathBuf>,
+
     #[command(flatten)]
     pub turn: webcall_turn::TurnArgs,
 
@@ -224,6 +229,8 @@ pub struct ServeConfig {
     pub media_external_ip: Option<std::net::IpAddr>,
     /// `--max-sfu-tracks`, `--max-sfu-room-tracks`, `--max-sfu-kbps`, `--max-sfu-room-kbps`.
     pub sfu_caps: webcall_sfu::Caps,
+    /// `--record-dir`: recordings go here; `None`, recording is refused.
+    pub record_dir: Option<PathBuf>,
 }
 
 /// Where `welcome.iceServers` come from.
@@ -278,6 +285,7 @@ impl ServeArgs {
             seed: rand::random(),
             topology: pick!(topology, d.topology),
             max_sfu_peers: pick!(max_sfu_peers, d.max_sfu_peers),
+            recording: self.record_dir.is_some() || file.record_dir.is_some(),
         };
         let cfg = ServeConfig {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -327,6 +335,7 @@ impl ServeArgs {
                     max_room_bitrate: pick!(max_sfu_room_kbps, d.max_room_bitrate / 1000).saturating_mul(1000),
                 }
             },
+            record_dir: self.record_dir.clone().or(file.record_dir.clone()),
         };
         let range = |setting, value: String, ok: bool, hint| {
             if ok {
@@ -487,6 +496,16 @@ max-sfu-room-tracks = 40",
         assert_eq!((c.max_room_bitrate, c.max_room_tracks, c.max_tracks), (2_500_000, 40, 10_000));
         let tiny = ServeArgs { max_sfu_kbps: Some(10), ..Default::default() };
         assert!(tiny.resolve().unwrap_err().to_string().contains("max-sfu-kbps"));
+    }
+
+    #[test]
+    fn record_dir_is_off_by_default_and_read_from_the_file() {
+        let d = ServeArgs::default().resolve().unwrap();
+        assert_eq!((d.record_dir, d.rooms.recording), (None, false));
+        let file: ServeArgs = toml::from_str("record-dir = \"/var/lib/webcall/rec\"").unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(c.record_dir, Some(PathBuf::from("/var/lib/webcall/rec")));
+        assert!(c.rooms.recording, "the room core takes record messages");
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod access;
 pub mod config;
 pub mod ice;
 pub mod metrics;
+mod recording;
 pub mod router;
 pub mod sfu;
 pub mod tls;
@@ -174,6 +175,7 @@ pub async fn serve_prepared(
         .route("/metrics", get(metrics))
         .route("/", get(|| async { web::asset("index.html") }))
         .route("/r/{room}", get(call_page))
+        .route("/api/rooms/{room}/recording", post(recording::start).delete(recording::stop))
         .route("/whip/{room}", post(whip::whip_post).options(whip::options).get(whip::explain))
         .route(
             "/whip/{room}/{id}",

@@ -11,8 +11,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use webcall_rooms::{
-    ClusterOutput, ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, Rooms, SfuRequest,
-    Stats, WatchRefusal,
+    ClusterOutput, ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, RecordRefusal,
+    Rooms, SfuRequest, Stats, WatchRefusal,
 };
 
 /// What the WebSocket task of one connection shares with the router.
@@ -58,6 +58,11 @@ pub trait Router: Send + Sync + 'static {
         _viewer: &str,
     ) -> Result<Vec<IceServer>, WatchRefusal> {
         Err(WatchRefusal::NotSfu)
+    }
+    /// Starts or stops recording `room` (the HTTP API); see [`Rooms::set_recording`]. Routers without SFU rooms
+    /// refuse.
+    fn set_recording(&self, _room: &str, _start: bool, _by: &str) -> Result<bool, RecordRefusal> {
+        Err(RecordRefusal::Clustered)
     }
     /// `false` while the router cannot serve joins (e.g. its backing store is down).
     fn healthy(&self) -> bool {
@@ -314,6 +319,9 @@ impl Router for LocalRouter {
     }
     fn admit_viewer(&self, room: &str, password: Option<&str>, viewer: &str) -> Result<Vec<IceServer>, WatchRefusal> {
         self.driver.lock().rooms.admit_viewer(room, password, viewer, Instant::now())
+    }
+    fn set_recording(&self, room: &str, start: bool, by: &str) -> Result<bool, RecordRefusal> {
+        self.driver.with(|i, now| i.rooms.set_recording(room, start, by, now))
     }
     fn message(&self, conn: ConnId, text: &str) {
         self.driver.message(conn, text);

@@ -32,10 +32,20 @@ impl SfuBridge {
     }
 
     pub fn route(&mut self, req: SfuRequest) {
+        if let SfuRequest::Record { room, start } = req {
+            let handle = self.handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle.record(&room, start).await {
+                    tracing::error!("recording of room {room} not {}: {e}", if start { "started" } else { "stopped" });
+                }
+            });
+            return;
+        }
         let peer = match &req {
             SfuRequest::Signal { peer, .. } | SfuRequest::Leave { peer, .. } | SfuRequest::View { peer, .. } => {
                 peer.clone()
             }
+            SfuRequest::Record { .. } => unreachable!("handled above"),
         };
         if let SfuRequest::Leave { .. } = req {
             if let Some(tx) = self.peers.remove(&peer) {
@@ -113,6 +123,7 @@ async fn peer_task(handle: SfuHandle, router: Router, peer: Arc<str>, mut rx: mp
                 continue;
             }
             SfuRequest::Leave { .. } => break,
+            SfuRequest::Record { .. } => continue,
         };
         if session.is_none() {
             session = new_session(&handle, &router, &room, &peer).await;

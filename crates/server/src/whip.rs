@@ -54,7 +54,7 @@ pub(crate) struct HttpError {
     message: String,
 }
 
-fn err(status: StatusCode, message: impl Into<String>) -> HttpError {
+pub(crate) fn err(status: StatusCode, message: impl Into<String>) -> HttpError {
     HttpError { status, message: message.into() }
 }
 
@@ -143,7 +143,7 @@ fn check_content_type(headers: &HeaderMap, want: &str) -> Result<(), HttpError> 
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Result<Option<String>, HttpError> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<Option<String>, HttpError> {
     let Some(v) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
     let v = v.to_str().unwrap_or("");
     match v.split_once(' ') {
@@ -154,7 +154,7 @@ fn bearer(headers: &HeaderMap) -> Result<Option<String>, HttpError> {
     }
 }
 
-fn check_room(room: &str) -> Result<(), HttpError> {
+pub(crate) fn check_room(room: &str) -> Result<(), HttpError> {
     if webcall_protocol::valid_room_name(room) {
         Ok(())
     } else {
@@ -556,7 +556,7 @@ async fn run_viewer(
     linger(&state, &id, &res).await;
 }
 
-fn constant_eq(a: &str, b: &str) -> bool {
+pub(crate) fn constant_eq(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }

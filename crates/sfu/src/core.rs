@@ -1,7 +1,7 @@
 //! The SFU core: one str0m `Rtc` per participant session, no I/O. Datagrams, signaling and time go in;
 //! datagrams, events and the next timeout come out of [`Sfu::poll_output`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,8 @@ use str0m::ice::{IceCreds, StunMessage};
 use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
+
+use crate::record::{RecordOp, Recorder, Want};
 
 /// A participant's session with the SFU (one peer connection).
 pub type SessionId = u64;
@@ -195,6 +197,9 @@ pub struct SfuStats {
     pub refused_tracks: u64,
     /// REMB messages sent to publishers over a bitrate cap.
     pub remb_sent: u64,
+    /// Rooms being recorded, and files open.
+    pub recording_rooms: u64,
+    pub recording_files: u64,
 }
 
 /// Bits per second over windows of [`RATE_WINDOW`].
@@ -292,6 +297,8 @@ struct TrackIn {
     loudness: Loudness,
     /// The allowance last sent by REMB (over a bitrate cap), and when.
     capped: Option<(u64, Instant)>,
+    /// Its file while the room is recorded.
+    recorder: Option<Box<Recorder>>,
 }
 
 impl TrackIn {
@@ -303,6 +310,7 @@ impl TrackIn {
             layers: Vec::new(),
             loudness: Loudness { share: 0.0, last: None },
             capped: None,
+            recorder: None,
         }
     }
     fn bps(&mut self, now: Instant) -> u64 {
@@ -427,6 +435,10 @@ pub struct Sfu {
     next_tick: Instant,
     /// The active speaker per room: announced to the pages (`speaker`), followed by WHEP viewers.
     floor: HashMap<Arc<str>, Speaker>,
+    /// Rooms being recorded (see [`Sfu::start_recording`]).
+    recording: HashSet<Arc<str>>,
+    record_out: VecDeque<RecordOp>,
+    next_file: u64,
 }
 
 impl Sfu {
@@ -445,6 +457,9 @@ impl Sfu {
             stats: SfuStats::default(),
             next_tick: now + TICK,
             floor: HashMap::new(),
+            recording: HashSet::new(),
+            record_out: VecDeque::new(),
+            next_file: 1,
         }
     }
 
@@ -458,6 +473,13 @@ impl Sfu {
         SfuStats {
             sessions: self.sessions.len() as u64,
             tracks: self.sessions.values().map(|s| s.tracks_in.len() as u64).sum(),
+            recording_rooms: self.recording.len() as u64,
+            recording_files: self
+                .sessions
+                .values()
+                .flat_map(|s| &s.tracks_in)
+                .filter(|t| t.recorder.as_ref().is_some_and(|r| r.file().is_some()))
+                .count() as u64,
             ..self.stats
         }
     }
@@ -465,6 +487,90 @@ impl Sfu {
     /// No sessions at all.
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
+    }
+
+    /// Records `room` from now on: one file per published track, each starting with a keyframe (asked for).
+    /// `false` if it was being recorded already.
+    pub fn start_recording(&mut self, room: &str) -> bool {
+        self.recording.insert(Arc::from(room))
+    }
+
+    /// Stops recording `room`: its files are finished ([`RecordOp::Close`]). `false` if it was not recorded.
+    pub fn stop_recording(&mut self, room: &str) -> bool {
+        if !self.recording.remove(room) {
+            return false;
+        }
+        let members = self.rooms.get(room).cloned().unwrap_or_default();
+        for id in members {
+            self.finish_recorders(id);
+        }
+        true
+    }
+
+    /// Stops every recording (the server is stopping).
+    pub fn stop_all_recordings(&mut self) {
+        let rooms: Vec<Arc<str>> = self.recording.iter().cloned().collect();
+        for r in rooms {
+            self.stop_recording(&r);
+        }
+    }
+
+    pub fn is_recording(&self, room: &str) -> bool {
+        self.recording.contains(room)
+    }
+
+    /// The next file operation for the adapter. Drain it after [`Sfu::poll_output`].
+    pub fn poll_record(&mut self) -> Option<RecordOp> {
+        self.record_out.pop_front()
+    }
+
+    fn finish_recorders(&mut self, id: SessionId) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        for t in &mut s.tracks_in {
+            if let Some(op) = t.recorder.take().and_then(|r| r.finish()) {
+                self.record_out.push_back(op);
+            }
+        }
+    }
+
+    /// A frame of a published track of a recorded room, for its file. One layer is recorded at a time: the highest
+    /// that arrives; another only when that one stops coming or a larger one appears (at the new one's keyframe,
+    /// asked for, time running on).
+    fn record_frame(&mut self, from: SessionId, d: &MediaData) {
+        if self.recording.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let Some(s) = self.sessions.get_mut(&from) else { return };
+        if !self.recording.contains(&s.room) {
+            return;
+        }
+        let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == d.mid) else { return };
+        let live = |l: &&Layer| now.saturating_duration_since(l.last_seen) < LAYER_GONE;
+        let best = match t.kind {
+            MediaKind::Video => {
+                t.layers.iter().filter(live).max_by_key(|l| (l.width, l.height, l.rate.peek(now))).map(|l| l.rid)
+            }
+            _ => Some(d.rid),
+        };
+        let Some(best) = best else { return };
+        let rec = t.recorder.get_or_insert_with(|| {
+            let file = self.next_file;
+            self.next_file += 1;
+            Box::new(Recorder::new(file))
+        });
+        // Kept while it comes, unless a larger one appears (simulcast layers start small while the estimate grows):
+        // no flapping, at most a step up per new layer and a step down when one stops.
+        let size = |rid: Option<Rid>| t.layers.iter().find(|l| l.rid == rid).map_or(0, |l| l.width * l.height);
+        let keep = rec
+            .layer()
+            .is_some_and(|r| t.layers.iter().any(|l| l.rid == r && live(&l)) && (best == r || size(best) <= size(r)));
+        let mut ops = Vec::new();
+        let want = rec.frame(d, t.kind, best, keep, &s.room, &s.participant, &mut ops);
+        self.record_out.extend(ops);
+        if let Want::Keyframe(rid) = want {
+            self.request_layer_keyframe(from, d.mid, rid);
+        }
     }
 
     /// Number of sessions in `room`.
@@ -879,6 +985,7 @@ impl Sfu {
                 }
             }
             Propagate::Media(d) => {
+                self.record_frame(from, &d);
                 let keyframe = d.is_keyframe();
                 for other in members.into_iter().filter(|o| *o != from) {
                     let Some(s) = self.sessions.get_mut(&other) else { continue };
@@ -1264,6 +1371,8 @@ impl Sfu {
     }
 
     fn close(&mut self, id: SessionId, event: bool) {
+        // A publisher that leaves ends its files; when it comes back, it gets new ones.
+        self.finish_recorders(id);
         let Some(s) = self.sessions.remove(&id) else { return };
         self.by_ufrag.remove(&s.ufrag);
         for a in &s.addrs {
@@ -1386,7 +1495,7 @@ fn track_layer(t: &mut TrackIn, d: &MediaData, now: Instant) -> bool {
 
 /// The frame size of a VP8 keyframe (RFC 6386 9.1: a 3-byte frame tag with bit 0 clear, the start code 9d 01 2a,
 /// then 14-bit width and height, little-endian).
-fn vp8_size(frame: &[u8]) -> Option<(u32, u32)> {
+pub(crate) fn vp8_size(frame: &[u8]) -> Option<(u32, u32)> {
     if frame.len() < 10 || frame[0] & 1 != 0 || frame[3..6] != [0x9d, 0x01, 0x2a] {
         return None;
     }

@@ -5,9 +5,13 @@
 //! the media sockets (UDP with batched I/O, and ICE-TCP on the same port).
 
 pub mod core;
+pub mod mux;
 pub mod net;
+pub mod record;
 pub mod tcp;
+pub mod writer;
 
 pub use crate::core::{
     Caps, SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit, View,
 };
+pub use crate::record::RecordOp;

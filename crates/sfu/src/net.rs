@@ -43,6 +43,8 @@ pub struct MediaConfig {
     pub dtls_cert: Option<DtlsCert>,
     /// Track and bitrate caps (`--max-sfu-tracks` and friends).
     pub caps: Caps,
+    /// `--record-dir`: where recordings go; `None`, recording is refused.
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,10 @@ pub enum SfuNetError {
     Thread(io::Error),
     #[error("the SFU task has stopped")]
     Stopped,
+    #[error("recording is off on this server; start it with --record-dir DIR (or WEBCALL_RECORD_DIR)")]
+    RecordingOff,
+    #[error("cannot use the recording directory {dir}: {source} (check --record-dir)")]
+    RecordDir { dir: std::path::PathBuf, source: io::Error },
     #[error(transparent)]
     Sfu(#[from] SfuError),
 }
@@ -129,12 +135,22 @@ enum Command {
         id: SessionId,
         views: Vec<(String, View)>,
     },
+    Record {
+        room: String,
+        start: bool,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Stop every recording and wait until the files are closed.
+    FinishRecordings {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A handle to the running SFU; cheap to clone. The SFU thread stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct SfuHandle {
     tx: mpsc::UnboundedSender<Command>,
+    recording: bool,
     local_addr: SocketAddr,
     advertised: Arc<[IpAddr]>,
     stats: Arc<Mutex<(SfuStats, NetStats)>>,
@@ -143,6 +159,14 @@ pub struct SfuHandle {
 impl SfuHandle {
     /// Binds the media sockets (UDP and TCP, same port) and starts the SFU thread.
     pub async fn start(cfg: MediaConfig) -> Result<SfuHandle, SfuNetError> {
+        let writer = match &cfg.record_dir {
+            Some(dir) => Some(
+                crate::writer::RecordWriter::start(dir.clone())
+                    .map_err(|source| SfuNetError::RecordDir { dir: dir.clone(), source })?,
+            ),
+            None => None,
+        };
+        let recording = writer.is_some();
         let (udp, tcp) = bind_pair(cfg.listen)?;
         let local_addr =
             udp.local_addr().map_err(|source| SfuNetError::Bind { addr: cfg.listen, proto: "UDP", source })?;
@@ -189,7 +213,7 @@ impl SfuHandle {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    run(io, sfu, rx, st).await;
+                    run(io, sfu, rx, st, writer).await;
                 });
                 // Connections' tasks end with the runtime.
                 rt.shutdown_background();
@@ -200,7 +224,7 @@ impl SfuHandle {
             Ok(Err(source)) => return Err(SfuNetError::Bind { addr: local_addr, proto: "UDP", source }),
             Err(_) => return Err(SfuNetError::Stopped),
         }
-        Ok(SfuHandle { tx, local_addr, advertised, stats })
+        Ok(SfuHandle { tx, recording, local_addr, advertised, stats })
     }
 
     /// The bound address (UDP, and TCP on the same port).
@@ -265,6 +289,29 @@ impl SfuHandle {
     /// How the client shows the video of its receive m-lines (`mid`, size; 0×0 hidden).
     pub fn view(&self, id: SessionId, views: Vec<(String, View)>) -> Result<(), SfuNetError> {
         self.send(Command::View { id, views })
+    }
+
+    /// Whether recordings can be made (`--record-dir` is set).
+    pub fn recording_enabled(&self) -> bool {
+        self.recording
+    }
+
+    /// Starts (`start`) or stops recording `room`; `Ok(false)` when it already was (or was not) being recorded.
+    pub async fn record(&self, room: &str, start: bool) -> Result<bool, SfuNetError> {
+        if !self.recording {
+            return Err(SfuNetError::RecordingOff);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Record { room: room.into(), start, reply })?;
+        rx.await.map_err(|_| SfuNetError::Stopped)
+    }
+
+    /// Stops every recording and waits until its files are written and closed (graceful shutdown).
+    pub async fn finish_recordings(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.send(Command::FinishRecordings { reply }).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub fn remove(&self, id: SessionId) -> Result<(), SfuNetError> {
@@ -692,6 +739,7 @@ async fn run(
     mut sfu: Sfu,
     mut rx: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Mutex<(SfuStats, NetStats)>>,
+    mut writer: Option<crate::writer::RecordWriter>,
 ) {
     let mut signals: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>> = HashMap::new();
     let sleep = tokio::time::sleep_until(Instant::now().into());
@@ -721,6 +769,12 @@ async fn run(
                 SfuOutput::Timeout(t) => break t,
             }
         };
+        // Files are written on the writer's thread: here only a channel send.
+        while let Some(op) = sfu.poll_record() {
+            if let Some(w) = &mut writer {
+                w.send(op);
+            }
+        }
         io.flush();
         let now = Instant::now();
         if now >= next_stats {
@@ -749,7 +803,7 @@ async fn run(
                 // Signaling changed something: the figures follow at once (tests and /metrics read them).
                 Some(c) => {
                     next_stats = Instant::now();
-                    command(&mut sfu, &mut signals, c);
+                    command(&mut sfu, &mut signals, c, writer.as_mut());
                 }
             },
             Some(e) = io.tcp_rx.recv() => io.tcp_event(&mut sfu, e),
@@ -758,8 +812,31 @@ async fn run(
     }
 }
 
-fn command(sfu: &mut Sfu, signals: &mut HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>, c: Command) {
+fn command(
+    sfu: &mut Sfu,
+    signals: &mut HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
+    c: Command,
+    mut writer: Option<&mut crate::writer::RecordWriter>,
+) {
     match c {
+        Command::Record { room, start, reply } => {
+            let changed = if start { sfu.start_recording(&room) } else { sfu.stop_recording(&room) };
+            let _ = reply.send(changed);
+        }
+        Command::FinishRecordings { reply } => {
+            sfu.stop_all_recordings();
+            while let Some(op) = sfu.poll_record() {
+                if let Some(w) = writer.as_deref_mut() {
+                    w.send(op);
+                }
+            }
+            match writer {
+                Some(w) => w.flush(reply),
+                None => {
+                    let _ = reply.send(());
+                }
+            }
+        }
         Command::Add { room, participant, role, signals: tx, reply } => {
             let id = sfu.add_session_with(&room, &participant, role, Instant::now());
             signals.insert(id, tx);

@@ -12,7 +12,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use webcall_sfu::{Caps, SessionId, SessionRole, Sfu, SfuConfig, SfuEvent, SfuOutput, View};
+use webcall_sfu::{Caps, RecordOp, SessionId, SessionRole, Sfu, SfuConfig, SfuEvent, SfuOutput, View};
 
 const FRAME: Duration = Duration::from_millis(33);
 /// The simulcast layers test clients publish: rid, frame size, bytes per frame.
@@ -68,6 +68,8 @@ struct Client {
     requested: Vec<Option<Rid>>,
     /// The RFC 6464 level of the audio it sends (dBov, 0 loudest, -127 silence).
     level: i8,
+    /// Simulcast layers it stopped sending.
+    dropped: Vec<Option<Rid>>,
     /// Video frames received, per publisher's marker, in order.
     frames: HashMap<u8, Vec<Got>>,
     /// Active speakers announced to this client's session, in order.
@@ -84,6 +86,8 @@ struct Net {
     clients: Vec<Client>,
     next_frame: Instant,
     closed: Vec<SessionId>,
+    /// What the recorder put out, in order.
+    records: Vec<RecordOp>,
 }
 
 impl Net {
@@ -92,7 +96,16 @@ impl Net {
         let sfu_addr: SocketAddr = "127.0.0.1:7882".parse().unwrap();
         // The stepped clock of these simulated links looks like queueing to the TWCC estimator.
         let sfu = Sfu::new(SfuConfig { host_candidates: vec![sfu_addr], follow_bwe: false, ..Default::default() }, now);
-        Net { now, sfu, sfu_addr, sfu_timeout: now, clients: Vec::new(), next_frame: now, closed: Vec::new() }
+        Net {
+            now,
+            sfu,
+            sfu_addr,
+            sfu_timeout: now,
+            clients: Vec::new(),
+            next_frame: now,
+            closed: Vec::new(),
+            records: Vec::new(),
+        }
     }
 
     fn join(&mut self, name: &'static str) -> usize {
@@ -152,6 +165,7 @@ impl Net {
             keyframe_due: Vec::new(),
             requested: Vec::new(),
             level: -127,
+            dropped: Vec::new(),
             frames: HashMap::new(),
             speakers: Vec::new(),
             rembs: Vec::new(),
@@ -229,6 +243,9 @@ impl Net {
                 vec![(None, 1280, 720, 1200, b'f')]
             };
             for (rid, w, h, len, mark) in layers {
+                if c.dropped.contains(&rid) {
+                    continue;
+                }
                 // A keyframe every 30 frames, and on request.
                 let due = c.keyframe_due.contains(&rid);
                 let key = n % 30 == 1 || due;
@@ -258,6 +275,9 @@ impl Net {
     fn exchange(&mut self) {
         loop {
             let mut busy = false;
+            while let Some(op) = self.sfu.poll_record() {
+                self.records.push(op);
+            }
             loop {
                 match self.sfu.poll_output() {
                     SfuOutput::Timeout(t) => {
@@ -781,4 +801,104 @@ fn a_viewer_without_a_choice_follows_the_active_speaker() {
     // A switch starts on a keyframe (this publisher sends one a second, the SFU's PLI may just miss one).
     net.run(Duration::from_secs(2));
     assert!(net.received("viewer", "alice", MediaKind::Video) > a + 20);
+}
+
+/// The files of a recording, put together from the recorder's output: (participant, kind, bytes, closed).
+fn recorded_files(ops: &[RecordOp]) -> Vec<(String, MediaKind, Vec<u8>, bool)> {
+    let mut files: Vec<(u64, String, MediaKind, Vec<u8>, bool)> = Vec::new();
+    for op in ops {
+        match op {
+            RecordOp::Open { file, participant, kind, .. } => {
+                files.push((*file, participant.to_string(), *kind, Vec::new(), false))
+            }
+            RecordOp::Append { file, bytes } => {
+                files.iter_mut().find(|f| f.0 == *file).expect("appended to an open file").3.extend(bytes)
+            }
+            RecordOp::Close { file, tail, patches, .. } => {
+                let f = files.iter_mut().find(|f| f.0 == *file).expect("closed an open file");
+                f.3.extend(tail);
+                for (at, b) in patches {
+                    f.3[*at as usize..*at as usize + b.len()].copy_from_slice(b);
+                }
+                f.4 = true;
+            }
+        }
+    }
+    files.into_iter().map(|f| (f.1, f.2, f.3, f.4)).collect()
+}
+
+/// The blocks of a one-track WebM file: (timestamp ms, keyframe, last byte of the frame).
+fn blocks(file: &[u8]) -> Vec<(i64, bool, u8)> {
+    use webm_iterable::matroska_spec::{MatroskaSpec, SimpleBlock};
+    let mut out = Vec::new();
+    let mut cluster = 0i64;
+    for tag in webm_iterable::WebmIterator::new(file, &[]) {
+        match tag.expect("the file parses") {
+            MatroskaSpec::Timestamp(t) => cluster = t as i64,
+            b @ MatroskaSpec::SimpleBlock(_) => {
+                let sb = SimpleBlock::try_from(&b).unwrap();
+                out.push((cluster + sb.timestamp as i64, sb.keyframe, *sb.raw_frame_data().last().unwrap()));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn a_recording_keeps_one_layer_starts_on_keyframes_and_ends_files_of_leavers() {
+    let mut net = Net::new();
+    net.join_with("a", true);
+    net.join("b");
+    net.run(Duration::from_secs(1));
+    // b shows a small: what it receives does not change what is recorded.
+    net.set_view("b", "a", 320, 180);
+    net.client_mut("a").answers_keyframes = false;
+    assert!(net.sfu.start_recording("room"));
+    assert!(!net.sfu.start_recording("room"), "already recording");
+    net.run(Duration::from_secs(3));
+    assert!(net.client("a").requested.contains(&Some(Rid::from("f"))), "a keyframe of the recorded layer was asked");
+    assert_eq!(net.sfu.stats().recording_files, 4, "{:?}", net.sfu.stats());
+    // The recorded layer stops coming: the recording goes on with the next best one, from its keyframe.
+    net.client_mut("a").dropped.push(Some(Rid::from("f")));
+    net.client_mut("a").answers_keyframes = true;
+    net.run(Duration::from_secs(3));
+    // f comes back (the estimate grew again): the recording steps up to it, at its keyframe.
+    net.client_mut("a").dropped.clear();
+    net.run(Duration::from_secs(2));
+    // a leaves: its files end; b's go on until the recording stops.
+    let a = net.client("a").session;
+    net.sfu.remove_session(a);
+    net.clients.retain(|c| c.name != "a");
+    net.run(Duration::from_millis(200));
+    let files = recorded_files(&net.records);
+    assert!(files.iter().filter(|f| f.0 == "a").all(|f| f.3), "a's files are closed");
+    assert!(files.iter().filter(|f| f.0 == "b").all(|f| !f.3), "b's are still open");
+    net.run(Duration::from_secs(1));
+    assert!(net.sfu.stop_recording("room"));
+    net.run(Duration::from_millis(100));
+    let files = recorded_files(&net.records);
+    assert_eq!(files.len(), 4, "audio and video of a and b");
+    assert!(files.iter().all(|f| f.3), "all closed");
+    assert_eq!(net.sfu.stats().recording_files, 0);
+
+    let (_, _, a_video, _) = files.iter().find(|f| f.0 == "a" && f.1 == MediaKind::Video).unwrap();
+    let got = blocks(a_video);
+    assert!(got[0].1, "the file starts with a keyframe");
+    let first_h = got.iter().position(|b| b.2 == b'h').expect("recorded h once f was gone");
+    assert!(got[first_h].1, "the change of layer is at a keyframe");
+    assert!(got[..first_h].iter().all(|b| b.2 == b'f'), "only f before: {:?}", &got[..first_h]);
+    let back = first_h + got[first_h..].iter().position(|b| b.2 == b'f').expect("back to f when it came back");
+    assert!(got[back].1, "the step up is at a keyframe too");
+    assert!(got[first_h..back].iter().all(|b| b.2 == b'h'), "only h between");
+    assert!(got[back..].iter().all(|b| b.2 == b'f'), "only f after");
+    // 30 fps for about 8 s (less the wait for the first keyframe and the gap while f was gone).
+    assert!((180..=245).contains(&got.len()), "{} frames", got.len());
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "time never goes back");
+    let gap = got[first_h].0 - got[first_h - 1].0;
+    assert!((1..2000).contains(&gap), "time runs on across the layer change: {gap} ms");
+
+    let (_, _, b_audio, _) = files.iter().find(|f| f.0 == "b" && f.1 == MediaKind::Audio).unwrap();
+    let audio = blocks(b_audio);
+    assert!(audio.len() > 100, "{} audio frames", audio.len());
 }

@@ -131,7 +131,13 @@ async fn client(sfu: SfuHandle, name: &str, tcp: bool, run_for: Duration) -> Has
 }
 
 fn loopback() -> MediaConfig {
-    MediaConfig { listen: "127.0.0.1:0".parse().unwrap(), external_ip: None, dtls_cert: None, caps: Default::default() }
+    MediaConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ip: None,
+        dtls_cert: None,
+        caps: Default::default(),
+        record_dir: None,
+    }
 }
 
 #[tokio::test]
@@ -200,6 +206,7 @@ async fn a_wildcard_listen_address_advertises_the_interfaces() {
         external_ip: None,
         dtls_cert: None,
         caps: Default::default(),
+        record_dir: None,
     };
     let sfu = SfuHandle::start(cfg).await.unwrap();
     assert!(!sfu.advertised().is_empty());
@@ -209,6 +216,7 @@ async fn a_wildcard_listen_address_advertises_the_interfaces() {
         external_ip: Some("192.0.2.7".parse().unwrap()),
         dtls_cert: None,
         caps: Default::default(),
+        record_dir: None,
     };
     let sfu = SfuHandle::start(cfg).await.unwrap();
     assert_eq!(sfu.advertised(), ["192.0.2.7".parse::<std::net::IpAddr>().unwrap()]);

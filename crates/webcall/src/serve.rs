@@ -42,6 +42,7 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
             external_ip: cfg.media_external_ip,
             dtls_cert: None,
             caps: cfg.sfu_caps,
+            record_dir: cfg.record_dir.clone(),
         };
         let handle = webcall_sfu::net::SfuHandle::start(media).await?;
         let ips: Vec<String> = handle.advertised().iter().map(|ip| ip.to_string()).collect();
@@ -133,6 +134,10 @@ pub async fn run(args: webcall_server::ServeArgs) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!("{left} connections were still open at the shutdown deadline");
     }
+    // Recordings end with whole clusters, their size and duration written: playable files.
+    if let Some(sfu) = &sfu {
+        sfu.finish_recordings().await;
+    }
     if let Some(t) = turn {
         t.shutdown().await;
     }
@@ -220,6 +225,8 @@ pub fn sfu_metrics(s: &webcall_sfu::SfuStats, n: &webcall_sfu::net::NetStats, ou
         );
     };
     gauge(out, "sessions", "SFU media sessions (one per participant).", s.sessions);
+    gauge(out, "recording_rooms", "Rooms being recorded (--record-dir).", s.recording_rooms);
+    gauge(out, "recording_files", "Recording files open (one per recorded track).", s.recording_files);
     gauge(out, "tracks", "Tracks published to the SFU.", s.tracks);
     counter(out, "forwarded_frames_total", "Media frames forwarded to subscribers.", s.forwarded_frames);
     counter(out, "forwarded_bytes_total", "Media payload bytes forwarded to subscribers.", s.forwarded_bytes);

@@ -19,6 +19,9 @@ pub struct TokenArgs {
     /// The holder may only receive media (no camera or microphone).
     #[arg(long)]
     subscribe_only: bool,
+    /// The holder may start and stop recording the room (the `record` permission; docs/recording.md).
+    #[arg(long)]
+    record: bool,
 }
 
 pub fn run(a: TokenArgs) -> anyhow::Result<()> {
@@ -32,7 +35,14 @@ pub fn run(a: TokenArgs) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        webcall_server::access::mint_token(&a.auth_secret, &a.room, a.name.as_deref(), a.ttl, !a.subscribe_only)
+        webcall_server::access::mint_token_with(
+            &a.auth_secret,
+            &a.room,
+            a.name.as_deref(),
+            a.ttl,
+            !a.subscribe_only,
+            a.record
+        )
     );
     Ok(())
 }
