@@ -421,6 +421,8 @@ impl Layer<ClusterRooms> for ClusterState {
             SfuRequest::Signal { room, peer, .. }
             | SfuRequest::Leave { room, peer }
             | SfuRequest::View { room, peer, .. } => (room, peer),
+            // The room core refuses `record` with --redis (recording is single-node for now): this node's SFU.
+            SfuRequest::Record { .. } => return Some(req),
         };
         let owner = match self.owners.get(&**room) {
             Some(n) if n != me => n.clone(),
@@ -433,6 +435,7 @@ impl Layer<ClusterRooms> for ClusterState {
             SfuRequest::Signal { kind, payload, .. } => (kind.as_str(), payload.clone()),
             SfuRequest::Leave { .. } => ("leave", String::new()),
             SfuRequest::View { tracks, .. } => ("view", serde_json::to_string(tracks).unwrap_or_default()),
+            SfuRequest::Record { .. } => unreachable!("returned above"),
         };
         let body = format!("F\n{kind}\n{room}\n{peer}\n{payload}");
         // A leave must not be refused (its session would linger); the others are refused to their sender, as relays.
@@ -801,6 +804,7 @@ impl ClusterState {
                     self.served.insert(peer.clone(), (room.clone(), node.to_owned()));
                 }
             }
+            SfuRequest::Record { .. } => {}
         }
     }
 

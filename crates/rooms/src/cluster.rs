@@ -563,7 +563,7 @@ mod tests {
     fn recording_is_refused_with_redis() {
         let mut n = Node::new();
         let c = n.join("r", "A", &[]);
-        n.send(c, json!({"type":"record","action":"start"}));
+        n.send(c, &webcall_protocol::ClientMessage::Record(webcall_protocol::RecordAction::Start).to_json());
         let e = n.recv(c).remove(0);
         assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("unavailable"), Some("record")), "{e}");
         assert!(e["message"].as_str().unwrap().contains("--redis"), "{e}");

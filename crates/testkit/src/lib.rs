@@ -159,6 +159,15 @@ impl Client {
         Self::connect_raw(url).await.expect("WebSocket connects")
     }
 
+    /// Connects and joins `room` with `"sfu":true`; the client and its `welcome` (its id set from it).
+    pub async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
+        let mut c = Client::connect(url).await;
+        c.send_join(webcall_protocol::Join { sfu: true, ..webcall_protocol::Join::new(room, name) }).await;
+        let w = c.expect("welcome").await;
+        c.id = w["id"].as_str().unwrap().to_owned();
+        (c, w)
+    }
+
     pub async fn connect_raw(url: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
         Ok(Client { ws, id: String::new(), resume: String::new() })

@@ -7,7 +7,7 @@ use webcall_testkit::redis;
 
 use common::{Client, Proc, ServerProc};
 use redis::Redis;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use webcall_protocol::{Join, Signal, SFU_PEER};
@@ -174,14 +174,6 @@ fn the_sfu_node_serves_a_room_it_hosts_no_member_of_and_hands_it_over_on_shutdow
     assert_eq!(sessions(&[&n1]), [2], "the room's media moved to n1");
 }
 
-async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
-    let mut c = Client::connect(url).await;
-    c.send_join(Join { sfu: true, ..Join::new(room, name) }).await;
-    let w = c.expect("welcome").await;
-    c.id = w["id"].as_str().unwrap().to_owned();
-    (c, w)
-}
-
 /// An offer the SFU cannot use: its refusal comes back from the room's SFU node, whichever node the client is on.
 async fn sfu_refuses_an_offer(c: &mut Client) {
     c.relay(SFU_PEER, Signal::Offer("not an SDP".into())).await;
@@ -195,11 +187,11 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     let mut redis = Redis::start_outside_ephemeral();
     let port = redis.port;
     let (n1, n2) = (node(&redis, "n1"), node(&redis, "n2"));
-    let (mut a, _) = join_sfu(&n1.ws_url(), "keep", "A").await;
-    let (mut b, _) = join_sfu(&n2.ws_url(), "keep", "B").await;
+    let (mut a, _) = Client::join_sfu(&n1.ws_url(), "keep", "A").await;
+    let (mut b, _) = Client::join_sfu(&n2.ws_url(), "keep", "B").await;
     a.expect("hello").await;
     // The third join (on n2) moves the room to n2's SFU: everyone hears topology, before the hello.
-    let (mut c, _) = join_sfu(&n2.ws_url(), "keep", "C").await;
+    let (mut c, _) = Client::join_sfu(&n2.ws_url(), "keep", "C").await;
     assert_eq!(c.recv().await, json!({"type":"topology","mode":"sfu"}));
     for x in [&mut a, &mut b] {
         assert_eq!(x.recv().await, json!({"type":"topology","mode":"sfu"}));
@@ -231,7 +223,7 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     let mut v1 = Client::connect(&n1.ws_url()).await;
     v1.send_join(Join::new("keep", "old")).await;
     v1.expect_error("needs-sfu").await;
-    let (mut d, _) = join_sfu(&n1.ws_url(), "keep", "D").await;
+    let (mut d, _) = Client::join_sfu(&n1.ws_url(), "keep", "D").await;
     assert_eq!(d.recv().await, json!({"type":"topology","mode":"sfu"}));
     // Nobody was told to restart: the SFU did not move.
     assert_eq!(a.recv().await, json!({"type":"hello","from":d.id,"name":"D"}));

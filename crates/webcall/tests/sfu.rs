@@ -4,19 +4,11 @@
 use webcall_testkit as common;
 
 use common::{Client, ServerProc};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Instant;
 use str0m::media::{Direction, MediaKind};
 use str0m::Rtc;
 use webcall_protocol::{Join, Signal, BYE};
-
-async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
-    let mut c = Client::connect(url).await;
-    c.send_join(Join { sfu: true, ..Join::new(room, name) }).await;
-    let w = c.expect("welcome").await;
-    c.id = w["id"].as_str().unwrap().to_owned();
-    (c, w)
-}
 
 /// A browser-like offer: audio and video, sendrecv.
 fn offer() -> String {
@@ -37,10 +29,10 @@ fn offer_from() -> (Rtc, String, str0m::change::SdpPendingOffer) {
 async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() {
     let server = ServerProc::start(&[]);
     let url = server.ws_url();
-    let (mut a, _) = join_sfu(&url, "r", "A").await;
-    let (mut b, _) = join_sfu(&url, "r", "B").await;
+    let (mut a, _) = Client::join_sfu(&url, "r", "A").await;
+    let (mut b, _) = Client::join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
-    let (mut c, w) = join_sfu(&url, "r", "C").await;
+    let (mut c, w) = Client::join_sfu(&url, "r", "C").await;
     assert_eq!(w["peers"].as_array().unwrap().len(), 2);
     assert_eq!(c.expect("topology").await["mode"], "sfu");
     assert_eq!(a.expect("topology").await["mode"], "sfu");
@@ -108,7 +100,7 @@ async fn a_v1_client_is_refused_by_an_sfu_room_with_needs_sfu() {
     v1.send_join(Join::new("r", "old")).await;
     let e = v1.expect_error("needs-sfu").await;
     assert_eq!(e["ref"], "join");
-    let (mut s, _) = join_sfu(&url, "r", "new").await;
+    let (mut s, _) = Client::join_sfu(&url, "r", "new").await;
     assert_eq!(s.expect("topology").await["mode"], "sfu");
 }
 
@@ -116,14 +108,14 @@ async fn a_v1_client_is_refused_by_an_sfu_room_with_needs_sfu() {
 async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap() {
     let server = ServerProc::start(&["--max-peers", "2", "--max-sfu-peers", "3"]);
     let url = server.ws_url();
-    let (mut a, _) = join_sfu(&url, "r", "A").await;
-    let (mut b, _) = join_sfu(&url, "r", "B").await;
+    let (mut a, _) = Client::join_sfu(&url, "r", "A").await;
+    let (mut b, _) = Client::join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
     // Peer-to-peer: `data` is refused (the data channel carries it).
     a.send_data(&json!({"type":"chat","text":"p2p"})).await;
     assert_eq!(a.expect_error("needs-sfu").await["ref"], "data");
     // The third moves the room to the SFU, past --max-peers 2 (SFU rooms have --max-sfu-peers).
-    let (mut c, _) = join_sfu(&url, "r", "C").await;
+    let (mut c, _) = Client::join_sfu(&url, "r", "C").await;
     c.expect("topology").await;
     a.expect("topology").await;
     a.expect("hello").await;
@@ -157,9 +149,9 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
 async fn mesh_keeps_three_peers_peer_to_peer() {
     let server = ServerProc::start(&["--topology", "mesh"]);
     let url = server.ws_url();
-    let (mut a, _) = join_sfu(&url, "r", "A").await;
-    join_sfu(&url, "r", "B").await;
-    join_sfu(&url, "r", "C").await;
+    let (mut a, _) = Client::join_sfu(&url, "r", "A").await;
+    Client::join_sfu(&url, "r", "B").await;
+    Client::join_sfu(&url, "r", "C").await;
     assert_eq!(a.expect("hello").await["name"], "B");
     assert_eq!(a.expect("hello").await["name"], "C");
     a.relay("sfu", Signal::Offer(offer())).await;
