@@ -25,7 +25,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(v["data"], serde_json::from_str::<serde_json::Value>(d.get()).unwrap());
         }
         Ok(m @ ClientMessage::Record(_)) => {
-            let again = parse_client(&m.to_json()).expect("a record frame reads back");
+            let frame = m.to_json();
+            let again = parse_client(&frame).expect("a record frame reads back");
             assert_eq!(again.kind(), m.kind());
         }
         Ok(ClientMessage::View(v)) => {
