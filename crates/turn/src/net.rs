@@ -3,14 +3,16 @@
 //! One mutex guards the core. UDP (the listening socket and every relay socket) is served by one thread on
 //! one epoll (mio), as coturn's relay threads do: a wake-up takes the lock once, reads a batch from each ready
 //! socket through `quinn-udp` (recvmmsg, and GRO coalescing a burst of one flow), relays it and sends (what
-//! goes to one client in equal-sized frames leaves in one GSO send). No task is woken per packet. TCP and
-//! TLS clients get a reader and a writer task each on the TURN thread's tokio runtime, as do the accept
-//! loops and the timer.
+//! goes to one client in equal-sized frames leaves in one GSO send). No task is woken per packet. Plain TCP
+//! clients are read by the same thread on the same epoll (one wake-up serves every ready socket, and no tokio
+//! reactor wakes per packet); their writes are direct, with a writer task for what does not fit at once. TLS
+//! clients get a reader and a writer task each on the TURN thread's tokio runtime, as do the accept loops and
+//! the timer.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,9 +23,11 @@ use rand::Rng;
 use rustc_hash::FxHashMap;
 use slab::Slab;
 use std::io::IoSliceMut;
+use std::io::Read;
 use std::io::Write;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -150,6 +154,7 @@ impl TurnServer {
             udp_addr,
             registry,
             waker,
+            new_streams: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             tls: parking_lot::RwLock::new(tls.as_ref().map(|(_, sc)| sc.clone())),
             relay_ip,
@@ -719,6 +724,8 @@ struct Shared {
     /// The pump's epoll: relay sockets are added as they open.
     registry: mio::Registry,
     waker: mio::Waker,
+    /// TCP clients accepted for the pump to read, taken up at its next wake-up.
+    new_streams: Mutex<Vec<PumpStream>>,
     stopped: AtomicBool,
     /// The TLS configuration for new TURNS connections; [`TurnHandle::set_tls`] swaps it.
     tls: parking_lot::RwLock<Option<Arc<rustls::ServerConfig>>>,
@@ -960,6 +967,8 @@ fn transient(e: &io::Error) -> bool {
 /// Epoll tokens of the pump besides the relay sockets' (slab indices).
 const LISTENER: mio::Token = mio::Token(usize::MAX - 1);
 const WAKER: mio::Token = mio::Token(usize::MAX - 2);
+/// Tokens of the TCP clients the pump reads: this plus their index in the pump's own slab (above any relay's).
+const STREAM_BASE: usize = 1 << 40;
 
 /// Control-plane datagrams to clients: (data, to).
 type UdpOut = Vec<(Vec<u8>, SocketAddr)>;
@@ -974,6 +983,9 @@ fn pump_loop(shared: Arc<Shared>, mut poll: mio::Poll) {
     // after the others without waiting.
     let mut again: Vec<mio::Token> = Vec::new();
     let mut ready: Vec<mio::Token> = Vec::new();
+    // The TCP clients this thread reads (only it touches them; their end drops them here).
+    let mut conns: Slab<PumpStream> = Slab::new();
+    let mut stream_peers = StreamToPeers::default();
     loop {
         let timeout = if again.is_empty() { None } else { Some(Duration::ZERO) };
         if let Err(e) = poll.poll(&mut events, timeout) {
@@ -988,12 +1000,24 @@ fn pump_loop(shared: Arc<Shared>, mut poll: mio::Poll) {
         }
         ready.clear();
         ready.append(&mut again);
-        ready.extend(events.iter().map(|e| e.token()).filter(|t| *t != WAKER));
+        let mut woken = false;
+        for e in events.iter() {
+            if e.token() == WAKER {
+                woken = true;
+            } else {
+                ready.push(e.token());
+            }
+        }
+        if woken {
+            shared.adopt_streams(&mut conns);
+        }
         {
             let mut st = shared.state.lock();
             for &t in &ready {
                 let more = if t == LISTENER {
                     shared.client_batch(&mut st, &mut s, &mut udp_out)
+                } else if t.0 >= STREAM_BASE {
+                    shared.stream_read(&mut st, &mut conns, t.0 - STREAM_BASE, &mut stream_peers, &mut udp_out)
                 } else {
                     shared.peer_batch(&mut st, &mut s, t.0)
                 };
@@ -1094,6 +1118,126 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Registers the TCP clients accepted since the last wake-up. Epoll reports at once those that already
+    /// hold bytes.
+    fn adopt_streams(&self, conns: &mut Slab<PumpStream>) {
+        let new = std::mem::take(&mut *self.new_streams.lock());
+        for c in new {
+            let entry = conns.vacant_entry();
+            let token = mio::Token(STREAM_BASE + entry.key());
+            if let Err(e) = self.registry.register(&mut SourceFd(&c.sock.as_raw_fd()), token, mio::Interest::READABLE) {
+                // Dropping it ends the connection.
+                tracing::warn!(error = %e, "TURN TCP client not registered");
+                continue;
+            }
+            entry.insert(c);
+        }
+    }
+
+    /// Reads what TCP client `idx` sent (one read per call, into its framer; a read the kernel did not fill
+    /// means its queue is empty, and new bytes raise a new edge) and relays its frames. True if the socket may
+    /// still hold bytes.
+    fn stream_read(
+        self: &Arc<Self>,
+        st: &mut State,
+        conns: &mut Slab<PumpStream>,
+        idx: usize,
+        to_peers: &mut StreamToPeers,
+        udp_out: &mut UdpOut,
+    ) -> bool {
+        // A stale token (the connection ended since the wake-up) reads another's bytes harmlessly, or nothing.
+        let Some(c) = conns.get_mut(idx) else {
+            return false;
+        };
+        let tuple = c.tuple;
+        let (mut end, mut more) = (false, true);
+        for _ in 0..BATCHES_PER_WAKE {
+            let buf = c.framer.read_buf();
+            let len = buf.len();
+            let room = buf.capacity() - len;
+            buf.resize(len + room, 0);
+            let got = match (&c.sock).read(&mut buf[len..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    buf.truncate(len);
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => continue,
+                        io::ErrorKind::WouldBlock => more = false,
+                        _ => end = true,
+                    }
+                    break;
+                }
+            };
+            buf.truncate(len + got);
+            if got == 0 {
+                end = true;
+                break;
+            }
+            let mut framed = false;
+            loop {
+                match c.framer.next_frame() {
+                    Ok(Some(frame)) => {
+                        self.client_frame(st, tuple, frame, udp_out, to_peers);
+                        framed = true;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        end = true;
+                        break;
+                    }
+                }
+            }
+            to_peers.flush(&st.relays);
+            if framed {
+                c.link.framed(c.accepted);
+            }
+            if end || got < room {
+                more = false;
+                break;
+            }
+        }
+        if end {
+            let c = conns.remove(idx);
+            let _ = self.registry.deregister(&mut SourceFd(&c.sock.as_raw_fd()));
+            return false;
+        }
+        more
+    }
+}
+
+/// A plain TCP client the pump thread reads.
+struct PumpStream {
+    tuple: FiveTuple,
+    /// A duplicate of the connection's descriptor, registered with the pump's epoll.
+    sock: std::net::TcpStream,
+    framer: StreamFramer,
+    accepted: Instant,
+    link: Arc<StreamLink>,
+}
+
+impl Drop for PumpStream {
+    /// The pump stopped reading (end of stream, an error, not TURN, or the pump stopped): the connection's task
+    /// closes it.
+    fn drop(&mut self) {
+        self.link.ended.notify_one();
+    }
+}
+
+/// What the pump tells the task of a TCP client it reads.
+#[derive(Default)]
+struct StreamLink {
+    /// When the last complete message came, in ms after the connection was accepted, plus one (0: none yet).
+    last_frame: AtomicU64,
+    ended: Notify,
+}
+
+impl StreamLink {
+    fn framed(&self, accepted: Instant) {
+        self.last_frame.store(accepted.elapsed().as_millis() as u64 + 1, Ordering::Release);
+    }
+}
+
 async fn timer_loop(shared: Arc<Shared>) {
     let mut udp_out = UdpOut::new();
     loop {
@@ -1174,11 +1318,24 @@ async fn tcp_accept(shared: Arc<Shared>, l: TcpListener) {
                 let _ = s.set_nodelay(true);
                 let server = s.local_addr().unwrap_or(shared.udp_addr);
                 let tuple = FiveTuple { transport: Transport::Tcp, client: from, server };
-                // Without a duplicate descriptor (EMFILE), everything goes through the writer task.
-                let direct = s.as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from);
                 let shared = shared.clone();
+                // The pump thread reads it (a duplicate descriptor for its epoll, one for direct writes); without
+                // spare descriptors (EMFILE), tasks read and write it.
+                let dups = (s.as_fd().try_clone_to_owned(), s.as_fd().try_clone_to_owned());
+                if let (Ok(rd), Ok(direct)) = dups {
+                    // Off tokio's reactor: the writer registers for writability only, so incoming bytes wake
+                    // only the pump.
+                    let Ok(sock) = s.into_std() else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        serve_tcp(shared, sock, rd.into(), direct.into(), tuple, accepted).await;
+                        drop(slot);
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
-                    serve_stream(shared, s, direct, tuple, accepted).await;
+                    serve_stream(shared, s, None, tuple, accepted).await;
                     drop(slot);
                 });
             }
@@ -1337,6 +1494,12 @@ async fn serve_stream<S>(
     };
     *out.reader.lock() = Some(reader.abort_handle());
     let _ = reader.await;
+    end_stream(&shared, tuple, &out, writer).await;
+}
+
+/// Forgets a TCP/TLS client whose reading ended: its allocation goes, the writer sends what is queued, then
+/// shuts the connection down.
+async fn end_stream(shared: &Arc<Shared>, tuple: FiveTuple, out: &StreamOut, writer: JoinHandle<()>) {
     let mut udp_out = UdpOut::new();
     {
         let mut st = shared.state.lock();
@@ -1347,6 +1510,123 @@ async fn serve_stream<S>(
     shared.send_udp(&mut udp_out);
     out.close();
     let _ = writer.await;
+}
+
+/// Serves one plain TCP client: the pump thread reads it (`rd`) and writes to it directly (`direct`); this task
+/// writes what did not fit at once, and closes it when it ends or idles (no timer per read: it wakes when a
+/// deadline passes and looks when the last message came).
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    sock: std::net::TcpStream,
+    rd: std::net::TcpStream,
+    direct: std::net::TcpStream,
+    tuple: FiveTuple,
+    accepted: Instant,
+) {
+    // SAFETY: the AsyncFd owns `sock`, an open TCP socket whose descriptor does not change while it lives.
+    let Ok(wfd) = (unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::WRITABLE) }) else {
+        return;
+    };
+    let out = Arc::new(StreamOut {
+        q: Mutex::new(OutQueue::default()),
+        direct: Some(direct),
+        limit: shared.stream_queue,
+        notify: Notify::new(),
+        closed: AtomicBool::new(false),
+        reader: Mutex::new(None),
+        writer: Mutex::new(None),
+    });
+    shared.state.lock().streams.insert(tuple, out.clone());
+    let writer = {
+        let out = out.clone();
+        let timeout = shared.stream_write_timeout;
+        tokio::spawn(async move {
+            let mut spare = Vec::new();
+            loop {
+                out.notify.notified().await;
+                loop {
+                    {
+                        let mut q = out.q.lock();
+                        std::mem::swap(&mut q.buf, &mut spare);
+                        q.writing = !spare.is_empty();
+                    }
+                    if spare.is_empty() {
+                        break;
+                    }
+                    if write_fd(&wfd, &spare, timeout).await.is_err() {
+                        out.kill();
+                        return;
+                    }
+                    spare.clear();
+                }
+                if out.closed.load(Ordering::Acquire) {
+                    let _ = wfd.get_ref().shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+            }
+        })
+    };
+    *out.writer.lock() = Some(writer.abort_handle());
+    let link = Arc::new(StreamLink::default());
+    shared.new_streams.lock().push(PumpStream {
+        tuple,
+        sock: rd,
+        framer: StreamFramer::new(),
+        accepted,
+        link: link.clone(),
+    });
+    if shared.waker.wake().is_ok() {
+        // Until the first complete message, then after each: bytes alone do not push it back. Quiet
+        // connections may stay while they hold an allocation (its lifetime bounds them).
+        let mut floor = accepted;
+        loop {
+            let last = link.last_frame.load(Ordering::Acquire);
+            let due = match last {
+                0 => accepted + shared.stream_first_message,
+                ms => accepted + Duration::from_millis(ms - 1) + shared.stream_idle,
+            };
+            tokio::select! {
+                _ = link.ended.notified() => break,
+                _ = tokio::time::sleep_until(due.max(floor).into()) => {
+                    if link.last_frame.load(Ordering::Acquire) != last {
+                        continue;
+                    }
+                    if shared.state.lock().core.allocation_of(&tuple).is_some() {
+                        floor = Instant::now() + shared.stream_idle;
+                        continue;
+                    }
+                    tracing::debug!(client = %tuple.client, "TURN stream idle: closed");
+                    // The pump sees the end of the stream and drops its side.
+                    if let Some(sock) = &out.direct {
+                        let _ = sock.shutdown(std::net::Shutdown::Read);
+                    }
+                    link.ended.notified().await;
+                    break;
+                }
+            }
+        }
+    }
+    end_stream(&shared, tuple, &out, writer).await;
+}
+
+/// Writes `data` to a non-blocking TCP socket in pieces, each within `timeout`.
+async fn write_fd(fd: &AsyncFd<std::net::TcpStream>, data: &[u8], timeout: Duration) -> io::Result<()> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let piece = &rest[..rest.len().min(WRITE_CHUNK)];
+        let wrote = tokio::time::timeout(timeout, async {
+            loop {
+                let mut ready = fd.writable().await?;
+                if let Ok(r) = ready.try_io(|s| s.get_ref().write(piece)) {
+                    return r;
+                }
+            }
+        })
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TURN client does not read"))??;
+        rest = &rest[wrote..];
+    }
+    Ok(())
 }
 
 /// Over TLS each TURN message goes in its own record: coturn's clients read one message per record and

@@ -18,8 +18,9 @@ pub struct TurnCmdArgs {
 }
 
 pub async fn run(a: TurnCmdArgs) -> anyhow::Result<()> {
-    // Before the server starts: a SIGTERM right after the banner must not kill it without its shutdown.
+    // Before the server starts: a SIGTERM or SIGINT right after the banner must not kill it without its shutdown.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let tls = match (a.tls_cert, a.tls_key) {
         (Some(cert), Some(key)) => {
             Some(webcall_server::tls::load(&webcall_server::TlsSource::Files { cert, key }).await?.config.get_inner())
@@ -38,7 +39,7 @@ pub async fn run(a: TurnCmdArgs) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
     handle.shutdown().await;
     Ok(())

@@ -228,6 +228,35 @@ async fn webcall_turn_runs_alone() {
     assert!(ok && sent == 50 && recv == 50 && lost == 0, "{out}");
 }
 
+/// SIGTERM and SIGINT right after the banner are a graceful stop (exit status 0), not death by the signal:
+/// both handlers are installed before the server starts.
+#[test]
+fn webcall_turn_stops_gracefully_on_a_signal_right_after_start() {
+    use std::os::unix::process::ExitStatusExt;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webcall"))
+            .args(["turn", "--turn-listen", "127.0.0.1:0", "--turn-secret", "sig-secret"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("STUN/TURN"), "{line}");
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "webcall turn did not stop on signal {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "signal {sig}: {status:?} (killed by signal {:?})", status.signal());
+    }
+}
+
 // ---- Interop: coturn's clients in their default modes against `webcall serve` as an operator starts it ----
 
 const SECRET: &str = "interop-secret";
