@@ -249,7 +249,7 @@ async fn tcp_frames_split_and_batched_anywhere_are_all_relayed() {
             let k = cut.min(rest.len());
             tcp.write_all(&rest[..k]).await.unwrap();
             rest = &rest[k..];
-            if cut % 3 == 0 {
+            if cut.is_multiple_of(3) {
                 tokio::task::yield_now().await;
             }
         }
