@@ -189,7 +189,7 @@ fi
 if [ -n "${STEPS:-}" ]; then
   FLOWS=${FLOWS:-10}; STEP_SECS=${STEP_SECS:-2}; REPS=${REPS:-3}; SIZE=${SIZE:-$L}
   echo
-  echo "throughput search: $FLOWS flows x $SIZE B, clients over ${TCP:+TCP}${TCP:-UDP}; steps (msg/s each way): $STEPS; $STEP_SECS s each; $REPS repetitions; pinned: $PIN; nice: $NICE ($(cat /proc/self/autogroup 2>/dev/null))"
+  echo "throughput search: $FLOWS flows x $SIZE B, clients over $([ -n "${TCP:-}" ] && echo TCP || echo UDP); steps (msg/s each way): $STEPS; $STEP_SECS s each; $REPS repetitions; pinned: $PIN; nice: $NICE ($(cat /proc/self/autogroup 2>/dev/null))"
   : >"$TMP/steps"
   for rep in $(seq "$REPS"); do
     if [ $((rep % 2)) = 1 ]; then order="webcall coturn"; else order="coturn webcall"; fi
