@@ -551,6 +551,8 @@ struct ToPeers {
     /// (relay slab index, peer, slot of the read, bytes of that slot).
     msgs: Vec<(usize, SocketAddr, usize, Range<usize>)>,
     names: Vec<socket2::SockAddr>,
+    /// A GSO run copied together.
+    gather: Vec<u8>,
 }
 
 impl ToPeers {
@@ -567,12 +569,36 @@ impl ToPeers {
             let j = i + msgs[i..].iter().take_while(|m| m.0 == relay).count();
             if let Some(r) = relays.get(relay) {
                 let group = &msgs[i..j];
-                send_many_by(
-                    &r.sock.sock,
-                    group.len(),
-                    |k| (group[k].1, &slots[group[k].2][group[k].3.clone()]),
-                    &mut self.names,
-                );
+                let data = |k: usize| &slots[group[k].2][group[k].3.clone()];
+                let max = r.sock.state.max_gso_segments().max(1);
+                // Runs of equal-sized datagrams to one peer (a video frame's packets) leave as one GSO send: one
+                // trip through the stack instead of one per datagram. The rest go together in `sendmmsg`.
+                let (mut k, mut single) = (0, 0);
+                while k < group.len() {
+                    let (peer, len) = (group[k].1, data(k).len());
+                    let mut e = k + 1;
+                    while e < group.len()
+                        && e - k < max
+                        && group[e].1 == peer
+                        && data(e).len() == len
+                        && (e - k + 1) * len <= GSO_MAX_BYTES
+                    {
+                        e += 1;
+                    }
+                    if e - k > 1 {
+                        let rest = &group[single..k];
+                        send_many_by(&r.sock.sock, rest.len(), |x| (rest[x].1, data(single + x)), &mut self.names);
+                        self.gather.clear();
+                        for x in k..e {
+                            self.gather.extend_from_slice(data(x));
+                        }
+                        r.sock.send(peer, &self.gather, Some(len));
+                        single = e;
+                    }
+                    k = e;
+                }
+                let rest = &group[single..];
+                send_many_by(&r.sock.sock, rest.len(), |x| (rest[x].1, data(single + x)), &mut self.names);
             }
             i = j;
         }
