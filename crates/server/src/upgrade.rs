@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWriteExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::handshake::derive_accept_key;
-use webcall_wsframe::{header, opcode, Decoder, Event, Violation, MAX_HEADER};
+use webcall_wsframe::{opcode, Decoder, Event, Violation, MAX_HEADER};
 
 /// An accepted WebSocket, boxed: the connection's future moves it through a few layers of `async` (each of which
 /// would otherwise keep its own copy for the connection's life).
@@ -113,8 +113,13 @@ impl WebSocketUpgrade {
 /// Size of the per-thread buffer every socket read goes into.
 const SCRATCH: usize = 64 * 1024;
 
+/// The per-thread write buffer keeps at most this much capacity between writes.
+const WRITE_BUF_KEEP: usize = 64 * 1024;
+
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+    /// Frames are encoded here and written from here; a connection copies only what the socket did not take.
+    static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Why reading stopped for good.
@@ -229,56 +234,38 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         self.io.flush().await
     }
 
-    /// Writes text frames with these payloads (all of them, or fails), without copying them in the usual case: one
-    /// vectored write of each frame's header and payload. Only what the socket does not take at once is copied into
-    /// a buffer and written from there. (Copying every frame meant an allocation and a copy of each relayed message,
-    /// ~1 KiB: past glibc's per-thread cache, so on its slower path.)
+    /// Writes text frames with these payloads (all of them, or fails) without a buffer of their own in the usual
+    /// case: encoded into a per-thread buffer and written from there with one `send`. Only what the socket does not
+    /// take at once is copied into a buffer of the connection's and written from there. (A buffer per write meant an
+    /// allocation for each relayed message, ~1 KiB: past glibc's per-thread cache, so on its slower path.)
     pub async fn write_texts<P: AsRef<str>>(&mut self, payloads: &[P]) -> io::Result<()> {
-        /// Frames per vectored write; more are copied into one buffer.
-        const MAX: usize = 8;
-        /// The headers and slices live on the stack of each poll, not in the future (kept small: it is boxed with
-        /// the rest of a connection's write).
-        fn with_slices<P: AsRef<str>, R>(payloads: &[P], f: impl FnOnce(&[io::IoSlice<'_>]) -> R) -> R {
-            let mut headers = [([0u8; MAX_HEADER], 0usize); MAX];
-            for (h, p) in headers.iter_mut().zip(payloads) {
-                *h = header(opcode::TEXT, p.as_ref().len());
-            }
-            let mut slices = [io::IoSlice::new(&[]); 2 * MAX];
-            for (i, (p, (h, n))) in payloads.iter().zip(&headers).enumerate() {
-                slices[2 * i] = io::IoSlice::new(&h[..*n]);
-                slices[2 * i + 1] = io::IoSlice::new(p.as_ref().as_bytes());
-            }
-            f(&slices[..2 * payloads.len()])
-        }
-        let total: usize = payloads.iter().map(|p| p.as_ref().len()).sum();
-        let written = if payloads.len() <= MAX {
-            let io = &mut self.io;
-            std::future::poll_fn(|cx| with_slices(payloads, |s| Pin::new(&mut *io).poll_write_vectored(cx, s))).await?
-        } else {
-            0
-        };
-        let rest = if payloads.len() <= MAX {
-            with_slices(payloads, |slices| {
-                let all: usize = slices.iter().map(|s| s.len()).sum();
-                (written < all).then(|| {
-                    let mut rest = Vec::with_capacity(all - written);
-                    let mut skip = written;
-                    for s in slices {
-                        let take = skip.min(s.len());
-                        rest.extend_from_slice(&s[take..]);
-                        skip -= take;
-                    }
-                    rest
-                })
-            })
-        } else {
-            let mut out = Vec::with_capacity(total + payloads.len() * MAX_HEADER);
+        let total: usize = payloads.iter().map(|p| p.as_ref().len() + MAX_HEADER).sum();
+        let encode = |out: &mut Vec<u8>| {
             for p in payloads {
-                webcall_wsframe::encode(&mut out, opcode::TEXT, p.as_ref().as_bytes());
+                webcall_wsframe::encode(out, opcode::TEXT, p.as_ref().as_bytes());
             }
-            Some(out)
         };
-        if let Some(rest) = rest {
+        let io = &mut self.io;
+        // Polled with the buffer borrowed only within each poll (the future holds nothing across a wait).
+        let (written, len) = std::future::poll_fn(|cx| {
+            WRITE_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                encode(&mut buf);
+                let r = Pin::new(&mut *io).poll_write(cx, &buf);
+                let len = buf.len();
+                // A burst's buffer is not kept.
+                if buf.capacity() > WRITE_BUF_KEEP {
+                    *buf = Vec::new();
+                }
+                r.map_ok(|n| (n, len))
+            })
+        })
+        .await?;
+        if written < len {
+            let mut rest = Vec::with_capacity(total);
+            encode(&mut rest);
+            rest.drain(..written);
             self.io.write_all(&rest).await?;
         }
         self.io.flush().await
