@@ -385,7 +385,7 @@ mod tests {
     }
 
     /// `write_texts` puts the same bytes on the wire as encoding each frame into one buffer, whether the socket
-    /// takes everything at once or only part (a small pipe), and for more frames than one vectored write carries.
+    /// takes everything at once or only part (a small pipe), for one frame and for many, small and large.
     #[tokio::test]
     async fn text_frames_are_written_whole_and_in_order() {
         let sizes = [0, 5, 125, 126, 300, 0xFFFF, 0x10000, 70_000];
