@@ -246,7 +246,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
             }
         };
         let io = &mut self.io;
-        // Polled with the buffer borrowed only within each poll (the future holds nothing across a wait).
+        // Polled with the buffer borrowed only within each poll (the future holds nothing across a wait), so a poll
+        // after `Pending` (the socket was full: rare, and then woken at most once more per batch) encodes again.
         let (written, len) = std::future::poll_fn(|cx| {
             WRITE_BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
