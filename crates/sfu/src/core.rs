@@ -350,11 +350,21 @@ struct TrackOut {
     kind: MediaKind,
     state: OutState,
     feed: Feed,
+    /// Its send stream goes out unpaced (see [`Sfu::forward`]).
+    unpaced: bool,
 }
 
 impl TrackOut {
     fn new(origin: SessionId, origin_mid: Mid, participant: Arc<str>, kind: MediaKind) -> TrackOut {
-        TrackOut { origin, origin_mid, participant, kind, state: OutState::ToOpen, feed: Feed::default() }
+        TrackOut {
+            origin,
+            origin_mid,
+            participant,
+            kind,
+            state: OutState::ToOpen,
+            feed: Feed::default(),
+            unpaced: false,
+        }
     }
 }
 
@@ -1051,6 +1061,15 @@ impl Sfu {
             } else {
                 d.time
             };
+            if !t.unpaced {
+                // Forwarded media leaves as it comes, like other SFUs send it (the publisher paced it already):
+                // str0m paces video to the send-side estimate by default, and its queue dropped what did not fit.
+                // The estimate (TWCC) still chooses the layers (`select_layers`); probing still paces padding.
+                if let Some(tx) = s.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                    tx.set_unpaced(true);
+                    t.unpaced = true;
+                }
+            }
             let Some(writer) = s.rtc.writer(mid) else { continue };
             let Some(pt) = writer.match_params(d.params) else { continue };
             if let Err(e) = writer.write(pt, d.network_time, time, d.data.clone()) {
