@@ -1170,9 +1170,6 @@ impl Rooms {
     /// member is told (`recording`). `Ok(false)`: it already was (or was not) being recorded; nothing changes.
     pub fn set_recording(&mut self, room: &str, start: bool, by: &str, now: Instant) -> Result<bool, RecordRefusal> {
         self.now = now;
-        if self.clustered {
-            return Err(RecordRefusal::Clustered);
-        }
         if !self.cfg.recording {
             return Err(RecordRefusal::Off);
         }
