@@ -9,6 +9,7 @@
 #   FANOUT="10 40" MEETING="6" MESH="" bench/sfu.sh
 #   JANUS=0 bench/sfu.sh                          # webcall only
 #   WEBCALL_BIN=/tmp/webcall-before bench/sfu.sh  # another build
+#   WEBCALL_BIN=/tmp/before PEER_BIN=target/release/webcall bench/sfu.sh  # another server, the same generator
 #
 # Per run, over a window of DUR seconds once every peer is connected:
 #   - server CPU per forwarded packet = utime+stime of the server (/proc/PID/stat) / RTP packets the subscribers
@@ -48,6 +49,8 @@ ADDR=198.18.0.1
 FANOUT=${FANOUT-"10 30"}  # subscribers of one publisher
 MEETING=${MEETING-"5 10"} # participants, each publishing and receiving all others
 MESH=${MESH-"4 6 8"}      # participants for mesh vs SFU
+SATURATE=${SATURATE-""}   # saturation steps: extra subscribers of SAT_PUBS publishers (e.g. "0 20 40 80")
+SAT_PUBS=${SAT_PUBS:-10}
 DUR=${DUR:-15}             # measurement window, seconds
 SERVER_CPU=${SERVER_CPU:-0}
 PEER_CPUS=${PEER_CPUS:-1}
@@ -58,6 +61,13 @@ JANUS_PORT=18088
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 bench_setup sfu
+# The load generator's binary: the server's unless PEER_BIN is set (before/after runs of a server change keep the
+# same generator).
+PEER_WEBCALL=$WEBCALL
+if [[ -n ${PEER_BIN:-} ]]; then
+    cp "$PEER_BIN" "$TMP/webcall-peer"
+    PEER_WEBCALL=$TMP/webcall-peer
+fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -68,6 +78,14 @@ udp_errors() {
     awk '/^Udp:/ { n++; if (n == 1) for (i = 1; i <= NF; i++) h[i] = $i
                    else for (i = 1; i <= NF; i++) if (h[i] == "RcvbufErrors" || h[i] == "SndbufErrors") s += $i }
          END { print s + 0 }' /proc/net/snmp
+}
+
+# Datagrams dropped at the server's own UDP sockets (receive buffer full: the server did not keep up), from
+# /proc/net/udp* rows whose inode is one of the server's sockets.
+server_drops() {
+    local inodes
+    inodes=$(find "/proc/$1/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | tr -dc '0-9\n' | sort -u | tr '\n' ' ')
+    awk -v ino=" $inodes " 'FNR > 1 && index(ino, " " $10 " ") { s += $NF } END { print s + 0 }' /proc/net/udp /proc/net/udp6
 }
 
 start_webcall() { # topology
@@ -87,7 +105,7 @@ start_janus() {
     {
         echo "general: { configs_folder = \"$d\", plugins_folder = \"$JANUS_LIB/plugins\", transports_folder = \"$JANUS_LIB/transports\","
         echo "  events_folder = \"$JANUS_LIB/events\", loggers_folder = \"$JANUS_LIB/loggers\", debug_level = 3, session_timeout = 120 }"
-        echo 'media: { rtp_port_range = "40000-49999" }'
+        echo 'media: { rtp_port_range = "20000-29999" }'
         echo 'nat: { ice_lite = true, ice_enforce_list = "wc0", ignore_mdns = true }'
         echo 'plugins: { disable = "libjanus_audiobridge.so,libjanus_echotest.so,libjanus_lua.so,libjanus_duktape.so,libjanus_nosip.so,libjanus_recordplay.so,libjanus_sip.so,libjanus_streaming.so,libjanus_textroom.so,libjanus_videocall.so,libjanus_voicemail.so" }'
         echo 'transports: { disable = "libjanus_mqtt.so,libjanus_nanomsg.so,libjanus_pfunix.so,libjanus_rabbitmq.so,libjanus_websockets.so" }'
@@ -123,7 +141,7 @@ stop_server() {
 peer() {
     local name=$1 room=$2 dur=$3
     shift 3
-    taskset -c "$PEER_CPUS" env RUST_LOG=error "$WEBCALL" peer "${PEER_TARGET[@]}" --room "$room" --name "$name" \
+    taskset -c "$PEER_CPUS" env RUST_LOG=error "$PEER_WEBCALL" peer "${PEER_TARGET[@]}" --room "$room" --name "$name" \
         --ip "$PEER_IP" --stats-every 500ms --duration "${dur}s" "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
     PIDS+=($!)
     LAST_PEER=$!
@@ -146,10 +164,12 @@ final_field() { # FILE FIELD: from the 'stats final sfu' line
     sed -n 's/^stats final sfu .*\b'"$2"'=\([0-9]*\).*/\1/p' "$1" | tail -1
 }
 
-counted_now() { # FILES...: RTP packets the peers have counted so far (their last stats lines)
-    local sum=0 f v
+counted_now() { # FIELD FILES...: RTP packets (rtp_in) or bytes (rtp_bytes_in) the peers have counted so far (their
+    # last stats lines)
+    local field=$1 sum=0 f v
+    shift
     for f in "$@"; do
-        v=$(grep '^stats sfu ' "$f" | tail -1 | sed -n 's/.*\brtp_in=\([0-9]*\).*/\1/p')
+        v=$(grep '^stats sfu ' "$f" | tail -1 | sed -n 's/.*\b'"$field"'=\([0-9]*\).*/\1/p')
         sum=$((sum + ${v:-0}))
     done
     echo "$sum"
@@ -160,15 +180,17 @@ RESULTS="$TMP/results"
 
 # measure FILES...: the window (DUR seconds, 2 s after everyone connected). Peers are already started.
 measure() {
-    local c0 c1 f0 f1 b0 b1 k0 k1 t0 t1 rss
+    local c0 c1 f0 f1 b0 b1 k0 k1 y0 y1 t0 t1 rss
     sleep 2
-    c0=$(cpu_ticks "$SERVED_PID"); k0=$(counted_now "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
+    c0=$(cpu_ticks "$SERVED_PID"); k0=$(counted_now rtp_in "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
+    y0=$(counted_now rtp_bytes_in "$@")
     b0=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); t0=$(date +%s.%N)
     sleep "$DUR"
-    c1=$(cpu_ticks "$SERVED_PID"); k1=$(counted_now "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
+    c1=$(cpu_ticks "$SERVED_PID"); k1=$(counted_now rtp_in "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
+    y1=$(counted_now rtp_bytes_in "$@")
     b1=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); t1=$(date +%s.%N)
     rss=$(rss_kb "$SERVED_PID")
-    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss" >"$TMP/window"
+    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss $(server_drops "$SERVED_PID") $((y1 - y0))" >"$TMP/window"
 }
 
 # account KIND N PUBS RSS0 PEER_FILES...: after every peer exited; appends one line to $RESULTS.
@@ -180,8 +202,8 @@ account() {
     drops=$(wc_metric webcall_sfu_send_drops_total)
     for f in "$@"; do counted=$((counted + $(final_field "$f" rtp_in))); done
     e=$(($(udp_errors) - UDP0))
-    read -r wall ticks cpkts fpkts bytes rss <"$TMP/window"
-    echo "$SERVER $kind $n $pubs $wall $ticks $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops" >>"$RESULTS"
+    read -r wall ticks cpkts fpkts bytes rss sdrops cbytes <"$TMP/window"
+    echo "$SERVER $kind $n $pubs $wall $ticks $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops $sdrops $cbytes" >>"$RESULTS"
 }
 
 fanout() { # SERVER N: N subscribers of one publisher
@@ -213,8 +235,9 @@ fanout() { # SERVER N: N subscribers of one publisher
     rm -f "$TMP"/s*.out "$TMP"/pub.out
 }
 
-meeting() { # SERVER M: M participants, each publishing and receiving the others
-    local m=$2 room=$((2000 + $2)) files=() ps=() rss0
+meeting() { # SERVER M [S]: M participants, each publishing and receiving the others, and S more that only receive
+    local m=$2 s=${3:-0} room=$((2000 + $2)) files=() ps=() rss0 kind=meeting
+    [[ $s -gt 0 ]] && kind=sat$m
     start "$1"
     UDP0=$(udp_errors)
     sleep 0.5
@@ -223,6 +246,10 @@ meeting() { # SERVER M: M participants, each publishing and receiving the others
         peer "m$i" "$room" $((DUR + 30)) --sfu --count-only --send testsrc --size 640x360 --expect $((m - 1))
         ps+=("$LAST_PEER"); files+=("$TMP/m$i.out")
     done
+    for i in $(seq "$s"); do
+        peer "m$((m + i))" "$room" $((DUR + 30)) --sfu --count-only --expect "$m"
+        ps+=("$LAST_PEER"); files+=("$TMP/m$((m + i)).out")
+    done
     if ! wait_lines '^sfu connected' "${files[@]}"; then
         echo "$1 meeting $m: not every peer connected within 60 s; run skipped" >&2
         for p in "${ps[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -230,11 +257,11 @@ meeting() { # SERVER M: M participants, each publishing and receiving the others
         return
     fi
     # Janus subscribers subscribe once every other publisher is there; webcall's renegotiate as they come.
-    sleep 3
+    sleep $((3 + s / 10))
     measure "${files[@]}"
     for p in "${ps[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${ps[@]}"; do wait "$p" 2>/dev/null || true; done
-    account meeting "$m" "$m" "$rss0" "${files[@]}"
+    account "$kind" $((m + s)) "$m" "$rss0" "${files[@]}"
     stop_server
     rm -f "$TMP"/m*.out
 }
@@ -273,18 +300,19 @@ SERVERS=webcall
 echo "webcall: $BUILT$([[ $JANUS == 1 ]] && echo "; janus $(dpkg-query -W -f '${Version}' janus 2>/dev/null)"); server on CPU $SERVER_CPU, peers on CPU $PEER_CPUS; window ${DUR}s"
 for n in $FANOUT; do for s in $SERVERS; do fanout "$s" "$n"; done; done
 for m in $MEETING; do for s in $SERVERS; do meeting "$s" "$m"; done; done
+for n in $SATURATE; do for s in $SERVERS; do meeting "$s" "$SAT_PUBS" "$n"; done; done
 for n in $MESH; do mesh_vs_sfu "$n"; done
 
 echo
 awk -v tick="$TICK" '
-    $2 == "fanout" || $2 == "meeting" {
+    $2 == "fanout" || $2 == "meeting" || $2 ~ /^sat/ {
         wall = $5; cpu = $6 / tick; pkts = $7
         per = pkts > 0 ? cpu * 1e6 / pkts : 0
         wc = $1 == "webcall"
-        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops"
-        printf "%-8s %-8s %4d %9.0f %9s %8s %7.1f %8.2f %8.0f %9d %8s %7d %6s\n", $1, $2, $3, pkts / wall,
-            (wc ? sprintf("%.0f", $8 / wall) : "-"), (wc ? sprintf("%.2f", $9 * 8 / wall / 1e6) : "-"), 100 * cpu / wall, per,
-            ($11 - $10) / $3, $13, (wc ? $12 - $13 : "-"), $14, (wc ? $15 : "-")
+        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s %7s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops", "srvDrop"
+        printf "%-8s %-8s %4d %9.0f %9s %8.2f %7.1f %8.2f %8.0f %9d %8s %7d %6s %7d\n", $1, $2, $3, pkts / wall,
+            (wc ? sprintf("%.0f", $8 / wall) : "-"), $17 * 8 / wall / 1e6, 100 * cpu / wall, per,
+            ($11 - $10) / $3, $13, (wc ? $12 - $13 : "-"), $14, (wc ? $15 : "-"), $16
         key = $2 " " $3; us[$1 " " key] = per; keys[key] = 1
     }
     END { for (k in keys) if (us["janus " k] > 0) printf "%s: CPU per packet webcall/janus = %.2f\n", k, us["webcall " k] / us["janus " k] }' "$RESULTS"

@@ -2,6 +2,7 @@
 //! are built on (VP8 and Opus only), and their UDP sockets.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -55,9 +56,12 @@ pub async fn new_rtc(stats: Option<Duration>) -> Rtc {
 pub type Datagram = (Vec<u8>, SocketAddr, SocketAddr);
 
 /// Binds one UDP socket per address (in `ips`' order) and a task per socket that passes what it reads to `tx`.
+/// With `count` (the benchmark's `--count-only` subscriber), RTP that arrives once the session is connected is
+/// counted right there and goes no further: no copy, no channel, no wake-up of the session's task.
 pub async fn bind_udp(
     ips: &[IpAddr],
     tx: mpsc::Sender<Datagram>,
+    count: Option<Arc<crate::sfu::SfuCounters>>,
 ) -> Result<(Vec<(SocketAddr, Arc<UdpSocket>)>, Vec<tokio::task::JoinHandle<()>>), crate::PeerError> {
     let mut sockets = Vec::new();
     let mut readers = Vec::new();
@@ -69,11 +73,19 @@ pub async fn bind_udp(
         let sock = Arc::new(sock);
         sockets.push((local, sock.clone()));
         let tx = tx.clone();
+        let count = count.clone();
         readers.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             loop {
                 match sock.recv_from(&mut buf).await {
                     Ok((n, src)) => {
+                        if let Some(c) = &count {
+                            if c.connected.load(Ordering::Relaxed) && crate::sfu::is_rtp(&buf[..n]) {
+                                c.rtp_in.fetch_add(1, Ordering::Relaxed);
+                                c.rtp_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
                         if tx.send((buf[..n].to_vec(), src, local)).await.is_err() {
                             return;
                         }

@@ -176,7 +176,8 @@ impl Session {
     ) -> Result<Session, crate::PeerError> {
         let mut rtc = crate::rtc::new_rtc(None).await;
         let (udp_tx, udp_rx) = mpsc::channel(1024);
-        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx).await?;
+        let count = cfg.count_only.then(|| counters.clone());
+        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx, count).await?;
         for (local, _) in &bound {
             match Candidate::host(*local, "udp") {
                 Ok(c) => {
@@ -527,6 +528,6 @@ impl Session {
 }
 
 /// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
-fn is_rtp(d: &[u8]) -> bool {
+pub(crate) fn is_rtp(d: &[u8]) -> bool {
     d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWriteExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::handshake::derive_accept_key;
-use webcall_wsframe::{Decoder, Event, Violation};
+use webcall_wsframe::{opcode, Decoder, Event, Violation, MAX_HEADER};
 
 /// An accepted WebSocket, boxed: the connection's future moves it through a few layers of `async` (each of which
 /// would otherwise keep its own copy for the connection's life).
@@ -113,8 +113,13 @@ impl WebSocketUpgrade {
 /// Size of the per-thread buffer every socket read goes into.
 const SCRATCH: usize = 64 * 1024;
 
+/// The per-thread write buffer keeps at most this much capacity between writes.
+const WRITE_BUF_KEEP: usize = 64 * 1024;
+
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+    /// Frames are encoded here and written from here; a connection copies only what the socket did not take.
+    static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Why reading stopped for good.
@@ -229,6 +234,44 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         self.io.flush().await
     }
 
+    /// Writes text frames with these payloads (all of them, or fails) without a buffer of their own in the usual
+    /// case: encoded into a per-thread buffer and written from there with one `send`. Only what the socket does not
+    /// take at once is copied into a buffer of the connection's and written from there. (A buffer per write meant an
+    /// allocation for each relayed message, ~1 KiB: past glibc's per-thread cache, so on its slower path.)
+    pub async fn write_texts<P: AsRef<str>>(&mut self, payloads: &[P]) -> io::Result<()> {
+        let total: usize = payloads.iter().map(|p| p.as_ref().len() + MAX_HEADER).sum();
+        let encode = |out: &mut Vec<u8>| {
+            for p in payloads {
+                webcall_wsframe::encode(out, opcode::TEXT, p.as_ref().as_bytes());
+            }
+        };
+        let io = &mut self.io;
+        // Polled with the buffer borrowed only within each poll (the future holds nothing across a wait), so a poll
+        // after `Pending` (the socket was full: rare, and then woken at most once more per batch) encodes again.
+        let (written, len) = std::future::poll_fn(|cx| {
+            WRITE_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                encode(&mut buf);
+                let r = Pin::new(&mut *io).poll_write(cx, &buf);
+                let len = buf.len();
+                // A burst's buffer is not kept.
+                if buf.capacity() > WRITE_BUF_KEEP {
+                    *buf = Vec::new();
+                }
+                r.map_ok(|n| (n, len))
+            })
+        })
+        .await?;
+        if written < len {
+            let mut rest = Vec::with_capacity(total);
+            encode(&mut rest);
+            rest.drain(..written);
+            self.io.write_all(&rest).await?;
+        }
+        self.io.flush().await
+    }
+
     /// Writes one frame.
     pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
         let mut out = Vec::new();
@@ -340,5 +383,35 @@ mod tests {
         let mut s = Socket::new(r, 1024);
         let r = poll_fn(|cx| s.poll_read_frames(cx, &mut |_| true)).await;
         assert!(matches!(r, Err(ReadError::Violation(Violation::Protocol(_)))), "{r:?}");
+    }
+
+    /// `write_texts` puts the same bytes on the wire as encoding each frame into one buffer, whether the socket
+    /// takes everything at once or only part (a small pipe), for one frame and for many, small and large.
+    #[tokio::test]
+    async fn text_frames_are_written_whole_and_in_order() {
+        let sizes = [0, 5, 125, 126, 300, 0xFFFF, 0x10000, 70_000];
+        for count in [1, 3, 8, 9, 20] {
+            for pipe in [64, 1 << 20] {
+                let frames: Vec<std::sync::Arc<str>> = (0..count)
+                    .map(|i| {
+                        std::sync::Arc::from(char::from(b'a' + i as u8).to_string().repeat(sizes[i % sizes.len()]))
+                    })
+                    .collect();
+                let mut want = Vec::new();
+                for f in &frames {
+                    webcall_wsframe::encode(&mut want, opcode::TEXT, f.as_bytes());
+                }
+                let (w, mut r) = tokio::io::duplex(pipe);
+                let reader = tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    tokio::io::AsyncReadExt::read_to_end(&mut r, &mut got).await.unwrap();
+                    got
+                });
+                let mut s = Socket::new(w, 1024);
+                s.write_texts(&frames).await.unwrap();
+                drop(s);
+                assert!(reader.await.unwrap() == want, "{count} frames through a {pipe}-byte pipe");
+            }
+        }
     }
 }

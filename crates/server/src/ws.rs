@@ -60,14 +60,10 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
         }
         // Asked to close: finish only if that is quick.
         let limit = if closing { CLOSE_GRACE } else { WRITE_TIMEOUT };
-        let mut out = Vec::with_capacity(buf.iter().map(|f| f.len() + webcall_wsframe::MAX_HEADER).sum());
-        for f in buf.drain(..) {
-            webcall_wsframe::encode(&mut out, opcode::TEXT, f.as_bytes());
-        }
         // Wake-ups during the write mean more frames (take again after it) or a close request.
         let mut again = false;
         let written = {
-            let write = timeout(limit, socket.write(&out));
+            let write = timeout(limit, socket.write_texts(&buf));
             tokio::pin!(write);
             loop {
                 tokio::select! {
@@ -83,6 +79,7 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
                 }
             }
         };
+        buf.clear();
         if !written {
             send_close(socket, signal).await;
             return Step::Stop;

@@ -350,11 +350,21 @@ struct TrackOut {
     kind: MediaKind,
     state: OutState,
     feed: Feed,
+    /// Its send stream goes out unpaced (see [`Sfu::forward`]).
+    unpaced: bool,
 }
 
 impl TrackOut {
     fn new(origin: SessionId, origin_mid: Mid, participant: Arc<str>, kind: MediaKind) -> TrackOut {
-        TrackOut { origin, origin_mid, participant, kind, state: OutState::ToOpen, feed: Feed::default() }
+        TrackOut {
+            origin,
+            origin_mid,
+            participant,
+            kind,
+            state: OutState::ToOpen,
+            feed: Feed::default(),
+            unpaced: false,
+        }
     }
 }
 
@@ -421,7 +431,8 @@ enum Propagate {
 /// The SFU core. See the module documentation.
 pub struct Sfu {
     cfg: SfuConfig,
-    sessions: HashMap<SessionId, Session>,
+    /// Keyed by ids the core hands out (not by anything a client chooses): a fast hash for the per-packet lookups.
+    sessions: HashMap<SessionId, Session, rustc_hash::FxBuildHasher>,
     rooms: HashMap<Arc<str>, Vec<SessionId>>,
     by_ufrag: HashMap<String, SessionId>,
     by_addr: HashMap<SocketAddr, SessionId>,
@@ -445,7 +456,7 @@ impl Sfu {
     pub fn new(cfg: SfuConfig, now: Instant) -> Self {
         Sfu {
             cfg,
-            sessions: HashMap::new(),
+            sessions: HashMap::default(),
             rooms: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
@@ -864,15 +875,32 @@ impl Sfu {
 
     /// Polls one session until it waits for time, then passes what it produced on to the others.
     fn drive(&mut self, id: SessionId) {
+        // A new published track stops the polling for its cap decision, which looks at every session (rare; the
+        // sum over sessions per poll was ~8 % of the SFU's CPU in a fan-out profile).
+        while let Some((mid, kind)) = self.drive_until_track(id) {
+            let (room_left, all_left) = self.tracks_left(id);
+            let Some(s) = self.sessions.get_mut(&id) else { return };
+            if room_left == 0 || all_left == 0 {
+                s.refused.push(mid);
+                self.stats.refused_tracks += 1;
+            } else {
+                s.tracks_in.push(TrackIn::new(mid, kind));
+                self.propagate(id, Propagate::TrackOpen { mid, kind });
+            }
+        }
+    }
+
+    /// [`Sfu::drive`] until the session waits for time (`None`) or reports a published track not seen before.
+    fn drive_until_track(&mut self, id: SessionId) -> Option<(Mid, MediaKind)> {
         let now = self.now;
         let mut props = Vec::new();
-        let (mut room_left, mut all_left) = self.tracks_left(id);
+        let mut added = None;
         let alive = {
-            let Some(s) = self.sessions.get_mut(&id) else { return };
+            let s = self.sessions.get_mut(&id)?;
             s.dirty = false;
             negotiate(id, s, &mut self.out);
             loop {
-                if !s.rtc.is_alive() {
+                if !s.rtc.is_alive() || added.is_some() {
                     break;
                 }
                 match s.rtc.poll_output() {
@@ -893,15 +921,7 @@ impl Sfu {
                             let ours = s.tracks_out.iter().any(|t| t.mid() == Some(m.mid));
                             let known = s.tracks_in.iter().any(|t| t.mid == m.mid) || s.refused.contains(&m.mid);
                             if !ours && !known && m.direction.is_receiving() {
-                                if room_left == 0 || all_left == 0 {
-                                    s.refused.push(m.mid);
-                                    self.stats.refused_tracks += 1;
-                                } else {
-                                    room_left -= 1;
-                                    all_left -= 1;
-                                    s.tracks_in.push(TrackIn::new(m.mid, m.kind));
-                                    props.push(Propagate::TrackOpen { mid: m.mid, kind: m.kind });
-                                }
+                                added = Some((m.mid, m.kind));
                             }
                         }
                         Event::MediaData(d) => {
@@ -962,11 +982,16 @@ impl Sfu {
         }
         if !alive {
             self.close(id, true);
+            return None;
         }
+        added
     }
 
     fn propagate(&mut self, from: SessionId, p: Propagate) {
         let Some(room) = self.sessions.get(&from).map(|s| s.room.clone()) else { return };
+        if let Propagate::Media(d) = p {
+            return self.forward(from, &room, d);
+        }
         let members = self.rooms.get(&room).cloned().unwrap_or_default();
         match p {
             Propagate::TrackOpen { mid, kind } => {
@@ -984,62 +1009,83 @@ impl Sfu {
                     self.mark_dirty(other);
                 }
             }
-            Propagate::Media(d) => {
-                self.record_frame(from, &d);
-                let keyframe = d.is_keyframe();
-                for other in members.into_iter().filter(|o| *o != from) {
-                    let Some(s) = self.sessions.get_mut(&other) else { continue };
-                    let Some(t) = s.tracks_out.iter_mut().find(|t| t.origin == from && t.origin_mid == d.mid) else {
-                        continue;
-                    };
-                    let OutState::Open(mid) = t.state else { continue };
-                    let time = if t.kind == MediaKind::Video {
-                        let f = &mut t.feed;
-                        let t90 = d.time.rebase(Frequency::NINETY_KHZ).numer() as i64;
-                        if f.current != Some(d.rid) {
-                            // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track
-                            // that shows nothing yet starts at any layer's keyframe (the wanted one follows).
-                            let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
-                            if !(keyframe && (f.target == Some(d.rid) || starting)) {
-                                continue;
-                            }
-                            if f.current.is_some() {
-                                self.stats.layer_switches += 1;
-                            }
-                            f.current = Some(d.rid);
-                            // Layers have media clocks of their own: continue the subscriber's from where it was.
-                            f.offset = match f.last_out {
-                                Some((last, at)) => {
-                                    let gap = d.network_time.saturating_duration_since(at).as_micros() as i64 * 9 / 100;
-                                    last + gap.max(1) - t90
-                                }
-                                None => 0,
-                            };
-                        }
-                        let out = (t90 + f.offset).max(0);
-                        f.last_out = Some((out, d.network_time));
-                        MediaTime::from_90khz(out as u64)
-                    } else {
-                        d.time
-                    };
-                    let Some(writer) = s.rtc.writer(mid) else { continue };
-                    let Some(pt) = writer.match_params(d.params) else { continue };
-                    if let Err(e) = writer.write(pt, d.network_time, time, d.data.clone()) {
-                        tracing::info!("SFU session {other}: write failed, closing: {e}");
-                        s.rtc.disconnect();
-                    } else {
-                        self.stats.forwarded_frames += 1;
-                        self.stats.forwarded_bytes += d.data.len() as u64;
-                    }
-                    self.mark_dirty(other);
-                }
-            }
+            Propagate::Media(_) => {}
             Propagate::Layers => {
                 for other in members.into_iter().filter(|o| *o != from) {
                     self.select_layers(other);
                 }
             }
             Propagate::Keyframe { origin, mid, rid, kind } => self.request_keyframe(origin, mid, rid, kind),
+        }
+    }
+
+    /// A frame of `from`'s to every subscriber of it in `room` (the per-frame path: no allocation here; the payload
+    /// is shared, an `Arc`).
+    fn forward(&mut self, from: SessionId, room: &Arc<str>, d: MediaData) {
+        self.record_frame(from, &d);
+        // Taken out while the subscribers are written to (nothing here changes a room's members), put back after.
+        let members = self.rooms.get_mut(room).map(std::mem::take).unwrap_or_default();
+        let keyframe = d.is_keyframe();
+        for &other in members.iter().filter(|o| **o != from) {
+            let Some(s) = self.sessions.get_mut(&other) else { continue };
+            let Some(t) = s.tracks_out.iter_mut().find(|t| t.origin == from && t.origin_mid == d.mid) else {
+                continue;
+            };
+            let OutState::Open(mid) = t.state else { continue };
+            let time = if t.kind == MediaKind::Video {
+                let f = &mut t.feed;
+                let t90 = d.time.rebase(Frequency::NINETY_KHZ).numer() as i64;
+                if f.current != Some(d.rid) {
+                    // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track
+                    // that shows nothing yet starts at any layer's keyframe (the wanted one follows).
+                    let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
+                    if !(keyframe && (f.target == Some(d.rid) || starting)) {
+                        continue;
+                    }
+                    if f.current.is_some() {
+                        self.stats.layer_switches += 1;
+                    }
+                    f.current = Some(d.rid);
+                    // Layers have media clocks of their own: continue the subscriber's from where it was.
+                    f.offset = match f.last_out {
+                        Some((last, at)) => {
+                            let gap = d.network_time.saturating_duration_since(at).as_micros() as i64 * 9 / 100;
+                            last + gap.max(1) - t90
+                        }
+                        None => 0,
+                    };
+                }
+                let out = (t90 + f.offset).max(0);
+                f.last_out = Some((out, d.network_time));
+                MediaTime::from_90khz(out as u64)
+            } else {
+                d.time
+            };
+            if !t.unpaced {
+                // Forwarded media leaves as it comes, like other SFUs send it (the publisher paced it already):
+                // str0m paces video to the send-side estimate by default, and its queue dropped what did not fit.
+                // The estimate (TWCC) still chooses the layers (`select_layers`); probing still paces padding.
+                if let Some(tx) = s.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                    tx.set_unpaced(true);
+                    t.unpaced = true;
+                }
+            }
+            let Some(writer) = s.rtc.writer(mid) else { continue };
+            let Some(pt) = writer.match_params(d.params) else { continue };
+            if let Err(e) = writer.write(pt, d.network_time, time, d.data.clone()) {
+                tracing::info!("SFU session {other}: write failed, closing: {e}");
+                s.rtc.disconnect();
+            } else {
+                self.stats.forwarded_frames += 1;
+                self.stats.forwarded_bytes += d.data.len() as u64;
+            }
+            if !s.dirty {
+                s.dirty = true;
+                self.dirty.push(other);
+            }
+        }
+        if let Some(m) = self.rooms.get_mut(room) {
+            *m = members;
         }
     }
 

@@ -356,6 +356,10 @@ const BATCHES_PER_WAKE: usize = 8;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Most bytes in one GSO send (the kernel's limit is 64 KiB with headers).
 const GSO_MAX_BYTES: usize = 60 << 10;
+/// How late a timer may run so that timers due close together share a wake-up (see `run`).
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+/// Datagrams per `sendmmsg` call.
+const SEND_BATCH: usize = 32;
 /// The shared stats are refreshed this often (they are read by `/metrics`).
 const STATS_EVERY: Duration = Duration::from_millis(100);
 
@@ -472,6 +476,9 @@ struct Io {
     /// Transmits of one round, sent together (GSO runs).
     pending: Vec<Transmit>,
     gso: Vec<u8>,
+    /// Scratch of [`Io::flush`]: indices into `pending` of single datagrams, and their addresses.
+    singles: Vec<usize>,
+    names: Vec<socket2::SockAddr>,
     net: NetStats,
 }
 
@@ -498,6 +505,8 @@ impl Io {
             tcp: HashMap::new(),
             pending: Vec::new(),
             gso: Vec::new(),
+            singles: Vec::new(),
+            names: Vec::new(),
             net: NetStats::default(),
         })
     }
@@ -608,6 +617,7 @@ impl Io {
     /// run may end with one shorter datagram).
     fn flush(&mut self) {
         let max = self.udp.state.max_gso_segments().max(1);
+        let mut singles = std::mem::take(&mut self.singles);
         let mut i = 0;
         while i < self.pending.len() {
             let (to, len, src) = {
@@ -631,6 +641,13 @@ impl Io {
             }
             let destination = if self.v6_socket { map_addr(to) } else { to };
             let src_ip = (self.wildcard && self.external.is_none()).then_some(src);
+            if j - i == 1 && src_ip.is_none() {
+                // Single datagrams (a fan-out: one packet to each of many subscribers) go many per `sendmmsg`.
+                singles.push(i);
+                i = j;
+                continue;
+            }
+            self.send_singles(&mut singles);
             let (contents, segment_size): (&[u8], _) = if j - i > 1 {
                 self.gso.clear();
                 for t in &self.pending[i..j] {
@@ -646,7 +663,66 @@ impl Io {
             }
             i = j;
         }
+        self.send_singles(&mut singles);
+        self.singles = singles;
         self.pending.clear();
+    }
+
+    /// Sends `pending[k]` for each `k` of `idx`, up to [`SEND_BATCH`] per `sendmmsg` (quinn-udp batches only by GSO,
+    /// to one address; the per-call share of `sendmsg` was ~8 % of the SFU's CPU in a fan-out profile). Order is kept.
+    fn send_singles(&mut self, idx: &mut Vec<usize>) {
+        use std::os::fd::AsRawFd;
+        for chunk in idx.chunks(SEND_BATCH) {
+            self.names.clear();
+            self.names.extend(chunk.iter().map(|&k| {
+                let to = self.pending[k].destination;
+                socket2::SockAddr::from(if self.v6_socket { map_addr(to) } else { to })
+            }));
+            // SAFETY: all-zero iovec and mmsghdr values are valid (null pointers, zero lengths); every pointer set
+            // below points into `pending`, `names` or `iovs`, which outlive the call.
+            let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+            let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+            for (n, (&k, name)) in chunk.iter().zip(self.names.iter()).enumerate() {
+                let data = &self.pending[k].contents;
+                iovs[n] = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+                let h = &mut hdrs[n].msg_hdr;
+                h.msg_name = name.as_ptr() as *mut libc::c_void;
+                h.msg_namelen = name.len();
+                h.msg_iov = &mut iovs[n];
+                h.msg_iovlen = 1;
+            }
+            let len = chunk.len();
+            let mut sent = 0;
+            while sent < len {
+                // SAFETY: `hdrs[sent..len]` are initialised above.
+                let n = unsafe {
+                    libc::sendmmsg(
+                        self.udp.sock.as_raw_fd(),
+                        hdrs[sent..].as_mut_ptr(),
+                        (len - sent) as libc::c_uint,
+                        0,
+                    )
+                };
+                if n > 0 {
+                    sent += n as usize;
+                    continue;
+                }
+                match io::Error::last_os_error().kind() {
+                    io::ErrorKind::Interrupted => {}
+                    // A full buffer loses the rest, as the network would.
+                    io::ErrorKind::WouldBlock => {
+                        self.net.send_drops += (len - sent) as u64;
+                        break;
+                    }
+                    // This datagram cannot go (e.g. its peer's port is unreachable): skip it, send the rest.
+                    _ => {
+                        self.net.send_drops += 1;
+                        sent += 1;
+                    }
+                }
+            }
+        }
+        idx.clear();
     }
 }
 
@@ -787,6 +863,10 @@ async fn run(
         // core's idle timer rather than wake the thread ten times a second.
         let idle = sfu.is_empty() && io.tcp.is_empty();
         let deadline = if idle { deadline } else { deadline.min(next_stats) };
+        // Timers due within TIMER_SLACK of each other run in one wake-up: each wake runs every due session's str0m
+        // timeout (pacer, RTCP), a fixed cost that dominated the profile at low packet rates. Work due now (a frame
+        // was written) is not delayed.
+        let deadline = if deadline > now { deadline + TIMER_SLACK } else { deadline };
         if sleep.deadline().into_std() != deadline {
             sleep.as_mut().reset(deadline.into());
         }

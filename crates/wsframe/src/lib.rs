@@ -278,21 +278,34 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 /// The most bytes a server frame's header takes.
 pub const MAX_HEADER: usize = 10;
 
-/// Appends one unmasked, unfragmented server frame.
-pub fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.reserve(MAX_HEADER + payload.len());
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(n as u8),
+/// The header of one unmasked, unfragmented server frame with a payload of `len` bytes: the buffer and how many of
+/// its bytes are the header.
+pub fn header(opcode: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut h = [0u8; MAX_HEADER];
+    h[0] = 0x80 | opcode;
+    match len {
+        n @ 0..=125 => {
+            h[1] = n as u8;
+            (h, 2)
+        }
         n @ 126..=0xFFFF => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
+            h[1] = 126;
+            h[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            (h, 4)
         }
         n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
+            h[1] = 127;
+            h[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+            (h, 10)
         }
     }
+}
+
+/// Appends one unmasked, unfragmented server frame.
+pub fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let (h, n) = header(opcode, payload.len());
+    out.reserve(n + payload.len());
+    out.extend_from_slice(&h[..n]);
     out.extend_from_slice(payload);
 }
 
