@@ -1278,8 +1278,9 @@ impl Rooms {
             if self.rooms.swap_remove(&p.room).is_some_and(|r| r.recording) {
                 self.out.push_back(Output::Sfu(SfuRequest::Record { room: p.room.clone(), start: false }));
             }
-        } else if self.clustered && !self.has_local_members(&p.room) {
-            // Nobody here cares about this room any more; the cluster stops telling this node about it.
+        } else if !self.has_local_members(&p.room) {
+            // Only remote members are left (cluster mode; on a single node every member is local, and the check
+            // stops at the first): nobody here cares about this room any more.
             self.forget_room(&p.room);
         } else {
             self.broadcast(&p.room, id, Arc::from(encode_bye(id)));
