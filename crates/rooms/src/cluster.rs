@@ -294,7 +294,8 @@ impl ClusterRooms {
                 remote: true,
                 awaiting: None,
                 sfu: false,
-                record: false,
+                // Every session of a cluster node starts here (local ones are remote first), so none may record.
+                record: RecordGrant::Clustered,
             },
         );
         self.core.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());

@@ -380,7 +380,17 @@ struct Peer {
     /// Joined with `"sfu":true`.
     sfu: bool,
     /// May start and stop recording ([`Admission::record`]).
-    record: bool,
+    record: RecordGrant,
+}
+
+/// Whether a session may send `record`, and if not, which refusal it hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordGrant {
+    Granted,
+    /// Its join token does not grant `record`.
+    NotGranted,
+    /// A session of a cluster node: recording stays single-node ([`RecordRefusal::Clustered`]).
+    Clustered,
 }
 
 struct Room {
@@ -981,7 +991,7 @@ impl Rooms {
                 remote: false,
                 awaiting: None,
                 sfu: j.sfu,
-                record: admission.record,
+                record: if admission.record { RecordGrant::Granted } else { RecordGrant::NotGranted },
             },
         );
         let switched = {
@@ -1207,16 +1217,17 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'record'");
             return self.refuse(conn, e.refers_to("record"), now);
         };
-        // With --redis nobody may (cluster peers carry no `record` permission): say why first.
-        if self.clustered {
-            return self.refuse(conn, RecordRefusal::Clustered.to_protocol(), now);
-        }
-        if !self.peers[&peer].record {
-            let e = ProtocolError::new(
-                ErrorCode::Unauthorized,
-                "your join token does not grant 'record'; ask for one minted with --record",
-            );
-            return self.refuse(conn, e.refers_to("record"), now);
+        match self.peers[&peer].record {
+            RecordGrant::Granted => {}
+            // With --redis nobody may (the cluster layer's sessions carry this): say why first.
+            RecordGrant::Clustered => return self.refuse(conn, RecordRefusal::Clustered.to_protocol(), now),
+            RecordGrant::NotGranted => {
+                let e = ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    "your join token does not grant 'record'; ask for one minted with --record",
+                );
+                return self.refuse(conn, e.refers_to("record"), now);
+            }
         }
         let room = self.peers[&peer].room.clone();
         let start = action == RecordAction::Start;
