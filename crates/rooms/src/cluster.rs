@@ -168,6 +168,12 @@ impl ClusterRooms {
         self
     }
 
+    /// Recording stays single-node: with --redis it is always refused (shadows [`Rooms::set_recording`]).
+    pub fn set_recording(&mut self, _room: &str, _start: bool, _by: &str, now: Instant) -> Result<bool, RecordRefusal> {
+        self.core.now = now;
+        Err(RecordRefusal::Clustered)
+    }
+
     /// The cluster refused a [`ClusterOutput::Join`] (room full, backend unavailable, …).
     pub fn refuse_join(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
         self.core.now = now;
@@ -288,7 +294,8 @@ impl ClusterRooms {
                 remote: true,
                 awaiting: None,
                 sfu: false,
-                record: false,
+                // Every session of a cluster node starts here (local ones are remote first), so none may record.
+                record: RecordGrant::Clustered,
             },
         );
         self.core.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
@@ -567,6 +574,10 @@ mod tests {
         let e = n.recv(c).remove(0);
         assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("unavailable"), Some("record")), "{e}");
         assert!(e["message"].as_str().unwrap().contains("--redis"), "{e}");
+        // The API's way in is refused by the cluster layer too, and nothing is asked of the SFU.
+        let now = n.now;
+        assert_eq!(n.rooms.set_recording("r", true, "api", now), Err(RecordRefusal::Clustered));
+        assert!(!n.rooms.is_recording("r"));
     }
 
     #[test]

@@ -380,7 +380,17 @@ struct Peer {
     /// Joined with `"sfu":true`.
     sfu: bool,
     /// May start and stop recording ([`Admission::record`]).
-    record: bool,
+    record: RecordGrant,
+}
+
+/// Whether a session may send `record`, and if not, which refusal it hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordGrant {
+    Granted,
+    /// Its join token does not grant `record`.
+    NotGranted,
+    /// A session of a cluster node: recording stays single-node ([`RecordRefusal::Clustered`]).
+    Clustered,
 }
 
 struct Room {
@@ -981,7 +991,7 @@ impl Rooms {
                 remote: false,
                 awaiting: None,
                 sfu: j.sfu,
-                record: admission.record,
+                record: if admission.record { RecordGrant::Granted } else { RecordGrant::NotGranted },
             },
         );
         let switched = {
@@ -1170,9 +1180,6 @@ impl Rooms {
     /// member is told (`recording`). `Ok(false)`: it already was (or was not) being recorded; nothing changes.
     pub fn set_recording(&mut self, room: &str, start: bool, by: &str, now: Instant) -> Result<bool, RecordRefusal> {
         self.now = now;
-        if self.clustered {
-            return Err(RecordRefusal::Clustered);
-        }
         if !self.cfg.recording {
             return Err(RecordRefusal::Off);
         }
@@ -1210,16 +1217,17 @@ impl Rooms {
             let e = ProtocolError::new(ErrorCode::NotJoined, "join a room before sending 'record'");
             return self.refuse(conn, e.refers_to("record"), now);
         };
-        // With --redis nobody may (cluster peers carry no `record` permission): say why first.
-        if self.clustered {
-            return self.refuse(conn, RecordRefusal::Clustered.to_protocol(), now);
-        }
-        if !self.peers[&peer].record {
-            let e = ProtocolError::new(
-                ErrorCode::Unauthorized,
-                "your join token does not grant 'record'; ask for one minted with --record",
-            );
-            return self.refuse(conn, e.refers_to("record"), now);
+        match self.peers[&peer].record {
+            RecordGrant::Granted => {}
+            // With --redis nobody may (the cluster layer's sessions carry this): say why first.
+            RecordGrant::Clustered => return self.refuse(conn, RecordRefusal::Clustered.to_protocol(), now),
+            RecordGrant::NotGranted => {
+                let e = ProtocolError::new(
+                    ErrorCode::Unauthorized,
+                    "your join token does not grant 'record'; ask for one minted with --record",
+                );
+                return self.refuse(conn, e.refers_to("record"), now);
+            }
         }
         let room = self.peers[&peer].room.clone();
         let start = action == RecordAction::Start;
@@ -1281,8 +1289,9 @@ impl Rooms {
             if self.rooms.swap_remove(&p.room).is_some_and(|r| r.recording) {
                 self.out.push_back(Output::Sfu(SfuRequest::Record { room: p.room.clone(), start: false }));
             }
-        } else if self.clustered && !self.has_local_members(&p.room) {
-            // Nobody here cares about this room any more; the cluster stops telling this node about it.
+        } else if !self.has_local_members(&p.room) {
+            // Only remote members are left (cluster mode; on a single node every member is local, and the check
+            // stops at the first): nobody here cares about this room any more.
             self.forget_room(&p.room);
         } else {
             self.broadcast(&p.room, id, Arc::from(encode_bye(id)));
