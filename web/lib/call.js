@@ -310,8 +310,11 @@ export class Call extends EventTarget {
       // A peer-to-peer connection keeps its tile until the SFU's video of that participant arrives (a seamless move).
       waiting.set(peer, [...(waiting.get(peer) ?? []), { track, peerMid }]);
       if (track.kind !== 'video') return; // audio moves with the video (or with the fallback below)
-      if (!track.muted) return takeOver(peer);
-      track.addEventListener('unmute', () => this.sfu === session && waiting.has(peer) && takeOver(peer), { once: true });
+      // Switch once the SFU's video has decoded a frame: its first packets (unmute) may come before a keyframe.
+      const still = () => this.sfu === session && waiting.has(peer);
+      const ready = () => still() && decoded(session.pc, track).then(() => still() && takeOver(peer));
+      if (!track.muted) return ready();
+      track.addEventListener('unmute', ready, { once: true });
     });
     session.addEventListener('state', () => {
       if (session.pc.connectionState !== 'connected') return;
@@ -709,5 +712,24 @@ export class Call extends EventTarget {
         stats: p.stats,
       })),
     };
+  }
+}
+
+/**
+ * Resolves when `track` has decoded a frame (inbound-rtp `framesDecoded`), or after `boundMs` (so a browser without
+ * that figure, or a publisher that stays silent, still moves).
+ * @param {RTCPeerConnection} pc @param {MediaStreamTrack} track @param {number} [boundMs]
+ * @returns {Promise<void>}
+ */
+async function decoded(pc, track, boundMs = 4000) {
+  const until = Date.now() + boundMs;
+  while (Date.now() < until && pc.connectionState !== 'closed') {
+    try {
+      const stats = await pc.getStats(track);
+      for (const s of stats.values()) if (s.type === 'inbound-rtp' && (s.framesDecoded ?? 0) > 0) return;
+    } catch {
+      return; // the receiver went away: nothing to wait for
+    }
+    await new Promise((r) => setTimeout(r, 50));
   }
 }
