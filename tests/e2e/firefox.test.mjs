@@ -134,7 +134,10 @@ describe('Firefox', () => {
     // speed; once failed at 20 s under load).
     await Promise.all(pages.flatMap((p, i) => ids.filter((_, j) => i !== j).map((id) => decodesVideoFrom(p, id, 10, 60000))));
     assert.equal((await snapshot(fox)).peers.length, 2);
-    assert.deepEqual(fox.errors, []);
+    // Firefox itself logs "WebRTC: ICE failed" when a pair's checks time out (seen with six decoders on two loaded
+    // cores); the page answers with restartIce() and the decode checks above prove the pair recovered. Any other
+    // error still fails the test.
+    assert.deepEqual(fox.errors.filter((e) => !/^(uncaught: )?WebRTC: ICE failed, see about:webrtc/.test(e)), []);
     await Promise.all([fox.browserContext().close(), a.context().close(), b.context().close()]);
   });
 });
