@@ -623,6 +623,10 @@ function reasonText(reason) {
 signaling.addEventListener('state', (ev) => {
   const { state, delay, reason } = /** @type {CustomEvent} */ (ev).detail;
   if (state !== 'reconnecting' || call.state === 'ended' || call.state === 'failed') return;
+  // An attempt starting (no delay) after a failed one: keep the banner, which says why the last one failed (e.g.
+  // rate-limited); replacing it with a bare "reconnecting" would hide the reason after the first backoff.
+  const b = $('banner');
+  if (delay === undefined && !b.hidden && b.dataset.kind === 'reconnecting') return;
   const secs = delay ? ` (retrying in ${Math.max(1, Math.round(delay / 1000))} s)` : '';
   const why = reasonText(reason);
   const live = [...call.peers.values()].some((p) => p.pc.connectionState === 'connected');
