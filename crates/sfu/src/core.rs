@@ -49,6 +49,12 @@ const AUDIO_BITRATE: u64 = 40_000;
 const BWE_HOLD: Duration = Duration::from_secs(8);
 /// The subscribers' send-side bandwidth estimate starts here (TWCC then finds the real figure).
 const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1500);
+/// str0m's pacer (on with BWE) lets one packet out per timeout and then asks for the next timeout 1 µs later; str0m
+/// also payloads one written frame per m-line per timeout. A timeout that close is run at once, inside one drive.
+const PACER_STEP: Duration = Duration::from_micros(1);
+/// At most this many such timeouts per drive (the rest on the adapter's next wake-up): one busy session does not
+/// hold up the others for long.
+const MAX_STEPS_PER_DRIVE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SfuError {
@@ -899,11 +905,21 @@ impl Sfu {
             let s = self.sessions.get_mut(&id)?;
             s.dirty = false;
             negotiate(id, s, &mut self.out);
+            let mut steps = 0;
             loop {
                 if !s.rtc.is_alive() || added.is_some() {
                     break;
                 }
                 match s.rtc.poll_output() {
+                    // Without this, a session sent one packet per wake-up of the adapter (a few hundred a second):
+                    // in a room of ten publishers the written frames piled up in str0m and most never left.
+                    Ok(Output::Timeout(t)) if t <= now + PACER_STEP && steps < MAX_STEPS_PER_DRIVE => {
+                        steps += 1;
+                        if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
+                            tracing::info!("SFU session {id}: timer failed, closing: {e}");
+                            s.rtc.disconnect();
+                        }
+                    }
                     Ok(Output::Timeout(t)) => {
                         s.timeout = t;
                         break;
