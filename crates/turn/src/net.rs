@@ -653,6 +653,23 @@ struct StreamOut {
     writer: Mutex<Option<AbortHandle>>,
 }
 
+impl StreamOut {
+    /// A new stream client's output, registered under its tuple (the TLS and the plain TCP path share this).
+    fn register(shared: &Shared, tuple: FiveTuple, direct: Option<std::net::TcpStream>) -> Arc<StreamOut> {
+        let out = Arc::new(StreamOut {
+            q: Mutex::new(OutQueue::default()),
+            direct,
+            limit: shared.stream_queue,
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            reader: Mutex::new(None),
+            writer: Mutex::new(None),
+        });
+        shared.state.lock().streams.insert(tuple, out.clone());
+        out
+    }
+}
+
 #[derive(Default)]
 struct OutQueue {
     buf: Vec<u8>,
@@ -1426,16 +1443,7 @@ async fn serve_stream<S>(
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let per_record = tuple.transport == Transport::Tls;
-    let out = Arc::new(StreamOut {
-        q: Mutex::new(OutQueue::default()),
-        direct,
-        limit: shared.stream_queue,
-        notify: Notify::new(),
-        closed: AtomicBool::new(false),
-        reader: Mutex::new(None),
-        writer: Mutex::new(None),
-    });
-    shared.state.lock().streams.insert(tuple, out.clone());
+    let out = StreamOut::register(&shared, tuple, direct);
     let writer = {
         let out = out.clone();
         let timeout = shared.stream_write_timeout;
@@ -1553,16 +1561,7 @@ async fn serve_tcp(
     let Ok(wfd) = (unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::WRITABLE) }) else {
         return;
     };
-    let out = Arc::new(StreamOut {
-        q: Mutex::new(OutQueue::default()),
-        direct: Some(direct),
-        limit: shared.stream_queue,
-        notify: Notify::new(),
-        closed: AtomicBool::new(false),
-        reader: Mutex::new(None),
-        writer: Mutex::new(None),
-    });
-    shared.state.lock().streams.insert(tuple, out.clone());
+    let out = StreamOut::register(&shared, tuple, Some(direct));
     let writer = {
         let out = out.clone();
         let timeout = shared.stream_write_timeout;
