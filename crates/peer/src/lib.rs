@@ -61,7 +61,8 @@ audio_out). Logs go to stderr (RUST_LOG=debug for more).
 
 --record DIR writes each remote peer's video to DIR/NAME-ID.ivf (VP8 in IVF, starting at a keyframe; ffplay,
 mpv and VLC open it). A peer that rejoins gets a new id and so a new file. With --sfu, when the room moves from
-peer-to-peer to the SFU, what comes through the SFU goes to DIR/NAME-ID-sfu.ivf. --sfu adds the lines
+peer-to-peer to the SFU, the recording that starts second goes to DIR/NAME-ID-sfu.ivf (through the SFU) or
+DIR/NAME-ID-p2p.ivf (peer-to-peer); no file is ever overwritten. --sfu adds the lines
 'room media goes through the sfu', 'sfu connected', 'peer ID via sfu', 'peer ID connected (sfu)' and
 'stats sfu connected=BOOL frames_out=N bytes_out=N audio_out=N rtp_out=N rtp_bytes_out=N rtp_in=N rtp_bytes_in=N'
 (video frames and their payload bytes, Opus packets, RTP packets and bytes as sent and received).

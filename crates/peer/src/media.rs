@@ -351,6 +351,29 @@ impl IvfWriter {
     pub fn create(path: PathBuf, width: u16, height: u16) -> Result<IvfWriter, PeerError> {
         let file = File::create(&path)
             .map_err(|e| PeerError::Io { what: format!("creating {}", path.display()), source: e })?;
+        Self::start(file, path, width, height)
+    }
+
+    /// A new file `DIR/STEM.ivf`, or `DIR/STEM-ALT.ivf` (then `STEM-ALT-2.ivf`, …) when that exists: two
+    /// recordings of one peer (peer-to-peer and through the SFU) may start in either order, and neither may
+    /// truncate the other, so the name is claimed with `O_EXCL`.
+    pub fn create_new(dir: &Path, stem: &str, alt: &str, width: u16, height: u16) -> Result<IvfWriter, PeerError> {
+        for n in 0u32.. {
+            let path = match n {
+                0 => dir.join(format!("{stem}.ivf")),
+                1 => dir.join(format!("{stem}-{alt}.ivf")),
+                n => dir.join(format!("{stem}-{alt}-{n}.ivf")),
+            };
+            match File::options().write(true).create_new(true).open(&path) {
+                Ok(file) => return Self::start(file, path, width, height),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+                Err(e) => return Err(PeerError::Io { what: format!("creating {}", path.display()), source: e }),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn start(file: File, path: PathBuf, width: u16, height: u16) -> Result<IvfWriter, PeerError> {
         let mut out = BufWriter::new(file);
         let mut h = Vec::with_capacity(32);
         h.extend_from_slice(b"DKIF");
@@ -395,6 +418,23 @@ impl IvfWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two recordings of one peer (peer-to-peer and through the SFU, either first) never share a file.
+    #[test]
+    fn a_second_recording_of_a_peer_gets_its_own_file() {
+        let dir = std::env::temp_dir().join(format!("webcall-peer-ivf-new-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let names: Vec<String> = ["sfu", "p2p", "p2p"]
+            .iter()
+            .map(|alt| {
+                let w = IvfWriter::create_new(&dir, "p1-ID", alt, 320, 180).unwrap();
+                w.path.file_name().unwrap().to_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(names, ["p1-ID.ivf", "p1-ID-p2p.ivf", "p1-ID-p2p-2.ivf"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn clip_round_trips_through_ivf() {

@@ -224,9 +224,8 @@ impl Session {
                         match vp8_keyframe_size(&d.data) {
                             Some((w, h)) => {
                                 let name = crate::rtc::sanitize(&self.cfg.remote_name);
-                                let file =
-                                    if name.is_empty() { format!("{id}.ivf") } else { format!("{name}-{id}.ivf") };
-                                match IvfWriter::create(dir.join(file), w, h) {
+                                let stem = if name.is_empty() { id.to_string() } else { format!("{name}-{id}") };
+                                match IvfWriter::create_new(&dir, &stem, "p2p", w, h) {
                                     Ok(wr) => {
                                         out(format!("peer {id} recording {w}x{h} to {}", wr.path.display()));
                                         let p = wr.path.clone();

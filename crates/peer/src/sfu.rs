@@ -379,12 +379,8 @@ impl Session {
                             Some((w, h)) => {
                                 let name = crate::rtc::sanitize(&r.report.lock().unwrap().name);
                                 let stem = if name.is_empty() { peer.clone() } else { format!("{name}-{peer}") };
-                                // The room was peer-to-peer before: that recording keeps its file.
-                                let mut path = dir.join(format!("{stem}.ivf"));
-                                if path.exists() {
-                                    path = dir.join(format!("{stem}-sfu.ivf"));
-                                }
-                                match IvfWriter::create(path, w, h) {
+                                // A peer-to-peer recording of this peer (auto room) keeps its own file.
+                                match IvfWriter::create_new(dir, &stem, "sfu", w, h) {
                                     Ok(wr) => {
                                         out(format!("peer {peer} recording {w}x{h} to {}", wr.path.display()));
                                         r.report.lock().unwrap().recording = Some(wr.path.clone());
