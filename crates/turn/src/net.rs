@@ -1446,38 +1446,10 @@ async fn serve_stream<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (mut rd, wr) = tokio::io::split(stream);
     let per_record = tuple.transport == Transport::Tls;
     let out = StreamOut::register(&shared, tuple, direct);
-    let writer = {
-        let out = out.clone();
-        let timeout = shared.stream_write_timeout;
-        tokio::spawn(async move {
-            let mut spare = Vec::new();
-            loop {
-                out.notify.notified().await;
-                loop {
-                    {
-                        let mut q = out.q.lock();
-                        std::mem::swap(&mut q.buf, &mut spare);
-                        q.writing = !spare.is_empty();
-                    }
-                    if spare.is_empty() {
-                        break;
-                    }
-                    if write_frames(&mut wr, &spare, per_record, timeout).await.is_err() {
-                        out.kill();
-                        return;
-                    }
-                    spare.clear();
-                }
-                if out.closed.load(Ordering::Acquire) {
-                    let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
-                    return;
-                }
-            }
-        })
-    };
+    let writer = tokio::spawn(write_loop(out.clone(), WriteTo::Split { wr, per_record }, shared.stream_write_timeout));
     *out.writer.lock() = Some(writer.abort_handle());
     let reader = {
         let shared = shared.clone();
@@ -1567,35 +1539,8 @@ async fn serve_tcp(
         return;
     };
     let out = StreamOut::register(&shared, tuple, Some(direct));
-    let writer = {
-        let out = out.clone();
-        let timeout = shared.stream_write_timeout;
-        tokio::spawn(async move {
-            let mut spare = Vec::new();
-            loop {
-                out.notify.notified().await;
-                loop {
-                    {
-                        let mut q = out.q.lock();
-                        std::mem::swap(&mut q.buf, &mut spare);
-                        q.writing = !spare.is_empty();
-                    }
-                    if spare.is_empty() {
-                        break;
-                    }
-                    if write_fd(&wfd, &spare, timeout).await.is_err() {
-                        out.kill();
-                        return;
-                    }
-                    spare.clear();
-                }
-                if out.closed.load(Ordering::Acquire) {
-                    let _ = wfd.get_ref().shutdown(std::net::Shutdown::Write);
-                    return;
-                }
-            }
-        })
-    };
+    let to = WriteTo::<tokio::io::Sink>::Fd(wfd);
+    let writer = tokio::spawn(write_loop(out.clone(), to, shared.stream_write_timeout));
     *out.writer.lock() = Some(writer.abort_handle());
     let link = Arc::new(StreamLink::default());
     shared.new_streams.lock().push(PumpStream {
@@ -1637,6 +1582,61 @@ async fn serve_tcp(
         }
     }
     end_stream(&shared, tuple, &out, writer).await;
+}
+
+/// Where a TCP/TLS client's writer task writes: the plain TCP socket (shared with the pump's direct writes) or
+/// the write half of a TLS stream. An enum, not a trait: the spawned loop must stay `Send` for any stream type.
+enum WriteTo<W> {
+    Fd(AsyncFd<std::net::TcpStream>),
+    Split { wr: W, per_record: bool },
+}
+
+impl<W: AsyncWrite + Unpin> WriteTo<W> {
+    async fn write(&mut self, data: &[u8], timeout: Duration) -> io::Result<()> {
+        match self {
+            WriteTo::Fd(fd) => write_fd(fd, data, timeout).await,
+            WriteTo::Split { wr, per_record } => write_frames(wr, data, *per_record, timeout).await,
+        }
+    }
+
+    async fn shutdown(&mut self, timeout: Duration) {
+        match self {
+            WriteTo::Fd(fd) => {
+                let _ = fd.get_ref().shutdown(std::net::Shutdown::Write);
+            }
+            WriteTo::Split { wr, .. } => {
+                let _ = tokio::time::timeout(timeout, wr.shutdown()).await;
+            }
+        }
+    }
+}
+
+/// The writer task of a TCP/TLS client: writes what [`StreamOut::push`] queued until the queue is empty, then
+/// waits; once closed, shuts the connection down after the last bytes. A failed write kills the client.
+async fn write_loop<W: AsyncWrite + Unpin>(out: Arc<StreamOut>, mut to: WriteTo<W>, timeout: Duration) {
+    let mut spare = Vec::new();
+    loop {
+        out.notify.notified().await;
+        loop {
+            {
+                let mut q = out.q.lock();
+                std::mem::swap(&mut q.buf, &mut spare);
+                q.writing = !spare.is_empty();
+            }
+            if spare.is_empty() {
+                break;
+            }
+            if to.write(&spare, timeout).await.is_err() {
+                out.kill();
+                return;
+            }
+            spare.clear();
+        }
+        if out.closed.load(Ordering::Acquire) {
+            to.shutdown(timeout).await;
+            return;
+        }
+    }
 }
 
 /// Writes `data` to a non-blocking TCP socket in pieces, each within `timeout`.
