@@ -12,6 +12,7 @@
 //! Every output, the cluster's too, leaves through [`ClusterRooms::poll_output`], in order.
 
 use super::*;
+use std::collections::HashSet;
 
 /// What the cluster adapter must do ([`Output::Cluster`]); only a [`ClusterRooms`] core emits these.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +85,11 @@ pub struct ClusterRooms {
     core: Rooms,
     /// The layer's output channel: the core's outputs, translated, with the layer's own in order between them.
     out: VecDeque<Output<ClusterOutput>>,
+    /// Connections with a join out for cluster-wide admission (or waiting for a hand-over).
+    joining: HashSet<ConnId, BuildHasherDefault<rustc_hash::FxHasher>>,
+    /// Sessions resumed here from another node: the connection that gets its welcome when the old node's queue
+    /// arrives.
+    awaiting: HashMap<Arc<str>, ConnId>,
 }
 
 impl std::ops::Deref for ClusterRooms {
@@ -116,6 +122,9 @@ impl RoomCore for ClusterRooms {
     fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
         ClusterRooms::message(self, conn, text, now)
     }
+    fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        ClusterRooms::disconnect(self, conn, now)
+    }
     fn poll_output(&mut self) -> Option<Output<ClusterOutput>> {
         ClusterRooms::poll_output(self)
     }
@@ -124,7 +133,12 @@ impl RoomCore for ClusterRooms {
 impl ClusterRooms {
     /// `now`: as for [`Rooms::new`].
     pub fn new(cfg: Config, ice: Box<dyn IceProvider>, now: Instant) -> Self {
-        ClusterRooms { core: Rooms::new(cfg, ice, now), out: VecDeque::new() }
+        ClusterRooms {
+            core: Rooms::new(cfg, ice, now),
+            out: VecDeque::new(),
+            joining: HashSet::default(),
+            awaiting: HashMap::new(),
+        }
     }
 
     /// One text frame from a connection: a `join` goes to the cluster, everything else to the core.
@@ -139,21 +153,32 @@ impl ClusterRooms {
         if let Some(o) = self.out.pop_front() {
             return Some(o);
         }
-        self.core.poll_output().map(Self::translate)
+        let o = self.core.poll_output()?;
+        Some(self.translate(o))
     }
 
-    fn translate(o: Output) -> Output<ClusterOutput> {
+    fn translate(&mut self, o: Output) -> Output<ClusterOutput> {
         match o {
             Output::Forward { to, frame } => Output::Layer(ClusterOutput::Relay { to, frame }),
-            Output::Left { id, room } => Output::Layer(ClusterOutput::Left { id, room }),
+            Output::Left { id, room } => {
+                self.awaiting.remove(&id);
+                Output::Layer(ClusterOutput::Left { id, room })
+            }
             o => o.widen(),
         }
+    }
+
+    /// The connection is gone ([`Rooms::disconnect`]).
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        self.joining.remove(&conn);
+        self.core.disconnect(conn, now);
     }
 
     /// Puts out one of the layer's own, behind what the core put out before.
     fn emit(&mut self, o: ClusterOutput) {
         while let Some(c) = self.core.poll_output() {
-            self.out.push_back(Self::translate(c));
+            let c = self.translate(c);
+            self.out.push_back(c);
         }
         self.out.push_back(Output::Layer(o));
     }
@@ -163,7 +188,7 @@ impl ClusterRooms {
         if !self.core.may_join(conn, now) {
             return;
         }
-        if self.core.conns[&conn].joining {
+        if self.joining.contains(&conn) {
             let e = ProtocolError::new(ErrorCode::AlreadyJoined, "a join is already under way; wait for its welcome");
             return self.core.refuse(conn, e.refers_to("join"), now);
         }
@@ -179,7 +204,7 @@ impl ClusterRooms {
             return self.core.refuse(conn, e.refers_to("join"), now);
         }
         let name = admission.name.clone().unwrap_or_else(|| j.name.to_string());
-        self.core.conns.get_mut(&conn).expect("live").joining = true;
+        self.joining.insert(conn);
         self.emit(ClusterOutput::Join {
             conn,
             room: j.room.to_string(),
@@ -207,8 +232,8 @@ impl ClusterRooms {
     /// The cluster refused a [`ClusterOutput::Join`] (room full, backend unavailable, …).
     pub fn refuse_join(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
         self.core.now = now;
-        let Some(c) = self.core.conns.get_mut(&conn) else { return };
-        if !std::mem::take(&mut c.joining) || c.closing {
+        // A closing connection reads nothing more: whether it was joining no longer matters.
+        if !self.joining.remove(&conn) || !self.core.accepting(conn) {
             return;
         }
         self.core.refuse(conn, e.refers_to("join"), now);
@@ -246,8 +271,7 @@ impl ClusterRooms {
     /// The cluster admitted a join this node asked for.
     pub fn admit(&mut self, a: Admitted, now: Instant) {
         self.core.now = now;
-        let live =
-            self.core.conns.get_mut(&a.conn).filter(|c| c.joining && !c.closing).map(|c| c.joining = false).is_some();
+        let live = self.joining.remove(&a.conn) && self.core.accepting(a.conn);
         let conn = live.then_some(a.conn);
         self.sync_room(&a.room, &a.peers, &a.id);
         let id: Arc<str> = Arc::from(a.id.as_str());
@@ -266,10 +290,14 @@ impl ClusterRooms {
                 // Wait for the old node's queue; meanwhile frames for the peer queue here, behind it.
                 self.ensure_local(&a, &id, now);
                 self.sfu_room(&a.room, &id, a.sfu_room);
-                let p = self.core.peers.get_mut(&id).expect("ensured");
-                p.awaiting = conn;
-                if let Some(conn) = conn {
-                    self.core.conns.get_mut(&conn).expect("live").joining = true;
+                match conn {
+                    Some(conn) => {
+                        self.awaiting.insert(id.clone(), conn);
+                        self.joining.insert(conn);
+                    }
+                    None => {
+                        self.awaiting.remove(&id);
+                    }
                 }
             }
             AdmitKind::Fresh => {
@@ -323,7 +351,6 @@ impl ClusterRooms {
                 epoch: 0,
                 publish: true,
                 remote: true,
-                awaiting: None,
                 sfu: false,
                 // Every session of a cluster node starts here (local ones are remote first), so none may record.
                 record: RecordGrant::Clustered,
@@ -340,7 +367,7 @@ impl ClusterRooms {
         backlog.extend(p.pending.drain(..));
         let c = self.core.conns.get_mut(&conn).expect("live");
         c.peer = Some(id.clone());
-        c.joining = false;
+        self.joining.remove(&conn);
         c.limit = self.core.cfg.max_queued + backlog.len() + 1;
         self.core.welcome(conn, id, resumed);
         if self.core.room_is_sfu(&self.core.peers[id].room) {
@@ -411,10 +438,8 @@ impl ClusterRooms {
             return Vec::new();
         }
         let id = id.clone();
-        let (conn, awaiting) = {
-            let p = self.core.peers.get_mut(&id).expect("found");
-            (p.conn.take(), p.awaiting.take())
-        };
+        let conn = self.core.peers.get_mut(&id).expect("found").conn.take();
+        let awaiting = self.awaiting.remove(&id);
         let mut frames = Queue::default();
         if let Some(old) = conn {
             if let Some(c) = self.core.conns.get_mut(&old) {
@@ -453,11 +478,10 @@ impl ClusterRooms {
             return;
         }
         let id = id.clone();
-        let p = self.core.peers.get_mut(&id).expect("found");
-        let Some(conn) = p.awaiting.take() else { return };
+        let Some(conn) = self.awaiting.remove(&id) else { return };
         self.core.counters.resumes += 1;
         let backlog: Queue = frames.into();
-        let live = self.core.conns.get(&conn).is_some_and(|c| c.joining && !c.closing);
+        let live = self.joining.contains(&conn) && self.core.accepting(conn);
         if live {
             self.attach(conn, &id, true, backlog);
         } else {
@@ -542,7 +566,7 @@ impl ClusterRooms {
 
     /// Sessions waiting for a handover, for the adapter's timeout.
     pub fn awaiting_handover(&self) -> impl Iterator<Item = &str> {
-        self.core.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
+        self.awaiting.keys().filter(|k| self.is_local(k)).map(|k| &**k)
     }
 }
 
@@ -810,6 +834,7 @@ mod tests {
         n.send(c, &Join::new("r", "").to_json());
         n.cluster();
         n.rooms.disconnect(c, n.now);
+        assert!(n.rooms.joining.is_empty(), "a dropped connection's join leaves nothing behind");
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "A")]), n.now);
         assert_eq!(n.recv(a)[0]["type"], "hello");
         n.now += Duration::from_secs(6);

@@ -337,6 +337,8 @@ pub trait RoomCore: BorrowMut<Rooms> + Send + 'static {
     type Extra: std::fmt::Debug + Send;
     /// One text frame from a connection ([`Rooms::message`]).
     fn message(&mut self, conn: ConnId, text: &str, now: Instant);
+    /// The connection is gone ([`Rooms::disconnect`]).
+    fn disconnect(&mut self, conn: ConnId, now: Instant);
     /// The one output channel ([`Rooms::poll_output`]).
     fn poll_output(&mut self) -> Option<Output<Self::Extra>>;
 }
@@ -346,6 +348,10 @@ impl RoomCore for Rooms {
     #[inline]
     fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
         Rooms::message(self, conn, text, now)
+    }
+    #[inline]
+    fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        Rooms::disconnect(self, conn, now)
     }
     #[inline]
     fn poll_output(&mut self) -> Option<Output> {
@@ -407,8 +413,6 @@ struct Conn {
     closing: bool,
     rate: Bucket,
     errors: Bucket,
-    /// A join is out for admission by the layer around the core (it never is on a single node).
-    joining: bool,
     /// A client of the server's own (WHIP): its join makes the room an SFU room, or is refused `needs-sfu`.
     sfu_only: bool,
 }
@@ -425,9 +429,6 @@ struct Peer {
     publish: bool,
     /// A remote member (see the crate docs): no connection, no queue, no token here.
     remote: bool,
-    /// Resumed here from another host of the layer around the core; this connection gets its welcome when the
-    /// old host's queue arrives (never on a single node).
-    awaiting: Option<ConnId>,
     /// Joined with `"sfu":true`.
     sfu: bool,
     /// May start and stop recording ([`Admission::record`]).
@@ -585,7 +586,6 @@ impl Rooms {
                 closing: false,
                 rate: Bucket::full(burst, t),
                 errors: Bucket::full(self.cfg.max_errors, t),
-                joining: false,
                 sfu_only: false,
             },
         );
@@ -1055,7 +1055,6 @@ impl Rooms {
                 epoch: 0,
                 publish: admission.publish,
                 remote: false,
-                awaiting: None,
                 sfu: j.sfu,
                 record: if admission.record { RecordGrant::Granted } else { RecordGrant::NotGranted },
             },

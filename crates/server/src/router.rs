@@ -258,7 +258,7 @@ impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
             i.signals.remove(&conn);
             shrink_sparse(&mut i.signals);
             i.layer.disconnected(conn);
-            i.rooms.borrow_mut().disconnect(conn, now);
+            i.rooms.disconnect(conn, now);
         });
     }
     pub fn stats(&self) -> Stats {
