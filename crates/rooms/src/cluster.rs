@@ -14,7 +14,8 @@
 use super::*;
 use std::collections::HashSet;
 
-/// What the cluster adapter must do ([`Output::Layer`] of [`ClusterRooms::poll_output`]); only [`ClusterRooms`] emits these.
+/// What the cluster adapter must do ([`Output::Layer`] of [`ClusterRooms::poll_output`]); only [`ClusterRooms`]
+/// emits these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterOutput {
     /// Take a seat (or resume a session) cluster-wide, then call [`ClusterRooms::admit`] or
