@@ -2,9 +2,7 @@
 //! publisher sends. Each subscriber stream has its own sequence numbers and media time, continuous across
 //! simulcast layer switches (a switch happens only at a keyframe of the new layer), and VP8 picture ids /
 //! TL0PICIDX continuous with them, so the receiver's decoder and jitter buffer see one stream. [`Vp8Frames`]
-//! puts VP8 frames back together from packets (the recorder writes whole frames).
-//!
-//! Not wired into [`crate::core::Sfu`] yet: it still forwards in frame mode.
+//! and [`H264Frames`] put frames back together from packets (the recorder writes whole frames).
 
 use std::time::Instant;
 
@@ -179,6 +177,8 @@ pub struct Vp8Frames {
     partial: Option<(u32, u64, Vec<u8>)>,
     /// A packet was lost since the last keyframe.
     broken: bool,
+    /// The last sequence number seen: a skipped one is a loss.
+    last: Option<u64>,
 }
 
 /// A reassembled frame.
@@ -196,6 +196,11 @@ impl Vp8Frames {
 
     /// One packet (payload without the RTP header); a frame when this completes one.
     pub fn push(&mut self, seq: u64, time: u32, marker: bool, payload: &[u8]) -> Option<Frame> {
+        if self.last.is_some_and(|l| seq != l + 1) {
+            self.broken = true;
+            self.partial = None;
+        }
+        self.last = Some(seq);
         let n = vp8_descriptor_len(payload)?;
         let start = payload[0] & 0x10 != 0 && payload[0] & 0x07 == 0;
         if start {
@@ -232,4 +237,123 @@ impl Vp8Frames {
         let keyframe = data.first().is_some_and(|b| b & 1 == 0);
         Some(Frame { time, keyframe, data })
     }
+}
+
+/// Whether an H.264 RTP payload (RFC 6184) carries the start of an IDR picture or a sequence parameter set
+/// (single NAL unit, STAP-A aggregate, or the first fragment of an FU-A).
+pub fn h264_starts_keyframe(payload: &[u8]) -> bool {
+    let Some(&first) = payload.first() else { return false };
+    let key = |nal: u8| matches!(nal & 0x1f, 5 | 7);
+    match first & 0x1f {
+        1..=23 => key(first),
+        24 => {
+            let mut rest = &payload[1..];
+            while rest.len() > 2 {
+                let n = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                if n == 0 || rest.len() < 2 + n {
+                    return false;
+                }
+                if key(rest[2]) {
+                    return true;
+                }
+                rest = &rest[2 + n..];
+            }
+            false
+        }
+        28 => payload.get(1).is_some_and(|&h| h & 0x80 != 0 && key(h)),
+        _ => false,
+    }
+}
+
+/// Reassembles H.264 access units (Annex B, start codes) from one stream's RTP packets: the packets of one
+/// timestamp with consecutive sequence numbers up to the marker bit. After a gap, nothing until a keyframe.
+#[derive(Debug, Default)]
+pub struct H264Frames {
+    partial: Option<(u32, u64, Vec<u8>)>,
+    broken: bool,
+    last: Option<u64>,
+}
+
+impl H264Frames {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, seq: u64, time: u32, marker: bool, payload: &[u8]) -> Option<Frame> {
+        if self.last.is_some_and(|l| seq != l + 1) {
+            self.lost();
+        }
+        self.last = Some(seq);
+        let continues = matches!(&self.partial, Some((t, next, _)) if *t == time && *next == seq);
+        if !continues {
+            if self.partial.take().is_some() {
+                // The unit before ended without its marker bit.
+                self.broken = true;
+            }
+            if h264_starts_keyframe(payload) {
+                self.broken = false;
+            }
+            if self.broken {
+                return None;
+            }
+            self.partial = Some((time, seq, Vec::new()));
+        }
+        let (_, next, data) = self.partial.as_mut().expect("set above");
+        *next = seq + 1;
+        if !append_h264(payload, data) {
+            self.partial = None;
+            self.broken = true;
+            return None;
+        }
+        if !marker {
+            return None;
+        }
+        let (time, _, data) = self.partial.take()?;
+        let keyframe = annexb_has_idr(&data);
+        Some(Frame { time, keyframe, data })
+    }
+
+    /// A packet was lost (a sequence number skipped): drop the unit being collected, wait for a keyframe.
+    pub fn lost(&mut self) {
+        self.partial = None;
+        self.broken = true;
+    }
+}
+
+/// Appends the NAL units of one RTP payload to `out` with Annex B start codes; `false` on a malformed payload.
+fn append_h264(payload: &[u8], out: &mut Vec<u8>) -> bool {
+    let Some(&first) = payload.first() else { return false };
+    match first & 0x1f {
+        1..=23 => {
+            out.extend_from_slice(&[0, 0, 0, 1]);
+            out.extend_from_slice(payload);
+        }
+        24 => {
+            let mut rest = &payload[1..];
+            while rest.len() > 2 {
+                let n = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                if rest.len() < 2 + n {
+                    return false;
+                }
+                out.extend_from_slice(&[0, 0, 0, 1]);
+                out.extend_from_slice(&rest[2..2 + n]);
+                rest = &rest[2 + n..];
+            }
+        }
+        28 => {
+            let Some(&h) = payload.get(1) else { return false };
+            if h & 0x80 != 0 {
+                out.extend_from_slice(&[0, 0, 0, 1, (first & 0xe0) | (h & 0x1f)]);
+            } else if out.is_empty() {
+                return false;
+            }
+            out.extend_from_slice(&payload[2..]);
+        }
+        _ => return false,
+    }
+    true
+}
+
+fn annexb_has_idr(data: &[u8]) -> bool {
+    data.windows(4).any(|w| w[..3] == [0, 0, 1] && matches!(w[3] & 0x1f, 5))
 }
