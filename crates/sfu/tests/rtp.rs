@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use str0m::rtp::Vp8Descriptor;
-use webcall_sfu::rtp::{vp8_descriptor_len, vp8_starts_keyframe, Frame, PacketIn, PacketOut, Rewriter, Vp8Frames};
+use webcall_sfu::rtp::{
+    h264_starts_keyframe, vp8_descriptor_len, vp8_starts_keyframe, Frame, H264Frames, PacketIn, PacketOut, Rewriter,
+    Vp8Frames,
+};
 
 /// A VP8 payload: descriptor with a 15-bit picture id, TL0PICIDX and TID, then `body` (its first byte's bit 0 is
 /// the frame tag's P bit: 0 for a keyframe).
@@ -175,4 +178,43 @@ fn vp8_frames_are_reassembled_and_broken_ones_dropped_until_a_keyframe() {
     assert!(k2.keyframe);
     let d = f.push(18, 12900, true, &vp8(true, 5, 5, DELTA)).unwrap();
     assert_eq!(d, Frame { time: 12900, keyframe: false, data: DELTA.to_vec() });
+}
+
+#[test]
+fn h264_access_units_are_reassembled_from_stap_a_and_fu_a() {
+    let sps = [0x67, 0x42, 0xc0, 0x1e];
+    let pps = [0x68, 0xce, 0x3c, 0x80];
+    let idr: Vec<u8> = std::iter::once(0x65).chain(1..=20).collect();
+    // STAP-A with SPS and PPS, then the IDR slice in three FU-A fragments.
+    let mut stap = vec![24];
+    for n in [&sps[..], &pps[..]] {
+        stap.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        stap.extend_from_slice(n);
+    }
+    let fu = |start: bool, end: bool, part: &[u8]| {
+        let mut p = vec![(idr[0] & 0xe0) | 28, (start as u8) << 7 | (end as u8) << 6 | (idr[0] & 0x1f)];
+        p.extend_from_slice(part);
+        p
+    };
+    assert!(h264_starts_keyframe(&stap) && h264_starts_keyframe(&fu(true, false, &idr[1..8])));
+    assert!(!h264_starts_keyframe(&fu(false, false, &idr[8..15])));
+    let mut f = H264Frames::new();
+    assert_eq!(f.push(1, 90, false, &stap), None);
+    assert_eq!(f.push(2, 90, false, &fu(true, false, &idr[1..8])), None);
+    assert_eq!(f.push(3, 90, false, &fu(false, false, &idr[8..15])), None);
+    let unit = f.push(4, 90, true, &fu(false, true, &idr[15..])).unwrap();
+    let mut want = Vec::new();
+    for n in [&sps[..], &pps[..], &idr[..]] {
+        want.extend_from_slice(&[0, 0, 0, 1]);
+        want.extend_from_slice(n);
+    }
+    assert_eq!(unit, Frame { time: 90, keyframe: true, data: want });
+
+    // A non-IDR slice after a lost packet waits for the next keyframe.
+    let slice = [0x41, 0x9a, 0x01];
+    assert_eq!(f.push(6, 3090, true, &slice), None);
+    assert_eq!(f.push(7, 6090, true, &slice), None);
+    assert!(f.push(8, 9090, false, &stap).is_none(), "no marker: the unit goes on");
+    assert!(f.push(9, 9090, true, &[0x65, 1, 2]).unwrap().keyframe);
+    assert_eq!(f.push(10, 12090, true, &slice).unwrap().data, [0, 0, 0, 1, 0x41, 0x9a, 0x01]);
 }
