@@ -10,6 +10,7 @@
 #   JANUS=0 bench/sfu.sh                          # webcall only
 #   WEBCALL_BIN=/tmp/webcall-before bench/sfu.sh  # another build
 #   WEBCALL_BIN=/tmp/before PEER_BIN=target/release/webcall bench/sfu.sh  # another server, the same generator
+#   SAVE=bench/results/sfu-NAME.txt bench/sfu.sh  # also keep the raw lines (cite them in BENCHMARKS.md)
 #
 # Per run, over a window of DUR seconds once every peer is connected:
 #   - server CPU per forwarded packet = utime+stime of the server (/proc/PID/stat) / RTP packets the subscribers
@@ -322,4 +323,5 @@ awk '$1 == "meshvs" { r[$3 " " $2] = $4; ns[$3] = 1 }
         printf "%4s %16s %16s %8s\n", "N", "mesh_kB/s/client", "sfu_kB/s/client", "ratio"
         for (n in ns) printf "%4d %16.1f %16.1f %8.2f\n", n, r[n " mesh"] / 1000, r[n " sfu"] / 1000, (r[n " sfu"] > 0 ? r[n " mesh"] / r[n " sfu"] : 0)
     }' "$RESULTS"
-cp "$RESULTS" "bench/results/sfu-$(date -u +%Y%m%dT%H%M%SZ).txt" 2>/dev/null || true
+# Raw lines are kept only when asked (SAVE=FILE), so a run never leaves an uncited file in bench/results.
+if [ -n "${SAVE:-}" ]; then cp "$RESULTS" "$SAVE" && echo "raw results: $SAVE"; fi

@@ -372,7 +372,7 @@ impl ClusterRouter {
 
 impl Layer<ClusterRooms> for ClusterState {
     /// Acts on what the core asked for.
-    fn cluster_output(&mut self, rooms: &mut ClusterRooms, out: ClusterOutput, now: Instant) {
+    fn layer_output(&mut self, rooms: &mut ClusterRooms, out: ClusterOutput, now: Instant) {
         match out {
             ClusterOutput::Join { conn, room, name, password, resume, publish, refused, sfu } => {
                 if !self.shared.healthy() {

@@ -1,18 +1,21 @@
 //! Cluster mode: the same core on every node, with cluster-wide facts decided elsewhere (see `docs/cluster.md`).
 //!
-//! [`ClusterRooms`] is the single-node core with the cluster's inputs around it. There a `join` is not decided by
-//! the core: it runs its local checks (policy, this node's room limit) and emits [`ClusterOutput::Join`]; the
+//! [`ClusterRooms`] is a layer around the single-node core ([`RoomCore`]). A `join` is not decided by the core:
+//! the layer runs the local checks (policy, this node's room limit) and emits [`ClusterOutput::Join`]; the
 //! adapter takes a seat cluster-wide and answers with [`ClusterRooms::admit`] or [`ClusterRooms::refuse_join`].
-//! Peers of a room that live on other nodes are *remote* members: they appear in `welcome` and can be addressed,
-//! but frames for them leave as [`ClusterOutput::Relay`]. Joins and leaves on other nodes come in as
-//! [`ClusterRooms::remote_join`] / [`ClusterRooms::remote_leave`], their frames as [`ClusterRooms::remote_deliver`].
-//! A session resumed on another node is handed over with [`ClusterRooms::take_over`] (old node) and
-//! [`ClusterRooms::handover`] (new node), so its queue keeps its order. Every output, the cluster's too, leaves
-//! through [`Rooms::poll_output`].
+//! Peers of a room that live on other nodes are the core's *remote* members: they appear in `welcome` and can be
+//! addressed; the core passes their frames on ([`Output::Forward`]), which leave here as [`ClusterOutput::Relay`],
+//! and the end of a session of this node ([`Output::Left`]) as [`ClusterOutput::Left`]. Joins and leaves on
+//! other nodes come in as [`ClusterRooms::remote_join`] / [`ClusterRooms::remote_leave`], their frames as
+//! [`ClusterRooms::remote_deliver`]. A session resumed on another node is handed over with
+//! [`ClusterRooms::take_over`] (old node) and [`ClusterRooms::handover`] (new node), so its queue keeps its order.
+//! Every output, the cluster's too, leaves through [`ClusterRooms::poll_output`], in order.
 
 use super::*;
+use std::collections::HashSet;
 
-/// What the cluster adapter must do ([`Output::Cluster`]); only a [`ClusterRooms`] core emits these.
+/// What the cluster adapter must do ([`Output::Layer`] of [`ClusterRooms::poll_output`]); only [`ClusterRooms`]
+/// emits these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterOutput {
     /// Take a seat (or resume a session) cluster-wide, then call [`ClusterRooms::admit`] or
@@ -76,57 +79,18 @@ pub struct Admitted {
     pub sfu_room: bool,
 }
 
-/// The hooks the single-node core calls on a cluster node (join, leave).
-impl Rooms {
-    /// Whether any session of this node is in the room.
-    pub(crate) fn has_local_members(&self, room: &str) -> bool {
-        self.rooms.get(room).is_some_and(|r| r.members.iter().any(|m| !self.peers[m].remote))
-    }
-
-    /// Drops a room that has only remote members left.
-    pub(crate) fn forget_room(&mut self, room: &str) {
-        if let Some(r) = self.rooms.swap_remove(room) {
-            for m in r.members {
-                self.peers.swap_remove(&m);
-            }
-        }
-    }
-
-    pub(crate) fn cluster_join(&mut self, conn: ConnId, j: Join<'_>, now: Instant) {
-        if self.conns[&conn].joining {
-            let e = ProtocolError::new(ErrorCode::AlreadyJoined, "a join is already under way; wait for its welcome");
-            return self.refuse(conn, e.refers_to("join"), now);
-        }
-        // Resumes skip the policy as on one node, but whether a token is good is only known cluster-wide: the
-        // verdict travels with the join and counts only if it turns out fresh.
-        let (admission, refused) = match self.policy.admit(conn, &j) {
-            Ok(a) => (a, None),
-            Err(e) if j.resume.is_none() => return self.refuse(conn, e.refers_to("join"), now),
-            Err(e) => (Admission::default(), Some(e)),
-        };
-        if !self.rooms.contains_key(&*j.room) && self.rooms.len() >= self.cfg.max_rooms {
-            let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
-            return self.refuse(conn, e.refers_to("join"), now);
-        }
-        let name = admission.name.clone().unwrap_or_else(|| j.name.to_string());
-        self.conns.get_mut(&conn).expect("live").joining = true;
-        self.out.push_back(Output::Cluster(ClusterOutput::Join {
-            conn,
-            room: j.room.to_string(),
-            name,
-            password: j.password.as_deref().map(str::to_owned),
-            resume: j.resume.as_deref().map(str::to_owned),
-            publish: admission.publish,
-            refused,
-            sfu: j.sfu,
-        }));
-    }
-}
-
-/// A cluster node's room core: the single-node core ([`Rooms`], reached through `Deref`: connections, messages,
-/// timers and the one output channel) with the cluster's inputs around it.
+/// A cluster node's room core: the single-node core ([`Rooms`], reached through `Deref`: connections, timers and
+/// the queries) with the cluster's inputs and outputs around it (its own [`ClusterRooms::message`] and
+/// [`ClusterRooms::poll_output`] come first).
 pub struct ClusterRooms {
     core: Rooms,
+    /// The layer's output channel: the core's outputs, translated, with the layer's own in order between them.
+    out: VecDeque<Output<ClusterOutput>>,
+    /// Connections with a join out for cluster-wide admission (or waiting for a hand-over).
+    joining: HashSet<ConnId, BuildHasherDefault<rustc_hash::FxHasher>>,
+    /// Sessions resumed here from another node: the connection that gets its welcome when the old node's queue
+    /// arrives.
+    awaiting: HashMap<Arc<str>, ConnId>,
 }
 
 impl std::ops::Deref for ClusterRooms {
@@ -154,12 +118,104 @@ impl std::borrow::BorrowMut<Rooms> for ClusterRooms {
     }
 }
 
+impl RoomCore for ClusterRooms {
+    type Extra = ClusterOutput;
+    fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
+        ClusterRooms::message(self, conn, text, now)
+    }
+    fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        ClusterRooms::disconnect(self, conn, now)
+    }
+    fn poll_output(&mut self) -> Option<Output<ClusterOutput>> {
+        ClusterRooms::poll_output(self)
+    }
+}
+
 impl ClusterRooms {
     /// `now`: as for [`Rooms::new`].
     pub fn new(cfg: Config, ice: Box<dyn IceProvider>, now: Instant) -> Self {
-        let mut core = Rooms::new(cfg, ice, now);
-        core.clustered = true;
-        ClusterRooms { core }
+        ClusterRooms {
+            core: Rooms::new(cfg, ice, now),
+            out: VecDeque::new(),
+            joining: HashSet::default(),
+            awaiting: HashMap::new(),
+        }
+    }
+
+    /// One text frame from a connection: a `join` goes to the cluster, everything else to the core.
+    pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
+        if let Some(j) = self.core.read(conn, text, now) {
+            self.join(conn, j, now);
+        }
+    }
+
+    /// The one output channel: the core's, with remote members' frames and this node's leaves for the cluster.
+    pub fn poll_output(&mut self) -> Option<Output<ClusterOutput>> {
+        if let Some(o) = self.out.pop_front() {
+            return Some(o);
+        }
+        let o = self.core.poll_output()?;
+        Some(self.translate(o))
+    }
+
+    fn translate(&mut self, o: Output) -> Output<ClusterOutput> {
+        match o {
+            Output::Forward { to, frame } => Output::Layer(ClusterOutput::Relay { to, frame }),
+            Output::Left { id, room } => {
+                self.awaiting.remove(&id);
+                Output::Layer(ClusterOutput::Left { id, room })
+            }
+            o => o.widen(),
+        }
+    }
+
+    /// The connection is gone ([`Rooms::disconnect`]).
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        self.joining.remove(&conn);
+        self.core.disconnect(conn, now);
+    }
+
+    /// Puts out one of the layer's own, behind what the core put out before.
+    fn emit(&mut self, o: ClusterOutput) {
+        while let Some(c) = self.core.poll_output() {
+            let c = self.translate(c);
+            self.out.push_back(c);
+        }
+        self.out.push_back(Output::Layer(o));
+    }
+
+    /// A join that passed the core's checks: local checks, then off to the cluster.
+    fn join(&mut self, conn: ConnId, j: Join<'_>, now: Instant) {
+        if !self.core.may_join(conn, now) {
+            return;
+        }
+        if self.joining.contains(&conn) {
+            let e = ProtocolError::new(ErrorCode::AlreadyJoined, "a join is already under way; wait for its welcome");
+            return self.core.refuse(conn, e.refers_to("join"), now);
+        }
+        // Resumes skip the policy as on one node, but whether a token is good is only known cluster-wide: the
+        // verdict travels with the join and counts only if it turns out fresh.
+        let (admission, refused) = match self.core.policy.admit(conn, &j) {
+            Ok(a) => (a, None),
+            Err(e) if j.resume.is_none() => return self.core.refuse(conn, e.refers_to("join"), now),
+            Err(e) => (Admission::default(), Some(e)),
+        };
+        if !self.core.rooms.contains_key(&*j.room) && self.core.rooms.len() >= self.core.cfg.max_rooms {
+            let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
+            return self.core.refuse(conn, e.refers_to("join"), now);
+        }
+        let name = admission.name.clone().unwrap_or_else(|| j.name.to_string());
+        self.joining.insert(conn);
+        self.emit(ClusterOutput::Join {
+            conn,
+            room: j.room.to_string(),
+            name,
+            password: j.password.as_deref().map(str::to_owned),
+            resume: j.resume.as_deref().map(str::to_owned),
+            publish: admission.publish,
+            refused,
+            sfu: j.sfu,
+        });
     }
 
     /// Replaces the default [`OpenPolicy`].
@@ -177,8 +233,8 @@ impl ClusterRooms {
     /// The cluster refused a [`ClusterOutput::Join`] (room full, backend unavailable, …).
     pub fn refuse_join(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
         self.core.now = now;
-        let Some(c) = self.core.conns.get_mut(&conn) else { return };
-        if !std::mem::take(&mut c.joining) || c.closing {
+        // A closing connection reads nothing more: whether it was joining no longer matters.
+        if !self.joining.remove(&conn) || !self.core.accepting(conn) {
             return;
         }
         self.core.refuse(conn, e.refers_to("join"), now);
@@ -216,8 +272,7 @@ impl ClusterRooms {
     /// The cluster admitted a join this node asked for.
     pub fn admit(&mut self, a: Admitted, now: Instant) {
         self.core.now = now;
-        let live =
-            self.core.conns.get_mut(&a.conn).filter(|c| c.joining && !c.closing).map(|c| c.joining = false).is_some();
+        let live = self.joining.remove(&a.conn) && self.core.accepting(a.conn);
         let conn = live.then_some(a.conn);
         self.sync_room(&a.room, &a.peers, &a.id);
         let id: Arc<str> = Arc::from(a.id.as_str());
@@ -226,19 +281,24 @@ impl ClusterRooms {
             AdmitKind::Resumed if local => {
                 self.core.counters.resumes += 1;
                 self.sfu_room(&a.room, &id, a.sfu_room);
-                match conn {
-                    Some(conn) => self.core.resume_with(conn, id, a.token.into()),
-                    None => self.core.peers.get_mut(&id).expect("local").token = a.token.into(),
+                let token: Arc<str> = a.token.into();
+                self.core.set_token(&id, token.clone());
+                if let Some(conn) = conn {
+                    self.core.resume_with(conn, id, token);
                 }
             }
             AdmitKind::Resumed | AdmitKind::ResumedFromElsewhere => {
                 // Wait for the old node's queue; meanwhile frames for the peer queue here, behind it.
                 self.ensure_local(&a, &id, now);
                 self.sfu_room(&a.room, &id, a.sfu_room);
-                let p = self.core.peers.get_mut(&id).expect("ensured");
-                p.awaiting = conn;
-                if let Some(conn) = conn {
-                    self.core.conns.get_mut(&conn).expect("live").joining = true;
+                match conn {
+                    Some(conn) => {
+                        self.awaiting.insert(id.clone(), conn);
+                        self.joining.insert(conn);
+                    }
+                    None => {
+                        self.awaiting.remove(&id);
+                    }
                 }
             }
             AdmitKind::Fresh => {
@@ -261,10 +321,10 @@ impl ClusterRooms {
         if !self.core.peers.contains_key(id) {
             self.add_remote_silently(&a.room, id, &a.name);
         }
+        self.core.set_token(id, Arc::from(a.token.as_str()));
         let p = self.core.peers.get_mut(id).expect("ensured");
         p.remote = false;
         p.conn = None;
-        p.token = Arc::from(a.token.as_str());
         p.publish = a.publish;
         p.sfu = a.sfu;
         p.epoch += 1;
@@ -292,7 +352,6 @@ impl ClusterRooms {
                 epoch: 0,
                 publish: true,
                 remote: true,
-                awaiting: None,
                 sfu: false,
                 // Every session of a cluster node starts here (local ones are remote first), so none may record.
                 record: RecordGrant::Clustered,
@@ -309,7 +368,7 @@ impl ClusterRooms {
         backlog.extend(p.pending.drain(..));
         let c = self.core.conns.get_mut(&conn).expect("live");
         c.peer = Some(id.clone());
-        c.joining = false;
+        self.joining.remove(&conn);
         c.limit = self.core.cfg.max_queued + backlog.len() + 1;
         self.core.welcome(conn, id, resumed);
         if self.core.room_is_sfu(&self.core.peers[id].room) {
@@ -380,10 +439,8 @@ impl ClusterRooms {
             return Vec::new();
         }
         let id = id.clone();
-        let (conn, awaiting) = {
-            let p = self.core.peers.get_mut(&id).expect("found");
-            (p.conn.take(), p.awaiting.take())
-        };
+        let conn = self.core.peers.get_mut(&id).expect("found").conn.take();
+        let awaiting = self.awaiting.remove(&id);
         let mut frames = Queue::default();
         if let Some(old) = conn {
             if let Some(c) = self.core.conns.get_mut(&old) {
@@ -403,7 +460,9 @@ impl ClusterRooms {
         frames.extend(p.pending.drain(..));
         p.remote = true;
         p.epoch += 1;
-        p.token = Arc::from("");
+        // Its token is its new host's now.
+        let token = std::mem::replace(&mut p.token, Arc::from(""));
+        self.core.tokens.remove(&token);
         let room = p.room.clone();
         if !self.core.has_local_members(&room) {
             self.core.forget_room(&room);
@@ -420,11 +479,10 @@ impl ClusterRooms {
             return;
         }
         let id = id.clone();
-        let p = self.core.peers.get_mut(&id).expect("found");
-        let Some(conn) = p.awaiting.take() else { return };
+        let Some(conn) = self.awaiting.remove(&id) else { return };
         self.core.counters.resumes += 1;
         let backlog: Queue = frames.into();
-        let live = self.core.conns.get(&conn).is_some_and(|c| c.joining && !c.closing);
+        let live = self.joining.contains(&conn) && self.core.accepting(conn);
         if live {
             self.attach(conn, &id, true, backlog);
         } else {
@@ -509,7 +567,7 @@ impl ClusterRooms {
 
     /// Sessions waiting for a handover, for the adapter's timeout.
     pub fn awaiting_handover(&self) -> impl Iterator<Item = &str> {
-        self.core.peers.iter().filter(|(_, p)| p.awaiting.is_some()).map(|(k, _)| &**k)
+        self.awaiting.keys().filter(|k| self.is_local(k)).map(|k| &**k)
     }
 }
 
@@ -529,10 +587,10 @@ mod tests {
             Node::over(ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now)
         }
         fn cluster(&mut self) -> Vec<ClusterOutput> {
-            self.split(|o| matches!(o, Output::Cluster(_)))
+            self.split(|o| matches!(o, Output::Layer(_)))
                 .into_iter()
                 .filter_map(|o| match o {
-                    Output::Cluster(c) => Some(c),
+                    Output::Layer(c) => Some(c),
                     _ => None,
                 })
                 .collect()
@@ -623,7 +681,7 @@ mod tests {
         assert_eq!((got[0]["type"].as_str(), &got[1]), (Some("welcome"), &json!({"type":"topology","mode":"sfu"})));
         // `sfu` signaling goes to the SFU adapter (the cluster layer routes it to the room's SFU node).
         n.send(c, &Signal::Offer("v=0".into()).to_json(SFU_PEER));
-        let out: Vec<Output> =
+        let out: Vec<Output<ClusterOutput>> =
             std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| !matches!(o, Output::Wake(_))).collect();
         assert!(matches!(&out[..], [Output::Sfu(SfuRequest::Signal { peer, .. })] if &**peer == "C"), "{out:?}");
         // `data` reaches members on other nodes too.
@@ -633,7 +691,7 @@ mod tests {
         assert!(matches!(&n.cluster()[..], [ClusterOutput::Relay { to, .. }] if &**to == "B"));
         // A member on another node leaving ends no media session here (its node ends it).
         n.rooms.remote_leave("B", n.now);
-        let out: Vec<Output> = std::iter::from_fn(|| n.rooms.poll_output()).collect();
+        let out: Vec<Output<ClusterOutput>> = std::iter::from_fn(|| n.rooms.poll_output()).collect();
         assert!(!out.iter().any(|o| matches!(o, Output::Sfu(_))), "{out:?}");
         n.recv(a);
         n.recv(c);
@@ -744,7 +802,7 @@ mod tests {
         n.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), n.now);
         let frames = n.rooms.take_over("P", n.now);
         assert_eq!(frames.len(), 1);
-        let closes: Vec<Output> =
+        let closes: Vec<Output<ClusterOutput>> =
             std::iter::from_fn(|| n.rooms.poll_output()).filter(|o| matches!(o, Output::Close { .. })).collect();
         assert_eq!(
             closes,
@@ -777,6 +835,7 @@ mod tests {
         n.send(c, &Join::new("r", "").to_json());
         n.cluster();
         n.rooms.disconnect(c, n.now);
+        assert!(n.rooms.joining.is_empty(), "a dropped connection's join leaves nothing behind");
         n.rooms.admit(admitted(c, AdmitKind::Fresh, "B", "r", &[("A", "A")]), n.now);
         assert_eq!(n.recv(a)[0]["type"], "hello");
         n.now += Duration::from_secs(6);
@@ -806,12 +865,14 @@ mod tests {
     }
 
     #[test]
-    fn single_node_mode_emits_no_cluster_output() {
+    fn a_single_node_forwards_nothing_and_reports_the_leave() {
         let now = Instant::now();
         let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
         r.connect(1, now);
         r.message(1, r#"{"type":"join","room":"r"}"#, now);
         r.message(1, r#"{"type":"bye"}"#, now);
-        assert!(std::iter::from_fn(|| r.poll_output()).all(|o| !matches!(o, Output::Cluster(_))));
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        assert!(!out.iter().any(|o| matches!(o, Output::Forward { .. })), "{out:?}");
+        assert!(matches!(out.last(), Some(Output::Left { room, .. }) if &**room == "r"), "{out:?}");
     }
 }

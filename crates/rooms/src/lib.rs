@@ -3,18 +3,27 @@
 //! The adapter feeds [`Rooms`] inputs ([`Rooms::connect`], [`Rooms::message`], [`Rooms::disconnect`],
 //! [`Rooms::tick`]) with the current time (the core has no clock), and acts on what comes out of its one output
 //! channel, [`Rooms::poll_output`]: a connection has frames to write ([`Output::Wake`], then [`Rooms::take`]) or
-//! must be closed ([`Output::Close`]); a request for the SFU ([`Output::Sfu`]); or, on a cluster node, work for the
-//! cluster layer ([`Output::Cluster`], see [`ClusterRooms`]). [`Rooms::poll_timeout`] says when to call `tick` next.
+//! must be closed ([`Output::Close`]); a request for the SFU ([`Output::Sfu`]); a session ended ([`Output::Left`]).
+//! [`Rooms::poll_timeout`] says when to call `tick` next.
 //!
 //! Outbound frames stay in the core until the adapter takes them. That is what lets a resumed session get every
 //! frame that was not yet written to its old connection, in order, and lets a slow reader be cut off without
-//! losing what was queued for it.
+//! losing what was queued for it. So `take` is a pull, like quinn's `poll_transmit`, not an output: the writer
+//! calls it when its socket is ready, and what it has not taken still counts against the connection's bounds.
+//!
+//! The core is single-node. A layer may wrap it ([`RoomCore`]; the cluster's is [`ClusterRooms`]): it takes some
+//! inputs itself (joins), and may add *remote* members, members whose sessions live outside this core. Those
+//! appear in `welcome` and can be addressed, but the core only passes frames for them on ([`Output::Forward`]) and
+//! tells them nothing of joins, leaves or topology (their own host does); it ends no media session for them and
+//! reports no [`Output::Left`]. On a single node there are none, and these outputs never occur.
 
 use indexmap::IndexMap;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
+use std::borrow::BorrowMut;
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -289,8 +298,9 @@ pub struct Counters {
     pub slow_readers: u64,
 }
 
+/// What the core (`X` = [`Infallible`]: none of its own) or a layer around it ([`RoomCore::Extra`]) puts out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
+pub enum Output<X = Infallible> {
     /// The connection's outbound queue went from empty to non-empty: call [`Rooms::take`].
     Wake(ConnId),
     /// Write what [`Rooms::take`] still yields, then close with this code and reason. The core no longer reads
@@ -298,8 +308,55 @@ pub enum Output {
     Close { conn: ConnId, code: u16, reason: &'static str },
     /// For the SFU adapter.
     Sfu(SfuRequest),
-    /// For the cluster layer; only a [`ClusterRooms`] core emits these.
-    Cluster(ClusterOutput),
+    /// A frame for remote member `to` (see the crate docs): the layer that added it delivers it.
+    Forward { to: Arc<str>, frame: Frame },
+    /// A session of this core ended (bye, grace over, overflow). Nothing to do on a single node; a layer around
+    /// the core may tell others.
+    Left { id: Arc<str>, room: Arc<str> },
+    /// An output of the layer around the core.
+    Layer(X),
+}
+
+impl Output {
+    /// The core's output as one of a layer's channel.
+    pub fn widen<X>(self) -> Output<X> {
+        match self {
+            Output::Wake(conn) => Output::Wake(conn),
+            Output::Close { conn, code, reason } => Output::Close { conn, code, reason },
+            Output::Sfu(req) => Output::Sfu(req),
+            Output::Forward { to, frame } => Output::Forward { to, frame },
+            Output::Left { id, room } => Output::Left { id, room },
+            Output::Layer(never) => match never {},
+        }
+    }
+}
+
+/// What a router drives: the single-node [`Rooms`], or a layer around one (e.g. [`ClusterRooms`]) that takes some
+/// inputs itself and adds outputs of its own (`Extra`). Every other input goes to the core ([`BorrowMut`]).
+pub trait RoomCore: BorrowMut<Rooms> + Send + 'static {
+    type Extra: std::fmt::Debug + Send;
+    /// One text frame from a connection ([`Rooms::message`]).
+    fn message(&mut self, conn: ConnId, text: &str, now: Instant);
+    /// The connection is gone ([`Rooms::disconnect`]).
+    fn disconnect(&mut self, conn: ConnId, now: Instant);
+    /// The one output channel ([`Rooms::poll_output`]).
+    fn poll_output(&mut self) -> Option<Output<Self::Extra>>;
+}
+
+impl RoomCore for Rooms {
+    type Extra = Infallible;
+    #[inline]
+    fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
+        Rooms::message(self, conn, text, now)
+    }
+    #[inline]
+    fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        Rooms::disconnect(self, conn, now)
+    }
+    #[inline]
+    fn poll_output(&mut self) -> Option<Output> {
+        Rooms::poll_output(self)
+    }
 }
 
 /// Gives each welcome its `iceServers`; defined in `webcall_protocol` (the TURN server implements it too).
@@ -356,8 +413,6 @@ struct Conn {
     closing: bool,
     rate: Bucket,
     errors: Bucket,
-    /// Cluster mode: a join is out for cluster-wide admission.
-    joining: bool,
     /// A client of the server's own (WHIP): its join makes the room an SFU room, or is refused `needs-sfu`.
     sfu_only: bool,
 }
@@ -372,11 +427,8 @@ struct Peer {
     /// Bumped at each detach, so a stale deadline is ignored.
     epoch: u64,
     publish: bool,
-    /// Cluster mode: the session lives on another node (no connection, no queue here).
+    /// A remote member (see the crate docs): no connection, no queue, no token here.
     remote: bool,
-    /// Cluster mode: resumed here from another node; this connection gets its welcome when the old node's
-    /// queue arrives.
-    awaiting: Option<ConnId>,
     /// Joined with `"sfu":true`.
     sfu: bool,
     /// May start and stop recording ([`Admission::record`]).
@@ -430,8 +482,6 @@ pub struct Rooms {
     policy: Box<dyn JoinPolicy>,
     counters: Counters,
     shutting_down: bool,
-    /// Cluster mode (see `cluster.rs`); off, the core behaves exactly as a single node.
-    clustered: bool,
     /// Time of the latest input, for work that an input triggers indirectly.
     now: Instant,
     /// Time zero of the rate buckets.
@@ -470,7 +520,6 @@ impl Rooms {
             policy: Box::new(OpenPolicy),
             counters: Counters::default(),
             shutting_down: false,
-            clustered: false,
             now,
             origin: now,
         }
@@ -537,7 +586,6 @@ impl Rooms {
                 closing: false,
                 rate: Bucket::full(burst, t),
                 errors: Bucket::full(self.cfg.max_errors, t),
-                joining: false,
                 sfu_only: false,
             },
         );
@@ -574,12 +622,22 @@ impl Rooms {
 
     /// One text frame from a connection.
     pub fn message(&mut self, conn: ConnId, text: &str, now: Instant) {
+        if let Some(j) = self.read(conn, text, now) {
+            self.join(conn, j, now);
+        }
+    }
+
+    /// [`Rooms::message`] but for a `join`, which is returned for the caller to decide (a layer around the core
+    /// admits joins its own way).
+    #[inline]
+    pub(crate) fn read<'t>(&mut self, conn: ConnId, text: &'t str, now: Instant) -> Option<Join<'t>> {
         self.now = now;
         if !self.accepting(conn) {
-            return;
+            return None;
         }
         if text.len() > self.cfg.max_message_size {
-            return self.too_large(conn, text.len());
+            self.too_large(conn, text.len());
+            return None;
         }
         let t = self.nanos(now);
         let c = self.conns.get_mut(&conn).expect("accepting() checked it");
@@ -591,19 +649,21 @@ impl Rooms {
             );
             self.counters.errors[e.code] += 1;
             self.push(conn, Arc::from(e.to_json()));
-            return self.close(conn, close::POLICY, close::FLOODING);
+            self.close(conn, close::POLICY, close::FLOODING);
+            return None;
         }
         let parsed = parse_client(text);
         self.counters.messages[MessageKind::of(&parsed)] += 1;
         match parsed {
             Err(e) => self.refuse(conn, e, now),
-            Ok(ClientMessage::Join(j)) => self.join(conn, j, now),
+            Ok(ClientMessage::Join(j)) => return Some(j),
             Ok(ClientMessage::Relay(r)) => self.relay(conn, r, now),
             Ok(ClientMessage::Bye) => self.bye(conn, now),
             Ok(ClientMessage::View(v)) => self.view(conn, v, now),
             Ok(ClientMessage::Data(d)) => self.data(conn, d, now),
             Ok(ClientMessage::Record(a)) => self.record(conn, a, now),
         }
+        None
     }
 
     /// The connection is gone (closed by either side or dead). A joined session enters its resume grace period,
@@ -693,8 +753,8 @@ impl Rooms {
         let members: usize = self.rooms.values().map(|r| r.members.len()).sum();
         assert_eq!(members, self.peers.len(), "sessions outside any room");
         for (id, p) in &self.peers {
-            // In cluster mode resume tokens live in the cluster store, not here.
-            if !self.clustered {
+            // A remote member's token is its host's.
+            if !p.remote {
                 assert_eq!(self.tokens.get(&p.token), Some(id), "token of {id} does not lead back");
             }
             if let Some(conn) = p.conn {
@@ -709,9 +769,8 @@ impl Rooms {
                 );
             }
         }
-        if !self.clustered {
-            assert_eq!(self.tokens.len(), self.peers.len(), "stale resume tokens");
-        }
+        let local = self.peers.values().filter(|p| !p.remote).count();
+        assert_eq!(self.tokens.len(), local, "stale resume tokens");
         for (conn, c) in &self.conns {
             if let Some(id) = &c.peer {
                 assert_eq!(self.peers.get(id).and_then(|p| p.conn), Some(*conn), "connection {conn} claims {id}");
@@ -791,7 +850,7 @@ impl Rooms {
         let Some(p) = self.peers.get_mut(id) else { return false };
         if p.remote {
             let to = self.peers.get_key_value(id).expect("just found").0.clone();
-            self.out.push_back(Output::Cluster(ClusterOutput::Relay { to, frame }));
+            self.out.push_back(Output::Forward { to, frame });
             return true;
         }
         match p.conn {
@@ -861,19 +920,26 @@ impl Rooms {
         self.push(conn, Arc::from(frame));
     }
 
-    fn join(&mut self, conn: ConnId, j: Join<'_>, now: Instant) {
+    /// The checks every join takes, wherever it is admitted: `false` when `conn` was refused.
+    pub(crate) fn may_join(&mut self, conn: ConnId, now: Instant) -> bool {
         if let Some(id) = self.conns[&conn].peer.clone() {
             let room = &self.peers[&id].room;
             let e = ProtocolError::new(ErrorCode::AlreadyJoined, format!("already in room '{room}'; send bye first"));
-            return self.refuse(conn, e.refers_to("join"), now);
+            self.refuse(conn, e.refers_to("join"), now);
+            return false;
         }
         if self.shutting_down {
             let e =
                 ProtocolError::new(ErrorCode::ServerShutdown, "this server is shutting down; reconnect in a moment");
-            return self.refuse(conn, e.refers_to("join"), now);
+            self.refuse(conn, e.refers_to("join"), now);
+            return false;
         }
-        if self.clustered {
-            return self.cluster_join(conn, j, now);
+        true
+    }
+
+    fn join(&mut self, conn: ConnId, j: Join<'_>, now: Instant) {
+        if !self.may_join(conn, now) {
+            return;
         }
         if let Some(token) = j.resume.as_deref() {
             if let Some(id) = self.tokens.get(token).cloned() {
@@ -989,7 +1055,6 @@ impl Rooms {
                 epoch: 0,
                 publish: admission.publish,
                 remote: false,
-                awaiting: None,
                 sfu: j.sfu,
                 record: if admission.record { RecordGrant::Granted } else { RecordGrant::NotGranted },
             },
@@ -1265,12 +1330,12 @@ impl Rooms {
     /// Ends a session: frees its seat and tells the room.
     fn leave(&mut self, id: &Arc<str>) {
         let Some(p) = self.peers.swap_remove(id) else { return };
-        // A member on another node has its media session ended by its own node.
-        if self.room_is_sfu(&p.room) && !p.remote {
-            self.out.push_back(Output::Sfu(SfuRequest::Leave { room: p.room.clone(), peer: id.clone() }));
-        }
-        if self.clustered && !p.remote {
-            self.out.push_back(Output::Cluster(ClusterOutput::Left { id: id.clone(), room: p.room.clone() }));
+        // A remote member's host ends its media session and tells the others.
+        if !p.remote {
+            if self.room_is_sfu(&p.room) {
+                self.out.push_back(Output::Sfu(SfuRequest::Leave { room: p.room.clone(), peer: id.clone() }));
+            }
+            self.out.push_back(Output::Left { id: id.clone(), room: p.room.clone() });
         }
         self.tokens.remove(&p.token);
         if let Some(conn) = p.conn {
@@ -1290,20 +1355,42 @@ impl Rooms {
                 self.out.push_back(Output::Sfu(SfuRequest::Record { room: p.room.clone(), start: false }));
             }
         } else if !self.has_local_members(&p.room) {
-            // Only remote members are left (cluster mode; on a single node every member is local, and the check
-            // stops at the first): nobody here cares about this room any more.
+            // Only remote members are left (on a single node every member is local, and the check stops at the
+            // first): nobody here cares about this room any more.
             self.forget_room(&p.room);
         } else {
             self.broadcast(&p.room, id, Arc::from(encode_bye(id)));
         }
     }
 
+    /// Whether any member of the room is not remote.
+    fn has_local_members(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.members.iter().any(|m| !self.peers[m].remote))
+    }
+
+    /// Drops a room that has only remote members left.
+    fn forget_room(&mut self, room: &str) {
+        if let Some(r) = self.rooms.swap_remove(room) {
+            for m in r.members {
+                self.peers.swap_remove(&m);
+            }
+        }
+    }
+
+    /// Makes `token` the resume token of local session `id`.
+    fn set_token(&mut self, id: &Arc<str>, token: Arc<str>) {
+        let p = self.peers.get_mut(id).expect("a live session");
+        self.tokens.remove(&p.token);
+        self.tokens.insert(token.clone(), id.clone());
+        p.token = token;
+    }
+
     fn broadcast(&mut self, room: &str, except: &str, frame: Frame) {
-        // Peers on other nodes hear of joins, leaves and topology from the cluster, not from here.
+        // Remote members hear of joins, leaves and topology from their own host, not from here.
         self.broadcast_to(room, except, frame, false);
     }
 
-    /// To every other member, on other nodes too (`data`).
+    /// To every other member, remote ones too (`data`).
     fn broadcast_all(&mut self, room: &str, except: &str, frame: Frame) {
         self.broadcast_to(room, except, frame, true);
     }

@@ -2,19 +2,18 @@
 
 use super::*;
 use serde_json::Value;
-use std::borrow::BorrowMut;
 use webcall_protocol::{Join, Signal, BYE};
 
 /// A room core (`Rooms`, or the `ClusterRooms` around one) driven by hand, in simulated time.
-pub(crate) struct Harness<R: BorrowMut<Rooms> = Rooms> {
+pub(crate) struct Harness<R: RoomCore = Rooms> {
     pub(crate) rooms: R,
     pub(crate) now: Instant,
     next_conn: ConnId,
-    /// Outputs polled but not yet looked at (connection outputs and SFU requests are read separately).
-    polled: Vec<Output>,
+    /// Outputs polled but not yet looked at (connection outputs, SFU requests and leaves are read separately).
+    polled: Vec<Output<R::Extra>>,
 }
 
-impl<R: BorrowMut<Rooms>> Harness<R> {
+impl<R: RoomCore> Harness<R> {
     pub(crate) fn over(rooms: R, now: Instant) -> Self {
         Harness { rooms, now, next_conn: 1, polled: Vec::new() }
     }
@@ -29,7 +28,7 @@ impl<R: BorrowMut<Rooms>> Harness<R> {
     }
     pub(crate) fn send(&mut self, conn: ConnId, text: &str) {
         let now = self.now;
-        self.core().message(conn, text, now);
+        self.rooms.message(conn, text, now);
     }
     pub(crate) fn send_json(&mut self, conn: ConnId, v: Value) {
         self.send(conn, &v.to_string());
@@ -41,12 +40,12 @@ impl<R: BorrowMut<Rooms>> Harness<R> {
         self.core().take(conn, &mut buf);
         buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
     }
-    fn outputs(&mut self) -> Vec<Output> {
-        self.split(|o| !matches!(o, Output::Sfu(_)))
+    fn outputs(&mut self) -> Vec<Output<R::Extra>> {
+        self.split(|o| !matches!(o, Output::Sfu(_) | Output::Left { .. }))
     }
     /// The outputs (in order) that `pick` selects; the others stay for the next look.
-    pub(crate) fn split(&mut self, pick: impl Fn(&Output) -> bool) -> Vec<Output> {
-        let polled: Vec<Output> = std::iter::from_fn(|| self.core().poll_output()).collect();
+    pub(crate) fn split(&mut self, pick: impl Fn(&Output<R::Extra>) -> bool) -> Vec<Output<R::Extra>> {
+        let polled: Vec<Output<R::Extra>> = std::iter::from_fn(|| self.rooms.poll_output()).collect();
         self.polled.extend(polled);
         let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
         self.polled = rest;

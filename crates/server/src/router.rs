@@ -4,15 +4,14 @@
 //! [`Layer`].
 
 use parking_lot::{Mutex, MutexGuard};
-use std::borrow::BorrowMut;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use webcall_rooms::{
-    ClusterOutput, ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, RecordRefusal,
-    Rooms, SfuRequest, Stats, WatchRefusal,
+    ConnId, Counters, Frame, IceProvider, IceServer, JoinPolicy, OpenPolicy, Output, RecordRefusal, RoomCore, Rooms,
+    SfuRequest, Stats, WatchRefusal,
 };
 
 /// What the WebSocket task of one connection shares with the router.
@@ -93,12 +92,12 @@ pub fn shrink_sparse<K: Eq + std::hash::Hash, V, S: BuildHasher>(m: &mut HashMap
 }
 
 /// What a router adds around the room core `C`. The single-node router adds nothing (`()`); the cluster router
-/// takes the core's cluster outputs, runs its links and its own timeouts.
-pub trait Layer<C>: Send + 'static {
-    /// An [`Output::Cluster`] of the core; may feed the core again (what that puts out is dispatched in turn).
-    fn cluster_output(&mut self, core: &mut C, out: ClusterOutput, now: Instant) {
+/// takes the cluster layer's outputs, runs its links and its own timeouts.
+pub trait Layer<C: RoomCore>: Send + 'static {
+    /// An [`Output::Layer`] of the core; may feed the core again (what that puts out is dispatched in turn).
+    fn layer_output(&mut self, core: &mut C, out: C::Extra, now: Instant) {
         let _ = (core, now);
-        tracing::warn!("a cluster output without a cluster: {out:?}");
+        tracing::warn!("a layer output without a layer: {out:?}");
     }
     /// An SFU request of the core: what comes back goes to this node's SFU. The cluster sends the requests of rooms
     /// whose SFU runs on another node there instead.
@@ -134,7 +133,7 @@ pub trait Layer<C>: Send + 'static {
     }
 }
 
-impl<C> Layer<C> for () {}
+impl<C: RoomCore> Layer<C> for () {}
 
 /// What the driver's lock guards: the core, the connections' signals, the SFU bridge and the layer's state.
 pub struct Core<C, L> {
@@ -145,10 +144,10 @@ pub struct Core<C, L> {
     pub layer: L,
 }
 
-impl<C: BorrowMut<Rooms>, L: Layer<C>> Core<C, L> {
+impl<C: RoomCore, L: Layer<C>> Core<C, L> {
     /// Acts on everything the core put out; a layer that feeds the core again gets its outputs dispatched too.
     pub fn dispatch(&mut self, now: Instant) {
-        while let Some(out) = self.rooms.borrow_mut().poll_output() {
+        while let Some(out) = self.rooms.poll_output() {
             match out {
                 Output::Wake(conn) => signal_output(&self.signals, conn, None),
                 Output::Close { conn, code, reason } => signal_output(&self.signals, conn, Some((code, reason))),
@@ -157,7 +156,12 @@ impl<C: BorrowMut<Rooms>, L: Layer<C>> Core<C, L> {
                         self.route_sfu(req);
                     }
                 }
-                Output::Cluster(c) => self.layer.cluster_output(&mut self.rooms, c, now),
+                Output::Layer(o) => self.layer.layer_output(&mut self.rooms, o, now),
+                // A single node has nobody else to tell (a layer around the core turns this into its own output).
+                Output::Left { .. } => {}
+                Output::Forward { to, .. } => {
+                    tracing::warn!(peer = %to, "a frame for a remote member without a layer around the core; dropped")
+                }
             }
         }
         self.layer.dispatched(&mut self.rooms, now);
@@ -185,7 +189,7 @@ pub struct Driver<C, L> {
     inner: Mutex<Core<C, L>>,
 }
 
-impl<C: BorrowMut<Rooms> + Send + 'static, L: Layer<C>> Driver<C, L> {
+impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
     pub fn new(rooms: C, layer: L) -> Self {
         Driver { inner: Mutex::new(Core { rooms, signals: HashMap::default(), sfu: None, layer }) }
     }
@@ -236,7 +240,7 @@ impl<C: BorrowMut<Rooms> + Send + 'static, L: Layer<C>> Driver<C, L> {
         });
     }
     pub fn message(&self, conn: ConnId, text: &str) {
-        self.with(|i, now| i.rooms.borrow_mut().message(conn, text, now));
+        self.with(|i, now| i.rooms.message(conn, text, now));
     }
     pub fn binary(&self, conn: ConnId, len: usize) {
         self.with(|i, now| i.rooms.borrow_mut().binary(conn, len, now));
@@ -254,7 +258,7 @@ impl<C: BorrowMut<Rooms> + Send + 'static, L: Layer<C>> Driver<C, L> {
             i.signals.remove(&conn);
             shrink_sparse(&mut i.signals);
             i.layer.disconnected(conn);
-            i.rooms.borrow_mut().disconnect(conn, now);
+            i.rooms.disconnect(conn, now);
         });
     }
     pub fn stats(&self) -> Stats {

@@ -9,12 +9,15 @@ use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::DtlsCert;
+use str0m::format::{Codec, CodecExtra, H264CodecExtra, PayloadParams, Vp8CodecExtra};
 use str0m::ice::{IceCreds, StunMessage};
-use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 use crate::record::{RecordOp, Recorder, Want};
+use crate::rtp::{h264_starts_keyframe, vp8_descriptor_len, H264Frames, PacketIn, Rewriter, Vp8Frames};
 
 /// A participant's session with the SFU (one peer connection).
 pub type SessionId = u64;
@@ -190,7 +193,7 @@ pub enum SfuOutput {
 pub struct SfuStats {
     pub sessions: u64,
     pub tracks: u64,
-    /// Media frames written to subscribers (str0m packetizes them again, with NACK/RTX).
+    /// Media frames written to subscribers (as RTP packets, rewritten per subscriber, not packetized again).
     pub forwarded_frames: u64,
     pub forwarded_bytes: u64,
     /// Keyframe requests sent to publishers (forwarded PLI/FIR, and the SFU's own on loss or a new subscriber).
@@ -262,6 +265,8 @@ struct Layer {
     rate: Rate,
     last_seen: Instant,
     last_keyframe_request: Option<Instant>,
+    /// The highest sequence number received: a skipped one is a loss.
+    last_seq: Option<u64>,
 }
 
 /// The smoothed share of time a publisher's audio carries sound.
@@ -305,6 +310,17 @@ struct TrackIn {
     capped: Option<(u64, Instant)>,
     /// Its file while the room is recorded.
     recorder: Option<Box<Recorder>>,
+    /// While recorded: frames put together from each layer's packets.
+    frames: Vec<(Option<Rid>, Reassembly)>,
+}
+
+/// Whole frames from RTP packets, for the recorder.
+#[derive(Debug)]
+enum Reassembly {
+    Vp8(Vp8Frames),
+    H264(H264Frames),
+    /// Opus: a packet is a frame.
+    Whole,
 }
 
 impl TrackIn {
@@ -317,6 +333,7 @@ impl TrackIn {
             loudness: Loudness { share: 0.0, last: None },
             capped: None,
             recorder: None,
+            frames: Vec::new(),
         }
     }
     fn bps(&mut self, now: Instant) -> u64 {
@@ -324,8 +341,8 @@ impl TrackIn {
     }
 }
 
-/// What a subscriber's track is fed from: which layer, and how its media time continues across switches.
-#[derive(Debug, Default)]
+/// What a subscriber's track is fed from: which layer, and how its numbering continues across switches.
+#[derive(Debug)]
 struct Feed {
     /// The page's view of this track (`None`: not reported; the best layer the bandwidth allows is sent).
     view: Option<View>,
@@ -333,10 +350,15 @@ struct Feed {
     current: Option<Option<Rid>>,
     /// The layer wanted; forwarding moves to it on its next keyframe.
     target: Option<Option<Rid>>,
-    /// Added to the publisher's media time (90 kHz) so that time runs on across a layer switch.
-    offset: i64,
-    /// The last media time written (90 kHz) and when it arrived.
-    last_out: Option<(i64, Instant)>,
+    /// Sequence numbers, timestamps and VP8 picture ids of the subscriber's stream.
+    rw: Rewriter<Option<Rid>>,
+}
+
+impl Feed {
+    fn new(kind: MediaKind) -> Feed {
+        let clock = if kind == MediaKind::Audio { 48_000 } else { 90_000 };
+        Feed { view: None, current: None, target: None, rw: Rewriter::new(clock) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,6 +380,8 @@ struct TrackOut {
     feed: Feed,
     /// Its send stream goes out unpaced (see [`Sfu::forward`]).
     unpaced: bool,
+    /// The publisher's payload type and the subscriber's for the same codec, last looked up.
+    pt: Option<(Pt, Pt)>,
 }
 
 impl TrackOut {
@@ -368,8 +392,9 @@ impl TrackOut {
             participant,
             kind,
             state: OutState::ToOpen,
-            feed: Feed::default(),
+            feed: Feed::new(kind),
             unpaced: false,
+            pt: None,
         }
     }
 }
@@ -407,6 +432,8 @@ struct Session {
     ceiling: Option<(u64, Instant)>,
     /// Published m-lines not forwarded (over a track cap).
     refused: Vec<Mid>,
+    /// Viewers: the numbering of m-lines whose publisher went away, continued by the next one bound to them.
+    numbering: Vec<(Mid, Rewriter<Option<Rid>>)>,
 }
 
 /// A room's active speaker, and the one that may take over.
@@ -423,7 +450,7 @@ enum Propagate {
         mid: Mid,
         kind: MediaKind,
     },
-    Media(MediaData),
+    Rtp(Incoming),
     /// Layers of this track changed (a new one, a size known, one gone): subscribers choose again.
     Layers,
     Keyframe {
@@ -432,6 +459,16 @@ enum Propagate {
         rid: Option<Rid>,
         kind: KeyframeRequestKind,
     },
+}
+
+/// A received RTP packet and what the per-subscriber path needs of it (parsed once).
+struct Incoming {
+    mid: Mid,
+    rid: Option<Rid>,
+    params: PayloadParams,
+    packet: RtpPacket,
+    keyframe_start: bool,
+    vp8: Option<Vp8Descriptor>,
 }
 
 /// The SFU core. See the module documentation.
@@ -544,10 +581,74 @@ impl Sfu {
     fn finish_recorders(&mut self, id: SessionId) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         for t in &mut s.tracks_in {
+            t.frames.clear();
             if let Some(op) = t.recorder.take().and_then(|r| r.finish()) {
                 self.record_out.push_back(op);
             }
         }
+    }
+
+    /// A packet of a published track of a recorded room: put together into frames for [`Sfu::record_frame`].
+    fn record_packet(&mut self, from: SessionId, p: &Incoming) {
+        if self.recording.is_empty() {
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&from) else { return };
+        if !self.recording.contains(&s.room) {
+            return;
+        }
+        let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == p.mid) else { return };
+        let codec = p.params.spec().codec;
+        let i = match t.frames.iter().position(|(rid, _)| *rid == p.rid) {
+            Some(i) => i,
+            None => {
+                let r = match codec {
+                    Codec::Vp8 => Reassembly::Vp8(Vp8Frames::new()),
+                    Codec::H264 => Reassembly::H264(H264Frames::new()),
+                    _ => Reassembly::Whole,
+                };
+                t.frames.push((p.rid, r));
+                t.frames.len() - 1
+            }
+        };
+        let h = &p.packet.header;
+        let seq = *p.packet.seq_no;
+        let (data, extra) = match &mut t.frames[i].1 {
+            Reassembly::Vp8(f) => {
+                let Some(fr) = f.push(seq, h.timestamp, h.marker, &p.packet.payload) else { return };
+                let extra = Vp8CodecExtra {
+                    discardable: false,
+                    sync: false,
+                    layer_index: 0,
+                    picture_id: None,
+                    tl0_picture_id: None,
+                    is_keyframe: fr.keyframe,
+                };
+                (fr.data, CodecExtra::Vp8(extra))
+            }
+            Reassembly::H264(f) => {
+                let Some(fr) = f.push(seq, h.timestamp, h.marker, &p.packet.payload) else { return };
+                (fr.data, CodecExtra::H264(H264CodecExtra { is_keyframe: fr.keyframe }))
+            }
+            Reassembly::Whole => (p.packet.payload.to_vec(), CodecExtra::None),
+        };
+        let d = MediaData {
+            mid: p.mid,
+            pt: h.payload_type,
+            rid: p.rid,
+            params: p.params,
+            time: p.packet.time,
+            network_time: p.packet.timestamp,
+            seq_range: p.packet.seq_no..=p.packet.seq_no,
+            // Reassembly drops what follows a loss up to the next keyframe.
+            contiguous: true,
+            data: data.into(),
+            ext_vals: ExtensionValues::default(),
+            codec_extra: extra,
+            last_sender_info: None,
+            audio_start_of_talk_spurt: false,
+        };
+        self.record_frame(from, &d);
     }
 
     /// A frame of a published track of a recorded room, for its file. One layer is recorded at a time: the highest
@@ -615,7 +716,9 @@ impl Sfu {
             // After VP8, so browsers keep sending VP8; for publishers that send only H.264 (OBS over WHIP).
             .enable_h264(true)
             .enable_opus(true, false)
-            .enable_bwe(Some(INITIAL_ESTIMATE));
+            .enable_bwe(Some(INITIAL_ESTIMATE))
+            // Packets are forwarded as they come (rewritten per subscriber), not depacketized and packetized again.
+            .set_rtp_mode(true);
         if let Some(cert) = &self.cfg.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
         }
@@ -667,6 +770,7 @@ impl Sfu {
                 estimate: None,
                 ceiling: None,
                 refused: Vec::new(),
+                numbering: Vec::new(),
             },
         );
         self.mark_dirty(id);
@@ -811,7 +915,9 @@ impl Sfu {
             tracing::info!("SFU session {id}: input refused, closing: {e}");
             s.rtc.disconnect();
         }
-        self.mark_dirty(id);
+        // In RTP mode str0m holds one received packet until the next poll and a later input replaces it: the
+        // session is polled now, not at the end of the batch.
+        self.drive(id);
         true
     }
 
@@ -940,32 +1046,49 @@ impl Sfu {
                                 added = Some((m.mid, m.kind));
                             }
                         }
-                        Event::MediaData(d) => {
+                        Event::RtpPacket(packet) => {
+                            let ssrc = packet.header.ssrc;
+                            let Some((mid, rid)) = s.rtc.direct_api().stream_rx(&ssrc).map(|rx| (rx.mid(), rx.rid()))
+                            else {
+                                continue;
+                            };
                             // Media of a refused (over the cap) m-line goes nowhere.
-                            let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == d.mid) else { continue };
+                            let Some(t) = s.tracks_in.iter_mut().find(|t| t.mid == mid) else { continue };
+                            let pt = packet.header.payload_type;
+                            let Some(params) = s.rtc.codec_config().params().iter().find(|p| p.pt() == pt).copied()
+                            else {
+                                continue;
+                            };
+                            let (keyframe_start, vp8) = match params.spec().codec {
+                                Codec::Vp8 => {
+                                    let d = Vp8Descriptor::parse(&packet.payload).ok();
+                                    (d.is_some_and(|d| d.starts_keyframe(&packet.payload)), d)
+                                }
+                                Codec::H264 => (h264_starts_keyframe(&packet.payload), None),
+                                _ => (true, None),
+                            };
+                            let p = Incoming { mid, rid, params, packet, keyframe_start, vp8 };
+                            let (changed, lost) = track_layer(t, &p, now);
                             if t.kind == MediaKind::Video {
-                                if !d.contiguous {
+                                if lost {
                                     let due = t.last_keyframe_request.is_none_or(|l| now >= l + KEYFRAME_THROTTLE);
                                     if due {
                                         t.last_keyframe_request = Some(now);
                                         props.push(Propagate::Keyframe {
                                             origin: id,
-                                            mid: d.mid,
-                                            rid: d.rid,
+                                            mid,
+                                            rid,
                                             kind: KeyframeRequestKind::Fir,
                                         });
                                     }
                                 }
-                                if track_layer(t, &d, now) {
+                                if changed {
                                     props.push(Propagate::Layers);
                                 }
-                            } else {
-                                track_layer(t, &d, now);
-                                if let Some(level) = d.ext_vals.audio_level {
-                                    t.loudness.add(now, level);
-                                }
+                            } else if let Some(level) = p.packet.header.ext_vals.audio_level {
+                                t.loudness.add(now, level);
                             }
-                            props.push(Propagate::Media(d));
+                            props.push(Propagate::Rtp(p));
                         }
                         Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
                             s.estimate = Some(estimate.as_u64());
@@ -1005,8 +1128,8 @@ impl Sfu {
 
     fn propagate(&mut self, from: SessionId, p: Propagate) {
         let Some(room) = self.sessions.get(&from).map(|s| s.room.clone()) else { return };
-        if let Propagate::Media(d) = p {
-            return self.forward(from, &room, d);
+        if let Propagate::Rtp(p) = p {
+            return self.forward(from, &room, p);
         }
         let members = self.rooms.get(&room).cloned().unwrap_or_default();
         match p {
@@ -1025,7 +1148,7 @@ impl Sfu {
                     self.mark_dirty(other);
                 }
             }
-            Propagate::Media(_) => {}
+            Propagate::Rtp(_) => {}
             Propagate::Layers => {
                 for other in members.into_iter().filter(|o| *o != from) {
                     self.select_layers(other);
@@ -1035,66 +1158,96 @@ impl Sfu {
         }
     }
 
-    /// A frame of `from`'s to every subscriber of it in `room` (the per-frame path: no allocation here; the payload
-    /// is shared, an `Arc`).
-    fn forward(&mut self, from: SessionId, room: &Arc<str>, d: MediaData) {
-        self.record_frame(from, &d);
+    /// A packet of `from`'s to every subscriber of it in `room`, with each subscriber's own numbering (the
+    /// per-packet path: no allocation here; the payload is shared, an `Arc`).
+    fn forward(&mut self, from: SessionId, room: &Arc<str>, p: Incoming) {
+        self.record_packet(from, &p);
         // Taken out while the subscribers are written to (nothing here changes a room's members), put back after.
         let members = self.rooms.get_mut(room).map(std::mem::take).unwrap_or_default();
-        let keyframe = d.is_keyframe();
+        let h = &p.packet.header;
+        let input = PacketIn {
+            layer: p.rid,
+            seq: *p.packet.seq_no,
+            time: h.timestamp,
+            arrival: p.packet.timestamp,
+            keyframe_start: p.keyframe_start,
+            picture_id: p.vp8.and_then(|d| d.picture_id()),
+            tl0_pic_idx: p.vp8.and_then(|d| d.tl0_pic_idx()),
+        };
+        // A 7-bit picture id (the M bit of its first byte clear) stays 7-bit.
+        let pl = &p.packet.payload;
+        let short_pid = pl.len() > 2 && pl[0] & 0x80 != 0 && pl[1] & 0x80 != 0 && pl[2] & 0x80 == 0;
+        let ext_vals = ExtensionValues {
+            audio_level: h.ext_vals.audio_level,
+            voice_activity: h.ext_vals.voice_activity,
+            ..Default::default()
+        };
         for &other in members.iter().filter(|o| **o != from) {
             let Some(s) = self.sessions.get_mut(&other) else { continue };
-            let Some(t) = s.tracks_out.iter_mut().find(|t| t.origin == from && t.origin_mid == d.mid) else {
+            let Some(t) = s.tracks_out.iter_mut().find(|t| t.origin == from && t.origin_mid == p.mid) else {
                 continue;
             };
             let OutState::Open(mid) = t.state else { continue };
-            let time = if t.kind == MediaKind::Video {
-                let f = &mut t.feed;
-                let t90 = d.time.rebase(Frequency::NINETY_KHZ).numer() as i64;
-                if f.current != Some(d.rid) {
-                    // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track
-                    // that shows nothing yet starts at any layer's keyframe (the wanted one follows).
-                    let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
-                    if !(keyframe && (f.target == Some(d.rid) || starting)) {
-                        continue;
-                    }
-                    if f.current.is_some() {
-                        self.stats.layer_switches += 1;
-                    }
-                    f.current = Some(d.rid);
-                    // Layers have media clocks of their own: continue the subscriber's from where it was.
-                    f.offset = match f.last_out {
-                        Some((last, at)) => {
-                            let gap = d.network_time.saturating_duration_since(at).as_micros() as i64 * 9 / 100;
-                            last + gap.max(1) - t90
-                        }
-                        None => 0,
-                    };
+            let f = &mut t.feed;
+            if t.kind == MediaKind::Video && f.current != Some(p.rid) {
+                // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track that
+                // shows nothing yet starts at any layer's keyframe (the wanted one follows).
+                let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
+                if !(p.keyframe_start && (f.target == Some(p.rid) || starting)) {
+                    continue;
                 }
-                let out = (t90 + f.offset).max(0);
-                f.last_out = Some((out, d.network_time));
-                MediaTime::from_90khz(out as u64)
-            } else {
-                d.time
+                if f.current.is_some() {
+                    self.stats.layer_switches += 1;
+                }
+                f.current = Some(p.rid);
+                // Sequence numbers and time continue from where the subscriber's stream was.
+                f.rw.pause();
+            }
+            let Some(out) = f.rw.rewrite(&input, Some(p.rid)) else { continue };
+            let pt = match t.pt {
+                Some((inp, out)) if inp == h.payload_type => out,
+                _ => {
+                    let Some(pt) = s.rtc.codec_config().match_params(p.params).map(|x| x.pt()) else { continue };
+                    t.pt = Some((h.payload_type, pt));
+                    pt
+                }
             };
+            let mut api = s.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else { continue };
             if !t.unpaced {
                 // Forwarded media leaves as it comes, like other SFUs send it (the publisher paced it already):
                 // str0m paces video to the send-side estimate by default, and its queue dropped what did not fit.
                 // The estimate (TWCC) still chooses the layers (`select_layers`); probing still paces padding.
-                if let Some(tx) = s.rtc.direct_api().stream_tx_by_mid(mid, None) {
-                    tx.set_unpaced(true);
-                    t.unpaced = true;
+                tx.set_unpaced(true);
+                t.unpaced = true;
+            }
+            let mut w = RtpWrite::new(pt, out.seq.into(), out.time, p.packet.timestamp, p.packet.payload.clone())
+                .marker(h.marker)
+                .ext_vals(ext_vals.clone())
+                .nackable(t.kind == MediaKind::Video);
+            if let Some(d) = p.vp8 {
+                let same = out.picture_id == input.picture_id && out.tl0_pic_idx == input.tl0_pic_idx;
+                if !same {
+                    let mut b = d.patch();
+                    if let Some(id) = out.picture_id {
+                        // Keep the width the publisher used (7 or 15 bits).
+                        b = b.picture_id(if short_pid { id & 0x7f } else { id });
+                    }
+                    if let Some(i) = out.tl0_pic_idx {
+                        b = b.tl0_pic_idx(i);
+                    }
+                    match b.build() {
+                        Ok(patch) => w = w.vp8_patch(patch),
+                        Err(e) => tracing::debug!("SFU: VP8 descriptor not rewritten: {e}"),
+                    }
                 }
             }
-            let Some(writer) = s.rtc.writer(mid) else { continue };
-            let Some(pt) = writer.match_params(d.params) else { continue };
-            if let Err(e) = writer.write(pt, d.network_time, time, d.data.clone()) {
-                tracing::info!("SFU session {other}: write failed, closing: {e}");
-                s.rtc.disconnect();
-            } else {
+            tx.write_rtp(w);
+            // A video frame ends with the marker bit; an Opus packet is a frame.
+            if h.marker || t.kind == MediaKind::Audio {
                 self.stats.forwarded_frames += 1;
-                self.stats.forwarded_bytes += d.data.len() as u64;
             }
+            self.stats.forwarded_bytes += p.packet.payload.len() as u64;
             if !s.dirty {
                 s.dirty = true;
                 self.dirty.push(other);
@@ -1357,11 +1510,18 @@ impl Sfu {
 
     fn request_keyframe(&mut self, origin: SessionId, mid: Mid, rid: Option<Rid>, kind: KeyframeRequestKind) {
         let Some(s) = self.sessions.get_mut(&origin) else { return };
-        let Some(mut writer) = s.rtc.writer(mid) else { return };
-        if writer.is_request_keyframe_possible(kind) && writer.request_keyframe(rid, kind).is_ok() {
-            self.stats.keyframe_requests += 1;
-            self.mark_dirty(origin);
+        let possible = s.rtc.codec_config().params().iter().any(|p| match kind {
+            KeyframeRequestKind::Pli => p.fb_pli(),
+            KeyframeRequestKind::Fir => p.fb_fir(),
+        });
+        if !possible {
+            return;
         }
+        let mut api = s.rtc.direct_api();
+        let Some(rx) = api.stream_rx_by_mid(mid, rid) else { return };
+        rx.request_keyframe(kind);
+        self.stats.keyframe_requests += 1;
+        self.mark_dirty(origin);
     }
 
     /// Binds a viewer's unbound m-lines to its source's tracks of the same kind (see [`SessionRole::Viewer`]).
@@ -1400,9 +1560,12 @@ impl Sfu {
         }
         let s = self.sessions.get_mut(&id).expect("checked above");
         let mut keyframes = Vec::new();
-        for (origin_mid, t) in bound {
+        for (origin_mid, mut t) in bound {
             if t.kind == MediaKind::Video {
                 keyframes.push(origin_mid);
+            }
+            if let Some(i) = s.numbering.iter().position(|(m, _)| Some(*m) == t.mid()) {
+                t.feed.rw = s.numbering.swap_remove(i).1;
             }
             s.tracks_out.push(t);
         }
@@ -1426,7 +1589,8 @@ impl Sfu {
             let Some(s) = self.sessions.get_mut(&m) else { continue };
             let stale = s.tracks_out.is_empty() || s.tracks_out.iter().any(|t| t.origin != speaker);
             if s.role == (SessionRole::Viewer { source: None }) && stale {
-                s.tracks_out.clear();
+                let gone = std::mem::take(&mut s.tracks_out);
+                keep_numbering(s, gone);
                 self.bind_viewer(m);
             }
         }
@@ -1464,7 +1628,9 @@ impl Sfu {
             let Some(o) = self.sessions.get_mut(&other) else { continue };
             if matches!(o.role, SessionRole::Viewer { .. }) {
                 // A viewer cannot renegotiate: its m-lines stay and get another publisher's media.
-                o.tracks_out.retain(|t| t.origin != id);
+                let (gone, kept) = std::mem::take(&mut o.tracks_out).into_iter().partition(|t| t.origin == id);
+                o.tracks_out = kept;
+                keep_numbering(o, gone);
                 self.bind_viewer(other);
                 continue;
             }
@@ -1523,20 +1689,33 @@ fn negotiate(id: SessionId, s: &mut Session, out: &mut VecDeque<SfuOutput>) {
     out.push_back(SfuOutput::Event(SfuEvent::Offer { session: id, sdp: offer.to_sdp_string(), tracks }));
 }
 
-/// Notes a frame of a published track on its layer (audio: the only one); `true` when a layer appeared, came back,
-/// or its frame size changed, so that subscribers choose again.
-fn track_layer(t: &mut TrackIn, d: &MediaData, now: Instant) -> bool {
+/// Keeps the numbering of a viewer's unbound m-lines for the publisher bound to them next: its stream (one SSRC)
+/// goes on without a jump in sequence numbers or time.
+fn keep_numbering(s: &mut Session, gone: Vec<TrackOut>) {
+    for mut t in gone {
+        if let Some(mid) = t.mid() {
+            t.feed.rw.pause();
+            s.numbering.retain(|(m, _)| *m != mid);
+            s.numbering.push((mid, t.feed.rw));
+        }
+    }
+}
+
+/// Notes a packet of a published track on its layer (audio: the only one). Returns whether a layer appeared, came
+/// back, or its frame size changed (subscribers choose again), and whether packets were skipped (lost).
+fn track_layer(t: &mut TrackIn, p: &Incoming, now: Instant) -> (bool, bool) {
     let mut changed = false;
-    let i = match t.layers.iter().position(|l| l.rid == d.rid) {
+    let i = match t.layers.iter().position(|l| l.rid == p.rid) {
         Some(i) => i,
         None => {
             t.layers.push(Layer {
-                rid: d.rid,
+                rid: p.rid,
                 width: 0,
                 height: 0,
                 rate: Rate::new(now),
                 last_seen: now,
                 last_keyframe_request: None,
+                last_seq: None,
             });
             changed = true;
             t.layers.len() - 1
@@ -1545,14 +1724,20 @@ fn track_layer(t: &mut TrackIn, d: &MediaData, now: Instant) -> bool {
     let l = &mut t.layers[i];
     changed |= now.saturating_duration_since(l.last_seen) >= LAYER_GONE;
     l.last_seen = now;
-    l.rate.add(now, d.data.len());
-    if d.is_keyframe() {
-        if let Some((w, h)) = vp8_size(&d.data) {
+    l.rate.add(now, p.packet.payload.len());
+    let seq = *p.packet.seq_no;
+    let lost = l.last_seq.is_some_and(|last| seq > last + 1);
+    if l.last_seq.is_none_or(|last| seq > last) {
+        l.last_seq = Some(seq);
+    }
+    if p.keyframe_start && p.params.spec().codec == Codec::Vp8 {
+        let body = vp8_descriptor_len(&p.packet.payload).map(|n| &p.packet.payload[n..]);
+        if let Some((w, h)) = body.and_then(vp8_size) {
             changed |= (w, h) != (l.width, l.height);
             (l.width, l.height) = (w, h);
         }
     }
-    changed
+    (changed, lost)
 }
 
 /// The frame size of a VP8 keyframe (RFC 6386 9.1: a 3-byte frame tag with bit 0 clear, the start code 9d 01 2a,

@@ -8,6 +8,7 @@ pub mod core;
 pub mod mux;
 pub mod net;
 pub mod record;
+pub mod rtp;
 pub mod tcp;
 pub mod writer;
 
