@@ -515,7 +515,27 @@ export async function decodesVideoFrom(page, peerId, frames = 10, timeout = 2000
     },
     { id: peerId, start, frames },
     timeout,
-  );
+  ).catch(async (e) => {
+    // Say where the video stopped (never arrived, arrived but not decoded, decoded but not shown), so a rare
+    // failure explains itself.
+    const why = await page
+      .evaluate(async (id) => {
+        const peer = window.webcall.call.peers.get(id);
+        if (!peer) return 'no such peer';
+        const out = [`connection=${peer.pc.connectionState} ice=${peer.pc.iceConnectionState} signaling=${peer.pc.signalingState}`];
+        (await peer.pc.getStats()).forEach((s) => {
+          if (s.type === 'inbound-rtp' && s.kind === 'video') {
+            const { packetsReceived, packetsLost, framesReceived, framesDecoded, keyFramesDecoded, pliCount, firCount, nackCount } = s;
+            out.push(`inbound ${s.id}: ${JSON.stringify({ packetsReceived, packetsLost, framesReceived, framesDecoded, keyFramesDecoded, pliCount, firCount, nackCount })}`);
+          }
+        });
+        const video = document.querySelector(`.tile[data-peer="${id}"] video`);
+        out.push(`tile video: ${video instanceof HTMLVideoElement ? `${video.videoWidth}x${video.videoHeight} paused=${video.paused}` : 'none'}`);
+        return out.join('; ');
+      }, peerId)
+      .catch((err) => `stats unavailable: ${err}`);
+    throw new Error(`${e.message}\n  video from ${peerId}: ${why}`);
+  });
 }
 
 /** @param {import('playwright-core').Page} page @param {string} name */
