@@ -52,8 +52,8 @@ const AUDIO_BITRATE: u64 = 40_000;
 const BWE_HOLD: Duration = Duration::from_secs(8);
 /// The subscribers' send-side bandwidth estimate starts here (TWCC then finds the real figure).
 const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1500);
-/// str0m's pacer (on with BWE) lets one packet out per timeout and then asks for the next timeout 1 µs later; str0m
-/// also payloads one written frame per m-line per timeout. A timeout that close is run at once, inside one drive.
+/// str0m's pacer (on with BWE) lets one packet out per timeout and then asks for the next timeout 1 µs later. A
+/// timeout that close is run at once, inside one drive.
 const PACER_STEP: Duration = Duration::from_micros(1);
 /// At most this many such timeouts per drive (the rest on the adapter's next wake-up): one busy session does not
 /// hold up the others for long.
