@@ -346,18 +346,22 @@ impl TrackIn {
 struct Feed {
     /// The page's view of this track (`None`: not reported; the best layer the bandwidth allows is sent).
     view: Option<View>,
-    /// The layer being forwarded (`None`: nothing).
-    current: Option<Option<Rid>>,
     /// The layer wanted; forwarding moves to it on its next keyframe.
     target: Option<Option<Rid>>,
-    /// Sequence numbers, timestamps and VP8 picture ids of the subscriber's stream.
+    /// Sequence numbers, timestamps and VP8 picture ids of the subscriber's stream; its current layer is the one
+    /// being forwarded (`None`: nothing).
     rw: Rewriter<Option<Rid>>,
 }
 
 impl Feed {
     fn new(kind: MediaKind) -> Feed {
         let clock = if kind == MediaKind::Audio { 48_000 } else { 90_000 };
-        Feed { view: None, current: None, target: None, rw: Rewriter::new(clock) }
+        Feed { view: None, target: None, rw: Rewriter::new(clock) }
+    }
+
+    /// The layer being forwarded (`None`: nothing).
+    fn current(&self) -> Option<Option<Rid>> {
+        self.rw.current()
     }
 }
 
@@ -1096,7 +1100,7 @@ impl Sfu {
                         Event::KeyframeRequest(r) => {
                             if let Some(t) = s.tracks_out.iter().find(|t| t.mid() == Some(r.mid)) {
                                 // The subscriber sees one stream: the request is for the layer it is fed.
-                                if let Some(rid) = t.feed.current {
+                                if let Some(rid) = t.feed.current() {
                                     props.push(Propagate::Keyframe {
                                         origin: t.origin,
                                         mid: t.origin_mid,
@@ -1189,20 +1193,19 @@ impl Sfu {
             };
             let OutState::Open(mid) = t.state else { continue };
             let f = &mut t.feed;
-            if t.kind == MediaKind::Video && f.current != Some(p.rid) {
+            if t.kind == MediaKind::Video && f.current() != Some(p.rid) {
                 // Another layer than the one sent: taken up only at a keyframe of the wanted one; a track that
                 // shows nothing yet starts at any layer's keyframe (the wanted one follows).
-                let starting = f.current.is_none() && !f.view.is_some_and(|v| v.is_hidden());
+                let starting = f.current().is_none() && !f.view.is_some_and(|v| v.is_hidden());
                 if !(p.keyframe_start && (f.target == Some(p.rid) || starting)) {
                     continue;
                 }
-                if f.current.is_some() {
+                if f.current().is_some() {
                     self.stats.layer_switches += 1;
                 }
-                f.current = Some(p.rid);
-                // Sequence numbers and time continue from where the subscriber's stream was.
-                f.rw.pause();
             }
+            // Switches to this layer at its keyframe; sequence numbers and time continue from where the
+            // subscriber's stream was.
             let Some(out) = f.rw.rewrite(&input, Some(p.rid)) else { continue };
             let pt = match t.pt {
                 Some((inp, out)) if inp == h.payload_type => out,
@@ -1328,7 +1331,7 @@ impl Sfu {
         let sent: u64 = plan
             .iter()
             .filter_map(|(i, l, _)| {
-                let cur = s.tracks_out[*i].feed.current?;
+                let cur = s.tracks_out[*i].feed.current()?;
                 l.iter().find(|x| x.0 == cur).map(|x| x.1)
             })
             .sum();
@@ -1357,11 +1360,11 @@ impl Sfu {
             let t = &mut s.tracks_out[i];
             let target = choice.map(|c| layers[c].0);
             if target.is_none() {
-                t.feed.current = None;
+                t.feed.rw.pause();
             }
             t.feed.target = target;
             if let Some(rid) = target {
-                if t.feed.current != Some(rid) {
+                if t.feed.current() != Some(rid) {
                     requests.push((t.origin, t.origin_mid, rid));
                 }
             }

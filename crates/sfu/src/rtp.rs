@@ -17,7 +17,7 @@ pub struct PacketIn<L> {
     pub time: u32,
     /// When it arrived (the adapter's clock).
     pub arrival: Instant,
-    /// It starts a keyframe ([`vp8_starts_keyframe`] for VP8; always `true` for audio).
+    /// It starts a keyframe (str0m's `Vp8Descriptor::starts_keyframe` for VP8; always `true` for audio).
     pub keyframe_start: bool,
     /// The VP8 picture id and TL0PICIDX of its payload descriptor, where present.
     pub picture_id: Option<u16>,
@@ -140,7 +140,8 @@ impl<L: Copy + PartialEq> Rewriter<L> {
     }
 }
 
-/// The length of a VP8 payload descriptor (RFC 7741 4.2), or `None` when the payload is too short for it.
+/// The length of a VP8 payload descriptor (RFC 7741 4.2), or `None` when the payload is too short for it (str0m's
+/// `Vp8Descriptor` keeps it private).
 pub fn vp8_descriptor_len(payload: &[u8]) -> Option<usize> {
     let first = *payload.first()?;
     let mut n = 1;
@@ -159,13 +160,6 @@ pub fn vp8_descriptor_len(payload: &[u8]) -> Option<usize> {
         }
     }
     (n < payload.len()).then_some(n)
-}
-
-/// Whether a VP8 RTP payload starts a keyframe: the start of partition 0 (S set, PID 0) with the frame tag's P
-/// bit clear.
-pub fn vp8_starts_keyframe(payload: &[u8]) -> bool {
-    let Some(n) = vp8_descriptor_len(payload) else { return false };
-    payload[0] & 0x10 != 0 && payload[0] & 0x07 == 0 && payload[n] & 0x01 == 0
 }
 
 /// Reassembles VP8 frames from one stream's RTP packets in arrival order: a frame is complete when every

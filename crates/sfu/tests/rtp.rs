@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 
 use str0m::rtp::Vp8Descriptor;
 use webcall_sfu::rtp::{
-    h264_starts_keyframe, vp8_descriptor_len, vp8_starts_keyframe, Frame, H264Frames, PacketIn, PacketOut, Rewriter,
-    Vp8Frames,
+    h264_starts_keyframe, vp8_descriptor_len, Frame, H264Frames, PacketIn, PacketOut, Rewriter, Vp8Frames,
 };
+
+/// What the SFU core asks of a VP8 payload: str0m's descriptor says whether it starts a keyframe.
+fn vp8_starts_keyframe(payload: &[u8]) -> bool {
+    Vp8Descriptor::parse(payload).is_ok_and(|d| d.starts_keyframe(payload))
+}
 
 /// A VP8 payload: descriptor with a 15-bit picture id, TL0PICIDX and TID, then `body` (its first byte's bit 0 is
 /// the frame tag's P bit: 0 for a keyframe).

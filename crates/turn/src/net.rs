@@ -1200,16 +1200,13 @@ impl Shared {
             let room = buf.capacity() - len;
             // Straight into the spare capacity: zeroing it first (the buffer grows to tens of KiB) cost a memset
             // of the whole room per read.
-            // SAFETY: the kernel writes at most `room` bytes there; `set_len` covers only those it wrote.
-            let r = unsafe { libc::read(c.sock.as_raw_fd(), buf.spare_capacity_mut().as_mut_ptr().cast(), room) };
-            let got = match r {
-                0.. => {
-                    // SAFETY: see above.
-                    unsafe { buf.set_len(len + r as usize) };
-                    r as usize
+            let got = match socket2::SockRef::from(&c.sock).recv(&mut buf.spare_capacity_mut()[..room]) {
+                Ok(n) => {
+                    // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(len + n) };
+                    n
                 }
-                _ => {
-                    let e = io::Error::last_os_error();
+                Err(e) => {
                     match e.kind() {
                         io::ErrorKind::Interrupted => continue,
                         io::ErrorKind::WouldBlock => more = false,
