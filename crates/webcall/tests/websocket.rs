@@ -3,9 +3,9 @@
 
 use webcall_testkit as common;
 
+use common::msg::{hello, offer};
 use common::{Client, Ended, ServerProc};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,7 +43,7 @@ async fn a_message_in_fragments_is_one_message() {
     let url = server.ws_url();
     let (mut a, _) = Client::join(&url, "frag", "A").await;
     let mut b = Client::connect(&url).await;
-    let join = json!({"type":"join","room":"frag","name":"B"}).to_string();
+    let join = webcall_protocol::Join::new("frag", "B").to_json();
     let (one, two) = join.as_bytes().split_at(10);
     let (two, three) = two.split_at(7);
     b.ws.send(Message::Frame(Frame::message(one.to_vec(), OpCode::Data(Data::Text), false))).await.unwrap();
@@ -51,8 +51,8 @@ async fn a_message_in_fragments_is_one_message() {
     b.ws.send(Message::Ping(Vec::new().into())).await.unwrap();
     b.ws.send(Message::Frame(Frame::message(two.to_vec(), OpCode::Data(Data::Continue), false))).await.unwrap();
     b.ws.send(Message::Frame(Frame::message(three.to_vec(), OpCode::Data(Data::Continue), true))).await.unwrap();
-    let w = b.expect("welcome").await;
-    assert_eq!(a.expect("hello").await["from"], w["id"]);
+    b.expect_welcome().await;
+    assert_eq!(a.recv().await, hello(&b.id, "B"));
 }
 
 #[tokio::test]
@@ -64,13 +64,12 @@ async fn many_messages_in_one_write_are_all_relayed_in_order() {
     a.expect("hello").await;
     // Queue 40 frames in the client and write them together: the server reads many frames per read.
     for i in 0..40 {
-        let m = json!({"type":"offer","to":b.id,"sdp":format!("sdp {i} {}", "x".repeat(i * 50))});
-        a.ws.feed(Message::text(m.to_string())).await.unwrap();
+        let m = webcall_protocol::Signal::Offer(format!("sdp {i} {}", "x".repeat(i * 50))).to_json(&b.id);
+        a.ws.feed(Message::text(m)).await.unwrap();
     }
     a.ws.flush().await.unwrap();
     for i in 0..40 {
-        let m = b.expect("offer").await;
-        assert_eq!(m["sdp"], format!("sdp {i} {}", "x".repeat(i * 50)));
+        assert_eq!(b.recv().await, offer(&a.id, &format!("sdp {i} {}", "x".repeat(i * 50))));
     }
 }
 
