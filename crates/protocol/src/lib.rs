@@ -4,9 +4,11 @@
 //! a message costs one parse and one copy, never a re-serialisation of the SDP.
 
 pub mod client;
+pub mod data;
 pub mod sdp;
 
 pub use client::{ClientError, Event, SignalingClient};
+pub use data::PeerData;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;

@@ -8,10 +8,9 @@ use webcall_testkit::redis;
 use common::msg::hello;
 use common::{Client, Proc, ServerProc};
 use redis::Redis;
-use serde_json::json;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use webcall_protocol::{ErrorCode, Join, ServerMessage as M, Signal, SFU_PEER};
+use webcall_protocol::{ErrorCode, Join, PeerData, ServerMessage as M, Signal, SFU_PEER};
 
 /// `{"type":"topology","mode":"sfu"}` (no restart).
 fn to_sfu() -> M {
@@ -209,7 +208,7 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     sfu_refuses_an_offer(&mut a).await;
     sfu_refuses_an_offer(&mut b).await;
     // `data` reaches the members on the other node.
-    let chat = json!({"type":"chat","text":"hi"});
+    let chat = PeerData::chat("hi", "A", 1).to_value();
     a.send_data(&chat).await;
     for x in [&mut b, &mut c] {
         assert_eq!(x.recv().await, M::Data { from: a.id.clone(), data: chat.clone() });

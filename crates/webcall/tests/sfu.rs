@@ -5,11 +5,10 @@ use webcall_testkit as common;
 
 use common::msg::{hello, peers};
 use common::{Client, ServerProc};
-use serde_json::json;
 use std::time::Instant;
 use str0m::media::{Direction, MediaKind};
 use str0m::Rtc;
-use webcall_protocol::{ErrorCode, Join, ServerMessage as M, Signal, BYE, SFU_PEER};
+use webcall_protocol::{ErrorCode, Join, PeerData, ServerMessage as M, Signal, BYE, SFU_PEER};
 
 /// `{"type":"topology","mode":"sfu"}`.
 fn to_sfu() -> M {
@@ -117,7 +116,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     let (mut b, _) = Client::join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
     // Peer-to-peer: `data` is refused (the data channel carries it).
-    a.send_data(&json!({"type":"chat","text":"p2p"})).await;
+    a.send_data(&PeerData::chat("p2p", "A", 1).to_value()).await;
     assert_eq!(a.expect_error(ErrorCode::NeedsSfu).await.refers_to.as_deref(), Some("data"));
     // The third moves the room to the SFU, past --max-peers 2 (SFU rooms have --max-sfu-peers).
     let (mut c, _) = Client::join_sfu(&url, "r", "C").await;
@@ -136,7 +135,7 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     d.send_join(Join { sfu: true, ..Join::new("r", "D") }).await;
     d.expect_error(ErrorCode::RoomFull).await;
     // `data` reaches every other member unchanged, with `from`.
-    let chat = json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
+    let chat = PeerData::chat("hi \"all\"", "A", 1).to_value();
     a.send_data(&chat).await;
     for x in [&mut b, &mut c] {
         assert_eq!(x.recv().await, M::Data { from: a.id.clone(), data: chat.clone() });
