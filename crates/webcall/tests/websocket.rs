@@ -73,6 +73,66 @@ async fn many_messages_in_one_write_are_all_relayed_in_order() {
     }
 }
 
+/// Several senders relay to one receiver at once while it does not read, so relayed frames are written from the
+/// senders' tasks, left over when the receiver's socket is full, and queued: every message still arrives once,
+/// whole, in each sender's order.
+#[tokio::test]
+async fn concurrent_senders_to_a_stalled_receiver_arrive_whole_and_in_order() {
+    let server = ServerProc::start(&[
+        "--max-queued-messages",
+        "1000",
+        "--max-queued-bytes",
+        "16777216",
+        "--rate-limit",
+        "100000",
+        "--max-peers",
+        "8",
+    ]);
+    let url = server.ws_url();
+    let (mut rx, _) = Client::join(&url, "fan-in", "R").await;
+    const SENDERS: usize = 4;
+    const EACH: usize = 100;
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let (c, _) = Client::join(&url, "fan-in", &format!("S{s}")).await;
+        assert_eq!(rx.recv().await, hello(&c.id, &format!("S{s}")));
+        senders.push(c);
+    }
+    let to = rx.id.clone();
+    // 4 × 100 × ~20 KB: far more than loopback's socket buffers while the receiver is stalled.
+    let body = |s: usize, i: usize| format!("{s} {i} {}", "y".repeat(20_000 + (i * 37) % 500));
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(s, mut c)| {
+            let to = to.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    c.relay(&to, webcall_protocol::Signal::Offer(body(s, i))).await;
+                }
+                c
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut next = [0usize; SENDERS];
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().id.clone());
+    }
+    for _ in 0..SENDERS * EACH {
+        let m = rx.recv().await;
+        let webcall_protocol::ServerMessage::Offer { from, sdp, .. } = m else {
+            panic!("expected an offer, got {m:?}")
+        };
+        let s = ids.iter().position(|id| *id == from).expect("from a sender");
+        assert_eq!(sdp, body(s, next[s]), "sender {s}'s message {}", next[s]);
+        next[s] += 1;
+    }
+    assert_eq!(next, [EACH; SENDERS]);
+    rx.expect_silence(Duration::from_millis(200)).await;
+}
+
 /// A raw TCP client that did the WebSocket handshake, for frames no client library would send.
 async fn raw_upgrade(server: &ServerProc) -> TcpStream {
     let addr = server.ws_url().trim_start_matches("ws://").trim_end_matches("/ws").to_string();
