@@ -255,12 +255,9 @@ impl Drop for Slot {
     }
 }
 
-/// An accepted TCP stream holding its [`ConnCap`] slot for as long as it lives (also once upgraded). The stream is
-/// shared ([`Counted::shared`]) so that, once it is a WebSocket, another connection's task can write a relayed
-/// frame straight into it (see `ws::Direct`); reads and writes therefore go through readiness and `try_*`, which
-/// take `&TcpStream`, exactly as `TcpStream`'s own `poll_read`/`poll_write` do inside.
+/// An accepted TCP stream holding its [`ConnCap`] slot for as long as it lives (also once upgraded).
 pub struct Counted {
-    io: Arc<tokio::net::TcpStream>,
+    io: tokio::net::TcpStream,
     _slot: Slot,
 }
 
@@ -269,53 +266,12 @@ impl Counted {
     pub async fn peek(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.io.peek(buf).await
     }
-
-    /// The stream itself, for writes from elsewhere (the caller keeps them from interleaving with this one's).
-    pub fn shared(&self) -> Arc<tokio::net::TcpStream> {
-        self.io.clone()
-    }
-}
-
-/// The TCP stream of a plain-HTTP connection, in each of its requests' extensions: a WebSocket upgraded from it can
-/// be written to by other connections' tasks ([`crate::direct`]). Over TLS there is none.
-#[derive(Clone)]
-pub struct SharedStream(pub Arc<tokio::net::TcpStream>);
-
-/// A connection's service that puts its [`SharedStream`] into every request.
-#[derive(Clone)]
-pub struct WithStream<S> {
-    inner: S,
-    stream: SharedStream,
-}
-
-impl<S> WithStream<S> {
-    /// The service without the stream (for a connection that turns out to be TLS).
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S: tower_service::Service<axum::http::Request<B>>, B> tower_service::Service<axum::http::Request<B>>
-    for WithStream<S>
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: axum::http::Request<B>) -> S::Future {
-        req.extensions_mut().insert(self.stream.clone());
-        self.inner.call(req)
-    }
 }
 
 impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for ConnCap {
     type Stream = Counted;
-    type Service = WithStream<S>;
-    type Future = std::future::Ready<std::io::Result<(Counted, WithStream<S>)>>;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Counted, S)>>;
 
     fn accept(&self, io: tokio::net::TcpStream, service: S) -> Self::Future {
         // On Linux accepted sockets inherit TCP_NODELAY from the listener.
@@ -326,29 +282,10 @@ impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for ConnCap {
             Err(e) => return std::future::ready(Err(e)),
         };
         std::future::ready(match slot {
-            Some(slot) => {
-                let io = Arc::new(io);
-                let service = WithStream { inner: service, stream: SharedStream(io.clone()) };
-                Ok((Counted { io, _slot: slot }, service))
-            }
+            Some(slot) => Ok((Counted { io, _slot: slot }, service)),
             // Dropping the stream closes it at once.
             None => Err(std::io::Error::other("too many connections from this address")),
         })
-    }
-}
-
-/// Runs `op` once the stream is ready for it, again after a spurious readiness (`WouldBlock` clears it).
-fn poll_io<T>(
-    cx: &mut Context<'_>,
-    mut ready: impl FnMut(&mut Context<'_>) -> Poll<std::io::Result<()>>,
-    mut op: impl FnMut() -> std::io::Result<T>,
-) -> Poll<std::io::Result<T>> {
-    loop {
-        std::task::ready!(ready(cx))?;
-        match op() {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return Poll::Ready(r),
-        }
     }
 }
 
@@ -358,35 +295,29 @@ impl tokio::io::AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let io = &self.io;
-        // `try_read_buf` reads into the unfilled part without zeroing it first (hyper passes uninitialised memory).
-        poll_io(cx, |cx| io.poll_read_ready(cx), || io.try_read_buf(buf)).map_ok(|_| ())
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
 impl tokio::io::AsyncWrite for Counted {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let io = &self.io;
-        poll_io(cx, |cx| io.poll_write_ready(cx), || io.try_write(buf))
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let io = &self.io;
-        poll_io(cx, |cx| io.poll_write_ready(cx), || io.try_write_vectored(bufs))
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        true
+        self.io.is_write_vectored()
     }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // Writes go straight to the socket: nothing is buffered here.
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // What `TcpStream::poll_shutdown` does, through the shared handle.
-        Poll::Ready(socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

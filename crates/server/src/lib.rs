@@ -2,7 +2,6 @@
 
 pub mod access;
 pub mod config;
-mod direct;
 pub mod ice;
 pub mod metrics;
 mod recording;
@@ -275,7 +274,6 @@ async fn ws_upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: ClientHeaders,
-    stream: Option<axum::Extension<access::SharedStream>>,
 ) -> Response {
     if let Some(allowed) = &state.cfg.allowed_origins {
         let origin = headers.origin.as_ref().and_then(|v| v.to_str().ok());
@@ -324,7 +322,7 @@ async fn ws_upgrade(
                 // Rare: boxed so that its state does not add to every connection's future.
                 Box::pin(ws::refuse(socket, e)).await;
             } else {
-                ws::run(socket, state.clone(), ip, stream.map(|s| s.0 .0)).await;
+                ws::run(socket, state.clone(), ip).await;
             }
             release(&state, key);
         })

@@ -21,9 +21,6 @@ pub struct ConnSignal {
     /// peer that stopped reading can be abandoned).
     pub wake: Notify,
     close: Mutex<Option<(u16, &'static str)>>,
-    /// Set for plain-TCP WebSockets: frames relayed to it may be written by the sender's task
-    /// ([`crate::direct`]).
-    pub(crate) direct: std::sync::OnceLock<crate::direct::Direct>,
 }
 
 impl ConnSignal {
@@ -80,8 +77,6 @@ fn signal_output<S: BuildHasher>(
 ) {
     if let Some(s) = signals.get(&conn) {
         match close {
-            // During a relay the sender's task may write the frames itself, after the lock is released.
-            None if crate::direct::defer(s) => {}
             None => s.wake.notify_one(),
             Some((code, reason)) => s.request_close(code, reason),
         }

@@ -271,6 +271,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         }
         self.io.flush().await
     }
+
+    /// Writes one frame.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut out = Vec::new();
+        webcall_wsframe::encode(&mut out, opcode, payload);
+        self.write(&out).await
+    }
+
+    /// Writes a close frame.
+    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        let mut out = Vec::new();
+        webcall_wsframe::encode_close(&mut out, code, reason);
+        self.write(&out).await
+    }
 }
 
 #[cfg(test)]

@@ -72,8 +72,7 @@ impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for PlainHttpR
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let counted = self.0.accept(stream, service);
         Box::pin(async move {
-            // Behind TLS: the service loses the plain stream (nothing may be written to it but TLS records).
-            let (stream, service) = counted.await.map(|(stream, service)| (stream, service.into_inner()))?;
+            let (stream, service) = counted.await?;
             let mut first = [0u8; 1];
             let n = tokio::time::timeout(REDIRECT_READ_TIMEOUT, stream.peek(&mut first))
                 .await

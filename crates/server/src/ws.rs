@@ -1,11 +1,9 @@
 //! One WebSocket, one task: it reads frames into the router, and when woken takes the frames queued for this
 //! connection and writes them. Nothing here knows about rooms.
 
-use crate::direct::Direct;
 use crate::router::ConnSignal;
 use crate::upgrade::{Read, ReadError, WebSocket};
 use crate::AppState;
-use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,45 +29,7 @@ pub(crate) async fn refuse(mut socket: WebSocket, e: ProtocolError) {
 /// Sends the close frame the core asked for, if it asked.
 async fn send_close(socket: &mut WebSocket, signal: &ConnSignal) {
     if let Some((code, reason)) = signal.close_requested() {
-        // Called within a write of this task's (nothing left over); no direct write after the close frame.
-        let mut out = signal.begin_write(true);
-        webcall_wsframe::encode_close(&mut out, code, reason);
-        let _ = timeout(CLOSE_GRACE, socket.write(&out)).await;
-    }
-}
-
-/// Writes one frame from this task: after what direct writes left over (`closing`: none may follow).
-async fn write_frame(
-    socket: &mut WebSocket,
-    signal: &ConnSignal,
-    closing: bool,
-    frame: impl FnOnce(&mut Vec<u8>),
-) -> bool {
-    let mut out = signal.begin_write(closing);
-    frame(&mut out);
-    let limit = if closing { CLOSE_GRACE } else { WRITE_TIMEOUT };
-    let ok = matches!(timeout(limit, socket.write(&out)).await, Ok(Ok(())));
-    signal.end_write();
-    ok
-}
-
-/// Waits for `write`; wake-ups meanwhile mean more frames (`again`) or a close request, after which the write may
-/// only finish if that is quick. `(written, again)`.
-async fn watched(signal: &ConnSignal, write: impl std::future::Future<Output = io::Result<()>>) -> (bool, bool) {
-    let mut again = false;
-    tokio::pin!(write);
-    loop {
-        tokio::select! {
-            r = &mut write => break (r.is_ok(), again),
-            _ = signal.wake.notified() => {
-                again = true;
-                if signal.close_requested().is_some() {
-                    // Asked to close mid-write (slow reader, abuse): finish only if that is quick; then the
-                    // frames queued with the request, and the close.
-                    break (matches!(timeout(CLOSE_GRACE, &mut write).await, Ok(Ok(()))), again);
-                }
-            }
-        }
+        let _ = timeout(CLOSE_GRACE, socket.send_close(code, reason)).await;
     }
 }
 
@@ -82,19 +42,7 @@ enum Step {
 /// Takes this connection's queued frames and writes them (all that are queued, in one write), until none are left.
 /// `Stop` when the connection is done (a write failed or timed out, or a close was asked for: then the close frame
 /// has been sent, after every frame queued before the request).
-async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId, leftover: Vec<u8>) -> Step {
-    // What a direct write left unwritten goes first.
-    if !leftover.is_empty() {
-        let limit = if signal.close_requested().is_some() { CLOSE_GRACE } else { WRITE_TIMEOUT };
-        let (written, _) = watched(signal, async {
-            timeout(limit, socket.write(&leftover)).await.map_err(io::Error::from).and_then(|r| r)
-        })
-        .await;
-        if !written {
-            send_close(socket, signal).await;
-            return Step::Stop;
-        }
-    }
+async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId) -> Step {
     // Local, not kept between wake-ups: an idle connection holds no frame buffer.
     let mut buf: Vec<Frame> = Vec::new();
     loop {
@@ -113,10 +61,24 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
         // Asked to close: finish only if that is quick.
         let limit = if closing { CLOSE_GRACE } else { WRITE_TIMEOUT };
         // Wake-ups during the write mean more frames (take again after it) or a close request.
-        let (written, again) = watched(signal, async {
-            timeout(limit, socket.write_texts(&buf)).await.map_err(io::Error::from).and_then(|r| r)
-        })
-        .await;
+        let mut again = false;
+        let written = {
+            let write = timeout(limit, socket.write_texts(&buf));
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    r = &mut write => break matches!(r, Ok(Ok(()))),
+                    _ = signal.wake.notified() => {
+                        again = true;
+                        if signal.close_requested().is_some() {
+                            // Asked to close mid-write (slow reader, abuse): finish only if that is quick; then
+                            // the frames queued with the request, and the close.
+                            break matches!(timeout(CLOSE_GRACE, &mut write).await, Ok(Ok(Ok(()))));
+                        }
+                    }
+                }
+            }
+        };
         buf.clear();
         if !written {
             send_close(socket, signal).await;
@@ -132,16 +94,15 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
 }
 
 /// Tells a flooding client why it is closed: `rate-limited`, then close 1008 with reason [`close::FLOODING`].
-async fn close_flooding(socket: &mut WebSocket, signal: &ConnSignal, rate: f64) {
+async fn close_flooding(socket: &mut WebSocket, rate: f64) {
     let e = ProtocolError::new(
         ErrorCode::RateLimited,
         format!("sent more than {rate} messages per second for {FLOOD_FACTOR} s without a break; closing"),
     );
-    write_frame(socket, signal, true, |out| {
-        webcall_wsframe::encode(out, opcode::TEXT, e.to_json().as_bytes());
-        webcall_wsframe::encode_close(out, close::POLICY, close::FLOODING);
-    })
-    .await;
+    let mut out = Vec::new();
+    webcall_wsframe::encode(&mut out, opcode::TEXT, e.to_json().as_bytes());
+    webcall_wsframe::encode_close(&mut out, close::POLICY, close::FLOODING);
+    let _ = timeout(CLOSE_GRACE, socket.write(&out)).await;
 }
 
 /// After a pause, a read that had to wait longer than this for data means the client was not backlogged.
@@ -188,18 +149,9 @@ fn deadline(next_ping: Instant, idle_at: Instant, resume_at: Option<Instant>) ->
     resume_at.map_or(t, |r| r.min(t))
 }
 
-/// `stream`: the connection's TCP stream when it is plain TCP (not TLS), for direct writes ([`crate::direct`]).
-pub(crate) async fn run(
-    mut socket: WebSocket,
-    state: Arc<AppState>,
-    ip: IpAddr,
-    stream: Option<Arc<tokio::net::TcpStream>>,
-) {
+pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr) {
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let signal = Arc::new(ConnSignal::default());
-    if let Some(stream) = stream {
-        let _ = signal.direct.set(Direct::new(conn, stream));
-    }
     state.policy.register(conn, ip);
     state.router.connect(conn, signal.clone());
 
@@ -228,10 +180,7 @@ pub(crate) async fn run(
             _ = signal.wake.notified() => {
                 // Boxed: the write's state (timeouts, the close frame) lives only while it runs, not in every
                 // connection's future.
-                let leftover = signal.begin_write(false);
-                let step = Box::pin(flush(&mut socket, &state, &signal, conn, leftover)).await;
-                signal.end_write();
-                if let Step::Stop = step {
+                if let Step::Stop = Box::pin(flush(&mut socket, &state, &signal, conn)).await {
                     break;
                 }
             }
@@ -247,8 +196,8 @@ pub(crate) async fn run(
                     break;
                 }
                 if now >= next_ping {
-                    let ping = write_frame(&mut socket, &signal, false, |out| webcall_wsframe::encode(out, opcode::PING, &[]));
-                    if !Box::pin(ping).await {
+                    let ping = Box::pin(timeout(WRITE_TIMEOUT, socket.send(opcode::PING, &[])));
+                    if !matches!(ping.await, Ok(Ok(()))) {
                         break;
                     }
                     next_ping = Instant::now() + ping_every;
@@ -257,7 +206,7 @@ pub(crate) async fn run(
             }
             read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
                 Event::Text(t) => {
-                    crate::direct::relaying(&*state.router, || state.router.message(conn, t));
+                    state.router.message(conn, t);
                     pace.take()
                 }
                 Event::Binary(len) => {
@@ -292,7 +241,7 @@ pub(crate) async fn run(
                         let since = *paced_since.get_or_insert(now);
                         if now.saturating_duration_since(since).as_secs_f64() > FLOOD_FACTOR {
                             tracing::debug!(conn, "closed: flooding");
-                            Box::pin(close_flooding(&mut socket, &signal, pace.rate)).await;
+                            Box::pin(close_flooding(&mut socket, pace.rate)).await;
                             break;
                         }
                         resume_at = Some(now + pace.until_credit());
@@ -301,7 +250,7 @@ pub(crate) async fn run(
                     Ok(Read::Stopped) => {
                         // Answer the client's close with its code (RFC 6455 §5.5.1), then go.
                         let code = client_close.unwrap_or(webcall_wsframe::close_code::NORMAL);
-                        Box::pin(write_frame(&mut socket, &signal, true, |out| webcall_wsframe::encode_close(out, code, ""))).await;
+                        let _ = Box::pin(timeout(CLOSE_GRACE, socket.send_close(code, ""))).await;
                         break;
                     }
                     Err(ReadError::Io(e)) => {
@@ -313,26 +262,22 @@ pub(crate) async fn run(
                         if v == webcall_wsframe::Violation::TooBig {
                             // Close the way the core closes messages over its limit, after what is queued.
                             signal.request_close(close::TOO_BIG, "message too large");
-                            let leftover = signal.begin_write(true);
-                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn, leftover)).await;
+                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn)).await;
                         } else {
-                            let (code, reason) = (v.close_code(), v.reason());
-                            Box::pin(write_frame(&mut socket, &signal, true, |out| webcall_wsframe::encode_close(out, code, reason))).await;
+                            let _ = Box::pin(timeout(CLOSE_GRACE, socket.send_close(v.close_code(), v.reason()))).await;
                         }
                         break;
                     }
                 }
                 if let Some(payload) = pong.take() {
-                    let pong = write_frame(&mut socket, &signal, false, |out| webcall_wsframe::encode(out, opcode::PONG, &payload));
-                    if !Box::pin(pong).await {
+                    let write = Box::pin(timeout(WRITE_TIMEOUT, socket.send(opcode::PONG, &payload)));
+                    if !matches!(write.await, Ok(Ok(()))) {
                         break;
                     }
                 }
             }
         }
     }
-    // Nothing more is written to this socket, directly or not.
-    signal.begin_write(true);
     state.router.disconnect(conn);
     state.policy.unregister(conn);
 }

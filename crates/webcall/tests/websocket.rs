@@ -73,9 +73,9 @@ async fn many_messages_in_one_write_are_all_relayed_in_order() {
     }
 }
 
-/// Several senders relay to one receiver at once while it does not read, so relayed frames are written from the
-/// senders' tasks, left over when the receiver's socket is full, and queued: every message still arrives once,
-/// whole, in each sender's order.
+/// Several senders relay to one receiver at once while it does not read, so the receiver's frames queue up and are
+/// written in pieces as its socket drains: every message still arrives once, whole, in each sender's order. (Also
+/// the test for any write path that bypasses the queue; one tried in 4513e20 broke it when leftovers were lost.)
 #[tokio::test]
 async fn concurrent_senders_to_a_stalled_receiver_arrive_whole_and_in_order() {
     let server = ServerProc::start(&[
