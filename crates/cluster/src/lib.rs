@@ -868,6 +868,9 @@ impl Router for ClusterRouter {
     fn message(&self, conn: ConnId, text: &str) {
         self.driver.message(conn, text);
     }
+    fn message_at(&self, conn: ConnId, text: &str, now: Instant) {
+        self.driver.message_at(conn, text, now);
+    }
     fn binary(&self, conn: ConnId, len: usize) {
         self.driver.binary(conn, len);
     }

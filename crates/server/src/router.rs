@@ -71,6 +71,12 @@ impl ConnSignal {
 pub trait Router: Send + Sync + 'static {
     fn connect(&self, conn: ConnId, signal: Arc<ConnSignal>);
     fn message(&self, conn: ConnId, text: &str);
+    /// [`Router::message`] of a frame read at `now`: the reader read the clock already (one read per relayed
+    /// message instead of two: ~0.5 % of the relay's CPU).
+    fn message_at(&self, conn: ConnId, text: &str, now: Instant) {
+        let _ = now;
+        self.message(conn, text)
+    }
     fn binary(&self, conn: ConnId, len: usize);
     /// Appends the frames queued for `conn` to `buf`.
     fn take(&self, conn: ConnId, buf: &mut Vec<Frame>);
@@ -177,6 +183,9 @@ pub struct Core<C, L> {
     signals: HashMap<ConnId, Arc<ConnSignal>, rustc_hash::FxBuildHasher>,
     sfu: Option<crate::sfu::SfuBridge>,
     pub layer: L,
+    /// The latest time fed to the core: a time read before the lock was taken is never earlier (the core's time
+    /// only goes forward).
+    latest: Instant,
 }
 
 impl<C: RoomCore, L: Layer<C>> Core<C, L> {
@@ -226,7 +235,9 @@ pub struct Driver<C, L> {
 
 impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
     pub fn new(rooms: C, layer: L) -> Self {
-        Driver { inner: Mutex::new(Core { rooms, signals: HashMap::default(), sfu: None, layer }) }
+        Driver {
+            inner: Mutex::new(Core { rooms, signals: HashMap::default(), sfu: None, layer, latest: Instant::now() }),
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Core<C, L>> {
@@ -237,6 +248,17 @@ impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
     pub fn with<R>(&self, f: impl FnOnce(&mut Core<C, L>, Instant) -> R) -> R {
         let mut inner = self.inner.lock();
         let now = Instant::now();
+        inner.latest = now;
+        let r = f(&mut inner, now);
+        inner.dispatch(now);
+        r
+    }
+
+    /// [`Driver::with`] at a time the caller read before taking the lock (never earlier than what the core saw).
+    pub fn with_at<R>(&self, now: Instant, f: impl FnOnce(&mut Core<C, L>, Instant) -> R) -> R {
+        let mut inner = self.inner.lock();
+        let now = now.max(inner.latest);
+        inner.latest = now;
         let r = f(&mut inner, now);
         inner.dispatch(now);
         r
@@ -246,6 +268,7 @@ impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
     fn step(&self) -> Instant {
         let mut inner = self.inner.lock();
         let now = Instant::now();
+        inner.latest = now;
         inner.rooms.borrow_mut().tick(now);
         let Core { rooms, layer, .. } = &mut *inner;
         layer.tick(rooms, now);
@@ -276,6 +299,9 @@ impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
     }
     pub fn message(&self, conn: ConnId, text: &str) {
         self.with(|i, now| i.rooms.message(conn, text, now));
+    }
+    pub fn message_at(&self, conn: ConnId, text: &str, now: Instant) {
+        self.with_at(now, |i, now| i.rooms.message(conn, text, now));
     }
     pub fn binary(&self, conn: ConnId, len: usize) {
         self.with(|i, now| i.rooms.borrow_mut().binary(conn, len, now));
@@ -364,6 +390,9 @@ impl Router for LocalRouter {
     }
     fn message(&self, conn: ConnId, text: &str) {
         self.driver.message(conn, text);
+    }
+    fn message_at(&self, conn: ConnId, text: &str, now: Instant) {
+        self.driver.message_at(conn, text, now);
     }
     fn binary(&self, conn: ConnId, len: usize) {
         self.driver.binary(conn, len);

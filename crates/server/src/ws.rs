@@ -223,6 +223,8 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
     // Set by the read handler, acted on after it: a ping to answer, the client's close code.
     let mut pong: Option<Vec<u8>> = None;
     let mut client_close: Option<u16> = None;
+    // When the current read's data was read (the first text frame of it asks the clock).
+    let mut read_at: Option<Instant> = None;
 
     loop {
         tokio::select! {
@@ -258,7 +260,9 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             }
             read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
                 Event::Text(t) => {
-                    state.router.message(conn, t);
+                    // One clock read per read, shared by the room core and the pacing below.
+                    let now = *read_at.get_or_insert_with(Instant::now);
+                    state.router.message_at(conn, t, now.into_std());
                     pace.take()
                 }
                 Event::Binary(len) => {
@@ -275,7 +279,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     false
                 }
             })), if resume_at.is_none() => {
-                let now = Instant::now();
+                let now = read_at.take().unwrap_or_else(Instant::now);
                 // Since the previous read, or since reading resumed after a pause.
                 let waited = now.saturating_duration_since(last_read);
                 last_read = now;
