@@ -58,10 +58,6 @@ const PACER_STEP: Duration = Duration::from_micros(1);
 /// At most this many such timeouts per drive (the rest on the adapter's next wake-up): one busy session does not
 /// hold up the others for long.
 const MAX_STEPS_PER_DRIVE: usize = 1024;
-/// Once every packet written to a session has left, the pacer's trailing immediate timeout (it only re-arms the
-/// pacer's gate) waits up to this long: the next packet written runs it anyway, so a forwarded packet costs one
-/// str0m `handle_timeout` per subscriber instead of two. Other str0m timers wait at most this long.
-const PACER_DEFER: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SfuError {
@@ -434,8 +430,6 @@ struct Session {
     addrs: Vec<SocketAddr>,
     timeout: Instant,
     dirty: bool,
-    /// RTP packets written by [`Sfu::forward`] since the session last sent them all (see [`PACER_DEFER`]).
-    written: u32,
     /// The send-side bandwidth estimate towards this client (TWCC), bit/s.
     estimate: Option<u64>,
     /// After congestion (the estimate fell below what was sent), the video budget, until when.
@@ -776,7 +770,6 @@ impl Sfu {
                 tracks_out,
                 addrs: Vec::new(),
                 timeout: now,
-                written: 0,
                 dirty: false,
                 estimate: None,
                 ceiling: None,
@@ -1023,8 +1016,6 @@ impl Sfu {
             s.dirty = false;
             negotiate(id, s, &mut self.out);
             let mut steps = 0;
-            // RTP sent in this drive; padding or a retransmission makes it exceed what was written.
-            let mut sent = 0u32;
             loop {
                 if !s.rtc.is_alive() || added.is_some() {
                     break;
@@ -1032,13 +1023,6 @@ impl Sfu {
                 match s.rtc.poll_output() {
                     // Without this, a session sent one packet per wake-up of the adapter (a few hundred a second):
                     // in a room of ten publishers the written frames piled up in str0m and most never left.
-                    // Everything written has left and nothing else did (no padding, no retransmission, so no probe
-                    // or NACK in progress): the gate re-arm waits for the next write (or PACER_DEFER).
-                    Ok(Output::Timeout(t)) if t <= now + PACER_STEP && s.written > 0 && sent == s.written => {
-                        s.written = 0;
-                        s.timeout = now + PACER_DEFER;
-                        break;
-                    }
                     Ok(Output::Timeout(t)) if t <= now + PACER_STEP && steps < MAX_STEPS_PER_DRIVE => {
                         steps += 1;
                         if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
@@ -1047,21 +1031,15 @@ impl Sfu {
                         }
                     }
                     Ok(Output::Timeout(t)) => {
-                        s.written = 0;
                         s.timeout = t;
                         break;
                     }
-                    Ok(Output::Transmit(t)) => {
-                        if is_rtp(&t.contents) {
-                            sent += 1;
-                        }
-                        self.out.push_back(SfuOutput::Transmit(Transmit {
-                            proto: t.proto,
-                            source: t.source,
-                            destination: t.destination,
-                            contents: t.contents.into(),
-                        }))
-                    }
+                    Ok(Output::Transmit(t)) => self.out.push_back(SfuOutput::Transmit(Transmit {
+                        proto: t.proto,
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    })),
                     Ok(Output::Event(e)) => match e {
                         Event::Connected => self.out.push_back(SfuOutput::Event(SfuEvent::Connected { session: id })),
                         Event::IceConnectionStateChange(IceConnectionState::Disconnected) => s.rtc.disconnect(),
@@ -1268,7 +1246,6 @@ impl Sfu {
                 }
             }
             tx.write_rtp(w);
-            s.written += 1;
             // A video frame ends with the marker bit; an Opus packet is a frame.
             if h.marker || t.kind == MediaKind::Audio {
                 self.stats.forwarded_frames += 1;
@@ -1768,11 +1745,6 @@ fn track_layer(t: &mut TrackIn, p: &Incoming, now: Instant) -> (bool, bool) {
 
 /// The frame size of a VP8 keyframe (RFC 6386 9.1: a 3-byte frame tag with bit 0 clear, the start code 9d 01 2a,
 /// then 14-bit width and height, little-endian).
-/// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
-pub(crate) fn is_rtp(d: &[u8]) -> bool {
-    d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
-}
-
 pub(crate) fn vp8_size(frame: &[u8]) -> Option<(u32, u32)> {
     if frame.len() < 10 || frame[0] & 1 != 0 || frame[3..6] != [0x9d, 0x01, 0x2a] {
         return None;

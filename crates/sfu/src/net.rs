@@ -29,8 +29,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 
 use crate::core::{
-    is_rtp, Caps, SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit,
-    View,
+    Caps, SessionId, SessionRole, Sfu, SfuConfig, SfuError, SfuEvent, SfuOutput, SfuStats, TrackInfo, Transmit, View,
 };
 use crate::tcp::{frame_into, Deframer};
 
@@ -725,6 +724,11 @@ impl Io {
         }
         idx.clear();
     }
+}
+
+/// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
+fn is_rtp(d: &[u8]) -> bool {
+    d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }
 
 fn unmap(ip: IpAddr) -> IpAddr {
