@@ -10,7 +10,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use webcall_protocol::{encode_relay, RelayKind, ServerMessage, Signal};
+use webcall_protocol::{encode_relay, Event, Join, RelayKind, ServerMessage, Signal, SignalingClient};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -71,14 +71,17 @@ impl Endpoint {
         Ok(ws)
     }
 
-    /// webcall: connect and join `room`; the peer id the `welcome` gave.
+    /// webcall: connect and join `room` through the protocol's [`SignalingClient`]; the peer id the `welcome` gave.
+    /// (The relay's load itself is pre-encoded frames, see [`Template`], so the generator stays cheap.)
     pub async fn webcall_join(&self, n: usize, room: &str) -> anyhow::Result<(Ws, String)> {
         let mut ws = self.dial(n, None).await?;
-        let join = webcall_protocol::Join::new(room, format!("bench{n}"));
-        ws.send(Message::text(join.to_json())).await?;
+        let mut client = SignalingClient::new(Join::new(room.to_owned(), format!("bench{n}")));
+        ws.send(Message::text(client.connected())).await?;
         loop {
-            if let ServerMessage::Welcome { id, .. } = next_message(&mut ws).await? {
-                return Ok((ws, id));
+            match client.receive(&next_text(&mut ws).await?)? {
+                Event::Welcome { id, .. } => return Ok((ws, id)),
+                Event::Error { code, message, .. } => bail!("refused by the server: {code}: {message}"),
+                _ => continue,
             }
         }
     }

@@ -477,22 +477,35 @@ impl Relay<'_> {
     pub fn encode_from(&self, from: &str) -> String {
         encode_relay(self.kind, from, self.payload)
     }
+
+    /// [`Relay::encode_from`] into `out` (cleared first): a caller that copies the frame into its own allocation
+    /// anyway (`Arc<str>`) reuses one buffer instead of allocating a `String` per relayed message.
+    pub fn encode_from_into(&self, out: &mut String, from: &str) {
+        out.clear();
+        encode_relay_into(out, self.kind, from, self.payload);
+    }
 }
 
 /// `{"type":"<kind>","from":"<from>","<sdp|candidate>":<payload>}` without re-serialising the payload.
 pub fn encode_relay(kind: RelayKind, from: &str, payload: &RawValue) -> String {
+    let mut s = String::with_capacity(40 + from.len() + payload.get().len());
+    encode_relay_into(&mut s, kind, from, payload);
+    s
+}
+
+/// [`encode_relay`], appended to `s`.
+pub fn encode_relay_into(s: &mut String, kind: RelayKind, from: &str, payload: &RawValue) {
     let p = payload.get();
-    let mut s = String::with_capacity(40 + from.len() + p.len());
+    s.reserve(40 + from.len() + p.len());
     s.push_str("{\"type\":\"");
     s.push_str(kind.as_str());
     s.push_str("\",\"from\":");
-    push_json_str(&mut s, from);
+    push_json_str(s, from);
     s.push_str(",\"");
     s.push_str(kind.payload_field());
     s.push_str("\":");
     s.push_str(p);
     s.push('}');
-    s
 }
 
 fn push_json_str(out: &mut String, v: &str) {

@@ -202,6 +202,7 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     assert_eq!(status, 401, "{body}");
     assert_eq!(http(server.addr, "POST", path, Some("not-the-secret")).await.0, 401);
     let (status, body) = http(server.addr, "POST", path, Some(SECRET)).await;
+    // Raw JSON: the HTTP API's reply, not a signaling message (crates/protocol types only the WebSocket's).
     assert_eq!(
         (status, serde_json::from_str::<Value>(&body).unwrap()),
         (201, json!({"room":"api-room","recording":true}))
