@@ -111,7 +111,7 @@ impl Session {
     > {
         let rtc = crate::rtc::new_rtc(Some(Duration::from_secs(1))).await;
         let (udp_tx, udp_rx) = mpsc::channel(256);
-        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx, None).await?;
+        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx).await?;
         let locals: Vec<SocketAddr> = bound.iter().map(|(a, _)| *a).collect();
         let relay_only = cfg.ice.relay_only;
         let mut s = Session {
