@@ -3,7 +3,8 @@
 # (Debian `janus`, installed if missing), each pinned to one core and loaded by the same native peers
 # (`webcall peer --sfu`, with `--janus` for Janus's HTTP API) on the other core: publishers send the pre-encoded
 # VP8 test pattern (640x360, ~500 kbit/s, 30 fps) and the Opus tone; subscribers count RTP datagrams
-# (`--count-only`: no decryption, no decoding).
+# (`--count-only`: no decryption, no decoding; their sockets are drained every 5 ms, so a forwarded datagram wakes
+# no receiver, which on loopback the sending server would pay for).
 #
 #   bench/sfu.sh                                  # defaults below
 #   FANOUT="10 40" MEETING="6" MESH="" bench/sfu.sh

@@ -3,13 +3,14 @@
 use crate::{Common, Target};
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use webcall_protocol::ServerMessage;
+use webcall_protocol::{encode_relay, Event, Join, RelayKind, ServerMessage, Signal, SignalingClient};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -70,14 +71,17 @@ impl Endpoint {
         Ok(ws)
     }
 
-    /// webcall: connect and join `room`; the peer id the `welcome` gave.
+    /// webcall: connect and join `room` through the protocol's [`SignalingClient`]; the peer id the `welcome` gave.
+    /// (The relay's load itself is pre-encoded frames, see [`Template`], so the generator stays cheap.)
     pub async fn webcall_join(&self, n: usize, room: &str) -> anyhow::Result<(Ws, String)> {
         let mut ws = self.dial(n, None).await?;
-        let join = webcall_protocol::Join::new(room, format!("bench{n}"));
-        ws.send(Message::text(join.to_json())).await?;
+        let mut client = SignalingClient::new(Join::new(room.to_owned(), format!("bench{n}")));
+        ws.send(Message::text(client.connected())).await?;
         loop {
-            if let ServerMessage::Welcome { id, .. } = next_message(&mut ws).await? {
-                return Ok((ws, id));
+            match client.receive(&next_text(&mut ws).await?)? {
+                Event::Welcome { id, .. } => return Ok((ws, id)),
+                Event::Error { code, message, .. } => bail!("refused by the server: {code}: {message}"),
+                _ => continue,
             }
         }
     }
@@ -132,6 +136,15 @@ pub enum Kind {
     Answer,
 }
 
+impl Kind {
+    fn relay(self) -> RelayKind {
+        match self {
+            Kind::Offer => RelayKind::Offer,
+            Kind::Answer => RelayKind::Answer,
+        }
+    }
+}
+
 /// A relayed message with room for a send timestamp inside its SDP, padded to `size` bytes of SDP.
 pub struct Template {
     prefix: String,
@@ -139,24 +152,41 @@ pub struct Template {
 }
 
 const TS_DIGITS: usize = 20;
+/// Stands for the timestamp while a frame is encoded once, to be cut into the template's two halves.
+const MARK: &str = "<stamp>";
+
+/// `frame` cut at [`MARK`] (its last occurrence: nothing after the SDP's start can contain it).
+fn split_at_mark(frame: &str) -> (String, String) {
+    let at = frame.rfind(MARK).expect("the frame holds the mark");
+    (frame[..at].to_owned(), frame[at + MARK.len()..].to_owned())
+}
 
 impl Template {
     pub fn new(target: Target, kind: Kind, to: &str, size: usize) -> Template {
         let pad = "x".repeat(size.saturating_sub(TS_DIGITS + 1));
-        let (lower, upper) = match kind {
-            Kind::Offer => ("offer", "OFFER"),
-            Kind::Answer => ("answer", "ANSWER"),
-        };
-        let prefix = match target {
-            Target::Webcall => format!(r#"{{"type":"{lower}","to":"{to}","sdp":""#),
+        let (prefix, suffix) = match target {
+            // Encoded once by the protocol's typed encoder; each message is then two copies and the stamp.
+            Target::Webcall => {
+                let sdp = format!("{MARK}:{pad}");
+                let signal = match kind {
+                    Kind::Offer => Signal::Offer(sdp),
+                    Kind::Answer => Signal::Answer(sdp),
+                };
+                split_at_mark(&signal.to_json(to))
+            }
             // What PeerJS's client sends for a media connection, minus the fields that do not change the size.
-            Target::Peerjs => format!(
-                r#"{{"type":"{upper}","dst":"{to}","payload":{{"type":"media","connectionId":"mc_bench","sdp":{{"type":"{lower}","sdp":""#
-            ),
-        };
-        let suffix = match target {
-            Target::Webcall => format!(r#":{pad}"}}"#),
-            Target::Peerjs => format!(r#":{pad}"}}}}}}"#),
+            Target::Peerjs => {
+                let (lower, upper) = match kind {
+                    Kind::Offer => ("offer", "OFFER"),
+                    Kind::Answer => ("answer", "ANSWER"),
+                };
+                (
+                    format!(
+                        r#"{{"type":"{upper}","dst":"{to}","payload":{{"type":"media","connectionId":"mc_bench","sdp":{{"type":"{lower}","sdp":""#
+                    ),
+                    format!(r#":{pad}"}}}}}}"#),
+                )
+            }
         };
         Template { prefix, suffix }
     }
@@ -171,15 +201,74 @@ impl Template {
     }
 }
 
-/// The timestamp inside a relayed message (both protocols keep the SDP string as sent).
-pub fn stamp_of(text: &str) -> Option<u64> {
-    let at = text.find(r#""sdp":""#)? + 7;
-    text.get(at..at + TS_DIGITS)?.parse().ok()
+fn stamp_in(sdp: &str) -> Option<u64> {
+    sdp.get(..TS_DIGITS)?.parse().ok()
+}
+
+/// What a client reads from the server during a relay run.
+pub enum Received {
+    /// A relayed message and the timestamp inside it.
+    Stamped(u64),
+    /// Anything else that is not a refusal (webcall: `hello`, `bye`, …).
+    Other,
+}
+
+/// Reads the relayed messages one peer receives from another, with the stamp their sender put in.
+pub enum Reader {
+    /// webcall: the start of the frame the server relays from that peer, as the protocol's encoder writes it
+    /// (up to the SDP's first character); a frame that starts otherwise is read with the typed parser.
+    Webcall { prefix: String },
+    /// PeerJS (untyped: not our protocol): the stamp after the first `"sdp":"`.
+    Peerjs,
+}
+
+impl Reader {
+    /// For messages of `kind` relayed from peer `from`.
+    pub fn new(target: Target, kind: Kind, from: &str) -> Reader {
+        match target {
+            Target::Webcall => {
+                let mark = RawValue::from_string(format!("\"{MARK}\"")).expect("a JSON string");
+                let (prefix, _) = split_at_mark(&encode_relay(kind.relay(), from, &mark));
+                Reader::Webcall { prefix }
+            }
+            Target::Peerjs => Reader::Peerjs,
+        }
+    }
+
+    /// One text frame; a refusal by the server is an error.
+    pub fn read(&self, text: &str) -> anyhow::Result<Received> {
+        match self {
+            Reader::Webcall { prefix } => {
+                // The common case, as cheap as finding the stamp: the frame is the one the relay writes.
+                if let Some(ts) = text.strip_prefix(prefix.as_str()).and_then(stamp_in) {
+                    return Ok(Received::Stamped(ts));
+                }
+                match ServerMessage::parse(text).with_context(|| format!("not a webcall server message: {text}"))? {
+                    ServerMessage::Offer { sdp, .. } | ServerMessage::Answer { sdp, .. } => {
+                        Ok(stamp_in(&sdp).map_or(Received::Other, Received::Stamped))
+                    }
+                    ServerMessage::Error { code, message, .. } => {
+                        bail!("the server refused a message: {code}: {message}")
+                    }
+                    _ => Ok(Received::Other),
+                }
+            }
+            Reader::Peerjs => {
+                let stamp = text.find(r#""sdp":""#).and_then(|at| stamp_in(text.get(at + 7..)?));
+                match stamp {
+                    Some(ts) => Ok(Received::Stamped(ts)),
+                    None if text.contains(r#""type":"ERROR""#) => bail!("the server refused a message: {text}"),
+                    None => Ok(Received::Other),
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use webcall_protocol::{parse_client, ClientMessage};
 
     #[test]
     fn templates_round_trip() {
@@ -192,9 +281,35 @@ mod tests {
                 Target::Peerjs => v["payload"]["sdp"]["sdp"].as_str().unwrap().to_owned(),
             };
             assert_eq!(sdp.len(), 1024);
-            assert_eq!(stamp_of(&m), Some(123_456_789));
         }
-        // As relayed: webcall swaps `to` for `from`, PeerJS appends `src`.
-        assert_eq!(stamp_of(r#"{"type":"offer","from":"x","sdp":"00000000000000000042:xx"}"#), Some(42));
+        // As relayed: PeerJS appends `src`.
+        let peerjs = Reader::new(Target::Peerjs, Kind::Offer, "x");
+        let relayed =
+            Template::new(Target::Peerjs, Kind::Offer, "abc", 64).render(42).replace("}}}", r#"}},"src":"x"}"#);
+        assert!(matches!(peerjs.read(&relayed), Ok(Received::Stamped(42))), "{relayed}");
+    }
+
+    #[test]
+    fn webcall_messages_are_the_protocols_and_read_back_as_the_server_relays_them() {
+        for kind in [Kind::Offer, Kind::Answer] {
+            let m = Template::new(Target::Webcall, kind, "Yx3kq0tVb2", 1024).render(123_456_789);
+            let Ok(ClientMessage::Relay(r)) = parse_client(&m) else { panic!("{m}") };
+            assert_eq!((r.kind, &*r.to), (kind.relay(), "Yx3kq0tVb2"));
+            // What the server writes for it, read by the fast path.
+            let relayed = r.encode_from("P7dLw1zQe9");
+            let reader = Reader::new(Target::Webcall, kind, "P7dLw1zQe9");
+            assert!(matches!(reader.read(&relayed), Ok(Received::Stamped(123_456_789))), "{relayed}");
+            // From another peer (or written otherwise): the typed parser reads it all the same.
+            let other = r.encode_from("Kq3vT9pLm2");
+            assert!(matches!(reader.read(&other), Ok(Received::Stamped(123_456_789))), "{other}");
+            let spaced = relayed.replace(",", ", ");
+            assert!(matches!(reader.read(&spaced), Ok(Received::Stamped(123_456_789))), "{spaced}");
+        }
+        let reader = Reader::new(Target::Webcall, Kind::Answer, "P7dLw1zQe9");
+        let hello = webcall_protocol::encode_hello("P7dLw1zQe9", "bench1");
+        assert!(matches!(reader.read(&hello), Ok(Received::Other)));
+        let refused = webcall_protocol::ProtocolError::new(webcall_protocol::ErrorCode::RateLimited, "slow down");
+        assert!(reader.read(&refused.to_json()).is_err());
+        assert!(reader.read("nonsense").is_err());
     }
 }

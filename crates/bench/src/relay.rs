@@ -3,7 +3,7 @@
 //! one-way latency on the generator's clock.
 
 use crate::procfs;
-use crate::proto::{next_text, stamp_of, Endpoint, Kind, Template, Ws, SETUP_TIMEOUT};
+use crate::proto::{next_text, Endpoint, Kind, Reader, Received, Template, Ws, SETUP_TIMEOUT};
 use crate::stats::quantile;
 use crate::{Common, Target};
 use anyhow::{anyhow, bail, Context};
@@ -86,14 +86,11 @@ async fn setup_pair(ep: &Endpoint, ep_b: &Endpoint, i: usize, nonce: u64) -> any
     }
 }
 
-fn refusal(text: &str) -> Option<&str> {
-    (text.contains(r#""type":"error""#) || text.contains(r#""type":"ERROR""#)).then_some(text)
-}
-
 /// Sends offers, `window` in flight; stops sending at `stop_at` and collects the answers still due until `drain`.
 async fn offerer(
     mut ws: Ws,
     t: Template,
+    r: Reader,
     window: usize,
     base: Instant,
     stop_at: Instant,
@@ -108,12 +105,7 @@ async fn offerer(
         let Ok(text) = timeout_at(drain.into(), next_text(&mut ws)).await else { break };
         let text = text?;
         let now = ns_since(base);
-        let Some(ts) = stamp_of(&text) else {
-            if let Some(e) = refusal(&text) {
-                bail!("the server refused a message: {e}");
-            }
-            continue;
-        };
+        let Received::Stamped(ts) = r.read(&text)? else { continue };
         samples.push((now, now.saturating_sub(ts)));
         if Instant::now() < stop_at {
             ws.send(Message::text(t.render(ns_since(base)))).await?;
@@ -128,6 +120,7 @@ async fn offerer(
 async fn answerer(
     mut ws: Ws,
     t: Template,
+    r: Reader,
     base: Instant,
     mut done: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<Sample>> {
@@ -138,12 +131,7 @@ async fn answerer(
             _ = done.changed() => break,
         };
         let now = ns_since(base);
-        let Some(ts) = stamp_of(&text) else {
-            if let Some(e) = refusal(&text) {
-                bail!("the server refused a message: {e}");
-            }
-            continue;
-        };
+        let Received::Stamped(ts) = r.read(&text)? else { continue };
         samples.push((now, now.saturating_sub(ts)));
         ws.send(Message::text(t.render(ns_since(base)))).await?;
     }
@@ -194,10 +182,12 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<(String, String, bool)> {
     let mut offerers = Vec::new();
     let mut answerers = Vec::new();
     for p in set {
-        let offer = Template::new(a.common.target, Kind::Offer, &p.b_id, a.size);
-        let answer = Template::new(a.common.target, Kind::Answer, &p.a_id, a.size);
-        answerers.push(tokio::spawn(answerer(p.b, answer, base, done_rx.clone())));
-        offerers.push(tokio::spawn(offerer(p.a, offer, a.window, base, stop_at, drain)));
+        let target = a.common.target;
+        let offer = Template::new(target, Kind::Offer, &p.b_id, a.size);
+        let answer = Template::new(target, Kind::Answer, &p.a_id, a.size);
+        let (offers, answers) = (Reader::new(target, Kind::Offer, &p.a_id), Reader::new(target, Kind::Answer, &p.b_id));
+        answerers.push(tokio::spawn(answerer(p.b, answer, offers, base, done_rx.clone())));
+        offerers.push(tokio::spawn(offerer(p.a, offer, answers, a.window, base, stop_at, drain)));
     }
 
     tokio::time::sleep_until(measure_from.into()).await;

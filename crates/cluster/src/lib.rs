@@ -3,7 +3,7 @@
 //! [`ClusterRouter`] is a [`Router`] like `LocalRouter`: the same sans-IO core (in cluster mode) handles this
 //! node's connections, while Redis holds what must be cluster-wide (seats, membership, resume tokens, which node
 //! hosts which peer) and carries events between nodes, one channel per node. Messages between peers on different
-//! nodes travel on [`links`]: sequenced, acknowledged and replayed from the sender's buffer, so a Redis blip,
+//! nodes travel on `links` (module): sequenced, acknowledged and replayed from the sender's buffer, so a Redis blip,
 //! restart or failover delays them but loses nothing.
 
 mod links;
@@ -867,6 +867,9 @@ impl Router for ClusterRouter {
     }
     fn message(&self, conn: ConnId, text: &str) {
         self.driver.message(conn, text);
+    }
+    fn message_at(&self, conn: ConnId, text: &str, now: Instant) {
+        self.driver.message_at(conn, text, now);
     }
     fn binary(&self, conn: ConnId, len: usize) {
         self.driver.binary(conn, len);

@@ -15,7 +15,7 @@
 //!
 //! TURN over TCP (`turn:…?transport=tcp`) and TLS (`turns:`) stand by for networks that block UDP: a socket
 //! whose UDP allocations all failed allocates over the server's TCP, then its TLS, address. The session does
-//! I/O on UDP sockets only, so a stream connection is bridged ([`bridge`]): a task holds the TCP/TLS
+//! I/O on UDP sockets only, so a stream connection is bridged (`bridge`): a task holds the TCP/TLS
 //! connection and a UDP socket beside the session's; TURN messages go over the bridge one datagram each.
 
 use std::collections::{HashSet, VecDeque};

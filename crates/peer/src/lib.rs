@@ -133,7 +133,8 @@ pub struct PeerArgs {
     #[arg(long)]
     pub sfu: bool,
     /// With --sfu: once connected, count incoming RTP packets instead of decrypting them (no recording, no
-    /// per-participant frames): the cheap subscriber of bench/sfu.sh. Figures in the 'stats sfu' line.
+    /// per-participant frames): the cheap subscriber of bench/sfu.sh. Its sockets are then read every 5 ms, not
+    /// per datagram (nobody is woken by an arriving packet). Figures in the 'stats sfu' line.
     #[arg(long, requires = "sfu", conflicts_with = "record")]
     pub count_only: bool,
     /// Benchmark only (bench/sfu.sh): --server is a Janus HTTP API URL (http://HOST:PORT/janus) and --room a

@@ -1,8 +1,9 @@
 //! What the peer-to-peer sessions and the SFU session share: the process's DTLS certificate, the str0m `Rtc` they
 //! are built on (VP8 and Opus only), and their UDP sockets.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -56,12 +57,9 @@ pub async fn new_rtc(stats: Option<Duration>) -> Rtc {
 pub type Datagram = (Vec<u8>, SocketAddr, SocketAddr);
 
 /// Binds one UDP socket per address (in `ips`' order) and a task per socket that passes what it reads to `tx`.
-/// With `count` (the benchmark's `--count-only` subscriber), RTP that arrives once the session is connected is
-/// counted right there and goes no further: no copy, no channel, no wake-up of the session's task.
 pub async fn bind_udp(
     ips: &[IpAddr],
     tx: mpsc::Sender<Datagram>,
-    count: Option<Arc<crate::sfu::SfuCounters>>,
 ) -> Result<(Vec<(SocketAddr, Arc<UdpSocket>)>, Vec<tokio::task::JoinHandle<()>>), crate::PeerError> {
     let mut sockets = Vec::new();
     let mut readers = Vec::new();
@@ -73,19 +71,11 @@ pub async fn bind_udp(
         let sock = Arc::new(sock);
         sockets.push((local, sock.clone()));
         let tx = tx.clone();
-        let count = count.clone();
         readers.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             loop {
                 match sock.recv_from(&mut buf).await {
                     Ok((n, src)) => {
-                        if let Some(c) = &count {
-                            if c.connected.load(Ordering::Relaxed) && crate::sfu::is_rtp(&buf[..n]) {
-                                c.rtp_in.fetch_add(1, Ordering::Relaxed);
-                                c.rtp_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                                continue;
-                            }
-                        }
                         if tx.send((buf[..n].to_vec(), src, local)).await.is_err() {
                             return;
                         }
@@ -97,6 +87,69 @@ pub async fn bind_udp(
         }));
     }
     Ok((sockets, readers))
+}
+
+/// How long the counting reader sleeps between draining its socket once connected.
+const COUNT_NAP: Duration = Duration::from_millis(5);
+/// Until connected, a blocked read gives up this often to look at the stop flag.
+const COUNT_READ_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// [`bind_udp`] for the benchmark's `--count-only` subscriber: plain sockets, each read by a thread of its own.
+/// Until the session is connected the thread blocks in `recv_from` and passes everything on; from then on it
+/// sleeps [`COUNT_NAP`] between drains of the socket and counts RTP right there (no copy, no channel). No epoll
+/// registration and no sleeper on the socket: an arriving datagram wakes nobody, on the generator's core or in the
+/// sender's `sendmsg` (on loopback the sender pays the receiver's wake-up; a real network would not bill it to
+/// the server). Everything else (STUN, DTLS, RTCP) still goes to `tx`, at most one nap late. The threads end when
+/// `stop` is set or `tx` is closed.
+pub fn bind_udp_counting(
+    ips: &[IpAddr],
+    tx: mpsc::Sender<Datagram>,
+    count: Arc<crate::sfu::SfuCounters>,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<(SocketAddr, Arc<std::net::UdpSocket>)>, crate::PeerError> {
+    let io = |what: String| move |source| crate::PeerError::Io { what: what.clone(), source };
+    let mut sockets = Vec::new();
+    for &ip in ips {
+        let sock =
+            std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).map_err(io(format!("binding a UDP socket on {ip}")))?;
+        let local = sock.local_addr().map_err(io("local_addr".into()))?;
+        sock.set_read_timeout(Some(COUNT_READ_TIMEOUT)).map_err(io("SO_RCVTIMEO".into()))?;
+        let sock = Arc::new(sock);
+        sockets.push((local, sock.clone()));
+        let (tx, count, stop) = (tx.clone(), count.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("count-udp".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 2048];
+                let mut napping = false;
+                while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
+                    // From here on, nobody sleeps on the socket (a blocking read would: it times out only when
+                    // nothing arrives). Sends on it already ignore a full buffer (`try_send_to`).
+                    if !napping && count.connected.load(Ordering::Relaxed) {
+                        napping = sock.set_nonblocking(true).is_ok();
+                    }
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, src)) => {
+                            if count.connected.load(Ordering::Relaxed) && crate::sfu::is_rtp(&buf[..n]) {
+                                count.rtp_in.fetch_add(1, Ordering::Relaxed);
+                                count.rtp_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                            } else if tx.blocking_send((buf[..n].to_vec(), src, local)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                            if napping {
+                                std::thread::sleep(COUNT_NAP);
+                            }
+                        }
+                        // ICMP port-unreachable from a peer that went away shows up here on Linux: keep reading.
+                        Err(e) => tracing::debug!("udp recv on {local}: {e}"),
+                    }
+                }
+            })
+            .map_err(io("starting the UDP reader thread".into()))?;
+    }
+    Ok(sockets)
 }
 
 /// File-name-safe version of a display name.

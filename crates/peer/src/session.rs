@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use str0m::change::SdpPendingOffer;
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
@@ -16,7 +15,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, CandidateKind, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
-use webcall_protocol::{IceCandidate, Signal};
+use webcall_protocol::{IceCandidate, PeerData, Signal};
 
 use crate::gather::{Gatherer, IceConfig, Recv};
 use crate::media::{vp8_is_keyframe, vp8_keyframe_size, EncodedFrame, IvfWriter, SourceHandle};
@@ -112,7 +111,7 @@ impl Session {
     > {
         let rtc = crate::rtc::new_rtc(Some(Duration::from_secs(1))).await;
         let (udp_tx, udp_rx) = mpsc::channel(256);
-        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx, None).await?;
+        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx).await?;
         let locals: Vec<SocketAddr> = bound.iter().map(|(a, _)| *a).collect();
         let relay_only = cfg.ice.relay_only;
         let mut s = Session {
@@ -276,12 +275,9 @@ impl Session {
                 }
             }
             Event::ChannelData(d) => {
-                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { return };
-                if v["type"] != "chat" {
-                    return;
-                }
-                let text = v["text"].as_str().unwrap_or("");
-                let name = v["name"].as_str().filter(|n| !n.is_empty()).unwrap_or(&self.cfg.remote_name);
+                // Media state, names and hands are the page's business; the native peer shows chat only.
+                let Some(PeerData::Chat { text, name, .. }) = PeerData::parse(&d.data) else { return };
+                let (text, name) = (text.as_str(), if name.is_empty() { &self.cfg.remote_name } else { &name });
                 self.update(|r| r.chat_in += 1);
                 if self.cfg.chat {
                     print_chat(if name.is_empty() { id.as_str() } else { name }, text);
@@ -437,5 +433,5 @@ pub(crate) fn print_chat(who: &str, text: &str) {
 pub fn chat_json(text: &str, name: &str) -> String {
     let ts =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    json!({"type": "chat", "text": text, "name": name, "ts": ts}).to_string()
+    PeerData::chat(text, name, ts).to_json()
 }

@@ -152,7 +152,9 @@ struct Remote {
 struct Session {
     cfg: SfuSessionConfig,
     rtc: Rtc,
-    sockets: HashMap<SocketAddr, Arc<UdpSocket>>,
+    sockets: HashMap<SocketAddr, SendSocket>,
+    /// Stops the counting readers' threads (`--count-only`).
+    stop_readers: Arc<AtomicBool>,
     udp_rx: mpsc::Receiver<(Vec<u8>, SocketAddr, SocketAddr)>,
     readers: Vec<tokio::task::JoinHandle<()>>,
     pending: Option<SdpPendingOffer>,
@@ -176,8 +178,14 @@ impl Session {
     ) -> Result<Session, crate::PeerError> {
         let mut rtc = crate::rtc::new_rtc(None).await;
         let (udp_tx, udp_rx) = mpsc::channel(1024);
-        let count = cfg.count_only.then(|| counters.clone());
-        let (bound, readers) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx, count).await?;
+        let stop_readers = Arc::new(AtomicBool::new(false));
+        let (bound, readers): (Vec<(SocketAddr, SendSocket)>, _) = if cfg.count_only {
+            let b = crate::rtc::bind_udp_counting(&cfg.local_ips, udp_tx, counters.clone(), stop_readers.clone())?;
+            (b.into_iter().map(|(a, s)| (a, SendSocket::Plain(s))).collect(), Vec::new())
+        } else {
+            let (b, r) = crate::rtc::bind_udp(&cfg.local_ips, udp_tx).await?;
+            (b.into_iter().map(|(a, s)| (a, SendSocket::Tokio(s))).collect(), r)
+        };
         for (local, _) in &bound {
             match Candidate::host(*local, "udp") {
                 Ok(c) => {
@@ -191,6 +199,7 @@ impl Session {
             cfg,
             rtc,
             sockets,
+            stop_readers,
             udp_rx,
             readers,
             pending: None,
@@ -509,6 +518,7 @@ impl Session {
         for r in &self.readers {
             r.abort();
         }
+        self.stop_readers.store(true, Ordering::Relaxed);
         for (id, r) in &mut self.remotes {
             if let Some(mut wr) = r.recorder.take() {
                 if let Err(e) = wr.finish() {
@@ -524,6 +534,22 @@ impl Session {
 }
 
 /// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
+/// A session's socket for sending: tokio's, or the counting subscriber's plain one (read by a thread, see
+/// [`crate::rtc::bind_udp_counting`]).
+enum SendSocket {
+    Tokio(Arc<UdpSocket>),
+    Plain(Arc<std::net::UdpSocket>),
+}
+
+impl SendSocket {
+    fn try_send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        match self {
+            SendSocket::Tokio(s) => s.try_send_to(data, to),
+            SendSocket::Plain(s) => s.send_to(data, to),
+        }
+    }
+}
+
 pub(crate) fn is_rtp(d: &[u8]) -> bool {
     d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use webcall_protocol::{Event, Signal, SignalingClient, SFU_PEER};
+use webcall_protocol::{Event, PeerData, Signal, SignalingClient, SFU_PEER};
 
 use crate::controller::Controller;
 use crate::session::{self, ToSession};
@@ -255,17 +255,19 @@ async fn on_event(c: &mut Controller, event: Event) -> Result<bool, PeerError> {
             out(format!("room recording {}{by}", if active { "on" } else { "off" }));
         }
         // Chat of an SFU room; media state, names and hands are the page's business.
-        Event::Data { from, data } if data["type"] == "chat" => {
-            let text = data["text"].as_str().unwrap_or("");
-            let name = data["name"].as_str().filter(|n| !n.is_empty()).or(c.names.get(&from).map(String::as_str));
+        Event::Data { from, data } => {
+            let Some(PeerData::Chat { text, name, .. }) = PeerData::from_value(&data) else {
+                tracing::debug!("data from {from} ignored");
+                return Ok(true);
+            };
+            let name = Some(name.as_str()).filter(|n| !n.is_empty()).or(c.names.get(&from).map(String::as_str));
             if let Some(r) = c.sfu.iter().flat_map(|s| s.reports()).find(|r| r.lock().unwrap().id == from) {
                 r.lock().unwrap().chat_in += 1;
             }
             if c.args.chat {
-                session::print_chat(name.filter(|n| !n.is_empty()).unwrap_or(&from), text);
+                session::print_chat(name.filter(|n| !n.is_empty()).unwrap_or(&from), &text);
             }
         }
-        Event::Data { from, .. } => tracing::debug!("data from {from} ignored"),
         Event::Error { code, message, join_refused, .. } => {
             out(format!("signaling error {code}: {message}"));
             return Ok(!join_refused);

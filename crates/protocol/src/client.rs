@@ -164,7 +164,9 @@ impl SignalingClient {
                 Event::Welcome { id, room, peers, ice_servers, resumed, publish, fresh }
             }
             ServerMessage::Hello { from, name } => Event::Hello { from, name },
-            ServerMessage::Offer { from, sdp, tracks } => Event::Signal { from, signal: Signal::Offer(sdp), tracks },
+            ServerMessage::Offer { from, sdp, tracks } => {
+                Event::Signal { from, signal: Signal::Offer(sdp), tracks: tracks.unwrap_or_default() }
+            }
             ServerMessage::Answer { from, sdp } => Event::Signal { from, signal: Signal::Answer(sdp), tracks: vec![] },
             ServerMessage::Candidate { from, candidate } => {
                 Event::Signal { from, signal: Signal::Candidate(candidate), tracks: vec![] }

@@ -4,9 +4,11 @@
 //! a message costs one parse and one copy, never a re-serialisation of the SDP.
 
 pub mod client;
+pub mod data;
 pub mod sdp;
 
 pub use client::{ClientError, Event, SignalingClient};
+pub use data::PeerData;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -84,6 +86,19 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NeedsSfu => "needs-sfu",
         }
+    }
+}
+
+/// A `code` that is not one of protocol v1's (see [`ErrorCode`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown error code '{0}' (not one of protocol v1's; is the server newer than this client?)")]
+pub struct UnknownErrorCode(pub String);
+
+impl std::str::FromStr for ErrorCode {
+    type Err = UnknownErrorCode;
+    /// The code of an `error` frame's `code` field (what [`ErrorCode::as_str`] writes).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| UnknownErrorCode(s.to_owned()))
     }
 }
 
@@ -462,22 +477,35 @@ impl Relay<'_> {
     pub fn encode_from(&self, from: &str) -> String {
         encode_relay(self.kind, from, self.payload)
     }
+
+    /// [`Relay::encode_from`] into `out` (cleared first): a caller that copies the frame into its own allocation
+    /// anyway (`Arc<str>`) reuses one buffer instead of allocating a `String` per relayed message.
+    pub fn encode_from_into(&self, out: &mut String, from: &str) {
+        out.clear();
+        encode_relay_into(out, self.kind, from, self.payload);
+    }
 }
 
 /// `{"type":"<kind>","from":"<from>","<sdp|candidate>":<payload>}` without re-serialising the payload.
 pub fn encode_relay(kind: RelayKind, from: &str, payload: &RawValue) -> String {
+    let mut s = String::with_capacity(40 + from.len() + payload.get().len());
+    encode_relay_into(&mut s, kind, from, payload);
+    s
+}
+
+/// [`encode_relay`], appended to `s`.
+pub fn encode_relay_into(s: &mut String, kind: RelayKind, from: &str, payload: &RawValue) {
     let p = payload.get();
-    let mut s = String::with_capacity(40 + from.len() + p.len());
+    s.reserve(40 + from.len() + p.len());
     s.push_str("{\"type\":\"");
     s.push_str(kind.as_str());
     s.push_str("\",\"from\":");
-    push_json_str(&mut s, from);
+    push_json_str(s, from);
     s.push_str(",\"");
     s.push_str(kind.payload_field());
     s.push_str("\":");
     s.push_str(p);
     s.push('}');
-    s
 }
 
 fn push_json_str(out: &mut String, v: &str) {
@@ -961,9 +989,10 @@ pub enum ServerMessage {
     Offer {
         from: String,
         sdp: String,
-        /// SFU offers only (`from` is [`SFU_PEER`]): whose media each m-line carries.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        tracks: Vec<SfuTrack>,
+        /// SFU offers (`from` is [`SFU_PEER`]) always have it, empty when nobody publishes: whose media each m-line
+        /// carries. Offers relayed from a peer have none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracks: Option<Vec<SfuTrack>>,
     },
     Answer {
         from: String,
@@ -1010,6 +1039,30 @@ impl ServerMessage {
     /// Reads one server frame.
     pub fn parse(text: &str) -> Result<ServerMessage, serde_json::Error> {
         serde_json::from_str(text)
+    }
+
+    /// The frame's `type`.
+    pub fn message_type(&self) -> &'static str {
+        match self {
+            ServerMessage::Welcome { .. } => "welcome",
+            ServerMessage::Hello { .. } => "hello",
+            ServerMessage::Offer { .. } => "offer",
+            ServerMessage::Answer { .. } => "answer",
+            ServerMessage::Candidate { .. } => "candidate",
+            ServerMessage::Bye { .. } => "bye",
+            ServerMessage::Topology { .. } => "topology",
+            ServerMessage::Speaker { .. } => "speaker",
+            ServerMessage::Recording { .. } => "recording",
+            ServerMessage::Data { .. } => "data",
+            ServerMessage::Error { .. } => "error",
+        }
+    }
+
+    /// An `error` frame as the refusal it reports (`None` for other frames); a code this version does not know is
+    /// an error.
+    pub fn into_refusal(self) -> Option<Result<ProtocolError, UnknownErrorCode>> {
+        let ServerMessage::Error { code, message, refers_to } = self else { return None };
+        Some(code.parse().map(|code| ProtocolError { code, message, refers_to }))
     }
 
     /// The frame (serde; the room core writes the frequent ones by hand, to the same bytes).
@@ -1185,7 +1238,7 @@ mod tests {
             panic!()
         };
         let parsed: ServerMessage = serde_json::from_str(&r.encode_from("A")).unwrap();
-        assert_eq!(parsed, ServerMessage::Offer { from: "A".into(), sdp: "v=0\r\nA".into(), tracks: vec![] });
+        assert_eq!(parsed, ServerMessage::Offer { from: "A".into(), sdp: "v=0\r\nA".into(), tracks: None });
     }
 
     #[test]
@@ -1258,6 +1311,44 @@ mod tests {
     }
 
     #[test]
+    fn server_messages_name_their_type_and_errors_read_back_as_refusals() {
+        for c in ErrorCode::ALL {
+            assert_eq!(c.as_str().parse::<ErrorCode>(), Ok(c));
+        }
+        assert_eq!("dance".parse::<ErrorCode>(), Err(UnknownErrorCode("dance".into())));
+        let all = [
+            ServerMessage::Welcome {
+                id: "A".into(),
+                room: "r".into(),
+                peers: vec![],
+                ice_servers: vec![],
+                resume: "t".into(),
+                resumed: false,
+                publish: true,
+            },
+            ServerMessage::Hello { from: "B".into(), name: "Bob".into() },
+            ServerMessage::Offer { from: "B".into(), sdp: "o".into(), tracks: None },
+            ServerMessage::Answer { from: "B".into(), sdp: "a".into() },
+            ServerMessage::Candidate { from: "B".into(), candidate: None },
+            ServerMessage::Bye { from: "B".into() },
+            ServerMessage::Topology { mode: "sfu".into(), restart: true },
+            ServerMessage::Speaker { peer: "B".into() },
+            ServerMessage::Recording { active: true, by: None },
+            ServerMessage::Data { from: "B".into(), data: serde_json::json!({}) },
+            ServerMessage::Error { code: "room-full".into(), message: "full".into(), refers_to: None },
+        ];
+        for m in all {
+            let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+            assert_eq!(v["type"], m.message_type());
+            assert_eq!(m.clone().into_refusal().is_some(), m.message_type() == "error");
+        }
+        let refused = ProtocolError::new(ErrorCode::RoomFull, "full").refers_to("join");
+        assert_eq!(ServerMessage::parse(&refused.to_json()).unwrap().into_refusal(), Some(Ok(refused)));
+        let newer = ServerMessage::Error { code: "dance".into(), message: "m".into(), refers_to: None };
+        assert_eq!(newer.into_refusal(), Some(Err(UnknownErrorCode("dance".into()))));
+    }
+
+    #[test]
     fn fast_encoders_write_what_serde_writes() {
         for (from, name) in [("x", "a\"b"), ("Yx3kq0tVb2", ""), ("q", "é\u{1}\\")] {
             let hello = ServerMessage::Hello { from: from.into(), name: name.into() };
@@ -1266,16 +1357,19 @@ mod tests {
         }
         for sdp in ["v=0\r\n", "", "a\"b\u{7}"] {
             let raw = serde_json::value::to_raw_value(sdp).unwrap();
-            let offer = ServerMessage::Offer { from: "A\"".into(), sdp: sdp.into(), tracks: vec![] };
+            let offer = ServerMessage::Offer { from: "A\"".into(), sdp: sdp.into(), tracks: None };
             assert_eq!(encode_relay(RelayKind::Offer, "A\"", &raw), offer.to_json());
             let answer = ServerMessage::Answer { from: "A".into(), sdp: sdp.into() };
             assert_eq!(encode_relay(RelayKind::Answer, "A", &raw), answer.to_json());
             let sfu = ServerMessage::Answer { from: SFU_PEER.into(), sdp: sdp.into() };
             assert_eq!(encode_sfu_answer(sdp), sfu.to_json());
-            let tracks =
-                vec![SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into(), peer_mid: "0".into() }];
-            let sfu = ServerMessage::Offer { from: SFU_PEER.into(), sdp: sdp.into(), tracks: tracks.clone() };
-            assert_eq!(encode_sfu_offer(sdp, &tracks), sfu.to_json());
+            // With tracks, and without (nobody publishes): SFU offers always carry `tracks`.
+            let audio = SfuTrack { mid: "0".into(), peer: "p".into(), kind: "audio".into(), peer_mid: "0".into() };
+            for tracks in [vec![audio], vec![]] {
+                let sfu = ServerMessage::Offer { from: SFU_PEER.into(), sdp: sdp.into(), tracks: Some(tracks.clone()) };
+                assert_eq!(encode_sfu_offer(sdp, &tracks), sfu.to_json());
+                assert_eq!(ServerMessage::parse(&encode_sfu_offer(sdp, &tracks)).unwrap(), sfu);
+            }
         }
         let c = IceCandidate {
             candidate: "candidate:1 1 udp 1 127.0.0.1 5 typ host".into(),

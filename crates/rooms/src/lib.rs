@@ -464,6 +464,9 @@ impl Room {
     }
 }
 
+/// The relay's encode buffer keeps at most this much capacity (a burst of large offers gives it back).
+const ENCODE_BUF_KEEP: usize = 16 * 1024;
+
 pub struct Rooms {
     cfg: Config,
     ice: Box<dyn IceProvider>,
@@ -486,6 +489,8 @@ pub struct Rooms {
     now: Instant,
     /// Time zero of the rate buckets.
     origin: Instant,
+    /// A relayed frame is encoded here, then copied into its `Arc<str>` (one allocation per message, not two).
+    encode_buf: String,
 }
 
 fn password_hash(salt: &[u8; 16], password: &str) -> [u8; 32] {
@@ -522,6 +527,7 @@ impl Rooms {
             shutting_down: false,
             now,
             origin: now,
+            encode_buf: String::new(),
         }
     }
 
@@ -1218,7 +1224,12 @@ impl Rooms {
                 return self.refuse(conn, e.refers_to(ty), now);
             }
         }
-        if !self.deliver(&to, Arc::from(r.encode_from(&from))) {
+        r.encode_from_into(&mut self.encode_buf, &from);
+        let frame = Arc::from(self.encode_buf.as_str());
+        if self.encode_buf.capacity() > ENCODE_BUF_KEEP {
+            self.encode_buf = String::new();
+        }
+        if !self.deliver(&to, frame) {
             let e = ProtocolError::new(ErrorCode::UnknownPeer, format!("peer '{to}' has left room '{room}'"));
             self.refuse(conn, e.refers_to(ty), now);
         }

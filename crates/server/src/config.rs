@@ -13,6 +13,8 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 /// Every field is optional so that a TOML file can fill what the command line leaves out. TOML keys are the flag
 /// names without dashes prefix (`listen = "0.0.0.0:8080"`, `max-peers = 6`, `resume-grace = "30s"`).
+// The field docs are `--help` text, written for a terminal, not rustdoc: `[::]` and bare URLs stay as they are.
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
 #[derive(Args, Deserialize, Debug, Clone, Default)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeArgs {

@@ -234,6 +234,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         self.io.flush().await
     }
 
+    /// Writes text frames with these payloads if the socket takes them now, without waiting: `Ok(None)` when all
+    /// went out, else `Ok(Some(rest))`, the encoded bytes it did not take (all of them if it took none), to be
+    /// written with [`Socket::write`] before anything else. The relay's usual case: no future, no buffer of the
+    /// connection's, one `send`.
+    pub fn try_write_texts<P: AsRef<str>>(&mut self, payloads: &[P]) -> io::Result<Option<Vec<u8>>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let io = &mut self.io;
+        WRITE_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            for p in payloads {
+                webcall_wsframe::encode(&mut buf, opcode::TEXT, p.as_ref().as_bytes());
+            }
+            let written = match Pin::new(&mut *io).poll_write(&mut cx, &buf) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => 0,
+            };
+            let rest = if written == buf.len() && Pin::new(&mut *io).poll_flush(&mut cx).is_ready() {
+                None
+            } else {
+                Some(buf[written..].to_vec())
+            };
+            if buf.capacity() > WRITE_BUF_KEEP {
+                *buf = Vec::new();
+            }
+            Ok(rest)
+        })
+    }
+
     /// Writes text frames with these payloads (all of them, or fails) without a buffer of their own in the usual
     /// case: encoded into a per-thread buffer and written from there with one `send`. Only what the socket does not
     /// take at once is copied into a buffer of the connection's and written from there. (A buffer per write meant an

@@ -42,7 +42,15 @@ enum Step {
 /// Takes this connection's queued frames and writes them (all that are queued, in one write), until none are left.
 /// `Stop` when the connection is done (a write failed or timed out, or a close was asked for: then the close frame
 /// has been sent, after every frame queued before the request).
-async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId) -> Step {
+/// `rest`: bytes a [`quick_flush`] could not write, written first.
+async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId, rest: Vec<u8>) -> Step {
+    if !rest.is_empty() {
+        let limit = if signal.close_requested().is_some() { CLOSE_GRACE } else { WRITE_TIMEOUT };
+        if !matches!(timeout(limit, socket.write(&rest)).await, Ok(Ok(()))) {
+            send_close(socket, signal).await;
+            return Step::Stop;
+        }
+    }
     // Local, not kept between wake-ups: an idle connection holds no frame buffer.
     let mut buf: Vec<Frame> = Vec::new();
     loop {
@@ -91,6 +99,48 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
     // A close requested since the check above has woken the connection (its permit is kept): the next flush sends
     // it after the frames queued with it.
     Step::Go
+}
+
+thread_local! {
+    /// The frames a quick flush takes; empty between uses.
+    static QUICK: std::cell::RefCell<Vec<Frame>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What a wake-up needs after [`quick_flush`].
+enum Quick {
+    /// Everything queued went out (or nothing was queued).
+    Done,
+    /// The full [`flush`], first writing these bytes the socket did not take.
+    Slow(Vec<u8>),
+}
+
+/// The usual wake-up of a relay, without a future or a buffer of the connection's: take the frames queued for
+/// `conn` and write them if the socket takes them all at once. A close request, or a socket that is full or
+/// failed, goes the way of [`flush`].
+fn quick_flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId) -> Quick {
+    if signal.close_requested().is_some() {
+        return Quick::Slow(Vec::new());
+    }
+    QUICK.with(|q| {
+        let mut frames = q.borrow_mut();
+        state.router.take(conn, &mut frames);
+        let r = if frames.is_empty() {
+            Quick::Done
+        } else {
+            match socket.try_write_texts(&frames) {
+                Ok(None) => Quick::Done,
+                Ok(Some(rest)) => Quick::Slow(rest),
+                // The full flush's write fails the same way and closes.
+                Err(_) => Quick::Slow(Vec::new()),
+            }
+        };
+        frames.clear();
+        // A burst's list is not kept.
+        if frames.capacity() > 64 {
+            *frames = Vec::new();
+        }
+        r
+    })
 }
 
 /// Tells a flooding client why it is closed: `rate-limited`, then close 1008 with reason [`close::FLOODING`].
@@ -173,6 +223,8 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
     // Set by the read handler, acted on after it: a ping to answer, the client's close code.
     let mut pong: Option<Vec<u8>> = None;
     let mut client_close: Option<u16> = None;
+    // When the current read's data was read (the first text frame of it asks the clock).
+    let mut read_at: Option<Instant> = None;
 
     loop {
         tokio::select! {
@@ -180,8 +232,10 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             _ = signal.wake.notified() => {
                 // Boxed: the write's state (timeouts, the close frame) lives only while it runs, not in every
                 // connection's future.
-                if let Step::Stop = Box::pin(flush(&mut socket, &state, &signal, conn)).await {
-                    break;
+                if let Quick::Slow(rest) = quick_flush(&mut socket, &state, &signal, conn) {
+                    if let Step::Stop = Box::pin(flush(&mut socket, &state, &signal, conn, rest)).await {
+                        break;
+                    }
                 }
             }
             () = &mut timer => {
@@ -206,7 +260,9 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
             }
             read = std::future::poll_fn(|cx| socket.poll_read_frames(cx, &mut |event| match event {
                 Event::Text(t) => {
-                    state.router.message(conn, t);
+                    // One clock read per read, shared by the room core and the pacing below.
+                    let now = *read_at.get_or_insert_with(Instant::now);
+                    state.router.message_at(conn, t, now.into_std());
                     pace.take()
                 }
                 Event::Binary(len) => {
@@ -223,7 +279,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                     false
                 }
             })), if resume_at.is_none() => {
-                let now = Instant::now();
+                let now = read_at.take().unwrap_or_else(Instant::now);
                 // Since the previous read, or since reading resumed after a pause.
                 let waited = now.saturating_duration_since(last_read);
                 last_read = now;
@@ -262,7 +318,7 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, ip: IpAddr)
                         if v == webcall_wsframe::Violation::TooBig {
                             // Close the way the core closes messages over its limit, after what is queued.
                             signal.request_close(close::TOO_BIG, "message too large");
-                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn)).await;
+                            let _ = Box::pin(flush(&mut socket, &state, &signal, conn, Vec::new())).await;
                         } else {
                             let _ = Box::pin(timeout(CLOSE_GRACE, socket.send_close(v.close_code(), v.reason()))).await;
                         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
-use webcall_protocol::{IceCandidate, Join, ServerMessage, Signal, BYE};
+use webcall_protocol::{Event, IceCandidate, Join, ServerMessage, Signal, SignalingClient};
 
 #[derive(Parser)]
 #[command(about = "Bounded soak/abuse run against a webcall server on loopback")]
@@ -126,45 +126,61 @@ async fn metrics(server: SocketAddr) -> Result<String> {
     Ok(out)
 }
 
-/// The two well-behaved peers: each sends `seq` 0,1,2… to the other; returns (sent, received, lost or reordered).
-async fn good_pair(
-    server: SocketAddr,
-    server_b: SocketAddr,
-    rate: u32,
-    until: Instant,
-) -> Result<[(u64, u64, u64); 2]> {
-    let mut a = connect(server, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 251))).await?;
-    a.send(Message::text(Join::new("soak-good", "A").to_json())).await?;
-    let ida = welcome_id(recv_message(&mut a, Duration::from_secs(5)).await).context("A's welcome")?;
-    let mut b = connect(server_b, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 252))).await?;
-    b.send(Message::text(Join::new("soak-good", "B").to_json())).await?;
-    let idb = welcome_id(recv_message(&mut b, Duration::from_secs(5)).await).context("B's welcome")?;
-    recv_message(&mut a, Duration::from_secs(5)).await.context("A sees B's hello")?;
-    let run = |mut me: Ws, to: String| async move {
-        let (mut sink, mut stream) = me.split();
-        let sender = async {
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
-            let mut seq = 0u64;
-            while Instant::now() < until {
-                tick.tick().await;
-                let c =
-                    IceCandidate { candidate: format!("seq {seq}"), sdp_mid: Some("0".into()), ..Default::default() };
-                if sink.send(Message::text(Signal::Candidate(Some(c)).to_json(&to))).await.is_err() {
-                    break;
-                }
-                seq += 1;
+/// The next event of `client` from `ws` within `wait` (`None`: none, or a frame the typed protocol cannot read).
+async fn next_event(ws: &mut Ws, client: &mut SignalingClient, wait: Duration) -> Option<Event> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return client.receive(&t).ok(),
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Writes whatever `client` has to send; `false` if a write failed.
+async fn flush(ws: &mut Ws, client: &mut SignalingClient) -> bool {
+    while let Some(frame) = client.poll_transmit() {
+        if ws.send(Message::text(frame)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// A well-behaved peer joined to `room` as `name` from source address `from`: its connection and client.
+async fn join_good(server: SocketAddr, from: Ipv4Addr, room: &str, name: &str) -> Result<(Ws, SignalingClient)> {
+    let mut ws = connect(server, IpAddr::V4(from)).await?;
+    let mut client = SignalingClient::new(Join::new(room.to_owned(), name.to_owned()));
+    ws.send(Message::text(client.connected())).await?;
+    match next_event(&mut ws, &mut client, Duration::from_secs(5)).await {
+        Some(Event::Welcome { .. }) => Ok((ws, client)),
+        other => bail!("{name}: no welcome, got {other:?}"),
+    }
+}
+
+/// One well-behaved peer's run: sends candidates `seq 0`, `seq 1`, … to `to` at `rate` until `until`, and reads
+/// until 2 s after (so in-flight messages arrive); returns (sent, received, lost or reordered).
+async fn good_run(mut ws: Ws, mut client: SignalingClient, to: String, rate: u32, until: Instant) -> (u64, u64, u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let (mut sent, mut next, mut bad) = (0u64, 0u64, 0u64);
+    let mut sending = true;
+    let stop = until + Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if sending && Instant::now() < until => {
+                let c = IceCandidate { candidate: format!("seq {sent}"), sdp_mid: Some("0".into()), ..Default::default() };
+                client.send(&to, &Signal::Candidate(Some(c)));
+                // Counted once written; a failed write ends the sending (the reading goes on).
+                sending = flush(&mut ws, &mut client).await;
+                sent += u64::from(sending);
             }
-            seq
-        };
-        let receiver = async {
-            let (mut next, mut bad) = (0u64, 0u64);
-            // Keep reading a little past the end so in-flight messages arrive.
-            let stop = until + Duration::from_secs(2);
-            while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(stop.into(), stream.next()).await {
+            m = tokio::time::timeout_at(stop.into(), ws.next()) => {
+                let Ok(Some(Ok(msg))) = m else { break };
                 let Message::Text(t) = msg else { continue };
-                let c = match ServerMessage::parse(&t) {
-                    Ok(ServerMessage::Candidate { candidate: Some(c), .. }) => c,
-                    Ok(ServerMessage::Error { .. }) => {
+                let c = match client.receive(&t) {
+                    Ok(Event::Signal { signal: Signal::Candidate(Some(c)), .. }) => c,
+                    Ok(Event::Error { .. }) => {
                         bad += 1; // a refusal of ours is a lost message too
                         continue;
                     }
@@ -177,14 +193,26 @@ async fn good_pair(
                 }
                 next = seq.wrapping_add(1);
             }
-            (next, bad)
-        };
-        let (sent, (received, bad)) = tokio::join!(sender, receiver);
-        me = sink.reunite(stream).expect("same socket");
-        let _ = me.close(None).await;
-        (sent, received, bad)
-    };
-    let (ra, rb) = tokio::join!(run(a, idb), run(b, ida));
+        }
+    }
+    let _ = ws.close(None).await;
+    (sent, next, bad)
+}
+
+/// The two well-behaved peers, through the protocol's [`SignalingClient`]: each sends `seq` 0,1,2… to the other;
+/// returns (sent, received, lost or reordered) for each.
+async fn good_pair(
+    server: SocketAddr,
+    server_b: SocketAddr,
+    rate: u32,
+    until: Instant,
+) -> Result<[(u64, u64, u64); 2]> {
+    let (mut a, mut ca) = join_good(server, Ipv4Addr::new(127, 0, 0, 251), "soak-good", "A").await?;
+    let (b, cb) = join_good(server_b, Ipv4Addr::new(127, 0, 0, 252), "soak-good", "B").await?;
+    let hello = next_event(&mut a, &mut ca, Duration::from_secs(5)).await;
+    let Some(Event::Hello { from: idb, .. }) = hello else { bail!("A did not see B's hello: {hello:?}") };
+    let ida = ca.id().context("A's id")?.to_owned();
+    let (ra, rb) = tokio::join!(good_run(a, ca, idb, rate, until), good_run(b, cb, ida, rate, until));
     Ok([ra, rb])
 }
 
@@ -225,19 +253,20 @@ async fn churner(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
             continue;
         };
         let room = format!("churn-{}", (i * 7 + round) % 1000);
-        if ws.send(Message::text(Join::new(room.as_str(), format!("c{i}")).to_json())).await.is_err() {
+        let mut client = SignalingClient::new(Join::new(room, format!("c{i}")));
+        if ws.send(Message::text(client.connected())).await.is_err() {
             continue;
         }
-        match recv_message(&mut ws, Duration::from_secs(5)).await {
-            Some(ServerMessage::Welcome { peers, .. }) => {
+        match next_event(&mut ws, &mut client, Duration::from_secs(5)).await {
+            Some(Event::Welcome { peers, .. }) => {
                 t.churn_joins.fetch_add(1, Relaxed);
                 if let Some(other) = peers.first() {
-                    let m = Signal::Offer("v=0 churn".into()).to_json(&other.id);
-                    let _ = ws.send(Message::text(m)).await;
+                    client.send(&other.id, &Signal::Offer("v=0 churn".into()));
+                    flush(&mut ws, &mut client).await;
                 }
                 tokio::time::sleep(Duration::from_millis(50 + (i % 200) as u64)).await;
                 if round % 2 == 0 {
-                    let _ = ws.send(Message::text(BYE)).await;
+                    let _ = ws.send(Message::text(client.bye())).await;
                     let _ = ws.close(None).await;
                 } // else: just drop it, leaving a session in its grace period
             }
@@ -256,6 +285,7 @@ async fn flooder(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
         let reader = async { while let Some(Ok(_)) = stream.next().await {} };
         let writer = async {
             for n in 0..10_000u32 {
+                // Raw text: malformed JSON and an unknown type, on purpose.
                 let junk = if n % 2 == 0 { "{{{not json".to_owned() } else { format!(r#"{{"type":"dance","n":{n}}}"#) };
                 if sink.send(Message::text(junk)).await.is_err() {
                     break;
@@ -270,6 +300,7 @@ async fn flooder(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
 }
 
 async fn oversized(server: SocketAddr, i: usize, until: Instant, t: Arc<Tally>) {
+    // Raw text: a frame far over the server's size limit, on purpose.
     let big = format!(r#"{{"type":"offer","to":"x","sdp":"{}"}}"#, "x".repeat(100_000));
     while Instant::now() < until {
         let Ok(mut ws) = connect(server, source(i + 2000)).await else { return };

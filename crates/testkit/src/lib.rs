@@ -4,7 +4,6 @@
 pub mod redis;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use webcall_protocol::ServerMessage;
+use webcall_protocol::{ClientMessage, ErrorCode, Join, ProtocolError, ServerMessage, Signal};
 
 /// How long a test waits for something that should happen (not a performance bound).
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -159,13 +158,9 @@ impl Client {
         Self::connect_raw(url).await.expect("WebSocket connects")
     }
 
-    /// Connects and joins `room` with `"sfu":true`; the client and its `welcome` (its id set from it).
-    pub async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, Value) {
-        let mut c = Client::connect(url).await;
-        c.send_join(webcall_protocol::Join { sfu: true, ..webcall_protocol::Join::new(room, name) }).await;
-        let w = c.expect("welcome").await;
-        c.id = w["id"].as_str().unwrap().to_owned();
-        (c, w)
+    /// Connects and joins `room` with `"sfu":true`; the client (id and resume token set) and its `welcome`.
+    pub async fn join_sfu(url: &str, room: &str, name: &str) -> (Client, ServerMessage) {
+        Self::join_with(url, Join { sfu: true, ..Join::new(room, name) }).await
     }
 
     pub async fn connect_raw(url: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
@@ -174,35 +169,41 @@ impl Client {
     }
 
     /// Connects and joins; keeps id and resume token.
-    pub async fn join(url: &str, room: &str, name: &str) -> (Client, Value) {
+    pub async fn join(url: &str, room: &str, name: &str) -> (Client, ServerMessage) {
+        Self::join_with(url, Join::new(room, name)).await
+    }
+
+    /// Connects and sends `join`; the client (id and resume token set) and its `welcome`.
+    pub async fn join_with(url: &str, join: Join<'_>) -> (Client, ServerMessage) {
         let mut c = Client::connect(url).await;
-        c.send_text(&webcall_protocol::Join::new(room, name).to_json()).await;
-        let w = c.expect("welcome").await;
-        let Ok(ServerMessage::Welcome { id, resume, .. }) = serde_json::from_value(w.clone()) else {
-            panic!("not a welcome: {w}")
-        };
-        (c.id, c.resume) = (id, resume);
+        c.send_join(join).await;
+        let w = c.expect_welcome().await;
         (c, w)
     }
 
     /// Sends raw JSON: for messages the typed encoders cannot write (malformed on purpose, spoofed fields).
-    pub async fn send(&mut self, v: Value) {
+    pub async fn send(&mut self, v: serde_json::Value) {
         self.send_text(&v.to_string()).await;
     }
 
+    /// Sends a client message (typed).
+    pub async fn send_msg(&mut self, m: &ClientMessage<'_>) {
+        self.send_text(&m.to_json()).await;
+    }
+
     /// Sends a `join` (typed).
-    pub async fn send_join(&mut self, join: webcall_protocol::Join<'_>) {
+    pub async fn send_join(&mut self, join: Join<'_>) {
         self.send_text(&join.to_json()).await;
     }
 
     /// Sends `data` (an object) to the others of an SFU room (typed).
-    pub async fn send_data(&mut self, data: &Value) {
+    pub async fn send_data(&mut self, data: &serde_json::Value) {
         let raw = serde_json::value::to_raw_value(data).expect("JSON");
-        self.send_text(&webcall_protocol::ClientMessage::Data(&raw).to_json()).await;
+        self.send_msg(&ClientMessage::Data(&raw)).await;
     }
 
     /// Relays `signal` to peer `to` (typed).
-    pub async fn relay(&mut self, to: &str, signal: webcall_protocol::Signal) {
+    pub async fn relay(&mut self, to: &str, signal: Signal) {
         self.send_text(&signal.to_json(to)).await;
     }
 
@@ -210,42 +211,53 @@ impl Client {
         self.ws.send(Message::text(t)).await.expect("send");
     }
 
-    /// The next message as JSON (every frame is checked to be a [`ServerMessage`]); panics after [`WAIT`].
-    pub async fn recv(&mut self) -> Value {
-        tokio::time::timeout(WAIT, self.next_json()).await.expect("a message within the wait").expect("connection open")
+    /// The next message, typed (see [`read_server_frame`]); panics after [`WAIT`].
+    pub async fn recv(&mut self) -> ServerMessage {
+        tokio::time::timeout(WAIT, self.next_message())
+            .await
+            .expect("a message within the wait")
+            .expect("connection open")
     }
 
     /// The next message, asserting its type.
-    pub async fn expect(&mut self, ty: &str) -> Value {
+    pub async fn expect(&mut self, ty: &str) -> ServerMessage {
         let m = self.recv().await;
-        assert_eq!(m["type"], ty, "expected {ty}, got {m}");
+        assert_eq!(m.message_type(), ty, "expected {ty}, got {m:?}");
         m
     }
 
-    /// The next message must be an error with this code.
-    pub async fn expect_error(&mut self, code: &str) -> Value {
-        let m = self.expect("error").await;
-        assert_eq!(m["code"], code, "{m}");
-        assert!(!m["message"].as_str().unwrap_or("").is_empty(), "errors say what happened: {m}");
-        m
+    /// The next message must be a `welcome`; this client's id and resume token become its.
+    pub async fn expect_welcome(&mut self) -> ServerMessage {
+        let w = self.expect("welcome").await;
+        if let ServerMessage::Welcome { id, resume, .. } = &w {
+            (self.id, self.resume) = (id.clone(), resume.clone());
+        }
+        w
+    }
+
+    /// The next message must be an error with this code; the refusal.
+    pub async fn expect_error(&mut self, code: ErrorCode) -> ProtocolError {
+        let m = self.recv().await;
+        let e = match m.clone().into_refusal() {
+            Some(Ok(e)) => e,
+            _ => panic!("expected error {code}, got {m:?}"),
+        };
+        assert_eq!(e.code, code, "{m:?}");
+        assert!(!e.message.is_empty(), "errors say what happened: {m:?}");
+        e
     }
 
     /// Nothing arrives for `d`.
     pub async fn expect_silence(&mut self, d: Duration) {
-        if let Ok(m) = tokio::time::timeout(d, self.next_json()).await {
+        if let Ok(m) = tokio::time::timeout(d, self.next_message()).await {
             panic!("expected nothing, got {m:?}");
         }
     }
 
-    async fn next_json(&mut self) -> Option<Value> {
+    async fn next_message(&mut self) -> Option<ServerMessage> {
         loop {
             match self.ws.next().await? {
-                Ok(Message::Text(t)) => {
-                    if let Err(e) = ServerMessage::parse(&t) {
-                        panic!("the server sent what ServerMessage cannot read ({e}): {t}");
-                    }
-                    return Some(serde_json::from_str(&t).expect("server sends JSON"));
-                }
+                Ok(Message::Text(t)) => return Some(read_server_frame(&t)),
                 Ok(Message::Close(_)) | Err(_) => return None,
                 Ok(_) => continue,
             }
@@ -267,6 +279,54 @@ impl Client {
             }
         };
         tokio::time::timeout(WAIT, end).await.expect("connection ends within the wait")
+    }
+}
+
+/// A server frame, typed; panics unless [`ServerMessage`] reads it and carries all of it (the frame is exactly the
+/// typed message's JSON: no field that the type would drop), so comparing typed messages is as strict as comparing
+/// the frames.
+pub fn read_server_frame(text: &str) -> ServerMessage {
+    let m = ServerMessage::parse(text)
+        .unwrap_or_else(|e| panic!("the server sent what ServerMessage cannot read ({e}): {text}"));
+    let raw: serde_json::Value = serde_json::from_str(text).expect("server frames are JSON");
+    assert_eq!(
+        raw,
+        serde_json::to_value(&m).expect("server messages serialise"),
+        "ServerMessage drops a field of {text}"
+    );
+    m
+}
+
+/// Server messages as a test expects them (`assert_eq!(c.recv().await, msg::hello(&b.id, "Bob"))`).
+pub mod msg {
+    use webcall_protocol::{PeerInfo, ServerMessage};
+
+    pub fn hello(from: &str, name: &str) -> ServerMessage {
+        ServerMessage::Hello { from: from.into(), name: name.into() }
+    }
+
+    /// A relayed offer (no SFU `tracks`).
+    pub fn offer(from: &str, sdp: &str) -> ServerMessage {
+        ServerMessage::Offer { from: from.into(), sdp: sdp.into(), tracks: None }
+    }
+
+    pub fn answer(from: &str, sdp: &str) -> ServerMessage {
+        ServerMessage::Answer { from: from.into(), sdp: sdp.into() }
+    }
+
+    pub fn bye(from: &str) -> ServerMessage {
+        ServerMessage::Bye { from: from.into() }
+    }
+
+    /// A `welcome`'s `peers` entry.
+    pub fn peer(id: &str, name: &str) -> PeerInfo {
+        PeerInfo { id: id.into(), name: name.into() }
+    }
+
+    /// The `peers` of a `welcome`; panics on another message.
+    pub fn peers(welcome: ServerMessage) -> Vec<PeerInfo> {
+        let ServerMessage::Welcome { peers, .. } = welcome else { panic!("not a welcome: {welcome:?}") };
+        peers
     }
 }
 

@@ -6,15 +6,14 @@
 use webcall_testkit as common;
 use webcall_testkit::redis;
 
-use common::{Client, ServerProc};
+use common::{read_server_frame, Client, ServerProc};
 use futures_util::{SinkExt, StreamExt};
 use redis::Redis;
-use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
-use webcall_protocol::Join;
+use webcall_protocol::{ErrorCode, Join, ServerMessage as M, Signal};
 
 fn node(url: &str, id: &str) -> ServerProc {
     // Short TTL: the failover and the kill -9 are noticed within seconds.
@@ -25,7 +24,7 @@ fn node(url: &str, id: &str) -> ServerProc {
 #[derive(Default, Debug)]
 struct Seen {
     numbers: Vec<u64>,
-    others: Vec<Value>,
+    others: Vec<M>,
     ended: Option<String>,
 }
 
@@ -36,8 +35,7 @@ fn run(c: Client, to: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
         let send = async {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let m = json!({"type":"offer","to":to,"sdp":n.to_string()}).to_string();
-                if tx.send(Message::text(m)).await.is_err() {
+                if tx.send(Message::text(Signal::Offer(n.to_string()).to_json(&to))).await.is_err() {
                     break; // the receiving half reports how the connection ended
                 }
                 n += 1;
@@ -51,16 +49,11 @@ fn run(c: Client, to: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
             loop {
                 let next = tokio::time::timeout(Duration::from_secs(20), rx.next()).await;
                 match next {
-                    Ok(Some(Ok(Message::Text(t)))) => {
-                        let v: Value = serde_json::from_str(&t).unwrap();
-                        if v["type"] == "offer" && v["sdp"] != "end" {
-                            seen.numbers.push(v["sdp"].as_str().unwrap().parse().unwrap());
-                        } else if v["sdp"] == "end" {
-                            return seen;
-                        } else {
-                            seen.others.push(v);
-                        }
-                    }
+                    Ok(Some(Ok(Message::Text(t)))) => match read_server_frame(&t) {
+                        M::Offer { sdp, .. } if sdp == "end" => return seen,
+                        M::Offer { sdp, .. } => seen.numbers.push(sdp.parse().unwrap()),
+                        other => seen.others.push(other),
+                    },
                     Ok(Some(Ok(Message::Close(f)))) => {
                         seen.ended = Some(format!("{f:?}"));
                         return seen;
@@ -84,7 +77,7 @@ fn run(c: Client, to: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
         let send_then_mark = async {
             let (n, mut tx) = send.await;
             // The end marker goes the same way, so it arrives after everything before it.
-            let _ = tx.send(Message::text(json!({"type":"offer","to":to,"sdp":"end"}).to_string())).await;
+            let _ = tx.send(Message::text(Signal::Offer("end".into()).to_json(&to))).await;
             n
         };
         let (n, seen) = tokio::join!(send_then_mark, recv);
@@ -107,7 +100,7 @@ async fn accepted_messages_survive_redis_pauses_kills_and_restarts() {
     let (_c, _) = Client::join(&n3.ws_url(), "chaos", "C").await;
     let (a_id, b_id) = (a.id.clone(), b.id.clone());
     // B has seen C join; A saw B and C.
-    let c_id = b.expect("hello").await["from"].as_str().unwrap().to_owned();
+    let M::Hello { from: c_id, .. } = b.expect("hello").await else { unreachable!() };
     let mut a = a;
     a.expect("hello").await;
     a.expect("hello").await;
@@ -147,18 +140,17 @@ async fn accepted_messages_survive_redis_pauses_kills_and_restarts() {
             "{who} got every accepted message once, in order: {:?}",
             first_difference(&seen.numbers, &want)
         );
-        let errors: Vec<&Value> = seen.others.iter().filter(|v| v["type"] == "error").collect();
+        let errors: Vec<&M> = seen.others.iter().filter(|m| m.message_type() == "error").collect();
         assert!(errors.is_empty(), "{who} was told nothing false: {errors:?}");
         // The killed node's peer leaves (its client's session died with it); nobody else comes or goes.
-        let byes: Vec<&Value> = seen.others.iter().filter(|v| v["type"] == "bye").collect();
-        assert_eq!(byes.len(), 1, "{who}: {:?}", seen.others);
-        assert_eq!(byes[0]["from"], c_id.as_str());
+        let byes: Vec<&M> = seen.others.iter().filter(|m| m.message_type() == "bye").collect();
+        assert_eq!(byes, [&M::Bye { from: c_id.clone() }], "{who}: {:?}", seen.others);
     }
     // And the cluster works for newcomers: A and B are still members everywhere.
     let (_d, w) = Client::join(&n1.ws_url(), "chaos", "D").await;
-    let mut ids: Vec<&str> = w["peers"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let mut ids: Vec<String> = common::msg::peers(w).into_iter().map(|p| p.id).collect();
     ids.sort();
-    let mut want = vec![a_id.as_str(), b_id.as_str()];
+    let mut want = vec![a_id, b_id];
     want.sort();
     assert_eq!(ids, want);
     drop(n2);
@@ -222,17 +214,18 @@ async fn nodes_follow_a_sentinel_failover_without_losing_or_resetting() {
     let w = loop {
         c.send_join(Join::new("fo", "C")).await;
         let m = c.recv().await;
-        if m["type"] == "welcome" {
+        if m.message_type() == "welcome" {
             break m;
         }
-        assert_eq!(m["code"], "unavailable", "{m}");
+        let code = m.clone().into_refusal().and_then(Result::ok).map(|e| e.code);
+        assert_eq!(code, Some(ErrorCode::Unavailable), "{m:?}");
         assert!(std::time::Instant::now() < deadline, "joins still refused after the failover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("chaos: first join after the kill: {:?}", killed.elapsed());
-    let mut ids: Vec<&str> = w["peers"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let mut ids: Vec<String> = common::msg::peers(w).into_iter().map(|p| p.id).collect();
     ids.sort();
-    let mut want = vec![a_id.as_str(), b_id.as_str()];
+    let mut want = vec![a_id, b_id];
     want.sort();
     assert_eq!(ids, want, "the call's peers are members on the new primary");
     phase("after the failover", Duration::from_secs(1)).await;
@@ -252,7 +245,7 @@ async fn nodes_follow_a_sentinel_failover_without_losing_or_resetting() {
             "{who} got every accepted message once, in order: {}",
             first_difference(&seen.numbers, &want)
         );
-        let unexpected: Vec<&Value> = seen.others.iter().filter(|v| v["type"] != "hello").collect();
+        let unexpected: Vec<&M> = seen.others.iter().filter(|m| m.message_type() != "hello").collect();
         assert!(unexpected.is_empty(), "{who}: nobody left, nothing was refused: {unexpected:?}");
     }
 }

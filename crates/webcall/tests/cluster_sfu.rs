@@ -5,12 +5,17 @@
 use webcall_testkit as common;
 use webcall_testkit::redis;
 
+use common::msg::hello;
 use common::{Client, Proc, ServerProc};
 use redis::Redis;
-use serde_json::json;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use webcall_protocol::{Join, Signal, SFU_PEER};
+use webcall_protocol::{ErrorCode, Join, PeerData, ServerMessage as M, Signal, SFU_PEER};
+
+/// `{"type":"topology","mode":"sfu"}` (no restart).
+fn to_sfu() -> M {
+    M::Topology { mode: "sfu".into(), restart: false }
+}
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(90);
@@ -177,9 +182,9 @@ fn the_sfu_node_serves_a_room_it_hosts_no_member_of_and_hands_it_over_on_shutdow
 /// An offer the SFU cannot use: its refusal comes back from the room's SFU node, whichever node the client is on.
 async fn sfu_refuses_an_offer(c: &mut Client) {
     c.relay(SFU_PEER, Signal::Offer("not an SDP".into())).await;
-    let e = c.expect_error("bad-field").await;
-    assert_eq!(e["ref"], "offer", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("SFU"), "{e}");
+    let e = c.expect_error(ErrorCode::BadField).await;
+    assert_eq!(e.refers_to.as_deref(), Some("offer"), "{e}");
+    assert!(e.message.contains("SFU"), "{e}");
 }
 
 #[tokio::test]
@@ -189,13 +194,13 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     let (n1, n2) = (node(&redis, "n1"), node(&redis, "n2"));
     let (mut a, _) = Client::join_sfu(&n1.ws_url(), "keep", "A").await;
     let (mut b, _) = Client::join_sfu(&n2.ws_url(), "keep", "B").await;
-    a.expect("hello").await;
+    assert_eq!(a.recv().await, hello(&b.id, "B"));
     // The third join (on n2) moves the room to n2's SFU: everyone hears topology, before the hello.
     let (mut c, _) = Client::join_sfu(&n2.ws_url(), "keep", "C").await;
-    assert_eq!(c.recv().await, json!({"type":"topology","mode":"sfu"}));
+    assert_eq!(c.recv().await, to_sfu());
     for x in [&mut a, &mut b] {
-        assert_eq!(x.recv().await, json!({"type":"topology","mode":"sfu"}));
-        assert_eq!(x.expect("hello").await["from"], c.id);
+        assert_eq!(x.recv().await, to_sfu());
+        assert_eq!(x.recv().await, hello(&c.id, "C"));
     }
     let owner = || redis::command_reply(port, "GET wc:sfu:keep");
     assert_eq!(owner(), "$2\r\nn2\r\n");
@@ -203,9 +208,10 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     sfu_refuses_an_offer(&mut a).await;
     sfu_refuses_an_offer(&mut b).await;
     // `data` reaches the members on the other node.
-    a.send_data(&json!({"type":"chat","text":"hi"})).await;
+    let chat = PeerData::chat("hi", "A", 1).to_value();
+    a.send_data(&chat).await;
     for x in [&mut b, &mut c] {
-        assert_eq!(x.expect("data").await["from"], a.id);
+        assert_eq!(x.recv().await, M::Data { from: a.id.clone(), data: chat.clone() });
     }
 
     // Redis restarted empty: the nodes put the room back, SFU node included.
@@ -222,11 +228,11 @@ async fn sfu_signaling_crosses_nodes_and_the_room_keeps_its_sfu_node_when_redis_
     }
     let mut v1 = Client::connect(&n1.ws_url()).await;
     v1.send_join(Join::new("keep", "old")).await;
-    v1.expect_error("needs-sfu").await;
+    v1.expect_error(ErrorCode::NeedsSfu).await;
     let (mut d, _) = Client::join_sfu(&n1.ws_url(), "keep", "D").await;
-    assert_eq!(d.recv().await, json!({"type":"topology","mode":"sfu"}));
+    assert_eq!(d.recv().await, to_sfu());
     // Nobody was told to restart: the SFU did not move.
-    assert_eq!(a.recv().await, json!({"type":"hello","from":d.id,"name":"D"}));
+    assert_eq!(a.recv().await, hello(&d.id, "D"));
     sfu_refuses_an_offer(&mut a).await;
     sfu_refuses_an_offer(&mut d).await;
 }

@@ -21,8 +21,8 @@ async fn capacity(server: &ServerProc) -> usize {
         let mut c = Client::connect(&url).await;
         c.send_join(Join::new("cap", "")).await;
         let m = c.recv().await;
-        if m["type"] == "error" {
-            assert_eq!(m["code"], "room-full");
+        if let Some(e) = m.clone().into_refusal() {
+            assert_eq!(e.map(|e| e.code), Ok(webcall_protocol::ErrorCode::RoomFull), "{m:?}");
             return n;
         }
         clients.push(c);

@@ -3,14 +3,14 @@
 
 use webcall_testkit as common;
 
+use common::msg::{peer, peers};
 use common::{Client, Ended, Pinned, ServerProc};
-use serde_json::json;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use webcall_protocol::{Join, Signal, BYE};
+use webcall_protocol::{ErrorCode, Join, ServerMessage as M, Signal, BYE};
 
 const SECRET: &str = "test-secret-0123456789";
 
@@ -29,34 +29,34 @@ async fn join_tokens_are_required_and_checked() {
     let url = server.ws_url();
     let mut c = Client::connect(&url).await;
     c.send_join(Join::new("board", "")).await;
-    assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("token"));
+    assert!(c.expect_error(ErrorCode::Unauthorized).await.message.contains("token"));
     let forged = common::token(SECRET, &["--room", "board"]).replace('.', ".x");
     c.send_join(Join { token: Some(forged.into()), ..Join::new("board", "") }).await;
-    c.expect_error("unauthorized").await;
+    c.expect_error(ErrorCode::Unauthorized).await;
     let other_secret = common::token("some-other-secret-xyz", &["--room", "board"]);
     c.send_join(Join { token: Some(other_secret.into()), ..Join::new("board", "") }).await;
-    assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("signature"));
+    assert!(c.expect_error(ErrorCode::Unauthorized).await.message.contains("signature"));
     let expired = common::token(SECRET, &["--room", "board", "--ttl", "0s"]);
     tokio::time::sleep(Duration::from_secs(7)).await; // past the 5 s leeway
     c.send_join(Join { token: Some(expired.into()), ..Join::new("board", "") }).await;
-    assert!(c.expect_error("unauthorized").await["message"].as_str().unwrap().contains("expired"));
+    assert!(c.expect_error(ErrorCode::Unauthorized).await.message.contains("expired"));
     let wrong_room = common::token(SECRET, &["--room", "other"]);
     c.send_join(Join { token: Some(wrong_room.into()), ..Join::new("board", "") }).await;
-    c.expect_error("unauthorized").await;
+    c.expect_error(ErrorCode::Unauthorized).await;
 
     let good = common::token(SECRET, &["--room", "board", "--name", "Chair"]);
     c.send_join(Join { token: Some(good.into()), ..Join::new("board", "Impostor") }).await;
-    let w = c.expect("welcome").await;
-    assert!(w.get("publish").is_none());
+    // `publish: true` is the default when the frame has no `publish` (and the typed read checks it has none).
+    assert!(matches!(c.expect_welcome().await, M::Welcome { publish: true, .. }));
     let viewer = common::token(SECRET, &["--room", "*", "--subscribe-only"]);
     let mut v = Client::connect(&url).await;
     v.send_join(Join { token: Some(viewer.into()), ..Join::new("board", "") }).await;
-    let wv = v.expect("welcome").await;
-    assert_eq!(wv["publish"], false);
-    assert_eq!(wv["peers"], json!([{"id":w["id"],"name":"Chair"}]), "the token fixed the name");
+    let wv = v.expect_welcome().await;
+    assert!(matches!(wv, M::Welcome { publish: false, .. }), "{wv:?}");
+    assert_eq!(peers(wv), [peer(&c.id, "Chair")], "the token fixed the name");
     let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\n";
-    v.relay(w["id"].as_str().unwrap(), Signal::Answer(sdp.into())).await;
-    v.expect_error("unauthorized").await;
+    v.relay(&c.id, Signal::Answer(sdp.into())).await;
+    v.expect_error(ErrorCode::Unauthorized).await;
 }
 
 #[tokio::test]
@@ -65,14 +65,14 @@ async fn room_passwords() {
     let url = server.ws_url();
     let mut a = Client::connect(&url).await;
     a.send_join(Join { password: Some("hunter2".into()), ..Join::new("private", "") }).await;
-    a.expect("welcome").await;
+    a.expect_welcome().await;
     let mut b = Client::connect(&url).await;
     b.send_join(Join::new("private", "")).await;
-    b.expect_error("unauthorized").await;
+    b.expect_error(ErrorCode::Unauthorized).await;
     b.send_join(Join { password: Some("hunter3".into()), ..Join::new("private", "") }).await;
-    assert!(b.expect_error("unauthorized").await["message"].as_str().unwrap().contains("wrong password"));
+    assert!(b.expect_error(ErrorCode::Unauthorized).await.message.contains("wrong password"));
     b.send_join(Join { password: Some("hunter2".into()), ..Join::new("private", "") }).await;
-    b.expect("welcome").await;
+    b.expect_welcome().await;
 }
 
 async fn connect_with_headers(url: &str, headers: &[(&'static str, &str)]) -> Result<Client, String> {
@@ -100,7 +100,7 @@ async fn allowed_origins() {
     assert!(err.starts_with("403"), "no Origin, no entry: {err}");
     let mut ok = connect_with_headers(&url, &[("origin", "https://meet.example.org")]).await.unwrap();
     ok.send_join(Join::new("r", "")).await;
-    ok.expect("welcome").await;
+    ok.expect_welcome().await;
     let m = http_get(&server, "/metrics").await;
     assert!(m.contains("webcall_connections_refused_total{reason=\"origin\"} 2"), "{m}");
 }
@@ -120,21 +120,21 @@ async fn per_address_limits_and_trusted_proxies() {
     let mut a = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
     let _b = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
     let mut third = connect_with_headers(&url, &h("203.0.113.1")).await.unwrap();
-    let e = third.expect_error("rate-limited").await;
-    assert!(e["message"].as_str().unwrap().contains("connections from your address"), "{e}");
+    let e = third.expect_error(ErrorCode::RateLimited).await;
+    assert!(e.message.contains("connections from your address"), "{e}");
     assert_eq!(third.until_end().await, Ended::Closed(1008, "rate-limited".into()));
     // Another (forwarded) address has its own allowance.
     let mut other = connect_with_headers(&url, &h("203.0.113.2")).await.unwrap();
     other.send_join(Join::new("x", "")).await;
-    other.expect("welcome").await;
+    other.expect_welcome().await;
     // Joins per minute: 3 pass, the 4th is refused.
     for i in 0..3 {
         a.send_join(Join::new(format!("j{i}"), "")).await;
-        a.expect("welcome").await;
+        a.expect_welcome().await;
         a.send_text(BYE).await;
     }
     a.send_join(Join::new("j3", "")).await;
-    assert!(a.expect_error("rate-limited").await["message"].as_str().unwrap().contains("joins per minute"));
+    assert!(a.expect_error(ErrorCode::RateLimited).await.message.contains("joins per minute"));
     let m = http_get(&server, "/metrics").await;
     assert!(m.contains("webcall_connections_refused_total{reason=\"per-ip\"} 1"), "{m}");
     assert!(m.contains("webcall_errors_total{code=\"rate-limited\"} 1"), "{m}");
@@ -181,7 +181,7 @@ async fn self_signed_tls_serves_wss_with_the_printed_fingerprint() {
     assert!(url.starts_with("wss://"));
     let mut c = wss_connect(&url, &fp).await.unwrap();
     c.send_join(Join::new("secure", "")).await;
-    c.expect("welcome").await;
+    c.expect_welcome().await;
     let wrong = fp.replacen(&fp[..2], if &fp[..2] == "00" { "11" } else { "00" }, 1);
     let err = wss_connect(&url, &wrong).await.err().expect("another fingerprint is refused");
     assert!(err.contains("pinned"), "{err}");
@@ -215,7 +215,7 @@ async fn certificate_files_and_reload_on_sighup() {
     assert_eq!(turns_fingerprint(&turns), fp1, "TURN over TLS uses the server's certificate");
     let mut live = wss_connect(&server.ws_url(), &fp1).await.unwrap();
     live.send_join(Join::new("r", "")).await;
-    live.expect("welcome").await;
+    live.expect_welcome().await;
     write("second.test");
     server.signal("HUP");
     // New connections get the new certificate; the call in progress is untouched.
@@ -231,7 +231,7 @@ async fn certificate_files_and_reload_on_sighup() {
     let fp2 = turns_fingerprint(&turns);
     assert_ne!(fp2, fp1, "TURN over TLS follows the reload");
     live.relay("nobody", Signal::Offer("s".into())).await;
-    live.expect_error("unknown-peer").await;
+    live.expect_error(ErrorCode::UnknownPeer).await;
 
     let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
         .args([
@@ -257,8 +257,8 @@ async fn graceful_shutdown_tells_clients_and_exits_zero() {
     let mut idle = Client::connect(&url).await;
     server.signal("TERM");
     for c in [&mut a, &mut idle] {
-        let e = c.expect_error("server-shutdown").await;
-        assert!(e["message"].as_str().unwrap().contains("reconnect"));
+        let e = c.expect_error(ErrorCode::ServerShutdown).await;
+        assert!(e.message.contains("reconnect"));
         assert_eq!(c.until_end().await, Ended::Closed(1001, "server shutting down".into()));
     }
     assert_eq!(server.wait_exit(), Some(0));
@@ -273,7 +273,7 @@ async fn metrics_count_what_happens() {
     a.expect("hello").await;
     a.relay(&b.id, Signal::Offer("x".into())).await;
     a.send_text("nonsense").await;
-    a.expect_error("bad-json").await;
+    a.expect_error(ErrorCode::BadJson).await;
     let m = http_get(&server, "/metrics").await;
     assert!(m.starts_with("HTTP/1.1 200"));
     for line in [

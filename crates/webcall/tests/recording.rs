@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use webcall_protocol::{ClientMessage, Join, RecordAction};
+use webcall_protocol::{ErrorCode, ProtocolError, ServerMessage as M};
 
 /// How long to wait for something that should happen (not a performance bound).
 const WAIT: Duration = Duration::from_secs(60);
@@ -22,7 +23,7 @@ fn camera(url: &str, room: &str) -> Proc {
 
 /// `{"type":"record","action":…}`, written by the protocol's encoder.
 async fn record(c: &mut Client, action: RecordAction) {
-    c.send_text(&ClientMessage::Record(action).to_json()).await;
+    c.send_msg(&ClientMessage::Record(action)).await;
 }
 
 /// Every file under `dir`, recursively.
@@ -63,25 +64,23 @@ fn decodes_cleanly(f: &Path) {
     assert!(out.status.success() && out.stderr.is_empty(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
 }
 
-async fn join_sfu(url: &str, room: &str, name: &str, token: Option<&str>) -> (Client, Value) {
-    let mut c = Client::connect(url).await;
-    let mut j = Join::new(room, name);
-    j.sfu = true;
-    j.token = token.map(Into::into);
-    c.send_join(j).await;
-    let w = c.expect("welcome").await;
-    c.id = w["id"].as_str().unwrap().to_owned();
-    (c, w)
+async fn join_sfu(url: &str, room: &str, name: &str, token: Option<&str>) -> Client {
+    Client::join_with(url, Join { sfu: true, token: token.map(Into::into), ..Join::new(room, name) }).await.0
 }
 
 /// The next message of `ty`, skipping others (hello, topology).
-async fn next_of(c: &mut Client, ty: &str) -> Value {
+async fn next_of(c: &mut Client, ty: &str) -> M {
     loop {
         let m = c.recv().await;
-        if m["type"] == ty {
+        if m.message_type() == ty {
             return m;
         }
     }
+}
+
+/// `{"type":"recording",…}`.
+fn recording(active: bool, by: Option<&str>) -> M {
+    M::Recording { active, by: by.map(str::to_owned) }
 }
 
 /// A raw HTTP/1.1 request; (status, body).
@@ -106,11 +105,10 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     let peer = camera(&url, "rec-room");
     let peer_id = peer.id();
     peer.wait_for("the sfu session", |l| l == "sfu connected");
-    let (mut ctl, _) = join_sfu(&url, "rec-room", "Director", None).await;
+    let mut ctl = join_sfu(&url, "rec-room", "Director", None).await;
     let t0 = Instant::now();
     record(&mut ctl, RecordAction::Start).await;
-    let on = next_of(&mut ctl, "recording").await;
-    assert_eq!(on, json!({"type":"recording","active":true,"by":ctl.id}));
+    assert_eq!(next_of(&mut ctl, "recording").await, recording(true, Some(&ctl.id)));
     // The publisher is told too.
     peer.wait_for("the recording notice", |l| l.starts_with("room recording on by "));
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -119,7 +117,7 @@ async fn a_native_publisher_is_recorded_frame_for_frame_and_a_rejoin_gets_new_fi
     assert!(m.contains("\nwebcall_sfu_recording_files 2\n"), "audio and video: {m}");
     record(&mut ctl, RecordAction::Stop).await;
     let wall = t0.elapsed().as_secs_f64();
-    assert_eq!(next_of(&mut ctl, "recording").await["active"], false);
+    assert_eq!(next_of(&mut ctl, "recording").await, recording(false, Some(&ctl.id)));
     peer.wait_for("the end of the recording", |l| l.starts_with("room recording off"));
     // The files are closed on the writer thread: wait until both are there with their duration.
     let t = Instant::now();
@@ -199,24 +197,25 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     let url = server.ws_url();
     let path = "/api/rooms/api-room/recording";
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 404, "nobody in the room yet");
-    let (mut member, _) = join_sfu(&url, "api-room", "M", Some(&token(false))).await;
+    let mut member = join_sfu(&url, "api-room", "M", Some(&token(false))).await;
     let (status, body) = http(server.addr, "POST", path, None).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(http(server.addr, "POST", path, Some("not-the-secret")).await.0, 401);
     let (status, body) = http(server.addr, "POST", path, Some(SECRET)).await;
+    // Raw JSON: the HTTP API's reply, not a signaling message (crates/protocol types only the WebSocket's).
     assert_eq!(
         (status, serde_json::from_str::<Value>(&body).unwrap()),
         (201, json!({"room":"api-room","recording":true}))
     );
-    assert_eq!(next_of(&mut member, "recording").await, json!({"type":"recording","active":true,"by":"api"}));
+    assert_eq!(next_of(&mut member, "recording").await, recording(true, Some("api")));
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 200, "already recording");
     // A member whose token lacks `record` may not stop it; one whose token has it may.
     record(&mut member, RecordAction::Stop).await;
-    member.expect_error("unauthorized").await;
-    let (mut director, _) = join_sfu(&url, "api-room", "D", Some(&token(true))).await;
-    assert_eq!(next_of(&mut director, "recording").await, json!({"type":"recording","active":true}), "joiners see it");
+    member.expect_error(ErrorCode::Unauthorized).await;
+    let mut director = join_sfu(&url, "api-room", "D", Some(&token(true))).await;
+    assert_eq!(next_of(&mut director, "recording").await, recording(true, None), "joiners see it");
     record(&mut director, RecordAction::Stop).await;
-    assert_eq!(next_of(&mut member, "recording").await["active"], false);
+    assert_eq!(next_of(&mut member, "recording").await, recording(false, Some(&director.id)));
     assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 404, "not recording");
     assert_eq!(http(server.addr, "POST", path, Some(SECRET)).await.0, 201);
     assert_eq!(http(server.addr, "DELETE", path, Some(SECRET)).await.0, 204);
@@ -259,14 +258,14 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
 
     // Without --record-dir: refused, saying what to do.
     let off = ServerProc::start(&["--topology", "sfu", "--auth-secret", SECRET]);
-    let (mut c, _) = join_sfu(&off.ws_url(), "api-room", "M", Some(&token(true))).await;
+    let mut c = join_sfu(&off.ws_url(), "api-room", "M", Some(&token(true))).await;
     let (status, body) = http(off.addr, "POST", path, Some(SECRET)).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("--record-dir"), "{body}");
     record(&mut c, RecordAction::Start).await;
-    let e = next_of(&mut c, "error").await;
-    assert_eq!(e["code"], "unavailable", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("--record-dir"), "{e}");
+    let e: ProtocolError = next_of(&mut c, "error").await.into_refusal().unwrap().unwrap();
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+    assert!(e.message.contains("--record-dir"), "{e}");
     // Without --auth-secret there is no credential for the API.
     let open = ServerProc::start(&["--topology", "sfu", "--record-dir", dir.path().to_str().unwrap()]);
     let (status, body) = http(open.addr, "POST", path, Some(SECRET)).await;
@@ -275,8 +274,8 @@ async fn the_http_api_needs_the_secret_and_refuses_clearly() {
     let mesh = ServerProc::start(&["--topology", "mesh", "--record-dir", dir.path().to_str().unwrap()]);
     let (mut p, _) = Client::join(&mesh.ws_url(), "p2p", "P").await;
     record(&mut p, RecordAction::Start).await;
-    let e = p.expect_error("needs-sfu").await;
-    assert!(e["message"].as_str().unwrap().contains("peer-to-peer"), "{e}");
+    let e = p.expect_error(ErrorCode::NeedsSfu).await;
+    assert!(e.message.contains("peer-to-peer"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -286,7 +285,7 @@ async fn a_killed_server_leaves_files_that_play_up_to_their_last_cluster() {
     let url = server.ws_url();
     let peer = camera(&url, "kill-room");
     peer.wait_for("the sfu session", |l| l == "sfu connected");
-    let (mut ctl, _) = join_sfu(&url, "kill-room", "Director", None).await;
+    let mut ctl = join_sfu(&url, "kill-room", "Director", None).await;
     record(&mut ctl, RecordAction::Start).await;
     next_of(&mut ctl, "recording").await;
     tokio::time::sleep(Duration::from_secs(7)).await;

@@ -3,7 +3,8 @@
 
 use webcall_testkit as common;
 
-use common::{Client, Ended, ServerProc, WAIT};
+use common::msg::{answer, hello, offer};
+use common::{read_server_frame, Client, Ended, ServerProc, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
-use webcall_protocol::{Join, Signal, BYE};
+use webcall_protocol::{ErrorCode, IceCandidate, Join, ServerMessage as M, Signal, BYE};
 
 const SECRET: &str = "test-secret-0123456789";
 
@@ -60,19 +61,18 @@ async fn ws_from(from: &str, server: &ServerProc) -> Client {
 
 async fn join(mut c: Client, room: &str) -> Client {
     c.send_join(Join::new(room, "")).await;
-    let w = c.expect("welcome").await;
-    c.id = w["id"].as_str().unwrap().to_owned();
+    c.expect_welcome().await;
     c
 }
 
 /// Two peers in `room` exchange an offer and a candidate both ways: the call works.
 async fn call_works(a: &mut Client, b: &mut Client) {
     a.relay(&b.id, Signal::Offer("v=0\r\n".into())).await;
-    assert_eq!(b.expect("offer").await["from"], a.id.as_str());
+    assert_eq!(b.recv().await, offer(&a.id, "v=0\r\n"));
     b.relay(&a.id, Signal::Answer("v=0\r\n".into())).await;
-    assert_eq!(a.expect("answer").await["from"], b.id.as_str());
+    assert_eq!(a.recv().await, answer(&b.id, "v=0\r\n"));
     b.relay(&a.id, Signal::Candidate(None)).await;
-    a.expect("candidate").await;
+    assert_eq!(a.recv().await, M::Candidate { from: b.id.clone(), candidate: None });
 }
 
 async fn pair(url: &str, room: &str) -> (Client, Client) {
@@ -247,12 +247,13 @@ async fn tls_handshake_and_silence_after_it_time_out() {
 
 // --- 5: subscribe-only SDP, read as a browser reads it ---------------------------------------------------------
 
-async fn join_with(url: &str, room: &str, token: &str) -> (Client, Value) {
+/// Joins with `token`; the client and the server's answer (a welcome, or the refusal).
+async fn join_with(url: &str, room: &str, token: &str) -> (Client, M) {
     let mut c = Client::connect(url).await;
     c.send_join(Join { token: Some(token.into()), ..Join::new(room, "") }).await;
     let w = c.recv().await;
-    if w["type"] == "welcome" {
-        c.id = w["id"].as_str().unwrap().to_owned();
+    if let M::Welcome { id, .. } = &w {
+        c.id = id.clone();
     }
     (c, w)
 }
@@ -264,7 +265,7 @@ async fn subscribe_only_sdp_is_read_as_a_browser_reads_it() {
     let (mut publisher, _) = join_with(&url, "show", &common::token(SECRET, &["--room", "show"])).await;
     let (mut viewer, w) =
         join_with(&url, "show", &common::token(SECRET, &["--room", "show", "--subscribe-only"])).await;
-    assert_eq!(w["publish"], false);
+    assert!(matches!(w, M::Welcome { publish: false, .. }), "{w:?}");
     publisher.expect("hello").await;
     let head = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
     let refused = [
@@ -277,13 +278,13 @@ async fn subscribe_only_sdp_is_read_as_a_browser_reads_it() {
     ];
     for body in refused {
         viewer.relay(&publisher.id, Signal::Offer(format!("{head}{body}"))).await;
-        let e = viewer.expect_error("unauthorized").await;
-        assert!(e["message"].as_str().unwrap().contains("subscribe-only"), "{e}");
+        let e = viewer.expect_error(ErrorCode::Unauthorized).await;
+        assert!(e.message.contains("subscribe-only"), "{e}");
     }
     publisher.expect_silence(Duration::from_millis(200)).await;
     let ok = format!("{head}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n");
     viewer.relay(&publisher.id, Signal::Offer(ok.clone())).await;
-    assert_eq!(publisher.expect("offer").await["sdp"], ok.as_str());
+    assert_eq!(publisher.recv().await, offer(&viewer.id, &ok));
     // The publisher's own SDP is not restricted.
     let answer = format!("{head}m=audio 9 RTP/AVP 0\r\na=sendrecv\r\n");
     publisher.relay(&viewer.id, Signal::Answer(answer)).await;
@@ -308,14 +309,14 @@ async fn a_proxy_on_a_dual_stack_listener_is_trusted_and_ipv6_is_counted_by_64()
     let one = join(ws_with_xff(&url, "198.51.100.1").await, "proxied").await;
     let two = join(ws_with_xff(&url, "198.51.100.2").await, "proxied").await;
     let mut again = ws_with_xff(&url, "198.51.100.1").await;
-    again.expect_error("rate-limited").await;
+    again.expect_error(ErrorCode::RateLimited).await;
     assert_eq!(again.until_end().await, Ended::Closed(1008, "rate-limited".into()));
     // IPv6 by /64: another address in the same /64 shares the budget, the next /64 does not.
     let mut v6 = join(ws_with_xff(&url, "2001:db8:1:2::1").await, "v6").await;
     let mut same64 = ws_with_xff(&url, "2001:db8:1:2:ffff::9").await;
-    same64.expect_error("rate-limited").await;
+    same64.expect_error(ErrorCode::RateLimited).await;
     let next64 = join(ws_with_xff(&url, "2001:db8:1:3::1").await, "v6").await;
-    assert_eq!(v6.expect("hello").await["from"], next64.id.as_str());
+    assert_eq!(v6.recv().await, hello(&next64.id, ""));
     let (mut one, mut two) = (one, two);
     one.expect("hello").await;
     call_works(&mut one, &mut two).await;
@@ -332,12 +333,12 @@ async fn minted_tokens_for_the_longest_room_and_name_are_accepted() {
         let t = common::token(SECRET, &["--room", &room, "--name", &name]);
         assert!(t.len() > 256, "the case the issue found: {} bytes", t.len());
         let (mut c, w) = join_with(&url, &room, &t).await;
-        assert_eq!(w["type"], "welcome", "{w}");
+        assert_eq!(w.message_type(), "welcome", "{w:?}");
         c.send_text(BYE).await;
     }
     let any = common::token(SECRET, &["--room", "*", "--name", &"é".repeat(64)]);
     let (_, w) = join_with(&url, &room, &any).await;
-    assert_eq!(w["type"], "welcome", "{w}");
+    assert_eq!(w.message_type(), "welcome", "{w:?}");
     // What the server would refuse, `webcall token` refuses to mint.
     let out = Command::new(env!("CARGO_BIN_EXE_webcall"))
         .args(["token", "--auth-secret", SECRET, "--room", "r", "--name", &"n".repeat(65)])
@@ -355,19 +356,19 @@ async fn room_password_guesses_are_limited_per_room() {
     let url = server.ws_url();
     let mut owner = Client::connect(&url).await;
     owner.send_join(Join { password: Some("right".into()), ..Join::new("vault", "") }).await;
-    owner.expect("welcome").await;
+    owner.expect_welcome().await;
     let (mut a, mut b) = pair(&url, "elsewhere").await;
     // Guesses from several connections count against the room.
     for i in 0..5 {
         let mut g = Client::connect(&url).await;
         g.send_join(Join { password: Some(format!("guess{i}").into()), ..Join::new("vault", "") }).await;
-        assert!(g.expect_error("unauthorized").await["message"].as_str().unwrap().contains("wrong password"));
+        assert!(g.expect_error(ErrorCode::Unauthorized).await.message.contains("wrong password"));
     }
     let mut g = Client::connect(&url).await;
     for pw in ["guess5", "right"] {
         g.send_join(Join { password: Some(pw.into()), ..Join::new("vault", "") }).await;
-        let e = g.expect_error("rate-limited").await;
-        let m = e["message"].as_str().unwrap();
+        let e = g.expect_error(ErrorCode::RateLimited).await;
+        let m = &e.message;
         assert!(m.contains("too many wrong passwords") && m.contains("try again in"), "{m}");
     }
     // The owner's room and another call are unaffected.
@@ -376,8 +377,8 @@ async fn room_password_guesses_are_limited_per_room() {
     // One guess refills every 12 s at 5 per minute: the right password then gets in.
     tokio::time::sleep(Duration::from_secs(13)).await;
     g.send_join(Join { password: Some("right".into()), ..Join::new("vault", "") }).await;
-    g.expect("welcome").await;
-    assert_eq!(owner.expect("hello").await["type"], "hello");
+    g.expect_welcome().await;
+    assert_eq!(owner.recv().await, hello(&g.id, ""));
 }
 
 // --- 9: JWT nbf, headers --------------------------------------------------------------------------------------------
@@ -415,10 +416,11 @@ async fn jwt_not_before_is_honoured_and_pages_carry_security_headers() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let claims = |nbf: u64| json!({"room":"r","exp":now + 600,"nbf":nbf,"permissions":["join","publish"]});
     let (_, e) = join_with(&url, "r", &jwt(claims(now + 300))).await;
-    assert_eq!(e["code"], "unauthorized", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("not valid yet"), "{e}");
+    let e = e.into_refusal().expect("an error").expect("a known code");
+    assert_eq!(e.code, ErrorCode::Unauthorized, "{e}");
+    assert!(e.message.contains("not valid yet"), "{e}");
     let (_, w) = join_with(&url, "r", &jwt(claims(now - 10))).await;
-    assert_eq!(w["type"], "welcome", "the hand-made token is right otherwise: {w}");
+    assert_eq!(w.message_type(), "welcome", "the hand-made token is right otherwise: {w:?}");
 
     for path in ["/", "/r/daily", "/app/call.js", "/nope"] {
         let resp = http_get_from("127.0.0.1", server.addr, path).await.to_ascii_lowercase();
@@ -439,14 +441,21 @@ async fn a_burst_is_read_slowly_and_a_flood_is_closed() {
     let url = server.ws_url();
     let (mut a, mut b) = pair(&url, "burst").await;
     // 300 candidates at once, as a browser with several peer connections sends them.
+    let candidate = |i: u16| IceCandidate {
+        candidate: format!(
+            "candidate:{i} 1 udp 2122260223 127.0.0.1 {} typ host generation 0 ufrag abcd network-id 1",
+            50000 + i
+        ),
+        sdp_mid: Some("0".into()),
+        sdp_m_line_index: Some(0),
+        username_fragment: None,
+    };
     for i in 0..300 {
-        let c = json!({"candidate":format!("candidate:{i} 1 udp 2122260223 127.0.0.1 {} typ host generation 0 ufrag abcd network-id 1", 50000 + i),"sdpMid":"0","sdpMLineIndex":0});
-        a.ws.feed(Message::text(json!({"type":"candidate","to":b.id,"candidate":c}).to_string())).await.unwrap();
+        a.ws.feed(Message::text(Signal::Candidate(Some(candidate(i))).to_json(&b.id))).await.unwrap();
     }
     a.ws.flush().await.unwrap();
     for i in 0..300 {
-        let m = b.expect("candidate").await;
-        assert!(m["candidate"]["candidate"].as_str().unwrap().starts_with(&format!("candidate:{i} ")), "in order");
+        assert_eq!(b.recv().await, M::Candidate { from: a.id.clone(), candidate: Some(candidate(i)) }, "in order");
     }
     a.expect_silence(Duration::from_millis(200)).await;
 
@@ -467,7 +476,7 @@ async fn a_burst_is_read_slowly_and_a_flood_is_closed() {
     });
     let (mut tx, mut rx) = flooder.ws.split();
     let sender = tokio::spawn(async move {
-        let msg = json!({"type":"candidate","to":to,"candidate":null}).to_string();
+        let msg = Signal::Candidate(None).to_json(&to);
         for _ in 0..20_000 {
             if tx.feed(Message::text(msg.clone())).await.is_err() {
                 return;
@@ -476,10 +485,10 @@ async fn a_burst_is_read_slowly_and_a_flood_is_closed() {
         let _ = tx.flush().await;
     });
     let end = tokio::time::timeout(Duration::from_secs(40), async {
-        let mut last_error = Value::Null;
+        let mut last_error = None;
         loop {
             match rx.next().await {
-                Some(Ok(Message::Text(t))) => last_error = serde_json::from_str(&t).unwrap(),
+                Some(Ok(Message::Text(t))) => last_error = read_server_frame(&t).into_refusal(),
                 Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string(), last_error),
                 Some(Ok(_)) => {}
                 _ => return (0, String::new(), last_error),
@@ -489,7 +498,7 @@ async fn a_burst_is_read_slowly_and_a_flood_is_closed() {
     .await
     .expect("the flooder is closed after 20 s of pacing");
     assert_eq!((end.0, end.1.as_str()), (1008, "rate-limited: message flood"), "{:?}", end.2);
-    assert_eq!(end.2["code"], "rate-limited");
+    assert_eq!(end.2.map(|e| e.map(|e| e.code)), Some(Ok(ErrorCode::RateLimited)));
     sender.abort();
     drop(flood_server);
     let relayed = reader.await.unwrap();

@@ -3,12 +3,17 @@
 
 use webcall_testkit as common;
 
+use common::msg::{hello, peers};
 use common::{Client, ServerProc};
-use serde_json::json;
 use std::time::Instant;
 use str0m::media::{Direction, MediaKind};
 use str0m::Rtc;
-use webcall_protocol::{Join, Signal, BYE};
+use webcall_protocol::{ErrorCode, Join, PeerData, ServerMessage as M, Signal, BYE, SFU_PEER};
+
+/// `{"type":"topology","mode":"sfu"}`.
+fn to_sfu() -> M {
+    M::Topology { mode: "sfu".into(), restart: false }
+}
 
 /// A browser-like offer: audio and video, sendrecv.
 fn offer() -> String {
@@ -33,48 +38,48 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     let (mut b, _) = Client::join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
     let (mut c, w) = Client::join_sfu(&url, "r", "C").await;
-    assert_eq!(w["peers"].as_array().unwrap().len(), 2);
-    assert_eq!(c.expect("topology").await["mode"], "sfu");
-    assert_eq!(a.expect("topology").await["mode"], "sfu");
-    assert_eq!(a.expect("hello").await["name"], "C");
-    assert_eq!(b.expect("topology").await["mode"], "sfu");
+    assert_eq!(peers(w).len(), 2);
+    assert_eq!(c.recv().await, to_sfu());
+    assert_eq!(a.recv().await, to_sfu());
+    assert_eq!(a.recv().await, hello(&c.id, "C"));
+    assert_eq!(b.recv().await, to_sfu());
     b.expect("hello").await;
 
     // A offers to the SFU and gets its answer (ICE-lite, the media port as the candidate).
     let (mut a_rtc, a_offer, a_pending) = offer_from();
-    a.relay("sfu", Signal::Offer(a_offer)).await;
-    let answer = a.expect("answer").await;
-    assert_eq!(answer["from"], "sfu");
-    let sdp = answer["sdp"].as_str().unwrap();
+    a.relay(SFU_PEER, Signal::Offer(a_offer)).await;
+    let M::Answer { from, sdp } = a.expect("answer").await else { unreachable!() };
+    assert_eq!(from, SFU_PEER);
     assert!(sdp.contains("a=ice-lite") && sdp.contains(" typ host"), "{sdp}");
-    a_rtc.sdp_api().accept_answer(a_pending, str0m::change::SdpAnswer::from_sdp_string(sdp).unwrap()).unwrap();
+    a_rtc.sdp_api().accept_answer(a_pending, str0m::change::SdpAnswer::from_sdp_string(&sdp).unwrap()).unwrap();
 
     // B publishes: A gets a server offer carrying B's audio and video, labelled with B's id.
     let b_offer = offer();
-    b.relay("sfu", Signal::Offer(b_offer.clone())).await;
+    b.relay(SFU_PEER, Signal::Offer(b_offer.clone())).await;
     b.expect("answer").await;
-    let o = a.expect("offer").await;
-    assert_eq!(o["from"], "sfu");
-    let tracks = o["tracks"].as_array().unwrap();
-    assert_eq!(tracks.len(), 2, "{o}");
-    assert!(tracks.iter().all(|t| t["peer"] == b.id.as_str()), "{o}");
+    let M::Offer { from, sdp, tracks: Some(tracks) } = a.expect("offer").await else {
+        panic!("an SFU offer has tracks")
+    };
+    assert_eq!(from, SFU_PEER);
+    assert_eq!(tracks.len(), 2, "{tracks:?}");
+    assert!(tracks.iter().all(|t| t.peer == b.id), "{tracks:?}");
     // `peerMid`: each track's m-line in B's own offer (how a page tells B's screen from its camera).
     let mut b_mids: Vec<&str> = b_offer.lines().filter_map(|l| l.trim_end().strip_prefix("a=mid:")).collect();
-    let mut peer_mids: Vec<&str> = tracks.iter().map(|t| t["peerMid"].as_str().unwrap()).collect();
+    let mut peer_mids: Vec<&str> = tracks.iter().map(|t| t.peer_mid.as_str()).collect();
     b_mids.sort();
     peer_mids.sort();
-    assert_eq!(peer_mids, b_mids, "{o}");
-    let mut kinds: Vec<&str> = tracks.iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    assert_eq!(peer_mids, b_mids, "{tracks:?}");
+    let mut kinds: Vec<&str> = tracks.iter().map(|t| t.kind.as_str()).collect();
     kinds.sort();
     assert_eq!(kinds, ["audio", "video"]);
-    let server_offer = str0m::change::SdpOffer::from_sdp_string(o["sdp"].as_str().unwrap()).unwrap();
+    let server_offer = str0m::change::SdpOffer::from_sdp_string(&sdp).unwrap();
     let a_answer = a_rtc.sdp_api().accept_offer(server_offer).unwrap().to_sdp_string();
-    a.relay("sfu", Signal::Answer(a_answer)).await;
+    a.relay(SFU_PEER, Signal::Answer(a_answer)).await;
 
     // An unreadable SDP gets a clear error.
-    c.relay("sfu", Signal::Offer("v=0 nonsense".into())).await;
-    let e = c.expect_error("bad-field").await;
-    assert_eq!(e["ref"], "offer");
+    c.relay(SFU_PEER, Signal::Offer("v=0 nonsense".into())).await;
+    let e = c.expect_error(ErrorCode::BadField).await;
+    assert_eq!(e.refers_to.as_deref(), Some("offer"));
 
     // /metrics: A's and B's audio and video are published.
     let m = server.metrics();
@@ -84,9 +89,8 @@ async fn auto_moves_the_third_peer_to_the_sfu_which_answers_and_offers_tracks() 
     // B leaves: A gets an offer without B's tracks; the room stays on the SFU.
     b.send_text(BYE).await;
     loop {
-        let m = a.recv().await;
-        if m["type"] == "offer" {
-            assert_eq!(m["tracks"], json!([]), "{m}");
+        if let M::Offer { from, tracks, .. } = a.recv().await {
+            assert_eq!((from.as_str(), tracks), (SFU_PEER, Some(vec![])));
             break;
         }
     }
@@ -98,10 +102,10 @@ async fn a_v1_client_is_refused_by_an_sfu_room_with_needs_sfu() {
     let url = server.ws_url();
     let mut v1 = Client::connect(&url).await;
     v1.send_join(Join::new("r", "old")).await;
-    let e = v1.expect_error("needs-sfu").await;
-    assert_eq!(e["ref"], "join");
+    let e = v1.expect_error(ErrorCode::NeedsSfu).await;
+    assert_eq!(e.refers_to.as_deref(), Some("join"));
     let (mut s, _) = Client::join_sfu(&url, "r", "new").await;
-    assert_eq!(s.expect("topology").await["mode"], "sfu");
+    assert_eq!(s.recv().await, to_sfu());
 }
 
 #[tokio::test]
@@ -112,8 +116,8 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     let (mut b, _) = Client::join_sfu(&url, "r", "B").await;
     a.expect("hello").await;
     // Peer-to-peer: `data` is refused (the data channel carries it).
-    a.send_data(&json!({"type":"chat","text":"p2p"})).await;
-    assert_eq!(a.expect_error("needs-sfu").await["ref"], "data");
+    a.send_data(&PeerData::chat("p2p", "A", 1).to_value()).await;
+    assert_eq!(a.expect_error(ErrorCode::NeedsSfu).await.refers_to.as_deref(), Some("data"));
     // The third moves the room to the SFU, past --max-peers 2 (SFU rooms have --max-sfu-peers).
     let (mut c, _) = Client::join_sfu(&url, "r", "C").await;
     c.expect("topology").await;
@@ -124,25 +128,24 @@ async fn an_auto_room_on_the_sfu_refuses_v1_passes_data_on_and_has_its_own_cap()
     // A protocol v1 client (no "sfu":true) gets needs-sfu, and nothing else happens.
     let mut v1 = Client::connect(&url).await;
     v1.send_join(Join::new("r", "old")).await;
-    let e = v1.expect_error("needs-sfu").await;
-    assert_eq!(e["ref"], "join");
+    let e = v1.expect_error(ErrorCode::NeedsSfu).await;
+    assert_eq!(e.refers_to.as_deref(), Some("join"));
     // A fourth SFU client is over --max-sfu-peers 3.
     let mut d = Client::connect(&url).await;
     d.send_join(Join { sfu: true, ..Join::new("r", "D") }).await;
-    d.expect_error("room-full").await;
+    d.expect_error(ErrorCode::RoomFull).await;
     // `data` reaches every other member unchanged, with `from`.
-    let chat = json!({"type":"chat","text":"hi \"all\"","name":"A","ts":1});
+    let chat = PeerData::chat("hi \"all\"", "A", 1).to_value();
     a.send_data(&chat).await;
     for x in [&mut b, &mut c] {
-        let m = x.expect("data").await;
-        assert_eq!((&m["from"], &m["data"]), (&json!(a.id), &chat), "{m}");
+        assert_eq!(x.recv().await, M::Data { from: a.id.clone(), data: chat.clone() });
     }
     // A mesh room (clients without SFU) is bounded by --max-peers 2.
     let (_x, _) = Client::join(&url, "m", "X").await;
     let (_y, _) = Client::join(&url, "m", "Y").await;
     let mut z = Client::connect(&url).await;
     z.send_join(Join::new("m", "Z")).await;
-    z.expect_error("room-full").await;
+    z.expect_error(ErrorCode::RoomFull).await;
 }
 
 #[tokio::test]
@@ -150,10 +153,10 @@ async fn mesh_keeps_three_peers_peer_to_peer() {
     let server = ServerProc::start(&["--topology", "mesh"]);
     let url = server.ws_url();
     let (mut a, _) = Client::join_sfu(&url, "r", "A").await;
-    Client::join_sfu(&url, "r", "B").await;
-    Client::join_sfu(&url, "r", "C").await;
-    assert_eq!(a.expect("hello").await["name"], "B");
-    assert_eq!(a.expect("hello").await["name"], "C");
-    a.relay("sfu", Signal::Offer(offer())).await;
-    a.expect_error("unknown-peer").await;
+    let (b, _) = Client::join_sfu(&url, "r", "B").await;
+    let (c, _) = Client::join_sfu(&url, "r", "C").await;
+    assert_eq!(a.recv().await, hello(&b.id, "B"));
+    assert_eq!(a.recv().await, hello(&c.id, "C"));
+    a.relay(SFU_PEER, Signal::Offer(offer())).await;
+    a.expect_error(ErrorCode::UnknownPeer).await;
 }

@@ -6,11 +6,11 @@
 use webcall_testkit as common;
 
 use common::{Client, ServerProc};
-use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use webcall_protocol::{IceServer, ServerMessage};
 
 fn have_coturn() -> bool {
     let ok = ["turnutils_uclient", "turnutils_peer", "turnutils_stunclient", "turnserver"].iter().all(|b| {
@@ -89,25 +89,26 @@ fn summary(out: std::process::Output) -> (bool, u64, u64, u64, String) {
     (out.status.success(), num("tot_send_msgs="), num("tot_recv_msgs="), num("Total lost packets"), text)
 }
 
+/// The welcome's `iceServers`.
+fn ice_servers(w: &ServerMessage) -> &[IceServer] {
+    let ServerMessage::Welcome { ice_servers, .. } = w else { panic!("not a welcome: {w:?}") };
+    ice_servers
+}
+
 /// The welcome's TURN entry: (host, port, username, credential), and the STUN URL's port.
-fn turn_entry(w: &Value) -> (String, u16, String, String, u16) {
-    let servers = w["iceServers"].as_array().expect("iceServers");
-    let stun = servers
-        .iter()
-        .flat_map(|s| s["urls"].as_array().unwrap())
-        .find_map(|u| u.as_str()?.strip_prefix("stun:"))
-        .expect("a stun: URL");
-    let t = servers.iter().find(|s| s["username"].is_string()).expect("an entry with credentials");
-    let url =
-        t["urls"].as_array().unwrap().iter().find_map(|u| u.as_str()?.strip_prefix("turn:")).expect("a turn: URL");
+fn turn_entry(w: &ServerMessage) -> (String, u16, String, String, u16) {
+    let servers = ice_servers(w);
+    let stun = servers.iter().flat_map(|s| &s.urls).find_map(|u| u.strip_prefix("stun:")).expect("a stun: URL");
+    let t = servers.iter().find(|s| s.username.is_some()).expect("an entry with credentials");
+    let url = t.urls.iter().find_map(|u| u.strip_prefix("turn:")).expect("a turn: URL");
     let hostport = url.split('?').next().unwrap();
     let (host, port) = hostport.rsplit_once(':').unwrap();
     let stun_port = stun.rsplit_once(':').unwrap().1.parse().unwrap();
     (
         host.to_owned(),
         port.parse().unwrap(),
-        t["username"].as_str().unwrap().to_owned(),
-        t["credential"].as_str().unwrap().to_owned(),
+        t.username.clone().unwrap(),
+        t.credential.clone().expect("a credential with the username"),
         stun_port,
     )
 }
@@ -119,14 +120,14 @@ async fn welcome_credentials_relay_through_the_builtin_turn() {
     }
     let server = ServerProc::start(&["--turn-listen", "127.0.0.1:0", "--turn-allow-peer", "127.0.0.0/8"]);
     assert!(server.banner.iter().any(|l| l.contains("STUN/TURN on udp+tcp 127.0.0.1:")), "{:?}", server.banner);
-    let (_c, w) = Client::join(&server.ws_url(), "relay", "A").await;
+    let (c, w) = Client::join(&server.ws_url(), "relay", "A").await;
     let (host, port, user, cred, stun_port) = turn_entry(&w);
     assert_eq!(host, "127.0.0.1");
     assert_eq!(stun_port, port);
-    let id = w["id"].as_str().unwrap();
-    assert!(user.ends_with(&format!(":{id}")), "TURN REST username <expiry>:<peer id>: {user}");
-    let urls = w["iceServers"].to_string();
-    assert!(urls.contains("transport=udp") && urls.contains("transport=tcp"), "{urls}");
+    assert!(user.ends_with(&format!(":{}", c.id)), "TURN REST username <expiry>:<peer id>: {user}");
+    let urls: Vec<&String> = ice_servers(&w).iter().flat_map(|s| &s.urls).collect();
+    let has = |t: &str| urls.iter().any(|u| u.contains(t));
+    assert!(has("transport=udp") && has("transport=tcp"), "{urls:?}");
 
     let stun = Command::new("timeout")
         .args(["20", "turnutils_stunclient", "-p", &port.to_string(), "127.0.0.1"])

@@ -3,9 +3,9 @@
 
 use webcall_testkit as common;
 
+use common::msg::{hello, offer};
 use common::{Client, Ended, ServerProc};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,7 +43,7 @@ async fn a_message_in_fragments_is_one_message() {
     let url = server.ws_url();
     let (mut a, _) = Client::join(&url, "frag", "A").await;
     let mut b = Client::connect(&url).await;
-    let join = json!({"type":"join","room":"frag","name":"B"}).to_string();
+    let join = webcall_protocol::Join::new("frag", "B").to_json();
     let (one, two) = join.as_bytes().split_at(10);
     let (two, three) = two.split_at(7);
     b.ws.send(Message::Frame(Frame::message(one.to_vec(), OpCode::Data(Data::Text), false))).await.unwrap();
@@ -51,8 +51,8 @@ async fn a_message_in_fragments_is_one_message() {
     b.ws.send(Message::Ping(Vec::new().into())).await.unwrap();
     b.ws.send(Message::Frame(Frame::message(two.to_vec(), OpCode::Data(Data::Continue), false))).await.unwrap();
     b.ws.send(Message::Frame(Frame::message(three.to_vec(), OpCode::Data(Data::Continue), true))).await.unwrap();
-    let w = b.expect("welcome").await;
-    assert_eq!(a.expect("hello").await["from"], w["id"]);
+    b.expect_welcome().await;
+    assert_eq!(a.recv().await, hello(&b.id, "B"));
 }
 
 #[tokio::test]
@@ -64,14 +64,73 @@ async fn many_messages_in_one_write_are_all_relayed_in_order() {
     a.expect("hello").await;
     // Queue 40 frames in the client and write them together: the server reads many frames per read.
     for i in 0..40 {
-        let m = json!({"type":"offer","to":b.id,"sdp":format!("sdp {i} {}", "x".repeat(i * 50))});
-        a.ws.feed(Message::text(m.to_string())).await.unwrap();
+        let m = webcall_protocol::Signal::Offer(format!("sdp {i} {}", "x".repeat(i * 50))).to_json(&b.id);
+        a.ws.feed(Message::text(m)).await.unwrap();
     }
     a.ws.flush().await.unwrap();
     for i in 0..40 {
-        let m = b.expect("offer").await;
-        assert_eq!(m["sdp"], format!("sdp {i} {}", "x".repeat(i * 50)));
+        assert_eq!(b.recv().await, offer(&a.id, &format!("sdp {i} {}", "x".repeat(i * 50))));
     }
+}
+
+/// Several senders relay to one receiver at once while it does not read, so the receiver's frames queue up and are
+/// written in pieces as its socket drains: every message still arrives once, whole, in each sender's order. (Also
+/// the test for any write path that bypasses the queue; one tried in 4513e20 broke it when leftovers were lost.)
+#[tokio::test]
+async fn concurrent_senders_to_a_stalled_receiver_arrive_whole_and_in_order() {
+    let server = ServerProc::start(&[
+        "--max-queued-messages",
+        "1000",
+        "--max-queued-bytes",
+        "16777216",
+        "--rate-limit",
+        "100000",
+        "--max-peers",
+        "8",
+    ]);
+    let url = server.ws_url();
+    let (mut rx, _) = Client::join(&url, "fan-in", "R").await;
+    const SENDERS: usize = 4;
+    const EACH: usize = 100;
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let (c, _) = Client::join(&url, "fan-in", &format!("S{s}")).await;
+        assert_eq!(rx.recv().await, hello(&c.id, &format!("S{s}")));
+        senders.push(c);
+    }
+    let to = rx.id.clone();
+    // 4 × 100 × ~20 KB: far more than loopback's socket buffers while the receiver is stalled.
+    let body = |s: usize, i: usize| format!("{s} {i} {}", "y".repeat(20_000 + (i * 37) % 500));
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(s, mut c)| {
+            let to = to.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    c.relay(&to, webcall_protocol::Signal::Offer(body(s, i))).await;
+                }
+                c
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut next = [0usize; SENDERS];
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().id.clone());
+    }
+    for _ in 0..SENDERS * EACH {
+        let m = rx.recv().await;
+        let webcall_protocol::ServerMessage::Offer { from, sdp, .. } = m else {
+            panic!("expected an offer, got {m:?}")
+        };
+        let s = ids.iter().position(|id| *id == from).expect("from a sender");
+        assert_eq!(sdp, body(s, next[s]), "sender {s}'s message {}", next[s]);
+        next[s] += 1;
+    }
+    assert_eq!(next, [EACH; SENDERS]);
+    rx.expect_silence(Duration::from_millis(200)).await;
 }
 
 /// A raw TCP client that did the WebSocket handshake, for frames no client library would send.
