@@ -79,8 +79,8 @@ pub struct Admitted {
     pub sfu_room: bool,
 }
 
-/// A cluster node's room core: the single-node core ([`Rooms`], reached through `Deref`: connections, timers and
-/// the queries) with the cluster's inputs and outputs around it (its own [`ClusterRooms::message`] and
+/// A cluster node's room core: the single-node core ([`Rooms`]: the driver reaches it through `BorrowMut`, the layer
+/// through the explicit delegations below) with the cluster's inputs and outputs around it (its own [`ClusterRooms::message`] and
 /// [`ClusterRooms::poll_output`] come first).
 pub struct ClusterRooms {
     core: Rooms,
@@ -93,19 +93,6 @@ pub struct ClusterRooms {
     awaiting: HashMap<Arc<str>, ConnId>,
 }
 
-impl std::ops::Deref for ClusterRooms {
-    type Target = Rooms;
-    fn deref(&self) -> &Rooms {
-        &self.core
-    }
-}
-
-impl std::ops::DerefMut for ClusterRooms {
-    fn deref_mut(&mut self) -> &mut Rooms {
-        &mut self.core
-    }
-}
-
 impl std::borrow::Borrow<Rooms> for ClusterRooms {
     fn borrow(&self) -> &Rooms {
         &self.core
@@ -115,6 +102,40 @@ impl std::borrow::Borrow<Rooms> for ClusterRooms {
 impl std::borrow::BorrowMut<Rooms> for ClusterRooms {
     fn borrow_mut(&mut self) -> &mut Rooms {
         &mut self.core
+    }
+}
+
+/// The core's queries and inputs the cluster layer and its driver use, delegated explicitly (no `Deref`: a core
+/// method the layer does not forward here is not reachable through it by accident).
+impl ClusterRooms {
+    /// See [`Rooms::stats`].
+    pub fn stats(&self) -> crate::Stats {
+        self.core.stats()
+    }
+
+    /// See [`Rooms::tick`].
+    pub fn tick(&mut self, now: Instant) {
+        self.core.tick(now)
+    }
+
+    /// See [`Rooms::peer_of`].
+    pub fn peer_of(&self, conn: ConnId) -> Option<&str> {
+        self.core.peer_of(conn)
+    }
+
+    /// See [`Rooms::sfu_frame`].
+    pub fn sfu_frame(&mut self, peer: &str, frame: Frame) -> bool {
+        self.core.sfu_frame(peer, frame)
+    }
+
+    /// See [`Rooms::room_is_sfu`].
+    pub fn room_is_sfu(&self, room: &str) -> bool {
+        self.core.room_is_sfu(room)
+    }
+
+    /// See [`Rooms::is_recording`].
+    pub fn is_recording(&self, room: &str) -> bool {
+        self.core.is_recording(room)
     }
 }
 
