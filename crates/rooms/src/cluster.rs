@@ -79,9 +79,9 @@ pub struct Admitted {
     pub sfu_room: bool,
 }
 
-/// A cluster node's room core: the single-node core ([`Rooms`]: the driver reaches it through `BorrowMut`, the layer
-/// through the explicit delegations below) with the cluster's inputs and outputs around it (its own [`ClusterRooms::message`] and
-/// [`ClusterRooms::poll_output`] come first).
+/// A cluster node's room core: the single-node core ([`Rooms`]: the driver reaches it through `BorrowMut`, the
+/// layer through the explicit delegations below) with the cluster's inputs and outputs around it (its own
+/// [`ClusterRooms::message`] and [`ClusterRooms::poll_output`] come first).
 pub struct ClusterRooms {
     core: Rooms,
     /// The layer's output channel: the core's outputs, translated, with the layer's own in order between them.

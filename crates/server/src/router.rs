@@ -246,12 +246,7 @@ impl<C: RoomCore, L: Layer<C>> Driver<C, L> {
 
     /// Feeds the core (`f`) and dispatches what it put out.
     pub fn with<R>(&self, f: impl FnOnce(&mut Core<C, L>, Instant) -> R) -> R {
-        let mut inner = self.inner.lock();
-        let now = Instant::now();
-        inner.latest = now;
-        let r = f(&mut inner, now);
-        inner.dispatch(now);
-        r
+        self.with_at(Instant::now(), f)
     }
 
     /// [`Driver::with`] at a time the caller read before taking the lock (never earlier than what the core saw).

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWriteExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::handshake::derive_accept_key;
-use webcall_wsframe::{opcode, Decoder, Event, Violation, MAX_HEADER};
+use webcall_wsframe::{opcode, Decoder, Event, Violation};
 
 /// An accepted WebSocket, boxed: the connection's future moves it through a few layers of `async` (each of which
 /// would otherwise keep its own copy for the connection's life).
@@ -265,41 +265,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
     }
 
     /// Writes text frames with these payloads (all of them, or fails) without a buffer of their own in the usual
-    /// case: encoded into a per-thread buffer and written from there with one `send`. Only what the socket does not
-    /// take at once is copied into a buffer of the connection's and written from there. (A buffer per write meant an
-    /// allocation for each relayed message, ~1 KiB: past glibc's per-thread cache, so on its slower path.)
+    /// case: encoded into a per-thread buffer and written from there with one `send` ([`Socket::try_write_texts`]).
+    /// Only what the socket does not take at once is copied into a buffer of the connection's and written from
+    /// there. (A buffer per write meant an allocation for each relayed message, ~1 KiB: past glibc's per-thread
+    /// cache, so on its slower path.)
     pub async fn write_texts<P: AsRef<str>>(&mut self, payloads: &[P]) -> io::Result<()> {
-        let total: usize = payloads.iter().map(|p| p.as_ref().len() + MAX_HEADER).sum();
-        let encode = |out: &mut Vec<u8>| {
-            for p in payloads {
-                webcall_wsframe::encode(out, opcode::TEXT, p.as_ref().as_bytes());
-            }
-        };
-        let io = &mut self.io;
-        // Polled with the buffer borrowed only within each poll (the future holds nothing across a wait), so a poll
-        // after `Pending` (the socket was full: rare, and then woken at most once more per batch) encodes again.
-        let (written, len) = std::future::poll_fn(|cx| {
-            WRITE_BUF.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                buf.clear();
-                encode(&mut buf);
-                let r = Pin::new(&mut *io).poll_write(cx, &buf);
-                let len = buf.len();
-                // A burst's buffer is not kept.
-                if buf.capacity() > WRITE_BUF_KEEP {
-                    *buf = Vec::new();
-                }
-                r.map_ok(|n| (n, len))
-            })
-        })
-        .await?;
-        if written < len {
-            let mut rest = Vec::with_capacity(total);
-            encode(&mut rest);
-            rest.drain(..written);
-            self.io.write_all(&rest).await?;
+        match self.try_write_texts(payloads)? {
+            None => Ok(()),
+            Some(rest) => self.write(&rest).await,
         }
-        self.io.flush().await
     }
 
     /// Writes one frame.

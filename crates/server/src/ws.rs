@@ -42,15 +42,8 @@ enum Step {
 /// Takes this connection's queued frames and writes them (all that are queued, in one write), until none are left.
 /// `Stop` when the connection is done (a write failed or timed out, or a close was asked for: then the close frame
 /// has been sent, after every frame queued before the request).
-/// `rest`: bytes a [`quick_flush`] could not write, written first.
-async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId, rest: Vec<u8>) -> Step {
-    if !rest.is_empty() {
-        let limit = if signal.close_requested().is_some() { CLOSE_GRACE } else { WRITE_TIMEOUT };
-        if !matches!(timeout(limit, socket.write(&rest)).await, Ok(Ok(()))) {
-            send_close(socket, signal).await;
-            return Step::Stop;
-        }
-    }
+/// `rest`: bytes a [`quick_flush`] could not write, written first (in the first write, with its timeouts).
+async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, conn: ConnId, mut rest: Vec<u8>) -> Step {
     // Local, not kept between wake-ups: an idle connection holds no frame buffer.
     let mut buf: Vec<Frame> = Vec::new();
     loop {
@@ -59,7 +52,7 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
         // requested in between went out without the frames queued with it.)
         let closing = signal.close_requested().is_some();
         state.router.take(conn, &mut buf);
-        if buf.is_empty() {
+        if buf.is_empty() && rest.is_empty() {
             if closing {
                 send_close(socket, signal).await;
                 return Step::Stop;
@@ -71,7 +64,12 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
         // Wake-ups during the write mean more frames (take again after it) or a close request.
         let mut again = false;
         let written = {
-            let write = timeout(limit, socket.write_texts(&buf));
+            let write = timeout(limit, async {
+                if !rest.is_empty() {
+                    socket.write(&rest).await?;
+                }
+                socket.write_texts(&buf).await
+            });
             tokio::pin!(write);
             loop {
                 tokio::select! {
@@ -88,6 +86,7 @@ async fn flush(socket: &mut WebSocket, state: &AppState, signal: &ConnSignal, co
             }
         };
         buf.clear();
+        rest = Vec::new();
         if !written {
             send_close(socket, signal).await;
             return Step::Stop;
