@@ -533,7 +533,6 @@ impl Session {
     }
 }
 
-/// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
 /// A session's socket for sending: tokio's, or the counting subscriber's plain one (read by a thread, see
 /// [`crate::rtc::bind_udp_counting`]).
 enum SendSocket {
@@ -550,6 +549,7 @@ impl SendSocket {
     }
 }
 
+/// RTP, not RTCP (RFC 7983 first byte 128-191; RFC 5761 RTCP packet types 192-223 in the second byte).
 pub(crate) fn is_rtp(d: &[u8]) -> bool {
     d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }
