@@ -6,8 +6,11 @@
 //! nodes travel on `links` (module): sequenced, acknowledged and replayed from the sender's buffer, so a Redis blip,
 //! restart or failover delays them but loses nothing.
 
+mod layer;
 mod links;
 mod scripts;
+
+pub use layer::{AdmitKind, Admitted, ClusterOutput, ClusterRooms, LocalSession};
 
 use redis::aio::ConnectionManager;
 use redis::Value;
@@ -18,10 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use webcall_protocol::{ErrorCode, PeerInfo, ProtocolError};
 use webcall_protocol::{RelayKind, TrackView};
-use webcall_rooms::{
-    AdmitKind, Admitted, ClusterOutput, ClusterRooms, ConnId, Counters, Frame, IceProvider, JoinPolicy, SfuRequest,
-    Stats, Topology,
-};
+use webcall_rooms::{ConnId, Counters, Frame, IceProvider, JoinPolicy, SfuRequest, Stats, Topology};
 use webcall_server::router::{shrink_sparse, ConnSignal, Core, Driver, Layer, Router};
 use webcall_server::sfu::SfuSink;
 

@@ -11,11 +11,12 @@
 //! losing what was queued for it. So `take` is a pull, like quinn's `poll_transmit`, not an output: the writer
 //! calls it when its socket is ready, and what it has not taken still counts against the connection's bounds.
 //!
-//! The core is single-node. A layer may wrap it ([`RoomCore`]; the cluster's is [`ClusterRooms`]): it takes some
-//! inputs itself (joins), and may add *remote* members, members whose sessions live outside this core. Those
-//! appear in `welcome` and can be addressed, but the core only passes frames for them on ([`Output::Forward`]) and
-//! tells them nothing of joins, leaves or topology (their own host does); it ends no media session for them and
-//! reports no [`Output::Left`]. On a single node there are none, and these outputs never occur.
+//! The core is single-node. A layer may wrap it ([`RoomCore`]; the cluster's is `webcall_cluster::ClusterRooms`,
+//! built on the core's public API alone, the part of it for layers being in `layer.rs`): it takes some inputs
+//! itself (joins), and may add *remote* members, members whose sessions live outside this core. Those appear in
+//! `welcome` and can be addressed, but the core only passes frames for them on ([`Output::Forward`]) and tells them
+//! nothing of joins, leaves or topology (their own host does); it ends no media session for them and reports no
+//! [`Output::Left`]. On a single node there are none, and these outputs never occur.
 
 use indexmap::IndexMap;
 use rand::rngs::StdRng;
@@ -331,7 +332,7 @@ impl Output {
     }
 }
 
-/// What a router drives: the single-node [`Rooms`], or a layer around one (e.g. [`ClusterRooms`]) that takes some
+/// What a router drives: the single-node [`Rooms`], or a layer around one (e.g. the cluster's) that takes some
 /// inputs itself and adds outputs of its own (`Extra`). Every other input goes to the core ([`BorrowMut`]).
 pub trait RoomCore: BorrowMut<Rooms> + Send + 'static {
     type Extra: std::fmt::Debug + Send;
@@ -437,7 +438,7 @@ struct Peer {
 
 /// Whether a session may send `record`, and if not, which refusal it hears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RecordGrant {
+pub enum RecordGrant {
     Granted,
     /// Its join token does not grant `record`.
     NotGranted,
@@ -634,9 +635,9 @@ impl Rooms {
     }
 
     /// [`Rooms::message`] but for a `join`, which is returned for the caller to decide (a layer around the core
-    /// admits joins its own way).
+    /// admits joins its own way: [`Rooms::may_join`] first).
     #[inline]
-    pub(crate) fn read<'t>(&mut self, conn: ConnId, text: &'t str, now: Instant) -> Option<Join<'t>> {
+    pub fn read<'t>(&mut self, conn: ConnId, text: &'t str, now: Instant) -> Option<Join<'t>> {
         self.now = now;
         if !self.accepting(conn) {
             return None;
@@ -795,7 +796,8 @@ impl Rooms {
         self.conns.get(&conn).and_then(|c| c.peer.as_deref())
     }
 
-    fn accepting(&self, conn: ConnId) -> bool {
+    /// Whether the core still reads from `conn` (it exists and is not closing).
+    pub fn accepting(&self, conn: ConnId) -> bool {
         self.conns.get(&conn).is_some_and(|c| !c.closing)
     }
 
@@ -808,7 +810,8 @@ impl Rooms {
         self.close(conn, close::TOO_BIG, "message too large");
     }
 
-    fn refuse(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
+    /// `conn` hears `e`, which counts against its error budget: past [`Config::max_errors`] it is closed.
+    pub fn refuse(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
         self.counters.errors[e.code] += 1;
         self.push(conn, Arc::from(e.to_json()));
         let max = self.cfg.max_errors;
@@ -927,7 +930,7 @@ impl Rooms {
     }
 
     /// The checks every join takes, wherever it is admitted: `false` when `conn` was refused.
-    pub(crate) fn may_join(&mut self, conn: ConnId, now: Instant) -> bool {
+    pub fn may_join(&mut self, conn: ConnId, now: Instant) -> bool {
         if let Some(id) = self.conns[&conn].peer.clone() {
             let room = &self.peers[&id].room;
             let e = ProtocolError::new(ErrorCode::AlreadyJoined, format!("already in room '{room}'; send bye first"));
@@ -1077,8 +1080,7 @@ impl Rooms {
         self.conns.get_mut(&conn).expect("live").peer = Some(id.clone());
         self.welcome(conn, &id, false);
         if switched {
-            self.rooms[room_index].sfu = true;
-            self.broadcast(&room, &id, Arc::from(encode_topology_sfu()));
+            self.switch_to_sfu(&room, &id);
         }
         if self.rooms[room_index].sfu {
             self.push(conn, Arc::from(encode_topology_sfu()));
@@ -1168,12 +1170,18 @@ impl Rooms {
         let p = self.peers.get_mut(&id).expect("live");
         p.epoch += 1; // cancels the pending expiry
         backlog.extend(p.pending.drain(..));
+        self.seat_on(conn, &id, true, backlog);
+    }
+
+    /// Joins session `id` (already pointing at `conn`) to `conn`: `welcome`, the room's state, then `backlog`,
+    /// which the connection's bounds make room for.
+    fn seat_on(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool, backlog: Queue) {
         let c = self.conns.get_mut(&conn).expect("live");
         c.peer = Some(id.clone());
         c.limit = self.cfg.max_queued + backlog.len() + 1;
         c.limit_bytes = self.cfg.max_queued_bytes + backlog.bytes() + 1;
-        self.welcome(conn, &id, true);
-        let room = self.peers[&id].room.clone();
+        self.welcome(conn, id, resumed);
+        let room = self.peers[id].room.clone();
         if self.room_is_sfu(&room) {
             self.push(conn, Arc::from(encode_topology_sfu()));
         }
@@ -1374,11 +1382,6 @@ impl Rooms {
         }
     }
 
-    /// Whether any member of the room is not remote.
-    fn has_local_members(&self, room: &str) -> bool {
-        self.rooms.get(room).is_some_and(|r| r.members.iter().any(|m| !self.peers[m].remote))
-    }
-
     /// Drops a room that has only remote members left.
     fn forget_room(&mut self, room: &str) {
         if let Some(r) = self.rooms.swap_remove(room) {
@@ -1416,8 +1419,11 @@ impl Rooms {
     }
 }
 
-pub mod cluster;
-pub use cluster::{AdmitKind, Admitted, ClusterOutput, ClusterRooms, LocalSession};
+mod layer;
+pub use layer::{Member, Seat};
+
+#[cfg(any(test, feature = "harness"))]
+pub mod harness;
 
 #[cfg(test)]
 mod tests;

@@ -1,62 +1,9 @@
 //! The room logic driven by hand: no sockets, simulated time.
 
 use super::*;
+use crate::harness::Harness;
 use serde_json::Value;
 use webcall_protocol::{Join, Signal, BYE};
-
-/// A room core (`Rooms`, or the `ClusterRooms` around one) driven by hand, in simulated time.
-pub(crate) struct Harness<R: RoomCore = Rooms> {
-    pub(crate) rooms: R,
-    pub(crate) now: Instant,
-    next_conn: ConnId,
-    /// Outputs polled but not yet looked at (connection outputs, SFU requests and leaves are read separately).
-    polled: Vec<Output<R::Extra>>,
-}
-
-impl<R: RoomCore> Harness<R> {
-    pub(crate) fn over(rooms: R, now: Instant) -> Self {
-        Harness { rooms, now, next_conn: 1, polled: Vec::new() }
-    }
-    fn core(&mut self) -> &mut Rooms {
-        self.rooms.borrow_mut()
-    }
-    pub(crate) fn connect(&mut self) -> ConnId {
-        let (c, now) = (self.next_conn, self.now);
-        self.next_conn += 1;
-        self.core().connect(c, now);
-        c
-    }
-    pub(crate) fn send(&mut self, conn: ConnId, text: &str) {
-        let now = self.now;
-        self.rooms.message(conn, text, now);
-    }
-    pub(crate) fn send_json(&mut self, conn: ConnId, v: Value) {
-        self.send(conn, &v.to_string());
-    }
-    /// Everything queued for `conn`, parsed.
-    pub(crate) fn recv(&mut self, conn: ConnId) -> Vec<Value> {
-        self.core().check_invariants();
-        let mut buf = Vec::new();
-        self.core().take(conn, &mut buf);
-        buf.iter().map(|f| serde_json::from_str(f).unwrap()).collect()
-    }
-    fn outputs(&mut self) -> Vec<Output<R::Extra>> {
-        self.split(|o| !matches!(o, Output::Sfu(_) | Output::Left { .. }))
-    }
-    /// The outputs (in order) that `pick` selects; the others stay for the next look.
-    pub(crate) fn split(&mut self, pick: impl Fn(&Output<R::Extra>) -> bool) -> Vec<Output<R::Extra>> {
-        let polled: Vec<Output<R::Extra>> = std::iter::from_fn(|| self.rooms.poll_output()).collect();
-        self.polled.extend(polled);
-        let (picked, rest) = std::mem::take(&mut self.polled).into_iter().partition(|o| pick(o));
-        self.polled = rest;
-        picked
-    }
-    fn advance(&mut self, d: Duration) {
-        self.now += d;
-        let now = self.now;
-        self.core().tick(now);
-    }
-}
 
 impl Harness {
     fn new(cfg: Config) -> Self {
@@ -741,8 +688,7 @@ fn a_resumed_peer_of_an_sfu_room_is_told_again() {
 fn an_sfu_only_client_moves_a_small_room_to_the_sfu_or_is_refused() {
     let mut h = Harness::new(Config::default());
     let (a, _, _) = h.join_sfu("r", "A");
-    let w = h.next_conn;
-    h.next_conn += 1;
+    let w = h.conn_id();
     h.rooms.connect_sfu_only(w, h.now);
     h.send(w, &Join { sfu: true, ..Join::new("r", "OBS") }.to_json());
     let got = h.recv(w);
@@ -752,16 +698,14 @@ fn an_sfu_only_client_moves_a_small_room_to_the_sfu_or_is_refused() {
     assert!(h.rooms.room_is_sfu("r"));
 
     // A fresh room is an SFU room from the publisher on.
-    let w2 = h.next_conn;
-    h.next_conn += 1;
+    let w2 = h.conn_id();
     h.rooms.connect_sfu_only(w2, h.now);
     h.send(w2, &Join { sfu: true, ..Join::new("fresh", "") }.to_json());
     assert_eq!(h.recv(w2)[1], topology_sfu());
 
     // A room with a v1 member stays as it is; the publisher is refused.
     h.join("v1room", "old");
-    let w3 = h.next_conn;
-    h.next_conn += 1;
+    let w3 = h.conn_id();
     h.rooms.connect_sfu_only(w3, h.now);
     h.send(w3, &Join { sfu: true, ..Join::new("v1room", "") }.to_json());
     assert_eq!(h.recv(w3)[0]["code"], "needs-sfu");
@@ -897,4 +841,36 @@ fn recording_is_refused_when_off_in_a_mesh_room_and_without_the_claim() {
     h.send(x, r#"{"type":"bye"}"#);
     let room: Arc<str> = Arc::from("r");
     assert_eq!(h.sfu_requests().last(), Some(&SfuRequest::Record { room, start: false }));
+}
+
+#[test]
+fn maps_give_back_their_peak_capacity_once_empty() {
+    let now = Instant::now();
+    let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
+    for c in 0..2000 {
+        r.connect(c, now);
+        r.message(c, &format!(r#"{{"type":"join","room":"r{}"}}"#, c / 2), now);
+    }
+    assert!(r.conns.capacity() >= 2000 && r.peers.capacity() >= 2000);
+    for c in 0..2000 {
+        r.message(c, r#"{"type":"bye"}"#, now);
+        r.disconnect(c, now);
+    }
+    std::iter::from_fn(|| r.poll_output()).count();
+    r.tick(now);
+    assert!(r.conns.capacity() < 100, "conns kept {}", r.conns.capacity());
+    assert!(r.peers.capacity() < 100 && r.rooms.capacity() < 100 && r.tokens.capacity() < 100);
+    assert!(r.out.capacity() < 100);
+}
+
+#[test]
+fn a_single_node_forwards_nothing_and_reports_the_leave() {
+    let now = Instant::now();
+    let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
+    r.connect(1, now);
+    r.message(1, r#"{"type":"join","room":"r"}"#, now);
+    r.message(1, r#"{"type":"bye"}"#, now);
+    let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+    assert!(!out.iter().any(|o| matches!(o, Output::Forward { .. })), "{out:?}");
+    assert!(matches!(out.last(), Some(Output::Left { room, .. }) if &**room == "r"), "{out:?}");
 }

@@ -1,6 +1,7 @@
 //! Cluster mode: the same core on every node, with cluster-wide facts decided elsewhere (see `docs/cluster.md`).
 //!
-//! [`ClusterRooms`] is a layer around the single-node core ([`RoomCore`]). A `join` is not decided by the core:
+//! [`ClusterRooms`] is a layer around the single-node core ([`RoomCore`]), sans-IO like it and built on the core's
+//! public API alone (its part for layers: [`Rooms::member`], [`Rooms::seat_detached`], [`Rooms::hand_off`], …). A `join` is not decided by the core:
 //! the layer runs the local checks (policy, this node's room limit) and emits [`ClusterOutput::Join`]; the
 //! adapter takes a seat cluster-wide and answers with [`ClusterRooms::admit`] or [`ClusterRooms::refuse_join`].
 //! Peers of a room that live on other nodes are the core's *remote* members: they appear in `welcome` and can be
@@ -11,8 +12,14 @@
 //! [`ClusterRooms::take_over`] (old node) and [`ClusterRooms::handover`] (new node), so its queue keeps its order.
 //! Every output, the cluster's too, leaves through [`ClusterRooms::poll_output`], in order.
 
-use super::*;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+use webcall_protocol::{encode_topology_sfu_restart, ErrorCode, Join, PeerInfo, ProtocolError};
+use webcall_rooms::{
+    Admission, Config, ConnId, Frame, IceProvider, JoinPolicy, Output, RecordGrant, RecordRefusal, RoomCore, Rooms,
+    Seat,
+};
 
 /// What the cluster adapter must do ([`Output::Layer`] of [`ClusterRooms::poll_output`]); only [`ClusterRooms`]
 /// emits these.
@@ -87,7 +94,7 @@ pub struct ClusterRooms {
     /// The layer's output channel: the core's outputs, translated, with the layer's own in order between them.
     out: VecDeque<Output<ClusterOutput>>,
     /// Connections with a join out for cluster-wide admission (or waiting for a hand-over).
-    joining: HashSet<ConnId, BuildHasherDefault<rustc_hash::FxHasher>>,
+    joining: HashSet<ConnId>,
     /// Sessions resumed here from another node: the connection that gets its welcome when the old node's queue
     /// arrives.
     awaiting: HashMap<Arc<str>, ConnId>,
@@ -109,7 +116,7 @@ impl std::borrow::BorrowMut<Rooms> for ClusterRooms {
 /// method the layer does not forward here is not reachable through it by accident).
 impl ClusterRooms {
     /// See [`Rooms::stats`].
-    pub fn stats(&self) -> crate::Stats {
+    pub fn stats(&self) -> webcall_rooms::Stats {
         self.core.stats()
     }
 
@@ -216,12 +223,12 @@ impl ClusterRooms {
         }
         // Resumes skip the policy as on one node, but whether a token is good is only known cluster-wide: the
         // verdict travels with the join and counts only if it turns out fresh.
-        let (admission, refused) = match self.core.policy.admit(conn, &j) {
+        let (admission, refused) = match self.core.check_policy(conn, &j) {
             Ok(a) => (a, None),
             Err(e) if j.resume.is_none() => return self.core.refuse(conn, e.refers_to("join"), now),
             Err(e) => (Admission::default(), Some(e)),
         };
-        if !self.core.rooms.contains_key(&*j.room) && self.core.rooms.len() >= self.core.cfg.max_rooms {
+        if !self.core.has_room_for(&j.room) {
             let e = ProtocolError::new(ErrorCode::ServerFull, "this server has no room for another room; try later");
             return self.core.refuse(conn, e.refers_to("join"), now);
         }
@@ -239,21 +246,26 @@ impl ClusterRooms {
         });
     }
 
-    /// Replaces the default [`OpenPolicy`].
+    /// Replaces the default [`webcall_rooms::OpenPolicy`].
     pub fn with_policy(mut self, policy: Box<dyn JoinPolicy>) -> Self {
         self.core = self.core.with_policy(policy);
         self
     }
 
     /// Recording stays single-node: with --redis it is always refused (shadows [`Rooms::set_recording`]).
-    pub fn set_recording(&mut self, _room: &str, _start: bool, _by: &str, now: Instant) -> Result<bool, RecordRefusal> {
-        self.core.now = now;
+    pub fn set_recording(
+        &mut self,
+        _room: &str,
+        _start: bool,
+        _by: &str,
+        _now: Instant,
+    ) -> Result<bool, RecordRefusal> {
         Err(RecordRefusal::Clustered)
     }
 
     /// The cluster refused a [`ClusterOutput::Join`] (room full, backend unavailable, …).
     pub fn refuse_join(&mut self, conn: ConnId, e: ProtocolError, now: Instant) {
-        self.core.now = now;
+        self.core.set_now(now);
         // A closing connection reads nothing more: whether it was joining no longer matters.
         if !self.joining.remove(&conn) || !self.core.accepting(conn) {
             return;
@@ -264,49 +276,39 @@ impl ClusterRooms {
     /// Makes the room's remote members match `peers` (the cluster's view when the seat was taken), telling local
     /// members about differences as joins and leaves.
     fn sync_room(&mut self, room: &str, peers: &[PeerInfo], except: &str) {
-        if let Some(r) = self.core.rooms.get(room) {
-            let gone: Vec<Arc<str>> = r
-                .members
-                .iter()
-                .filter(|m| self.core.peers[*m].remote && &***m != except && !peers.iter().any(|p| *p.id == ***m))
-                .cloned()
-                .collect();
-            for id in gone {
-                self.core.leave(&id);
-            }
+        let gone: Vec<Arc<str>> = self
+            .core
+            .room_members(room)
+            .filter(|m| m.remote && **m.id != *except && !peers.iter().any(|p| *p.id == **m.id))
+            .map(|m| m.id.clone())
+            .collect();
+        for id in gone {
+            self.core.remove_remote_member(&id);
         }
         for p in peers {
-            if p.id != except && !self.core.peers.contains_key(p.id.as_str()) {
+            if p.id != except && self.core.member(&p.id).is_none() {
                 self.add_remote(room, &p.id, &p.name);
             }
         }
     }
 
     fn add_remote(&mut self, room: &str, id: &str, name: &str) {
-        let id: Arc<str> = Arc::from(id);
-        self.add_remote_silently(room, &id, name);
-        let p = &self.core.peers[&id];
-        let (room, hello) = (p.room.clone(), Arc::from(encode_hello(&id, &p.name)));
-        self.core.broadcast(&room, &id, hello);
+        self.core.add_remote_member(room, id, name);
+        self.core.announce_join(id);
     }
 
     /// The cluster admitted a join this node asked for.
     pub fn admit(&mut self, a: Admitted, now: Instant) {
-        self.core.now = now;
+        self.core.set_now(now);
         let live = self.joining.remove(&a.conn) && self.core.accepting(a.conn);
         let conn = live.then_some(a.conn);
         self.sync_room(&a.room, &a.peers, &a.id);
         let id: Arc<str> = Arc::from(a.id.as_str());
-        let local = self.core.peers.get(&id).is_some_and(|p| !p.remote);
         match a.kind {
-            AdmitKind::Resumed if local => {
-                self.core.counters.resumes += 1;
+            AdmitKind::Resumed if self.is_local(&id) => {
+                self.core.counters_mut().resumes += 1;
                 self.sfu_room(&a.room, &id, a.sfu_room);
-                let token: Arc<str> = a.token.into();
-                self.core.set_token(&id, token.clone());
-                if let Some(conn) = conn {
-                    self.core.resume_with(conn, id, token);
-                }
+                self.core.resume_local(conn, &id, a.token.into());
             }
             AdmitKind::Resumed | AdmitKind::ResumedFromElsewhere => {
                 // Wait for the old node's queue; meanwhile frames for the peer queue here, behind it.
@@ -323,109 +325,59 @@ impl ClusterRooms {
                 }
             }
             AdmitKind::Fresh => {
-                self.core.counters.joins += 1;
+                self.core.counters_mut().joins += 1;
                 self.ensure_local(&a, &id, now);
                 // As on one node: the members there hear `topology` before the newcomer's `hello`.
                 self.sfu_room(&a.room, &id, a.sfu_room);
                 if let Some(conn) = conn {
-                    self.attach(conn, &id, false, Queue::default());
+                    self.core.attach(conn, &id, false, Vec::new());
                 }
-                let name = self.core.peers[&id].name.clone();
-                let room = self.core.peers[&id].room.clone();
-                self.core.broadcast(&room, &id, Arc::from(encode_hello(&id, &name)));
+                self.core.announce_join(&id);
             }
         }
     }
 
     /// Makes `id` a detached local session of `a.room` (grace period running).
-    fn ensure_local(&mut self, a: &Admitted, id: &Arc<str>, now: Instant) {
-        if !self.core.peers.contains_key(id) {
-            self.add_remote_silently(&a.room, id, &a.name);
-        }
-        self.core.set_token(id, Arc::from(a.token.as_str()));
-        let p = self.core.peers.get_mut(id).expect("ensured");
-        p.remote = false;
-        p.conn = None;
-        p.publish = a.publish;
-        p.sfu = a.sfu;
-        p.epoch += 1;
-        let epoch = p.epoch;
-        self.core.deadlines.push_back((now + self.core.cfg.resume_grace, id.clone(), epoch));
-    }
-
-    fn add_remote_silently(&mut self, room: &str, id: &Arc<str>, name: &str) {
-        let room: Arc<str> = match self.core.rooms.get_key_value(room) {
-            Some((k, _)) => k.clone(),
-            None => {
-                let k: Arc<str> = Arc::from(room);
-                self.core.rooms.insert(k.clone(), Room::new(None, 0.0, 0));
-                k
-            }
+    fn ensure_local(&mut self, a: &Admitted, id: &str, now: Instant) {
+        let seat = Seat {
+            room: &a.room,
+            id,
+            name: &a.name,
+            token: Arc::from(a.token.as_str()),
+            publish: a.publish,
+            sfu: a.sfu,
+            // Recording stays single-node: every session of a cluster node hears why it may not.
+            record: RecordGrant::Clustered,
         };
-        self.core.peers.insert(
-            id.clone(),
-            Peer {
-                name: Arc::from(name),
-                room: room.clone(),
-                conn: None,
-                token: Arc::from(""),
-                pending: Queue::default(),
-                epoch: 0,
-                publish: true,
-                remote: true,
-                sfu: false,
-                // Every session of a cluster node starts here (local ones are remote first), so none may record.
-                record: RecordGrant::Clustered,
-            },
-        );
-        self.core.rooms.get_mut(&room).expect("just ensured").members.push(id.clone());
-    }
-
-    /// Puts a detached local session on `conn`: welcome, then `backlog`, then what queued while detached.
-    fn attach(&mut self, conn: ConnId, id: &Arc<str>, resumed: bool, mut backlog: Queue) {
-        let p = self.core.peers.get_mut(id).expect("local");
-        p.conn = Some(conn);
-        p.epoch += 1; // cancels the expiry
-        backlog.extend(p.pending.drain(..));
-        let c = self.core.conns.get_mut(&conn).expect("live");
-        c.peer = Some(id.clone());
-        self.joining.remove(&conn);
-        c.limit = self.core.cfg.max_queued + backlog.len() + 1;
-        self.core.welcome(conn, id, resumed);
-        if self.core.room_is_sfu(&self.core.peers[id].room) {
-            self.core.push(conn, Arc::from(encode_topology_sfu()));
-        }
-        for frame in backlog {
-            self.core.push(conn, frame);
-        }
+        self.core.seat_detached(seat, now);
     }
 
     /// `room` is an SFU room (`sfu`): if it was not, its local members but `except` hear `topology`.
     fn sfu_room(&mut self, room: &str, except: &str, sfu: bool) {
-        let Some(r) = self.core.rooms.get_mut(room).filter(|r| sfu && !r.sfu) else { return };
-        r.sfu = true;
-        self.core.broadcast(room, except, Arc::from(encode_topology_sfu()));
+        if sfu {
+            self.core.switch_to_sfu(room, except);
+        }
     }
 
     /// The cluster moved `room` to the SFU (a join on another node), or, with `restart`, moved its SFU to another
     /// node (the old one died): the local members are told, the latter with `topology` `restart`, so that they
     /// connect to the new one. Ignored when no session of this node is in that room.
     pub fn remote_topology(&mut self, room: &str, restart: bool, now: Instant) {
-        self.core.now = now;
+        self.core.set_now(now);
         if !self.core.has_local_members(room) {
             return;
         }
         if !self.core.room_is_sfu(room) {
-            self.sfu_room(room, "", true);
+            self.core.switch_to_sfu(room, "");
         } else if restart {
-            self.core.broadcast(room, "", Arc::from(webcall_protocol::encode_topology_sfu_restart()));
+            self.core.broadcast_local(room, "", Arc::from(encode_topology_sfu_restart()));
         }
     }
 
     /// Peer `id` joined `room` on another node. Ignored when no session of this node is in that room.
     pub fn remote_join(&mut self, room: &str, id: &str, name: &str, now: Instant) {
-        self.core.now = now;
-        if self.core.peers.contains_key(id) || !self.core.has_local_members(room) {
+        self.core.set_now(now);
+        if self.core.member(id).is_some() || !self.core.has_local_members(room) {
             return;
         }
         self.add_remote(room, id, name);
@@ -433,43 +385,26 @@ impl ClusterRooms {
 
     /// Remote peer `id` left its room: the local members get `bye`.
     pub fn remote_leave(&mut self, id: &str, now: Instant) {
-        self.core.now = now;
-        let Some((id, p)) = self.core.peers.get_key_value(id) else { return };
-        if p.remote {
-            let id = id.clone();
-            self.core.leave(&id);
-        }
+        self.core.set_now(now);
+        self.core.remove_remote_member(id);
     }
 
     /// A frame from another node for local peer `to`. `false`: no such local session.
     pub fn remote_deliver(&mut self, to: &str, frame: Frame, now: Instant) -> bool {
-        self.core.now = now;
-        if self.core.peers.get(to).is_none_or(|p| p.remote) {
-            return false;
-        }
-        self.core.deliver(to, frame)
+        self.core.set_now(now);
+        self.core.deliver_local(to, frame)
     }
 
     /// Local session `id` was resumed on another node: it becomes a remote member here, its open connection (if
     /// any) is closed as on a local resume, and everything it had not been sent is returned, in order, for the new
     /// node.
     pub fn take_over(&mut self, id: &str, now: Instant) -> Vec<Frame> {
-        self.core.now = now;
-        let Some((id, p)) = self.core.peers.get_key_value(id) else { return Vec::new() };
-        if p.remote {
+        self.core.set_now(now);
+        if !self.is_local(id) {
             return Vec::new();
         }
-        let id = id.clone();
-        let conn = self.core.peers.get_mut(&id).expect("found").conn.take();
-        let awaiting = self.awaiting.remove(&id);
-        let mut frames = Queue::default();
-        if let Some(old) = conn {
-            if let Some(c) = self.core.conns.get_mut(&old) {
-                c.peer = None;
-                frames = std::mem::take(&mut c.out);
-            }
-            self.core.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
-        }
+        let awaiting = self.awaiting.remove(id);
+        let frames = self.core.hand_off(id).unwrap_or_default();
         if let Some(waiting) = awaiting {
             self.refuse_join(
                 waiting,
@@ -477,40 +412,22 @@ impl ClusterRooms {
                 now,
             );
         }
-        let p = self.core.peers.get_mut(&id).expect("found");
-        frames.extend(p.pending.drain(..));
-        p.remote = true;
-        p.epoch += 1;
-        // Its token is its new host's now.
-        let token = std::mem::replace(&mut p.token, Arc::from(""));
-        self.core.tokens.remove(&token);
-        let room = p.room.clone();
-        if !self.core.has_local_members(&room) {
-            self.core.forget_room(&room);
-        }
-        frames.into()
+        frames
     }
 
     /// The old node's queue for a session resumed here (empty if the old node could not send it in time): the
     /// waiting connection gets its welcome, these frames, then what queued here since.
     pub fn handover(&mut self, id: &str, frames: Vec<Frame>, now: Instant) {
-        self.core.now = now;
-        let Some((id, p)) = self.core.peers.get_key_value(id) else { return };
-        if p.remote {
+        self.core.set_now(now);
+        if !self.is_local(id) {
             return;
         }
-        let id = id.clone();
-        let Some(conn) = self.awaiting.remove(&id) else { return };
-        self.core.counters.resumes += 1;
-        let backlog: Queue = frames.into();
-        let live = self.joining.contains(&conn) && self.core.accepting(conn);
-        if live {
-            self.attach(conn, &id, true, backlog);
+        let Some(conn) = self.awaiting.remove(id) else { return };
+        self.core.counters_mut().resumes += 1;
+        if self.joining.remove(&conn) && self.core.accepting(conn) {
+            self.core.attach(conn, id, true, frames);
         } else {
-            let p = self.core.peers.get_mut(&id).expect("found");
-            let mut pending = backlog;
-            pending.extend(p.pending.drain(..));
-            p.pending = pending;
+            self.core.prepend_pending(id, frames);
         }
     }
 
@@ -518,16 +435,15 @@ impl ClusterRooms {
     /// failed over to a replica that was behind).
     pub fn local_sessions(&self) -> Vec<LocalSession> {
         self.core
-            .peers
-            .iter()
-            .filter(|(_, p)| !p.remote)
-            .map(|(id, p)| LocalSession {
-                id: id.clone(),
-                room: p.room.clone(),
-                name: p.name.clone(),
-                token: p.token.clone(),
-                publish: p.publish,
-                sfu: p.sfu,
+            .members()
+            .filter(|m| !m.remote)
+            .map(|m| LocalSession {
+                id: m.id.clone(),
+                room: m.room.clone(),
+                name: m.name.clone(),
+                token: m.token.clone(),
+                publish: m.publish,
+                sfu: m.sfu,
             })
             .collect()
     }
@@ -535,7 +451,7 @@ impl ClusterRooms {
     /// The cluster's membership of `room` (after a blip, when joins and leaves may have been missed): the local
     /// members hear the differences as `hello` and `bye`. Ignored when no session of this node is in the room.
     pub fn sync_remote(&mut self, room: &str, peers: &[PeerInfo], now: Instant) {
-        self.core.now = now;
+        self.core.set_now(now);
         if self.core.has_local_members(room) {
             self.sync_room(room, peers, "");
         }
@@ -544,46 +460,31 @@ impl ClusterRooms {
     /// The members of `room` that live on other nodes.
     pub fn remote_members(&self, room: &str) -> Vec<PeerInfo> {
         self.core
-            .rooms
-            .get(room)
-            .map(|r| {
-                r.members
-                    .iter()
-                    .filter(|m| self.core.peers[*m].remote)
-                    .map(|m| PeerInfo { id: m.to_string(), name: self.core.peers[m].name.to_string() })
-                    .collect()
-            })
-            .unwrap_or_default()
+            .room_members(room)
+            .filter(|m| m.remote)
+            .map(|m| PeerInfo { id: m.id.to_string(), name: m.name.to_string() })
+            .collect()
     }
 
     /// How many more frames local peer `id`'s connection takes before it counts as a slow reader (`None`: no such
     /// connected session). The adapter paces bursts from other nodes (a replay after a blip) with it.
     pub fn queue_room(&self, id: &str) -> Option<usize> {
-        let c = self.core.peers.get(id).filter(|p| !p.remote)?.conn.and_then(|c| self.core.conns.get(&c))?;
-        if c.out.bytes() * 2 > c.limit_bytes {
-            return Some(0);
-        }
-        Some(c.limit.saturating_sub(c.out.len()))
+        self.core.queue_room(id)
     }
 
     /// Whether `id` is a session of this node.
     pub fn is_local(&self, id: &str) -> bool {
-        self.core.peers.get(id).is_some_and(|p| !p.remote)
+        self.core.member(id).is_some_and(|m| !m.remote)
     }
 
     /// Whether `id` is known here as a member on another node.
     pub fn is_remote(&self, id: &str) -> bool {
-        self.core.peers.get(id).is_some_and(|p| p.remote)
+        self.core.member(id).is_some_and(|m| m.remote)
     }
 
     /// A relay from local peer `from` could not be accepted for another node: its client gets `e`.
     pub fn relay_refused(&mut self, from: &str, e: ProtocolError, now: Instant) {
-        self.core.now = now;
-        let Some(conn) = self.core.peers.get(from).filter(|p| !p.remote).and_then(|p| p.conn) else { return };
-        if self.core.accepting(conn) {
-            self.core.counters.errors[e.code] += 1;
-            self.core.push(conn, Arc::from(e.to_json()));
-        }
+        self.core.relay_refused(from, e, now)
     }
 
     /// Sessions waiting for a handover, for the adapter's timeout.
@@ -596,17 +497,26 @@ impl ClusterRooms {
 mod tests {
     use super::*;
     use serde_json::json;
-    use webcall_protocol::{Join, Signal, BYE};
+    use std::time::Duration;
+    use webcall_protocol::{Signal, BYE, SFU_PEER};
+    use webcall_rooms::harness::Harness;
+    use webcall_rooms::{close, SfuRequest, Stats};
 
     /// One node of a simulated cluster, driven by hand.
-    type Node = crate::tests::Harness<ClusterRooms>;
+    type Node = Harness<ClusterRooms>;
 
-    impl Node {
-        fn new() -> Node {
-            let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
-            let now = Instant::now();
-            Node::over(ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now)
-        }
+    fn node() -> Node {
+        let cfg = Config { max_peers: 3, resume_grace: Duration::from_secs(5), ..Config::default() };
+        let now = Instant::now();
+        Harness::over(ClusterRooms::new(cfg, Box::new(|_: &str| Vec::new()), now), now)
+    }
+
+    trait NodeExt {
+        fn cluster(&mut self) -> Vec<ClusterOutput>;
+        fn join(&mut self, room: &str, id: &str, peers: &[(&str, &str)]) -> ConnId;
+    }
+
+    impl NodeExt for Node {
         fn cluster(&mut self) -> Vec<ClusterOutput> {
             self.split(|o| matches!(o, Output::Layer(_)))
                 .into_iter()
@@ -622,7 +532,8 @@ mod tests {
             self.send(c, &Join::new(room, id).to_json());
             let out = self.cluster();
             assert!(matches!(&out[..], [ClusterOutput::Join { conn, .. }] if *conn == c), "{out:?}");
-            self.rooms.admit(admitted(c, AdmitKind::Fresh, id, room, peers), self.now);
+            let now = self.now;
+            self.rooms.admit(admitted(c, AdmitKind::Fresh, id, room, peers), now);
             let w = self.recv(c);
             assert_eq!(w[0]["type"], "welcome");
             assert_eq!(w[0]["id"], id);
@@ -647,7 +558,7 @@ mod tests {
 
     #[test]
     fn recording_is_refused_with_redis() {
-        let mut n = Node::new();
+        let mut n = node();
         let c = n.join("r", "A", &[]);
         n.send(c, &webcall_protocol::ClientMessage::Record(webcall_protocol::RecordAction::Start).to_json());
         let e = n.recv(c).remove(0);
@@ -661,7 +572,7 @@ mod tests {
 
     #[test]
     fn join_waits_for_the_cluster_and_welcome_lists_remote_peers() {
-        let mut n = Node::new();
+        let mut n = node();
         let c = n.connect();
         n.send(c, &Join::new("r", "Bob").to_json());
         assert!(n.recv(c).is_empty(), "no welcome before the seat is taken");
@@ -685,7 +596,7 @@ mod tests {
 
     #[test]
     fn an_sfu_room_decided_by_the_cluster_spans_nodes() {
-        let mut n = Node::new();
+        let mut n = node();
         let a = n.join("r", "A", &[("B", "b")]);
         // C's join moved the room to the SFU (decided cluster-wide): A hears topology before C's hello.
         let c = n.connect();
@@ -724,7 +635,7 @@ mod tests {
 
     #[test]
     fn refused_join_leaves_the_connection_usable() {
-        let mut n = Node::new();
+        let mut n = node();
         let c = n.connect();
         n.send(c, &Join::new("r", "").to_json());
         n.cluster();
@@ -738,7 +649,7 @@ mod tests {
 
     #[test]
     fn remote_joins_and_leaves_reach_local_members_only_once() {
-        let mut n = Node::new();
+        let mut n = node();
         let a = n.join("r", "A", &[]);
         n.rooms.remote_join("r", "B", "Bob", n.now);
         n.rooms.remote_join("r", "B", "Bob", n.now);
@@ -756,7 +667,7 @@ mod tests {
 
     #[test]
     fn local_leave_is_reported_and_forgets_remote_only_rooms() {
-        let mut n = Node::new();
+        let mut n = node();
         let a = n.join("r", "A", &[("X", "x")]);
         let b = n.join("r", "B", &[("X", "x"), ("A", "A")]);
         assert_eq!(n.recv(a), vec![json!({"type":"hello","from":"B","name":"B"})]);
@@ -773,7 +684,7 @@ mod tests {
 
     #[test]
     fn welcome_snapshot_corrects_a_stale_view() {
-        let mut n = Node::new();
+        let mut n = node();
         let a = n.join("r", "A", &[("X", "x")]);
         // The cluster says X is gone and Y is there: A hears it as bye and hello.
         n.join("r", "B", &[("A", "A"), ("Y", "y")]);
@@ -785,7 +696,7 @@ mod tests {
 
     #[test]
     fn resume_on_another_node_keeps_the_queue_in_order() {
-        let (mut old, mut new) = (Node::new(), Node::new());
+        let (mut old, mut new) = (node(), node());
         let p = old.join("r", "P", &[("S", "s")]);
         old.rooms.disconnect(p, old.now);
         old.rooms.remote_deliver("P", Arc::from(r#"{"n":1}"#), old.now);
@@ -816,7 +727,7 @@ mod tests {
 
     #[test]
     fn take_over_closes_a_still_open_old_connection() {
-        let mut n = Node::new();
+        let mut n = node();
         let p = n.join("r", "P", &[]);
         n.rooms.remote_join("r", "S", "s", n.now);
         n.recv(p);
@@ -833,7 +744,7 @@ mod tests {
 
     #[test]
     fn resume_on_the_same_node() {
-        let mut n = Node::new();
+        let mut n = node();
         let a = n.join("r", "A", &[]);
         let b = n.join("r", "B", &[("A", "A")]);
         n.rooms.disconnect(b, n.now);
@@ -850,7 +761,7 @@ mod tests {
 
     #[test]
     fn admitted_after_the_connection_dropped_is_a_detached_session() {
-        let mut n = Node::new();
+        let mut n = node();
         let a = n.join("r", "A", &[]);
         let c = n.connect();
         n.send(c, &Join::new("r", "").to_json());
@@ -863,37 +774,5 @@ mod tests {
         n.rooms.tick(n.now);
         assert_eq!(n.recv(a), vec![json!({"type":"bye","from":"B"})]);
         assert!(matches!(&n.cluster()[..], [ClusterOutput::Left { id, .. }] if &**id == "B"));
-    }
-
-    #[test]
-    fn maps_give_back_their_peak_capacity_once_empty() {
-        let now = Instant::now();
-        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
-        for c in 0..2000 {
-            r.connect(c, now);
-            r.message(c, &format!(r#"{{"type":"join","room":"r{}"}}"#, c / 2), now);
-        }
-        assert!(r.conns.capacity() >= 2000 && r.peers.capacity() >= 2000);
-        for c in 0..2000 {
-            r.message(c, r#"{"type":"bye"}"#, now);
-            r.disconnect(c, now);
-        }
-        std::iter::from_fn(|| r.poll_output()).count();
-        r.tick(now);
-        assert!(r.conns.capacity() < 100, "conns kept {}", r.conns.capacity());
-        assert!(r.peers.capacity() < 100 && r.rooms.capacity() < 100 && r.tokens.capacity() < 100);
-        assert!(r.out.capacity() < 100);
-    }
-
-    #[test]
-    fn a_single_node_forwards_nothing_and_reports_the_leave() {
-        let now = Instant::now();
-        let mut r = Rooms::new(Config::default(), Box::new(|_: &str| Vec::new()), now);
-        r.connect(1, now);
-        r.message(1, r#"{"type":"join","room":"r"}"#, now);
-        r.message(1, r#"{"type":"bye"}"#, now);
-        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
-        assert!(!out.iter().any(|o| matches!(o, Output::Forward { .. })), "{out:?}");
-        assert!(matches!(out.last(), Some(Output::Left { room, .. }) if &**room == "r"), "{out:?}");
     }
 }
