@@ -330,7 +330,9 @@ impl ClusterRooms {
                 // As on one node: the members there hear `topology` before the newcomer's `hello`.
                 self.sfu_room(&a.room, &id, a.sfu_room);
                 if let Some(conn) = conn {
-                    self.core.attach(conn, &id, false, Vec::new());
+                    // Cannot fail: the connection was free when it asked to join, and joins no other room meanwhile.
+                    let attached = self.core.attach(conn, &id, false, Vec::new());
+                    debug_assert!(attached);
                 }
                 self.core.announce_join(&id);
             }
@@ -424,11 +426,17 @@ impl ClusterRooms {
         }
         let Some(conn) = self.awaiting.remove(id) else { return };
         self.core.counters_mut().resumes += 1;
-        if self.joining.remove(&conn) && self.core.accepting(conn) {
-            self.core.attach(conn, id, true, frames);
-        } else {
-            self.core.prepend_pending(id, frames);
+        if !self.joining.contains(&conn) || !self.core.accepting(conn) {
+            return self.core.prepend_pending(id, frames);
         }
+        if !self.core.attach(conn, id, true, frames.clone()) {
+            // Resumed again meanwhile, on another connection of this node: that one has the session (and gets
+            // the frames), this one hears why not.
+            self.core.prepend_pending(id, frames);
+            let e = ProtocolError::new(ErrorCode::AlreadyJoined, "this session was resumed on another connection");
+            return self.refuse_join(conn, e, now);
+        }
+        self.joining.remove(&conn);
     }
 
     /// This node's sessions, for re-asserting them after the cluster store lost them (Redis restarted empty or
@@ -723,6 +731,30 @@ mod tests {
         new.now += Duration::from_secs(6);
         new.rooms.tick(new.now);
         assert_eq!(new.rooms.stats().peers, 2);
+    }
+
+    #[test]
+    fn a_handover_for_a_session_resumed_again_meanwhile_goes_to_the_newer_connection() {
+        let mut n = node();
+        let c1 = n.connect();
+        n.send(c1, &Join { resume: Some("tok-P".into()), ..Join::new("r", "") }.to_json());
+        n.cluster();
+        let now = n.now;
+        n.rooms.admit(admitted(c1, AdmitKind::ResumedFromElsewhere, "P", "r", &[("S", "s")]), now);
+        assert!(n.recv(c1).is_empty(), "welcome waits for the handover");
+        // The client gives up on c1 and resumes again on c2, which this node now hosts.
+        let c2 = n.connect();
+        n.send(c2, &Join { resume: Some("tok-P".into()), ..Join::new("r", "") }.to_json());
+        n.cluster();
+        n.rooms.admit(admitted(c2, AdmitKind::Resumed, "P", "r", &[("S", "s")]), now);
+        assert_eq!(n.recv(c2)[0]["type"], "welcome");
+        // The old node's queue arrives: nothing of it is lost, and c1 hears why it gets no welcome.
+        n.rooms.handover("P", vec![Arc::from(r#"{"n":1}"#)], now);
+        assert_eq!(n.recv(c2), vec![json!({"n":1})]);
+        let e = n.recv(c1);
+        assert_eq!((e[0]["code"].as_str(), e[0]["ref"].as_str()), (Some("already-joined"), Some("join")), "{e:?}");
+        assert_eq!(n.rooms.peer_of(c2), Some("P"));
+        assert_eq!(n.rooms.peer_of(c1), None);
     }
 
     #[test]

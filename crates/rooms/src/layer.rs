@@ -142,14 +142,15 @@ impl Rooms {
     }
 
     /// Puts detached local session `id` on `conn` (which has no session): `welcome`, the room's state, then
-    /// `backlog`, then what queued while it was detached. Nothing happens if either is not so.
-    pub fn attach(&mut self, conn: ConnId, id: &str, resumed: bool, backlog: Vec<Frame>) {
+    /// `backlog`, then what queued while it was detached. `false`: either is not so, and nothing changed.
+    #[must_use]
+    pub fn attach(&mut self, conn: ConnId, id: &str, resumed: bool, backlog: Vec<Frame>) -> bool {
         let free = self.conns.get(&conn).is_some_and(|c| c.peer.is_none() && !c.closing);
         let Some((id, _)) = self.peers.get_key_value(id).filter(|(_, p)| !p.remote && p.conn.is_none()) else {
-            return;
+            return false;
         };
         if !free {
-            return;
+            return false;
         }
         let (id, mut backlog) = (id.clone(), Queue::from(backlog));
         let p = self.peers.get_mut(&id).expect("found");
@@ -157,6 +158,7 @@ impl Rooms {
         p.epoch += 1; // cancels the expiry
         backlog.extend(p.pending.drain(..));
         self.seat_on(conn, &id, resumed, backlog);
+        true
     }
 
     /// Local session `id` resumes here with a `token` decided by the layer, on `conn` if it is still there (its
@@ -199,9 +201,16 @@ impl Rooms {
         Some(frames.into())
     }
 
-    /// Puts `frames` ahead of what detached local session `id` has pending.
+    /// Puts `frames` ahead of what detached local session `id` has pending; a connected one gets them on its
+    /// connection, behind what that was sent already (nothing is dropped).
     pub fn prepend_pending(&mut self, id: &str, frames: Vec<Frame>) {
         let Some(p) = self.peers.get_mut(id).filter(|p| !p.remote) else { return };
+        if let Some(conn) = p.conn {
+            for f in frames {
+                self.push(conn, f);
+            }
+            return;
+        }
         let mut pending = Queue::from(frames);
         pending.extend(p.pending.drain(..));
         p.pending = pending;
