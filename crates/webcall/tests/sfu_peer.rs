@@ -22,7 +22,12 @@ fn sfu_peer(url: &str, room: &str, name: &str, extra: &[&str]) -> Proc {
 fn final_stats(p: &Proc, id: &str) -> Vec<(String, String)> {
     let prefix = format!("stats final peer={id} ");
     let l = p.wait_for(&format!("final stats of {id}"), |l| l.starts_with(&prefix) && l.contains("pair=\"sfu\""));
-    l.split_whitespace().filter_map(|f| f.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+    pairs(&l)
+}
+
+/// A stats line's `field=value` pairs.
+fn pairs(line: &str) -> Vec<(String, String)> {
+    line.split_whitespace().filter_map(|f| f.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
 }
 
 fn field(stats: &[(String, String)], k: &str) -> u64 {
@@ -174,4 +179,31 @@ fn native_peers_chat_through_an_sfu_room() {
     assert_eq!(bob.wait_exit(), 0, "{}", bob.output());
     assert_eq!(field(&final_stats(&bob, &alice_id), "chat_in"), 1);
     assert_eq!(field(&final_stats(&alice, &bob_id), "chat_in"), 1);
+}
+
+/// `--count-only` (the benchmark's subscriber): it decrypts and decodes nothing, yet counts every forwarded RTP
+/// packet of the publisher (video and audio) once its session is up, from a thread that drains its sockets.
+#[test]
+fn a_count_only_subscriber_counts_what_the_sfu_forwards() {
+    let server = ServerProc::start(&["--topology", "sfu"]);
+    let url = server.ws_url();
+    let mut publisher = sfu_peer(&url, "count-room", "pub", &["--send", "testsrc", "--duration", "14s"]);
+    publisher.id();
+    let mut counter = sfu_peer(&url, "count-room", "counter", &["--count-only", "--expect", "1", "--duration", "8s"]);
+    counter.wait_for("the sfu session", |l| l == "sfu connected");
+    assert_eq!(counter.wait_exit(), 0, "counter output:\n{}", counter.output());
+    let line = counter.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true"));
+    let s = pairs(&line);
+    // ~30 video frames (one or more packets each) and 50 audio packets a second, for most of the 8 s.
+    let (packets, bytes) = (field(&s, "rtp_in"), field(&s, "rtp_bytes_in"));
+    assert!(packets > 200, "{line}");
+    assert!(bytes > packets * 50, "RTP packets carry their payload: {line}");
+    // It sent nothing and decoded nothing: its counts are of the forwarded packets alone.
+    assert_eq!(field(&s, "rtp_out"), 0, "{line}");
+    let m = server.metrics();
+    assert!(metric(&m, "webcall_sfu_forwarded_packets_total") >= packets, "counted more than was forwarded: {m}");
+    // The publisher sees a member that never sends it media, so it does not exit 0; its own count bounds ours.
+    publisher.wait_exit();
+    let sent = pairs(&publisher.wait_for("the final stats", |l| l.starts_with("stats final sfu connected=true")));
+    assert!(field(&sent, "rtp_out") >= packets, "counted more than was sent: {sent:?} vs {line}");
 }
