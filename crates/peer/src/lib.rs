@@ -294,7 +294,9 @@ async fn run_inner(args: PeerArgs) -> Result<i32, PeerError> {
     }
     // Judge before closing: closing marks sessions closed but keeps what they saw.
     let code = c.exit_code();
-    let mut handles: Vec<_> = c.peers.values().map(|p| p.report.clone()).collect();
+    // Every session ever started, not only the current ones: one closed just before (its peer left as we did)
+    // may still be writing its recording.
+    let mut handles: Vec<_> = c.reports.clone();
     handles.extend(c.sfu.iter().flat_map(|s| s.reports()));
     let sfu_counters = c.sfu.as_ref().map(|s| s.counters.clone());
     c.close_all();
