@@ -13,6 +13,8 @@
 #   ZS= STEPS=... TCP=1 bench/turn/run.sh  # the same with the clients on TCP (FLOWS, SIZE, STEP_SECS: see below)
 #   STEPS_LOG=saved-output.txt bench/turn/run.sh   # only re-summarise the step lines of a saved search
 #   NICE=0 bench/turn/run.sh               # no priority boost (by default servers and load at nice -10, own session)
+#   NAP=1 ZS= STEPS=... bench/turn/run.sh  # turnload's receivers drain every 1 ms instead of waiting in epoll, so a
+#                                          # relayed datagram wakes no load thread inside the server's send (loopback)
 # uclient can offer only ~3 000 messages/s (a few % of a server's CPU), so throughput is searched with
 # crates/turn/examples/turnload.rs (batched I/O), built here unless LOAD_BIN names a binary.
 # (uclient's default mode uses RFC 5766 channel numbers up to 0x7FFF, which webcall accepts by default.)
@@ -201,7 +203,7 @@ if [ -n "${STEPS:-}" ]; then
         if [ $srv = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
         c0=$(cpu_ns "$pid"); read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
         out=$(timeout $((STEP_SECS + 60)) $LOAD_CPU "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" \
-              ${TCP:+--tcp} --flows "$FLOWS" --rate "$rate" --secs "$STEP_SECS" --size "$SIZE" 2>&1) || true
+              ${TCP:+--tcp} ${NAP:+--nap-ms "$NAP"} --flows "$FLOWS" --rate "$rate" --secs "$STEP_SECS" --size "$SIZE" 2>&1) || true
         c1=$(cpu_ns "$pid"); read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
         line=$(grep '^result ' <<<"$out" || true)
         if [ -z "$line" ]; then echo "$srv $rate: turnload failed: $(tail -1 <<<"$out")" >&2; line="result sent=0 lost_to_peer=1"; fi

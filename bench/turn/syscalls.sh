@@ -6,6 +6,7 @@
 #   RATES="5000 10000" TCP= bench/turn/syscalls.sh       # TCP=1: clients over TCP
 #   WC_BIN=/tmp/webcall-before bench/turn/syscalls.sh
 #   RECORD=/tmp/prof bench/turn/syscalls.sh            # instead: `perf record -e cpu-clock -g` per server and rate
+#   NAP=1 bench/turn/syscalls.sh                       # turnload's receivers nap instead of waiting (see run.sh)
 # Needs: perf (root or perf_event_paranoid <= 1, tracefs), coturn. Loopback only; every process is killed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,7 +38,7 @@ for rate in $RATES; do
       perf stat -x, -e 'syscalls:sys_enter_*' -e context-switches -e task-clock -p "$pid" -o "$TMP/perf" & ppid=$!
     fi
     sleep 0.3
-    out=$(timeout $((SECS + 30)) $LOAD "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" ${TCP:+--tcp} \
+    out=$(timeout $((SECS + 30)) $LOAD "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" ${TCP:+--tcp} ${NAP:+--nap-ms "$NAP"} \
           --flows "$FLOWS" --rate "$rate" --secs "$SECS" --size "$SIZE" 2>&1 | grep '^result' || true)
     kill -INT $ppid; wait $ppid 2>/dev/null || true
     relayed=$(sed -n 's/.* at_peer=\([0-9]*\) .* back=\([0-9]*\) .*/\1 \2/p' <<<"$out" | awk '{print $1 + $2}')

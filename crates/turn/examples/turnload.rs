@@ -12,6 +12,11 @@
 //! With `--hold S` it keeps the allocations S seconds after the traffic (for idle measurements) and prints
 //! `phase=...` lines as it goes (allocated, traffic, held, done).
 //!
+//! `--nap-ms N` (N ≥ 1): the peer and the clients' receiver do not wait in epoll; they drain their sockets, sleep N
+//! ms, and drain again. On loopback, a datagram sent to a socket someone waits on wakes that thread inside the
+//! *sender's* system call, so without it each server pays its load's wake-ups (a server on a real network does not);
+//! with it, a datagram wakes no one. Datagrams then reach the peer, and come back, up to N ms later, in bursts.
+//!
 //! Loopback only: the server address must be a loopback address.
 
 use std::collections::HashMap;
@@ -38,6 +43,8 @@ struct Args {
     size: usize,
     hold: f64,
     drain: Duration,
+    /// Receivers drain, then sleep this long, instead of waiting in epoll (`None`: they wait).
+    nap: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         size: 200,
         hold: 0.0,
         drain: Duration::from_millis(1000),
+        nap: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -66,6 +74,11 @@ fn parse_args() -> Result<Args, String> {
             "--size" => a.size = v()?.parse().map_err(|e| bad(&e))?,
             "--hold" => a.hold = v()?.parse().map_err(|e| bad(&e))?,
             "--drain-ms" => a.drain = Duration::from_millis(v()?.parse().map_err(|e| bad(&e))?),
+            "--nap-ms" => match v()?.parse::<u64>().map_err(|e| bad(&e))? {
+                0 => a.nap = None,
+                ms if ms <= 20 => a.nap = Some(Duration::from_millis(ms)),
+                _ => return Err("--nap-ms: at most 20 (the sockets must hold what arrives meanwhile)".into()),
+            },
             _ => return Err(format!("unknown argument {k} (see the doc comment of turnload.rs)")),
         }
     }
@@ -213,6 +226,28 @@ struct Counts {
     flows_back: AtomicU64,
 }
 
+/// Registers `fd` with `poll`, unless napping: then nothing is registered, so an arriving datagram does not even
+/// queue an epoll event.
+fn watch(poll: &mio::Poll, fd: i32, token: usize, nap: Option<Duration>) -> Result<(), String> {
+    if nap.is_some() {
+        return Ok(());
+    }
+    poll.registry()
+        .register(&mut mio::unix::SourceFd(&fd), mio::Token(token), mio::Interest::READABLE)
+        .map_err(|e| e.to_string())
+}
+
+/// Until there may be something to read: epoll (at most 50 ms), or with `nap` a plain sleep (nobody is woken by an
+/// arriving datagram).
+fn wait(poll: &mut mio::Poll, events: &mut mio::Events, nap: Option<Duration>) {
+    match nap {
+        Some(d) => std::thread::sleep(d),
+        None => {
+            let _ = poll.poll(events, Some(Duration::from_millis(50)));
+        }
+    }
+}
+
 /// Receives a batch into `bufs` (recvmmsg, non-blocking): (count, lengths, sources).
 fn recv_batch(fd: i32, bufs: &mut [[u8; 2048]], lens: &mut [usize], from: &mut [SocketAddr]) -> usize {
     // SAFETY: zeroed iovec/mmsghdr/sockaddr_storage are valid; all pointers point into locals that outlive
@@ -332,20 +367,19 @@ fn run(a: Args) -> Result<(), String> {
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     // The echo peer: everything it gets goes back to where it came from.
+    let nap = a.nap;
     let echo = {
         let (counts, stop) = (counts.clone(), stop.clone());
         let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
         let fd = peer.as_raw_fd();
-        poll.registry()
-            .register(&mut mio::unix::SourceFd(&fd), mio::Token(0), mio::Interest::READABLE)
-            .map_err(|e| e.to_string())?;
+        watch(&poll, fd, 0, nap)?;
         std::thread::spawn(move || {
             let _peer = peer;
             let mut bufs = vec![[0u8; 2048]; BATCH];
             let (mut lens, mut from) = ([0usize; BATCH], ["0.0.0.0:0".parse().unwrap(); BATCH]);
             let mut events = mio::Events::with_capacity(4);
             while !stop.load(Ordering::Relaxed) {
-                let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+                wait(&mut poll, &mut events, nap);
                 loop {
                     let n = recv_batch(fd, &mut bufs, &mut lens, &mut from);
                     if n == 0 {
@@ -372,17 +406,13 @@ fn run(a: Args) -> Result<(), String> {
                 Conn::Udp(s) => {
                     s.set_nonblocking(true).map_err(|e| e.to_string())?;
                     send_fds.push(s.as_raw_fd());
-                    poll.registry()
-                        .register(&mut mio::unix::SourceFd(&s.as_raw_fd()), mio::Token(i), mio::Interest::READABLE)
-                        .map_err(|e| e.to_string())?;
+                    watch(&poll, s.as_raw_fd(), i, nap)?;
                     readers.push(Conn::Udp(s));
                 }
                 Conn::Tcp(s) => {
                     s.set_nonblocking(true).map_err(|e| e.to_string())?;
                     tcp_writers.push((s.try_clone().map_err(|e| e.to_string())?, Vec::<u8>::new()));
-                    poll.registry()
-                        .register(&mut mio::unix::SourceFd(&s.as_raw_fd()), mio::Token(i), mio::Interest::READABLE)
-                        .map_err(|e| e.to_string())?;
+                    watch(&poll, s.as_raw_fd(), i, nap)?;
                     readers.push(Conn::Tcp(s));
                 }
             }
@@ -395,9 +425,13 @@ fn run(a: Args) -> Result<(), String> {
             let mut events = mio::Events::with_capacity(1024);
             let mut rd = vec![0u8; 256 << 10];
             while !stop.load(Ordering::Relaxed) {
-                let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
-                for ev in events.iter() {
-                    let i = ev.token().0;
+                wait(&mut poll, &mut events, nap);
+                // Napping, every socket is read each round; else the ones epoll named.
+                let ready: Vec<usize> = match nap {
+                    Some(_) => (0..readers.len()).collect(),
+                    None => events.iter().map(|ev| ev.token().0).collect(),
+                };
+                for i in ready {
                     let mut n_flow = 0u64;
                     match &mut readers[i] {
                         Conn::Udp(s) => loop {
