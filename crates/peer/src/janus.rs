@@ -134,30 +134,44 @@ impl Janus {
     }
 }
 
-/// Waits for the next plugin event of `handle` (others are kept for later).
+/// Waits for the plugin event of `handle` that `want` picks, or an error event of it. Other events are kept for
+/// later: another handle's, and notifications in between (a publisher's handle also hears of every publisher that
+/// joins the room, and such an event may come before the answer to its `publish`).
 async fn event(
     rx: &mut mpsc::UnboundedReceiver<Value>,
     kept: &mut Vec<Value>,
     handle: u64,
     what: &str,
+    want: impl Fn(&Value) -> bool,
 ) -> Result<Value, PeerError> {
-    if let Some(i) = kept.iter().position(|e| e["sender"].as_u64() == Some(handle) && e["janus"] == "event") {
-        return Ok(kept.remove(i));
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let e = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .map_err(|_| err(format!("Janus: no {what} within 30 s")))?
-            .ok_or_else(|| err("Janus: event poll ended"))?;
-        if e["sender"].as_u64() == Some(handle) && e["janus"] == "event" {
-            if let Some(code) = e["plugindata"]["data"]["error_code"].as_u64() {
-                return Err(err(format!("Janus {what}: error {code}: {}", e["plugindata"]["data"]["error"])));
+    let error = |e: &Value| e["plugindata"]["data"]["error_code"].as_u64();
+    let ours =
+        |e: &Value| e["sender"].as_u64() == Some(handle) && e["janus"] == "event" && (want(e) || error(e).is_some());
+    let found = match kept.iter().position(ours) {
+        Some(i) => kept.remove(i),
+        None => {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let e = tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .map_err(|_| err(format!("Janus: no {what} within 30 s")))?
+                    .ok_or_else(|| err("Janus: event poll ended"))?;
+                if ours(&e) {
+                    break e;
+                }
+                kept.push(e);
             }
-            return Ok(e);
         }
-        kept.push(e);
+    };
+    match error(&found) {
+        Some(code) => Err(err(format!("Janus {what}: error {code}: {}", found["plugindata"]["data"]["error"]))),
+        None => Ok(found),
     }
+}
+
+/// An event that carries a JSEP offer or answer.
+fn has_sdp(e: &Value) -> bool {
+    e["jsep"]["sdp"].is_string()
 }
 
 pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> Result<i32, PeerError> {
@@ -199,7 +213,8 @@ pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> 
         let h = j.attach().await?;
         j.message(h, json!({"request": "join", "ptype": "publisher", "room": room, "display": args.name}), None)
             .await?;
-        let joined = event(&mut ev, &mut kept, h, "joined").await?;
+        let joined =
+            event(&mut ev, &mut kept, h, "joined", |e| e["plugindata"]["data"]["videoroom"] == "joined").await?;
         my_feed = joined["plugindata"]["data"]["id"].as_u64();
         let (sig_tx, mut sig) = mpsc::unbounded_channel();
         let s = sfu::start(session_cfg(Some(src), true, sig_tx)).await?;
@@ -211,7 +226,7 @@ pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> 
         )
         .await?;
         j.trickle_done(h).await?;
-        let e = event(&mut ev, &mut kept, h, "publish answer").await?;
+        let e = event(&mut ev, &mut kept, h, "publish answer", has_sdp).await?;
         let answer = e["jsep"]["sdp"].as_str().ok_or_else(|| err(format!("Janus publish: no answer in {e}")))?;
         s.send(ToSfu::Answer(answer.to_owned()));
         sessions.push(s);
@@ -242,7 +257,7 @@ pub async fn run(args: PeerArgs, source: Option<crate::media::SourceHandle>) -> 
         };
         let streams: Vec<Value> = feeds.iter().map(|f| json!({"feed": f})).collect();
         j.message(h, json!({"request": "join", "ptype": "subscriber", "room": room, "streams": streams}), None).await?;
-        let e = event(&mut ev, &mut kept, h, "subscriber offer").await?;
+        let e = event(&mut ev, &mut kept, h, "subscriber offer", has_sdp).await?;
         let offer = e["jsep"]["sdp"].as_str().ok_or_else(|| err(format!("Janus subscribe: no offer in {e}")))?;
         let tracks: Vec<Track> = e["plugindata"]["data"]["streams"]
             .as_array()
@@ -306,5 +321,26 @@ mod tests {
         let body = "53\r\n{\"janus\":\"success\",\"transaction\":\"60f40a1840c88fbd\",\"data\":{\"id\":6298676563794225}}\r\n0\r\n\r\n";
         let v: serde_json::Value = serde_json::from_str(&super::dechunk(body)).unwrap();
         assert_eq!(v["data"]["id"], 6298676563794225u64);
+    }
+
+    /// A publisher's handle hears of another publisher before the answer to its `publish` (seen in bench/sfu.sh's
+    /// meeting runs): the notification is kept, the answer taken; an error event ends the wait.
+    #[tokio::test]
+    async fn the_answer_is_found_behind_a_notification() {
+        use serde_json::json;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let data = |d: serde_json::Value| json!({"janus": "event", "sender": 7, "plugindata": {"data": d}});
+        tx.send(data(json!({"videoroom": "event", "publishers": [{"id": 1}]}))).unwrap();
+        tx.send(json!({"janus": "event", "sender": 8, "jsep": {"sdp": "not ours"}})).unwrap();
+        let mut answer = data(json!({"videoroom": "event", "configured": "ok"}));
+        answer["jsep"] = json!({"type": "answer", "sdp": "v=0"});
+        tx.send(answer).unwrap();
+        let mut kept = Vec::new();
+        let e = super::event(&mut rx, &mut kept, 7, "publish answer", super::has_sdp).await.unwrap();
+        assert_eq!(e["jsep"]["sdp"], "v=0");
+        assert_eq!(kept.len(), 2, "the notification and the other handle's event stay: {kept:?}");
+        tx.send(data(json!({"error_code": 426, "error": "No such feed"}))).unwrap();
+        let e = super::event(&mut rx, &mut kept, 7, "subscriber offer", super::has_sdp).await.unwrap_err();
+        assert!(e.to_string().contains("error 426"), "{e}");
     }
 }
