@@ -179,14 +179,10 @@ impl Rooms {
         let (id, _) = self.peers.get_key_value(id).filter(|(_, p)| !p.remote)?;
         let id = id.clone();
         let conn = self.peers.get_mut(&id).expect("found").conn.take();
-        let mut frames = Queue::default();
-        if let Some(old) = conn {
-            if let Some(c) = self.conns.get_mut(&old) {
-                c.peer = None;
-                frames = std::mem::take(&mut c.out);
-            }
-            self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
-        }
+        let mut frames = match conn {
+            Some(old) => self.release_resumed(old),
+            None => Queue::default(),
+        };
         let p = self.peers.get_mut(&id).expect("found");
         frames.extend(p.pending.drain(..));
         p.remote = true;

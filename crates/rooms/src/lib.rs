@@ -1159,18 +1159,26 @@ impl Rooms {
         };
         // The old socket may still look alive (the server has not noticed it died): replace it, keeping what it
         // had not written yet ahead of anything queued since.
-        let mut backlog = Queue::default();
-        if let Some(old) = old_conn.filter(|&c| c != conn) {
-            if let Some(c) = self.conns.get_mut(&old) {
-                c.peer = None;
-                backlog = std::mem::take(&mut c.out);
-            }
-            self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
-        }
+        let mut backlog = match old_conn.filter(|&c| c != conn) {
+            Some(old) => self.release_resumed(old),
+            None => Queue::default(),
+        };
         let p = self.peers.get_mut(&id).expect("live");
         p.epoch += 1; // cancels the pending expiry
         backlog.extend(p.pending.drain(..));
         self.seat_on(conn, &id, true, backlog);
+    }
+
+    /// A session's old connection, now that the session lives on elsewhere: detached from it, closed (`resumed
+    /// elsewhere`), and what it had not written yet returned, to go first on the session's new way out.
+    fn release_resumed(&mut self, old: ConnId) -> Queue {
+        let mut unsent = Queue::default();
+        if let Some(c) = self.conns.get_mut(&old) {
+            c.peer = None;
+            unsent = std::mem::take(&mut c.out);
+        }
+        self.close(old, close::RESUMED_ELSEWHERE, "resumed elsewhere");
+        unsent
     }
 
     /// Joins session `id` (already pointing at `conn`) to `conn`: `welcome`, the room's state, then `backlog`,
