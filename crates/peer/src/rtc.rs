@@ -131,8 +131,7 @@ pub fn bind_udp_counting(
                     match sock.recv_from(&mut buf) {
                         Ok((n, src)) => {
                             if count.connected.load(Ordering::Relaxed) && crate::sfu::is_rtp(&buf[..n]) {
-                                count.rtp_in.fetch_add(1, Ordering::Relaxed);
-                                count.rtp_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                                count.rtp_received(n);
                             } else if tx.blocking_send((buf[..n].to_vec(), src, local)).is_err() {
                                 return;
                             }

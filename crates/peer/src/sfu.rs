@@ -63,6 +63,14 @@ pub struct SfuCounters {
     pub rtp_bytes_in: AtomicU64,
 }
 
+impl SfuCounters {
+    /// One RTP packet of `len` bytes received.
+    pub(crate) fn rtp_received(&self, len: usize) {
+        self.rtp_in.fetch_add(1, Ordering::Relaxed);
+        self.rtp_bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
 /// The controller's handle on the SFU session.
 pub struct SfuPeer {
     pub tx: mpsc::UnboundedSender<ToSfu>,
@@ -479,15 +487,13 @@ impl Session {
                     Some(ToSfu::Close) | None => break,
                 },
                 Some((buf, source, destination)) = self.udp_rx.recv() => {
-                    // The benchmark's subscriber: RTP is counted, not decrypted (the rest, STUN/DTLS/RTCP, goes on).
-                    if self.cfg.count_only && self.connected && is_rtp(&buf) {
-                        self.counters.rtp_in.fetch_add(1, Ordering::Relaxed);
-                        self.counters.rtp_bytes_in.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                        continue;
-                    }
                     if is_rtp(&buf) {
-                        self.counters.rtp_in.fetch_add(1, Ordering::Relaxed);
-                        self.counters.rtp_bytes_in.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                        self.counters.rtp_received(buf.len());
+                        // The benchmark's subscriber: RTP is counted, not decrypted (the rest, STUN/DTLS/RTCP, goes
+                        // on). Its reader counts on its own once connected; this is what it queued before.
+                        if self.cfg.count_only && self.connected {
+                            continue;
+                        }
                     }
                     if let Ok(contents) = buf.as_slice().try_into() {
                         let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination, contents });
