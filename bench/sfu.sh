@@ -22,6 +22,8 @@
 #     datagram is dropped), webcall's send drops, and webcall's forwarded minus counted over the whole run (this
 #     includes what was in flight to a peer as it left: a few packets per peer);
 #   - memory per subscriber: server RSS in the window minus RSS before anyone joined, over N.
+#   - webcall only, `tmo/pkt`: str0m session timeouts the SFU ran per packet it forwarded (/metrics), the work
+#     str0m does per packet besides sending it (vendor/str0m/PATCHES.md); a count, so free of the machine's noise.
 # Mesh vs SFU: MESH participants each publish to all others (mesh) or once (SFU): video payload bytes each client
 # sends per second, from the peers' own counters.
 #
@@ -182,17 +184,19 @@ RESULTS="$TMP/results"
 
 # measure FILES...: the window (DUR seconds, 2 s after everyone connected). Peers are already started.
 measure() {
-    local c0 c1 f0 f1 b0 b1 k0 k1 y0 y1 t0 t1 rss
+    local c0 c1 f0 f1 b0 b1 k0 k1 y0 y1 t0 t1 o0 o1 rss
     sleep 2
     c0=$(cpu_ticks "$SERVED_PID"); k0=$(counted_now rtp_in "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
     y0=$(counted_now rtp_bytes_in "$@")
-    b0=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); t0=$(date +%s.%N)
+    b0=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); o0=$(wc_metric webcall_sfu_session_timeouts_total)
+    t0=$(date +%s.%N)
     sleep "$DUR"
     c1=$(cpu_ticks "$SERVED_PID"); k1=$(counted_now rtp_in "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
     y1=$(counted_now rtp_bytes_in "$@")
-    b1=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); t1=$(date +%s.%N)
+    b1=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); o1=$(wc_metric webcall_sfu_session_timeouts_total)
+    t1=$(date +%s.%N)
     rss=$(rss_kb "$SERVED_PID")
-    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss $(server_drops "$SERVED_PID") $((y1 - y0))" >"$TMP/window"
+    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss $(server_drops "$SERVED_PID") $((y1 - y0)) $((${o1:-0} - ${o0:-0}))" >"$TMP/window"
 }
 
 # account KIND N PUBS RSS0 PEER_FILES...: after every peer exited; appends one line to $RESULTS.
@@ -204,8 +208,8 @@ account() {
     drops=$(wc_metric webcall_sfu_send_drops_total)
     for f in "$@"; do counted=$((counted + $(final_field "$f" rtp_in))); done
     e=$(($(udp_errors) - UDP0))
-    read -r wall ticks cpkts fpkts bytes rss sdrops cbytes <"$TMP/window"
-    echo "$SERVER $kind $n $pubs $wall $ticks $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops $sdrops $cbytes" >>"$RESULTS"
+    read -r wall ticks cpkts fpkts bytes rss sdrops cbytes tmos <"$TMP/window"
+    echo "$SERVER $kind $n $pubs $wall $ticks $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops $sdrops $cbytes $tmos" >>"$RESULTS"
 }
 
 fanout() { # SERVER N: N subscribers of one publisher
@@ -311,10 +315,11 @@ awk -v tick="$TICK" '
         wall = $5; cpu = $6 / tick; pkts = $7
         per = pkts > 0 ? cpu * 1e6 / pkts : 0
         wc = $1 == "webcall"
-        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s %7s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops", "srvDrop"
-        printf "%-8s %-8s %4d %9.0f %9s %8.2f %7.1f %8.2f %8.0f %9d %8s %7d %6s %7d\n", $1, $2, $3, pkts / wall,
+        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s %7s %7s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops", "srvDrop", "tmo/pkt"
+        printf "%-8s %-8s %4d %9.0f %9s %8.2f %7.1f %8.2f %8.0f %9d %8s %7d %6s %7d %7s\n", $1, $2, $3, pkts / wall,
             (wc ? sprintf("%.0f", $8 / wall) : "-"), $17 * 8 / wall / 1e6, 100 * cpu / wall, per,
-            ($11 - $10) / $3, $13, (wc ? $12 - $13 : "-"), $14, (wc ? $15 : "-"), $16
+            ($11 - $10) / $3, $13, (wc ? $12 - $13 : "-"), $14, (wc ? $15 : "-"), $16,
+            (wc && $18 > 0 && $8 > 0 ? sprintf("%.2f", $18 / $8) : "-")
         key = $2 " " $3; us[$1 " " key] = per; keys[key] = 1
     }
     END { for (k in keys) if (us["janus " k] > 0) printf "%s: CPU per packet webcall/janus = %.2f\n", k, us["webcall " k] / us["janus " k] }' "$RESULTS"

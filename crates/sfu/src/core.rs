@@ -13,7 +13,7 @@ use str0m::format::{Codec, CodecExtra, H264CodecExtra, PayloadParams, Vp8CodecEx
 use str0m::ice::{IceCreds, StunMessage};
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 use crate::record::{RecordOp, Recorder, Want};
@@ -52,8 +52,8 @@ const AUDIO_BITRATE: u64 = 40_000;
 const BWE_HOLD: Duration = Duration::from_secs(8);
 /// The subscribers' send-side bandwidth estimate starts here (TWCC then finds the real figure).
 const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1500);
-/// str0m's pacer (on with BWE) lets one packet out per timeout and then asks for the next timeout 1 µs later. A
-/// timeout that close is run at once, inside one drive.
+/// A timeout due this close is run at once, inside one drive: str0m asks for one as soon as packets are written to
+/// a send stream (and upstream's pacer after every packet; vendor/str0m's patch refreshes it inside the poll).
 const PACER_STEP: Duration = Duration::from_micros(1);
 /// At most this many such timeouts per drive (the rest on the adapter's next wake-up): one busy session does not
 /// hold up the others for long.
@@ -206,6 +206,9 @@ pub struct SfuStats {
     pub refused_tracks: u64,
     /// REMB messages sent to publishers over a bitrate cap.
     pub remb_sent: u64,
+    /// str0m session timeouts run: timers that fell due, and the one str0m asks for after packets are written.
+    /// Per forwarded packet, the figure the forwarding cost follows (vendor/str0m/PATCHES.md).
+    pub session_timeouts: u64,
     /// Rooms being recorded, and files open.
     pub recording_rooms: u64,
     pub recording_files: u64,
@@ -382,8 +385,9 @@ struct TrackOut {
     kind: MediaKind,
     state: OutState,
     feed: Feed,
-    /// Its send stream goes out unpaced (see [`Sfu::forward`]).
-    unpaced: bool,
+    /// Its send stream, once set up unpaced (see [`Sfu::forward`]): found by a hash lookup from then on,
+    /// where a lookup by mid walks every send stream of the session for each forwarded packet.
+    ssrc: Option<Ssrc>,
     /// The publisher's payload type and the subscriber's for the same codec, last looked up.
     pt: Option<(Pt, Pt)>,
 }
@@ -397,7 +401,7 @@ impl TrackOut {
             kind,
             state: OutState::ToOpen,
             feed: Feed::new(kind),
-            unpaced: false,
+            ssrc: None,
             pt: None,
         }
     }
@@ -955,6 +959,7 @@ impl Sfu {
         let due: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.timeout <= now).map(|(id, _)| *id).collect();
         for id in due {
             let s = self.sessions.get_mut(&id).expect("due sessions exist");
+            self.stats.session_timeouts += 1;
             if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
                 tracing::info!("SFU session {id}: timer failed, closing: {e}");
                 s.rtc.disconnect();
@@ -1025,6 +1030,7 @@ impl Sfu {
                     // in a room of ten publishers the written frames piled up in str0m and most never left.
                     Ok(Output::Timeout(t)) if t <= now + PACER_STEP && steps < MAX_STEPS_PER_DRIVE => {
                         steps += 1;
+                        self.stats.session_timeouts += 1;
                         if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
                             tracing::info!("SFU session {id}: timer failed, closing: {e}");
                             s.rtc.disconnect();
@@ -1216,13 +1222,18 @@ impl Sfu {
                 }
             };
             let mut api = s.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else { continue };
-            if !t.unpaced {
+            let known = t.ssrc.filter(|ssrc| api.stream_tx(ssrc).is_some_and(|tx| tx.mid() == mid));
+            let tx = match known {
+                Some(ssrc) => api.stream_tx(&ssrc),
+                None => api.stream_tx_by_mid(mid, None),
+            };
+            let Some(tx) = tx else { continue };
+            if known.is_none() {
                 // Forwarded media leaves as it comes, like other SFUs send it (the publisher paced it already):
                 // str0m paces video to the send-side estimate by default, and its queue dropped what did not fit.
                 // The estimate (TWCC) still chooses the layers (`select_layers`); probing still paces padding.
                 tx.set_unpaced(true);
-                t.unpaced = true;
+                t.ssrc = Some(tx.ssrc());
             }
             let mut w = RtpWrite::new(pt, out.seq.into(), out.time, p.packet.timestamp, p.packet.payload.clone())
                 .marker(h.marker)

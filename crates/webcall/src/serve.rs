@@ -239,6 +239,12 @@ pub fn sfu_metrics(s: &webcall_sfu::SfuStats, n: &webcall_sfu::net::NetStats, ou
     counter(out, "unrouted_datagrams_total", "Datagrams on the media port no session knows.", s.unrouted_datagrams);
     counter(
         out,
+        "session_timeouts_total",
+        "Timeouts the SFU ran in its WebRTC sessions (due timers, and one after packets are written).",
+        s.session_timeouts,
+    );
+    counter(
+        out,
         "forwarded_packets_total",
         "RTP packets sent to subscribers (forwarded media, retransmissions included).",
         n.forwarded_packets,
