@@ -1505,6 +1505,8 @@ impl Rtc {
         // This does not catch potential RIDs required to send simulcast, but
         // it's a good start. An error might arise later on RID mismatch.
         session.media_by_mid(mid)?;
+        // webcall patch (vendor/str0m/PATCHES.md): the pacer takes every stream again.
+        session.distrust_queue_states();
 
         Some(Writer::new(session, readiness, mid))
     }
@@ -2032,6 +2034,9 @@ impl Rtc {
         }
 
         // The handlers below each arm their own `Wake`; nothing to do here.
+        // webcall patch (vendor/str0m/PATCHES.md): input may change send streams (NACKs queue resends); the
+        // pacer takes every stream again.
+        self.session.distrust_queue_states();
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
@@ -2061,6 +2066,8 @@ impl Rtc {
         // Closing queues RTCP BYE and a DTLS close_notify that must be drained
         // from the pipeline, so re-poll the whole tree.
         self.wake_all();
+        // webcall patch (vendor/str0m/PATCHES.md): closing empties the send queues.
+        self.session.distrust_queue_states();
 
         if self.state != RtcState::Closing {
             self.session.close_rtp();

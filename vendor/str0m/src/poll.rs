@@ -64,6 +64,8 @@ impl<'a> RtcMut<'a> {
     /// what methods that don't narrow, or that return a `&mut` borrowed from
     /// the tree (which can't outlive a guard), use instead.
     pub(crate) fn mutate(&mut self) -> Mutation<'_> {
+        // webcall patch (vendor/str0m/PATCHES.md): a change from outside; the pacer takes every stream again.
+        self.rtc.session.distrust_queue_states();
         Mutation {
             rtc: self.rtc,
             events: true,
@@ -82,6 +84,17 @@ impl Deref for RtcMut<'_> {
 
 impl DerefMut for RtcMut<'_> {
     fn deref_mut(&mut self) -> &mut Rtc {
+        self.rtc.readiness.wake();
+        // webcall patch (vendor/str0m/PATCHES.md): a change from outside; the pacer takes every stream again.
+        self.rtc.session.distrust_queue_states();
+        self.rtc
+    }
+}
+
+impl RtcMut<'_> {
+    /// webcall patch: `deref_mut` for handing out one send stream, which `Streams::stream_tx_touched`
+    /// remembers instead of distrusting every stream's queue state.
+    pub(crate) fn for_send_stream(&mut self) -> &mut Rtc {
         self.rtc.readiness.wake();
         self.rtc
     }

@@ -19,6 +19,7 @@ use crate::media::Media;
 use crate::media::{KeyframeRequestKind, MID_PROBE};
 use crate::media::{MediaAdded, MediaChanged};
 use crate::pacer::PacerControl;
+use crate::pacer::{QueuePriority, QueueState};
 use crate::pacer::{Pacer, PacerImpl};
 use crate::packet::{RedBlock, RedDecoder, red_same_pt_blocks};
 use crate::poll::Wake;
@@ -136,6 +137,18 @@ pub(crate) struct Session {
     /// webcall patch: the probe media of the last timeout, for the pacer refresh in `poll_packet`.
     last_probe_media: Option<(Mid, Pt)>,
 
+    /// webcall patch: the pacer's queue states match every send stream except those written through
+    /// `DirectApi::stream_tx` since (`Streams::touched_tx`) and the one `poll_packet` last sent from
+    /// (`last_sent_tx`), so `poll_packet` may refresh just those. Any other access from outside
+    /// (`RtcMut`, `handle_input`, ...) clears it; a full refresh sets it.
+    queue_states_trusted: bool,
+
+    /// webcall patch: the send stream `poll_packet` last sent from.
+    last_sent_tx: Option<Ssrc>,
+
+    /// webcall patch: scratch space of `refresh_queue_states` (no allocation per packet).
+    changed_queue_states: Vec<QueueState>,
+
     raw_packets: Option<VecDeque<Box<RawPacket>>>,
 
     // Pending application-specific feedback (PSFB FMT=15) messages to emit as events.
@@ -222,6 +235,9 @@ impl Session {
             rtp_closing: false,
             pending_rrtrs: VecDeque::new(),
             last_probe_media: None,
+            queue_states_trusted: false,
+            last_sent_tx: None,
+            changed_queue_states: Vec::new(),
             raw_packets: if config.enable_raw_packets {
                 Some(VecDeque::new())
             } else {
@@ -278,6 +294,101 @@ impl Session {
 
         self.srtp_rx = Some(SrtpContext::new(crypto, srtp_profile, &mat, !left));
         self.srtp_tx = Some(SrtpContext::new(crypto, srtp_profile, &mat, left));
+        self.distrust_queue_states();
+    }
+
+    /// webcall patch: in debug builds (every test of webcall's), the queue states a partial refresh left the
+    /// pacer with are those a full one would have given it.
+    #[cfg(debug_assertions)]
+    fn check_queue_states(&mut self, now: Instant) {
+        let fresh: Vec<QueueState> = self.streams.send_queue_states(now, |_, _| false).collect();
+        let held = self.pacer.queue_states();
+        assert_eq!(held.len(), fresh.len(), "pacer holds every send stream");
+        for (h, f) in held.iter().zip(&fresh) {
+            let (a, b) = (&h.snapshot, &f.snapshot);
+            assert!(
+                h.midrid == f.midrid
+                    && h.unpaced == f.unpaced
+                    && h.use_for_padding == f.use_for_padding
+                    && a.byte_size == b.byte_size
+                    && a.packet_count == b.packet_count
+                    && a.total_queue_time(now) == b.total_queue_time(now)
+                    && a.last_emitted == b.last_emitted
+                    && a.first_unsent == b.first_unsent
+                    && a.priority == b.priority,
+                "partial pacer refresh differs from a full one: {h:?} != {f:?}"
+            );
+        }
+    }
+
+    /// webcall patch: something outside `poll_packet` may have changed the send streams; the next pacer
+    /// refresh snapshots all of them.
+    pub(crate) fn distrust_queue_states(&mut self) {
+        self.queue_states_trusted = false;
+    }
+
+    /// webcall patch: refreshes the pacer from the send streams that changed since its last refresh, when
+    /// the others are known unchanged (`queue_states_trusted`); otherwise from all of them. Same outcome as
+    /// a full refresh: an unchanged stream's snapshot is still exact (its queue time grows linearly with its
+    /// packet count, which `QueueSnapshot::total_queue_time` extrapolates), and the entries keep their order.
+    fn refresh_queue_states(&mut self, now: Instant) {
+        if !self.queue_states_trusted || self.srtp_tx.is_none() || self.pacer.active_cluster().is_some() {
+            self.streams
+                .stamp_send_queues(now, &self.medias, &self.codec_config);
+            self.update_queue_state(now, self.last_probe_media);
+            return;
+        }
+        let mut changed = std::mem::take(&mut self.changed_queue_states);
+        let mut touched = std::mem::take(self.streams.touched_tx_mut());
+        if let Some(ssrc) = self.last_sent_tx.take() {
+            if !touched.contains(&ssrc) {
+                touched.push(ssrc);
+            }
+        }
+        let mut padding = false;
+        for ssrc in touched.drain(..) {
+            let Some(stream) = self.streams.stream_tx(&ssrc) else {
+                continue;
+            };
+            if stream.need_timeout() {
+                let mid = stream.mid();
+                let medias = &self.medias;
+                let codecs = &self.codec_config;
+                // As in `Streams::handle_timeout`: a StreamTx always has its Media.
+                stream.handle_timeout(now, move || {
+                    (medias.iter().find(|m| m.mid() == mid).unwrap(), codecs)
+                });
+            }
+            let queue = stream.queue_state(now);
+            padding |= queue.snapshot.priority == QueuePriority::Padding;
+            changed.push(queue);
+        }
+        *self.streams.touched_tx_mut() = touched;
+        let refreshed = self.pacer.refresh(now, &changed);
+        changed.clear();
+        self.changed_queue_states = changed;
+        #[cfg(debug_assertions)]
+        if refreshed.is_ok() {
+            self.check_queue_states(now);
+        }
+        match refreshed {
+            // A stream the pacer does not know (cannot happen while trusted; be safe).
+            Err(()) => {
+                self.queue_states_trusted = false;
+                self.update_queue_state(now, self.last_probe_media);
+            }
+            Ok(request) => {
+                // Padding snapshots are not linear in time: the next refresh takes all streams.
+                self.queue_states_trusted = !padding && request.is_none();
+                if let Some(request) = request {
+                    let stream = self
+                        .streams
+                        .stream_tx_by_midrid(request.midrid)
+                        .expect("pacer to use an existing stream");
+                    stream.generate_padding(request.padding);
+                }
+            }
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant, wake: &mut Wake) -> Result<(), RtcError> {
@@ -387,6 +498,11 @@ impl Session {
     }
 
     fn update_queue_state(&mut self, now: Instant, probe_media: Option<(Mid, Pt)>) {
+        // webcall patch: a full refresh; see `refresh_queue_states`.
+        self.streams.touched_tx_mut().clear();
+        self.last_sent_tx = None;
+        self.queue_states_trusted = false;
+
         // Do not make unsendable media/padding ready before DTLS supplies keys.
         // Otherwise an immediate pacer deadline can starve the application's I/O.
         if self.srtp_tx.is_none() {
@@ -407,6 +523,8 @@ impl Session {
         });
 
         let Some(padding_request) = self.pacer.handle_timeout(now, iter) else {
+            // webcall patch: see `refresh_queue_states`.
+            self.queue_states_trusted = self.pacer.can_refresh();
             return;
         };
 
@@ -1236,14 +1354,15 @@ impl Session {
     fn poll_packet(&mut self, now: Instant) -> Option<DatagramSend> {
         // webcall patch (vendor/str0m/PATCHES.md): packets written since the last timeout wait for one to be
         // timestamped, and after each packet the leaky pacer waits for one to refresh its queue states. Do just
-        // those two here instead of a whole session timeout per write and per packet.
-        let written = self.streams.send_stream().is_some();
-        if written {
-            self.streams
-                .stamp_send_queues(now, &self.medias, &self.codec_config);
-        }
+        // those two here instead of a whole session timeout per write and per packet, and only for the streams
+        // that changed when the others are known unchanged.
+        let written = if self.queue_states_trusted {
+            !self.streams.touched_tx_mut().is_empty()
+        } else {
+            self.streams.send_stream().is_some()
+        };
         if written || self.pacer.needs_refresh() {
-            self.update_queue_state(now, self.last_probe_media);
+            self.refresh_queue_states(now);
         }
 
         let srtp_tx = self.srtp_tx.as_mut()?;
@@ -1252,6 +1371,8 @@ impl Session {
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
         let (midrid, cluster_id) = self.pacer.poll_queue()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
+        // webcall patch: the next pacer refresh snapshots this stream again.
+        self.last_sent_tx = Some(stream.ssrc());
         let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
             trace!("Pacer pointed to mid {} which has no media", midrid.mid());
             return None;

@@ -355,13 +355,18 @@ impl<'a> DirectApi<'a> {
     ///
     /// The stream must first be declared using [`DirectApi::declare_stream_tx`].
     pub fn stream_tx(&mut self, ssrc: &Ssrc) -> Option<&mut StreamTx> {
-        self.rtc.session.streams.stream_tx(ssrc)
+        // webcall patch (vendor/str0m/PATCHES.md): the pacer's next refresh takes this stream again.
+        let rtc = self.rtc.for_send_stream();
+        rtc.session.streams.stream_tx_touched(ssrc)
     }
 
     /// Obtain a send stream by looking it up via mid/rid.
     pub fn stream_tx_by_mid(&mut self, mid: Mid, rid: Option<Rid>) -> Option<&mut StreamTx> {
         let midrid = MidRid(mid, rid);
-        self.rtc.session.streams.stream_tx_by_midrid(midrid)
+        // webcall patch (vendor/str0m/PATCHES.md): as `stream_tx`.
+        let rtc = self.rtc.for_send_stream();
+        let ssrc = rtc.session.streams.stream_tx_by_midrid(midrid)?.ssrc();
+        rtc.session.streams.stream_tx_touched(&ssrc)
     }
 
     /// Reset a transmit stream to use a new SSRC and optionally a new RTX SSRC.

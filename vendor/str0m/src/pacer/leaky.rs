@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use super::Pacer;
 use super::PaddingRequest;
 use super::QueueState;
+use super::QueuePriority;
 use crate::Reason;
 use crate::bwe_::ProbeClusterConfig;
 use crate::bwe_::ProbeClusterState;
@@ -93,33 +94,7 @@ impl Pacer for LeakyBucketPacer {
         self.queue_states.clear();
         self.queue_states.extend(iter);
 
-        let elapsed = self.update_handle_time_and_get_elapsed(now);
-
-        self.clear_debt(elapsed);
-        self.maybe_update_adjusted_bitrate(now);
-
-        if let Some(request) = self.maybe_create_padding_request(now) {
-            self.next_poll_queue = Some(request.midrid);
-            return Some(request);
-        }
-
-        if self.next_poll_queue.is_some() {
-            return None;
-        }
-
-        let (next_poll_time_and_reason, queue) = self.next_poll(now)?;
-
-        if now < next_poll_time_and_reason.0 {
-            // We don't set this because between now and the neaxt poll, queue state can change such
-            // that we should poll a different queue i.e. media could be queued.
-            self.next_poll_queue = None;
-        } else {
-            self.next_poll_queue = queue.map(|q| q.midrid);
-        }
-
-        self.next_poll_time = Some(next_poll_time_and_reason);
-
-        None
+        self.decide(now)
     }
 
     fn poll_queue(&mut self) -> Option<(MidRid, Option<TwccClusterId>)> {
@@ -164,9 +139,76 @@ impl Pacer for LeakyBucketPacer {
 }
 
 impl LeakyBucketPacer {
+    /// webcall patch: `handle_timeout`'s decision, on the queue states it holds.
+    fn decide(&mut self, now: Instant) -> Option<PaddingRequest> {
+        let elapsed = self.update_handle_time_and_get_elapsed(now);
+
+        self.clear_debt(elapsed);
+        self.maybe_update_adjusted_bitrate(now);
+
+        if let Some(request) = self.maybe_create_padding_request(now) {
+            self.next_poll_queue = Some(request.midrid);
+            return Some(request);
+        }
+
+        if self.next_poll_queue.is_some() {
+            return None;
+        }
+
+        let (next_poll_time_and_reason, queue) = self.next_poll(now)?;
+
+        if now < next_poll_time_and_reason.0 {
+            // We don't set this because between now and the neaxt poll, queue state can change such
+            // that we should poll a different queue i.e. media could be queued.
+            self.next_poll_queue = None;
+        } else {
+            self.next_poll_queue = queue.map(|q| q.midrid);
+        }
+
+        self.next_poll_time = Some(next_poll_time_and_reason);
+
+        None
+    }
+
     /// webcall patch: whether `poll_queue` waits for `handle_timeout` (fresh queue states).
     pub(crate) fn needs_refresh(&self) -> bool {
         self.needs_timeout_before_next_poll
+    }
+
+    /// webcall patch: the queue states of the last refresh (debug checks).
+    #[cfg(debug_assertions)]
+    pub(crate) fn queue_states(&self) -> &[QueueState] {
+        &self.queue_states
+    }
+
+    /// webcall patch: whether `refresh` may replace some of the queue states it holds: no probe
+    /// (whose queue comes and goes) and no padding (whose snapshot is not linear in time).
+    pub(crate) fn can_refresh(&self) -> bool {
+        self.probe_queue.is_empty()
+            && self
+                .queue_states
+                .iter()
+                .all(|q| q.snapshot.priority != QueuePriority::Padding)
+    }
+
+    /// webcall patch: `handle_timeout` with only the `changed` queue states new, each replacing the one of
+    /// its stream (same order as before). `Err` if one of them is not held: take all (`handle_timeout`).
+    pub(crate) fn refresh(
+        &mut self,
+        now: Instant,
+        changed: &[QueueState],
+    ) -> Result<Option<PaddingRequest>, ()> {
+        for q in changed {
+            let held = self
+                .queue_states
+                .iter_mut()
+                .find(|h| h.midrid == q.midrid)
+                .ok_or(())?;
+            *held = *q;
+        }
+        self.needs_timeout_before_next_poll = false;
+        self.next_poll_time = None;
+        Ok(self.decide(now))
     }
 
     pub fn new(initial_pacing_bitrate: Bitrate) -> Self {

@@ -39,6 +39,35 @@ impl PacerImpl {
         }
     }
 
+    /// webcall patch: the queue states of the last refresh (debug checks).
+    #[cfg(debug_assertions)]
+    pub fn queue_states(&self) -> &[QueueState] {
+        match self {
+            PacerImpl::Null(_) => &[],
+            PacerImpl::LeakyBucket(v) => v.queue_states(),
+        }
+    }
+
+    /// webcall patch: whether `refresh` may take only the changed queue states.
+    pub fn can_refresh(&self) -> bool {
+        match self {
+            PacerImpl::Null(_) => false,
+            PacerImpl::LeakyBucket(v) => v.can_refresh(),
+        }
+    }
+
+    /// webcall patch: `handle_timeout` with only the `changed` queue states new (`Err`: take all).
+    pub fn refresh(
+        &mut self,
+        now: Instant,
+        changed: &[QueueState],
+    ) -> Result<Option<PaddingRequest>, ()> {
+        match self {
+            PacerImpl::Null(_) => Err(()),
+            PacerImpl::LeakyBucket(v) => v.refresh(now, changed),
+        }
+    }
+
     pub fn start_probe(&mut self, config: ProbeClusterConfig) {
         match self {
             PacerImpl::Null(_) => {

@@ -136,6 +136,10 @@ pub(crate) struct Streams {
     /// All outgoing encoded streams.
     streams_tx: HashMap<Ssrc, StreamTx>,
 
+    /// webcall patch: send streams handed out by `DirectApi::stream_tx` since the last pacer refresh
+    /// (each once), which the next one snapshots again (`Session::refresh_queue_states`).
+    touched_tx: Vec<Ssrc>,
+
     /// Non-media padding source. Its sequence counter survives media changes.
     probe_tx: StreamTx,
     probe_media: Option<(Mid, Pt)>,
@@ -178,6 +182,7 @@ impl Streams {
             rx_lookup: Default::default(),
             last_rx_lookup_cleanup: already_happened(),
             streams_tx: Default::default(),
+            touched_tx: Vec::new(),
             probe_tx: StreamTx::new_probe(mtu_warn),
             probe_media: None,
             default_ssrc_tx: 0.into(), // this will be changed
@@ -361,6 +366,21 @@ impl Streams {
 
     pub fn stream_tx(&mut self, ssrc: &Ssrc) -> Option<&mut StreamTx> {
         self.streams_tx.get_mut(ssrc)
+    }
+
+    /// webcall patch: `stream_tx` for the application, which may change it: remembered for the next
+    /// pacer refresh.
+    pub(crate) fn stream_tx_touched(&mut self, ssrc: &Ssrc) -> Option<&mut StreamTx> {
+        let stream = self.streams_tx.get_mut(ssrc)?;
+        if !self.touched_tx.contains(ssrc) {
+            self.touched_tx.push(*ssrc);
+        }
+        Some(stream)
+    }
+
+    /// webcall patch: see `touched_tx`.
+    pub(crate) fn touched_tx_mut(&mut self) -> &mut Vec<Ssrc> {
+        &mut self.touched_tx
     }
 
     /// Lookup the "main" SSRC and mid for a given SSRC(main or RTX).
