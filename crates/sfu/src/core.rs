@@ -1222,13 +1222,20 @@ impl Sfu {
                 }
             };
             let mut api = s.rtc.direct_api();
-            let known = t.ssrc.filter(|ssrc| api.stream_tx(ssrc).is_some_and(|tx| tx.mid() == mid));
-            let tx = match known {
-                Some(ssrc) => api.stream_tx(&ssrc),
-                None => api.stream_tx_by_mid(mid, None),
+            // One hash lookup per packet; the mid check catches a stream the session has since replaced.
+            let known = match t.ssrc {
+                Some(ssrc) => api.stream_tx(&ssrc).filter(|tx| tx.mid() == mid),
+                None => None,
             };
-            let Some(tx) = tx else { continue };
-            if known.is_none() {
+            let fresh = known.is_none();
+            let tx = match known {
+                Some(tx) => tx,
+                None => match api.stream_tx_by_mid(mid, None) {
+                    Some(tx) => tx,
+                    None => continue,
+                },
+            };
+            if fresh {
                 // Forwarded media leaves as it comes, like other SFUs send it (the publisher paced it already):
                 // str0m paces video to the send-side estimate by default, and its queue dropped what did not fit.
                 // The estimate (TWCC) still chooses the layers (`select_layers`); probing still paces padding.
