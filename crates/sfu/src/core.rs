@@ -55,6 +55,27 @@ const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1500);
 /// A timeout due this close is run at once, inside one drive: str0m asks for one as soon as packets are written to
 /// a send stream (and upstream's pacer after every packet; vendor/str0m's patch refreshes it inside the poll).
 const PACER_STEP: Duration = Duration::from_micros(1);
+/// How late str0m's periodic bookkeeping may run: the delay controller of the bandwidth estimate (~30 times a second
+/// per subscriber), TWCC and RTCP reports, ICE consent, stats. Such a timer waits for the next wake-up that a
+/// datagram causes anyway (about every 10 ms while media flows) instead of waking the thread by itself: at fan-out
+/// they were half the wake-ups. Timers that pace media, request retransmissions or drive DTLS are not delayed, but
+/// str0m names only the soonest timer's reason: one due within this slack after a lazy one may run up to this late.
+const LAZY_SLACK: Duration = Duration::from_millis(10);
+
+fn lazy_slack(reason: str0m::Reason) -> Duration {
+    use str0m::Reason as R;
+    match reason {
+        R::Feedback
+        | R::Twcc
+        | R::Stats
+        | R::Ice
+        | R::PauseCheck
+        | R::BweDelayControl
+        | R::BweProbeEstimator
+        | R::BweProbeControl => LAZY_SLACK,
+        _ => Duration::ZERO,
+    }
+}
 /// At most this many such timeouts per drive (the rest on the adapter's next wake-up): one busy session does not
 /// hold up the others for long.
 const MAX_STEPS_PER_DRIVE: usize = 1024;
@@ -432,7 +453,9 @@ struct Session {
     tracks_in: Vec<TrackIn>,
     tracks_out: Vec<TrackOut>,
     addrs: Vec<SocketAddr>,
+    /// When str0m's next timer is due, and the latest it may run ([`lazy_slack`]).
     timeout: Instant,
+    latest: Instant,
     dirty: bool,
     /// The send-side bandwidth estimate towards this client (TWCC), bit/s.
     estimate: Option<u64>,
@@ -495,6 +518,8 @@ pub struct Sfu {
     now: Instant,
     stats: SfuStats,
     next_tick: Instant,
+    /// The soonest timer (sessions' or the tick) as of the last [`Sfu::poll_output`].
+    due_at: Instant,
     /// The active speaker per room: announced to the pages (`speaker`), followed by WHEP viewers.
     floor: HashMap<Arc<str>, Speaker>,
     /// Rooms being recorded (see [`Sfu::start_recording`]).
@@ -518,6 +543,7 @@ impl Sfu {
             now,
             stats: SfuStats::default(),
             next_tick: now + TICK,
+            due_at: now + TICK,
             floor: HashMap::new(),
             recording: HashSet::new(),
             record_out: VecDeque::new(),
@@ -774,6 +800,7 @@ impl Sfu {
                 tracks_out,
                 addrs: Vec::new(),
                 timeout: now,
+                latest: now,
                 dirty: false,
                 estimate: None,
                 ceiling: None,
@@ -981,8 +1008,20 @@ impl Sfu {
             let Some(id) = self.dirty.pop() else { break };
             self.drive(id);
         }
-        let next = self.sessions.values().map(|s| s.timeout).min().map(|t| t.min(self.next_tick));
-        SfuOutput::Timeout(next.unwrap_or(self.now + IDLE_TIMEOUT).max(self.now))
+        let (mut due, mut latest) = (self.next_tick, self.next_tick);
+        for s in self.sessions.values() {
+            due = due.min(s.timeout);
+            latest = latest.min(s.latest);
+        }
+        self.due_at = due;
+        let next = if self.sessions.is_empty() { self.now + IDLE_TIMEOUT } else { latest };
+        SfuOutput::Timeout(next.max(self.now))
+    }
+
+    /// Whether a timer was due at `now` when [`SfuOutput::Timeout`] gave a later time to wake up: an adapter that
+    /// woke up for a datagram runs it in the same wake-up ([`Sfu::handle_timeout`]).
+    pub fn timers_due(&self, now: Instant) -> bool {
+        now >= self.due_at
     }
 
     fn mark_dirty(&mut self, id: SessionId) {
@@ -1038,6 +1077,7 @@ impl Sfu {
                     }
                     Ok(Output::Timeout(t)) => {
                         s.timeout = t;
+                        s.latest = t + lazy_slack(s.rtc.last_timeout_reason());
                         break;
                     }
                     Ok(Output::Transmit(t)) => self.out.push_back(SfuOutput::Transmit(Transmit {

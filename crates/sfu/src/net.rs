@@ -890,6 +890,11 @@ async fn run(
                     tracing::error!("SFU media socket failed: {e}");
                     return;
                 }
+                // Awake anyway: timers that may wait (Sfu::timers_due) run now rather than in a wake of their own.
+                let now = Instant::now();
+                if sfu.timers_due(now) {
+                    sfu.handle_timeout(now);
+                }
             }
             c = rx.recv() => match c {
                 None => return,

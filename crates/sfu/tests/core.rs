@@ -426,6 +426,40 @@ fn forwarded_packets_leave_without_a_session_timeout_each() {
 }
 
 #[test]
+fn bookkeeping_timers_wait_for_a_wake_up_that_comes_anyway() {
+    // str0m's periodic bookkeeping (the estimator's delay controller, TWCC and RTCP reports) may run up to 10 ms
+    // late: the SFU asks to be woken later than it is due, and `timers_due` tells an adapter that woke up for a
+    // datagram to run it then. Without this, those timers were half of the media thread's wake-ups at fan-out.
+    let mut net = Net::new();
+    for name in ["a", "b", "c"] {
+        net.join(name);
+    }
+    net.run(Duration::from_secs(2));
+    let mut deferred = 0;
+    for _ in 0..100 {
+        net.exchange();
+        let SfuOutput::Timeout(wake) = net.sfu.poll_output() else { panic!("output left after exchange") };
+        let due = (0..=wake.duration_since(net.now).as_millis() as u64)
+            .map(|ms| net.now + Duration::from_millis(ms))
+            .chain([wake])
+            .find(|t| net.sfu.timers_due(*t))
+            .expect("timers are due by the time the SFU asks to be woken");
+        assert!(wake <= due + Duration::from_millis(11), "a timer due at {due:?} waits until {wake:?}");
+        if due < wake {
+            deferred += 1;
+            // A wake-up for something else at `due` runs what is due.
+            let before = net.sfu.stats().session_timeouts;
+            net.now = due;
+            net.sfu.handle_timeout(due);
+            assert!(net.sfu.stats().session_timeouts > before, "timers_due said a timer was due at {due:?}");
+        }
+        net.run(Duration::from_millis(7));
+    }
+    assert!(deferred > 10, "only {deferred} of 100 wake-ups had bookkeeping to defer");
+    assert!(net.closed.is_empty());
+}
+
+#[test]
 fn keyframe_request_of_a_subscriber_reaches_the_publisher() {
     let mut net = Net::new();
     net.join("a");
