@@ -358,7 +358,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const GSO_MAX_BYTES: usize = 60 << 10;
 /// How late a timer may run so that timers due close together share a wake-up (see `run`).
 const TIMER_SLACK: Duration = Duration::from_millis(2);
-/// Datagrams per `sendmmsg` call.
+/// Messages (a datagram, or a GSO run of them) per `sendmmsg` call.
 const SEND_BATCH: usize = 32;
 /// The shared stats are refreshed this often (they are read by `/metrics`).
 const STATS_EVERY: Duration = Duration::from_millis(100);
@@ -489,9 +489,10 @@ struct Io {
     /// Transmits of one round, sent together (GSO runs).
     pending: Vec<Transmit>,
     gso: Vec<u8>,
-    /// Scratch of [`Io::flush`]: indices into `pending` of single datagrams, and their addresses.
-    singles: Vec<usize>,
+    /// Scratch of [`Io::flush`]: runs of `pending` (one message each), their addresses and iovecs.
+    runs: Vec<(usize, usize)>,
     names: Vec<socket2::SockAddr>,
+    iovs: Vec<libc::iovec>,
     net: NetStats,
 }
 
@@ -518,8 +519,9 @@ impl Io {
             tcp: HashMap::new(),
             pending: Vec::new(),
             gso: Vec::new(),
-            singles: Vec::new(),
+            runs: Vec::new(),
             names: Vec::new(),
+            iovs: Vec::new(),
             net: NetStats::default(),
         })
     }
@@ -626,11 +628,11 @@ impl Io {
         }
     }
 
-    /// Sends what this round produced: runs of equal-sized datagrams to one destination go as one GSO send (a
-    /// run may end with one shorter datagram).
+    /// Sends what this round produced: runs of equal-sized datagrams to one destination go as one GSO message (a
+    /// run may end with one shorter datagram), and all of a round's messages go many per `sendmmsg`.
     fn flush(&mut self) {
         let max = self.udp.state.max_gso_segments().max(1);
-        let mut singles = std::mem::take(&mut self.singles);
+        let mut runs = std::mem::take(&mut self.runs);
         let mut i = 0;
         while i < self.pending.len() {
             let (to, len, src) = {
@@ -652,15 +654,14 @@ impl Io {
                 bytes += l;
                 j += 1;
             }
-            let destination = if self.v6_socket { map_addr(to) } else { to };
-            let src_ip = (self.wildcard && self.external.is_none()).then_some(src);
-            if j - i == 1 && src_ip.is_none() {
-                // Single datagrams (a fan-out: one packet to each of many subscribers) go many per `sendmmsg`.
-                singles.push(i);
+            if !(self.wildcard && self.external.is_none()) {
+                runs.push((i, j));
                 i = j;
                 continue;
             }
-            self.send_singles(&mut singles);
+            // A wildcard socket names each datagram's source address (pktinfo): quinn-udp, one message per call.
+            self.send_batch(&mut runs);
+            let destination = if self.v6_socket { map_addr(to) } else { to };
             let (contents, segment_size): (&[u8], _) = if j - i > 1 {
                 self.gso.clear();
                 for t in &self.pending[i..j] {
@@ -670,39 +671,75 @@ impl Io {
             } else {
                 (&self.pending[i].contents, None)
             };
-            let t = quinn_udp::Transmit { destination, ecn: None, contents, segment_size, src_ip };
+            let t = quinn_udp::Transmit { destination, ecn: None, contents, segment_size, src_ip: Some(src) };
             if !self.udp.send(&t) {
                 self.net.send_drops += (j - i) as u64;
             }
             i = j;
         }
-        self.send_singles(&mut singles);
-        self.singles = singles;
+        self.send_batch(&mut runs);
+        self.runs = runs;
         self.pending.clear();
     }
 
-    /// Sends `pending[k]` for each `k` of `idx`, up to [`SEND_BATCH`] per `sendmmsg` (quinn-udp batches only by GSO,
-    /// to one address; the per-call share of `sendmsg` was ~8 % of the SFU's CPU in a fan-out profile). Order is kept.
-    fn send_singles(&mut self, idx: &mut Vec<usize>) {
+    /// Sends each run `pending[i..j]` of `runs` as one message (a GSO message if it holds more than one datagram),
+    /// up to [`SEND_BATCH`] messages per `sendmmsg`; order is kept. quinn-udp sends one message per call, and a
+    /// call per message was ~8 % of the SFU's CPU in a fan-out profile (one datagram to each of many subscribers)
+    /// and half of its send calls in a meeting (a frame's packets to each subscriber).
+    fn send_batch(&mut self, runs: &mut Vec<(usize, usize)>) {
         use std::os::fd::AsRawFd;
-        for chunk in idx.chunks(SEND_BATCH) {
+        // CMSG_SPACE(sizeof(u16)) is 24 bytes on 64-bit Linux; u64 words keep the cmsghdr aligned.
+        const CMSG_WORDS: usize = 3;
+        // SAFETY: CMSG_SPACE and CMSG_LEN are pure arithmetic.
+        let (space, cmsg_len) = unsafe {
+            (
+                libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize,
+                libc::CMSG_LEN(std::mem::size_of::<u16>() as u32),
+            )
+        };
+        assert!(space <= CMSG_WORDS * 8);
+        for chunk in runs.chunks(SEND_BATCH) {
             self.names.clear();
-            self.names.extend(chunk.iter().map(|&k| {
-                let to = self.pending[k].destination;
+            self.names.extend(chunk.iter().map(|&(i, _)| {
+                let to = self.pending[i].destination;
                 socket2::SockAddr::from(if self.v6_socket { map_addr(to) } else { to })
             }));
-            // SAFETY: all-zero iovec and mmsghdr values are valid (null pointers, zero lengths); every pointer set
-            // below points into `pending`, `names` or `iovs`, which outlive the call.
-            let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+            // Every iovec first: `hdrs` point into `iovs`, which must not grow after that.
+            self.iovs.clear();
+            for &(i, j) in chunk {
+                self.iovs.extend(self.pending[i..j].iter().map(|t| libc::iovec {
+                    iov_base: t.contents.as_ptr() as *mut libc::c_void,
+                    iov_len: t.contents.len(),
+                }));
+            }
+            // SAFETY: all-zero mmsghdr values are valid (null pointers, zero lengths); every pointer set below
+            // points into `pending`, `names`, `iovs` or `cmsgs`, which outlive the call.
             let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
-            for (n, (&k, name)) in chunk.iter().zip(self.names.iter()).enumerate() {
-                let data = &self.pending[k].contents;
-                iovs[n] = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+            let mut cmsgs = [[0u64; CMSG_WORDS]; SEND_BATCH];
+            let mut first = 0;
+            for (n, (&(i, j), name)) in chunk.iter().zip(self.names.iter()).enumerate() {
                 let h = &mut hdrs[n].msg_hdr;
                 h.msg_name = name.as_ptr() as *mut libc::c_void;
                 h.msg_namelen = name.len();
-                h.msg_iov = &mut iovs[n];
-                h.msg_iovlen = 1;
+                // SAFETY: `first + (j - i) <= iovs.len()` (filled above in the same order).
+                h.msg_iov = unsafe { self.iovs.as_mut_ptr().add(first) };
+                h.msg_iovlen = j - i;
+                first += j - i;
+                if j - i > 1 {
+                    let c = cmsgs[n].as_mut_ptr() as *mut libc::cmsghdr;
+                    // SAFETY: `c` points at `space` zeroed, aligned bytes of `cmsgs[n]`; CMSG_DATA stays inside.
+                    unsafe {
+                        (*c).cmsg_len = cmsg_len as _;
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(c) as *mut u16,
+                            self.pending[i].contents.len() as u16,
+                        );
+                    }
+                    h.msg_control = c as *mut libc::c_void;
+                    h.msg_controllen = space as _;
+                }
             }
             let len = chunk.len();
             let mut sent = 0;
@@ -720,12 +757,30 @@ impl Io {
                     sent += n as usize;
                     continue;
                 }
+                let (i, j) = chunk[sent];
                 match io::Error::last_os_error().kind() {
                     io::ErrorKind::Interrupted => {}
                     // A full buffer loses the rest, as the network would.
                     io::ErrorKind::WouldBlock => {
-                        self.net.send_drops += (len - sent) as u64;
+                        self.net.send_drops += chunk[sent..].iter().map(|&(i, j)| (j - i) as u64).sum::<u64>();
                         break;
+                    }
+                    // The kernel refused GSO for this message: its datagrams one by one.
+                    _ if j - i > 1 => {
+                        for t in &self.pending[i..j] {
+                            let destination = if self.v6_socket { map_addr(t.destination) } else { t.destination };
+                            let q = quinn_udp::Transmit {
+                                destination,
+                                ecn: None,
+                                contents: &t.contents,
+                                segment_size: None,
+                                src_ip: None,
+                            };
+                            if !self.udp.send(&q) {
+                                self.net.send_drops += 1;
+                            }
+                        }
+                        sent += 1;
                     }
                     // This datagram cannot go (e.g. its peer's port is unreachable): skip it, send the rest.
                     _ => {
@@ -735,7 +790,7 @@ impl Io {
                 }
             }
         }
-        idx.clear();
+        runs.clear();
     }
 }
 
