@@ -173,6 +173,16 @@ impl Net {
         self.clients.len() - 1
     }
 
+    /// "a", "b" and "c" joined, connected and sending for two seconds.
+    fn three_in_a_call() -> Net {
+        let mut net = Net::new();
+        for name in ["a", "b", "c"] {
+            net.join(name);
+        }
+        net.run(Duration::from_secs(2));
+        net
+    }
+
     fn client(&self, name: &str) -> &Client {
         self.clients.iter().find(|c| c.name == name).unwrap()
     }
@@ -411,11 +421,7 @@ fn forwarded_packets_leave_without_a_session_timeout_each() {
     // Guards vendor/str0m's patch: upstream ran a whole session timeout after packets were written and another after
     // every packet its pacer (on with BWE, as in every SFU session) let out, on top of the timers' own: 2.2 per
     // forwarded frame here without the patch, 0.5 with it (the timers').
-    let mut net = Net::new();
-    for name in ["a", "b", "c"] {
-        net.join(name);
-    }
-    net.run(Duration::from_secs(2));
+    let mut net = Net::three_in_a_call();
     let before = net.sfu.stats();
     net.run(Duration::from_secs(2));
     let after = net.sfu.stats();
@@ -430,11 +436,7 @@ fn bookkeeping_timers_wait_for_a_wake_up_that_comes_anyway() {
     // str0m's periodic bookkeeping (the estimator's delay controller, TWCC and RTCP reports) may run up to 10 ms
     // late: the SFU asks to be woken later than it is due, and `timers_due` tells an adapter that woke up for a
     // datagram to run it then. Without this, those timers were half of the media thread's wake-ups at fan-out.
-    let mut net = Net::new();
-    for name in ["a", "b", "c"] {
-        net.join(name);
-    }
-    net.run(Duration::from_secs(2));
+    let mut net = Net::three_in_a_call();
     let mut deferred = 0;
     for _ in 0..100 {
         net.exchange();
