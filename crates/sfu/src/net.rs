@@ -632,6 +632,8 @@ impl Io {
     /// run may end with one shorter datagram), and all of a round's messages go many per `sendmmsg`.
     fn flush(&mut self) {
         let max = self.udp.state.max_gso_segments().max(1);
+        // A wildcard socket names each datagram's source address (pktinfo): then quinn-udp, one message per call.
+        let pktinfo = self.wildcard && self.external.is_none();
         let mut runs = std::mem::take(&mut self.runs);
         let mut i = 0;
         while i < self.pending.len() {
@@ -654,13 +656,11 @@ impl Io {
                 bytes += l;
                 j += 1;
             }
-            if !(self.wildcard && self.external.is_none()) {
+            if !pktinfo {
                 runs.push((i, j));
                 i = j;
                 continue;
             }
-            // A wildcard socket names each datagram's source address (pktinfo): quinn-udp, one message per call.
-            self.send_batch(&mut runs);
             let destination = if self.v6_socket { map_addr(to) } else { to };
             let (contents, segment_size): (&[u8], _) = if j - i > 1 {
                 self.gso.clear();
