@@ -36,6 +36,10 @@ pub struct Dtls {
     /// the backend's fragmenter; outgoing records larger than the warn
     /// threshold log a warning.
     mtu: RangeInclusive<usize>,
+
+    /// webcall patch (PATCHES.md, 3.): the timeout the instance last answered `poll_output` with, until an input
+    /// reaches it. A sans-IO instance changes only on input, so it would answer the same again.
+    idle: Option<Instant>,
 }
 
 pub(crate) fn is_would_block(error: &DtlsError) -> bool {
@@ -79,6 +83,7 @@ impl Dtls {
             active_state: None,
             pending_packets: VecDeque::new(),
             mtu,
+            idle: None,
         })
     }
 
@@ -95,6 +100,7 @@ impl Dtls {
     /// Set whether this instance is active (client) or passive (server).
     pub fn set_active(&mut self, active: bool) {
         self.active_state = Some(active);
+        self.idle = None;
         self.instance.set_active(active)
     }
 
@@ -132,8 +138,14 @@ impl Dtls {
         if !self.is_inited() {
             return DtlsOutput::Timeout(not_happening());
         }
+        if let Some(t) = self.idle {
+            return DtlsOutput::Timeout(t);
+        }
 
         let next = self.instance.poll_output(buf);
+        if let DtlsOutput::Timeout(t) = next {
+            self.idle = Some(t);
+        }
 
         if let DtlsOutput::Packet(packet) = next {
             if packet.len() > self.mtu_warn() {
@@ -159,6 +171,7 @@ impl Dtls {
             return Ok(());
         }
 
+        self.idle = None;
         self.instance
             .handle_packet(packet)
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))
@@ -178,6 +191,7 @@ impl Dtls {
             return Err(make_handshake_pending_err());
         }
 
+        self.idle = None;
         let accepted = self.instance.send_application_data(data).map_err(|e| {
             DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e)))
         })?;
@@ -195,6 +209,7 @@ impl Dtls {
             return Ok(());
         }
 
+        self.idle = None;
         self.instance
             .handle_timeout(now)
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))
@@ -202,6 +217,7 @@ impl Dtls {
 
     /// Initiate graceful shutdown by sending a close_notify alert.
     pub fn close(&mut self) -> Result<(), DtlsError> {
+        self.idle = None;
         self.instance
             .close()
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))

@@ -2034,14 +2034,34 @@ impl Rtc {
         }
 
         // The handlers below each arm their own `Wake`; nothing to do here.
-        // webcall patch (vendor/str0m/PATCHES.md): input may change send streams (NACKs queue resends); the
-        // pacer takes every stream again.
-        self.session.distrust_queue_states();
+        // webcall patch (vendor/str0m/PATCHES.md, 4.): a received RTP packet in RTP mode changes no send stream
+        // and asks for no timer before the one already computed (the re-poll computes it again); the session's
+        // timers run when they are due, not with every such packet.
+        let quiet = match &input {
+            Input::Receive(t, r) => {
+                self.session.rtp_mode
+                    && matches!(r.contents.inner, DatagramRecvInner::Rtp(_))
+                    && !self.need_init_time
+                    && !self.readiness.wants_timeout()
+                    && *t >= self.last_now
+                    && *t < self.cached_timeout
+            }
+            Input::Timeout(_) => false,
+        };
+        if !quiet {
+            // webcall patch (vendor/str0m/PATCHES.md): input may change send streams (NACKs queue resends); the
+            // pacer takes every stream again.
+            self.session.distrust_queue_states();
+        }
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
                 self.do_handle_receive(recv_time, r)?;
-                self.do_handle_timeout(recv_time)?;
+                if quiet {
+                    self.last_now = recv_time;
+                } else {
+                    self.do_handle_timeout(recv_time)?;
+                }
             }
         }
         Ok(())
