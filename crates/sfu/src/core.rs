@@ -526,6 +526,8 @@ pub struct Sfu {
     recording: HashSet<Arc<str>>,
     record_out: VecDeque<RecordOp>,
     next_file: u64,
+    /// What a drive passes on to the other sessions, kept between drives (one allocation, not one per packet).
+    props: Vec<Propagate>,
 }
 
 impl Sfu {
@@ -548,6 +550,7 @@ impl Sfu {
             recording: HashSet::new(),
             record_out: VecDeque::new(),
             next_file: 1,
+            props: Vec::new(),
         }
     }
 
@@ -1008,7 +1011,8 @@ impl Sfu {
             let Some(id) = self.dirty.pop() else { break };
             self.drive(id);
         }
-        let (mut due, mut latest) = (self.next_tick, self.next_tick);
+        // The tick (speakers, layers, caps) is bookkeeping too: it may wait for a wake-up that comes anyway.
+        let (mut due, mut latest) = (self.next_tick, self.next_tick + LAZY_SLACK);
         for s in self.sessions.values() {
             due = due.min(s.timeout);
             latest = latest.min(s.latest);
@@ -1053,7 +1057,8 @@ impl Sfu {
     /// [`Sfu::drive`] until the session waits for time (`None`) or reports a published track not seen before.
     fn drive_until_track(&mut self, id: SessionId) -> Option<(Mid, MediaKind)> {
         let now = self.now;
-        let mut props = Vec::new();
+        // Taken, not borrowed: propagating drives other sessions, which take (an empty) one in turn.
+        let mut props = std::mem::take(&mut self.props);
         let mut added = None;
         let alive = {
             let s = self.sessions.get_mut(&id)?;
@@ -1166,9 +1171,10 @@ impl Sfu {
             }
             s.rtc.is_alive()
         };
-        for p in props {
+        for p in props.drain(..) {
             self.propagate(id, p);
         }
+        self.props = props;
         if !alive {
             self.close(id, true);
             return None;

@@ -197,7 +197,8 @@ impl SfuHandle {
         std::thread::Builder::new()
             .name("webcall-sfu".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                // IO and timers only: no signal or child-process driver to turn on every wake-up of this thread.
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -930,7 +931,9 @@ async fn run(
         // (no session, no connection): there only stray datagrams change a figure, and they can wait for the
         // core's idle timer rather than wake the thread ten times a second.
         let idle = sfu.is_empty() && io.tcp.is_empty();
-        let deadline = if idle { deadline } else { deadline.min(next_stats) };
+        // The figures are refreshed on any wake-up once due; a wake-up of their own only when none came for a
+        // whole further period.
+        let deadline = if idle { deadline } else { deadline.min(next_stats + STATS_EVERY) };
         // Timers due within TIMER_SLACK of each other run in one wake-up: each wake runs every due session's str0m
         // timeout (pacer, RTCP), a fixed cost that dominated the profile at low packet rates. Work due now (a frame
         // was written) is not delayed.

@@ -59,8 +59,10 @@ impl TurnServer {
         cfg.check()?;
         // The relay runs on its own single-threaded runtime: sockets, tasks and wake-ups stay on one thread, so a
         // relayed packet costs no cross-thread wake-up (the signaling runtime's workers are not involved).
+        // IO and timers only: no signal or child-process driver to turn on every wake-up of this thread.
         let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
+            .enable_time()
             .build()
             .map_err(|e| TurnError::Io("starting the TURN runtime", e))?;
         let handle = rt.handle().clone();
