@@ -15,6 +15,9 @@
 #   NICE=0 bench/turn/run.sh               # no priority boost (by default servers and load at nice -10, own session)
 #   NAP=1 ZS= STEPS=... bench/turn/run.sh  # turnload's receivers drain every 1 ms instead of waiting in epoll, so a
 #                                          # relayed datagram wakes no load thread inside the server's send (loopback)
+#   CONCURRENT=1 ZS= STEPS=... bench/turn/run.sh  # both servers' loads at once at each step (two turnloads sharing
+#                                          # the load CPU): CPU ratios from the very same machine state; for CPU
+#                                          # per packet at rates the load CPU carries twice, not for the zero-loss search
 # uclient can offer only ~3 000 messages/s (a few % of a server's CPU), so throughput is searched with
 # crates/turn/examples/turnload.rs (batched I/O), built here unless LOAD_BIN names a binary.
 # (uclient's default mode uses RFC 5766 channel numbers up to 0x7FFF, which webcall accepts by default.)
@@ -191,23 +194,40 @@ fi
 if [ -n "${STEPS:-}" ]; then
   FLOWS=${FLOWS:-10}; STEP_SECS=${STEP_SECS:-2}; REPS=${REPS:-3}; SIZE=${SIZE:-$L}
   echo
-  echo "throughput search: $FLOWS flows x $SIZE B, clients over $([ -n "${TCP:-}" ] && echo TCP || echo UDP); steps (msg/s each way): $STEPS; $STEP_SECS s each; $REPS repetitions; pinned: $PIN; nice: $NICE ($(cat /proc/self/autogroup 2>/dev/null))"
+  echo "throughput search: $FLOWS flows x $SIZE B, clients over $([ -n "${TCP:-}" ] && echo TCP || echo UDP)$([ "${CONCURRENT:-0}" = 1 ] && echo ", both servers at once"); steps (msg/s each way): $STEPS; $STEP_SECS s each; $REPS repetitions; pinned: $PIN; nice: $NICE ($(cat /proc/self/autogroup 2>/dev/null))"
   : >"$TMP/steps"
+  # step_start SERVER RATE: one load run against SERVER; its output in $TMP/out-SERVER, the server's CPU over
+  # the run ("ns user_ticks sys_ticks") in $TMP/cpu-SERVER.
+  step_start() {
+    local srv=$1 rate=$2 pid port c0 c1 u0 s0 u1 s1
+    if [ "$srv" = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
+    c0=$(cpu_ns "$pid"); read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    timeout $((STEP_SECS + 60)) $LOAD_CPU "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" \
+      ${TCP:+--tcp} ${NAP:+--nap-ms "$NAP"} --flows "$FLOWS" --rate "$rate" --secs "$STEP_SECS" --size "$SIZE" \
+      >"$TMP/out-$srv" 2>&1 || true
+    c1=$(cpu_ns "$pid"); read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    echo "$((c1 - c0)) $((u1 - u0)) $((s1 - s0))" >"$TMP/cpu-$srv"
+  }
   for rep in $(seq "$REPS"); do
     if [ $((rep % 2)) = 1 ]; then order="webcall coturn"; else order="coturn webcall"; fi
     declare -A bad=([webcall]=0 [coturn]=0)
     for rate in $STEPS; do
-      # Both servers at each step, one after the other, so that they meet the same background load.
-      for srv in $order; do
-        [ "${bad[$srv]}" -ge 2 ] && continue
-        if [ $srv = webcall ]; then pid=$WC_PID; port=$WC_PORT; else pid=$CT_PID; port=$CT_PORT; fi
-        c0=$(cpu_ns "$pid"); read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-        out=$(timeout $((STEP_SECS + 60)) $LOAD_CPU "$LOAD_BIN" --server "127.0.0.1:$port" --secret "$SECRET" \
-              ${TCP:+--tcp} ${NAP:+--nap-ms "$NAP"} --flows "$FLOWS" --rate "$rate" --secs "$STEP_SECS" --size "$SIZE" 2>&1) || true
-        c1=$(cpu_ns "$pid"); read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-        line=$(grep '^result ' <<<"$out" || true)
-        if [ -z "$line" ]; then echo "$srv $rate: turnload failed: $(tail -1 <<<"$out")" >&2; line="result sent=0 lost_to_peer=1"; fi
-        echo "rep=$rep server=$srv rate=$rate cpu_ns=$((c1 - c0)) user_ticks=$((u1 - u0)) sys_ticks=$((s1 - s0)) ${line#result }" | tee -a "$TMP/steps"
+      # Both servers at each step, one after the other, so that they meet the same background load; with
+      # CONCURRENT=1 both at once (each its own load), so that they meet the very same machine.
+      todo=()
+      for srv in $order; do [ "${bad[$srv]}" -ge 2 ] || todo+=("$srv"); done
+      if [ "${CONCURRENT:-0}" = 1 ]; then
+        jobs_=()
+        for srv in "${todo[@]}"; do step_start "$srv" "$rate" & jobs_+=($!); done
+        wait "${jobs_[@]}"
+      else
+        for srv in "${todo[@]}"; do step_start "$srv" "$rate"; done
+      fi
+      for srv in "${todo[@]}"; do
+        read -r cpu u s <"$TMP/cpu-$srv"
+        line=$(grep '^result ' "$TMP/out-$srv" || true)
+        if [ -z "$line" ]; then echo "$srv $rate: turnload failed: $(tail -1 "$TMP/out-$srv")" >&2; line="result sent=0 lost_to_peer=1"; fi
+        echo "rep=$rep server=$srv rate=$rate cpu_ns=$cpu user_ticks=$u sys_ticks=$s ${line#result }" | tee -a "$TMP/steps"
         if grep -qE 'not_sent=0 .*lost_to_peer=0 lost_to_client=0 ' <<<"$line"; then bad[$srv]=0; else bad[$srv]=$((bad[$srv] + 1)); fi
       done
       [ "${bad[webcall]}" -ge 2 ] && [ "${bad[coturn]}" -ge 2 ] && break
