@@ -46,3 +46,8 @@ bench_serve() {
     echo "webcall serve ($name) did not start: $(cat "$TMP/$name.err")" >&2
     exit 1
 }
+
+# CPU time of all of a process's threads in ns, from the scheduler's own accounting (/proc/PID/task/*/schedstat):
+# exact, where utime+stime count 10 ms ticks (which overstated webcall's SFU by ~1.2x at low packet rates; see
+# BENCHMARKS.md, "SFU", eleventh round). A thread that ended during a measured window would be missed.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }

@@ -72,10 +72,6 @@ if [[ -n ${PEER_BIN:-} ]]; then
     PEER_WEBCALL=$TMP/webcall-peer
 fi
 
-# CPU time of all of a process's threads in µs, from the scheduler's own accounting (/proc/PID/task/*/schedstat):
-# exact, where utime+stime count 10 ms ticks (±4 % at fan-out 10 over 10 s). Both servers keep their threads
-# through a window (a thread that ended inside it would be missed).
-cpu_us() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s / 1000}'; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$HTTP/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 wc_metric() { if [[ $SERVER == webcall ]]; then metric "$1"; else echo 0; fi; }
@@ -188,12 +184,12 @@ RESULTS="$TMP/results"
 measure() {
     local c0 c1 f0 f1 b0 b1 k0 k1 y0 y1 t0 t1 o0 o1 rss
     sleep 2
-    c0=$(cpu_us "$SERVED_PID"); k0=$(counted_now rtp_in "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
+    c0=$(cpu_ns "$SERVED_PID"); k0=$(counted_now rtp_in "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
     y0=$(counted_now rtp_bytes_in "$@")
     b0=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); o0=$(wc_metric webcall_sfu_session_timeouts_total)
     t0=$(date +%s.%N)
     sleep "$DUR"
-    c1=$(cpu_us "$SERVED_PID"); k1=$(counted_now rtp_in "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
+    c1=$(cpu_ns "$SERVED_PID"); k1=$(counted_now rtp_in "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
     y1=$(counted_now rtp_bytes_in "$@")
     b1=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); o1=$(wc_metric webcall_sfu_session_timeouts_total)
     t1=$(date +%s.%N)
@@ -314,7 +310,7 @@ for n in $MESH; do mesh_vs_sfu "$n"; done
 echo
 awk '
     $2 == "fanout" || $2 == "meeting" || $2 ~ /^sat/ {
-        wall = $5; cpu = $6 / 1e6; pkts = $7
+        wall = $5; cpu = $6 / 1e9; pkts = $7
         per = pkts > 0 ? cpu * 1e6 / pkts : 0
         wc = $1 == "webcall"
         if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s %7s %7s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops", "srvDrop", "tmo/pkt"

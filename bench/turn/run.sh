@@ -26,6 +26,8 @@
 # run is bounded by `timeout`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 N=${N:-3000}          # messages per client
 M=${M:-10}            # clients (allocations)
@@ -133,7 +135,6 @@ kill -0 "$WC_PID" && kill -0 "$CT_PID" || { echo "a server did not start" >&2; c
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # CPU time of all of a process's threads in ns (scheduler accounting: finer than the 10 ms ticks).
 threads_ns() { for t in $(ls /proc/"$1"/task | sort); do echo "$t $(tr ' ' _ </proc/"$1"/task/$t/comm) $(awk '{print $1, $3}' /proc/"$1"/task/$t/schedstat)"; done; }
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 now() { date +%s.%N; }
 
 # run NAME PID PORT Z -> appends "name z sent recv bytes lost wall cpu" to $TMP/results
