@@ -12,6 +12,10 @@
 #   WEBCALL_BIN=/tmp/webcall-before bench/sfu.sh  # another build
 #   WEBCALL_BIN=/tmp/before PEER_BIN=target/release/webcall bench/sfu.sh  # another server, the same generator
 #   SAVE=bench/results/sfu-NAME.txt bench/sfu.sh  # also keep the raw lines (cite them in BENCHMARKS.md)
+#   QUOTA=25 SATURATE="10 30 50" FANOUT= MEETING= MESH= bench/sfu.sh
+#                                                 # each server limited to 25 % of its core (a CFS quota in a cgroup
+#                                                 # of its own): its saturation within what one generator core can
+#                                                 # offer; packets/s at the last lossless step / 0.25 = per core
 #
 # Per run, over a window of DUR seconds once every peer is connected:
 #   - server CPU per forwarded packet = the server's CPU time (all threads' schedstat) / RTP packets the subscribers
@@ -58,6 +62,10 @@ SAT_PUBS=${SAT_PUBS:-10}
 DUR=${DUR:-15}             # measurement window, seconds
 SERVER_CPU=${SERVER_CPU:-0}
 PEER_CPUS=${PEER_CPUS:-1}
+QUOTA=${QUOTA:-}           # percent of one core each server may use (CFS quota); empty: no limit
+# The quota's period: by default the shortest whose quota is the kernel's minimum of 1 ms (4 ms at 25 %), so that
+# the server's turns come evenly rather than in long bursts.
+QUOTA_PERIOD_US=${QUOTA_PERIOD_US:-$(((100000 + ${QUOTA:-100} - 1) / ${QUOTA:-100}))}
 JANUS_LIB=/usr/lib/x86_64-linux-gnu/janus
 JANUS_PORT=18088
 
@@ -72,6 +80,30 @@ if [[ -n ${PEER_BIN:-} ]]; then
     PEER_WEBCALL=$TMP/webcall-peer
 fi
 
+# QUOTA: a cpu cgroup of this run's own (v2 cpu.max, else v1 cfs_quota_us), removed on exit; limit PID moves a
+# server (all its threads, and those it starts later) into it.
+CG=
+if [[ -n $QUOTA ]]; then
+    if grep -qsw cpu /sys/fs/cgroup/cgroup.controllers; then
+        echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+        CG=/sys/fs/cgroup/webcall-bench-sfu.$$
+        mkdir "$CG"
+        echo "$((QUOTA * QUOTA_PERIOD_US / 100)) $QUOTA_PERIOD_US" >"$CG/cpu.max"
+    elif [[ -d /sys/fs/cgroup/cpu ]]; then
+        CG=/sys/fs/cgroup/cpu/webcall-bench-sfu.$$
+        mkdir "$CG"
+        echo "$QUOTA_PERIOD_US" >"$CG/cpu.cfs_period_us"
+        echo $((QUOTA * QUOTA_PERIOD_US / 100)) >"$CG/cpu.cfs_quota_us"
+    else
+        echo "QUOTA needs a cpu cgroup controller (/sys/fs/cgroup)" >&2
+        exit 1
+    fi
+    trap 'bench_cleanup; rmdir "$CG" 2>/dev/null || true' EXIT
+fi
+limit() { if [[ -n $CG ]]; then echo "$1" >"$CG/cgroup.procs"; fi; }
+
+# Busy and idle jiffies of CPU $1 (a single CPU number; "0 0" otherwise): the generator core's load.
+cpu_busy() { awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; f = 1 } END { if (!f) print 0, 0 }' /proc/stat; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 metric() { curl -s "http://$HTTP/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 wc_metric() { if [[ $SERVER == webcall ]]; then metric "$1"; else echo 0; fi; }
@@ -94,6 +126,7 @@ start_webcall() { # topology
     # (bench_serve puts the media port on 127.0.0.1: the same path through lo as $ADDR.)
     bench_serve server "$SERVER_CPU" "$WEBCALL" --no-turn --topology "$1" --max-sfu-peers 1000 --max-peers 16
     PEER_IP=127.0.0.1
+    limit "$SERVED_PID"
     HTTP=${SERVED_URL#ws://}
     HTTP=${HTTP%/ws}
     SERVER=webcall
@@ -120,6 +153,7 @@ start_janus() {
     taskset -c "$SERVER_CPU" janus -F "$d" -C "$d/janus.jcfg" >"$TMP/janus.log" 2>&1 &
     SERVED_PID=$!
     PIDS+=("$SERVED_PID")
+    limit "$SERVED_PID"
     for _ in $(seq 100); do
         curl -s "http://$ADDR:$JANUS_PORT/janus/info" >/dev/null && break
         sleep 0.1
@@ -182,19 +216,19 @@ RESULTS="$TMP/results"
 
 # measure FILES...: the window (DUR seconds, 2 s after everyone connected). Peers are already started.
 measure() {
-    local c0 c1 f0 f1 b0 b1 k0 k1 y0 y1 t0 t1 o0 o1 rss
+    local c0 c1 f0 f1 b0 b1 k0 k1 y0 y1 t0 t1 o0 o1 g0 g1 rss
     sleep 2
     c0=$(cpu_ns "$SERVED_PID"); k0=$(counted_now rtp_in "$@"); f0=$(wc_metric webcall_sfu_forwarded_packets_total)
     y0=$(counted_now rtp_bytes_in "$@")
     b0=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); o0=$(wc_metric webcall_sfu_session_timeouts_total)
-    t0=$(date +%s.%N)
+    t0=$(date +%s.%N); g0=$(cpu_busy "$PEER_CPUS")
     sleep "$DUR"
     c1=$(cpu_ns "$SERVED_PID"); k1=$(counted_now rtp_in "$@"); f1=$(wc_metric webcall_sfu_forwarded_packets_total)
     y1=$(counted_now rtp_bytes_in "$@")
     b1=$(wc_metric webcall_sfu_forwarded_packet_bytes_total); o1=$(wc_metric webcall_sfu_session_timeouts_total)
-    t1=$(date +%s.%N)
+    t1=$(date +%s.%N); g1=$(cpu_busy "$PEER_CPUS")
     rss=$(rss_kb "$SERVED_PID")
-    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss $(server_drops "$SERVED_PID") $((y1 - y0)) $((${o1:-0} - ${o0:-0}))" >"$TMP/window"
+    echo "$(echo "$t1 - $t0" | bc -l) $((c1 - c0)) $((k1 - k0)) $((f1 - f0)) $((b1 - b0)) $rss $(server_drops "$SERVED_PID") $((y1 - y0)) $((${o1:-0} - ${o0:-0})) $(echo "$g1 $g0" | awk '{ b = $1 - $3; i = $2 - $4; print (b + i > 0 ? 100 * b / (b + i) : 0) }')" >"$TMP/window"
 }
 
 # account KIND N PUBS RSS0 PEER_FILES...: after every peer exited; appends one line to $RESULTS.
@@ -206,8 +240,8 @@ account() {
     drops=$(wc_metric webcall_sfu_send_drops_total)
     for f in "$@"; do counted=$((counted + $(final_field "$f" rtp_in))); done
     e=$(($(udp_errors) - UDP0))
-    read -r wall cpu cpkts fpkts bytes rss sdrops cbytes tmos <"$TMP/window"
-    echo "$SERVER $kind $n $pubs $wall $cpu $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops $sdrops $cbytes $tmos" >>"$RESULTS"
+    read -r wall cpu cpkts fpkts bytes rss sdrops cbytes tmos gen <"$TMP/window"
+    echo "$SERVER $kind $n $pubs $wall $cpu $cpkts $fpkts $bytes $rss0 $rss $fwd $counted $e $drops $sdrops $cbytes $tmos $gen" >>"$RESULTS"
 }
 
 fanout() { # SERVER N: N subscribers of one publisher
@@ -301,7 +335,7 @@ mesh_vs_sfu() {
 
 SERVERS=webcall
 [[ $JANUS == 1 ]] && SERVERS="webcall janus"
-echo "webcall: $BUILT$([[ $JANUS == 1 ]] && echo "; janus $(dpkg-query -W -f '${Version}' janus 2>/dev/null)"); server on CPU $SERVER_CPU, peers on CPU $PEER_CPUS; window ${DUR}s"
+echo "webcall: $BUILT$([[ $JANUS == 1 ]] && echo "; janus $(dpkg-query -W -f '${Version}' janus 2>/dev/null)"); server on CPU $SERVER_CPU${QUOTA:+ (at most $QUOTA % of it)}, peers on CPU $PEER_CPUS; window ${DUR}s"
 for n in $FANOUT; do for s in $SERVERS; do fanout "$s" "$n"; done; done
 for m in $MEETING; do for s in $SERVERS; do meeting "$s" "$m"; done; done
 for n in $SATURATE; do for s in $SERVERS; do meeting "$s" "$SAT_PUBS" "$n"; done; done
@@ -313,11 +347,11 @@ awk '
         wall = $5; cpu = $6 / 1e9; pkts = $7
         per = pkts > 0 ? cpu * 1e6 / pkts : 0
         wc = $1 == "webcall"
-        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s %7s %7s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops", "srvDrop", "tmo/pkt"
-        printf "%-8s %-8s %4d %9.0f %9s %8.2f %7.1f %8.2f %8.0f %9d %8s %7d %6s %7d %7s\n", $1, $2, $3, pkts / wall,
+        if (!hdr++) printf "%-8s %-8s %4s %9s %9s %8s %7s %8s %8s %9s %8s %7s %6s %7s %7s %6s\n", "server", "run", "N", "recv_pps", "srv_pps", "Mbit/s", "cpu_%", "us/pkt", "KiB/sub", "counted", "missing", "bufErr", "drops", "srvDrop", "tmo/pkt", "gen_%"
+        printf "%-8s %-8s %4d %9.0f %9s %8.2f %7.1f %8.2f %8.0f %9d %8s %7d %6s %7d %7s %6.0f\n", $1, $2, $3, pkts / wall,
             (wc ? sprintf("%.0f", $8 / wall) : "-"), $17 * 8 / wall / 1e6, 100 * cpu / wall, per,
             ($11 - $10) / $3, $13, (wc ? $12 - $13 : "-"), $14, (wc ? $15 : "-"), $16,
-            (wc && $18 > 0 && $8 > 0 ? sprintf("%.2f", $18 / $8) : "-")
+            (wc && $18 > 0 && $8 > 0 ? sprintf("%.2f", $18 / $8) : "-"), $19
         key = $2 " " $3; us[$1 " " key] = per; keys[key] = 1
     }
     END { for (k in keys) if (us["janus " k] > 0) printf "%s: CPU per packet webcall/janus = %.2f\n", k, us["webcall " k] / us["janus " k] }' "$RESULTS"

@@ -93,6 +93,30 @@ pub async fn bind_udp(
 const COUNT_NAP: Duration = Duration::from_millis(5);
 /// Until connected, a blocked read gives up this often to look at the stop flag.
 const COUNT_READ_TIMEOUT: Duration = Duration::from_millis(50);
+/// A counting socket's receive buffer: a few hundred ms of a subscriber's media. With dozens of peers on one
+/// generator core a drain can come tens of ms late, and what the default buffer (~90 datagrams) could not hold
+/// would be counted as the server's loss.
+const COUNT_RCVBUF: libc::c_int = 4 << 20;
+
+/// Sets [`COUNT_RCVBUF`], past `net.core.rmem_max` where allowed (root: SO_RCVBUFFORCE); best effort.
+fn deepen_receive_buffer(sock: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads one c_int from a live local.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &COUNT_RCVBUF as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+}
 
 /// [`bind_udp`] for the benchmark's `--count-only` subscriber: plain sockets, each read by a thread of its own.
 /// Until the session is connected the thread blocks in `recv_from` and passes everything on; from then on it
@@ -114,6 +138,7 @@ pub fn bind_udp_counting(
             std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).map_err(io(format!("binding a UDP socket on {ip}")))?;
         let local = sock.local_addr().map_err(io("local_addr".into()))?;
         sock.set_read_timeout(Some(COUNT_READ_TIMEOUT)).map_err(io("SO_RCVTIMEO".into()))?;
+        deepen_receive_buffer(&sock);
         let sock = Arc::new(sock);
         sockets.push((local, sock.clone()));
         let (tx, count, stop) = (tx.clone(), count.clone(), stop.clone());
