@@ -51,3 +51,27 @@ bench_serve() {
 # exact, where utime+stime count 10 ms ticks (which overstated webcall's SFU by ~1.2x at low packet rates; see
 # BENCHMARKS.md, "SFU", eleventh round). A thread that ended during a measured window would be missed.
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
+
+# cpu_quota_group NAME PERCENT: makes a cpu cgroup (v2 cpu.max, else v1 cfs_quota_us) whose processes may use
+# PERCENT % of one core, and prints its path. The period is the shortest whose quota is the kernel's minimum of 1 ms
+# (4 ms at 25 %), so that a limited server gets its turns evenly rather than in long bursts. Move a process (all its
+# threads, and those it starts later) in with `echo PID >PATH/cgroup.procs`; `rmdir PATH` once it is empty.
+# Lets a benchmark saturate a server with the load of one core: a quarter-core server saturates at a quarter of
+# the rate a whole core would.
+cpu_quota_group() {
+    local name=$1 pct=$2 period cg
+    period=$(((100000 + pct - 1) / pct))
+    if grep -qsw cpu /sys/fs/cgroup/cgroup.controllers; then
+        echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+        cg=/sys/fs/cgroup/$name.$$
+        mkdir "$cg" && echo "$((pct * period / 100)) $period" >"$cg/cpu.max" || return 1
+    elif [[ -d /sys/fs/cgroup/cpu ]]; then
+        cg=/sys/fs/cgroup/cpu/$name.$$
+        mkdir "$cg" && echo "$period" >"$cg/cpu.cfs_period_us" && echo $((pct * period / 100)) >"$cg/cpu.cfs_quota_us" ||
+            return 1
+    else
+        echo "a CPU quota needs the cpu cgroup controller (/sys/fs/cgroup)" >&2
+        return 1
+    fi
+    echo "$cg"
+}

@@ -63,9 +63,6 @@ DUR=${DUR:-15}             # measurement window, seconds
 SERVER_CPU=${SERVER_CPU:-0}
 PEER_CPUS=${PEER_CPUS:-1}
 QUOTA=${QUOTA:-}           # percent of one core each server may use (CFS quota); empty: no limit
-# The quota's period: by default the shortest whose quota is the kernel's minimum of 1 ms (4 ms at 25 %), so that
-# the server's turns come evenly rather than in long bursts.
-QUOTA_PERIOD_US=${QUOTA_PERIOD_US:-$(((100000 + ${QUOTA:-100} - 1) / ${QUOTA:-100}))}
 JANUS_LIB=/usr/lib/x86_64-linux-gnu/janus
 JANUS_PORT=18088
 
@@ -80,26 +77,13 @@ if [[ -n ${PEER_BIN:-} ]]; then
     PEER_WEBCALL=$TMP/webcall-peer
 fi
 
-# QUOTA: a cpu cgroup of this run's own (v2 cpu.max, else v1 cfs_quota_us), removed on exit; limit PID moves a
-# server (all its threads, and those it starts later) into it.
+# QUOTA: the server in a cpu cgroup of this run's own (bench/lib.sh, cpu_quota_group), removed on exit.
 CG=
 if [[ -n $QUOTA ]]; then
-    if grep -qsw cpu /sys/fs/cgroup/cgroup.controllers; then
-        echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-        CG=/sys/fs/cgroup/webcall-bench-sfu.$$
-        mkdir "$CG"
-        echo "$((QUOTA * QUOTA_PERIOD_US / 100)) $QUOTA_PERIOD_US" >"$CG/cpu.max"
-    elif [[ -d /sys/fs/cgroup/cpu ]]; then
-        CG=/sys/fs/cgroup/cpu/webcall-bench-sfu.$$
-        mkdir "$CG"
-        echo "$QUOTA_PERIOD_US" >"$CG/cpu.cfs_period_us"
-        echo $((QUOTA * QUOTA_PERIOD_US / 100)) >"$CG/cpu.cfs_quota_us"
-    else
-        echo "QUOTA needs a cpu cgroup controller (/sys/fs/cgroup)" >&2
-        exit 1
-    fi
+    CG=$(cpu_quota_group webcall-bench-sfu "$QUOTA") || exit 1
     trap 'bench_cleanup; rmdir "$CG" 2>/dev/null || true' EXIT
 fi
+# limit PID: moves a server (all its threads, and those it starts later) into the quota's cgroup, if any.
 limit() { if [[ -n $CG ]]; then echo "$1" >"$CG/cgroup.procs"; fi; }
 
 # Busy and idle jiffies of CPU $1 (a single CPU number; "0 0" otherwise): the generator core's load.

@@ -15,6 +15,9 @@
 #   NICE=0 bench/turn/run.sh               # no priority boost (by default servers and load at nice -10, own session)
 #   NAP=1 ZS= STEPS=... bench/turn/run.sh  # turnload's receivers drain every 1 ms instead of waiting in epoll, so a
 #                                          # relayed datagram wakes no load thread inside the server's send (loopback)
+#   QUOTA=25 ZS= STEPS=... bench/turn/run.sh  # each server may use at most 25 % of its core (a cgroup each, CFS
+#                                          # quota): both saturate within what the load's one core can offer, so the
+#                                          # zero-loss search finds each server's limit instead of the top step
 #   CONCURRENT=1 ZS= STEPS=... bench/turn/run.sh  # both servers' loads at once at each step (two turnloads sharing
 #                                          # the load CPU): CPU ratios from the very same machine state; for CPU
 #                                          # per packet at rates the load CPU carries twice, not for the zero-loss search
@@ -114,7 +117,11 @@ fi
 ulimit -n 65536 2>/dev/null || true
 TMP=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+CGS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"
+  for g in "${CGS[@]}"; do rmdir "$g" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 
 $LOAD_CPU turnutils_peer -p "$PEER_PORT" -L 127.0.0.1 >/dev/null 2>&1 & PIDS+=($!)
@@ -131,6 +138,14 @@ $SRV_CPU turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening
   >/dev/null 2>&1 & CT_PID=$!; PIDS+=($CT_PID)
 sleep 1
 kill -0 "$WC_PID" && kill -0 "$CT_PID" || { echo "a server did not start" >&2; cat "$TMP"/*.log >&2; exit 1; }
+# QUOTA: each server in a cpu cgroup of its own, at most QUOTA % of one core (bench/lib.sh, cpu_quota_group).
+if [ -n "${QUOTA:-}" ]; then
+  for s in webcall:$WC_PID coturn:$CT_PID; do
+    cg=$(cpu_quota_group "webcall-bench-turn-${s%%:*}" "$QUOTA") || exit 1
+    CGS+=("$cg")
+    echo "${s#*:}" >"$cg/cgroup.procs"
+  done
+fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # CPU time of all of a process's threads in ns (scheduler accounting: finer than the 10 ms ticks).
@@ -195,7 +210,7 @@ fi
 if [ -n "${STEPS:-}" ]; then
   FLOWS=${FLOWS:-10}; STEP_SECS=${STEP_SECS:-2}; REPS=${REPS:-3}; SIZE=${SIZE:-$L}
   echo
-  echo "throughput search: $FLOWS flows x $SIZE B, clients over $([ -n "${TCP:-}" ] && echo TCP || echo UDP)$([ "${CONCURRENT:-0}" = 1 ] && echo ", both servers at once"); steps (msg/s each way): $STEPS; $STEP_SECS s each; $REPS repetitions; pinned: $PIN; nice: $NICE ($(cat /proc/self/autogroup 2>/dev/null))"
+  echo "throughput search: $FLOWS flows x $SIZE B, clients over $([ -n "${TCP:-}" ] && echo TCP || echo UDP)$([ "${CONCURRENT:-0}" = 1 ] && echo ", both servers at once"); steps (msg/s each way): $STEPS; $STEP_SECS s each; $REPS repetitions; pinned: $PIN${QUOTA:+, at most $QUOTA % of the core each}; nice: $NICE ($(cat /proc/self/autogroup 2>/dev/null))"
   : >"$TMP/steps"
   # step_start SERVER RATE: one load run against SERVER; its output in $TMP/out-SERVER, the server's CPU over
   # the run ("ns user_ticks sys_ticks") in $TMP/cpu-SERVER.
