@@ -494,6 +494,9 @@ struct Io {
     runs: Vec<(usize, usize)>,
     names: Vec<socket2::SockAddr>,
     iovs: Vec<libc::iovec>,
+    /// The kernel refused a GSO message: runs go one datagram at a time from then on (as quinn-udp does for its
+    /// own sends), instead of a failed call per run and round.
+    gso_halted: bool,
     net: NetStats,
 }
 
@@ -523,6 +526,7 @@ impl Io {
             runs: Vec::new(),
             names: Vec::new(),
             iovs: Vec::new(),
+            gso_halted: false,
             net: NetStats::default(),
         })
     }
@@ -632,7 +636,7 @@ impl Io {
     /// Sends what this round produced: runs of equal-sized datagrams to one destination go as one GSO message (a
     /// run may end with one shorter datagram), and all of a round's messages go many per `sendmmsg`.
     fn flush(&mut self) {
-        let max = self.udp.state.max_gso_segments().max(1);
+        let max = if self.gso_halted { 1 } else { self.udp.state.max_gso_segments().max(1) };
         // A wildcard socket names each datagram's source address (pktinfo): then quinn-udp, one message per call.
         let pktinfo = self.wildcard && self.external.is_none();
         let mut runs = std::mem::take(&mut self.runs);
@@ -766,8 +770,12 @@ impl Io {
                         self.net.send_drops += chunk[sent..].iter().map(|&(i, j)| (j - i) as u64).sum::<u64>();
                         break;
                     }
-                    // The kernel refused GSO for this message: its datagrams one by one.
+                    // The kernel refused GSO for this message: its datagrams one by one, and no more GSO.
                     _ if j - i > 1 => {
+                        if !self.gso_halted {
+                            tracing::info!(error = %io::Error::last_os_error(), "media socket refused GSO; sending datagrams one by one");
+                            self.gso_halted = true;
+                        }
                         for t in &self.pending[i..j] {
                             let destination = if self.v6_socket { map_addr(t.destination) } else { t.destination };
                             let q = quinn_udp::Transmit {
@@ -1156,6 +1164,84 @@ mod tests {
         assert_eq!(advertised_ips(v4("0.0.0.0"), Some(v4("198.51.100.1")), &ifs), Some(vec![v4("198.51.100.1")]));
         assert_eq!(advertised_ips(v4("10.0.0.1"), None, &ifs), Some(vec![v4("10.0.0.1")]));
         assert_eq!(advertised_ips(v4("0.0.0.0"), None, &[v4("fe80::1")]), None);
+    }
+
+    /// The kernel refuses a GSO message on a socket without UDP checksums (SO_NO_CHECK: EINVAL), as it does one
+    /// whose segments exceed the path MTU. `flush` must then send that run's datagrams one by one, in order, with
+    /// the rest of the batch, none counted lost; and send no GSO message after that.
+    #[tokio::test]
+    async fn a_refused_gso_run_goes_out_one_by_one() {
+        use std::os::fd::AsRawFd;
+        let no_check = |sock: &std::net::UdpSocket| {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt reads one c_int from a live local.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NO_CHECK,
+                    &one as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_NO_CHECK");
+        };
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx2 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for r in [&rx, &rx2] {
+            r.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        let (to, to2) = (rx.local_addr().unwrap(), rx2.local_addr().unwrap());
+
+        // What the test relies on, shown on a socket of its own: this kernel does GSO, and refuses it here.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let probe_state = UdpSocketState::new((&probe).into()).unwrap();
+        assert!(probe_state.max_gso_segments() > 1, "no UDP GSO on this kernel: nothing to refuse");
+        no_check(&probe);
+        let t = quinn_udp::Transmit {
+            destination: to2,
+            ecn: None,
+            contents: &[0; 200],
+            segment_size: Some(100),
+            src_ip: None,
+        };
+        assert!(probe_state.try_send((&probe).into(), &t).is_err(), "a GSO send without checksums was not refused");
+
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        no_check(&udp);
+        let bound = udp.local_addr().unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut io = Io::new(udp, tcp, bound, None).unwrap();
+        let transmit = |destination, tag: u8, len| Transmit {
+            proto: Protocol::Udp,
+            source: bound,
+            destination,
+            contents: vec![tag; len],
+        };
+        // One round: a run of three equal datagrams and a shorter one ending it (one GSO message), a datagram
+        // to another address, one more to the first.
+        for (dst, tag, len) in [(to, 1, 1000), (to, 2, 1000), (to, 3, 1000), (to, 4, 500), (to2, 5, 700), (to, 6, 800)]
+        {
+            io.queue(transmit(dst, tag, len));
+        }
+        io.flush();
+        assert!(io.gso_halted, "the GSO run was not refused: the test did not reach the fallback");
+        // A second round: two equal datagrams that would have made a run.
+        io.queue(transmit(to, 7, 1000));
+        io.queue(transmit(to, 8, 1000));
+        io.flush();
+        assert_eq!(io.net.send_drops, 0);
+
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        for _ in 0..7 {
+            let n = rx.recv(&mut buf).expect("a datagram of the first address");
+            assert!(buf[..n].iter().all(|&b| b == buf[0]), "a datagram mixed two transmits");
+            got.push((buf[0], n));
+        }
+        assert_eq!(got, [(1, 1000), (2, 1000), (3, 1000), (4, 500), (6, 800), (7, 1000), (8, 1000)]);
+        let n = rx2.recv(&mut buf).expect("the datagram of the second address");
+        assert_eq!((buf[0], n), (5, 700));
     }
 
     #[test]
