@@ -1684,3 +1684,46 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     // TLS buffers records until flushed.
     tokio::time::timeout(timeout, wr.flush()).await.map_err(|_| timed_out())?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel refuses a GSO message on a socket without UDP checksums (SO_NO_CHECK: EINVAL), as it does one
+    /// whose segments exceed the path MTU. A run of frames to one client must still reach it, one datagram each,
+    /// in order, with the single frames of the same flush.
+    #[test]
+    fn a_refused_gso_run_goes_out_one_by_one() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_int_option(&sock, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).unwrap();
+        let io = UdpIo::new(sock).unwrap();
+        assert!(io.state.max_gso_segments() > 1, "no UDP GSO on this kernel: nothing to refuse");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx2 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for r in [&rx, &rx2] {
+            r.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        let (to, to2) = (rx.local_addr().unwrap(), rx2.local_addr().unwrap());
+        let mut out = Out::default();
+        // A run of three equal frames and a shorter one ending it (one GSO message), then a frame to another
+        // client and one more to the first (singles, one sendmmsg).
+        for (dst, tag, len) in [(to, 1u8, 300), (to, 2, 300), (to, 3, 300), (to, 4, 100), (to2, 5, 200), (to, 6, 250)] {
+            out.buf.extend(std::iter::repeat_n(tag, len));
+            out.frames.push((dst, len));
+        }
+        out.flush(&io);
+        // quinn-udp stops offering GSO once the kernel refuses it: the run was tried as GSO, and refused.
+        assert_eq!(io.state.max_gso_segments(), 1, "the run did not meet a refused GSO send");
+
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let n = rx.recv(&mut buf).expect("a frame for the first client");
+            assert!(buf[..n].iter().all(|&b| b == buf[0]), "a datagram mixed two frames");
+            got.push((buf[0], n));
+        }
+        assert_eq!(got, [(1, 300), (2, 300), (3, 300), (4, 100), (6, 250)]);
+        let n = rx2.recv(&mut buf).expect("the frame for the second client");
+        assert_eq!((buf[0], n), (5, 200));
+    }
+}
