@@ -494,9 +494,6 @@ struct Io {
     runs: Vec<(usize, usize)>,
     names: Vec<socket2::SockAddr>,
     iovs: Vec<libc::iovec>,
-    /// The kernel refused a GSO message: runs go one datagram at a time from then on (as quinn-udp does for its
-    /// own sends), instead of a failed call per run and round.
-    gso_halted: bool,
     net: NetStats,
 }
 
@@ -526,7 +523,6 @@ impl Io {
             runs: Vec::new(),
             names: Vec::new(),
             iovs: Vec::new(),
-            gso_halted: false,
             net: NetStats::default(),
         })
     }
@@ -636,7 +632,7 @@ impl Io {
     /// Sends what this round produced: runs of equal-sized datagrams to one destination go as one GSO message (a
     /// run may end with one shorter datagram), and all of a round's messages go many per `sendmmsg`.
     fn flush(&mut self) {
-        let max = if self.gso_halted { 1 } else { self.udp.state.max_gso_segments().max(1) };
+        let max = self.udp.state.max_gso_segments().max(1);
         // A wildcard socket names each datagram's source address (pktinfo): then quinn-udp, one message per call.
         let pktinfo = self.wildcard && self.external.is_none();
         let mut runs = std::mem::take(&mut self.runs);
@@ -666,18 +662,7 @@ impl Io {
                 i = j;
                 continue;
             }
-            let destination = if self.v6_socket { map_addr(to) } else { to };
-            let (contents, segment_size): (&[u8], _) = if j - i > 1 {
-                self.gso.clear();
-                for t in &self.pending[i..j] {
-                    self.gso.extend_from_slice(&t.contents);
-                }
-                (&self.gso, Some(len))
-            } else {
-                (&self.pending[i].contents, None)
-            };
-            let t = quinn_udp::Transmit { destination, ecn: None, contents, segment_size, src_ip: Some(src) };
-            if !self.udp.send(&t) {
+            if !self.send_run(i, j, Some(src)) {
                 self.net.send_drops += (j - i) as u64;
             }
             i = j;
@@ -685,6 +670,25 @@ impl Io {
         self.send_batch(&mut runs);
         self.runs = runs;
         self.pending.clear();
+    }
+
+    /// Sends the run `pending[i..j]` (equal-sized datagrams to one destination, the last may be shorter) through
+    /// quinn-udp: one GSO message if it holds more than one datagram, from `src_ip` if given. Where the kernel
+    /// refuses GSO, quinn-udp stops offering it (`max_gso_segments` falls to 1, so later rounds make no runs) and
+    /// [`UdpIo::send`] sends the datagrams one by one. False if one was lost.
+    fn send_run(&mut self, i: usize, j: usize, src_ip: Option<IpAddr>) -> bool {
+        let to = self.pending[i].destination;
+        let destination = if self.v6_socket { map_addr(to) } else { to };
+        let (contents, segment_size): (&[u8], _) = if j - i > 1 {
+            self.gso.clear();
+            for t in &self.pending[i..j] {
+                self.gso.extend_from_slice(&t.contents);
+            }
+            (&self.gso, Some(self.pending[i].contents.len()))
+        } else {
+            (&self.pending[i].contents, None)
+        };
+        self.udp.send(&quinn_udp::Transmit { destination, ecn: None, contents, segment_size, src_ip })
     }
 
     /// Sends each run `pending[i..j]` of `runs` as one message (a GSO message if it holds more than one datagram),
@@ -770,24 +774,14 @@ impl Io {
                         self.net.send_drops += chunk[sent..].iter().map(|&(i, j)| (j - i) as u64).sum::<u64>();
                         break;
                     }
-                    // The kernel refused GSO for this message: its datagrams one by one, and no more GSO.
+                    // The kernel refused GSO for this message: quinn-udp sends it one datagram at a time, and offers
+                    // no GSO from then on.
                     _ if j - i > 1 => {
-                        if !self.gso_halted {
+                        if self.udp.state.max_gso_segments() > 1 {
                             tracing::info!(error = %io::Error::last_os_error(), "media socket refused GSO; sending datagrams one by one");
-                            self.gso_halted = true;
                         }
-                        for t in &self.pending[i..j] {
-                            let destination = if self.v6_socket { map_addr(t.destination) } else { t.destination };
-                            let q = quinn_udp::Transmit {
-                                destination,
-                                ecn: None,
-                                contents: &t.contents,
-                                segment_size: None,
-                                src_ip: None,
-                            };
-                            if !self.udp.send(&q) {
-                                self.net.send_drops += 1;
-                            }
+                        if !self.send_run(i, j, None) {
+                            self.net.send_drops += (j - i) as u64;
                         }
                         sent += 1;
                     }
@@ -1225,7 +1219,12 @@ mod tests {
             io.queue(transmit(dst, tag, len));
         }
         io.flush();
-        assert!(io.gso_halted, "the GSO run was not refused: the test did not reach the fallback");
+        // quinn-udp stops offering GSO once the kernel refuses it: the run was tried as GSO, and refused.
+        assert_eq!(
+            io.udp.state.max_gso_segments(),
+            1,
+            "the GSO run was not refused: the test did not reach the fallback"
+        );
         // A second round: two equal datagrams that would have made a run.
         io.queue(transmit(to, 7, 1000));
         io.queue(transmit(to, 8, 1000));
